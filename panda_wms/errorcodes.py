@@ -1,0 +1,109 @@
+"""Pilot error codes: one table, PanDA's numbers where PanDA has one.
+
+Shared vocabulary: the pilot reports these codes (``pilotErrorCode``), the copytools raise them and
+the server's monitor groups failures by them, so the table lives where all may import it.
+``pilot.errors`` re-exports it together with the pilot's exception types.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    GENERAL = 1008                 # general pilot error, consult the pilot log
+    NO_LOCAL_SPACE = 1098
+    STAGEIN_FAILED = 1099
+    WORKDIR_TOO_LARGE = 1104
+    NO_PROXY = 1110                # no valid credential
+    OUT_OF_MEMORY = 1212          # payload out of memory (oom)
+    STAGEOUT_FAILED = 1137
+    KILLED_BY_SERVER = 1144
+    LOCAL_FILE_SIZE_MISMATCH = 1139  # size differs after transfer
+    MD5_MISMATCH_OUT = 1141
+    MD5_MISMATCH_IN = 1145
+    LOOPING_JOB = 1150
+    STAGEIN_TIMEOUT = 1151
+    STAGEOUT_TIMEOUT = 1152
+    NO_SUCH_FILE = 1165            # missing output file
+    ADLER32_MISMATCH_IN = 1171
+    ADLER32_MISMATCH_OUT = 1172
+    PAYLOAD_EXECUTION_FAILURE = 1305
+    SIGTERM = 1201
+    SIGQUIT = 1202
+    SIGSEGV = 1203
+    SIGXCPU = 1204
+    SIGUSR1 = 1205
+    SIGBUS = 1206
+    SIGINT = 1208
+    SIGKILL = 1210
+    BATCH_WALLTIME = 1213          # the batch system's wall time is about to run out
+    PAYLOAD_WALLTIME = 1312       # job's own wall-time limit exceeded
+    MEMORY_LIMIT = 1235
+    PAYLOAD_STDOUT_SILENT = 1236
+    TRANSFORM_NOT_FOUND = 1187     # the transformation could not be found or downloaded
+    BAD_JOB_SPEC = 1190            # job definition unreadable or inconsistent
+    BAD_SIGNATURE = 1191           # job spec signature does not verify
+    HOSTILE_FILE_NAME = 1192       # a file name that would escape the work directory
+    NO_HEARTBEAT_REACHED = 1317
+    MISSING_INPUT = 1331
+    PAYLOAD_FAILED = 1306         # non-zero exit code from the payload
+    DISK_SPACE_LOW = 1198         # free disk below the site's minimum during the job
+    RECOVERED_LOST = 1354          # a later pilot recovered the job of a pilot that died
+
+
+ERROR_TEXT: dict[int, str] = {
+    ErrorCode.GENERAL: "general pilot error",
+    ErrorCode.NO_LOCAL_SPACE: "not enough local space",
+    ErrorCode.STAGEIN_FAILED: "stage-in failed",
+    ErrorCode.WORKDIR_TOO_LARGE: "work directory too large",
+    ErrorCode.NO_PROXY: "no valid credential",
+    ErrorCode.OUT_OF_MEMORY: "payload ran out of memory",
+    ErrorCode.STAGEOUT_FAILED: "stage-out failed",
+    ErrorCode.KILLED_BY_SERVER: "killed by the server",
+    ErrorCode.LOCAL_FILE_SIZE_MISMATCH: "file size mismatch after transfer",
+    ErrorCode.MD5_MISMATCH_OUT: "md5 checksum mismatch on stage-out",
+    ErrorCode.MD5_MISMATCH_IN: "md5 checksum mismatch on stage-in",
+    ErrorCode.LOOPING_JOB: "looping job: no output file changed for too long",
+    ErrorCode.STAGEIN_TIMEOUT: "stage-in timed out",
+    ErrorCode.STAGEOUT_TIMEOUT: "stage-out timed out",
+    ErrorCode.NO_SUCH_FILE: "missing output file",
+    ErrorCode.ADLER32_MISMATCH_IN: "adler32 checksum mismatch on stage-in",
+    ErrorCode.ADLER32_MISMATCH_OUT: "adler32 checksum mismatch on stage-out",
+    ErrorCode.PAYLOAD_EXECUTION_FAILURE: "payload could not be executed",
+    ErrorCode.SIGTERM: "pilot received SIGTERM",
+    ErrorCode.SIGQUIT: "pilot received SIGQUIT",
+    ErrorCode.SIGSEGV: "pilot received SIGSEGV",
+    ErrorCode.SIGXCPU: "pilot received SIGXCPU",
+    ErrorCode.SIGUSR1: "pilot received SIGUSR1",
+    ErrorCode.SIGBUS: "pilot received SIGBUS",
+    ErrorCode.SIGINT: "pilot received SIGINT",
+    ErrorCode.SIGKILL: "pilot received SIGKILL",
+    ErrorCode.BATCH_WALLTIME: "batch system wall time reached",
+    ErrorCode.PAYLOAD_WALLTIME: "job wall time limit exceeded",
+    ErrorCode.MEMORY_LIMIT: "memory limit exceeded",
+    ErrorCode.PAYLOAD_STDOUT_SILENT: "payload wrote nothing to stdout for too long",
+    ErrorCode.TRANSFORM_NOT_FOUND: "transformation not found",
+    ErrorCode.BAD_JOB_SPEC: "bad job definition",
+    ErrorCode.BAD_SIGNATURE: "job definition signature does not verify",
+    ErrorCode.HOSTILE_FILE_NAME: "refused a hostile file name",
+    ErrorCode.NO_HEARTBEAT_REACHED: "no heartbeat reached the server for too long",
+    ErrorCode.MISSING_INPUT: "missing input file",
+    ErrorCode.PAYLOAD_FAILED: "payload exited with a non-zero code",
+    ErrorCode.DISK_SPACE_LOW: "free disk space below the site's minimum",
+    ErrorCode.RECOVERED_LOST: "job recovered from a pilot that died",
+}
+
+
+def error_text(code: int) -> str:
+    """Short text for ``code``; unknown codes get a generic text, never an exception."""
+    return ERROR_TEXT.get(code, f"pilot error {code}")
+
+
+#: server-side (dispatcher/watcher) codes, jobDispatcherErrorCode
+class DispatcherCode(IntEnum):
+    LOST_HEARTBEAT = 100
+    RECOVERY_FAILED = 101
+    NO_REPLY = 102
+    HOLDING_TIMEOUT = 103
+    TRANSFERRING_TIMEOUT = 104
+    TIMEOUT = 105

@@ -1,0 +1,41 @@
+"""Where a file lives on a storage element: one deterministic rule for every component.
+
+Like Rucio's deterministic layout, a replica's path is derived from its scope and name only, with
+two levels of hash directories so no directory grows to millions of entries. The pilot (stage-in
+and stage-out), the data service and the demo all build paths through this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,254}$")
+
+
+class BadFileName(ValueError):
+    """A logical file name or scope that could escape its directory or break a path."""
+
+
+def check_name(name: str, what: str = "file name") -> str:
+    """Return ``name`` if it is a safe logical name, else raise BadFileName.
+
+    Refuses '..', '/', NUL, leading dots and dashes, and anything over 255 characters: such names
+    come from users and must never become a path outside a work directory or storage element.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise BadFileName(f"refusing {what} {name!r}: only letters, digits and ._+:- are allowed, "
+                          "no '..', no leading '.' or '-', at most 255 characters")
+    return name
+
+
+def replica_path(scope: str, lfn: str) -> str:
+    """Relative path of ``scope:lfn`` below a storage element's root."""
+    check_name(scope, "scope")
+    check_name(lfn)
+    digest = hashlib.md5(f"{scope}:{lfn}".encode()).hexdigest()
+    return f"{scope}/{digest[0:2]}/{digest[2:4]}/{lfn}"
+
+
+def replica_url(se_url: str, scope: str, lfn: str) -> str:
+    """Full URL of ``scope:lfn`` on the storage element whose root URL is ``se_url``."""
+    return se_url.rstrip("/") + "/" + replica_path(scope, lfn)
