@@ -1,0 +1,79 @@
+"""The scheduler backend contract: submit, status, cancel. Nothing more.
+
+Like Parsl's execution providers, a backend only talks to its batch system; how many pilots to
+submit, where and when is the factory's policy (schedulers/factory.py). A backend is a stevedore
+driver in the ``panda.schedulers`` group, constructed with the site config's
+``scheduler.options`` as keyword arguments.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class BatchState(str, Enum):
+    """The one set of states every backend maps its batch system's states to."""
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_BATCH_STATES = frozenset({BatchState.DONE, BatchState.FAILED, BatchState.CANCELLED})
+
+
+@dataclass
+class PilotSpec:
+    """Everything a backend needs to start one pilot."""
+    site: str
+    command: list[str]                     # argv of the pilot, e.g. [python, -m, panda_wms.cli, pilot, ...]
+    walltime_s: int = 3600
+    cores: int = 1
+    memory_mb: int = 2000
+    env: dict[str, str] = field(default_factory=dict)   # extra environment for the pilot only
+    workdir: str | None = None             # where the batch job starts (and writes its stdout)
+    name: str = "panda-pilot"
+
+
+class SchedulerError(RuntimeError):
+    """The batch system refused or could not be reached; the message says which and why."""
+
+
+class SchedulerBackend(abc.ABC):
+    """Base class of all backends; subclasses set ``name`` and implement the three methods."""
+
+    name: str = ""
+
+    def __init__(self, **options) -> None:
+        self.options = options
+
+    @abc.abstractmethod
+    def submit(self, spec: PilotSpec) -> str:
+        """Submit one pilot; return its batch id. Raise SchedulerError on refusal."""
+
+    @abc.abstractmethod
+    def status(self, batch_ids: list[str]) -> dict[str, BatchState]:
+        """Current state of each id; ids the batch system no longer knows map to UNKNOWN."""
+
+    @abc.abstractmethod
+    def cancel(self, batch_ids: list[str]) -> None:
+        """Cancel the given pilots; cancelling an id that already ended is not an error."""
+
+
+def load_backend(name: str, **options) -> SchedulerBackend:
+    """Load the backend ``name`` from the ``panda.schedulers`` entry points (stevedore)."""
+    from stevedore import driver
+    from stevedore.exception import NoMatches
+
+    try:
+        mgr = driver.DriverManager("panda.schedulers", name, invoke_on_load=True,
+                                   invoke_kwds=options)
+    except NoMatches:
+        raise SchedulerError(f"unknown scheduler backend {name!r}") from None
+    return mgr.driver
