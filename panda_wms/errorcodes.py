@@ -10,11 +10,14 @@ from enum import IntEnum
 
 
 class ErrorCode(IntEnum):
+    """PanDA pilot 3 numbers (pilot/common/errorcodes.py) where PanDA has one; 1500-1599 are
+    panda-wms's own, for failures PanDA has no code for."""
+
     GENERAL = 1008                 # general pilot error, consult the pilot log
     NO_LOCAL_SPACE = 1098
     STAGEIN_FAILED = 1099
     WORKDIR_TOO_LARGE = 1104
-    NO_PROXY = 1110                # no valid credential
+    NO_PROXY = 1163                # no valid credential
     OUT_OF_MEMORY = 1212          # payload out of memory (oom)
     STAGEOUT_FAILED = 1137
     KILLED_BY_SERVER = 1144
@@ -32,23 +35,26 @@ class ErrorCode(IntEnum):
     SIGQUIT = 1202
     SIGSEGV = 1203
     SIGXCPU = 1204
-    SIGUSR1 = 1205
+    SIGUSR1 = 1207
     SIGBUS = 1206
     SIGINT = 1208
     SIGKILL = 1210
     BATCH_WALLTIME = 1213          # the batch system's wall time is about to run out
-    PAYLOAD_WALLTIME = 1312       # job's own wall-time limit exceeded
+    PAYLOAD_WALLTIME = 1503       # job's own wall-time limit exceeded (no PanDA code)
     MEMORY_LIMIT = 1235
-    PAYLOAD_STDOUT_SILENT = 1236
-    TRANSFORM_NOT_FOUND = 1187     # the transformation could not be found or downloaded
-    BAD_JOB_SPEC = 1190            # job definition unreadable or inconsistent
-    BAD_SIGNATURE = 1191           # job spec signature does not verify
-    HOSTILE_FILE_NAME = 1192       # a file name that would escape the work directory
+    PAYLOAD_STDOUT_SILENT = 1502   # no PanDA code (PanDA's 1236 is 'failed by server')
+    TRANSFORM_NOT_FOUND = 1346     # the transformation could not be found or downloaded
+    BAD_JOB_SPEC = 1500            # job definition unreadable or inconsistent (no PanDA code)
+    BAD_SIGNATURE = 1501           # job spec signature does not verify (no PanDA code)
+    HOSTILE_FILE_NAME = 1371       # a file name that would escape the work directory
     NO_HEARTBEAT_REACHED = 1317
     MISSING_INPUT = 1331
-    PAYLOAD_FAILED = 1306         # non-zero exit code from the payload
+    PAYLOAD_FAILED = 1220         # non-zero exit code from the payload (PanDA: unknown payload failure)
     DISK_SPACE_LOW = 1198         # free disk below the site's minimum during the job
-    RECOVERED_LOST = 1354          # a later pilot recovered the job of a pilot that died
+    RECOVERED_LOST = 1504          # a later pilot recovered the job of a pilot that died (no PanDA code)
+    KILL_SIGNAL = 1200             # payload killed by a signal the pilot did not send
+    COMMUNICATION_FAILURE = 1318   # the server could not be reached
+    LOG_CREATION_FAILURE = 1320    # the log tarball could not be made
 
 
 ERROR_TEXT: dict[int, str] = {
@@ -91,6 +97,9 @@ ERROR_TEXT: dict[int, str] = {
     ErrorCode.PAYLOAD_FAILED: "payload exited with a non-zero code",
     ErrorCode.DISK_SPACE_LOW: "free disk space below the site's minimum",
     ErrorCode.RECOVERED_LOST: "job recovered from a pilot that died",
+    ErrorCode.KILL_SIGNAL: "payload killed by a signal",
+    ErrorCode.COMMUNICATION_FAILURE: "failed to communicate with the server",
+    ErrorCode.LOG_CREATION_FAILURE: "failed to create the log tarball",
 }
 
 
