@@ -38,6 +38,7 @@ setup(
         "PyYAML>=6.0",
         "jsonschema>=4.17",
         "cryptography>=41",
+        "isal>=1.6",
     ],
     extras_require={
         "postgres": ["psycopg[binary]>=3.1"],

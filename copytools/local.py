@@ -1,0 +1,219 @@
+"""Local storage copytools: ``cp``, ``mv`` and ``symlink`` for file:// URLs and plain paths.
+
+``cp`` lets the kernel copy (copy_file_range, as coreutils' cp does) while a second thread
+checksums the same source pages from the page cache, so the copy costs about what ``cp`` costs.
+Files appear under their final name only when complete (written to a hidden name, then renamed).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+
+from panda_wms.errorcodes import ErrorCode
+
+from .base import (CopyTool, Transfer, TransferError, TransferResult, partial_path, url_path,
+                   _unlink_quietly)
+from .checksum import CHUNK, StreamChecksum, checksum_fd, checksum_file
+
+log = logging.getLogger(__name__)
+
+_COPY_CHUNK = 64 * 1024 * 1024
+
+
+def _kernel_copy(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes in the kernel: copy_file_range, else sendfile, else read/write."""
+    off = 0
+    try:
+        while off < size:
+            n = os.copy_file_range(src, dst, min(_COPY_CHUNK, size - off), off, off)
+            if n == 0:
+                break
+            off += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.lseek(dst, off, os.SEEK_SET)
+    try:
+        while off < size:
+            n = os.sendfile(dst, src, off, min(_COPY_CHUNK, size - off))
+            if n == 0:
+                break
+            off += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+    while off < size:
+        data = os.pread(src, min(CHUNK, size - off), off)
+        if not data:
+            break
+        os.write(dst, data)
+        off += len(data)
+
+
+def copy_with_checksum(src_path: str, dst_path: str, md5: bool = False) -> StreamChecksum:
+    """Copy ``src_path`` to ``dst_path`` (created/truncated) and checksum the bytes in parallel."""
+    src = os.open(src_path, os.O_RDONLY)
+    try:
+        size = os.fstat(src).st_size
+        dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            result: dict = {}
+
+            def hash_source() -> None:
+                try:
+                    result["cs"] = checksum_fd(src, md5)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                    result["err"] = exc
+
+            hasher = threading.Thread(target=hash_source, name="checksum", daemon=True)
+            hasher.start()
+            try:
+                _kernel_copy(src, dst, size)
+            finally:
+                hasher.join()
+            if "err" in result:
+                raise result["err"]
+            cs = result["cs"]
+            copied = os.fstat(dst).st_size
+            if cs.size != size or copied != size:
+                raise TransferError(ErrorCode.LOCAL_FILE_SIZE_MISMATCH,
+                                    f"{src_path} changed while being copied ({size} bytes at "
+                                    f"start, {cs.size} read, {copied} written)", retryable=True)
+            return cs
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _os_error(exc: OSError, t: Transfer, direction: str, what: str) -> TransferError:
+    """Map an OS error to the PanDA code the pilot reports."""
+    if direction == "in":
+        if isinstance(exc, FileNotFoundError) and what == "source":
+            return TransferError(ErrorCode.MISSING_INPUT, f"{t.lfn}: no such file {t.surl}")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return TransferError(ErrorCode.NO_LOCAL_SPACE,
+                                 f"{t.lfn}: no space left writing {t.local_path}: {exc}")
+        return TransferError(ErrorCode.STAGEIN_FAILED, f"{t.lfn}: {exc}",
+                             retryable=exc.errno in (errno.EIO, errno.EAGAIN, errno.ESTALE))
+    if isinstance(exc, FileNotFoundError) and what == "source":
+        return TransferError(ErrorCode.NO_SUCH_FILE, f"{t.lfn}: output {t.local_path} is missing")
+    return TransferError(ErrorCode.STAGEOUT_FAILED, f"{t.lfn}: {exc}",
+                         retryable=exc.errno in (errno.EIO, errno.EAGAIN, errno.ESTALE))
+
+
+def _se_path(t: Transfer) -> str:
+    try:
+        return url_path(t.surl)
+    except ValueError as exc:
+        raise TransferError(ErrorCode.STAGEIN_FAILED, f"{t.lfn}: {exc}") from None
+
+
+class CpTool(CopyTool):
+    """Copy between a locally mounted storage element and the work directory."""
+
+    name = "cp"
+    schemes = ("file",)
+
+    def copy_in(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
+        src = _se_path(t)
+        return self._copy(t, src, t.local_path, want_md5, "in")
+
+    def copy_out(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
+        dst = _se_path(t)
+        try:
+            os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, t, "out", "destination") from None
+        return self._copy(t, t.local_path, dst, want_md5, "out")
+
+    def _copy(self, t: Transfer, src: str, dst: str, want_md5: bool, direction: str):
+        if not os.path.exists(src):
+            raise _os_error(FileNotFoundError(errno.ENOENT, "no such file", src), t, direction,
+                            "source")
+        tmp = partial_path(dst)
+        try:
+            cs = copy_with_checksum(src, tmp, want_md5)
+            os.replace(tmp, dst)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise _os_error(exc, t, direction, "destination") from None
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
+
+    def remove_remote(self, surl: str) -> None:
+        try:
+            _unlink_quietly(url_path(surl))
+        except ValueError:
+            pass
+
+    def cleanup_after_kill(self, t: Transfer, direction: str) -> None:
+        super().cleanup_after_kill(t, direction)
+        if direction == "out":
+            try:
+                _unlink_quietly(partial_path(url_path(t.surl)))
+            except ValueError:
+                pass
+
+
+class MvTool(CpTool):
+    """Move instead of copy (files placed for the job, e.g. by an ARC CE or a data cache).
+
+    A rename moves no bytes, so the checksum is computed by reading the file once where it lands;
+    across file systems it falls back to cp and removes the source after a verified copy.
+    """
+
+    name = "mv"
+
+    def _copy(self, t: Transfer, src: str, dst: str, want_md5: bool, direction: str):
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            raise _os_error(FileNotFoundError(errno.ENOENT, "no such file", src), t, direction,
+                            "source") from None
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise _os_error(exc, t, direction, "destination") from None
+            result = super()._copy(t, src, dst, want_md5, direction)
+            _unlink_quietly(src)
+            return result
+        cs = checksum_file(dst, want_md5)
+        return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
+
+
+class SymlinkTool(CopyTool):
+    """Stage in by linking to the replica on a shared file system (no copy at all).
+
+    The linked file is still checksummed (one read) so a corrupt replica is caught before the
+    payload uses it. Stage-out is refused: the work directory disappears after the job.
+    """
+
+    name = "symlink"
+    schemes = ("file",)
+
+    def copy_in(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
+        src = os.path.abspath(_se_path(t))
+        try:
+            cs = checksum_file(src, want_md5)
+        except OSError as exc:
+            raise _os_error(exc, t, "in", "source") from None
+        tmp = partial_path(t.local_path)
+        try:
+            _unlink_quietly(tmp)
+            os.symlink(src, tmp)
+            os.replace(tmp, t.local_path)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise _os_error(exc, t, "in", "destination") from None
+        return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
+
+    def copy_out(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
+        raise TransferError(ErrorCode.STAGEOUT_FAILED,
+                            "the symlink copytool cannot stage out: the work directory is removed "
+                            "after the job; use cp or mv")
