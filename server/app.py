@@ -1,0 +1,271 @@
+"""The Tornado application: thin handlers over the dispatcher, the API and the monitor.
+
+Handlers decode requests, resolve the caller's identity, run the blocking database work in a
+thread pool and encode replies. Nothing here decides anything.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import tornado.web
+from tornado.ioloop import IOLoop
+
+from .api import REGISTRY, ApiError, Context, Forbidden
+from .auth import AuthError, Identity, KeyStore, identity_from_dn
+from .brokerage import Brokerage
+from .dispatcher import SC_DENIED, SC_FAILED, Dispatcher, ProtocolError
+from .hookspecs import plugin_manager
+from .queuedata import queuedata
+from .submission import TaskSubmitter
+from .taskbuffer import NotFound, TaskBuffer, utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers share; built once per process."""
+    tb: TaskBuffer
+    keys: KeyStore
+    dispatcher: Dispatcher
+    submitter: TaskSubmitter
+    executor: ThreadPoolExecutor
+    require_auth: bool = True
+    admin_dns: frozenset[str] = frozenset()
+    pilot_dns: frozenset[str] = frozenset()
+    site_loader: Any = None
+    started: dt.datetime = field(default_factory=utcnow)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (dt.datetime, dt.date)):
+        return obj.isoformat()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, bytes):
+        return obj.decode(errors="replace")
+    return str(obj)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default)
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    def initialize(self, state: ServerState) -> None:
+        self.state = state
+
+    def run(self, func, *args):
+        return IOLoop.current().run_in_executor(self.state.executor, func, *args)
+
+    def identity(self) -> Identity | None:
+        """The caller: a bearer token's subject, or a verified client certificate's DN."""
+        header = self.request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError("Authorization header must be 'Bearer <token>'")
+            return self.state.keys.verify_token(token)
+        cert = None
+        try:
+            cert = self.request.get_ssl_certificate()
+        except Exception:  # noqa: BLE001 - plain http or no certificate
+            cert = None
+        if cert:
+            dn = "/" + "/".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+            return identity_from_dn(dn, self.state.admin_dns, self.state.pilot_dns)
+        if not self.state.require_auth:
+            return Identity("anonymous", "admin")
+        return None
+
+    def body_params(self) -> dict:
+        """Form-encoded or JSON body, plus query arguments; last value wins for repeats."""
+        params: dict[str, Any] = {}
+        for key, values in self.request.query_arguments.items():
+            decoded = [v.decode("utf-8", "replace") for v in values]
+            params[key] = decoded[-1] if len(decoded) == 1 else decoded
+        ctype = self.request.headers.get("Content-Type", "")
+        body = self.request.body
+        if body:
+            if "json" in ctype or (not ctype and body[:1] in (b"{", b"[")):
+                try:
+                    data = json.loads(body)
+                except ValueError:
+                    raise tornado.web.HTTPError(400, reason="request body is not valid JSON")
+                if not isinstance(data, dict):
+                    raise tornado.web.HTTPError(400, reason="JSON body must be an object")
+                params.update(data)
+            else:
+                for key, values in self.request.body_arguments.items():
+                    decoded = [v.decode("utf-8", "replace") for v in values]
+                    params[key] = decoded[-1] if len(decoded) == 1 else decoded
+        return params
+
+
+class PilotHandler(BaseHandler):
+    """``/server/panda/<method>``: PanDA's pilot protocol."""
+
+    METHODS = {"getJob": "get_job", "updateJob": "update_job", "getStatus": "get_status",
+               "updateJobsInBulk": None, "getKeyPair": None}
+
+    def wants_json(self) -> bool:
+        return "json" in self.request.headers.get("Accept", "")
+
+    def reply(self, data: dict) -> None:
+        if self.wants_json():
+            self.set_header("Content-Type", "application/json")
+            self.finish(dumps(data))
+        else:
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(urllib.parse.urlencode(
+                {k: (dumps(v) if isinstance(v, (dict, list)) else v) for k, v in data.items()}))
+
+    async def get(self, method: str) -> None:
+        await self.post(method)
+
+    async def post(self, method: str) -> None:
+        try:
+            identity = self.identity()
+        except AuthError as exc:
+            return self.reply({"StatusCode": exc.status_code, "errorDialog": str(exc)})
+        try:
+            params = self.body_params()
+        except tornado.web.HTTPError as exc:
+            return self.reply({"StatusCode": SC_FAILED, "errorDialog": exc.reason})
+        if method == "isAlive":
+            return self.reply({"StatusCode": 0, "alive": "yes"})
+        target = self.METHODS.get(method)
+        if target is None:
+            self.set_status(404 if method not in self.METHODS else 501)
+            return self.reply({"StatusCode": SC_FAILED,
+                               "errorDialog": f"unknown or unsupported method {method!r}"})
+        if method != "getStatus":
+            if identity is None:
+                return self.reply({"StatusCode": 50, "errorDialog":
+                                   "an identity is required: send 'Authorization: Bearer <token>'"})
+            if identity.role not in ("pilot", "admin"):
+                return self.reply({"StatusCode": 60,
+                                   "errorDialog": f"role {identity.role} may not {method}"})
+        func = getattr(self.state.dispatcher, target)
+        try:
+            if method == "getStatus":
+                result = await self.run(func, params)
+            else:
+                result = await self.run(func, params, identity)
+        except ProtocolError as exc:
+            result = {"StatusCode": exc.status_code, "errorDialog": str(exc)}
+        except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
+            log.exception("%s failed", method)
+            result = {"StatusCode": SC_FAILED, "errorDialog": "internal server error"}
+        self.reply(result)
+
+
+class ApiHandler(BaseHandler):
+    """``/api/v1/<module>/<method>``: replies ``{"success", "message", "data"}``."""
+
+    def respond(self, success: bool, message: str = "", data: Any = None) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(dumps({"success": success, "message": message, "data": data}))
+
+    async def get(self, module: str, name: str) -> None:
+        await self.handle("GET", module, name)
+
+    async def post(self, module: str, name: str) -> None:
+        await self.handle("POST", module, name)
+
+    async def handle(self, http: str, module: str, name: str) -> None:
+        method = REGISTRY.get((module, name))
+        if method is None:
+            self.set_status(403)
+            return self.respond(False, f"unknown API method {module}/{name}")
+        if http not in method.http:
+            self.set_status(405)
+            return self.respond(False, f"{module}/{name} takes {' or '.join(method.http)}")
+        try:
+            identity = self.identity()
+        except AuthError as exc:
+            self.set_status(403)
+            return self.respond(False, str(exc))
+        if method.roles is not None:
+            if identity is None:
+                return self.respond(False, "secure connection required: send "
+                                           "'Authorization: Bearer <token>' or a client certificate")
+            if identity.role not in method.roles:
+                self.set_status(403)
+                return self.respond(False, f"role {identity.role} may not call {module}/{name}")
+        try:
+            params = self.body_params()
+        except tornado.web.HTTPError as exc:
+            self.set_status(400)
+            return self.respond(False, exc.reason)
+        st = self.state
+        ctx = Context(tb=st.tb, keys=st.keys, submitter=st.submitter, identity=identity,
+                      clock=st.tb.clock, site_loader=st.site_loader)
+        try:
+            data = await self.run(method.func, ctx, params)
+        except ApiError as exc:
+            return self.respond(False, str(exc))
+        except Forbidden as exc:
+            self.set_status(403)
+            return self.respond(False, str(exc))
+        except NotFound as exc:
+            return self.respond(False, str(exc))
+        except Exception:  # noqa: BLE001
+            log.exception("api %s/%s failed", module, name)
+            self.set_status(500)
+            return self.respond(False, "internal server error")
+        self.respond(True, ctx.message, data)
+
+
+class QueuedataHandler(BaseHandler):
+    """``/cache/schedconfig/<site>.all.json``: the queue description pilot 3 reads."""
+
+    async def get(self, site: str) -> None:
+        try:
+            row = await self.run(self.state.tb.get_site, site)
+        except NotFound:
+            raise tornado.web.HTTPError(404, reason=f"unknown site {site}")
+        self.set_header("Content-Type", "application/json")
+        self.finish(dumps(queuedata(row["config"])))
+
+
+class PublicKeyHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/x-pem-file")
+        self.finish(self.state.keys.public_key_pem)
+
+
+def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
+                clock=utcnow, site_loader=None, admin_dns=(), pilot_dns=()) -> ServerState:
+    from .db import make_engine
+
+    engine = make_engine(db_url, pool_size=threads)
+    tb = TaskBuffer(engine, clock=clock)
+    keys = KeyStore(key_dir)
+    pm = plugin_manager()
+    return ServerState(tb=tb, keys=keys, dispatcher=Dispatcher(tb, keys),
+                       submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
+                       executor=ThreadPoolExecutor(threads, thread_name_prefix="db"),
+                       require_auth=require_auth, site_loader=site_loader,
+                       admin_dns=frozenset(admin_dns), pilot_dns=frozenset(pilot_dns))
+
+
+def make_app(state: ServerState) -> tornado.web.Application:
+    from . import monitor
+
+    kw = {"state": state}
+    routes = [
+        (r"/server/panda/(\w+)", PilotHandler, kw),
+        (r"/api/v1/(\w+)/(\w+)", ApiHandler, kw),
+        (r"/cache/schedconfig/([A-Za-z0-9_.\-]+?)(?:\.all)?\.json", QueuedataHandler, kw),
+        (r"/\.well-known/panda-jobspec-key\.pem", PublicKeyHandler, kw),
+    ] + monitor.routes(kw)
+    return tornado.web.Application(routes, compress_response=True)

@@ -1,0 +1,176 @@
+"""``panda server``, ``panda db`` and ``panda token``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOME = Path(os.environ.get("PANDA_HOME", Path.home() / ".panda"))
+DEFAULT_DB = f"sqlite:///{DEFAULT_HOME / 'panda.db'}"
+DEFAULT_KEYS = DEFAULT_HOME / "keys"
+
+
+def _server_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="panda server", description="Run the PanDA server.")
+    p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
+                   help="SQLAlchemy database URL (default: %(default)s; env PANDA_DB)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=25080)
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes sharing the port (0: one per core)")
+    p.add_argument("--threads", type=int, default=8, help="database threads per process")
+    p.add_argument("--key-dir", default=str(DEFAULT_KEYS),
+                   help="token secret and job-spec signing key (created if missing)")
+    p.add_argument("--site-configs", metavar="DIR",
+                   help="load the site configs of DIR at start (as 'panda sites sync' does)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="development only: treat anonymous callers as admin")
+    p.add_argument("--certfile", help="TLS certificate (enables https and X.509 client auth)")
+    p.add_argument("--keyfile", help="TLS private key")
+    p.add_argument("--ca", help="CA bundle or directory to verify client certificates")
+    p.add_argument("--admin-dn", action="append", default=[], help="certificate DN with admin role")
+    p.add_argument("--pilot-dn", action="append", default=[], help="certificate DN with pilot role")
+    p.add_argument("--log-level", default=None)
+    return p
+
+
+def load_site_dir(path: str) -> list[dict]:
+    """Load and validate a site-config folder; broken files are logged and skipped."""
+    from site_configs import load_dir
+
+    configs, errors = load_dir(path)
+    for err in errors:
+        log.error("site config: %s", err)
+    return [c.to_dict() for c in configs]
+
+
+def validate_site_dicts(configs: list[dict]) -> tuple[list[dict], list[str]]:
+    """For site/sync: check posted configs against the schema; returns (valid, errors)."""
+    try:
+        from site_configs import validate_dict
+    except ImportError:   # schema module not available: accept as posted
+        return configs, []
+    good, errors = [], []
+    for cfg in configs:
+        try:
+            good.append(validate_dict(cfg, source=f"posted site {cfg.get('name', '?')!r}"))
+        except Exception as exc:  # noqa: BLE001 - ConfigError and friends: report, keep going
+            errors.append(str(exc))
+    return good, errors
+
+
+def _ssl_options(args):
+    if not args.certfile:
+        return None
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(args.certfile, args.keyfile)
+    if args.ca:
+        if os.path.isdir(args.ca):
+            ctx.load_verify_locations(capath=args.ca)
+        else:
+            ctx.load_verify_locations(cafile=args.ca)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def main(argv: list[str]) -> int:
+    from panda_wms.cli import setup_logging
+
+    args = _server_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    import tornado.httpserver
+    import tornado.netutil
+    import tornado.process
+    from tornado.ioloop import IOLoop
+
+    from .app import MAX_BODY_BYTES, build_state, make_app
+    from .db import create_schema, make_engine
+
+    if args.db.startswith("sqlite:///"):
+        Path(args.db[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = make_engine(args.db, pool_size=1)
+        create_schema(engine)
+    except Exception as exc:  # noqa: BLE001 - say which database and why, then stop
+        sys.stderr.write(f"panda server: cannot use database {args.db}: {exc}\n")
+        return 1
+    sites = load_site_dir(args.site_configs) if args.site_configs else []
+    if sites:
+        from .taskbuffer import TaskBuffer
+        TaskBuffer(engine).sync_sites(sites)
+        log.info("loaded %d site config(s) from %s", len(sites), args.site_configs)
+    engine.dispose()
+
+    sockets = tornado.netutil.bind_sockets(args.port, address=args.host)
+    if args.processes != 1:
+        tornado.process.fork_processes(args.processes or None)
+    state = build_state(args.db, args.key_dir, require_auth=not args.no_auth,
+                        threads=args.threads, site_loader=validate_site_dicts,
+                        admin_dns=args.admin_dn, pilot_dns=args.pilot_dn)
+    app = make_app(state)
+    server = tornado.httpserver.HTTPServer(app, ssl_options=_ssl_options(args),
+                                           max_body_size=MAX_BODY_BYTES,
+                                           xheaders=True)
+    server.add_sockets(sockets)
+    scheme = "https" if args.certfile else "http"
+    port = sockets[0].getsockname()[1]
+    log.info("panda server listening on %s://%s:%d (database %s)", scheme, args.host, port,
+             engine.url.render_as_string(hide_password=True))
+    loop = IOLoop.current()
+
+    def _stop(signum, _frame):
+        log.info("signal %d: stopping", signum)
+        loop.add_callback_from_signal(_shutdown)
+
+    async def _shutdown():
+        server.stop()
+        await server.close_all_connections()
+        state.executor.shutdown(wait=True)
+        state.tb.engine.dispose()
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    loop.start()
+    return 0
+
+
+def db_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="panda db", description="Manage the database schema.")
+    p.add_argument("action", choices=["upgrade", "current"])
+    p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB))
+    args = p.parse_args(argv)
+    from .db import create_schema, make_engine, metadata
+    engine = make_engine(args.db, pool_size=1)
+    if args.action == "upgrade":
+        create_schema(engine)
+        sys.stdout.write(f"schema up to date in {args.db}\n")
+    else:
+        from sqlalchemy import inspect
+        have = set(inspect(engine).get_table_names())
+        want = set(metadata.tables)
+        sys.stdout.write(f"tables present: {len(have & want)}/{len(want)}"
+                         + (f"; missing: {', '.join(sorted(want - have))}" if want - have else "")
+                         + "\n")
+    return 0
+
+
+def token_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="panda token", description="Issue a signed bearer token.")
+    p.add_argument("action", choices=["issue"])
+    p.add_argument("--role", required=True, choices=["pilot", "user", "admin"])
+    p.add_argument("--subject", required=True, help="who the token speaks for")
+    p.add_argument("--site", help="bind a pilot token to one site")
+    p.add_argument("--lifetime", type=int, default=30 * 24 * 3600, help="seconds")
+    p.add_argument("--key-dir", default=str(DEFAULT_KEYS))
+    args = p.parse_args(argv)
+    from .auth import KeyStore
+    sys.stdout.write(KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
+                                                         args.lifetime) + "\n")
+    return 0

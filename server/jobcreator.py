@@ -1,0 +1,203 @@
+"""The job creator: a task description becomes jobs.
+
+A task (JSON or YAML, see docs/contracts.md) names a transformation, its parameters with
+placeholders, an input dataset and how to split it. Each job gets its input files, output file
+names, a log tarball, and its parameters with the placeholders filled in.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from panda_wms.storage import BadFileName, check_name
+
+log = logging.getLogger(__name__)
+
+
+class TaskSpecError(ValueError):
+    """A task description that cannot become jobs; the message names the field and why."""
+
+
+_PLACEHOLDER = re.compile(r"\$\{(IN|OUT|SN|TASK|TASKID|ATTEMPT|OUT\d+)\}")
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    transformation: str
+    job_parameters: str = ""
+    scope: str = "user"
+    input_dataset: str | None = None
+    output_dataset: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    files_per_job: int = 1
+    n_jobs: int | None = None            # for tasks without input: how many jobs
+    site: str | None = None
+    priority: int = 1000
+    share: str = "default"
+    prod_source_label: str = "managed"
+    cores: int = 1
+    memory_mb: int = 1000
+    walltime_s: int = 3600
+    disk_mb: int = 1000
+    max_attempts: int = 3
+    transfer_type: str | None = None     # "direct": the payload reads inputs in place
+    pilot_version: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TaskSpec":
+        """Validate a task description; every error names the field."""
+        if not isinstance(data, dict):
+            raise TaskSpecError("a task description must be a mapping of field -> value")
+        known = {f for f in cls.__dataclass_fields__} | {"resources"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TaskSpecError(f"unknown field(s): {', '.join(unknown)}")
+        kw: dict[str, Any] = {}
+        for key in ("name", "transformation"):
+            value = data.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise TaskSpecError(f"field {key!r}: required, a non-empty string")
+            kw[key] = value.strip()
+        _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", kw["name"]) is not None,
+               "name", "letters, digits and ._- only, at most 200 characters")
+        for key in ("job_parameters", "scope", "input_dataset", "output_dataset", "site", "share",
+                    "prod_source_label", "transfer_type", "pilot_version"):
+            if key in data and data[key] is not None:
+                _check(isinstance(data[key], str), key, "must be a string")
+                kw[key] = data[key]
+        for key in ("scope", "input_dataset", "output_dataset"):
+            if kw.get(key):
+                try:
+                    check_name(kw[key], key)
+                except BadFileName as exc:
+                    raise TaskSpecError(f"field {key!r}: {exc}") from None
+        if "outputs" in data:
+            outs = data["outputs"]
+            _check(isinstance(outs, list) and all(isinstance(o, str) and o for o in outs),
+                   "outputs", "must be a list of file name patterns")
+            kw["outputs"] = list(outs)
+        resources = data.get("resources", {})
+        _check(isinstance(resources, dict), "resources", "must be a mapping")
+        unknown_res = sorted(set(resources) - {"cores", "memory_mb", "walltime_s", "disk_mb"})
+        _check(not unknown_res, "resources", f"unknown key(s) {', '.join(unknown_res)}")
+        ints = {"files_per_job": data.get("files_per_job"), "n_jobs": data.get("n_jobs"),
+                "priority": data.get("priority"), "max_attempts": data.get("max_attempts"),
+                **{k: resources.get(k) for k in ("cores", "memory_mb", "walltime_s", "disk_mb")}}
+        for key, value in ints.items():
+            if value is None:
+                continue
+            _check(isinstance(value, int) and not isinstance(value, bool), key,
+                   "must be an integer")
+            _check(key == "priority" or value >= 1, key, "must be at least 1")
+            kw[key] = value
+        _check(kw.get("max_attempts", 3) <= 100, "max_attempts", "at most 100")
+        spec = cls(**kw)
+        if spec.transfer_type not in (None, "direct"):
+            raise TaskSpecError("field 'transfer_type': only 'direct' is known")
+        if spec.outputs and not spec.output_dataset:
+            raise TaskSpecError("field 'output_dataset': required when 'outputs' is given")
+        if not spec.input_dataset and not spec.n_jobs:
+            raise TaskSpecError("field 'input_dataset' or 'n_jobs': one is required")
+        return spec
+
+
+def _check(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise TaskSpecError(f"field {key!r}: {reason}")
+
+
+def split_inputs(files: list[dict], files_per_job: int) -> list[list[dict]]:
+    """Group input files into jobs of ``files_per_job`` (the last one may hold fewer)."""
+    return [files[i:i + files_per_job] for i in range(0, len(files), files_per_job)]
+
+
+def output_names(spec: TaskSpec, task_id: int, serial: int, attempt: int) -> list[str]:
+    """Output lfns of one job; retries get an attempt suffix so no attempt overwrites another."""
+    names = []
+    for pattern in spec.outputs:
+        lfn = _fill(pattern, {"TASK": spec.name, "TASKID": str(task_id), "SN": f"{serial:06d}",
+                              "ATTEMPT": str(attempt)})
+        if attempt > 1 and "${ATTEMPT}" not in pattern:
+            lfn = f"{lfn}.{attempt}"
+        names.append(check_name(lfn, "output file name"))
+    return names
+
+
+def log_name(spec_name: str, task_id: int, serial: int, attempt: int) -> str:
+    return check_name(f"log.{task_id}.{serial:06d}.{attempt}.{spec_name}.job.log.tgz"[:255],
+                      "log file name")
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def make_job(spec: TaskSpec, task_id: int, owner: str, serial: int, inputs: list[dict],
+             attempt: int = 1, site: str | None = None) -> tuple[dict, list[dict]]:
+    """One job's row values and its file rows (inputs, outputs, log)."""
+    outs = output_names(spec, task_id, serial, attempt)
+    values = {"IN": ",".join(f["lfn"] for f in inputs), "OUT": outs[0] if outs else "",
+              "SN": f"{serial:06d}", "TASK": spec.name, "TASKID": str(task_id),
+              "ATTEMPT": str(attempt)}
+    values.update({f"OUT{i}": o for i, o in enumerate(outs)})
+    job = {
+        "task_id": task_id, "serial": serial, "attempt_nr": attempt,
+        "max_attempts": spec.max_attempts, "owner": owner, "site": site or spec.site,
+        "prod_source_label": spec.prod_source_label, "share": spec.share,
+        "priority": spec.priority, "current_priority": spec.priority,
+        "transformation": spec.transformation,
+        "job_pars": _fill(spec.job_parameters, values),
+        "cores": spec.cores, "memory_mb": spec.memory_mb, "walltime_s": spec.walltime_s,
+        "disk_mb": spec.disk_mb, "pilot_version": spec.pilot_version,
+        "transfer_type": spec.transfer_type,
+    }
+    files = [{"type": "input", "scope": f["scope"], "lfn": f["lfn"], "dataset": f["dataset"],
+              "guid": f["guid"], "fsize": f.get("fsize"), "checksum": f.get("checksum"),
+              "status": "ready"} for f in inputs]
+    for lfn in outs:
+        files.append({"type": "output", "scope": spec.scope, "lfn": lfn,
+                      "dataset": spec.output_dataset, "guid": str(uuid.uuid4()),
+                      "status": "defined"})
+    files.append({"type": "log", "scope": spec.scope,
+                  "lfn": log_name(spec.name, task_id, serial, attempt),
+                  "dataset": spec.output_dataset or f"{spec.name}.log", "guid": str(uuid.uuid4()),
+                  "status": "defined"})
+    return job, files
+
+
+def retry_job_values(job: dict, files: list[dict]) -> tuple[dict, list[dict]]:
+    """A new attempt of a failed job: same inputs, fresh output names, attempt + 1."""
+    attempt = job["attempt_nr"] + 1
+    keep = ("task_id", "serial", "max_attempts", "owner", "site", "prod_source_label", "share",
+            "priority", "transformation", "cores", "memory_mb", "walltime_s", "disk_mb",
+            "pilot_version", "transfer_type")
+    values = {k: job[k] for k in keep}
+    values.update(attempt_nr=attempt, parent_id=job["panda_id"],
+                  current_priority=job["priority"])
+    old_suffix = f".{job['attempt_nr']}" if job["attempt_nr"] > 1 else ""
+    renames: dict[str, str] = {}
+    new_files = []
+    for f in files:
+        nf = {k: f[k] for k in ("type", "scope", "lfn", "dataset", "guid", "fsize", "checksum",
+                                "status")}
+        if f["type"] in ("output", "log"):
+            base = f["lfn"][:-len(old_suffix)] if old_suffix and f["lfn"].endswith(old_suffix) \
+                else f["lfn"]
+            if f["type"] == "log":
+                new = base.replace(f".{job['attempt_nr']}.", f".{attempt}.", 1) \
+                    if base.startswith("log.") else f"{base}.{attempt}"
+            else:
+                new = f"{base}.{attempt}"
+            renames[f["lfn"]] = new
+            nf.update(lfn=check_name(new[:255], "output file name"), guid=str(uuid.uuid4()),
+                      status="defined", fsize=None, checksum=None)
+        new_files.append(nf)
+    pars = job["job_pars"]
+    for old, new in renames.items():
+        pars = pars.replace(old, new)
+    values["job_pars"] = pars
+    return values, new_files

@@ -1,0 +1,46 @@
+"""Built-in brokerage and priority policies, registered like any ``panda.server`` plugin."""
+from __future__ import annotations
+
+from .brokerage import input_endpoint, site_fits, status_accepts
+from .hookspecs import hookimpl
+
+#: priority points gained per hour an activated job waits
+AGING_PER_HOUR = 10
+#: priority points lost per job the owner already has running
+USER_PENALTY_PER_RUNNING = 1
+
+
+@hookimpl
+def panda_broker_filter(needs, candidates):
+    rejected = {}
+    for c in candidates:
+        status = c.config.get("status", "online")
+        if not status_accepts(status, needs.prod_source_label):
+            rejected[c.name] = f"status {status}"
+            continue
+        why = site_fits(needs, c.config)
+        if why:
+            rejected[c.name] = why
+    return rejected
+
+
+@hookimpl
+def panda_broker_weight(needs, candidate, load, locality):
+    """Prefer data locality strongly, then free capacity."""
+    weight = 1.0
+    se = input_endpoint(candidate.config)
+    if needs.input_lfns and se:
+        held = sum(1 for lfn in needs.input_lfns if se in locality.get(lfn, ()))
+        weight *= 1.0 + 9.0 * held / len(needs.input_lfns)
+    counts = load.get(candidate.name, {})
+    busy = sum(counts.get(s, 0) for s in ("activated", "sent", "starting", "running"))
+    capacity = max(1, (candidate.config.get("pilots") or {}).get("max_running", 10))
+    weight *= 1.0 / (1.0 + busy / capacity)
+    return weight
+
+
+@hookimpl
+def panda_job_priority(job, now, user_running):
+    waited_h = max(0.0, (now - job["creation_time"]).total_seconds() / 3600.0)
+    return int(job["priority"] + AGING_PER_HOUR * waited_h
+               - USER_PENALTY_PER_RUNNING * user_running)

@@ -1,0 +1,108 @@
+"""Task submission: validate, split into jobs, broker each job, store, activate.
+
+A job whose inputs are all at its site's input storage element is activated at once; otherwise
+it waits in ``assigned`` until the data service brings the inputs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import update
+
+from panda_wms.states import JobState, TaskState
+
+from . import db
+from .brokerage import Brokerage, JobNeeds, input_endpoint
+from .jobcreator import TaskSpec, TaskSpecError, make_job, split_inputs
+from .taskbuffer import TaskBuffer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SubmitResult:
+    task_id: int
+    job_ids: list[int]
+    activated: int
+    assigned: int
+
+
+class TaskSubmitter:
+    def __init__(self, tb: TaskBuffer, brokerage: Brokerage):
+        self.tb = tb
+        self.brokerage = brokerage
+
+    def submit(self, params: dict, owner: str) -> SubmitResult:
+        """Create a task and its jobs. Raises TaskSpecError for anything the user must fix."""
+        spec = TaskSpec.from_dict(params)
+        sites = {s["name"]: s for s in self.tb.list_sites()}
+        if spec.site and spec.site not in sites:
+            raise TaskSpecError(f"field 'site': unknown site {spec.site!r}"
+                                f" (known: {', '.join(sorted(sites)) or 'none'})")
+        inputs: list[dict] = []
+        if spec.input_dataset:
+            inputs = self.tb.dataset_files(spec.input_dataset, unused_only=True)
+            if not inputs:
+                raise TaskSpecError(f"field 'input_dataset': dataset {spec.input_dataset!r} has "
+                                    "no unused files (register them with data/add_files first)")
+        groups = split_inputs(inputs, spec.files_per_job) if inputs else [[]] * (spec.n_jobs or 1)
+        return self._create(spec, params, owner, groups, sites)
+
+    def extend(self, task_id: int, actor: str) -> SubmitResult:
+        """Create jobs for the files added to the task's input dataset since it was created."""
+        task = self.tb.get_task(task_id)
+        spec = TaskSpec.from_dict(task["params"])
+        if not spec.input_dataset:
+            raise TaskSpecError("this task has no input dataset to extend")
+        new = self.tb.dataset_files(spec.input_dataset, unused_only=True)
+        sites = {s["name"]: s for s in self.tb.list_sites()}
+        existing = self.tb.task_job_counts(task_id)
+        first_serial = max(1, sum(existing.values()) + 1)
+        return self._create(spec, task["params"], actor, split_inputs(new, spec.files_per_job),
+                            sites, task_id=task_id, first_serial=first_serial)
+
+    def _create(self, spec: TaskSpec, params: dict, owner: str, groups: list[list[dict]],
+                sites: dict[str, dict], task_id: int | None = None,
+                first_serial: int = 1) -> SubmitResult:
+        all_lfns = [f["lfn"] for g in groups for f in g]
+        locality = self.tb.replica_endpoints(spec.scope if not groups or not groups[0]
+                                             else groups[0][0]["scope"], all_lfns)
+        load = self.tb.site_load()
+        ids: list[int] = []
+        activated = assigned = 0
+        with self.tb.engine.begin() as conn:
+            if task_id is None:
+                task_id = self.tb.insert_task(conn, name=spec.name, owner=owner, params=params,
+                                              priority=spec.priority, share=spec.share,
+                                              site=spec.site, max_attempts=spec.max_attempts)
+            for n, group in enumerate(groups):
+                serial = first_serial + n
+                needs = JobNeeds(cores=spec.cores, memory_mb=spec.memory_mb,
+                                 walltime_s=spec.walltime_s, disk_mb=spec.disk_mb,
+                                 prod_source_label=spec.prod_source_label,
+                                 input_lfns=[f["lfn"] for f in group])
+                candidates = [sites[spec.site]] if spec.site else list(sites.values())
+                site, reasons = self.brokerage.choose(needs, candidates, load, locality)
+                if site is None:
+                    raise TaskSpecError("no site can run this task's jobs: "
+                                        + ("; ".join(reasons) or "no sites are known"))
+                job, files = make_job(spec, task_id, owner, serial, group, site=site)
+                panda_id = self.tb.insert_job(conn, job, files, owner)
+                se = input_endpoint(sites[site]["config"])
+                local = all(se in locality.get(f["lfn"], ()) for f in group)
+                target = JobState.ACTIVATED if local else JobState.ASSIGNED
+                self.tb.set_job_state(conn, panda_id, str(target), actor="brokerage",
+                                      expected=[str(JobState.DEFINED)])
+                activated += local
+                assigned += not local
+                load.setdefault(site, {})[str(target)] = load.get(site, {}).get(str(target), 0) + 1
+                ids.append(panda_id)
+            if all_lfns:
+                conn.execute(update(db.dataset_files).where(
+                    db.dataset_files.c.dataset == spec.input_dataset,
+                    db.dataset_files.c.lfn.in_(all_lfns)).values(task_id=task_id))
+            self.tb.set_task_status(conn, task_id, str(TaskState.READY))
+        log.info("task %s (%s): %d jobs, %d activated, %d waiting for data", task_id, spec.name,
+                 len(ids), activated, assigned)
+        return SubmitResult(task_id, ids, activated, assigned)

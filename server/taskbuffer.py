@@ -1,0 +1,560 @@
+"""The task buffer: every read and write of tasks, jobs, files and sites goes through here.
+
+Every job state change goes through :meth:`TaskBuffer.set_job_state`, which checks that the
+transition is legal and records it with its time in ``job_history``. Dispatch hands a job to
+exactly one pilot: the row is picked with ``FOR UPDATE SKIP LOCKED`` where the database has it
+(PostgreSQL, MariaDB) and the status change is guarded by ``WHERE status = 'activated'``, so even
+two processes that picked the same row cannot both win.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from panda_wms.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
+                              TaskState, check_job_transition)
+
+from . import db
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], dt.datetime]
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now: what every timestamp column stores."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class NotFound(LookupError):
+    """No such task, job or site."""
+
+
+class Conflict(RuntimeError):
+    """The request is valid but the object's state does not allow it."""
+
+
+class TaskBuffer:
+    def __init__(self, engine: Engine, clock: Clock = utcnow):
+        self.engine = engine
+        self.clock = clock
+        self.dialect = engine.dialect.name
+        self._skip_locked = self.dialect in ("postgresql", "mysql", "mariadb")
+
+    # ------------------------------------------------------------------ state changes
+    def set_job_state(self, conn: Connection, panda_id: int, new: str, *, actor: str | None,
+                      expected: Iterable[str] | None = None, **fields: Any) -> bool:
+        """Move one job to ``new``; the only way a job's status changes.
+
+        ``expected``: the states the caller saw; the update only happens if the row is still in
+        one of them (optimistic guard). Returns False if the guard did not match. Raises
+        IllegalTransition if the life cycle forbids the change.
+        """
+        now = self.clock()
+        expected = None if expected is None else list(expected)
+        if expected is None or len(expected) > 1:
+            # history records the real old state: read it first
+            current = conn.execute(select(db.jobs.c.status).where(db.jobs.c.panda_id == panda_id)
+                                   ).scalar()
+            if current is None:
+                raise NotFound(f"no job {panda_id}")
+            if expected is not None and current not in expected:
+                return False
+            expected = [current]
+        old = expected[0]
+        if old != new:
+            check_job_transition(old, new)
+        values = {"status": new, "modification_time": now, **fields}
+        if old != new:
+            values["state_changed"] = now
+        res = conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id,
+                                                 db.jobs.c.status == old).values(**values))
+        if res.rowcount != 1:
+            return False
+        if old != new:
+            conn.execute(insert(db.job_history).values(panda_id=panda_id, old_status=old,
+                                                       new_status=new, time=now, actor=actor))
+        return True
+
+    # ------------------------------------------------------------------ sites
+    def sync_sites(self, configs: list[dict]) -> list[str]:
+        """Insert or replace site configs (dicts from site_configs.SiteConfig.to_dict)."""
+        now = self.clock()
+        names = []
+        with self.engine.begin() as conn:
+            for cfg in configs:
+                name = cfg["name"]
+                values = {"status": cfg.get("status", "online"), "config": cfg, "updated": now}
+                res = conn.execute(update(db.sites).where(db.sites.c.name == name).values(**values))
+                if res.rowcount == 0:
+                    conn.execute(insert(db.sites).values(name=name, **values))
+                names.append(name)
+        return names
+
+    def get_site(self, name: str) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.sites).where(db.sites.c.name == name)).first()
+        if row is None:
+            raise NotFound(f"unknown site {name!r}")
+        return dict(row._mapping)
+
+    def list_sites(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(db.sites).order_by(db.sites.c.name))]
+
+    # ------------------------------------------------------------------ data
+    def add_dataset_files(self, dataset: str, scope: str, file_list: list[dict],
+                          ddm_endpoint: str | None) -> int:
+        """Register files of ``dataset`` (and their replicas at ``ddm_endpoint``). Idempotent."""
+        now = self.clock()
+        added = 0
+        with self.engine.begin() as conn:
+            if conn.execute(select(db.datasets.c.name).where(db.datasets.c.name == dataset)
+                            ).first() is None:
+                conn.execute(insert(db.datasets).values(name=dataset, scope=scope, created=now))
+            have = {r.lfn for r in conn.execute(select(db.dataset_files.c.lfn).where(
+                db.dataset_files.c.dataset == dataset, db.dataset_files.c.scope == scope))}
+            for f in file_list:
+                if f["lfn"] not in have:
+                    conn.execute(insert(db.dataset_files).values(
+                        dataset=dataset, scope=scope, lfn=f["lfn"],
+                        guid=f.get("guid") or str(uuid.uuid4()), fsize=f.get("fsize"),
+                        checksum=f.get("checksum"), created=now))
+                    added += 1
+                if ddm_endpoint:
+                    self._add_replica(conn, scope, f["lfn"], ddm_endpoint, f.get("surl"))
+        return added
+
+    def _add_replica(self, conn: Connection, scope: str, lfn: str, ddm_endpoint: str,
+                     surl: str | None) -> None:
+        exists = conn.execute(select(db.replicas.c.row_id).where(
+            db.replicas.c.scope == scope, db.replicas.c.lfn == lfn,
+            db.replicas.c.ddm_endpoint == ddm_endpoint)).first()
+        if exists is None:
+            conn.execute(insert(db.replicas).values(scope=scope, lfn=lfn, ddm_endpoint=ddm_endpoint,
+                                                    surl=surl, created=self.clock()))
+
+    def add_replica(self, scope: str, lfn: str, ddm_endpoint: str, surl: str | None) -> None:
+        with self.engine.begin() as conn:
+            self._add_replica(conn, scope, lfn, ddm_endpoint, surl)
+
+    def dataset_files(self, dataset: str, unused_only: bool = False) -> list[dict]:
+        q = select(db.dataset_files).where(db.dataset_files.c.dataset == dataset)
+        if unused_only:
+            q = q.where(db.dataset_files.c.task_id.is_(None))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q.order_by(db.dataset_files.c.lfn))]
+
+    def replica_endpoints(self, scope: str, lfns: list[str]) -> dict[str, set[str]]:
+        """lfn -> storage elements that hold it."""
+        out: dict[str, set[str]] = {lfn: set() for lfn in lfns}
+        if not lfns:
+            return out
+        with self.engine.connect() as conn:
+            for r in conn.execute(select(db.replicas.c.lfn, db.replicas.c.ddm_endpoint).where(
+                    db.replicas.c.scope == scope, db.replicas.c.lfn.in_(lfns))):
+                out[r.lfn].add(r.ddm_endpoint)
+        return out
+
+    # ------------------------------------------------------------------ tasks and jobs
+    def insert_task(self, conn: Connection, *, name: str, owner: str, params: dict,
+                    priority: int, share: str, site: str | None, max_attempts: int) -> int:
+        now = self.clock()
+        res = conn.execute(insert(db.tasks).values(
+            name=name, status=str(TaskState.REGISTERED), owner=owner, priority=priority,
+            share=share, site=site, max_attempts=max_attempts, params=params, created=now,
+            modified=now))
+        return int(res.inserted_primary_key[0])
+
+    def insert_job(self, conn: Connection, job: dict, job_files: list[dict], actor: str) -> int:
+        """Insert one job in ``defined`` with its files; returns its PandaID."""
+        now = self.clock()
+        values = {"status": str(JobState.DEFINED), "creation_time": now,
+                  "modification_time": now, "state_changed": now, **job}
+        panda_id = int(conn.execute(insert(db.jobs).values(**values)).inserted_primary_key[0])
+        conn.execute(insert(db.job_history).values(panda_id=panda_id, old_status=None,
+                                                   new_status=str(JobState.DEFINED), time=now,
+                                                   actor=actor))
+        if job_files:
+            conn.execute(insert(db.files), [{"panda_id": panda_id, "task_id": job["task_id"],
+                                            **f} for f in job_files])
+        return panda_id
+
+    def set_task_status(self, conn: Connection, task_id: int, status: str,
+                        error_dialog: str | None = None) -> None:
+        values: dict[str, Any] = {"status": status, "modified": self.clock()}
+        if error_dialog is not None:
+            values["error_dialog"] = error_dialog
+        conn.execute(update(db.tasks).where(db.tasks.c.task_id == task_id).values(**values))
+
+    def get_task(self, task_id: int) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.tasks).where(db.tasks.c.task_id == task_id)).first()
+        if row is None:
+            raise NotFound(f"no task {task_id}")
+        return dict(row._mapping)
+
+    def task_job_counts(self, task_id: int) -> dict[str, int]:
+        """Jobs of a task per status, live and archived."""
+        counts: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for table in (db.jobs, db.jobs_archive):
+                for r in conn.execute(select(table.c.status, func.count()).where(
+                        table.c.task_id == task_id).group_by(table.c.status)):
+                    counts[r[0]] = counts.get(r[0], 0) + r[1]
+        return counts
+
+    def task_job_ids(self, task_id: int) -> list[int]:
+        with self.engine.connect() as conn:
+            ids = [r[0] for t in (db.jobs, db.jobs_archive) for r in conn.execute(
+                select(t.c.panda_id).where(t.c.task_id == task_id))]
+        return sorted(ids)
+
+    def list_tasks(self, owner: str | None = None, since: dt.datetime | None = None,
+                   limit: int = 1000) -> list[dict]:
+        q = select(db.tasks).order_by(db.tasks.c.task_id.desc()).limit(limit)
+        if owner:
+            q = q.where(db.tasks.c.owner == owner)
+        if since:
+            q = q.where(db.tasks.c.modified >= since)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def get_job(self, panda_id: int, include_archive: bool = True) -> dict | None:
+        with self.engine.connect() as conn:
+            for table in (db.jobs, db.jobs_archive) if include_archive else (db.jobs,):
+                row = conn.execute(select(table).where(table.c.panda_id == panda_id)).first()
+                if row is not None:
+                    job = dict(row._mapping)
+                    job["files"] = [dict(f._mapping) for f in conn.execute(
+                        select(db.files).where(db.files.c.panda_id == panda_id)
+                        .order_by(db.files.c.row_id))]
+                    job["archived"] = table is db.jobs_archive
+                    return job
+        return None
+
+    def job_history(self, panda_id: int) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(db.job_history).where(db.job_history.c.panda_id == panda_id)
+                .order_by(db.job_history.c.row_id))]
+
+    def list_jobs(self, task_id: int | None = None, site: str | None = None,
+                  status: str | None = None, limit: int = 1000) -> list[dict]:
+        rows: list[dict] = []
+        with self.engine.connect() as conn:
+            for table in (db.jobs, db.jobs_archive):
+                q = select(table).order_by(table.c.panda_id).limit(limit)
+                if task_id is not None:
+                    q = q.where(table.c.task_id == task_id)
+                if site:
+                    q = q.where(table.c.site == site)
+                if status:
+                    q = q.where(table.c.status == status)
+                rows += [dict(r._mapping) for r in conn.execute(q)]
+        return rows[:limit]
+
+    def count_jobs(self, site: str | None = None, status: str | None = None) -> int:
+        q = select(func.count()).select_from(db.jobs)
+        if site:
+            q = q.where(db.jobs.c.site == site)
+        if status:
+            q = q.where(db.jobs.c.status == status)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def site_load(self) -> dict[str, dict[str, int]]:
+        """site -> {status: count} over live jobs: what brokerage and the monitor read."""
+        out: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for site, status, n in conn.execute(
+                    select(db.jobs.c.site, db.jobs.c.status, func.count())
+                    .where(db.jobs.c.site.is_not(None))
+                    .group_by(db.jobs.c.site, db.jobs.c.status)):
+                out.setdefault(site, {})[status] = n
+        return out
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, site: str, *, node: str | None, actor: str | None,
+                 pilot_id: str | None = None, batch_id: str | None = None,
+                 cores: int | None = None, memory_mb: int | None = None,
+                 walltime_s: int | None = None, pilot_version: str | None = None,
+                 prod_source_label: str | None = None, order_by=None,
+                 max_tries: int = 5) -> dict | None:
+        """Hand the best activated job of ``site`` that fits the pilot to this pilot only.
+
+        Returns the job row with its files, or None when nothing fits.
+        """
+        j = db.jobs.c
+        conds = [j.site == site, j.status == str(JobState.ACTIVATED)]
+        if cores:
+            conds.append(j.cores <= cores)
+        if memory_mb:
+            conds.append(j.memory_mb <= memory_mb)
+        if walltime_s:
+            conds.append(j.walltime_s <= walltime_s)
+        if prod_source_label:
+            conds.append(j.prod_source_label == prod_source_label)
+        if pilot_version:
+            conds.append((j.pilot_version.is_(None)) | (j.pilot_version == pilot_version))
+        else:
+            conds.append(j.pilot_version.is_(None))
+        order = order_by if order_by is not None else [j.current_priority.desc(), j.panda_id]
+        for _ in range(max_tries):
+            with self.engine.begin() as conn:
+                q = select(j.panda_id).where(and_(*conds)).order_by(*order).limit(1)
+                if self._skip_locked:
+                    q = q.with_for_update(skip_locked=True)
+                row = conn.execute(q).first()
+                if row is None:
+                    return None
+                now = self.clock()
+                ok = self.set_job_state(conn, row.panda_id, str(JobState.SENT), actor=actor,
+                                        expected=[str(JobState.ACTIVATED)], node=node,
+                                        pilot_id=pilot_id, batch_id=batch_id, pilot_owner=actor,
+                                        heartbeat_time=now)
+                if not ok:       # another process won the race: try the next one
+                    continue
+                job = dict(conn.execute(select(db.jobs).where(j.panda_id == row.panda_id)
+                                        ).first()._mapping)
+                job["files"] = [dict(f._mapping) for f in conn.execute(
+                    select(db.files).where(db.files.c.panda_id == row.panda_id)
+                    .order_by(db.files.c.row_id))]
+                return job
+        return None
+
+    # ------------------------------------------------------------------ pilot updates
+    def pilot_update(self, panda_id: int, state: str, fields: dict, *, actor: str | None,
+                     attempt_nr: int | None = None,
+                     stored_files: dict[str, dict] | None = None,
+                     output_endpoint: str | None = None) -> str:
+        """Apply a pilot's updateJob; returns the command for the pilot ("NULL", "tobekilled").
+
+        A heartbeat for a job the pilot no longer owns (unknown, other attempt, already final)
+        gets "tobekilled". A final state is applied via ``holding``: outputs are registered,
+        then the job finishes (or fails if an expected output is missing).
+        """
+        with self.engine.begin() as conn:
+            row = conn.execute(select(db.jobs.c.status, db.jobs.c.attempt_nr, db.jobs.c.command,
+                                      db.jobs.c.task_id)
+                               .where(db.jobs.c.panda_id == panda_id)).first()
+            if row is None:
+                return "tobekilled"
+            if attempt_nr is not None and attempt_nr != row.attempt_nr:
+                return "tobekilled"
+            if row.status not in {str(s) for s in PILOT_OWNED_STATES}:
+                return "tobekilled" if row.status in {str(s) for s in FINAL_JOB_STATES} else "NULL"
+            now = self.clock()
+            fields = {**fields, "heartbeat_time": now}
+            if state in (str(JobState.FINISHED), str(JobState.FAILED)):
+                self._finish(conn, panda_id, row.status, state, fields, actor, stored_files or {},
+                             output_endpoint)
+                self._update_task_status(conn, row.task_id)
+                return "NULL"
+            if state == str(JobState.RUNNING) and row.status in ("sent", "starting"):
+                fields.setdefault("start_time", now)
+            if state == row.status:
+                conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id)
+                             .values(modification_time=now, **fields))
+            else:
+                try:
+                    self.set_job_state(conn, panda_id, state, actor=actor,
+                                       expected=[row.status], **fields)
+                except IllegalTransition:
+                    raise Conflict(f"job {panda_id} is {row.status}; cannot go to {state}") from None
+                if state == str(JobState.RUNNING):
+                    self._update_task_status(conn, row.task_id)
+            return row.command or "NULL"
+
+    def _finish(self, conn: Connection, panda_id: int, old: str, state: str, fields: dict,
+                actor: str | None, stored: dict[str, dict], endpoint: str | None) -> None:
+        now = self.clock()
+        fields.setdefault("end_time", now)
+        if old != str(JobState.HOLDING):
+            self.set_job_state(conn, panda_id, str(JobState.HOLDING), actor=actor, expected=[old])
+        outs = [dict(r._mapping) for r in conn.execute(select(db.files).where(
+            db.files.c.panda_id == panda_id, db.files.c.type.in_(("output", "log"))))]
+        missing = []
+        for f in outs:
+            info = stored.get(f["lfn"])
+            if info is None:
+                if f["type"] == "output":
+                    missing.append(f["lfn"])
+                continue
+            checksum = (f"ad:{info['adler32']}" if info.get("adler32")
+                        else f"md5:{info['md5sum']}" if info.get("md5sum") else None)
+            conn.execute(update(db.files).where(db.files.c.row_id == f["row_id"]).values(
+                status="ready", fsize=info.get("fsize"), checksum=checksum,
+                guid=info.get("guid") or f["guid"], ddm_endpoint=endpoint))
+            if endpoint:
+                self._add_replica(conn, f["scope"], f["lfn"], endpoint, info.get("surl"))
+            if f["type"] == "output":
+                conn.execute(insert(db.dataset_files).values(
+                    dataset=f["dataset"], scope=f["scope"], lfn=f["lfn"],
+                    guid=info.get("guid") or f["guid"], fsize=info.get("fsize"),
+                    checksum=checksum, created=now))
+        if state == str(JobState.FINISHED) and missing:
+            state = str(JobState.FAILED)
+            fields["pilot_error_code"] = 1165
+            fields["pilot_error_diag"] = "missing output file(s): " + ",".join(missing)[:500]
+        self.set_job_state(conn, panda_id, state, actor=actor,
+                           expected=[str(JobState.HOLDING)], command=None, **fields)
+        if state == str(JobState.FAILED):
+            self._maybe_retry(conn, panda_id, actor)
+
+    # ------------------------------------------------------------------ failures and retries
+    def fail_job(self, conn: Connection, panda_id: int, expected: list[str], *, actor: str,
+                 retry: bool = True, **fields: Any) -> bool:
+        """Fail a job (watcher, data service); create a retry while attempts remain."""
+        if not self.set_job_state(conn, panda_id, str(JobState.FAILED), actor=actor,
+                                  expected=expected, end_time=self.clock(), **fields):
+            return False
+        if retry:
+            self._maybe_retry(conn, panda_id, actor)
+        task_id = conn.execute(select(db.jobs.c.task_id).where(db.jobs.c.panda_id == panda_id)
+                               ).scalar_one()
+        self._update_task_status(conn, task_id)
+        return True
+
+    def _maybe_retry(self, conn: Connection, panda_id: int, actor: str | None) -> int | None:
+        job = dict(conn.execute(select(db.jobs).where(db.jobs.c.panda_id == panda_id)).first()
+                   ._mapping)
+        if job["attempt_nr"] >= job["max_attempts"]:
+            return None
+        task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == job["task_id"])
+                            ).first()
+        if task is None or task.status == str(TaskState.ABORTED):
+            return None
+        from .jobcreator import retry_job_values
+        files = [dict(r._mapping) for r in conn.execute(select(db.files).where(
+            db.files.c.panda_id == panda_id).order_by(db.files.c.row_id))]
+        values, new_files = retry_job_values(job, files)
+        new_id = self.insert_job(conn, values, new_files, actor or "retry")
+        self.set_job_state(conn, new_id, str(JobState.ACTIVATED) if job["site"] else
+                           str(JobState.ASSIGNED), actor=actor, expected=[str(JobState.DEFINED)])
+        log.info("job %s failed (attempt %s of %s): retry is job %s", panda_id,
+                 job["attempt_nr"], job["max_attempts"], new_id)
+        return new_id
+
+    def _update_task_status(self, conn: Connection, task_id: int) -> None:
+        """A task's status follows its jobs."""
+        task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == task_id)).first()
+        if task is None or task.status == str(TaskState.ABORTED):
+            return
+        counts: dict[str, int] = {}
+        for table in (db.jobs, db.jobs_archive):
+            for status, n in conn.execute(select(table.c.status, func.count()).where(
+                    table.c.task_id == task_id).group_by(table.c.status)):
+                counts[status] = counts.get(status, 0) + n
+        total = sum(counts.values())
+        final = sum(counts.get(str(s), 0) for s in FINAL_JOB_STATES)
+        finished = counts.get("finished", 0)
+        if total and final == total:
+            # a failed job that was retried is not a failure of the task: count only the
+            # latest attempt of each serial
+            latest = self._latest_attempt_states(conn, task_id)
+            n_fin = sum(1 for s in latest.values() if s == "finished")
+            status = (TaskState.DONE if n_fin == len(latest) else
+                      TaskState.FAILED if n_fin == 0 else TaskState.FINISHED)
+        elif finished or any(counts.get(s, 0) for s in ("starting", "running", "holding",
+                                                        "transferring")):
+            status = TaskState.RUNNING
+        else:
+            return
+        if task.status != str(status):
+            self.set_task_status(conn, task_id, str(status))
+
+    def _latest_attempt_states(self, conn: Connection, task_id: int) -> dict[int, str]:
+        latest: dict[int, tuple[int, str]] = {}
+        for table in (db.jobs, db.jobs_archive):
+            for serial, attempt, status in conn.execute(select(
+                    table.c.serial, table.c.attempt_nr, table.c.status).where(
+                    table.c.task_id == task_id)):
+                if serial not in latest or attempt > latest[serial][0]:
+                    latest[serial] = (attempt, status)
+        return {s: st for s, (_, st) in latest.items()}
+
+    # ------------------------------------------------------------------ kill
+    def kill_job(self, panda_id: int, actor: str, owner_check: str | None = None) -> bool:
+        """Kill a job: one not yet with a pilot is cancelled now; one with a pilot gets
+        ``tobekilled`` in its next heartbeat reply and is cancelled. False if already final."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(db.jobs.c.status, db.jobs.c.owner, db.jobs.c.task_id)
+                               .where(db.jobs.c.panda_id == panda_id)).first()
+            if row is None:
+                raise NotFound(f"no job {panda_id}")
+            if owner_check is not None and row.owner != owner_check:
+                raise PermissionError(f"job {panda_id} belongs to {row.owner}, not {owner_check}")
+            if row.status in {str(s) for s in FINAL_JOB_STATES}:
+                return False
+            fields = {"end_time": self.clock(), "task_buffer_error_code": 300,
+                      "task_buffer_error_diag": f"killed by {actor}"}
+            if row.status in {str(s) for s in PILOT_OWNED_STATES}:
+                fields["command"] = "tobekilled"
+            ok = self.set_job_state(conn, panda_id, str(JobState.CANCELLED), actor=actor,
+                                    expected=[row.status], **fields)
+            if ok:
+                self._update_task_status(conn, row.task_id)
+            return ok
+
+    def pending_command(self, panda_id: int) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(db.jobs.c.command).where(db.jobs.c.panda_id == panda_id)
+                                ).scalar()
+
+    # ------------------------------------------------------------------ pilots (factories)
+    def report_pilots(self, factory: str, pilots: list[dict], actor: str | None) -> int:
+        now = self.clock()
+        with self.engine.begin() as conn:
+            res = conn.execute(update(db.factories).where(db.factories.c.name == factory)
+                               .values(last_seen=now, actor=actor))
+            if res.rowcount == 0:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(db.factories).values(name=factory, last_seen=now,
+                                                                 actor=actor))
+                except IntegrityError:
+                    pass
+            for p in pilots:
+                values = {"site": p["site"], "backend": p.get("backend"),
+                          "state": p.get("state", "unknown"),
+                          "submitted": _parse_time(p.get("submitted")), "updated": now,
+                          "exit_code": p.get("exit_code")}
+                res = conn.execute(update(db.pilots).where(
+                    db.pilots.c.factory == factory,
+                    db.pilots.c.batch_id == str(p["batch_id"])).values(**values))
+                if res.rowcount == 0:
+                    conn.execute(insert(db.pilots).values(factory=factory,
+                                                          batch_id=str(p["batch_id"]), **values))
+        return len(pilots)
+
+    def pilot_summary(self) -> dict:
+        with self.engine.connect() as conn:
+            facs = [dict(r._mapping) for r in conn.execute(select(db.factories))]
+            per_site: dict[str, dict[str, int]] = {}
+            for site, state, n in conn.execute(select(db.pilots.c.site, db.pilots.c.state,
+                                                      func.count()).group_by(db.pilots.c.site,
+                                                                             db.pilots.c.state)):
+                per_site.setdefault(site, {})[state] = n
+        return {"factories": facs, "sites": per_site}
+
+
+def _parse_time(value) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc).replace(tzinfo=None)
+    try:
+        parsed = dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return parsed
