@@ -1,0 +1,106 @@
+"""``panda submit``, ``panda status``, ``panda kill``: the user's commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .client import ClientError, PandaClient, default_url, load_token
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be read or parsed; the message names the file and why."""
+
+
+def read_task_file(path: str) -> dict:
+    """Parse a JSON or YAML task file into a dict (the server validates the fields)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise TaskFileError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except (ValueError, Exception) as exc:  # yaml.YAMLError, json.JSONDecodeError
+        raise TaskFileError(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                            f"{exc}") from None
+    if not isinstance(data, dict):
+        raise TaskFileError(f"{path}: a task file must hold a mapping of field -> value, "
+                            f"not {type(data).__name__}")
+    return data
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, help=f"server URL (default $PANDA_URL or {default_url()})")
+    p.add_argument("--token-file", help="bearer token file (default $PANDA_AUTH_TOKEN)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _client(args) -> PandaClient:
+    return PandaClient(args.server, load_token(args.token_file))
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"panda: {message}\n")
+    return 1
+
+
+def submit_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="panda submit", description="Submit a task file.")
+    p.add_argument("taskfile")
+    _common(p)
+    args = p.parse_args(argv)
+    try:
+        params = read_task_file(args.taskfile)
+        client = _client(args)
+        task_id = client.submit_task(params)
+    except (TaskFileError, ClientError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        sys.stdout.write(json.dumps({"task_id": task_id, "message": client.last_message}) + "\n")
+    else:
+        sys.stdout.write(f"task {task_id} submitted: {client.last_message}\n")
+    return 0
+
+
+def status_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="panda status", description="Show a task's status.")
+    p.add_argument("task_id", type=int)
+    _common(p)
+    args = p.parse_args(argv)
+    try:
+        details = _client(args).task_details(args.task_id)
+    except ClientError as exc:
+        return _fail(str(exc))
+    if args.json:
+        sys.stdout.write(json.dumps(details, default=str) + "\n")
+        return 0
+    jobs = details.get("jobs", {})
+    sys.stdout.write(f"task {details['task_id']} {details['taskName']}: {details['status']}\n")
+    for state, n in sorted(jobs.items()):
+        sys.stdout.write(f"  {state:<13} {n}\n")
+    if details.get("errorDialog"):
+        sys.stdout.write(f"  note: {details['errorDialog']}\n")
+    return 0
+
+
+def kill_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="panda kill", description="Kill jobs by PandaID.")
+    p.add_argument("job_ids", type=int, nargs="+")
+    _common(p)
+    args = p.parse_args(argv)
+    try:
+        results = _client(args).kill_jobs(args.job_ids)
+    except ClientError as exc:
+        return _fail(str(exc))
+    if args.json:
+        sys.stdout.write(json.dumps(dict(zip(map(str, args.job_ids), results))) + "\n")
+    else:
+        for job_id, ok in zip(args.job_ids, results):
+            sys.stdout.write(f"job {job_id}: {'killed' if ok else 'not killed (unknown, not yours, or already ended)'}\n")
+    return 0 if all(results) else 1
