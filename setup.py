@@ -11,6 +11,7 @@ COPYTOOLS = [
 ]
 SCHEDULERS = [
     "local = schedulers.local:LocalBackend",
+    "slurm = schedulers.slurm:SlurmBackend",
 ]
 PILOT_PLUGINS: list[str] = []
 SERVER_PLUGINS: list[str] = []

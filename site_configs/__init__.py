@@ -1,0 +1,24 @@
+"""Site configs: what a sysadmin writes to describe a site, its schema and its loader.
+
+The example configs ship as package data in this directory (``EXAMPLES_DIR``): ``LOCAL_DEMO.yaml``
+is the demo site, ``examples/`` has one site per scheduler backend.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConfigError
+from .loader import (check_dict, check_file, expand, load_dir, load_site_config,
+                     parse_site_config, validate_dict)
+from .model import (SITE_STATUSES, CopytoolRef, CopytoolsConfig, Endpoint, Limits, PilotLimits,
+                    Resources, SchedulerConfig, SiteConfig, StorageConfig, TransferConfig)
+from .schema import SCHEMA, validate
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+
+__all__ = [
+    "EXAMPLES_DIR", "SCHEMA", "SITE_STATUSES", "ConfigError", "CopytoolRef", "CopytoolsConfig",
+    "Endpoint", "Limits", "PilotLimits", "Resources", "SchedulerConfig", "SiteConfig",
+    "StorageConfig", "TransferConfig", "check_dict", "check_file", "expand", "load_dir",
+    "load_site_config", "parse_site_config", "validate", "validate_dict",
+]
