@@ -180,5 +180,5 @@ def load_dir(directory: str | os.PathLike, env: Mapping[str, str] | None = None
         seen[config.name] = str(path)
         configs.append(config)
     for err in errors:
-        log.warning("site config error: %s", err)
+        log.info("site config error: %s", err)
     return configs, errors
