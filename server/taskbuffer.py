@@ -183,8 +183,10 @@ class TaskBuffer:
                                                    new_status=str(JobState.DEFINED), time=now,
                                                    actor=actor))
         if job_files:
-            conn.execute(insert(db.files), [{"panda_id": panda_id, "task_id": job["task_id"],
-                                            **f} for f in job_files])
+            # executemany needs the same keys in every row
+            blank = dict.fromkeys(("guid", "fsize", "checksum", "ddm_endpoint"))
+            conn.execute(insert(db.files), [{**blank, "panda_id": panda_id,
+                                             "task_id": job["task_id"], **f} for f in job_files])
         return panda_id
 
     def set_task_status(self, conn: Connection, task_id: int, status: str,

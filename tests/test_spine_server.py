@@ -1,0 +1,206 @@
+"""The spine over real HTTP: a server subprocess, the client CLI, and a pilot's protocol calls."""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import zlib
+
+import pytest
+import requests
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from conftest import EXAMPLE_SITES, free_port, start_server, stop_server
+from panda_wms.client import ClientError, PandaClient
+from panda_wms.storage import replica_path
+
+SITE = "LOCAL_DEMO"
+
+
+@pytest.fixture
+def site_server(tmp_path, monkeypatch):
+    se = tmp_path / "se"
+    monkeypatch.setenv("PANDA_SE_ROOT", str(se))
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    shutil.copy(EXAMPLE_SITES / f"{SITE}.yaml", sites)
+    server = start_server(tmp_path / "srv", site_dir=sites)
+    server.se = se
+    yield server
+    stop_server(server)
+
+
+def register_inputs(server, client, n=3, dataset="t.inputs"):
+    files = []
+    for i in range(n):
+        lfn = f"in.{i}.txt"
+        data = f"data {i}\n".encode() * 10
+        path = server.se / replica_path("t", lfn)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files.append({"lfn": lfn, "fsize": len(data),
+                      "checksum": f"ad:{zlib.adler32(data):08x}"})
+    assert client.add_files(dataset, "t", files, "LOCAL_SE") == n
+    return files
+
+
+TASK = {"name": "t1", "scope": "t", "transformation": "/bin/sh",
+        "job_parameters": "-c 'cat ${IN} > ${OUT}'", "input_dataset": "t.inputs",
+        "output_dataset": "t.outputs", "outputs": ["t1.${SN}.out"], "site": SITE,
+        "max_attempts": 2, "resources": {"memory_mb": 100, "walltime_s": 60}}
+
+
+def pilot_call(server, token, method, **form):
+    resp = requests.post(f"{server.url}/server/panda/{method}", data=form,
+                         headers={"Accept": "application/json",
+                                  "Authorization": f"Bearer {token}"}, timeout=10)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_task_runs_through_protocol(site_server):
+    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    register_inputs(site_server, user)
+    task_id = user.submit_task(TASK)
+    assert "jediTaskID=" in user.last_message
+    assert user.task_details(task_id)["jobs"] == {"activated": 3}
+
+    pilot_token = site_server.token("pilot", "pilot1", site=SITE)
+    key = load_pem_public_key(requests.get(
+        f"{site_server.url}/.well-known/panda-jobspec-key.pem", timeout=5).content)
+    seen = set()
+    for _ in range(3):
+        job = pilot_call(site_server, pilot_token, "getJob", siteName=SITE, node="wn1",
+                         mem="2000", unknownKey="ignored")
+        assert job["StatusCode"] == 0
+        # the spec is signed over its canonical JSON
+        sig = base64.b64decode(job.pop("specSignature"))
+        job.pop("StatusCode")
+        key.verify(sig, json.dumps(job, sort_keys=True, separators=(",", ":")).encode())
+        assert job["PandaID"] not in seen
+        seen.add(job["PandaID"])
+        lfn_in = job["inFiles"]
+        assert job["jobPars"] == f"-c 'cat {lfn_in} > {job['outFiles'].split(',')[0]}'"
+        reply = pilot_call(site_server, pilot_token, "updateJob", jobId=job["PandaID"],
+                           state="running", attemptNr=job["attemptNr"])
+        assert reply == {"StatusCode": 0, "command": "NULL"}
+        out, logf = job["outFiles"].split(",")
+        xml = {out: {"guid": "g1", "fsize": 5, "adler32": "01234567", "surl": "file:///x"},
+               logf: {"guid": "g2", "fsize": 9, "adler32": "89abcdef", "surl": "file:///y"}}
+        reply = pilot_call(site_server, pilot_token, "updateJob", jobId=job["PandaID"],
+                           state="finished", xml=json.dumps(xml), cpuConsumptionTime="1.5",
+                           transExitCode="0", pilotErrorCode="0")
+        assert reply["StatusCode"] == 0
+    assert pilot_call(site_server, pilot_token, "getJob", siteName=SITE)["StatusCode"] == 20
+    details = user.task_details(task_id)
+    assert details["status"] == "done"
+    assert details["jobs"] == {"finished": 3}
+    job = user.call("job", "get_description", "POST", job_ids=[min(seen)])[0]
+    history = [h["new_status"] for h in user.call("job", "get_history", job_id=min(seen))]
+    assert history == ["defined", "activated", "sent", "running", "holding", "finished"]
+    assert {f["status"] for f in job["Files"] if f["type"] != "input"} == {"ready"}
+
+
+def test_failed_job_is_retried_and_kill(site_server):
+    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    register_inputs(site_server, user, n=1)
+    task_id = user.submit_task(TASK)
+    pilot_token = site_server.token("pilot", "p", site=SITE)
+    job = pilot_call(site_server, pilot_token, "getJob", siteName=SITE)
+    pilot_call(site_server, pilot_token, "updateJob", jobId=job["PandaID"], state="failed",
+               pilotErrorCode="1099", pilotErrorDiag="stage-in failed")
+    retry = pilot_call(site_server, pilot_token, "getJob", siteName=SITE)
+    assert retry["attemptNr"] == 2 and retry["PandaID"] != job["PandaID"]
+    assert retry["outFiles"].split(",")[0].endswith(".2")
+    # a heartbeat for the old attempt is told to stop
+    assert pilot_call(site_server, pilot_token, "updateJob", jobId=job["PandaID"],
+                      state="running")["command"] == "tobekilled"
+    # another user may not kill alice's job; alice may
+    bob = PandaClient(site_server.url, site_server.token("user", "bob"))
+    assert bob.kill_jobs([retry["PandaID"]]) == [False]
+    assert user.kill_jobs([retry["PandaID"]]) == [True]
+    assert pilot_call(site_server, pilot_token, "updateJob", jobId=retry["PandaID"],
+                      state="running")["command"] == "tobekilled"
+    details = user.task_details(task_id)
+    assert details["status"] == "failed"
+
+
+def test_pilot_token_bound_to_other_site_is_refused(site_server):
+    token = site_server.token("pilot", "p", site="ELSEWHERE")
+    reply = pilot_call(site_server, token, "getJob", siteName=SITE)
+    assert reply["StatusCode"] == 70
+    user_token = site_server.token("user", "u")
+    assert pilot_call(site_server, user_token, "getJob", siteName=SITE)["StatusCode"] == 60
+
+
+def test_unknown_site_and_bad_task(site_server):
+    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    register_inputs(site_server, user, n=1)
+    with pytest.raises(ClientError, match="unknown site 'NOWHERE'"):
+        user.submit_task({**TASK, "site": "NOWHERE"})
+    with pytest.raises(ClientError, match="field 'transformation'"):
+        user.submit_task({k: v for k, v in TASK.items() if k != "transformation"})
+    with pytest.raises(ClientError, match="unknown field"):
+        user.submit_task({**TASK, "bogus": 1})
+    pilot = site_server.token("pilot", "p")
+    reply = pilot_call(site_server, pilot, "getJob", siteName="NOWHERE")
+    assert reply["StatusCode"] == 30 and "unknown site" in reply["errorDialog"]
+    # nothing was created by the refused submissions
+    assert user.call("task", "list") == []
+
+
+def test_writes_need_identity(site_server):
+    resp = requests.post(f"{site_server.url}/api/v1/task/submit",
+                         json={"task_parameters": TASK}, timeout=5)
+    assert resp.status_code == 200 and resp.json()["success"] is False
+    assert "secure connection required" in resp.json()["message"]
+    resp = requests.post(f"{site_server.url}/api/v1/task/submit",
+                         json={"task_parameters": TASK}, timeout=5,
+                         headers={"Authorization": "Bearer forged.token"})
+    assert resp.status_code == 403
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "panda_wms.cli", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_cli_dead_server_names_url(tmp_path):
+    task = tmp_path / "task.yaml"
+    task.write_text("name: x\ntransformation: /bin/true\nn_jobs: 1\n")
+    url = f"http://127.0.0.1:{free_port()}"
+    res = run_cli("submit", str(task), "--server", url)
+    assert res.returncode == 1
+    assert url in res.stderr and "cannot reach" in res.stderr
+
+
+def test_cli_malformed_task_file(tmp_path, site_server):
+    bad = tmp_path / "task.yaml"
+    bad.write_text("name: [unclosed\n")
+    res = run_cli("submit", str(bad), "--server", site_server.url)
+    assert res.returncode == 1 and str(bad) in res.stderr and "not valid YAML" in res.stderr
+    lst = tmp_path / "list.json"
+    lst.write_text("[1, 2]")
+    res = run_cli("submit", str(lst), "--server", site_server.url)
+    assert res.returncode == 1 and "mapping" in res.stderr
+
+
+def test_cli_submit_status_kill(tmp_path, site_server):
+    import os
+    token = site_server.token("user", "carol")
+    env = {**os.environ, "PANDA_AUTH_TOKEN": token, "PANDA_URL": site_server.url}
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"name": "nofiles", "transformation": "/bin/true", "n_jobs": 2,
+                                "site": SITE}))
+    res = run_cli("submit", str(task), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    task_id = json.loads(res.stdout)["task_id"]
+    res = run_cli("status", str(task_id), env=env)
+    assert res.returncode == 0 and "activated" in res.stdout and "2" in res.stdout
+    ids = PandaClient(site_server.url).call("task", "get_job_ids", task_id=task_id)
+    res = run_cli("kill", *map(str, ids), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run_cli("status", str(task_id), "--json", env=env)
+    assert json.loads(res.stdout)["jobs"] == {"cancelled": 2}
