@@ -1,0 +1,70 @@
+"""``panda demo`` end to end: server, factory and pilots as real subprocesses over HTTP."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+
+def processes_under(workdir) -> list[psutil.Process]:
+    """Live processes whose command line or working directory is inside ``workdir``."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "cwd", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            text = " ".join(p.info["cmdline"] or []) + " " + (p.info["cwd"] or "")
+            if str(workdir) in text and p.pid != os.getpid():
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def demo(workdir, *args, **kw):
+    env = {k: v for k, v in os.environ.items() if k != "PANDA_AUTH_TOKEN"}
+    return subprocess.Popen([sys.executable, "-m", "panda_wms.cli", "demo", "--workdir",
+                             str(workdir), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_demo_runs_task_to_the_end(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = demo(workdir, "--jobs", "6", "--timeout", "90")
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, out
+    assert "all 6 jobs finished" in out
+    assert "/monitor/tasks" in out
+    assert "finished" in out and "LOCAL_DEMO" in out
+    assert processes_under(workdir) == []
+    # every output is on the storage element, with the content the payload wrote
+    outputs = list((workdir / "se" / "demo").rglob("demo.output.*.txt"))
+    assert len(outputs) == 6
+    assert all("demo.input." in p.read_text() for p in outputs)
+    logs = list((workdir / "se" / "demo").rglob("*.job.log.tgz"))
+    assert len(logs) == 6
+
+
+@pytest.mark.slow
+def test_demo_interrupted_leaves_no_process(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = demo(workdir, "--jobs", "20", "--timeout", "90")
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("task ") or line.startswith("progress") or not line:
+            break
+    time.sleep(1.5)   # let the factory start pilots
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(lines) + out
+    time.sleep(0.5)
+    assert processes_under(workdir) == []
