@@ -41,6 +41,14 @@ class PilotSpec:
     name: str = "panda-pilot"
 
 
+@dataclass
+class BatchInfo:
+    """A pilot's state plus what the batch system knows about its end (for the factory's report)."""
+    state: BatchState
+    exit_code: int | None = None
+    reason: str = ""
+
+
 class SchedulerError(RuntimeError):
     """The batch system refused or could not be reached; the message says which and why."""
 
@@ -64,6 +72,13 @@ class SchedulerBackend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, batch_ids: list[str]) -> None:
         """Cancel the given pilots; cancelling an id that already ended is not an error."""
+
+    def details(self, batch_ids: list[str]) -> dict[str, BatchInfo]:
+        """Like ``status`` with exit codes and reasons where the batch system tells them.
+
+        Backends that know exit codes override this; the default has only the states.
+        """
+        return {bid: BatchInfo(state) for bid, state in self.status(batch_ids).items()}
 
 
 def load_backend(name: str, **options) -> SchedulerBackend:
