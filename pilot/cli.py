@@ -1,0 +1,221 @@
+"""``panda pilot``: get jobs from the server and run them while the batch slot's wall time lasts.
+
+Only the standard library is imported before the first job is known: requests, psutil, pluggy's
+entry-point scan and cryptography are loaded where they are first needed, so the pilot reaches the
+payload in a fraction of a second.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="panda pilot", description="Run PanDA jobs on this node.")
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:25080")
+    p.add_argument("--site", required=True, help="site (PanDA queue) name")
+    p.add_argument("--walltime", type=float, help="seconds this pilot may run (default: from "
+                   "Slurm's SLURM_JOB_END_TIME or squeue, else unlimited)")
+    p.add_argument("--workdir", default=os.environ.get("PANDA_PILOT_WORKDIR") or ".",
+                   help="base folder for job work dirs; recovery looks here too")
+    p.add_argument("--token-file", help="file holding the bearer token (else $PANDA_AUTH_TOKEN)")
+    p.add_argument("--max-jobs", type=int, default=0, help="stop after N jobs (0: no limit)")
+    p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default: the "
+                   "site's limits.heartbeat_s, 1800)")
+    p.add_argument("--queuedata", help="read the queue description from this JSON file")
+    p.add_argument("--public-key", help="PEM file of the server's job-signing key (default: "
+                   "fetched from the server)")
+    p.add_argument("--monitor-interval", type=float, default=10.0,
+                   help="seconds between monitor checks (default 10)")
+    p.add_argument("--reserve", type=float, default=60.0,
+                   help="seconds kept before the wall-time end for stage-out and report")
+    p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
+    p.add_argument("--server-backoff", type=float, default=2.0,
+                   help="first wait between attempts, doubled each time")
+    p.add_argument("--transfer-backoff", type=float, default=1.0)
+    p.add_argument("--log-cap-mb", type=float, default=50.0, help="log tarball size cap")
+    p.add_argument("--keep-workdirs", action="store_true", help="keep job dirs after the report")
+    p.add_argument("--no-recovery", action="store_true", help="do not recover dead pilots' jobs")
+    p.add_argument("--log-level", default=None)
+    return p.parse_args(argv)
+
+
+def parse_slurm_time(text: str) -> float | None:
+    """Slurm's ``[D-]HH:MM:SS`` / ``MM:SS`` / ``MM`` (``%L`` of squeue) in seconds."""
+    text = text.strip()
+    if not text or text.upper() in ("UNLIMITED", "INVALID", "NOT_SET", "N/A"):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        return None
+    days = int(m.group(1) or 0)
+    parts = [int(x) for x in m.group(2, 3, 4) if x is not None]
+    if m.group(1):
+        parts += [0] * (3 - len(parts))
+        h, mi, s = parts
+    elif len(parts) == 3:
+        h, mi, s = parts
+    elif len(parts) == 2:
+        h, mi, s = 0, parts[0], parts[1]
+    else:
+        h, mi, s = 0, parts[0], 0
+    return days * 86400 + h * 3600 + mi * 60 + s
+
+
+def batch_deadline(env: dict[str, str], now: float) -> float | None:
+    """When the batch slot ends, from Slurm's environment or ``squeue`` (None: unknown)."""
+    end = env.get("SLURM_JOB_END_TIME")
+    if end and end.isdigit():
+        return float(end)
+    job_id = env.get("SLURM_JOB_ID")
+    if job_id and shutil.which("squeue"):
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True,
+                                 text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        left = parse_slurm_time(out.splitlines()[0] if out.strip() else "")
+        return None if left is None else now + left
+    return None
+
+
+def read_token(path: str | None) -> str | None:
+    token = os.environ.pop("PANDA_AUTH_TOKEN", None)   # never left where a child could see it
+    if path:
+        token = Path(path).read_text().strip()
+    return token or None
+
+
+def job_request(cfg, site, node: dict, remaining: float | None) -> dict:
+    """The getJob form (PanDA's names plus our pilotVersion, cores, remainingWalltime)."""
+    from .job import __version__
+
+    cores = site.raw.get("resources", {}).get("cores") or node["cores"]
+    form = {"siteName": site.name, "computingElement": site.name, "prodSourceLabel": "managed",
+            "node": node["node"], "cpu": node["cpu"], "mem": node["mem"],
+            "diskSpace": node["diskSpace"], "resourceType": "MCORE" if int(cores) > 1 else "SCORE",
+            "pilotVersion": __version__, "cores": cores, "pilotID": f"{node['node']}:{os.getpid()}"}
+    if remaining is not None:
+        form["remainingWalltime"] = int(remaining - cfg.reserve_s)
+    if cfg.batch_id:
+        form["batchID"] = cfg.batch_id
+    return form
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from panda_wms.cli import setup_logging
+
+    setup_logging(args.log_level)
+    started = time.time()
+    from .client import PandaClient, ProtocolError, RetryPolicy
+    from .errors import ErrorCode, PilotError
+    from .job import JobRun, KillRequest, PilotConfig, send_final
+
+    walltime = args.walltime
+    deadline = started + walltime if walltime else batch_deadline(dict(os.environ), started)
+    retry = RetryPolicy(attempts=max(1, args.server_retries), backoff_s=args.server_backoff)
+    cfg = PilotConfig(server=args.server, site=args.site, workdir_base=Path(args.workdir).resolve(),
+                      deadline=deadline, reserve_s=args.reserve, heartbeat_s=args.heartbeat,
+                      monitor_interval_s=args.monitor_interval, max_jobs=args.max_jobs,
+                      server_retry=retry, final_retry=retry,
+                      transfer_backoff_s=args.transfer_backoff,
+                      log_cap_bytes=int(args.log_cap_mb * 2**20), keep_workdirs=args.keep_workdirs,
+                      batch_id=os.environ.get("SLURM_JOB_ID") or os.environ.get("PANDA_BATCH_ID", ""))
+    try:
+        token = read_token(args.token_file)
+    except OSError as exc:
+        log.error("cannot read the token file: %s", exc)
+        return EXIT_USAGE
+    client = PandaClient(args.server, token, retry)
+
+    stop = KillRequest()
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        code = getattr(ErrorCode, name, ErrorCode.KILL_SIGNAL)
+        log.warning("pilot received %s: stopping", name)
+        stop.set(code, f"pilot received {name}")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGXCPU):
+        signal.signal(sig, on_signal)
+
+    cfg.workdir_base.mkdir(parents=True, exist_ok=True)
+    pm = None
+    try:
+        from .site import load_queuedata_file, site_from_queuedata
+        queuedata = load_queuedata_file(args.queuedata) if args.queuedata else client.queuedata(args.site)
+        site = site_from_queuedata(queuedata, args.site)
+        from .plugins import make_manager
+        pm = make_manager()
+        if not args.no_recovery:
+            from .recovery import recover_all
+            recovered = recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs)
+            if recovered:
+                log.info("recovered jobs: %s", ", ".join(recovered))
+        verifier = None
+        pem = Path(args.public_key).read_bytes() if args.public_key else None
+    except (PilotError, ProtocolError, OSError) as exc:
+        log.error("pilot cannot start: %s", exc)
+        return EXIT_ERROR
+
+    from .nodeinfo import node_info
+    n_jobs = 0
+    rc = EXIT_OK
+    while not stop.requested and (cfg.max_jobs <= 0 or n_jobs < cfg.max_jobs):
+        remaining = cfg.remaining_s()
+        if remaining is not None and remaining <= cfg.reserve_s * 2:
+            log.info("%.0f s of wall time left: no new job", remaining)
+            break
+        form = job_request(cfg, site, node_info(cfg.workdir_base), remaining)
+        try:
+            raw = client.get_job(form)
+        except (PilotError, ProtocolError) as exc:
+            log.error("getJob failed: %s", exc)
+            rc = EXIT_ERROR
+            break
+        if raw is None:
+            log.info("the server has no job for %s", site.name)
+            break
+        if verifier is None:
+            try:
+                from .signature import SpecVerifier
+                verifier = SpecVerifier(pem if pem is not None else client.public_key())
+            except (PilotError, ProtocolError) as exc:
+                log.error("no key to check job signatures with: %s", exc)
+                _refuse(client, cfg, site, raw, exc, send_final)
+                rc = EXIT_ERROR
+                break
+        log.info("got job %s", raw.get("PandaID"))
+        state = JobRun(cfg, client, site, pm, raw, verifier, stop).run()
+        log.info("job %s ended: %s", raw.get("PandaID"), state)
+        n_jobs += 1
+
+    if not args.no_recovery:  # our own final states the server missed: one more try
+        from .recovery import recover_all
+        recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs)
+    log.info("pilot done: %d job(s) in %.1f s", n_jobs, time.time() - started)
+    return rc
+
+
+def _refuse(client, cfg, site, raw, exc, send_final) -> None:
+    """Report a job the pilot will not run as failed, so the server can retry it elsewhere."""
+    form = {"jobId": raw.get("PandaID"), "state": "failed", "siteName": site.name,
+            "node": cfg.node, "attemptNr": raw.get("attemptNr", 1),
+            "pilotErrorCode": getattr(exc, "code", 1501), "pilotErrorDiag": str(exc)[:250]}
+    send_final(client, form, cfg.final_retry)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,437 @@
+"""One job from getJob to the final updateJob: check, stage-in, payload under monitors, stage-out.
+
+Every step writes the job's state file first, so a pilot that dies at any point leaves enough on
+disk for a later pilot to finish the job's bookkeeping (pilot/recovery.py). Heartbeats run in their
+own thread so a slow server never delays the monitors, and the monitors never delay a heartbeat.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import statefile as sf
+from .client import PandaClient, RetryPolicy, server_commands
+from .errors import (BadJobSpec, ErrorCode, PilotError, ServerUnreachable, diag_limit,
+                     error_text)
+from .jobspec import JobSpec, parse_job
+from .payload import EXIT_FILE, Payload, PayloadResult, build_argv, scrub_env
+from .plugins import notify
+from .site import SiteInfo
+
+log = logging.getLogger(__name__)
+
+__version__ = "panda-wms-pilot 0.1"
+
+
+@dataclass
+class PilotConfig:
+    """Everything the command line and the environment decide about a pilot run."""
+    server: str
+    site: str
+    workdir_base: Path
+    deadline: float | None = None          # epoch seconds when the batch slot ends
+    reserve_s: float = 60.0                # kept free before the deadline for stage-out and report
+    heartbeat_s: float | None = None       # None: the site's limits.heartbeat_s
+    monitor_interval_s: float = 10.0
+    max_jobs: int = 0                      # 0 = as many as wall time allows
+    server_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    final_retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8, backoff_s=5))
+    transfer_backoff_s: float = 1.0
+    log_cap_bytes: int = 50 * 2**20
+    keep_workdirs: bool = False
+    kill_grace_s: float = 3.0
+    batch_id: str = ""
+    node: str = field(default_factory=socket.gethostname)
+
+    def remaining_s(self, now: float | None = None) -> float | None:
+        return None if self.deadline is None else self.deadline - (now or time.time())
+
+
+class KillRequest:
+    """First reason to stop the payload wins; the monitor loop acts on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.code: int | None = None
+        self.diag = ""
+        self.event = threading.Event()
+
+    def set(self, code: int, diag: str) -> None:
+        with self._lock:
+            if self.code is None:
+                self.code, self.diag = int(code), diag
+                self.event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self.code is not None
+
+
+class JobRun:
+    def __init__(self, cfg: PilotConfig, client: PandaClient, site: SiteInfo, pm, raw: dict[str, Any],
+                 verifier=None, stop: KillRequest | None = None) -> None:
+        self.cfg, self.client, self.site, self.pm, self.raw = cfg, client, site, pm, raw
+        self.verifier = verifier
+        self.pilot_stop = stop               # set by the pilot's signal handlers
+        self.kill = KillRequest()
+        self.job: JobSpec | None = None
+        self.workdir: Path | None = None
+        self.lock: sf.JobLock | None = None
+        self.state: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+        self.payload: Payload | None = None
+        self.result: PayloadResult | None = None
+        self.last_heartbeat_ok = time.time()
+        self.start_time = time.time()
+        self.timing: dict[str, float] = {}
+
+    # --- helpers ----------------------------------------------------------------------------
+    @property
+    def panda_id(self) -> str:
+        return str(self.raw.get("PandaID", "0"))
+
+    def _save(self, phase: str, **extra: Any) -> None:
+        self.state.update(phase=phase, **extra)
+        if self.workdir is not None:
+            sf.write_state(self.workdir, self.state)
+
+    def _base_form(self, state: str) -> dict[str, Any]:
+        form: dict[str, Any] = {"jobId": self.panda_id, "state": state, "timestamp": int(time.time()),
+                                "siteName": self.site.name, "node": self.cfg.node,
+                                "attemptNr": self.raw.get("attemptNr", 1),
+                                "pilotID": f"{self.cfg.node}:{os.getpid()}",
+                                "coreCount": self.job.core_count if self.job else 1}
+        if self.cfg.batch_id:
+            form["batchID"] = self.cfg.batch_id
+        return form
+
+    def _make_workdir(self) -> Path:
+        base = self.cfg.workdir_base
+        base.mkdir(parents=True, exist_ok=True)
+        name = f"{sf.JOB_DIR_PREFIX}{int(self.raw.get('PandaID', 0))}_{os.getpid()}"
+        wd = base / name
+        n = 0
+        while wd.exists():
+            n += 1
+            wd = base / f"{name}.{n}"
+        wd.mkdir(mode=0o700)
+        return wd
+
+    # --- the job ----------------------------------------------------------------------------
+    def run(self) -> str:
+        """Run the job to its end; return the final state reported (or kept on disk)."""
+        self.workdir = self._make_workdir()
+        self.lock = sf.JobLock(self.workdir)
+        self.lock.acquire()
+        self.state = {"version": 1, "pilot_pid": os.getpid(), "node": self.cfg.node,
+                      "server": self.client.server, "site": self.site.raw, "site_name": self.site.name,
+                      "job": self.raw, "started": self.start_time}
+        self._save(sf.RECEIVED)
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> str:
+        error: PilotError | None = None
+        stored: dict[str, dict] = {}
+        try:
+            if self.verifier is not None:
+                self.verifier.verify(self.raw)
+            try:
+                self.job = parse_job(self.raw)
+            except PilotError:
+                raise
+            except Exception as exc:  # anything unexpected in a spec is a bad spec
+                raise BadJobSpec(f"unreadable job spec: {exc}") from None
+            self._check_walltime(self.job)
+        except PilotError as exc:
+            log.error("job %s refused: %s", self.panda_id, exc)
+            return self._finish("failed", exc, {}, log_only=True)
+
+        job = self.job
+        notify(self.pm, "pilot_job_received", job=job, workdir=self.workdir)
+        self._update("starting")
+        try:
+            self._save(sf.STAGEIN)
+            t0 = time.time()
+            from .stage import StageSettings, stage_in
+            files = stage_in(job, self.site, self.workdir,
+                             StageSettings.from_site(self.site, self.cfg.transfer_backoff_s))
+            self.timing["stagein"] = time.time() - t0
+            notify(self.pm, "pilot_stagein_done", job=job, files=files)
+            self._check_stop()
+            self._run_payload(job, files)
+        except PilotError as exc:
+            error = exc
+        if error is None and self.kill.requested:
+            error = PilotError(self.kill.code, self.kill.diag)
+        if error is None and self.result is not None:
+            error = self._judge(self.result)
+        self._save(sf.STAGEOUT, result=_result_dict(self.result), error=_err_dict(error))
+        if error is None:
+            try:
+                stored = self._stage_out_outputs()
+            except PilotError as exc:
+                error = exc
+                stored = getattr(exc, "stored", {}) or {}
+        return self._finish("failed" if error else "finished", error, stored)
+
+    def _check_walltime(self, job: JobSpec) -> None:
+        remaining = self.cfg.remaining_s()
+        if remaining is None or not job.max_walltime_s:
+            return
+        if job.max_walltime_s > remaining - self.cfg.reserve_s:
+            raise PilotError(ErrorCode.BATCH_WALLTIME,
+                             f"job needs {job.max_walltime_s} s but the batch slot has only "
+                             f"{remaining:.0f} s left ({self.cfg.reserve_s:.0f} s kept for stage-out)")
+
+    def _check_stop(self) -> None:
+        if self.pilot_stop is not None and self.pilot_stop.requested:
+            raise PilotError(self.pilot_stop.code, self.pilot_stop.diag)
+
+    def _run_payload(self, job: JobSpec, files: dict[str, str]) -> None:
+        replacements = {lfn: url for lfn, url in files.items() if "://" in url}
+        env = scrub_env(os.environ, {
+            "PANDA_ID": job.job_id, "PANDA_SITE": self.site.name, "PANDA_WORKDIR": str(self.workdir),
+            "PANDA_INPUTS": json.dumps(files), "ATHENA_CORE_NUMBER": str(job.core_count)})
+        argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"))
+        (self.workdir / "pilot_inputs.json").write_text(json.dumps(files))
+        self.payload = Payload(argv, self.workdir, env)
+        try:
+            pid = self.payload.start()
+        except OSError as exc:
+            raise PilotError(ErrorCode.PAYLOAD_EXECUTION_FAILURE, f"cannot start payload: {exc}") from None
+        self._save(sf.RUNNING, payload={"pid": pid, "start": self.payload.start_time})
+        notify(self.pm, "pilot_payload_started", job=job, pid=pid)
+        hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{job.job_id}", daemon=True)
+        self._hb_stop = threading.Event()
+        self._update("running")
+        hb.start()
+        try:
+            self._monitor_loop(job)
+        finally:
+            self._hb_stop.set()
+        notify(self.pm, "pilot_payload_finished", job=job, result=self.result)
+
+    def _monitor_loop(self, job: JobSpec) -> None:
+        from .monitoring import JobLimits, MonitorContext, PILOT_FILES
+
+        assert self.payload is not None
+        limits = JobLimits.resolve(job, self.site.limits)
+        scratch: dict[str, Any] = {}
+        ignore = PILOT_FILES | {"pilot_inputs.json"}
+        next_check = time.monotonic() + min(self.cfg.monitor_interval_s, 1.0)
+        while True:
+            res = self.payload.wait(timeout=0.5, step=0.05)
+            if res is not None:
+                self.result = res
+                return
+            if self.pilot_stop is not None and self.pilot_stop.requested:
+                self.kill.set(self.pilot_stop.code, self.pilot_stop.diag)
+            if not self.kill.requested and time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.cfg.monitor_interval_s
+                sample = self.payload.sample()
+                ctx = MonitorContext(job=job, limits=limits, workdir=self.workdir,
+                                     payload_start=self.payload.start_time, now=time.time(),
+                                     sample=sample, pilot_deadline=self.cfg.deadline,
+                                     reserve_s=self.cfg.reserve_s, ignore=frozenset(ignore),
+                                     scratch=scratch)
+                self._run_monitors(ctx)
+            if self.kill.requested:
+                log.warning("killing payload of job %s: [%s] %s", job.job_id, self.kill.code,
+                            self.kill.diag)
+                self.result = self.payload.kill(self.cfg.kill_grace_s)
+                return
+
+    def _run_monitors(self, ctx) -> None:
+        if self.pm is None:
+            return
+        try:
+            verdicts = [v for v in self.pm.hook.pilot_monitor_check(ctx=ctx) if v is not None]
+        except Exception:
+            log.exception("a monitor plugin failed")
+            verdicts = []
+        try:
+            metrics: dict[str, Any] = {}
+            for part in self.pm.hook.pilot_monitor_metrics(ctx=ctx):
+                if isinstance(part, dict):
+                    metrics.update(part)
+            self.metrics = metrics
+        except Exception:
+            log.exception("a monitor plugin's metrics failed")
+        if verdicts:
+            v = verdicts[-1]   # pluggy calls last-registered first; the first to ask is last
+            self.kill.set(v.code, v.diag)
+
+    def _judge(self, res: PayloadResult) -> PilotError | None:
+        if res.exit_code == 0:
+            return None
+        if res.exit_code is not None:
+            if res.exit_code == 127:
+                return PilotError(ErrorCode.TRANSFORM_NOT_FOUND,
+                                  "payload exit code 127: command not found")
+            return PilotError(ErrorCode.PAYLOAD_FAILED, f"payload exited with code {res.exit_code}")
+        return PilotError(ErrorCode.KILL_SIGNAL, f"payload killed by signal {res.signal}")
+
+    # --- heartbeats ---------------------------------------------------------------------------
+    def _heartbeat_s(self) -> float:
+        return float(self.cfg.heartbeat_s or self.site.limits.heartbeat_s or 1800)
+
+    def _heartbeat_loop(self) -> None:
+        interval = self._heartbeat_s()
+        while not self._hb_stop.wait(interval):
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        from .nodeinfo import heartbeat_info
+
+        form = self._base_form("running")
+        try:
+            node = heartbeat_info(self.workdir)
+        except Exception:  # node facts are a courtesy, never a reason to miss a heartbeat
+            node = {}
+        metrics = {**node, **self.metrics}
+        form["jobMetrics"] = " ".join(f"{k}={str(v).replace(' ', '_')}" for k, v in metrics.items())
+        if self.payload is not None:
+            form["maxRSS"] = self.payload.max_rss_kb
+            form["maxPSS"] = self.payload.max_pss_kb
+        self._update_form(form, RetryPolicy(attempts=2, backoff_s=1, timeout_s=10))
+
+    def _update(self, state: str) -> None:
+        self._update_form(self._base_form(state), RetryPolicy(attempts=2, backoff_s=1, timeout_s=10))
+
+    def _update_form(self, form: dict[str, Any], policy: RetryPolicy) -> None:
+        try:
+            reply = self.client.update_job(form, policy)
+        except ServerUnreachable as exc:
+            log.warning("job %s: %s update not delivered: %s", self.panda_id, form["state"], exc)
+            return
+        except Exception as exc:
+            log.warning("job %s: %s update refused: %s", self.panda_id, form["state"], exc)
+            return
+        self.last_heartbeat_ok = time.time()
+        self._obey(reply)
+
+    def _obey(self, reply: dict[str, Any]) -> None:
+        commands = server_commands(reply)
+        if commands & {"tobekilled", "softkill", "kill"}:
+            log.warning("job %s: the server says %s", self.panda_id, ",".join(sorted(commands)))
+            self.kill.set(ErrorCode.KILLED_BY_SERVER, "job killed by the server's command")
+        elif commands:
+            log.info("job %s: server command(s) %s ignored", self.panda_id, ",".join(sorted(commands)))
+
+    # --- the end ------------------------------------------------------------------------------
+    def _stage_out_outputs(self) -> dict[str, dict]:
+        from .stage import StageSettings, stage_out
+
+        assert self.job is not None
+        t0 = time.time()
+        stored = stage_out(self.job.outputs, self.workdir, self.site,
+                           StageSettings.from_site(self.site, self.cfg.transfer_backoff_s))
+        self.timing["stageout"] = time.time() - t0
+        return stored
+
+    def _finish(self, state: str, error: PilotError | None, stored: dict[str, dict],
+                log_only: bool = False) -> str:
+        """Store the log tarball, build the final update, send it or keep it for later."""
+        job = self.job
+        if job is not None and job.log is not None and self.workdir is not None:
+            try:
+                stored.update(self._stage_out_log(job))
+            except PilotError as exc:
+                log.error("job %s: log not stored: %s", self.panda_id, exc)
+                if error is None:
+                    error, state = exc, "failed"
+        form = final_form(self._base_form(state), error, self.result, stored, self.timing,
+                          self.start_time)
+        notify(self.pm, "pilot_stageout_done", job=job, files=stored)
+        notify(self.pm, "pilot_job_done", job=job, state=state,
+               error_code=error.code if error else 0, error_diag=error.diag if error else "")
+        self._save(sf.FINAL_PENDING, final=form)
+        if send_final(self.client, form, self.cfg.final_retry):
+            self._save(sf.DONE)
+            if not self.cfg.keep_workdirs:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        else:
+            log.error("job %s: final state %s kept in %s for a later attempt", self.panda_id,
+                      state, self.workdir)
+        return state
+
+    def _stage_out_log(self, job: JobSpec) -> dict[str, dict]:
+        from .logtar import make_log_tarball
+        from .stage import StageSettings, stage_out
+
+        assert job.log is not None and self.workdir is not None
+        exclude = {f.lfn for f in job.inputs} | {f.lfn for f in job.outputs} | {
+            sf.LOCK_FILE, job.log.lfn}
+        logdir = self.workdir / ".pilot_log"
+        logdir.mkdir(exist_ok=True)
+        exclude.add(".pilot_log")
+        make_log_tarball(self.workdir, logdir / job.log.lfn, exclude, self.cfg.log_cap_bytes)
+        return stage_out([job.log], logdir, self.site,
+                         StageSettings.from_site(self.site, self.cfg.transfer_backoff_s))
+
+
+def _result_dict(res: PayloadResult | None) -> dict[str, Any] | None:
+    if res is None:
+        return None
+    return {"exit_code": res.exit_code, "signal": res.signal, "cpu_s": res.cpu_s,
+            "max_rss_kb": res.max_rss_kb, "max_pss_kb": res.max_pss_kb, "start": res.start,
+            "end": res.end, "killed": res.killed}
+
+
+def _err_dict(err: PilotError | None) -> dict[str, Any] | None:
+    return None if err is None else {"code": err.code, "diag": err.diag}
+
+
+def final_form(form: dict[str, Any], error: PilotError | None, res: PayloadResult | None,
+               stored: dict[str, dict], timing: dict[str, float], start: float) -> dict[str, Any]:
+    """The final updateJob fields (PanDA names)."""
+    form = dict(form)
+    form["pilotErrorCode"] = error.code if error else 0
+    form["pilotErrorDiag"] = diag_limit(error.diag) if error else ""
+    form["startTime"] = int(start)
+    form["endTime"] = int(time.time())
+    if res is not None:
+        form["transExitCode"] = res.exit_code if res.exit_code is not None else 128 + (res.signal or 0)
+        form["exeErrorCode"] = form["transExitCode"]
+        form["exeErrorDiag"] = "" if res.exit_code == 0 else (
+            f"exit code {res.exit_code}" if res.exit_code is not None else f"signal {res.signal}")
+        form["cpuConsumptionTime"] = round(res.cpu_s, 3)
+        form["cpuConsumptionUnit"] = "s"
+        form["maxRSS"] = res.max_rss_kb
+        form["maxPSS"] = res.max_pss_kb
+        timing = {**timing, "payload": res.wall_s}
+    form["pilotTiming"] = "|".join(f"{k}={v:.2f}" for k, v in timing.items())
+    form["xml"] = json.dumps({lfn: {k: v for k, v in info.items() if k != "scope"}
+                              for lfn, info in stored.items()})
+    if error is not None:
+        form["jobMetrics"] = f"pilotErrorText={error_text(error.code).replace(' ', '_')}"
+    return form
+
+
+def send_final(client: PandaClient, form: dict[str, Any], policy: RetryPolicy) -> bool:
+    """Deliver a final update; False when the server stayed away (the caller keeps it on disk)."""
+    try:
+        reply = client.update_job(form, policy)
+    except ServerUnreachable as exc:
+        log.warning("final update of job %s not delivered: %s", form.get("jobId"), exc)
+        return False
+    except Exception as exc:
+        log.error("final update of job %s refused: %s", form.get("jobId"), exc)
+        return False
+    code = int(reply.get("StatusCode", 0) or 0)
+    if code != 0:
+        log.error("final update of job %s refused by the server: StatusCode %s %s",
+                  form.get("jobId"), code, reply.get("errorDialog", ""))
+        # the server will never take it: keeping it would only repeat the refusal
+    return True

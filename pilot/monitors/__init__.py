@@ -1,0 +1,1 @@
+"""Built-in monitor plugins; each is registered through the ``panda.pilot`` entry points."""

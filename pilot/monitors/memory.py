@@ -1,0 +1,30 @@
+"""Memory: RSS (and PSS) of the payload's whole process tree over the job's limit -> 1235.
+
+The limit is the job's ``minRamCount`` (MB) or the site's memory per slot. PSS is reported, but RSS
+is judged: it is what the batch system's OOM accounting sees.
+"""
+from __future__ import annotations
+
+from pilot.errors import ErrorCode
+from pilot.hookspecs import hookimpl
+from pilot.monitoring import MonitorContext, Verdict
+
+
+@hookimpl
+def pilot_monitor_check(ctx: MonitorContext):
+    limit_mb = ctx.limits.memory_mb
+    if not limit_mb or limit_mb <= 0:
+        return None
+    rss_mb = ctx.sample.rss_kb / 1024
+    if rss_mb > limit_mb:
+        return Verdict(ErrorCode.MEMORY_LIMIT,
+                       f"payload RSS {rss_mb:.0f} MB over the limit of {limit_mb:.0f} MB "
+                       f"(PSS {ctx.sample.pss_kb / 1024:.0f} MB, {len(ctx.sample.pids)} processes)",
+                       "memory")
+    return None
+
+
+@hookimpl
+def pilot_monitor_metrics(ctx: MonitorContext):
+    return {"rssMB": ctx.sample.rss_kb // 1024, "pssMB": ctx.sample.pss_kb // 1024,
+            "nProcesses": len(ctx.sample.pids)}

@@ -1,0 +1,33 @@
+"""Load the pilot's pluggy plugins: every installed ``panda.pilot`` entry point, built-ins included."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+
+def make_manager(extra: Iterable[Any] = (), entry_points: bool = True):
+    """A PluginManager with the hookspecs, all entry-point plugins and ``extra`` objects."""
+    import pluggy
+
+    from . import hookspecs
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if entry_points:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    for plugin in extra:
+        pm.register(plugin)
+    log.debug("pilot plugins: %s", [name for name, _ in pm.list_name_plugin()])
+    return pm
+
+
+def notify(pm, hook: str, **kwargs: Any) -> None:
+    """Call a lifecycle hook; a failing plugin is logged and never stops the job."""
+    if pm is None:
+        return
+    try:
+        getattr(pm.hook, hook)(**kwargs)
+    except Exception:  # a plugin's bug must not fail the job
+        log.exception("plugin hook %s failed", hook)

@@ -1,0 +1,152 @@
+"""Finish the bookkeeping of jobs whose pilot died on this node.
+
+A later pilot started with the same ``--workdir`` base looks at every job dir. If it can take the
+dir's lock, the pilot that owned it is dead. Then, by the phase in the state file:
+- final update kept on disk: send it;
+- payload ended (the wrapper wrote its exit code): stage out outputs (exit 0) and the log, report;
+- payload still running (orphaned, in its own session): left alone, the dir is retried later;
+- pilot died before the payload ran: report failed (RECOVERED_LOST) with the log.
+The work dir is removed once the server has the final state.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import statefile as sf
+from .client import PandaClient, RetryPolicy
+from .errors import ErrorCode, PilotError
+from .jobspec import parse_job
+from .payload import EXIT_FILE, PayloadResult
+from .site import site_from_queuedata
+
+log = logging.getLogger(__name__)
+
+
+def _payload_alive(info: dict[str, Any] | None) -> bool:
+    """Is the payload wrapper recorded in the state still running (same pid, same start)?"""
+    if not info or not info.get("pid"):
+        return False
+    import psutil
+
+    try:
+        p = psutil.Process(int(info["pid"]))
+        return (p.status() != psutil.STATUS_ZOMBIE
+                and abs(p.create_time() - float(info.get("start", 0))) < 2.0)
+    except (psutil.Error, ValueError, TypeError):
+        return False
+
+
+def _exit_code(workdir: Path) -> int | None:
+    try:
+        return int((workdir / EXIT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def recover_all(base: Path, client: PandaClient, pm=None, keep: bool = False,
+                policy: RetryPolicy | None = None, own_pid: int | None = None) -> list[str]:
+    """Recover every dead pilot's job dir below ``base``; return the PandaIDs whose final state
+    reached the server."""
+    done = []
+    for wd in sf.job_dirs(base):
+        lock = sf.JobLock(wd)
+        try:
+            if not lock.acquire():
+                continue               # its pilot is alive
+        except OSError as exc:
+            log.warning("recovery: cannot lock %s: %s", wd, exc)
+            continue
+        try:
+            pid = recover_one(wd, client, pm, keep, policy)
+            if pid:
+                done.append(pid)
+        except Exception:
+            log.exception("recovery of %s failed; it stays for a later pilot", wd)
+        finally:
+            lock.release()
+    return done
+
+
+def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
+                policy: RetryPolicy | None = None) -> str | None:
+    from .job import JobRun, PilotConfig, send_final
+
+    policy = policy or RetryPolicy(attempts=3, backoff_s=2)
+    state = sf.read_state(wd)
+    if state is None:
+        log.warning("recovery: %s has no readable state file; removed", wd)
+        if not keep:
+            shutil.rmtree(wd, ignore_errors=True)
+        return None
+    raw = state.get("job") or {}
+    panda_id = str(raw.get("PandaID", "?"))
+    phase = state.get("phase")
+    if state.get("server") and state["server"].rstrip("/") != client.server:
+        log.info("recovery: job %s belongs to server %s, not %s; left", panda_id, state["server"],
+                 client.server)
+        return None
+    log.info("recovery: job %s of dead pilot %s found in phase %s", panda_id,
+             state.get("pilot_pid"), phase)
+
+    if phase == sf.DONE:
+        if not keep:
+            shutil.rmtree(wd, ignore_errors=True)
+        return None
+    if phase == sf.FINAL_PENDING and state.get("final"):
+        if not send_final(client, state["final"], policy):
+            return None
+        sf.write_state(wd, {**state, "phase": sf.DONE})
+        if not keep:
+            shutil.rmtree(wd, ignore_errors=True)
+        return panda_id
+    if phase in (sf.RUNNING, sf.STAGEOUT) and _payload_alive(state.get("payload")):
+        log.info("recovery: payload of job %s is still running; left for later", panda_id)
+        return None
+
+    site = site_from_queuedata({"panda_wms": state.get("site") or {}}, state.get("site_name", ""))
+    cfg = PilotConfig(server=client.server, site=site.name, workdir_base=wd.parent,
+                      keep_workdirs=keep, final_retry=policy)
+    run = JobRun(cfg, client, site, pm, raw)
+    run.workdir = wd
+    run.state = state
+    run.start_time = float(state.get("started") or 0) or run.start_time
+    try:
+        run.job = parse_job(raw)
+    except PilotError as exc:
+        run._finish("failed", exc, {})
+        return panda_id if _delivered(wd) else None
+
+    rc = _exit_code(wd) if phase in (sf.RUNNING, sf.STAGEOUT) else None
+    error: PilotError | None
+    stored: dict[str, dict] = {}
+    if rc is None:
+        error = PilotError(ErrorCode.RECOVERED_LOST,
+                           f"pilot {state.get('pilot_pid')} died in phase {phase}; "
+                           "the payload's end was not recorded")
+    else:
+        info = state.get("payload") or {}
+        start = float(info.get("start") or run.start_time)
+        mtime = (wd / EXIT_FILE).stat().st_mtime
+        run.result = PayloadResult(exit_code=rc, signal=None, cpu_s=0.0, max_rss_kb=0,
+                                   max_pss_kb=0, start=start, end=mtime)
+        error = run._judge(run.result)
+        if error is None:
+            try:
+                stored = run._stage_out_outputs()
+            except PilotError as exc:
+                error = exc
+                stored = getattr(exc, "stored", {}) or {}
+    state_name = "failed" if error else "finished"
+    log.info("recovery: job %s -> %s", panda_id, state_name)
+    run._finish(state_name, error, stored)
+    return panda_id if _delivered(wd) else None
+
+
+def _delivered(wd: Path) -> bool:
+    """The final state reached the server: the dir is gone, or kept with phase ``done``."""
+    state = sf.read_state(wd)
+    return state is None or state.get("phase") == sf.DONE

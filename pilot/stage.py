@@ -1,0 +1,112 @@
+"""Stage-in before the payload and stage-out after it, one file at a time through the copytools.
+
+Each file goes through ``copytools.run_transfer`` with the site's tool for its direction (input and
+output tools may differ), under the site's timeout and retries. Replica URLs come from
+``panda_wms.storage.replica_url``, so every part of the system agrees where a file lives.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from panda_wms.storage import BadFileName, replica_url
+
+from .errors import ErrorCode, StageError
+from .jobspec import FileSpec, JobSpec
+from .site import SiteInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageSettings:
+    timeout_s: float
+    retries: int
+    backoff_s: float = 1.0
+
+    @classmethod
+    def from_site(cls, site: SiteInfo, backoff_s: float = 1.0) -> "StageSettings":
+        return cls(site.transfer_timeout_s, site.transfer_retries, backoff_s)
+
+
+def _tool(name: str, options: dict[str, Any], direction: str):
+    import copytools
+
+    code = ErrorCode.STAGEIN_FAILED if direction == "in" else ErrorCode.STAGEOUT_FAILED
+    try:
+        return copytools.load(name, **options)
+    except Exception as exc:  # unknown tool, bad options, broken plugin: all one failure
+        raise StageError(code, f"copytool {name!r} for stage-{direction} unusable: {exc}") from None
+
+
+def _surl(se_url: str, scope: str, lfn: str, code: int) -> str:
+    if not se_url:
+        raise StageError(code, "the site config names no storage element", lfn)
+    try:
+        return replica_url(se_url, scope, lfn)
+    except BadFileName as exc:
+        raise StageError(ErrorCode.HOSTILE_FILE_NAME, str(exc), lfn) from None
+
+
+def stage_in(job: JobSpec, site: SiteInfo, workdir: Path, settings: StageSettings) -> dict[str, str]:
+    """Bring the job's inputs into ``workdir``; return {lfn: local path or URL for direct read}."""
+    files: dict[str, str] = {}
+    if not job.inputs:
+        return files
+    from copytools import Transfer, TransferError, run_transfer
+
+    direct = site.direct_read and job.direct_read
+    tool = None if direct else _tool(site.input_tool, site.input_options, "in")
+    for f in job.inputs:
+        surl = _surl(site.input_se, f.scope, f.lfn, ErrorCode.STAGEIN_FAILED)
+        if direct:
+            files[f.lfn] = surl
+            log.info("direct read of %s:%s from %s", f.scope, f.lfn, surl)
+            continue
+        local = workdir / f.lfn
+        t = Transfer(lfn=f.lfn, scope=f.scope, surl=surl, local_path=str(local), fsize=f.fsize,
+                     checksum=f.checksum or None, guid=f.guid or None)
+        try:
+            run_transfer(tool, t, "in", settings.timeout_s, settings.retries, settings.backoff_s)
+        except TransferError as exc:
+            raise StageError(int(exc.code), f"stage-in of {f.lfn}: {exc.message}", f.lfn) from None
+        files[f.lfn] = str(local)
+    return files
+
+
+def stage_out(files: list[FileSpec], local_dir: Path, site: SiteInfo,
+              settings: StageSettings) -> dict[str, dict[str, Any]]:
+    """Store ``files`` from ``local_dir``; return PanDA's ``xml`` dict {lfn: {guid, fsize, adler32,
+    surl}}. Raises StageError on the first file that cannot be stored (with what was stored so far
+    in ``exc.stored``)."""
+    stored: dict[str, dict[str, Any]] = {}
+    if not files:
+        return stored
+    from copytools import Transfer, TransferError, run_transfer
+
+    tool = _tool(site.output_tool, site.output_options, "out")
+    for f in files:
+        local = local_dir / f.lfn
+        if not local.is_file():
+            err = StageError(ErrorCode.NO_SUCH_FILE, f"output file {f.lfn} was not produced", f.lfn)
+            err.stored = stored
+            raise err
+        surl = _surl(site.output_se, f.scope, f.lfn, ErrorCode.STAGEOUT_FAILED)
+        guid = f.guid or str(uuid.uuid4())
+        t = Transfer(lfn=f.lfn, scope=f.scope, surl=surl, local_path=str(local), guid=guid)
+        try:
+            res = run_transfer(tool, t, "out", settings.timeout_s, settings.retries,
+                               settings.backoff_s)
+        except TransferError as exc:
+            err = StageError(int(exc.code), f"stage-out of {f.lfn}: {exc.message}", f.lfn)
+            err.stored = stored
+            raise err from None
+        entry: dict[str, Any] = {"guid": guid, "fsize": res.fsize, "adler32": res.adler32,
+                                 "surl": res.surl or surl, "scope": f.scope}
+        if res.md5:
+            entry["md5sum"] = res.md5
+        stored[f.lfn] = entry
+    return stored
