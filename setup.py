@@ -13,7 +13,13 @@ SCHEDULERS = [
     "local = schedulers.local:LocalBackend",
     "slurm = schedulers.slurm:SlurmBackend",
 ]
-PILOT_PLUGINS: list[str] = []
+PILOT_PLUGINS = [
+    "looping = pilot.monitors.looping",
+    "memory = pilot.monitors.memory",
+    "disk = pilot.monitors.disk",
+    "walltime = pilot.monitors.walltime",
+    "stdout = pilot.monitors.stdout",
+]
 SERVER_PLUGINS: list[str] = []
 
 setup(
