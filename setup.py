@@ -8,6 +8,9 @@ COPYTOOLS = [
     "cp = copytools.local:CpTool",
     "mv = copytools.local:MvTool",
     "symlink = copytools.local:SymlinkTool",
+    "http = copytools.webdav:HttpTool",
+    "xrdcp = copytools.xrootd:XrdcpTool",
+    "gfal = copytools.gfal:GfalTool",
 ]
 SCHEDULERS = [
     "local = schedulers.local:LocalBackend",
@@ -40,6 +43,7 @@ setup(
         "stevedore>=5.0",
         "tornado>=6.3",
         "sqlalchemy>=2.0",
+        "alembic>=1.12",
         "requests>=2.28",
         "psutil>=5.9",
         "PyYAML>=6.0",

@@ -1,0 +1,453 @@
+"""A storage element: a folder served over HTTP/1.1 with the WebDAV verbs grid clients use.
+
+``panda se --root DIR --port N`` serves GET (with Range), HEAD, PUT, DELETE, MKCOL, PROPFIND
+(Depth 0/1) and OPTIONS. It is the peer of the ``http`` and ``gfal`` copytools and of ARC CE's
+push mode, which needs a correct HTTP/1.1 server: absolute-form request targets, sizes on HEAD,
+``Expect: 100-continue`` and ``If-None-Match: *`` on PUT. Uploads go to a hidden temporary name
+and are renamed when complete, so a half upload is never visible. Writes may require a bearer
+token. Paths never leave the root (no ``..``, no NUL, no symlink escapes).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import email.utils
+import errno
+import hmac
+import logging
+import os
+import shutil
+import signal
+import stat
+import sys
+import uuid
+from urllib.parse import quote, unquote, urlsplit
+from xml.sax.saxutils import escape
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from .checksum import StreamChecksum, checksum_fd
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PREFIX = ".panda-upload."
+XATTR = "user.panda.adler32"
+CHUNK = 1024 * 1024
+
+
+class PathError(Exception):
+    """A request path that is not a safe path below the root."""
+
+
+def resolve(root: str, url_path: str) -> str:
+    """Map a URL path to a file system path below ``root``; raise PathError if it would escape."""
+    path = unquote(url_path)
+    if "\0" in path:
+        raise PathError("NUL byte in path")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise PathError("'..' in path")
+    if any(p.startswith(UPLOAD_PREFIX) for p in parts):
+        raise PathError("temporary upload names are not addressable")
+    full = os.path.join(root, *parts) if parts else root
+    # symlinks inside the tree must not lead outside it
+    real = os.path.realpath(full)
+    if real != root and not real.startswith(root + os.sep):
+        raise PathError("path leaves the storage root")
+    return full
+
+
+def _http_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def _stored_adler32(path: str, st: os.stat_result) -> str | None:
+    """adler32 recorded at upload time, if the file has not changed since."""
+    try:
+        value = os.getxattr(path, XATTR).decode()
+        digest, mtime, size = value.split(":")
+        if int(mtime) == st.st_mtime_ns and int(size) == st.st_size:
+            return digest
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+@tornado.web.stream_request_body
+class SEHandler(tornado.web.RequestHandler):
+    """Every verb on every path below the root."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "PUT", "DELETE", "MKCOL", "PROPFIND", "OPTIONS")
+
+    def initialize(self, root: str, token: str | None, create_parents: bool = True) -> None:
+        self.root = root
+        self.token = token
+        self.create_parents = create_parents
+        self._tmp: str | None = None
+        self._fd: int | None = None
+        self._cs: StreamChecksum | None = None
+        self._write_error: OSError | None = None
+        self._target: str | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _fail(self, code: int, reason: str) -> None:
+        self.set_status(code)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(reason + "\n")
+
+    def _path(self) -> str | None:
+        try:
+            return resolve(self.root, self.request.path)
+        except PathError as exc:
+            log.warning("refused %s %r: %s", self.request.method, self.request.path, exc)
+            self._fail(400 if "NUL" in str(exc) else 403, f"refused path: {exc}")
+            return None
+
+    def _authorized(self) -> bool:
+        if not self.token:
+            return True
+        auth = self.request.headers.get("Authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              self.token.encode()):
+            return True
+        self.set_header("WWW-Authenticate", 'Bearer realm="panda-se"')
+        self._fail(401, "writing needs a valid bearer token")
+        return False
+
+    def _digest_header(self, path: str, st: os.stat_result) -> None:
+        want = self.request.headers.get("Want-Digest", "").lower()
+        if not want:
+            return
+        kinds = [w.split(";")[0].strip() for w in want.split(",")]
+        values = []
+        if "adler32" in kinds:
+            digest = _stored_adler32(path, st)
+            if digest is None:
+                with open(path, "rb") as f:
+                    digest = checksum_fd(f.fileno()).adler32
+            values.append(f"adler32={digest}")
+        if "md5" in kinds:
+            with open(path, "rb") as f:
+                hexd = checksum_fd(f.fileno(), md5=True).md5
+            values.append("md5=" + base64.b64encode(bytes.fromhex(hexd)).decode())
+        if values:
+            self.set_header("Digest", ",".join(values))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(f"{status_code} {self._reason}\n")
+
+    # -- reads ---------------------------------------------------------------------------------
+    async def get(self) -> None:
+        await self._get(send_body=True)
+
+    async def head(self) -> None:
+        await self._get(send_body=False)
+
+    async def _get(self, send_body: bool) -> None:
+        path = self._path()
+        if path is None:
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return self._fail(404, "not found")
+        if stat.S_ISDIR(st.st_mode):
+            return self._listing(path, send_body)
+        size = st.st_size
+        self.set_header("Accept-Ranges", "bytes")
+        self.set_header("Last-Modified", _http_date(st.st_mtime))
+        self.set_header("ETag", f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{size:x}"')
+        self.set_header("Content-Type", "application/octet-stream")
+        self._digest_header(path, st)
+        start, end = 0, size - 1
+        rng = self.request.headers.get("Range")
+        if rng and rng.startswith("bytes=") and "," not in rng:
+            first, _, last = rng[6:].strip().partition("-")
+            try:
+                if first == "":
+                    start, end = max(0, size - int(last)), size - 1
+                else:
+                    start = int(first)
+                    end = min(int(last), size - 1) if last else size - 1
+            except ValueError:
+                start, end = 0, size - 1  # unreadable Range: ignore it, as RFC 9110 allows
+            else:
+                if start >= size or start > end or (first == "" and int(last) == 0):
+                    self.set_header("Content-Range", f"bytes */{size}")
+                    return self._fail(416, "range not satisfiable")
+                self.set_status(206)
+                self.set_header("Content-Range", f"bytes {start}-{end}/{size}")
+        length = max(0, end - start + 1)
+        self.set_header("Content-Length", str(length))
+        if not send_body:
+            return self.finish()
+        with open(path, "rb") as f:
+            offset, left = start, length
+            while left > 0:
+                data = os.pread(f.fileno(), min(CHUNK, left), offset)
+                if not data:
+                    break  # file shrank under us: the client sees a short body and fails
+                self.write(data)
+                await self.flush()
+                offset += len(data)
+                left -= len(data)
+        self.finish()
+
+    def _listing(self, path: str, send_body: bool) -> None:
+        names = sorted(n for n in os.listdir(path) if not n.startswith(UPLOAD_PREFIX))
+        body = "".join(n + ("/" if os.path.isdir(os.path.join(path, n)) else "") + "\n"
+                       for n in names).encode()
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Content-Length", str(len(body)))
+        self.finish(body if send_body else None)
+
+    def options(self) -> None:
+        self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
+        self.set_header("DAV", "1")
+        self.set_header("Content-Length", "0")
+        self.set_status(200)
+        self.finish()
+
+    # -- PROPFIND ------------------------------------------------------------------------------
+    def propfind(self) -> None:
+        path = self._path()
+        if path is None:
+            return
+        depth = self.request.headers.get("Depth", "infinity").strip().lower()
+        if depth not in ("0", "1"):
+            return self._fail(403, "PROPFIND with Depth infinity is not supported (use 0 or 1)")
+        if not os.path.exists(path):
+            return self._fail(404, "not found")
+        href_base = self.request.path if self.request.path.startswith("/") else "/"
+        entries = [(href_base, path)]
+        if depth == "1" and os.path.isdir(path):
+            base = href_base.rstrip("/")
+            for name in sorted(os.listdir(path)):
+                if not name.startswith(UPLOAD_PREFIX):
+                    entries.append((f"{base}/{quote(name)}", os.path.join(path, name)))
+        parts = ['<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:">']
+        for href, p in entries:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if is_dir and not href.endswith("/"):
+                href += "/"
+            props = [f"<D:displayname>{escape(os.path.basename(p.rstrip('/')))}</D:displayname>",
+                     f"<D:getlastmodified>{_http_date(st.st_mtime)}</D:getlastmodified>",
+                     "<D:resourcetype><D:collection/></D:resourcetype>" if is_dir
+                     else "<D:resourcetype/>"]
+            if not is_dir:
+                props.append(f"<D:getcontentlength>{st.st_size}</D:getcontentlength>")
+                props.append("<D:getcontenttype>application/octet-stream</D:getcontenttype>")
+            parts.append(f"<D:response><D:href>{escape(href)}</D:href><D:propstat><D:prop>"
+                         + "".join(props) + "</D:prop><D:status>HTTP/1.1 200 OK</D:status>"
+                         "</D:propstat></D:response>")
+        parts.append("</D:multistatus>\n")
+        self.set_status(207)
+        self.set_header("Content-Type", 'application/xml; charset="utf-8"')
+        self.finish("".join(parts).encode())
+
+    # -- writes --------------------------------------------------------------------------------
+    def mkcol(self) -> None:
+        if not self._authorized():
+            return
+        path = self._path()
+        if path is None:
+            return
+        if os.path.exists(path):
+            return self._fail(405, "already exists")
+        if not os.path.isdir(os.path.dirname(path)):
+            return self._fail(409, "parent collection does not exist")
+        try:
+            os.mkdir(path)
+        except OSError as exc:
+            return self._fail(507 if exc.errno == errno.ENOSPC else 500, str(exc))
+        self.set_status(201)
+        self.clear_header("Content-Type")
+        self.finish()
+
+    def delete(self) -> None:
+        if not self._authorized():
+            return
+        path = self._path()
+        if path is None:
+            return
+        if os.path.realpath(path) == self.root:
+            return self._fail(403, "refusing to delete the storage root")
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            return self._fail(404, "not found")
+        except OSError as exc:
+            return self._fail(500, str(exc))
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.finish()
+
+    def prepare(self) -> None:
+        if self.request.method != "PUT":
+            return
+        # Everything that can refuse an upload happens here, before the body is read: a client
+        # that sent 'Expect: 100-continue' then gets the refusal instead of '100 Continue'.
+        if not self._authorized():
+            return
+        path = self._path()
+        if path is None:
+            return
+        if os.path.isdir(path):
+            return self._fail(409, "a collection exists at this path")
+        exists = os.path.exists(path)
+        if self.request.headers.get("If-None-Match", "").strip() == "*" and exists:
+            return self._fail(412, "file exists (If-None-Match: *)")
+        parent = os.path.dirname(path)
+        if not self.create_parents and not os.path.isdir(parent):
+            return self._fail(409, "parent collection does not exist (MKCOL it first)")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            resolve(self.root, self.request.path)  # the new parents must not be escapes either
+            self._tmp = os.path.join(parent, f"{UPLOAD_PREFIX}{uuid.uuid4().hex}")
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except PathError as exc:
+            return self._fail(403, f"refused path: {exc}")
+        except OSError as exc:
+            return self._fail(507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500,
+                              f"cannot store: {exc}")
+        self._target, self._existed = path, exists
+        self._cs = StreamChecksum()
+        self.request.connection.set_max_body_size(1 << 50)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._fd is None or self._write_error is not None:
+            return
+        try:
+            view = memoryview(chunk)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            self._cs.update(chunk)
+        except OSError as exc:
+            self._write_error = exc  # answered in put(); the rest of the body is dropped
+
+    def put(self) -> None:
+        if self._fd is None:
+            return self._fail(500, "upload was not prepared")
+        fd, self._fd = self._fd, None
+        try:
+            if self._write_error is None:
+                os.fsync(fd)
+        except OSError as exc:
+            self._write_error = exc
+        finally:
+            os.close(fd)
+        if self._write_error is not None:
+            exc = self._write_error
+            self._discard()
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            log.error("upload of %s failed: %s", self.request.path, exc)
+            return self._fail(507 if full else 500, f"cannot store: {exc}")
+        try:
+            os.replace(self._tmp, self._target)
+            st = os.stat(self._target)
+            try:
+                os.setxattr(self._target, XATTR,
+                            f"{self._cs.adler32}:{st.st_mtime_ns}:{st.st_size}".encode())
+            except OSError:
+                pass  # no user xattrs here: digests are computed on demand
+        except OSError as exc:
+            self._discard()
+            return self._fail(500, f"cannot store: {exc}")
+        self._tmp = None
+        log.info("stored %s (%d bytes, adler32 %s)", self.request.path, self._cs.size,
+                 self._cs.adler32)
+        self.set_status(204 if self._existed else 201)
+        self.set_header("Digest", f"adler32={self._cs.adler32}")
+        self.clear_header("Content-Type")
+        self.finish()
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tmp:
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass
+            self._tmp = None
+
+    def on_connection_close(self) -> None:
+        # the client went away mid-upload: the half file must not survive
+        self._discard()
+
+    def on_finish(self) -> None:
+        self._discard()
+
+
+
+class SEApplication(tornado.web.Application):
+    """Routes every path to SEHandler, after turning absolute-form targets into origin-form."""
+
+    def find_handler(self, request, **kwargs):
+        if "://" in request.uri.split("?", 1)[0]:
+            parts = urlsplit(request.uri)
+            request.uri = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            request.path = parts.path or "/"
+            if parts.netloc:
+                request.host = parts.netloc
+        return super().find_handler(request, **kwargs)
+
+
+def make_app(root: str, token: str | None = None, create_parents: bool = True) -> SEApplication:
+    root = os.path.realpath(root)
+    return SEApplication([(r"/.*", SEHandler, {"root": root, "token": token,
+                                               "create_parents": create_parents})])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="panda se", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True, help="folder to serve (created if missing)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--token-file", help="file holding the bearer token writes need "
+                        "(default: $PANDA_SE_TOKEN; none = writes open)")
+    parser.add_argument("--strict-webdav", action="store_true",
+                        help="answer PUT into a missing folder with 409, as RFC 4918 says, instead "
+                        "of creating the parents")
+    args = parser.parse_args(argv)
+    from panda_wms.cli import setup_logging
+
+    setup_logging()
+    token = os.environ.get("PANDA_SE_TOKEN") or None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip() or None
+    os.makedirs(args.root, exist_ok=True)
+    app = make_app(args.root, token, create_parents=not args.strict_webdav)
+
+    async def serve() -> None:
+        server = HTTPServer(app, max_body_size=1 << 50, idle_connection_timeout=300)
+        server.listen(args.port, address=args.host)
+        log.info("storage element serving %s on http://%s:%d (writes %s)", args.root, args.host,
+                 args.port, "need a token" if token else "open")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.stop()
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        sys.stderr.write(f"panda se: {exc}\n")
+        return 1
+    return 0

@@ -1,0 +1,226 @@
+"""Real peers for tests, on 127.0.0.1 only: the HTTP storage element, an XRootD server, and a
+server that accepts connections and never answers (a hung storage element).
+
+Importable by every part's tests (``from copytools.testing import start_se``).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _wait_tcp(port: int, timeout: float, proc: subprocess.Popen | None, log: Path | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            text = log.read_text(errors="replace") if log and log.exists() else ""
+            raise RuntimeError(f"peer exited with {proc.returncode} before listening:\n{text}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on {LOOPBACK}:{port} within {timeout} s")
+
+
+@dataclass
+class RunningSE:
+    """A ``panda se`` subprocess; ``url`` is its root URL."""
+    url: str
+    root: Path
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+    token: str | None = None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def __enter__(self) -> "RunningSE":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_se(root: str | Path, token: str | None = None, port: int | None = None,
+             log_path: str | Path | None = None, timeout: float = 20.0,
+             strict_webdav: bool = False) -> RunningSE:
+    """Start ``panda se`` on 127.0.0.1 (a free port unless given) and wait until it answers."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log_path = Path(log_path) if log_path else root.parent / f"se-{port}.log"
+    cmd = [sys.executable, "-m", "panda_wms.cli", "se", "--root", str(root), "--port", str(port),
+           "--host", LOOPBACK]
+    if strict_webdav:
+        cmd.append("--strict-webdav")
+    env = dict(os.environ)
+    env.pop("PANDA_SE_TOKEN", None)
+    if token:
+        token_file = root.parent / f"se-{port}.token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        cmd += ["--token-file", str(token_file)]
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    se = RunningSE(url=f"http://{LOOPBACK}:{port}", root=root, port=port, proc=proc,
+                   log_path=log_path, token=token)
+    try:
+        _wait_tcp(port, timeout, proc, log_path)
+    except Exception:
+        se.stop()
+        raise
+    return se
+
+
+class HungServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers: a storage element that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self._conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self._conns.append(conn)  # held open, never read, never answered
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for c in self._conns:
+            c.close()
+        self.sock.close()
+
+    def __enter__(self) -> "HungServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- XRootD --------------------------------------------------------------------------------------
+XROOTD_USER = "pandaxrd"
+
+
+def xrootd_available() -> str | None:
+    """Why a real xrootd cannot run here, or None when it can."""
+    for exe in ("xrootd", "xrdcp", "xrdfs"):
+        if shutil.which(exe) is None:
+            return f"{exe} is not installed (Debian packages xrootd-server, xrootd-client)"
+    if os.geteuid() != 0:
+        return "starting xrootd under its own user needs root"
+    return None
+
+
+def _ensure_user(name: str) -> None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name], check=True,
+                       capture_output=True)
+
+
+@dataclass
+class RunningXrootd:
+    url: str                        # root://127.0.0.1:PORT/
+    data: Path
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+    workdir: Path = field(repr=False, default=None)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "RunningXrootd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_xrootd(workdir: str | Path, timeout: float = 20.0) -> RunningXrootd:
+    """Start Debian's xrootd on 127.0.0.1 serving ``workdir/data`` (adler32 checksums on).
+
+    xrootd refuses to run as root, so it runs as a system user made for it; it stays in the
+    foreground (no -b) so the test owns its process.
+    """
+    why = xrootd_available()
+    if why:
+        raise RuntimeError(why)
+    workdir = Path(workdir)
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    _ensure_user(XROOTD_USER)
+    port = free_port()
+    cfg = workdir / "xrootd.cfg"
+    cfg.write_text(f"xrd.port {port}\nall.export /\noss.localroot {data}\n"
+                   "xrootd.chksum adler32\nall.adminpath " + str(workdir / "admin") + "\n"
+                   "all.pidpath " + str(workdir / "run") + "\n")
+    for p in (workdir, data):
+        shutil.chown(p, XROOTD_USER, XROOTD_USER)
+    log_path = workdir / "xrootd.log"
+    # the user must be able to reach the folder: open the path down to it for traversal
+    p = workdir
+    while p != p.parent:
+        mode = p.stat().st_mode
+        if not mode & 0o001:
+            p.chmod(mode | 0o001)
+        p = p.parent
+    proc = subprocess.Popen(["xrootd", "-R", XROOTD_USER, "-c", str(cfg), "-l", str(log_path),
+                             "-n", f"panda{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    server = RunningXrootd(url=f"root://{LOOPBACK}:{port}/", data=data, port=port, proc=proc,
+                           log_path=log_path, workdir=workdir)
+    try:
+        _wait_tcp(port, timeout, proc, log_path)
+    except Exception:
+        server.stop()
+        raise
+    return server
