@@ -161,7 +161,8 @@ def main(argv: list[str]) -> int:
         pm = make_manager()
         if not args.no_recovery:
             from .recovery import recover_all
-            recovered = recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs)
+            recovered = recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs,
+                                    cfg.final_retry)
             if recovered:
                 log.info("recovered jobs: %s", ", ".join(recovered))
         verifier = None
@@ -204,7 +205,7 @@ def main(argv: list[str]) -> int:
 
     if not args.no_recovery:  # our own final states the server missed: one more try
         from .recovery import recover_all
-        recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs)
+        recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs, cfg.final_retry)
     log.info("pilot done: %d job(s) in %.1f s", n_jobs, time.time() - started)
     return rc
 

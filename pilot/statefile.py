@@ -1,7 +1,9 @@
 """One small state file per job, and a lock that says whether its pilot is alive.
 
-The owning pilot holds an exclusive ``flock`` on ``.pilot.lock`` for as long as it lives; the
-kernel drops it when the pilot dies, however it dies. A later pilot that can take the lock knows the
+The owning pilot holds an exclusive POSIX record lock (``lockf``) on ``.pilot.lock`` for as long
+as it lives; the kernel drops it when the pilot dies, however it dies. Record locks, unlike
+``flock``, are not inherited by forked children, so a hung copytool process left behind by a dead
+pilot does not keep its job dir locked. A later pilot that can take the lock knows the
 owner is gone (no pid-reuse guesswork) and may recover the job. The state file is rewritten
 atomically (write + rename), so a crash never leaves half a file.
 """
@@ -33,7 +35,7 @@ class JobLock:
     def acquire(self) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             return False
