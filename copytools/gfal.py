@@ -10,6 +10,7 @@ The gfal2 context is made in the transfer process (after the fork), never in the
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import importlib.machinery
@@ -62,6 +63,19 @@ def _gerror_code(exc: Exception) -> int:
     return int(getattr(exc, "code", 0) or 0)
 
 
+def _absolute_url(surl: str) -> str:
+    if surl.startswith(("root://", "xroot://", "roots://")):
+        from .xrootd import root_url
+        return root_url(surl)
+    return surl
+
+
+def _absolute(t: Transfer) -> Transfer:
+    """The same transfer with an XRootD URL in absolute form (see xrootd.root_url)."""
+    surl = _absolute_url(t.surl)
+    return t if surl == t.surl else dataclasses.replace(t, surl=surl)
+
+
 class GfalTool(CopyTool):
     """Options: ``timeout_ops`` (s, gfal2's per-operation timeout), ``md5``."""
 
@@ -92,6 +106,7 @@ class GfalTool(CopyTool):
                                                                    errno.ENOSPC, errno.EDQUOT))
 
     def copy_in(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
+        surl, t = t.surl, _absolute(t)
         gfal2, ctx = self._context(timeout)
         tmp = partial_path(t.local_path)
         cs = StreamChecksum(want_md5)
@@ -118,9 +133,10 @@ class GfalTool(CopyTool):
             raise TransferError(code, f"{t.lfn}: writing {t.local_path}: {exc}") from None
         finally:
             del src
-        return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
+        return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=surl)
 
     def copy_out(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
+        surl, t = t.surl, _absolute(t)
         gfal2, ctx = self._context(timeout)
         cs = StreamChecksum(want_md5)
         parent = t.surl.rsplit("/", 1)[0]
@@ -160,11 +176,11 @@ class GfalTool(CopyTool):
             self.remove_remote(t.surl)
             raise TransferError(ErrorCode.ADLER32_MISMATCH_OUT,
                                 f"{t.lfn}: sent adler32 {cs.adler32}, storage has {remote}", True)
-        return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
+        return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=surl)
 
     def remove_remote(self, surl: str) -> None:
         try:
             gfal2 = import_gfal2()
-            gfal2.creat_context().unlink(surl)
+            gfal2.creat_context().unlink(_absolute_url(surl))
         except Exception as exc:  # noqa: BLE001 - best effort
             log.warning("could not remove %s: %s", surl, exc)

@@ -35,6 +35,13 @@ def split_root_url(surl: str) -> tuple[str, str]:
     return parts.netloc, "/" + parts.path.lstrip("/")
 
 
+def root_url(surl: str) -> str:
+    """XRootD wants an absolute path after the host ('root://h:p//a/b'); replica_url gives one
+    slash ('root://h:p/a/b'), which servers read as a relative path and refuse."""
+    host, path = split_root_url(surl)
+    return f"{urlsplit(surl).scheme}://{host}/{path}"
+
+
 class XrdcpTool(CopyTool):
     """Options: ``xrdcp`` / ``xrdfs`` (paths of the commands), ``connect_timeout`` (s)."""
 
@@ -88,7 +95,7 @@ class XrdcpTool(CopyTool):
         self._check_url(t, "in")
         tmp = partial_path(t.local_path)
         cs = StreamChecksum(want_md5)
-        proc, timer = self._start(["-f", t.surl, "-"], timeout, stdout=subprocess.PIPE)
+        proc, timer = self._start(["-f", root_url(t.surl), "-"], timeout, stdout=subprocess.PIPE)
         try:
             errbuf: list[bytes] = []
             reader = threading.Thread(target=lambda: errbuf.append(proc.stderr.read()),
@@ -124,7 +131,8 @@ class XrdcpTool(CopyTool):
     def copy_out(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
         self._check_url(t, "out")
         cs = StreamChecksum(want_md5)
-        proc, timer = self._start(["-f", "--posc", "--cksum", "adler32:print", "-", t.surl],
+        proc, timer = self._start(["-f", "--posc", "--cksum", "adler32:print", "-",
+                                   root_url(t.surl)],
                                   timeout, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         errbuf: list[bytes] = []
         reader = threading.Thread(target=lambda: errbuf.append(proc.stderr.read()), daemon=True)

@@ -1,0 +1,194 @@
+"""http, xrdcp and gfal against real peers on 127.0.0.1: ``panda se`` and Debian's xrootd."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import zlib
+
+import pytest
+
+from copytools import Transfer, TransferError, load, run_transfer
+from copytools.gfal import import_gfal2
+from copytools.testing import start_se
+from panda_wms.errorcodes import ErrorCode
+from panda_wms.storage import replica_url
+
+
+def adler(data: bytes) -> str:
+    return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+def _gfal_missing() -> str | None:
+    try:
+        import_gfal2()
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+needs_gfal = pytest.mark.skipif(_gfal_missing() is not None, reason=str(_gfal_missing()))
+
+
+def _roundtrip(tool, se_url, tmp_path, payload, lfn):
+    """Stage a file out, then in again under the catalogue's size and adler32."""
+    src, data = payload
+    url = replica_url(se_url, "user", lfn)
+    out = run_transfer(tool, Transfer(lfn, "user", url, str(src)), "out", timeout=30, retries=0)
+    assert (out.fsize, out.adler32, out.surl) == (len(data), adler(data), url)
+    dst = tmp_path / lfn
+    got = run_transfer(tool, Transfer(lfn, "user", url, str(dst), len(data), "ad:" + out.adler32),
+                       "in", timeout=30, retries=0)
+    assert got.adler32 == adler(data) and dst.read_bytes() == data
+    return url
+
+
+# -- http -----------------------------------------------------------------------------------------
+def test_http_roundtrip(se, tmp_path, payload):
+    url = _roundtrip(load("http"), se.url, tmp_path, payload, "h1.bin")
+    assert (se.root / url[len(se.url) + 1:]).read_bytes() == payload[1]
+
+
+def test_http_davs_style_url_and_md5(se, tmp_path, payload):
+    src, data = payload
+    url = replica_url(se.url.replace("http://", "dav://"), "user", "h2.bin")
+    res = load("http").stage_out(Transfer("h2.bin", "user", url, str(src),
+                                          checksum="md5:" + hashlib.md5(data).hexdigest()))
+    assert res.md5 == hashlib.md5(data).hexdigest()
+
+
+def test_http_token_and_mkcol_parents(tmp_path, payload):
+    src, data = payload
+    with start_se(tmp_path / "root", token="tok", strict_webdav=True) as se:
+        url = replica_url(se.url, "user", "t.bin")
+        t = Transfer("t.bin", "user", url, str(src))
+        with pytest.raises(TransferError) as err:
+            load("http").stage_out(t)
+        assert err.value.code == ErrorCode.STAGEOUT_FAILED and "401" in err.value.message
+        token_file = tmp_path / "token"
+        token_file.write_text("tok\n")
+        assert load("http", token_file=str(token_file)).stage_out(t).adler32 == adler(data)
+        assert (se.root / url[len(se.url) + 1:]).read_bytes() == data
+
+
+def test_http_missing_and_mismatch(se, tmp_path, payload):
+    t = Transfer("none.bin", "user", f"{se.url}/user/none.bin", str(tmp_path / "n"))
+    with pytest.raises(TransferError) as err:
+        run_transfer(load("http"), t, "in", timeout=10, retries=2, backoff=0)
+    assert err.value.code == ErrorCode.MISSING_INPUT
+    src, data = payload
+    url = f"{se.url}/user/mm.bin"
+    load("http").stage_out(Transfer("mm.bin", "user", url, str(src)))
+    t = Transfer("mm.bin", "user", url, str(tmp_path / "mm.bin"), len(data), "ad:12345678")
+    with pytest.raises(TransferError) as err:
+        load("http").stage_in(t)
+    assert err.value.code == ErrorCode.ADLER32_MISMATCH_IN
+    assert not (tmp_path / "mm.bin").exists()
+
+
+def test_http_dead_peer_is_a_retryable_failure(tmp_path):
+    from copytools.testing import free_port
+    t = Transfer("f", "user", f"http://127.0.0.1:{free_port()}/user/f", str(tmp_path / "f"))
+    with pytest.raises(TransferError) as err:
+        load("http").stage_in(t)
+    assert err.value.code == ErrorCode.STAGEIN_FAILED and err.value.retryable
+
+
+def test_http_full_storage_element(tmp_path, tiny_fs, payload):
+    src, _ = payload
+    with start_se(tiny_fs / "root", log_path=tmp_path / "se.log") as se:
+        with pytest.raises(TransferError) as err:
+            run_transfer(load("http"), Transfer("f", "user", f"{se.url}/user/f", str(src)), "out",
+                         timeout=20, retries=2, backoff=0)
+    assert err.value.code == ErrorCode.STAGEOUT_FAILED and "storage full" in err.value.message
+
+
+@pytest.mark.parametrize("direction,code", [("in", ErrorCode.STAGEIN_TIMEOUT),
+                                            ("out", ErrorCode.STAGEOUT_TIMEOUT)])
+def test_hung_storage_element_is_killed(hung, tmp_path, payload, direction, code):
+    src, _ = payload
+    local = str(tmp_path / "f") if direction == "in" else str(src)
+    t = Transfer("f", "user", f"{hung.url}/user/f", local)
+    start = time.monotonic()
+    with pytest.raises(TransferError) as err:
+        run_transfer(load("http"), t, direction, timeout=1.0, retries=1, backoff=0.1)
+    assert err.value.code == code
+    assert time.monotonic() - start < 6
+    assert sorted(os.listdir(tmp_path)) == ["payload.bin"], "no half file may be left"
+
+
+# -- xrootd ---------------------------------------------------------------------------------------
+@pytest.mark.xrootd
+def test_xrdcp_roundtrip_and_server_checksum(xrootd, tmp_path, payload):
+    tool = load("xrdcp")
+    url = _roundtrip(tool, xrootd.url, tmp_path, payload, "x1.bin")
+    assert tool.remote_adler32(url) == adler(payload[1])
+
+
+@pytest.mark.xrootd
+def test_xrdcp_missing_and_mismatch(xrootd, tmp_path, payload):
+    tool = load("xrdcp")
+    t = Transfer("none", "user", f"{xrootd.url}/user/none", str(tmp_path / "none"))
+    with pytest.raises(TransferError) as err:
+        run_transfer(tool, t, "in", timeout=20, retries=1, backoff=0)
+    assert err.value.code == ErrorCode.MISSING_INPUT
+    assert sorted(os.listdir(tmp_path)) == ["payload.bin"]
+    src, data = payload
+    url = f"{xrootd.url}/user/x2.bin"
+    tool.stage_out(Transfer("x2.bin", "user", url, str(src)))
+    t = Transfer("x2.bin", "user", url, str(tmp_path / "x2.bin"), len(data),
+                 "md5:" + "0" * 32)
+    with pytest.raises(TransferError) as err:
+        tool.stage_in(t)
+    assert err.value.code == ErrorCode.MD5_MISMATCH_IN
+    t = Transfer("x2.bin", "user", url, str(src), checksum="ad:00000002")
+    with pytest.raises(TransferError) as err:
+        tool.stage_out(t)
+    assert err.value.code == ErrorCode.ADLER32_MISMATCH_OUT
+    assert tool.remote_adler32(url) is None, "a bad upload must be removed"
+
+
+@pytest.mark.xrootd
+def test_xrdcp_hung_server_is_killed(hung, tmp_path):
+    t = Transfer("f", "user", f"root://127.0.0.1:{hung.port}//user/f", str(tmp_path / "f"))
+    start = time.monotonic()
+    with pytest.raises(TransferError) as err:
+        run_transfer(load("xrdcp"), t, "in", timeout=1.5, retries=0)
+    assert err.value.code == ErrorCode.STAGEIN_TIMEOUT
+    assert time.monotonic() - start < 6
+    assert os.listdir(tmp_path) == []
+
+
+# -- gfal -----------------------------------------------------------------------------------------
+@needs_gfal
+def test_gfal_over_http(se, tmp_path, payload):
+    _roundtrip(load("gfal"), se.url, tmp_path, payload, "g1.bin")
+
+
+@needs_gfal
+@pytest.mark.xrootd
+def test_gfal_over_xrootd(xrootd, tmp_path, payload):
+    _roundtrip(load("gfal"), xrootd.url, tmp_path, payload, "g2.bin")
+
+
+@needs_gfal
+def test_gfal_missing_and_mismatch(se, tmp_path, payload):
+    t = Transfer("none", "user", f"{se.url}/user/none", str(tmp_path / "none"))
+    with pytest.raises(TransferError) as err:
+        run_transfer(load("gfal"), t, "in", timeout=20, retries=1, backoff=0)
+    assert err.value.code == ErrorCode.MISSING_INPUT
+    src, data = payload
+    url = f"{se.url}/user/g3.bin"
+    load("gfal").stage_out(Transfer("g3.bin", "user", url, str(src)))
+    t = Transfer("g3.bin", "user", url, str(tmp_path / "g3.bin"), len(data), "ad:00000003")
+    with pytest.raises(TransferError) as err:
+        load("gfal").stage_in(t)
+    assert err.value.code == ErrorCode.ADLER32_MISMATCH_IN
+
+
+@needs_gfal
+def test_gfal_hung_server_is_killed(hung, tmp_path):
+    t = Transfer("f", "user", f"{hung.url}/user/f", str(tmp_path / "f"))
+    with pytest.raises(TransferError) as err:
+        run_transfer(load("gfal"), t, "in", timeout=1.5, retries=0)
+    assert err.value.code == ErrorCode.STAGEIN_TIMEOUT
