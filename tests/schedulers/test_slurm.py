@@ -1,0 +1,168 @@
+"""The slurm backend against a REAL single-node Slurm started for this session."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+
+import pytest
+
+import slurm_cluster
+from schedulers.base import BatchState, PilotSpec, SchedulerError, load_backend
+from schedulers.slurm import SlurmBackend, format_walltime, map_state, parse_exit_code
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """munged + slurmctld + slurmd, private to this session; SLURM_CONF set for every child."""
+    try:
+        cluster = slurm_cluster.start()
+    except slurm_cluster.SlurmUnavailable as exc:
+        pytest.skip(f"no Slurm here: {exc}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    cluster.stop()
+
+
+def wait_final(backend, bid, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = backend.details([bid])[bid]
+        if info.state in (BatchState.DONE, BatchState.FAILED, BatchState.CANCELLED):
+            return info
+        time.sleep(0.2)
+    raise AssertionError(f"slurm job {bid} still {info.state} after {timeout} s")
+
+
+def wait_state(backend, bid, state, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if backend.status([bid])[bid] == state:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"slurm job {bid} never reached {state}")
+
+
+def test_pure_helpers():
+    assert format_walltime(1) == "0-00:01:00"
+    assert format_walltime(3600) == "0-01:00:00"
+    assert format_walltime(90061) == "1-01:02:00"
+    assert map_state("CANCELLED by 0") == BatchState.CANCELLED
+    assert map_state("PENDING") == BatchState.QUEUED
+    assert map_state("OUT_OF_MEMORY") == BatchState.FAILED
+    assert map_state("WHATEVER") == BatchState.UNKNOWN
+    assert parse_exit_code("3:0") == (3, 0) and parse_exit_code("0:9") == (0, 9)
+
+
+def test_pilot_runs_with_its_environment_and_argv(slurm, tmp_path):
+    backend = load_backend("slurm", partition="debug", command_timeout_s=20)
+    weird = "a b; $(touch pwned) 'q' \"d\" *"
+    code = ("import os, sys, json; print('pilot says hi'); json.dump([sys.argv[1:], "
+            "os.environ.get('PANDA_AUTH_TOKEN'), os.environ.get('SLURM_JOB_ID')], "
+            "open('seen.json', 'w'))")
+    bid = backend.submit(PilotSpec(site="SLURM_TEST", command=[PY, "-c", code, weird],
+                                   env={"PANDA_AUTH_TOKEN": "secret-tok"}, workdir=str(tmp_path),
+                                   walltime_s=300, cores=1, memory_mb=100))
+    info = wait_final(backend, bid)
+    assert (info.state, info.exit_code) == (BatchState.DONE, 0), info
+    assert json.loads((tmp_path / "seen.json").read_text()) == [[weird], "secret-tok", bid]
+    assert not (tmp_path / "pwned").exists()
+    assert (tmp_path / f"pilot-{bid}.out").read_text() == "pilot says hi\n"
+    # the token never appears on a command line Slurm recorded
+    shown = slurm.run("scontrol", "show", "job", bid).stdout
+    assert "secret-tok" not in shown
+
+
+def test_resources_reach_slurm(slurm, tmp_path):
+    backend = SlurmBackend(partition="debug")
+    bid = backend.submit(PilotSpec(site="S", command=["sleep", "30"], workdir=str(tmp_path),
+                                   walltime_s=125, cores=2, memory_mb=300, name="res-test"))
+    try:
+        shown = slurm.run("scontrol", "show", "job", "-o", bid).stdout
+        assert "TimeLimit=00:03:00" in shown
+        assert "JobName=res-test" in shown
+        assert "MinMemoryNode=300M" in shown
+        assert "NumCPUs=2" in shown or "MinCPUsNode=2" in shown
+        assert "Partition=debug" in shown
+    finally:
+        backend.cancel([bid])
+
+
+def test_failed_pilot_has_its_exit_code(slurm, tmp_path):
+    backend = SlurmBackend()
+    bid = backend.submit(PilotSpec(site="S", command=["sh", "-c", "exit 3"],
+                                   workdir=str(tmp_path)))
+    info = wait_final(backend, bid)
+    assert (info.state, info.exit_code) == (BatchState.FAILED, 3), info
+    assert "exit code 3" in info.reason
+
+
+def test_cancel_running_and_queued(slurm, tmp_path):
+    backend = SlurmBackend()
+    running = backend.submit(PilotSpec(site="S", command=["sleep", "60"], workdir=str(tmp_path),
+                                       cores=os.cpu_count() or 1))
+    wait_state(backend, running, BatchState.RUNNING)
+    queued = backend.submit(PilotSpec(site="S", command=["sleep", "60"], workdir=str(tmp_path)))
+    time.sleep(1.5)
+    assert backend.status([queued])[queued] == BatchState.QUEUED   # the node is full
+    backend.cancel([running, queued])
+    assert wait_final(backend, running).state == BatchState.CANCELLED
+    assert wait_final(backend, queued).state == BatchState.CANCELLED
+    backend.cancel([running])                      # cancelling an ended job is no error
+
+
+def test_jobs_squeue_has_forgotten_come_from_sacct(slurm, tmp_path, monkeypatch):
+    backend = SlurmBackend()
+    ok = backend.submit(PilotSpec(site="S", command=["true"], workdir=str(tmp_path)))
+    bad = backend.submit(PilotSpec(site="S", command=["sh", "-c", "exit 7"],
+                                   workdir=str(tmp_path)))
+    wait_final(backend, ok), wait_final(backend, bad)
+    monkeypatch.setattr(backend, "_squeue", lambda ids: {})    # as after MinJobAge
+    got = backend.details([ok, bad])
+    assert (got[ok].state, got[ok].exit_code) == (BatchState.DONE, 0)
+    assert (got[bad].state, got[bad].exit_code) == (BatchState.FAILED, 7)
+
+
+def test_unknown_and_hostile_ids(slurm):
+    backend = SlurmBackend()
+    got = backend.status(["999999", "1;rm -rf /", "../x"])
+    assert got == {"999999": BatchState.UNKNOWN, "1;rm -rf /": BatchState.UNKNOWN,
+                   "../x": BatchState.UNKNOWN}
+    backend.cancel(["999999"])
+    with pytest.raises(SchedulerError, match="not Slurm job ids"):
+        backend.cancel(["1;rm -rf /"])
+
+
+def test_refusal_is_a_clear_error(slurm, tmp_path):
+    backend = SlurmBackend(partition="no_such_partition")
+    with pytest.raises(SchedulerError, match="sbatch failed.*[Pp]artition"):
+        backend.submit(PilotSpec(site="S", command=["true"], workdir=str(tmp_path)))
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(SchedulerError, match="unknown option.*pool"):
+        SlurmBackend(pool="x")
+
+
+def test_missing_commands_and_hung_commands(tmp_path):
+    backend = SlurmBackend(bin_dir=str(tmp_path))
+    with pytest.raises(SchedulerError, match="not found"):
+        backend.submit(PilotSpec(site="S", command=["true"], workdir=str(tmp_path)))
+    hung = tmp_path / "squeue"                 # a squeue that never answers
+    hung.write_text("#!/bin/sh\nexec sleep 30\n")
+    hung.chmod(hung.stat().st_mode | stat.S_IEXEC)
+    backend = SlurmBackend(bin_dir=str(tmp_path), command_timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(SchedulerError, match="squeue did not answer within 0.5 s"):
+        backend.status(["1"])
+    assert time.monotonic() - t0 < 5
