@@ -37,7 +37,8 @@ setup(
                                     "schedulers*", "site_configs*"]),
     package_data={"site_configs": ["*.yaml", "examples/*.yaml", "*.json"],
                   "server": ["templates/*.html", "static/*", "alembic.ini",
-                             "migrations/*.py", "migrations/versions/*.py"]},
+                             "migrations/*.py", "migrations/*.mako",
+                             "migrations/versions/*.py"]},
     install_requires=[
         "pluggy>=1.3",
         "stevedore>=5.0",

@@ -35,6 +35,10 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", help="CA bundle or directory to verify client certificates")
     p.add_argument("--admin-dn", action="append", default=[], help="certificate DN with admin role")
     p.add_argument("--pilot-dn", action="append", default=[], help="certificate DN with pilot role")
+    p.add_argument("--archive-after", type=float, default=3 * 24 * 3600, metavar="S",
+                   help="archive finished/failed/cancelled jobs S seconds after they ended")
+    p.add_argument("--archive-interval", type=float, default=600, metavar="S",
+                   help="how often the first server process archives (0: never)")
     p.add_argument("--log-level", default=None)
     return p
 
@@ -114,6 +118,9 @@ def main(argv: list[str]) -> int:
                         threads=args.threads, site_loader=validate_site_dicts,
                         admin_dns=args.admin_dn, pilot_dns=args.pilot_dn)
     app = make_app(state)
+    if (tornado.process.task_id() or 0) == 0:    # one process archives
+        from .archive import start_archiver
+        start_archiver(state.tb, state.executor, args.archive_after, args.archive_interval)
     server = tornado.httpserver.HTTPServer(app, ssl_options=_ssl_options(args),
                                            max_body_size=MAX_BODY_BYTES,
                                            xheaders=True)
@@ -142,22 +149,58 @@ def main(argv: list[str]) -> int:
 
 
 def db_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="panda db", description="Manage the database schema.")
-    p.add_argument("action", choices=["upgrade", "current"])
-    p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB))
+    p = argparse.ArgumentParser(prog="panda db", description="Manage the database: schema "
+                                "migrations and the archive of old jobs.")
+    p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
+                   help="SQLAlchemy database URL (default: %(default)s; env PANDA_DB)")
+    sub = p.add_subparsers(dest="action", required=True)
+    up = sub.add_parser("upgrade", help="run the schema migrations (creates an empty database)")
+    up.add_argument("revision", nargs="?", default="head")
+    sub.add_parser("current", help="print the schema revision of the database")
+    ar = sub.add_parser("archive", help="move finished/failed/cancelled jobs older than S "
+                        "seconds to jobs_archive")
+    ar.add_argument("--older-than", type=float, required=True, metavar="S",
+                    help="age in seconds since the job reached its final state")
+    ar.add_argument("--batch", type=int, default=1000, help="jobs moved per transaction")
+    # accept --db after the action too
+    for sp in (up, sub.choices["current"], ar):
+        sp.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from .db import create_schema, make_engine, metadata
-    engine = make_engine(args.db, pool_size=1)
-    if args.action == "upgrade":
-        create_schema(engine)
-        sys.stdout.write(f"schema up to date in {args.db}\n")
-    else:
-        from sqlalchemy import inspect
-        have = set(inspect(engine).get_table_names())
-        want = set(metadata.tables)
-        sys.stdout.write(f"tables present: {len(have & want)}/{len(want)}"
-                         + (f"; missing: {', '.join(sorted(want - have))}" if want - have else "")
-                         + "\n")
+    from panda_wms.cli import setup_logging
+
+    setup_logging(None)
+    from .db import current_revision, head_revision, make_engine, upgrade_schema
+
+    if args.db.startswith("sqlite:///") and args.action == "upgrade":
+        Path(args.db[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    shown = args.db.split("@")[-1] if "@" in args.db else args.db
+    try:
+        engine = make_engine(args.db, pool_size=1)
+        if args.action == "upgrade":
+            before, after = upgrade_schema(engine, args.revision)
+            sys.stdout.write(f"{shown}: schema at {after} (was {before or 'empty'})\n")
+        elif args.action == "current":
+            rev, head = current_revision(engine), head_revision()
+            state = "head" if rev == head else ("empty: run 'panda db upgrade'" if rev is None
+                                                else f"behind {head}: run 'panda db upgrade'")
+            sys.stdout.write(f"{rev or 'none'} ({state})\n")
+            if rev != head:
+                return 3
+        else:
+            from .archive import archive_jobs
+            from .taskbuffer import TaskBuffer
+
+            if args.older_than < 0:
+                sys.stderr.write("panda db archive: --older-than must be >= 0\n")
+                return 2
+            moved = archive_jobs(TaskBuffer(engine), args.older_than, batch=args.batch)
+            sys.stdout.write(f"archived {moved} job(s) older than {args.older_than:g} s\n")
+    except Exception as exc:  # noqa: BLE001 - say which database and why
+        sys.stderr.write(f"panda db {args.action}: database {shown}: {exc}\n")
+        return 1
+    finally:
+        if "engine" in locals():
+            engine.dispose()
     return 0
 
 

@@ -7,9 +7,11 @@ and every module here works with plain rows and dicts anyway.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
-                        String, Table, Text, UniqueConstraint, create_engine, event)
+                        String, Table, Text, UniqueConstraint, create_engine, event, inspect)
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -18,6 +20,8 @@ metadata = MetaData()
 
 # BigInteger ids that are still auto-incrementing INTEGER PRIMARY KEY on SQLite
 Id = BigInteger().with_variant(Integer(), "sqlite")
+# MariaDB's DATETIME drops fractions of a second unless asked: keep microseconds everywhere
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 tasks = Table(
     "tasks", metadata,
@@ -31,8 +35,8 @@ tasks = Table(
     Column("max_attempts", Integer, nullable=False, default=3),
     Column("params", JSON, nullable=False),
     Column("error_dialog", Text),
-    Column("created", DateTime, nullable=False),
-    Column("modified", DateTime, nullable=False),
+    Column("created", Timestamp, nullable=False),
+    Column("modified", Timestamp, nullable=False),
     Index("ix_tasks_owner", "owner"),
     Index("ix_tasks_modified", "modified"),
 )
@@ -62,12 +66,12 @@ def _job_columns() -> list[Column]:
         Column("pilot_version", String(64)),              # required pilot version, if any
         Column("transfer_type", String(16)),              # "direct": read input in place
         Column("command", String(64)),                    # pending command for the pilot
-        Column("creation_time", DateTime, nullable=False),
-        Column("modification_time", DateTime, nullable=False),
-        Column("state_changed", DateTime, nullable=False),
-        Column("start_time", DateTime),
-        Column("end_time", DateTime),
-        Column("heartbeat_time", DateTime),
+        Column("creation_time", Timestamp, nullable=False),
+        Column("modification_time", Timestamp, nullable=False),
+        Column("state_changed", Timestamp, nullable=False),
+        Column("start_time", Timestamp),
+        Column("end_time", Timestamp),
+        Column("heartbeat_time", Timestamp),
         Column("node", String(255)),
         Column("pilot_id", String(512)),
         Column("batch_id", String(255)),
@@ -79,6 +83,8 @@ def _job_columns() -> list[Column]:
         Column("exe_error_diag", Text),
         Column("dispatcher_error_code", Integer, nullable=False, default=0),
         Column("dispatcher_error_diag", Text),
+        Column("ddm_error_code", Integer, nullable=False, default=0),     # data service
+        Column("ddm_error_diag", Text),
         Column("task_buffer_error_code", Integer, nullable=False, default=0),
         Column("task_buffer_error_diag", Text),
         Column("cpu_consumption_time", Float),
@@ -92,7 +98,7 @@ jobs = Table(
     "jobs", metadata, *_job_columns(),
     # the dispatcher's query: activated jobs of a site, best first
     Index("ix_jobs_dispatch", "site", "status", "current_priority"),
-    Index("ix_jobs_task", "task_id"),
+    Index("ix_jobs_task_status", "task_id", "status"),
     Index("ix_jobs_status_changed", "status", "state_changed"),
 )
 
@@ -124,7 +130,7 @@ datasets = Table(
     "datasets", metadata,
     Column("name", String(255), primary_key=True),
     Column("scope", String(255), nullable=False),
-    Column("created", DateTime, nullable=False),
+    Column("created", Timestamp, nullable=False),
 )
 
 dataset_files = Table(
@@ -137,7 +143,7 @@ dataset_files = Table(
     Column("fsize", BigInteger),
     Column("checksum", String(64)),
     Column("task_id", BigInteger),                     # the task that consumed it, if any
-    Column("created", DateTime, nullable=False),
+    Column("created", Timestamp, nullable=False),
     UniqueConstraint("dataset", "scope", "lfn", name="uq_dataset_file"),
 )
 
@@ -148,7 +154,7 @@ replicas = Table(
     Column("lfn", String(255), nullable=False),
     Column("ddm_endpoint", String(128), nullable=False),
     Column("surl", Text),
-    Column("created", DateTime, nullable=False),
+    Column("created", Timestamp, nullable=False),
     UniqueConstraint("scope", "lfn", "ddm_endpoint", name="uq_replica"),
 )
 
@@ -157,7 +163,7 @@ sites = Table(
     Column("name", String(128), primary_key=True),
     Column("status", String(16), nullable=False),
     Column("config", JSON, nullable=False),
-    Column("updated", DateTime, nullable=False),
+    Column("updated", Timestamp, nullable=False),
 )
 
 job_history = Table(
@@ -166,7 +172,7 @@ job_history = Table(
     Column("panda_id", BigInteger, nullable=False),
     Column("old_status", String(32)),
     Column("new_status", String(32), nullable=False),
-    Column("time", DateTime, nullable=False),
+    Column("time", Timestamp, nullable=False),
     Column("actor", String(255)),
     Index("ix_history_panda", "panda_id"),
 )
@@ -179,8 +185,8 @@ pilots = Table(
     Column("site", String(128), nullable=False),
     Column("backend", String(64)),
     Column("state", String(16), nullable=False),
-    Column("submitted", DateTime),
-    Column("updated", DateTime, nullable=False),
+    Column("submitted", Timestamp),
+    Column("updated", Timestamp, nullable=False),
     Column("exit_code", Integer),
     UniqueConstraint("factory", "batch_id", name="uq_pilot"),
 )
@@ -188,8 +194,38 @@ pilots = Table(
 factories = Table(
     "factories", metadata,
     Column("name", String(255), primary_key=True),
-    Column("last_seen", DateTime, nullable=False),
+    Column("last_seen", Timestamp, nullable=False),
     Column("actor", String(255)),
+)
+
+
+# nested global shares (server/shares.py): one row per share, value in % of its parent
+global_shares = Table(
+    "global_shares", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("parent", String(64)),
+    Column("value", Float, nullable=False),
+    Column("position", Integer, nullable=False, default=0),
+    Column("updated", Timestamp, nullable=False),
+)
+
+# event ranges of jobs split by events within a file (server/eventranges.py)
+event_ranges = Table(
+    "event_ranges", metadata,
+    Column("row_id", Id, primary_key=True, autoincrement=True),
+    Column("task_id", BigInteger, nullable=False),
+    Column("serial", Integer, nullable=False),         # the job (all its attempts) they belong to
+    Column("panda_id", BigInteger),                    # the attempt holding them now
+    Column("scope", String(255), nullable=False),
+    Column("lfn", String(255), nullable=False),
+    Column("guid", String(64), nullable=False),
+    Column("start_event", BigInteger, nullable=False),
+    Column("last_event", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),      # ready | sent | running | finished | failed
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("cpu_consumption_time", Float),
+    Column("modified", Timestamp, nullable=False),
+    Index("ix_event_ranges_job", "task_id", "serial", "status"),
 )
 
 
@@ -225,6 +261,72 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
     return engine
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+BASELINE = "0001"   # the spine's schema, created before there were migrations
+
+
+def alembic_config(url: str | None = None):
+    """An alembic Config pointing at the migrations shipped inside the package."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if url:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at; None for an empty (or pre-migration) one."""
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _lock_migrations(conn) -> None:
+    """Serialise migrations from several servers starting at once against one database."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(72616) ")
+    elif conn.dialect.name in ("mysql", "mariadb"):
+        conn.exec_driver_sql("SELECT GET_LOCK('panda_wms_migrations', 120)")
+    # SQLite: the transaction is BEGIN IMMEDIATE, already one writer at a time
+
+
+def upgrade_schema(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
+    """Bring the schema to ``revision`` by running the alembic migrations; returns (from, to).
+
+    An empty database gets every migration; one created by the spine's ``create_schema``
+    (tables but no ``alembic_version``) is recognised as the baseline and upgraded from there.
+    """
+    from alembic import command
+    from alembic.migration import MigrationContext
+
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        _lock_migrations(conn)
+        before = MigrationContext.configure(conn).get_current_revision()
+        if before is None and "jobs" in inspect(conn).get_table_names():
+            log.info("database has the pre-migration schema: stamping it as %s", BASELINE)
+            cfg.attributes["connection"] = conn
+            command.stamp(cfg, BASELINE)
+            before = BASELINE
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        after = MigrationContext.configure(conn).get_current_revision()
+        if conn.dialect.name in ("mysql", "mariadb"):
+            conn.exec_driver_sql("SELECT RELEASE_LOCK('panda_wms_migrations')")
+    if before != after:
+        log.info("database schema upgraded from %s to %s", before or "empty", after)
+    return before, after
+
+
 def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet (``panda db upgrade`` runs migrations)."""
-    metadata.create_all(engine)
+    """Create or upgrade every table (runs the migrations; idempotent)."""
+    upgrade_schema(engine)

@@ -1,0 +1,152 @@
+"""Helpers for the database-layer tests: sites and jobs put straight into the task buffer.
+
+``seed_jobs`` writes thousands of activated jobs (with their files and history rows) in a few
+executemany statements, so concurrency tests and benchmarks start in a second, not minutes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import uuid
+import zlib
+from pathlib import Path
+
+from sqlalchemy import insert, select
+
+from server import db
+from server.taskbuffer import TaskBuffer
+
+
+def _root_conftest():
+    """tests/conftest.py under its own name: both conftests are plain modules called
+    ``conftest``, so ``from conftest import ...`` here could pick the wrong one."""
+    name = "_panda_tests_root_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parent.parent / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_root = _root_conftest()
+start_server = _root.start_server
+stop_server = _root.stop_server
+free_port = _root.free_port
+wait_http = _root.wait_http
+
+
+def site_config(name: str, se: str = "SE_A", *, cores: int = 8, memory_mb: int = 16000,
+                walltime_s: int = 86400, status: str = "online") -> dict:
+    """A site config shaped like ``SiteConfig.to_dict()``."""
+    url = "file:///nonexistent/se"
+    return {
+        "name": name, "region": "test", "status": status,
+        "resources": {"cores": cores, "memory_mb": memory_mb, "max_walltime_s": walltime_s,
+                      "max_disk_mb": 20000},
+        "scheduler": {"backend": "local", "options": {}},
+        "pilots": {"max_queued": 2, "max_running": 100, "rate_per_minute": 60,
+                   "walltime_s": walltime_s},
+        "storage": {"input": {"name": se, "url": url}, "output": {"name": se, "url": url}},
+        "copytools": {"input": {"name": "cp", "options": {}},
+                      "output": {"name": "cp", "options": {}}},
+        "direct_read": False, "transfer": {"timeout_s": 60, "retries": 1},
+        "limits": {"looping_s": 600, "min_free_disk_mb": 100, "max_workdir_mb": 2000,
+                   "heartbeat_s": 1800},
+    }
+
+
+def add_site(tb: TaskBuffer, name: str = "SITE_A", **kw) -> dict:
+    cfg = site_config(name, **kw)
+    tb.sync_sites([cfg])
+    return cfg
+
+
+def seed_jobs(tb: TaskBuffer, site: str, n: int, *, task_name: str = "bulk",
+              owner: str = "alice", priority: int = 1000, priorities: list[int] | None = None,
+              max_attempts: int = 3, status: str = "activated", cores: int = 1,
+              memory_mb: int = 1000, walltime_s: int = 600, pilot_version: str | None = None,
+              task_id: int | None = None) -> tuple[int, list[int]]:
+    """Create a task (unless ``task_id``) with ``n`` jobs in ``status`` at ``site``.
+
+    Each job has one input, one output and one log file, and one history row (None -> status).
+    Returns (task_id, PandaIDs in serial order).
+    """
+    now = tb.clock()
+    with tb.engine.begin() as conn:
+        if task_id is None:
+            task_id = tb.insert_task(conn, name=task_name, owner=owner, params={"name": task_name},
+                                     priority=priority, share="production", site=site,
+                                     max_attempts=max_attempts)
+            tb.set_task_status(conn, task_id, "ready")
+        first = conn.execute(select(db.jobs.c.serial).where(db.jobs.c.task_id == task_id)
+                             .order_by(db.jobs.c.serial.desc()).limit(1)).scalar() or 0
+        rows = []
+        for i in range(n):
+            serial = first + i + 1
+            prio = priorities[i] if priorities else priority
+            rows.append({
+                "task_id": task_id, "serial": serial, "attempt_nr": 1,
+                "max_attempts": max_attempts, "parent_id": None, "status": status,
+                "site": site, "owner": owner, "prod_source_label": "managed",
+                "share": "production", "priority": prio, "current_priority": prio,
+                "transformation": "/bin/sh", "job_pars": f"-c 'echo {serial}'",
+                "cores": cores, "memory_mb": memory_mb, "walltime_s": walltime_s,
+                "disk_mb": 100, "pilot_version": pilot_version, "transfer_type": None,
+                "command": None, "creation_time": now, "modification_time": now,
+                "state_changed": now, "pilot_error_code": 0, "exe_error_code": 0,
+                "dispatcher_error_code": 0, "task_buffer_error_code": 0})
+        if rows:
+            conn.execute(insert(db.jobs), rows)
+        ids = [r[0] for r in conn.execute(
+            select(db.jobs.c.panda_id).where(db.jobs.c.task_id == task_id,
+                                             db.jobs.c.serial > first)
+            .order_by(db.jobs.c.serial))]
+        if ids:
+            conn.execute(insert(db.job_history), [
+                {"panda_id": pid, "old_status": None, "new_status": status, "time": now,
+                 "actor": "seed"} for pid in ids])
+            files = []
+            for pid, row in zip(ids, rows):
+                serial = row["serial"]
+                files += [
+                    _file(pid, task_id, "input", f"in.{task_id}.{serial:06d}", f"{task_name}.in",
+                          "ready", fsize=10, checksum="ad:00000001"),
+                    _file(pid, task_id, "output", out_lfn(task_id, serial), f"{task_name}.out",
+                          "defined"),
+                    _file(pid, task_id, "log", f"log.{task_id}.{serial:06d}.1.tgz",
+                          f"{task_name}.out", "defined"),
+                ]
+            conn.execute(insert(db.files), files)
+    return task_id, ids
+
+
+def out_lfn(task_id: int, serial: int) -> str:
+    return f"out.{task_id}.{serial:06d}"
+
+
+def _file(pid: int, task_id: int, ftype: str, lfn: str, dataset: str, status: str,
+          fsize: int | None = None, checksum: str | None = None) -> dict:
+    return {"panda_id": pid, "task_id": task_id, "type": ftype, "scope": "test", "lfn": lfn,
+            "dataset": dataset, "guid": str(uuid.uuid4()), "fsize": fsize, "checksum": checksum,
+            "status": status, "ddm_endpoint": None}
+
+
+def stored_files(lfns: list[str]) -> dict[str, dict]:
+    """What a pilot reports in the final updateJob's ``xml`` for files it stored."""
+    out = {}
+    for lfn in lfns:
+        data = lfn.encode()
+        out[lfn] = {"guid": str(uuid.uuid4()), "fsize": len(data),
+                    "adler32": f"{zlib.adler32(data):08x}", "surl": f"file:///se/test/{lfn}"}
+    return out
+
+
+def stored_xml(lfns: list[str]) -> str:
+    return json.dumps(stored_files(lfns))
+
+
+def history(tb: TaskBuffer, panda_id: int) -> list[tuple[str | None, str]]:
+    return [(h["old_status"], h["new_status"]) for h in tb.job_history(panda_id)]
