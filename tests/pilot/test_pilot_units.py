@@ -1,0 +1,244 @@
+"""The pilot's parts on their own: job spec parsing, signatures, environment scrubbing, the
+payload runner, the log tarball, Slurm times, the HTTP client's retries, plugin loading."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from conftest import free_port
+from panda_wms.errorcodes import ErrorCode
+from pilot.cli import batch_deadline, parse_slurm_time
+from pilot.client import PandaClient, RetryPolicy
+from pilot.errors import BadSignature, PilotError, ServerUnreachable
+from pilot.jobspec import parse_job
+from pilot.logtar import make_log_tarball
+from pilot.payload import Payload, build_argv, scrub_env
+from pilot.signature import SpecVerifier, canonical
+from pilotkit import SITE, fake, make_job, pilot_env, run_pilot, se  # noqa: F401
+
+
+# --- job spec -------------------------------------------------------------------------------
+def test_parse_job_files():
+    raw = make_job(5, "true", inputs=[{"lfn": "a", "scope": "s", "fsize": 3, "checksum": "ad:1"},
+                                      {"lfn": "b", "scope": "s", "fsize": 4, "checksum": "md5:x"}],
+                   outputs=["o1", "o2"], scope="sc")
+    job = parse_job(raw)
+    assert [f.lfn for f in job.inputs] == ["a", "b"] and job.inputs[1].fsize == 4
+    assert job.inputs[0].guid == "guid-a"
+    assert [(f.lfn, f.scope) for f in job.outputs] == [("o1", "sc"), ("o2", "sc")]
+    assert job.log.lfn == "job5.log.tgz" and job.log.guid == "logguid-5"
+    assert job.max_walltime_s == 600
+
+
+@pytest.mark.parametrize("field,value,code", [
+    ("outFiles", "../x", ErrorCode.HOSTILE_FILE_NAME),
+    ("outFiles", "/abs", ErrorCode.HOSTILE_FILE_NAME),
+    ("outFiles", "a\0b", ErrorCode.HOSTILE_FILE_NAME),
+    ("outFiles", ".hidden", ErrorCode.HOSTILE_FILE_NAME),
+    ("scopeLog", "../s", ErrorCode.HOSTILE_FILE_NAME),
+    ("maxWalltime", "soon", ErrorCode.BAD_JOB_SPEC),
+    ("transformation", "", ErrorCode.BAD_JOB_SPEC),
+    ("outFiles", "job9.log.tgz,dup,dup", ErrorCode.BAD_JOB_SPEC),
+])
+def test_parse_job_refuses(field, value, code):
+    raw = make_job(9, "true")
+    raw[field] = value
+    raw["scopeOut"] = "sc,sc"
+    with pytest.raises(PilotError) as err:
+        parse_job(raw)
+    assert err.value.code == code
+
+
+# --- signatures -----------------------------------------------------------------------------
+def _signed(job):
+    key = Ed25519PrivateKey.generate()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    job = dict(job, specSignature=base64.b64encode(key.sign(canonical(job))).decode())
+    return job, pem
+
+
+def test_signature_verifies_and_catches_tampering():
+    job, pem = _signed(make_job(1, "true"))
+    v = SpecVerifier(pem)
+    v.verify(job)
+    for change in ({"jobPars": "-c 'rm -rf ~'"}, {"specSignature": "AAAA"},
+                   {"specSignature": "not base64!"}, {"extra": 1}):
+        with pytest.raises(BadSignature):
+            v.verify({**job, **change})
+    with pytest.raises(BadSignature):
+        v.verify({k: x for k, x in job.items() if k != "specSignature"})
+    other, _ = _signed(make_job(1, "true"))
+    with pytest.raises(BadSignature):
+        SpecVerifier(_signed(make_job(2, "x"))[1]).verify(other)
+    with pytest.raises(BadSignature):
+        SpecVerifier("not a pem")
+
+
+# --- environment and argv -------------------------------------------------------------------
+def test_scrub_env_drops_credentials():
+    env = {"PATH": "/bin", "PANDA_AUTH_TOKEN": "t", "BEARER_TOKEN_FILE": "/f", "X509_USER_PROXY": "/p",
+           "X509_CERT_DIR": "/ca", "MY_SECRET": "s", "HOME": "/root", "AWS_SECRET_ACCESS_KEY": "k",
+           "OIDC_ACCESS_TOKEN": "o"}
+    assert scrub_env(env, {"PANDA_ID": "1"}) == {"PATH": "/bin", "X509_CERT_DIR": "/ca",
+                                                  "HOME": "/root", "PANDA_ID": "1"}
+
+
+def test_build_argv():
+    assert build_argv("/bin/sh", "-c 'echo a b' x") == ["/bin/sh", "-c", "echo a b", "x"]
+    assert build_argv("sh", "in1,in2 in1", {"in1": "root://x/in1"}) == \
+        ["sh", "root://x/in1,in2", "root://x/in1"]
+    with pytest.raises(PilotError) as err:
+        build_argv("no-such-program-xyz", "")
+    assert err.value.code == ErrorCode.TRANSFORM_NOT_FOUND
+    with pytest.raises(PilotError) as err:
+        build_argv("/bin/sh", "-c 'unbalanced")
+    assert err.value.code == ErrorCode.BAD_JOB_SPEC
+
+
+# --- payload runner -------------------------------------------------------------------------
+def test_payload_records_exit_cpu_and_memory(tmp_path):
+    script = ("x = b'y' * (80 * 2**20)\n"
+              "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+              "raise SystemExit(7)")
+    p = Payload([sys.executable, "-c", script], tmp_path, dict(os.environ))
+    p.start()
+    res = p.wait(timeout=30)
+    assert res.exit_code == 7 and res.signal is None and not res.killed
+    assert res.cpu_s >= 0.25
+    assert res.max_rss_kb >= 80 * 1024
+    assert (tmp_path / ".payload_exit").read_text().strip() == "7"
+
+
+def test_payload_kill_takes_the_tree(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    p = Payload(["/bin/sh", "-c", f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; sleep 60' & sleep 60"],
+                tmp_path, dict(os.environ))
+    p.start()
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    sample = p.sample()
+    assert len(sample.pids) >= 3 and sample.rss_kb > 0
+    res = p.kill(grace_s=0.5)
+    assert res.killed and res.exit_code is None
+    child = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.05)
+
+
+# --- log tarball ----------------------------------------------------------------------------
+def test_log_tarball_is_capped(tmp_path):
+    wd = tmp_path / "wd"
+    (wd / "sub").mkdir(parents=True)
+    (wd / "small.txt").write_text("small")
+    (wd / "sub" / "nested.txt").write_text("nested")
+    (wd / "big.log").write_bytes(b"a" * 400_000 + b"THE END")
+    (wd / "input.dat").write_bytes(b"i" * 1000)
+    tar_path = make_log_tarball(wd, tmp_path / "job.log.tgz", {"input.dat"}, cap_bytes=200_000)
+    with tarfile.open(tar_path) as tar:
+        names = set(tar.getnames())
+        assert names == {"job/small.txt", "job/sub/nested.txt", "job/big.log.tail"}
+        tail = tar.extractfile("job/big.log.tail").read()
+    assert tail.endswith(b"THE END") and len(tail) <= 200_000
+
+
+# --- Slurm wall time ------------------------------------------------------------------------
+@pytest.mark.parametrize("text,seconds", [("1-02:03:04", 93784), ("02:03:04", 7384), ("03:04", 184),
+                                          ("5", 300), ("2-00", 172800), ("UNLIMITED", None),
+                                          ("", None), ("garbage", None)])
+def test_parse_slurm_time(text, seconds):
+    assert parse_slurm_time(text) == seconds
+
+
+def test_batch_deadline_from_environment():
+    assert batch_deadline({"SLURM_JOB_END_TIME": "2000000000"}, 0) == 2000000000.0
+    assert batch_deadline({}, 0) is None
+
+
+# --- server client --------------------------------------------------------------------------
+def test_client_gives_up_on_a_dead_server():
+    client = PandaClient(f"http://127.0.0.1:{free_port()}", "tok",
+                         RetryPolicy(attempts=3, backoff_s=0.05, timeout_s=1))
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachable) as err:
+        client.update_job({"jobId": 1, "state": "running"})
+    assert err.value.code == ErrorCode.COMMUNICATION_FAILURE
+    assert "3 attempts" in str(err.value) and "tok" not in repr(client)
+    assert time.monotonic() - t0 < 5
+
+
+# --- plugins --------------------------------------------------------------------------------
+def test_builtin_monitors_are_entry_point_plugins():
+    from pilot.plugins import make_manager
+    pm = make_manager()
+    names = {name for name, _ in pm.list_name_plugin()}
+    assert {"looping", "memory", "disk", "walltime", "stdout"} <= names
+
+
+THIRD_PARTY = '''
+from pilot.hookspecs import hookimpl
+from pilot.monitoring import Verdict
+import os
+
+def _log(text):
+    with open(os.environ["THIRD_PARTY_LOG"], "a") as fh:
+        fh.write(text + "\\n")
+
+@hookimpl
+def pilot_job_received(job, workdir):
+    _log(f"received {job.panda_id}")
+
+@hookimpl
+def pilot_payload_started(job, pid):
+    _log(f"started {pid}")
+
+@hookimpl
+def pilot_monitor_check(ctx):
+    if (ctx.workdir / "stop-me").exists():
+        return Verdict(1008, "third-party monitor saw stop-me", "thirdparty")
+
+@hookimpl
+def pilot_monitor_metrics(ctx):
+    return {"thirdParty": 42}
+
+@hookimpl
+def pilot_job_done(job, state, error_code, error_diag):
+    _log(f"done {state} {error_code}")
+'''
+
+
+def test_third_party_plugin_via_entry_point(fake, tmp_path):
+    """A plugin installed like any other distribution: a module and an entry point."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "thirdmon.py").write_text(THIRD_PARTY)
+    dist = site / "thirdmon-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdmon\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[panda.pilot]\nthirdmon = thirdmon\n")
+    log = tmp_path / "third.log"
+    fake.add_job(make_job(901, "sleep 0.3; touch stop-me; sleep 60"))
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "THIRD_PARTY_LOG": str(log)}
+    res = run_pilot(fake, tmp_path / "wd", "--heartbeat", "0.3", env=env)
+    final = fake.final(901)
+    assert final is not None, res.stderr
+    assert final["pilotErrorCode"] == "1008"
+    assert "third-party monitor" in final["pilotErrorDiag"]
+    lines = log.read_text().splitlines()
+    assert lines[0] == "received 901" and lines[1].startswith("started ")
+    assert lines[-1] == "done failed 1008"
