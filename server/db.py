@@ -309,6 +309,9 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> tuple[str | None, 
     from alembic.migration import MigrationContext
 
     cfg = alembic_config()
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.level == logging.NOTSET:     # its per-step chatter: only when asked for
+        alembic_log.setLevel(logging.WARNING)
     with engine.begin() as conn:
         _lock_migrations(conn)
         before = MigrationContext.configure(conn).get_current_revision()
