@@ -43,6 +43,7 @@ class ServerState:
     pilot_dns: frozenset[str] = frozenset()
     site_loader: Any = None
     started: dt.datetime = field(default_factory=utcnow)
+    hook: Any = None                 # the panda.server plugin manager's hook relay
 
 
 def _json_default(obj: Any) -> Any:
@@ -251,15 +252,17 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     tb = TaskBuffer(engine, clock=clock)
     keys = KeyStore(key_dir)
     pm = plugin_manager()
-    return ServerState(tb=tb, keys=keys, dispatcher=Dispatcher(tb, keys),
+    from .shares import ShareChooser
+    return ServerState(tb=tb, keys=keys, dispatcher=Dispatcher(tb, keys, ShareChooser(tb)),
                        submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
                        executor=ThreadPoolExecutor(threads, thread_name_prefix="db"),
                        require_auth=require_auth, site_loader=site_loader,
-                       admin_dns=frozenset(admin_dns), pilot_dns=frozenset(pilot_dns))
+                       admin_dns=frozenset(admin_dns), pilot_dns=frozenset(pilot_dns),
+                       hook=pm.hook)
 
 
 def make_app(state: ServerState) -> tornado.web.Application:
-    from . import monitor
+    from . import api_extra, monitor  # noqa: F401 - api_extra registers its API methods
 
     kw = {"state": state}
     routes = [

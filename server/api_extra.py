@@ -1,0 +1,53 @@
+"""API methods of the server's logic: global shares, the data service, the watcher.
+
+Registered in the same ``/api/v1`` registry as ``server/api.py`` (importing this module is what
+registers them; ``app.make_app`` does). Reads are open, changes need the admin role.
+"""
+from __future__ import annotations
+
+import logging
+
+from .api import ADMIN, ApiError, Context, api
+from .shares import ShareChooser, ShareError, ShareStore, parse_shares, targets
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- global shares
+def _tree_view(tree) -> dict:
+    return {"shares": [s.to_dict() for s in tree],
+            "targets": {k: round(v, 6) for k, v in targets(tree).items()}}
+
+
+@api("shares", "list")
+def shares_list(ctx: Context, params: dict) -> dict:
+    """The share tree and each share's target fraction of the whole."""
+    return _tree_view(ShareStore(ctx.tb).load())
+
+
+@api("shares", "set", ("POST",), ADMIN)
+def shares_set(ctx: Context, params: dict) -> dict:
+    """Replace the tree (``shares``: [{name, value, children}]) or change some values
+    (``values``: {name: percent}); siblings must still add up to 100."""
+    store = ShareStore(ctx.tb)
+    try:
+        if params.get("shares") is not None:
+            tree = parse_shares(params["shares"])
+            store.save(tree)
+        elif isinstance(params.get("values"), dict) and params["values"]:
+            tree = store.set_values(params["values"])
+        else:
+            raise ApiError("give 'shares' (the whole tree) or 'values' ({share: percent})")
+    except ShareError as exc:
+        raise ApiError(f"bad shares: {exc}") from None
+    ctx.message = f"global shares updated by {ctx.identity.subject}"
+    return _tree_view(tree)
+
+
+@api("shares", "usage")
+def shares_usage(ctx: Context, params: dict) -> dict:
+    """At one site: running and waiting jobs per share, and the order the next pilot gets."""
+    site = str(params.get("site", ""))
+    ctx.tb.get_site(site)          # NotFound -> a clear message
+    order, running, waiting = ShareChooser(ctx.tb, ttl_s=0).ranking(site)
+    return {"site": site, "order": order, "running": running, "activated": waiting}

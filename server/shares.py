@@ -1,0 +1,305 @@
+"""Global shares and job priorities: which activated job a pilot gets next.
+
+Shares are PanDA's nested global shares: a tree whose siblings' values are percentages of their
+parent (e.g. production 80 {mc 60, reprocessing 40}, analysis 20). The tree lives in the
+``global_shares`` table so every server process sees the same one; it comes from a YAML/JSON file
+(``panda server --shares FILE``), the API (admin), or ``DEFAULT_SHARES``.
+
+Dispatch is share-aware through the dispatcher's ``job_chooser``: at each level of the tree the
+share furthest below its target at that site (running jobs per share against the target
+fraction) comes first, then by current priority. Jobs whose share is not in the tree come last,
+so they still run when nothing else waits. ``recompute_priorities`` (a periodic job) sets each
+waiting job's ``current_priority`` from the ``panda_job_priority`` hooks: priorities age with
+waiting time and drop as the owner's running count grows.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
+
+from . import db
+from .taskbuffer import TaskBuffer
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_DEPTH = 6
+#: job states that count as "running" at a site for the share targets
+RUNNING_STATES = ("sent", "starting", "running")
+#: job states whose current priority the periodic recompute maintains
+WAITING_STATES = ("assigned", "activated")
+
+
+class ShareError(ValueError):
+    """A share tree that cannot be used; the message names the share and why."""
+
+
+@dataclass
+class Share:
+    name: str
+    value: float                      # percent of the parent
+    children: list["Share"] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"name": self.name, "value": self.value}
+        if self.children:
+            out["children"] = [c.to_dict() for c in self.children]
+        return out
+
+
+DEFAULT_SHARES = [
+    {"name": "production", "value": 80, "children": [
+        {"name": "mc", "value": 60},
+        {"name": "reprocessing", "value": 40}]},
+    {"name": "analysis", "value": 20},
+]
+
+
+# ---------------------------------------------------------------------- the tree
+def parse_shares(data: Any) -> list[Share]:
+    """Validate a share tree (a list of {name, value, children}, or {"shares": [...]})."""
+    if isinstance(data, dict) and set(data) == {"shares"}:
+        data = data["shares"]
+    seen: set[str] = set()
+    return _parse_level(data, "shares", seen, 1)
+
+
+def _parse_level(items: Any, path: str, seen: set[str], depth: int) -> list[Share]:
+    if depth > MAX_DEPTH:
+        raise ShareError(f"{path}: shares nest at most {MAX_DEPTH} levels deep")
+    if not isinstance(items, list) or not items:
+        raise ShareError(f"{path}: must be a non-empty list of shares")
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise ShareError(f"{where}: must be a mapping with name and value")
+        unknown = sorted(set(item) - {"name", "value", "children"})
+        if unknown:
+            raise ShareError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+        name = item.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ShareError(f"{where}.name: letters, digits and _.- only, at most 64 "
+                             f"characters (got {name!r})")
+        if name in seen:
+            raise ShareError(f"{where}.name: share {name!r} appears twice")
+        seen.add(name)
+        value = item.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            raise ShareError(f"{where}.value ({name}): a percentage from 0 to 100 (got {value!r})")
+        children = (_parse_level(item["children"], f"{where}.children", seen, depth + 1)
+                    if item.get("children") else [])
+        out.append(Share(name, float(value), children))
+    total = sum(s.value for s in out)
+    if abs(total - 100.0) > 0.01:
+        names = ", ".join(f"{s.name}={s.value:g}" for s in out)
+        raise ShareError(f"{path}: sibling shares must add up to 100 %, got {total:g} ({names})")
+    return out
+
+
+def load_shares_file(path: str | Path) -> list[Share]:
+    """A share tree from a YAML or JSON file; ShareError says what is wrong and where."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ShareError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)      # JSON is YAML too
+    except yaml.YAMLError as exc:
+        raise ShareError(f"{path}: not valid YAML/JSON: {exc}") from None
+    try:
+        return parse_shares(data)
+    except ShareError as exc:
+        raise ShareError(f"{path}: {exc}") from None
+
+
+def walk(tree: list[Share], parent: str | None = None):
+    """(share, parent name, position) for every share, parents before children."""
+    for pos, s in enumerate(tree):
+        yield s, parent, pos
+        yield from walk(s.children, s.name)
+
+
+def targets(tree: list[Share]) -> dict[str, float]:
+    """Every share's fraction of the whole (0..1)."""
+    out: dict[str, float] = {}
+
+    def rec(level: list[Share], frac: float) -> None:
+        for s in level:
+            out[s.name] = frac * s.value / 100.0
+            rec(s.children, out[s.name])
+    rec(tree, 1.0)
+    return out
+
+
+def rank_shares(tree: list[Share], running: dict[str, int]) -> list[str]:
+    """Share names, the one to serve first first.
+
+    At each level the siblings are ordered by how far their subtree's running jobs fall below
+    their target fraction of the level (ties: larger target first, then configured order); a
+    share's own jobs come after its children's.
+    """
+    def subtotal(s: Share) -> int:
+        return running.get(s.name, 0) + sum(subtotal(c) for c in s.children)
+
+    def rec(level: list[Share]) -> list[str]:
+        total_value = sum(s.value for s in level) or 1.0
+        subs = {s.name: subtotal(s) for s in level}
+        total = sum(subs.values())
+
+        def deficit(s: Share) -> float:
+            actual = subs[s.name] / total if total else 0.0
+            return s.value / total_value - actual
+        order = sorted(enumerate(level), key=lambda p: (-deficit(p[1]), -p[1].value, p[0]))
+        out: list[str] = []
+        for _, s in order:
+            out += rec(s.children) + [s.name]
+        return out
+    return rec(tree)
+
+
+# ---------------------------------------------------------------------- storage
+class ShareStore:
+    """The share tree in the database, shared by every server process."""
+
+    def __init__(self, tb: TaskBuffer, default: list[Share] | None = None):
+        self.tb = tb
+        self.default = default if default is not None else parse_shares(DEFAULT_SHARES)
+
+    def load(self) -> list[Share]:
+        with self.tb.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(
+                select(db.global_shares).order_by(db.global_shares.c.position))]
+        if not rows:
+            return self.default
+        by_parent: dict[str | None, list[dict]] = {}
+        for r in rows:
+            by_parent.setdefault(r["parent"], []).append(r)
+
+        def build(parent: str | None) -> list[Share]:
+            return [Share(r["name"], r["value"], build(r["name"]))
+                    for r in by_parent.get(parent, [])]
+        return build(None)
+
+    def save(self, tree: list[Share]) -> None:
+        """Replace the whole tree in one transaction."""
+        parse_shares([s.to_dict() for s in tree])          # re-validate whatever the caller built
+        now = self.tb.clock()
+        rows = [{"name": s.name, "parent": parent, "value": s.value, "position": pos,
+                 "updated": now} for s, parent, pos in walk(tree)]
+        with self.tb.engine.begin() as conn:
+            conn.execute(delete(db.global_shares))
+            conn.execute(insert(db.global_shares), rows)
+        log.info("global shares set: %s", ", ".join(f"{r['name']}={r['value']:g}" for r in rows))
+
+    def set_values(self, values: dict[str, Any]) -> list[Share]:
+        """Change some shares' values; the resulting tree must still add up."""
+        tree = self.load()
+        known = {s.name: s for s, _, _ in walk(tree)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ShareError(f"unknown share(s): {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+        data = [s.to_dict() for s in tree]
+
+        def apply(items: list[dict]) -> None:
+            for item in items:
+                if item["name"] in values:
+                    item["value"] = values[item["name"]]
+                apply(item.get("children", []))
+        apply(data)
+        new = parse_shares(data)
+        self.save(new)
+        return new
+
+
+# ---------------------------------------------------------------------- dispatch order
+class ShareChooser:
+    """The dispatcher's ``job_chooser``: site -> ORDER BY clauses, share-aware.
+
+    The ranking per site is cached for ``ttl_s`` seconds (a getJob storm must not re-count the
+    site's jobs each time); with one share waiting at the site it returns None so the database
+    can serve the plain priority order from its index.
+    """
+
+    def __init__(self, tb: TaskBuffer, store: ShareStore | None = None, ttl_s: float = 2.0):
+        self.tb = tb
+        self.store = store or ShareStore(tb)
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, list | None]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, site: str) -> list | None:
+        if self.ttl_s > 0:
+            with self._lock:
+                hit = self._cache.get(site)
+            if hit and hit[0] > time.monotonic():
+                return hit[1]
+        order = self.order_for(site)
+        if self.ttl_s > 0:
+            with self._lock:
+                self._cache[site] = (time.monotonic() + self.ttl_s, order)
+        return order
+
+    def ranking(self, site: str) -> tuple[list[str], dict[str, int], dict[str, int]]:
+        """(share names best first, running per share, activated per share) at ``site``."""
+        j = db.jobs.c
+        running: dict[str, int] = {}
+        waiting: dict[str, int] = {}
+        with self.tb.engine.connect() as conn:
+            for share, status, n in conn.execute(
+                    select(j.share, j.status, func.count()).where(
+                        j.site == site, j.status.in_(RUNNING_STATES + ("activated",)))
+                    .group_by(j.share, j.status)):
+                target = waiting if status == "activated" else running
+                target[share] = target.get(share, 0) + n
+        return rank_shares(self.store.load(), running), running, waiting
+
+    def order_for(self, site: str) -> list | None:
+        names, _, waiting = self.ranking(site)
+        if len([s for s, n in waiting.items() if n]) <= 1:
+            return None
+        j = db.jobs.c
+        rank = case({name: i for i, name in enumerate(names)}, value=j.share, else_=len(names))
+        return [rank, j.current_priority.desc(), j.panda_id]
+
+
+# ---------------------------------------------------------------------- priorities
+def recompute_priorities(tb: TaskBuffer, hook, limit: int = 50000) -> int:
+    """Set ``current_priority`` of waiting jobs from the ``panda_job_priority`` hooks (the
+    lowest answer wins); returns how many changed. Idempotent, so every server process may run
+    it."""
+    j = db.jobs.c
+    now = tb.clock()
+    with tb.engine.connect() as conn:
+        user_running = {owner: n for owner, n in conn.execute(
+            select(j.owner, func.count()).where(j.status.in_(RUNNING_STATES)).group_by(j.owner))}
+        rows = [dict(r._mapping) for r in conn.execute(
+            select(db.jobs).where(j.status.in_(WAITING_STATES)).order_by(j.panda_id).limit(limit))]
+    changes = []
+    for job in rows:
+        answers = [a for a in hook.panda_job_priority(job=job, now=now,
+                                                      user_running=user_running.get(job["owner"], 0))
+                   if a is not None]
+        if not answers:
+            continue
+        new = int(min(answers))
+        if new != job["current_priority"]:
+            changes.append({"pid": job["panda_id"], "old_status": job["status"], "prio": new})
+    if changes:
+        stmt = (update(db.jobs).where(j.panda_id == bindparam("pid"),
+                                      j.status == bindparam("old_status"))
+                .values(current_priority=bindparam("prio")))
+        with tb.engine.begin() as conn:
+            conn.execute(stmt, changes)
+        log.debug("recomputed priorities of %d job(s)", len(changes))
+    return len(changes)

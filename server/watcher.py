@@ -1,0 +1,173 @@
+"""The watcher: fails jobs whose pilot went silent or that are stuck, and creates their retries.
+
+PanDA's server does this in its periodic watchers; here it is a plain module over the task
+buffer, so tests drive it with a controllable clock, and each server process runs it from a
+Tornado ``PeriodicCallback`` in its thread pool (``start_periodic``). Several processes may run it
+at once: every candidate is re-checked and failed in its own transaction, with the row locked
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL/MariaDB, one writer on SQLite) and the state change
+guarded by ``WHERE status = <seen>``, so a job is failed, and retried, exactly once.
+
+Codes are PanDA's ``jobDispatcherErrorCode``: 100 lost heartbeat, 102 sent but the pilot never
+reported, 103 holding timeout, 104 transferring timeout.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from panda_wms.states import JobState
+
+from . import db
+from .taskbuffer import TaskBuffer
+
+log = logging.getLogger(__name__)
+
+EC_LOST_HEARTBEAT = 100
+EC_RECOVERY = 101
+EC_SENT_TIMEOUT = 102
+EC_HOLDING_TIMEOUT = 103
+EC_TRANSFERRING_TIMEOUT = 104
+
+ACTOR = "watcher"
+
+
+@dataclass
+class WatcherLimits:
+    """Seconds of silence after which a job in each state is given up."""
+    heartbeat_s: float = 6 * 3600       # starting/running: pilots beat every 30 min
+    sent_s: float = 3600                # sent: the pilot never said starting/running
+    holding_s: float = 6 * 3600         # holding: outputs never registered
+    transferring_s: float = 12 * 3600   # transferring: outputs never arrived
+
+
+@dataclass
+class Rule:
+    states: tuple[str, ...]
+    limit_s: float
+    code: int
+    what: str
+
+
+@dataclass
+class WatcherReport:
+    failed: dict[int, int] = field(default_factory=dict)    # panda_id -> dispatcher error code
+    retries: dict[int, int] = field(default_factory=dict)   # failed panda_id -> retry panda_id
+
+
+class Watcher:
+    """One pass (``check``) finds the overdue jobs and fails each with its code."""
+
+    def __init__(self, tb: TaskBuffer, limits: WatcherLimits | None = None, batch: int = 500):
+        self.tb = tb
+        self.limits = limits or WatcherLimits()
+        self.batch = batch
+
+    def rules(self) -> list[Rule]:
+        lim = self.limits
+        return [
+            Rule((str(JobState.STARTING), str(JobState.RUNNING)), lim.heartbeat_s,
+                 EC_LOST_HEARTBEAT, "lost heartbeat"),
+            Rule((str(JobState.SENT),), lim.sent_s, EC_SENT_TIMEOUT,
+                 "sent to a pilot that never reported"),
+            Rule((str(JobState.HOLDING),), lim.holding_s, EC_HOLDING_TIMEOUT, "holding timeout"),
+            Rule((str(JobState.TRANSFERRING),), lim.transferring_s, EC_TRANSFERRING_TIMEOUT,
+                 "transferring timeout"),
+        ]
+
+    def check(self) -> WatcherReport:
+        report = WatcherReport()
+        now = self.tb.clock()
+        for rule in self.rules():
+            if rule.limit_s <= 0:
+                continue
+            cutoff = now - dt.timedelta(seconds=rule.limit_s)
+            for panda_id, status in self._overdue(rule.states, cutoff):
+                retry = self._fail(panda_id, status, cutoff, rule, now)
+                if retry is not False:
+                    report.failed[panda_id] = rule.code
+                    if retry is not None:
+                        report.retries[panda_id] = retry
+        if report.failed:
+            log.info("watcher failed %d job(s): %s", len(report.failed), report.failed)
+        return report
+
+    @staticmethod
+    def _last_sign(j):
+        """When the pilot last gave a sign of life (dispatch sets heartbeat_time too)."""
+        return func.coalesce(j.heartbeat_time, j.state_changed)
+
+    def _overdue(self, states: Iterable[str], cutoff: dt.datetime) -> list[tuple[int, str]]:
+        j = db.jobs.c
+        q = (select(j.panda_id, j.status).where(j.status.in_(list(states)),
+                                                 self._last_sign(j) < cutoff)
+             .order_by(j.panda_id).limit(self.batch))
+        with self.tb.engine.connect() as conn:
+            return [(r.panda_id, r.status) for r in conn.execute(q)]
+
+    def _fail(self, panda_id: int, status: str, cutoff: dt.datetime, rule: Rule,
+              now: dt.datetime) -> int | None | bool:
+        """Fail one job if it is still overdue; returns its retry's id, None, or False if
+        another watcher (or a late heartbeat) got there first."""
+        j = db.jobs.c
+        with self.tb.engine.begin() as conn:
+            q = select(j.panda_id, j.heartbeat_time, j.state_changed).where(
+                j.panda_id == panda_id, j.status == status, self._last_sign(j) < cutoff)
+            if self.tb._skip_locked:
+                q = q.with_for_update(skip_locked=True)
+            row = conn.execute(q).first()
+            if row is None:
+                return False
+            last = row.heartbeat_time or row.state_changed
+            silent = int((now - last).total_seconds())
+            diag = (f"{rule.what}: no word from the pilot for {silent} s in state {status} "
+                    f"(limit {int(rule.limit_s)} s)")
+            before = _max_id(conn)
+            ok = self.tb.fail_job(conn, panda_id, [status], actor=ACTOR,
+                                  dispatcher_error_code=rule.code,
+                                  dispatcher_error_diag=diag, command="tobekilled")
+            if not ok:
+                return False
+            retry = conn.execute(select(j.panda_id).where(j.parent_id == panda_id,
+                                                          j.panda_id > before)).scalar()
+        log.warning("job %s: %s", panda_id, diag)
+        return retry
+
+
+def _max_id(conn) -> int:
+    return conn.execute(select(func.coalesce(func.max(db.jobs.c.panda_id), 0))).scalar_one()
+
+
+# ---------------------------------------------------------------------- inside the server
+def start_periodic(executor, interval_s: float, tasks: list[tuple[str, Callable[[], Any]]]):
+    """Run ``tasks`` (name, blocking callable) every ``interval_s`` in ``executor``.
+
+    A pass never overlaps the previous one in this process; other processes may run theirs at
+    the same time, which the guarded updates make safe. Returns the started PeriodicCallback.
+    """
+    from tornado.ioloop import IOLoop, PeriodicCallback
+
+    busy = False
+
+    async def tick() -> None:
+        nonlocal busy
+        if busy:
+            return
+        busy = True
+        try:
+            for name, task in tasks:
+                try:
+                    await IOLoop.current().run_in_executor(executor, task)
+                except Exception:  # noqa: BLE001 - one failing task must not stop the others
+                    log.exception("periodic task %s failed", name)
+        finally:
+            busy = False
+
+    pc = PeriodicCallback(tick, interval_s * 1000.0, jitter=0.1)
+    pc.start()
+    log.info("periodic tasks every %.1f s: %s", interval_s, ", ".join(n for n, _ in tasks))
+    return pc

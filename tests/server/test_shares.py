@@ -1,0 +1,175 @@
+"""Global shares (tree, storage, share-aware dispatch order) and priorities (aging, user
+penalty, third-party priority plugins), on a real database with a controllable clock."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import case
+
+from logic_kit import site, submitter, task
+from server import db
+from server.hookspecs import hookimpl, plugin_manager
+from server.shares import (DEFAULT_SHARES, ShareChooser, ShareError, ShareStore, load_shares_file,
+                           parse_shares, rank_shares, recompute_priorities, targets)
+
+SITE = "S_SITE"
+
+
+@pytest.fixture
+def tb(taskbuffer):
+    taskbuffer.sync_sites([site(SITE, max_running=1000)])
+    return taskbuffer
+
+
+def add_jobs(tb, share, n, owner="alice", priority=1000, name=None):
+    return submitter(tb).submit(task(name or f"t-{share}-{priority}", n_jobs=n, site=SITE,
+                                     share=share, priority=priority), owner=owner).job_ids
+
+
+def test_default_tree_and_targets():
+    tree = parse_shares(DEFAULT_SHARES)
+    t = targets(tree)
+    assert t == pytest.approx({"production": 0.8, "mc": 0.48, "reprocessing": 0.32,
+                               "analysis": 0.2})
+
+
+@pytest.mark.parametrize("bad,words", [
+    ([{"name": "a", "value": 50}, {"name": "b", "value": 40}], "add up to 100 %, got 90"),
+    ([{"name": "a", "value": 100, "children": [{"name": "a", "value": 100}]}], "appears twice"),
+    ([{"name": "../x", "value": 100}], "shares[0].name"),
+    ([{"name": "a", "value": "lots"}], "shares[0].value (a)"),
+    ([{"name": "a", "value": 101}], "0 to 100"),
+    ([{"name": "a", "value": 100, "colour": "red"}], "unknown key(s) colour"),
+    ([{"name": "a", "value": 100, "children": [{"name": "b", "value": 30}]}],
+     "shares[0].children: sibling shares must add up"),
+    ([], "non-empty list"),
+    ("production", "non-empty list"),
+])
+def test_bad_trees_are_refused_with_the_place_and_reason(bad, words):
+    with pytest.raises(ShareError) as err:
+        parse_shares(bad)
+    assert words in str(err.value)
+
+
+def test_share_files_yaml_json_and_errors(tmp_path):
+    y = tmp_path / "shares.yaml"
+    y.write_text("shares:\n  - {name: prod, value: 70}\n  - {name: user, value: 30}\n")
+    assert [s.name for s in load_shares_file(y)] == ["prod", "user"]
+    j = tmp_path / "shares.json"
+    j.write_text(json.dumps(DEFAULT_SHARES))
+    assert load_shares_file(j)[0].children[1].name == "reprocessing"
+    with pytest.raises(ShareError, match="cannot read"):
+        load_shares_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shares: [unclosed\n")
+    with pytest.raises(ShareError, match="not valid YAML"):
+        load_shares_file(bad)
+
+
+def test_rank_follows_the_deficit_level_by_level():
+    tree = parse_shares(DEFAULT_SHARES)
+    # nothing running: production (80) before analysis, mc (60) before reprocessing
+    assert rank_shares(tree, {}) == ["mc", "reprocessing", "production", "analysis"]
+    # production over target at the top, reprocessing under target within production
+    assert rank_shares(tree, {"mc": 6, "analysis": 4}) == [
+        "reprocessing", "mc", "production", "analysis"]
+    # analysis has less than its 20 %: first
+    assert rank_shares(tree, {"mc": 6, "reprocessing": 4}) == [
+        "analysis", "mc", "reprocessing", "production"]
+
+
+def test_store_round_trip_and_value_edits(tb):
+    store = ShareStore(tb)
+    assert [s.name for s in store.load()] == ["production", "analysis"]   # the default
+    store.save(parse_shares([{"name": "x", "value": 25}, {"name": "y", "value": 75,
+                              "children": [{"name": "y1", "value": 100}]}]))
+    assert [s.to_dict() for s in store.load()] == [
+        {"name": "x", "value": 25.0},
+        {"name": "y", "value": 75.0, "children": [{"name": "y1", "value": 100.0}]}]
+    store.set_values({"x": 50, "y": 50})
+    assert targets(store.load()) == {"x": 0.5, "y": 0.5, "y1": 0.5}
+    with pytest.raises(ShareError, match="add up"):
+        store.set_values({"x": 60})
+    with pytest.raises(ShareError, match="unknown share"):
+        store.set_values({"nope": 10})
+    assert targets(store.load())["x"] == 0.5          # a refused edit changed nothing
+
+
+def test_dispatch_follows_the_targets(tb):
+    for share in ("mc", "reprocessing", "analysis"):
+        add_jobs(tb, share, 20)
+    chooser = ShareChooser(tb, ttl_s=0)
+    got = []
+    for _ in range(20):
+        job = tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))
+        got.append(job["share"])
+    counts = {s: got.count(s) for s in ("mc", "reprocessing", "analysis")}
+    assert got[0] == "mc"
+    # 48 / 32 / 20 % of 20 jobs
+    assert counts == {"mc": pytest.approx(9.6, abs=1), "reprocessing": pytest.approx(6.4, abs=1),
+                      "analysis": pytest.approx(4, abs=1)}
+
+
+def test_share_below_target_goes_first_then_priority(tb):
+    add_jobs(tb, "mc", 6)
+    # two analysis jobs of different priority; analysis has nothing running
+    low = add_jobs(tb, "analysis", 1, priority=500)[0]
+    high = add_jobs(tb, "analysis", 1, priority=900)[0]
+    for _ in range(5):                      # mc gets running jobs, analysis falls below 20 %
+        tb.dispatch(SITE, node="wn", actor="p", order_by=[case((db.jobs.c.share == "mc", 0),
+                                                               else_=1)])
+    chooser = ShareChooser(tb, ttl_s=0)
+    assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == high
+    # 1 of 6 running is analysis: still below its 20 %
+    assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == low
+
+
+def test_unknown_share_comes_last_but_still_runs(tb):
+    odd = add_jobs(tb, "default", 1, priority=5000)[0]
+    add_jobs(tb, "analysis", 1)
+    chooser = ShareChooser(tb, ttl_s=0)
+    assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["share"] == "analysis"
+    assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == odd
+
+
+def test_single_waiting_share_keeps_the_plain_order(tb):
+    add_jobs(tb, "mc", 3)
+    assert ShareChooser(tb, ttl_s=0)(SITE) is None
+
+
+def test_priorities_age_and_drop_with_the_users_running_jobs(tb, clock):
+    [old] = add_jobs(tb, "mc", 1, owner="bob", name="old")
+    clock.advance(hours=10)
+    [young] = add_jobs(tb, "mc", 1, owner="carol", name="young")
+    hook = plugin_manager(load_entry_points=False).hook
+    assert recompute_priorities(tb, hook) == 1
+    assert tb.get_job(old)["current_priority"] == 1100        # +10 per hour waited
+    assert tb.get_job(young)["current_priority"] == 1000
+    # carol gets 5 jobs running: her waiting job loses 5 points
+    add_jobs(tb, "analysis", 5, owner="carol", name="busy", priority=9999)
+    for _ in range(5):
+        tb.dispatch(SITE, node="wn", actor="p")
+    recompute_priorities(tb, hook)
+    assert tb.get_job(young)["current_priority"] == 995
+    # a recompute with nothing new changes nothing
+    assert recompute_priorities(tb, hook) == 0
+    # the higher current priority is dispatched first
+    assert tb.dispatch(SITE, node="wn", actor="p")["panda_id"] == old
+
+
+class CapPriority:
+    """A third-party policy: no job above 1050."""
+
+    @hookimpl
+    def panda_job_priority(self, job, now, user_running):
+        return min(job["priority"], 1050)
+
+
+def test_a_priority_plugin_can_lower_the_answer(tb, clock):
+    [pid] = add_jobs(tb, "mc", 1)
+    clock.advance(hours=20)
+    pm = plugin_manager(load_entry_points=False)
+    pm.register(CapPriority(), name="cap")
+    recompute_priorities(tb, pm.hook)
+    assert tb.get_job(pid)["current_priority"] == 1000      # the lowest answer wins
