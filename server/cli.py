@@ -83,6 +83,29 @@ def _ssl_options(args):
     return ctx
 
 
+def _stop_children_with_parent() -> None:
+    """In the parent of ``--processes N``: pass SIGTERM/SIGINT on to the worker processes.
+
+    Tornado's fork_processes parent only waits for its children; killed by default it would
+    leave them running, still bound to the port. The children install their own handlers
+    after the fork.
+    """
+    def _forward(signum, _frame):
+        import psutil
+
+        children = psutil.Process().children()
+        for child in children:
+            try:
+                child.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(children, timeout=15)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+
+
 def main(argv: list[str]) -> int:
     from panda_wms.cli import setup_logging
 
@@ -113,6 +136,7 @@ def main(argv: list[str]) -> int:
 
     sockets = tornado.netutil.bind_sockets(args.port, address=args.host)
     if args.processes != 1:
+        _stop_children_with_parent()
         tornado.process.fork_processes(args.processes or None)
     state = build_state(args.db, args.key_dir, require_auth=not args.no_auth,
                         threads=args.threads, site_loader=validate_site_dicts,
