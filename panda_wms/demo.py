@@ -226,9 +226,12 @@ class Demo:
         self.say(f"  {'site':<14}{'state':<12}{'jobs':>6}")
         for (site, state), n in sorted(by_site.items()):
             self.say(f"  {site:<14}{state:<12}{n:>6}")
-        walls = [(j["end_time"], j["start_time"]) for j in jobs
+        walls = [_seconds(j["end_time"]) - _seconds(j["start_time"]) for j in jobs
                  if j.get("end_time") and j.get("start_time")]
-        self.say(f"  wall time     {wall:.1f} s for the demo, {len(walls)} jobs ran")
+        self.say(f"  wall time     {wall:.1f} s for the demo")
+        if walls:
+            self.say(f"  job wall time mean {sum(walls) / len(walls):.2f} s, max {max(walls):.2f} s"
+                     f" over {len(walls)} jobs")
         finished = by_state.get("finished", 0)
         all_ok = details["status"] == "done" and finished == self.n_jobs
         self.say(f"  result        {'all' if all_ok else 'NOT all'} {self.n_jobs} jobs finished"
@@ -236,6 +239,11 @@ class Demo:
         if not all_ok:
             self.say(f"  logs          {self.workdir}")
         return all_ok
+
+
+def _seconds(iso: str) -> float:
+    import datetime as dt
+    return dt.datetime.fromisoformat(iso).timestamp()
 
 
 def main(argv: list[str]) -> int:
