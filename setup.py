@@ -24,6 +24,9 @@ PILOT_PLUGINS = [
     "stdout = pilot.monitors.stdout",
 ]
 SERVER_PLUGINS: list[str] = []
+DATA_MOVERS = [
+    "local = server.dataservice:LocalMover",
+]
 
 setup(
     name="panda-wms",
@@ -69,5 +72,6 @@ setup(
         "panda.schedulers": SCHEDULERS,
         "panda.pilot": PILOT_PLUGINS,
         "panda.server": SERVER_PLUGINS,
+        "panda.datamovers": DATA_MOVERS,
     },
 )

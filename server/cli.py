@@ -39,6 +39,22 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="archive finished/failed/cancelled jobs S seconds after they ended")
     p.add_argument("--archive-interval", type=float, default=600, metavar="S",
                    help="how often the first server process archives (0: never)")
+    p.add_argument("--watcher-interval", type=float, default=60, metavar="S",
+                   help="run the watcher, data service and priority recompute every S seconds "
+                        "in each process (0: never)")
+    p.add_argument("--heartbeat-timeout", type=float, default=6 * 3600, metavar="S",
+                   help="fail a starting/running job silent for S seconds (code 100)")
+    p.add_argument("--sent-timeout", type=float, default=3600, metavar="S",
+                   help="fail a job sent to a pilot that never reported for S seconds (102)")
+    p.add_argument("--holding-timeout", type=float, default=6 * 3600, metavar="S",
+                   help="release a job stuck in holding for S seconds (103)")
+    p.add_argument("--transferring-timeout", type=float, default=12 * 3600, metavar="S",
+                   help="release a job stuck in transferring for S seconds (104)")
+    p.add_argument("--data-mover", default="local",
+                   help="data service backend, an entry point of panda.datamovers "
+                        "('none': no data service)")
+    p.add_argument("--shares", metavar="FILE",
+                   help="global shares tree (YAML/JSON) to install at start")
     p.add_argument("--log-level", default=None)
     return p
 
@@ -127,6 +143,14 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - say which database and why, then stop
         sys.stderr.write(f"panda server: cannot use database {args.db}: {exc}\n")
         return 1
+    if args.shares:
+        from .shares import ShareError, ShareStore, load_shares_file
+        from .taskbuffer import TaskBuffer
+        try:
+            ShareStore(TaskBuffer(engine)).save(load_shares_file(args.shares))
+        except ShareError as exc:
+            sys.stderr.write(f"panda server: --shares: {exc}\n")
+            return 1
     sites = load_site_dir(args.site_configs) if args.site_configs else []
     if sites:
         from .taskbuffer import TaskBuffer
@@ -145,6 +169,12 @@ def main(argv: list[str]) -> int:
     if (tornado.process.task_id() or 0) == 0:    # one process archives
         from .archive import start_archiver
         start_archiver(state.tb, state.executor, args.archive_after, args.archive_interval)
+    if args.watcher_interval > 0:       # every process: the guarded updates make it safe
+        from .watcher import WatcherLimits, server_tasks, start_periodic
+        limits = WatcherLimits(args.heartbeat_timeout, args.sent_timeout, args.holding_timeout,
+                               args.transferring_timeout)
+        mover = None if args.data_mover == "none" else args.data_mover
+        start_periodic(state.executor, args.watcher_interval, server_tasks(state, limits, mover))
     server = tornado.httpserver.HTTPServer(app, ssl_options=_ssl_options(args),
                                            max_body_size=MAX_BODY_BYTES,
                                            xheaders=True)

@@ -171,3 +171,19 @@ def start_periodic(executor, interval_s: float, tasks: list[tuple[str, Callable[
     pc.start()
     log.info("periodic tasks every %.1f s: %s", interval_s, ", ".join(n for n, _ in tasks))
     return pc
+
+
+def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
+                 data_options: dict | None = None) -> list[tuple[str, Callable[[], Any]]]:
+    """The periodic work of a server process: the watcher, the data service, priorities."""
+    from .dataservice import DataService, load_mover
+    from .shares import recompute_priorities
+
+    watcher = Watcher(state.tb, limits)
+    tasks: list[tuple[str, Callable[[], Any]]] = [("watcher", watcher.check)]
+    if data_mover:
+        service = DataService(state.tb, load_mover(data_mover, **(data_options or {})))
+        tasks.append(("dataservice", service.process))
+    if state.hook is not None:
+        tasks.append(("priorities", lambda: recompute_priorities(state.tb, state.hook)))
+    return tasks
