@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--queuedata", help="read the queue description from this JSON file")
     p.add_argument("--public-key", help="PEM file of the server's job-signing key (default: "
                    "fetched from the server)")
+    p.add_argument("--lost-heartbeat", type=float, default=0.0,
+                   help="kill the payload (1317) when no heartbeat reached the server for this "
+                   "many seconds (default 0: never; the final state is kept and sent later)")
     p.add_argument("--monitor-interval", type=float, default=10.0,
                    help="seconds between monitor checks (default 10)")
     p.add_argument("--reserve", type=float, default=60.0,
@@ -130,6 +133,7 @@ def main(argv: list[str]) -> int:
     cfg = PilotConfig(server=args.server, site=args.site, workdir_base=Path(args.workdir).resolve(),
                       deadline=deadline, reserve_s=args.reserve, heartbeat_s=args.heartbeat,
                       monitor_interval_s=args.monitor_interval, max_jobs=args.max_jobs,
+                      lost_heartbeat_s=args.lost_heartbeat,
                       server_retry=retry, final_retry=retry,
                       transfer_backoff_s=args.transfer_backoff,
                       log_cap_bytes=int(args.log_cap_mb * 2**20), keep_workdirs=args.keep_workdirs,
@@ -151,9 +155,9 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGXCPU):
         signal.signal(sig, on_signal)
 
-    cfg.workdir_base.mkdir(parents=True, exist_ok=True)
     pm = None
     try:
+        cfg.workdir_base.mkdir(parents=True, exist_ok=True)
         from .site import load_queuedata_file, site_from_queuedata
         queuedata = load_queuedata_file(args.queuedata) if args.queuedata else client.queuedata(args.site)
         site = site_from_queuedata(queuedata, args.site)

@@ -41,6 +41,8 @@ class PilotConfig:
     reserve_s: float = 60.0                # kept free before the deadline for stage-out and report
     heartbeat_s: float | None = None       # None: the site's limits.heartbeat_s
     monitor_interval_s: float = 10.0
+    lost_heartbeat_s: float = 0.0          # kill the payload (1317) when no update got through
+                                           # for this long; 0 = never (finish, report later)
     max_jobs: int = 0                      # 0 = as many as wall time allows
     server_retry: RetryPolicy = field(default_factory=RetryPolicy)
     final_retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8, backoff_s=5))
@@ -101,7 +103,10 @@ class JobRun:
     def _save(self, phase: str, **extra: Any) -> None:
         self.state.update(phase=phase, **extra)
         if self.workdir is not None:
-            sf.write_state(self.workdir, self.state)
+            try:
+                sf.write_state(self.workdir, self.state)
+            except OSError as exc:  # full disk: the job goes on, only recovery is weakened
+                log.error("job %s: state file not written: %s", self.panda_id, exc)
 
     def _base_form(self, state: str) -> dict[str, Any]:
         form: dict[str, Any] = {"jobId": self.panda_id, "state": state, "timestamp": int(time.time()),
@@ -127,16 +132,31 @@ class JobRun:
 
     # --- the job ----------------------------------------------------------------------------
     def run(self) -> str:
-        """Run the job to its end; return the final state reported (or kept on disk)."""
-        self.workdir = self._make_workdir()
-        self.lock = sf.JobLock(self.workdir)
-        self.lock.acquire()
+        """Run the job to its end; return the final state reported (or kept on disk).
+
+        Whatever goes wrong, the server hears a final state with an error code: a work dir that
+        cannot be made (full disk) or a bug in the pilot is reported, never just logged."""
+        try:
+            self.workdir = self._make_workdir()
+            self.lock = sf.JobLock(self.workdir)
+            self.lock.acquire()
+        except OSError as exc:
+            log.error("job %s: cannot create its work dir: %s", self.panda_id, exc)
+            self.workdir = None
+            code = ErrorCode.NO_LOCAL_SPACE if getattr(exc, "errno", 0) == 28 else ErrorCode.GENERAL
+            return self._finish("failed", PilotError(code, f"cannot create work dir: {exc}"), {})
         self.state = {"version": 1, "pilot_pid": os.getpid(), "node": self.cfg.node,
                       "server": self.client.server, "site": self.site.raw, "site_name": self.site.name,
                       "job": self.raw, "started": self.start_time}
         self._save(sf.RECEIVED)
         try:
             return self._run()
+        except Exception as exc:  # a pilot bug must still end in a reported failure
+            log.exception("job %s: unexpected pilot error", self.panda_id)
+            if self.payload is not None and self.payload.result is None:
+                self.result = self.payload.kill(self.cfg.kill_grace_s)
+            return self._finish("failed", PilotError(ErrorCode.GENERAL,
+                                f"unexpected pilot error: {type(exc).__name__}: {exc}"), {})
         finally:
             self.lock.release()
 
@@ -237,6 +257,11 @@ class JobRun:
                 return
             if self.pilot_stop is not None and self.pilot_stop.requested:
                 self.kill.set(self.pilot_stop.code, self.pilot_stop.diag)
+            silent = time.time() - self.last_heartbeat_ok
+            if self.cfg.lost_heartbeat_s and silent > self.cfg.lost_heartbeat_s:
+                self.kill.set(ErrorCode.NO_HEARTBEAT_REACHED,
+                              f"no update reached the server for {silent:.0f} s "
+                              f"(limit {self.cfg.lost_heartbeat_s:.0f} s)")
             if not self.kill.requested and time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.cfg.monitor_interval_s
                 sample = self.payload.sample()
@@ -359,7 +384,7 @@ class JobRun:
         self._save(sf.FINAL_PENDING, final=form)
         if send_final(self.client, form, self.cfg.final_retry):
             self._save(sf.DONE)
-            if not self.cfg.keep_workdirs:
+            if not self.cfg.keep_workdirs and self.workdir is not None:
                 shutil.rmtree(self.workdir, ignore_errors=True)
         else:
             log.error("job %s: final state %s kept in %s for a later attempt", self.panda_id,

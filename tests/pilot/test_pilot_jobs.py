@@ -179,3 +179,52 @@ def test_queuedata_and_key_from_files(fake, se, tmp_path):
     assert fake.final(405)["state"] == "finished"
     paths = {p for m, p, f in fake.requests}
     assert not any(p.startswith("/cache/") or p.endswith("get_public_key") for p in paths)
+
+
+def test_direct_read_gives_the_payload_the_url(fake, se, tmp_path):
+    entry = put_input(se, "test", "remote.dat", b"read in place\n")
+    fake.site_config["direct_read"] = True
+    script = 'echo "$@" > args.txt; ls > listing.txt; cp args.txt listing.txt . 2>/dev/null; true'
+    job = make_job(501, "", inputs=[entry], outputs=["args.txt", "listing.txt"], transferType="direct")
+    job["jobPars"] = "-c 'echo \"$0\" > args.txt; ls > listing.txt' remote.dat"
+    fake.add_job(job)
+    res = run_pilot(fake, tmp_path / "wd")
+    final = fake.final(501)
+    assert final["state"] == "finished", res.stderr
+    args = (se / replica_path("test", "args.txt")).read_text().strip()
+    assert args == f"file://{se}/{replica_path('test', 'remote.dat')}"
+    assert "remote.dat" not in (se / replica_path("test", "listing.txt")).read_text()
+
+
+def test_input_and_output_tools_differ(fake, se, tmp_path):
+    entry = put_input(se, "test", "linked.dat", b"by symlink\n")
+    fake.site_config["copytools"] = {"input": {"name": "symlink", "options": {}},
+                                     "output": {"name": "cp", "options": {}}}
+    fake.add_job(make_job(502, "test -L linked.dat && cat linked.dat > copy.out",
+                          inputs=[entry], outputs=["copy.out"]))
+    res = run_pilot(fake, tmp_path / "wd")
+    final = fake.final(502)
+    assert final["state"] == "finished", res.stderr
+    out = se / replica_path("test", "copy.out")
+    assert out.read_text() == "by symlink\n" and not out.is_symlink()
+
+
+def test_unknown_copytool_fails_stagein_clearly(fake, se, tmp_path):
+    entry = put_input(se, "test", "x.dat", b"x")
+    fake.site_config["copytools"] = {"input": {"name": "no-such-tool", "options": {}},
+                                     "output": {"name": "cp", "options": {}}}
+    fake.add_job(make_job(503, "true", inputs=[entry]))
+    run_pilot(fake, tmp_path / "wd")
+    final = fake.final(503)
+    assert int(final["pilotErrorCode"]) == ErrorCode.STAGEIN_FAILED
+    assert "no-such-tool" in final["pilotErrorDiag"]
+
+
+def test_unusable_workdir_base_is_a_clear_error(fake, tmp_path):
+    base = tmp_path / "a-file"
+    base.write_text("not a folder")
+    fake.add_job(make_job(504, "true"))
+    res = run_pilot(fake, base)
+    assert res.returncode == 1
+    assert "pilot cannot start" in res.stderr and "Traceback" not in res.stderr
+    assert fake.jobs   # the job was not taken

@@ -148,3 +148,29 @@ def test_sigterm_to_pilot_fails_job_with_1201(fake, tmp_path):
     final = fake.final(612)
     assert final is not None, out
     assert int(final["pilotErrorCode"]) == ErrorCode.SIGTERM
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MB tmpfs: a disk that really fills up (needs root; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk(fake, small_fs, tmp_path):
+    fake.site_config["limits"]["min_free_disk_mb"] = 1
+    fake.add_job(make_job(613, "head -c 10000000 /dev/zero > fill.dat; sleep 60",
+                          outputs=["fill.dat"]))
+    res = run_pilot(fake, small_fs / "wd")
+    final = fake.final(613)
+    assert final is not None, res.stderr
+    assert final["state"] == "failed"
+    assert int(final["pilotErrorCode"]) in (ErrorCode.DISK_SPACE_LOW, ErrorCode.NO_LOCAL_SPACE), \
+        res.stderr
+    assert "Traceback" not in res.stderr

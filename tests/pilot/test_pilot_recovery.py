@@ -152,3 +152,21 @@ def test_pilot_killed_before_payload_is_reported_lost(fake, se, tmp_path):
     assert final["state"] == "failed"
     assert int(final["pilotErrorCode"]) == ErrorCode.RECOVERED_LOST
     assert "job704.log.tgz" in stored(final)
+
+
+def test_lost_heartbeats_kill_the_payload_and_report_later(fake, se, tmp_path):
+    fake.add_job(make_job(705, "sleep 60"))
+    proc = start_pilot(fake, tmp_path / "wd", "--heartbeat", "0.3", "--lost-heartbeat", "1.5")
+    try:
+        fake.wait_for(lambda: any(u["state"] == "running" for u in fake.updates(705)))
+        fake.stop()
+        out, _ = finish(proc, 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [state] = state_of(tmp_path / "wd")
+    assert state["phase"] == "final_pending", out
+    assert int(state["final"]["pilotErrorCode"]) == ErrorCode.NO_HEARTBEAT_REACHED
+    fake.start()
+    res = run_pilot(fake, tmp_path / "wd")
+    assert int(fake.final(705)["pilotErrorCode"]) == ErrorCode.NO_HEARTBEAT_REACHED, res.stderr

@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from conftest import EXAMPLE_SITES, RunningServer, start_server, stop_server, wait_http
+from testkit import EXAMPLE_SITES, RunningServer, start_server, stop_server, wait_http
 from panda_wms.client import PandaClient
 from panda_wms.errorcodes import ErrorCode
 from panda_wms.storage import replica_path

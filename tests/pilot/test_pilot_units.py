@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conftest import free_port
+from testkit import free_port
 from panda_wms.errorcodes import ErrorCode
 from pilot.cli import batch_deadline, parse_slurm_time
 from pilot.client import PandaClient, RetryPolicy
