@@ -1,95 +1,9 @@
-"""Fixtures shared by every test: free ports, and a real ``panda server`` subprocess."""
+"""Fixtures shared by every test. Helpers live in testkit.py (import them from there)."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
-import requests
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE_SITES = REPO / "site_configs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait until ``url`` answers; fail early with the process's output if it died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{out}")
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.RequestException:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-@dataclass
-class RunningServer:
-    url: str
-    db_url: str
-    key_dir: Path
-    proc: subprocess.Popen
-    log_path: Path
-
-    def token(self, role: str = "admin", subject: str = "tester", site: str | None = None) -> str:
-        """Issue a bearer token signed with this server's key."""
-        cmd = [sys.executable, "-m", "panda_wms.cli", "token", "issue", "--key-dir",
-               str(self.key_dir), "--role", role, "--subject", subject]
-        if site:
-            cmd += ["--site", site]
-        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_server(tmp: Path, db_url: str | None = None, site_dir: Path | None = None,
-                 extra: list[str] | None = None, env: dict | None = None) -> RunningServer:
-    """Start ``panda server`` as a subprocess on a free loopback port."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    db_url = db_url or f"sqlite:///{tmp / 'panda.db'}"
-    key_dir = tmp / "keys"
-    log_path = tmp / "server.log"
-    cmd = [sys.executable, "-m", "panda_wms.cli", "server", "--db", db_url, "--port", str(port),
-           "--host", "127.0.0.1", "--key-dir", str(key_dir)]
-    if site_dir is not None:
-        cmd += ["--site-configs", str(site_dir)]
-    cmd += extra or []
-    logf = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/api/v1/system/is_alive", proc=proc)
-    except Exception:
-        proc.kill()
-        raise RuntimeError(f"server did not start:\n{log_path.read_text()}") from None
-    return RunningServer(url=url, db_url=db_url, key_dir=key_dir, proc=proc, log_path=log_path)
-
-
-def stop_server(server: RunningServer) -> None:
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+from testkit import start_server, stop_server
 
 
 @pytest.fixture

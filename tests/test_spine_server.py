@@ -12,7 +12,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from conftest import EXAMPLE_SITES, free_port, start_server, stop_server
+from testkit import EXAMPLE_SITES, free_port, start_server, stop_server
 from panda_wms.client import ClientError, PandaClient
 from panda_wms.storage import replica_path
 

@@ -5,37 +5,15 @@ executemany statements, so concurrency tests and benchmarks start in a second, n
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import uuid
 import zlib
-from pathlib import Path
 
 from sqlalchemy import insert, select
 
 from server import db
 from server.taskbuffer import TaskBuffer
-
-
-def _root_conftest():
-    """tests/conftest.py under its own name: both conftests are plain modules called
-    ``conftest``, so ``from conftest import ...`` here could pick the wrong one."""
-    name = "_panda_tests_root_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parent.parent / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_root = _root_conftest()
-start_server = _root.start_server
-stop_server = _root.stop_server
-free_port = _root.free_port
-wait_http = _root.wait_http
+from testkit import free_port, start_server, stop_server, wait_http  # noqa: F401 (re-exported)
 
 
 def site_config(name: str, se: str = "SE_A", *, cores: int = 8, memory_mb: int = 16000,

@@ -8,7 +8,7 @@ import sys
 import requests
 import yaml
 
-from conftest import free_port
+from testkit import free_port
 from site_configs import EXAMPLES_DIR
 
 
