@@ -57,6 +57,9 @@ class SchedulerBackend(abc.ABC):
     """Base class of all backends; subclasses set ``name`` and implement the three methods."""
 
     name: str = ""
+    # Option through which the factory hands a backend a folder of its own for its state (the
+    # ``local`` backend keeps its pilots' pids there); None: the backend needs none.
+    state_dir_option: str | None = None
 
     def __init__(self, **options) -> None:
         self.options = options
@@ -79,6 +82,17 @@ class SchedulerBackend(abc.ABC):
         Backends that know exit codes override this; the default has only the states.
         """
         return {bid: BatchInfo(state) for bid, state in self.status(batch_ids).items()}
+
+
+def backend_class(name: str) -> type[SchedulerBackend]:
+    """The class registered as ``name`` in ``panda.schedulers``, not yet constructed."""
+    from stevedore import driver
+    from stevedore.exception import NoMatches
+
+    try:
+        return driver.DriverManager("panda.schedulers", name, invoke_on_load=False).driver
+    except NoMatches:
+        raise SchedulerError(f"unknown scheduler backend {name!r}") from None
 
 
 def load_backend(name: str, **options) -> SchedulerBackend:

@@ -42,6 +42,7 @@ class LocalBackend(SchedulerBackend):
     ``kill_grace_s`` (SIGTERM to SIGKILL on cancel), ``enforce_walltime`` (default true)."""
 
     name = "local"
+    state_dir_option = "state_dir"
 
     def __init__(self, slots: int | None = None, state_dir: str | None = None,
                  kill_grace_s: float = 5.0, enforce_walltime: bool = True, **options) -> None:

@@ -1,0 +1,113 @@
+"""``panda factory``: the pilot factory as a daemon (clean stop on SIGTERM/SIGINT) or ``--once``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="panda factory",
+                                description="keep the online sites supplied with pilots")
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:25080")
+    p.add_argument("--site-configs", required=True, metavar="DIR", help="folder of site YAMLs")
+    p.add_argument("--once", action="store_true", help="one cycle, then exit (for cron)")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between cycles")
+    p.add_argument("--state-dir", default=None,
+                   help="where pilots are remembered (default: ./panda-factory)")
+    p.add_argument("--factory-id", default=None, help="name reported to the server")
+    p.add_argument("--token-file", help="the factory's bearer token (default: $PANDA_AUTH_TOKEN)")
+    p.add_argument("--pilot-token-file",
+                   help="token handed to pilots as PANDA_AUTH_TOKEN (default: the factory's)")
+    p.add_argument("--pilot-args", default="", help="extra pilot arguments, one shell-quoted string")
+    p.add_argument("--max-failures", type=int, default=5,
+                   help="failed pilots in a row that stop submission to a site")
+    p.add_argument("--failure-backoff", type=float, default=600.0,
+                   help="seconds before a stopped site gets one probe pilot")
+    p.add_argument("--cancel-on-exit", action="store_true",
+                   help="cancel queued and running pilots when the factory stops")
+    p.add_argument("--log-level", default=None)
+    return p.parse_args(argv)
+
+
+def _read(path: str | None, env_var: str | None = None) -> str | None:
+    if path:
+        return Path(path).read_text().strip() or None
+    return os.environ.get(env_var) if env_var else None
+
+
+def _print_cycle(report) -> None:
+    for name, c in report.sites.items():
+        line = (f"{name}: activated={c.activated if c.activated is not None else '?'} "
+                f"queued={c.queued} running={c.running} submitted={c.submitted} "
+                f"finished={c.finished} failed={c.failed}")
+        if c.skipped:
+            line += f" ({c.skipped})"
+        sys.stdout.write(line + "\n")
+        for err in c.errors:
+            sys.stdout.write(f"  error: {err}\n")
+    if report.report_error:
+        sys.stdout.write(f"report: {report.report_error}\n")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from panda_wms.cli import setup_logging
+    setup_logging(args.log_level)
+
+    from site_configs import load_dir
+
+    from .factory import Factory
+
+    try:
+        token = _read(args.token_file, "PANDA_AUTH_TOKEN")
+        pilot_token = _read(args.pilot_token_file) or token
+    except OSError as exc:
+        sys.stderr.write(f"panda factory: cannot read token file: {exc}\n")
+        return 2
+    try:
+        pilot_args = shlex.split(args.pilot_args)
+    except ValueError as exc:
+        sys.stderr.write(f"panda factory: bad --pilot-args: {exc}\n")
+        return 2
+    sites, errors = load_dir(args.site_configs)
+    for err in errors:
+        log.error("site config: %s", err)
+    if not sites:
+        sys.stderr.write(f"panda factory: no valid site config in {args.site_configs}\n")
+        return 1
+    try:
+        factory = Factory(args.server, sites, factory_id=args.factory_id, token=token,
+                          pilot_token=pilot_token, state_dir=args.state_dir,
+                          pilot_args=pilot_args, max_failures=args.max_failures,
+                          failure_backoff_s=args.failure_backoff)
+    except OSError as exc:
+        sys.stderr.write(f"panda factory: cannot use state dir: {exc}\n")
+        return 1
+
+    if args.once:
+        report = factory.run_once()
+        _print_cycle(report)
+        failed = bool(report.report_error or errors
+                      or any(c.errors for c in report.sites.values()))
+        return 1 if failed else 0
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("factory received %s: stopping after this cycle", signal.Signals(signum).name)
+        stop.set()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    factory.run(stop, interval=args.interval)
+    if args.cancel_on_exit:
+        factory.cancel_all()
+        factory.shutdown()
+    return 0

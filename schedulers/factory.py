@@ -1,0 +1,438 @@
+"""The pilot factory: keep every online site supplied with just enough pilots.
+
+Like Harvester's submitter, the factory owns policy and nothing else: each cycle it refreshes the
+states of the pilots it submitted, asks the server how many jobs wait (activated) at each site,
+submits the pilots still missing within the site's limits (max queued, max running, submissions
+per minute), stops feeding a site whose pilots keep failing (and says why: log, report, cycle
+summary), and reports every pilot to the server. Pilots are remembered in ``--state-dir`` so a
+restarted factory keeps tracking the ones it left running.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+from site_configs import SiteConfig
+
+from .base import (FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerBackend, SchedulerError,
+                   backend_class)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "factory-pilots.json"
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+@dataclass
+class PilotRecord:
+    """One pilot as the factory knows it; ``to_report()`` is what the server receives."""
+    batch_id: str
+    site: str
+    backend: str
+    state: str = BatchState.QUEUED.value
+    submitted: float = 0.0
+    updated: float = 0.0
+    exit_code: int | None = None
+    reason: str = ""
+    workdir: str = ""
+    running_since: float | None = None
+    unknown_cycles: int = 0
+    reported: bool = False        # the server has seen the current state
+
+    @property
+    def final(self) -> bool:
+        return BatchState(self.state) in FINAL_BATCH_STATES
+
+    def to_report(self) -> dict[str, Any]:
+        return {"batch_id": self.batch_id, "site": self.site, "backend": self.backend,
+                "state": self.state, "submitted": iso(self.submitted),
+                "updated": iso(self.updated), "exit_code": self.exit_code, "reason": self.reason}
+
+
+@dataclass
+class SiteHealth:
+    """Why a site is or is not fed: consecutive failures and the stop that follows them."""
+    consecutive_failures: int = 0
+    last_failure: str = ""
+    disabled_since: float | None = None
+    disabled_reason: str = ""
+    submit_times: deque = field(default_factory=deque)
+
+
+@dataclass
+class SiteCycle:
+    """What one cycle did at one site (the ``--once`` output and the tests read it)."""
+    site: str
+    activated: int | None = None
+    queued: int = 0
+    running: int = 0
+    submitted: int = 0
+    finished: int = 0
+    failed: int = 0
+    skipped: str = ""             # why nothing was submitted, if that was a decision
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CycleReport:
+    sites: dict[str, SiteCycle] = field(default_factory=dict)
+    reported: int = 0
+    report_error: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Factory:
+    """Drive pilots for ``sites`` against the server at ``server_url`` (in-process or as a daemon).
+
+    ``token`` authenticates the factory's own calls (report, activated count); ``pilot_token`` is
+    put into each pilot's environment as ``PANDA_AUTH_TOKEN``. ``pilot_args`` are appended to the
+    pilot's command line. After ``max_failures`` failed pilots in a row a site gets no pilots for
+    ``failure_backoff_s``; then one probe pilot is allowed, and a success feeds the site again.
+    Pilots needed = activated jobs - queued pilots - pilots running for less than
+    ``startup_grace_s`` (they are about to take a job), within the site's limits.
+    """
+
+    def __init__(self, server_url: str, sites: list[SiteConfig], *, factory_id: str | None = None,
+                 token: str | None = None, pilot_token: str | None = None,
+                 state_dir: str | os.PathLike | None = None, pilot_args: list[str] | None = None,
+                 max_failures: int = 5, failure_backoff_s: float = 600.0,
+                 http_timeout: float = 10.0, keep_final_s: float = 86400.0,
+                 startup_grace_s: float = 60.0,
+                 clock: Callable[[], float] = time.time,
+                 backends: dict[str, SchedulerBackend] | None = None) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.sites = {s.name: s for s in sites}
+        self.state_dir = Path(state_dir) if state_dir else Path.cwd() / "panda-factory"
+        self.factory_id = factory_id or f"factory@{socket.gethostname()}"
+        self.pilot_token = pilot_token
+        self.pilot_args = list(pilot_args or [])
+        self.max_failures = max_failures
+        self.failure_backoff_s = failure_backoff_s
+        self.http_timeout = http_timeout
+        self.keep_final_s = keep_final_s
+        self.startup_grace_s = startup_grace_s
+        self.clock = clock
+        self.session = requests.Session()
+        self.session.headers["Accept"] = "application/json"
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.pilots: dict[tuple[str, str], PilotRecord] = {}     # (site, batch id) -> record
+        self.health: dict[str, SiteHealth] = {name: SiteHealth() for name in self.sites}
+        self._backends: dict[str, SchedulerBackend] = dict(backends or {})
+        self._load_state()
+
+    # ------------------------------------------------------------------ persistence
+    def _load_state(self) -> None:
+        path = self.state_dir / STATE_FILE
+        if not path.exists():
+            return
+        try:
+            data = json.loads(path.read_text())
+            for item in data.get("pilots", []):
+                rec = PilotRecord(**item)
+                self.pilots[(rec.site, rec.batch_id)] = rec
+            for name, h in data.get("health", {}).items():
+                if name in self.health:
+                    self.health[name] = SiteHealth(
+                        consecutive_failures=h.get("consecutive_failures", 0),
+                        last_failure=h.get("last_failure", ""),
+                        disabled_since=h.get("disabled_since"),
+                        disabled_reason=h.get("disabled_reason", ""))
+        except (OSError, ValueError, TypeError) as exc:
+            bad = path.with_suffix(".corrupt")
+            os.replace(path, bad)
+            log.error("factory state %s unreadable (%s): moved to %s, starting afresh",
+                      path, exc, bad)
+            self.pilots.clear()
+            return
+        log.info("factory state: %d pilot(s) remembered from %s", len(self.pilots), path)
+
+    def save_state(self) -> None:
+        path = self.state_dir / STATE_FILE
+        data = {"factory": self.factory_id,
+                "pilots": [asdict(p) for p in self.pilots.values()],
+                "health": {name: {"consecutive_failures": h.consecutive_failures,
+                                  "last_failure": h.last_failure,
+                                  "disabled_since": h.disabled_since,
+                                  "disabled_reason": h.disabled_reason}
+                           for name, h in self.health.items()}}
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("cannot save factory state to %s: %s", path, exc.strerror or exc)
+
+    # ------------------------------------------------------------------ helpers
+    def backend(self, site: SiteConfig) -> SchedulerBackend:
+        """The site's backend, built once from its ``scheduler`` section."""
+        if site.name not in self._backends:
+            cls = backend_class(site.scheduler.backend)
+            options = dict(site.scheduler.options)
+            if cls.state_dir_option and cls.state_dir_option not in options:
+                options[cls.state_dir_option] = str(self.state_dir / site.scheduler.backend)
+            try:
+                self._backends[site.name] = cls(**options)
+            except TypeError as exc:
+                raise SchedulerError(f"bad options for backend {site.scheduler.backend}: "
+                                     f"{exc}") from None
+        return self._backends[site.name]
+
+    def pilot_command(self, site: SiteConfig) -> list[str]:
+        return [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", self.server_url,
+                "--site", site.name, "--walltime", str(site.pilots.walltime_s), *self.pilot_args]
+
+    def _api_error(self, url: str, exc: Exception | str) -> str:
+        return f"{url}: {exc}"
+
+    def activated_count(self, site: str) -> int:
+        """Jobs waiting for pilots at ``site``; raises RuntimeError naming the URL on failure."""
+        url = f"{self.server_url}/api/v1/pilot/activated_count"
+        try:
+            resp = self.session.get(url, params={"site": site}, timeout=self.http_timeout)
+            reply = resp.json()
+        except requests.RequestException as exc:
+            raise RuntimeError(f"cannot reach the server at {url}: {exc}") from None
+        except ValueError:
+            raise RuntimeError(f"{url} answered HTTP {resp.status_code} without JSON") from None
+        if not isinstance(reply, dict) or not reply.get("success"):
+            msg = reply.get("message") if isinstance(reply, dict) else reply
+            raise RuntimeError(f"{url}?site={site} refused (HTTP {resp.status_code}): {msg}")
+        data = reply.get("data")
+        count = data.get("activated") if isinstance(data, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise RuntimeError(f"{url}?site={site} answered no activated count: {data!r}")
+        return count
+
+    def report(self, records: list[PilotRecord]) -> None:
+        """POST the pilots to the server; raises RuntimeError naming the URL on failure."""
+        url = f"{self.server_url}/api/v1/pilot/report"
+        body = {"factory": self.factory_id, "pilots": [r.to_report() for r in records]}
+        try:
+            resp = self.session.post(url, json=body, timeout=self.http_timeout)
+            reply = resp.json()
+        except requests.RequestException as exc:
+            raise RuntimeError(f"cannot reach the server at {url}: {exc}") from None
+        except ValueError:
+            raise RuntimeError(f"{url} answered HTTP {resp.status_code} without JSON") from None
+        if not isinstance(reply, dict) or not reply.get("success"):
+            msg = reply.get("message") if isinstance(reply, dict) else reply
+            raise RuntimeError(f"{url} refused the report (HTTP {resp.status_code}): {msg}")
+
+    # ------------------------------------------------------------------ one cycle
+    def run_once(self) -> CycleReport:
+        """Refresh, submit and report once for every site; never raises for one site's trouble."""
+        report = CycleReport()
+        for site in self.sites.values():
+            cycle = report.sites[site.name] = SiteCycle(site.name)
+            try:
+                self._refresh(site, cycle)
+                if site.online:
+                    self._supply(site, cycle)
+                else:
+                    cycle.skipped = f"site status is {site.status}"
+            except SchedulerError as exc:
+                cycle.errors.append(str(exc))
+                log.error("site %s: %s", site.name, exc)
+        self._prune()
+        pending = [p for p in self.pilots.values() if not p.reported]
+        if pending:
+            try:
+                self.report(pending)
+                for p in pending:
+                    p.reported = True
+                report.reported = len(pending)
+            except RuntimeError as exc:
+                report.report_error = str(exc)
+                log.warning("pilot report failed (will retry next cycle): %s", exc)
+        self.save_state()
+        return report
+
+    def _refresh(self, site: SiteConfig, cycle: SiteCycle) -> None:
+        live = [p for (s, _), p in self.pilots.items() if s == site.name and not p.final]
+        if not live:
+            return
+        infos = self.backend(site).details([p.batch_id for p in live])
+        now = self.clock()
+        health = self.health[site.name]
+        for rec in live:
+            info = infos.get(rec.batch_id)
+            if info is None:
+                continue
+            if info.state == BatchState.UNKNOWN:
+                rec.unknown_cycles += 1
+                if rec.unknown_cycles < 3:      # a batch system may briefly not list a new job
+                    continue
+                info.reason = info.reason or "the batch system lost track of this pilot"
+            if info.state.value == rec.state and info.exit_code == rec.exit_code:
+                continue
+            rec.state = (BatchState.FAILED if info.state == BatchState.UNKNOWN
+                         else info.state).value
+            rec.exit_code, rec.reason = info.exit_code, info.reason or rec.reason
+            rec.updated, rec.reported = now, False
+            if info.state == BatchState.RUNNING and rec.running_since is None:
+                rec.running_since = now
+            if info.state == BatchState.DONE:
+                cycle.finished += 1
+                self._succeeded(site, health)
+            elif rec.state == BatchState.FAILED.value:
+                cycle.failed += 1
+                self._failed(site, health, f"pilot {rec.batch_id} failed: "
+                             f"{rec.reason or f'exit code {rec.exit_code}'}")
+
+    def _succeeded(self, site: SiteConfig, health: SiteHealth) -> None:
+        if health.disabled_since is not None:
+            log.info("site %s: a pilot succeeded again: submitting resumes", site.name)
+        health.consecutive_failures, health.disabled_since, health.disabled_reason = 0, None, ""
+
+    def _failed(self, site: SiteConfig, health: SiteHealth, why: str) -> None:
+        health.consecutive_failures += 1
+        health.last_failure = why
+        if health.consecutive_failures >= self.max_failures:
+            first = health.disabled_since is None
+            health.disabled_since = self.clock()
+            health.disabled_reason = (f"{health.consecutive_failures} pilots in a row failed; "
+                                      f"last: {why}")
+            if first:
+                log.error("site %s: stopped submitting pilots: %s (retry with one pilot in "
+                          "%.0f s)", site.name, health.disabled_reason, self.failure_backoff_s)
+
+    def _supply(self, site: SiteConfig, cycle: SiteCycle) -> None:
+        mine = [p for (s, _), p in self.pilots.items() if s == site.name and not p.final]
+        cycle.queued = sum(p.state in (BatchState.QUEUED.value, BatchState.UNKNOWN.value)
+                           for p in mine)
+        cycle.running = sum(p.state == BatchState.RUNNING.value for p in mine)
+        health = self.health[site.name]
+        now = self.clock()
+        # a pilot that started only just now has probably not asked for its job yet
+        starting = sum(p.state == BatchState.RUNNING.value and p.running_since is not None
+                       and now - p.running_since < self.startup_grace_s for p in mine)
+        probe = False
+        if health.disabled_since is not None:
+            if now - health.disabled_since < self.failure_backoff_s:
+                cycle.skipped = f"not submitting: {health.disabled_reason}"
+                return
+            probe = True                       # the back-off is over: one pilot tests the site
+        try:
+            cycle.activated = self.activated_count(site.name)
+        except RuntimeError as exc:
+            cycle.errors.append(str(exc))
+            cycle.skipped = "no activated count from the server"
+            log.warning("site %s: %s", site.name, exc)
+            return
+        limits = site.pilots
+        while health.submit_times and now - health.submit_times[0] >= 60:
+            health.submit_times.popleft()
+        wanted = min(cycle.activated - cycle.queued - starting,
+                     limits.max_queued - cycle.queued,
+                     limits.max_running - cycle.queued - cycle.running,
+                     limits.rate_per_minute - len(health.submit_times))
+        if probe:
+            if cycle.queued + cycle.running > 0:
+                cycle.skipped = "waiting for the probe pilot"
+                return
+            wanted = min(wanted, 1)
+        if wanted <= 0:
+            if cycle.activated == 0:
+                cycle.skipped = "no activated jobs"
+            elif len(health.submit_times) >= limits.rate_per_minute:
+                cycle.skipped = f"rate limit of {limits.rate_per_minute} per minute reached"
+            else:
+                cycle.skipped = "site limits reached (max_queued/max_running)"
+            return
+        backend = self.backend(site)
+        for _ in range(wanted):
+            workdir = self.state_dir / "pilots" / site.name / f"{int(now * 1000)}-{os.urandom(3).hex()}"
+            spec = PilotSpec(site=site.name, command=self.pilot_command(site),
+                             walltime_s=site.pilots.walltime_s, cores=site.resources.cores,
+                             memory_mb=site.resources.memory_mb, workdir=str(workdir),
+                             name=f"pilot-{site.name}"[:64],
+                             env={"PANDA_AUTH_TOKEN": self.pilot_token} if self.pilot_token else {})
+            try:
+                batch_id = backend.submit(spec)
+            except SchedulerError as exc:
+                cycle.errors.append(f"submit failed: {exc}")
+                log.error("site %s: pilot submission failed: %s", site.name, exc)
+                self._failed(site, health, f"submission failed: {exc}")
+                break
+            health.submit_times.append(now)
+            self.pilots[(site.name, batch_id)] = PilotRecord(
+                batch_id=batch_id, site=site.name, backend=site.scheduler.backend,
+                submitted=now, updated=now, workdir=str(workdir))
+            cycle.submitted += 1
+            cycle.queued += 1
+            if probe:
+                health.disabled_since = now    # the probe restarts the back-off clock
+                break
+        if cycle.submitted:
+            log.info("site %s: submitted %d pilot(s) (%d activated job(s), %d queued, "
+                     "%d running)", site.name, cycle.submitted, cycle.activated,
+                     cycle.queued, cycle.running)
+
+    def _prune(self) -> None:
+        """Forget final pilots the server has seen, once they are older than ``keep_final_s``."""
+        now = self.clock()
+        for key, rec in list(self.pilots.items()):
+            if rec.final and rec.reported and now - rec.updated > self.keep_final_s:
+                del self.pilots[key]
+
+    # ------------------------------------------------------------------ daemon
+    def run(self, stop_event: threading.Event, interval: float = 60.0) -> None:
+        """Cycle every ``interval`` seconds until ``stop_event`` is set; then save and report."""
+        log.info("factory %s: %d site(s), server %s, every %.0f s", self.factory_id,
+                 len(self.sites), self.server_url, interval)
+        while not stop_event.is_set():
+            try:
+                self.run_once()
+            except Exception:                  # noqa: BLE001 - a daemon logs and carries on
+                log.exception("factory cycle failed")
+            stop_event.wait(interval)
+        self.shutdown()
+
+    def cancel_all(self) -> None:
+        """Cancel every pilot still queued or running (``--cancel-on-exit``)."""
+        for site in self.sites.values():
+            live = [p for (s, _), p in self.pilots.items() if s == site.name and not p.final]
+            if not live:
+                continue
+            try:
+                self.backend(site).cancel([p.batch_id for p in live])
+            except SchedulerError as exc:
+                log.error("site %s: cancel failed: %s", site.name, exc)
+                continue
+            now = self.clock()
+            for rec in live:
+                rec.state, rec.reason = BatchState.CANCELLED.value, "cancelled at factory shutdown"
+                rec.updated, rec.reported = now, False
+
+    def shutdown(self) -> None:
+        """Save the pilots and send a last report (best effort), so a restart loses nothing."""
+        pending = [p for p in self.pilots.values() if not p.reported]
+        if pending:
+            try:
+                self.report(pending)
+                for p in pending:
+                    p.reported = True
+            except RuntimeError as exc:
+                log.warning("last pilot report failed: %s", exc)
+        self.save_state()
+        log.info("factory %s stopped; %d pilot(s) remembered in %s", self.factory_id,
+                 len(self.pilots), self.state_dir)

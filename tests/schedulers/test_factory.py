@@ -1,0 +1,351 @@
+"""The pilot factory against a real server and the real local backend.
+
+Policy tests give the factory a stand-in pilot command (a process that sleeps or fails, so the
+activated jobs stay activated and the numbers are exact); the end-to-end test runs real pilots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+import requests
+import yaml
+
+from testkit import free_port, start_server, stop_server
+from panda_wms.client import PandaClient
+from panda_wms.storage import replica_path
+from schedulers.factory import STATE_FILE, Factory
+from site_configs import EXAMPLES_DIR, parse_site_config
+
+SITE = "FTEST"
+PY = sys.executable
+
+
+def site_dict(**pilots) -> dict:
+    data = yaml.safe_load((EXAMPLES_DIR / "LOCAL_DEMO.yaml").read_text())
+    data["name"] = SITE
+    data["scheduler"]["options"] = {"slots": 4, "kill_grace_s": 1}
+    data["pilots"].update({"max_queued": 3, "max_running": 5, "rate_per_minute": 60,
+                           "walltime_s": 600}, **pilots)
+    return data
+
+
+def site_config(tmp_path, **pilots):
+    return parse_site_config(site_dict(**pilots), env={"PANDA_SE_ROOT": str(tmp_path / "se")})
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A real server knowing site FTEST (and LOCAL_DEMO's storage element in tmp)."""
+    monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(site_dict()))
+    srv = start_server(tmp_path / "srv", site_dir=sites)
+    srv.se = tmp_path / "se"
+    srv.pilot_token = srv.token("pilot", "factory-test", site=SITE)
+    yield srv
+    stop_server(srv)
+
+
+def activate_jobs(srv, n: int, name: str = "ftask") -> int:
+    """Register n input files on the SE and submit a task of n one-file jobs at FTEST."""
+    user = PandaClient(srv.url, srv.token("user", "alice"))
+    files = []
+    for i in range(n):
+        lfn = f"{name}.in.{i}.txt"
+        data = f"input {i}\n".encode() * 20
+        path = srv.se / replica_path("ft", lfn)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files.append({"lfn": lfn, "fsize": len(data), "checksum": f"ad:{zlib.adler32(data):08x}"})
+    user.add_files(f"{name}.inputs", "ft", files, "LOCAL_SE")
+    task_id = user.submit_task({
+        "name": name, "scope": "ft", "transformation": "/bin/sh",
+        "job_parameters": "-c 'sha256sum ${IN} > ${OUT}'", "input_dataset": f"{name}.inputs",
+        "output_dataset": f"{name}.outputs", "outputs": [f"{name}.${{SN}}.out"], "site": SITE,
+        "files_per_job": 1, "max_attempts": 1,
+        "resources": {"cores": 1, "memory_mb": 100, "walltime_s": 120, "disk_mb": 100}})
+    assert user.task_details(task_id)["jobs"] == {"activated": n}
+    return task_id
+
+
+class StandIn(Factory):
+    """The factory with a stand-in for the pilot's argv (policy tests only)."""
+
+    def __init__(self, *args, command: list[str], **kw):
+        self.command = command
+        super().__init__(*args, **kw)
+
+    def pilot_command(self, site):
+        return self.command
+
+
+class Clock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def factories():
+    made = []
+    yield made
+    for f in made:
+        f.cancel_all()
+
+
+def make(factories, srv, sites, tmp_path, command=(PY, "-c", "import time; time.sleep(60)"),
+         **kw):
+    f = StandIn(srv.url, sites, token=srv.pilot_token, pilot_token=srv.pilot_token,
+                state_dir=tmp_path / "factory", command=list(command), factory_id="ft-1", **kw)
+    factories.append(f)
+    return f
+
+
+def summary(srv) -> dict:
+    return requests.get(srv.url + "/api/v1/pilot/summary", timeout=10).json()["data"]
+
+
+def test_pilots_fill_the_site_within_its_limits(server, tmp_path, factories):
+    activate_jobs(server, 10)
+    site = site_config(tmp_path, max_queued=3, max_running=5)
+    site.scheduler.options["slots"] = 2                # the local batch system runs 2 at once
+    f = make(factories, server, [site], tmp_path)
+    c1 = f.run_once().sites[SITE]
+    assert (c1.activated, c1.submitted) == (10, 3)     # max_queued
+    c2 = f.run_once().sites[SITE]
+    # 2 slots: 2 running, 1 still queued; 2 more submitted to get back to 3 queued
+    assert (c2.queued, c2.running, c2.submitted) == (3, 2, 2)
+    c3 = f.run_once().sites[SITE]
+    assert (c3.queued, c3.running, c3.submitted) == (3, 2, 0)
+    assert c3.skipped == "site limits reached (max_queued/max_running)"
+    got = summary(server)
+    assert got["sites"][SITE] == {"queued": 3, "running": 2}
+    assert [fa["name"] for fa in got["factories"]] == ["ft-1"]
+
+
+def test_max_running_caps_queued_plus_running(server, tmp_path, factories):
+    activate_jobs(server, 10)
+    f = make(factories, server, [site_config(tmp_path, max_queued=10, max_running=4)], tmp_path)
+    assert f.run_once().sites[SITE].submitted == 4
+    assert f.run_once().sites[SITE].submitted == 0
+
+
+def test_never_more_pilots_than_activated_jobs(server, tmp_path, factories):
+    activate_jobs(server, 2)
+    f = make(factories, server, [site_config(tmp_path, max_queued=10, max_running=10)], tmp_path)
+    assert f.run_once().sites[SITE].submitted == 2
+    assert f.run_once().sites[SITE].submitted == 0
+
+
+def test_no_activated_jobs_no_pilots(server, tmp_path, factories):
+    f = make(factories, server, [site_config(tmp_path)], tmp_path)
+    cycle = f.run_once().sites[SITE]
+    assert (cycle.activated, cycle.submitted, cycle.skipped) == (0, 0, "no activated jobs")
+
+
+def test_rate_per_minute(server, tmp_path, factories):
+    activate_jobs(server, 10)
+    clock = Clock()
+    f = make(factories, server, [site_config(tmp_path, max_queued=10, max_running=10,
+                                             rate_per_minute=2)], tmp_path, clock=clock)
+    assert f.run_once().sites[SITE].submitted == 2
+    cycle = f.run_once().sites[SITE]
+    assert cycle.submitted == 0 and "rate limit of 2 per minute" in cycle.skipped
+    clock.now += 61
+    assert f.run_once().sites[SITE].submitted == 2
+
+
+def test_offline_site_gets_no_pilots(server, tmp_path, factories):
+    activate_jobs(server, 3)
+    site = site_config(tmp_path)
+    site.status = "offline"
+    f = make(factories, server, [site], tmp_path)
+    cycle = f.run_once().sites[SITE]
+    assert cycle.submitted == 0 and cycle.skipped == "site status is offline"
+
+
+def wait_cycles(f, until, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        report = f.run_once()
+        if until(report):
+            return report
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
+
+
+def test_failing_site_is_stopped_and_says_why_then_probed(server, tmp_path, factories, caplog):
+    activate_jobs(server, 10)
+    clock = Clock()
+    f = make(factories, server, [site_config(tmp_path, max_queued=2, max_running=2)], tmp_path,
+             command=["sh", "-c", "echo broken node >&2; exit 3"], max_failures=3,
+             failure_backoff_s=300, clock=clock)
+    report = wait_cycles(f, lambda r: f.health[SITE].disabled_since is not None)
+    reason = f.health[SITE].disabled_reason
+    m = re.fullmatch(r"(\d+) pilots in a row failed; last: pilot local-\w+ failed: "
+                     r"pilot exited with code 3", reason)
+    assert m and int(m.group(1)) >= 3, reason
+    assert any("stopped submitting pilots" in r.getMessage() and SITE in r.getMessage()
+               for r in caplog.records)
+    cycle = f.run_once().sites[SITE]
+    assert cycle.submitted == 0 and cycle.skipped == f"not submitting: {reason}"
+    # the server saw the failed pilots with their exit codes
+    assert summary(server)["sites"][SITE].get("failed", 0) >= 3
+    # after the back-off exactly one probe pilot goes out
+    clock.now += 301
+    probe = f.run_once().sites[SITE]
+    assert probe.submitted == 1
+    assert f.run_once().sites[SITE].submitted == 0
+    _ = report
+
+
+def test_probe_success_resumes_submission(server, tmp_path, factories):
+    activate_jobs(server, 10)
+    clock = Clock()
+    f = make(factories, server, [site_config(tmp_path, max_queued=2, max_running=2)], tmp_path,
+             command=["sh", "-c", "exit 3"], max_failures=2, failure_backoff_s=300, clock=clock)
+    wait_cycles(f, lambda r: f.health[SITE].disabled_since is not None)
+    f.command = ["true"]                          # the site is repaired
+    clock.now += 301
+    assert f.run_once().sites[SITE].submitted == 1
+    wait_cycles(f, lambda r: f.health[SITE].disabled_since is None)
+    assert f.health[SITE].consecutive_failures == 0
+    assert f.run_once().sites[SITE].submitted >= 1
+
+
+def test_dead_server_no_pilots_clear_error(tmp_path, factories):
+    url = f"http://127.0.0.1:{free_port()}"
+
+    class Dead:
+        pass
+    srv = Dead()
+    srv.url, srv.pilot_token = url, "t"
+    f = make(factories, srv, [site_config(tmp_path)], tmp_path)
+    report = f.run_once()
+    cycle = report.sites[SITE]
+    assert cycle.submitted == 0 and cycle.skipped == "no activated count from the server"
+    assert f"cannot reach the server at {url}/api/v1/pilot/activated_count" in cycle.errors[0]
+
+
+def test_pilots_survive_a_factory_restart(server, tmp_path, factories):
+    activate_jobs(server, 2)
+    site = site_config(tmp_path, max_queued=2)
+    marker = tmp_path / "go"
+    wait_for_marker = [PY, "-c", f"import os, time\nwhile not os.path.exists({str(marker)!r}): "
+                                 "time.sleep(0.05)"]
+    first = make(factories, server, [site], tmp_path, command=wait_for_marker)
+    assert first.run_once().sites[SITE].submitted == 2
+    ids = sorted(p.batch_id for p in first.pilots.values())
+    del first, factories[:]
+    second = make(factories, server, [site], tmp_path, command=wait_for_marker)
+    assert sorted(p.batch_id for p in second.pilots.values()) == ids
+    assert second.run_once().sites[SITE].submitted == 0     # it still counts them
+    marker.write_text("go")
+    second.sites[SITE].status = "offline"                   # no new pilots from here on
+    wait_cycles(second, lambda r: all(p.state == "done" for p in second.pilots.values()))
+    assert sorted(p.batch_id for p in second.pilots.values()) == ids
+    assert summary(server)["sites"][SITE] == {"done": 2}
+
+
+def test_corrupt_state_file_is_set_aside(server, tmp_path, factories):
+    (tmp_path / "factory").mkdir()
+    (tmp_path / "factory" / STATE_FILE).write_text("{not json")
+    f = make(factories, server, [site_config(tmp_path)], tmp_path)
+    assert f.pilots == {}
+    assert (tmp_path / "factory" / "factory-pilots.corrupt").exists()
+
+
+def test_report_failure_is_retried_next_cycle(server, tmp_path, factories):
+    activate_jobs(server, 1)
+    f = make(factories, server, [site_config(tmp_path)], tmp_path)
+    assert f.run_once().reported == 1                      # the new pilot, queued
+    assert summary(server)["sites"][SITE] == {"queued": 1}
+    f.session.headers["Authorization"] = "Bearer not-a-token"
+    report = f.run_once()                                  # it runs now, but the report fails
+    assert "refused the report (HTTP 403)" in report.report_error
+    assert "/api/v1/pilot/report" in report.report_error
+    f.session.headers["Authorization"] = f"Bearer {server.pilot_token}"
+    report = f.run_once()
+    assert report.reported == 1 and not report.report_error
+    assert summary(server)["sites"][SITE] == {"running": 1}
+
+
+def test_pilot_command_and_environment(server, tmp_path):
+    f = Factory(server.url, [site_config(tmp_path)], pilot_token="ptok",
+                state_dir=tmp_path / "f", pilot_args=["--max-jobs", "1"])
+    cmd = f.pilot_command(f.sites[SITE])
+    assert cmd == [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", server.url,
+                   "--site", SITE, "--walltime", "600", "--max-jobs", "1"]
+
+
+def test_real_pilots_finish_the_jobs(server, tmp_path):
+    """End to end on this host: factory -> local backend -> real pilots -> finished jobs."""
+    task_id = activate_jobs(server, 3)
+    site = site_config(tmp_path, max_queued=3, max_running=3)
+    f = Factory(server.url, [site], token=server.pilot_token, pilot_token=server.pilot_token,
+                state_dir=tmp_path / "factory", factory_id="ft-e2e")
+    admin = PandaClient(server.url, server.token("admin"))
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            f.run_once()
+            if admin.task_details(task_id)["jobs"] == {"finished": 3}:
+                break
+            time.sleep(0.5)
+        jobs = admin.task_details(task_id)["jobs"]
+        logs = [p.read_text()[-1500:] for p in (tmp_path / "factory").rglob("pilot.log")]
+        assert jobs == {"finished": 3}, (jobs, logs)
+        wait_cycles(f, lambda r: all(p.final for p in f.pilots.values()), timeout=60)
+        assert {p.state for p in f.pilots.values()} == {"done"}
+        assert summary(server)["sites"][SITE] == {"done": len(f.pilots)}
+    finally:
+        f.cancel_all()
+
+
+def test_cli_once_and_daemon(server, tmp_path):
+    sites = tmp_path / "cli-sites"
+    sites.mkdir()
+    (sites / "ftest.yaml").write_text(yaml.safe_dump(site_dict()))
+    (sites / "broken.yaml").write_text("name: [")
+    token = tmp_path / "pilot.token"
+    token.write_text(server.pilot_token)
+    base = [PY, "-m", "panda_wms.cli", "factory", "--server", server.url, "--site-configs",
+            str(sites), "--token-file", str(token), "--state-dir", str(tmp_path / "fs")]
+    res = subprocess.run(base + ["--once"], capture_output=True, text=True, timeout=60)
+    # the broken file is reported (exit 1) but does not stop the good site
+    assert res.returncode == 1
+    assert f"{SITE}: activated=0 queued=0 running=0 submitted=0" in res.stdout
+    assert "broken.yaml" in res.stderr
+    (sites / "broken.yaml").unlink()
+    res = subprocess.run(base + ["--once"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    daemon = subprocess.Popen(base + ["--interval", "0.2"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    time.sleep(2)
+    daemon.send_signal(signal.SIGTERM)
+    out, _ = daemon.communicate(timeout=20)
+    assert daemon.returncode == 0, out
+    assert "stopping after this cycle" in out and "stopped" in out
+    state = json.loads((tmp_path / "fs" / STATE_FILE).read_text())
+    assert state["pilots"] == []
+
+
+def test_cli_no_valid_site(tmp_path):
+    (tmp_path / "s").mkdir()
+    res = subprocess.run([PY, "-m", "panda_wms.cli", "factory", "--server", "http://127.0.0.1:1",
+                          "--site-configs", str(tmp_path / "s"), "--once"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "no valid site config" in res.stderr
+    os.environ.get("X")
