@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--queuedata", help="read the queue description from this JSON file")
     p.add_argument("--public-key", help="PEM file of the server's job-signing key (default: "
                    "fetched from the server)")
+    p.add_argument("--stdout-silent", type=float, default=None,
+                   help="kill the payload (1502) when its stdout stays silent this many seconds "
+                   "(default: the site's limits.stdout_silent_s if set, else off)")
     p.add_argument("--lost-heartbeat", type=float, default=0.0,
                    help="kill the payload (1317) when no heartbeat reached the server for this "
                    "many seconds (default 0: never; the final state is kept and sent later)")
@@ -161,6 +164,8 @@ def main(argv: list[str]) -> int:
         from .site import load_queuedata_file, site_from_queuedata
         queuedata = load_queuedata_file(args.queuedata) if args.queuedata else client.queuedata(args.site)
         site = site_from_queuedata(queuedata, args.site)
+        if args.stdout_silent is not None:
+            site.limits.stdout_silent_s = args.stdout_silent
         from .plugins import make_manager
         pm = make_manager()
         if not args.no_recovery:

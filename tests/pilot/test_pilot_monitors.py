@@ -77,8 +77,8 @@ def test_batch_slot_ending_stops_the_payload(fake, tmp_path):
 
 
 def test_silent_stdout(fake, tmp_path):
-    fake.site_config["limits"]["stdout_silent_s"] = 1
-    final, _, res = run_and_final(fake, tmp_path, make_job(608, "echo hi; sleep 60"))
+    final, _, res = run_and_final(fake, tmp_path, make_job(608, "echo hi; sleep 60"),
+                                  "--stdout-silent", "1")
     assert int(final["pilotErrorCode"]) == ErrorCode.PAYLOAD_STDOUT_SILENT, res.stderr
 
 
