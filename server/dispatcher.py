@@ -211,6 +211,21 @@ class Dispatcher:
             raise ProtocolError(SC_FAILED, str(exc)) from None
         return {"StatusCode": SC_OK, "command": command}
 
+    # ------------------------------------------------------------------ event ranges
+    def get_event_ranges(self, form: dict, identity: Identity | None) -> dict:
+        from .eventranges import EventRangeError, protocol_get
+        try:
+            return protocol_get(self.tb, form, identity)
+        except EventRangeError as exc:
+            raise ProtocolError(exc.status_code, str(exc)) from None
+
+    def update_event_ranges(self, form: dict, identity: Identity | None) -> dict:
+        from .eventranges import EventRangeError, protocol_update
+        try:
+            return protocol_update(self.tb, form, identity)
+        except EventRangeError as exc:
+            raise ProtocolError(exc.status_code, str(exc)) from None
+
     def get_status(self, form: dict) -> dict:
         ids = [i for i in str(form.get("ids", "")).split(",") if i.strip()]
         states, commands = [], []

@@ -21,7 +21,8 @@ class TaskSpecError(ValueError):
     """A task description that cannot become jobs; the message names the field and why."""
 
 
-_PLACEHOLDER = re.compile(r"\$\{(IN|OUT|SN|TASK|TASKID|ATTEMPT|OUT\d+)\}")
+_PLACEHOLDER = re.compile(
+    r"\$\{(IN|OUT|SN|TASK|TASKID|ATTEMPT|OUT\d+|FIRSTEVENT|SKIPEVENTS|MAXEVENTS)\}")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class TaskSpec:
     max_attempts: int = 3
     transfer_type: str | None = None     # "direct": the payload reads inputs in place
     pilot_version: str | None = None
+    events_per_job: int | None = None    # split each input file by events (server/eventranges.py)
+    events_per_file: int | None = None   # events in each input file
+    events_per_range: int | None = None  # event ranges a pilot fetches with getEventRanges
 
     @classmethod
     def from_dict(cls, data: Any) -> "TaskSpec":
@@ -85,6 +89,8 @@ class TaskSpec:
         unknown_res = sorted(set(resources) - {"cores", "memory_mb", "walltime_s", "disk_mb"})
         _check(not unknown_res, "resources", f"unknown key(s) {', '.join(unknown_res)}")
         ints = {"files_per_job": data.get("files_per_job"), "n_jobs": data.get("n_jobs"),
+                **{k: data.get(k) for k in ("events_per_job", "events_per_file",
+                                            "events_per_range")},
                 "priority": data.get("priority"), "max_attempts": data.get("max_attempts"),
                 **{k: resources.get(k) for k in ("cores", "memory_mb", "walltime_s", "disk_mb")}}
         for key, value in ints.items():
@@ -102,6 +108,13 @@ class TaskSpec:
             raise TaskSpecError("field 'output_dataset': required when 'outputs' is given")
         if not spec.input_dataset and not spec.n_jobs:
             raise TaskSpecError("field 'input_dataset' or 'n_jobs': one is required")
+        if spec.events_per_job and not (spec.input_dataset and spec.events_per_file):
+            raise TaskSpecError("field 'events_per_job': needs 'input_dataset' and "
+                                "'events_per_file'")
+        if spec.events_per_range and not spec.events_per_job:
+            raise TaskSpecError("field 'events_per_range': needs 'events_per_job'")
+        if spec.events_per_range and spec.events_per_range > spec.events_per_job:
+            raise TaskSpecError("field 'events_per_range': at most 'events_per_job'")
         return spec
 
 
@@ -137,12 +150,19 @@ def _fill(text: str, values: dict[str, str]) -> str:
 
 
 def make_job(spec: TaskSpec, task_id: int, owner: str, serial: int, inputs: list[dict],
-             attempt: int = 1, site: str | None = None) -> tuple[dict, list[dict]]:
-    """One job's row values and its file rows (inputs, outputs, log)."""
+             attempt: int = 1, site: str | None = None,
+             events: Any = None) -> tuple[dict, list[dict]]:
+    """One job's row values and its file rows (inputs, outputs, log).
+
+    ``events``: the job's window of events in its file (``eventranges.EventWindow``), if any.
+    """
     outs = output_names(spec, task_id, serial, attempt)
     values = {"IN": ",".join(f["lfn"] for f in inputs), "OUT": outs[0] if outs else "",
               "SN": f"{serial:06d}", "TASK": spec.name, "TASKID": str(task_id),
               "ATTEMPT": str(attempt)}
+    if events is not None:
+        values.update(FIRSTEVENT=str(events.first), SKIPEVENTS=str(events.first),
+                      MAXEVENTS=str(events.count))
     values.update({f"OUT{i}": o for i, o in enumerate(outs)})
     job = {
         "task_id": task_id, "serial": serial, "attempt_nr": attempt,

@@ -14,6 +14,7 @@ from panda_wms.states import JobState, TaskState
 
 from . import db
 from .brokerage import Brokerage, JobNeeds, input_endpoint
+from .eventranges import create_ranges, split_events
 from .jobcreator import TaskSpec, TaskSpecError, make_job, split_inputs
 from .taskbuffer import TaskBuffer
 
@@ -46,8 +47,8 @@ class TaskSubmitter:
             if not inputs:
                 raise TaskSpecError(f"field 'input_dataset': dataset {spec.input_dataset!r} has "
                                     "no unused files (register them with data/add_files first)")
-        groups = split_inputs(inputs, spec.files_per_job) if inputs else [[]] * (spec.n_jobs or 1)
-        return self._create(spec, params, owner, groups, sites)
+        groups, windows = _split(spec, inputs)
+        return self._create(spec, params, owner, groups, sites, windows=windows)
 
     def extend(self, task_id: int, actor: str) -> SubmitResult:
         """Create jobs for the files added to the task's input dataset since it was created."""
@@ -59,12 +60,13 @@ class TaskSubmitter:
         sites = {s["name"]: s for s in self.tb.list_sites()}
         existing = self.tb.task_job_counts(task_id)
         first_serial = max(1, sum(existing.values()) + 1)
-        return self._create(spec, task["params"], actor, split_inputs(new, spec.files_per_job),
-                            sites, task_id=task_id, first_serial=first_serial)
+        groups, windows = _split(spec, new)
+        return self._create(spec, task["params"], actor, groups, sites, task_id=task_id,
+                            first_serial=first_serial, windows=windows)
 
     def _create(self, spec: TaskSpec, params: dict, owner: str, groups: list[list[dict]],
                 sites: dict[str, dict], task_id: int | None = None,
-                first_serial: int = 1) -> SubmitResult:
+                first_serial: int = 1, windows: list | None = None) -> SubmitResult:
         all_lfns = [f["lfn"] for g in groups for f in g]
         locality = self.tb.replica_endpoints(spec.scope if not groups or not groups[0]
                                              else groups[0][0]["scope"], all_lfns)
@@ -87,8 +89,14 @@ class TaskSubmitter:
                 if site is None:
                     raise TaskSpecError("no site can run this task's jobs: "
                                         + ("; ".join(reasons) or "no sites are known"))
-                job, files = make_job(spec, task_id, owner, serial, group, site=site)
+                window = windows[n] if windows else None
+                job, files = make_job(spec, task_id, owner, serial, group, site=site,
+                                      events=window)
                 panda_id = self.tb.insert_job(conn, job, files, owner)
+                if window is not None and spec.events_per_range:
+                    create_ranges(self.tb, conn, task_id=task_id, serial=serial,
+                                  file=group[0], window=window,
+                                  events_per_range=spec.events_per_range)
                 se = input_endpoint(sites[site]["config"])
                 local = all(se in locality.get(f["lfn"], ()) for f in group)
                 target = JobState.ACTIVATED if local else JobState.ASSIGNED
@@ -106,3 +114,13 @@ class TaskSubmitter:
         log.info("task %s (%s): %d jobs, %d activated, %d waiting for data", task_id, spec.name,
                  len(ids), activated, assigned)
         return SubmitResult(task_id, ids, activated, assigned)
+
+
+def _split(spec: TaskSpec, inputs: list[dict]) -> tuple[list[list[dict]], list | None]:
+    """Input groups, one per job, and each job's event window when split by events."""
+    if spec.events_per_job and inputs:
+        pairs = split_events(inputs, spec.events_per_file, spec.events_per_job)
+        return [g for g, _ in pairs], [w for _, w in pairs]
+    if inputs:
+        return split_inputs(inputs, spec.files_per_job), None
+    return [[]] * (spec.n_jobs or 1), None
