@@ -21,6 +21,7 @@ from .auth import AuthError, Identity, KeyStore, identity_from_dn
 from .brokerage import Brokerage
 from .dispatcher import SC_DENIED, SC_FAILED, Dispatcher, ProtocolError
 from .hookspecs import plugin_manager
+from .metrics import REQUESTS
 from .queuedata import queuedata
 from .submission import TaskSubmitter
 from .taskbuffer import NotFound, TaskBuffer, utcnow
@@ -157,6 +158,7 @@ class PilotHandler(BaseHandler):
             if identity.role not in ("pilot", "admin"):
                 return self.reply({"StatusCode": 60,
                                    "errorDialog": f"role {identity.role} may not {method}"})
+        REQUESTS.labels("pilot", method).inc()
         func = getattr(self.state.dispatcher, target)
         try:
             if method == "getStatus":
@@ -209,6 +211,7 @@ class ApiHandler(BaseHandler):
         except tornado.web.HTTPError as exc:
             self.set_status(400)
             return self.respond(False, exc.reason)
+        REQUESTS.labels("api", f"{module}/{name}").inc()
         st = self.state
         ctx = Context(tb=st.tb, keys=st.keys, submitter=st.submitter, identity=identity,
                       clock=st.tb.clock, site_loader=st.site_loader)
@@ -238,6 +241,18 @@ class QueuedataHandler(BaseHandler):
             raise tornado.web.HTTPError(404, reason=f"unknown site {site}")
         self.set_header("Content-Type", "application/json")
         self.finish(dumps(queuedata(row["config"])))
+
+
+class MetricsHandler(BaseHandler):
+    """``/metrics`` in Prometheus' text format."""
+
+    async def get(self) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from .metrics import render
+        body = await self.run(render, self.state.tb)
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(body)
 
 
 class PublicKeyHandler(BaseHandler):
@@ -272,5 +287,6 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/api/v1/(\w+)/(\w+)", ApiHandler, kw),
         (r"/cache/schedconfig/([A-Za-z0-9_.\-]+?)(?:\.all)?\.json", QueuedataHandler, kw),
         (r"/\.well-known/panda-jobspec-key\.pem", PublicKeyHandler, kw),
+        (r"/metrics", MetricsHandler, kw),
     ] + monitor.routes(kw)
     return tornado.web.Application(routes, compress_response=True)

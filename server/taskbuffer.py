@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import (String, and_, bindparam, delete, func, insert, literal, select, union_all,
+                        update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -50,14 +51,16 @@ class TaskBuffer:
 
     # ------------------------------------------------------------------ state changes
     def set_job_state(self, conn: Connection, panda_id: int, new: str, *, actor: str | None,
-                      expected: Iterable[str] | None = None, **fields: Any) -> bool:
+                      expected: Iterable[str] | None = None, via: Iterable[str] = (),
+                      **fields: Any) -> bool:
         """Move one job to ``new``; the only way a job's status changes.
 
         ``expected``: the states the caller saw; the update only happens if the row is still in
         one of them (optimistic guard). Returns False if the guard did not match. Raises
-        IllegalTransition if the life cycle forbids the change.
+        IllegalTransition if the life cycle forbids the change. ``via``: states passed through
+        on the way within this transaction (e.g. ``holding`` between ``running`` and
+        ``finished``); each step is checked and gets its own history row.
         """
-        now = self.clock()
         expected = None if expected is None else list(expected)
         if expected is None or len(expected) > 1:
             # history records the real old state: read it first
@@ -69,19 +72,56 @@ class TaskBuffer:
                 return False
             expected = [current]
         old = expected[0]
-        if old != new:
-            check_job_transition(old, new)
-        values = {"status": new, "modification_time": now, **fields}
-        if old != new:
+        steps = _steps(old, [*via, new])
+        return self._apply_state(conn, int(panda_id), old, steps, actor, fields) is not None
+
+    def _apply_state(self, conn: Connection, target, old: str, steps: list[tuple[str, str]],
+                     actor: str | None, fields: dict, returning: bool = False):
+        """The guarded UPDATE plus its history rows (checked transitions in ``steps``).
+
+        PostgreSQL: one statement (UPDATE ... RETURNING in a CTE feeding the history INSERT).
+        Elsewhere: UPDATE (RETURNING on SQLite when the row is wanted), then the INSERT.
+        Returns None if no row matched; else the row (``returning``) or the PandaID.
+        """
+        now = self.clock()
+        values = {"status": steps[-1][1] if steps else old, "modification_time": now, **fields}
+        if steps:
             values["state_changed"] = now
-        res = conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id,
-                                                 db.jobs.c.status == old).values(**values))
-        if res.rowcount != 1:
-            return False
-        if old != new:
-            conn.execute(insert(db.job_history).values(panda_id=panda_id, old_status=old,
-                                                       new_status=new, time=now, actor=actor))
-        return True
+        j = db.jobs.c
+        stmt = update(db.jobs).where(j.panda_id == target, j.status == old).values(**values)
+        if self.dialect == "postgresql":
+            upd = stmt.returning(*(db.jobs.c if returning else [j.panda_id])).cte("upd")
+            query = select(upd)
+            if steps:
+                rows = [select(upd.c.panda_id, literal(o, String), literal(n, String),
+                               literal(now, db.Timestamp), literal(actor, String))
+                        for o, n in steps]
+                hist = insert(db.job_history).from_select(
+                    ["panda_id", "old_status", "new_status", "time", "actor"],
+                    rows[0] if len(rows) == 1 else union_all(*rows)).cte("hist")
+                query = query.add_cte(hist)
+            row = conn.execute(query).first()
+            if row is None:
+                return None
+            return dict(row._mapping) if returning else row.panda_id
+        if returning and self.dialect == "sqlite":
+            row = conn.execute(stmt.returning(*db.jobs.c)).first()
+            if row is None:
+                return None
+            result: Any = dict(row._mapping)
+            panda_id = row.panda_id
+        else:
+            if not isinstance(target, int):
+                raise TypeError("a PandaID is needed here (no UPDATE ... RETURNING)")
+            res = conn.execute(stmt)
+            if res.rowcount != 1:
+                return None
+            result = panda_id = target
+        if steps:
+            conn.execute(insert(db.job_history), [
+                {"panda_id": panda_id, "old_status": o, "new_status": n, "time": now,
+                 "actor": actor} for o, n in steps])
+        return result
 
     # ------------------------------------------------------------------ sites
     def sync_sites(self, configs: list[dict]) -> list[str]:
@@ -219,6 +259,11 @@ class TaskBuffer:
                 select(t.c.panda_id).where(t.c.task_id == task_id))]
         return sorted(ids)
 
+    def task_state_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {status: n for status, n in conn.execute(
+                select(db.tasks.c.status, func.count()).group_by(db.tasks.c.status))}
+
     def list_tasks(self, owner: str | None = None, since: dt.datetime | None = None,
                    limit: int = 1000) -> list[dict]:
         q = select(db.tasks).order_by(db.tasks.c.task_id.desc()).limit(limit)
@@ -292,7 +337,10 @@ class TaskBuffer:
                  max_tries: int = 5) -> dict | None:
         """Hand the best activated job of ``site`` that fits the pilot to this pilot only.
 
-        Returns the job row with its files, or None when nothing fits.
+        Returns the job row with its files, or None when nothing fits. PostgreSQL: one
+        statement picks (``FOR UPDATE SKIP LOCKED``), marks it sent and writes the history;
+        SQLite: ``UPDATE ... WHERE panda_id = (best) RETURNING *`` under the one-writer lock;
+        MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED`` then the guarded update.
         """
         j = db.jobs.c
         conds = [j.site == site, j.status == str(JobState.ACTIVATED)]
@@ -309,25 +357,31 @@ class TaskBuffer:
         else:
             conds.append(j.pilot_version.is_(None))
         order = order_by if order_by is not None else [j.current_priority.desc(), j.panda_id]
+        steps = [(str(JobState.ACTIVATED), str(JobState.SENT))]
         for _ in range(max_tries):
+            fields = {"node": node, "pilot_id": pilot_id, "batch_id": batch_id,
+                      "pilot_owner": actor, "heartbeat_time": self.clock()}
             with self.engine.begin() as conn:
-                q = select(j.panda_id).where(and_(*conds)).order_by(*order).limit(1)
-                if self._skip_locked:
-                    q = q.with_for_update(skip_locked=True)
-                row = conn.execute(q).first()
-                if row is None:
-                    return None
-                now = self.clock()
-                ok = self.set_job_state(conn, row.panda_id, str(JobState.SENT), actor=actor,
-                                        expected=[str(JobState.ACTIVATED)], node=node,
-                                        pilot_id=pilot_id, batch_id=batch_id, pilot_owner=actor,
-                                        heartbeat_time=now)
-                if not ok:       # another process won the race: try the next one
-                    continue
-                job = dict(conn.execute(select(db.jobs).where(j.panda_id == row.panda_id)
-                                        ).first()._mapping)
+                if self.dialect in ("postgresql", "sqlite"):
+                    pick = select(j.panda_id).where(and_(*conds)).order_by(*order).limit(1)
+                    if self._skip_locked:
+                        pick = pick.with_for_update(skip_locked=True)
+                    job = self._apply_state(conn, pick.scalar_subquery(),
+                                            str(JobState.ACTIVATED), steps, actor, fields,
+                                            returning=True)
+                    if job is None:      # nothing left (locked rows were skipped, not raced)
+                        return None
+                else:
+                    row = conn.execute(select(db.jobs).where(and_(*conds)).order_by(*order)
+                                       .limit(1).with_for_update(skip_locked=True)).first()
+                    if row is None:
+                        return None
+                    if self._apply_state(conn, int(row.panda_id),
+                                         str(JobState.ACTIVATED), steps, actor, fields) is None:
+                        continue         # another process won the race: try the next one
+                    job = {**row._mapping, **fields, "status": str(JobState.SENT)}
                 job["files"] = [dict(f._mapping) for f in conn.execute(
-                    select(db.files).where(db.files.c.panda_id == row.panda_id)
+                    select(db.files).where(db.files.c.panda_id == job["panda_id"])
                     .order_by(db.files.c.row_id))]
                 return job
         return None
@@ -372,44 +426,79 @@ class TaskBuffer:
                 except IllegalTransition:
                     raise Conflict(f"job {panda_id} is {row.status}; cannot go to {state}") from None
                 if state == str(JobState.RUNNING):
-                    self._update_task_status(conn, row.task_id)
+                    self._mark_task_running(conn, row.task_id)
             return row.command or "NULL"
+
+    def _mark_task_running(self, conn: Connection, task_id: int) -> None:
+        """A job of the task started: the task runs (one UPDATE that usually matches nothing,
+        instead of counting the task's jobs on every heartbeat)."""
+        conn.execute(update(db.tasks).where(
+            db.tasks.c.task_id == task_id,
+            db.tasks.c.status.not_in((str(TaskState.RUNNING), str(TaskState.ABORTED))))
+            .values(status=str(TaskState.RUNNING), modified=self.clock()))
 
     def _finish(self, conn: Connection, panda_id: int, old: str, state: str, fields: dict,
                 actor: str | None, stored: dict[str, dict], endpoint: str | None) -> None:
+        """Register the stored outputs, then end the job via ``holding`` (both steps recorded).
+
+        A few statements whatever the number of files: the file rows are updated with one
+        executemany, replicas and dataset entries inserted in bulk (duplicates ignored).
+        """
         now = self.clock()
         fields.setdefault("end_time", now)
-        if old != str(JobState.HOLDING):
-            self.set_job_state(conn, panda_id, str(JobState.HOLDING), actor=actor, expected=[old])
-        outs = [dict(r._mapping) for r in conn.execute(select(db.files).where(
-            db.files.c.panda_id == panda_id, db.files.c.type.in_(("output", "log"))))]
-        missing = []
+        outs = conn.execute(select(db.files.c.row_id, db.files.c.type, db.files.c.scope,
+                                   db.files.c.lfn, db.files.c.dataset, db.files.c.guid)
+                            .where(db.files.c.panda_id == panda_id,
+                                   db.files.c.type.in_(("output", "log")))).all()
+        missing, file_rows, replica_rows, dataset_rows = [], [], [], []
         for f in outs:
-            info = stored.get(f["lfn"])
+            info = stored.get(f.lfn)
             if info is None:
-                if f["type"] == "output":
-                    missing.append(f["lfn"])
+                if f.type == "output":
+                    missing.append(f.lfn)
                 continue
             checksum = (f"ad:{info['adler32']}" if info.get("adler32")
                         else f"md5:{info['md5sum']}" if info.get("md5sum") else None)
-            conn.execute(update(db.files).where(db.files.c.row_id == f["row_id"]).values(
-                status="ready", fsize=info.get("fsize"), checksum=checksum,
-                guid=info.get("guid") or f["guid"], ddm_endpoint=endpoint))
+            guid = info.get("guid") or f.guid
+            file_rows.append({"b_row_id": f.row_id, "b_fsize": info.get("fsize"),
+                              "b_checksum": checksum, "b_guid": guid, "b_endpoint": endpoint})
             if endpoint:
-                self._add_replica(conn, f["scope"], f["lfn"], endpoint, info.get("surl"))
-            if f["type"] == "output":
-                conn.execute(insert(db.dataset_files).values(
-                    dataset=f["dataset"], scope=f["scope"], lfn=f["lfn"],
-                    guid=info.get("guid") or f["guid"], fsize=info.get("fsize"),
-                    checksum=checksum, created=now))
+                replica_rows.append({"scope": f.scope, "lfn": f.lfn, "ddm_endpoint": endpoint,
+                                     "surl": info.get("surl"), "created": now})
+            if f.type == "output":
+                dataset_rows.append({"dataset": f.dataset, "scope": f.scope, "lfn": f.lfn,
+                                     "guid": guid, "fsize": info.get("fsize"),
+                                     "checksum": checksum, "task_id": None, "created": now})
+        if file_rows:
+            conn.execute(update(db.files).where(db.files.c.row_id == bindparam("b_row_id"))
+                         .values(status="ready", fsize=bindparam("b_fsize"),
+                                 checksum=bindparam("b_checksum"), guid=bindparam("b_guid"),
+                                 ddm_endpoint=bindparam("b_endpoint")), file_rows)
+        if replica_rows:
+            self._insert_ignore(conn, db.replicas, replica_rows)
+        if dataset_rows:
+            self._insert_ignore(conn, db.dataset_files, dataset_rows)
         if state == str(JobState.FINISHED) and missing:
             state = str(JobState.FAILED)
             fields["pilot_error_code"] = 1165
             fields["pilot_error_diag"] = "missing output file(s): " + ",".join(missing)[:500]
-        self.set_job_state(conn, panda_id, state, actor=actor,
-                           expected=[str(JobState.HOLDING)], command=None, **fields)
+        if not self.set_job_state(conn, panda_id, state, actor=actor, expected=[old],
+                                  via=[str(JobState.HOLDING)], command=None, **fields):
+            raise Conflict(f"job {panda_id} changed state while its final update was applied")
         if state == str(JobState.FAILED):
             self._maybe_retry(conn, panda_id, actor)
+
+    def _insert_ignore(self, conn: Connection, table, rows: list[dict]) -> None:
+        """Bulk INSERT that skips rows violating a unique constraint (idempotent registers)."""
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+            stmt = pg_insert(table).on_conflict_do_nothing()
+        elif self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            stmt = sqlite_insert(table).on_conflict_do_nothing()
+        else:
+            stmt = insert(table).prefix_with("IGNORE")
+        conn.execute(stmt, rows)
 
     # ------------------------------------------------------------------ failures and retries
     def fail_job(self, conn: Connection, panda_id: int, expected: list[str], *, actor: str,
@@ -446,30 +535,38 @@ class TaskBuffer:
         return new_id
 
     def _update_task_status(self, conn: Connection, task_id: int) -> None:
-        """A task's status follows its jobs."""
+        """A task's status follows its jobs.
+
+        Cheap while the task still has live jobs (two indexed lookups); the jobs are counted
+        only once none is left to run.
+        """
         task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == task_id)).first()
         if task is None or task.status == str(TaskState.ABORTED):
             return
-        counts: dict[str, int] = {}
-        for table in (db.jobs, db.jobs_archive):
-            for status, n in conn.execute(select(table.c.status, func.count()).where(
-                    table.c.task_id == task_id).group_by(table.c.status)):
-                counts[status] = counts.get(status, 0) + n
-        total = sum(counts.values())
-        final = sum(counts.get(str(s), 0) for s in FINAL_JOB_STATES)
-        finished = counts.get("finished", 0)
-        if total and final == total:
-            # a failed job that was retried is not a failure of the task: count only the
-            # latest attempt of each serial
+        j = db.jobs.c
+        final = [str(s) for s in FINAL_JOB_STATES]
+        pending = conn.execute(select(j.status).where(j.task_id == task_id,
+                                                      j.status.not_in(final)).limit(1)).first()
+        if pending is not None:
+            if task.status == str(TaskState.RUNNING):
+                return
+            started = ("finished", "starting", "running", "holding", "transferring")
+            if conn.execute(select(j.panda_id).where(j.task_id == task_id,
+                                                     j.status.in_(started)).limit(1)).first() \
+                    is None and conn.execute(select(db.jobs_archive.c.panda_id).where(
+                        db.jobs_archive.c.task_id == task_id,
+                        db.jobs_archive.c.status == "finished").limit(1)).first() is None:
+                return
+            status = TaskState.RUNNING
+        else:
+            # every job is final: count only the latest attempt of each serial, since a failed
+            # job that was retried is not a failure of the task
             latest = self._latest_attempt_states(conn, task_id)
+            if not latest:
+                return
             n_fin = sum(1 for s in latest.values() if s == "finished")
             status = (TaskState.DONE if n_fin == len(latest) else
                       TaskState.FAILED if n_fin == 0 else TaskState.FINISHED)
-        elif finished or any(counts.get(s, 0) for s in ("starting", "running", "holding",
-                                                        "transferring")):
-            status = TaskState.RUNNING
-        else:
-            return
         if task.status != str(status):
             self.set_task_status(conn, task_id, str(status))
 
@@ -546,6 +643,17 @@ class TaskBuffer:
                                                                              db.pilots.c.state)):
                 per_site.setdefault(site, {})[state] = n
         return {"factories": facs, "sites": per_site}
+
+
+def _steps(old: str, path: list[str]) -> list[tuple[str, str]]:
+    """The (from, to) steps of a state path, each checked against the life cycle."""
+    steps = []
+    for state in path:
+        if state != old:
+            check_job_transition(old, state)
+            steps.append((old, state))
+            old = state
+    return steps
 
 
 def _parse_time(value) -> dt.datetime | None:

@@ -204,3 +204,21 @@ def test_cli_submit_status_kill(tmp_path, site_server):
     assert res.returncode == 0, res.stdout + res.stderr
     res = run_cli("status", str(task_id), "--json", env=env)
     assert json.loads(res.stdout)["jobs"] == {"cancelled": 2}
+
+
+def test_metrics_and_monitor_pages(site_server):
+    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    register_inputs(site_server, user, n=2)
+    task_id = user.submit_task(TASK)
+    text = requests.get(f"{site_server.url}/metrics", timeout=5).text
+    assert 'panda_jobs{site="LOCAL_DEMO",state="activated"} 2.0' in text
+    assert 'panda_tasks{state="ready"} 1.0' in text
+    assert 'panda_requests_total{kind="api",method="task/submit"} 1.0' in text
+    for path in ("/", "/monitor/tasks", f"/monitor/tasks/{task_id}", "/monitor/sites",
+                 "/monitor/sites/LOCAL_DEMO", "/monitor/pilots"):
+        resp = requests.get(site_server.url + path, timeout=5)
+        assert resp.status_code == 200, path
+    job_id = user.call("task", "get_job_ids", task_id=task_id)[0]
+    page = requests.get(f"{site_server.url}/monitor/jobs/{job_id}", timeout=5).text
+    assert "activated" in page and "in.0.txt" in page
+    assert requests.get(f"{site_server.url}/monitor/jobs/999999", timeout=5).status_code == 404
