@@ -53,6 +53,7 @@ setup(
         "PyYAML>=6.0",
         "jsonschema>=4.17",
         "cryptography>=41",
+        "prometheus-client>=0.17",  # /metrics exposition format, done right
         "isal>=1.6",
     ],
     extras_require={
