@@ -1,0 +1,144 @@
+"""Brokerage: site status, resource fit, data locality, load, and third-party policies through
+the ``panda.server`` hooks (registered directly and found through an installed entry point)."""
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+
+import pytest
+
+from logic_kit import site, submitter, task
+from server.brokerage import Brokerage, JobNeeds
+from server.hookspecs import hookimpl, plugin_manager
+from server.jobcreator import TaskSpecError
+
+
+def needs(**kw) -> JobNeeds:
+    base = {"cores": 1, "memory_mb": 1000, "walltime_s": 600, "disk_mb": 100}
+    base.update(kw)
+    return JobNeeds(**base)
+
+
+def rows(*configs):
+    return [{"name": c["name"], "config": c} for c in configs]
+
+
+@pytest.fixture
+def broker():
+    return Brokerage(plugin_manager(load_entry_points=False).hook)
+
+
+def test_only_sites_whose_status_takes_work(broker):
+    sites = rows(site("OFF", status="offline"), site("BOFF", status="brokeroff"),
+                 site("TEST", status="test"), site("ON"))
+    choice, why = broker.choose(needs(), sites, {}, {})
+    assert choice == "ON"
+    assert sorted(why) == ["BOFF: status brokeroff", "OFF: status offline", "TEST: status test"]
+    # test jobs may go to test sites
+    assert broker.choose(needs(prod_source_label="test"), sites[:3], {}, {})[0] == "TEST"
+    assert broker.choose(needs(), sites[:3], {}, {})[0] is None
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"cores": 8}, "needs 8 cores, site has 4"),
+    ({"memory_mb": 9000}, "needs 9000 MB memory, site has 4000"),
+    ({"walltime_s": 99999}, "needs 99999 s wall time, site allows 7200"),
+    ({"disk_mb": 10 ** 6}, "needs 1000000 MB disk"),
+])
+def test_resources_must_fit(broker, over, words):
+    big = site("BIG", cores=64, memory_mb=10 ** 5, walltime_s=10 ** 6, disk_mb=10 ** 7)
+    small = site("SMALL")
+    choice, why = broker.choose(needs(**over), rows(small, big), {}, {})
+    assert choice == "BIG"
+    assert len(why) == 1 and why[0].startswith("SMALL: ") and words in why[0]
+
+
+def test_data_locality_is_preferred(broker):
+    a, b = site("A", "SE_A"), site("B", "SE_B")
+    locality = {"f1": {"SE_B"}, "f2": {"SE_B"}}
+    assert broker.choose(needs(input_lfns=["f1", "f2"]), rows(a, b), {}, locality)[0] == "B"
+    # even half the inputs outweighs a moderately busier site
+    load = {"B": {"running": 5}}
+    half = {"f1": {"SE_B"}, "f2": {"SE_A"}, "f3": {"SE_B"}, "f4": {"SE_B"}}
+    assert broker.choose(needs(input_lfns=list(half)), rows(a, b), load, half)[0] == "B"
+
+
+def test_load_against_capacity(broker):
+    a, b = site("A", max_running=10), site("B", max_running=10)
+    load = {"A": {"activated": 8, "running": 10}, "B": {"running": 2}}
+    assert broker.choose(needs(), rows(a, b), load, {})[0] == "B"
+    # the same load weighs less on a bigger site
+    big = site("C", max_running=1000)
+    load = {"A": {"running": 5}, "C": {"running": 50}}
+    assert broker.choose(needs(), rows(a, big), load, {})[0] == "C"
+
+
+def test_submission_records_the_choice_and_explains_refusals(taskbuffer):
+    taskbuffer.sync_sites([site("A", cores=2), site("B", cores=16), site("Z", status="offline")])
+    res = submitter(taskbuffer).submit(task(n_jobs=2, resources={"cores": 8}), owner="u")
+    assert {taskbuffer.get_job(i)["site"] for i in res.job_ids} == {"B"}
+    with pytest.raises(TaskSpecError) as err:
+        submitter(taskbuffer).submit(task(n_jobs=1, resources={"cores": 32}), owner="u")
+    msg = str(err.value)
+    assert "A: needs 32 cores, site has 2" in msg and "Z: status offline" in msg
+
+
+class AvoidSite:
+    """A third-party filter: keep jobs off one site."""
+
+    def __init__(self, name):
+        self.name = name
+
+    @hookimpl
+    def panda_broker_filter(self, needs, candidates):
+        return {c.name: "closed by the avoid-site policy" for c in candidates
+                if c.name == self.name}
+
+
+class LoveSite:
+    @hookimpl
+    def panda_broker_weight(self, needs, candidate, load, locality):
+        return 1000.0 if candidate.name == "A" else None
+
+
+def test_third_party_policies_change_the_choice(taskbuffer):
+    taskbuffer.sync_sites([site("A", "SE_A"), site("B", "SE_B")])
+    taskbuffer.add_dataset_files("d", "s", [{"lfn": "f1", "fsize": 1}], "SE_B")
+    spec = task(n_jobs=None, input_dataset="d")
+    plain = plugin_manager(load_entry_points=False)
+    # built-ins alone: B holds the data
+    assert Brokerage(plain.hook).choose(needs(input_lfns=["f1"]), rows(
+        site("A", "SE_A"), site("B", "SE_B")), {}, {"f1": {"SE_B"}})[0] == "B"
+    weighted = plugin_manager(load_entry_points=False)
+    weighted.register(LoveSite(), name="love-a")
+    res = submitter(taskbuffer, weighted).submit(spec, owner="u")
+    assert taskbuffer.get_job(res.job_ids[0])["site"] == "A"
+    filtered = plugin_manager(load_entry_points=False)
+    filtered.register(AvoidSite("B"), name="avoid-b")
+    choice, why = Brokerage(filtered.hook).choose(needs(input_lfns=["f1"]), rows(
+        site("A", "SE_A"), site("B", "SE_B")), {}, {"f1": {"SE_B"}})
+    assert choice == "A" and why == ["B: closed by the avoid-site policy"]
+
+
+def test_installed_entry_point_plugin_is_loaded(tmp_path, monkeypatch):
+    """A plugin distribution installed on sys.path is found through ``panda.server``."""
+    (tmp_path / "avoid_b_policy.py").write_text(textwrap.dedent('''
+        from server.hookspecs import hookimpl
+
+        @hookimpl
+        def panda_broker_filter(needs, candidates):
+            return {c.name: "avoid-b says no" for c in candidates if c.name == "B"}
+    '''))
+    dist = tmp_path / "avoid_b_policy-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: avoid-b-policy\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[panda.server]\navoid_b = avoid_b_policy\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    pm = plugin_manager(load_entry_points=True)
+    assert "avoid_b" in {name for name, _ in pm.list_name_plugin()}
+    choice, why = Brokerage(pm.hook).choose(needs(), rows(site("A"), site("B", max_running=1000)),
+                                            {"A": {"running": 9}}, {})
+    assert choice == "A" and why == ["B: avoid-b says no"]
+    sys.modules.pop("avoid_b_policy", None)
