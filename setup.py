@@ -15,6 +15,7 @@ COPYTOOLS = [
 SCHEDULERS = [
     "local = schedulers.local:LocalBackend",
     "slurm = schedulers.slurm:SlurmBackend",
+    "arc = schedulers.arc:ArcBackend",
 ]
 PILOT_PLUGINS = [
     "looping = pilot.monitors.looping",
