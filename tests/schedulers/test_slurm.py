@@ -166,3 +166,62 @@ def test_missing_commands_and_hung_commands(tmp_path):
     with pytest.raises(SchedulerError, match="squeue did not answer within 0.5 s"):
         backend.status(["1"])
     assert time.monotonic() - t0 < 5
+
+
+def test_factory_drives_real_pilots_through_slurm_to_finished_jobs(slurm, tmp_path, monkeypatch):
+    """The issue's end-to-end test: factory -> sbatch -> real pilots -> finished jobs on a real
+    server; the pilots' batch ids and final states reach the server's pilot summary."""
+    import requests
+    import yaml
+
+    from conftest import start_server, stop_server
+    from panda_wms.client import PandaClient
+    from schedulers.factory import Factory
+    from site_configs import parse_site_config
+    from test_factory import SITE, activate_jobs, site_dict
+
+    monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
+    data = site_dict(max_queued=2, max_running=2, walltime_s=600)
+    data["scheduler"] = {"backend": "slurm",
+                         "options": {"partition": "debug", "command_timeout_s": 20}}
+    data["resources"]["memory_mb"] = 500
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(data))
+    server = start_server(tmp_path / "srv", site_dir=sites)
+    try:
+        server.se = tmp_path / "se"
+        pilot_token = server.token("pilot", "slurm-pilots", site=SITE)
+        task_id = activate_jobs(server, 4, name="slurmtask")
+        site = parse_site_config(data)
+        factory = Factory(server.url, [site], token=pilot_token, pilot_token=pilot_token,
+                          state_dir=tmp_path / "factory", factory_id="slurm-e2e")
+        admin = PandaClient(server.url, server.token("admin"))
+        deadline = time.monotonic() + 120
+        jobs = {}
+        while time.monotonic() < deadline:
+            factory.run_once()
+            jobs = admin.task_details(task_id)["jobs"]
+            if jobs == {"finished": 4}:
+                break
+            time.sleep(0.5)
+        outs = [p.read_text()[-1500:] for p in (tmp_path / "factory").rglob("pilot-*.out")]
+        assert jobs == {"finished": 4}, (jobs, outs, server.log()[-2000:])
+        # every pilot was a Slurm job, and ended as one
+        while time.monotonic() < deadline and not all(p.final for p in factory.pilots.values()):
+            factory.run_once()
+            time.sleep(0.5)
+        assert factory.pilots and {p.backend for p in factory.pilots.values()} == {"slurm"}
+        assert {p.state for p in factory.pilots.values()} == {"done"}
+        assert {p.exit_code for p in factory.pilots.values()} == {0}
+        for p in factory.pilots.values():
+            acct = slurm.run("sacct", "-c", "-n", "-P", "-j", p.batch_id, "-o",
+                             "JobID,State").stdout
+            assert f"{p.batch_id}|COMPLETED" in acct
+        got = requests.get(server.url + "/api/v1/pilot/summary", timeout=10).json()["data"]
+        assert got["sites"][SITE] == {"done": len(factory.pilots)}
+        # the server knows which batch job ran each job
+        batch_ids = {j["batch_id"] for j in admin.jobs(task_id)}
+        assert batch_ids and batch_ids <= {p.batch_id for p in factory.pilots.values()}, batch_ids
+    finally:
+        stop_server(server)
