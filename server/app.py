@@ -17,7 +17,7 @@ import tornado.web
 from tornado.ioloop import IOLoop
 
 from .api import REGISTRY, ApiError, Context, Forbidden
-from .auth import AuthError, Identity, KeyStore, identity_from_dn
+from .auth import AuthError, Identity, KeyStore, dn_from_subject, identity_from_dn
 from .brokerage import Brokerage
 from .dispatcher import SC_DENIED, SC_FAILED, Dispatcher, ProtocolError
 from .hookspecs import plugin_manager
@@ -82,7 +82,7 @@ class BaseHandler(tornado.web.RequestHandler):
         except Exception:  # noqa: BLE001 - plain http or no certificate
             cert = None
         if cert:
-            dn = "/" + "/".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+            dn = dn_from_subject(cert.get("subject", ()))
             return identity_from_dn(dn, self.state.admin_dns, self.state.pilot_dns)
         if not self.state.require_auth:
             return Identity("anonymous", "admin")
@@ -289,4 +289,6 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/\.well-known/panda-jobspec-key\.pem", PublicKeyHandler, kw),
         (r"/metrics", MetricsHandler, kw),
     ] + monitor.routes(kw)
+    from . import api_panda   # PanDA client / pilot 3 extras: API methods, routes matched first
+    routes = api_panda.routes(kw) + routes
     return tornado.web.Application(routes, compress_response=True)

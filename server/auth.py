@@ -135,6 +135,19 @@ def canonical_job_bytes(job: dict) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
+_DN_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
+             "domainComponent": "DC", "emailAddress": "emailAddress", "userId": "UID"}
+
+
+def dn_from_subject(subject) -> str:
+    """A verified certificate's subject (ssl's getpeercert() tuples) as a grid-style DN.
+
+    PanDA and the grid write DNs with short names in certificate order: /DC=ch/O=x/CN=name.
+    """
+    return "".join(f"/{_DN_SHORT.get(k, k)}={v}" for rdn in subject for k, v in rdn)
+
+
 def identity_from_dn(dn: str, admin_dns: frozenset[str] = frozenset(),
                      pilot_dns: frozenset[str] = frozenset()) -> Identity:
     """Map a verified X.509 client certificate DN to an identity (default role: user)."""

@@ -5,14 +5,23 @@ our own pilot reads the whole site config from the extra key ``panda_wms``.
 """
 from __future__ import annotations
 
+# Our copytool names -> the module pilot 3 has for them (pilot/copytool/<name>.py). Pilot 3's ``mv``
+# module does cp, mv and symlink between its launch directory and the job directory.
+PILOT3_COPYTOOLS = {"cp": "mv", "mv": "mv", "symlink": "mv", "xrdcp": "xrdcp", "gfal": "gfal",
+                    "http": "gfal"}
+
+
+def pilot3_copytool(name: str) -> str:
+    return PILOT3_COPYTOOLS.get(name, name)
+
 
 def queuedata(config: dict) -> dict:
     res = config.get("resources") or {}
     limits = config.get("limits") or {}
     tools = config.get("copytools") or {}
     storage = config.get("storage") or {}
-    t_in = (tools.get("input") or {}).get("name", "cp")
-    t_out = (tools.get("output") or {}).get("name", "cp")
+    t_in = pilot3_copytool((tools.get("input") or {}).get("name", "cp"))
+    t_out = pilot3_copytool((tools.get("output") or {}).get("name", "cp"))
     status = config.get("status", "online")
     name = config["name"]
     return {
@@ -49,3 +58,36 @@ def queuedata(config: dict) -> dict:
         "maxinputsize": int(res.get("max_disk_mb", 20000)),
         "panda_wms": config,
     }
+
+
+def _protocol(url: str, pid: int) -> dict:
+    """A storage URL split the way pilot 3's storage data holds it: endpoint + path."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    endpoint = f"{parts.scheme}://{parts.netloc or ('localhost' if parts.scheme == 'file' else '')}"
+    return {"id": pid, "endpoint": endpoint, "path": parts.path or "/",
+            "flavour": "POSIX" if parts.scheme == "file" else parts.scheme.upper(),
+            "activities": [["r", 1], ["w", 1], ["read_lan", 1], ["write_lan", 1],
+                           ["read_wan", 1], ["write_wan", 1], ["pr", 1], ["pw", 1]]}
+
+
+def storagedata(configs: list[dict]) -> dict:
+    """Every storage element of the site configs, in the shape of pilot 3's ``ddmendpoints.json``.
+
+    Pilot 3 loads this at start (``--storagedata-url``) and looks up each file's ``ddmendpoint``
+    in it; without it, it retries unreachable hosts for minutes.
+    """
+    out: dict[str, dict] = {}
+    for config in configs:
+        for role in ("input", "output"):
+            se = (config.get("storage") or {}).get(role) or {}
+            name, url = se.get("name"), se.get("url")
+            if not name or not url or name in out:
+                continue
+            proto = _protocol(url, 0)
+            acts = {a: [proto] for a, _ in proto["activities"]}
+            out[name] = {"name": name, "id": len(out) + 1, "type": "DATADISK", "token": "",
+                         "state": "ACTIVE", "site": config["name"], "resource": {},
+                         "is_deterministic": True, "rprotocols": {"0": proto}, "arprotocols": acts}
+    return out

@@ -1,0 +1,406 @@
+"""What PanDA's own client (PyPI ``panda-client`` 2.x) and pilot 3 need beyond ``api.py``.
+
+PanDA's client talks to ``/api/v1`` with JSON bodies; most calls map onto our task API, and the
+ones registered here translate its shapes: ``job/submit`` takes each job as the positional list
+of the client's ``JobSpec`` attributes (and ``FileSpec`` lists), the sandbox cache stores uploads
+under a safe name, and replies use PanDA's attribute names. Pilot 3 also reads the storage
+endpoints (``/cache/ddmendpoints.json``). Facts and limits: docs/protocol.md. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+
+from panda_wms.storage import BadFileName, check_name
+
+from .app import BaseHandler
+from .api import WRITERS, ApiError, Context, _get_task, _int_param, api
+from .auth import AuthError
+from .jobcreator import TaskSpec, TaskSpecError
+from .queuedata import storagedata
+
+log = logging.getLogger(__name__)
+
+MAX_JOBS_PER_SUBMIT = 1000
+MAX_CACHE_FILE_BYTES = 10 * 1024 * 1024   # PanDA's client limit for non-sandbox files
+
+# The order of panda-client 2.x's JobSpec/FileSpec attributes (the protocol's field names). When
+# pandaclient is importable in the server's environment its own order is used instead, so a newer
+# client keeps working; tests/compat checks these against the installed client.
+JOB_ATTRIBUTES: tuple[str, ...] = (
+    "PandaID", "jobDefinitionID", "schedulerID", "pilotID", "creationTime", "creationHost",
+    "modificationTime", "modificationHost", "AtlasRelease", "transformation", "homepackage",
+    "prodSeriesLabel", "prodSourceLabel", "prodUserID", "assignedPriority", "currentPriority",
+    "attemptNr", "maxAttempt", "jobStatus", "jobName", "maxCpuCount", "maxCpuUnit",
+    "maxDiskCount", "maxDiskUnit", "ipConnectivity", "minRamCount", "minRamUnit", "startTime",
+    "endTime", "cpuConsumptionTime", "cpuConsumptionUnit", "commandToPilot", "transExitCode",
+    "pilotErrorCode", "pilotErrorDiag", "exeErrorCode", "exeErrorDiag", "supErrorCode",
+    "supErrorDiag", "ddmErrorCode", "ddmErrorDiag", "brokerageErrorCode", "brokerageErrorDiag",
+    "jobDispatcherErrorCode", "jobDispatcherErrorDiag", "taskBufferErrorCode",
+    "taskBufferErrorDiag", "computingSite", "computingElement", "jobParameters", "metadata",
+    "prodDBlock", "dispatchDBlock", "destinationDBlock", "destinationSE", "nEvents", "grid",
+    "cloud", "cpuConversion", "sourceSite", "destinationSite", "transferType", "taskID",
+    "cmtConfig", "stateChangeTime", "prodDBUpdateTime", "lockedby", "relocationFlag",
+    "jobExecutionID", "VO", "pilotTiming", "workingGroup", "processingType", "prodUserName",
+    "nInputFiles", "countryGroup", "batchID", "parentID", "specialHandling", "jobsetID",
+    "coreCount", "nInputDataFiles", "inputFileType", "inputFileProject", "inputFileBytes",
+    "nOutputDataFiles", "outputFileBytes", "jobMetrics", "workQueue_ID", "jediTaskID",
+    "jobSubStatus", "actualCoreCount", "reqID", "maxRSS", "maxVMEM", "maxSWAP", "maxPSS",
+    "avgRSS", "avgVMEM", "avgSWAP", "avgPSS", "maxWalltime", "nucleus", "eventService",
+    "failedAttempt", "hs06sec", "gshare", "hs06", "totRCHAR", "totWCHAR", "totRBYTES",
+    "totWBYTES", "rateRCHAR", "rateWCHAR", "rateRBYTES", "rateWBYTES", "resource_type", "diskIO",
+    "memory_leak", "memory_leak_x2", "container_name", "job_label", "gco2_regional",
+    "gco2_global", "cpu_architecture_level", "outputFileType")
+FILE_ATTRIBUTES: tuple[str, ...] = (
+    "rowID", "PandaID", "GUID", "lfn", "type", "dataset", "status", "prodDBlock",
+    "prodDBlockToken", "dispatchDBlock", "dispatchDBlockToken", "destinationDBlock",
+    "destinationDBlockToken", "destinationSE", "fsize", "md5sum", "checksum", "scope")
+
+
+def spec_attributes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(JobSpec names, FileSpec names): the installed client's if there is one, else ours."""
+    try:
+        from pandaclient.FileSpec import FileSpec
+        from pandaclient.JobSpec import JobSpec
+        return tuple(JobSpec._attributes), tuple(FileSpec._attributes)
+    except Exception:  # noqa: BLE001 - not installed or a different layout: use the known order
+        return JOB_ATTRIBUTES, FILE_ATTRIBUTES
+
+
+# ---------------------------------------------------------------------- replies in PanDA's names
+_JOB_ALIASES = {  # PanDA JobSpec name -> our job column
+    "jobDefinitionID": "serial", "jediTaskID": "task_id", "taskID": "task_id",
+    "jobsetID": "task_id", "attemptNr": "attempt_nr", "maxAttempt": "max_attempts",
+    "computingSite": "site", "prodUserID": "owner", "prodUserName": "owner",
+    "prodSourceLabel": "prod_source_label", "transformation": "transformation",
+    "jobParameters": "job_pars", "currentPriority": "current_priority",
+    "assignedPriority": "priority", "coreCount": "cores", "minRamCount": "memory_mb",
+    "maxWalltime": "walltime_s", "maxCpuCount": "walltime_s", "maxDiskCount": "disk_mb",
+    "creationTime": "creation_time", "modificationTime": "modification_time",
+    "stateChangeTime": "state_changed", "startTime": "start_time", "endTime": "end_time",
+    "pilotErrorCode": "pilot_error_code", "pilotErrorDiag": "pilot_error_diag",
+    "transExitCode": "trans_exit_code", "exeErrorCode": "exe_error_code",
+    "exeErrorDiag": "exe_error_diag", "jobDispatcherErrorCode": "dispatcher_error_code",
+    "jobDispatcherErrorDiag": "dispatcher_error_diag", "ddmErrorCode": "ddm_error_code",
+    "ddmErrorDiag": "ddm_error_diag", "taskBufferErrorCode": "task_buffer_error_code",
+    "taskBufferErrorDiag": "task_buffer_error_diag",
+    "cpuConsumptionTime": "cpu_consumption_time", "maxRSS": "max_rss", "nEvents": "n_events",
+    "jobMetrics": "job_metrics", "batchID": "batch_id", "pilotID": "pilot_id",
+    "commandToPilot": "command", "gshare": "share", "transferType": "transfer_type",
+    "modificationHost": "node",
+}
+_FILE_ALIASES = {"rowID": "row_id", "PandaID": "panda_id", "GUID": "guid", "lfn": "lfn",
+                 "type": "type", "dataset": "dataset", "status": "status", "scope": "scope",
+                 "fsize": "fsize", "checksum": "checksum", "destinationSE": "ddm_endpoint"}
+
+
+def _panda_value(value: Any) -> Any:
+    """Datetimes the way PanDA's client decodes them: ``{"__datetime__": isoformat}``."""
+    if isinstance(value, (dt.datetime, dt.date)):
+        return {"__datetime__": value.isoformat()}
+    return value
+
+
+def panda_job_names(job: dict) -> dict:
+    """PanDA's JobSpec names for a job row (added beside our own names in job views)."""
+    out = {name: _panda_value(job.get(col)) for name, col in _JOB_ALIASES.items() if col in job}
+    if "destinationDBlock" not in out:
+        outs = [f for f in job.get("files", []) if f.get("type") == "output"]
+        if outs:
+            out["destinationDBlock"] = outs[0].get("dataset")
+    return out
+
+
+def panda_file_names(f: dict) -> dict:
+    out = {name: f.get(col) for name, col in _FILE_ALIASES.items() if col in f}
+    checksum = str(f.get("checksum") or "")
+    if checksum.startswith("md5:"):
+        out["md5sum"] = checksum[4:]
+    return out
+
+
+# ---------------------------------------------------------------------- job/submit
+def _null(value: Any) -> Any:
+    return None if value in (None, "NULL", "None", "") else value
+
+
+def _as_int(value: Any, name: str) -> int | None:
+    value = _null(value)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ApiError(f"{name} must be an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ApiError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _load_json_jobs(raw: Any) -> list:
+    if isinstance(raw, str):
+        def hook(obj: dict) -> Any:
+            if "_datetime_object" in obj:
+                return str(obj["_datetime_object"])
+            return obj
+        try:
+            raw = json.loads(raw, object_hook=hook)
+        except ValueError:
+            raise ApiError("parameter 'jobs' is not valid JSON") from None
+    if not isinstance(raw, list) or not raw:
+        raise ApiError("parameter 'jobs' must be a non-empty JSON list of jobs")
+    if len(raw) > MAX_JOBS_PER_SUBMIT:
+        raise ApiError(f"parameter 'jobs': at most {MAX_JOBS_PER_SUBMIT} jobs per call")
+    return raw
+
+
+def job_state_to_dict(state: list, job_names: tuple[str, ...],
+                      file_names: tuple[str, ...], index: int) -> tuple[dict, list[dict]]:
+    """One positional JobSpec list (files last) -> (job attributes, file attribute dicts)."""
+    where = f"job {index}"
+    if not isinstance(state, list) or len(state) != len(job_names) + 1:
+        raise ApiError(f"{where}: expected a list of {len(job_names)} JobSpec values followed by "
+                       f"a list of files, got {type(state).__name__} of length "
+                       f"{len(state) if isinstance(state, list) else '-'}")
+    job = dict(zip(job_names, state[:-1]))
+    files = state[-1]
+    if not isinstance(files, list):
+        raise ApiError(f"{where}: the last element must be the list of files")
+    out_files = []
+    for n, f in enumerate(files):
+        if not isinstance(f, list) or len(f) != len(file_names):
+            raise ApiError(f"{where}, file {n}: expected a list of {len(file_names)} "
+                           "FileSpec values")
+        out_files.append(dict(zip(file_names, f)))
+    return job, out_files
+
+
+def job_to_task(job: dict, files: list[dict], index: int) -> dict:
+    """A client JobSpec as a one-job task of ours (docs/protocol.md: what is mapped, what not)."""
+    where = f"job {index}"
+    inputs = [f for f in files if _null(f.get("type")) == "input"]
+    if inputs:
+        raise ApiError(f"{where}: input files in job/submit are not supported here; register "
+                       "them with data/add_files and submit a task with an input_dataset")
+    outputs = [f for f in files if _null(f.get("type")) == "output"]
+    name = str(_null(job.get("jobName")) or f"job.{_null(job.get('jobDefinitionID')) or index}")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")[:200] or f"job.{index}"
+    task: dict[str, Any] = {"name": name, "n_jobs": 1}
+    if not isinstance(_null(job.get("transformation")), str):
+        raise ApiError(f"{where}: transformation is required")
+    task["transformation"] = job["transformation"]
+    params = _null(job.get("jobParameters"))
+    if params is not None:
+        task["job_parameters"] = str(params)
+    for key, attr in (("site", "computingSite"), ("prod_source_label", "prodSourceLabel"),
+                      ("share", "gshare")):
+        if isinstance(_null(job.get(attr)), str):
+            task[key] = job[attr]
+    priority = _as_int(job.get("assignedPriority"), f"{where}: assignedPriority")
+    if priority is None:
+        priority = _as_int(job.get("currentPriority"), f"{where}: currentPriority")
+    if priority is not None:
+        task["priority"] = priority
+    attempts = _as_int(job.get("maxAttempt"), f"{where}: maxAttempt")
+    if attempts and attempts > 0:
+        task["max_attempts"] = min(attempts, 100)
+    resources = {}
+    for key, attrs in (("cores", ("coreCount",)), ("memory_mb", ("minRamCount",)),
+                       ("walltime_s", ("maxWalltime", "maxCpuCount")),
+                       ("disk_mb", ("maxDiskCount",))):
+        for attr in attrs:
+            value = _as_int(job.get(attr), f"{where}: {attr}")
+            if value and value > 0:
+                resources[key] = value
+                break
+    if resources:
+        task["resources"] = resources
+    if outputs:
+        task["outputs"] = [str(f.get("lfn")) for f in outputs]
+        task["output_dataset"] = str(_null(outputs[0].get("destinationDBlock"))
+                                     or _null(outputs[0].get("dataset")) or f"{name}.outputs")
+        task["scope"] = str(_null(outputs[0].get("scope")) or "user")
+    try:
+        TaskSpec.from_dict(task)
+    except TaskSpecError as exc:
+        raise ApiError(f"{where}: {exc}") from None
+    return task
+
+
+@api("job", "submit", ("POST",), WRITERS)
+def job_submit(ctx: Context, params: dict) -> list[list]:
+    """PanDA's submitJobs: every job becomes a one-job task owned by the caller."""
+    raw = _load_json_jobs(params.get("jobs"))
+    job_names, file_names = spec_attributes()
+    converted = []
+    for i, state in enumerate(raw):
+        job, files = job_state_to_dict(state, job_names, file_names, i)
+        converted.append((job, job_to_task(job, files, i)))
+    results = []
+    for job, task in converted:
+        try:
+            result = ctx.submitter.submit(task, owner=ctx.identity.subject)
+        except TaskSpecError as exc:
+            raise ApiError(f"job {task['name']}: {exc}") from None
+        def_id = _as_int(job.get("jobDefinitionID"), "jobDefinitionID")
+        results.append([result.job_ids[0], def_id if def_id is not None else 1,
+                        {"jobsetID": result.task_id}])
+    ctx.message = f"{len(results)} job(s) submitted"
+    return results
+
+
+# ---------------------------------------------------------------------- tasks
+def _task_dict(task: dict) -> dict:
+    return {"jediTaskID": task["task_id"], "taskName": task["name"], "status": task["status"],
+            "userName": task["owner"], "taskPriority": task["priority"],
+            "site": task["site"], "errorDialog": task["error_dialog"],
+            "creationDate": _panda_value(task["created"]),
+            "modificationTime": _panda_value(task["modified"])}
+
+
+def _since(value: Any) -> dt.datetime | None:
+    value = _null(value)
+    if value is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("T", " ").strip())
+    except ValueError:
+        raise ApiError(f"parameter 'since' must be a date 'YYYY-MM-DD HH:MM:SS', got {value!r}"
+                       ) from None
+
+
+@api("task", "get_tasks_modified_since")
+def task_modified_since(ctx: Context, params: dict) -> dict:
+    """Tasks of ``dn`` (default: the caller) modified since ``since``; keys are task ids."""
+    owner = _null(params.get("dn")) or (ctx.identity.subject if ctx.identity else None)
+    min_id = _int_param(params, "min_task_id", False)
+    label = _null(params.get("prod_source_label"))
+    out = {}
+    for task in ctx.tb.list_tasks(owner=owner, since=_since(params.get("since")), limit=10000):
+        if min_id is not None and task["task_id"] < min_id:
+            continue
+        if label and label != "user" and (task.get("params") or {}).get(
+                "prod_source_label", "managed") != label:
+            continue
+        out[str(task["task_id"])] = _task_dict(task)
+    return out
+
+
+@api("task", "get_datasets_and_files")
+def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
+    """The files of a task's input (and, if asked, output) dataset with their use status."""
+    task = _get_task(ctx, _int_param(params, "task_id"))
+    types = params.get("dataset_types") or "input,pseudo_input"
+    if isinstance(types, list):
+        types = ",".join(str(t) for t in types)
+    wanted = {t.strip() for t in str(types).split(",")}
+    spec = task["params"] or {}
+    out = []
+    for kind, key in (("input", "input_dataset"), ("output", "output_dataset")):
+        name = spec.get(key)
+        if not name or kind not in wanted:
+            continue
+        files = ctx.tb.dataset_files(name)
+        out.append({"dataset": {"name": name, "id": name, "type": kind},
+                    "files": [{"lfn": f["lfn"], "scope": f["scope"], "id": f["row_id"],
+                               "status": "used" if f.get("task_id") == task["task_id"]
+                               else "ready"} for f in files]})
+    return out
+
+
+# ---------------------------------------------------------------------- sandbox cache
+def cache_dir(state) -> Path:
+    """Uploaded user files: ``$PANDA_CACHE_DIR``, else ``cache/`` beside the key directory."""
+    env = os.environ.get("PANDA_CACHE_DIR")
+    return Path(env) if env else Path(state.keys.key_dir).resolve().parent / "cache"
+
+
+class UploadCacheHandler(BaseHandler):
+    """``POST /api/v1/file_server/upload_cache_file``: multipart field ``file``."""
+
+    def respond(self, success: bool, message: str, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"success": success, "message": message, "data": None}))
+
+    def post(self) -> None:
+        try:
+            identity = self.identity()
+        except AuthError as exc:
+            return self.respond(False, str(exc), 403)
+        if identity is None:
+            return self.respond(False, "secure connection required: send 'Authorization: Bearer "
+                                       "<token>' or a client certificate")
+        if identity.role not in WRITERS:
+            return self.respond(False, f"role {identity.role} may not upload files", 403)
+        uploads = self.request.files.get("file") or []
+        if len(uploads) != 1:
+            return self.respond(False, "send exactly one multipart field named 'file'", 400)
+        upload = uploads[0]
+        name = os.path.basename(upload["filename"] or "")
+        try:
+            check_name(name, "cache file name")
+        except BadFileName as exc:
+            return self.respond(False, str(exc), 400)
+        body = upload["body"]
+        if len(body) > MAX_CACHE_FILE_BYTES and not name.startswith("sources."):
+            return self.respond(False, f"{name}: larger than {MAX_CACHE_FILE_BYTES} bytes", 413)
+        folder = cache_dir(self.state)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / name
+        if target.exists():
+            if target.read_bytes() == body:
+                return self.respond(True, f"{name} already cached")
+            return self.respond(False, f"{name} exists with other content: choose another name")
+        tmp = folder / f".{name}.{os.getpid()}.part"
+        try:
+            tmp.write_bytes(body)
+            os.link(tmp, target)       # never replaces a file another upload just created
+        except FileExistsError:
+            return self.respond(False, f"{name} exists with other content: choose another name")
+        except OSError as exc:
+            log.error("cache upload of %s failed: %s", name, exc)
+            return self.respond(False, f"cannot store {name}: {exc.strerror}", 507)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("cache: %s stored %s (%d bytes)", identity.subject, name, len(body))
+        self.respond(True, f"stored {name}")
+
+
+class CacheFileHandler(BaseHandler):
+    """``GET /cache/<name>``: a file uploaded to the sandbox cache."""
+
+    def get(self, name: str) -> None:
+        try:
+            check_name(name, "cache file name")
+        except BadFileName as exc:
+            raise tornado.web.HTTPError(400, reason=str(exc).replace("\n", " ")[:200])
+        path = cache_dir(self.state) / name
+        if not path.is_file():
+            raise tornado.web.HTTPError(404, reason=f"no cached file {name}")
+        self.set_header("Content-Type", "application/octet-stream")
+        self.finish(path.read_bytes())
+
+
+class StoragedataHandler(BaseHandler):
+    """``GET /cache/ddmendpoints.json``: storage endpoints in pilot 3's shape."""
+
+    async def get(self) -> None:
+        sites = await self.run(self.state.tb.list_sites)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(storagedata([s["config"] for s in sites])))
+
+
+def routes(kw: dict) -> list:
+    """Routes that must come before the generic ``/api/v1/<module>/<method>`` one."""
+    return [
+        (r"/api/v1/file_server/upload_cache_file", UploadCacheHandler, kw),
+        (r"/cache/ddmendpoints\.json", StoragedataHandler, kw),
+        (r"/cache/([^/]+)", CacheFileHandler, kw),
+    ]
