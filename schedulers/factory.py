@@ -277,7 +277,9 @@ class Factory:
             info = infos.get(rec.batch_id)
             if info is None:
                 continue
-            if info.state == BatchState.UNKNOWN:
+            if info.state != BatchState.UNKNOWN:
+                rec.unknown_cycles = 0
+            else:
                 rec.unknown_cycles += 1
                 if rec.unknown_cycles < 3:      # a batch system may briefly not list a new job
                     continue
