@@ -79,7 +79,7 @@ class Dispatcher:
         if identity is not None and not identity.may_act_for_site(site):
             raise ProtocolError(SC_DENIED, f"{identity.subject} may not take jobs of {site}")
         try:
-            site_row = self.tb.get_site(site)
+            site_row = self.tb.get_site_cached(site)
         except NotFound:
             raise ProtocolError(SC_FAILED, f"unknown site {site!r}") from None
         if site_row["status"] == "offline":
@@ -176,7 +176,7 @@ class Dispatcher:
         state = _require(form, "state")
         if state not in {str(s) for s in PILOT_REPORTED_STATES}:
             raise ProtocolError(SC_FAILED, f"state {state!r} is not one a pilot may report")
-        job = self.tb.get_job(panda_id, include_archive=False)
+        job = self.tb.job_brief(panda_id)
         if job is None:
             return {"StatusCode": SC_OK, "command": "tobekilled"}
         if identity is not None and not identity.may_act_for_site(job["site"]):
@@ -201,7 +201,7 @@ class Dispatcher:
         stored = {}
         if form.get("xml"):
             stored = parse_stored_files(form["xml"])
-        config = self.tb.get_site(job["site"])["config"] if job["site"] else {}
+        config = self.tb.get_site_cached(job["site"])["config"] if job["site"] else {}
         try:
             command = self.tb.pilot_update(
                 panda_id, state, fields, actor=identity.subject if identity else None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,6 +49,7 @@ class TaskBuffer:
         self.clock = clock
         self.dialect = engine.dialect.name
         self._skip_locked = self.dialect in ("postgresql", "mysql", "mariadb")
+        self._site_cache: dict[str, tuple[float, dict]] = {}
 
     # ------------------------------------------------------------------ state changes
     def set_job_state(self, conn: Connection, panda_id: int, new: str, *, actor: str | None,
@@ -144,6 +146,17 @@ class TaskBuffer:
         if row is None:
             raise NotFound(f"unknown site {name!r}")
         return dict(row._mapping)
+
+    def get_site_cached(self, name: str, max_age_s: float = 5.0) -> dict:
+        """``get_site`` through a per-process cache: every getJob and updateJob needs the
+        site's config, which changes rarely; a change is seen within ``max_age_s``."""
+        now = time.monotonic()
+        hit = self._site_cache.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        row = self.get_site(name)
+        self._site_cache[name] = (now + max_age_s, row)
+        return row
 
     def list_sites(self) -> list[dict]:
         with self.engine.connect() as conn:
@@ -286,6 +299,14 @@ class TaskBuffer:
                     job["archived"] = table is db.jobs_archive
                     return job
         return None
+
+    def job_brief(self, panda_id: int) -> dict | None:
+        """Status, site, attempt and task of a live job (one indexed read, no files)."""
+        j = db.jobs.c
+        with self.engine.connect() as conn:
+            row = conn.execute(select(j.panda_id, j.status, j.site, j.attempt_nr, j.task_id)
+                               .where(j.panda_id == panda_id)).first()
+        return None if row is None else dict(row._mapping)
 
     def job_history(self, panda_id: int) -> list[dict]:
         with self.engine.connect() as conn:
