@@ -51,3 +51,14 @@ def shares_usage(ctx: Context, params: dict) -> dict:
     ctx.tb.get_site(site)          # NotFound -> a clear message
     order, running, waiting = ShareChooser(ctx.tb, ttl_s=0).ranking(site)
     return {"site": site, "order": order, "running": running, "activated": waiting}
+
+
+# ---------------------------------------------------------------------- event ranges
+@api("event", "summary")
+def event_summary(ctx: Context, params: dict) -> dict:
+    """Event ranges of a task per status."""
+    from .api import _int_param
+    from .eventranges import EventRangeService
+    task_id = _int_param(params, "task_id")
+    ctx.tb.get_task(task_id)
+    return EventRangeService(ctx.tb).summary(task_id)

@@ -225,6 +225,7 @@ def test_over_http_json_and_urlencoded(tmp_path):
             "eventRangeID": third["eventRangeID"], "eventStatus": "finished"},
             headers={**hdr, "Accept": "application/json"}, timeout=10).json()
         assert single["Returns"] == [False]                 # already finished
+        assert admin.call("event", "summary", task_id=job["taskID"]) == {"finished": 3}
         bad = requests.post(url + "getEventRanges", data={"pandaID": "x"},
                             headers={**hdr, "Accept": "application/json"}, timeout=10).json()
         assert bad["StatusCode"] == 30
