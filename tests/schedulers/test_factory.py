@@ -349,3 +349,21 @@ def test_cli_no_valid_site(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "no valid site config" in res.stderr
     os.environ.get("X")
+
+
+def test_pilot_the_batch_system_forgot_is_failed_after_three_cycles(server, tmp_path, factories):
+    activate_jobs(server, 1)
+    f = make(factories, server, [site_config(tmp_path, max_queued=1, max_running=1)], tmp_path)
+    assert f.run_once().sites[SITE].submitted == 1
+    f.sites[SITE].status = "offline"
+    (rec,) = f.pilots.values()
+    backend = f.backend(f.sites[SITE])
+    pid = backend._read(rec.batch_id)["pid"]
+    (backend.state_dir / f"{rec.batch_id}.json").unlink()   # the batch system lost it
+    os.killpg(pid, signal.SIGKILL)
+    for _ in range(2):
+        f.run_once()
+        assert rec.state == "queued"               # patience: it may just not be listed yet
+    f.run_once()
+    assert rec.state == "failed" and "no such pilot" in rec.reason
+    assert f.health[SITE].consecutive_failures == 1

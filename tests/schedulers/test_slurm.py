@@ -225,3 +225,29 @@ def test_factory_drives_real_pilots_through_slurm_to_finished_jobs(slurm, tmp_pa
         assert batch_ids and batch_ids <= {p.batch_id for p in factory.pilots.values()}, batch_ids
     finally:
         stop_server(server)
+
+
+def test_factory_stops_a_site_whose_submissions_fail(slurm, tmp_path, caplog):
+    """A refused sbatch (unknown partition) counts as a failure; the site is stopped, with why."""
+    from schedulers.factory import Factory
+    from site_configs import parse_site_config
+    from test_factory import SITE, site_dict
+
+    data = site_dict(max_queued=5, max_running=5)
+    data["scheduler"] = {"backend": "slurm", "options": {"partition": "nowhere"}}
+    site = parse_site_config(data, env={"PANDA_SE_ROOT": str(tmp_path)})
+
+    class ManyJobs(Factory):
+        def activated_count(self, name):           # no server needed for this policy check
+            return 10
+    f = ManyJobs("http://127.0.0.1:9", [site], state_dir=tmp_path / "f", max_failures=2)
+    first = f.run_once().sites[SITE]
+    assert first.submitted == 0 and "sbatch failed" in first.errors[0]
+    assert "nowhere" in first.errors[0] or "partition" in first.errors[0].lower()
+    f.run_once()
+    assert f.health[SITE].disabled_since is not None
+    assert f.health[SITE].disabled_reason.startswith("2 pilots in a row failed; last: "
+                                                     "submission failed: sbatch failed")
+    third = f.run_once().sites[SITE]
+    assert third.skipped.startswith("not submitting: 2 pilots in a row failed")
+    assert any("stopped submitting pilots" in r.getMessage() for r in caplog.records)
