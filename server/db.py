@@ -96,11 +96,13 @@ def _job_columns() -> list[Column]:
 
 jobs = Table(
     "jobs", metadata, *_job_columns(),
-    # the dispatcher's query: activated jobs of a site, best first
-    Index("ix_jobs_dispatch", "site", "status", "current_priority"),
     Index("ix_jobs_task_status", "task_id", "status"),
     Index("ix_jobs_status_changed", "status", "state_changed"),
 )
+
+# the dispatcher's query: activated jobs of a site in dispatch order, read from the index
+Index("ix_jobs_dispatch_order", jobs.c.site, jobs.c.status, jobs.c.current_priority.desc(),
+      jobs.c.panda_id)
 
 jobs_archive = Table(
     "jobs_archive", metadata, *[c._copy() for c in _job_columns()],
