@@ -84,6 +84,7 @@ def batch_deadline(env: dict[str, str], now: float) -> float | None:
     """When the batch slot ends, from Slurm's environment or ``squeue`` (None: unknown)."""
     end = env.get("SLURM_JOB_END_TIME")
     if end and end.isdigit():
+        log.info("wall time from SLURM_JOB_END_TIME: %.0f s left", float(end) - now)
         return float(end)
     job_id = env.get("SLURM_JOB_ID")
     if job_id and shutil.which("squeue"):
@@ -93,6 +94,8 @@ def batch_deadline(env: dict[str, str], now: float) -> float | None:
         except (OSError, subprocess.TimeoutExpired):
             return None
         left = parse_slurm_time(out.splitlines()[0] if out.strip() else "")
+        if left is not None:
+            log.info("wall time from squeue (job %s): %.0f s left", job_id, left)
         return None if left is None else now + left
     return None
 
