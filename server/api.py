@@ -223,8 +223,6 @@ def _job_view(job: dict) -> dict:
     out["jobStatus"] = job["status"]
     from .api_panda import panda_file_names, panda_job_names   # PanDA's names, for its client
     out.update(panda_job_names(job))
-    out["PandaID"] = job["panda_id"]
-    out["jobStatus"] = job["status"]
     out["Files"] = [{**f, **panda_file_names(f)} for f in job.get("files", [])]
     return out
 

@@ -1,0 +1,62 @@
+"""Fixtures for the compatibility tests: PanDA's own pilot 3 and panda-client in their own venv,
+an unprivileged user to run pilot 3, and a server that knows the LOCAL_DEMO site."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from testkit import EXAMPLE_SITES, REPO, start_server, stop_server
+
+VENV = Path(os.environ.get("PANDA_WMS_PILOT3_VENV", "/var/tmp/panda-wms-pilot3-venv"))
+PILOT_USER = "pandap3"          # made for these tests; pilot 3 never runs as root
+SITE = "LOCAL_DEMO"
+
+
+@pytest.fixture(scope="session")
+def compat_venv() -> Path:
+    """The venv with panda-pilot and panda-client (scripts/compat-venv.sh builds it once)."""
+    proc = subprocess.run([str(REPO / "scripts" / "compat-venv.sh"), str(VENV)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"could not build {VENV} for PanDA's pilot/client:\n{proc.stdout}{proc.stderr}")
+    return VENV
+
+
+@pytest.fixture(scope="session")
+def pilot_user() -> str:
+    """An unprivileged system user for pilot 3 (it kills its user's orphans when it ends)."""
+    if os.geteuid() != 0:
+        pytest.skip("pilot 3 runs as a dedicated user: creating it needs root")
+    try:
+        pwd.getpwnam(PILOT_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--create-home", "--home-dir",
+                        f"/var/tmp/{PILOT_USER}-home", "--shell", "/bin/sh", PILOT_USER],
+                       check=True, capture_output=True)
+    return PILOT_USER
+
+
+@pytest.fixture
+def site_server(tmp_path, monkeypatch):
+    """A real server with the LOCAL_DEMO site whose storage element is a scratch folder."""
+    se = tmp_path / "se"
+    monkeypatch.setenv("PANDA_SE_ROOT", str(se))
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    shutil.copy(EXAMPLE_SITES / f"{SITE}.yaml", sites)
+    server = start_server(tmp_path / "srv", site_dir=sites,
+                          env={"PANDA_CACHE_DIR": str(tmp_path / "cache")})
+    server.se = se
+    server.tmp = tmp_path
+    yield server
+    stop_server(server)
+
+
+def adler32_hex(data: bytes) -> str:
+    return f"{zlib.adler32(data):08x}"
