@@ -1,0 +1,49 @@
+"""The pilot with a remote storage element: the real ``panda se`` (HTTP/WebDAV) through the
+``http`` copytool, and a storage element that accepts connections and never answers."""
+from __future__ import annotations
+
+import zlib
+
+from copytools.testing import HungServer, start_se
+from panda_wms.errorcodes import ErrorCode
+from panda_wms.storage import replica_path
+from pilotkit import fake, make_job, run_pilot, se, stored  # noqa: F401
+
+
+def test_job_through_http_storage_element(fake, tmp_path):
+    root = tmp_path / "se-root"
+    data = b"remote input\n" * 500
+    path = root / replica_path("test", "remote.in")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    with start_se(root, token="se-token") as httpse:
+        tool = {"name": "http", "options": {"token": "se-token"}}
+        fake.site_config["storage"] = {"input": {"name": "HTTP_SE", "url": httpse.url},
+                                       "output": {"name": "HTTP_SE", "url": httpse.url}}
+        fake.site_config["copytools"] = {"input": tool, "output": tool}
+        entry = {"lfn": "remote.in", "scope": "test", "fsize": len(data),
+                 "checksum": f"ad:{zlib.adler32(data):08x}"}
+        fake.add_job(make_job(951, "tr a-z A-Z < remote.in > remote.out", inputs=[entry],
+                              outputs=["remote.out"]))
+        res = run_pilot(fake, tmp_path / "wd")
+        final = fake.final(951)
+        assert final is not None and final["state"] == "finished", res.stderr
+        out = root / replica_path("test", "remote.out")
+        assert out.read_bytes() == data.upper()
+        files = stored(final)
+        assert files["remote.out"]["surl"].startswith(httpse.url)
+        assert files["remote.out"]["adler32"] == f"{zlib.adler32(data.upper()):08x}"
+        assert (root / replica_path("test", "job951.log.tgz")).exists()
+
+
+def test_hung_http_storage_element(fake, tmp_path):
+    with HungServer() as hung:
+        fake.site_config["storage"]["input"] = {"name": "HUNG", "url": hung.url}
+        fake.site_config["copytools"]["input"] = {"name": "http", "options": {}}
+        fake.site_config["transfer"] = {"timeout_s": 1, "retries": 0}
+        entry = {"lfn": "never.in", "scope": "test", "fsize": 5, "checksum": "ad:00000001"}
+        fake.add_job(make_job(952, "cat never.in", inputs=[entry]))
+        res = run_pilot(fake, tmp_path / "wd")
+    final = fake.final(952)
+    assert final is not None, res.stderr
+    assert int(final["pilotErrorCode"]) == ErrorCode.STAGEIN_TIMEOUT, res.stderr
