@@ -100,13 +100,26 @@ def main(argv: list[str]) -> int:
         return 1 if failed else 0
 
     stop = threading.Event()
+    last_errors: list[str] = [str(e) for e in errors]
+
+    def reload():
+        """Re-read the site configs each cycle, so edits need no restart; keep the old ones if
+        the folder has no valid site at all."""
+        nonlocal last_errors
+        new_sites, new_errors = load_dir(args.site_configs)
+        texts = [str(e) for e in new_errors]
+        if texts != last_errors:
+            for text in texts:
+                log.error("site config: %s", text)
+            last_errors = texts
+        return new_sites or None
 
     def on_signal(signum, frame):
         log.info("factory received %s: stopping after this cycle", signal.Signals(signum).name)
         stop.set()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    factory.run(stop, interval=args.interval)
+    factory.run(stop, interval=args.interval, reload=reload)
     if args.cancel_on_exit:
         factory.cancel_all()
         factory.shutdown()

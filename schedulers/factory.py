@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -390,19 +391,48 @@ class Factory:
                      cycle.queued, cycle.running)
 
     def _prune(self) -> None:
-        """Forget final pilots the server has seen, once they are older than ``keep_final_s``."""
+        """Forget final pilots the server has seen once they are older than ``keep_final_s``,
+        and remove their work dirs (the pilot's log stays there until then)."""
         now = self.clock()
+        pilots_root = (self.state_dir / "pilots").resolve()
         for key, rec in list(self.pilots.items()):
             if rec.final and rec.reported and now - rec.updated > self.keep_final_s:
                 del self.pilots[key]
+                workdir = Path(rec.workdir).resolve() if rec.workdir else None
+                if workdir and workdir.is_relative_to(pilots_root) and workdir != pilots_root:
+                    shutil.rmtree(workdir, ignore_errors=True)
+
+    def update_sites(self, sites: list[SiteConfig]) -> None:
+        """Take new site configs (a sysadmin edited them). A site that disappeared is kept as
+        offline so its pilots are still followed to their end; a changed scheduler section gets
+        a new backend."""
+        new = {s.name: s for s in sites}
+        for name, old in self.sites.items():
+            if name not in new:
+                if old.status != "offline":
+                    log.info("site %s: no longer configured: no new pilots", name)
+                new[name] = replace(old, status="offline")
+            elif new[name].scheduler != old.scheduler:
+                self._backends.pop(name, None)
+        for name in new:
+            self.health.setdefault(name, SiteHealth())
+        self.sites = new
 
     # ------------------------------------------------------------------ daemon
-    def run(self, stop_event: threading.Event, interval: float = 60.0) -> None:
-        """Cycle every ``interval`` seconds until ``stop_event`` is set; then save and report."""
+    def run(self, stop_event: threading.Event, interval: float = 60.0,
+            reload: Callable[[], list[SiteConfig] | None] | None = None) -> None:
+        """Cycle every ``interval`` seconds until ``stop_event`` is set; then save and report.
+
+        ``reload``, if given, is called before each cycle; a list it returns replaces the sites.
+        """
         log.info("factory %s: %d site(s), server %s, every %.0f s", self.factory_id,
                  len(self.sites), self.server_url, interval)
         while not stop_event.is_set():
             try:
+                if reload is not None:
+                    sites = reload()
+                    if sites is not None:
+                        self.update_sites(sites)
                 self.run_once()
             except Exception:                  # noqa: BLE001 - a daemon logs and carries on
                 log.exception("factory cycle failed")

@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -39,14 +40,18 @@ def default_state_dir() -> Path:
 
 class LocalBackend(SchedulerBackend):
     """Options: ``slots`` (pilots running at once, default the number of CPUs), ``state_dir``,
-    ``kill_grace_s`` (SIGTERM to SIGKILL on cancel), ``enforce_walltime`` (default true)."""
+    ``kill_grace_s`` (SIGTERM to SIGKILL on cancel), ``enforce_walltime`` (default true),
+    ``keep_final_s`` (records of ended pilots, and work dirs inside the state dir, are removed
+    after this long; default a day)."""
 
     name = "local"
     state_dir_option = "state_dir"
 
     def __init__(self, slots: int | None = None, state_dir: str | None = None,
-                 kill_grace_s: float = 5.0, enforce_walltime: bool = True, **options) -> None:
+                 kill_grace_s: float = 5.0, enforce_walltime: bool = True,
+                 keep_final_s: float = 86400.0, **options) -> None:
         super().__init__(slots=slots, state_dir=state_dir, **options)
+        self.keep_final_s = float(keep_final_s)
         if options:
             raise SchedulerError(f"local backend: unknown option(s) {', '.join(sorted(options))}")
         self.slots = int(slots) if slots else (os.cpu_count() or 1)
@@ -215,8 +220,11 @@ class LocalBackend(SchedulerBackend):
         """Refresh running pilots, then start queued ones while slots are free (lock held)."""
         records = self._records()
         running = 0
+        now = time.time()
         for record in records:
-            if record["state"] == "running":
+            if record["state"] in ("done", "failed", "cancelled"):
+                self._forget_if_old(record, now)
+            elif record["state"] == "running":
                 if self._refresh(record):
                     record.pop("env", None)
                     self._write(record)
@@ -228,6 +236,19 @@ class LocalBackend(SchedulerBackend):
                 break
             self._start(record)
             running += record["state"] == "running"
+
+    def _forget_if_old(self, record: dict, now: float) -> None:
+        path = self._record_path(record["batch_id"])
+        try:
+            if now - path.stat().st_mtime <= self.keep_final_s:
+                return
+            path.unlink()
+        except OSError:
+            return
+        workdir = Path(record["workdir"]).resolve()
+        root = self.state_dir.resolve()
+        if workdir != root and workdir.is_relative_to(root):
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def _start(self, record: dict) -> None:
         workdir = Path(record["workdir"])

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 import requests
@@ -367,3 +368,43 @@ def test_pilot_the_batch_system_forgot_is_failed_after_three_cycles(server, tmp_
     f.run_once()
     assert rec.state == "failed" and "no such pilot" in rec.reason
     assert f.health[SITE].consecutive_failures == 1
+
+
+def test_site_configs_are_reloaded_by_the_daemon(server, tmp_path, factories):
+    activate_jobs(server, 3)
+    f = make(factories, server, [site_config(tmp_path, max_queued=1, max_running=1)], tmp_path)
+    assert f.run_once().sites[SITE].submitted == 1
+    bigger = site_config(tmp_path, max_queued=3, max_running=3)
+    f.update_sites([bigger])
+    assert f.backend(f.sites[SITE]) is not None
+    assert f.run_once().sites[SITE].submitted == 2      # 3 activated - 1 starting
+    f.update_sites([])                                  # the file was removed
+    assert f.sites[SITE].status == "offline"
+    report = f.run_once()
+    assert report.sites[SITE].skipped == "site status is offline"
+    assert len(f.pilots) == 3                           # still followed
+
+    stop = __import__("threading").Event()
+    calls = []
+
+    def reload():
+        calls.append(1)
+        stop.set()
+        return [bigger]
+    f.run(stop, interval=0.01, reload=reload)
+    assert calls == [1] and f.sites[SITE].status == "online"
+
+
+def test_final_pilots_and_their_workdirs_are_pruned(server, tmp_path, factories):
+    activate_jobs(server, 1)
+    clock = Clock()
+    f = make(factories, server, [site_config(tmp_path)], tmp_path, command=["true"],
+             clock=clock, keep_final_s=100)
+    f.run_once()
+    (rec,) = f.pilots.values()
+    f.sites[SITE].status = "offline"
+    wait_cycles(f, lambda r: rec.final and rec.reported)
+    assert Path(rec.workdir).is_dir()
+    clock.now += 101
+    f.run_once()
+    assert f.pilots == {} and not Path(rec.workdir).exists()

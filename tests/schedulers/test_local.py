@@ -163,3 +163,17 @@ def test_unwritable_state_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SchedulerError, match="cannot create state dir"):
         LocalBackend(state_dir=str(tmp_path / "file" / "sub"))
+
+
+def test_ended_pilots_are_forgotten_after_keep_final_s(tmp_path):
+    b = LocalBackend(slots=2, state_dir=str(tmp_path / "s"), keep_final_s=0.5)
+    outside = tmp_path / "outside"
+    inside = b.submit(spec("pass"))
+    other = b.submit(spec("pass", workdir=str(outside)))
+    for bid in (inside, other):
+        assert wait_state(b, bid, {BatchState.DONE}).state == BatchState.DONE
+    assert (b.state_dir / inside).is_dir()
+    time.sleep(0.7)
+    assert b.status([inside, other]) == {inside: BatchState.UNKNOWN, other: BatchState.UNKNOWN}
+    assert not (b.state_dir / inside).exists()          # its work dir was ours: removed
+    assert (outside / "pilot.log").exists()             # a work dir elsewhere is left alone
