@@ -147,7 +147,7 @@ def task_extend(ctx: Context, params: dict) -> dict:
     task_id = _int_param(params, "task_id")
     task = _get_task(ctx, task_id)
     if not _owns(ctx, task["owner"]):
-        raise Forbidden(f"task {task_id} belongs to {task['owner']}")
+        raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     try:
         result = ctx.submitter.extend(task_id, ctx.identity.subject)
     except TaskSpecError as exc:
@@ -201,7 +201,7 @@ def task_kill(ctx: Context, params: dict) -> int:
     task_id = _int_param(params, "task_id")
     task = _get_task(ctx, task_id)
     if not _owns(ctx, task["owner"]):
-        raise Forbidden(f"task {task_id} belongs to {task['owner']}")
+        raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     killed = 0
     for job in ctx.tb.list_jobs(task_id=task_id, limit=1_000_000):
         if not job.get("archived", False):

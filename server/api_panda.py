@@ -174,9 +174,10 @@ def job_state_to_dict(state: list, job_names: tuple[str, ...],
         raise ApiError(f"{where}: the last element must be the list of files")
     out_files = []
     for n, f in enumerate(files):
-        if not isinstance(f, list) or len(f) != len(file_names):
+        # the client appends its owner slot (null) after the attributes
+        if not isinstance(f, list) or len(f) not in (len(file_names), len(file_names) + 1):
             raise ApiError(f"{where}, file {n}: expected a list of {len(file_names)} "
-                           "FileSpec values")
+                           "FileSpec values (and an optional trailing null)")
         out_files.append(dict(zip(file_names, f)))
     return job, out_files
 
