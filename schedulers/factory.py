@@ -223,10 +223,24 @@ class Factory:
             raise RuntimeError(f"{url}?site={site} answered no activated count: {data!r}")
         return count
 
+    def site_states(self) -> dict[str, dict[str, Any]]:
+        """Per site: is the factory feeding it, and if not, why (sent along with each report)."""
+        out = {}
+        for name, site in self.sites.items():
+            health = self.health[name]
+            if not site.online:
+                why = f"site status is {site.status}"
+            else:
+                why = health.disabled_reason
+            out[name] = {"submitting": site.online and health.disabled_since is None,
+                         "reason": why, "consecutive_failures": health.consecutive_failures}
+        return out
+
     def report(self, records: list[PilotRecord]) -> None:
         """POST the pilots to the server; raises RuntimeError naming the URL on failure."""
         url = f"{self.server_url}/api/v1/pilot/report"
-        body = {"factory": self.factory_id, "pilots": [r.to_report() for r in records]}
+        body = {"factory": self.factory_id, "pilots": [r.to_report() for r in records],
+                "sites": self.site_states()}
         try:
             resp = self.session.post(url, json=body, timeout=self.http_timeout)
             reply = resp.json()

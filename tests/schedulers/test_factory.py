@@ -199,6 +199,8 @@ def test_failing_site_is_stopped_and_says_why_then_probed(server, tmp_path, fact
     assert m and int(m.group(1)) >= 3, reason
     assert any("stopped submitting pilots" in r.getMessage() and SITE in r.getMessage()
                for r in caplog.records)
+    assert f.site_states()[SITE] == {"submitting": False, "reason": reason,
+                                     "consecutive_failures": int(m.group(1))}
     cycle = f.run_once().sites[SITE]
     assert cycle.submitted == 0 and cycle.skipped == f"not submitting: {reason}"
     # the server saw the failed pilots with their exit codes
