@@ -174,7 +174,7 @@ def main(argv: list[str]) -> int:
         if not args.no_recovery:
             from .recovery import recover_all
             recovered = recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs,
-                                    cfg.final_retry)
+                                    cfg.final_retry, site)
             if recovered:
                 log.info("recovered jobs: %s", ", ".join(recovered))
         verifier = None
@@ -217,7 +217,7 @@ def main(argv: list[str]) -> int:
 
     if not args.no_recovery:  # our own final states the server missed: one more try
         from .recovery import recover_all
-        recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs, cfg.final_retry)
+        recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs, cfg.final_retry, site)
     log.info("pilot done: %d job(s) in %.1f s", n_jobs, time.time() - started)
     return rc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -85,7 +86,8 @@ class JobRun:
         self.pilot_stop = stop               # set by the pilot's signal handlers
         self.kill = KillRequest()
         self.job: JobSpec | None = None
-        self.workdir: Path | None = None
+        self.jobdir: Path | None = None      # the pilot's: state file, lock, log tarball
+        self.workdir: Path | None = None     # the payload's: jobdir/work
         self.lock: sf.JobLock | None = None
         self.state: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
@@ -102,9 +104,9 @@ class JobRun:
 
     def _save(self, phase: str, **extra: Any) -> None:
         self.state.update(phase=phase, **extra)
-        if self.workdir is not None:
+        if self.jobdir is not None:
             try:
-                sf.write_state(self.workdir, self.state)
+                sf.write_state(self.jobdir, self.state)
             except OSError as exc:  # full disk: the job goes on, only recovery is weakened
                 log.error("job %s: state file not written: %s", self.panda_id, exc)
 
@@ -118,17 +120,20 @@ class JobRun:
             form["batchID"] = self.cfg.batch_id
         return form
 
-    def _make_workdir(self) -> Path:
+    def _make_jobdir(self) -> Path:
+        """``<base>/panda_job_<PandaID>_<pid>``; the payload runs in its ``work`` subfolder, so
+        it never sees (or deletes) the pilot's state file and lock."""
         base = self.cfg.workdir_base
         base.mkdir(parents=True, exist_ok=True)
         name = f"{sf.JOB_DIR_PREFIX}{int(self.raw.get('PandaID', 0))}_{os.getpid()}"
-        wd = base / name
+        jd = base / name
         n = 0
-        while wd.exists():
+        while jd.exists():
             n += 1
-            wd = base / f"{name}.{n}"
-        wd.mkdir(mode=0o700)
-        return wd
+            jd = base / f"{name}.{n}"
+        jd.mkdir(mode=0o700)
+        (jd / sf.WORK_DIR).mkdir()
+        return jd
 
     # --- the job ----------------------------------------------------------------------------
     def run(self) -> str:
@@ -137,16 +142,18 @@ class JobRun:
         Whatever goes wrong, the server hears a final state with an error code: a work dir that
         cannot be made (full disk) or a bug in the pilot is reported, never just logged."""
         try:
-            self.workdir = self._make_workdir()
-            self.lock = sf.JobLock(self.workdir)
+            self.jobdir = self._make_jobdir()
+            self.workdir = self.jobdir / sf.WORK_DIR
+            self.lock = sf.JobLock(self.jobdir)
             self.lock.acquire()
         except OSError as exc:
             log.error("job %s: cannot create its work dir: %s", self.panda_id, exc)
-            self.workdir = None
+            self.jobdir = self.workdir = None
             code = ErrorCode.NO_LOCAL_SPACE if getattr(exc, "errno", 0) == 28 else ErrorCode.GENERAL
             return self._finish("failed", PilotError(code, f"cannot create work dir: {exc}"), {})
         self.state = {"version": 1, "pilot_pid": os.getpid(), "node": self.cfg.node,
-                      "server": self.client.server, "site": self.site.raw, "site_name": self.site.name,
+                      "server": self.client.server, "site": redact(self.site.raw),
+                      "site_name": self.site.name,
                       "job": self.raw, "started": self.start_time}
         self._save(sf.RECEIVED)
         try:
@@ -369,7 +376,8 @@ class JobRun:
                 log_only: bool = False) -> str:
         """Store the log tarball, build the final update, send it or keep it for later."""
         job = self.job
-        if job is not None and job.log is not None and self.workdir is not None:
+        if job is not None and job.log is not None and self.workdir is not None \
+                and self.workdir.is_dir():
             try:
                 stored.update(self._stage_out_log(job))
             except PilotError as exc:
@@ -384,26 +392,38 @@ class JobRun:
         self._save(sf.FINAL_PENDING, final=form)
         if send_final(self.client, form, self.cfg.final_retry):
             self._save(sf.DONE)
-            if not self.cfg.keep_workdirs and self.workdir is not None:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            if not self.cfg.keep_workdirs and self.jobdir is not None:
+                shutil.rmtree(self.jobdir, ignore_errors=True)
         else:
             log.error("job %s: final state %s kept in %s for a later attempt", self.panda_id,
-                      state, self.workdir)
+                      state, self.jobdir)
         return state
 
     def _stage_out_log(self, job: JobSpec) -> dict[str, dict]:
         from .logtar import make_log_tarball
         from .stage import StageSettings, stage_out
 
-        assert job.log is not None and self.workdir is not None
-        exclude = {f.lfn for f in job.inputs} | {f.lfn for f in job.outputs} | {
-            sf.LOCK_FILE, job.log.lfn}
-        logdir = self.workdir / ".pilot_log"
+        assert job.log is not None and self.workdir is not None and self.jobdir is not None
+        exclude = {f.lfn for f in job.inputs} | {f.lfn for f in job.outputs}
+        logdir = self.jobdir / "log"
         logdir.mkdir(exist_ok=True)
-        exclude.add(".pilot_log")
         make_log_tarball(self.workdir, logdir / job.log.lfn, exclude, self.cfg.log_cap_bytes)
         return stage_out([job.log], logdir, self.site,
                          StageSettings.from_site(self.site, self.cfg.transfer_backoff_s))
+
+
+_SECRET_OPTION = re.compile(r"token|secret|passw|credential", re.IGNORECASE)
+
+
+def redact(site_config: dict[str, Any]) -> dict[str, Any]:
+    """The site config without copytool secrets (the state file is on a disk the payload can
+    read); recovery takes secrets from the recovering pilot's own queuedata."""
+    cfg = json.loads(json.dumps(site_config))
+    for tool in (cfg.get("copytools") or {}).values():
+        if isinstance(tool, dict) and isinstance(tool.get("options"), dict):
+            tool["options"] = {k: v for k, v in tool["options"].items()
+                               if not (_SECRET_OPTION.search(k) and not k.endswith("_file"))}
+    return cfg
 
 
 def _result_dict(res: PayloadResult | None) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ from .client import PandaClient, RetryPolicy
 from .errors import ErrorCode, PilotError
 from .jobspec import parse_job
 from .payload import EXIT_FILE, PayloadResult
-from .site import site_from_queuedata
+from .site import SiteInfo, site_from_queuedata
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,10 @@ def _exit_code(workdir: Path) -> int | None:
 
 
 def recover_all(base: Path, client: PandaClient, pm=None, keep: bool = False,
-                policy: RetryPolicy | None = None, own_pid: int | None = None) -> list[str]:
+                policy: RetryPolicy | None = None, site: SiteInfo | None = None) -> list[str]:
     """Recover every dead pilot's job dir below ``base``; return the PandaIDs whose final state
-    reached the server."""
+    reached the server. ``site``: this pilot's own queue description, used (with its copytool
+    secrets, which state files never hold) for jobs of the same site."""
     done = []
     for wd in sf.job_dirs(base):
         lock = sf.JobLock(wd)
@@ -61,7 +62,7 @@ def recover_all(base: Path, client: PandaClient, pm=None, keep: bool = False,
             log.warning("recovery: cannot lock %s: %s", wd, exc)
             continue
         try:
-            pid = recover_one(wd, client, pm, keep, policy)
+            pid = recover_one(wd, client, pm, keep, policy, site)
             if pid:
                 done.append(pid)
         except Exception:
@@ -72,7 +73,7 @@ def recover_all(base: Path, client: PandaClient, pm=None, keep: bool = False,
 
 
 def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
-                policy: RetryPolicy | None = None) -> str | None:
+                policy: RetryPolicy | None = None, own_site: SiteInfo | None = None) -> str | None:
     from .job import JobRun, PilotConfig, send_final
 
     policy = policy or RetryPolicy(attempts=3, backoff_s=2)
@@ -107,11 +108,15 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
         log.info("recovery: payload of job %s is still running; left for later", panda_id)
         return None
 
-    site = site_from_queuedata({"panda_wms": state.get("site") or {}}, state.get("site_name", ""))
+    if own_site is not None and own_site.name == state.get("site_name"):
+        site = own_site
+    else:
+        site = site_from_queuedata({"panda_wms": state.get("site") or {}}, state.get("site_name", ""))
     cfg = PilotConfig(server=client.server, site=site.name, workdir_base=wd.parent,
                       keep_workdirs=keep, final_retry=policy)
     run = JobRun(cfg, client, site, pm, raw)
-    run.workdir = wd
+    run.jobdir = wd
+    run.workdir = wd / sf.WORK_DIR
     run.state = state
     run.start_time = float(state.get("started") or 0) or run.start_time
     try:
@@ -120,7 +125,7 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
         run._finish("failed", exc, {})
         return panda_id if _delivered(wd) else None
 
-    rc = _exit_code(wd) if phase in (sf.RUNNING, sf.STAGEOUT) else None
+    rc = _exit_code(run.workdir) if phase in (sf.RUNNING, sf.STAGEOUT) else None
     error: PilotError | None
     stored: dict[str, dict] = {}
     if rc is None:
@@ -130,7 +135,7 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
     else:
         info = state.get("payload") or {}
         start = float(info.get("start") or run.start_time)
-        mtime = (wd / EXIT_FILE).stat().st_mtime
+        mtime = (run.workdir / EXIT_FILE).stat().st_mtime
         run.result = PayloadResult(exit_code=rc, signal=None, cpu_s=0.0, max_rss_kb=0,
                                    max_pss_kb=0, start=start, end=mtime)
         error = run._judge(run.result)

@@ -19,6 +19,7 @@ from typing import Any
 STATE_FILE = "pilot_state.json"
 LOCK_FILE = ".pilot.lock"
 JOB_DIR_PREFIX = "panda_job_"
+WORK_DIR = "work"          # the payload's folder inside a job dir
 
 # phases, in order
 RECEIVED, STAGEIN, RUNNING, STAGEOUT, FINAL_PENDING, DONE = (

@@ -103,7 +103,7 @@ def test_sigkilled_pilot_is_recovered_by_the_next(fake, se, tmp_path):
 
     marker.touch()                                    # let the payload finish
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not list((tmp_path / "wd").glob("*/.payload_exit")):
+    while time.monotonic() < deadline and not list((tmp_path / "wd").glob("*/work/.payload_exit")):
         time.sleep(0.05)
     res = run_pilot(fake, tmp_path / "wd")
     assert res.returncode == 0, res.stderr

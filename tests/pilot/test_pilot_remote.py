@@ -23,8 +23,8 @@ def test_job_through_http_storage_element(fake, tmp_path):
         fake.site_config["copytools"] = {"input": tool, "output": tool}
         entry = {"lfn": "remote.in", "scope": "test", "fsize": len(data),
                  "checksum": f"ad:{zlib.adler32(data):08x}"}
-        fake.add_job(make_job(951, "tr a-z A-Z < remote.in > remote.out", inputs=[entry],
-                              outputs=["remote.out"]))
+        script = "tr a-z A-Z < remote.in > remote.out; cat ../pilot_state.json > state.seen"
+        fake.add_job(make_job(951, script, inputs=[entry], outputs=["remote.out", "state.seen"]))
         res = run_pilot(fake, tmp_path / "wd")
         final = fake.final(951)
         assert final is not None and final["state"] == "finished", res.stderr
@@ -34,6 +34,9 @@ def test_job_through_http_storage_element(fake, tmp_path):
         assert files["remote.out"]["surl"].startswith(httpse.url)
         assert files["remote.out"]["adler32"] == f"{zlib.adler32(data.upper()):08x}"
         assert (root / replica_path("test", "job951.log.tgz")).exists()
+        # the state file a payload could read holds no copytool secret
+        seen = (root / replica_path("test", "state.seen")).read_text()
+        assert '"PandaID": 951' in seen and "se-token" not in seen
 
 
 def test_hung_http_storage_element(fake, tmp_path):
