@@ -100,8 +100,32 @@ def batch_deadline(env: dict[str, str], now: float) -> float | None:
     return None
 
 
+def wipe_env_value(name: str) -> None:
+    """Zero ``name``'s value in the process's original environment block.
+
+    Removing it from ``os.environ`` keeps it from children, but ``/proc/<pid>/environ`` (readable
+    by the payload, same user) shows that block as it was at exec time.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.getenv.restype = ctypes.c_void_p
+        libc.getenv.argtypes = [ctypes.c_char_p]
+        libc.strlen.restype = ctypes.c_size_t
+        libc.strlen.argtypes = [ctypes.c_void_p]
+        ptr = libc.getenv(name.encode())
+        if ptr:
+            ctypes.memset(ptr, 0, libc.strlen(ptr))
+    except (OSError, AttributeError):  # no libc to talk to: the pop below still protects children
+        log.debug("could not wipe %s from the environment block", name)
+
+
 def read_token(path: str | None) -> str | None:
-    token = os.environ.pop("PANDA_AUTH_TOKEN", None)   # never left where a child could see it
+    token = os.environ.get("PANDA_AUTH_TOKEN")
+    if token is not None:
+        wipe_env_value("PANDA_AUTH_TOKEN")
+        os.environ.pop("PANDA_AUTH_TOKEN", None)   # never left where a child could see it
     if path:
         token = Path(path).read_text().strip()
     return token or None

@@ -15,8 +15,10 @@ from pilotkit import (SITE, TOKEN, fake, make_job, metrics, put_input, run_pilot
 def test_job_with_input_and_output(fake, se, tmp_path):
     data = b"hello panda\n" * 1000
     entry = put_input(se, "test", "in.1.dat", data)
+    # the payload looks at its own environment and at the pilot's (/proc/<pilot>/environ)
     script = ("cat in.1.dat > out.1.dat; env > env.txt; echo payload-says-hi; "
-              "cp env.txt out.env.txt")
+              "pilot=$(ps -o ppid= -p $PPID | tr -d ' '); "
+              "tr '\\0' '\\n' < /proc/$pilot/environ >> env.txt; cp env.txt out.env.txt")
     fake.add_job(make_job(101, script, inputs=[entry], outputs=["out.1.dat", "out.env.txt"]))
     res = run_pilot(fake, tmp_path / "wd")
     assert res.returncode == 0, res.stderr
@@ -36,8 +38,8 @@ def test_job_with_input_and_output(fake, se, tmp_path):
     assert files["job101.log.tgz"]["guid"] == "logguid-101"
     # the payload never saw the pilot's token
     env_text = (se / replica_path("test", "out.env.txt")).read_text()
-    assert TOKEN not in env_text and "PANDA_AUTH_TOKEN" not in env_text
-    assert "PANDA_ID=101" in env_text
+    assert TOKEN not in env_text
+    assert "PANDA_ID=101" in env_text and "PANDA_LOG_LEVEL=INFO" in env_text
     # the log tarball holds the payload's stdout, not the inputs or outputs
     with tarfile.open(se / replica_path("test", "job101.log.tgz")) as tar:
         names = tar.getnames()
