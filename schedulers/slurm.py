@@ -14,7 +14,9 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
+import uuid
 from pathlib import Path
 
 from .base import BatchInfo, BatchState, PilotSpec, SchedulerBackend, SchedulerError
@@ -58,6 +60,10 @@ def parse_exit_code(text: str) -> tuple[int | None, int]:
         return None, 0
 
 
+class CommandTimeout(SchedulerError):
+    """A Slurm command did not answer in time (it was killed)."""
+
+
 class SlurmBackend(SchedulerBackend):
     """Options: ``partition``, ``account``, ``qos``, ``extra_args`` (list of sbatch arguments),
     ``command_timeout_s`` (default 30), ``bin_dir`` (where the Slurm commands are),
@@ -93,16 +99,25 @@ class SlurmBackend(SchedulerBackend):
         if self.slurm_conf:
             full_env["SLURM_CONF"] = self.slurm_conf
         try:
-            return subprocess.run(cmd, input=stdin, capture_output=True, text=True,
-                                  timeout=self.timeout, env=full_env)
-        except subprocess.TimeoutExpired:
-            raise SchedulerError(f"{argv[0]} did not answer within {self.timeout:g} s "
-                                 "(is slurmctld up?)") from None
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=full_env,
+                                    start_new_session=True)
         except FileNotFoundError:
             raise SchedulerError(f"{cmd[0]} not found: is Slurm installed here "
                                  f"(PATH={full_env.get('PATH', '')})?") from None
         except OSError as exc:
             raise SchedulerError(f"cannot run {cmd[0]}: {exc.strerror or exc}") from None
+        try:
+            out, err = proc.communicate(stdin, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)     # the command and anything it started
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            raise CommandTimeout(f"{argv[0]} did not answer within {self.timeout:g} s "
+                                 "(is slurmctld up?)") from None
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     @staticmethod
     def _complain(argv: list[str], res: subprocess.CompletedProcess) -> SchedulerError:
@@ -136,8 +151,17 @@ class SlurmBackend(SchedulerBackend):
             except OSError as exc:
                 raise SchedulerError(f"slurm backend: cannot create work dir {spec.workdir}: "
                                      f"{exc.strerror or exc}") from None
-        argv = self.sbatch_args(spec)
-        res = self._run(argv, stdin=self.batch_script(spec), env=spec.env)
+        tag = f"panda-wms:{uuid.uuid4().hex}"
+        argv = self.sbatch_args(spec) + [f"--comment={tag}"]
+        try:
+            res = self._run(argv, stdin=self.batch_script(spec), env=spec.env)
+        except CommandTimeout as exc:
+            # slurmctld may have accepted the job before sbatch hung: find it by its tag
+            found = self._find_tagged(tag)
+            if found:
+                log.warning("sbatch hung but Slurm has the job: %s (%s)", found, exc)
+                return found
+            raise
         if res.returncode != 0:
             raise self._complain(argv, res)
         batch_id = res.stdout.strip().split(";")[0]
@@ -145,6 +169,18 @@ class SlurmBackend(SchedulerBackend):
             raise SchedulerError(f"sbatch answered {res.stdout.strip()!r}, not a job id")
         log.info("slurm job %s submitted for %s", batch_id, spec.site)
         return batch_id
+
+    def _find_tagged(self, tag: str) -> str | None:
+        """The id of the job whose comment is ``tag``, if Slurm has it (best effort)."""
+        try:
+            res = self._run(["squeue", "-h", "-a", "-t", "all", "-o", "%i|%k"])
+        except SchedulerError:
+            return None
+        for line in res.stdout.splitlines():
+            job_id, _, comment = line.strip().partition("|")
+            if comment == tag and _JOB_ID.match(job_id):
+                return job_id
+        return None
 
     # ------------------------------------------------------------------ status
     def status(self, batch_ids: list[str]) -> dict[str, BatchState]:

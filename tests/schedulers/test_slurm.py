@@ -251,3 +251,29 @@ def test_factory_stops_a_site_whose_submissions_fail(slurm, tmp_path, caplog):
     third = f.run_once().sites[SITE]
     assert third.skipped.startswith("not submitting: 2 pilots in a row failed")
     assert any("stopped submitting pilots" in r.getMessage() for r in caplog.records)
+
+
+def test_sbatch_that_hangs_after_slurm_took_the_job(slurm, tmp_path):
+    """sbatch accepted by slurmctld, then hung: the job is found by its tag, not lost."""
+    import shutil as sh
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for cmd in ("squeue", "sacct", "scancel"):
+        (bindir / cmd).symlink_to(sh.which(cmd))
+    wrapper = bindir / "sbatch"
+    pids = tmp_path / "pids"
+    wrapper.write_text(f"#!/bin/sh\n{sh.which('sbatch')} \"$@\"\n"
+                       f"sleep 60 & echo $$ $! > {pids}\nwait\n")
+    wrapper.chmod(0o755)
+    backend = SlurmBackend(bin_dir=str(bindir), command_timeout_s=2)
+    t0 = time.monotonic()
+    bid = backend.submit(PilotSpec(site="S", command=["sh", "-c", "exit 0"],
+                                   workdir=str(tmp_path)))
+    assert time.monotonic() - t0 < 10
+    assert slurm.run("squeue", "-h", "-a", "-t", "all", "-j", bid, "-o", "%k").stdout.strip() \
+        .startswith("panda-wms:")
+    assert wait_final(backend, bid).state == BatchState.DONE
+    # the hung wrapper and its sleep were killed with their process group
+    import psutil
+    for pid in map(int, pids.read_text().split()):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
