@@ -103,6 +103,9 @@ jobs = Table(
 # the dispatcher's query: activated jobs of a site in dispatch order, read from the index
 Index("ix_jobs_dispatch_order", jobs.c.site, jobs.c.status, jobs.c.current_priority.desc(),
       jobs.c.panda_id)
+# the share-aware dispatcher asks share by share (server/shares.py: ShareChooser.plan)
+Index("ix_jobs_share_dispatch", jobs.c.site, jobs.c.status, jobs.c.share,
+      jobs.c.current_priority.desc(), jobs.c.panda_id)
 
 jobs_archive = Table(
     "jobs_archive", metadata, *[c._copy() for c in _job_columns()],

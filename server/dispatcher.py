@@ -88,17 +88,27 @@ class Dispatcher:
         remaining = _int(form, "remainingWalltime") or _int(form, "maxWalltime")
         mem = _int(form, "mem")
         cores = _int(form, "cores") or _int(form, "coreCount")
-        order = self.job_chooser(site) if self.job_chooser else None
+        # share-aware: a chooser with plan() is asked share by share (index reads); a plain
+        # job_chooser gives ORDER BY clauses
+        chooser = self.job_chooser
+        plan = chooser.plan(site) if hasattr(chooser, "plan") else None
+        order = chooser(site) if chooser is not None and not hasattr(chooser, "plan") else None
+        kw = dict(node=form.get("node"), actor=identity.subject if identity else None,
+                  pilot_id=form.get("pilotID") or form.get("pilot_id"),
+                  batch_id=form.get("batchID") or form.get("worker_id"),
+                  cores=cores, memory_mb=mem, walltime_s=remaining,
+                  pilot_version=form.get("pilotVersion"),
+                  prod_source_label=form.get("prodSourceLabel") if form.get("prodSourceLabel")
+                  in ("test", "ptest", "user") else None)
         jobs = []
         for _ in range(n_jobs):
-            job = self.tb.dispatch(
-                site, node=form.get("node"), actor=identity.subject if identity else None,
-                pilot_id=form.get("pilotID") or form.get("pilot_id"),
-                batch_id=form.get("batchID") or form.get("worker_id"),
-                cores=cores, memory_mb=mem, walltime_s=remaining,
-                pilot_version=form.get("pilotVersion"),
-                prod_source_label=form.get("prodSourceLabel") if form.get("prodSourceLabel")
-                in ("test", "ptest", "user") else None, order_by=order)
+            job = None
+            for where in plan or ():
+                job = self.tb.dispatch(site, where=where, **kw)
+                if job is not None:
+                    break
+            if job is None:      # no plan, or the cached plan missed: any job, best first
+                job = self.tb.dispatch(site, order_by=order, **kw)
             if job is None:
                 break
             jobs.append(self.job_spec(job, site_row["config"]))

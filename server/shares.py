@@ -224,33 +224,41 @@ class ShareStore:
 
 # ---------------------------------------------------------------------- dispatch order
 class ShareChooser:
-    """The dispatcher's ``job_chooser``: site -> ORDER BY clauses, share-aware.
+    """Share-aware dispatch for the dispatcher.
 
-    The ranking per site is cached for ``ttl_s`` seconds (a getJob storm must not re-count the
-    site's jobs each time); with one share waiting at the site it returns None so the database
-    can serve the plain priority order from its index.
+    ``plan(site)``: the shares to ask, best first, as extra WHERE conditions; the dispatcher
+    asks share by share, so each ask is an index range read (``ix_jobs_share_dispatch``) rather
+    than a sort of every activated job of the site. ``__call__(site)`` is the same order as
+    ORDER BY clauses (a ``CASE`` on the share), the dispatcher's generic ``job_chooser`` shape.
+    Rankings are cached per site for ``ttl_s`` seconds (a getJob storm must not recount the
+    site's jobs each time); with one share waiting at the site both return None and the plain
+    priority order is used.
     """
 
     def __init__(self, tb: TaskBuffer, store: ShareStore | None = None, ttl_s: float = 2.0):
         self.tb = tb
         self.store = store or ShareStore(tb)
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, list | None]] = {}
+        self._cache: dict[str, tuple[float, tuple]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, site: str) -> list | None:
+    def _ranked(self, site: str) -> tuple[list[str], set[str], dict[str, int]]:
+        """(tree's share names best first, all tree names, activated per share), cached."""
         if self.ttl_s > 0:
             with self._lock:
                 hit = self._cache.get(site)
             if hit and hit[0] > time.monotonic():
                 return hit[1]
-        order = self.order_for(site)
+        tree = self.store.load()
+        names, _, waiting = self.ranking(site, tree)
+        value = (names, {s.name for s, _, _ in walk(tree)}, waiting)
         if self.ttl_s > 0:
             with self._lock:
-                self._cache[site] = (time.monotonic() + self.ttl_s, order)
-        return order
+                self._cache[site] = (time.monotonic() + self.ttl_s, value)
+        return value
 
-    def ranking(self, site: str) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    def ranking(self, site: str, tree: list[Share] | None = None
+                ) -> tuple[list[str], dict[str, int], dict[str, int]]:
         """(share names best first, running per share, activated per share) at ``site``."""
         j = db.jobs.c
         running: dict[str, int] = {}
@@ -262,9 +270,30 @@ class ShareChooser:
                     .group_by(j.share, j.status)):
                 target = waiting if status == "activated" else running
                 target[share] = target.get(share, 0) + n
-        return rank_shares(self.store.load(), running), running, waiting
+        return rank_shares(tree if tree is not None else self.store.load(), running), \
+            running, waiting
+
+    def plan(self, site: str) -> list[list] | None:
+        """Extra WHERE conditions to try in order, or None for the plain order."""
+        names, known, waiting = self._ranked(site)
+        if len([s for s, n in waiting.items() if n]) <= 1:
+            return None
+        j = db.jobs.c
+        steps = [[j.share == name] for name in names if waiting.get(name)]
+        if any(n for s, n in waiting.items() if s not in known):
+            steps.append([j.share.not_in(sorted(known))])
+        return steps
+
+    def __call__(self, site: str) -> list | None:
+        names, _, waiting = self._ranked(site)
+        if len([s for s, n in waiting.items() if n]) <= 1:
+            return None
+        j = db.jobs.c
+        rank = case({name: i for i, name in enumerate(names)}, value=j.share, else_=len(names))
+        return [rank, j.current_priority.desc(), j.panda_id]
 
     def order_for(self, site: str) -> list | None:
+        """ORDER BY clauses computed now (no cache)."""
         names, _, waiting = self.ranking(site)
         if len([s for s, n in waiting.items() if n]) <= 1:
             return None

@@ -355,10 +355,11 @@ class TaskBuffer:
                  cores: int | None = None, memory_mb: int | None = None,
                  walltime_s: int | None = None, pilot_version: str | None = None,
                  prod_source_label: str | None = None, order_by=None,
-                 max_tries: int = 5) -> dict | None:
+                 max_tries: int = 5, where: list | None = None) -> dict | None:
         """Hand the best activated job of ``site`` that fits the pilot to this pilot only.
 
-        Returns the job row with its files, or None when nothing fits. PostgreSQL: one
+        ``where``: extra conditions on ``db.jobs`` (the share-aware dispatcher asks share by
+        share). Returns the job row with its files, or None when nothing fits. PostgreSQL: one
         statement picks (``FOR UPDATE SKIP LOCKED``), marks it sent and writes the history;
         SQLite: ``UPDATE ... WHERE panda_id = (best) RETURNING *`` under the one-writer lock;
         MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED`` then the guarded update.
@@ -377,6 +378,8 @@ class TaskBuffer:
             conds.append((j.pilot_version.is_(None)) | (j.pilot_version == pilot_version))
         else:
             conds.append(j.pilot_version.is_(None))
+        if where:
+            conds.extend(where)
         order = order_by if order_by is not None else [j.current_priority.desc(), j.panda_id]
         steps = [(str(JobState.ACTIVATED), str(JobState.SENT))]
         for _ in range(max_tries):
