@@ -173,3 +173,39 @@ def test_a_priority_plugin_can_lower_the_answer(tb, clock):
     pm.register(CapPriority(), name="cap")
     recompute_priorities(tb, pm.hook)
     assert tb.get_job(pid)["current_priority"] == 1000      # the lowest answer wins
+
+
+def dispatcher(tb, tmp_path, ttl_s=0):
+    from server.auth import KeyStore
+    from server.dispatcher import Dispatcher
+    return Dispatcher(tb, KeyStore(tmp_path / "keys"), ShareChooser(tb, ttl_s=ttl_s))
+
+
+def test_dispatcher_asks_share_by_share(tb, tmp_path):
+    for share in ("mc", "reprocessing", "analysis", "default"):
+        add_jobs(tb, share, 10)
+    disp = dispatcher(tb, tmp_path)
+    got = []
+    for _ in range(20):
+        reply = disp.get_job({"siteName": SITE}, None)
+        got.append(tb.get_job(reply["PandaID"])["share"])
+    assert {s: got.count(s) for s in set(got)} == {"mc": pytest.approx(9.6, abs=1),
+                                                   "reprocessing": pytest.approx(6.4, abs=1),
+                                                   "analysis": pytest.approx(4, abs=1)}
+    # the share outside the tree waits until the others are empty, then runs
+    for _ in range(10):
+        disp.get_job({"siteName": SITE}, None)
+    assert tb.get_job(disp.get_job({"siteName": SITE}, None)["PandaID"])["share"] == "default"
+
+
+def test_a_stale_plan_falls_back_to_any_job(tb, tmp_path):
+    [mc] = add_jobs(tb, "mc", 1)
+    [ana] = add_jobs(tb, "analysis", 1)
+    disp = dispatcher(tb, tmp_path, ttl_s=3600)
+    assert len(disp.job_chooser.plan(SITE)) == 2            # cached: mc, then analysis
+    # behind the cache: mc empties, a reprocessing job arrives
+    tb.kill_job(mc, "admin")
+    [rep] = add_jobs(tb, "reprocessing", 1)
+    assert disp.get_job({"siteName": SITE}, None)["PandaID"] == ana       # mc missed
+    assert disp.get_job({"siteName": SITE}, None)["PandaID"] == rep       # fallback
+    assert disp.get_job({"siteName": SITE}, None)["StatusCode"] == 20     # nothing left
