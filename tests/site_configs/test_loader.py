@@ -191,3 +191,20 @@ def test_load_dir_of_a_missing_directory(tmp_path):
 def test_package_dir_holds_the_demo_site():
     configs, errors = load_dir(EXAMPLES_DIR)
     assert [c.name for c in configs] == ["LOCAL_DEMO"] and errors == []
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_each_example_backend_accepts_its_options(path):
+    """The options in the example are the ones its backend takes (it refuses unknown ones)."""
+    from schedulers.base import backend_class
+    data = yaml.safe_load(path.read_text())
+    backend = data["scheduler"]["backend"]
+    if backend not in plugin_names("panda.schedulers"):
+        pytest.skip(f"scheduler backend {backend!r} is not registered in setup.py yet")
+    try:
+        cls = backend_class(backend)
+    except ModuleNotFoundError as exc:
+        pytest.skip(f"scheduler backend {backend!r} is registered but not importable yet: {exc}")
+    cfg = load_site_config(path)
+    instance = cls(**cfg.scheduler.options)
+    assert instance.name == backend
