@@ -97,3 +97,35 @@ def test_bad_shares_file_stops_the_server_with_the_reason(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "--shares" in proc.stderr and "add up to 100 %, got 120" in proc.stderr
+
+
+def test_two_server_processes_fail_each_silent_job_once(tmp_path):
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / "W.yaml").write_text(json.dumps(site("W", "SE_W", f"file://{tmp_path}")))
+    srv = start_server(tmp_path / "srv", site_dir=sites,
+                       extra=["--processes", "2", "--watcher-interval", "0.1",
+                              "--sent-timeout", "1"])
+    try:
+        admin = PandaClient(srv.url, srv.token("admin", "root"))
+        task_id = admin.submit_task({"name": "silent", "scope": "s", "transformation": "/bin/true",
+                                     "n_jobs": 12, "site": "W", "max_attempts": 2,
+                                     "resources": {"memory_mb": 100, "walltime_s": 60}})
+        hdr = {"Accept": "application/json",
+               "Authorization": f"Bearer {srv.token('pilot', 'p', site='W')}"}
+        got = requests.post(f"{srv.url}/server/panda/getJob", data={"siteName": "W", "nJobs": 12},
+                            headers=hdr, timeout=10).json()
+        sent = [j["PandaID"] for j in got["jobs"]]
+        assert len(sent) == 12
+        # both processes run the watcher every 0.1 s; each silent job fails once, one retry each
+        wait_for(lambda: admin.task_details(task_id)["jobs"].get("failed") == 12, "12 failures",
+                 timeout=30)
+        time.sleep(0.5)          # more watcher passes in both processes: nothing may change
+        jobs = admin.jobs(task_id)
+        assert sorted(j["parent_id"] for j in jobs if j["attempt_nr"] == 2) == sorted(sent)
+        assert len(jobs) == 24
+        for pid in sent:
+            history = admin.call("job", "get_history", job_id=pid)
+            assert [h["new_status"] for h in history].count("failed") == 1
+    finally:
+        stop_server(srv)
