@@ -143,6 +143,18 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - say which database and why, then stop
         sys.stderr.write(f"panda server: cannot use database {args.db}: {exc}\n")
         return 1
+    for opt in ("watcher_interval", "heartbeat_timeout", "sent_timeout", "holding_timeout",
+                "transferring_timeout"):
+        if getattr(args, opt) < 0:
+            sys.stderr.write(f"panda server: --{opt.replace('_', '-')} must be >= 0\n")
+            return 1
+    if args.watcher_interval > 0 and args.data_mover != "none":
+        from .dataservice import load_mover
+        try:
+            load_mover(args.data_mover)
+        except ValueError as exc:
+            sys.stderr.write(f"panda server: --data-mover: {exc}\n")
+            return 1
     if args.shares:
         from .shares import ShareError, ShareStore, load_shares_file
         from .taskbuffer import TaskBuffer

@@ -129,3 +129,14 @@ def test_two_server_processes_fail_each_silent_job_once(tmp_path):
             assert [h["new_status"] for h in history].count("failed") == 1
     finally:
         stop_server(srv)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--data-mover", "teleport"], "--data-mover: no data mover 'teleport'"),
+    (["--sent-timeout", "-5"], "--sent-timeout must be >= 0"),
+])
+def test_bad_watcher_options_stop_the_server_with_the_reason(tmp_path, args, words):
+    proc = subprocess.run([sys.executable, "-m", "panda_wms.cli", "server", "--db",
+                           f"sqlite:///{tmp_path / 'x.db'}", "--key-dir", str(tmp_path / "k"),
+                           "--port", "0"] + args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and words in proc.stderr
