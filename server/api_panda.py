@@ -325,6 +325,10 @@ def cache_dir(state) -> Path:
 class UploadCacheHandler(BaseHandler):
     """``POST /api/v1/file_server/upload_cache_file``: multipart field ``file``."""
 
+    def write_error(self, status_code: int, **kwargs) -> None:
+        """Errors Tornado raises before post() (e.g. a malformed multipart body), as JSON."""
+        self.respond(False, self._reason or "bad request", status_code)
+
     def respond(self, success: bool, message: str, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")

@@ -187,7 +187,9 @@ def main(argv: list[str]) -> int:
                                args.transferring_timeout)
         mover = None if args.data_mover == "none" else args.data_mover
         start_periodic(state.executor, args.watcher_interval, server_tasks(state, limits, mover))
-    server = tornado.httpserver.HTTPServer(app, ssl_options=_ssl_options(args),
+    from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
+    server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
+                                           ssl_options=_ssl_options(args),
                                            max_body_size=MAX_BODY_BYTES,
                                            xheaders=True)
     server.add_sockets(sockets)

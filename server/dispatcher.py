@@ -6,6 +6,7 @@ answered here, so it is tested without HTTP. Field names are PanDA's (docs/proto
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 from typing import Any
@@ -32,18 +33,21 @@ class ProtocolError(Exception):
 
 
 def _int(form: dict, key: str, default: int | None = None) -> int | None:
+    """An integer field; anything else (text, inf, nan, out of a BIGINT's range) is refused."""
     value = form.get(key)
     if value in (None, "", "NULL", "None"):
         return default
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    text = str(value).strip()
-    if _INT.match(text):
-        return int(text)
     try:
-        return int(float(text))
-    except ValueError:
-        raise ProtocolError(SC_FAILED, f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        text = str(value).strip()
+        number = int(text) if _INT.match(text) else int(float(text))
+        if not -2**63 < number < 2**63:
+            raise ValueError
+        return number
+    except (ValueError, OverflowError):
+        raise ProtocolError(SC_FAILED, f"{key} must be a number, got {str(value)[:100]!r}"
+                            ) from None
 
 
 def _float(form: dict, key: str) -> float | None:
@@ -51,9 +55,15 @@ def _float(form: dict, key: str) -> float | None:
     if value in (None, "", "NULL", "None"):
         return None
     try:
-        return float(value)
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
     except (TypeError, ValueError):
-        raise ProtocolError(SC_FAILED, f"{key} must be a number, got {value!r}") from None
+        raise ProtocolError(SC_FAILED, f"{key} must be a number, got {str(value)[:100]!r}"
+                            ) from None
 
 
 def _require(form: dict, key: str) -> str:
