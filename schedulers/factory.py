@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -147,8 +147,9 @@ class Factory:
             return
         try:
             data = json.loads(path.read_text())
+            known = {f.name for f in fields(PilotRecord)}
             for item in data.get("pilots", []):
-                rec = PilotRecord(**item)
+                rec = PilotRecord(**{k: v for k, v in item.items() if k in known})
                 self.pilots[(rec.site, rec.batch_id)] = rec
             for name, h in data.get("health", {}).items():
                 if name in self.health:
@@ -267,6 +268,9 @@ class Factory:
             except SchedulerError as exc:
                 cycle.errors.append(str(exc))
                 log.error("site %s: %s", site.name, exc)
+            except Exception as exc:          # noqa: BLE001 - one site's bug must not stop all
+                cycle.errors.append(f"{type(exc).__name__}: {exc}")
+                log.exception("site %s: unexpected error", site.name)
         self._prune()
         pending = [p for p in self.pilots.values() if not p.reported]
         if pending:

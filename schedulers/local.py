@@ -51,14 +51,19 @@ class LocalBackend(SchedulerBackend):
                  kill_grace_s: float = 5.0, enforce_walltime: bool = True,
                  keep_final_s: float = 86400.0, **options) -> None:
         super().__init__(slots=slots, state_dir=state_dir, **options)
-        self.keep_final_s = float(keep_final_s)
         if options:
             raise SchedulerError(f"local backend: unknown option(s) {', '.join(sorted(options))}")
-        self.slots = int(slots) if slots else (os.cpu_count() or 1)
+        try:
+            self.slots = int(slots) if slots else (os.cpu_count() or 1)
+            self.kill_grace_s = float(kill_grace_s)
+            self.keep_final_s = float(keep_final_s)
+        except (TypeError, ValueError):
+            raise SchedulerError("local backend: slots, kill_grace_s and keep_final_s must be "
+                                 f"numbers (got {slots!r}, {kill_grace_s!r}, "
+                                 f"{keep_final_s!r})") from None
         if self.slots < 1:
             raise SchedulerError(f"local backend: slots must be at least 1, got {slots!r}")
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
-        self.kill_grace_s = float(kill_grace_s)
         self.enforce_walltime = bool(enforce_walltime)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -85,7 +85,11 @@ class SlurmBackend(SchedulerBackend):
             raise SchedulerError("slurm backend: extra_args must be a list of strings")
         self.partition, self.account, self.qos = partition, account, qos
         self.extra_args = list(extra_args or [])
-        self.timeout = float(command_timeout_s)
+        try:
+            self.timeout = float(command_timeout_s)
+        except (TypeError, ValueError):
+            raise SchedulerError(f"slurm backend: command_timeout_s must be a number, got "
+                                 f"{command_timeout_s!r}") from None
         self.bin_dir = bin_dir
         self.slurm_conf = slurm_conf
         self.use_sacct = bool(sacct)

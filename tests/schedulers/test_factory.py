@@ -410,3 +410,18 @@ def test_final_pilots_and_their_workdirs_are_pruned(server, tmp_path, factories)
     clock.now += 101
     f.run_once()
     assert f.pilots == {} and not Path(rec.workdir).exists()
+
+
+def test_a_broken_backend_does_not_stop_the_other_sites(server, tmp_path, factories):
+    activate_jobs(server, 2)
+    good = site_config(tmp_path)
+    bad_data = site_dict()
+    bad_data["name"] = "BROKEN_OPTS"
+    bad_data["scheduler"]["options"] = {"slots": "many"}     # the backend refuses it
+    bad = parse_site_config(bad_data, env={"PANDA_SE_ROOT": str(tmp_path / "se")})
+    f = make(factories, server, [bad, good], tmp_path)
+    f.activated_count = lambda name: 2                       # both sites have work
+    report = f.run_once()
+    assert report.sites["BROKEN_OPTS"].submitted == 0
+    assert "slots" in report.sites["BROKEN_OPTS"].errors[0]
+    assert report.sites[SITE].submitted == 2
