@@ -155,7 +155,8 @@ def main(argv: list[str]) -> int:
     started = time.time()
     from .client import PandaClient, ProtocolError, RetryPolicy
     from .errors import ErrorCode, PilotError
-    from .job import JobRun, KillRequest, PilotConfig, send_final
+    from .job import JobRun, KillRequest, PilotConfig
+    from .report import send_final
 
     walltime = args.walltime
     deadline = started + walltime if walltime else batch_deadline(dict(os.environ), started)

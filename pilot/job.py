@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import threading
@@ -20,11 +19,12 @@ from typing import Any
 
 from . import statefile as sf
 from .client import PandaClient, RetryPolicy, server_commands
-from .errors import (BadJobSpec, ErrorCode, PilotError, ServerUnreachable, diag_limit,
-                     error_text)
+from .errors import BadJobSpec, ErrorCode, PilotError, ServerUnreachable
 from .jobspec import JobSpec, parse_job
-from .payload import EXIT_FILE, Payload, PayloadResult, build_argv, scrub_env
+from .payload import Payload, PayloadResult, build_argv, scrub_env
 from .plugins import notify
+from .report import (HEARTBEAT_RETRY, KILL_COMMANDS, err_dict, final_form, heartbeat_form,
+                     redact, result_dict, send_final)
 from .site import SiteInfo
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class KillRequest:
     """First reason to stop the payload wins; the monitor loop acts on it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # RLock: signal handlers call set() on the main thread
         self.code: int | None = None
         self.diag = ""
         self.event = threading.Event()
@@ -203,7 +203,7 @@ class JobRun:
             error = PilotError(self.kill.code, self.kill.diag)
         if error is None and self.result is not None:
             error = self._judge(self.result)
-        self._save(sf.STAGEOUT, result=_result_dict(self.result), error=_err_dict(error))
+        self._save(sf.STAGEOUT, result=result_dict(self.result), error=err_dict(error))
         if error is None:
             try:
                 stored = self._stage_out_outputs()
@@ -247,6 +247,7 @@ class JobRun:
             self._monitor_loop(job)
         finally:
             self._hb_stop.set()
+            hb.join(timeout=60)   # no heartbeat may overtake the final state
         notify(self.pm, "pilot_payload_finished", job=job, result=self.result)
 
     def _monitor_loop(self, job: JobSpec) -> None:
@@ -326,20 +327,15 @@ class JobRun:
     def _heartbeat(self) -> None:
         from .nodeinfo import heartbeat_info
 
-        form = self._base_form("running")
         try:
             node = heartbeat_info(self.workdir)
         except Exception:  # node facts are a courtesy, never a reason to miss a heartbeat
             node = {}
-        metrics = {**node, **self.metrics}
-        form["jobMetrics"] = " ".join(f"{k}={str(v).replace(' ', '_')}" for k, v in metrics.items())
-        if self.payload is not None:
-            form["maxRSS"] = self.payload.max_rss_kb
-            form["maxPSS"] = self.payload.max_pss_kb
-        self._update_form(form, RetryPolicy(attempts=2, backoff_s=1, timeout_s=10))
+        form = heartbeat_form(self._base_form("running"), {**node, **self.metrics}, self.payload)
+        self._update_form(form, HEARTBEAT_RETRY)
 
     def _update(self, state: str) -> None:
-        self._update_form(self._base_form(state), RetryPolicy(attempts=2, backoff_s=1, timeout_s=10))
+        self._update_form(self._base_form(state), HEARTBEAT_RETRY)
 
     def _update_form(self, form: dict[str, Any], policy: RetryPolicy) -> None:
         try:
@@ -355,7 +351,7 @@ class JobRun:
 
     def _obey(self, reply: dict[str, Any]) -> None:
         commands = server_commands(reply)
-        if commands & {"tobekilled", "softkill", "kill"}:
+        if commands & KILL_COMMANDS:
             log.warning("job %s: the server says %s", self.panda_id, ",".join(sorted(commands)))
             self.kill.set(ErrorCode.KILLED_BY_SERVER, "job killed by the server's command")
         elif commands:
@@ -410,73 +406,3 @@ class JobRun:
         make_log_tarball(self.workdir, logdir / job.log.lfn, exclude, self.cfg.log_cap_bytes)
         return stage_out([job.log], logdir, self.site,
                          StageSettings.from_site(self.site, self.cfg.transfer_backoff_s))
-
-
-_SECRET_OPTION = re.compile(r"token|secret|passw|credential", re.IGNORECASE)
-
-
-def redact(site_config: dict[str, Any]) -> dict[str, Any]:
-    """The site config without copytool secrets (the state file is on a disk the payload can
-    read); recovery takes secrets from the recovering pilot's own queuedata."""
-    cfg = json.loads(json.dumps(site_config))
-    for tool in (cfg.get("copytools") or {}).values():
-        if isinstance(tool, dict) and isinstance(tool.get("options"), dict):
-            tool["options"] = {k: v for k, v in tool["options"].items()
-                               if not (_SECRET_OPTION.search(k) and not k.endswith("_file"))}
-    return cfg
-
-
-def _result_dict(res: PayloadResult | None) -> dict[str, Any] | None:
-    if res is None:
-        return None
-    return {"exit_code": res.exit_code, "signal": res.signal, "cpu_s": res.cpu_s,
-            "max_rss_kb": res.max_rss_kb, "max_pss_kb": res.max_pss_kb, "start": res.start,
-            "end": res.end, "killed": res.killed}
-
-
-def _err_dict(err: PilotError | None) -> dict[str, Any] | None:
-    return None if err is None else {"code": err.code, "diag": err.diag}
-
-
-def final_form(form: dict[str, Any], error: PilotError | None, res: PayloadResult | None,
-               stored: dict[str, dict], timing: dict[str, float], start: float) -> dict[str, Any]:
-    """The final updateJob fields (PanDA names)."""
-    form = dict(form)
-    form["pilotErrorCode"] = error.code if error else 0
-    form["pilotErrorDiag"] = diag_limit(error.diag) if error else ""
-    form["startTime"] = int(start)
-    form["endTime"] = int(time.time())
-    if res is not None:
-        form["transExitCode"] = res.exit_code if res.exit_code is not None else 128 + (res.signal or 0)
-        form["exeErrorCode"] = form["transExitCode"]
-        form["exeErrorDiag"] = "" if res.exit_code == 0 else (
-            f"exit code {res.exit_code}" if res.exit_code is not None else f"signal {res.signal}")
-        form["cpuConsumptionTime"] = round(res.cpu_s, 3)
-        form["cpuConsumptionUnit"] = "s"
-        form["maxRSS"] = res.max_rss_kb
-        form["maxPSS"] = res.max_pss_kb
-        timing = {**timing, "payload": res.wall_s}
-    form["pilotTiming"] = "|".join(f"{k}={v:.2f}" for k, v in timing.items())
-    form["xml"] = json.dumps({lfn: {k: v for k, v in info.items() if k != "scope"}
-                              for lfn, info in stored.items()})
-    if error is not None:
-        form["jobMetrics"] = f"pilotErrorText={error_text(error.code).replace(' ', '_')}"
-    return form
-
-
-def send_final(client: PandaClient, form: dict[str, Any], policy: RetryPolicy) -> bool:
-    """Deliver a final update; False when the server stayed away (the caller keeps it on disk)."""
-    try:
-        reply = client.update_job(form, policy)
-    except ServerUnreachable as exc:
-        log.warning("final update of job %s not delivered: %s", form.get("jobId"), exc)
-        return False
-    except Exception as exc:
-        log.error("final update of job %s refused: %s", form.get("jobId"), exc)
-        return False
-    code = int(reply.get("StatusCode", 0) or 0)
-    if code != 0:
-        log.error("final update of job %s refused by the server: StatusCode %s %s",
-                  form.get("jobId"), code, reply.get("errorDialog", ""))
-        # the server will never take it: keeping it would only repeat the refusal
-    return True

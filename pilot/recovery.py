@@ -11,7 +11,6 @@ The work dir is removed once the server has the final state.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,8 @@ def recover_all(base: Path, client: PandaClient, pm=None, keep: bool = False,
 
 def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
                 policy: RetryPolicy | None = None, own_site: SiteInfo | None = None) -> str | None:
-    from .job import JobRun, PilotConfig, send_final
+    from .job import JobRun, PilotConfig
+    from .report import send_final
 
     policy = policy or RetryPolicy(attempts=3, backoff_s=2)
     state = sf.read_state(wd)

@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 import tarfile
 import zlib
-from pathlib import Path
 
 from panda_wms.errorcodes import ErrorCode
 from panda_wms.storage import replica_path
-from pilotkit import (SITE, TOKEN, fake, make_job, metrics, put_input, run_pilot, se,  # noqa: F401
-                      stored)
+from pilotkit import TOKEN, fake, make_job, put_input, run_pilot, se, stored  # noqa: F401
 
 
 def test_job_with_input_and_output(fake, se, tmp_path):
@@ -186,7 +184,6 @@ def test_queuedata_and_key_from_files(fake, se, tmp_path):
 def test_direct_read_gives_the_payload_the_url(fake, se, tmp_path):
     entry = put_input(se, "test", "remote.dat", b"read in place\n")
     fake.site_config["direct_read"] = True
-    script = 'echo "$@" > args.txt; ls > listing.txt; cp args.txt listing.txt . 2>/dev/null; true'
     job = make_job(501, "", inputs=[entry], outputs=["args.txt", "listing.txt"], transferType="direct")
     job["jobPars"] = "-c 'echo \"$0\" > args.txt; ls > listing.txt' remote.dat"
     fake.add_job(job)

@@ -11,7 +11,7 @@ import time
 
 from panda_wms.errorcodes import ErrorCode
 from panda_wms.storage import replica_path
-from pilotkit import fake, make_job, pilot_cmd, pilot_env, put_input, run_pilot, se, stored  # noqa: F401
+from pilotkit import fake, make_job, pilot_cmd, pilot_env, run_pilot, se, stored  # noqa: F401
 
 
 def start_pilot(fake, workdir, *args):

@@ -2,7 +2,6 @@
 to end, a kill from the server, and the server restarted while a job runs."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time

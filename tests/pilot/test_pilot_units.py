@@ -3,13 +3,10 @@ payload runner, the log tarball, Slurm times, the HTTP client's retries, plugin 
 from __future__ import annotations
 
 import base64
-import json
 import os
-import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -24,7 +21,7 @@ from pilot.jobspec import parse_job
 from pilot.logtar import make_log_tarball
 from pilot.payload import Payload, build_argv, scrub_env
 from pilot.signature import SpecVerifier, canonical
-from pilotkit import SITE, fake, make_job, pilot_env, run_pilot, se  # noqa: F401
+from pilotkit import fake, make_job, run_pilot, se  # noqa: F401
 
 
 # --- job spec -------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""What the pilot tells the server: heartbeat and final ``updateJob`` forms, and their delivery.
+
+Field names are PanDA's (DESIGN.md). The final form is also what a state file keeps when the server
+is away, so a later pilot can send it unchanged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from .client import PandaClient, RetryPolicy
+from .errors import PilotError, ServerUnreachable, diag_limit, error_text
+from .payload import Payload, PayloadResult
+
+log = logging.getLogger(__name__)
+
+#: heartbeats are retried briefly: the next one comes soon anyway
+HEARTBEAT_RETRY = RetryPolicy(attempts=2, backoff_s=1, timeout_s=10)
+#: ``command`` values that stop the payload (1144)
+KILL_COMMANDS = frozenset({"tobekilled", "softkill", "kill"})
+
+_SECRET_OPTION = re.compile(r"token|secret|passw|credential", re.IGNORECASE)
+
+
+def redact(site_config: dict[str, Any]) -> dict[str, Any]:
+    """The site config without copytool secrets (the state file is on a disk the payload can
+    read); recovery takes secrets from the recovering pilot's own queuedata."""
+    cfg = json.loads(json.dumps(site_config))
+    for tool in (cfg.get("copytools") or {}).values():
+        if isinstance(tool, dict) and isinstance(tool.get("options"), dict):
+            tool["options"] = {k: v for k, v in tool["options"].items()
+                               if not (_SECRET_OPTION.search(k) and not k.endswith("_file"))}
+    return cfg
+
+
+def result_dict(res: PayloadResult | None) -> dict[str, Any] | None:
+    if res is None:
+        return None
+    return {"exit_code": res.exit_code, "signal": res.signal, "cpu_s": res.cpu_s,
+            "max_rss_kb": res.max_rss_kb, "max_pss_kb": res.max_pss_kb, "start": res.start,
+            "end": res.end, "killed": res.killed}
+
+
+def err_dict(err: PilotError | None) -> dict[str, Any] | None:
+    return None if err is None else {"code": err.code, "diag": err.diag}
+
+
+def heartbeat_form(form: dict[str, Any], metrics: dict[str, Any],
+                   payload: Payload | None) -> dict[str, Any]:
+    """A ``running`` update with node facts and monitor metrics in ``jobMetrics`` (k=v k=v)."""
+    form = dict(form)
+    form["jobMetrics"] = " ".join(f"{k}={str(v).replace(' ', '_')}" for k, v in metrics.items())
+    if payload is not None:
+        form["maxRSS"] = payload.max_rss_kb
+        form["maxPSS"] = payload.max_pss_kb
+    return form
+
+
+def final_form(form: dict[str, Any], error: PilotError | None, res: PayloadResult | None,
+               stored: dict[str, dict], timing: dict[str, float], start: float) -> dict[str, Any]:
+    """The final updateJob fields (PanDA names)."""
+    form = dict(form)
+    form["pilotErrorCode"] = error.code if error else 0
+    form["pilotErrorDiag"] = diag_limit(error.diag) if error else ""
+    form["startTime"] = int(start)
+    form["endTime"] = int(time.time())
+    if res is not None:
+        form["transExitCode"] = res.exit_code if res.exit_code is not None else 128 + (res.signal or 0)
+        form["exeErrorCode"] = form["transExitCode"]
+        form["exeErrorDiag"] = "" if res.exit_code == 0 else (
+            f"exit code {res.exit_code}" if res.exit_code is not None else f"signal {res.signal}")
+        form["cpuConsumptionTime"] = round(res.cpu_s, 3)
+        form["cpuConsumptionUnit"] = "s"
+        form["maxRSS"] = res.max_rss_kb
+        form["maxPSS"] = res.max_pss_kb
+        timing = {**timing, "payload": res.wall_s}
+    form["pilotTiming"] = "|".join(f"{k}={v:.2f}" for k, v in timing.items())
+    form["xml"] = json.dumps({lfn: {k: v for k, v in info.items() if k != "scope"}
+                              for lfn, info in stored.items()})
+    if error is not None:
+        form["jobMetrics"] = f"pilotErrorText={error_text(error.code).replace(' ', '_')}"
+    return form
+
+
+def send_final(client: PandaClient, form: dict[str, Any], policy: RetryPolicy) -> bool:
+    """Deliver a final update; False when the server stayed away (the caller keeps it on disk)."""
+    try:
+        reply = client.update_job(form, policy)
+    except ServerUnreachable as exc:
+        log.warning("final update of job %s not delivered: %s", form.get("jobId"), exc)
+        return False
+    except Exception as exc:
+        log.error("final update of job %s refused: %s", form.get("jobId"), exc)
+        return False
+    code = int(reply.get("StatusCode", 0) or 0)
+    if code != 0:
+        log.error("final update of job %s refused by the server: StatusCode %s %s",
+                  form.get("jobId"), code, reply.get("errorDialog", ""))
+        # the server will never take it: keeping it would only repeat the refusal
+    return True
