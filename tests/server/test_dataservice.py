@@ -162,3 +162,19 @@ def test_local_mover_checks_md5_too(tmp_path):
     LocalMover().copy(f"file://{src}", f"file://{tmp_path}/o",
                       FileRef("s", "f", 3, "md5:900150983cd24fb0d6963f7d28e17f72"), 5)
     assert (tmp_path / "o").read_bytes() == b"abc"
+
+
+def test_job_whose_inputs_arrived_meanwhile_is_activated_without_a_copy(tb, ses):
+    register(tb, ses["SE_B"], "SE_B", ["f"])
+    [pid] = submit_at_a(tb)
+    # someone else put and registered the file at SE_A in the meantime
+    register(tb, ses["SE_A"], "SE_A", ["f"])
+    report = DataService(tb).process()
+    assert report.activated == [pid] and report.copied == 0
+
+
+def test_unknown_mover_name_is_a_clear_error():
+    from server.dataservice import load_mover
+    with pytest.raises(ValueError, match="no data mover 'warp' in entry-point group"):
+        load_mover("warp")
+    assert isinstance(load_mover("local"), LocalMover)

@@ -231,3 +231,13 @@ def test_over_http_json_and_urlencoded(tmp_path):
         assert bad["StatusCode"] == 30
     finally:
         stop_server(srv)
+
+
+def test_extending_a_task_splits_new_files_by_events(tb, tmp_path):
+    res = submit(tb)
+    tb.add_dataset_files("ev.in", "s", [put_file(tmp_path, "s", "evts9.root", b"e")], "SE_E")
+    new = submitter(tb).extend(res.task_id, "alice")
+    assert len(new.job_ids) == 3
+    pars = [tb.get_job(i)["job_pars"] for i in new.job_ids]
+    assert pars[2].startswith("--skip 80 --max 20") and pars[2].endswith("evts9.root")
+    assert EventRangeService(tb).summary(res.task_id) == {"ready": 16 + 8}
