@@ -286,20 +286,20 @@ class ShareChooser:
 
     def __call__(self, site: str) -> list | None:
         names, _, waiting = self._ranked(site)
-        if len([s for s, n in waiting.items() if n]) <= 1:
-            return None
-        j = db.jobs.c
-        rank = case({name: i for i, name in enumerate(names)}, value=j.share, else_=len(names))
-        return [rank, j.current_priority.desc(), j.panda_id]
+        return _case_order(names, waiting)
 
     def order_for(self, site: str) -> list | None:
         """ORDER BY clauses computed now (no cache)."""
         names, _, waiting = self.ranking(site)
-        if len([s for s, n in waiting.items() if n]) <= 1:
-            return None
-        j = db.jobs.c
-        rank = case({name: i for i, name in enumerate(names)}, value=j.share, else_=len(names))
-        return [rank, j.current_priority.desc(), j.panda_id]
+        return _case_order(names, waiting)
+
+
+def _case_order(names: list[str], waiting: dict[str, int]) -> list | None:
+    if len([s for s, n in waiting.items() if n]) <= 1:
+        return None
+    j = db.jobs.c
+    rank = case({name: i for i, name in enumerate(names)}, value=j.share, else_=len(names))
+    return [rank, j.current_priority.desc(), j.panda_id]
 
 
 # ---------------------------------------------------------------------- priorities
