@@ -134,7 +134,7 @@ def test_dead_attempts_ranges_go_to_its_retry(tb, disp, clock):
     late = update(disp, held[1:], "finished")
     assert late["Returns"] == [False, False] and late["Command"] == {str(pid): "tobekilled"}
     # the retry (same serial) gets the two unfinished ranges
-    while (job := tb.dispatch(SITE, node="wn", actor="pilot1"))["panda_id"] != retry_id:
+    while tb.dispatch(SITE, node="wn", actor="pilot1")["panda_id"] != retry_id:
         pass
     got = get(disp, retry_id, n=5)
     assert [(r["startEvent"], r["lastEvent"]) for r in got] == [(15, 29), (30, 39)]
