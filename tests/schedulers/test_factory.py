@@ -192,7 +192,7 @@ def test_failing_site_is_stopped_and_says_why_then_probed(server, tmp_path, fact
     f = make(factories, server, [site_config(tmp_path, max_queued=2, max_running=2)], tmp_path,
              command=["sh", "-c", "echo broken node >&2; exit 3"], max_failures=3,
              failure_backoff_s=300, clock=clock)
-    report = wait_cycles(f, lambda r: f.health[SITE].disabled_since is not None)
+    wait_cycles(f, lambda r: f.health[SITE].disabled_since is not None)
     reason = f.health[SITE].disabled_reason
     m = re.fullmatch(r"(\d+) pilots in a row failed; last: pilot local-\w+ failed: "
                      r"pilot exited with code 3", reason)
@@ -210,7 +210,6 @@ def test_failing_site_is_stopped_and_says_why_then_probed(server, tmp_path, fact
     probe = f.run_once().sites[SITE]
     assert probe.submitted == 1
     assert f.run_once().sites[SITE].submitted == 0
-    _ = report
 
 
 def test_probe_success_resumes_submission(server, tmp_path, factories):
@@ -230,11 +229,8 @@ def test_probe_success_resumes_submission(server, tmp_path, factories):
 def test_dead_server_no_pilots_clear_error(tmp_path, factories):
     url = f"http://127.0.0.1:{free_port()}"
 
-    class Dead:
-        pass
-    srv = Dead()
-    srv.url, srv.pilot_token = url, "t"
-    f = make(factories, srv, [site_config(tmp_path)], tmp_path)
+    dead = type("DeadServer", (), {"url": url, "pilot_token": "t"})()
+    f = make(factories, dead, [site_config(tmp_path)], tmp_path)
     report = f.run_once()
     cycle = report.sites[SITE]
     assert cycle.submitted == 0 and cycle.skipped == "no activated count from the server"
@@ -351,7 +347,6 @@ def test_cli_no_valid_site(tmp_path):
                           "--site-configs", str(tmp_path / "s"), "--once"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "no valid site config" in res.stderr
-    os.environ.get("X")
 
 
 def test_pilot_the_batch_system_forgot_is_failed_after_three_cycles(server, tmp_path, factories):
