@@ -47,10 +47,10 @@ def _print_errors(errors: list[ConfigError]) -> None:
 
 
 def read_token(token_file: str | None) -> str | None:
-    """The bearer token: ``--token-file`` if given, else ``PANDA_AUTH_TOKEN``."""
-    if token_file:
-        return Path(token_file).read_text().strip()
-    return os.environ.get("PANDA_AUTH_TOKEN") or None
+    """The bearer token as every ``panda`` client finds it: ``--token-file``, else
+    ``$PANDA_AUTH_TOKEN``, else ``~/.panda/token``."""
+    from panda_wms.client import load_token
+    return load_token(token_file)
 
 
 def sync_sites(server: str, configs: list[SiteConfig], token: str | None,
@@ -87,8 +87,10 @@ def main(argv: list[str]) -> int:
     p_show.add_argument("paths", nargs="+", metavar="DIR")
     p_sync = sub.add_parser("sync", help="load the valid configs into the server")
     p_sync.add_argument("paths", nargs="+", metavar="DIR")
-    p_sync.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:25080")
-    p_sync.add_argument("--token-file", help="admin bearer token (default: $PANDA_AUTH_TOKEN)")
+    p_sync.add_argument("--server", default=os.environ.get("PANDA_URL"),
+                        help="server URL, e.g. http://127.0.0.1:25080 (default: $PANDA_URL)")
+    p_sync.add_argument("--token-file", help="admin bearer token (default: $PANDA_AUTH_TOKEN, "
+                        "then ~/.panda/token)")
     p_sync.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
 
@@ -103,13 +105,17 @@ def main(argv: list[str]) -> int:
     if args.action == "show":
         sys.stdout.write(json.dumps([c.to_dict() for c in configs], indent=2) + "\n")
         return 1 if errors else 0
+    if not args.server:
+        sys.stderr.write("panda sites sync: give --server URL (or set PANDA_URL)\n")
+        return 2
     if not configs:
         sys.stderr.write("no valid site config to sync\n")
         return 1
+    from panda_wms.client import ClientError
     try:
         token = read_token(args.token_file)
-    except OSError as exc:
-        sys.stderr.write(f"cannot read token file {args.token_file}: {exc.strerror or exc}\n")
+    except (ClientError, OSError) as exc:
+        sys.stderr.write(f"panda sites sync: {exc}\n")
         return 2
     try:
         reply = sync_sites(args.server, configs, token, args.timeout)

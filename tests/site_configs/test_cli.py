@@ -91,3 +91,13 @@ def test_sync_to_dead_server_names_the_url(tmp_path):
     res = panda("sites", "sync", str(make_dir(tmp_path, broken=False)), "--server", url)
     assert res.returncode == 1
     assert f"cannot reach the server at {url}/api/v1/site/sync" in res.stderr
+
+
+def test_sync_needs_a_server_and_a_readable_token(tmp_path):
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "PANDA_URL"}
+    res = panda("sites", "sync", str(make_dir(tmp_path, broken=False)), env=env)
+    assert res.returncode == 2 and "--server" in res.stderr
+    res = panda("sites", "sync", str(tmp_path / "sites"), "--server", "http://127.0.0.1:1",
+                "--token-file", str(tmp_path / "missing.token"))
+    assert res.returncode == 2 and "missing.token" in res.stderr
