@@ -19,19 +19,18 @@ PY = sys.executable
 
 @pytest.fixture(scope="session")
 def slurm():
-    """munged + slurmctld + slurmd, private to this session; SLURM_CONF set for every child."""
+    """munged + slurmctld + slurmd, private to this session. Backends reach it through their
+    ``slurm_conf`` option; the rest of the process environment is left alone."""
     try:
         cluster = slurm_cluster.start()
     except slurm_cluster.SlurmUnavailable as exc:
         pytest.skip(f"no Slurm here: {exc}")
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
     yield cluster
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
     cluster.stop()
+
+
+def backend_for(cluster, **options) -> SlurmBackend:
+    return SlurmBackend(slurm_conf=str(cluster.conf), **options)
 
 
 def wait_final(backend, bid, timeout=60.0):
@@ -65,7 +64,8 @@ def test_pure_helpers():
 
 
 def test_pilot_runs_with_its_environment_and_argv(slurm, tmp_path):
-    backend = load_backend("slurm", partition="debug", command_timeout_s=20)
+    backend = load_backend("slurm", partition="debug", command_timeout_s=20,
+                           slurm_conf=str(slurm.conf))
     weird = "a b; $(touch pwned) 'q' \"d\" *"
     code = ("import os, sys, json; print('pilot says hi'); json.dump([sys.argv[1:], "
             "os.environ.get('PANDA_AUTH_TOKEN'), os.environ.get('SLURM_JOB_ID')], "
@@ -84,7 +84,7 @@ def test_pilot_runs_with_its_environment_and_argv(slurm, tmp_path):
 
 
 def test_resources_reach_slurm(slurm, tmp_path):
-    backend = SlurmBackend(partition="debug")
+    backend = backend_for(slurm, partition="debug")
     bid = backend.submit(PilotSpec(site="S", command=["sleep", "30"], workdir=str(tmp_path),
                                    walltime_s=125, cores=2, memory_mb=300, name="res-test"))
     try:
@@ -99,7 +99,7 @@ def test_resources_reach_slurm(slurm, tmp_path):
 
 
 def test_failed_pilot_has_its_exit_code(slurm, tmp_path):
-    backend = SlurmBackend()
+    backend = backend_for(slurm)
     bid = backend.submit(PilotSpec(site="S", command=["sh", "-c", "exit 3"],
                                    workdir=str(tmp_path)))
     info = wait_final(backend, bid)
@@ -108,7 +108,7 @@ def test_failed_pilot_has_its_exit_code(slurm, tmp_path):
 
 
 def test_cancel_running_and_queued(slurm, tmp_path):
-    backend = SlurmBackend()
+    backend = backend_for(slurm)
     running = backend.submit(PilotSpec(site="S", command=["sleep", "60"], workdir=str(tmp_path),
                                        cores=os.cpu_count() or 1))
     wait_state(backend, running, BatchState.RUNNING)
@@ -122,7 +122,7 @@ def test_cancel_running_and_queued(slurm, tmp_path):
 
 
 def test_jobs_squeue_has_forgotten_come_from_sacct(slurm, tmp_path, monkeypatch):
-    backend = SlurmBackend()
+    backend = backend_for(slurm)
     ok = backend.submit(PilotSpec(site="S", command=["true"], workdir=str(tmp_path)))
     bad = backend.submit(PilotSpec(site="S", command=["sh", "-c", "exit 7"],
                                    workdir=str(tmp_path)))
@@ -134,7 +134,7 @@ def test_jobs_squeue_has_forgotten_come_from_sacct(slurm, tmp_path, monkeypatch)
 
 
 def test_unknown_and_hostile_ids(slurm):
-    backend = SlurmBackend()
+    backend = backend_for(slurm)
     got = backend.status(["999999", "1;rm -rf /", "../x"])
     assert got == {"999999": BatchState.UNKNOWN, "1;rm -rf /": BatchState.UNKNOWN,
                    "../x": BatchState.UNKNOWN}
@@ -144,7 +144,7 @@ def test_unknown_and_hostile_ids(slurm):
 
 
 def test_refusal_is_a_clear_error(slurm, tmp_path):
-    backend = SlurmBackend(partition="no_such_partition")
+    backend = backend_for(slurm, partition="no_such_partition")
     with pytest.raises(SchedulerError, match="sbatch failed.*[Pp]artition"):
         backend.submit(PilotSpec(site="S", command=["true"], workdir=str(tmp_path)))
 
@@ -183,7 +183,8 @@ def test_factory_drives_real_pilots_through_slurm_to_finished_jobs(slurm, tmp_pa
     monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
     data = site_dict(max_queued=2, max_running=2, walltime_s=600)
     data["scheduler"] = {"backend": "slurm",
-                         "options": {"partition": "debug", "command_timeout_s": 20}}
+                         "options": {"partition": "debug", "command_timeout_s": 20,
+                                     "slurm_conf": str(slurm.conf)}}
     data["resources"]["memory_mb"] = 500
     sites = tmp_path / "sites"
     sites.mkdir()
@@ -234,7 +235,8 @@ def test_factory_stops_a_site_whose_submissions_fail(slurm, tmp_path, caplog):
     from test_factory import SITE, site_dict
 
     data = site_dict(max_queued=5, max_running=5)
-    data["scheduler"] = {"backend": "slurm", "options": {"partition": "nowhere"}}
+    data["scheduler"] = {"backend": "slurm", "options": {"partition": "nowhere",
+                                                         "slurm_conf": str(slurm.conf)}}
     site = parse_site_config(data, env={"PANDA_SE_ROOT": str(tmp_path)})
 
     class ManyJobs(Factory):
@@ -265,7 +267,7 @@ def test_sbatch_that_hangs_after_slurm_took_the_job(slurm, tmp_path):
     wrapper.write_text(f"#!/bin/sh\n{sh.which('sbatch')} \"$@\"\n"
                        f"sleep 60 & echo $$ $! > {pids}\nwait\n")
     wrapper.chmod(0o755)
-    backend = SlurmBackend(bin_dir=str(bindir), command_timeout_s=2)
+    backend = backend_for(slurm, bin_dir=str(bindir), command_timeout_s=2)
     t0 = time.monotonic()
     bid = backend.submit(PilotSpec(site="S", command=["sh", "-c", "exit 0"],
                                    workdir=str(tmp_path)))
