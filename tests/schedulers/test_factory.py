@@ -193,6 +193,7 @@ def test_failing_site_is_stopped_and_says_why_then_probed(server, tmp_path, fact
              command=["sh", "-c", "echo broken node >&2; exit 3"], max_failures=3,
              failure_backoff_s=300, clock=clock)
     wait_cycles(f, lambda r: f.health[SITE].disabled_since is not None)
+    wait_cycles(f, lambda r: all(p.final for p in f.pilots.values()))   # none left in flight
     reason = f.health[SITE].disabled_reason
     m = re.fullmatch(r"(\d+) pilots in a row failed; last: pilot local-\w+ failed: "
                      r"pilot exited with code 3", reason)
@@ -218,6 +219,7 @@ def test_probe_success_resumes_submission(server, tmp_path, factories):
     f = make(factories, server, [site_config(tmp_path, max_queued=2, max_running=2)], tmp_path,
              command=["sh", "-c", "exit 3"], max_failures=2, failure_backoff_s=300, clock=clock)
     wait_cycles(f, lambda r: f.health[SITE].disabled_since is not None)
+    wait_cycles(f, lambda r: all(p.final for p in f.pilots.values()))   # none left in flight
     f.command = ["true"]                          # the site is repaired
     clock.now += 301
     assert f.run_once().sites[SITE].submitted == 1
