@@ -23,11 +23,26 @@ log = logging.getLogger(__name__)
 _REAP_S = 5.0
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a pilot killed by the batch
+    system must not leave transfers running). Also usable as a Popen ``preexec_fn``."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(tool: CopyTool, t: Transfer, direction: str, timeout: float, conn) -> None:
     try:
         os.setpgrp()  # own process group: a kill takes xrdcp & co. with it
     except OSError:
         pass
+    die_with_parent()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)  # the pilot's handlers are not this process's
     try:
         fn = tool.stage_in if direction == "in" else tool.stage_out
         conn.send(("ok", fn(t, timeout)))
@@ -63,7 +78,13 @@ def attempt(tool: CopyTool, t: Transfer, direction: str, timeout: float) -> Tran
     send.close()
     failed = ErrorCode.STAGEIN_FAILED if direction == "in" else ErrorCode.STAGEOUT_FAILED
     try:
-        if not recv.poll(timeout):
+        try:
+            ready = recv.poll(timeout)
+        except BaseException:  # the pilot is being stopped (signal handler raised): stop the copy
+            _kill(proc)
+            tool.cleanup_after_kill(t, direction)
+            raise
+        if not ready:
             _kill(proc)
             tool.cleanup_after_kill(t, direction)
             code = ErrorCode.STAGEIN_TIMEOUT if direction == "in" else ErrorCode.STAGEOUT_TIMEOUT

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -177,6 +178,8 @@ class RunningXrootd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "RunningXrootd":
         return self
@@ -185,39 +188,40 @@ class RunningXrootd:
         self.stop()
 
 
-def start_xrootd(workdir: str | Path, timeout: float = 20.0) -> RunningXrootd:
-    """Start Debian's xrootd on 127.0.0.1 serving ``workdir/data`` (adler32 checksums on).
+def start_xrootd(workdir: str | Path | None = None, timeout: float = 20.0) -> RunningXrootd:
+    """Start Debian's xrootd on 127.0.0.1 (adler32 checksums on); ``stop()`` removes its files.
 
-    xrootd refuses to run as root, so it runs as a system user made for it; it stays in the
-    foreground (no -b) so the test owns its process.
+    xrootd refuses to run as root, so it runs as a system user made for it, in the foreground
+    (no -b) so the caller owns its process. Its folder is a fresh one directly below ``workdir``
+    (default: the system temp dir), not below pytest's temp root: pytest resets that root to
+    mode 0700 whenever a session starts, which would lock the xrootd user out mid-test.
     """
     why = xrootd_available()
     if why:
         raise RuntimeError(why)
-    workdir = Path(workdir)
-    data = workdir / "data"
-    data.mkdir(parents=True, exist_ok=True)
     _ensure_user(XROOTD_USER)
+    base = Path(tempfile.mkdtemp(prefix="panda-xrootd-", dir=str(workdir) if workdir else None))
+    data = base / "data"
+    data.mkdir()
     port = free_port()
-    cfg = workdir / "xrootd.cfg"
+    cfg = base / "xrootd.cfg"
     cfg.write_text(f"xrd.port {port}\nall.export /\noss.localroot {data}\n"
-                   "xrootd.chksum adler32\nall.adminpath " + str(workdir / "admin") + "\n"
-                   "all.pidpath " + str(workdir / "run") + "\n")
-    for p in (workdir, data):
+                   f"xrootd.chksum adler32\nall.adminpath {base / 'admin'}\n"
+                   f"all.pidpath {base / 'run'}\n")
+    for p in (base, data):
         shutil.chown(p, XROOTD_USER, XROOTD_USER)
-    log_path = workdir / "xrootd.log"
-    # the user must be able to reach the folder: open the path down to it for traversal
-    p = workdir
+    p = base.parent  # the xrootd user must be able to reach its folder
     while p != p.parent:
         mode = p.stat().st_mode
         if not mode & 0o001:
             p.chmod(mode | 0o001)
         p = p.parent
+    log_path = base / "xrootd.log"
     proc = subprocess.Popen(["xrootd", "-R", XROOTD_USER, "-c", str(cfg), "-l", str(log_path),
                              "-n", f"panda{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=str(base))
     server = RunningXrootd(url=f"root://{LOOPBACK}:{port}/", data=data, port=port, proc=proc,
-                           log_path=log_path, workdir=workdir)
+                           log_path=log_path, workdir=base)
     try:
         _wait_tcp(port, timeout, proc, log_path)
     except Exception:

@@ -19,6 +19,7 @@ from panda_wms.errorcodes import ErrorCode
 
 from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, _unlink_quietly
 from .checksum import StreamChecksum
+from .runner import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class XrdcpTool(CopyTool):
     def _start(self, args: list[str], timeout: float, **kw) -> tuple[subprocess.Popen, threading.Timer]:
         try:
             proc = subprocess.Popen([self.xrdcp, "--nopbar", *args], stderr=subprocess.PIPE,
-                                    env=self._env(timeout), **kw)
+                                    env=self._env(timeout), preexec_fn=die_with_parent, **kw)
         except FileNotFoundError:
             raise TransferError(ErrorCode.GENERAL, f"xrdcp not found ({self.xrdcp}); install the "
                                 "xrootd client") from None

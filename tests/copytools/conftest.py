@@ -23,11 +23,11 @@ def se(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def xrootd(tmp_path_factory):
+def xrootd():
     why = xrootd_available()
     if why:
         pytest.skip(why)
-    server = start_xrootd(tmp_path_factory.mktemp("xrootd"))
+    server = start_xrootd()  # in its own temp folder (see start_xrootd), removed by stop()
     yield server
     server.stop()
 
