@@ -141,13 +141,26 @@ class Sites(MonitorHandler):
 class Pilots(MonitorHandler):
     async def get(self) -> None:
         summary = await self.run(self.state.tb.pilot_summary)
-        facs = _table(["factory", "last seen", "identity"], [
-            [_e(f["name"]), _e(f["last_seen"]), _e(f["actor"])] for f in summary["factories"]])
+        now = self.state.tb.clock()
+        facs = _table(["factory", "alive", "last seen", "identity"], [
+            [_e(f["name"]), _alive(now, f["last_seen"]), _e(f["last_seen"]), _e(f["actor"])]
+            for f in summary["factories"]])
         states = sorted({s for c in summary["sites"].values() for s in c})
         per_site = _table(["site"] + states, [[_e(site)] + [str(c.get(s, 0)) for s in states]
                                               for site, c in sorted(summary["sites"].items())])
         self.page("Scheduler status", "<h2>Factories</h2>" + facs
                   + "<h2>Pilots per site</h2>" + per_site)
+
+
+#: a factory that has not reported for this long is shown as not alive
+FACTORY_ALIVE_S = 300
+
+
+def _alive(now, last_seen) -> str:
+    if last_seen is None:
+        return "no"
+    age = (now - last_seen).total_seconds()
+    return "yes" if age <= FACTORY_ALIVE_S else f"no (silent {int(age)} s)"
 
 
 def routes(kw: dict) -> list:

@@ -222,3 +222,20 @@ def test_metrics_and_monitor_pages(site_server):
     page = requests.get(f"{site_server.url}/monitor/jobs/{job_id}", timeout=5).text
     assert "activated" in page and "in.0.txt" in page
     assert requests.get(f"{site_server.url}/monitor/jobs/999999", timeout=5).status_code == 404
+
+
+def test_scheduler_status_page_shows_factories_and_pilots(site_server):
+    factory = PandaClient(site_server.url, site_server.token("pilot", "factory-host-1"))
+    factory.call("pilot", "report", "POST", factory="factory-host-1", pilots=[
+        {"batch_id": "101", "site": SITE, "backend": "local", "state": "running"},
+        {"batch_id": "102", "site": SITE, "backend": "local", "state": "queued"},
+        {"batch_id": "103", "site": SITE, "backend": "local", "state": "failed", "exit_code": 1}])
+    # a later report updates a pilot instead of adding one
+    factory.call("pilot", "report", "POST", factory="factory-host-1", pilots=[
+        {"batch_id": "101", "site": SITE, "backend": "local", "state": "done", "exit_code": 0}])
+    summary = factory.call("pilot", "summary")
+    assert summary["sites"][SITE] == {"done": 1, "queued": 1, "failed": 1}
+    page = requests.get(f"{site_server.url}/monitor/pilots", timeout=5).text
+    assert "factory-host-1" in page and "<td>yes</td>" in page
+    with pytest.raises(ClientError, match="batch_id and site"):
+        factory.call("pilot", "report", "POST", factory="f", pilots=[{"site": SITE}])
