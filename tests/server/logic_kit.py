@@ -1,8 +1,8 @@
 """Helpers for the watcher, shares, data-service, event-range and brokerage tests.
 
-A real task buffer on a real database (SQLite in the test's folder unless PANDA_TEST_DB names
-another), a clock the test moves by hand, site configs shaped like ``SiteConfig.to_dict()``, and
-task submission through the real submitter and brokerage.
+Site configs shaped like ``SiteConfig.to_dict()``, task descriptions, submission through the
+real submitter and brokerage, replicas written where ``replica_url`` puts them, and a clock that
+moves by hand (for the benchmark; tests use conftest's ``clock`` and ``taskbuffer`` fixtures).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 
 from panda_wms.storage import replica_url
 from server.brokerage import Brokerage
-from server.db import create_schema, make_engine
 from server.hookspecs import plugin_manager
 from server.submission import TaskSubmitter
 from server.taskbuffer import TaskBuffer
@@ -30,12 +29,6 @@ class ManualClock:
     def advance(self, **kw) -> dt.datetime:
         self.now += dt.timedelta(**kw)
         return self.now
-
-
-def make_tb(tmp_path: Path, clock: ManualClock | None = None) -> TaskBuffer:
-    engine = make_engine(f"sqlite:///{tmp_path / 'logic.db'}", pool_size=2)
-    create_schema(engine)
-    return TaskBuffer(engine, clock=clock or ManualClock())
 
 
 def site(name: str, se: str = "SE_A", se_url: str = "file:///nonexistent", *, status="online",
