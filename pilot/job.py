@@ -262,6 +262,7 @@ class JobRun:
             res = self.payload.wait(timeout=0.5, step=0.05)
             if res is not None:
                 self.result = res
+                self.payload.kill_leftovers()
                 return
             if self.pilot_stop is not None and self.pilot_stop.requested:
                 self.kill.set(self.pilot_stop.code, self.pilot_stop.diag)

@@ -210,13 +210,24 @@ class Payload:
                         break
                     time.sleep(0.05)
         res = self.wait(timeout=10)
-        # descendants that were re-parented away are gone from the tree once dead
+        self.kill_leftovers()
+        return res
+
+    def kill_leftovers(self) -> int:
+        """SIGKILL what is left of the payload's session after its main process ended (daemons
+        it forgot, orphans); return how many. Only members of our session, started after it."""
+        import psutil
+
+        n = 0
         for p in self._tree():
             try:
                 p.kill()
+                n += 1
             except psutil.Error:
                 pass
-        return res
+        if n:
+            log.info("killed %d process(es) the payload left behind", n)
+        return n
 
 
 def build_argv(transformation: str, job_pars: str, replacements: Mapping[str, str] | None = None,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
 import sys
 import tarfile
 import time
 
+import psutil
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -135,6 +137,27 @@ def test_payload_kill_takes_the_tree(tmp_path):
         for _ in range(50):
             os.kill(child, 0)
             time.sleep(0.05)
+
+
+def test_leftover_processes_are_killed_after_the_payload(tmp_path):
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        p = Payload(["/bin/sh", "-c", "sleep 60 & echo $! > left.pid; exit 0"], tmp_path,
+                    dict(os.environ))
+        p.start()
+        res = p.wait(timeout=10)
+        assert res.exit_code == 0
+        left = int((tmp_path / "left.pid").read_text())
+        os.kill(left, 0)                                  # still there (orphaned, our session)
+        assert p.kill_leftovers() == 1
+        deadline = time.monotonic() + 5
+        while psutil.pid_exists(left) and psutil.Process(left).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert bystander.poll() is None                   # not ours: untouched
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 # --- log tarball ----------------------------------------------------------------------------
