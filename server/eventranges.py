@@ -90,7 +90,7 @@ def range_id(task_id: int, panda_id: int, row_id: int, start: int, attempt: int)
 def parse_range_id(text: Any) -> tuple[int, int, int]:
     """(task_id, panda_id, row_id) of an eventRangeID, or EventRangeError."""
     parts = str(text).split("-")
-    if len(parts) != 5 or not all(p.isdigit() for p in parts):
+    if (len(parts) != 5 or not all(p.isascii() and p.isdigit() and len(p) <= 18 for p in parts)):
         raise EventRangeError(30, f"malformed eventRangeID {str(text)[:80]!r}")
     return int(parts[0]), int(parts[1]), int(parts[2])
 
@@ -248,9 +248,12 @@ def _form_int(form: dict, key: str, default: int | None = None) -> int | None:
     if value in (None, "", "NULL", "None"):
         return default
     try:
-        return int(str(value).strip())
+        number = int(str(value).strip())
     except ValueError:
         raise EventRangeError(30, f"{key} must be an integer, got {str(value)[:40]!r}") from None
+    if not -2 ** 62 < number < 2 ** 62:          # would overflow a BIGINT column
+        raise EventRangeError(30, f"{key} is out of range")
+    return number
 
 
 def protocol_get(tb: TaskBuffer, form: dict, identity: Identity | None) -> dict:

@@ -161,8 +161,10 @@ def test_job_no_pilot_holds_gets_no_ranges(tb, disp):
 
 @pytest.mark.parametrize("form,code,words", [
     ({}, 80, "pandaID is missing"),
-    ({"pandaID": "abc"}, 30, "pandaID must be an integer"),
+    ({"pandaID": "abc"}, 30, "pandaID must be"),
     ({"pandaID": "999999"}, 30, "no job 999999"),
+    ({"pandaID": "9" * 40}, 30, "pandaID"),
+    ({"pandaID": "1", "nRanges": "lots"}, 30, "nRanges must be"),
 ])
 def test_bad_get_requests(disp, form, code, words):
     with pytest.raises(ProtocolError) as err:
@@ -178,6 +180,10 @@ def test_bad_get_requests(disp, form, code, words):
     ({"eventRanges": '[{"eventRangeID": "1-2-3-4-5", "eventStatus": "exploded"}]'}, 30,
      "eventStatus 'exploded'"),
     ({"eventRanges": '[7]'}, 30, "must be an object"),
+    ({"eventRanges": '[{"eventRangeID": "1-%s-3-4-5", "eventStatus": "finished"}]' % ("9" * 30)},
+     30, "malformed"),
+    ({"eventRanges": '[{"eventRangeID": "1-٣-3-4-5", "eventStatus": "finished"}]'}, 30,
+     "malformed"),
 ])
 def test_bad_update_requests(disp, form, code, words):
     with pytest.raises(ProtocolError) as err:
