@@ -234,6 +234,11 @@ class Dispatcher:
     # ------------------------------------------------------------------ event ranges
     def get_event_ranges(self, form: dict, identity: Identity | None) -> dict:
         from .eventranges import EventRangeError, protocol_get
+        for key in ("pandaID", "nRanges", "jediTaskID", "taskID"):   # ids beyond a BIGINT
+            text = str(form.get(key, "")).strip()                      # would break the query
+            if _INT.match(text) and not -2**63 < int(text) < 2**63:
+                raise ProtocolError(SC_FAILED, f"{key} must be an integer within 64 bits, "
+                                               f"got {text[:40]!r}")
         try:
             return protocol_get(self.tb, form, identity)
         except EventRangeError as exc:
@@ -249,9 +254,10 @@ class Dispatcher:
     def get_status(self, form: dict) -> dict:
         ids = [i for i in str(form.get("ids", "")).split(",") if i.strip()]
         states, commands = [], []
-        for raw in ids:
+        for raw in ids[:1000]:
             try:
-                job = self.tb.get_job(int(raw))
+                number = int(raw)
+                job = self.tb.get_job(number) if -2**63 < number < 2**63 else None
             except ValueError:
                 job = None
             states.append(job["status"] if job else "unknown")

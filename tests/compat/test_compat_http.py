@@ -46,7 +46,7 @@ def test_reply_is_json_when_accept_asks_else_urlencoded(site_server):
     assert resp.json()["StatusCode"] == 20     # both jobs were already taken
 
 
-HOSTILE = ["", "NULL", "-1", "1e309", "nan", "x" * 100_000, "../../etc/passwd", "\x00\x01",
+HOSTILE = ["", "NULL", "-1", "1e309", "nan", "9" * 30, "1,99999999999999999999999", "x" * 100_000, "../../etc/passwd", "\x00\x01",
            "é\u202e", "[1,2]", '{"a": 1}', "1;DROP TABLE jobs", "%s%s%n"]
 
 
@@ -57,9 +57,10 @@ def test_unknown_and_hostile_form_values_never_500(site_server):
     job = post(site_server, "getJob", token, data={"siteName": SITE}).json()
     before = history(user, job["PandaID"])
     keys = ["jobId", "state", "attemptNr", "xml", "pilotErrorCode", "cpuConsumptionTime",
-            "maxRSS", "nEvents", "siteName", "nJobs", "mem", "node", "ids", "no such key", "日本"]
+            "maxRSS", "nEvents", "siteName", "nJobs", "mem", "node", "ids", "pandaID", "nRanges",
+            "eventRanges", "no such key", "日本"]
     codes = set()
-    for method in ("getJob", "updateJob", "getStatus"):
+    for method in ("getJob", "updateJob", "getStatus", "getEventRanges", "updateEventRanges"):
         for key in keys:
             for value in HOSTILE:
                 form = {"siteName": SITE, "jobId": str(job["PandaID"]), "state": "bogus", key: value}
