@@ -186,7 +186,8 @@ def main(argv: list[str]) -> int:
         limits = WatcherLimits(args.heartbeat_timeout, args.sent_timeout, args.holding_timeout,
                                args.transferring_timeout)
         mover = None if args.data_mover == "none" else args.data_mover
-        start_periodic(state.executor, args.watcher_interval, server_tasks(state, limits, mover))
+        start_periodic(state.executor, args.watcher_interval, server_tasks(
+            state, limits, mover, first_process=(tornado.process.task_id() or 0) == 0))
     from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),

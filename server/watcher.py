@@ -174,16 +174,22 @@ def start_periodic(executor, interval_s: float, tasks: list[tuple[str, Callable[
 
 
 def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
-                 data_options: dict | None = None) -> list[tuple[str, Callable[[], Any]]]:
-    """The periodic work of a server process: the watcher, the data service, priorities."""
+                 data_options: dict | None = None, first_process: bool = True
+                 ) -> list[tuple[str, Callable[[], Any]]]:
+    """The periodic work of a server process: the watcher, the data service, priorities.
+
+    All of it is safe to run in every process; the data service and the priority recompute
+    run only in the first process of a host (``first_process``) because N processes would copy
+    the same files N times at once and recompute the same priorities for nothing.
+    """
     from .dataservice import DataService, load_mover
     from .shares import recompute_priorities
 
     watcher = Watcher(state.tb, limits)
     tasks: list[tuple[str, Callable[[], Any]]] = [("watcher", watcher.check)]
-    if data_mover:
+    if data_mover and first_process:
         service = DataService(state.tb, load_mover(data_mover, **(data_options or {})))
         tasks.append(("dataservice", service.process))
-    if state.hook is not None:
+    if state.hook is not None and first_process:
         tasks.append(("priorities", lambda: recompute_priorities(state.tb, state.hook)))
     return tasks
