@@ -120,20 +120,29 @@ class JobRun:
             form["batchID"] = self.cfg.batch_id
         return form
 
-    def _make_jobdir(self) -> Path:
-        """``<base>/panda_job_<PandaID>_<pid>``; the payload runs in its ``work`` subfolder, so
-        it never sees (or deletes) the pilot's state file and lock."""
+    def _make_jobdir(self) -> tuple[Path, sf.JobLock]:
+        """``<base>/panda_job_<PandaID>_<pid>``, locked; the payload runs in its ``work``
+        subfolder, so it never sees (or deletes) the pilot's state file and lock.
+
+        The dir is made and locked under a hidden name and renamed after: another pilot's
+        recovery never sees a job dir that is not yet locked."""
         base = self.cfg.workdir_base
         base.mkdir(parents=True, exist_ok=True)
         name = f"{sf.JOB_DIR_PREFIX}{int(self.raw.get('PandaID', 0))}_{os.getpid()}"
-        jd = base / name
-        n = 0
+        tmp = base / f".{name}.creating"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        (tmp / sf.WORK_DIR).mkdir()
+        lock = sf.JobLock(tmp)
+        if not lock.acquire():
+            raise OSError(f"cannot lock {tmp}")
+        jd, n = base / name, 0
         while jd.exists():
             n += 1
             jd = base / f"{name}.{n}"
-        jd.mkdir(mode=0o700)
-        (jd / sf.WORK_DIR).mkdir()
-        return jd
+        os.rename(tmp, jd)
+        lock.path = jd / sf.LOCK_FILE
+        return jd, lock
 
     # --- the job ----------------------------------------------------------------------------
     def run(self) -> str:
@@ -142,10 +151,8 @@ class JobRun:
         Whatever goes wrong, the server hears a final state with an error code: a work dir that
         cannot be made (full disk) or a bug in the pilot is reported, never just logged."""
         try:
-            self.jobdir = self._make_jobdir()
+            self.jobdir, self.lock = self._make_jobdir()
             self.workdir = self.jobdir / sf.WORK_DIR
-            self.lock = sf.JobLock(self.jobdir)
-            self.lock.acquire()
         except OSError as exc:
             log.error("job %s: cannot create its work dir: %s", self.panda_id, exc)
             self.jobdir = self.workdir = None
@@ -165,7 +172,8 @@ class JobRun:
             return self._finish("failed", PilotError(ErrorCode.GENERAL,
                                 f"unexpected pilot error: {type(exc).__name__}: {exc}"), {})
         finally:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
     def _run(self) -> str:
         error: PilotError | None = None

@@ -52,6 +52,15 @@ def recover_all(base: Path, client: PandaClient, pm=None, keep: bool = False,
     reached the server. ``site``: this pilot's own queue description, used (with its copytool
     secrets, which state files never hold) for jobs of the same site."""
     done = []
+    for tmp in base.glob(f".{sf.JOB_DIR_PREFIX}*.creating"):   # a pilot died making a job dir
+        lock = sf.JobLock(tmp)
+        try:
+            if lock.acquire():
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            lock.release()
     for wd in sf.job_dirs(base):
         lock = sf.JobLock(wd)
         try:
@@ -93,9 +102,7 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
     log.info("recovery: job %s of dead pilot %s found in phase %s", panda_id,
              state.get("pilot_pid"), phase)
 
-    if phase == sf.DONE:
-        if not keep:
-            shutil.rmtree(wd, ignore_errors=True)
+    if phase == sf.DONE:      # reported; kept on purpose (--keep-workdirs): not ours to remove
         return None
     if phase == sf.FINAL_PENDING and state.get("final"):
         if not send_final(client, state["final"], policy):
