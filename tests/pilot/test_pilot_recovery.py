@@ -170,3 +170,22 @@ def test_lost_heartbeats_kill_the_payload_and_report_later(fake, se, tmp_path):
     fake.start()
     res = run_pilot(fake, tmp_path / "wd")
     assert int(fake.final(705)["pilotErrorCode"]) == ErrorCode.NO_HEARTBEAT_REACHED, res.stderr
+
+
+def test_live_pilot_job_is_not_recovered_by_a_neighbour(fake, tmp_path):
+    """Two pilots share a work-dir base: the second must leave the first's running job alone."""
+    fake.add_job(make_job(706, "sleep 1.5; echo ok > out.dat", outputs=["out.dat"]))
+    proc = start_pilot(fake, tmp_path / "wd")
+    try:
+        fake.wait_for(lambda: any(u["state"] == "running" for u in fake.updates(706)))
+        res = run_pilot(fake, tmp_path / "wd")        # a neighbour with nothing to do
+        assert res.returncode == 0, res.stderr
+        assert fake.final(706) is None                 # it did not report the live job
+        assert "recovery:" not in res.stderr
+        out, _ = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    final = fake.final(706)
+    assert final["state"] == "finished", out
+    assert len([u for u in fake.updates(706) if u["state"] in ("finished", "failed")]) == 1
