@@ -252,15 +252,23 @@ def _short(exc: Exception) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
-def pilot_xrsl(spec: PilotSpec, queue: str | None = None,
-               runtime_environments: list[str] | None = None, extra_xrsl: str = "") -> str:
-    """The xRSL of one pilot: its argv, environment and resources; stdout/err kept on the CE."""
-    if not spec.command:
-        raise SchedulerError("pilot spec has an empty command")
-    cores = max(1, int(spec.cores))
-    argv, env = list(spec.command), dict(spec.env)
+def job_xrsl(command: list[str], *, name: str, walltime_s: int, cores: int = 1,
+             memory_mb: int = 2000, env: dict[str, str] | None = None,
+             stdout: str = "pilot.out", stderr: str = "pilot.err",
+             input_files: list[tuple[str, str]] | None = None,
+             output_files: list[tuple[str, str]] | None = None, queue: str | None = None,
+             runtime_environments: list[str] | None = None, extra_xrsl: str = "") -> str:
+    """An xRSL job: argv, environment, resources, files ARC stages in and out.
+
+    ``input_files``/``output_files`` are (name in the session dir, URL) pairs; an empty URL in
+    ``output_files`` keeps the file on the CE. stdout and stderr are always kept.
+    """
+    if not command:
+        raise SchedulerError("job has an empty command")
+    cores = max(1, int(cores))
+    argv, env = list(command), dict(env or {})
     if any(c in arg for arg in argv for c in "$`"):
-        # A-REX's job script puts each argument in double quotes, escaping only " and \, so
+        # A-REX's job script puts each argument in double quotes, escaping only " and \\, so
         # the script's shell expands $ and `. Such an argv travels in an environment variable
         # (exported single-quoted) that the script's own expansion hands over as one word.
         env[ARGV_VAR] = "exec " + shlex.join(argv)
@@ -268,20 +276,23 @@ def pilot_xrsl(spec: PilotSpec, queue: str | None = None,
     parts = ["&", xrsl_relation("executable", argv[0])]
     if len(argv) > 1:
         parts.append(xrsl_relation("arguments", *argv[1:]))
+    outputs = [(stdout, ""), (stderr, "")] + list(output_files or [])
     parts += [
-        xrsl_relation("jobname", spec.name),
-        xrsl_relation("stdout", "pilot.out"),
-        xrsl_relation("stderr", "pilot.err"),
+        xrsl_relation("jobname", name),
+        xrsl_relation("stdout", stdout),
+        xrsl_relation("stderr", stderr),
         xrsl_relation("gmlog", "gmlog"),
-        xrsl_list("outputFiles", [("pilot.out", ""), ("pilot.err", "")]),
-        xrsl_relation("walltime", max(1, math.ceil(spec.walltime_s / 60))),   # minutes
+        xrsl_list("outputFiles", outputs),
+        xrsl_relation("walltime", max(1, math.ceil(walltime_s / 60))),   # minutes
         xrsl_relation("count", cores),
-        xrsl_relation("memory", max(1, math.ceil(spec.memory_mb / cores))),   # MB per core
+        xrsl_relation("memory", max(1, math.ceil(memory_mb / cores))),   # MB per core
     ]
+    if input_files:
+        parts.append(xrsl_list("inputFiles", list(input_files)))
     if env:
         for key in env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise SchedulerError(f"pilot environment name {key!r} is not a valid variable name")
+                raise SchedulerError(f"environment name {key!r} is not a valid variable name")
         parts.append(xrsl_list("environment", sorted(env.items())))
     if queue:
         parts.append(xrsl_relation("queue", queue))
@@ -290,6 +301,16 @@ def pilot_xrsl(spec: PilotSpec, queue: str | None = None,
     if extra_xrsl:
         parts.append(extra_xrsl)
     return "".join(parts)
+
+
+def pilot_xrsl(spec: PilotSpec, queue: str | None = None,
+               runtime_environments: list[str] | None = None, extra_xrsl: str = "") -> str:
+    """The xRSL of one pilot: its argv, environment and resources; stdout/err kept on the CE."""
+    if not spec.command:
+        raise SchedulerError("pilot spec has an empty command")
+    return job_xrsl(spec.command, name=spec.name, walltime_s=spec.walltime_s, cores=spec.cores,
+                    memory_mb=spec.memory_mb, env=spec.env, queue=queue,
+                    runtime_environments=runtime_environments, extra_xrsl=extra_xrsl)
 
 
 class ArcBackend(SchedulerBackend):

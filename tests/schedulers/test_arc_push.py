@@ -1,0 +1,241 @@
+"""ARC push mode end to end: the real server, the project's HTTP storage element, a real A-REX.
+
+One task of five jobs goes through the driver at once (each ARC job takes 20-90 s): two that
+read their input staged in by ARC and write an output ARC stages out, one whose payload exits 7,
+one whose input is registered but not on the storage element (stage-in failure), and one that
+sleeps until the server kills it. The final reports go first to a dead server (kept), then to
+the real one by a second driver on the same state dir (a restarted factory).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+import zlib
+
+import pytest
+import requests
+import yaml
+
+from copytools.testing import start_se
+from panda_wms.client import PandaClient
+from panda_wms.errorcodes import ErrorCode
+from panda_wms.storage import replica_path, replica_url
+from schedulers.arc_push import ArcPushDriver, BadJob, parse_job, push_xrsl
+from schedulers.base import FINAL_BATCH_STATES, BatchState, SchedulerError
+from testkit import free_port, start_server, stop_server
+
+from arc_ce import ArcUnavailable, session_ce
+
+SITE = "ARC_PUSH_TEST"
+SCOPE = "push"
+CE_PATIENCE_S = 300
+
+
+@pytest.fixture(scope="module")
+def arc_ce(request):
+    if os.geteuid() != 0:
+        pytest.skip("a real A-REX needs root to install and start")
+    try:
+        return session_ce(request.config)
+    except ArcUnavailable as exc:
+        pytest.fail(f"A-REX could not start: {exc}")
+
+
+def site_yaml(se_url: str, ce_options: dict) -> dict:
+    return {
+        "name": SITE, "region": "nordic", "status": "online",
+        "resources": {"cores": 1, "memory_mb": 1000, "max_walltime_s": 3600, "max_disk_mb": 2000},
+        "scheduler": {"backend": "arc", "options": {**ce_options, "push": True}},
+        "pilots": {"max_queued": 5, "max_running": 5, "rate_per_minute": 60, "walltime_s": 3600},
+        "storage": {"input": {"name": "PUSH_SE", "url": se_url},
+                    "output": {"name": "PUSH_SE", "url": se_url}},
+        "copytools": {"input": {"name": "http", "options": {}},
+                      "output": {"name": "http", "options": {}}},
+        "direct_read": False,
+        "transfer": {"timeout_s": 60, "retries": 1},
+        "limits": {"looping_s": 600, "min_free_disk_mb": 100, "max_workdir_mb": 2000,
+                   "heartbeat_s": 30},
+    }
+
+
+@pytest.mark.arc
+@pytest.mark.slow
+def test_push_mode_end_to_end(arc_ce, tmp_path):
+    se = start_se(tmp_path / "se")
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    config = site_yaml(se.url, arc_ce.options)
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(config))
+    server = start_server(tmp_path / "srv", site_dir=sites)
+    state_dir = tmp_path / "push-state"
+    arc_ids: list[str] = []
+    try:
+        user = PandaClient(server.url, server.token("user", "alice"))
+        # inputs: two on the SE, one registered but missing from it
+        files = []
+        for i in range(3):
+            lfn = f"in.{i}.txt"
+            data = f"input {i}\n".encode() * 100
+            if i < 2:
+                path = se.root / replica_path(SCOPE, lfn)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            files.append({"lfn": lfn, "fsize": len(data),
+                          "checksum": f"ad:{zlib.adler32(data):08x}"})
+        assert user.add_files("push.inputs", SCOPE, files, "PUSH_SE") == 3
+        common = {"scope": SCOPE, "transformation": "/bin/sh", "site": SITE,
+                  "output_dataset": "push.outputs", "max_attempts": 1,
+                  "resources": {"memory_mb": 500, "walltime_s": 600}}
+        ok_task = user.submit_task({**common, "name": "pushok", "input_dataset": "push.inputs",
+                                    "job_parameters": "-c 'sha256sum ${IN} > ${OUT}; "
+                                                      "echo \"payload saw $PANDA_ID\"'",
+                                    "outputs": ["${TASK}.${SN}.out"]})
+        fail_task = user.submit_task({**common, "name": "pushfail",
+                                      "job_parameters": "-c 'echo bad; exit 7'", "n_jobs": 1,
+                                      "outputs": ["${TASK}.${SN}.out"]})
+        kill_task = user.submit_task({**common, "name": "pushkill",
+                                      "job_parameters": "-c 'sleep 300'", "n_jobs": 1,
+                                      "outputs": ["${TASK}.${SN}.out"]})
+        jobs = {}
+        for task_id in (ok_task, fail_task, kill_task):
+            for job in user.jobs(task_id):
+                jobs[int(job["PandaID"] if "PandaID" in job else job["panda_id"])] = task_id
+        assert len(jobs) == 5, jobs
+
+        token = server.token("pilot", "arc-push", site=SITE)
+        driver = ArcPushDriver.from_site(config, server.url, token, state_dir, heartbeat_s=3)
+        taken = driver.fetch_and_submit(10)
+        assert sorted(taken) == sorted(jobs)
+        arc_ids = [t.arc_id for t in driver.tracked()]
+        assert len(arc_ids) == 5
+        kill_ids = [pid for pid, task in jobs.items() if task == kill_task]
+        deadline = time.monotonic() + CE_PATIENCE_S
+        # follow the jobs (starting -> running) until the server's kill reached the CE
+        asked = False
+        while time.monotonic() < deadline:
+            states = driver.poll()
+            if states.get(kill_ids[0]) == "running" and not asked:
+                assert user.kill_jobs(kill_ids) == [True]
+                asked = True
+            if any(t.kill_requested for t in driver.tracked()):
+                break
+            time.sleep(2)
+        else:
+            pytest.fail(f"the kill never reached the CE: {states}\n{server.log()[-3000:]}")
+        # then let the CE finish the rest without reporting, so a dead server gets the finals
+        left = driver.tracked()
+        kill_arc_id = next(t.arc_id for t in left if t.panda_id == kill_ids[0])
+        while time.monotonic() < deadline:
+            ce_states = driver.backend.status([t.arc_id for t in left])
+            if all(s in FINAL_BATCH_STATES for s in ce_states.values()):
+                break
+            time.sleep(3)
+        else:
+            pytest.fail(f"ARC jobs did not end: {ce_states}")
+
+        # a dead server does not take the final reports: they stay on disk
+        dead = ArcPushDriver.from_site(config, f"http://127.0.0.1:{free_port()}", token,
+                                       state_dir, timeout_s=2)
+        dead.poll()
+        assert len(dead.tracked()) == len(left)
+        assert all(t.final is not None for t in dead.tracked())
+
+        # a restarted driver delivers them
+        again = ArcPushDriver.from_site(config, server.url, token, state_dir)
+        for _ in range(3):
+            again.poll()
+            if not again.tracked():
+                break
+        assert again.tracked() == []
+
+        by_task: dict[int, list[dict]] = {}
+        for task_id in (ok_task, fail_task, kill_task):
+            by_task[task_id] = user.call("job", "get_description", "POST",
+                                         job_ids=[p for p, t in jobs.items() if t == task_id])
+        ok_jobs = by_task[ok_task]
+        statuses = sorted(j["jobStatus"] for j in ok_jobs)
+        assert statuses == ["failed", "finished", "finished"], [
+            (j["jobStatus"], j.get("pilotErrorCode"), j.get("pilotErrorDiag")) for j in ok_jobs]
+        for job in ok_jobs:
+            if job["jobStatus"] == "finished":
+                out = next(f for f in job["Files"] if f["type"] == "output")
+                stored = se.root / replica_path(SCOPE, out["lfn"])
+                data = stored.read_bytes()
+                assert b"sha256" not in data and len(data.split()) == 2   # "<hash>  <lfn>"
+                lfn_in = next(f for f in job["Files"] if f["type"] == "input")["lfn"]
+                expected = hashlib.sha256(f"input {lfn_in.split('.')[1]}\n".encode() * 100)
+                assert data.split()[0].decode() == expected.hexdigest()
+                assert int(out["fsize"]) == len(data)
+                assert out["checksum"] == f"ad:{zlib.adler32(data):08x}"
+                logf = next(f for f in job["Files"] if f["type"] == "log")
+                with tarfile.open(fileobj=io.BytesIO(
+                        (se.root / replica_path(SCOPE, logf["lfn"])).read_bytes())) as tar:
+                    stdout = tar.extractfile("payload.stdout").read().decode()
+                assert f"payload saw {job['PandaID']}" in stdout
+            else:
+                assert job["pilotErrorCode"] == ErrorCode.STAGEIN_FAILED, job
+        failed = by_task[fail_task][0]
+        assert failed["jobStatus"] == "failed"
+        assert failed["pilotErrorCode"] == ErrorCode.PAYLOAD_FAILED
+        assert failed["transExitCode"] == 7
+        # ARC stored the failed payload's log too (preserve=yes)
+        logf = next(f for f in failed["Files"] if f["type"] == "log")
+        with tarfile.open(fileobj=io.BytesIO(
+                (se.root / replica_path(SCOPE, logf["lfn"])).read_bytes())) as tar:
+            assert tar.extractfile("payload.exitcode").read() == b"7\n"
+        # the server cancels a killed job at once; the driver killed its ARC job on the command
+        killed_job = by_task[kill_task][0]
+        assert killed_job["jobStatus"] == "cancelled" or (
+            killed_job["pilotErrorCode"] == ErrorCode.KILLED_BY_SERVER), killed_job
+        assert ce_states[kill_arc_id] == BatchState.CANCELLED
+    finally:
+        for arc_id in arc_ids:
+            arc_ce.kill_job_processes(arc_id)
+        stop_server(server)
+        se.stop()
+
+
+def test_parse_job_refuses_hostile_names_and_bad_fields():
+    base = {"PandaID": "7", "transformation": "/bin/sh", "jobPars": "-c true",
+            "inFiles": "a.txt", "scopeIn": "s", "outFiles": "o.txt,log.tgz", "scopeOut": "s",
+            "logFile": "log.tgz", "scopeLog": "s", "logGUID": "g"}
+    job = parse_job(base, "http://127.0.0.1:1/se", "http://127.0.0.1:2/se")
+    assert job.inputs[0].url == replica_url("http://127.0.0.1:1/se", "s", "a.txt")
+    assert [f.lfn for f in job.outputs] == ["o.txt"] and job.log.guid == "g"
+    for key, value in (("inFiles", "../../etc/passwd"), ("outFiles", "-rf,log.tgz"),
+                       ("logFile", ".hidden")):
+        with pytest.raises(BadJob) as err:
+            parse_job({**base, key: value}, "http://h/se", "http://h/se")
+        assert err.value.code == ErrorCode.HOSTILE_FILE_NAME
+    with pytest.raises(BadJob) as err:
+        parse_job({**base, "PandaID": "x"}, "http://h/se", "http://h/se")
+    assert err.value.code == ErrorCode.BAD_JOB_SPEC
+    with pytest.raises(BadJob):
+        parse_job({**base, "jobPars": "-c 'unterminated"}, "http://h/se", "http://h/se").argv()
+    with pytest.raises(BadJob):
+        parse_job({**base, "outFiles": "a.txt,log.tgz"}, "http://h/se", "http://h/se")
+
+
+def test_driver_refuses_storage_the_ce_cannot_reach(tmp_path):
+    from schedulers.arc import ArcBackend
+    backend = ArcBackend(ce="https://127.0.0.1:1/arex")
+    with pytest.raises(SchedulerError, match="not reachable by the CE"):
+        ArcPushDriver(backend, "http://127.0.0.1:1", "t", SITE, "file:///data", "http://h/se",
+                      tmp_path)
+
+
+def test_push_xrsl_stages_inputs_outputs_and_log():
+    from schedulers.arc import ArcBackend
+    raw = {"PandaID": "7", "transformation": "/bin/sh", "jobPars": "-c 'cat $X'",
+           "inFiles": "a.txt", "scopeIn": "s", "outFiles": "o.txt,log.tgz", "scopeOut": "s",
+           "logFile": "log.tgz", "scopeLog": "s", "logGUID": "g", "maxWalltime": "120"}
+    job = parse_job(raw, "http://127.0.0.1:1/se", "http://127.0.0.1:2/se")
+    xrsl = push_xrsl(job, ArcBackend(ce="https://127.0.0.1:1/arex", queue="q"))
+    assert f'("a.txt" "{replica_url("http://127.0.0.1:1/se", "s", "a.txt")}")' in xrsl
+    assert f'("o.txt" "{replica_url("http://127.0.0.1:2/se", "s", "o.txt")}")' in xrsl
+    assert '//127.0.0.1:2;preserve=yes/se/s/' in xrsl and '(queue="q")' in xrsl and '(walltime="2")' in xrsl
+    assert '("PANDA_LOG_FILE" "log.tgz")' in xrsl
