@@ -190,12 +190,13 @@ class JobRun:
             self._check_walltime(self.job)
         except PilotError as exc:
             log.error("job %s refused: %s", self.panda_id, exc)
-            return self._finish("failed", exc, {}, log_only=True)
+            return self._finish("failed", exc, {})
 
         job = self.job
         notify(self.pm, "pilot_job_received", job=job, workdir=self.workdir)
         self._update("starting")
         try:
+            self._check_stop()
             self._save(sf.STAGEIN)
             t0 = time.time()
             from .stage import StageSettings, stage_in
@@ -230,6 +231,9 @@ class JobRun:
                              f"{remaining:.0f} s left ({self.cfg.reserve_s:.0f} s kept for stage-out)")
 
     def _check_stop(self) -> None:
+        """Before the next step: has the server (``tobekilled``) or a signal stopped the job?"""
+        if self.kill.requested:
+            raise PilotError(self.kill.code, self.kill.diag)
         if self.pilot_stop is not None and self.pilot_stop.requested:
             raise PilotError(self.pilot_stop.code, self.pilot_stop.diag)
 
@@ -377,8 +381,7 @@ class JobRun:
         self.timing["stageout"] = time.time() - t0
         return stored
 
-    def _finish(self, state: str, error: PilotError | None, stored: dict[str, dict],
-                log_only: bool = False) -> str:
+    def _finish(self, state: str, error: PilotError | None, stored: dict[str, dict]) -> str:
         """Store the log tarball, build the final update, send it or keep it for later."""
         job = self.job
         if job is not None and job.log is not None and self.workdir is not None \

@@ -227,3 +227,17 @@ def test_unusable_workdir_base_is_a_clear_error(fake, tmp_path):
     assert res.returncode == 1
     assert "pilot cannot start" in res.stderr and "Traceback" not in res.stderr
     assert fake.jobs   # the job was not taken
+
+
+def test_job_killed_before_it_starts(fake, se, tmp_path):
+    """The server answers the 'starting' update with tobekilled: nothing is staged in or run."""
+    marker = tmp_path / "ran"
+    entry = put_input(se, "test", "k.dat", b"k")
+    fake.commands["505"] = "tobekilled"
+    fake.add_job(make_job(505, f"touch {marker}", inputs=[entry]))
+    res = run_pilot(fake, tmp_path / "wd")
+    final = fake.final(505)
+    assert final is not None, res.stderr
+    assert int(final["pilotErrorCode"]) == ErrorCode.KILLED_BY_SERVER
+    assert not marker.exists() and "stage-in of" not in res.stderr
+    assert [u["state"] for u in fake.updates(505)] == ["starting", "failed"]
