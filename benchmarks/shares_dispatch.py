@@ -9,9 +9,10 @@ plain_dispatch_per_s, shares_dispatch_per_s, shares_nocache_dispatch_per_s,
 case_order_dispatch_per_s, their ratios to plain, recompute_jobs_per_s, watcher_jobs_per_s.
 
     python benchmarks/shares_dispatch.py [--jobs 3000] [--dispatches 600] [--quick]
+        [--pg postgresql+psycopg://postgres@127.0.0.1:5432]
 
-SQLite only (one scratch file per variant); the dispatch index plans were checked on
-PostgreSQL and MariaDB by the tests, not timed here.
+Default SQLite (one scratch file per variant); ``--pg ADMIN_URL`` creates one scratch PostgreSQL
+database per variant on that server and drops them at the end.
 """
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "server")]
 
 from logic_kit import ManualClock, site, submitter, task  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+
 from server.auth import KeyStore  # noqa: E402
 from server.db import create_schema, make_engine  # noqa: E402
 from server.dispatcher import Dispatcher  # noqa: E402
@@ -85,12 +89,39 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=3000)
     p.add_argument("--dispatches", type=int, default=600)
     p.add_argument("--quick", action="store_true", help="1000 jobs, 200 dispatches")
+    p.add_argument("--pg", metavar="ADMIN_URL",
+                   help="run on PostgreSQL: server URL without a database name")
     args = p.parse_args()
     logging.disable(logging.WARNING)          # the watcher logs each job it fails
     if args.quick:
         args.jobs, args.dispatches = 1000, 200
+    scratch: list[str] = []
+
+    def new_url(tmp: str, name: str) -> str:
+        if not args.pg:
+            return f"sqlite:///{tmp}/{name}.db"
+        db_name = f"panda_bench_{name}_{uuid.uuid4().hex[:6]}"
+        admin = create_engine(args.pg.rstrip("/") + "/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{db_name}"'))
+        admin.dispose()
+        scratch.append(db_name)
+        return f"{args.pg.rstrip('/')}/{db_name}"
+
+    try:
+        return run(args, new_url)
+    finally:
+        if scratch:
+            admin = create_engine(args.pg.rstrip("/") + "/postgres", isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                for db_name in scratch:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+            admin.dispose()
+
+
+def run(args, new_url) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{tmp}/bench.db"
+        url = new_url(tmp, "periodic")
         clock = ManualClock()
         results = {}
         keys = KeyStore(Path(tmp) / "keys")
@@ -100,7 +131,7 @@ def main() -> int:
                     "case_order": lambda tb: CaseOrder(ShareChooser(tb, ttl_s=2.0))}
         setups = {}
         for name, make in variants.items():
-            db_url = f"sqlite:///{tmp}/{name}.db"
+            db_url = new_url(tmp, name)
             tb = fresh_tb(db_url, clock)
             load(tb, args.jobs)
             setups[name] = (tb, make(tb))
