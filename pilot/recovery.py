@@ -133,25 +133,30 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
         return panda_id if _delivered(wd) else None
 
     rc = _exit_code(run.workdir) if phase in (sf.RUNNING, sf.STAGEOUT) else None
-    error: PilotError | None
+    error: PilotError | None = None
     stored: dict[str, dict] = {}
-    if rc is None:
+    decided = state.get("error") if phase == sf.STAGEOUT else None
+    if phase == sf.STAGEOUT and state.get("result"):
+        run.result = PayloadResult(**state["result"])     # the dead pilot's full record
+    elif rc is not None:
+        info = state.get("payload") or {}
+        run.result = PayloadResult(exit_code=rc, signal=None, cpu_s=0.0, max_rss_kb=0,
+                                   max_pss_kb=0, start=float(info.get("start") or run.start_time),
+                                   end=(run.workdir / EXIT_FILE).stat().st_mtime)
+    if decided:   # the dead pilot had already judged the job (e.g. a monitor killed the payload)
+        error = PilotError(int(decided.get("code", ErrorCode.GENERAL)), str(decided.get("diag", "")))
+    elif run.result is None:
         error = PilotError(ErrorCode.RECOVERED_LOST,
                            f"pilot {state.get('pilot_pid')} died in phase {phase}; "
                            "the payload's end was not recorded")
     else:
-        info = state.get("payload") or {}
-        start = float(info.get("start") or run.start_time)
-        mtime = (run.workdir / EXIT_FILE).stat().st_mtime
-        run.result = PayloadResult(exit_code=rc, signal=None, cpu_s=0.0, max_rss_kb=0,
-                                   max_pss_kb=0, start=start, end=mtime)
         error = run._judge(run.result)
-        if error is None:
-            try:
-                stored = run._stage_out_outputs()
-            except PilotError as exc:
-                error = exc
-                stored = getattr(exc, "stored", {}) or {}
+    if error is None:
+        try:
+            stored = run._stage_out_outputs()
+        except PilotError as exc:
+            error = exc
+            stored = getattr(exc, "stored", {}) or {}
     state_name = "failed" if error else "finished"
     log.info("recovery: job %s -> %s", panda_id, state_name)
     run._finish(state_name, error, stored)

@@ -189,3 +189,43 @@ def test_live_pilot_job_is_not_recovered_by_a_neighbour(fake, tmp_path):
     final = fake.final(706)
     assert final["state"] == "finished", out
     assert len([u for u in fake.updates(706) if u["state"] in ("finished", "failed")]) == 1
+
+
+def test_pilot_killed_during_stageout_keeps_its_verdict(fake, se, tmp_path):
+    """The payload was killed as looping (1150), then the pilot died while storing the log: the
+    recovering pilot reports 1150, not a generic 'lost' failure, and stores the log."""
+    from copytools.base import partial_path
+
+    log_replica = se / replica_path("test", "job707.log.tgz")
+    log_replica.parent.mkdir(parents=True)
+    os.mkfifo(partial_path(str(log_replica)))      # writing the log's temp file hangs
+    fake.site_config["limits"]["looping_s"] = 1
+    fake.site_config["transfer"] = {"timeout_s": 300, "retries": 0}
+    fake.add_job(make_job(707, "sleep 60"))
+    proc = start_pilot(fake, tmp_path / "wd")
+    try:
+        deadline = time.monotonic() + 30
+        while (state_of(tmp_path / "wd") or [{}])[0].get("phase") != "stageout":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        finish(proc, 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [state] = state_of(tmp_path / "wd")
+    assert state["error"]["code"] == ErrorCode.LOOPING_JOB
+    se2 = tmp_path / "se2"
+    se2.mkdir()
+    fake.site_config["storage"]["output"] = {"name": "SE2", "url": f"file://{se2}"}
+    fake.site_config["transfer"] = {"timeout_s": 5, "retries": 0}
+    res = run_pilot(fake, tmp_path / "wd")
+    final = fake.final(707)
+    assert final is not None, res.stderr
+    assert int(final["pilotErrorCode"]) == ErrorCode.LOOPING_JOB
+    assert "job707.log.tgz" in stored(final)
+    assert (se2 / replica_path("test", "job707.log.tgz")).exists()
+    # let the orphaned, hung transfer of the dead pilot end
+    fd = os.open(partial_path(str(log_replica)), os.O_RDONLY | os.O_NONBLOCK)
+    os.close(fd)
