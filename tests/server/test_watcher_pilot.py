@@ -38,7 +38,7 @@ def test_killed_pilot_job_is_failed_by_the_watcher_and_its_retry_runs(tmp_path):
     cfg["limits"]["heartbeat_s"] = 1                      # live pilots beat every second
     (sites / f"{SITE}.yaml").write_text(json.dumps(cfg))
     srv = start_server(tmp_path / "srv", site_dir=sites,
-                       extra=["--watcher-interval", "0.2", "--heartbeat-timeout", "4"])
+                       extra=["--watcher-interval", "0.2", "--heartbeat-timeout", "8"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PANDA_AUTH_TOKEN"] = srv.token("pilot", "p1", site=SITE)
 
