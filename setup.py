@@ -16,6 +16,7 @@ SCHEDULERS = [
     "local = schedulers.local:LocalBackend",
     "slurm = schedulers.slurm:SlurmBackend",
     "arc = schedulers.arc:ArcBackend",
+    "htcondor = schedulers.htcondor:HTCondorBackend",
 ]
 PILOT_PLUGINS = [
     "looping = pilot.monitors.looping",
