@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_DEPTH = 6
-#: job states that count as "running" at a site for the share targets
+#: job states whose cores count as a share's usage at a site
 RUNNING_STATES = ("sent", "starting", "running")
 #: job states whose current priority the periodic recompute maintains
 WAITING_STATES = ("assigned", "activated")
@@ -259,17 +259,21 @@ class ShareChooser:
 
     def ranking(self, site: str, tree: list[Share] | None = None
                 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
-        """(share names best first, running per share, activated per share) at ``site``."""
+        """(share names best first, cores in use per share, activated jobs per share) at
+        ``site``. Usage counts cores, as PanDA's shares count computing power, not jobs: one
+        8-core job uses eight times what a 1-core job does."""
         j = db.jobs.c
         running: dict[str, int] = {}
         waiting: dict[str, int] = {}
         with self.tb.engine.connect() as conn:
-            for share, status, n in conn.execute(
-                    select(j.share, j.status, func.count()).where(
+            for share, status, n, cores in conn.execute(
+                    select(j.share, j.status, func.count(), func.sum(j.cores)).where(
                         j.site == site, j.status.in_(RUNNING_STATES + ("activated",)))
                     .group_by(j.share, j.status)):
-                target = waiting if status == "activated" else running
-                target[share] = target.get(share, 0) + n
+                if status == "activated":
+                    waiting[share] = waiting.get(share, 0) + n
+                else:
+                    running[share] = running.get(share, 0) + int(cores or n)
         return rank_shares(tree if tree is not None else self.store.load(), running), \
             running, waiting
 

@@ -209,3 +209,20 @@ def test_a_stale_plan_falls_back_to_any_job(tb, tmp_path):
     assert disp.get_job({"siteName": SITE}, None)["PandaID"] == ana       # mc missed
     assert disp.get_job({"siteName": SITE}, None)["PandaID"] == rep       # fallback
     assert disp.get_job({"siteName": SITE}, None)["StatusCode"] == 20     # nothing left
+
+
+def test_usage_counts_cores_not_jobs(tb):
+    submitter(tb).submit(task("big", n_jobs=1, site=SITE, share="mc",
+                              resources={"cores": 4, "memory_mb": 100, "walltime_s": 60}),
+                         owner="alice")
+    tb.dispatch(SITE, node="wn", actor="p")                 # mc: one 4-core job
+    add_jobs(tb, "mc", 1, name="small-mc")
+    tb.dispatch(SITE, node="wn", actor="p")                 # mc: and one 1-core job
+    add_jobs(tb, "analysis", 1, name="ana-running")
+    tb.dispatch(SITE, node="wn", actor="p")                 # analysis: one 1-core job
+    add_jobs(tb, "mc", 1, name="mc-waiting")
+    add_jobs(tb, "analysis", 1, name="ana-waiting")
+    names, running, waiting = ShareChooser(tb, ttl_s=0).ranking(SITE)
+    assert running == {"mc": 5, "analysis": 1} and waiting == {"mc": 1, "analysis": 1}
+    # by jobs analysis would have 1 of 3 (33 %, above its 20 %); by cores it has 1 of 6 (17 %)
+    assert names[0] == "analysis"
