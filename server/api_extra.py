@@ -46,7 +46,8 @@ def shares_set(ctx: Context, params: dict) -> dict:
 
 @api("shares", "usage")
 def shares_usage(ctx: Context, params: dict) -> dict:
-    """At one site: running and waiting jobs per share, and the order the next pilot gets."""
+    """At one site: cores in use and activated jobs per share, and the order the next pilot
+    gets."""
     site = str(params.get("site", ""))
     ctx.tb.get_site(site)          # NotFound -> a clear message
     order, running, waiting = ShareChooser(ctx.tb, ttl_s=0).ranking(site)
