@@ -351,7 +351,11 @@ def pilot_report(ctx: Context, params: dict) -> int:
     if not isinstance(pilots, list) or not all(isinstance(p, dict) and "batch_id" in p
                                                and "site" in p for p in pilots):
         raise ApiError("parameter 'pilots' must be a list of objects with batch_id and site")
-    return ctx.tb.report_pilots(factory, pilots, ctx.identity.subject)
+    sites = params.get("sites")
+    if sites is not None and not (isinstance(sites, dict)
+                                  and all(isinstance(v, dict) for v in sites.values())):
+        raise ApiError("parameter 'sites' must be an object {site: {submitting, reason}}")
+    return ctx.tb.report_pilots(factory, pilots, ctx.identity.subject, site_status=sites)
 
 
 @api("pilot", "summary")

@@ -201,6 +201,8 @@ factories = Table(
     Column("name", String(255), primary_key=True),
     Column("last_seen", Timestamp, nullable=False),
     Column("actor", String(255)),
+    # per site: {"submitting": bool, "reason": str, "consecutive_failures": int}
+    Column("site_status", JSON),
 )
 
 
@@ -245,7 +247,9 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
         kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                      pool_recycle=3600)
+                      pool_recycle=3600,
+                      # a database host that accepts but never answers must not hang us
+                      connect_args={"connect_timeout": 10})
     if url.startswith(("mysql", "mariadb")):
         kwargs["isolation_level"] = "READ COMMITTED"
     engine = create_engine(url, **kwargs)

@@ -148,8 +148,14 @@ class Pilots(MonitorHandler):
         states = sorted({s for c in summary["sites"].values() for s in c})
         per_site = _table(["site"] + states, [[_e(site)] + [str(c.get(s, 0)) for s in states]
                                               for site, c in sorted(summary["sites"].items())])
+        feeding = _table(["factory", "site", "submitting", "reason", "failures in a row"], [
+            [_e(f["name"]), _e(site), "yes" if st.get("submitting", True) else "<b>no</b>",
+             _e(st.get("reason") or ""), _e(st.get("consecutive_failures", ""))]
+            for f in summary["factories"]
+            for site, st in sorted((f.get("site_status") or {}).items())])
         self.page("Scheduler status", "<h2>Factories</h2>" + facs
-                  + "<h2>Pilots per site</h2>" + per_site)
+                  + "<h2>Pilots per site</h2>" + per_site
+                  + "<h2>Sites as each factory sees them</h2>" + feeding)
 
 
 #: a factory that has not reported for this long is shown as not alive

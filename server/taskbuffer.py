@@ -633,16 +633,19 @@ class TaskBuffer:
                                 ).scalar()
 
     # ------------------------------------------------------------------ pilots (factories)
-    def report_pilots(self, factory: str, pilots: list[dict], actor: str | None) -> int:
+    def report_pilots(self, factory: str, pilots: list[dict], actor: str | None,
+                      site_status: dict | None = None) -> int:
         now = self.clock()
+        fac = {"last_seen": now, "actor": actor}
+        if site_status is not None:
+            fac["site_status"] = site_status
         with self.engine.begin() as conn:
             res = conn.execute(update(db.factories).where(db.factories.c.name == factory)
-                               .values(last_seen=now, actor=actor))
+                               .values(**fac))
             if res.rowcount == 0:
                 try:
                     with conn.begin_nested():
-                        conn.execute(insert(db.factories).values(name=factory, last_seen=now,
-                                                                 actor=actor))
+                        conn.execute(insert(db.factories).values(name=factory, **fac))
                 except IntegrityError:
                     pass
             for p in pilots:

@@ -232,10 +232,13 @@ def test_scheduler_status_page_shows_factories_and_pilots(site_server):
         {"batch_id": "103", "site": SITE, "backend": "local", "state": "failed", "exit_code": 1}])
     # a later report updates a pilot instead of adding one
     factory.call("pilot", "report", "POST", factory="factory-host-1", pilots=[
-        {"batch_id": "101", "site": SITE, "backend": "local", "state": "done", "exit_code": 0}])
+        {"batch_id": "101", "site": SITE, "backend": "local", "state": "done", "exit_code": 0}],
+        sites={SITE: {"submitting": False, "reason": "5 pilots failed in a row",
+                      "consecutive_failures": 5}})
     summary = factory.call("pilot", "summary")
     assert summary["sites"][SITE] == {"done": 1, "queued": 1, "failed": 1}
     page = requests.get(f"{site_server.url}/monitor/pilots", timeout=5).text
     assert "factory-host-1" in page and "<td>yes</td>" in page
+    assert "5 pilots failed in a row" in page and "<b>no</b>" in page
     with pytest.raises(ClientError, match="batch_id and site"):
         factory.call("pilot", "report", "POST", factory="f", pilots=[{"site": SITE}])

@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, insert, select, text
 
 from server import db
-from dbkit import start_server, stop_server
+from dbkit import free_port, start_server, stop_server
 
 
 def panda_db(*args: str) -> subprocess.CompletedProcess:
@@ -95,8 +95,9 @@ def test_server_start_upgrades_empty_database(fresh_db_url, tmp_path):
 
 
 def test_db_errors_are_clear(tmp_path):
-    res = panda_db("current", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    port = free_port()   # nothing listens there (port 1 is not reliably closed everywhere)
+    res = panda_db("current", "--db", f"postgresql+psycopg://nobody@127.0.0.1:{port}/none")
     assert res.returncode == 1
-    assert "panda db current: database 127.0.0.1:1/none:" in res.stderr
+    assert f"panda db current: database 127.0.0.1:{port}/none:" in res.stderr
     res = panda_db("archive", "--older-than", "-5", "--db", f"sqlite:///{tmp_path / 'x.db'}")
     assert res.returncode == 2 and "must be >= 0" in res.stderr
