@@ -178,3 +178,33 @@ def test_unknown_mover_name_is_a_clear_error():
     with pytest.raises(ValueError, match="no data mover 'warp' in entry-point group"):
         load_mover("warp")
     assert isinstance(load_mover("local"), LocalMover)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 64 KiB file system (tmpfs) to fill up; skipped where mounting is not allowed."""
+    import subprocess
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a small tmpfs for a real full disk: {res.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_destination_disk_loses_nothing_and_recovers(taskbuffer, ses, tiny_fs):
+    import subprocess
+    taskbuffer.sync_sites([site("SITE_A", "SE_A", f"file://{tiny_fs}"),
+                           site("SITE_B", "SE_B", f"file://{ses['SE_B']}")])
+    register(taskbuffer, ses["SE_B"], "SE_B", ["big"], data=os.urandom(200 * 1024))
+    [pid] = submit_at_a(taskbuffer)
+    report = DataService(taskbuffer).process()
+    assert "destination full" in report.waiting[pid]
+    assert taskbuffer.get_job(pid)["status"] == "assigned"
+    assert [p for p in tiny_fs.rglob("*") if p.is_file()] == []      # no partial copy left
+    assert os.path.getsize(path(ses, "SE_B", "big")) == 200 * 1024
+    subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_fs)], check=True)
+    assert DataService(taskbuffer).process().activated == [pid]
+    assert os.path.getsize(replica_url(str(tiny_fs), "s", "big")) == 200 * 1024
