@@ -86,6 +86,7 @@ class SiteCycle:
     finished: int = 0
     failed: int = 0
     skipped: str = ""             # why nothing was submitted, if that was a decision
+    cancelled: int = 0            # queued pilots cancelled because the site stopped taking work
     errors: list[str] = field(default_factory=list)
 
 
@@ -265,6 +266,10 @@ class Factory:
                     self._supply(site, cycle)
                 else:
                     cycle.skipped = f"site status is {site.status}"
+                    # pilots still waiting in the batch system would only find no job: free
+                    # the slots; running pilots finish the job they have
+                    cycle.cancelled = self._cancel(site, {BatchState.QUEUED.value},
+                                                   f"site status is {site.status}")
             except SchedulerError as exc:
                 cycle.errors.append(str(exc))
                 log.error("site %s: %s", site.name, exc)
@@ -460,18 +465,26 @@ class Factory:
     def cancel_all(self) -> None:
         """Cancel every pilot still queued or running (``--cancel-on-exit``)."""
         for site in self.sites.values():
-            live = [p for (s, _), p in self.pilots.items() if s == site.name and not p.final]
-            if not live:
-                continue
-            try:
-                self.backend(site).cancel([p.batch_id for p in live])
-            except SchedulerError as exc:
-                log.error("site %s: cancel failed: %s", site.name, exc)
-                continue
-            now = self.clock()
-            for rec in live:
-                rec.state, rec.reason = BatchState.CANCELLED.value, "cancelled at factory shutdown"
-                rec.updated, rec.reported = now, False
+            self._cancel(site, {BatchState.QUEUED.value, BatchState.RUNNING.value},
+                         "cancelled at factory shutdown")
+
+    def _cancel(self, site: SiteConfig, states: set[str], reason: str) -> int:
+        """Cancel the site's live pilots in ``states``; returns how many were cancelled."""
+        live = [p for (s, _), p in self.pilots.items()
+                if s == site.name and not p.final and p.state in states]
+        if not live:
+            return 0
+        try:
+            self.backend(site).cancel([p.batch_id for p in live])
+        except SchedulerError as exc:
+            log.error("site %s: cancel failed: %s", site.name, exc)
+            return 0
+        now = self.clock()
+        for rec in live:
+            rec.state, rec.reason = BatchState.CANCELLED.value, reason
+            rec.updated, rec.reported = now, False
+        log.info("site %s: cancelled %d pilot(s): %s", site.name, len(live), reason)
+        return len(live)
 
     def shutdown(self) -> None:
         """Save the pilots and send a last report (best effort), so a restart loses nothing."""

@@ -176,6 +176,25 @@ def test_offline_site_gets_no_pilots(server, tmp_path, factories):
     assert cycle.submitted == 0 and cycle.skipped == "site status is offline"
 
 
+def test_site_going_offline_cancels_its_queued_pilots(server, tmp_path, factories):
+    from dataclasses import replace
+
+    activate_jobs(server, 6)
+    site = site_config(tmp_path, max_queued=4, max_running=6)
+    site.scheduler.options["slots"] = 2                # 2 run, the others wait in the queue
+    f = make(factories, server, [site], tmp_path)
+    f.run_once()
+    cycle = f.run_once().sites[SITE]
+    assert (cycle.running, cycle.queued) == (2, 4)
+    f.update_sites([replace(site, status="offline")])
+    cycle = f.run_once().sites[SITE]
+    assert cycle.cancelled == 4 and cycle.submitted == 0
+    states = sorted(p.state for p in f.pilots.values())
+    assert states == ["cancelled"] * 4 + ["running"] * 2   # running pilots keep their job
+    assert summary(server)["sites"][SITE] == {"cancelled": 4, "running": 2}
+    assert f.run_once().sites[SITE].cancelled == 0
+
+
 def wait_cycles(f, until, timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
