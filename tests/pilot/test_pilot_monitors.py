@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -88,8 +89,14 @@ def test_kill_command_kills_whole_tree_and_nothing_else(fake, tmp_path):
     # the grandchild ignores SIGTERM: only the SIGKILL that follows can end it
     script = (f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; while :; do sleep 1; done' & "
               "sleep 60")
-    try:
+    def kill_when_running():   # the server decides to kill once the payload runs
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         fake.commands["609"] = "tobekilled"
+
+    threading.Thread(target=kill_when_running, daemon=True).start()
+    try:
         final, took, res = run_and_final(fake, tmp_path, make_job(609, script), "--heartbeat", "0.5")
         assert final["state"] == "failed"
         assert int(final["pilotErrorCode"]) == ErrorCode.KILLED_BY_SERVER, res.stderr
