@@ -44,6 +44,7 @@ class FakePanda:
         self.port = free_port()
         self.httpd: ThreadingHTTPServer | None = None
         self.unauthorized = 0
+        self.garbage: str | None = None            # a getJob reply body that is not JSON
 
     @property
     def url(self) -> str:
@@ -107,6 +108,13 @@ class FakePanda:
                 if not self._authorized():
                     return
                 if path == "/server/panda/getJob":
+                    if fake.garbage is not None:
+                        data = fake.garbage.encode()
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                        return
                     return self._reply(fake.get_job(form))
                 if path == "/server/panda/updateJob":
                     return self._reply(fake.update_job(form))

@@ -241,3 +241,20 @@ def test_job_killed_before_it_starts(fake, se, tmp_path):
     assert int(final["pilotErrorCode"]) == ErrorCode.KILLED_BY_SERVER
     assert not marker.exists() and "stage-in of" not in res.stderr
     assert [u["state"] for u in fake.updates(505)] == ["starting", "failed"]
+
+
+def test_garbage_from_the_server_is_a_clear_error(fake, tmp_path):
+    fake.garbage = "<html>proxy error</html>"
+    res = run_pilot(fake, tmp_path / "wd")
+    assert res.returncode == 1
+    assert "not JSON" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_job_without_signature_or_id_is_refused(fake, tmp_path):
+    marker = tmp_path / "ran"
+    fake.add_job(make_job(506, f"touch {marker}"))
+    fake.tamper[506] = {"specSignature": ""}
+    res = run_pilot(fake, tmp_path / "wd")
+    final = fake.final(506)
+    assert int(final["pilotErrorCode"]) == ErrorCode.BAD_SIGNATURE, res.stderr
+    assert "not signed" in final["pilotErrorDiag"] and not marker.exists()
