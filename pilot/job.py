@@ -271,7 +271,7 @@ class JobRun:
         ignore = PILOT_FILES | {"pilot_inputs.json"}
         next_check = time.monotonic() + min(self.cfg.monitor_interval_s, 1.0)
         while True:
-            res = self.payload.wait(timeout=0.5, step=0.05)
+            res = self.payload.wait(timeout=0.5, step=0.01)
             if res is not None:
                 self.result = res
                 self.payload.kill_leftovers()
