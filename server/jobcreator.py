@@ -38,7 +38,7 @@ class TaskSpec:
     n_jobs: int | None = None            # for tasks without input: how many jobs
     site: str | None = None
     priority: int = 1000
-    share: str = "default"
+    share: str | None = None             # global share; None: chosen from prod_source_label
     prod_source_label: str = "managed"
     cores: int = 1
     memory_mb: int = 1000

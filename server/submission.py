@@ -37,6 +37,7 @@ class TaskSubmitter:
     def submit(self, params: dict, owner: str) -> SubmitResult:
         """Create a task and its jobs. Raises TaskSpecError for anything the user must fix."""
         spec = TaskSpec.from_dict(params)
+        spec.share = self.resolve_share(spec)
         sites = {s["name"]: s for s in self.tb.list_sites()}
         if spec.site and spec.site not in sites:
             raise TaskSpecError(f"field 'site': unknown site {spec.site!r}"
@@ -50,10 +51,29 @@ class TaskSubmitter:
         groups, windows = _split(spec, inputs)
         return self._create(spec, params, owner, groups, sites, windows=windows)
 
+    def resolve_share(self, spec: TaskSpec) -> str:
+        """The global share of the task's jobs: the one it names, which must be in the share
+        tree, else ``analysis`` for user jobs and ``production`` for the others when the tree
+        has them, else the tree's first share."""
+        from .shares import ShareStore, walk
+
+        tree = ShareStore(self.tb).load()
+        names = [s.name for s, _, _ in walk(tree)]
+        if spec.share:
+            if spec.share not in names:
+                raise TaskSpecError(f"field 'share': unknown global share {spec.share!r} "
+                                    f"(known: {', '.join(names) or 'none'})")
+            return spec.share
+        wanted = "analysis" if spec.prod_source_label in ("user", "panda") else "production"
+        if wanted in names:
+            return wanted
+        return names[0] if names else "default"
+
     def extend(self, task_id: int, actor: str) -> SubmitResult:
         """Create jobs for the files added to the task's input dataset since it was created."""
         task = self.tb.get_task(task_id)
         spec = TaskSpec.from_dict(task["params"])
+        spec.share = task["share"]
         if not spec.input_dataset:
             raise TaskSpecError("this task has no input dataset to extend")
         new = self.tb.dataset_files(spec.input_dataset, unused_only=True)

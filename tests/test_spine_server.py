@@ -242,3 +242,16 @@ def test_scheduler_status_page_shows_factories_and_pilots(site_server):
     assert "5 pilots failed in a row" in page and "<b>no</b>" in page
     with pytest.raises(ClientError, match="batch_id and site"):
         factory.call("pilot", "report", "POST", factory="f", pilots=[{"site": SITE}])
+
+
+def test_task_share_defaults_and_unknown_share(site_server):
+    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    with pytest.raises(ClientError, match="unknown global share 'nosuch'"):
+        user.submit_task({"name": "s0", "transformation": "/bin/true", "n_jobs": 1,
+                          "site": SITE, "share": "nosuch"})
+    prod = user.submit_task({"name": "s1", "transformation": "/bin/true", "n_jobs": 1,
+                             "site": SITE})
+    ana = user.submit_task({"name": "s2", "transformation": "/bin/true", "n_jobs": 1,
+                            "site": SITE, "prod_source_label": "user"})
+    assert user.task_details(prod)["share"] == "production"
+    assert user.task_details(ana)["share"] == "analysis"

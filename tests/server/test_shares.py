@@ -126,7 +126,11 @@ def test_share_below_target_goes_first_then_priority(tb):
 
 
 def test_unknown_share_comes_last_but_still_runs(tb):
-    odd = add_jobs(tb, "default", 1, priority=5000)[0]
+    # submission only takes shares of the tree; a share can leave the tree later (an admin edit)
+    odd = add_jobs(tb, "reprocessing", 1, priority=5000)[0]
+    ShareStore(tb).save(parse_shares([
+        {"name": "production", "value": 80, "children": [{"name": "mc", "value": 100}]},
+        {"name": "analysis", "value": 20}]))
     add_jobs(tb, "analysis", 1)
     chooser = ShareChooser(tb, ttl_s=0)
     assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["share"] == "analysis"
@@ -181,9 +185,17 @@ def dispatcher(tb, tmp_path, ttl_s=0):
     return Dispatcher(tb, KeyStore(tmp_path / "keys"), ShareChooser(tb, ttl_s=ttl_s))
 
 
+def retire_share(tb, job_ids, name="retired"):
+    """Jobs whose share has left the tree since they were submitted (an admin edit)."""
+    from sqlalchemy import update
+    with tb.engine.begin() as conn:
+        conn.execute(update(db.jobs).where(db.jobs.c.panda_id.in_(job_ids)).values(share=name))
+
+
 def test_dispatcher_asks_share_by_share(tb, tmp_path):
-    for share in ("mc", "reprocessing", "analysis", "default"):
+    for share in ("mc", "reprocessing", "analysis"):
         add_jobs(tb, share, 10)
+    retire_share(tb, add_jobs(tb, "mc", 10, name="later-retired"), "default")
     disp = dispatcher(tb, tmp_path)
     got = []
     for _ in range(20):
