@@ -278,6 +278,9 @@ def alembic_config(url: str | None = None):
     """An alembic Config pointing at the migrations shipped inside the package."""
     from alembic.config import Config
 
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.level == logging.NOTSET:     # its per-step chatter: only when asked for
+        alembic_log.setLevel(logging.WARNING)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if url:
@@ -318,9 +321,6 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> tuple[str | None, 
     from alembic.migration import MigrationContext
 
     cfg = alembic_config()
-    alembic_log = logging.getLogger("alembic")
-    if alembic_log.level == logging.NOTSET:     # its per-step chatter: only when asked for
-        alembic_log.setLevel(logging.WARNING)
     with engine.begin() as conn:
         _lock_migrations(conn)
         before = MigrationContext.configure(conn).get_current_revision()

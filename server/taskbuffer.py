@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import (String, and_, bindparam, delete, func, insert, literal, select, union_all,
-                        update)
+from sqlalchemy import (BigInteger, Integer, String, and_, bindparam, func, insert, select,
+                        union_all, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -50,6 +50,7 @@ class TaskBuffer:
         self.dialect = engine.dialect.name
         self._skip_locked = self.dialect in ("postgresql", "mysql", "mariadb")
         self._site_cache: dict[str, tuple[float, dict]] = {}
+        self._stmt_cache: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ state changes
     def set_job_state(self, conn: Connection, panda_id: int, new: str, *, actor: str | None,
@@ -77,53 +78,85 @@ class TaskBuffer:
         steps = _steps(old, [*via, new])
         return self._apply_state(conn, int(panda_id), old, steps, actor, fields) is not None
 
-    def _apply_state(self, conn: Connection, target, old: str, steps: list[tuple[str, str]],
-                     actor: str | None, fields: dict, returning: bool = False):
+    def _apply_state(self, conn: Connection, target: int | None, old: str,
+                     steps: list[tuple[str, str]], actor: str | None, fields: dict,
+                     returning: bool = False, pick: tuple | None = None):
         """The guarded UPDATE plus its history rows (checked transitions in ``steps``).
 
-        PostgreSQL: one statement (UPDATE ... RETURNING in a CTE feeding the history INSERT).
-        Elsewhere: UPDATE (RETURNING on SQLite when the row is wanted), then the INSERT.
+        ``target``: the PandaID; or None and ``pick`` = (cache key or None, scalar subquery
+        choosing the row, its parameters). PostgreSQL: one statement (UPDATE ... RETURNING in a
+        CTE feeding the history INSERT). Elsewhere: UPDATE (RETURNING on SQLite when the row is
+        wanted), then the INSERT. Statements are built once per shape and reused with bind
+        parameters: building a Core statement costs more client CPU than running it.
         Returns None if no row matched; else the row (``returning``) or the PandaID.
         """
         now = self.clock()
         values = {"status": steps[-1][1] if steps else old, "modification_time": now, **fields}
         if steps:
             values["state_changed"] = now
-        j = db.jobs.c
-        stmt = update(db.jobs).where(j.panda_id == target, j.status == old).values(**values)
+        cols = tuple(sorted(values))
+        key = (cols, len(steps), returning, pick[0] if pick else "id")
+        stmt = self._stmt_cache.get(key) if key[3] is not None else None
+        if stmt is None:
+            stmt = self._state_stmt(cols, len(steps), returning, pick[1] if pick else None)
+            if key[3] is not None and len(self._stmt_cache) < 1000:
+                self._stmt_cache[key] = stmt
+        params = {f"v_{k}": v for k, v in values.items()}
+        params["old_status"] = old
+        if pick:
+            params.update(pick[2])
+        else:
+            params["target"] = target
         if self.dialect == "postgresql":
-            upd = stmt.returning(*(db.jobs.c if returning else [j.panda_id])).cte("upd")
-            query = select(upd)
-            if steps:
-                rows = [select(upd.c.panda_id, literal(o, String), literal(n, String),
-                               literal(now, db.Timestamp), literal(actor, String))
-                        for o, n in steps]
-                hist = insert(db.job_history).from_select(
-                    ["panda_id", "old_status", "new_status", "time", "actor"],
-                    rows[0] if len(rows) == 1 else union_all(*rows)).cte("hist")
-                query = query.add_cte(hist)
-            row = conn.execute(query).first()
+            params.update(now=now, actor=actor)
+            for i, (o, n) in enumerate(steps):
+                params[f"o{i}"], params[f"n{i}"] = o, n
+            row = conn.execute(stmt, params).first()
             if row is None:
                 return None
             return dict(row._mapping) if returning else row.panda_id
-        if returning and self.dialect == "sqlite":
-            row = conn.execute(stmt.returning(*db.jobs.c)).first()
+        if returning:
+            row = conn.execute(stmt, params).first()
             if row is None:
                 return None
             result: Any = dict(row._mapping)
             panda_id = row.panda_id
         else:
-            if not isinstance(target, int):
+            if target is None:
                 raise TypeError("a PandaID is needed here (no UPDATE ... RETURNING)")
-            res = conn.execute(stmt)
-            if res.rowcount != 1:
+            if conn.execute(stmt, params).rowcount != 1:
                 return None
             result = panda_id = target
         if steps:
-            conn.execute(insert(db.job_history), [
+            conn.execute(_INSERT_HISTORY, [
                 {"panda_id": panda_id, "old_status": o, "new_status": n, "time": now,
                  "actor": actor} for o, n in steps])
         return result
+
+    def _state_stmt(self, cols: tuple[str, ...], n_steps: int, returning: bool, pick_subq):
+        j = db.jobs.c
+        target = pick_subq if pick_subq is not None else bindparam("target", type_=BigInteger)
+        stmt = update(db.jobs).where(
+            j.panda_id == target, j.status == bindparam("old_status", type_=String)
+        ).values({c: bindparam(f"v_{c}", type_=db.jobs.c[c].type) for c in cols})
+        if self.dialect == "postgresql":
+            upd = stmt.returning(*(db.jobs.c if returning else [j.panda_id])).cte("upd")
+            query = select(upd)
+            if n_steps:
+                rows = [select(upd.c.panda_id, bindparam(f"o{i}", type_=String),
+                               bindparam(f"n{i}", type_=String),
+                               bindparam("now", type_=db.Timestamp),
+                               bindparam("actor", type_=String)) for i in range(n_steps)]
+                hist = insert(db.job_history).from_select(
+                    ["panda_id", "old_status", "new_status", "time", "actor"],
+                    rows[0] if n_steps == 1 else union_all(*rows)).cte("hist")
+                query = query.add_cte(hist)
+            return query
+        if returning:
+            if self.dialect != "sqlite":
+                raise TypeError(f"UPDATE ... RETURNING is not used on {self.dialect}")
+            return stmt.returning(*db.jobs.c)
+        return stmt
 
     # ------------------------------------------------------------------ sites
     def sync_sites(self, configs: list[dict]) -> list[str]:
@@ -365,21 +398,31 @@ class TaskBuffer:
         MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED`` then the guarded update.
         """
         j = db.jobs.c
-        conds = [j.site == site, j.status == str(JobState.ACTIVATED)]
-        if cores:
-            conds.append(j.cores <= cores)
-        if memory_mb:
-            conds.append(j.memory_mb <= memory_mb)
-        if walltime_s:
-            conds.append(j.walltime_s <= walltime_s)
-        if prod_source_label:
-            conds.append(j.prod_source_label == prod_source_label)
-        if pilot_version:
-            conds.append((j.pilot_version.is_(None)) | (j.pilot_version == pilot_version))
+        wanted = {"p_site": site, "p_cores": cores or None, "p_memory_mb": memory_mb or None,
+                  "p_walltime_s": walltime_s or None, "p_label": prod_source_label or None,
+                  "p_version": pilot_version or None}
+        params = {k: v for k, v in wanted.items() if v is not None}
+        shape = tuple(sorted(params))
+        conds = [j.site == bindparam("p_site", type_=String),
+                 j.status == str(JobState.ACTIVATED)]
+        if "p_cores" in params:
+            conds.append(j.cores <= bindparam("p_cores", type_=Integer))
+        if "p_memory_mb" in params:
+            conds.append(j.memory_mb <= bindparam("p_memory_mb", type_=Integer))
+        if "p_walltime_s" in params:
+            conds.append(j.walltime_s <= bindparam("p_walltime_s", type_=Integer))
+        if "p_label" in params:
+            conds.append(j.prod_source_label == bindparam("p_label", type_=String))
+        if "p_version" in params:
+            conds.append(j.pilot_version.is_(None)
+                         | (j.pilot_version == bindparam("p_version", type_=String)))
         else:
             conds.append(j.pilot_version.is_(None))
         if where:
             conds.extend(where)
+        # the default shape is cached with the statement; a chooser's order or extra
+        # conditions (literal values inside) are built each time
+        cache_key = ("dispatch", shape) if order_by is None and not where else None
         order = order_by if order_by is not None else [j.current_priority.desc(), j.panda_id]
         steps = [(str(JobState.ACTIVATED), str(JobState.SENT))]
         for _ in range(max_tries):
@@ -390,23 +433,27 @@ class TaskBuffer:
                     pick = select(j.panda_id).where(and_(*conds)).order_by(*order).limit(1)
                     if self._skip_locked:
                         pick = pick.with_for_update(skip_locked=True)
-                    job = self._apply_state(conn, pick.scalar_subquery(),
-                                            str(JobState.ACTIVATED), steps, actor, fields,
-                                            returning=True)
+                    job = self._apply_state(conn, None, str(JobState.ACTIVATED), steps, actor,
+                                            fields, returning=True,
+                                            pick=(cache_key, pick.scalar_subquery(), params))
                     if job is None:      # nothing left (locked rows were skipped, not raced)
                         return None
                 else:
-                    row = conn.execute(select(db.jobs).where(and_(*conds)).order_by(*order)
-                                       .limit(1).with_for_update(skip_locked=True)).first()
+                    query = self._stmt_cache.get(cache_key) if cache_key else None
+                    if query is None:
+                        query = (select(db.jobs).where(and_(*conds)).order_by(*order).limit(1)
+                                 .with_for_update(skip_locked=True))
+                        if cache_key:
+                            self._stmt_cache[cache_key] = query
+                    row = conn.execute(query, params).first()
                     if row is None:
                         return None
                     if self._apply_state(conn, int(row.panda_id),
                                          str(JobState.ACTIVATED), steps, actor, fields) is None:
                         continue         # another process won the race: try the next one
                     job = {**row._mapping, **fields, "status": str(JobState.SENT)}
-                job["files"] = [dict(f._mapping) for f in conn.execute(
-                    select(db.files).where(db.files.c.panda_id == job["panda_id"])
-                    .order_by(db.files.c.row_id))]
+                job["files"] = [dict(f._mapping) for f in
+                                conn.execute(_SELECT_FILES, {"pid": job["panda_id"]})]
                 return job
         return None
 
@@ -562,9 +609,13 @@ class TaskBuffer:
         """A task's status follows its jobs.
 
         Cheap while the task still has live jobs (two indexed lookups); the jobs are counted
-        only once none is left to run.
+        only once none is left to run. The task row is locked first: two jobs ending at once
+        in READ COMMITTED would each see the other still running, and neither end the task.
         """
-        task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == task_id)).first()
+        q = select(db.tasks.c.status).where(db.tasks.c.task_id == task_id)
+        if self._skip_locked:
+            q = q.with_for_update()
+        task = conn.execute(q).first()
         if task is None or task.status == str(TaskState.ABORTED):
             return
         j = db.jobs.c
@@ -670,6 +721,11 @@ class TaskBuffer:
                                                                              db.pilots.c.state)):
                 per_site.setdefault(site, {})[state] = n
         return {"factories": facs, "sites": per_site}
+
+
+_INSERT_HISTORY = insert(db.job_history)
+_SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
+                 .order_by(db.files.c.row_id))
 
 
 def _steps(old: str, path: list[str]) -> list[tuple[str, str]]:

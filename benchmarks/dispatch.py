@@ -1,0 +1,394 @@
+"""Dispatch throughput of the server on PostgreSQL, against a bare Tornado hello-world.
+
+One run, same machine, same client:
+  1. hello:  a bare Tornado app (same number of processes as the server) answering a form POST
+     with a small JSON object; requests/s is the ceiling of this client and HTTP stack.
+  2. getJob: pilots only ask for jobs (``getJob``), draining a first batch of activated jobs.
+  3. cycles: full job cycles on 10,000 activated jobs: getJob, updateJob running, updateJob
+     finished with the stored output files, as PanDA's pilot does.
+The client is a separate process (asyncio, one keep-alive connection per simulated pilot,
+raw HTTP/1.1, so that it costs little CPU beside the server and the database). The database is
+a fresh PostgreSQL database, dropped afterwards. Targets on a 2-core machine: >= 460 cycles/s
+and getJob >= 0.4x hello.
+
+    python benchmarks/dispatch.py [--quick] [--jobs N] [--pilots N] [--processes N]
+
+Prints jobs/s, requests/s, p50/p99 latency and the ratios; the last line is one JSON object
+with jobs_per_s, getjob_req_per_s, hello_req_per_s, getjob_ratio_vs_hello, p99_ms.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PG_ADMIN = os.environ.get("PANDA_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+SITE = "BENCH_SITE"
+
+
+# ---------------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session, with every worker it forked."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(15)
+            time.sleep(0.2)          # forked workers leave after their parent
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# ---------------------------------------------------------------------- database
+def create_db() -> str:
+    from sqlalchemy import create_engine, text
+    name = f"panda_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"{PG_ADMIN}/{name}"
+
+
+def drop_db(url: str) -> None:
+    from sqlalchemy import create_engine, text
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def seed(url: str, n_jobs: int) -> None:
+    """Schema, one site, one task with ``n_jobs`` activated jobs (input, output, log file)."""
+    from sqlalchemy import insert, select
+
+    from server import db
+    from server.taskbuffer import TaskBuffer, utcnow
+
+    engine = db.make_engine(url, pool_size=1)
+    db.upgrade_schema(engine)
+    tb = TaskBuffer(engine)
+    se = {"name": "BENCH_SE", "url": "file:///nonexistent"}
+    tb.sync_sites([{"name": SITE, "status": "online", "resources": {"cores": 8},
+                    "storage": {"input": se, "output": se}}])
+    now = utcnow()
+    with engine.begin() as conn:
+        task_id = tb.insert_task(conn, name="bench", owner="bench", params={"name": "bench"},
+                                 priority=1000, share="production", site=SITE, max_attempts=1)
+        tb.set_task_status(conn, task_id, "ready")
+        conn.execute(insert(db.jobs), [{
+            "task_id": task_id, "serial": i, "attempt_nr": 1, "max_attempts": 1,
+            "status": "activated", "site": SITE, "owner": "bench",
+            "prod_source_label": "managed", "share": "production", "priority": 1000,
+            "current_priority": 1000, "transformation": "/bin/true", "job_pars": "",
+            "cores": 1, "memory_mb": 1000, "walltime_s": 600, "disk_mb": 100,
+            "creation_time": now, "modification_time": now, "state_changed": now,
+            "pilot_error_code": 0, "exe_error_code": 0, "dispatcher_error_code": 0,
+            "task_buffer_error_code": 0} for i in range(1, n_jobs + 1)])
+        ids = [r[0] for r in conn.execute(select(db.jobs.c.panda_id).order_by(db.jobs.c.serial))]
+        conn.execute(insert(db.job_history), [
+            {"panda_id": p, "old_status": None, "new_status": "activated", "time": now,
+             "actor": "bench"} for p in ids])
+        files = []
+        for n, p in enumerate(ids, 1):
+            for ftype, lfn, status in (("input", f"in.{n:06d}", "ready"),
+                                       ("output", f"out.{n:06d}", "defined"),
+                                       ("log", f"log.{n:06d}.tgz", "defined")):
+                files.append({"panda_id": p, "task_id": task_id, "type": ftype, "scope": "bench",
+                              "lfn": lfn, "dataset": "bench.data", "guid": str(uuid.uuid4()),
+                              "fsize": 10 if ftype == "input" else None,
+                              "checksum": "ad:00000001" if ftype == "input" else None,
+                              "status": status, "ddm_endpoint": None})
+        conn.execute(insert(db.files), files)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE")
+    engine.dispose()
+
+
+def count_states(url: str) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from server import db
+    engine = db.make_engine(url, pool_size=1)
+    with engine.connect() as conn:
+        out = dict(conn.execute(select(db.jobs.c.status, func.count())
+                                .group_by(db.jobs.c.status)).all())
+        sent = conn.execute(select(db.job_history.c.panda_id, func.count())
+                            .where(db.job_history.c.new_status == "sent")
+                            .group_by(db.job_history.c.panda_id)
+                            .having(func.count() > 1)).all()
+    engine.dispose()
+    out["_dispatched_twice"] = len(sent)
+    return out
+
+
+# ---------------------------------------------------------------------- hello world
+HELLO = """
+import sys, tornado.web, tornado.httpserver, tornado.netutil, tornado.process
+from tornado.ioloop import IOLoop
+class Hello(tornado.web.RequestHandler):
+    def post(self, method):
+        self.set_header("Content-Type", "application/json")
+        self.finish('{"StatusCode": 20, "errorDialog": "no jobs"}')
+socks = tornado.netutil.bind_sockets(int(sys.argv[1]), address="127.0.0.1")
+if int(sys.argv[2]) > 1:
+    tornado.process.fork_processes(int(sys.argv[2]))
+srv = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/server/panda/(\\w+)", Hello)]))
+srv.add_sockets(socks)
+IOLoop.current().start()
+"""
+
+
+# ---------------------------------------------------------------------- the client
+class Conn:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol."""
+
+    def __init__(self, port: int, token: str):
+        self.port = port
+        self.head = ("Host: 127.0.0.1\r\nAccept: application/json\r\n"
+                     "Content-Type: application/x-www-form-urlencoded\r\n"
+                     f"Authorization: Bearer {token}\r\n")
+        self.reader = self.writer = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def post(self, method: str, form: dict) -> dict:
+        body = urllib.parse.urlencode(form).encode()
+        self.writer.write(f"POST /server/panda/{method} HTTP/1.1\r\n{self.head}"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = await self.reader.readline()
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        data = await self.reader.readexactly(length)
+        if not status.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{method}: {status.decode().strip()} {data[:200]!r}")
+        return json.loads(data)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+async def _phase(mode: str, port: int, token: str, pilots: int, limit: int) -> dict:
+    lat: dict[str, list[float]] = {"getJob": [], "updateJob": [], "hello": []}
+    done = {"jobs": 0, "requests": 0, "errors": 0}
+    conns = [Conn(port, token) for _ in range(pilots)]
+    await asyncio.gather(*(c.open() for c in conns))
+    form = {"siteName": SITE, "node": "bench-wn", "prodSourceLabel": "managed",
+            "computingElement": "ce", "cpu": "2000", "mem": "4000", "diskSpace": "20000",
+            "workingGroup": "", "jobType": "managed", "resourceType": "SCORE"}
+    tp = time.perf_counter
+
+    async def worker(c: Conn) -> None:
+        while True:
+            if mode == "hello":
+                if done["requests"] >= limit:
+                    return
+                done["requests"] += 1
+                t = tp()
+                await c.post("getJob", form)
+                lat["hello"].append(tp() - t)
+                continue
+            t = tp()
+            job = await c.post("getJob", form)
+            lat["getJob"].append(tp() - t)
+            done["requests"] += 1
+            if job.get("StatusCode") == 20:
+                return
+            if job.get("StatusCode") != 0:
+                done["errors"] += 1
+                return
+            done["jobs"] += 1
+            if mode == "getjob":
+                if done["jobs"] >= limit:
+                    return
+                continue
+            pid, attempt = job["PandaID"], job["attemptNr"]
+            t = tp()
+            r = await c.post("updateJob", {"jobId": pid, "state": "running", "attemptNr": attempt,
+                                           "siteName": SITE, "node": "bench-wn"})
+            lat["updateJob"].append(tp() - t)
+            stored = {lfn: {"guid": str(uuid.uuid4()), "fsize": 100,
+                            "adler32": f"{zlib.adler32(lfn.encode()):08x}",
+                            "surl": f"file:///se/bench/{lfn}"}
+                      for lfn in job["outFiles"].split(",")}
+            t = tp()
+            r2 = await c.post("updateJob", {
+                "jobId": pid, "state": "finished", "attemptNr": attempt, "siteName": SITE,
+                "transExitCode": 0, "pilotErrorCode": 0, "cpuConsumptionTime": 1,
+                "xml": json.dumps(stored)})
+            lat["updateJob"].append(tp() - t)
+            done["requests"] += 2
+            if r.get("StatusCode") != 0 or r2.get("StatusCode") != 0:
+                done["errors"] += 1
+
+    t0 = tp()
+    await asyncio.gather(*(worker(c) for c in conns))
+    took = tp() - t0
+    for c in conns:
+        c.close()
+    return {"took": took, **done, "lat": lat}
+
+
+def _client_main(args: tuple, queue) -> None:
+    queue.put(asyncio.run(_phase(*args)))
+
+
+def run_phase(mode: str, port: int, token: str, pilots: int, limit: int = 0) -> dict:
+    """Run one load phase in a separate client process."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_client_main, args=((mode, port, token, pilots, limit), queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def summarize(name: str, res: dict, keys: list[str]) -> tuple[float, float, float]:
+    lat = [x for k in keys for x in res["lat"][k]]
+    rps = res["requests"] / res["took"]
+    p50, p99 = pct(lat, 0.50) * 1000, pct(lat, 0.99) * 1000
+    print(f"{name:8s} {res['requests']:7d} requests in {res['took']:6.2f} s: {rps:7.0f} req/s, "
+          f"p50 {p50:6.1f} ms, p99 {p99:6.1f} ms"
+          + (f", {res['jobs'] / res['took']:6.0f} jobs/s" if res["jobs"] else "")
+          + (f", {res['errors']} errors" if res["errors"] else ""), flush=True)
+    return rps, p50, p99
+
+
+# ---------------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller load, under a minute")
+    ap.add_argument("--jobs", type=int, help="jobs for full cycles (default 10000, quick 2000)")
+    ap.add_argument("--getjob-jobs", type=int, help="jobs for the getJob phase (default 5000, "
+                    "quick 1500)")
+    ap.add_argument("--pilots", type=int, default=50, help="concurrent simulated pilots")
+    ap.add_argument("--processes", type=int, default=2, help="server processes")
+    ap.add_argument("--threads", type=int, default=4, help="database threads per process")
+    args = ap.parse_args()
+    n_cycles = args.jobs or (2000 if args.quick else 10000)
+    n_getjob = args.getjob_jobs or (1500 if args.quick else 5000)
+    n_hello = 3 * n_getjob
+
+    tmp = Path(tempfile.mkdtemp(prefix="panda-bench-"))
+    url = create_db()
+    procs: list[subprocess.Popen] = []
+    try:
+        t = time.perf_counter()
+        seed(url, n_getjob + n_cycles)
+        print(f"seeded {n_getjob + n_cycles} activated jobs in {time.perf_counter() - t:.1f} s "
+              f"(PostgreSQL, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})", flush=True)
+
+        hello_port = free_port()
+        hello = subprocess.Popen([sys.executable, "-c", HELLO, str(hello_port),
+                                  str(args.processes)], start_new_session=True)
+        procs.append(hello)
+        wait_port(hello_port, hello)
+        run_phase("hello", hello_port, "x", args.pilots, 500)          # warm-up
+        res_hello = run_phase("hello", hello_port, "x", args.pilots, n_hello)
+        stop(hello)
+        hello_rps, _, _ = summarize("hello", res_hello, ["hello"])
+
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        log = open(tmp / "server.log", "w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "panda_wms.cli", "server", "--db", url, "--port", str(port),
+             "--host", "127.0.0.1", "--key-dir", str(tmp / "keys"),
+             "--processes", str(args.processes), "--threads", str(args.threads),
+             "--archive-interval", "0", "--watcher-interval", "0", "--log-level", "WARNING"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        procs.append(server)
+        wait_port(port, server)
+        token = subprocess.run(
+            [sys.executable, "-m", "panda_wms.cli", "token", "issue", "--key-dir",
+             str(tmp / "keys"), "--role", "pilot", "--subject", "bench-pilot", "--site", SITE],
+            check=True, capture_output=True, text=True, env=env).stdout.strip()
+
+        res_get = run_phase("getjob", port, token, args.pilots, n_getjob)
+        getjob_rps, _, _ = summarize("getJob", res_get, ["getJob"])
+        res_cyc = run_phase("cycles", port, token, args.pilots)
+        cyc_rps, p50, p99 = summarize("cycles", res_cyc, ["getJob", "updateJob"])
+        stop(server)
+        jobs_per_s = res_cyc["jobs"] / res_cyc["took"]
+        for name, key in (("getJob", "getJob"), ("updateJob", "updateJob")):
+            lat = res_cyc["lat"][key]
+            print(f"  in cycles, {name:9s}: p50 {pct(lat, .5) * 1000:6.1f} ms, "
+                  f"p99 {pct(lat, .99) * 1000:6.1f} ms, "
+                  f"mean {statistics.fmean(lat or [0]) * 1000:6.1f} ms")
+        states = count_states(url)
+        ok = (states.get("finished") == n_cycles and states.get("sent") == n_getjob
+              and states["_dispatched_twice"] == 0
+              and res_cyc["errors"] == 0 and res_get["errors"] == 0)
+        print(f"final states: {states} -> {'consistent' if ok else 'INCONSISTENT'}")
+        print(f"cycles: {jobs_per_s:.0f} jobs/s (target >= 460); getJob {getjob_rps:.0f} req/s = "
+              f"{getjob_rps / hello_rps:.2f}x hello {hello_rps:.0f} req/s (target >= 0.4)")
+        print(json.dumps({
+            "jobs_per_s": round(jobs_per_s, 1), "cycle_req_per_s": round(cyc_rps, 1),
+            "getjob_req_per_s": round(getjob_rps, 1), "hello_req_per_s": round(hello_rps, 1),
+            "getjob_ratio_vs_hello": round(getjob_rps / hello_rps, 3),
+            "p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "jobs": n_cycles,
+            "pilots": args.pilots, "server_processes": args.processes,
+            "consistent": ok, "load_avg": round(os.getloadavg()[0], 2)}))
+        return 0 if ok else 1
+    finally:
+        for p in procs:
+            stop(p)
+        drop_db(url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
