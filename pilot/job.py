@@ -163,6 +163,7 @@ class JobRun:
                       "site_name": self.site.name,
                       "job": self.raw, "started": self.start_time}
         self._save(sf.RECEIVED)
+        handler = self._job_log_handler()
         try:
             return self._run()
         except Exception as exc:  # a pilot bug must still end in a reported failure
@@ -172,8 +173,23 @@ class JobRun:
             return self._finish("failed", PilotError(ErrorCode.GENERAL,
                                 f"unexpected pilot error: {type(exc).__name__}: {exc}"), {})
         finally:
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
             if self.lock is not None:
                 self.lock.release()
+
+    def _job_log_handler(self) -> logging.Handler | None:
+        """The pilot's log lines of this job go to ``pilot.log`` in the work dir, and so into the
+        job's log tarball, as PanDA's pilot log does."""
+        try:
+            handler = logging.FileHandler(self.workdir / "pilot.log")
+        except OSError:
+            return None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        logging.getLogger().addHandler(handler)
+        return handler
 
     def _run(self) -> str:
         error: PilotError | None = None

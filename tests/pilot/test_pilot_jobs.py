@@ -43,6 +43,8 @@ def test_job_with_input_and_output(fake, se, tmp_path):
         names = tar.getnames()
         stdout = [n for n in names if n.endswith("payload.stdout")]
         assert stdout and b"payload-says-hi" in tar.extractfile(stdout[0]).read()
+        pilot_log = tar.extractfile([n for n in names if n.endswith("/pilot.log")][0]).read()
+        assert b"payload started" in pilot_log and b"stage-in of test:in.1.dat" in pilot_log
     assert not any(n.endswith(("in.1.dat", "out.1.dat")) for n in names)
     # protocol: getJob carried our fields; starting and running were reported before the end
     get = [f for m, p, f in fake.requests if p == "/server/panda/getJob"][0]
