@@ -4,11 +4,14 @@ Follows ../shared/notes/arc-local.md: Debian's zero-conf A-REX (``lrms = fork``,
 certificate for ``hostname -f``, which must resolve to 127.0.0.1), the job manager and the HTTPS
 interface started without systemd, and a test-CA user credential with a proxy. The HTTPS interface
 is made to listen on 127.0.0.1 only. A-REX already running (started by someone else) is used as it
-is and left running. The fork LRMS does not kill a killed job's children: ``kill_job_processes``
-lets a test end what its own job started.
+is and left running; several pytest sessions at once share the CE, and the last one to leave
+stops the daemons that tests started. The fork LRMS does not kill a killed job's children:
+``kill_job_processes`` lets a test end what its own job started.
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -17,8 +20,9 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 import requests
@@ -28,6 +32,8 @@ PACKAGES = ["nordugrid-arc-arex", "nordugrid-arc-client", "nordugrid-arc-plugins
 ARC_SHARE = Path("/usr/share/arc")
 PID_FILES = {"arex": Path("/run/arched-arex.pid"), "ws": Path("/run/arched-arex-ws.pid")}
 CONTROL_DIR = Path("/var/spool/arc/jobstatus")
+LOCK = Path("/run/panda-wms-arc-ce.lock")
+MARKER = Path("/run/panda-wms-arc-ce.started")    # {daemon: pid} of what test sessions started
 
 
 class ArcUnavailable(RuntimeError):
@@ -62,7 +68,7 @@ class ArcCE:
     url: str                      # A-REX base URL, https://host/arex
     proxy: Path
     ca_dir: Path
-    started: dict[str, int] = field(default_factory=dict)   # daemons this fixture started
+    lock: IO | None = None        # shared flock held while this session uses the CE
 
     @property
     def options(self) -> dict:
@@ -99,23 +105,38 @@ class ArcCE:
         return len(victims)
 
     def stop(self) -> None:
-        """Stop the daemons this fixture started (never one it found running)."""
-        procs = []
-        for pid in self.started.values():
-            try:
-                proc = psutil.Process(pid)
-                proc.send_signal(signal.SIGTERM)
-                procs.append(proc)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        # the job manager's helpers (scan-fork-job) die with it; collect what is left of ours
-        self.started.clear()
+        """Leave the CE; the last test session using a CE that tests started stops it."""
+        if self.lock is None:
+            return
+        fcntl.flock(self.lock, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.close()              # another pytest session still uses it
+            self.lock = None
+            return
+        try:
+            pids = json.loads(MARKER.read_text()) if MARKER.exists() else {}
+            procs = []
+            for name, pid in pids.items():
+                if _alive(PID_FILES[name]) == pid:     # only the daemons tests started
+                    try:
+                        proc = psutil.Process(pid)
+                        proc.send_signal(signal.SIGTERM)
+                        procs.append(proc)
+                    except psutil.Error:
+                        pass
+            _, alive = psutil.wait_procs(procs, timeout=15)
+            for proc in alive:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            MARKER.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            self.lock.close()
+            self.lock = None
 
 
 def _make_user(workdir: Path) -> tuple[Path, Path]:
@@ -200,8 +221,18 @@ def start_ce() -> ArcCE:
                              "certificate names it, and tests stay on loopback")
     workdir = Path(tempfile.mkdtemp(prefix="panda-arc-ce-"))
     proxy, ca_dir = _make_user(workdir)
-    started = _start_daemons(workdir)
-    ce = ArcCE(host=host, url=f"https://{host}/arex", proxy=proxy, ca_dir=ca_dir, started=started)
+    # pytest sessions running at once share the one system-wide CE: starting is serialised by
+    # an exclusive flock, use is a shared one, and the last session out stops what tests started
+    lock = open(LOCK, "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        started = _start_daemons(workdir)
+        if started:
+            known = json.loads(MARKER.read_text()) if MARKER.exists() else {}
+            MARKER.write_text(json.dumps({**known, **started}))
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_SH)    # downgrade: others may join now
+    ce = ArcCE(host=host, url=f"https://{host}/arex", proxy=proxy, ca_dir=ca_dir, lock=lock)
     deadline = time.monotonic() + 60
     last = ""
     while time.monotonic() < deadline:
