@@ -36,8 +36,8 @@ def test_looping_job_is_killed(fake, tmp_path):
 
 
 def test_progressing_job_is_not_looping(fake, tmp_path):
-    fake.site_config["limits"]["looping_s"] = 1
-    script = "for i in 1 2 3 4 5 6; do echo $i > progress.$i; sleep 0.4; done"
+    fake.site_config["limits"]["looping_s"] = 2     # margin for a loaded machine
+    script = "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i > progress.$i; sleep 0.3; done"
     final, _, res = run_and_final(fake, tmp_path, make_job(602, script))
     assert final["state"] == "finished", res.stderr
 
@@ -72,7 +72,7 @@ def test_job_outlives_its_wall_time(fake, tmp_path):
 
 def test_batch_slot_ending_stops_the_payload(fake, tmp_path):
     job = make_job(607, "sleep 60", maxWalltime=0)
-    final, took, res = run_and_final(fake, tmp_path, job, "--walltime", "6", "--reserve", "2")
+    final, took, res = run_and_final(fake, tmp_path, job, "--walltime", "6", "--reserve", "1")
     assert int(final["pilotErrorCode"]) == ErrorCode.BATCH_WALLTIME, res.stderr
     assert took < 20
 
