@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import zlib
 from pathlib import Path
 
-import pytest
 
 from conftest import SITE
 from panda_wms.client import PandaClient

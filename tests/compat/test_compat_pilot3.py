@@ -3,12 +3,14 @@ reports it finished. It runs as an unprivileged user made for the test, with PIL
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -23,22 +25,72 @@ def _pilot_env(launch: Path, user: str) -> list[str]:
            "PILOT_NOKILL": "1",                       # never kill the user's other processes
            "LOCAL_AGIS_SCHEDCONF": str(launch / "schedconf.json"),
            "PANDA_AUTH_TOKEN": "pilot.token", "PANDA_AUTH_ORIGIN": "panda-wms"}
+    if (launch / "pilot.cfg").exists():     # pilot 3's own way to read another config file
+        env["HARVESTER_PILOT_CONFIG"] = str(launch / "pilot.cfg")
     return [f"{k}={v}" for k, v in env.items()]
+
+
+def pilot3_command(venv: Path, user: str, launch: Path, url: str) -> list[str]:
+    """Pilot 3 in ``launch`` (its main directory: no -a) as ``user``."""
+    port = url.rsplit(":", 1)[1]
+    return ["runuser", "-u", user, "--", "env", "-i", *_pilot_env(launch, user),
+            str(venv / "bin" / "python"), "pilot.py", "-q", SITE, "--pilot-user", "generic",
+            "-w", "generic", "-j", "managed", "--url", "http://127.0.0.1", "-p", port,
+            "--queuedata-url", f"{url}/cache/schedconfig/{SITE}.all.json",
+            "--storagedata-url", f"{url}/cache/ddmendpoints.json",
+            "-t",                      # no X.509 proxy to verify: the pilot authenticates by token
+            "--no-pilot-log", "-d"]
 
 
 def run_pilot3(venv: Path, user: str, launch: Path, url: str, timeout: int = 240
                ) -> subprocess.CompletedProcess:
-    """Start pilot 3 in ``launch`` (its main directory: no -a) as ``user`` and wait for it."""
-    port = url.rsplit(":", 1)[1]
-    cmd = ["runuser", "-u", user, "--", "env", "-i", *_pilot_env(launch, user),
-           str(venv / "bin" / "python"), "pilot.py", "-q", SITE, "--pilot-user", "generic",
-           "-w", "generic", "-j", "managed", "--url", "http://127.0.0.1", "-p", port,
-           "--queuedata-url", f"{url}/cache/schedconfig/{SITE}.all.json",
-           "--storagedata-url", f"{url}/cache/ddmendpoints.json",
-           "-t",                       # no X.509 proxy to verify: the pilot authenticates by token
-           "--no-pilot-log", "-d"]
-    return subprocess.run(cmd, cwd=launch, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(pilot3_command(venv, user, launch, url), cwd=launch,
+                          capture_output=True, text=True, timeout=timeout)
 
+
+def prepare_launch(server, launch: Path, user: str, payload: bytes,
+                   heartbeat_s: int | None = None) -> None:
+    """The transformation, the pilot's token, its queue description (and config) in ``launch``."""
+    (launch / "payload.sh").write_bytes(payload)
+    (launch / "payload.sh").chmod(0o755)
+    (launch / "pilot.token").write_text(server.token("pilot", "pilot3-wn", site=SITE))
+    queuedata = requests.get(f"{server.url}/cache/schedconfig/{SITE}.all.json", timeout=5).json()
+    (launch / "schedconf.json").write_text(json.dumps({SITE: queuedata}))
+    if heartbeat_s is not None:
+        cfg = (launch / "pilot" / "util" / "default.cfg").read_text()
+        cfg = re.sub(r"(?m)^(debug_)?heartbeat: \d+$", lambda m: f"{m.group(1) or ''}heartbeat: "
+                     f"{heartbeat_s}", cfg)
+        (launch / "pilot.cfg").write_text(cfg)
+    subprocess.run(["chown", "-R", f"{user}:", str(launch)], check=True)
+
+
+def submit_payload_task(server, name: str, payload: bytes) -> tuple[PandaClient, int]:
+    """A one-job task whose input is the transformation script itself."""
+    alice = PandaClient(server.url, server.token("user", "alice"))
+    assert alice.add_files(f"{name}.in", name, [{"lfn": "payload.sh", "fsize": len(payload),
+                                                 "checksum": f"ad:{adler32_hex(payload)}"}],
+                           "LOCAL_SE") == 1
+    task_id = alice.submit_task({
+        "name": name, "scope": name, "transformation": "payload.sh", "job_parameters": "${OUT}",
+        "input_dataset": f"{name}.in", "output_dataset": f"{name}.out",
+        "outputs": [name + ".${SN}.out"], "site": SITE,
+        "resources": {"memory_mb": 100, "walltime_s": 600}})
+    return alice, task_id
+
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """End what this test started, by process id: runuser, the pilot and its payloads."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family + [proc]:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    proc.wait()
 
 @pytest.fixture
 def launch_dir(pilot_user, compat_venv):
@@ -54,23 +106,10 @@ def launch_dir(pilot_user, compat_venv):
 @pytest.mark.slow
 def test_pilot3_runs_a_job_to_finished(site_server, launch_dir, pilot_user, compat_venv):
     url = site_server.url
-    alice = PandaClient(url, site_server.token("user", "alice"))
     # the transformation script is the job's input file: pilot 3's mv copytool links inputs
     # from its launch directory into the job directory
-    assert alice.add_files("p3.in", "p3", [{"lfn": "payload.sh", "fsize": len(PAYLOAD),
-                                            "checksum": f"ad:{adler32_hex(PAYLOAD)}"}],
-                           "LOCAL_SE") == 1
-    task_id = alice.submit_task({
-        "name": "p3", "scope": "p3", "transformation": "payload.sh", "job_parameters": "${OUT}",
-        "input_dataset": "p3.in", "output_dataset": "p3.out", "outputs": ["p3.${SN}.out"],
-        "site": SITE, "resources": {"memory_mb": 100, "walltime_s": 600}})
-    (launch_dir / "payload.sh").write_bytes(PAYLOAD)
-    (launch_dir / "payload.sh").chmod(0o755)
-    (launch_dir / "pilot.token").write_text(site_server.token("pilot", "pilot3-wn", site=SITE))
-    queuedata = requests.get(f"{url}/cache/schedconfig/{SITE}.all.json", timeout=5).json()
-    (launch_dir / "schedconf.json").write_text(json.dumps({SITE: queuedata}))
-    subprocess.run(["chown", "-R", f"{pilot_user}:", str(launch_dir)], check=True)
-
+    alice, task_id = submit_payload_task(site_server, "p3", PAYLOAD)
+    prepare_launch(site_server, launch_dir, pilot_user, PAYLOAD)
     proc = run_pilot3(compat_venv, pilot_user, launch_dir, url)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
@@ -98,6 +137,46 @@ def test_pilot3_runs_a_job_to_finished(site_server, launch_dir, pilot_user, comp
     server_log = site_server.log()
     assert "Traceback" not in server_log and " 500 " not in server_log
 
+
+
+SLEEPER = b'#!/bin/sh\n# runs until killed\necho started > "$1"\nexec sleep 300\n'
+
+
+@pytest.mark.slow
+def test_pilot3_obeys_a_kill_from_the_server(site_server, launch_dir, pilot_user, compat_venv):
+    """The owner kills the running job; pilot 3 gets ``tobekilled`` in its next heartbeat reply,
+    kills the payload and ends long before the payload would have."""
+    alice, task_id = submit_payload_task(site_server, "p3k", SLEEPER)
+    prepare_launch(site_server, launch_dir, pilot_user, SLEEPER, heartbeat_s=3)
+    (job_id,) = alice.call("task", "get_job_ids", task_id=task_id)
+    started = time.monotonic()
+    log_path = launch_dir.parent / f"{launch_dir.name}.out"     # a pipe would fill and block it
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(pilot3_command(compat_venv, pilot_user, launch_dir,
+                                               site_server.url),
+                                cwd=launch_dir, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while alice.call("job", "get_description", "POST",
+                         job_ids=[job_id])[0]["jobStatus"] != "running":
+            assert proc.poll() is None and time.monotonic() - started < 120, \
+                log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        assert alice.call("job", "kill", "POST", job_ids=[job_id]) == [True]
+        proc.wait(timeout=150)
+    finally:
+        kill_tree(proc)
+        out = log_path.read_text(errors="replace")
+        log_path.unlink()
+    assert time.monotonic() - started < 200, "pilot 3 ran the payload to its end"
+    assert "tobekilled" in out, out[-4000:]
+    job = alice.call("job", "get_description", "POST", job_ids=[job_id])[0]
+    assert job["jobStatus"] == "cancelled"
+    history = alice.call("job", "get_history", job_id=job_id)
+    assert history[-1]["new_status"] == "cancelled" and history[-1]["actor"] == "alice"
+    assert "Traceback" not in site_server.log()
+    # no payload of the pilot user outlived it
+    left = subprocess.run(["pgrep", "-u", pilot_user, "-f", "sleep 300"], capture_output=True)
+    assert left.returncode == 1, left.stdout
 
 def test_queuedata_reads_in_pilot3(site_server, compat_venv):
     """Pilot 3's own QueueData/StorageData classes parse what the server serves, with our values."""
