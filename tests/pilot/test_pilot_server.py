@@ -79,6 +79,31 @@ def test_task_end_to_end_with_real_server(real, tmp_path):
     assert len(list(real.se.glob("p/*/*/*.log.tgz"))) == 2
     jobs = user.jobs(task_id)
     assert all(j.get("status", j.get("jobStatus")) == "finished" for j in jobs), jobs
+    # the server registered what the pilot stored (the final update's xml)
+    ids = [j.get("PandaID") or j.get("panda_id") for j in jobs]
+    for job in user.call("job", "get_description", "POST", job_ids=ids):
+        outs = [f for f in job["Files"] if f["type"] in ("output", "log")]
+        assert len(outs) == 2
+        for f in outs:
+            assert f["status"] == "ready" and f["fsize"] > 0, f
+            assert f["checksum"].startswith("ad:"), f
+        assert job["cpu_consumption_time"] is not None and job["max_rss"] > 0
+
+
+def test_failed_payload_reported_to_real_server(real, tmp_path):
+    user = PandaClient(real.url, real.token("user", "alice"))
+    register(real, user, ["f.txt"])
+    task_id = user.submit_task(task("fail", "-c 'echo oops >&2; exit 9'"))
+    cmd, env = pilot(real, tmp_path / "wd")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    [job] = user.jobs(task_id)
+    panda_id = job.get("PandaID") or job.get("panda_id")
+    desc = user.call("job", "get_description", "POST", job_ids=[panda_id])[0]
+    assert desc["jobStatus"] == "failed", desc
+    assert desc["pilot_error_code"] == ErrorCode.PAYLOAD_FAILED
+    assert desc["trans_exit_code"] == 9
+    assert "exited with code 9" in desc["pilot_error_diag"]
 
 
 def test_kill_from_real_server(real, tmp_path):
