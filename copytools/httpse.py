@@ -218,8 +218,8 @@ class SEHandler(tornado.web.RequestHandler):
         if path is None:
             return
         depth = self.request.headers.get("Depth", "infinity").strip().lower()
-        if depth not in ("0", "1"):
-            return self._fail(403, "PROPFIND with Depth infinity is not supported (use 0 or 1)")
+        if depth not in ("0", "1"):  # clients (ARC) fall back to HEAD on 501
+            return self._fail(501, "PROPFIND with Depth infinity is not implemented (use 0 or 1)")
         if not os.path.exists(path):
             return self._fail(404, "not found")
         href_base = self.request.path if self.request.path.startswith("/") else "/"
@@ -427,10 +427,16 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     token = os.environ.get("PANDA_SE_TOKEN") or None
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            token = f.read().strip() or None
-    os.makedirs(args.root, exist_ok=True)
+    try:
+        if args.token_file:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip() or None
+        os.makedirs(args.root, exist_ok=True)
+        if not os.path.isdir(args.root):
+            raise NotADirectoryError(f"--root {args.root} is not a folder")
+    except OSError as exc:
+        sys.stderr.write(f"panda se: {exc}\n")
+        return 2
     app = make_app(args.root, token, create_parents=not args.strict_webdav)
 
     async def serve() -> None:
