@@ -156,7 +156,6 @@ def main(argv: list[str]) -> int:
     from .client import PandaClient, ProtocolError, RetryPolicy
     from .errors import ErrorCode, PilotError
     from .job import JobRun, KillRequest, PilotConfig
-    from .report import send_final
 
     walltime = args.walltime
     deadline = started + walltime if walltime else batch_deadline(dict(os.environ), started)
@@ -232,7 +231,8 @@ def main(argv: list[str]) -> int:
                 verifier = SpecVerifier(pem if pem is not None else client.public_key())
             except (PilotError, ProtocolError) as exc:
                 log.error("no key to check job signatures with: %s", exc)
-                _refuse(client, cfg, site, raw, exc, send_final)
+                refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE,
+                       f"no key to check the job's signature with: {exc}")
                 rc = EXIT_ERROR
                 break
         log.info("got job %s", raw.get("PandaID"))
@@ -247,11 +247,14 @@ def main(argv: list[str]) -> int:
     return rc
 
 
-def _refuse(client, cfg, site, raw, exc, send_final) -> None:
+def refuse(client, cfg, site, raw: dict, code: int, diag: str) -> None:
     """Report a job the pilot will not run as failed, so the server can retry it elsewhere."""
+    from .errors import diag_limit
+    from .report import send_final
+
     form = {"jobId": raw.get("PandaID"), "state": "failed", "siteName": site.name,
-            "node": cfg.node, "attemptNr": raw.get("attemptNr", 1),
-            "pilotErrorCode": getattr(exc, "code", 1501), "pilotErrorDiag": str(exc)[:250]}
+            "node": cfg.node, "attemptNr": raw.get("attemptNr", 1), "pilotErrorCode": int(code),
+            "pilotErrorDiag": diag_limit(diag)}
     send_final(client, form, cfg.final_retry)
 
 

@@ -260,3 +260,14 @@ def test_job_without_signature_or_id_is_refused(fake, tmp_path):
     final = fake.final(506)
     assert int(final["pilotErrorCode"]) == ErrorCode.BAD_SIGNATURE, res.stderr
     assert "not signed" in final["pilotErrorDiag"] and not marker.exists()
+
+
+def test_no_signing_key_refuses_the_job(fake, tmp_path):
+    bad_key = tmp_path / "key.pem"
+    bad_key.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    fake.add_job(make_job(507, "true"))
+    res = run_pilot(fake, tmp_path / "wd", "--public-key", str(bad_key))
+    assert res.returncode == 1
+    final = fake.final(507)
+    assert int(final["pilotErrorCode"]) == ErrorCode.BAD_SIGNATURE
+    assert "no key to check" in final["pilotErrorDiag"]
