@@ -198,6 +198,12 @@ class HTCondorBackend(SchedulerBackend):
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SchedulerError(f"htcondor backend: cannot create log dir {log_dir}: {exc}") from None
+        if spec.workdir:
+            try:     # condor_submit refuses an initialdir that does not exist
+                Path(spec.workdir).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SchedulerError(f"htcondor backend: cannot create pilot workdir "
+                                     f"{spec.workdir}: {exc}") from None
         description = self.submit_description(spec, log_dir)
         fd, path = tempfile.mkstemp(prefix="pilot-", suffix=".sub", dir=log_dir)
         try:

@@ -365,6 +365,8 @@ def condor_submit(argv: list[str]) -> int:
             if universe == "grid" and not cmd.get("grid_resource"):
                 raise ValueError("grid_resource must be specified for the grid universe")
             iwd = cmd.get("initialdir", submit_cwd)
+            if not os.path.isdir(iwd):
+                raise ValueError(f"No such directory: {iwd}")
             env = dict(os.environ) if cmd.get("getenv", "").lower() == "true" else {}
             env.update(parse_environment(cmd.get("environment", "")))
             ad = {"ClusterId": cluster, "ProcId": proc, "JobStatus": 1, "InQueue": True,
