@@ -255,11 +255,14 @@ class JobRun:
 
     def _run_payload(self, job: JobSpec, files: dict[str, str]) -> None:
         replacements = {lfn: url for lfn, url in files.items() if "://" in url}
-        env = scrub_env(os.environ, {
-            "PANDA_ID": job.job_id, "PANDA_SITE": self.site.name, "PANDA_WORKDIR": str(self.workdir),
-            "PANDA_INPUTS": json.dumps(files), "ATHENA_CORE_NUMBER": str(job.core_count)})
+        inputs = json.dumps(files)
+        extra = {"PANDA_ID": job.job_id, "PANDA_SITE": self.site.name,
+                 "PANDA_WORKDIR": str(self.workdir), "ATHENA_CORE_NUMBER": str(job.core_count)}
+        if len(inputs) < 65536:   # the kernel caps one env string at 128 KiB: big lists only on disk
+            extra["PANDA_INPUTS"] = inputs
+        env = scrub_env(os.environ, extra)
         argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"))
-        (self.workdir / "pilot_inputs.json").write_text(json.dumps(files))
+        (self.workdir / "pilot_inputs.json").write_text(inputs)
         self.payload = Payload(argv, self.workdir, env)
         try:
             pid = self.payload.start()
