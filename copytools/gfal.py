@@ -101,6 +101,11 @@ class GfalTool(CopyTool):
             return TransferError(code, text, retryable=True)
         if direction == "in" and code_no == errno.ENOENT:
             return TransferError(ErrorCode.MISSING_INPUT, text)
+        if direction == "out" and code_no in (errno.ENOSPC, errno.EDQUOT):
+            return TransferError(ErrorCode.NO_REMOTE_SPACE, text)
+        if code_no in (errno.EACCES, errno.EPERM):
+            return TransferError(ErrorCode.STAGEIN_AUTH_FAILURE if direction == "in" else
+                                 ErrorCode.STAGEOUT_AUTH_FAILURE, text)
         code = ErrorCode.STAGEIN_FAILED if direction == "in" else ErrorCode.STAGEOUT_FAILED
         return TransferError(code, text, retryable=code_no not in (errno.EACCES, errno.EPERM,
                                                                    errno.ENOSPC, errno.EDQUOT))

@@ -98,6 +98,9 @@ def _os_error(exc: OSError, t: Transfer, direction: str, what: str) -> TransferE
                              retryable=exc.errno in (errno.EIO, errno.EAGAIN, errno.ESTALE))
     if isinstance(exc, FileNotFoundError) and what == "source":
         return TransferError(ErrorCode.NO_SUCH_FILE, f"{t.lfn}: output {t.local_path} is missing")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TransferError(ErrorCode.NO_REMOTE_SPACE, f"{t.lfn}: storage element full writing "
+                             f"{t.surl}: {exc}")
     return TransferError(ErrorCode.STAGEOUT_FAILED, f"{t.lfn}: {exc}",
                          retryable=exc.errno in (errno.EIO, errno.EAGAIN, errno.ESTALE))
 

@@ -97,6 +97,9 @@ class HttpTool(CopyTool):
             with self.session.get(url, stream=True, timeout=self._timeout(timeout)) as r:
                 if r.status_code == 404:
                     raise TransferError(ErrorCode.MISSING_INPUT, f"{t.lfn}: {url} not found (404)")
+                if r.status_code in (401, 403):
+                    raise TransferError(ErrorCode.STAGEIN_AUTH_FAILURE,
+                                        f"{t.lfn}: GET {url} answered {r.status_code} {r.reason}")
                 if r.status_code != 200:
                     raise TransferError(ErrorCode.STAGEIN_FAILED,
                                         f"{t.lfn}: GET {url} answered {r.status_code} "
@@ -136,11 +139,12 @@ class HttpTool(CopyTool):
                 r = self.session.put(url, data=_Body(t.local_path, cs),
                                      timeout=self._timeout(timeout))
             if r.status_code not in (200, 201, 204):
-                full = r.status_code == 507
-                raise TransferError(ErrorCode.STAGEOUT_FAILED,
-                                    f"{t.lfn}: PUT {url} answered {r.status_code} {r.reason}"
-                                    f"{' (storage full)' if full else ''}: {r.text[:200]}",
-                                    retryable=r.status_code >= 500 and not full)
+                code = {507: ErrorCode.NO_REMOTE_SPACE, 401: ErrorCode.STAGEOUT_AUTH_FAILURE,
+                        403: ErrorCode.STAGEOUT_AUTH_FAILURE}.get(r.status_code,
+                                                                  ErrorCode.STAGEOUT_FAILED)
+                raise TransferError(code, f"{t.lfn}: PUT {url} answered {r.status_code} "
+                                    f"{r.reason}: {r.text[:200]}",
+                                    retryable=r.status_code >= 500 and r.status_code != 507)
             remote_adler = _digest(r.headers.get("Digest", ""), "adler32")
             head = self.session.head(url, headers={"Want-Digest": "adler32"},
                                      timeout=self._timeout(timeout))

@@ -80,8 +80,14 @@ class XrdcpTool(CopyTool):
         if rc < 0:
             code = ErrorCode.STAGEIN_TIMEOUT if direction == "in" else ErrorCode.STAGEOUT_TIMEOUT
             return TransferError(code, f"{t.lfn}: xrdcp killed after the timeout: {text}", True)
-        if direction == "in" and any(m in text.lower() for m in _MISSING):
+        low = text.lower()
+        if direction == "in" and any(m in low for m in _MISSING):
             return TransferError(ErrorCode.MISSING_INPUT, f"{t.lfn}: {t.surl}: {text}")
+        if direction == "out" and ("no space" in low or "[3009]" in low):
+            return TransferError(ErrorCode.NO_REMOTE_SPACE, f"{t.lfn}: {t.surl}: {text}")
+        if "permission denied" in low or "not authorized" in low or "[3010]" in low:
+            return TransferError(ErrorCode.STAGEIN_AUTH_FAILURE if direction == "in" else
+                                 ErrorCode.STAGEOUT_AUTH_FAILURE, f"{t.lfn}: {t.surl}: {text}")
         code = ErrorCode.STAGEIN_FAILED if direction == "in" else ErrorCode.STAGEOUT_FAILED
         return TransferError(code, f"{t.lfn}: xrdcp exited with {rc}: {text}", retryable=True)
 

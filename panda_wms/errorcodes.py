@@ -55,6 +55,9 @@ class ErrorCode(IntEnum):
     KILL_SIGNAL = 1200             # payload killed by a signal the pilot did not send
     COMMUNICATION_FAILURE = 1318   # the server could not be reached
     LOG_CREATION_FAILURE = 1320    # the log tarball could not be made
+    NO_REMOTE_SPACE = 1333         # the storage element is full (stage-out)
+    STAGEIN_AUTH_FAILURE = 1338    # the storage element refused our credentials (stage-in)
+    STAGEOUT_AUTH_FAILURE = 1383   # the storage element refused our credentials (stage-out)
 
 
 ERROR_TEXT: dict[int, str] = {
@@ -100,6 +103,9 @@ ERROR_TEXT: dict[int, str] = {
     ErrorCode.KILL_SIGNAL: "payload killed by a signal",
     ErrorCode.COMMUNICATION_FAILURE: "failed to communicate with the server",
     ErrorCode.LOG_CREATION_FAILURE: "failed to create the log tarball",
+    ErrorCode.NO_REMOTE_SPACE: "no space left on the storage element",
+    ErrorCode.STAGEIN_AUTH_FAILURE: "authentication failure during stage-in",
+    ErrorCode.STAGEOUT_AUTH_FAILURE: "authentication failure during stage-out",
 }
 
 

@@ -98,7 +98,7 @@ def test_stage_out_to_a_full_storage_element(tmp_path, payload, tiny_fs):
     t = Transfer("out.bin", "data", f"file://{tiny_fs}/data/out.bin", str(src))
     with pytest.raises(TransferError) as err:
         load("cp").stage_out(t)
-    assert err.value.code == ErrorCode.STAGEOUT_FAILED and "No space" in err.value.message
+    assert err.value.code == ErrorCode.NO_REMOTE_SPACE and "No space" in err.value.message
     assert os.listdir(tiny_fs / "data") == []
 
 

@@ -64,7 +64,7 @@ def test_http_token_and_mkcol_parents(tmp_path, payload):
         t = Transfer("t.bin", "user", url, str(src))
         with pytest.raises(TransferError) as err:
             load("http").stage_out(t)
-        assert err.value.code == ErrorCode.STAGEOUT_FAILED and "401" in err.value.message
+        assert err.value.code == ErrorCode.STAGEOUT_AUTH_FAILURE and "401" in err.value.message
         token_file = tmp_path / "token"
         token_file.write_text("tok\n")
         assert load("http", token_file=str(token_file)).stage_out(t).adler32 == adler(data)
@@ -100,7 +100,8 @@ def test_http_full_storage_element(tmp_path, tiny_fs, payload):
         with pytest.raises(TransferError) as err:
             run_transfer(load("http"), Transfer("f", "user", f"{se.url}/user/f", str(src)), "out",
                          timeout=20, retries=2, backoff=0)
-    assert err.value.code == ErrorCode.STAGEOUT_FAILED and "storage full" in err.value.message
+    assert err.value.code == ErrorCode.NO_REMOTE_SPACE and "507" in err.value.message
+    assert not err.value.retryable
 
 
 @pytest.mark.parametrize("direction,code", [("in", ErrorCode.STAGEIN_TIMEOUT),
