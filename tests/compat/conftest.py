@@ -6,16 +6,13 @@ import os
 import pwd
 import shutil
 import subprocess
-import zlib
 from pathlib import Path
 
 import pytest
 
 from testkit import EXAMPLE_SITES, REPO, start_server, stop_server
 
-VENV = Path(os.environ.get("PANDA_WMS_PILOT3_VENV", "/var/tmp/panda-wms-pilot3-venv"))
-PILOT_USER = "pandap3"          # made for these tests; pilot 3 never runs as root
-SITE = "LOCAL_DEMO"
+from compatkit import PILOT_USER, SITE, VENV
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +53,3 @@ def site_server(tmp_path, monkeypatch):
     server.tmp = tmp_path
     yield server
     stop_server(server)
-
-
-def adler32_hex(data: bytes) -> str:
-    return f"{zlib.adler32(data):08x}"

@@ -8,7 +8,7 @@ import zlib
 from pathlib import Path
 
 
-from conftest import SITE
+from compatkit import SITE
 from panda_wms.client import PandaClient
 from server.api_panda import FILE_ATTRIBUTES, JOB_ATTRIBUTES
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import SITE
+from compatkit import SITE
 from panda_wms.client import PandaClient
 
 TASK = {"name": "h", "transformation": "/bin/true", "n_jobs": 2, "site": SITE}

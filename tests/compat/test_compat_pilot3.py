@@ -14,7 +14,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import SITE, adler32_hex
+from compatkit import SITE, adler32_hex
 from panda_wms.client import PandaClient
 
 PAYLOAD = b'#!/bin/sh\n# the transformation pilot 3 runs as ./payload.sh <jobPars>\necho "hello from pilot 3" > "$1"\n'

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509.oid import NameOID
 
-from conftest import SITE
+from compatkit import SITE
 from panda_wms.client import PandaClient
 from testkit import EXAMPLE_SITES, free_port
 
