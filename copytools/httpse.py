@@ -90,6 +90,8 @@ class SEHandler(tornado.web.RequestHandler):
         self._cs: StreamChecksum | None = None
         self._write_error: OSError | None = None
         self._target: str | None = None
+        self._existed = False
+        self._exclusive = False
 
     # -- helpers -------------------------------------------------------------------------------
     def _fail(self, code: int, reason: str) -> None:
@@ -117,22 +119,24 @@ class SEHandler(tornado.web.RequestHandler):
         self._fail(401, "writing needs a valid bearer token")
         return False
 
-    def _digest_header(self, path: str, st: os.stat_result) -> None:
+    async def _digest_header(self, path: str, st: os.stat_result) -> None:
         want = self.request.headers.get("Want-Digest", "").lower()
         if not want:
             return
         kinds = [w.split(";")[0].strip() for w in want.split(",")]
+        adler = _stored_adler32(path, st) if "adler32" in kinds else None
+        need_read = ("adler32" in kinds and adler is None) or "md5" in kinds
+        if need_read:  # reading a large file must not stall every other client
+            def compute() -> StreamChecksum:
+                with open(path, "rb") as f:
+                    return checksum_fd(f.fileno(), md5="md5" in kinds)
+            cs = await asyncio.get_running_loop().run_in_executor(None, compute)
+            adler = adler or cs.adler32
         values = []
         if "adler32" in kinds:
-            digest = _stored_adler32(path, st)
-            if digest is None:
-                with open(path, "rb") as f:
-                    digest = checksum_fd(f.fileno()).adler32
-            values.append(f"adler32={digest}")
+            values.append(f"adler32={adler}")
         if "md5" in kinds:
-            with open(path, "rb") as f:
-                hexd = checksum_fd(f.fileno(), md5=True).md5
-            values.append("md5=" + base64.b64encode(bytes.fromhex(hexd)).decode())
+            values.append("md5=" + base64.b64encode(bytes.fromhex(cs.md5)).decode())
         if values:
             self.set_header("Digest", ",".join(values))
 
@@ -162,7 +166,7 @@ class SEHandler(tornado.web.RequestHandler):
         self.set_header("Last-Modified", _http_date(st.st_mtime))
         self.set_header("ETag", f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{size:x}"')
         self.set_header("Content-Type", "application/octet-stream")
-        self._digest_header(path, st)
+        await self._digest_header(path, st)
         start, end = 0, size - 1
         rng = self.request.headers.get("Range")
         if rng and rng.startswith("bytes=") and "," not in rng:
@@ -322,6 +326,7 @@ class SEHandler(tornado.web.RequestHandler):
             return self._fail(507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500,
                               f"cannot store: {exc}")
         self._target, self._existed = path, exists
+        self._exclusive = self.request.headers.get("If-None-Match", "").strip() == "*"
         self._cs = StreamChecksum()
         self.request.connection.set_max_body_size(1 << 50)
 
@@ -355,7 +360,15 @@ class SEHandler(tornado.web.RequestHandler):
             log.error("upload of %s failed: %s", self.request.path, exc)
             return self._fail(507 if full else 500, f"cannot store: {exc}")
         try:
-            os.replace(self._tmp, self._target)
+            if self._exclusive:  # create-if-absent even against a concurrent upload
+                try:
+                    os.link(self._tmp, self._target)
+                except FileExistsError:
+                    self._discard()
+                    return self._fail(412, "file exists (If-None-Match: *)")
+                os.unlink(self._tmp)
+            else:
+                os.replace(self._tmp, self._target)
             st = os.stat(self._target)
             try:
                 os.setxattr(self._target, XATTR,

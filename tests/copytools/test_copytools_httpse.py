@@ -76,6 +76,25 @@ def test_if_none_match_refuses_before_the_body(se):
                         ).status_code == 201
 
 
+def test_if_none_match_holds_against_a_concurrent_upload(se):
+    socks = [socket.create_connection(("127.0.0.1", se.port), timeout=5) for _ in range(2)]
+    try:
+        for s in socks:  # both pass the existence check: the file is not there yet
+            s.sendall(b"PUT /race/f HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                      b"If-None-Match: *\r\nConnection: close\r\n\r\n")
+        time.sleep(0.2)
+        socks[0].sendall(b"first")
+        first = socks[0].recv(1024)
+        socks[1].sendall(b"later")
+        later = socks[1].recv(1024)
+    finally:
+        for s in socks:
+            s.close()
+    assert first.startswith(b"HTTP/1.1 201") and later.startswith(b"HTTP/1.1 412")
+    assert (se.root / "race" / "f").read_bytes() == b"first"
+    assert os.listdir(se.root / "race") == ["f"]
+
+
 def test_absolute_form_targets(se):
     requests.put(f"{se.url}/abs/in.txt", data=b"hello")
     reply = raw(se.port, f"GET {se.url}/abs/in.txt HTTP/1.1\r\nHost: elsewhere\r\n"
