@@ -19,7 +19,7 @@ from typing import Any
 
 from . import statefile as sf
 from .client import PandaClient, RetryPolicy, server_commands
-from .errors import BadJobSpec, ErrorCode, PilotError, ServerUnreachable
+from .errors import BadJobSpec, ErrorCode, PayloadKilled, PilotError, ServerUnreachable
 from .jobspec import JobSpec, parse_job
 from .payload import Payload, PayloadResult, build_argv, scrub_env
 from .plugins import notify
@@ -225,7 +225,7 @@ class JobRun:
         except PilotError as exc:
             error = exc
         if error is None and self.kill.requested:
-            error = PilotError(self.kill.code, self.kill.diag)
+            error = PayloadKilled(self.kill.code, self.kill.diag)
         if error is None and self.result is not None:
             error = self._judge(self.result)
         self._save(sf.STAGEOUT, result=result_dict(self.result), error=err_dict(error))
@@ -249,7 +249,7 @@ class JobRun:
     def _check_stop(self) -> None:
         """Before the next step: has the server (``tobekilled``) or a signal stopped the job?"""
         if self.kill.requested:
-            raise PilotError(self.kill.code, self.kill.diag)
+            raise PayloadKilled(self.kill.code, self.kill.diag)
         if self.pilot_stop is not None and self.pilot_stop.requested:
             raise PilotError(self.pilot_stop.code, self.pilot_stop.diag)
 
