@@ -117,6 +117,10 @@ class Payload:
             except psutil.Error:
                 pass
         sid = self.proc.pid
+        if self.result is not None and psutil.pid_exists(sid):
+            # The kernel keeps a session's id from being reused while any member lives; a new
+            # process with that pid means our session is gone and the id belongs to someone else.
+            return list(procs.values())
         for p in psutil.process_iter(["pid"]):
             if p.pid in procs:
                 continue
