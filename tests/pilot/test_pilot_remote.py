@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import zlib
 
+import pytest
+
 from copytools.testing import HungServer, start_se
 from panda_wms.errorcodes import ErrorCode
 from panda_wms.storage import replica_path
@@ -50,3 +52,31 @@ def test_hung_http_storage_element(fake, tmp_path):
     final = fake.final(952)
     assert final is not None, res.stderr
     assert int(final["pilotErrorCode"]) == ErrorCode.STAGEIN_TIMEOUT, res.stderr
+
+
+@pytest.mark.xrootd
+def test_job_through_xrootd_storage_element(fake, tmp_path):
+    """Input and output through Debian's xrootd with the xrdcp copytool."""
+    from copytools.testing import start_xrootd, xrootd_available
+
+    if xrootd_available():
+        pytest.skip(xrootd_available())
+    with start_xrootd() as xrd:
+        data = b"over xrootd\n" * 300
+        path = xrd.data / replica_path("xin", "x.in")
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        fake.site_config["storage"] = {"input": {"name": "XRD", "url": xrd.url},
+                                       "output": {"name": "XRD", "url": xrd.url}}
+        tool = {"name": "xrdcp", "options": {}}
+        fake.site_config["copytools"] = {"input": tool, "output": tool}
+        entry = {"lfn": "x.in", "scope": "xin", "fsize": len(data),
+                 "checksum": f"ad:{zlib.adler32(data):08x}"}
+        fake.add_job(make_job(953, "rev x.in > x.out", inputs=[entry], outputs=["x.out"],
+                              scope="xout"))
+        res = run_pilot(fake, tmp_path / "wd")
+        final = fake.final(953)
+        assert final is not None and final["state"] == "finished", res.stderr
+        out = xrd.data / replica_path("xout", "x.out")
+        assert out.read_bytes() == b"dtoorx revo\n" * 300          # rev: each line reversed
+        assert stored(final)["x.out"]["surl"].startswith("root://127.0.0.1:")
