@@ -72,11 +72,11 @@ def test_job_through_xrootd_storage_element(fake, tmp_path):
         fake.site_config["copytools"] = {"input": tool, "output": tool}
         entry = {"lfn": "x.in", "scope": "xin", "fsize": len(data),
                  "checksum": f"ad:{zlib.adler32(data):08x}"}
-        fake.add_job(make_job(953, "rev x.in > x.out", inputs=[entry], outputs=["x.out"],
+        fake.add_job(make_job(953, "tr a-z A-Z < x.in > x.out", inputs=[entry], outputs=["x.out"],
                               scope="xout"))
         res = run_pilot(fake, tmp_path / "wd")
         final = fake.final(953)
         assert final is not None and final["state"] == "finished", res.stderr
         out = xrd.data / replica_path("xout", "x.out")
-        assert out.read_bytes() == b"dtoorx revo\n" * 300          # rev: each line reversed
+        assert out.read_bytes() == data.upper()
         assert stored(final)["x.out"]["surl"].startswith("root://127.0.0.1:")
