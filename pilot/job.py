@@ -128,7 +128,8 @@ class JobRun:
         recovery never sees a job dir that is not yet locked."""
         base = self.cfg.workdir_base
         base.mkdir(parents=True, exist_ok=True)
-        name = f"{sf.JOB_DIR_PREFIX}{int(self.raw.get('PandaID', 0))}_{os.getpid()}"
+        digits = "".join(c for c in str(self.raw.get("PandaID", "")) if c.isdigit())[:20]
+        name = f"{sf.JOB_DIR_PREFIX}{digits or 0}_{os.getpid()}"   # never a path from the spec
         tmp = base / f".{name}.creating"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o700)

@@ -36,7 +36,7 @@ class FakePanda:
         self.pem = self.key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         self.jobs: list[dict] = []
-        self.tamper: dict[int, dict] = {}          # PandaID -> fields changed after signing
+        self.tamper: dict = {}                     # PandaID -> fields changed after signing
         self.commands: dict[str, str] = {}         # PandaID -> command for its next updates
         self.requests: list[tuple[str, str, dict]] = []   # (method, path, form)
         self.known: set[str] = set()
@@ -147,7 +147,7 @@ class FakePanda:
                 return {"StatusCode": 20, "errorDialog": "no jobs"}
         job = {k: v for k, v in job.items() if not k.startswith("_")}
         job["specSignature"] = base64.b64encode(self.key.sign(canonical(job))).decode()
-        job.update(self.tamper.get(int(job["PandaID"]), {}))
+        job.update(self.tamper.get(job["PandaID"], {}))
         self.known.add(str(job["PandaID"]))
         return {"StatusCode": 0, **job}
 

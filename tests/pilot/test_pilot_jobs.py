@@ -271,3 +271,14 @@ def test_no_signing_key_refuses_the_job(fake, tmp_path):
     final = fake.final(507)
     assert int(final["pilotErrorCode"]) == ErrorCode.BAD_SIGNATURE
     assert "no key to check" in final["pilotErrorDiag"]
+
+
+def test_malformed_panda_id_is_refused_safely(fake, tmp_path):
+    job = make_job(508, "true")
+    job["PandaID"] = "../../508x"
+    fake.add_job(job)
+    res = run_pilot(fake, tmp_path / "wd")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    final = fake.final("../../508x")
+    assert int(final["pilotErrorCode"]) == ErrorCode.BAD_JOB_SPEC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["se", "wd"]   # nothing escaped
