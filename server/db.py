@@ -246,7 +246,10 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
-        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+        # no pre-ping: it costs a round trip per checkout, i.e. per request on the hot path;
+        # a connection found dead (database restarted) invalidates the pool instead, and the
+        # one request that met it fails (pilots retry)
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False,
                       pool_recycle=3600,
                       # a database host that accepts but never answers must not hang us
                       connect_args={"connect_timeout": 10})

@@ -51,6 +51,7 @@ class TaskBuffer:
         self._skip_locked = self.dialect in ("postgresql", "mysql", "mariadb")
         self._site_cache: dict[str, tuple[float, dict]] = {}
         self._stmt_cache: dict[tuple, Any] = {}
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     # ------------------------------------------------------------------ state changes
     def set_job_state(self, conn: Connection, panda_id: int, new: str, *, actor: str | None,
@@ -98,7 +99,7 @@ class TaskBuffer:
         key = (cols, len(steps), returning, pick[0] if pick else "id")
         stmt = self._stmt_cache.get(key) if key[3] is not None else None
         if stmt is None:
-            stmt = self._state_stmt(cols, len(steps), returning, pick[1] if pick else None)
+            stmt = self._state_stmt(cols, len(steps), returning, pick[1]() if pick else None)
             if key[3] is not None and len(self._stmt_cache) < 1000:
                 self._stmt_cache[key] = stmt
         params = {f"v_{k}": v for k, v in values.items()}
@@ -425,17 +426,34 @@ class TaskBuffer:
         cache_key = ("dispatch", shape) if order_by is None and not where else None
         order = order_by if order_by is not None else [j.current_priority.desc(), j.panda_id]
         steps = [(str(JobState.ACTIVATED), str(JobState.SENT))]
+
+        def pick_subquery():
+            """The best row, locked and skipping locked ones: built only on a cache miss."""
+            pick = select(j.panda_id).where(and_(*conds)).order_by(*order).limit(1)
+            if self._skip_locked:
+                pick = pick.with_for_update(skip_locked=True)
+            return pick.scalar_subquery()
+
         for _ in range(max_tries):
             fields = {"node": node, "pilot_id": pilot_id, "batch_id": batch_id,
                       "pilot_owner": actor, "heartbeat_time": self.clock()}
-            with self.engine.begin() as conn:
-                if self.dialect in ("postgresql", "sqlite"):
-                    pick = select(j.panda_id).where(and_(*conds)).order_by(*order).limit(1)
-                    if self._skip_locked:
-                        pick = pick.with_for_update(skip_locked=True)
+            if self.dialect == "postgresql":
+                # one statement is its own transaction: no BEGIN/COMMIT round trips; the
+                # files of a job do not change while it is dispatched
+                with self._autocommit.connect() as conn:
                     job = self._apply_state(conn, None, str(JobState.ACTIVATED), steps, actor,
                                             fields, returning=True,
-                                            pick=(cache_key, pick.scalar_subquery(), params))
+                                            pick=(cache_key, pick_subquery, params))
+                    if job is None:
+                        return None
+                    job["files"] = [dict(f._mapping) for f in
+                                    conn.execute(_SELECT_FILES, {"pid": job["panda_id"]})]
+                    return job
+            with self.engine.begin() as conn:
+                if self.dialect == "sqlite":
+                    job = self._apply_state(conn, None, str(JobState.ACTIVATED), steps, actor,
+                                            fields, returning=True,
+                                            pick=(cache_key, pick_subquery, params))
                     if job is None:      # nothing left (locked rows were skipped, not raced)
                         return None
                 else:
@@ -483,22 +501,33 @@ class TaskBuffer:
             if state in (str(JobState.FINISHED), str(JobState.FAILED)):
                 self._finish(conn, panda_id, row.status, state, fields, actor, stored_files or {},
                              output_endpoint)
-                self._update_task_status(conn, row.task_id)
-                return "NULL"
-            if state == str(JobState.RUNNING) and row.status in ("sent", "starting"):
-                fields.setdefault("start_time", now)
-            if state == row.status:
-                conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id)
-                             .values(modification_time=now, **fields))
+                ended_task = row.task_id
             else:
-                try:
-                    self.set_job_state(conn, panda_id, state, actor=actor,
-                                       expected=[row.status], **fields)
-                except IllegalTransition:
-                    raise Conflict(f"job {panda_id} is {row.status}; cannot go to {state}") from None
-                if state == str(JobState.RUNNING):
-                    self._mark_task_running(conn, row.task_id)
-            return row.command or "NULL"
+                return self._pilot_progress(conn, panda_id, row, state, fields, actor, now)
+        # the task's status is checked after the job's transaction committed, in a short one
+        # of its own: the task row lock is then held for microseconds, not across the final
+        # update's commit, and the last job to end sees every other one ended
+        with self.engine.begin() as conn:
+            self._update_task_status(conn, ended_task)
+        return "NULL"
+
+    def _pilot_progress(self, conn: Connection, panda_id: int, row, state: str, fields: dict,
+                        actor: str | None, now: dt.datetime) -> str:
+        """A non-final pilot update (starting, running, holding, transferring, heartbeat)."""
+        if state == str(JobState.RUNNING) and row.status in ("sent", "starting"):
+            fields.setdefault("start_time", now)
+        if state == row.status:
+            conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id)
+                         .values(modification_time=now, **fields))
+        else:
+            try:
+                self.set_job_state(conn, panda_id, state, actor=actor,
+                                   expected=[row.status], **fields)
+            except IllegalTransition:
+                raise Conflict(f"job {panda_id} is {row.status}; cannot go to {state}") from None
+            if state == str(JobState.RUNNING):
+                self._mark_task_running(conn, row.task_id)
+        return row.command or "NULL"
 
     def _mark_task_running(self, conn: Connection, task_id: int) -> None:
         """A job of the task started: the task runs (one UPDATE that usually matches nothing,
@@ -619,9 +648,11 @@ class TaskBuffer:
         if task is None or task.status == str(TaskState.ABORTED):
             return
         j = db.jobs.c
-        final = [str(s) for s in FINAL_JOB_STATES]
+        # IN (the live states), not NOT IN (final): one index probe per state instead of a
+        # walk over the task's ended jobs
+        live = [str(s) for s in JobState if s not in FINAL_JOB_STATES]
         pending = conn.execute(select(j.status).where(j.task_id == task_id,
-                                                      j.status.not_in(final)).limit(1)).first()
+                                                      j.status.in_(live)).limit(1)).first()
         if pending is not None:
             if task.status == str(TaskState.RUNNING):
                 return
