@@ -50,7 +50,19 @@ def _num(d: dict, key: str, default: float) -> float:
 
 
 def site_from_queuedata(queuedata: dict[str, Any], site_name: str) -> SiteInfo:
-    """Build SiteInfo from a queuedata dict (pilot 3 shape, our site config under ``panda_wms``)."""
+    """Build SiteInfo from a queuedata dict (pilot 3 shape, our site config under ``panda_wms``).
+
+    Anything malformed is a PilotError naming the problem, never a stray TypeError."""
+    try:
+        return _site_from_queuedata(queuedata, site_name)
+    except PilotError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise PilotError(ErrorCode.GENERAL, f"queuedata for {site_name} is malformed: "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
+def _site_from_queuedata(queuedata: dict[str, Any], site_name: str) -> SiteInfo:
     if not isinstance(queuedata, dict):
         raise PilotError(ErrorCode.GENERAL, "queuedata is not a JSON object")
     cfg = queuedata.get("panda_wms")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -262,3 +263,36 @@ def test_third_party_plugin_via_entry_point(fake, tmp_path):
     lines = log.read_text().splitlines()
     assert lines[0] == "received 901" and lines[1].startswith("started ")
     assert lines[-1] == "done failed 1008"
+
+
+def test_parse_job_never_raises_anything_but_pilot_errors():
+    """Every field set to every odd value: parse_job returns or raises PilotError, nothing else."""
+    weird = [None, 123, -1, 1.5, [], ["a", "b"], {"a": 1}, "NULL", "", "x" * 300, "a,,b", "\0",
+             "../..", True]
+    base = make_job(77, "true", inputs=[{"lfn": "i", "scope": "s", "fsize": 1, "checksum": "ad:1"}],
+                    outputs=["o"])
+    for key in list(base):
+        for value in weird:
+            raw = dict(base, **{key: value})
+            try:
+                parse_job(raw)
+            except PilotError:
+                pass
+
+
+def test_queuedata_never_raises_anything_but_pilot_errors():
+    from pilot.site import site_from_queuedata
+    from pilotkit import site_config
+
+    base = site_config(Path("/tmp/se"))
+    weird = [None, 7, "x", [], ["a"], {"a": 1}, {"name": []}, True]
+    site_from_queuedata({"panda_wms": base}, "PILOT_TEST")
+    for key in list(base):
+        for value in weird:
+            try:
+                site_from_queuedata({"panda_wms": dict(base, **{key: value})}, "PILOT_TEST")
+            except PilotError:
+                pass
+    for qd in (None, [], "x", {"panda_wms": None}, {"panda_wms": []}):
+        with pytest.raises(PilotError):
+            site_from_queuedata(qd, "PILOT_TEST")
