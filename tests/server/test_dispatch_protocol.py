@@ -1,0 +1,119 @@
+"""PanDA's pilot protocol (server.dispatcher) over the task buffer on SQLite, PostgreSQL and
+MariaDB: getJob fields and signatures, nJobs, updateJob to the end, bad input, site-bound
+pilots, heartbeats of jobs the pilot no longer owns."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from dbkit import add_site, history, seed_jobs, stored_xml
+from server.auth import Identity, KeyStore, canonical_job_bytes
+from server.dispatcher import Dispatcher, ProtocolError
+
+PILOT = Identity("pilot-1", "pilot", "SITE_A")
+
+
+@pytest.fixture
+def disp(taskbuffer, tmp_path):
+    add_site(taskbuffer, "SITE_A")
+    add_site(taskbuffer, "SITE_B")
+    return Dispatcher(taskbuffer, KeyStore(tmp_path / "keys"))
+
+
+def test_getjob_spec_and_signature(disp, taskbuffer):
+    task_id, (pid,) = seed_jobs(taskbuffer, "SITE_A", 1)
+    reply = disp.get_job({"siteName": "SITE_A", "node": "wn1", "someUnknownKey": "x",
+                          "mem": "4000", "cores": "2"}, PILOT)
+    assert reply["StatusCode"] == 0 and reply["PandaID"] == pid
+    assert reply["taskID"] == task_id and reply["attemptNr"] == 1
+    assert reply["inFiles"] == f"in.{task_id}.000001"
+    assert reply["outFiles"].split(",") == [f"out.{task_id}.000001",
+                                            f"log.{task_id}.000001.1.tgz"]
+    assert reply["ddmEndPointIn"] == "SE_A" and reply["checksum"] == "ad:00000001"
+    spec = {k: v for k, v in reply.items() if k != "StatusCode"}
+    load_pem_public_key(disp.keys.public_key_pem.encode()).verify(
+        base64.b64decode(spec["specSignature"]), canonical_job_bytes(spec))
+    job = taskbuffer.get_job(pid)
+    assert (job["status"], job["node"], job["pilot_owner"]) == ("sent", "wn1", "pilot-1")
+    assert disp.get_job({"siteName": "SITE_A"}, PILOT)["StatusCode"] == 20
+
+
+def test_getjob_njobs_and_fit(disp, taskbuffer):
+    _, ids = seed_jobs(taskbuffer, "SITE_A", 3, memory_mb=2000)
+    _, (big,) = seed_jobs(taskbuffer, "SITE_A", 1, memory_mb=64000)
+    reply = disp.get_job({"siteName": "SITE_A", "nJobs": "5", "mem": "8000"}, PILOT)
+    assert reply["StatusCode"] == 0
+    assert [j["PandaID"] for j in reply["jobs"]] == ids      # the big one does not fit
+    assert taskbuffer.get_job(big)["status"] == "activated"
+
+
+def test_updatejob_cycle_registers_outputs(disp, taskbuffer):
+    task_id, (pid,) = seed_jobs(taskbuffer, "SITE_A", 1)
+    job = disp.get_job({"siteName": "SITE_A"}, PILOT)
+    ok = {"StatusCode": 0, "command": "NULL"}
+    assert disp.update_job({"jobId": str(pid), "state": "starting", "attemptNr": "1"}, PILOT) == ok
+    assert disp.update_job({"jobId": pid, "state": "running", "attemptNr": 1, "node": "wn9",
+                            "maxRSS": "1234", "unknown": "ignored"}, PILOT) == ok
+    xml = stored_xml(job["outFiles"].split(","))
+    assert disp.update_job({"jobId": pid, "state": "finished", "attemptNr": 1,
+                            "transExitCode": "0", "cpuConsumptionTime": "12.5",
+                            "xml": xml}, PILOT) == ok
+    row = taskbuffer.get_job(pid)
+    assert row["status"] == "finished" and row["max_rss"] == 1234 and row["node"] == "wn9"
+    assert row["cpu_consumption_time"] == 12.5
+    assert all(f["status"] == "ready" for f in row["files"])
+    assert history(taskbuffer, pid)[-2:] == [("running", "holding"), ("holding", "finished")]
+    assert taskbuffer.get_task(task_id)["status"] == "done"
+    # the job is over: a late heartbeat is told to stop; so is one for an unknown job
+    assert disp.update_job({"jobId": pid, "state": "running"}, PILOT)["command"] == "tobekilled"
+    assert disp.update_job({"jobId": 10 ** 9, "state": "running"}, PILOT)["command"] == \
+        "tobekilled"
+
+
+@pytest.mark.parametrize("form, code", [
+    ({"state": "running"}, 80),                                   # jobId missing
+    ({"jobId": "abc", "state": "running"}, 30),                   # not a number
+    ({"jobId": "1", "state": "activated"}, 30),                   # not a pilot state
+    ({"jobId": "1"}, 80),                                         # state missing
+])
+def test_updatejob_bad_input(disp, form, code):
+    with pytest.raises(ProtocolError) as err:
+        disp.update_job(form, PILOT)
+    assert err.value.status_code == code
+
+
+def test_bad_xml_changes_nothing(disp, taskbuffer):
+    _, (pid,) = seed_jobs(taskbuffer, "SITE_A", 1)
+    disp.get_job({"siteName": "SITE_A"}, PILOT)
+    for xml in ("not json", json.dumps([1, 2]), json.dumps({"f": {"fsize": "big"}})):
+        with pytest.raises(ProtocolError):
+            disp.update_job({"jobId": pid, "state": "finished", "xml": xml}, PILOT)
+    assert taskbuffer.get_job(pid)["status"] == "sent"
+
+
+def test_site_bound_pilot(disp, taskbuffer):
+    _, (pid_b,) = seed_jobs(taskbuffer, "SITE_B", 1)
+    with pytest.raises(ProtocolError) as err:
+        disp.get_job({"siteName": "SITE_B"}, PILOT)
+    assert err.value.status_code == 70
+    other = Identity("pilot-b", "pilot", "SITE_B")
+    assert disp.get_job({"siteName": "SITE_B"}, other)["PandaID"] == pid_b
+    with pytest.raises(ProtocolError) as err:
+        disp.update_job({"jobId": pid_b, "state": "running"}, PILOT)
+    assert err.value.status_code == 70
+    with pytest.raises(ProtocolError) as err:
+        disp.get_job({"siteName": "NO_SUCH_SITE"}, Identity("a", "admin"))
+    assert err.value.status_code == 30
+
+
+def test_kill_reaches_the_pilot(disp, taskbuffer):
+    _, (pid,) = seed_jobs(taskbuffer, "SITE_A", 1)
+    disp.get_job({"siteName": "SITE_A"}, PILOT)
+    disp.update_job({"jobId": pid, "state": "running"}, PILOT)
+    taskbuffer.kill_job(pid, actor="alice")
+    assert disp.update_job({"jobId": pid, "state": "running"}, PILOT)["command"] == "tobekilled"
+    status = disp.get_status({"ids": f"{pid},nonsense"})
+    assert status["status"] == "cancelled,unknown"
