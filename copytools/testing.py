@@ -169,6 +169,7 @@ class RunningXrootd:
     proc: subprocess.Popen
     log_path: Path
     workdir: Path = field(repr=False, default=None)
+    admin: Path = field(repr=False, default=None)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -178,8 +179,9 @@ class RunningXrootd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        for folder in (self.workdir, self.admin):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def __enter__(self) -> "RunningXrootd":
         return self
@@ -205,10 +207,12 @@ def start_xrootd(workdir: str | Path | None = None, timeout: float = 20.0) -> Ru
     data.mkdir()
     port = free_port()
     cfg = base / "xrootd.cfg"
+    # the admin path holds a unix socket, whose path must stay short (~100 bytes)
+    admin = Path(tempfile.mkdtemp(prefix="pxrd-"))
     cfg.write_text(f"xrd.port {port}\nall.export /\noss.localroot {data}\n"
-                   f"xrootd.chksum adler32\nall.adminpath {base / 'admin'}\n"
-                   f"all.pidpath {base / 'run'}\n")
-    for p in (base, data):
+                   f"xrootd.chksum adler32\nall.adminpath {admin}\n"
+                   f"all.pidpath {admin}\n")
+    for p in (base, data, admin):
         shutil.chown(p, XROOTD_USER, XROOTD_USER)
     p = base.parent  # the xrootd user must be able to reach its folder
     while p != p.parent:
@@ -217,14 +221,19 @@ def start_xrootd(workdir: str | Path | None = None, timeout: float = 20.0) -> Ru
             p.chmod(mode | 0o001)
         p = p.parent
     log_path = base / "xrootd.log"
-    proc = subprocess.Popen(["xrootd", "-R", XROOTD_USER, "-c", str(cfg), "-l", str(log_path),
-                             "-n", f"panda{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=str(base))
+    out_path = base / "xrootd.out"  # what xrootd says before its log is open
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(["xrootd", "-R", XROOTD_USER, "-c", str(cfg), "-l",
+                                 str(log_path), "-n", f"panda{port}"], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=str(base))
     server = RunningXrootd(url=f"root://{LOOPBACK}:{port}/", data=data, port=port, proc=proc,
-                           log_path=log_path, workdir=base)
+                           log_path=base / f"panda{port}" / "xrootd.log", workdir=base,
+                           admin=admin)
     try:
         _wait_tcp(port, timeout, proc, log_path)
-    except Exception:
+    except Exception as exc:
+        said = "".join(p.read_text(errors="replace")[-2000:]
+                       for p in [out_path, *base.rglob("xrootd.log")])
         server.stop()
-        raise
+        raise RuntimeError(f"xrootd did not start: {exc}\n{said}") from None
     return server

@@ -193,3 +193,17 @@ def test_gfal_hung_server_is_killed(hung, tmp_path):
     with pytest.raises(TransferError) as err:
         run_transfer(load("gfal"), t, "in", timeout=1.5, retries=0)
     assert err.value.code == ErrorCode.STAGEIN_TIMEOUT
+
+
+@pytest.mark.xrootd
+@pytest.mark.parametrize("tool", ["xrdcp", pytest.param("gfal", marks=needs_gfal)])
+def test_full_xrootd_storage_element(tool, tiny_fs, payload):
+    from copytools.testing import start_xrootd, xrootd_available
+    if xrootd_available():
+        pytest.skip(xrootd_available())
+    src, _ = payload  # 3 MiB onto a 1 MiB file system
+    with start_xrootd(tiny_fs) as server:
+        with pytest.raises(TransferError) as err:
+            run_transfer(load(tool), Transfer("f", "user", f"{server.url}/user/f", str(src)),
+                         "out", timeout=20, retries=2, backoff=0)
+    assert err.value.code == ErrorCode.NO_REMOTE_SPACE and not err.value.retryable
