@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +27,10 @@ import psutil
 import requests
 
 PACKAGES = ["nordugrid-arc-arex", "nordugrid-arc-client", "nordugrid-arc-plugins-needed",
-            "nordugrid-arc-arcctl"]
+            "nordugrid-arc-arcctl",
+            # a pilot in an ARC job runs as 'nobody' with Debian's python3 and these
+            "python3-requests", "python3-psutil", "python3-pluggy", "python3-stevedore",
+            "python3-yaml"]
 ARC_SHARE = Path("/usr/share/arc")
 PID_FILES = {"arex": Path("/run/arched-arex.pid"), "ws": Path("/run/arched-arex-ws.pid")}
 CONTROL_DIR = Path("/var/spool/arc/jobstatus")
@@ -40,14 +42,23 @@ class ArcUnavailable(RuntimeError):
     """A-REX cannot run here; the reason says why."""
 
 
+def _missing_packages() -> list[str]:
+    res = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Status}\n", *PACKAGES],
+                         capture_output=True, text=True)
+    installed = {line.split()[0] for line in res.stdout.splitlines()
+                 if line.endswith("install ok installed")}
+    return [p for p in PACKAGES if p not in installed]
+
+
 def ensure_installed() -> None:
-    if (ARC_SHARE / "arc-arex-start").exists() and shutil.which("arcctl") and shutil.which("arcproxy"):
+    if not _missing_packages():
         return
     if os.geteuid() != 0:
         raise ArcUnavailable("nordugrid-arc-arex is not installed and we are not root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                 *_missing_packages()]):
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         if res.returncode != 0:
             raise ArcUnavailable(f"{' '.join(cmd)} failed: {res.stderr[-500:]}")

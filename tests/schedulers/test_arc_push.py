@@ -4,33 +4,39 @@ One task of five jobs goes through the driver at once (each ARC job takes 20-90 
 read their input staged in by ARC and write an output ARC stages out, one whose payload exits 7,
 one whose input is registered but not on the storage element (stage-in failure), and one that
 sleeps until the server kills it. The final reports go first to a dead server (kept), then to
-the real one by a second driver on the same state dir (a restarted factory).
+the real one by a second driver on the same state dir (a restarted factory). Alongside, in pilot
+mode, a real pilot submitted through the arc backend finishes a job of another site.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 import time
 import zlib
+from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
 from copytools.testing import start_se
 from panda_wms.client import PandaClient
 from panda_wms.errorcodes import ErrorCode
 from panda_wms.storage import replica_path, replica_url
+from schedulers.arc import ArcBackend
 from schedulers.arc_push import ArcPushDriver, BadJob, parse_job, push_xrsl
-from schedulers.base import FINAL_BATCH_STATES, BatchState, SchedulerError
+from schedulers.base import FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerError
 from testkit import free_port, start_server, stop_server
 
 from arc_ce import ArcUnavailable, session_ce
 
 SITE = "ARC_PUSH_TEST"
+PILOT_SITE = "ARC_PILOT_TEST"
+REPO = Path(__file__).resolve().parents[2]
+# jobs run as 'nobody' on the test CE, who cannot enter /root where the project's Python lives:
+# the pilot runs with Debian's python3 (its requests, psutil, pluggy, stevedore from Debian)
+WN_PYTHON = "/usr/bin/python3"
 SCOPE = "push"
 CE_PATIENCE_S = 300
 
@@ -70,6 +76,10 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
     sites.mkdir()
     config = site_yaml(se.url, arc_ce.options)
     (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(config))
+    # a pilot-mode ARC site on the same CE and storage element
+    pilot_site = {**site_yaml(se.url, arc_ce.options), "name": PILOT_SITE,
+                  "scheduler": {"backend": "arc", "options": arc_ce.options}}
+    (sites / f"{PILOT_SITE}.yaml").write_text(yaml.safe_dump(pilot_site))
     server = start_server(tmp_path / "srv", site_dir=sites)
     state_dir = tmp_path / "push-state"
     arc_ids: list[str] = []
@@ -112,6 +122,29 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         assert sorted(taken) == sorted(jobs)
         arc_ids = [t.arc_id for t in driver.tracked()]
         assert len(arc_ids) == 5
+
+        # meanwhile, pilot mode: a real pilot through the arc backend takes a job of its site
+        pilot_files = []
+        for i in range(2):
+            lfn, data = f"pin.{i}.txt", f"pilot input {i}\n".encode() * 50
+            path = se.root / replica_path(SCOPE, lfn)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            pilot_files.append({"lfn": lfn, "fsize": len(data),
+                                "checksum": f"ad:{zlib.adler32(data):08x}"})
+        assert user.add_files("pilot.inputs", SCOPE, pilot_files, "PUSH_SE") == 2
+        pilot_task = user.submit_task({**common, "name": "arcpilot", "site": PILOT_SITE,
+                                       "input_dataset": "pilot.inputs", "files_per_job": 2,
+                                       "job_parameters": "-c 'cat pin.0.txt pin.1.txt | sha256sum > ${OUT}'",
+                                       "outputs": ["${TASK}.${SN}.out"]})
+        backend = ArcBackend(**arc_ce.options)
+        pilot_id = backend.submit(PilotSpec(
+            site=PILOT_SITE, name="arc-pilot", walltime_s=600,
+            command=[WN_PYTHON, "-m", "panda_wms.cli", "pilot", "--server", server.url,
+                     "--site", PILOT_SITE, "--max-jobs", "1"],
+            env={"PYTHONPATH": str(REPO), "PANDA_AUTH_TOKEN":
+                 server.token("pilot", "arc-pilot", site=PILOT_SITE)}))
+        arc_ids.append(pilot_id)
         kill_ids = [pid for pid, task in jobs.items() if task == kill_task]
         deadline = time.monotonic() + CE_PATIENCE_S
         # follow the jobs (starting -> running) until the server's kill reached the CE
@@ -130,7 +163,7 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         left = driver.tracked()
         kill_arc_id = next(t.arc_id for t in left if t.panda_id == kill_ids[0])
         while time.monotonic() < deadline:
-            ce_states = driver.backend.status([t.arc_id for t in left])
+            ce_states = driver.backend.status([t.arc_id for t in left] + [pilot_id])
             if all(s in FINAL_BATCH_STATES for s in ce_states.values()):
                 break
             time.sleep(3)
@@ -192,6 +225,19 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         assert killed_job["jobStatus"] == "cancelled" or (
             killed_job["pilotErrorCode"] == ErrorCode.KILLED_BY_SERVER), killed_job
         assert ce_states[kill_arc_id] == BatchState.CANCELLED
+
+        # the pilot ran as the CE's mapped user, staged in over HTTP, ran the payload, stored
+        # the output on the SE and finished the job
+        assert ce_states[pilot_id] == BatchState.DONE, (
+            backend.client.session_file(pilot_id, "pilot.err"), server.log()[-2000:])
+        pilot_job = user.call("job", "get_description", "POST", job_ids=[
+            int(j["PandaID"]) for j in user.jobs(pilot_task)])[0]
+        assert pilot_job["jobStatus"] == "finished", (
+            pilot_job, backend.client.session_file(pilot_id, "pilot.err"))
+        out = next(f for f in pilot_job["Files"] if f["type"] == "output")
+        expected = hashlib.sha256(b"".join(f"pilot input {i}\n".encode() * 50 for i in range(2)))
+        assert (se.root / replica_path(SCOPE, out["lfn"])).read_text().split()[0] == \
+            expected.hexdigest()
     finally:
         for arc_id in arc_ids:
             arc_ce.kill_job_processes(arc_id)

@@ -4,7 +4,6 @@ manual. What the fake does not cover is listed in docs/htcondor.md."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
