@@ -175,7 +175,7 @@ class RunningXrootd:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(3)  # xrootd may linger on SIGTERM while clients stay connected
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

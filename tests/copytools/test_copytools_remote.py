@@ -180,10 +180,12 @@ def test_gfal_missing_and_mismatch(se, tmp_path, payload):
     assert err.value.code == ErrorCode.MISSING_INPUT
     src, data = payload
     url = f"{se.url}/user/g3.bin"
-    load("gfal").stage_out(Transfer("g3.bin", "user", url, str(src)))
+    # gfal2 only ever runs in run_transfer's children: its client threads must not be in a
+    # process that forks later (the pilot never uses it in-process either)
+    run_transfer(load("gfal"), Transfer("g3.bin", "user", url, str(src)), "out", 20, 0)
     t = Transfer("g3.bin", "user", url, str(tmp_path / "g3.bin"), len(data), "ad:00000003")
     with pytest.raises(TransferError) as err:
-        load("gfal").stage_in(t)
+        run_transfer(load("gfal"), t, "in", 20, 0)
     assert err.value.code == ErrorCode.ADLER32_MISMATCH_IN
 
 
