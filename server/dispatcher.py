@@ -196,11 +196,6 @@ class Dispatcher:
         state = _require(form, "state")
         if state not in {str(s) for s in PILOT_REPORTED_STATES}:
             raise ProtocolError(SC_FAILED, f"state {state!r} is not one a pilot may report")
-        job = self.tb.job_brief(panda_id)
-        if job is None:
-            return {"StatusCode": SC_OK, "command": "tobekilled"}
-        if identity is not None and not identity.may_act_for_site(job["site"]):
-            raise ProtocolError(SC_DENIED, f"{identity.subject} may not update jobs of {job['site']}")
         fields: dict[str, Any] = {}
         for key, column, conv in (
                 ("pilotErrorCode", "pilot_error_code", _int),
@@ -221,12 +216,21 @@ class Dispatcher:
         stored = {}
         if form.get("xml"):
             stored = parse_stored_files(form["xml"])
-        config = self.tb.get_site_cached(job["site"])["config"] if job["site"] else {}
+        attempt_nr = _int(form, "attemptNr")
+
+        def check(job: dict) -> str | None:
+            """Inside the update's transaction: may this caller update the job? Where do its
+            outputs go? (Saves a separate read of the job per update.)"""
+            if identity is not None and not identity.may_act_for_site(job["site"]):
+                raise ProtocolError(SC_DENIED,
+                                    f"{identity.subject} may not update jobs of {job['site']}")
+            config = self.tb.get_site_cached(job["site"])["config"] if job["site"] else {}
+            return output_endpoint(config)
+
         try:
             command = self.tb.pilot_update(
                 panda_id, state, fields, actor=identity.subject if identity else None,
-                attempt_nr=_int(form, "attemptNr"), stored_files=stored,
-                output_endpoint=output_endpoint(config))
+                attempt_nr=attempt_nr, stored_files=stored, check=check)
         except Conflict as exc:
             raise ProtocolError(SC_FAILED, str(exc)) from None
         return {"StatusCode": SC_OK, "command": command}

@@ -479,19 +479,23 @@ class TaskBuffer:
     def pilot_update(self, panda_id: int, state: str, fields: dict, *, actor: str | None,
                      attempt_nr: int | None = None,
                      stored_files: dict[str, dict] | None = None,
-                     output_endpoint: str | None = None) -> str:
+                     output_endpoint: str | None = None,
+                     check: Callable[[dict], str | None] | None = None) -> str:
         """Apply a pilot's updateJob; returns the command for the pilot ("NULL", "tobekilled").
 
         A heartbeat for a job the pilot no longer owns (unknown, other attempt, already final)
         gets "tobekilled". A final state is applied via ``holding``: outputs are registered,
-        then the job finishes (or fails if an expected output is missing).
+        then the job finishes (or fails if an expected output is missing). ``check``: called
+        with the job's row ({panda_id, status, site, ...}) before anything changes; it raises
+        to refuse the update and returns the output storage element (the dispatcher's
+        authorization, without a read of its own).
         """
         with self.engine.begin() as conn:
-            row = conn.execute(select(db.jobs.c.status, db.jobs.c.attempt_nr, db.jobs.c.command,
-                                      db.jobs.c.task_id)
-                               .where(db.jobs.c.panda_id == panda_id)).first()
+            row = conn.execute(_SELECT_PILOT_ROW, {"pid": panda_id}).first()
             if row is None:
                 return "tobekilled"
+            if check is not None:
+                output_endpoint = check(dict(row._mapping)) or output_endpoint
             if attempt_nr is not None and attempt_nr != row.attempt_nr:
                 return "tobekilled"
             if row.status not in {str(s) for s in PILOT_OWNED_STATES}:
@@ -755,6 +759,9 @@ class TaskBuffer:
 
 
 _INSERT_HISTORY = insert(db.job_history)
+_SELECT_PILOT_ROW = select(db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr,
+                           db.jobs.c.command, db.jobs.c.task_id, db.jobs.c.site).where(
+    db.jobs.c.panda_id == bindparam("pid"))
 _SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
                  .order_by(db.files.c.row_id))
 
