@@ -14,8 +14,9 @@ import psutil
 import pytest
 import requests
 
-from compatkit import SITE, adler32_hex
+from compatkit import SITE, CertAuthority, adler32_hex, dn, start_tls_server, stop_process
 from panda_wms.client import PandaClient
+from testkit import EXAMPLE_SITES
 
 PAYLOAD = b'#!/bin/sh\n# the transformation pilot 3 runs as ./payload.sh <jobPars>\necho "hello from pilot 3" > "$1"\n'
 
@@ -23,8 +24,11 @@ PAYLOAD = b'#!/bin/sh\n# the transformation pilot 3 runs as ./payload.sh <jobPar
 def _pilot_env(launch: Path, user: str) -> list[str]:
     env = {"PATH": "/usr/bin:/bin", "HOME": f"/var/tmp/{user}-home", "LANG": "C.UTF-8",
            "PILOT_NOKILL": "1",                       # never kill the user's other processes
-           "LOCAL_AGIS_SCHEDCONF": str(launch / "schedconf.json"),
-           "PANDA_AUTH_TOKEN": "pilot.token", "PANDA_AUTH_ORIGIN": "panda-wms"}
+           "LOCAL_AGIS_SCHEDCONF": str(launch / "schedconf.json")}
+    if (launch / "pilot.token").exists():   # token mode needs both (the file is found in launch)
+        env.update(PANDA_AUTH_TOKEN="pilot.token", PANDA_AUTH_ORIGIN="panda-wms")
+    if (launch / "x509up").exists():        # else: certificate, key and CA chain in one file
+        env.update(X509_USER_PROXY=str(launch / "x509up"), X509_CERT_DIR=str(launch / "certs"))
     if (launch / "pilot.cfg").exists():     # pilot 3's own way to read another config file
         env["HARVESTER_PILOT_CONFIG"] = str(launch / "pilot.cfg")
     return [f"{k}={v}" for k, v in env.items()]
@@ -32,10 +36,10 @@ def _pilot_env(launch: Path, user: str) -> list[str]:
 
 def pilot3_command(venv: Path, user: str, launch: Path, url: str) -> list[str]:
     """Pilot 3 in ``launch`` (its main directory: no -a) as ``user``."""
-    port = url.rsplit(":", 1)[1]
+    base, port = url.rsplit(":", 1)
     return ["runuser", "-u", user, "--", "env", "-i", *_pilot_env(launch, user),
             str(venv / "bin" / "python"), "pilot.py", "-q", SITE, "--pilot-user", "generic",
-            "-w", "generic", "-j", "managed", "--url", "http://127.0.0.1", "-p", port,
+            "-w", "generic", "-j", "managed", "--url", base, "-p", port,
             "--queuedata-url", f"{url}/cache/schedconfig/{SITE}.all.json",
             "--storagedata-url", f"{url}/cache/ddmendpoints.json",
             "-t",                      # no X.509 proxy to verify: the pilot authenticates by token
@@ -49,12 +53,16 @@ def run_pilot3(venv: Path, user: str, launch: Path, url: str, timeout: int = 240
 
 
 def prepare_launch(server, launch: Path, user: str, payload: bytes,
-                   heartbeat_s: int | None = None) -> None:
+                   heartbeat_s: int | None = None, url: str | None = None,
+                   verify: str | bool = True) -> None:
     """The transformation, the pilot's token, its queue description (and config) in ``launch``."""
     (launch / "payload.sh").write_bytes(payload)
     (launch / "payload.sh").chmod(0o755)
-    (launch / "pilot.token").write_text(server.token("pilot", "pilot3-wn", site=SITE))
-    queuedata = requests.get(f"{server.url}/cache/schedconfig/{SITE}.all.json", timeout=5).json()
+    if server is not None:
+        (launch / "pilot.token").write_text(server.token("pilot", "pilot3-wn", site=SITE))
+    url = url or server.url
+    queuedata = requests.get(f"{url}/cache/schedconfig/{SITE}.all.json", timeout=5,
+                             verify=verify).json()
     (launch / "schedconf.json").write_text(json.dumps({SITE: queuedata}))
     if heartbeat_s is not None:
         cfg = (launch / "pilot" / "util" / "default.cfg").read_text()
@@ -138,6 +146,55 @@ def test_pilot3_runs_a_job_to_finished(site_server, launch_dir, pilot_user, comp
     assert "Traceback" not in server_log and " 500 " not in server_log
 
 
+
+
+@pytest.mark.slow
+def test_pilot3_with_x509_over_https(tmp_path, launch_dir, pilot_user, compat_venv, monkeypatch):
+    """Pilot 3 in certificate mode: curl presents its proxy file (certificate, key, CA chain) as
+    TLS client certificate; the server knows the DN as a pilot and records it."""
+    monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    shutil.copy(EXAMPLE_SITES / f"{SITE}.yaml", sites)
+    ca = CertAuthority(tmp_path / "pki")
+    url, server = start_tls_server(tmp_path, sites, ca, pilot_dns=[dn("pilot3-wn")])
+    try:
+        verify = str(ca.ca_file)
+        alice = ca.issue("alice")
+
+        def api(method, path, **body):
+            resp = requests.request(method, f"{url}/api/v1/{path}", cert=alice, verify=verify,
+                                    timeout=10, **({"json": body} if method == "POST"
+                                                   else {"params": body}))
+            assert resp.json()["success"], resp.text
+            return resp.json()["data"]
+
+        api("POST", "data/add_files", dataset="p3x.in", scope="p3x", ddm_endpoint="LOCAL_SE",
+            files=[{"lfn": "payload.sh", "fsize": len(PAYLOAD),
+                    "checksum": f"ad:{adler32_hex(PAYLOAD)}"}])
+        task_id = api("POST", "task/submit", task_parameters={
+            "name": "p3x", "scope": "p3x", "transformation": "payload.sh",
+            "job_parameters": "${OUT}", "input_dataset": "p3x.in", "output_dataset": "p3x.out",
+            "outputs": ["p3x.${SN}.out"], "site": SITE,
+            "resources": {"memory_mb": 100, "walltime_s": 600}})
+        cert, key = ca.issue("pilot3-wn")
+        (launch_dir / "x509up").write_bytes(cert.read_bytes() + key.read_bytes()
+                                            + ca.ca_file.read_bytes())
+        (launch_dir / "x509up").chmod(0o600)
+        (launch_dir / "certs").mkdir()
+        prepare_launch(None, launch_dir, pilot_user, PAYLOAD, url=url, verify=verify)
+        proc = run_pilot3(compat_venv, pilot_user, launch_dir, url)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-6000:]
+        (job_id,) = api("GET", "task/get_job_ids", task_id=task_id)
+        assert api("POST", "job/get_description", job_ids=[job_id])[0]["jobStatus"] == \
+            "finished", out[-4000:]
+        history = api("GET", "job/get_history", job_id=job_id)
+        assert history[0]["actor"] == dn("alice")
+        assert {h["actor"] for h in history[2:]} == {dn("pilot3-wn")}
+        assert (launch_dir / "p3x.000001.out").read_bytes() == b"hello from pilot 3\n"
+    finally:
+        stop_process(server)
 
 SLEEPER = b'#!/bin/sh\n# runs until killed\necho started > "$1"\nexec sleep 300\n'
 
