@@ -3,7 +3,7 @@
 ``panda se --root DIR --port N`` serves GET (with Range), HEAD, PUT, DELETE, MKCOL, PROPFIND
 (Depth 0/1) and OPTIONS. It is the peer of the ``http`` and ``gfal`` copytools and of ARC CE's
 push mode, which needs a correct HTTP/1.1 server: absolute-form request targets, sizes on HEAD,
-``Expect: 100-continue`` and ``If-None-Match: *`` on PUT. Uploads go to a hidden temporary name
+``Expect: 100-continue`` and ``If-None-Match: *`` on PUT; HTTPS with ``--cert/--key``. Uploads go to a hidden temporary name
 and are renamed when complete, so a half upload is never visible. Writes may require a bearer
 token. Paths never leave the root (no ``..``, no NUL, no symlink escapes).
 """
@@ -432,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--token-file", help="file holding the bearer token writes need "
                         "(default: $PANDA_SE_TOKEN; none = writes open)")
+    parser.add_argument("--cert", help="PEM certificate (chain) to serve HTTPS with")
+    parser.add_argument("--key", help="PEM private key of --cert")
     parser.add_argument("--strict-webdav", action="store_true",
                         help="answer PUT into a missing folder with 409, as RFC 4918 says, instead "
                         "of creating the parents")
@@ -450,13 +452,28 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"panda se: {exc}\n")
         return 2
+    ssl_ctx = None
+    if args.cert or args.key:
+        import ssl
+
+        if not (args.cert and args.key):
+            sys.stderr.write("panda se: --cert and --key go together\n")
+            return 2
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_ctx.load_cert_chain(args.cert, args.key)
+        except (OSError, ssl.SSLError) as exc:
+            sys.stderr.write(f"panda se: cannot load --cert/--key: {exc}\n")
+            return 2
     app = make_app(args.root, token, create_parents=not args.strict_webdav)
 
     async def serve() -> None:
-        server = HTTPServer(app, max_body_size=1 << 50, idle_connection_timeout=300)
+        server = HTTPServer(app, max_body_size=1 << 50, idle_connection_timeout=300,
+                            ssl_options=ssl_ctx)
         server.listen(args.port, address=args.host)
-        log.info("storage element serving %s on http://%s:%d (writes %s)", args.root, args.host,
-                 args.port, "need a token" if token else "open")
+        log.info("storage element serving %s on %s://%s:%d (writes %s)", args.root,
+                 "https" if ssl_ctx else "http", args.host, args.port,
+                 "need a token" if token else "open")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -71,8 +71,9 @@ class RunningSE:
 
 def start_se(root: str | Path, token: str | None = None, port: int | None = None,
              log_path: str | Path | None = None, timeout: float = 20.0,
-             strict_webdav: bool = False) -> RunningSE:
-    """Start ``panda se`` on 127.0.0.1 (a free port unless given) and wait until it answers."""
+             strict_webdav: bool = False, tls: "TestCA | None" = None) -> RunningSE:
+    """Start ``panda se`` on 127.0.0.1 (a free port unless given) and wait until it answers;
+    with ``tls`` (see ``make_test_ca``) it serves HTTPS with a certificate for 127.0.0.1."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -81,6 +82,8 @@ def start_se(root: str | Path, token: str | None = None, port: int | None = None
            "--host", LOOPBACK]
     if strict_webdav:
         cmd.append("--strict-webdav")
+    if tls is not None:
+        cmd += ["--cert", str(tls.cert), "--key", str(tls.key)]
     env = dict(os.environ)
     env.pop("PANDA_SE_TOKEN", None)
     if token:
@@ -91,7 +94,8 @@ def start_se(root: str | Path, token: str | None = None, port: int | None = None
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-    se = RunningSE(url=f"http://{LOOPBACK}:{port}", root=root, port=port, proc=proc,
+    scheme = "https" if tls is not None else "http"
+    se = RunningSE(url=f"{scheme}://{LOOPBACK}:{port}", root=root, port=port, proc=proc,
                    log_path=log_path, token=token)
     try:
         _wait_tcp(port, timeout, proc, log_path)
@@ -99,6 +103,68 @@ def start_se(root: str | Path, token: str | None = None, port: int | None = None
         se.stop()
         raise
     return se
+
+
+@dataclass
+class TestCA:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    ca: Path       # give clients this as their CA bundle
+    cert: Path
+    key: Path
+
+
+def make_test_ca(folder: str | Path) -> TestCA:
+    """Make a CA and a certificate for 127.0.0.1 / localhost in ``folder`` (cryptography)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "panda-wms test CA")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                            crl_sign=True, content_commitment=False,
+                                            key_encipherment=False, data_encipherment=False,
+                                            key_agreement=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                              critical=False)
+               .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOOPBACK)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    out = TestCA(ca=folder / "ca.pem", cert=folder / "server.pem", key=folder / "server.key")
+    out.ca.write_bytes(ca_cert.public_bytes(pem))
+    out.cert.write_bytes(cert.public_bytes(pem))
+    out.key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    out.key.chmod(0o600)
+    return out
 
 
 class HungServer:

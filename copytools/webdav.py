@@ -68,11 +68,12 @@ class HttpTool(CopyTool):
                 token = f.read().strip()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
-        self.session.verify = options.get("ca") or options.get("verify", True)
+        # passed on every call: a Session's own verify loses to $REQUESTS_CA_BUNDLE
+        self.verify = options.get("ca") or options.get("verify", True)
         self.connect_timeout = float(options.get("connect_timeout", 30))
 
-    def _timeout(self, timeout: float) -> tuple[float, float]:
-        return (min(self.connect_timeout, timeout), timeout)
+    def _kw(self, timeout: float) -> dict:
+        return {"timeout": (min(self.connect_timeout, timeout), timeout), "verify": self.verify}
 
     def _url(self, t: Transfer, code: ErrorCode) -> str:
         try:
@@ -81,6 +82,10 @@ class HttpTool(CopyTool):
             raise TransferError(code, str(exc)) from None
 
     def _request_error(self, exc: requests.RequestException, t: Transfer, direction: str):
+        if isinstance(exc, requests.exceptions.SSLError):  # a wrong CA does not fix itself
+            code = ErrorCode.STAGEIN_FAILED if direction == "in" else ErrorCode.STAGEOUT_FAILED
+            return TransferError(code, f"{t.lfn}: TLS failure talking to {t.surl} (check the "
+                                 f"'ca' option): {exc}")
         if isinstance(exc, requests.Timeout):
             code = ErrorCode.STAGEIN_TIMEOUT if direction == "in" else ErrorCode.STAGEOUT_TIMEOUT
         else:
@@ -94,7 +99,7 @@ class HttpTool(CopyTool):
         tmp = partial_path(t.local_path)
         cs = StreamChecksum(want_md5)
         try:
-            with self.session.get(url, stream=True, timeout=self._timeout(timeout)) as r:
+            with self.session.get(url, stream=True, **self._kw(timeout)) as r:
                 if r.status_code == 404:
                     raise TransferError(ErrorCode.MISSING_INPUT, f"{t.lfn}: {url} not found (404)")
                 if r.status_code in (401, 403):
@@ -132,12 +137,11 @@ class HttpTool(CopyTool):
         url = self._url(t, ErrorCode.STAGEOUT_FAILED)
         try:
             cs = StreamChecksum(want_md5)
-            r = self.session.put(url, data=_Body(t.local_path, cs), timeout=self._timeout(timeout))
+            r = self.session.put(url, data=_Body(t.local_path, cs), **self._kw(timeout))
             if r.status_code == 409:  # parent collection missing on a plain WebDAV server
                 self._mkcol_parents(url, timeout)
                 cs = StreamChecksum(want_md5)
-                r = self.session.put(url, data=_Body(t.local_path, cs),
-                                     timeout=self._timeout(timeout))
+                r = self.session.put(url, data=_Body(t.local_path, cs), **self._kw(timeout))
             if r.status_code not in (200, 201, 204):
                 code = {507: ErrorCode.NO_REMOTE_SPACE, 401: ErrorCode.STAGEOUT_AUTH_FAILURE,
                         403: ErrorCode.STAGEOUT_AUTH_FAILURE}.get(r.status_code,
@@ -146,8 +150,7 @@ class HttpTool(CopyTool):
                                     f"{r.reason}: {r.text[:200]}",
                                     retryable=r.status_code >= 500 and r.status_code != 507)
             remote_adler = _digest(r.headers.get("Digest", ""), "adler32")
-            head = self.session.head(url, headers={"Want-Digest": "adler32"},
-                                     timeout=self._timeout(timeout))
+            head = self.session.head(url, headers={"Want-Digest": "adler32"}, **self._kw(timeout))
         except requests.RequestException as exc:
             raise self._request_error(exc, t, "out") from None
         except OSError as exc:
@@ -175,13 +178,13 @@ class HttpTool(CopyTool):
         for seg in segments:
             path += "/" + seg
             r = self.session.request("MKCOL", urlunsplit(parts._replace(path=path + "/")),
-                                     timeout=self._timeout(timeout))
+                                     **self._kw(timeout))
             if r.status_code not in (201, 405):  # 405: exists already
                 log.warning("MKCOL %s answered %s", path, r.status_code)
 
     def remove_remote(self, surl: str) -> None:
         try:
-            self.session.delete(http_url(surl), timeout=(self.connect_timeout, 60))
+            self.session.delete(http_url(surl), **self._kw(60))
         except (requests.RequestException, ValueError) as exc:
             log.warning("could not remove bad upload %s: %s", surl, exc)
 

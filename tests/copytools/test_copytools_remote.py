@@ -71,6 +71,26 @@ def test_http_token_and_mkcol_parents(tmp_path, payload):
         assert (se.root / url[len(se.url) + 1:]).read_bytes() == data
 
 
+def test_https_with_the_sites_ca(tmp_path, payload):
+    from copytools.testing import make_test_ca
+    ca = make_test_ca(tmp_path / "ca")
+    src, data = payload
+    with start_se(tmp_path / "root", tls=ca) as se:
+        assert se.url.startswith("https://")
+        url = replica_url(se.url.replace("https://", "davs://"), "user", "s.bin")
+        tool = load("http", ca=str(ca.ca))
+        out = run_transfer(tool, Transfer("s.bin", "user", url, str(src)), "out", 30, 0)
+        assert out.adler32 == adler(data)
+        got = run_transfer(tool, Transfer("s.bin", "user", url, str(tmp_path / "s.bin"), len(data),
+                                          "ad:" + adler(data)), "in", 30, 0)
+        assert got.fsize == len(data)
+        with pytest.raises(TransferError) as err:  # the system CAs do not know this one
+            run_transfer(load("http"), Transfer("s.bin", "user", url, str(tmp_path / "t.bin")),
+                         "in", 30, 3, 0)
+        assert err.value.code == ErrorCode.STAGEIN_FAILED and "TLS" in err.value.message
+        assert not err.value.retryable
+
+
 def test_http_missing_and_mismatch(se, tmp_path, payload):
     t = Transfer("none.bin", "user", f"{se.url}/user/none.bin", str(tmp_path / "n"))
     with pytest.raises(TransferError) as err:
