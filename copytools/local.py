@@ -171,11 +171,11 @@ class MvTool(CpTool):
     name = "mv"
 
     def _copy(self, t: Transfer, src: str, dst: str, want_md5: bool, direction: str):
+        if not os.path.lexists(src):
+            raise _os_error(FileNotFoundError(errno.ENOENT, "no such file", src), t, direction,
+                            "source")
         try:
             os.rename(src, dst)
-        except FileNotFoundError:
-            raise _os_error(FileNotFoundError(errno.ENOENT, "no such file", src), t, direction,
-                            "source") from None
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise _os_error(exc, t, direction, "destination") from None

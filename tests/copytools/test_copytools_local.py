@@ -137,6 +137,16 @@ def test_symlink_cannot_stage_out(tmp_path, payload):
     assert err.value.code == ErrorCode.STAGEOUT_FAILED and "symlink" in err.value.message
 
 
+@pytest.mark.parametrize("tool", ["cp", "mv", "symlink"])
+def test_missing_work_directory_is_not_a_missing_input(site, tool):
+    _, work, url, data = site
+    t = Transfer("in.bin", "data", url, str(work / "gone" / "in.bin"), len(data))
+    with pytest.raises(TransferError) as err:
+        load(tool).stage_in(t)
+    assert err.value.code == ErrorCode.STAGEIN_FAILED
+    assert os.path.exists(url[len("file://"):]), "the replica must stay where it was"
+
+
 def test_plain_paths_work_like_file_urls(site):
     _, work, url, data = site
     t = Transfer("in.bin", "data", url[len("file://"):], str(work / "in.bin"), len(data))
