@@ -99,8 +99,9 @@ def attempt(tool: CopyTool, t: Transfer, direction: str, timeout: float) -> Tran
                                 f"{proc.exitcode}) while moving {t.lfn}", retryable=True) from None
     finally:
         recv.close()
-    proc.join(_REAP_S)
+    proc.join(1.0)  # the result is in hand: whatever still lingers (library threads) is killed
     if proc.is_alive():
+        log.debug("transfer process %d lingered after its result; killing it", proc.pid)
         _kill(proc)
     if status == "ok":
         return payload
