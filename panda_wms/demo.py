@@ -34,9 +34,11 @@ def _free_port() -> int:
 
 
 class Demo:
-    def __init__(self, workdir: Path, n_jobs: int, timeout: float, keep: bool, out=sys.stdout):
+    def __init__(self, workdir: Path, n_jobs: int, timeout: float, keep: bool, out=sys.stdout,
+                 job_seconds: float = 0.0):
         self.workdir = workdir
         self.n_jobs = n_jobs
+        self.job_seconds = job_seconds
         self.timeout = timeout
         self.keep = keep
         self.out = out
@@ -150,7 +152,9 @@ class Demo:
 
         task = {
             "name": "demo", "scope": scope, "transformation": "/bin/sh",
-            "job_parameters": "-c 'sha256sum ${IN} > ${OUT} && wc -c ${IN} >> ${OUT}'",
+            "job_parameters": "-c 'sha256sum ${IN} > ${OUT} && wc -c ${IN} >> ${OUT}"
+                              + (f" && sleep {self.job_seconds:g}" if self.job_seconds else "")
+                              + "'",
             "input_dataset": dataset, "output_dataset": "demo.outputs",
             "outputs": ["demo.output.${SN}.txt"], "files_per_job": 1, "site": SITE,
             "priority": 1000, "resources": {"cores": 1, "memory_mb": 500, "walltime_s": 600,
@@ -252,13 +256,15 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="panda demo", description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=20, help="jobs in the demo task")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the task")
+    p.add_argument("--job-seconds", type=float, default=0.0,
+                   help="each job also sleeps this long (to watch jobs run in the monitor)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     p.add_argument("--workdir", help="use this folder instead of a temporary one")
     args = p.parse_args(argv)
     setup_logging(os.environ.get("PANDA_LOG_LEVEL", "WARNING"))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="panda-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(workdir, args.jobs, args.timeout, args.keep)
+    demo = Demo(workdir, args.jobs, args.timeout, args.keep, job_seconds=args.job_seconds)
 
     def _interrupt(signum, _frame):
         raise KeyboardInterrupt

@@ -54,15 +54,16 @@ def test_demo_runs_task_to_the_end(tmp_path):
 @pytest.mark.slow
 def test_demo_interrupted_leaves_no_process(tmp_path):
     workdir = tmp_path / "demo"
-    proc = demo(workdir, "--jobs", "20", "--timeout", "90")
+    proc = demo(workdir, "--jobs", "20", "--timeout", "90", "--job-seconds", "30")
     deadline = time.monotonic() + 60
     lines = []
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:     # interrupt once payloads are running
         line = proc.stdout.readline()
         lines.append(line)
-        if line.startswith("task ") or line.startswith("progress") or not line:
+        if (line.startswith("progress") and "running=" in line) or not line:
             break
-    time.sleep(1.5)   # let the factory start pilots
+    payloads = [p for p in processes_under(workdir) if "sleep 30" in " ".join(p.cmdline())]
+    assert payloads, "".join(lines)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, "".join(lines) + out
