@@ -217,6 +217,13 @@ class Dispatcher:
         if form.get("xml"):
             stored = parse_stored_files(form["xml"])
         attempt_nr = _int(form, "attemptNr")
+        # the site row is read before the update's transaction: a second connection reading it
+        # inside that transaction waits for its lock on SQLite (30 s, then "database is locked")
+        said_site = str(form.get("siteName") or "")
+        try:
+            said_row = self.tb.get_site_cached(said_site) if said_site else None
+        except NotFound:
+            said_row = None
 
         def check(job: dict) -> str | None:
             """Inside the update's transaction: may this caller update the job? Where do its
@@ -224,8 +231,11 @@ class Dispatcher:
             if identity is not None and not identity.may_act_for_site(job["site"]):
                 raise ProtocolError(SC_DENIED,
                                     f"{identity.subject} may not update jobs of {job['site']}")
-            config = self.tb.get_site_cached(job["site"])["config"] if job["site"] else {}
-            return output_endpoint(config)
+            if not job["site"]:
+                return output_endpoint({})
+            row = said_row if said_row and said_row["name"] == job["site"] else \
+                self.tb.get_site_cached(job["site"])
+            return output_endpoint(row["config"])
 
         try:
             command = self.tb.pilot_update(

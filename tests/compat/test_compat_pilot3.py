@@ -148,92 +148,82 @@ def test_pilot3_runs_a_job_to_finished(site_server, launch_dir, pilot_user, comp
 
 
 
+SLEEPER = b'#!/bin/sh\n# runs until killed\necho started > "$1"\nexec sleep 300\n'
+
+
 @pytest.mark.slow
-def test_pilot3_with_x509_over_https(tmp_path, launch_dir, pilot_user, compat_venv, monkeypatch):
-    """Pilot 3 in certificate mode: curl presents its proxy file (certificate, key, CA chain) as
-    TLS client certificate; the server knows the DN as a pilot and records it."""
+def test_pilot3_x509_over_https_obeys_a_kill(tmp_path, launch_dir, pilot_user, compat_venv,
+                                            monkeypatch):
+    """Pilot 3 in certificate mode over https: curl presents its proxy file (certificate, key,
+    CA chain) as TLS client certificate, and the server records the DN (a --pilot-dn) as the
+    actor. The owner kills the running job; pilot 3 gets ``tobekilled`` in its next heartbeat
+    reply, kills the payload and ends long before the payload would have."""
     monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
     sites = tmp_path / "sites"
     sites.mkdir()
     shutil.copy(EXAMPLE_SITES / f"{SITE}.yaml", sites)
     ca = CertAuthority(tmp_path / "pki")
     url, server = start_tls_server(tmp_path, sites, ca, pilot_dns=[dn("pilot3-wn")])
+    verify, alice = str(ca.ca_file), ca.issue("alice")
+
+    def api(method, path, **body):
+        resp = requests.request(method, f"{url}/api/v1/{path}", cert=alice, verify=verify,
+                                timeout=10, **({"json": body} if method == "POST"
+                                               else {"params": body}))
+        assert resp.json()["success"], resp.text
+        return resp.json()["data"]
+
+    def status():
+        return api("POST", "job/get_description", job_ids=[job_id])[0]["jobStatus"]
+
+    proc = None
     try:
-        verify = str(ca.ca_file)
-        alice = ca.issue("alice")
-
-        def api(method, path, **body):
-            resp = requests.request(method, f"{url}/api/v1/{path}", cert=alice, verify=verify,
-                                    timeout=10, **({"json": body} if method == "POST"
-                                                   else {"params": body}))
-            assert resp.json()["success"], resp.text
-            return resp.json()["data"]
-
-        api("POST", "data/add_files", dataset="p3x.in", scope="p3x", ddm_endpoint="LOCAL_SE",
-            files=[{"lfn": "payload.sh", "fsize": len(PAYLOAD),
-                    "checksum": f"ad:{adler32_hex(PAYLOAD)}"}])
+        api("POST", "data/add_files", dataset="p3k.in", scope="p3k", ddm_endpoint="LOCAL_SE",
+            files=[{"lfn": "payload.sh", "fsize": len(SLEEPER),
+                    "checksum": f"ad:{adler32_hex(SLEEPER)}"}])
         task_id = api("POST", "task/submit", task_parameters={
-            "name": "p3x", "scope": "p3x", "transformation": "payload.sh",
-            "job_parameters": "${OUT}", "input_dataset": "p3x.in", "output_dataset": "p3x.out",
-            "outputs": ["p3x.${SN}.out"], "site": SITE,
+            "name": "p3k", "scope": "p3k", "transformation": "payload.sh",
+            "job_parameters": "${OUT}", "input_dataset": "p3k.in", "output_dataset": "p3k.out",
+            "outputs": ["p3k.${SN}.out"], "site": SITE,
             "resources": {"memory_mb": 100, "walltime_s": 600}})
+        (job_id,) = api("GET", "task/get_job_ids", task_id=task_id)
         cert, key = ca.issue("pilot3-wn")
         (launch_dir / "x509up").write_bytes(cert.read_bytes() + key.read_bytes()
                                             + ca.ca_file.read_bytes())
         (launch_dir / "x509up").chmod(0o600)
         (launch_dir / "certs").mkdir()
-        prepare_launch(None, launch_dir, pilot_user, PAYLOAD, url=url, verify=verify)
-        proc = run_pilot3(compat_venv, pilot_user, launch_dir, url)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-6000:]
-        (job_id,) = api("GET", "task/get_job_ids", task_id=task_id)
-        assert api("POST", "job/get_description", job_ids=[job_id])[0]["jobStatus"] == \
-            "finished", out[-4000:]
-        history = api("GET", "job/get_history", job_id=job_id)
-        assert history[0]["actor"] == dn("alice")
-        assert {h["actor"] for h in history[2:]} == {dn("pilot3-wn")}
-        assert (launch_dir / "p3x.000001.out").read_bytes() == b"hello from pilot 3\n"
-    finally:
-        stop_process(server)
-
-SLEEPER = b'#!/bin/sh\n# runs until killed\necho started > "$1"\nexec sleep 300\n'
-
-
-@pytest.mark.slow
-def test_pilot3_obeys_a_kill_from_the_server(site_server, launch_dir, pilot_user, compat_venv):
-    """The owner kills the running job; pilot 3 gets ``tobekilled`` in its next heartbeat reply,
-    kills the payload and ends long before the payload would have."""
-    alice, task_id = submit_payload_task(site_server, "p3k", SLEEPER)
-    prepare_launch(site_server, launch_dir, pilot_user, SLEEPER, heartbeat_s=3)
-    (job_id,) = alice.call("task", "get_job_ids", task_id=task_id)
-    started = time.monotonic()
-    log_path = launch_dir.parent / f"{launch_dir.name}.out"     # a pipe would fill and block it
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(pilot3_command(compat_venv, pilot_user, launch_dir,
-                                               site_server.url),
-                                cwd=launch_dir, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        while alice.call("job", "get_description", "POST",
-                         job_ids=[job_id])[0]["jobStatus"] != "running":
+        prepare_launch(None, launch_dir, pilot_user, SLEEPER, heartbeat_s=3, url=url,
+                       verify=verify)
+        started = time.monotonic()
+        log_path = launch_dir.parent / f"{launch_dir.name}.out"   # a pipe would fill and block
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(pilot3_command(compat_venv, pilot_user, launch_dir, url),
+                                    cwd=launch_dir, stdout=log, stderr=subprocess.STDOUT)
+        while status() != "running":
             assert proc.poll() is None and time.monotonic() - started < 120, \
                 log_path.read_text()[-4000:]
             time.sleep(0.5)
-        assert alice.call("job", "kill", "POST", job_ids=[job_id]) == [True]
+        assert api("POST", "job/kill", job_ids=[job_id]) == [True]
         proc.wait(timeout=150)
-    finally:
-        kill_tree(proc)
         out = log_path.read_text(errors="replace")
-        log_path.unlink()
-    assert time.monotonic() - started < 200, "pilot 3 ran the payload to its end"
-    assert "tobekilled" in out, out[-4000:]
-    job = alice.call("job", "get_description", "POST", job_ids=[job_id])[0]
-    assert job["jobStatus"] == "cancelled"
-    history = alice.call("job", "get_history", job_id=job_id)
-    assert history[-1]["new_status"] == "cancelled" and history[-1]["actor"] == "alice"
-    assert "Traceback" not in site_server.log()
-    # no payload of the pilot user outlived it
-    left = subprocess.run(["pgrep", "-u", pilot_user, "-f", "sleep 300"], capture_output=True)
-    assert left.returncode == 1, left.stdout
+        assert time.monotonic() - started < 200, "pilot 3 ran the payload to its end"
+        assert "tobekilled" in out, out[-4000:]
+        assert status() == "cancelled"
+        history = api("GET", "job/get_history", job_id=job_id)
+        assert [(h["new_status"], h["actor"]) for h in history] == [
+            ("defined", dn("alice")), ("activated", "brokerage"), ("sent", dn("pilot3-wn")),
+            ("starting", dn("pilot3-wn")), ("running", dn("pilot3-wn")),
+            ("cancelled", dn("alice"))]
+        # no payload of the pilot user outlived it
+        left = subprocess.run(["pgrep", "-u", pilot_user, "-f", "sleep 300"],
+                              capture_output=True)
+        assert left.returncode == 1, left.stdout
+    finally:
+        if proc is not None:
+            kill_tree(proc)
+            (launch_dir.parent / f"{launch_dir.name}.out").unlink(missing_ok=True)
+        stop_process(server)
+
 
 def test_queuedata_reads_in_pilot3(site_server, compat_venv):
     """Pilot 3's own QueueData/StorageData classes parse what the server serves, with our values."""
