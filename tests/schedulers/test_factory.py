@@ -373,8 +373,7 @@ def test_cli_no_valid_site(tmp_path):
 def test_pilot_the_batch_system_forgot_is_failed_after_three_cycles(server, tmp_path, factories):
     activate_jobs(server, 1)
     f = make(factories, server, [site_config(tmp_path, max_queued=1, max_running=1)], tmp_path)
-    assert f.run_once().sites[SITE].submitted == 1
-    f.sites[SITE].status = "offline"
+    assert f.run_once().sites[SITE].submitted == 1   # max_queued=1: no second pilot meanwhile
     (rec,) = f.pilots.values()
     backend = f.backend(f.sites[SITE])
     pid = backend._read(rec.batch_id)["pid"]
