@@ -77,12 +77,19 @@ def _absolute(t: Transfer) -> Transfer:
 
 
 class GfalTool(CopyTool):
-    """Options: ``timeout_ops`` (s, gfal2's per-operation timeout), ``md5``."""
+    """Options: ``timeout_ops`` (s, gfal2's per-operation timeout), ``connect_timeout`` (s),
+    ``md5``."""
 
     name = "gfal"
     schemes = ("root", "xroot", "http", "https", "dav", "davs", "file", "srm", "gsiftp")
 
     def _context(self, timeout: float):
+        # XRootD's client reads these once, at its first use, which is in this (forked) process:
+        # without them it retries a dead server for minutes
+        window = str(max(1, min(int(self.options.get("connect_timeout", 30)), int(timeout))))
+        for key, value in (("XRD_CONNECTIONRETRY", "1"), ("XRD_CONNECTIONWINDOW", window),
+                           ("XRD_REQUESTTIMEOUT", str(max(1, int(timeout))))):
+            os.environ.setdefault(key, value)
         gfal2 = import_gfal2()
         ctx = gfal2.creat_context()
         ops = int(self.options.get("timeout_ops", max(1, int(timeout))))

@@ -229,3 +229,18 @@ def test_full_xrootd_storage_element(tool, tiny_fs, payload):
             run_transfer(load(tool), Transfer("f", "user", f"{server.url}/user/f", str(src)),
                          "out", timeout=20, retries=2, backoff=0)
     assert err.value.code == ErrorCode.NO_REMOTE_SPACE and not err.value.retryable
+
+
+@pytest.mark.parametrize("tool,scheme", [("xrdcp", "root"), pytest.param("gfal", "root", marks=needs_gfal),
+                                         pytest.param("gfal", "http", marks=needs_gfal)])
+def test_dead_peer_fails_fast_and_retryably(tool, scheme, tmp_path):
+    from copytools.testing import free_port, xrootd_available
+    if tool == "xrdcp" and xrootd_available():
+        pytest.skip(xrootd_available())
+    url = f"{scheme}://127.0.0.1:{free_port()}//user/f"
+    start = time.monotonic()
+    with pytest.raises(TransferError) as err:
+        run_transfer(load(tool), Transfer("f", "user", url, str(tmp_path / "f")), "in", 30, 0)
+    assert err.value.code == ErrorCode.STAGEIN_FAILED and err.value.retryable
+    assert time.monotonic() - start < 10, "a refused connection must not be retried for long"
+    assert os.listdir(tmp_path) == []
