@@ -99,7 +99,7 @@ class PandaClient:
         reply = self.call("POST", "/server/panda/getJob", form)
         if not isinstance(reply, dict):
             raise ProtocolError("getJob reply is not a JSON object")
-        code = int(reply.get("StatusCode", -1))
+        code = status_code(reply)
         if code == 20:
             return None
         if code != 0:
@@ -125,6 +125,14 @@ class PandaClient:
         if not isinstance(reply, dict) or not reply.get("success") or not reply.get("data"):
             raise ProtocolError(f"get_public_key failed: {str(reply)[:200]}")
         return str(reply["data"])
+
+
+def status_code(reply: dict[str, Any]) -> int:
+    """PanDA's StatusCode of a reply; a missing or unreadable one is a protocol error."""
+    try:
+        return int(reply["StatusCode"])
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"reply without a readable StatusCode: {str(reply)[:200]}") from None
 
 
 def server_commands(reply: dict[str, Any]) -> set[str]:

@@ -11,7 +11,7 @@ import re
 import time
 from typing import Any
 
-from .client import PandaClient, RetryPolicy
+from .client import PandaClient, ProtocolError, RetryPolicy, status_code
 from .errors import PilotError, ServerUnreachable, diag_limit, error_text
 from .payload import Payload, PayloadResult
 
@@ -95,7 +95,11 @@ def send_final(client: PandaClient, form: dict[str, Any], policy: RetryPolicy) -
     except Exception as exc:
         log.error("final update of job %s refused: %s", form.get("jobId"), exc)
         return False
-    code = int(reply.get("StatusCode", 0) or 0)
+    try:
+        code = status_code(reply)
+    except ProtocolError as exc:   # not the server speaking: keep the update for later
+        log.error("final update of job %s: %s", form.get("jobId"), exc)
+        return False
     if code != 0:
         log.error("final update of job %s refused by the server: StatusCode %s %s",
                   form.get("jobId"), code, reply.get("errorDialog", ""))
