@@ -271,13 +271,18 @@ def test_parse_job_never_raises_anything_but_pilot_errors():
              "../..", True]
     base = make_job(77, "true", inputs=[{"lfn": "i", "scope": "s", "fsize": 1, "checksum": "ad:1"}],
                     outputs=["o"])
+    assert parse_job(base).panda_id == 77
+    outcomes = {"parsed": 0, "refused": 0}
     for key in list(base):
         for value in weird:
             raw = dict(base, **{key: value})
             try:
                 parse_job(raw)
-            except PilotError:
-                pass
+                outcomes["parsed"] += 1
+            except PilotError as exc:
+                assert exc.code in (ErrorCode.BAD_JOB_SPEC, ErrorCode.HOSTILE_FILE_NAME), exc
+                outcomes["refused"] += 1
+    assert outcomes["parsed"] > 0 and outcomes["refused"] > 50, outcomes
 
 
 def test_queuedata_never_raises_anything_but_pilot_errors():
@@ -287,12 +292,15 @@ def test_queuedata_never_raises_anything_but_pilot_errors():
     base = site_config(Path("/tmp/se"))
     weird = [None, 7, "x", [], ["a"], {"a": 1}, {"name": []}, True]
     site_from_queuedata({"panda_wms": base}, "PILOT_TEST")
+    refused = 0
     for key in list(base):
         for value in weird:
             try:
                 site_from_queuedata({"panda_wms": dict(base, **{key: value})}, "PILOT_TEST")
-            except PilotError:
-                pass
+            except PilotError as exc:
+                assert "PILOT_TEST" in str(exc) or "site config" in str(exc), exc
+                refused += 1
+    assert refused > 10
     for qd in (None, [], "x", {"panda_wms": None}, {"panda_wms": []}):
         with pytest.raises(PilotError):
             site_from_queuedata(qd, "PILOT_TEST")
