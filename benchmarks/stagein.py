@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import statistics
+import resource
 import subprocess
 import sys
 import tempfile
@@ -49,11 +50,18 @@ def make_file(path: str, size: int) -> str:
     return f"{adler & 0xFFFFFFFF:08x}"
 
 
-def timed(fn) -> float:
+def _cpu() -> float:
+    """CPU seconds of this process and its reaped children (cp, the transfer process)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall, cpu) seconds of one call, after flushing dirty pages of the previous one."""
     os.sync()
-    start = time.perf_counter()
+    cpu, start = _cpu(), time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu() - cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,27 +96,31 @@ def main(argv: list[str] | None = None) -> int:
         def run_stagein() -> None:
             run_transfer(tool, t, "in", timeout=600, retries=0)
 
-        def measure(fn, dst: str, into: list[float]) -> None:
+        def measure(fn, dst: str, into: list[tuple[float, float]]) -> None:
             into.append(timed(fn))
             os.unlink(dst)  # each copy starts from the same state: no 1 GiB output lying around
 
-        cp_times: list[float] = []
-        in_times: list[float] = []
+        cp_times: list[tuple[float, float]] = []
+        in_times: list[tuple[float, float]] = []
         measure(run_cp, dst_cp, [])  # warm the page cache and both code paths
         measure(run_stagein, dst_in, [])
         for i in range(args.repeat):  # alternate which goes first: the order alone shows up
             pair = [(run_cp, dst_cp, cp_times), (run_stagein, dst_in, in_times)]
             for fn, dst, into in (pair if i % 2 == 0 else pair[::-1]):
                 measure(fn, dst, into)
-        cp_s, in_s = statistics.median(cp_times), statistics.median(in_times)
+        cp_s, in_s = (statistics.median(w for w, _ in x) for x in (cp_times, in_times))
+        cp_cpu, in_cpu = (statistics.median(c for _, c in x) for x in (cp_times, in_times))
         sys.stdout.write(f"file {size / (1 << 20):.0f} MiB, checksum {checksum.split(':')[0]} "
                          f"(adler32 backend {BACKEND}), {args.repeat} runs each, medians\n")
-        sys.stdout.write(f"plain cp           {cp_s:8.3f} s  {size / cp_s / 1e9:6.2f} GB/s\n")
-        sys.stdout.write(f"cp tool, verified  {in_s:8.3f} s  {size / in_s / 1e9:6.2f} GB/s\n")
+        sys.stdout.write(f"plain cp           {cp_s:8.3f} s  {size / cp_s / 1e9:6.2f} GB/s  "
+                         f"cpu {cp_cpu:.3f} s\n")
+        sys.stdout.write(f"cp tool, verified  {in_s:8.3f} s  {size / in_s / 1e9:6.2f} GB/s  "
+                         f"cpu {in_cpu:.3f} s\n")
         sys.stdout.write(json.dumps({"benchmark": "stagein", "size_bytes": size,
                                      "checksum": checksum.split(":")[0],
                                      "stagein_s": round(in_s, 4), "cp_s": round(cp_s, 4),
                                      "ratio_vs_cp": round(in_s / cp_s, 3),
+                                     "stagein_cpu_s": round(in_cpu, 4), "cp_cpu_s": round(cp_cpu, 4),
                                      "load_avg_1m": round(os.getloadavg()[0], 2),
                                      "cpus": os.cpu_count()}) + "\n")
         return 0

@@ -61,7 +61,7 @@ def copy_with_checksum(src_path: str, dst_path: str, md5: bool = False) -> Strea
 
             def hash_source() -> None:
                 try:
-                    result["cs"] = checksum_fd(src, md5)
+                    result["cs"] = checksum_fd(src, md5, chunk=1024 * 1024)  # stays in L2
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                     result["err"] = exc
 
