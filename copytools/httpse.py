@@ -322,6 +322,8 @@ class SEHandler(tornado.web.RequestHandler):
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except PathError as exc:
             return self._fail(403, f"refused path: {exc}")
+        except (FileExistsError, NotADirectoryError) as exc:  # a file where a folder must be
+            return self._fail(409, f"cannot store: {exc}")
         except OSError as exc:
             return self._fail(507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500,
                               f"cannot store: {exc}")

@@ -160,6 +160,13 @@ def test_half_upload_never_visible(se):
     assert requests.get(f"{se.url}/half/f").status_code == 404
 
 
+def test_put_below_a_file_is_a_conflict(se):
+    requests.put(f"{se.url}/conflict/f", data=b"x")
+    assert requests.put(f"{se.url}/conflict/f/g", data=b"y").status_code == 409
+    assert requests.put(f"{se.url}/conflict", data=b"y").status_code == 409  # a folder
+    assert requests.get(f"{se.url}/conflict/f").content == b"x"
+
+
 def test_chunked_upload(se):
     def gen():
         yield b"a" * 100
