@@ -326,7 +326,7 @@ def main() -> int:
                     "quick 1500)")
     ap.add_argument("--pilots", type=int, default=50, help="concurrent simulated pilots")
     ap.add_argument("--processes", type=int, default=2, help="server processes")
-    ap.add_argument("--threads", type=int, default=4, help="database threads per process")
+    ap.add_argument("--threads", type=int, default=16, help="database threads per process")
     ap.add_argument("--async-commit", action="store_true",
                     help="ALTER DATABASE ... SET synchronous_commit = off for the benchmark's "
                     "database (commits stop waiting for the WAL flush; shows what the disk's "
