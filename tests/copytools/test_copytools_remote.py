@@ -244,3 +244,32 @@ def test_dead_peer_fails_fast_and_retryably(tool, scheme, tmp_path):
     assert err.value.code == ErrorCode.STAGEIN_FAILED and err.value.retryable
     assert time.monotonic() - start < 10, "a refused connection must not be retried for long"
     assert os.listdir(tmp_path) == []
+
+
+def test_http_truncated_response_leaves_nothing(tmp_path):
+    """A peer that promises 1 MB and hangs up after 10 bytes: a retryable failure, no file."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def serve():
+        for _ in range(2):
+            conn, _ = srv.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n0123456789")
+            conn.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        t = Transfer("f", "user", f"http://127.0.0.1:{port}/user/f", str(tmp_path / "f"))
+        with pytest.raises(TransferError) as err:
+            run_transfer(load("http"), t, "in", timeout=10, retries=1, backoff=0)
+    finally:
+        srv.close()
+    assert err.value.code == ErrorCode.STAGEIN_FAILED and err.value.retryable
+    assert os.listdir(tmp_path) == []
