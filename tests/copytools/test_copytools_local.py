@@ -123,6 +123,17 @@ def test_stage_out_mismatch_removes_the_replica(tmp_path, payload):
     assert not os.path.exists(url[7:])
 
 
+def test_stage_out_md5_mismatch(tmp_path, payload):
+    src, data = payload
+    url = f"file://{tmp_path}/se/user/out.bin"
+    with pytest.raises(TransferError) as err:
+        load("cp").stage_out(Transfer("out.bin", "user", url, str(src), checksum="md5:" + "0" * 32))
+    assert err.value.code == ErrorCode.MD5_MISMATCH_OUT and not os.path.exists(url[7:])
+    ok = load("cp").stage_out(Transfer("out.bin", "user", url, str(src), len(data),
+                                       "md5:" + hashlib.md5(data).hexdigest()))
+    assert ok.md5 == hashlib.md5(data).hexdigest()
+
+
 def test_stage_out_of_a_missing_output(tmp_path):
     t = Transfer("out.bin", "user", f"file://{tmp_path}/se/out.bin", str(tmp_path / "nope"))
     with pytest.raises(TransferError) as err:
