@@ -98,11 +98,28 @@ def start_se(root: str | Path, token: str | None = None, port: int | None = None
     se = RunningSE(url=f"{scheme}://{LOOPBACK}:{port}", root=root, port=port, proc=proc,
                    log_path=log_path, token=token)
     try:
+        deadline = time.monotonic() + timeout
         _wait_tcp(port, timeout, proc, log_path)
+        _wait_http(se.url + "/", deadline, str(tls.ca) if tls is not None else True)
     except Exception:
         se.stop()
         raise
     return se
+
+
+def _wait_http(url: str, deadline: float, verify) -> None:
+    """Until the server answers an HTTP request (OPTIONS), not merely accepts connections."""
+    import requests
+
+    while True:
+        try:
+            if requests.options(url, timeout=1, verify=verify).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer OPTIONS in time")
+        time.sleep(0.05)
 
 
 @dataclass
