@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import (BigInteger, Integer, String, and_, bindparam, func, insert, select,
+from sqlalchemy import (BigInteger, Integer, String, and_, bindparam, exists, func, insert, select,
                         union_all, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
@@ -511,9 +511,19 @@ class TaskBuffer:
         # the task's status is checked after the job's transaction committed, in a short one
         # of its own: the task row lock is then held for microseconds, not across the final
         # update's commit, and the last job to end sees every other one ended
-        with self.engine.begin() as conn:
-            self._update_task_status(conn, ended_task)
+        self._task_after_job_end(ended_task)
         return "NULL"
+
+    def _task_after_job_end(self, task_id: int) -> None:
+        """Update the task of a job that just ended. One read answers the common case (the
+        task runs and still has live jobs: nothing to do); otherwise the locked check."""
+        reader = self._autocommit if self.dialect == "postgresql" else self.engine
+        with reader.connect() as conn:
+            row = conn.execute(_TASK_QUICK, {"tid": task_id, "live": _LIVE_STATES}).first()
+        if row is not None and row.status == str(TaskState.RUNNING) and row.pending:
+            return
+        with self.engine.begin() as conn:
+            self._update_task_status(conn, task_id)
 
     def _pilot_progress(self, conn: Connection, panda_id: int, row, state: str, fields: dict,
                         actor: str | None, now: dt.datetime) -> str:
@@ -759,6 +769,11 @@ class TaskBuffer:
 
 
 _INSERT_HISTORY = insert(db.job_history)
+_LIVE_STATES = [str(s) for s in JobState if s not in FINAL_JOB_STATES]
+_TASK_QUICK = select(db.tasks.c.status, exists().where(
+    db.jobs.c.task_id == bindparam("tid"),
+    db.jobs.c.status.in_(bindparam("live", expanding=True))).label("pending")).where(
+    db.tasks.c.task_id == bindparam("tid"))
 _SELECT_PILOT_ROW = select(db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr,
                            db.jobs.c.command, db.jobs.c.task_id, db.jobs.c.site).where(
     db.jobs.c.panda_id == bindparam("pid"))
