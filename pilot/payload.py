@@ -73,6 +73,7 @@ class Payload:
     max_rss_kb: int = 0
     max_pss_kb: int = 0
     result: PayloadResult | None = None
+    last_sample: Sample | None = None
     _cpu_seen: dict[tuple[int, float], float] = field(default_factory=dict)
     _create_time: float = 0.0
     _killed: bool = False
@@ -155,7 +156,8 @@ class Payload:
         rss_kb, pss_kb = rss // 1024, (pss_total if pss else rss) // 1024
         self.max_rss_kb = max(self.max_rss_kb, rss_kb)
         self.max_pss_kb = max(self.max_pss_kb, pss_kb)
-        return Sample(time.time(), pids, rss_kb, pss_kb, sum(self._cpu_seen.values()))
+        self.last_sample = Sample(time.time(), pids, rss_kb, pss_kb, sum(self._cpu_seen.values()))
+        return self.last_sample
 
     def poll(self) -> PayloadResult | None:
         """Reap the wrapper if it ended (collecting its rusage); None while it runs."""

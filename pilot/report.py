@@ -56,6 +56,9 @@ def heartbeat_form(form: dict[str, Any], metrics: dict[str, Any],
     if payload is not None:
         form["maxRSS"] = payload.max_rss_kb
         form["maxPSS"] = payload.max_pss_kb
+        if payload.last_sample is not None:
+            form["cpuConsumptionTime"] = round(payload.last_sample.cpu_s, 3)
+            form["cpuConsumptionUnit"] = "s"
     return form
 
 

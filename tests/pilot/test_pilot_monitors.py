@@ -121,6 +121,7 @@ def test_heartbeats_carry_metrics(fake, tmp_path):
     beats = [u for u in fake.updates(610) if u["state"] == "running" and u.get("jobMetrics")]
     assert beats, res.stderr
     m = metrics(beats[-1])
+    assert float(beats[-1]["cpuConsumptionTime"]) >= 0 and int(beats[-1]["maxRSS"]) > 0
     for key in ("cpuModel", "cpuCores", "memTotalMB", "load1", "diskFreeMB", "rssMB",
                 "workDirSizeMB", "payloadWallSeconds"):
         assert key in m, (key, m)
