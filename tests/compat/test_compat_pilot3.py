@@ -3,6 +3,7 @@ reports it finished. It runs as an unprivileged user made for the test, with PIL
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -147,6 +148,31 @@ def test_pilot3_runs_a_job_to_finished(site_server, launch_dir, pilot_user, comp
 
 
 
+
+
+FAILING = b'#!/bin/sh\n# a payload that fails: no output, exit code 3\necho "failing on purpose" >&2\nexit 3\n'
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PANDA_WMS_COMPAT_FULL"),
+                    reason="pilot 3 waits about 2 minutes after a failed payload before its final "
+                           "update (its wait_for_aborted_job_stageout); set PANDA_WMS_COMPAT_FULL=1")
+def test_pilot3_reports_a_failed_payload(site_server, launch_dir, pilot_user, compat_venv):
+    """Pilot 3's failure report (exit code, error code and diagnostics) fails the job here and
+    the server creates the retry."""
+    alice, task_id = submit_payload_task(site_server, "p3f", FAILING)
+    prepare_launch(site_server, launch_dir, pilot_user, FAILING)
+    proc = run_pilot3(compat_venv, pilot_user, launch_dir, site_server.url)
+    out = proc.stdout + proc.stderr
+    first, retry = alice.call("task", "get_job_ids", task_id=task_id)
+    job, again = alice.call("job", "get_description", "POST", job_ids=[first, retry])
+    assert job["jobStatus"] == "failed", (job, out[-4000:])
+    assert job["transExitCode"] == 3
+    assert job["pilotErrorCode"] != 0 and job["pilotErrorDiag"], job
+    assert [h["new_status"] for h in alice.call("job", "get_history", job_id=first)][-2:] == \
+        ["holding", "failed"]
+    assert (again["jobStatus"], again["attemptNr"]) == ("activated", 2)
+    assert "Traceback" not in site_server.log()
 
 SLEEPER = b'#!/bin/sh\n# runs until killed\necho started > "$1"\nexec sleep 300\n'
 
