@@ -212,7 +212,7 @@ class Payload:
                 deadline = time.monotonic() + grace_s
                 while time.monotonic() < deadline:
                     self.poll()
-                    if not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+                    if not any(_alive(p) for p in tree):
                         break
                     time.sleep(0.05)
         res = self.wait(timeout=10)
@@ -234,6 +234,16 @@ class Payload:
         if n:
             log.info("killed %d process(es) the payload left behind", n)
         return n
+
+
+def _alive(p) -> bool:
+    """Running and not a zombie; a process that vanishes while we look is not alive."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def build_argv(transformation: str, job_pars: str, replacements: Mapping[str, str] | None = None,
