@@ -355,7 +355,10 @@ class JobRun:
     def _heartbeat_loop(self) -> None:
         interval = self._heartbeat_s()
         while not self._hb_stop.wait(interval):
-            self._heartbeat()
+            try:
+                self._heartbeat()
+            except Exception:  # one bad heartbeat must not end them all
+                log.exception("job %s: heartbeat failed", self.panda_id)
 
     def _heartbeat(self) -> None:
         from .nodeinfo import heartbeat_info
