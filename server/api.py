@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from panda_wms.storage import BadFileName
+
 from .auth import Identity, KeyStore
 from .jobcreator import TaskSpecError
 from .queuedata import queuedata
@@ -135,7 +137,7 @@ def task_submit(ctx: Context, params: dict) -> int:
         raise ApiError("parameter 'task_parameters' must be a JSON object (the task description)")
     try:
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
-    except TaskSpecError as exc:
+    except (TaskSpecError, BadFileName) as exc:   # BadFileName: an output name made from a pattern
         raise ApiError(f"bad task description: {exc}") from None
     ctx.message = (f"jediTaskID={result.task_id} jobs={len(result.job_ids)} "
                    f"activated={result.activated} assigned={result.assigned}")
@@ -150,7 +152,7 @@ def task_extend(ctx: Context, params: dict) -> dict:
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     try:
         result = ctx.submitter.extend(task_id, ctx.identity.subject)
-    except TaskSpecError as exc:
+    except (TaskSpecError, BadFileName) as exc:
         raise ApiError(str(exc)) from None
     return {"task_id": task_id, "new_jobs": result.job_ids}
 

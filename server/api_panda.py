@@ -229,7 +229,9 @@ def job_to_task(job: dict, files: list[dict], index: int) -> dict:
         task["scope"] = str(_null(outputs[0].get("scope")) or "user")
     try:
         TaskSpec.from_dict(task)
-    except TaskSpecError as exc:
+        for lfn in task.get("outputs", []):
+            check_name(lfn, "output file name")
+    except (TaskSpecError, BadFileName) as exc:
         raise ApiError(f"{where}: {exc}") from None
     return task
 
@@ -247,7 +249,7 @@ def job_submit(ctx: Context, params: dict) -> list[list]:
     for job, task in converted:
         try:
             result = ctx.submitter.submit(task, owner=ctx.identity.subject)
-        except TaskSpecError as exc:
+        except (TaskSpecError, BadFileName) as exc:
             raise ApiError(f"job {task['name']}: {exc}") from None
         def_id = _as_int(job.get("jobDefinitionID"), "jobDefinitionID")
         results.append([result.job_ids[0], def_id if def_id is not None else 1,

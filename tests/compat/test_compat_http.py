@@ -2,6 +2,7 @@
 the body size limit. Bad requests get a clear reason and change nothing; nothing answers 500."""
 from __future__ import annotations
 
+import json
 import urllib.parse
 from pathlib import Path
 
@@ -128,6 +129,20 @@ def test_malformed_requests_get_clear_reasons_and_change_nothing(site_server):
     assert resp.json()["success"] is False and "unknown field(s): bad" in resp.json()["message"]
     resp = requests.get(f"{api}/nosuch/method", timeout=5)
     assert resp.status_code == 403
+    # output names that would leave a directory, from a task or from a client JobSpec
+    for outputs in (["../evil"], ["a/b.${SN}"], [".hidden"]):
+        resp = requests.post(f"{api}/task/submit", headers=auth, timeout=5, json={
+            "task_parameters": {**TASK, "outputs": outputs, "output_dataset": "d"}})
+        assert resp.status_code == 200 and resp.json()["success"] is False
+        assert "refusing output file name" in resp.json()["message"]
+    from server.api_panda import FILE_ATTRIBUTES, JOB_ATTRIBUTES
+    job = ["NULL"] * len(JOB_ATTRIBUTES)
+    job[JOB_ATTRIBUTES.index("transformation")] = "/bin/true"
+    out = ["NULL"] * len(FILE_ATTRIBUTES)
+    out[FILE_ATTRIBUTES.index("lfn")], out[FILE_ATTRIBUTES.index("type")] = "../../x", "output"
+    resp = requests.post(f"{api}/job/submit", headers=auth, timeout=5,
+                         json={"jobs": json.dumps([job + [[out]]])})
+    assert resp.json()["success"] is False and "refusing output file name" in resp.json()["message"]
     assert [t["taskName"] for t in user.call("task", "list")] == ["h"]   # nothing else made
     assert "Traceback" not in site_server.log()
 
