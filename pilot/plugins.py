@@ -8,7 +8,10 @@ log = logging.getLogger(__name__)
 
 
 def make_manager(extra: Iterable[Any] = (), entry_points: bool = True):
-    """A PluginManager with the hookspecs, all entry-point plugins and ``extra`` objects."""
+    """A PluginManager with the hookspecs, all entry-point plugins and ``extra`` objects.
+
+    A plugin that fails to load is logged and left out: a broken add-on must not stop a pilot
+    (and with it a batch slot) from running jobs under the other monitors."""
     import pluggy
 
     from . import hookspecs
@@ -16,7 +19,16 @@ def make_manager(extra: Iterable[Any] = (), entry_points: bool = True):
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if entry_points:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        from importlib.metadata import entry_points as eps
+
+        for ep in eps(group=hookspecs.PROJECT):
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:  # import errors, bad hook signatures, ...
+                log.error("pilot plugin %r (%s) not loaded: %s: %s", ep.name, ep.value,
+                          type(exc).__name__, exc)
     for plugin in extra:
         pm.register(plugin)
     log.debug("pilot plugins: %s", [name for name, _ in pm.list_name_plugin()])

@@ -265,6 +265,23 @@ def test_third_party_plugin_via_entry_point(fake, tmp_path):
     assert lines[-1] == "done failed 1008"
 
 
+def test_broken_plugin_is_reported_and_skipped(fake, tmp_path):
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "brokenmon.py").write_text("raise ImportError('missing dependency xyz')\n")
+    dist = site / "brokenmon-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenmon\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[panda.pilot]\nbrokenmon = brokenmon\n")
+    fake.site_config["limits"]["looping_s"] = 1
+    fake.add_job(make_job(902, "sleep 60"))
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = run_pilot(fake, tmp_path / "wd", env=env)
+    assert "pilot plugin 'brokenmon'" in res.stderr and "missing dependency xyz" in res.stderr
+    # the built-in monitors still work
+    assert int(fake.final(902)["pilotErrorCode"]) == ErrorCode.LOOPING_JOB
+
+
 def test_parse_job_never_raises_anything_but_pilot_errors():
     """Every field set to every odd value: parse_job returns or raises PilotError, nothing else."""
     weird = [None, 123, -1, 1.5, [], ["a", "b"], {"a": 1}, "NULL", "", "x" * 300, "a,,b", "\0",
