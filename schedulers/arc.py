@@ -49,6 +49,7 @@ ARC_STATES: dict[str, BatchState] = {
     "OTHER": BatchState.UNKNOWN,
 }
 
+FINAL_REST_STATES = frozenset({"FINISHED", "FAILED", "KILLED", "WIPED"})
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 
 
@@ -145,7 +146,8 @@ class ArcRestClient:
         if resp.status_code in (401, 403):
             raise SchedulerError(f"ARC CE {self.base}: access denied ({resp.status_code}); is the "
                                  "proxy's subject allowed on the CE?")
-        if resp.status_code >= 400 and not (resp.status_code == 404 and "/session/" in path):
+        if resp.status_code >= 400 and not (resp.status_code == 404 and (
+                "/session/" in path or "/diagnose/" in path)):
             raise SchedulerError(f"ARC CE {self.base}: {method} {path} answered "
                                  f"{resp.status_code} {resp.reason}: {resp.text[:300]}")
         return resp
@@ -215,6 +217,51 @@ class ArcRestClient:
             out[job_id] = ArcJob(job_id, rest, exit_code, "; ".join(str(e) for e in errors),
                                  failed_in, activity)
         return out
+
+    def control_state(self, job_id: str) -> tuple[str | None, str]:
+        """The job manager's own state (``diagnose/status``, which does not lag like the REST
+        state) and, once FINISHED, its failure text (``diagnose/failed``, '' for success)."""
+        check_job_id(job_id)
+        resp = self.request("GET", f"/jobs/{job_id}/diagnose/status")
+        if resp.status_code == 404:
+            return None, ""
+        state = resp.text.strip() or None
+        reason = ""
+        if state == "FINISHED":
+            failed = self.request("GET", f"/jobs/{job_id}/diagnose/failed")
+            reason = failed.text.strip() if failed.status_code == 200 else ""
+        return state, reason
+
+    def fresh(self, job: ArcJob) -> ArcJob:
+        """``job`` as the job manager sees it now, when it ended but REST does not say so yet."""
+        if job.state is None or job.state in FINAL_REST_STATES:
+            return job
+        state, reason = self.control_state(job.id)
+        if state != "FINISHED":
+            return job
+        if not reason:
+            return ArcJob(job.id, "FINISHED", 0, "", "", job.raw)
+        lower = reason.lower()
+        if "cancel" in lower:
+            return ArcJob(job.id, "KILLED", None, reason, "INLRMS", job.raw)
+        failed_in = ("PREPARING" if "pre-processing" in lower or "download" in lower else
+                     "FINISHING" if "post-processing" in lower or "upload" in lower else
+                     "INLRMS" if "lrms" in lower else "")
+        # "Failed in data staging" says neither way: the job's log says from where it went to
+        # FINISHING (PREPARING: stage-in; INLRMS: the payload or, if it ran fine, stage-out)
+        errors = self.request("GET", f"/jobs/{job.id}/diagnose/errors")
+        moves = re.findall(r"Job state change (\w+) -> FINISHING", errors.text) \
+            if errors.status_code == 200 else []
+        if moves and moves[-1] in ("ACCEPTED", "PREPARING"):
+            failed_in = "PREPARING"
+        elif moves and moves[-1] in ("SUBMIT", "INLRMS") and failed_in != "INLRMS":
+            failed_in = "FINISHING"
+        exit_code = None
+        diag = self.request("GET", f"/jobs/{job.id}/diagnose/diag")
+        match = re.search(r"^exitcode=(-?\d+)\s*$", diag.text, re.M) if diag.status_code == 200 else None
+        if match:
+            exit_code = int(match.group(1))
+        return ArcJob(job.id, "FAILED", exit_code, reason, failed_in, job.raw)
 
     def kill(self, ids: list[str]) -> dict[str, str]:
         """Ask the CE to kill; returns each id's status code (202 queued, 404 unknown, ...)."""
@@ -316,14 +363,14 @@ def pilot_xrsl(spec: PilotSpec, queue: str | None = None,
 class ArcBackend(SchedulerBackend):
     """Options: ``ce`` (CE host or A-REX URL, required), ``proxy``, ``ca_dir``, ``queue``,
     ``runtime_environments``, ``extra_xrsl``, ``timeout_s``, ``push`` (push mode, read by the
-    factory), ``clean_finished``. See docs/arc.md."""
+    factory), ``clean_finished``, ``fast_states``. See docs/arc.md."""
 
     name = "arc"
 
     def __init__(self, ce: str = "", proxy: str | None = None, ca_dir: str | None = None,
                  queue: str | None = None, runtime_environments: list[str] | None = None,
                  extra_xrsl: str = "", timeout_s: float = 30.0, push: bool = False,
-                 clean_finished: bool = False, **options) -> None:
+                 clean_finished: bool = False, fast_states: bool = False, **options) -> None:
         super().__init__(ce=ce, proxy=proxy, ca_dir=ca_dir, queue=queue, push=push, **options)
         if options:
             raise SchedulerError(f"arc backend: unknown option(s) {', '.join(sorted(options))}")
@@ -335,6 +382,7 @@ class ArcBackend(SchedulerBackend):
         self.extra_xrsl = extra_xrsl or ""
         self.push = bool(push)
         self.clean_finished = bool(clean_finished)
+        self.fast_states = bool(fast_states)
 
     def submit(self, spec: PilotSpec) -> str:
         xrsl = pilot_xrsl(spec, self.queue, self.runtime_environments, self.extra_xrsl)
@@ -347,8 +395,19 @@ class ArcBackend(SchedulerBackend):
         """Submit a ready xRSL description (push mode builds its own)."""
         return self.client.submit(xrsl)
 
+    def jobs(self, batch_ids: list[str]) -> dict[str, ArcJob]:
+        """``info`` of each job; with ``fast_states``, ended jobs are seen without REST's lag."""
+        jobs = self.client.info(list(batch_ids))
+        if self.fast_states:
+            jobs = {i: self.client.fresh(j) for i, j in jobs.items()}
+        return jobs
+
     def status(self, batch_ids: list[str]) -> dict[str, BatchState]:
         states = self.client.states(list(batch_ids))
+        if self.fast_states:
+            for job_id, state in states.items():
+                if state is not None and state not in FINAL_REST_STATES:
+                    states[job_id] = self.client.fresh(ArcJob(job_id, state)).state
         out = {i: ARC_STATES.get(s or "", BatchState.UNKNOWN) for i, s in states.items()}
         if self.clean_finished:
             done = [i for i, s in out.items() if s in (BatchState.DONE, BatchState.FAILED,
@@ -360,7 +419,7 @@ class ArcBackend(SchedulerBackend):
 
     def details(self, batch_ids: list[str]) -> dict[str, BatchInfo]:
         out: dict[str, BatchInfo] = {}
-        for job_id, job in self.client.info(list(batch_ids)).items():
+        for job_id, job in self.jobs(list(batch_ids)).items():
             out[job_id] = BatchInfo(job.batch_state, job.exit_code, job.error)
         return out
 

@@ -360,7 +360,7 @@ class ArcPushDriver:
             result[t.panda_id] = self._deliver_final(t)
         if not live:
             return result
-        infos = self.backend.client.info([t.arc_id for t in live])
+        infos = self.backend.jobs([t.arc_id for t in live])
         for t in live:
             job = infos.get(t.arc_id) or ArcJob(t.arc_id, None)
             try:

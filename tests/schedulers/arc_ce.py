@@ -85,7 +85,7 @@ class ArcCE:
     def options(self) -> dict:
         """scheduler.options for the arc backend talking to this CE."""
         return {"ce": self.url, "proxy": str(self.proxy), "ca_dir": str(self.ca_dir),
-                "timeout_s": 30}
+                "timeout_s": 30, "fast_states": True}
 
     def log_tail(self, job_id: str | None = None, lines: int = 40) -> str:
         try:
@@ -95,6 +95,16 @@ class ArcCE:
         if job_id:
             text = [t for t in text if job_id in t]
         return "\n".join(text[-lines:])
+
+    def job_running(self, job_id: str) -> bool:
+        """True once the fork LRMS started the job (a process names its session directory)."""
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(job_id in part for part in proc.info["cmdline"] or []):
+                    return True
+            except psutil.Error:
+                continue
+        return False
 
     def kill_job_processes(self, job_id: str) -> int:
         """End every process of the fork-LRMS job ``job_id`` (the CE leaves them running)."""

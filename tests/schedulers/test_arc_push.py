@@ -148,10 +148,11 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         kill_ids = [pid for pid, task in jobs.items() if task == kill_task]
         deadline = time.monotonic() + CE_PATIENCE_S
         # follow the jobs (starting -> running) until the server's kill reached the CE
+        kill_arc_id = next(t.arc_id for t in driver.tracked() if t.panda_id == kill_ids[0])
         asked = False
         while time.monotonic() < deadline:
             states = driver.poll()
-            if states.get(kill_ids[0]) == "running" and not asked:
+            if not asked and arc_ce.job_running(kill_arc_id):
                 assert user.kill_jobs(kill_ids) == [True]
                 asked = True
             if any(t.kill_requested for t in driver.tracked()):
@@ -161,7 +162,6 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
             pytest.fail(f"the kill never reached the CE: {states}\n{server.log()[-3000:]}")
         # then let the CE finish the rest without reporting, so a dead server gets the finals
         left = driver.tracked()
-        kill_arc_id = next(t.arc_id for t in left if t.panda_id == kill_ids[0])
         while time.monotonic() < deadline:
             ce_states = driver.backend.status([t.arc_id for t in left] + [pilot_id])
             if all(s in FINAL_BATCH_STATES for s in ce_states.values()):
