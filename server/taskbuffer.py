@@ -539,7 +539,7 @@ class TaskBuffer:
                                    expected=[row.status], **fields)
             except IllegalTransition:
                 raise Conflict(f"job {panda_id} is {row.status}; cannot go to {state}") from None
-            if state == str(JobState.RUNNING):
+            if state == str(JobState.RUNNING) and row.task_status != str(TaskState.RUNNING):
                 self._mark_task_running(conn, row.task_id)
         return row.command or "NULL"
 
@@ -774,8 +774,11 @@ _TASK_QUICK = select(db.tasks.c.status, exists().where(
     db.jobs.c.task_id == bindparam("tid"),
     db.jobs.c.status.in_(bindparam("live", expanding=True))).label("pending")).where(
     db.tasks.c.task_id == bindparam("tid"))
-_SELECT_PILOT_ROW = select(db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr,
-                           db.jobs.c.command, db.jobs.c.task_id, db.jobs.c.site).where(
+# the job a pilot updates, with its task's status (to skip the task update when it runs)
+_SELECT_PILOT_ROW = select(
+    db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr, db.jobs.c.command,
+    db.jobs.c.task_id, db.jobs.c.site, db.tasks.c.status.label("task_status")
+).select_from(db.jobs.outerjoin(db.tasks, db.tasks.c.task_id == db.jobs.c.task_id)).where(
     db.jobs.c.panda_id == bindparam("pid"))
 _SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
                  .order_by(db.files.c.row_id))
