@@ -560,10 +560,7 @@ class TaskBuffer:
         """
         now = self.clock()
         fields.setdefault("end_time", now)
-        outs = conn.execute(select(db.files.c.row_id, db.files.c.type, db.files.c.scope,
-                                   db.files.c.lfn, db.files.c.dataset, db.files.c.guid)
-                            .where(db.files.c.panda_id == panda_id,
-                                   db.files.c.type.in_(("output", "log")))).all()
+        outs = conn.execute(_SELECT_OUTPUTS, {"pid": panda_id}).all()
         missing, file_rows, replica_rows, dataset_rows = [], [], [], []
         for f in outs:
             info = stored.get(f.lfn)
@@ -584,10 +581,7 @@ class TaskBuffer:
                                      "guid": guid, "fsize": info.get("fsize"),
                                      "checksum": checksum, "task_id": None, "created": now})
         if file_rows:
-            conn.execute(update(db.files).where(db.files.c.row_id == bindparam("b_row_id"))
-                         .values(status="ready", fsize=bindparam("b_fsize"),
-                                 checksum=bindparam("b_checksum"), guid=bindparam("b_guid"),
-                                 ddm_endpoint=bindparam("b_endpoint")), file_rows)
+            conn.execute(_UPDATE_STORED_FILE, file_rows)
         if replica_rows:
             self._insert_ignore(conn, db.replicas, replica_rows)
         if dataset_rows:
@@ -604,6 +598,12 @@ class TaskBuffer:
 
     def _insert_ignore(self, conn: Connection, table, rows: list[dict]) -> None:
         """Bulk INSERT that skips rows violating a unique constraint (idempotent registers)."""
+        stmt = self._stmt_cache.get(("insert_ignore", table.name))
+        if stmt is None:
+            stmt = self._stmt_cache[("insert_ignore", table.name)] = self._insert_ignore_stmt(table)
+        conn.execute(stmt, rows)
+
+    def _insert_ignore_stmt(self, table):
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
             stmt = pg_insert(table).on_conflict_do_nothing()
@@ -612,7 +612,7 @@ class TaskBuffer:
             stmt = sqlite_insert(table).on_conflict_do_nothing()
         else:
             stmt = insert(table).prefix_with("IGNORE")
-        conn.execute(stmt, rows)
+        return stmt
 
     # ------------------------------------------------------------------ failures and retries
     def fail_job(self, conn: Connection, panda_id: int, expected: list[str], *, actor: str,
@@ -769,6 +769,12 @@ class TaskBuffer:
 
 
 _INSERT_HISTORY = insert(db.job_history)
+_SELECT_OUTPUTS = select(db.files.c.row_id, db.files.c.type, db.files.c.scope, db.files.c.lfn,
+                         db.files.c.dataset, db.files.c.guid).where(
+    db.files.c.panda_id == bindparam("pid"), db.files.c.type.in_(("output", "log")))
+_UPDATE_STORED_FILE = update(db.files).where(db.files.c.row_id == bindparam("b_row_id")).values(
+    status="ready", fsize=bindparam("b_fsize"), checksum=bindparam("b_checksum"),
+    guid=bindparam("b_guid"), ddm_endpoint=bindparam("b_endpoint"))
 _LIVE_STATES = [str(s) for s in JobState if s not in FINAL_JOB_STATES]
 _TASK_QUICK = select(db.tasks.c.status, exists().where(
     db.jobs.c.task_id == bindparam("tid"),
