@@ -1,9 +1,9 @@
 """ARC push mode end to end: the real server, the project's HTTP storage element, a real A-REX.
 
-One task of five jobs goes through the driver at once (each ARC job takes 20-90 s): two that
-read their input staged in by ARC and write an output ARC stages out, one whose payload exits 7,
-one whose input is registered but not on the storage element (stage-in failure), and one that
-sleeps until the server kills it. The final reports go first to a dead server (kept), then to
+Six jobs go through the driver at once: two that read their input staged in by ARC and write
+an output ARC stages out, one whose payload exits 7, one whose input is registered but not on the
+storage element (stage-in failure), one whose output is already on it (stage-out refused), and
+one that sleeps until the server kills it. The final reports go first to a dead server (kept), then to
 the real one by a second driver on the same state dir (a restarted factory). Alongside, in pilot
 mode, a real pilot submitted through the arc backend finishes a job of another site.
 """
@@ -110,18 +110,28 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         kill_task = user.submit_task({**common, "name": "pushkill",
                                       "job_parameters": "-c 'sleep 300'", "n_jobs": 1,
                                       "outputs": ["${TASK}.${SN}.out"]})
+        # an output that is already on the SE: ARC's upload (If-None-Match: *) is refused
+        out_task = user.submit_task({**common, "name": "pushout",
+                                     "job_parameters": "-c 'echo new > ${OUT}'", "n_jobs": 1,
+                                     "outputs": ["${TASK}.${SN}.out"]})
+        out_job = user.call("job", "get_description", "POST",
+                            job_ids=[int(user.jobs(out_task)[0]["PandaID"])])[0]
+        taken_lfn = next(f["lfn"] for f in out_job["Files"] if f["type"] == "output")
+        occupied = se.root / replica_path(SCOPE, taken_lfn)
+        occupied.parent.mkdir(parents=True, exist_ok=True)
+        occupied.write_text("old\n")
         jobs = {}
-        for task_id in (ok_task, fail_task, kill_task):
+        for task_id in (ok_task, fail_task, kill_task, out_task):
             for job in user.jobs(task_id):
                 jobs[int(job["PandaID"] if "PandaID" in job else job["panda_id"])] = task_id
-        assert len(jobs) == 5, jobs
+        assert len(jobs) == 6, jobs
 
         token = server.token("pilot", "arc-push", site=SITE)
         driver = ArcPushDriver.from_site(config, server.url, token, state_dir, heartbeat_s=3)
         taken = driver.fetch_and_submit(10)
         assert sorted(taken) == sorted(jobs)
         arc_ids = [t.arc_id for t in driver.tracked()]
-        assert len(arc_ids) == 5
+        assert len(arc_ids) == 6
 
         # meanwhile, pilot mode: a real pilot through the arc backend takes a job of its site
         pilot_files = []
@@ -186,7 +196,7 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         assert again.tracked() == []
 
         by_task: dict[int, list[dict]] = {}
-        for task_id in (ok_task, fail_task, kill_task):
+        for task_id in (ok_task, fail_task, kill_task, out_task):
             by_task[task_id] = user.call("job", "get_description", "POST",
                                          job_ids=[p for p, t in jobs.items() if t == task_id])
         ok_jobs = by_task[ok_task]
@@ -220,6 +230,10 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         with tarfile.open(fileobj=io.BytesIO(
                 (se.root / replica_path(SCOPE, logf["lfn"])).read_bytes())) as tar:
             assert tar.extractfile("payload.exitcode").read() == b"7\n"
+        refused = by_task[out_task][0]
+        assert refused["jobStatus"] == "failed"
+        assert refused["pilotErrorCode"] == ErrorCode.STAGEOUT_FAILED, refused["pilotErrorDiag"]
+        assert occupied.read_text() == "old\n"          # nothing lost on the SE
         # the server cancels a killed job at once; the driver killed its ARC job on the command
         killed_job = by_task[kill_task][0]
         assert killed_job["jobStatus"] == "cancelled" or (
