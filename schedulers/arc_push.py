@@ -186,6 +186,16 @@ class ServerError(RuntimeError):
 class Refused(ServerError):
     """The server answered with a non-zero StatusCode."""
 
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+    @property
+    def permanent(self) -> bool:
+        """Asking again gets the same answer: not for timeouts (10) or credentials (50/60/70),
+        which an operator may fix."""
+        return self.status_code not in (10, 50, 60, 70)
+
 
 class PilotProtocolClient:
     """getJob/updateJob as pilot 3 sends them: form-encoded, Accept JSON, bearer token."""
@@ -279,8 +289,12 @@ class ArcPushDriver:
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **extra}
         reply = self.server.call("updateJob", form)
         if reply.get("StatusCode") not in (0, "0"):
+            try:
+                code = int(reply.get("StatusCode"))
+            except (TypeError, ValueError):
+                code = None
             raise Refused(f"updateJob {t.panda_id} {state}: StatusCode "
-                              f"{reply.get('StatusCode')}: {reply.get('errorDialog', '')}")
+                          f"{reply.get('StatusCode')}: {reply.get('errorDialog', '')}", code)
         return str(reply.get("command") or "NULL")
 
     def _fail_unsubmitted(self, raw: dict, code: int, diag: str) -> None:
@@ -467,6 +481,10 @@ class ArcPushDriver:
             self._update(t, t.final["state"], **extra)
             log.info("job %s reported %s", t.panda_id, t.final["state"])
         except Refused as exc:
+            if not exc.permanent:
+                log.error("job %s: server refused the final report: %s (kept for the next poll)",
+                          t.panda_id, exc)
+                return t.reported
             # the server answered and said no: asking again would get the same answer
             log.error("job %s: server refused the final report: %s (dropped)", t.panda_id, exc)
         except ServerError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 import time
@@ -25,7 +26,7 @@ from panda_wms.client import PandaClient
 from panda_wms.errorcodes import ErrorCode
 from panda_wms.storage import replica_path, replica_url
 from schedulers.arc import ArcBackend
-from schedulers.arc_push import ArcPushDriver, BadJob, parse_job, push_xrsl
+from schedulers.arc_push import ArcPushDriver, BadJob, PilotProtocolClient, parse_job, push_xrsl
 from schedulers.base import FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerError
 from testkit import free_port, start_server, stop_server
 
@@ -299,3 +300,48 @@ def test_push_xrsl_stages_inputs_outputs_and_log():
     assert f'("o.txt" "{replica_url("http://127.0.0.1:2/se", "s", "o.txt")}")' in xrsl
     assert '//127.0.0.1:2;preserve=yes/se/s/' in xrsl and '(queue="q")' in xrsl and '(walltime="2")' in xrsl
     assert '("PANDA_LOG_FILE" "log.tgz")' in xrsl
+
+
+def test_final_reports_survive_refusals_and_dead_ce(tmp_path):
+    """No CE needed: finals waiting in the state dir, a token the server refuses, a dead CE."""
+    from dataclasses import asdict
+
+    from schedulers.arc_push import Tracked
+
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    options = {"ce": f"https://127.0.0.1:{free_port()}/arex", "timeout_s": 2}
+    config = site_yaml("http://127.0.0.1:1/se", options)
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(config))
+    server = start_server(tmp_path / "srv", site_dir=sites)
+    state = tmp_path / "state"
+    try:
+        state.mkdir()
+        user = PandaClient(server.url, server.token("user", "alice"))
+        user.submit_task({"name": "t", "scope": SCOPE, "transformation": "/bin/true",
+                          "n_jobs": 1, "site": SITE, "output_dataset": "t.out",
+                          "outputs": ["${TASK}.${SN}.out"]})
+        right = server.token("pilot", "p", site=SITE)
+        job = PilotProtocolClient(server.url, right).call("getJob", {"siteName": SITE})
+        panda_id = int(job["PandaID"])
+        final = Tracked(panda_id, 1, "", final={"state": "failed", "pilotErrorCode": 1008,
+                                                "pilotErrorDiag": "test"})
+        (state / f"{panda_id}.json").write_text(json.dumps(asdict(final)))
+        # a token for another site is refused (StatusCode 70): kept, an operator can fix it
+        wrong = server.token("pilot", "p", site="ELSEWHERE")
+        ArcPushDriver.from_site(config, server.url, wrong, state).poll()
+        assert (state / f"{panda_id}.json").exists()
+        # the right token: taken and forgotten
+        assert ArcPushDriver.from_site(config, server.url, right, state).poll() == {
+            panda_id: "failed"}
+        assert not (state / f"{panda_id}.json").exists()
+        assert user.call("job", "get_description", "POST", job_ids=[panda_id])[0][
+            "jobStatus"] == "failed"
+        # a job in flight while the CE is dead: a clear error, the job stays tracked
+        live = Tracked(7, 1, "someArcId")
+        (state / "7.json").write_text(json.dumps(asdict(live)))
+        with pytest.raises(SchedulerError, match=r"ARC CE https://127\.0\.0\.1:\d+/arex: "):
+            ArcPushDriver.from_site(config, server.url, right, state).poll()
+        assert (state / "7.json").exists()
+    finally:
+        stop_server(server)
