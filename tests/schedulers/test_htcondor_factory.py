@@ -7,6 +7,7 @@ import time
 import zlib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from testkit import start_server, stop_server
@@ -21,6 +22,7 @@ import fake_condor  # noqa: E402
 SITE = "CONDOR_FTEST"
 
 
+@pytest.mark.slow
 def test_factory_runs_real_pilots_through_htcondor(tmp_path, monkeypatch):
     bin_dir = fake_condor.install(tmp_path / "bin")
     monkeypatch.setenv("FAKE_CONDOR_DIR", str(tmp_path / "condor"))
