@@ -65,18 +65,42 @@ ADMIN = ("admin",)
 PILOTS = ("pilot", "admin")
 
 
+_MAX_ID = 2**63   # a BIGINT: larger values would overflow the database driver
+
+
+def _as_int(value: Any) -> int:
+    """An integer from JSON or query text; floats only when whole. ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    number = int(value)
+    if not -_MAX_ID < number < _MAX_ID:
+        raise ValueError
+    return number
+
+
 def _int_param(params: dict, key: str, required: bool = True) -> int | None:
     value = params.get(key)
     if value in (None, "", "None"):
         if required:
             raise ApiError(f"parameter {key!r} is required")
         return None
-    if isinstance(value, bool):
-        raise ApiError(f"parameter {key!r} must be an integer")
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ApiError(f"parameter {key!r} must be an integer, got {value!r}") from None
+        return _as_int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(f"parameter {key!r} must be an integer (64-bit), got "
+                       f"{str(value)[:40]!r}") from None
+
+
+def _str_param(params: dict, key: str) -> str | None:
+    """An optional text parameter; a list (a repeated query key) or an object is refused."""
+    value = params.get(key)
+    if value in (None, "", "None"):
+        return None
+    if isinstance(value, (list, dict)):
+        raise ApiError(f"parameter {key!r} must be one text value")
+    return str(value)
 
 
 def _id_list(params: dict, key: str) -> list[int]:
@@ -90,9 +114,10 @@ def _id_list(params: dict, key: str) -> list[int]:
     out = []
     for v in value:
         try:
-            out.append(int(v))
-        except (TypeError, ValueError):
-            raise ApiError(f"parameter {key!r}: {v!r} is not an integer") from None
+            out.append(_as_int(v))
+        except (TypeError, ValueError, OverflowError):
+            raise ApiError(f"parameter {key!r}: {str(v)[:40]!r} is not an integer (64-bit)"
+                           ) from None
     return out
 
 
@@ -193,7 +218,7 @@ def task_get_job_ids(ctx: Context, params: dict) -> list[int]:
 
 @api("task", "list")
 def task_list(ctx: Context, params: dict) -> list[dict]:
-    return [_task_view(t) for t in ctx.tb.list_tasks(owner=params.get("owner") or None,
+    return [_task_view(t) for t in ctx.tb.list_tasks(owner=_str_param(params, "owner"),
                                                      limit=_int_param(params, "limit", False) or 100)]
 
 
@@ -249,8 +274,8 @@ def job_get_history(ctx: Context, params: dict) -> list[dict]:
 @api("job", "list")
 def job_list(ctx: Context, params: dict) -> list[dict]:
     return [_job_view(j) for j in ctx.tb.list_jobs(
-        task_id=_int_param(params, "task_id", False), site=params.get("site") or None,
-        status=params.get("status") or None, limit=_int_param(params, "limit", False) or 1000)]
+        task_id=_int_param(params, "task_id", False), site=_str_param(params, "site"),
+        status=_str_param(params, "status"), limit=_int_param(params, "limit", False) or 1000)]
 
 
 @api("job", "kill", ("POST",), WRITERS)

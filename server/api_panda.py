@@ -21,7 +21,7 @@ import tornado.web
 from panda_wms.storage import BadFileName, check_name
 
 from .app import BaseHandler
-from .api import WRITERS, ApiError, Context, _get_task, _int_param, api
+from .api import WRITERS, ApiError, Context, _get_task, _int_param, _str_param, api
 from .auth import AuthError
 from .jobcreator import TaskSpec, TaskSpecError
 from .queuedata import storagedata
@@ -281,7 +281,7 @@ def _since(value: Any) -> dt.datetime | None:
 @api("task", "get_tasks_modified_since")
 def task_modified_since(ctx: Context, params: dict) -> dict:
     """Tasks of ``dn`` (default: the caller) modified since ``since``; keys are task ids."""
-    owner = _null(params.get("dn")) or (ctx.identity.subject if ctx.identity else None)
+    owner = _str_param(params, "dn") or (ctx.identity.subject if ctx.identity else None)
     min_id = _int_param(params, "min_task_id", False)
     label = _null(params.get("prod_source_label"))
     out = {}
