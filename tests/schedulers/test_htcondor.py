@@ -188,8 +188,9 @@ def test_schedd_errors_are_clear(condor, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- the fake vs the manual
 def run_tool(condor, tool, *args, stdin=None):
+    # relative paths in a submit file (log = j.log) are relative to where condor_submit runs
     return subprocess.run([str(condor.bin_dir / tool), *args], capture_output=True, text=True,
-                          input=stdin, timeout=30)
+                          input=stdin, timeout=30, cwd=condor.tmp)
 
 
 def test_fake_speaks_the_documented_formats(condor, tmp_path):
