@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import (BigInteger, Integer, String, and_, bindparam, exists, func, insert, select,
                         union_all, update)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from panda_wms.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
                               TaskState, check_job_transition)
@@ -477,10 +477,23 @@ class TaskBuffer:
 
     # ------------------------------------------------------------------ pilot updates
     def pilot_update(self, panda_id: int, state: str, fields: dict, *, actor: str | None,
-                     attempt_nr: int | None = None,
-                     stored_files: dict[str, dict] | None = None,
-                     output_endpoint: str | None = None,
-                     check: Callable[[dict], str | None] | None = None) -> str:
+                     **kw: Any) -> str:
+        """Apply a pilot's updateJob (see :meth:`_pilot_update`); a transaction the database
+        chose as a deadlock victim is retried, since it was rolled back whole."""
+        for attempt in range(1, 4):
+            try:
+                return self._pilot_update(panda_id, state, dict(fields), actor=actor, **kw)
+            except DBAPIError as exc:
+                if attempt == 3 or not is_retryable(exc):
+                    raise
+                log.warning("job %s: %s; retrying the update", panda_id, exc.orig)
+        raise AssertionError("unreachable")
+
+    def _pilot_update(self, panda_id: int, state: str, fields: dict, *, actor: str | None,
+                      attempt_nr: int | None = None,
+                      stored_files: dict[str, dict] | None = None,
+                      output_endpoint: str | None = None,
+                      check: Callable[[dict], str | None] | None = None) -> str:
         """Apply a pilot's updateJob; returns the command for the pilot ("NULL", "tobekilled").
 
         A heartbeat for a job the pilot no longer owns (unknown, other attempt, already final)
@@ -788,6 +801,16 @@ _SELECT_PILOT_ROW = select(
     db.jobs.c.panda_id == bindparam("pid"))
 _SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
                  .order_by(db.files.c.row_id))
+
+
+def is_retryable(exc: DBAPIError) -> bool:
+    """A deadlock victim or a lock wait timeout: the transaction was rolled back, try again.
+    PostgreSQL SQLSTATE 40P01/40001; MariaDB errors 1213 (deadlock) and 1205 (lock wait)."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in ("40P01", "40001"):
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] in (1213, 1205)
 
 
 def _steps(old: str, path: list[str]) -> list[tuple[str, str]]:

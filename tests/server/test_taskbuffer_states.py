@@ -199,3 +199,39 @@ def test_kill_queued_and_running_jobs(taskbuffer, clock):
         n = conn.execute(select(func.count()).select_from(db.job_history).where(
             db.job_history.c.new_status == "cancelled")).scalar_one()
     assert n == 2
+
+
+def test_deadlock_victims_are_recognised(taskbuffer, db_backend):
+    """A real deadlock between two transactions: the victim's error is one to retry."""
+    if db_backend == "sqlite":
+        pytest.skip("SQLite has one writer at a time: no deadlocks")
+    import threading as th
+
+    from sqlalchemy import text, update
+    from sqlalchemy.exc import DBAPIError
+
+    from server.taskbuffer import is_retryable
+
+    add_site(taskbuffer, "SITE_A")
+    add_site(taskbuffer, "SITE_B")
+    errors: list[Exception] = []
+    barrier = th.Barrier(2)
+
+    def lock_both(first: str, second: str) -> None:
+        try:
+            with taskbuffer.engine.begin() as conn:
+                if db_backend == "mysql":
+                    conn.execute(text("SET SESSION innodb_lock_wait_timeout = 10"))
+                conn.execute(update(db.sites).where(db.sites.c.name == first).values(status="a"))
+                barrier.wait(10)
+                conn.execute(update(db.sites).where(db.sites.c.name == second).values(status="b"))
+        except DBAPIError as exc:
+            errors.append(exc)
+
+    threads = [th.Thread(target=lock_both, args=order)
+               for order in (("SITE_A", "SITE_B"), ("SITE_B", "SITE_A"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 1 and is_retryable(errors[0])
