@@ -345,3 +345,14 @@ def test_final_reports_survive_refusals_and_dead_ce(tmp_path):
         assert (state / "7.json").exists()
     finally:
         stop_server(server)
+
+
+def test_example_site_config_builds_the_arc_backend():
+    """The site-config example for ARC carries options the arc backend takes."""
+    from schedulers.base import load_backend
+    from site_configs import EXAMPLES_DIR, parse_site_config
+
+    site = parse_site_config(yaml.safe_load((EXAMPLES_DIR / "ARC_EXAMPLE.yaml").read_text()),
+                             env={})
+    backend = load_backend(site.scheduler.backend, **site.to_dict()["scheduler"]["options"])
+    assert isinstance(backend, ArcBackend) and backend.client.base.startswith("https://")

@@ -240,3 +240,15 @@ def test_backend_quoting_round_trips_through_the_fake_parser():
     assert fake_condor.parse_arguments(fake_condor.expand(quoted, {})) == args
     env = {"A": "it's \"x\" $Y", "B": ""}
     assert fake_condor.parse_environment(fake_condor.expand(quote_environment(env), {})) == env
+
+
+def test_example_site_config_builds_the_backend():
+    """The site-config example for HTCondor carries options this backend takes."""
+    import yaml
+
+    from site_configs import EXAMPLES_DIR, parse_site_config
+
+    site = parse_site_config(yaml.safe_load((EXAMPLES_DIR / "HTCONDOR_EXAMPLE.yaml").read_text()),
+                             env={})
+    backend = load_backend(site.scheduler.backend, **site.to_dict()["scheduler"]["options"])
+    assert isinstance(backend, HTCondorBackend) and backend.schedd
