@@ -352,7 +352,7 @@ def test_example_site_config_builds_the_arc_backend():
     from schedulers.base import load_backend
     from site_configs import EXAMPLES_DIR, parse_site_config
 
-    site = parse_site_config(yaml.safe_load((EXAMPLES_DIR / "ARC_EXAMPLE.yaml").read_text()),
+    site = parse_site_config(yaml.safe_load((EXAMPLES_DIR / "examples" / "ARC_EXAMPLE.yaml").read_text()),
                              env={})
     backend = load_backend(site.scheduler.backend, **site.to_dict()["scheduler"]["options"])
     assert isinstance(backend, ArcBackend) and backend.client.base.startswith("https://")

@@ -248,7 +248,7 @@ def test_example_site_config_builds_the_backend():
 
     from site_configs import EXAMPLES_DIR, parse_site_config
 
-    site = parse_site_config(yaml.safe_load((EXAMPLES_DIR / "HTCONDOR_EXAMPLE.yaml").read_text()),
+    site = parse_site_config(yaml.safe_load((EXAMPLES_DIR / "examples" / "HTCONDOR_EXAMPLE.yaml").read_text()),
                              env={})
     backend = load_backend(site.scheduler.backend, **site.to_dict()["scheduler"]["options"])
     assert isinstance(backend, HTCondorBackend) and backend.schedd
