@@ -197,6 +197,10 @@ class Refused(ServerError):
         return self.status_code not in (10, 50, 60, 70)
 
 
+class SEUnavailable(ServerError):
+    """The storage element could not be asked about the outputs now; the job waits a poll."""
+
+
 class PilotProtocolClient:
     """getJob/updateJob as pilot 3 sends them: form-encoded, Accept JSON, bearer token."""
 
@@ -470,9 +474,14 @@ class ArcPushDriver:
                     value = zlib.adler32(chunk, value)
                     total += len(chunk)
             return total, f"{value & 0xffffffff:08x}"
+        except requests.HTTPError as exc:
+            if exc.response is not None and exc.response.status_code < 500:
+                raise BadJob(ErrorCode.STAGEOUT_FAILED,
+                             f"cannot verify output {url} on the storage element: {exc}") from None
+            raise SEUnavailable(f"storage element cannot tell about {url} now: {exc}") from None
         except requests.RequestException as exc:
-            raise BadJob(ErrorCode.STAGEOUT_FAILED,
-                         f"cannot verify output {url} on the storage element: {exc}") from None
+            # the SE is down or slow: the outputs ARC stored may be fine, so ask again later
+            raise SEUnavailable(f"storage element unreachable for {url}: {exc}") from None
 
     def _deliver_final(self, t: Tracked) -> str:
         assert t.final is not None

@@ -356,3 +356,23 @@ def test_example_site_config_builds_the_arc_backend():
                              env={})
     backend = load_backend(site.scheduler.backend, **site.to_dict()["scheduler"]["options"])
     assert isinstance(backend, ArcBackend) and backend.client.base.startswith("https://")
+
+
+def test_outputs_checked_on_the_storage_element(tmp_path):
+    """Sizes and adler32 come from the SE; a missing output fails the job, a dead SE waits."""
+    from schedulers.arc_push import SEUnavailable
+
+    with start_se(tmp_path / "se") as se:
+        driver = ArcPushDriver(ArcBackend(ce="https://127.0.0.1:1/arex"), "http://127.0.0.1:1",
+                               "t", SITE, se.url, se.url, tmp_path / "state")
+        data = b"stored bytes\n" * 1000
+        path = se.root / replica_path(SCOPE, "out.1")
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        url = replica_url(se.url, SCOPE, "out.1")
+        assert driver._se_file(url) == (len(data), f"{zlib.adler32(data):08x}")
+        with pytest.raises(BadJob) as err:
+            driver._se_file(replica_url(se.url, SCOPE, "missing.1"))
+        assert err.value.code == ErrorCode.NO_SUCH_FILE
+    with pytest.raises(SEUnavailable, match="unreachable"):
+        driver._se_file(url)          # the SE is gone now: ask again on a later poll
