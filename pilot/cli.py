@@ -167,7 +167,8 @@ def main(argv: list[str]) -> int:
                       server_retry=retry, final_retry=retry,
                       transfer_backoff_s=args.transfer_backoff,
                       log_cap_bytes=int(args.log_cap_mb * 2**20), keep_workdirs=args.keep_workdirs,
-                      batch_id=os.environ.get("SLURM_JOB_ID") or os.environ.get("PANDA_BATCH_ID", ""))
+                      batch_id=(os.environ.get("SLURM_JOB_ID")
+                                or os.environ.get("PANDA_BATCH_ID", "")))
     try:
         token = read_token(args.token_file)
     except OSError as exc:
@@ -189,7 +190,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg.workdir_base.mkdir(parents=True, exist_ok=True)
         from .site import load_queuedata_file, site_from_queuedata
-        queuedata = load_queuedata_file(args.queuedata) if args.queuedata else client.queuedata(args.site)
+        queuedata = (load_queuedata_file(args.queuedata) if args.queuedata
+                     else client.queuedata(args.site))
         site = site_from_queuedata(queuedata, args.site)
         if args.stdout_silent is not None:
             site.limits.stdout_silent_s = args.stdout_silent

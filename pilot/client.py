@@ -74,7 +74,8 @@ class PandaClient:
         url = self.server + path
         body = None
         if form is not None:
-            body = urllib.parse.urlencode({k: "" if v is None else v for k, v in form.items()}).encode()
+            fields = {k: "" if v is None else v for k, v in form.items()}
+            body = urllib.parse.urlencode(fields).encode()
         waits = policy.waits()
         last = ""
         while True:
@@ -89,7 +90,8 @@ class PandaClient:
                 last = str(getattr(exc, "reason", exc))
             wait = next(waits, None)
             if wait is None:
-                raise ServerUnreachable(f"{method} {path} failed after {policy.attempts} attempts: {last}")
+                raise ServerUnreachable(f"{method} {path} failed after {policy.attempts} "
+                                        f"attempts: {last}")
             log.warning("%s %s failed (%s); retrying in %.1f s", method, path, last, wait)
             time.sleep(wait)
 

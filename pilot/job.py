@@ -79,8 +79,8 @@ class KillRequest:
 
 
 class JobRun:
-    def __init__(self, cfg: PilotConfig, client: PandaClient, site: SiteInfo, pm, raw: dict[str, Any],
-                 verifier=None, stop: KillRequest | None = None) -> None:
+    def __init__(self, cfg: PilotConfig, client: PandaClient, site: SiteInfo, pm,
+                 raw: dict[str, Any], verifier=None, stop: KillRequest | None = None) -> None:
         self.cfg, self.client, self.site, self.pm, self.raw = cfg, client, site, pm, raw
         self.verifier = verifier
         self.pilot_stop = stop               # set by the pilot's signal handlers
@@ -111,8 +111,9 @@ class JobRun:
                 log.error("job %s: state file not written: %s", self.panda_id, exc)
 
     def _base_form(self, state: str) -> dict[str, Any]:
-        form: dict[str, Any] = {"jobId": self.panda_id, "state": state, "timestamp": int(time.time()),
-                                "siteName": self.site.name, "node": self.cfg.node,
+        form: dict[str, Any] = {"jobId": self.panda_id, "state": state,
+                                "timestamp": int(time.time()), "siteName": self.site.name,
+                                "node": self.cfg.node,
                                 "attemptNr": self.raw.get("attemptNr", 1),
                                 "pilotID": f"{self.cfg.node}:{os.getpid()}",
                                 "coreCount": self.job.core_count if self.job else 1}
@@ -245,7 +246,8 @@ class JobRun:
         if job.max_walltime_s > remaining - self.cfg.reserve_s:
             raise PilotError(ErrorCode.BATCH_WALLTIME,
                              f"job needs {job.max_walltime_s} s but the batch slot has only "
-                             f"{remaining:.0f} s left ({self.cfg.reserve_s:.0f} s kept for stage-out)")
+                             f"{remaining:.0f} s left ({self.cfg.reserve_s:.0f} s kept for "
+                             "stage-out)")
 
     def _check_stop(self) -> None:
         """Before the next step: has the server (``tobekilled``) or a signal stopped the job?"""
@@ -259,7 +261,7 @@ class JobRun:
         inputs = json.dumps(files)
         extra = {"PANDA_ID": job.job_id, "PANDA_SITE": self.site.name,
                  "PANDA_WORKDIR": str(self.workdir), "ATHENA_CORE_NUMBER": str(job.core_count)}
-        if len(inputs) < 65536:   # the kernel caps one env string at 128 KiB: big lists only on disk
+        if len(inputs) < 65536:   # the kernel caps an env string at 128 KiB: big lists on disk
             extra["PANDA_INPUTS"] = inputs
         env = scrub_env(os.environ, extra)
         argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"))
@@ -268,10 +270,12 @@ class JobRun:
         try:
             pid = self.payload.start()
         except OSError as exc:
-            raise PilotError(ErrorCode.PAYLOAD_EXECUTION_FAILURE, f"cannot start payload: {exc}") from None
+            raise PilotError(ErrorCode.PAYLOAD_EXECUTION_FAILURE,
+                             f"cannot start payload: {exc}") from None
         self._save(sf.RUNNING, payload={"pid": pid, "start": self.payload.start_time})
         notify(self.pm, "pilot_payload_started", job=job, pid=pid)
-        hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{job.job_id}", daemon=True)
+        hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{job.job_id}",
+                              daemon=True)
         self._hb_stop = threading.Event()
         self._update("running")
         hb.start()
@@ -391,7 +395,8 @@ class JobRun:
             log.warning("job %s: the server says %s", self.panda_id, ",".join(sorted(commands)))
             self.kill.set(ErrorCode.KILLED_BY_SERVER, "job killed by the server's command")
         elif commands:
-            log.info("job %s: server command(s) %s ignored", self.panda_id, ",".join(sorted(commands)))
+            log.info("job %s: server command(s) %s ignored", self.panda_id,
+                     ",".join(sorted(commands)))
 
     # --- the end ------------------------------------------------------------------------------
     def _stage_out_outputs(self) -> dict[str, dict]:

@@ -96,7 +96,8 @@ def parse_job(raw: dict[str, Any]) -> JobSpec:
         raise BadJobSpec("job has no transformation")
 
     lfns = _split(raw.get("inFiles"))
-    guids, sizes, sums = _split(raw.get("GUID")), _split(raw.get("fsize")), _split(raw.get("checksum"))
+    guids, sizes = _split(raw.get("GUID")), _split(raw.get("fsize"))
+    sums = _split(raw.get("checksum"))
     scopes, dsets = _split(raw.get("scopeIn")), _split(raw.get("realDatasetsIn"))
     endpoints = _split(raw.get("ddmEndPointIn"))
     inputs = []

@@ -19,8 +19,9 @@ DEFAULT_CAP = 50 * 2**20
 _MIN_TAIL = 64 * 1024
 
 
-def make_log_tarball(workdir: Path, dest: Path, exclude: set[str], cap_bytes: int = DEFAULT_CAP) -> Path:
-    """Write a gzip tarball of ``workdir`` to ``dest``; names in ``exclude`` (top level) are left out."""
+def make_log_tarball(workdir: Path, dest: Path, exclude: set[str],
+                     cap_bytes: int = DEFAULT_CAP) -> Path:
+    """Write a gzip tarball of ``workdir`` to ``dest``; top-level names in ``exclude`` stay out."""
     try:
         entries: list[tuple[int, Path, str]] = []
         for root, dirs, files in os.walk(workdir):

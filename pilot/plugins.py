@@ -1,4 +1,4 @@
-"""Load the pilot's pluggy plugins: every installed ``panda.pilot`` entry point, built-ins included."""
+"""Load the pilot's pluggy plugins: every installed ``panda.pilot`` entry point, built-ins too."""
 from __future__ import annotations
 
 import logging

@@ -118,7 +118,8 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
     if own_site is not None and own_site.name == state.get("site_name"):
         site = own_site
     else:
-        site = site_from_queuedata({"panda_wms": state.get("site") or {}}, state.get("site_name", ""))
+        site = site_from_queuedata({"panda_wms": state.get("site") or {}},
+                                   state.get("site_name", ""))
     cfg = PilotConfig(server=client.server, site=site.name, workdir_base=wd.parent,
                       keep_workdirs=keep, final_retry=policy)
     run = JobRun(cfg, client, site, pm, raw)
@@ -144,7 +145,8 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
                                    max_pss_kb=0, start=float(info.get("start") or run.start_time),
                                    end=(run.workdir / EXIT_FILE).stat().st_mtime)
     if decided:   # the dead pilot had already judged the job (e.g. a monitor killed the payload)
-        error = PilotError(int(decided.get("code", ErrorCode.GENERAL)), str(decided.get("diag", "")))
+        error = PilotError(int(decided.get("code", ErrorCode.GENERAL)),
+                           str(decided.get("diag", "")))
     elif run.result is None:
         error = PilotError(ErrorCode.RECOVERED_LOST,
                            f"pilot {state.get('pilot_pid')} died in phase {phase}; "

@@ -71,7 +71,8 @@ def final_form(form: dict[str, Any], error: PilotError | None, res: PayloadResul
     form["startTime"] = int(start)
     form["endTime"] = int(time.time())
     if res is not None:
-        form["transExitCode"] = res.exit_code if res.exit_code is not None else 128 + (res.signal or 0)
+        form["transExitCode"] = (res.exit_code if res.exit_code is not None
+                                 else 128 + (res.signal or 0))
         form["exeErrorCode"] = form["transExitCode"]
         form["exeErrorDiag"] = "" if res.exit_code == 0 else (
             f"exit code {res.exit_code}" if res.exit_code is not None else f"signal {res.signal}")

@@ -49,4 +49,5 @@ class SpecVerifier:
         try:
             self._key.verify(sig, canonical(job))
         except InvalidSignature:
-            raise BadSignature("job spec signature does not verify: spec altered or wrong key") from None
+            raise BadSignature("job spec signature does not verify: spec altered or wrong "
+                               "key") from None

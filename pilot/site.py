@@ -46,7 +46,8 @@ def _num(d: dict, key: str, default: float) -> float:
     try:
         return float(value) if value is not None else default
     except (TypeError, ValueError):
-        raise PilotError(ErrorCode.GENERAL, f"site config: {key}={value!r} is not a number") from None
+        raise PilotError(ErrorCode.GENERAL,
+                         f"site config: {key}={value!r} is not a number") from None
 
 
 def site_from_queuedata(queuedata: dict[str, Any], site_name: str) -> SiteInfo:
@@ -71,7 +72,8 @@ def _site_from_queuedata(queuedata: dict[str, Any], site_name: str) -> SiteInfo:
         inner = queuedata.get(site_name)
         cfg = inner.get("panda_wms") if isinstance(inner, dict) else None
     if not isinstance(cfg, dict):
-        raise PilotError(ErrorCode.GENERAL, f"queuedata for {site_name} has no 'panda_wms' site config")
+        raise PilotError(ErrorCode.GENERAL,
+                         f"queuedata for {site_name} has no 'panda_wms' site config")
     storage = cfg.get("storage") or {}
     tools = cfg.get("copytools") or {}
     transfer = cfg.get("transfer") or {}

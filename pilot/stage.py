@@ -51,7 +51,8 @@ def _surl(se_url: str, scope: str, lfn: str, code: int) -> str:
         raise StageError(ErrorCode.HOSTILE_FILE_NAME, str(exc), lfn) from None
 
 
-def stage_in(job: JobSpec, site: SiteInfo, workdir: Path, settings: StageSettings) -> dict[str, str]:
+def stage_in(job: JobSpec, site: SiteInfo, workdir: Path,
+             settings: StageSettings) -> dict[str, str]:
     """Bring the job's inputs into ``workdir``; return {lfn: local path or URL for direct read}."""
     files: dict[str, str] = {}
     if not job.inputs:

@@ -35,7 +35,8 @@ def pilot_monitor_check(ctx: MonitorContext):
                        f"{ctx.limits.min_free_disk_mb:.0f} MB", "disk")
     if ctx.limits.workdir_mb and size_mb > ctx.limits.workdir_mb:
         return Verdict(ErrorCode.WORKDIR_TOO_LARGE,
-                       f"work dir {size_mb:.0f} MB over the limit of {ctx.limits.workdir_mb:.0f} MB",
+                       f"work dir {size_mb:.0f} MB over the limit of "
+                       f"{ctx.limits.workdir_mb:.0f} MB",
                        "disk")
     return None
 

@@ -33,7 +33,8 @@ def pilot_monitor_check(ctx: MonitorContext):
     ctx.scratch["looping_idle_s"] = idle
     if idle > limit:
         return Verdict(ErrorCode.LOOPING_JOB,
-                       f"looping job: no output file changed for {idle:.0f} s (limit {limit:.0f} s)",
+                       f"looping job: no output file changed for {idle:.0f} s "
+                       f"(limit {limit:.0f} s)",
                        "looping")
     return None
 

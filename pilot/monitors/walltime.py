@@ -12,7 +12,8 @@ def pilot_monitor_check(ctx: MonitorContext):
     limit = ctx.limits.walltime_s
     if limit and ctx.elapsed > limit:
         return Verdict(ErrorCode.PAYLOAD_WALLTIME,
-                       f"payload ran {ctx.elapsed:.0f} s, over the job's wall time of {limit:.0f} s",
+                       f"payload ran {ctx.elapsed:.0f} s, over the job's wall time of "
+                       f"{limit:.0f} s",
                        "walltime")
     if ctx.pilot_deadline is not None and ctx.now > ctx.pilot_deadline - ctx.reserve_s:
         return Verdict(ErrorCode.BATCH_WALLTIME,
