@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shlex
+import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 REST_PATH = "/arex/rest/1.0"
 ARGV_VAR = "PANDA_ARC_COMMAND"
+DELEGATION_RENEW_S = 6 * 3600
+# RFC 3820 ProxyCertInfo, policy language id-ppl-inheritAll: a full-rights proxy
+PROXY_CERT_INFO_OID = "1.3.6.1.5.5.7.1.14"
+PROXY_INHERIT_ALL = bytes.fromhex("300c300a06082b06010505071501")
 
 #: A-REX REST states -> the common set. Stage-in, LRMS queueing and holds count as queued;
 #: everything from the payload's start to the end of stage-out counts as running.
@@ -218,6 +223,54 @@ class ArcRestClient:
                                  failed_in, activity)
         return out
 
+    def delegate(self, lifetime_s: int = 12 * 3600) -> tuple[str, int]:
+        """Delegate the proxy to the CE (REST ``delegations``): the CE makes a key and a CSR, we
+        sign it with the proxy's key as an RFC 3820 proxy (inherit all). Returns the delegation
+        id, to be named in the xRSL ``delegationid``, and the new certificate's serial."""
+        import datetime
+        import secrets
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import NameOID
+
+        resp = self.request("POST", "/delegations?action=new")
+        location = resp.headers.get("Location", "")
+        delegation_id = location.rstrip("/").rsplit("/", 1)[-1]
+        if resp.status_code != 201 or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", delegation_id):
+            raise SchedulerError(f"ARC CE {self.base}: no delegation id in the reply "
+                                 f"({resp.status_code}, Location {location!r})")
+        try:
+            public_key = csr_public_key(resp.content)
+            with open(self.proxy, "rb") as fh:
+                pem = fh.read()
+            chain = x509.load_pem_x509_certificates(pem)
+            key = serialization.load_pem_private_key(pem, None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise SchedulerError(f"ARC CE {self.base}: cannot delegate ({exc})") from None
+        issuer = chain[0]
+        serial = secrets.randbits(63)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        subject = x509.Name(list(issuer.subject.rdns) + [x509.RelativeDistinguishedName(
+            [x509.NameAttribute(NameOID.COMMON_NAME, str(serial))])])
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer.subject)
+                .public_key(public_key).serial_number(serial)
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(min(issuer.not_valid_after_utc,
+                                     now + datetime.timedelta(seconds=lifetime_s)))
+                .add_extension(x509.KeyUsage(True, False, True, False, False, False, False,
+                                             False, False), critical=True)
+                .add_extension(x509.UnrecognizedExtension(
+                    x509.ObjectIdentifier(PROXY_CERT_INFO_OID), PROXY_INHERIT_ALL),
+                               critical=True)
+                .sign(key, hashes.SHA256()))
+        body = cert.public_bytes(serialization.Encoding.PEM) + b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in chain)
+        self.request("PUT", f"/delegations/{delegation_id}", data=body,
+                     headers={"Content-Type": "application/x-pem-file"})
+        log.info("delegated proxy to %s as %s", self.base, delegation_id)
+        return delegation_id, serial
+
     def control_state(self, job_id: str) -> tuple[str | None, str]:
         """The job manager's own state (``diagnose/status``, which does not lag like the REST
         state) and, once FINISHED, its failure text (``diagnose/failed``, '' for success)."""
@@ -286,6 +339,36 @@ class ArcRestClient:
         data = resp.raw.read(max_bytes + 1, decode_content=True)
         resp.close()
         return data[:max_bytes]
+
+
+def _der_items(data: bytes, pos: int, end: int):
+    """(tag, start, content start, end) of each DER item between ``pos`` and ``end``."""
+    while pos < end:
+        tag, length, header = data[pos], data[pos + 1], 2
+        if length & 0x80:
+            n = length & 0x7F
+            length, header = int.from_bytes(data[pos + 2:pos + 2 + n], "big"), 2 + n
+        yield tag, pos, pos + header, pos + header + length
+        pos += header + length
+
+
+def csr_public_key(pem: bytes):
+    """The public key of a PEM CSR. A-REX's CSRs say version 2, which ``cryptography`` refuses
+    to load, so the SubjectPublicKeyInfo is taken out of the DER directly."""
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    lines = [line for line in pem.strip().splitlines() if line and not line.startswith(b"-----")]
+    try:
+        der = base64.b64decode(b"".join(lines), validate=True)
+        _, _, body, end = next(_der_items(der, 0, len(der)))          # CertificationRequest
+        _, _, info, info_end = next(_der_items(der, body, end))        # CertificationRequestInfo
+        items = list(_der_items(der, info, info_end))   # version, subject, SPKI, attributes
+        _, start, _, stop = items[2]
+        return load_der_public_key(der[start:stop])
+    except (ValueError, IndexError, StopIteration) as exc:
+        raise ValueError(f"not a certificate request: {exc}") from None
 
 
 def check_job_id(job_id: str) -> str:
@@ -363,14 +446,15 @@ def pilot_xrsl(spec: PilotSpec, queue: str | None = None,
 class ArcBackend(SchedulerBackend):
     """Options: ``ce`` (CE host or A-REX URL, required), ``proxy``, ``ca_dir``, ``queue``,
     ``runtime_environments``, ``extra_xrsl``, ``timeout_s``, ``push`` (push mode, read by the
-    factory), ``clean_finished``, ``fast_states``. See docs/arc.md."""
+    factory), ``clean_finished``, ``fast_states``, ``delegate``. See docs/arc.md."""
 
     name = "arc"
 
     def __init__(self, ce: str = "", proxy: str | None = None, ca_dir: str | None = None,
                  queue: str | None = None, runtime_environments: list[str] | None = None,
                  extra_xrsl: str = "", timeout_s: float = 30.0, push: bool = False,
-                 clean_finished: bool = False, fast_states: bool = False, **options) -> None:
+                 clean_finished: bool = False, fast_states: bool = False,
+                 delegate: bool = False, **options) -> None:
         super().__init__(ce=ce, proxy=proxy, ca_dir=ca_dir, queue=queue, push=push, **options)
         if options:
             raise SchedulerError(f"arc backend: unknown option(s) {', '.join(sorted(options))}")
@@ -383,9 +467,22 @@ class ArcBackend(SchedulerBackend):
         self.push = bool(push)
         self.clean_finished = bool(clean_finished)
         self.fast_states = bool(fast_states)
+        self.delegate = bool(delegate)
+        self._delegation: tuple[str, float] | None = None    # (id, when made)
+
+    def delegation_xrsl(self) -> str:
+        """``(delegationid=...)`` for the next job when delegating; a delegation is made once
+        and renewed after half its 12 h lifetime."""
+        if not self.delegate:
+            return ""
+        if self._delegation is None or time.time() - self._delegation[1] > DELEGATION_RENEW_S:
+            delegation_id, _ = self.client.delegate()
+            self._delegation = (delegation_id, time.time())
+        return xrsl_relation("delegationid", self._delegation[0])
 
     def submit(self, spec: PilotSpec) -> str:
-        xrsl = pilot_xrsl(spec, self.queue, self.runtime_environments, self.extra_xrsl)
+        xrsl = pilot_xrsl(spec, self.queue, self.runtime_environments,
+                          self.extra_xrsl + self.delegation_xrsl())
         job_id = self.client.submit(xrsl)
         log.info("submitted pilot %s for %s to %s as %s", spec.name, spec.site, self.client.base,
                  job_id)
@@ -393,7 +490,7 @@ class ArcBackend(SchedulerBackend):
 
     def submit_xrsl(self, xrsl: str) -> str:
         """Submit a ready xRSL description (push mode builds its own)."""
-        return self.client.submit(xrsl)
+        return self.client.submit(xrsl + self.delegation_xrsl())
 
     def jobs(self, batch_ids: list[str]) -> dict[str, ArcJob]:
         """``info`` of each job; with ``fast_states``, ended jobs are seen without REST's lag."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,32 @@ def test_normalize_ce_and_xrsl_quoting():
     assert '(environment=("K" "v"))' in xrsl and '(queue="q")' in xrsl
     with pytest.raises(SchedulerError, match="not a valid variable name"):
         pilot_xrsl(PilotSpec(site="S", command=["/bin/true"], env={"A B": "x"}))
+
+
+def test_delegated_proxy_reaches_the_job(arc_ce):
+    """delegate=True: one REST delegation (a proxy signed here from the CE's CSR) named by every
+    job; the CE gives the job that credential (its control dir holds it)."""
+    from cryptography import x509
+
+    backend = ArcBackend(**arc_ce.options, delegate=True)
+    ids = [backend.submit(PilotSpec(site="ARC_TEST", name="delegated", walltime_s=600,
+                                    command=["/bin/true"])) for _ in range(2)]
+    delegation_id = backend._delegation[0]
+    try:
+        for job_id in ids:
+            proxy = Path(f"/var/spool/arc/jobstatus/job.{job_id}.proxy")
+            deadline = time.monotonic() + 30
+            while not proxy.exists():
+                assert time.monotonic() < deadline, arc_ce.log_tail(job_id)
+                time.sleep(0.2)
+            cert = x509.load_pem_x509_certificates(proxy.read_bytes())[0]
+            own = x509.load_pem_x509_certificates(arc_ce.proxy.read_bytes())[0]
+            # a proxy of our proxy: our subject plus one CN, made for this delegation
+            assert cert.issuer == own.subject
+            assert list(cert.subject.rdns)[:-1] == list(own.subject.rdns)
+            assert cert.subject.rdns[-1].rfc4514_string() == f"CN={cert.serial_number}"
+        assert backend._delegation[0] == delegation_id     # reused, not one per job
+    finally:
+        backend.cancel(ids)
+        for job_id in ids:
+            arc_ce.kill_job_processes(job_id)
