@@ -6,7 +6,8 @@ Fixtures (use them from any test under tests/server/):
   test. Parametrized over ``sqlite`` (a file in a temporary folder), ``postgresql``
   (``postgresql+psycopg://postgres@127.0.0.1:5432/<fresh db>``, marker ``postgres``) and
   ``mysql`` (``mysql+pymysql://root@127.0.0.1:3306/<fresh db>``, marker ``mysql``). Each backend's
-  database is created once per test session under a fresh name and dropped at the end.
+  database is created once per test session under a fresh name (``panda_test_<pid>_<random>``)
+  and dropped at the end; ones left by killed sessions (pid gone) are dropped at the next start.
 - ``db_backend``: "sqlite", "postgresql" or "mysql" (the parameter of the current test).
 - ``fresh_db_url``: a brand-new *empty* database (no tables) on the same backend, dropped after
   the test: for migration tests.
@@ -97,6 +98,29 @@ def create_database(backend: str, tmp_dir: Path) -> str:
     return f"{base}/{name}"
 
 
+def drop_stale_databases(backend: str) -> None:
+    """Drop test databases left by sessions that were killed (their pid is gone)."""
+    admin = create_engine(_admin_url(backend), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            if backend == "postgresql":
+                names = conn.execute(text("SELECT datname FROM pg_database "
+                                          "WHERE datname LIKE 'panda_test_%'")).scalars().all()
+            else:
+                names = conn.execute(text("SHOW DATABASES LIKE 'panda\\_test\\_%'")
+                                     ).scalars().all()
+            for name in names:
+                pid = name.split("_")[2]
+                if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+                    quoted = f'"{name}"' if backend == "postgresql" else f"`{name}`"
+                    force = " WITH (FORCE)" if backend == "postgresql" else ""
+                    conn.execute(text(f"DROP DATABASE IF EXISTS {quoted}{force}"))
+    except Exception:  # noqa: BLE001 - hygiene only; create_database reports real trouble
+        pass
+    finally:
+        admin.dispose()
+
+
 def drop_database(url: str) -> None:
     u = make_url(url)
     backend = u.get_backend_name()
@@ -135,6 +159,8 @@ def db_backend(request) -> str:
 
 @pytest.fixture(scope="session")
 def _session_db(db_backend, tmp_path_factory) -> Iterator[str]:
+    if db_backend != "sqlite" and db_backend in SELECTED:
+        drop_stale_databases(db_backend)
     url = create_database(db_backend, tmp_path_factory.mktemp(f"db-{db_backend}"))
     engine = db.make_engine(url, pool_size=1)
     try:
