@@ -90,6 +90,12 @@ def create_db() -> str:
     name = f"panda_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
+        # databases of earlier runs that were killed before they could drop them
+        for old in conn.execute(text("SELECT datname FROM pg_database "
+                                     "WHERE datname LIKE 'panda_bench_%'")).scalars():
+            pid = old.split("_")[2]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     return f"{PG_ADMIN}/{name}"
