@@ -60,6 +60,7 @@ def prepare_launch(server, launch: Path, user: str, payload: bytes,
     (launch / "payload.sh").write_bytes(payload)
     (launch / "payload.sh").chmod(0o755)
     if server is not None:
+        # no trailing newline: pilot 3 would shell-quote it into the header, which breaks it
         (launch / "pilot.token").write_text(server.token("pilot", "pilot3-wn", site=SITE))
     url = url or server.url
     queuedata = requests.get(f"{url}/cache/schedconfig/{SITE}.all.json", timeout=5,
