@@ -9,6 +9,9 @@ VENV=${1:-/var/tmp/panda-wms-pilot3-venv}
 PILOT_VERSION=${PANDA_PILOT_VERSION:-3.7.0.36}
 CLIENT_VERSION=${PANDA_CLIENT_VERSION:-2.2.0}
 WANT="panda-pilot==$PILOT_VERSION panda-client==$CLIENT_VERSION"
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"            # test sessions running at once build it once, one after the other
+flock 9
 if [ -f "$VENV/.ready" ] && [ "$(cat "$VENV/.ready")" = "$WANT" ]; then
     exit 0
 fi
