@@ -96,6 +96,9 @@ class TaskBuffer:
         if steps:
             values["state_changed"] = now
         cols = tuple(sorted(values))
+        unknown = [c for c in cols if c not in db.jobs.c]
+        if unknown:
+            raise ValueError(f"not columns of jobs: {', '.join(unknown)}")
         key = (cols, len(steps), returning, pick[0] if pick else "id")
         stmt = self._stmt_cache.get(key) if key[3] is not None else None
         if stmt is None:
