@@ -36,6 +36,7 @@ PID_FILES = {"arex": Path("/run/arched-arex.pid"), "ws": Path("/run/arched-arex-
 CONTROL_DIR = Path("/var/spool/arc/jobstatus")
 LOCK = Path("/run/panda-wms-arc-ce.lock")
 MARKER = Path("/run/panda-wms-arc-ce.started")    # {daemon: pid} of what test sessions started
+USER_DIR = Path("/var/lib/panda-wms-tests/arc-user")   # the test user's certificate and proxy
 
 
 class ArcUnavailable(RuntimeError):
@@ -160,24 +161,33 @@ class ArcCE:
             self.lock = None
 
 
-def _make_user(workdir: Path) -> tuple[Path, Path]:
-    """A test-CA user certificate (its subject allowed on the CE) and a proxy made from it."""
-    res = subprocess.run(["arcctl", "test-ca", "usercert", "-n", "pandawms-test", "-t", "-f"],
-                         cwd=workdir, capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        raise ArcUnavailable(f"arcctl test-ca usercert failed: {res.stderr or res.stdout}")
-    tarball = next(workdir.glob("usercert-*.tar.gz"))
-    with tarfile.open(tarball) as tar:
-        tar.extractall(workdir, filter="fully_trusted")   # made by arcctl just now
-    base = workdir / "arc-testca-usercert"
-    env = {**os.environ, "X509_USER_CERT": str(base / "usercert.pem"),
-           "X509_USER_KEY": str(base / "userkey.pem"),
-           "X509_USER_PROXY": str(base / "userproxy.pem"),
-           "X509_CERT_DIR": str(base / "certificates")}
+def _make_user() -> tuple[Path, Path]:
+    """A test-CA user certificate (its subject allowed on the CE), made once and kept in
+    USER_DIR while it has more than two days left, and a fresh 12 h proxy made from it."""
+    USER_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    base = USER_DIR / "arc-testca-usercert"
+    cert = base / "usercert.pem"
+    if not cert.exists() or subprocess.run(
+            ["openssl", "x509", "-in", str(cert), "-noout", "-checkend", str(2 * 86400)],
+            capture_output=True).returncode != 0:
+        res = subprocess.run(["arcctl", "test-ca", "usercert", "-n", "pandawms-test", "-t", "-f"],
+                             cwd=USER_DIR, capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise ArcUnavailable(f"arcctl test-ca usercert failed: {res.stderr or res.stdout}")
+        tarball = next(USER_DIR.glob("usercert-*.tar.gz"))
+        with tarfile.open(tarball) as tar:
+            tar.extractall(USER_DIR, filter="fully_trusted")   # made by arcctl just now
+        tarball.unlink()
+    # written beside and renamed: a session already using the CE never reads half a proxy
+    fresh = base / f"userproxy.{os.getpid()}.pem"
+    env = {**os.environ, "X509_USER_CERT": str(cert), "X509_USER_KEY": str(base / "userkey.pem"),
+           "X509_USER_PROXY": str(fresh), "X509_CERT_DIR": str(base / "certificates")}
     res = subprocess.run(["arcproxy", "-c", "validityPeriod=12h"], env=env, capture_output=True,
                          text=True, timeout=60)
     if res.returncode != 0:
+        fresh.unlink(missing_ok=True)
         raise ArcUnavailable(f"arcproxy failed: {res.stderr or res.stdout}")
+    os.replace(fresh, base / "userproxy.pem")
     return base / "userproxy.pem", base / "certificates"
 
 
@@ -240,14 +250,14 @@ def start_ce() -> ArcCE:
     if addr != "127.0.0.1":
         raise ArcUnavailable(f"host name {host} resolves to {addr}, not 127.0.0.1: the CE's "
                              "certificate names it, and tests stay on loopback")
-    workdir = Path(tempfile.mkdtemp(prefix="panda-arc-ce-"))
-    proxy, ca_dir = _make_user(workdir)
     # pytest sessions running at once share the one system-wide CE: starting is serialised by
     # an exclusive flock, use is a shared one, and the last session out stops what tests started
     lock = open(LOCK, "a+")
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        started = _start_daemons(workdir)
+        proxy, ca_dir = _make_user()
+        with tempfile.TemporaryDirectory(prefix="panda-arc-ce-") as workdir:
+            started = _start_daemons(Path(workdir))
         if started:
             known = json.loads(MARKER.read_text()) if MARKER.exists() else {}
             MARKER.write_text(json.dumps({**known, **started}))
