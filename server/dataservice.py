@@ -195,7 +195,7 @@ class DataService:
         sites = {s["name"]: s["config"] for s in self.tb.list_sites()}
         urls = storage_urls(sites.values())
         j = db.jobs.c
-        with self.tb.engine.connect() as conn:
+        with db.read(self.tb.engine) as conn:
             jobs = [dict(r._mapping) for r in conn.execute(
                 select(j.panda_id, j.site).where(j.status == str(JobState.ASSIGNED),
                                                  j.site.is_not(None))
@@ -216,7 +216,7 @@ class DataService:
         if not dest or dest not in urls:
             return self._fail(panda_id, f"site {config.get('name')} has no input storage "
                                         "element with a URL", report)
-        with self.tb.engine.connect() as conn:
+        with db.read(self.tb.engine) as conn:
             inputs = [dict(r._mapping) for r in conn.execute(select(db.files).where(
                 db.files.c.panda_id == panda_id, db.files.c.type == "input"))]
         for f in inputs:

@@ -269,8 +269,20 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # pragma: no cover - trivial
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # writers take the write lock up front (no upgrade deadlocks); readers (see
+            # ``read``) take none: in WAL mode they never wait, even for a read nested in a
+            # write transaction of the same thread
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY)
+                                 else "BEGIN IMMEDIATE")
     return engine
+
+
+READ_ONLY = "panda_read_only"
+
+
+def read(engine: Engine):
+    """A connection for reads only: on SQLite it takes no write lock (see make_engine)."""
+    return engine.connect().execution_options(**{READ_ONLY: True})
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

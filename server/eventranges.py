@@ -210,7 +210,7 @@ class EventRangeService:
         """Ranges of a task per status."""
         from sqlalchemy import func
         r = db.event_ranges.c
-        with self.tb.engine.connect() as conn:
+        with db.read(self.tb.engine) as conn:
             return {s: n for s, n in conn.execute(select(r.status, func.count()).where(
                 r.task_id == task_id).group_by(r.status))}
 

@@ -176,7 +176,7 @@ class ShareStore:
         self.default = default if default is not None else parse_shares(DEFAULT_SHARES)
 
     def load(self) -> list[Share]:
-        with self.tb.engine.connect() as conn:
+        with db.read(self.tb.engine) as conn:
             rows = [dict(r._mapping) for r in conn.execute(
                 select(db.global_shares).order_by(db.global_shares.c.position))]
         if not rows:
@@ -265,7 +265,7 @@ class ShareChooser:
         j = db.jobs.c
         running: dict[str, int] = {}
         waiting: dict[str, int] = {}
-        with self.tb.engine.connect() as conn:
+        with db.read(self.tb.engine) as conn:
             for share, status, n, cores in conn.execute(
                     select(j.share, j.status, func.count(), func.sum(j.cores)).where(
                         j.site == site, j.status.in_(RUNNING_STATES + ("activated",)))
@@ -313,7 +313,7 @@ def recompute_priorities(tb: TaskBuffer, hook, limit: int = 50000) -> int:
     it."""
     j = db.jobs.c
     now = tb.clock()
-    with tb.engine.connect() as conn:
+    with db.read(tb.engine) as conn:
         user_running = {owner: n for owner, n in conn.execute(
             select(j.owner, func.count()).where(j.status.in_(RUNNING_STATES)).group_by(j.owner))}
         rows = [dict(r._mapping) for r in conn.execute(

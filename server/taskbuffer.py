@@ -178,7 +178,7 @@ class TaskBuffer:
         return names
 
     def get_site(self, name: str) -> dict:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             row = conn.execute(select(db.sites).where(db.sites.c.name == name)).first()
         if row is None:
             raise NotFound(f"unknown site {name!r}")
@@ -196,7 +196,7 @@ class TaskBuffer:
         return row
 
     def list_sites(self) -> list[dict]:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(select(db.sites).order_by(db.sites.c.name))]
 
     # ------------------------------------------------------------------ data
@@ -239,7 +239,7 @@ class TaskBuffer:
         q = select(db.dataset_files).where(db.dataset_files.c.dataset == dataset)
         if unused_only:
             q = q.where(db.dataset_files.c.task_id.is_(None))
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(q.order_by(db.dataset_files.c.lfn))]
 
     def replica_endpoints(self, scope: str, lfns: list[str]) -> dict[str, set[str]]:
@@ -247,7 +247,7 @@ class TaskBuffer:
         out: dict[str, set[str]] = {lfn: set() for lfn in lfns}
         if not lfns:
             return out
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             for r in conn.execute(select(db.replicas.c.lfn, db.replicas.c.ddm_endpoint).where(
                     db.replicas.c.scope == scope, db.replicas.c.lfn.in_(lfns))):
                 out[r.lfn].add(r.ddm_endpoint)
@@ -287,7 +287,7 @@ class TaskBuffer:
         conn.execute(update(db.tasks).where(db.tasks.c.task_id == task_id).values(**values))
 
     def get_task(self, task_id: int) -> dict:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             row = conn.execute(select(db.tasks).where(db.tasks.c.task_id == task_id)).first()
         if row is None:
             raise NotFound(f"no task {task_id}")
@@ -296,7 +296,7 @@ class TaskBuffer:
     def task_job_counts(self, task_id: int) -> dict[str, int]:
         """Jobs of a task per status, live and archived."""
         counts: dict[str, int] = {}
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             for table in (db.jobs, db.jobs_archive):
                 for r in conn.execute(select(table.c.status, func.count()).where(
                         table.c.task_id == task_id).group_by(table.c.status)):
@@ -304,13 +304,13 @@ class TaskBuffer:
         return counts
 
     def task_job_ids(self, task_id: int) -> list[int]:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             ids = [r[0] for t in (db.jobs, db.jobs_archive) for r in conn.execute(
                 select(t.c.panda_id).where(t.c.task_id == task_id))]
         return sorted(ids)
 
     def task_state_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             return {status: n for status, n in conn.execute(
                 select(db.tasks.c.status, func.count()).group_by(db.tasks.c.status))}
 
@@ -321,11 +321,11 @@ class TaskBuffer:
             q = q.where(db.tasks.c.owner == owner)
         if since:
             q = q.where(db.tasks.c.modified >= since)
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def get_job(self, panda_id: int, include_archive: bool = True) -> dict | None:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             for table in (db.jobs, db.jobs_archive) if include_archive else (db.jobs,):
                 row = conn.execute(select(table).where(table.c.panda_id == panda_id)).first()
                 if row is not None:
@@ -340,13 +340,13 @@ class TaskBuffer:
     def job_brief(self, panda_id: int) -> dict | None:
         """Status, site, attempt and task of a live job (one indexed read, no files)."""
         j = db.jobs.c
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             row = conn.execute(select(j.panda_id, j.status, j.site, j.attempt_nr, j.task_id)
                                .where(j.panda_id == panda_id)).first()
         return None if row is None else dict(row._mapping)
 
     def job_history(self, panda_id: int) -> list[dict]:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(
                 select(db.job_history).where(db.job_history.c.panda_id == panda_id)
                 .order_by(db.job_history.c.row_id))]
@@ -354,7 +354,7 @@ class TaskBuffer:
     def list_jobs(self, task_id: int | None = None, site: str | None = None,
                   status: str | None = None, limit: int = 1000) -> list[dict]:
         rows: list[dict] = []
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             for table in (db.jobs, db.jobs_archive):
                 q = select(table).order_by(table.c.panda_id).limit(limit)
                 if task_id is not None:
@@ -372,13 +372,13 @@ class TaskBuffer:
             q = q.where(db.jobs.c.site == site)
         if status:
             q = q.where(db.jobs.c.status == status)
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             return int(conn.execute(q).scalar_one())
 
     def site_load(self) -> dict[str, dict[str, int]]:
         """site -> {status: count} over live jobs: what brokerage and the monitor read."""
         out: dict[str, dict[str, int]] = {}
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             for site, status, n in conn.execute(
                     select(db.jobs.c.site, db.jobs.c.status, func.count())
                     .where(db.jobs.c.site.is_not(None))
@@ -740,7 +740,7 @@ class TaskBuffer:
             return ok
 
     def pending_command(self, panda_id: int) -> str | None:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             return conn.execute(select(db.jobs.c.command).where(db.jobs.c.panda_id == panda_id)
                                 ).scalar()
 
@@ -774,7 +774,7 @@ class TaskBuffer:
         return len(pilots)
 
     def pilot_summary(self) -> dict:
-        with self.engine.connect() as conn:
+        with db.read(self.engine) as conn:
             facs = [dict(r._mapping) for r in conn.execute(select(db.factories))]
             per_site: dict[str, dict[str, int]] = {}
             for site, state, n in conn.execute(select(db.pilots.c.site, db.pilots.c.state,

@@ -106,7 +106,7 @@ class Watcher:
         q = (select(j.panda_id, j.status).where(j.status.in_(list(states)),
                                                  self._last_sign(j) < cutoff)
              .order_by(j.panda_id).limit(self.batch))
-        with self.tb.engine.connect() as conn:
+        with db.read(self.tb.engine) as conn:
             return [(r.panda_id, r.status) for r in conn.execute(q)]
 
     def _fail(self, panda_id: int, status: str, cutoff: dt.datetime, rule: Rule,

@@ -255,3 +255,32 @@ def test_task_share_defaults_and_unknown_share(site_server):
                             "site": SITE, "prod_source_label": "user"})
     assert user.task_details(prod)["share"] == "production"
     assert user.task_details(ana)["share"] == "analysis"
+
+
+def test_update_without_site_name_after_restart_does_not_wait_for_a_lock(tmp_path, monkeypatch):
+    """A read nested in updateJob's write transaction (the site's config, not yet cached after
+    a restart) must not wait for that transaction's own SQLite write lock."""
+    import time
+
+    monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    shutil.copy(EXAMPLE_SITES / f"{SITE}.yaml", sites)
+    server = start_server(tmp_path / "srv", site_dir=sites)
+    try:
+        user = PandaClient(server.url, server.token("user", "alice"))
+        task_id = user.submit_task({"name": "r", "transformation": "/bin/true", "n_jobs": 1,
+                                    "site": SITE})
+        token = server.token("pilot", "p", site=SITE)
+        job = pilot_call(server, token, "getJob", siteName=SITE)
+    finally:
+        stop_server(server)
+    server = start_server(tmp_path / "srv", db_url=server.db_url, site_dir=sites)
+    try:
+        t0 = time.monotonic()
+        reply = pilot_call(server, token, "updateJob", jobId=job["PandaID"], state="finished")
+        assert reply["StatusCode"] == 0
+        assert time.monotonic() - t0 < 10, "updateJob waited for a database lock"
+        assert PandaClient(server.url).task_details(task_id)["status"] == "done"
+    finally:
+        stop_server(server)
