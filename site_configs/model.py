@@ -70,6 +70,7 @@ class Limits:
     min_free_disk_mb: int = 500
     max_workdir_mb: int = 20000
     heartbeat_s: int = 1800
+    stdout_silent_s: int = 0      # payload silent on stdout this long -> killed (1502); 0: off
 
 
 @dataclass(kw_only=True)

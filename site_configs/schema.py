@@ -46,7 +46,7 @@ SCHEMA: dict[str, Any] = _obj({
     "direct_read": {"type": "boolean"},
     "transfer": _obj({"timeout_s": _int(1), "retries": _int(0)}, []),
     "limits": _obj({"looping_s": _int(1), "min_free_disk_mb": _int(0), "max_workdir_mb": _int(1),
-                    "heartbeat_s": _int(1)}, []),
+                    "heartbeat_s": _int(1), "stdout_silent_s": _int(0)}, []),
 }, ["name", "status", "resources", "scheduler", "pilots", "storage", "copytools"])
 
 _JSON_TYPES = {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",

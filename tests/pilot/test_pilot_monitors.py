@@ -83,6 +83,17 @@ def test_silent_stdout(fake, tmp_path):
     assert int(final["pilotErrorCode"]) == ErrorCode.PAYLOAD_STDOUT_SILENT, res.stderr
 
 
+def test_silent_stdout_limit_from_the_site_config(fake, tmp_path):
+    from site_configs import EXAMPLES_DIR, load_site_config, validate_dict
+
+    demo = load_site_config(EXAMPLES_DIR / "LOCAL_DEMO.yaml").to_dict()
+    demo["limits"]["stdout_silent_s"] = 1    # the key is part of the site-config schema
+    assert validate_dict(demo)["limits"]["stdout_silent_s"] == 1
+    fake.site_config["limits"]["stdout_silent_s"] = 1
+    final, _, res = run_and_final(fake, tmp_path, make_job(618, "echo hi; sleep 60"))
+    assert int(final["pilotErrorCode"]) == ErrorCode.PAYLOAD_STDOUT_SILENT, res.stderr
+
+
 def test_kill_command_kills_whole_tree_and_nothing_else(fake, tmp_path):
     bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
     pidfile = tmp_path / "grandchild.pid"
