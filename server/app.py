@@ -19,7 +19,7 @@ from tornado.ioloop import IOLoop
 from .api import REGISTRY, ApiError, Context, Forbidden
 from .auth import AuthError, Identity, KeyStore, dn_from_subject, identity_from_dn
 from .brokerage import Brokerage
-from .dispatcher import SC_DENIED, SC_FAILED, Dispatcher, ProtocolError
+from .dispatcher import SC_FAILED, Dispatcher, ProtocolError
 from .hookspecs import plugin_manager
 from .metrics import REQUESTS
 from .queuedata import queuedata

@@ -11,7 +11,7 @@ import logging
 import re
 from typing import Any
 
-from panda_wms.states import PILOT_REPORTED_STATES, JobState
+from panda_wms.states import PILOT_REPORTED_STATES
 
 from .auth import Identity, KeyStore
 from .brokerage import output_endpoint
