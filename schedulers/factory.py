@@ -139,6 +139,7 @@ class Factory:
         self.pilots: dict[tuple[str, str], PilotRecord] = {}     # (site, batch id) -> record
         self.health: dict[str, SiteHealth] = {name: SiteHealth() for name in self.sites}
         self._backends: dict[str, SchedulerBackend] = dict(backends or {})
+        self._push_drivers: dict[str, Any] = {}
         self._load_state()
 
     # ------------------------------------------------------------------ persistence
@@ -262,9 +263,13 @@ class Factory:
             cycle = report.sites[site.name] = SiteCycle(site.name)
             try:
                 self._refresh(site, cycle)
-                if site.online:
+                if site.online and self.is_push(site):
+                    self._push(site, cycle)
+                elif site.online:
                     self._supply(site, cycle)
                 else:
+                    if self.is_push(site):      # jobs already on the CE are still followed
+                        self.push_driver(site).poll()
                     cycle.skipped = f"site status is {site.status}"
                     # pilots still waiting in the batch system would only find no job: free
                     # the slots; running pilots finish the job they have
@@ -413,6 +418,56 @@ class Factory:
                      "%d running)", site.name, cycle.submitted, cycle.activated,
                      cycle.queued, cycle.running)
 
+    # ------------------------------------------------------------------ ARC push mode
+    @staticmethod
+    def is_push(site: SiteConfig) -> bool:
+        """ARC push mode: no pilot; the factory takes jobs and ARC stages their data."""
+        return site.scheduler.backend == "arc" and bool(site.scheduler.options.get("push"))
+
+    def push_driver(self, site: SiteConfig):
+        """The site's push driver; its jobs in flight live in ``<state dir>/push/<site>``."""
+        driver = self._push_drivers.get(site.name)
+        if driver is None:
+            from .arc_push import ArcPushDriver
+
+            options = {k: v for k, v in site.scheduler.options.items() if k != "push"}
+            config = {**site.to_dict(), "scheduler": {"backend": "arc", "options": options}}
+            driver = ArcPushDriver.from_site(config, self.server_url, self.pilot_token or "",
+                                             self.state_dir / "push" / site.name)
+            self._push_drivers[site.name] = driver
+        return driver
+
+    def _push(self, site: SiteConfig, cycle: SiteCycle) -> None:
+        """Follow the site's jobs on the CE, then take more jobs within the site's limits:
+        at most ``max_running`` on the CE, ``max_queued`` new ones per cycle, the rate."""
+        driver = self.push_driver(site)
+        driver.poll()
+        in_flight = sum(t.final is None for t in driver.tracked())
+        cycle.running = in_flight
+        health = self.health[site.name]
+        now = self.clock()
+        try:
+            cycle.activated = self.activated_count(site.name)
+        except RuntimeError as exc:
+            cycle.errors.append(str(exc))
+            cycle.skipped = "no activated count from the server"
+            return
+        limits = site.pilots
+        while health.submit_times and now - health.submit_times[0] >= 60:
+            health.submit_times.popleft()
+        wanted = min(cycle.activated, limits.max_queued, limits.max_running - in_flight,
+                     limits.rate_per_minute - len(health.submit_times))
+        if wanted <= 0:
+            cycle.skipped = ("no activated jobs" if cycle.activated == 0 else
+                             "site limits reached (max_queued/max_running/rate)")
+            return
+        taken = driver.fetch_and_submit(wanted)
+        health.submit_times.extend([now] * len(taken))
+        cycle.submitted = len(taken)
+        if taken:
+            log.info("site %s: %d job(s) pushed to the ARC CE: %s", site.name, len(taken),
+                     ", ".join(map(str, taken)))
+
     def _prune(self) -> None:
         """Forget final pilots the server has seen once they are older than ``keep_final_s``,
         and remove their work dirs (the pilot's log stays there until then)."""
@@ -437,6 +492,7 @@ class Factory:
                 new[name] = replace(old, status="offline")
             elif new[name].scheduler != old.scheduler:
                 self._backends.pop(name, None)
+                self._push_drivers.pop(name, None)
         for name in new:
             self.health.setdefault(name, SiteHealth())
         self.sites = new

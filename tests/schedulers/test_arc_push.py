@@ -376,3 +376,53 @@ def test_outputs_checked_on_the_storage_element(tmp_path):
         assert err.value.code == ErrorCode.NO_SUCH_FILE
     with pytest.raises(SEUnavailable, match="unreachable"):
         driver._se_file(url)          # the SE is gone now: ask again on a later poll
+
+
+@pytest.mark.arc
+@pytest.mark.slow
+def test_factory_drives_push_mode(arc_ce, tmp_path):
+    """`panda factory`'s Factory takes the jobs of a push-mode site itself (no pilot), ARC stages
+    the output, and the job finishes on the server; the factory's limits bound what it takes."""
+    from schedulers.factory import Factory
+    from site_configs import load_site_config
+
+    se = start_se(tmp_path / "se")
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    config = site_yaml(se.url, {**arc_ce.options, "fast_states": True})
+    config["pilots"].update(max_queued=2, max_running=2)
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(config))
+    server = start_server(tmp_path / "srv", site_dir=sites)
+    arc_ids = []
+    try:
+        user = PandaClient(server.url, server.token("user", "alice"))
+        task_id = user.submit_task({
+            "name": "factorypush", "scope": SCOPE, "transformation": "/bin/sh", "site": SITE,
+            "job_parameters": "-c 'echo pushed by the factory > ${OUT}'", "n_jobs": 3,
+            "output_dataset": "fpush.outputs", "outputs": ["${TASK}.${SN}.out"],
+            "max_attempts": 1, "resources": {"memory_mb": 500, "walltime_s": 600}})
+        factory = Factory(server.url, [load_site_config(sites / f"{SITE}.yaml")],
+                          token=server.token("pilot", "factory"),
+                          pilot_token=server.token("pilot", "factory", site=SITE),
+                          state_dir=tmp_path / "factory", factory_id="push-factory")
+        first = factory.run_once().sites[SITE]
+        assert first.submitted == 2 and first.activated == 3       # max_running caps it
+        arc_ids += [t.arc_id for t in factory.push_driver(factory.sites[SITE]).tracked()]
+        deadline = time.monotonic() + CE_PATIENCE_S
+        while time.monotonic() < deadline:
+            cycle = factory.run_once().sites[SITE]
+            arc_ids += [t.arc_id for t in factory.push_driver(factory.sites[SITE]).tracked()]
+            if user.task_details(task_id)["status"] in ("done", "finished", "failed"):
+                break
+            assert cycle.running <= 2
+            time.sleep(2)
+        details = user.task_details(task_id)
+        assert details["status"] == "done", details
+        outs = sorted((se.root / SCOPE).rglob("factorypush.*.out"))
+        assert len(outs) == 3
+        assert all(p.read_text() == "pushed by the factory\n" for p in outs)
+    finally:
+        stop_server(server)
+        se.stop()
+        if arc_ids:
+            ArcBackend(**arc_ce.options).cancel(sorted(set(arc_ids)))
