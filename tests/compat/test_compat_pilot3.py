@@ -49,8 +49,14 @@ def pilot3_command(venv: Path, user: str, launch: Path, url: str) -> list[str]:
 
 def run_pilot3(venv: Path, user: str, launch: Path, url: str, timeout: int = 240
                ) -> subprocess.CompletedProcess:
-    return subprocess.run(pilot3_command(venv, user, launch, url), cwd=launch,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run pilot 3 to its end; past ``timeout`` it and its children are ended by process id."""
+    proc = subprocess.Popen(pilot3_command(venv, user, launch, url), cwd=launch, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_tree(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
 def prepare_launch(server, launch: Path, user: str, payload: bytes,
@@ -91,6 +97,8 @@ def submit_payload_task(server, name: str, payload: bytes) -> tuple[PandaClient,
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """End what this test started, by process id: runuser, the pilot and its payloads."""
+    if proc.poll() is not None:      # ended and reaped: its pid may already name another process
+        return
     try:
         family = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
