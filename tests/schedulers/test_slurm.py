@@ -174,7 +174,7 @@ def test_factory_drives_real_pilots_through_slurm_to_finished_jobs(slurm, tmp_pa
     import requests
     import yaml
 
-    from conftest import start_server, stop_server
+    from testkit import start_server, stop_server
     from panda_wms.client import PandaClient
     from schedulers.factory import Factory
     from site_configs import parse_site_config
