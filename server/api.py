@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -345,11 +346,23 @@ def data_add_files(ctx: Context, params: dict) -> int:
             if not isinstance(f, dict):
                 raise ApiError("each file must be an object with lfn, fsize, checksum")
             check_name(str(f.get("lfn")), "lfn")
-            if f.get("checksum") and not str(f["checksum"]).startswith(("ad:", "md5:")):
+            checksum = f.get("checksum")
+            if checksum and not re.fullmatch(r"ad:[0-9a-fA-F]{8}|md5:[0-9a-fA-F]{32}",
+                                             str(checksum)):
                 raise ApiError(f"file {f['lfn']}: checksum must be 'ad:<8 hex>' or 'md5:<hex>'")
+            if f.get("fsize") is not None:
+                try:
+                    if _as_int(f["fsize"]) < 0:
+                        raise ValueError
+                except (TypeError, ValueError, OverflowError):
+                    raise ApiError(f"file {f['lfn']}: fsize must be a size in bytes") from None
+            for key in ("guid", "surl"):
+                if f.get(key) is not None and (not isinstance(f[key], str)
+                                               or len(f[key]) > (64 if key == "guid" else 4000)):
+                    raise ApiError(f"file {f['lfn']}: {key} must be a string")
     except BadFileName as exc:
         raise ApiError(str(exc)) from None
-    endpoint = params.get("ddm_endpoint")
+    endpoint = _str_param(params, "ddm_endpoint")
     return ctx.tb.add_dataset_files(dataset, scope, files, endpoint)
 
 

@@ -129,6 +129,14 @@ def test_malformed_requests_get_clear_reasons_and_change_nothing(site_server):
     assert resp.json()["success"] is False and "unknown field(s): bad" in resp.json()["message"]
     resp = requests.get(f"{api}/nosuch/method", timeout=5)
     assert resp.status_code == 403
+    # files registered with sizes and checksums that are not
+    for bad, reason in (({"fsize": "big"}, "fsize must be"), ({"fsize": -1}, "fsize must be"),
+                        ({"checksum": "ad:zz"}, "checksum must be"),
+                        ({"guid": ["x"]}, "guid must be")):
+        resp = requests.post(f"{api}/data/add_files", headers=auth, timeout=5, json={
+            "dataset": "d.in", "scope": "d", "files": [{"lfn": "f1", **bad}]})
+        assert resp.json()["success"] is False and reason in resp.json()["message"], bad
+    assert user.call("data", "list_files", dataset="d.in") == []
     # output names that would leave a directory, from a task or from a client JobSpec
     for outputs in (["../evil"], ["a/b.${SN}"], [".hidden"]):
         resp = requests.post(f"{api}/task/submit", headers=auth, timeout=5, json={
