@@ -22,6 +22,7 @@ from panda_wms.storage import BadFileName, check_name
 
 from .app import BaseHandler
 from .api import WRITERS, ApiError, Context, _get_task, _int_param, _str_param, api
+from .api import _as_int as api_int
 from .auth import AuthError
 from .jobcreator import TaskSpec, TaskSpecError
 from .queuedata import storagedata
@@ -131,16 +132,15 @@ def _null(value: Any) -> Any:
     return None if value in (None, "NULL", "None", "") else value
 
 
-def _as_int(value: Any, name: str) -> int | None:
+def _spec_int(value: Any, name: str) -> int | None:
+    """A JobSpec number ("NULL" for unset); 64-bit, whole."""
     value = _null(value)
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ApiError(f"{name} must be an integer")
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ApiError(f"{name} must be an integer, got {value!r}") from None
+        return api_int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(f"{name} must be an integer (64-bit), got {str(value)[:40]!r}") from None
 
 
 def _load_json_jobs(raw: Any) -> list:
@@ -203,12 +203,12 @@ def job_to_task(job: dict, files: list[dict], index: int) -> dict:
                       ("share", "gshare")):
         if isinstance(_null(job.get(attr)), str):
             task[key] = job[attr]
-    priority = _as_int(job.get("assignedPriority"), f"{where}: assignedPriority")
+    priority = _spec_int(job.get("assignedPriority"), f"{where}: assignedPriority")
     if priority is None:
-        priority = _as_int(job.get("currentPriority"), f"{where}: currentPriority")
+        priority = _spec_int(job.get("currentPriority"), f"{where}: currentPriority")
     if priority is not None:
         task["priority"] = priority
-    attempts = _as_int(job.get("maxAttempt"), f"{where}: maxAttempt")
+    attempts = _spec_int(job.get("maxAttempt"), f"{where}: maxAttempt")
     if attempts and attempts > 0:
         task["max_attempts"] = min(attempts, 100)
     resources = {}
@@ -216,7 +216,7 @@ def job_to_task(job: dict, files: list[dict], index: int) -> dict:
                        ("walltime_s", ("maxWalltime", "maxCpuCount")),
                        ("disk_mb", ("maxDiskCount",))):
         for attr in attrs:
-            value = _as_int(job.get(attr), f"{where}: {attr}")
+            value = _spec_int(job.get(attr), f"{where}: {attr}")
             if value and value > 0:
                 resources[key] = value
                 break
@@ -245,13 +245,17 @@ def job_submit(ctx: Context, params: dict) -> list[list]:
     for i, state in enumerate(raw):
         job, files = job_state_to_dict(state, job_names, file_names, i)
         converted.append((job, job_to_task(job, files, i)))
+    known = {site["name"] for site in ctx.tb.list_sites()}
+    for i, (_, task) in enumerate(converted):      # refuse before the first job is created
+        if task.get("site") and task["site"] not in known:
+            raise ApiError(f"job {i}: unknown computingSite {task['site']!r}")
     results = []
     for job, task in converted:
         try:
             result = ctx.submitter.submit(task, owner=ctx.identity.subject)
         except (TaskSpecError, BadFileName) as exc:
             raise ApiError(f"job {task['name']}: {exc}") from None
-        def_id = _as_int(job.get("jobDefinitionID"), "jobDefinitionID")
+        def_id = _spec_int(job.get("jobDefinitionID"), "jobDefinitionID")
         results.append([result.job_ids[0], def_id if def_id is not None else 1,
                         {"jobsetID": result.task_id}])
     ctx.message = f"{len(results)} job(s) submitted"

@@ -151,6 +151,17 @@ def test_malformed_requests_get_clear_reasons_and_change_nothing(site_server):
     resp = requests.post(f"{api}/job/submit", headers=auth, timeout=5,
                          json={"jobs": json.dumps([job + [[out]]])})
     assert resp.json()["success"] is False and "refusing output file name" in resp.json()["message"]
+    # the second job's site is unknown, its priority too large: nothing of the call is created
+    good = list(job)
+    other = list(job)
+    other[JOB_ATTRIBUTES.index("computingSite")] = "NOWHERE"
+    huge = list(job)
+    huge[JOB_ATTRIBUTES.index("assignedPriority")] = 2**70
+    for second, reason in ((other, "unknown computingSite 'NOWHERE'"),
+                           (huge, "assignedPriority must be an integer")):
+        resp = requests.post(f"{api}/job/submit", headers=auth, timeout=5,
+                             json={"jobs": json.dumps([good + [[]], second + [[]]])})
+        assert resp.json()["success"] is False and reason in resp.json()["message"]
     assert [t["taskName"] for t in user.call("task", "list")] == ["h"]   # nothing else made
     assert "Traceback" not in site_server.log()
 
