@@ -21,7 +21,7 @@ class ErrorCode(IntEnum):
     OUT_OF_MEMORY = 1212          # payload out of memory (oom)
     STAGEOUT_FAILED = 1137
     KILLED_BY_SERVER = 1144
-    LOCAL_FILE_SIZE_MISMATCH = 1139  # size differs after transfer
+    LOCAL_FILE_SIZE_MISMATCH = 1506  # size differs after transfer (no PanDA code)
     MD5_MISMATCH_OUT = 1141
     MD5_MISMATCH_IN = 1145
     LOOPING_JOB = 1150
@@ -37,8 +37,8 @@ class ErrorCode(IntEnum):
     SIGXCPU = 1204
     SIGUSR1 = 1207
     SIGBUS = 1206
-    SIGINT = 1208
-    SIGKILL = 1210
+    SIGINT = 1507                  # no PanDA code
+    SIGKILL = 1508                 # no PanDA code
     BATCH_WALLTIME = 1213          # the batch system's wall time is about to run out
     PAYLOAD_WALLTIME = 1503       # job's own wall-time limit exceeded (no PanDA code)
     MEMORY_LIMIT = 1235
@@ -50,7 +50,7 @@ class ErrorCode(IntEnum):
     NO_HEARTBEAT_REACHED = 1317
     MISSING_INPUT = 1331
     PAYLOAD_FAILED = 1220         # non-zero exit code from the payload (PanDA: unknown payload failure)
-    DISK_SPACE_LOW = 1198         # free disk below the site's minimum during the job
+    DISK_SPACE_LOW = 1505         # free disk below the site's minimum during the job (no PanDA code)
     RECOVERED_LOST = 1504          # a later pilot recovered the job of a pilot that died (no PanDA code)
     KILL_SIGNAL = 1200             # payload killed by a signal the pilot did not send
     COMMUNICATION_FAILURE = 1318   # the server could not be reached

@@ -1,4 +1,4 @@
-"""Disk: free space of the work dir's file system below the site's minimum (1198), and the work
+"""Disk: free space of the work dir's file system below the site's minimum (1505), and the work
 dir itself over its size limit (1104)."""
 from __future__ import annotations
 
