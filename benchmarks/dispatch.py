@@ -77,6 +77,44 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 when it is gone)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(server: subprocess.Popen, url: str) -> dict[str, float]:
+    """CPU seconds used so far by the server's processes and by the database's backends of
+    the benchmark database: CPU per cycle moves less with other load on the machine than
+    wall-clock rates do."""
+    from sqlalchemy import create_engine, text
+    kids = [server.pid]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == server.pid:
+                    kids.append(int(pid))
+            except (OSError, IndexError, ValueError):
+                pass
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        backends = list(conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :n "
+                                          "AND pid <> pg_backend_pid()"), {"n": name}).scalars())
+    admin.dispose()
+    return {"server": sum(_cpu_s(p) for p in kids),
+            **{f"pg{p}": _cpu_s(p) for p in backends}}
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(server, database) CPU seconds between two snapshots."""
+    pg = sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith("pg"))
+    return after["server"] - before["server"], pg
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -383,8 +421,14 @@ def main() -> int:
             check=True, capture_output=True, text=True, env=env).stdout.strip()
 
         # cycles first (the server's pools and prepared statements warm up), then getJob alone
+        cpu0 = cpu_snapshot(server, url)
         res_cyc = run_phase("cycles", port, token, args.pilots, n_cycles)
+        srv_cpu, pg_cpu = cpu_delta(cpu0, cpu_snapshot(server, url))
         cyc_rps, p50, p99 = summarize("cycles", res_cyc, ["getJob", "updateJob"])
+        srv_ms = srv_cpu * 1000 / max(1, res_cyc["jobs"])
+        pg_ms = pg_cpu * 1000 / max(1, res_cyc["jobs"])
+        print(f"  CPU per cycle: server {srv_ms:.2f} ms, PostgreSQL backends {pg_ms:.2f} ms "
+              "(less sensitive to other load than the rates)")
         res_get = run_phase("getjob", port, token, args.pilots)
         getjob_rps, _, _ = summarize("getJob", res_get, ["getJob"])
         stop(server)
@@ -407,7 +451,9 @@ def main() -> int:
             "jobs_per_s": round(jobs_per_s, 1), "cycle_req_per_s": round(cyc_rps, 1),
             "getjob_req_per_s": round(getjob_rps, 1), "hello_req_per_s": round(hello_rps, 1),
             "getjob_ratio_vs_hello": round(getjob_rps / hello_rps, 3),
-            "p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "jobs": n_cycles,
+            "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
+            "server_cpu_ms_per_cycle": round(srv_ms, 3), "db_cpu_ms_per_cycle": round(pg_ms, 3),
+            "jobs": n_cycles,
             "pilots": args.pilots, "server_processes": args.processes,
             "synchronous_commit": "off" if args.async_commit else "on",
             "consistent": ok, "load_avg": round(os.getloadavg()[0], 2)}))

@@ -506,6 +506,27 @@ class TaskBuffer:
         to refuse the update and returns the output storage element (the dispatcher's
         authorization, without a read of its own).
         """
+        if self.dialect == "postgresql" and state not in _FINAL_STRS:
+            # a heartbeat or progress report is one guarded statement after the read: in
+            # autocommit it needs no BEGIN/COMMIT round trips (the read takes no lock in the
+            # transaction either, READ COMMITTED); the rare first "running" that also marks
+            # the task running keeps one transaction for both writes (below)
+            with self._autocommit.connect() as conn:
+                row = conn.execute(_SELECT_PILOT_ROW, {"pid": panda_id}).first()
+                if row is None:
+                    return "tobekilled"
+                if check is not None:
+                    check(dict(row._mapping))
+                if attempt_nr is not None and attempt_nr != row.attempt_nr:
+                    return "tobekilled"
+                if row.status not in _PILOT_OWNED_STRS:
+                    return "tobekilled" if row.status in _FINAL_STRS else "NULL"
+                if not (state == str(JobState.RUNNING) and state != row.status
+                        and row.task_status != str(TaskState.RUNNING)):
+                    now = self.clock()
+                    return self._pilot_progress(conn, panda_id, row, state,
+                                                {**fields, "heartbeat_time": now}, actor, now)
+            check = None      # checked above; the transaction below re-reads the row
         with self.engine.begin() as conn:
             row = conn.execute(_SELECT_PILOT_ROW, {"pid": panda_id}).first()
             if row is None:
@@ -514,8 +535,8 @@ class TaskBuffer:
                 output_endpoint = check(dict(row._mapping)) or output_endpoint
             if attempt_nr is not None and attempt_nr != row.attempt_nr:
                 return "tobekilled"
-            if row.status not in {str(s) for s in PILOT_OWNED_STATES}:
-                return "tobekilled" if row.status in {str(s) for s in FINAL_JOB_STATES} else "NULL"
+            if row.status not in _PILOT_OWNED_STRS:
+                return "tobekilled" if row.status in _FINAL_STRS else "NULL"
             now = self.clock()
             fields = {**fields, "heartbeat_time": now}
             if state in (str(JobState.FINISHED), str(JobState.FAILED)):
@@ -792,6 +813,8 @@ _UPDATE_STORED_FILE = update(db.files).where(db.files.c.row_id == bindparam("b_r
     status="ready", fsize=bindparam("b_fsize"), checksum=bindparam("b_checksum"),
     guid=bindparam("b_guid"), ddm_endpoint=bindparam("b_endpoint"))
 _LIVE_STATES = [str(s) for s in JobState if s not in FINAL_JOB_STATES]
+_FINAL_STRS = frozenset(str(s) for s in FINAL_JOB_STATES)
+_PILOT_OWNED_STRS = frozenset(str(s) for s in PILOT_OWNED_STATES)
 _TASK_QUICK = select(db.tasks.c.status, exists().where(
     db.jobs.c.task_id == bindparam("tid"),
     db.jobs.c.status.in_(bindparam("live", expanding=True))).label("pending")).where(
