@@ -527,21 +527,31 @@ class TaskBuffer:
                     return self._pilot_progress(conn, panda_id, row, state,
                                                 {**fields, "heartbeat_time": now}, actor, now)
             check = None      # checked above; the transaction below re-reads the row
+        final = state in (str(JobState.FINISHED), str(JobState.FAILED))
         with self.engine.begin() as conn:
-            row = conn.execute(_SELECT_PILOT_ROW, {"pid": panda_id}).first()
+            outs = None
+            if final:
+                # the job's row and its output and log files in one read (one row per file)
+                rows = conn.execute(_SELECT_PILOT_ROW_OUTPUTS, {"pid": panda_id}).all()
+                row = rows[0] if rows else None
+                outs = [r for r in rows if r.row_id is not None]
+            else:
+                row = conn.execute(_SELECT_PILOT_ROW, {"pid": panda_id}).first()
             if row is None:
                 return "tobekilled"
             if check is not None:
-                output_endpoint = check(dict(row._mapping)) or output_endpoint
+                output_endpoint = check(
+                    {k: v for k, v in row._mapping.items() if k in _PILOT_ROW_KEYS}
+                ) or output_endpoint
             if attempt_nr is not None and attempt_nr != row.attempt_nr:
                 return "tobekilled"
             if row.status not in _PILOT_OWNED_STRS:
                 return "tobekilled" if row.status in _FINAL_STRS else "NULL"
             now = self.clock()
             fields = {**fields, "heartbeat_time": now}
-            if state in (str(JobState.FINISHED), str(JobState.FAILED)):
+            if final:
                 self._finish(conn, panda_id, row.status, state, fields, actor, stored_files or {},
-                             output_endpoint)
+                             output_endpoint, outs)
                 ended_task = row.task_id
             else:
                 return self._pilot_progress(conn, panda_id, row, state, fields, actor, now)
@@ -589,7 +599,8 @@ class TaskBuffer:
             .values(status=str(TaskState.RUNNING), modified=self.clock()))
 
     def _finish(self, conn: Connection, panda_id: int, old: str, state: str, fields: dict,
-                actor: str | None, stored: dict[str, dict], endpoint: str | None) -> None:
+                actor: str | None, stored: dict[str, dict], endpoint: str | None,
+                outs: list | None = None) -> None:
         """Register the stored outputs, then end the job via ``holding`` (both steps recorded).
 
         A few statements whatever the number of files: the file rows are updated with one
@@ -597,7 +608,8 @@ class TaskBuffer:
         """
         now = self.clock()
         fields.setdefault("end_time", now)
-        outs = conn.execute(_SELECT_OUTPUTS, {"pid": panda_id}).all()
+        if outs is None:      # the caller may have read them with the job's row
+            outs = conn.execute(_SELECT_OUTPUTS, {"pid": panda_id}).all()
         missing, file_rows, replica_rows, dataset_rows = [], [], [], []
         for f in outs:
             info = stored.get(f.lfn)
@@ -824,6 +836,15 @@ _SELECT_PILOT_ROW = select(
     db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr, db.jobs.c.command,
     db.jobs.c.task_id, db.jobs.c.site, db.tasks.c.status.label("task_status")
 ).select_from(db.jobs.outerjoin(db.tasks, db.tasks.c.task_id == db.jobs.c.task_id)).where(
+    db.jobs.c.panda_id == bindparam("pid"))
+_PILOT_ROW_KEYS = frozenset(c.name for c in _SELECT_PILOT_ROW.selected_columns)
+# a final update's read: the same columns with the job's output and log files joined
+_SELECT_PILOT_ROW_OUTPUTS = select(
+    *_SELECT_PILOT_ROW.selected_columns, db.files.c.row_id, db.files.c.type, db.files.c.scope,
+    db.files.c.lfn, db.files.c.dataset, db.files.c.guid
+).select_from(db.jobs.outerjoin(db.tasks, db.tasks.c.task_id == db.jobs.c.task_id).outerjoin(
+    db.files, and_(db.files.c.panda_id == db.jobs.c.panda_id,
+                   db.files.c.type.in_(("output", "log"))))).where(
     db.jobs.c.panda_id == bindparam("pid"))
 _SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
                  .order_by(db.files.c.row_id))
