@@ -81,7 +81,8 @@ class TaskBuffer:
 
     def _apply_state(self, conn: Connection, target: int | None, old: str,
                      steps: list[tuple[str, str]], actor: str | None, fields: dict,
-                     returning: bool = False, pick: tuple | None = None):
+                     returning: bool = False, pick: tuple | None = None,
+                     with_files: bool = False):
         """The guarded UPDATE plus its history rows (checked transitions in ``steps``).
 
         ``target``: the PandaID; or None and ``pick`` = (cache key or None, scalar subquery
@@ -90,6 +91,8 @@ class TaskBuffer:
         wanted), then the INSERT. Statements are built once per shape and reused with bind
         parameters: building a Core statement costs more client CPU than running it.
         Returns None if no row matched; else the row (``returning``) or the PandaID.
+        ``with_files`` (PostgreSQL, with ``returning``): the row comes with its files
+        (``row["files"]``) from the same statement, one round trip less per dispatch.
         """
         now = self.clock()
         values = {"status": steps[-1][1] if steps else old, "modification_time": now, **fields}
@@ -99,10 +102,12 @@ class TaskBuffer:
         unknown = [c for c in cols if c not in db.jobs.c]
         if unknown:
             raise ValueError(f"not columns of jobs: {', '.join(unknown)}")
-        key = (cols, len(steps), returning, pick[0] if pick else "id")
+        with_files = with_files and returning and self.dialect == "postgresql"
+        key = (cols, len(steps), returning, pick[0] if pick else "id", with_files)
         stmt = self._stmt_cache.get(key) if key[3] is not None else None
         if stmt is None:
-            stmt = self._state_stmt(cols, len(steps), returning, pick[1]() if pick else None)
+            stmt = self._state_stmt(cols, len(steps), returning, pick[1]() if pick else None,
+                                    with_files)
             if key[3] is not None and len(self._stmt_cache) < 1000:
                 self._stmt_cache[key] = stmt
         params = {f"v_{k}": v for k, v in values.items()}
@@ -115,6 +120,14 @@ class TaskBuffer:
             params.update(now=now, actor=actor)
             for i, (o, n) in enumerate(steps):
                 params[f"o{i}"], params[f"n{i}"] = o, n
+            if with_files:
+                rows = conn.execute(stmt, params).all()
+                if not rows:
+                    return None
+                job = {k: v for k, v in rows[0]._mapping.items() if not k.startswith("f_")}
+                job["files"] = [{c: r._mapping[f"f_{c}"] for c in _FILE_COLS}
+                                for r in rows if r.f_row_id is not None]
+                return job
             row = conn.execute(stmt, params).first()
             if row is None:
                 return None
@@ -137,7 +150,8 @@ class TaskBuffer:
                  "actor": actor} for o, n in steps])
         return result
 
-    def _state_stmt(self, cols: tuple[str, ...], n_steps: int, returning: bool, pick_subq):
+    def _state_stmt(self, cols: tuple[str, ...], n_steps: int, returning: bool, pick_subq,
+                    with_files: bool = False):
         j = db.jobs.c
         target = pick_subq if pick_subq is not None else bindparam("target", type_=BigInteger)
         stmt = update(db.jobs).where(
@@ -146,6 +160,13 @@ class TaskBuffer:
         if self.dialect == "postgresql":
             upd = stmt.returning(*(db.jobs.c if returning else [j.panda_id])).cte("upd")
             query = select(upd)
+            if with_files:
+                # the statement's snapshot is taken before the update: files are unchanged by
+                # it and seen as they were
+                query = (select(upd, *(db.files.c[c].label(f"f_{c}") for c in _FILE_COLS))
+                         .select_from(upd.outerjoin(db.files,
+                                                    db.files.c.panda_id == upd.c.panda_id))
+                         .order_by(db.files.c.row_id))
             if n_steps:
                 rows = [select(upd.c.panda_id, bindparam(f"o{i}", type_=String),
                                bindparam(f"n{i}", type_=String),
@@ -444,14 +465,10 @@ class TaskBuffer:
                 # one statement is its own transaction: no BEGIN/COMMIT round trips; the
                 # files of a job do not change while it is dispatched
                 with self._autocommit.connect() as conn:
-                    job = self._apply_state(conn, None, str(JobState.ACTIVATED), steps, actor,
-                                            fields, returning=True,
-                                            pick=(cache_key, pick_subquery, params))
-                    if job is None:
-                        return None
-                    job["files"] = [dict(f._mapping) for f in
-                                    conn.execute(_SELECT_FILES, {"pid": job["panda_id"]})]
-                    return job
+                    return self._apply_state(conn, None, str(JobState.ACTIVATED), steps, actor,
+                                             fields, returning=True,
+                                             pick=(cache_key, pick_subquery, params),
+                                             with_files=True)
             with self.engine.begin() as conn:
                 if self.dialect == "sqlite":
                     job = self._apply_state(conn, None, str(JobState.ACTIVATED), steps, actor,
@@ -846,6 +863,7 @@ _SELECT_PILOT_ROW_OUTPUTS = select(
     db.files, and_(db.files.c.panda_id == db.jobs.c.panda_id,
                    db.files.c.type.in_(("output", "log"))))).where(
     db.jobs.c.panda_id == bindparam("pid"))
+_FILE_COLS = tuple(c.name for c in db.files.c)
 _SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
                  .order_by(db.files.c.row_id))
 
