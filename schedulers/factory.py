@@ -204,14 +204,12 @@ class Factory:
         return [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", self.server_url,
                 "--site", site.name, "--walltime", str(site.pilots.walltime_s), *self.pilot_args]
 
-    def _api_error(self, url: str, exc: Exception | str) -> str:
-        return f"{url}: {exc}"
-
-    def activated_count(self, site: str) -> int:
-        """Jobs waiting for pilots at ``site``; raises RuntimeError naming the URL on failure."""
-        url = f"{self.server_url}/api/v1/pilot/activated_count"
+    def _api(self, method: str, path: str, refusal: str, **kwargs) -> Any:
+        """Call ``/api/v1/<path>`` and return its ``data``; RuntimeError naming the URL on any
+        failure (unreachable, no JSON, success false: ``<url><refusal> (HTTP n): message``)."""
+        url = f"{self.server_url}/api/v1/{path}"
         try:
-            resp = self.session.get(url, params={"site": site}, timeout=self.http_timeout)
+            resp = self.session.request(method, url, timeout=self.http_timeout, **kwargs)
             reply = resp.json()
         except requests.RequestException as exc:
             raise RuntimeError(f"cannot reach the server at {url}: {exc}") from None
@@ -219,11 +217,17 @@ class Factory:
             raise RuntimeError(f"{url} answered HTTP {resp.status_code} without JSON") from None
         if not isinstance(reply, dict) or not reply.get("success"):
             msg = reply.get("message") if isinstance(reply, dict) else reply
-            raise RuntimeError(f"{url}?site={site} refused (HTTP {resp.status_code}): {msg}")
-        data = reply.get("data")
+            raise RuntimeError(f"{url}{refusal} (HTTP {resp.status_code}): {msg}")
+        return reply.get("data")
+
+    def activated_count(self, site: str) -> int:
+        """Jobs waiting for pilots at ``site``; raises RuntimeError naming the URL on failure."""
+        data = self._api("GET", "pilot/activated_count", f"?site={site} refused",
+                         params={"site": site})
         count = data.get("activated") if isinstance(data, dict) else None
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise RuntimeError(f"{url}?site={site} answered no activated count: {data!r}")
+            raise RuntimeError(f"{self.server_url}/api/v1/pilot/activated_count?site={site} "
+                               f"answered no activated count: {data!r}")
         return count
 
     def site_states(self) -> dict[str, dict[str, Any]]:
@@ -241,19 +245,9 @@ class Factory:
 
     def report(self, records: list[PilotRecord]) -> None:
         """POST the pilots to the server; raises RuntimeError naming the URL on failure."""
-        url = f"{self.server_url}/api/v1/pilot/report"
         body = {"factory": self.factory_id, "pilots": [r.to_report() for r in records],
                 "sites": self.site_states()}
-        try:
-            resp = self.session.post(url, json=body, timeout=self.http_timeout)
-            reply = resp.json()
-        except requests.RequestException as exc:
-            raise RuntimeError(f"cannot reach the server at {url}: {exc}") from None
-        except ValueError:
-            raise RuntimeError(f"{url} answered HTTP {resp.status_code} without JSON") from None
-        if not isinstance(reply, dict) or not reply.get("success"):
-            msg = reply.get("message") if isinstance(reply, dict) else reply
-            raise RuntimeError(f"{url} refused the report (HTTP {resp.status_code}): {msg}")
+        self._api("POST", "pilot/report", " refused the report", json=body)
 
     # ------------------------------------------------------------------ one cycle
     def run_once(self) -> CycleReport:
