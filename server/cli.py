@@ -6,9 +6,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+#: how long a stopping server waits for requests in flight before it exits anyway
+SHUTDOWN_GRACE_S = 10.0
 
 DEFAULT_HOME = Path(os.environ.get("PANDA_HOME", Path.home() / ".panda"))
 DEFAULT_DB = f"sqlite:///{DEFAULT_HOME / 'panda.db'}"
@@ -200,8 +204,18 @@ def main(argv: list[str]) -> int:
              engine.url.render_as_string(hide_password=True))
     loop = IOLoop.current()
 
+    stopping: list[int] = []
+
     def _stop(signum, _frame):
+        if stopping:                       # asked again: stop waiting for anything
+            os._exit(1)
+        stopping.append(signum)
         log.info("signal %d: stopping", signum)
+        # a clean stop waits for requests in flight; it must not wait forever (a client that
+        # never closes, a database call that never returns)
+        timer = threading.Timer(SHUTDOWN_GRACE_S, lambda: os._exit(0))
+        timer.daemon = True
+        timer.start()
         loop.add_callback_from_signal(_shutdown)
 
     async def _shutdown():

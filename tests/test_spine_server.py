@@ -284,3 +284,66 @@ def test_update_without_site_name_after_restart_does_not_wait_for_a_lock(tmp_pat
         assert PandaClient(server.url).task_details(task_id)["status"] == "done"
     finally:
         stop_server(server)
+
+
+def test_server_stops_within_its_grace_time_despite_a_stuck_client(tmp_path):
+    """SIGTERM waits for requests in flight, but not forever: a client that sent half a
+    request must not keep the server (or its --processes workers) alive."""
+    import signal
+    import socket
+    import time
+
+    import psutil
+
+    server = start_server(tmp_path / "srv", extra=["--processes", "2"])
+    workers = psutil.Process(server.proc.pid).children()
+    assert len(workers) == 2
+    port = int(server.url.rsplit(":", 1)[1])
+    stuck = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    for s in stuck:   # a body that never comes
+        s.sendall(b"POST /server/panda/getJob HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 1000\r\n\r\nsiteName=")
+    try:
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert alive == [], "workers outlived the parent"
+        assert time.monotonic() - t0 < 25
+    finally:
+        for s in stuck:
+            s.close()
+        stop_server(server)
+
+
+def test_server_stop_does_not_wait_for_a_stuck_database_call(tmp_path):
+    """A request stuck in the database (here: SQLite locked by another program for longer than
+    the server's grace time) must not keep a stopping server alive."""
+    import signal
+    import sqlite3
+    import threading
+    import time
+
+    server = start_server(tmp_path / "srv")
+    token = server.token("admin", "root")
+    locker = sqlite3.connect(server.db_url[len("sqlite:///"):], timeout=1)
+    locker.execute("BEGIN IMMEDIATE")          # another program holds the write lock
+    try:
+        def submit():
+            try:
+                requests.post(f"{server.url}/api/v1/task/submit", timeout=60, json={
+                    "task_parameters": {"name": "x", "transformation": "/bin/true",
+                                        "n_jobs": 1}},
+                    headers={"Authorization": f"Bearer {token}"})
+            except requests.RequestException:
+                pass                           # the server went away under it: expected
+        threading.Thread(target=submit, daemon=True).start()
+        time.sleep(1.0)                        # the submission now waits for the lock
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(25)                   # the lock wait alone would take 30 s
+        assert time.monotonic() - t0 < 20
+    finally:
+        locker.rollback()
+        locker.close()
+        stop_server(server)
