@@ -40,6 +40,17 @@ def _wait_tcp(port: int, timeout: float, proc: subprocess.Popen | None, log: Pat
     raise TimeoutError(f"nothing listened on {LOOPBACK}:{port} within {timeout} s")
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL: how every test peer is stopped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class RunningSE:
     """A ``panda se`` subprocess; ``url`` is its root URL."""
@@ -51,13 +62,7 @@ class RunningSE:
     token: str | None = None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -255,13 +260,7 @@ class RunningXrootd:
     admin: Path = field(repr=False, default=None)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(3)  # xrootd may linger on SIGTERM while clients stay connected
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 3)  # xrootd may linger on SIGTERM while clients stay connected
         for folder in (self.workdir, self.admin):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)

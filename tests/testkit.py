@@ -15,6 +15,8 @@ from pathlib import Path
 
 import requests
 
+from copytools.testing import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SITES = REPO / "site_configs"
 
@@ -86,12 +88,16 @@ def start_server(tmp: Path, db_url: str | None = None, site_dir: Path | None = N
 
 
 def stop_server(server: RunningServer) -> None:
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+    stop_process(server.proc)
 
 
+def wait_for(fn, what: str, timeout: float = 30.0):
+    """Poll ``fn`` every 0.1 s until it returns something true; return that, or fail naming
+    ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

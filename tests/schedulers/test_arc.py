@@ -6,7 +6,6 @@ cancelled. The CE itself is session-wide (tests/schedulers/arc_ce.py).
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -16,22 +15,11 @@ from copytools.testing import HungServer, free_port
 from schedulers.arc import ArcBackend, normalize_ce, pilot_xrsl
 from schedulers.base import FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerError, load_backend
 
-from arc_ce import ArcUnavailable, session_ce
 
 pytestmark = [pytest.mark.arc, pytest.mark.slow]
 
 TRICKY = 'a "quoted" word, (parens) $HOME and \\backslash'
 CE_PATIENCE_S = 240       # REST states lag the job manager by up to ~90 s on this machine
-
-
-@pytest.fixture(scope="module")
-def arc_ce(request):
-    if os.geteuid() != 0:
-        pytest.skip("a real A-REX needs root to install and start")
-    try:
-        return session_ce(request.config)
-    except ArcUnavailable as exc:
-        pytest.fail(f"A-REX could not start: {exc}")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import time
 import zlib
@@ -30,7 +29,6 @@ from schedulers.arc_push import ArcPushDriver, BadJob, PilotProtocolClient, pars
 from schedulers.base import FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerError
 from testkit import free_port, start_server, stop_server
 
-from arc_ce import ArcUnavailable, session_ce
 
 SITE = "ARC_PUSH_TEST"
 PILOT_SITE = "ARC_PILOT_TEST"
@@ -40,16 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 WN_PYTHON = "/usr/bin/python3"
 SCOPE = "push"
 CE_PATIENCE_S = 300
-
-
-@pytest.fixture(scope="module")
-def arc_ce(request):
-    if os.geteuid() != 0:
-        pytest.skip("a real A-REX needs root to install and start")
-    try:
-        return session_ce(request.config)
-    except ArcUnavailable as exc:
-        pytest.fail(f"A-REX could not start: {exc}")
 
 
 def site_yaml(se_url: str, ce_options: dict) -> dict:

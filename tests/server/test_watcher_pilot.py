@@ -8,25 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 
 from dbkit import start_server, stop_server
 from logic_kit import site
 from panda_wms.client import PandaClient
+from testkit import wait_for
 
 SITE = "W_SITE"
-
-
-def wait_for(fn, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_killed_pilot_job_is_failed_by_the_watcher_and_its_retry_runs(tmp_path):

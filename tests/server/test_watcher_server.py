@@ -14,6 +14,7 @@ import requests
 from dbkit import start_server, stop_server
 from logic_kit import put_file, site
 from panda_wms.client import ClientError, PandaClient
+from testkit import wait_for
 
 
 @pytest.fixture
@@ -31,16 +32,6 @@ def server(tmp_path):
     stop_server(srv)
 
 
-def wait_for(fn, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_data_service_and_watcher_run_inside_the_server(server):
     admin = PandaClient(server.url, server.token("admin", "root"))
     files = [put_file(server.ses["SE_B"], "s", f"in{i}", b"x" * (100 + i)) for i in range(2)]
@@ -49,7 +40,8 @@ def test_data_service_and_watcher_run_inside_the_server(server):
                                  "input_dataset": "ds.in", "site": "SITE_A", "max_attempts": 2,
                                  "resources": {"memory_mb": 100, "walltime_s": 60}})
     assert "assigned=2" in admin.last_message
-    wait_for(lambda: admin.task_details(task_id)["jobs"] == {"activated": 2}, "activation")
+    wait_for(lambda: admin.task_details(task_id)["jobs"] == {"activated": 2}, "activation",
+             timeout=20)
     assert (server.ses["SE_A"] / "s").is_dir()
 
     pilot = server.token("pilot", "p1", site="SITE_A")
@@ -59,7 +51,7 @@ def test_data_service_and_watcher_run_inside_the_server(server):
     pid = job["PandaID"]
     # the pilot never reports: after --sent-timeout the watcher fails it with 102 and retries
     failed = wait_for(lambda: (d := admin.call("job", "get_description", job_ids=pid)[0])
-                      and d["jobStatus"] == "failed" and d, "the watcher")
+                      and d["jobStatus"] == "failed" and d, "the watcher", timeout=20)
     assert failed["dispatcher_error_code"] == 102
     assert "never reported" in failed["dispatcher_error_diag"]
     jobs = admin.jobs(task_id)
