@@ -159,12 +159,16 @@ class PilotHandler(BaseHandler):
                 return self.reply({"StatusCode": 60,
                                    "errorDialog": f"role {identity.role} may not {method}"})
         REQUESTS.labels("pilot", method).inc()
-        func = getattr(self.state.dispatcher, target)
+        dispatcher = self.state.dispatcher
         try:
-            if method == "getStatus":
-                result = await self.run(func, params)
+            if method == "getJob":
+                result = await dispatcher.get_job_async(params, identity, self.run)
+            elif method == "updateJob":
+                result = await dispatcher.update_job_async(params, identity, self.run)
+            elif method == "getStatus":
+                result = await self.run(dispatcher.get_status, params)
             else:
-                result = await self.run(func, params, identity)
+                result = await self.run(getattr(dispatcher, target), params, identity)
         except ProtocolError as exc:
             result = {"StatusCode": exc.status_code, "errorDialog": str(exc)}
         except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
@@ -262,7 +266,10 @@ class PublicKeyHandler(BaseHandler):
 
 
 def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
-                clock=utcnow, site_loader=None, admin_dns=(), pilot_dns=()) -> ServerState:
+                clock=utcnow, site_loader=None, admin_dns=(), pilot_dns=(),
+                hot_path: bool = True) -> ServerState:
+    """``hot_path``: on PostgreSQL, take getJob and common updateJobs on the event loop
+    (``server.pghot``); ``threads`` is then also its number of connections per process."""
     from .db import make_engine
 
     engine = make_engine(db_url, pool_size=threads)
@@ -270,7 +277,11 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     keys = KeyStore(key_dir)
     pm = plugin_manager()
     from .shares import ShareChooser
-    return ServerState(tb=tb, keys=keys, dispatcher=Dispatcher(tb, keys, ShareChooser(tb)),
+    hot = None
+    if hot_path and tb.dialect == "postgresql":
+        from .pghot import HotPath
+        hot = HotPath(tb, size=threads)
+    return ServerState(tb=tb, keys=keys, dispatcher=Dispatcher(tb, keys, ShareChooser(tb), hot),
                        submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
                        executor=ThreadPoolExecutor(threads, thread_name_prefix="db"),
                        require_auth=require_auth, site_loader=site_loader,

@@ -27,7 +27,12 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=25080)
     p.add_argument("--processes", type=int, default=1,
                    help="server processes sharing the port (0: one per core)")
-    p.add_argument("--threads", type=int, default=8, help="database threads per process")
+    p.add_argument("--threads", type=int, default=8,
+                   help="database threads per process; on PostgreSQL also the event loop's "
+                   "connections for the pilots' hot path")
+    p.add_argument("--no-hot-path", dest="hot_path", action="store_false",
+                   help="PostgreSQL: run getJob and updateJob through the thread pool like "
+                   "everything else (see docs/server.md, 'The hot path')")
     p.add_argument("--key-dir", default=str(DEFAULT_KEYS),
                    help="token secret and job-spec signing key (created if missing)")
     p.add_argument("--site-configs", metavar="DIR",
@@ -180,6 +185,7 @@ def main(argv: list[str]) -> int:
         tornado.process.fork_processes(args.processes or None)
     state = build_state(args.db, args.key_dir, require_auth=not args.no_auth,
                         threads=args.threads, site_loader=validate_site_dicts,
+                        hot_path=args.hot_path,
                         admin_dns=args.admin_dn, pilot_dns=args.pilot_dn)
     app = make_app(state)
     if (tornado.process.task_id() or 0) == 0:    # one process archives
@@ -222,6 +228,8 @@ def main(argv: list[str]) -> int:
         server.stop()
         await server.close_all_connections()
         state.executor.shutdown(wait=True)
+        if state.dispatcher.hot is not None:
+            await state.dispatcher.hot.close()
         state.tb.engine.dispose()
         loop.stop()
 

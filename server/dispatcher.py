@@ -9,9 +9,10 @@ import json
 import math
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from panda_wms.states import PILOT_REPORTED_STATES
+from panda_wms.states import FINAL_JOB_STATES, PILOT_REPORTED_STATES
 
 from .auth import Identity, KeyStore
 from .brokerage import output_endpoint
@@ -24,6 +25,8 @@ SC_OK, SC_TIMEOUT, SC_NO_JOBS, SC_FAILED = 0, 10, 20, 30
 SC_INVALID_TOKEN, SC_INVALID_ROLE, SC_DENIED, SC_KEY_MISSING = 50, 60, 70, 80
 
 _INT = re.compile(r"^-?\d+$")
+_REPORTED = frozenset(str(s) for s in PILOT_REPORTED_STATES)
+_FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
 
 
 class ProtocolError(Exception):
@@ -77,14 +80,38 @@ def _join(values: list[Any]) -> str:
     return ",".join("NULL" if v is None else str(v) for v in values)
 
 
+@dataclass
+class JobRequest:
+    """A getJob's checked fields."""
+    site: str
+    site_config: dict
+    n_jobs: int
+    many: bool                 # nJobs was asked: the reply lists the jobs
+    fit: dict                  # cores, memory_mb, walltime_s, pilot_version, prod_source_label
+    who: dict                  # node, actor, pilot_id, batch_id
+
+
+@dataclass
+class UpdateRequest:
+    """An updateJob's checked fields."""
+    panda_id: int
+    state: str
+    fields: dict
+    stored: dict
+    attempt_nr: int | None
+    site: str
+
+
 class Dispatcher:
-    def __init__(self, tb: TaskBuffer, keys: KeyStore, job_chooser=None):
+    def __init__(self, tb: TaskBuffer, keys: KeyStore, job_chooser=None, hot=None):
         self.tb = tb
         self.keys = keys
         self.job_chooser = job_chooser   # optional: orders candidate jobs (global shares)
+        self.hot = hot                   # optional: server.pghot.HotPath (PostgreSQL)
 
     # ------------------------------------------------------------------ getJob
-    def get_job(self, form: dict, identity: Identity | None) -> dict:
+    def _job_request(self, form: dict, identity: Identity | None) -> JobRequest | dict:
+        """A getJob's checked fields; or the reply itself when the site takes no jobs."""
         site = _require(form, "siteName")
         if identity is not None and not identity.may_act_for_site(site):
             raise ProtocolError(SC_DENIED, f"{identity.subject} may not take jobs of {site}")
@@ -98,20 +125,37 @@ class Dispatcher:
         remaining = _int(form, "remainingWalltime") or _int(form, "maxWalltime")
         mem = _int(form, "mem")
         cores = _int(form, "cores") or _int(form, "coreCount")
+        label = form.get("prodSourceLabel")
+        return JobRequest(
+            site=site, site_config=site_row["config"], n_jobs=n_jobs, many="nJobs" in form,
+            fit=dict(cores=cores, memory_mb=mem, walltime_s=remaining,
+                     pilot_version=form.get("pilotVersion"),
+                     prod_source_label=label if label in ("test", "ptest", "user") else None),
+            who=dict(node=form.get("node"), actor=identity.subject if identity else None,
+                     pilot_id=form.get("pilotID") or form.get("pilot_id"),
+                     batch_id=form.get("batchID") or form.get("worker_id")))
+
+    def _job_reply(self, req: JobRequest, jobs: list[dict]) -> dict:
+        if not jobs:
+            return {"StatusCode": SC_NO_JOBS, "errorDialog": "no jobs"}
+        specs = [self.job_spec(job, req.site_config) for job in jobs]
+        if req.many:
+            return {"StatusCode": SC_OK, "jobs": specs}
+        return {"StatusCode": SC_OK, **specs[0]}
+
+    def get_job(self, form: dict, identity: Identity | None) -> dict:
+        req = self._job_request(form, identity)
+        if isinstance(req, dict):
+            return req
+        site = req.site
         # share-aware: a chooser with plan() is asked share by share (index reads); a plain
         # job_chooser gives ORDER BY clauses
         chooser = self.job_chooser
         plan = chooser.plan(site) if hasattr(chooser, "plan") else None
         order = chooser(site) if chooser is not None and not hasattr(chooser, "plan") else None
-        kw = dict(node=form.get("node"), actor=identity.subject if identity else None,
-                  pilot_id=form.get("pilotID") or form.get("pilot_id"),
-                  batch_id=form.get("batchID") or form.get("worker_id"),
-                  cores=cores, memory_mb=mem, walltime_s=remaining,
-                  pilot_version=form.get("pilotVersion"),
-                  prod_source_label=form.get("prodSourceLabel") if form.get("prodSourceLabel")
-                  in ("test", "ptest", "user") else None)
+        kw = {**req.fit, **req.who}
         jobs = []
-        for _ in range(n_jobs):
+        for _ in range(req.n_jobs):
             job = None
             for where in plan or ():
                 job = self.tb.dispatch(site, where=where, **kw)
@@ -121,12 +165,49 @@ class Dispatcher:
                 job = self.tb.dispatch(site, order_by=order, **kw)
             if job is None:
                 break
-            jobs.append(self.job_spec(job, site_row["config"]))
-        if not jobs:
-            return {"StatusCode": SC_NO_JOBS, "errorDialog": "no jobs"}
-        if "nJobs" in form:
-            return {"StatusCode": SC_OK, "jobs": jobs}
-        return {"StatusCode": SC_OK, **jobs[0]}
+            jobs.append(job)
+        return self._job_reply(req, jobs)
+
+    async def get_job_async(self, form: dict, identity: Identity | None, run) -> dict:
+        """getJob on the server's event loop: through the PostgreSQL hot path when there is
+        one (``self.hot``), else ``get_job`` in the thread pool (``run(func, *args)``)."""
+        hot, chooser = self.hot, self.job_chooser
+        if hot is None or (chooser is not None and not hasattr(chooser, "share_plan")):
+            return await run(self.get_job, form, identity)
+        site = str(form.get("siteName") or "")
+        if not (self.tb.site_is_cached(site) and (chooser is None or chooser.is_fresh(site))):
+            await run(self._warm_caches, site)     # the caches' database reads, off the loop
+        req = self._job_request(form, identity)
+        if isinstance(req, dict):
+            return req
+        params = self.tb.dispatch_params(site, **req.fit)
+        steps = chooser.share_plan(site) if chooser is not None else None
+        jobs: list[dict] = []
+        try:
+            for _ in range(req.n_jobs):
+                job = None
+                for step in steps or ():
+                    job = await hot.dispatch(params, share=step, **req.who)
+                    if job is not None:
+                        break
+                if job is None:
+                    job = await hot.dispatch(params, share=None, **req.who)
+                if job is None:
+                    break
+                jobs.append(job)
+        except Exception:  # noqa: BLE001 - the general path answers; the log says why
+            log.warning("getJob: the hot path failed; using the general path", exc_info=True)
+            if not jobs:
+                return await run(self.get_job, form, identity)
+        return self._job_reply(req, jobs)
+
+    def _warm_caches(self, site: str) -> None:
+        try:
+            self.tb.get_site_cached(site)
+        except NotFound:
+            return
+        if self.job_chooser is not None and hasattr(self.job_chooser, "share_plan"):
+            self.job_chooser.share_plan(site)
 
     def job_spec(self, job: dict, site_config: dict) -> dict:
         """A job row in PanDA's getJob shape, signed."""
@@ -189,12 +270,12 @@ class Dispatcher:
         return spec
 
     # ------------------------------------------------------------------ updateJob
-    def update_job(self, form: dict, identity: Identity | None) -> dict:
+    def _update_request(self, form: dict) -> UpdateRequest:
         panda_id = _int(form, "jobId")
         if panda_id is None:
             raise ProtocolError(SC_KEY_MISSING, "jobId is missing")
         state = _require(form, "state")
-        if state not in {str(s) for s in PILOT_REPORTED_STATES}:
+        if state not in _REPORTED:
             raise ProtocolError(SC_FAILED, f"state {state!r} is not one a pilot may report")
         fields: dict[str, Any] = {}
         for key, column, conv in (
@@ -213,15 +294,17 @@ class Dispatcher:
                             ("jobMetrics", "job_metrics")):
             if form.get(key) not in (None, ""):
                 fields[column] = str(form[key])[:4000]
-        stored = {}
-        if form.get("xml"):
-            stored = parse_stored_files(form["xml"])
-        attempt_nr = _int(form, "attemptNr")
+        stored = parse_stored_files(form["xml"]) if form.get("xml") else {}
+        return UpdateRequest(panda_id=panda_id, state=state, fields=fields, stored=stored,
+                             attempt_nr=_int(form, "attemptNr"),
+                             site=str(form.get("siteName") or ""))
+
+    def update_job(self, form: dict, identity: Identity | None) -> dict:
+        req = self._update_request(form)
         # the site row is read before the update's transaction: a second connection reading it
         # inside that transaction waits for its lock on SQLite (30 s, then "database is locked")
-        said_site = str(form.get("siteName") or "")
         try:
-            said_row = self.tb.get_site_cached(said_site) if said_site else None
+            said_row = self.tb.get_site_cached(req.site) if req.site else None
         except NotFound:
             said_row = None
 
@@ -239,11 +322,44 @@ class Dispatcher:
 
         try:
             command = self.tb.pilot_update(
-                panda_id, state, fields, actor=identity.subject if identity else None,
-                attempt_nr=attempt_nr, stored_files=stored, check=check)
+                req.panda_id, req.state, req.fields,
+                actor=identity.subject if identity else None, attempt_nr=req.attempt_nr,
+                stored_files=req.stored, check=check)
         except Conflict as exc:
             raise ProtocolError(SC_FAILED, str(exc)) from None
         return {"StatusCode": SC_OK, "command": command}
+
+    async def update_job_async(self, form: dict, identity: Identity | None, run) -> dict:
+        """updateJob on the server's event loop. The hot path takes a heartbeat or progress
+        report, and a job that finished with its outputs, of a job at the site the pilot
+        names; anything else, or anything it cannot apply, goes to ``update_job`` in the
+        thread pool, which gives the canonical answer."""
+        hot = self.hot
+        site = str(form.get("siteName") or "")
+        if hot is None or not site or not self.tb.site_is_cached(site) or (
+                identity is not None and not identity.may_act_for_site(site)):
+            return await run(self.update_job, form, identity)
+        req = self._update_request(form)
+        actor = identity.subject if identity else None
+        try:
+            if req.state not in _FINAL:
+                command = await hot.progress(req.panda_id, req.state, req.fields, actor=actor,
+                                             attempt_nr=req.attempt_nr, site=site)
+                if command is not None:
+                    return {"StatusCode": SC_OK, "command": command}
+            elif req.state == "finished":
+                endpoint = output_endpoint(self.tb.get_site_cached(site)["config"])
+                task_id = await hot.finish(req.panda_id, req.fields, actor=actor,
+                                           attempt_nr=req.attempt_nr, site=site,
+                                           endpoint=endpoint, stored=req.stored)
+                if task_id is not None:
+                    if not await hot.task_settled(task_id):
+                        await run(self.tb.task_after_job_end, task_id)
+                    return {"StatusCode": SC_OK, "command": "NULL"}
+        except Exception:  # noqa: BLE001 - one statement: nothing was changed; the general
+            log.warning("updateJob %s: the hot path failed; using the general path",  # path
+                        req.panda_id, exc_info=True)                                  # answers
+        return await run(self.update_job, form, identity)
 
     # ------------------------------------------------------------------ event ranges
     def get_event_ranges(self, form: dict, identity: Identity | None) -> dict:

@@ -277,16 +277,31 @@ class ShareChooser:
         return rank_shares(tree if tree is not None else self.store.load(), running), \
             running, waiting
 
-    def plan(self, site: str) -> list[list] | None:
-        """Extra WHERE conditions to try in order, or None for the plain order."""
+    def is_fresh(self, site: str) -> bool:
+        """Would ``plan(site)`` answer from the cache, without reading the database?"""
+        with self._lock:
+            hit = self._cache.get(site)
+        return self.ttl_s > 0 and hit is not None and hit[0] > time.monotonic()
+
+    def share_plan(self, site: str) -> list[str | tuple[str, ...]] | None:
+        """The shares to ask in order, best first: a share's name, or, last, a tuple of the
+        tree's names meaning "any share not in the tree". None: the plain priority order."""
         names, known, waiting = self._ranked(site)
         if len([s for s, n in waiting.items() if n]) <= 1:
             return None
-        j = db.jobs.c
-        steps = [[j.share == name] for name in names if waiting.get(name)]
+        steps: list[str | tuple[str, ...]] = [name for name in names if waiting.get(name)]
         if any(n for s, n in waiting.items() if s not in known):
-            steps.append([j.share.not_in(sorted(known))])
+            steps.append(tuple(sorted(known)))
         return steps
+
+    def plan(self, site: str) -> list[list] | None:
+        """:meth:`share_plan` as extra WHERE conditions to try in order."""
+        steps = self.share_plan(site)
+        if steps is None:
+            return None
+        j = db.jobs.c
+        return [[j.share == step] if isinstance(step, str) else [j.share.not_in(step)]
+                for step in steps]
 
     def __call__(self, site: str) -> list | None:
         names, _, waiting = self._ranked(site)

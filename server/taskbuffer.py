@@ -121,13 +121,8 @@ class TaskBuffer:
             for i, (o, n) in enumerate(steps):
                 params[f"o{i}"], params[f"n{i}"] = o, n
             if with_files:
-                rows = conn.execute(stmt, params).all()
-                if not rows:
-                    return None
-                job = {k: v for k, v in rows[0]._mapping.items() if not k.startswith("f_")}
-                job["files"] = [{c: r._mapping[f"f_{c}"] for c in _FILE_COLS}
-                                for r in rows if r.f_row_id is not None]
-                return job
+                result = conn.execute(stmt, params)
+                return job_with_files(list(result.keys()), result.all())
             row = conn.execute(stmt, params).first()
             if row is None:
                 return None
@@ -215,6 +210,11 @@ class TaskBuffer:
         row = self.get_site(name)
         self._site_cache[name] = (now + max_age_s, row)
         return row
+
+    def site_is_cached(self, name: str) -> bool:
+        """Would ``get_site_cached(name)`` answer without reading the database?"""
+        hit = self._site_cache.get(name)
+        return hit is not None and hit[0] > time.monotonic()
 
     def list_sites(self) -> list[dict]:
         with db.read(self.engine) as conn:
@@ -408,6 +408,54 @@ class TaskBuffer:
         return out
 
     # ------------------------------------------------------------------ dispatch
+    @staticmethod
+    def dispatch_params(site: str, *, cores: int | None = None, memory_mb: int | None = None,
+                        walltime_s: int | None = None, pilot_version: str | None = None,
+                        prod_source_label: str | None = None) -> dict:
+        """The bind parameters of a dispatch pick; absent limits are left out (their shape
+        names the statement)."""
+        wanted = {"p_site": site, "p_cores": cores or None, "p_memory_mb": memory_mb or None,
+                  "p_walltime_s": walltime_s or None, "p_label": prod_source_label or None,
+                  "p_version": pilot_version or None}
+        return {k: v for k, v in wanted.items() if v is not None}
+
+    @staticmethod
+    def pick_conditions(shape: tuple[str, ...], where: list | None = None) -> list:
+        """WHERE conditions choosing an activated job of a site that fits the pilot (``shape``:
+        the names of :meth:`dispatch_params`)."""
+        j = db.jobs.c
+        conds = [j.site == bindparam("p_site", type_=String),
+                 j.status == str(JobState.ACTIVATED)]
+        if "p_cores" in shape:
+            conds.append(j.cores <= bindparam("p_cores", type_=Integer))
+        if "p_memory_mb" in shape:
+            conds.append(j.memory_mb <= bindparam("p_memory_mb", type_=Integer))
+        if "p_walltime_s" in shape:
+            conds.append(j.walltime_s <= bindparam("p_walltime_s", type_=Integer))
+        if "p_label" in shape:
+            conds.append(j.prod_source_label == bindparam("p_label", type_=String))
+        if "p_version" in shape:
+            conds.append(j.pilot_version.is_(None)
+                         | (j.pilot_version == bindparam("p_version", type_=String)))
+        else:
+            conds.append(j.pilot_version.is_(None))
+        return conds + list(where or ())
+
+    def dispatch_statement(self, shape: tuple[str, ...], where: list | None = None):
+        """PostgreSQL: the one statement that picks the best fitting job (``SKIP LOCKED``),
+        marks it sent, writes its history and returns it with its files (one row per file,
+        file columns prefixed ``f_``). Bind parameters: those of :meth:`dispatch_params`, the
+        columns set (``v_<column>``), ``old_status``, ``o0``/``n0``, ``now``, ``actor``.
+        Returns (statement, the ``v_`` columns it sets). Used by the event-loop path
+        (``server.pghot``), which runs exactly what :meth:`dispatch` runs."""
+        j = db.jobs.c
+        cols = tuple(sorted({"status", "modification_time", "state_changed", "node",
+                             "pilot_id", "batch_id", "pilot_owner", "heartbeat_time"}))
+        pick = (select(j.panda_id).where(and_(*self.pick_conditions(shape, where)))
+                .order_by(j.current_priority.desc(), j.panda_id).limit(1)
+                .with_for_update(skip_locked=True).scalar_subquery())
+        return self._state_stmt(cols, 1, True, pick, with_files=True), cols
+
     def dispatch(self, site: str, *, node: str | None, actor: str | None,
                  pilot_id: str | None = None, batch_id: str | None = None,
                  cores: int | None = None, memory_mb: int | None = None,
@@ -422,32 +470,15 @@ class TaskBuffer:
         SQLite: ``UPDATE ... WHERE panda_id = (best) RETURNING *`` under the one-writer lock;
         MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED`` then the guarded update.
         """
-        j = db.jobs.c
-        wanted = {"p_site": site, "p_cores": cores or None, "p_memory_mb": memory_mb or None,
-                  "p_walltime_s": walltime_s or None, "p_label": prod_source_label or None,
-                  "p_version": pilot_version or None}
-        params = {k: v for k, v in wanted.items() if v is not None}
+        params = self.dispatch_params(site, cores=cores, memory_mb=memory_mb,
+                                      walltime_s=walltime_s, pilot_version=pilot_version,
+                                      prod_source_label=prod_source_label)
         shape = tuple(sorted(params))
-        conds = [j.site == bindparam("p_site", type_=String),
-                 j.status == str(JobState.ACTIVATED)]
-        if "p_cores" in params:
-            conds.append(j.cores <= bindparam("p_cores", type_=Integer))
-        if "p_memory_mb" in params:
-            conds.append(j.memory_mb <= bindparam("p_memory_mb", type_=Integer))
-        if "p_walltime_s" in params:
-            conds.append(j.walltime_s <= bindparam("p_walltime_s", type_=Integer))
-        if "p_label" in params:
-            conds.append(j.prod_source_label == bindparam("p_label", type_=String))
-        if "p_version" in params:
-            conds.append(j.pilot_version.is_(None)
-                         | (j.pilot_version == bindparam("p_version", type_=String)))
-        else:
-            conds.append(j.pilot_version.is_(None))
-        if where:
-            conds.extend(where)
+        conds = self.pick_conditions(shape, where)
         # the default shape is cached with the statement; a chooser's order or extra
         # conditions (literal values inside) are built each time
         cache_key = ("dispatch", shape) if order_by is None and not where else None
+        j = db.jobs.c
         order = order_by if order_by is not None else [j.current_priority.desc(), j.panda_id]
         steps = [(str(JobState.ACTIVATED), str(JobState.SENT))]
 
@@ -575,10 +606,10 @@ class TaskBuffer:
         # the task's status is checked after the job's transaction committed, in a short one
         # of its own: the task row lock is then held for microseconds, not across the final
         # update's commit, and the last job to end sees every other one ended
-        self._task_after_job_end(ended_task)
+        self.task_after_job_end(ended_task)
         return "NULL"
 
-    def _task_after_job_end(self, task_id: int) -> None:
+    def task_after_job_end(self, task_id: int) -> None:
         """Update the task of a job that just ended. One read answers the common case (the
         task runs and still has live jobs: nothing to do); otherwise the locked check."""
         reader = self._autocommit if self.dialect == "postgresql" else self.engine
@@ -866,6 +897,20 @@ _SELECT_PILOT_ROW_OUTPUTS = select(
 _FILE_COLS = tuple(c.name for c in db.files.c)
 _SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
                  .order_by(db.files.c.row_id))
+
+
+def job_with_files(names: list[str], rows: list) -> dict | None:
+    """The rows of a dispatch statement (job columns, then ``f_``-prefixed file columns, one
+    row per file) as one job dict with ``files``; None without rows."""
+    if not rows:
+        return None
+    split = next((i for i, n in enumerate(names) if n.startswith("f_")), len(names))
+    job = dict(zip(names[:split], rows[0][:split]))
+    file_names = [n[2:] for n in names[split:]]
+    row_id = file_names.index("row_id") + split if "row_id" in file_names else None
+    job["files"] = [dict(zip(file_names, r[split:])) for r in rows
+                    if row_id is not None and r[row_id] is not None]
+    return job
 
 
 def is_retryable(exc: DBAPIError) -> bool:
