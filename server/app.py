@@ -46,6 +46,10 @@ class ServerState:
     started: dt.datetime = field(default_factory=utcnow)
     hook: Any = None                 # the panda.server plugin manager's hook relay
 
+    def run(self, func, *args):
+        """Run blocking (database) work in the thread pool; awaitable."""
+        return IOLoop.current().run_in_executor(self.executor, func, *args)
+
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (dt.datetime, dt.date)):
@@ -66,115 +70,120 @@ class BaseHandler(tornado.web.RequestHandler):
         self.state = state
 
     def run(self, func, *args):
-        return IOLoop.current().run_in_executor(self.state.executor, func, *args)
+        return self.state.run(func, *args)
 
     def identity(self) -> Identity | None:
         """The caller: a bearer token's subject, or a verified client certificate's DN."""
-        header = self.request.headers.get("Authorization", "")
-        if header:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthError("Authorization header must be 'Bearer <token>'")
-            return self.state.keys.verify_token(token)
-        cert = None
-        try:
-            cert = self.request.get_ssl_certificate()
-        except Exception:  # noqa: BLE001 - plain http or no certificate
-            cert = None
-        if cert:
-            dn = dn_from_subject(cert.get("subject", ()))
-            return identity_from_dn(dn, self.state.admin_dns, self.state.pilot_dns)
-        if not self.state.require_auth:
-            return Identity("anonymous", "admin")
-        return None
+        return request_identity(self.request, self.state)
 
     def body_params(self) -> dict:
         """Form-encoded or JSON body, plus query arguments; last value wins for repeats."""
-        params: dict[str, Any] = {}
-        for key, values in self.request.query_arguments.items():
-            decoded = [v.decode("utf-8", "replace") for v in values]
-            params[key] = decoded[-1] if len(decoded) == 1 else decoded
-        ctype = self.request.headers.get("Content-Type", "")
-        body = self.request.body
-        if body:
-            if "json" in ctype or (not ctype and body[:1] in (b"{", b"[")):
-                try:
-                    data = json.loads(body)
-                except ValueError:
-                    raise tornado.web.HTTPError(400, reason="request body is not valid JSON")
-                if not isinstance(data, dict):
-                    raise tornado.web.HTTPError(400, reason="JSON body must be an object")
-                params.update(data)
-            else:
-                for key, values in self.request.body_arguments.items():
-                    decoded = [v.decode("utf-8", "replace") for v in values]
-                    params[key] = decoded[-1] if len(decoded) == 1 else decoded
-        return params
+        return request_params(self.request)
 
 
-class PilotHandler(BaseHandler):
-    """``/server/panda/<method>``: PanDA's pilot protocol."""
+def request_identity(request, state: ServerState) -> Identity | None:
+    """The caller of ``request``: a bearer token's subject, or a verified client
+    certificate's DN; None when it sent neither (anonymous admin with auth off)."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("Authorization header must be 'Bearer <token>'")
+        return state.keys.verify_token(token)
+    cert = None
+    try:
+        cert = request.get_ssl_certificate()
+    except Exception:  # noqa: BLE001 - plain http or no certificate
+        cert = None
+    if cert:
+        dn = dn_from_subject(cert.get("subject", ()))
+        return identity_from_dn(dn, state.admin_dns, state.pilot_dns)
+    if not state.require_auth:
+        return Identity("anonymous", "admin")
+    return None
 
-    METHODS = {"getJob": "get_job", "updateJob": "update_job", "getStatus": "get_status",
-               "updateJobsInBulk": None, "getKeyPair": None,
-               "getEventRanges": "get_event_ranges", "updateEventRanges": "update_event_ranges",
-               "updateEventRange": "update_event_ranges"}
 
-    def wants_json(self) -> bool:
-        return "json" in self.request.headers.get("Accept", "")
-
-    def reply(self, data: dict) -> None:
-        if self.wants_json():
-            self.set_header("Content-Type", "application/json")
-            self.finish(dumps(data))
+def request_params(request) -> dict:
+    """Form-encoded or JSON body, plus query arguments; last value wins for repeats.
+    Raises HTTPError(400) for a body that is not what its Content-Type says."""
+    params: dict[str, Any] = {}
+    for key, values in request.query_arguments.items():
+        decoded = [v.decode("utf-8", "replace") for v in values]
+        params[key] = decoded[-1] if len(decoded) == 1 else decoded
+    ctype = request.headers.get("Content-Type", "")
+    body = request.body
+    if body:
+        if "json" in ctype or (not ctype and body[:1] in (b"{", b"[")):
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise tornado.web.HTTPError(400, reason="request body is not valid JSON")
+            if not isinstance(data, dict):
+                raise tornado.web.HTTPError(400, reason="JSON body must be an object")
+            params.update(data)
         else:
-            self.set_header("Content-Type", "text/plain; charset=utf-8")
-            self.finish(urllib.parse.urlencode(
-                {k: (dumps(v) if isinstance(v, (dict, list)) else v) for k, v in data.items()}))
+            for key, values in request.body_arguments.items():
+                decoded = [v.decode("utf-8", "replace") for v in values]
+                params[key] = decoded[-1] if len(decoded) == 1 else decoded
+    return params
 
-    async def get(self, method: str) -> None:
-        await self.post(method)
 
-    async def post(self, method: str) -> None:
-        try:
-            identity = self.identity()
-        except AuthError as exc:
-            return self.reply({"StatusCode": exc.status_code, "errorDialog": str(exc)})
-        try:
-            params = self.body_params()
-        except tornado.web.HTTPError as exc:
-            return self.reply({"StatusCode": SC_FAILED, "errorDialog": exc.reason})
-        if method == "isAlive":
-            return self.reply({"StatusCode": 0, "alive": "yes"})
-        target = self.METHODS.get(method)
-        if target is None:
-            self.set_status(404 if method not in self.METHODS else 501)
-            return self.reply({"StatusCode": SC_FAILED,
-                               "errorDialog": f"unknown or unsupported method {method!r}"})
-        if method != "getStatus":
-            if identity is None:
-                return self.reply({"StatusCode": 50, "errorDialog":
-                                   "an identity is required: send 'Authorization: Bearer <token>'"})
-            if identity.role not in ("pilot", "admin"):
-                return self.reply({"StatusCode": 60,
-                                   "errorDialog": f"role {identity.role} may not {method}"})
-        REQUESTS.labels("pilot", method).inc()
-        dispatcher = self.state.dispatcher
-        try:
-            if method == "getJob":
-                result = await dispatcher.get_job_async(params, identity, self.run)
-            elif method == "updateJob":
-                result = await dispatcher.update_job_async(params, identity, self.run)
-            elif method == "getStatus":
-                result = await self.run(dispatcher.get_status, params)
-            else:
-                result = await self.run(getattr(dispatcher, target), params, identity)
-        except ProtocolError as exc:
-            result = {"StatusCode": exc.status_code, "errorDialog": str(exc)}
-        except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
-            log.exception("%s failed", method)
-            result = {"StatusCode": SC_FAILED, "errorDialog": "internal server error"}
-        self.reply(result)
+PILOT_METHODS = {"getJob": "get_job", "updateJob": "update_job", "getStatus": "get_status",
+                 "updateJobsInBulk": None, "getKeyPair": None,
+                 "getEventRanges": "get_event_ranges", "updateEventRanges": "update_event_ranges",
+                 "updateEventRange": "update_event_ranges"}
+
+
+async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dict]:
+    """``/server/panda/<method>``, PanDA's pilot protocol: (HTTP status, reply). Errors are
+    replies with PanDA's StatusCode and an errorDialog; a pilot always gets one."""
+    try:
+        identity = request_identity(request, state)
+    except AuthError as exc:
+        return 200, {"StatusCode": exc.status_code, "errorDialog": str(exc)}
+    try:
+        params = request_params(request)
+    except tornado.web.HTTPError as exc:
+        return 200, {"StatusCode": SC_FAILED, "errorDialog": exc.reason}
+    if method == "isAlive":
+        return 200, {"StatusCode": 0, "alive": "yes"}
+    target = PILOT_METHODS.get(method)
+    if target is None:
+        return (404 if method not in PILOT_METHODS else 501), {
+            "StatusCode": SC_FAILED, "errorDialog": f"unknown or unsupported method {method!r}"}
+    if method != "getStatus":
+        if identity is None:
+            return 200, {"StatusCode": 50, "errorDialog":
+                         "an identity is required: send 'Authorization: Bearer <token>'"}
+        if identity.role not in ("pilot", "admin"):
+            return 200, {"StatusCode": 60, "errorDialog": f"role {identity.role} may not {method}"}
+    REQUESTS.labels("pilot", method).inc()
+    dispatcher = state.dispatcher
+    run = state.run
+    try:
+        if method == "getJob":
+            result = await dispatcher.get_job_async(params, identity, run)
+        elif method == "updateJob":
+            result = await dispatcher.update_job_async(params, identity, run)
+        elif method == "getStatus":
+            result = await run(dispatcher.get_status, params)
+        else:
+            result = await run(getattr(dispatcher, target), params, identity)
+    except ProtocolError as exc:
+        result = {"StatusCode": exc.status_code, "errorDialog": str(exc)}
+    except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
+        log.exception("%s failed", method)
+        result = {"StatusCode": SC_FAILED, "errorDialog": "internal server error"}
+    return 200, result
+
+
+def encode_pilot_reply(data: dict, accept: str) -> tuple[str, str]:
+    """(Content-Type, body): JSON when the caller's Accept asks for it, else PanDA's
+    form encoding (nested values as JSON)."""
+    if "json" in accept:
+        return "application/json", getattr(data, "json_text", None) or dumps(data)
+    return "text/plain; charset=utf-8", urllib.parse.urlencode(
+        {k: (dumps(v) if isinstance(v, (dict, list)) else v) for k, v in data.items()})
 
 
 class ApiHandler(BaseHandler):
@@ -294,7 +303,6 @@ def make_app(state: ServerState) -> tornado.web.Application:
 
     kw = {"state": state}
     routes = [
-        (r"/server/panda/(\w+)", PilotHandler, kw),
         (r"/api/v1/(\w+)/(\w+)", ApiHandler, kw),
         (r"/cache/schedconfig/([A-Za-z0-9_.\-]+?)(?:\.all)?\.json", QueuedataHandler, kw),
         (r"/\.well-known/panda-jobspec-key\.pem", PublicKeyHandler, kw),
@@ -302,4 +310,5 @@ def make_app(state: ServerState) -> tornado.web.Application:
     ] + monitor.routes(kw)
     from . import api_panda   # PanDA client / pilot 3 extras: API methods, routes matched first
     routes = api_panda.routes(kw) + routes
-    return tornado.web.Application(routes, compress_response=True)
+    from .pilot_http import ServerApplication
+    return ServerApplication(state, routes, compress_response=True)

@@ -30,6 +30,9 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8,
                    help="database threads per process; on PostgreSQL also the event loop's "
                    "connections for the pilots' hot path")
+    p.add_argument("--behind-proxy", action="store_true",
+                   help="trust X-Real-Ip / X-Forwarded-For and X-Scheme from a reverse proxy in "
+                   "front of the server (off: the peer's address is the client's)")
     p.add_argument("--no-hot-path", dest="hot_path", action="store_false",
                    help="PostgreSQL: run getJob and updateJob through the thread pool like "
                    "everything else (see docs/server.md, 'The hot path')")
@@ -202,7 +205,7 @@ def main(argv: list[str]) -> int:
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),
                                            max_body_size=MAX_BODY_BYTES,
-                                           xheaders=True)
+                                           xheaders=args.behind_proxy)
     server.add_sockets(sockets)
     scheme = "https" if args.certfile else "http"
     port = sockets[0].getsockname()[1]

@@ -14,7 +14,7 @@ from typing import Any
 
 from panda_wms.states import FINAL_JOB_STATES, PILOT_REPORTED_STATES
 
-from .auth import Identity, KeyStore
+from .auth import Identity, KeyStore, canonical_job_bytes
 from .brokerage import output_endpoint
 from .taskbuffer import Conflict, NotFound, TaskBuffer
 
@@ -80,6 +80,11 @@ def _join(values: list[Any]) -> str:
     return ",".join("NULL" if v is None else str(v) for v in values)
 
 
+class JsonReply(dict):
+    """A reply that carries its own JSON encoding (``json_text``), equal to the dict's."""
+    json_text: str = ""
+
+
 @dataclass
 class JobRequest:
     """A getJob's checked fields."""
@@ -138,10 +143,15 @@ class Dispatcher:
     def _job_reply(self, req: JobRequest, jobs: list[dict]) -> dict:
         if not jobs:
             return {"StatusCode": SC_NO_JOBS, "errorDialog": "no jobs"}
-        specs = [self.job_spec(job, req.site_config) for job in jobs]
         if req.many:
-            return {"StatusCode": SC_OK, "jobs": specs}
-        return {"StatusCode": SC_OK, **specs[0]}
+            return {"StatusCode": SC_OK,
+                    "jobs": [self.job_spec(job, req.site_config) for job in jobs]}
+        spec, canonical = self._signed_spec(jobs[0], req.site_config)
+        reply = JsonReply(StatusCode=SC_OK, **spec)
+        # the reply's JSON reuses the canonical encoding the signature was made over
+        reply.json_text = ('{"StatusCode":%d,%s,"specSignature":"%s"}'
+                           % (SC_OK, canonical[1:-1].decode(), spec["specSignature"]))
+        return reply
 
     def get_job(self, form: dict, identity: Identity | None) -> dict:
         req = self._job_request(form, identity)
@@ -209,8 +219,8 @@ class Dispatcher:
         if self.job_chooser is not None and hasattr(self.job_chooser, "share_plan"):
             self.job_chooser.share_plan(site)
 
-    def job_spec(self, job: dict, site_config: dict) -> dict:
-        """A job row in PanDA's getJob shape, signed."""
+    def _unsigned_spec(self, job: dict, site_config: dict) -> dict:
+        """A job row in PanDA's getJob shape."""
         ins = [f for f in job["files"] if f["type"] == "input"]
         outs = [f for f in job["files"] if f["type"] == "output"]
         logs = [f for f in job["files"] if f["type"] == "log"]
@@ -266,8 +276,17 @@ class Dispatcher:
         }
         if job.get("pilot_version"):
             spec["pilotVersion"] = job["pilot_version"]
-        spec["specSignature"] = self.keys.sign_job(spec)
         return spec
+
+    def job_spec(self, job: dict, site_config: dict) -> dict:
+        """A job row in PanDA's getJob shape, signed (``specSignature``)."""
+        return self._signed_spec(job, site_config)[0]
+
+    def _signed_spec(self, job: dict, site_config: dict) -> tuple[dict, bytes]:
+        spec = self._unsigned_spec(job, site_config)
+        canonical = canonical_job_bytes(spec)
+        spec["specSignature"] = self.keys.sign_canonical(canonical)
+        return spec, canonical
 
     # ------------------------------------------------------------------ updateJob
     def _update_request(self, form: dict) -> UpdateRequest:

@@ -166,7 +166,13 @@ class HotPath:
         self.size = size
         self._conninfo = conninfo(tb.engine.url)
         self._pools: dict[asyncio.AbstractEventLoop, ConnectionPool] = {}
-        self._dispatch_sql: dict[tuple, tuple[str, dict, tuple[str, ...]]] = {}
+        self._dispatch_sql: dict[tuple, tuple[str, dict]] = {}
+        self._names: dict[str, list[str]] = {}     # result column names per statement
+        self._waiting: dict[tuple, list] = {}       # group dispatch: pilots waiting per key
+        self._inflight: dict[tuple, int] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.max_batch = 100
+        self.max_inflight = 2
         self._progress_sql: dict[tuple, str] = {}
         self._finish_sql: dict[tuple, str] = {}
         self._from_state = {s: _legal_from(s) for s in _OWNED}
@@ -187,48 +193,128 @@ class HotPath:
             await pool.close()
 
     # ------------------------------------------------------------------ getJob
-    def _compiled_dispatch(self, shape: tuple[str, ...], share: str | tuple | None):
-        key = (shape, None if share is None else ("eq" if isinstance(share, str) else "not"))
+    def _dispatch_statement(self, shape: tuple[str, ...], mode: str | None):
+        """(SQL, constant parameters) of the batched dispatch for one shape of pilot request
+        and share step (``mode``: None, "eq" or "not")."""
+        key = (shape, mode)
         hit = self._dispatch_sql.get(key)
         if hit is None:
-            from sqlalchemy import String, all_, bindparam
+            from sqlalchemy import Integer, String, all_, bindparam
             from sqlalchemy.dialects.postgresql import ARRAY
 
             from . import db
             where = None
-            if key[1] == "eq":
+            if mode == "eq":
                 where = [db.jobs.c.share == bindparam("p_share", type_=String)]
-            elif key[1] == "not":
+            elif mode == "not":
                 where = [db.jobs.c.share != all_(bindparam("p_known", type_=ARRAY(String)))]
-            stmt, cols = self.tb.dispatch_statement(shape, where)
-            compiled = stmt.compile(dialect=self.tb.engine.dialect)
+            pick = self.tb.pick_query(shape, where, limit=bindparam("p_n", type_=Integer))
+            compiled = pick.compile(dialect=self.tb.engine.dialect)
             base = {k: v for k, v in compiled.construct_params(_check=False).items()
                     if v is not None}
-            hit = self._dispatch_sql[key] = (compiled.string, base, cols)
+            file_cols = ", ".join(f"f.{c.name} AS f_{c.name}" for c in db.files.c)
+            sent, activated = str(JobState.SENT), str(JobState.ACTIVATED)
+            sql = (
+                f"WITH pick AS ({compiled.string}), "
+                "ranked AS (SELECT panda_id, row_number() OVER "
+                "(ORDER BY current_priority DESC, panda_id) AS i FROM pick), "
+                "who AS (SELECT * FROM unnest(%(w_node)s::varchar[], %(w_pilot)s::varchar[], "
+                "%(w_batch)s::varchar[], %(w_actor)s::varchar[]) WITH ORDINALITY "
+                "AS w(node, pilot_id, batch_id, actor, i)), "
+                f"upd AS (UPDATE jobs SET status = '{sent}', modification_time = %(now)s, "
+                "state_changed = %(now)s, heartbeat_time = %(now)s, node = who.node, "
+                "pilot_id = who.pilot_id, batch_id = who.batch_id, pilot_owner = who.actor "
+                "FROM ranked JOIN who ON who.i = ranked.i "
+                f"WHERE jobs.panda_id = ranked.panda_id AND jobs.status = '{activated}' "
+                "RETURNING jobs.*, who.i AS w_i, who.actor AS w_actor), "
+                "hist AS (INSERT INTO job_history (panda_id, old_status, new_status, time, "
+                f"actor) SELECT panda_id, '{activated}', '{sent}', %(now)s, w_actor FROM upd) "
+                f"SELECT upd.*, {file_cols} FROM upd LEFT JOIN files f "
+                "ON f.panda_id = upd.panda_id ORDER BY upd.w_i, f.row_id")
+            hit = self._dispatch_sql[key] = (sql.replace("%(now)s", "%(now)s::timestamp"),
+                                             base)
         return hit
 
     async def dispatch(self, params: dict, *, share: str | tuple | None, node: str | None,
                        actor: str | None, pilot_id: str | None,
                        batch_id: str | None) -> dict | None:
-        """The best fitting activated job (see TaskBuffer.dispatch), now sent to this pilot,
-        with its files; None when no job fits. ``params``: TaskBuffer.dispatch_params.
-        ``share``: only this share, or (a tuple) only shares not in it, or None: any."""
-        sql, base, _cols = self._compiled_dispatch(tuple(sorted(params)), share)
-        now = self.tb.clock()
-        args = {**base, **params, "v_status": str(JobState.SENT), "v_modification_time": now,
-                "v_state_changed": now, "v_node": node, "v_pilot_id": pilot_id,
-                "v_batch_id": batch_id, "v_pilot_owner": actor, "v_heartbeat_time": now,
-                "old_status": str(JobState.ACTIVATED), "o0": str(JobState.ACTIVATED),
-                "n0": str(JobState.SENT), "now": now, "actor": actor}
-        if isinstance(share, str):
+        """The best fitting activated job (as TaskBuffer.dispatch picks it), now sent to this
+        pilot, with its files; None when no job fits. ``params``: TaskBuffer.dispatch_params.
+        ``share``: only this share, or (a tuple) only shares not in it, or None: any.
+
+        Pilots asking with the same parameters while a dispatch of theirs is in flight are
+        served together by the next statement, which picks as many jobs as there are pilots
+        (group dispatch: one statement, one commit, for many getJobs under load; no waiting
+        when the server is idle)."""
+        key = (tuple(sorted(params.items())), share)
+        waiting = self._waiting.setdefault(key, [])
+        future = asyncio.get_running_loop().create_future()
+        waiting.append(((node, pilot_id, batch_id, actor), future))
+        if self._inflight.get(key, 0) < self.max_inflight:
+            self._launch(key, params, share)
+        return await future
+
+    def _launch(self, key, params: dict, share) -> None:
+        waiting = [w for w in self._waiting.pop(key, ()) if not w[1].done()]
+        if not waiting:
+            return
+        batch, rest = waiting[:self.max_batch], waiting[self.max_batch:]
+        if rest:
+            self._waiting[key] = rest
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        task = asyncio.ensure_future(self._run_batch(key, params, share, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, key, params: dict, share, batch: list) -> None:
+        try:
+            jobs = await self._dispatch_many(params, share, [who for who, _ in batch])
+        except BaseException as exc:  # noqa: BLE001 - every waiting pilot gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception)
+                                         else RuntimeError("dispatch cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for i, (_, future) in enumerate(batch):
+                if not future.done():
+                    future.set_result(jobs[i] if i < len(jobs) else None)
+                elif i < len(jobs):      # the pilot left: the watcher reclaims the job
+                    log.warning("job %s was dispatched to a pilot that left before the reply",
+                                jobs[i]["panda_id"])
+        finally:
+            self._inflight[key] -= 1
+            if self._waiting.get(key):
+                self._launch(key, params, share)
+            elif not self._inflight[key]:
+                del self._inflight[key]
+
+    async def _dispatch_many(self, params: dict, share, who: list[tuple]) -> list[dict]:
+        mode = None if share is None else ("eq" if isinstance(share, str) else "not")
+        sql, base = self._dispatch_statement(tuple(sorted(params)), mode)
+        args = {**base, **params, "p_n": len(who), "now": self.tb.clock(),
+                "w_node": [w[0] for w in who], "w_pilot": [w[1] for w in who],
+                "w_batch": [w[2] for w in who], "w_actor": [w[3] for w in who]}
+        if mode == "eq":
             args["p_share"] = share
-        elif share is not None:
+        elif mode == "not":
             args["p_known"] = list(share)
         async with self._pool().connection() as conn:
             cur = await conn.execute(sql, args)
             rows = await cur.fetchall()
-            names = [c.name for c in cur.description] if cur.description else []
-        return job_with_files(names, rows)
+            names = self._names.get(sql)
+            if names is None:
+                names = self._names[sql] = [c.name for c in cur.description]
+        jobs, start = [], 0
+        pid = names.index("panda_id")
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i][pid] != rows[start][pid]:
+                job = job_with_files(names, rows[start:i])
+                del job["w_i"], job["w_actor"]
+                jobs.append(job)
+                start = i
+        return jobs
 
     # ------------------------------------------------------------------ updateJob, not final
     def _progress_statement(self, state: str, cols: tuple[str, ...], attempt: bool,

@@ -441,20 +441,19 @@ class TaskBuffer:
             conds.append(j.pilot_version.is_(None))
         return conds + list(where or ())
 
-    def dispatch_statement(self, shape: tuple[str, ...], where: list | None = None):
-        """PostgreSQL: the one statement that picks the best fitting job (``SKIP LOCKED``),
-        marks it sent, writes its history and returns it with its files (one row per file,
-        file columns prefixed ``f_``). Bind parameters: those of :meth:`dispatch_params`, the
-        columns set (``v_<column>``), ``old_status``, ``o0``/``n0``, ``now``, ``actor``.
-        Returns (statement, the ``v_`` columns it sets). Used by the event-loop path
-        (``server.pghot``), which runs exactly what :meth:`dispatch` runs."""
+    def pick_query(self, shape: tuple[str, ...], where: list | None = None, order=None,
+                   limit=1):
+        """SELECT the PandaIDs (and priorities) of the best activated jobs that fit, best
+        first, locking them and skipping rows other dispatches hold (PostgreSQL, MariaDB).
+        ``shape``: the names of :meth:`dispatch_params`; ``limit``: a number or a bind
+        parameter (the hot path dispatches to several pilots at once)."""
         j = db.jobs.c
-        cols = tuple(sorted({"status", "modification_time", "state_changed", "node",
-                             "pilot_id", "batch_id", "pilot_owner", "heartbeat_time"}))
-        pick = (select(j.panda_id).where(and_(*self.pick_conditions(shape, where)))
-                .order_by(j.current_priority.desc(), j.panda_id).limit(1)
-                .with_for_update(skip_locked=True).scalar_subquery())
-        return self._state_stmt(cols, 1, True, pick, with_files=True), cols
+        order = order if order is not None else [j.current_priority.desc(), j.panda_id]
+        pick = (select(j.panda_id, j.current_priority)
+                .where(and_(*self.pick_conditions(shape, where))).order_by(*order).limit(limit))
+        if self._skip_locked:
+            pick = pick.with_for_update(skip_locked=True)
+        return pick
 
     def dispatch(self, site: str, *, node: str | None, actor: str | None,
                  pilot_id: str | None = None, batch_id: str | None = None,
@@ -484,10 +483,8 @@ class TaskBuffer:
 
         def pick_subquery():
             """The best row, locked and skipping locked ones: built only on a cache miss."""
-            pick = select(j.panda_id).where(and_(*conds)).order_by(*order).limit(1)
-            if self._skip_locked:
-                pick = pick.with_for_update(skip_locked=True)
-            return pick.scalar_subquery()
+            return (self.pick_query(shape, where, order).with_only_columns(j.panda_id)
+                    .scalar_subquery())
 
         for _ in range(max_tries):
             fields = {"node": node, "pilot_id": pilot_id, "batch_id": batch_id,

@@ -1,0 +1,117 @@
+"""``/server/panda/<method>`` served by a plain Tornado message delegate.
+
+Why not a RequestHandler: pilots call getJob and updateJob millions of times a day, and for these
+small form POSTs a RequestHandler's own machinery (header defaults, output transforms, the
+coroutine wrapping of ``_execute``, flush and finish) cost about as much server CPU as the
+dispatch itself. Tornado's routing lets an application hand a request to any
+``HTTPMessageDelegate`` (``Application.find_handler``); this one collects the body, lets
+``app.pilot_call`` answer (the same function whatever the method) and writes the reply with
+one ``write_headers``. Everything else goes to the application's RequestHandlers as before.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+import tornado.web
+from tornado import httputil
+from tornado.log import access_log
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/server/panda/"
+_METHOD = re.compile(r"^\w+$")
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+            501: "Not Implemented"}
+
+
+class ServerApplication(tornado.web.Application):
+    """The server's Tornado application: the pilot protocol's paths go to :class:`PilotCall`."""
+
+    def __init__(self, state, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pilot_state = state
+
+    def find_handler(self, request: httputil.HTTPServerRequest, **kwargs):
+        if request.path.startswith(PREFIX):
+            return PilotCall(self.pilot_state, request)
+        return super().find_handler(request, **kwargs)
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+    second = 0
+    text = ""
+
+    @classmethod
+    def now(cls) -> str:
+        t = int(time.time())
+        if t != cls.second:
+            cls.second, cls.text = t, httputil.format_timestamp(t)
+        return cls.text
+
+
+class PilotCall(httputil.HTTPMessageDelegate):
+    """One pilot protocol request: body in, one reply out."""
+
+    _running: set[asyncio.Task] = set()     # strong references until each reply is written
+
+    def __init__(self, state, request: httputil.HTTPServerRequest):
+        self.state = state
+        self.request = request
+        self.chunks: list[bytes] = []
+        self.started = time.monotonic()
+
+    def headers_received(self, start_line, headers) -> None:
+        return None
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def finish(self) -> None:
+        self.request.body = b"".join(self.chunks)
+        self.chunks = []
+        task = asyncio.ensure_future(self._respond())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def on_connection_close(self) -> None:
+        self.chunks = []
+
+    async def _respond(self) -> None:
+        from .app import encode_pilot_reply, pilot_call
+        request = self.request
+        method = request.path[len(PREFIX):]
+        try:
+            if request.method not in ("GET", "POST"):
+                status, data = 405, {"StatusCode": 30, "errorDialog":
+                                     f"{request.method} is not allowed here: use POST"}
+            elif not _METHOD.match(method):
+                status, data = 404, {"StatusCode": 30,
+                                     "errorDialog": f"unknown method {method[:100]!r}"}
+            else:
+                try:
+                    request._parse_body()       # form fields into body_arguments
+                except Exception:  # noqa: BLE001 - Tornado logs what it could not parse
+                    pass
+                status, data = await pilot_call(self.state, method, request)
+            ctype, text = encode_pilot_reply(data, request.headers.get("Accept", ""))
+        except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
+            log.exception("%s %s failed", request.method, request.path)
+            status, ctype = 500, "application/json"
+            text = '{"StatusCode": 30, "errorDialog": "internal server error"}'
+        body = text.encode() if request.method != "HEAD" else b""
+        headers = httputil.HTTPHeaders()
+        headers["Content-Type"] = ctype
+        headers["Content-Length"] = str(len(body))
+        headers["Date"] = _Date.now()
+        headers["Server"] = "panda-wms"
+        conn = request.connection
+        conn.write_headers(httputil.ResponseStartLine("", status, _REASONS.get(status, "")),
+                           headers, body)
+        conn.finish()
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%d %s %s (%s) %.2fms", status, request.method, request.uri,
+                            request.remote_ip, 1000 * (time.monotonic() - self.started))
