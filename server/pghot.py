@@ -157,6 +157,69 @@ class _Retry(Exception):
     """Internal: a pool slot freed while this request waited; ask again."""
 
 
+class Coalescer:
+    """Requests of one kind that arrive while a statement for that kind is in flight are
+    served together by the next statement ("group commit"): under load one statement and one
+    commit serve many requests; an idle server runs each request at once.
+
+    ``run(key, items) -> results`` answers a batch (``results[i]`` for ``items[i]``; a short
+    list answers the rest with None). At most ``max_inflight`` batches of one key run at once,
+    each of at most ``max_batch`` items. A batch only ever starts after its requests arrived.
+    """
+
+    def __init__(self, run, max_batch: int = 100, max_inflight: int = 2):
+        self.run = run
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self._waiting: dict[Any, list] = {}
+        self._inflight: dict[Any, int] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def submit(self, key, item) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append((item, future))
+        if self._inflight.get(key, 0) < self.max_inflight:
+            self._launch(key)
+        return await future
+
+    def _launch(self, key) -> None:
+        waiting = [w for w in self._waiting.pop(key, ()) if not w[1].done()]
+        if not waiting:
+            return
+        batch, rest = waiting[:self.max_batch], waiting[self.max_batch:]
+        if rest:
+            self._waiting[key] = rest
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        task = asyncio.ensure_future(self._run(key, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key, batch: list) -> None:
+        try:
+            results = await self.run(key, [item for item, _ in batch])
+        except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception)
+                                         else RuntimeError("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for i, (item, future) in enumerate(batch):
+                result = results[i] if i < len(results) else None
+                if not future.done():
+                    future.set_result(result)
+                elif result is not None:
+                    log.warning("a request left before its reply; its result was %r",
+                                result.get("panda_id") if isinstance(result, dict) else result)
+        finally:
+            self._inflight[key] -= 1
+            if self._waiting.get(key):
+                self._launch(key)
+            elif not self._inflight[key]:
+                del self._inflight[key]
+
+
 class HotPath:
     """One per server process; connections are opened by the loop that first asks."""
 
@@ -169,14 +232,10 @@ class HotPath:
         self._pools: dict[asyncio.AbstractEventLoop, ConnectionPool] = {}
         self._dispatch_sql: dict[tuple, tuple[str, dict]] = {}
         self._names: dict[str, list[str]] = {}     # result column names per statement
-        self._waiting: dict[tuple, list] = {}       # group dispatch: pilots waiting per key
-        self._inflight: dict[tuple, int] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._task_checks: dict[int, _TaskCheck] = {}
-        self.max_batch = 100
-        self.max_inflight = 2
-        self._progress_sql: dict[tuple, str] = {}
-        self._finish_sql: dict[tuple, str] = {}
+        self._dispatches = Coalescer(self._dispatch_batch)
+        self._progresses = Coalescer(self._progress_batch)
+        self._finishes = Coalescer(self._finish_batch)
+        self._task_checks = Coalescer(self._task_check_batch, max_inflight=1)
         self._from_state = {s: _legal_from(s) for s in _OWNED}
         self._finish_from = _legal_from(_FINISHED, (_HOLDING,))
 
@@ -248,49 +307,12 @@ class HotPath:
         served together by the next statement, which picks as many jobs as there are pilots
         (group dispatch: one statement, one commit, for many getJobs under load; no waiting
         when the server is idle)."""
-        key = (tuple(sorted(params.items())), share)
-        waiting = self._waiting.setdefault(key, [])
-        future = asyncio.get_running_loop().create_future()
-        waiting.append(((node, pilot_id, batch_id, actor), future))
-        if self._inflight.get(key, 0) < self.max_inflight:
-            self._launch(key, params, share)
-        return await future
+        return await self._dispatches.submit((tuple(sorted(params.items())), share),
+                                             (node, pilot_id, batch_id, actor))
 
-    def _launch(self, key, params: dict, share) -> None:
-        waiting = [w for w in self._waiting.pop(key, ()) if not w[1].done()]
-        if not waiting:
-            return
-        batch, rest = waiting[:self.max_batch], waiting[self.max_batch:]
-        if rest:
-            self._waiting[key] = rest
-        self._inflight[key] = self._inflight.get(key, 0) + 1
-        task = asyncio.ensure_future(self._run_batch(key, params, share, batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_batch(self, key, params: dict, share, batch: list) -> None:
-        try:
-            jobs = await self._dispatch_many(params, share, [who for who, _ in batch])
-        except BaseException as exc:  # noqa: BLE001 - every waiting pilot gets the error
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception)
-                                         else RuntimeError("dispatch cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            for i, (_, future) in enumerate(batch):
-                if not future.done():
-                    future.set_result(jobs[i] if i < len(jobs) else None)
-                elif i < len(jobs):      # the pilot left: the watcher reclaims the job
-                    log.warning("job %s was dispatched to a pilot that left before the reply",
-                                jobs[i]["panda_id"])
-        finally:
-            self._inflight[key] -= 1
-            if self._waiting.get(key):
-                self._launch(key, params, share)
-            elif not self._inflight[key]:
-                del self._inflight[key]
+    async def _dispatch_batch(self, key, who: list[tuple]) -> list[dict]:
+        params, share = dict(key[0]), key[1]
+        return await self._dispatch_many(params, share, who)
 
     async def _dispatch_many(self, params: dict, share, who: list[tuple]) -> list[dict]:
         mode = None if share is None else ("eq" if isinstance(share, str) else "not")
@@ -319,184 +341,189 @@ class HotPath:
         return jobs
 
     # ------------------------------------------------------------------ updateJob, not final
-    def _progress_statement(self, state: str, cols: tuple[str, ...], attempt: bool,
-                            site: bool) -> str:
-        key = (state, cols, attempt, site)
-        sql = self._progress_sql.get(key)
-        if sql is None:
-            sets = [f"{c} = %(v_{c})s" for c in cols]
-            if state == str(JobState.RUNNING):
-                sets.append("start_time = CASE WHEN cur.status IN ('sent', 'starting') "
-                            "THEN %(now)s::timestamp ELSE jobs.start_time END")
-            task = ""
-            if state == str(JobState.RUNNING):
-                # the first job that runs marks its task running (usually matches nothing)
-                task = (f", task AS (UPDATE tasks SET status = '{TaskState.RUNNING}', "
-                        "modified = %(now)s::timestamp WHERE task_id = (SELECT task_id FROM upd "
-                        "WHERE old_status <> %(state)s::varchar) AND status NOT IN "
-                        f"('{TaskState.RUNNING}', '{TaskState.ABORTED}'))")
-            sql = self._progress_sql[key] = (
-                "WITH cur AS (SELECT panda_id, status FROM jobs WHERE panda_id = %(pid)s "
-                "AND status = ANY(%(from)s)"
-                + (" AND attempt_nr = %(attempt)s" if attempt else "")
-                + (" AND site = %(site)s" if site else "")
-                + " FOR UPDATE), "
-                "upd AS (UPDATE jobs SET status = %(state)s::varchar, modification_time = %(now)s::timestamp, "
-                "heartbeat_time = %(now)s::timestamp, state_changed = CASE WHEN cur.status = %(state)s::varchar "
-                "THEN jobs.state_changed ELSE %(now)s::timestamp END"
-                + "".join(", " + s for s in sets)
-                + " FROM cur WHERE jobs.panda_id = cur.panda_id "
-                "RETURNING jobs.panda_id, cur.status AS old_status, jobs.command, "
-                "jobs.task_id), "
-                "hist AS (INSERT INTO job_history (panda_id, old_status, new_status, time, "
-                "actor) SELECT panda_id, old_status, %(state)s::varchar, %(now)s::timestamp, %(actor)s::varchar FROM upd "
-                "WHERE old_status <> %(state)s::varchar)"
-                + task
-                + " SELECT command FROM upd")
-        return sql
-
     async def progress(self, panda_id: int, state: str, fields: dict, *, actor: str | None,
                        attempt_nr: int | None, site: str | None) -> str | None:
         """A heartbeat or a progress report (starting, running, holding, transferring).
-        Returns the command for the pilot, or None when the general path must decide."""
+        Returns the command for the pilot, or None when the general path must decide.
+        Reports that arrive together are applied by one statement (see Coalescer)."""
         allowed = self._from_state.get(state)
-        if not allowed or "start_time" in fields:
+        if not allowed or not fields.keys() <= _PROGRESS_COLS.keys():
             return None
-        cols = tuple(sorted(fields))
-        sql = self._progress_statement(state, cols, attempt_nr is not None, site is not None)
-        args = {f"v_{c}": v for c, v in fields.items()}
-        args.update(pid=panda_id, state=state, now=self.tb.clock(), actor=actor,
-                    attempt=attempt_nr, site=site)
-        args["from"] = allowed
+        item = {"pid": panda_id, "state": state, "allowed": ",".join(allowed),
+                "attempt": attempt_nr, "site": site, "actor": actor, **fields}
+        return await self._progresses.submit(None, item)
+
+    async def _progress_batch(self, _key, items: list[dict]) -> list[str | None]:
+        results: list[str | None] = [None] * len(items)
         async with self._pool().connection() as conn:
-            cur = await conn.execute(sql, args)
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        return row[0] or "NULL"
+            for group in _unique_pid_groups(items):
+                rows = [{**items[i], "i": i} for i in group]
+                cur = await conn.execute(_PROGRESS_SQL, {"items": json.dumps(rows),
+                                                         "now": self.tb.clock()})
+                for i, command in await cur.fetchall():
+                    results[i] = command or "NULL"
+        return results
 
     # ------------------------------------------------------------------ updateJob finished
-    def _finish_statement(self, cols: tuple[str, ...], attempt: bool) -> str:
-        key = (cols, attempt)
-        sql = self._finish_sql.get(key)
-        if sql is None:
-            sets = "".join(f", {c} = %(v_{c})s" for c in cols)
-            sql = self._finish_sql[key] = (
-                "WITH j AS (SELECT panda_id, status FROM jobs WHERE panda_id = %(pid)s "
-                "AND status = ANY(%(from)s) AND site = %(site)s"
-                + (" AND attempt_nr = %(attempt)s" if attempt else "")
-                + " FOR UPDATE), "
-                "outs AS (SELECT f.row_id, f.type, f.scope, f.lfn, f.dataset, f.guid "
-                "FROM files f JOIN j ON f.panda_id = j.panda_id "
-                "WHERE f.type IN ('output', 'log')), "
-                "stored AS (SELECT * FROM json_to_recordset(%(stored)s::json) "
-                "AS s(lfn text, guid text, fsize bigint, checksum text, surl text)), "
-                # every expected output was stored: else the general path fails the job
-                "ok AS (SELECT j.panda_id, j.status FROM j WHERE NOT EXISTS (SELECT 1 FROM outs "
-                "WHERE outs.type = 'output' AND outs.lfn NOT IN (SELECT lfn FROM stored))), "
-                "matched AS (SELECT o.row_id, o.type, o.scope, o.lfn, o.dataset, "
-                "COALESCE(s.guid, o.guid) AS guid, s.fsize, s.checksum, s.surl "
-                "FROM outs o JOIN stored s ON s.lfn = o.lfn WHERE EXISTS (SELECT 1 FROM ok)), "
-                "uf AS (UPDATE files SET status = 'ready', fsize = matched.fsize, "
-                "checksum = matched.checksum, guid = matched.guid, ddm_endpoint = %(endpoint)s::varchar "
-                "FROM matched WHERE files.row_id = matched.row_id), "
-                "rep AS (INSERT INTO replicas (scope, lfn, ddm_endpoint, surl, created) "
-                "SELECT scope, lfn, %(endpoint)s::varchar, surl, %(now)s::timestamp FROM matched "
-                "WHERE %(endpoint)s::varchar IS NOT NULL ON CONFLICT DO NOTHING), "
-                "ds AS (INSERT INTO dataset_files (dataset, scope, lfn, guid, fsize, checksum, "
-                "task_id, created) SELECT dataset, scope, lfn, guid, fsize, checksum, NULL, "
-                "%(now)s::timestamp FROM matched WHERE type = 'output' ON CONFLICT DO NOTHING), "
-                f"upd AS (UPDATE jobs SET status = '{_FINISHED}', modification_time = %(now)s::timestamp, "
-                "state_changed = %(now)s::timestamp, heartbeat_time = %(now)s::timestamp, end_time = %(now)s::timestamp, "
-                "command = NULL" + sets
-                + " FROM ok WHERE jobs.panda_id = ok.panda_id "
-                "RETURNING jobs.panda_id, ok.status AS old_status, jobs.task_id), "
-                "hist AS (INSERT INTO job_history (panda_id, old_status, new_status, time, actor) "
-                f"SELECT panda_id, old_status, '{_HOLDING}', %(now)s::timestamp, %(actor)s::varchar FROM upd "
-                f"WHERE old_status <> '{_HOLDING}' UNION ALL "
-                f"SELECT panda_id, '{_HOLDING}', '{_FINISHED}', %(now)s::timestamp, %(actor)s::varchar FROM upd) "
-                "SELECT task_id FROM upd")
-        return sql
-
     async def finish(self, panda_id: int, fields: dict, *, actor: str | None,
                      attempt_nr: int | None, site: str, endpoint: str | None,
                      stored: dict[str, dict]) -> int | None:
         """A job finished with every expected output stored: register the outputs (file rows,
-        replicas at ``endpoint``, dataset entries) and end the job via ``holding``, matched steps
-        in its history. Returns its task's id, or None when the general path must decide."""
-        if "end_time" in fields or "command" in fields:
+        replicas at ``endpoint``, dataset entries) and end the job via ``holding``, both steps
+        in its history. Returns its task's id, or None when the general path must decide.
+        Jobs that finish together are ended by one statement (see Coalescer)."""
+        if not fields.keys() <= _PROGRESS_COLS.keys():
             return None
-        # one JSON parameter for the stored files: cheaper to adapt than five arrays
-        rows = [{"lfn": lfn, "guid": info.get("guid") or None, "fsize": info.get("fsize"),
-                 "checksum": (f"ad:{info['adler32']}" if info.get("adler32")
-                              else f"md5:{info['md5sum']}" if info.get("md5sum") else None),
-                 "surl": info.get("surl")} for lfn, info in stored.items()]
-        cols = tuple(sorted(fields))
-        args = {f"v_{c}": v for c, v in fields.items()}
-        args.update(pid=panda_id, site=site, attempt=attempt_nr, now=self.tb.clock(),
-                    actor=actor, endpoint=endpoint, stored=json.dumps(rows))
-        args["from"] = self._finish_from
+        files = [{"lfn": lfn, "guid": info.get("guid") or None, "fsize": info.get("fsize"),
+                  "checksum": (f"ad:{info['adler32']}" if info.get("adler32")
+                               else f"md5:{info['md5sum']}" if info.get("md5sum") else None),
+                  "surl": info.get("surl")} for lfn, info in stored.items()]
+        item = {"pid": panda_id, "site": site, "attempt": attempt_nr, "actor": actor,
+                "endpoint": endpoint, "stored": files, **fields}
+        return await self._finishes.submit(None, item)
+
+    async def _finish_batch(self, _key, items: list[dict]) -> list[int | None]:
+        results: list[int | None] = [None] * len(items)
         async with self._pool().connection() as conn:
-            cur = await conn.execute(self._finish_statement(cols, attempt_nr is not None), args)
-            row = await cur.fetchone()
-        return None if row is None else row[0]
+            for group in _unique_pid_groups(items):
+                rows = [{**items[i], "i": i} for i in group]
+                cur = await conn.execute(_FINISH_SQL, {"items": json.dumps(rows),
+                                                       "from": self._finish_from,
+                                                       "now": self.tb.clock()})
+                for i, task_id in await cur.fetchall():
+                    results[i] = task_id
+        return results
 
     async def task_settled(self, task_id: int) -> bool:
         """After a job ended: is its task running with live jobs left (nothing to update)?
 
-        The answer must come from a read that started after the caller's job committed, so
-        that the last job to end sees every other one ended. Callers that ask about the same
-        task while such a read is in flight share the next one (under load a 10,000-job task
-        gets a few reads a second instead of one per job)."""
-        check = self._task_checks.get(task_id)
-        if check is None:
-            check = self._task_checks[task_id] = _TaskCheck()
-        future = asyncio.get_running_loop().create_future()
-        check.waiting.append(future)
-        if not check.running:
-            self._start_task_check(task_id, check)
-        return await future
+        The answer comes from a read that started after the caller's job committed, so that
+        the last job to end sees every other one ended. Callers that ask about the same task
+        while such a read is in flight share the next one (under load a 10,000-job task gets a
+        few reads a second instead of one per job)."""
+        return await self._task_checks.submit(task_id, None)
 
-    def _start_task_check(self, task_id: int, check: "_TaskCheck") -> None:
-        waiting, check.waiting = check.waiting, []
-        check.running = True
-        task = asyncio.ensure_future(self._task_check(task_id, check, waiting))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _task_check(self, task_id: int, check: "_TaskCheck", waiting: list) -> None:
-        try:
-            async with self._pool().connection() as conn:
-                cur = await conn.execute(_TASK_SETTLED, {"tid": task_id, "live": _LIVE})
-                row = await cur.fetchone()
-            settled = row is not None and row[0] == str(TaskState.RUNNING) and bool(row[1])
-        except BaseException as exc:  # noqa: BLE001 - the waiting callers get the error
-            for future in waiting:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception)
-                                         else RuntimeError("task check cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            for future in waiting:
-                if not future.done():
-                    future.set_result(settled)
-        finally:
-            check.running = False
-            if check.waiting:
-                self._start_task_check(task_id, check)
-            else:
-                self._task_checks.pop(task_id, None)
-
-
-class _TaskCheck:
-    """Callers waiting for a read of one task's state, and whether one runs."""
-    __slots__ = ("waiting", "running")
-
-    def __init__(self):
-        self.waiting: list[asyncio.Future] = []
-        self.running = False
+    async def _task_check_batch(self, task_id: int, items: list) -> list[bool]:
+        async with self._pool().connection() as conn:
+            cur = await conn.execute(_TASK_SETTLED, {"tid": task_id, "live": _LIVE})
+            row = await cur.fetchone()
+        settled = row is not None and row[0] == str(TaskState.RUNNING) and bool(row[1])
+        return [settled] * len(items)
 
 
 _TASK_SETTLED = ("SELECT t.status, EXISTS (SELECT 1 FROM jobs WHERE jobs.task_id = %(tid)s "
                  "AND jobs.status = ANY(%(live)s)) FROM tasks t WHERE t.task_id = %(tid)s")
+
+
+# the columns a progress report may set, with their types in the reports' JSON
+_PROGRESS_COLS = {"pilot_error_code": "int", "trans_exit_code": "int", "exe_error_code": "int",
+                  "n_events": "bigint", "max_rss": "bigint",
+                  "cpu_consumption_time": "float8", "pilot_error_diag": "text",
+                  "exe_error_diag": "text", "node": "varchar", "batch_id": "varchar",
+                  "job_metrics": "text"}
+
+
+def _progress_sql() -> str:
+    """Progress reports of several jobs in one statement: each row is guarded by its job's
+    state (the legal predecessors of the reported one), attempt and site; a report that does
+    not match changes nothing and gets no row back. Rows are locked in PandaID order, so two
+    such statements never wait for each other in a circle."""
+    cols = ", ".join(f"{c} {t}" for c, t in _PROGRESS_COLS.items())
+    sets = ", ".join(f"{c} = COALESCE(r.{c}, jobs.{c})" for c in _PROGRESS_COLS)
+    running, now = str(JobState.RUNNING), "%(now)s::timestamp"
+    return (
+        "WITH r AS (SELECT * FROM json_to_recordset(%(items)s::json) AS r(i int, pid bigint, "
+        f"state varchar, allowed text, attempt int, site varchar, actor varchar, {cols})), "
+        "cur AS (SELECT jobs.panda_id, jobs.status, r.i FROM jobs JOIN r ON jobs.panda_id = r.pid "
+        "WHERE jobs.status = ANY(string_to_array(r.allowed, ',')) "
+        "AND (r.attempt IS NULL OR jobs.attempt_nr = r.attempt) "
+        "AND (r.site IS NULL OR jobs.site = r.site) "
+        "ORDER BY jobs.panda_id FOR UPDATE OF jobs), "
+        f"upd AS (UPDATE jobs SET status = r.state, modification_time = {now}, "
+        f"heartbeat_time = {now}, state_changed = CASE WHEN cur.status = r.state "
+        f"THEN jobs.state_changed ELSE {now} END, start_time = CASE WHEN r.state = "
+        f"'{running}' AND cur.status IN ('sent', 'starting') THEN {now} "
+        f"ELSE jobs.start_time END, {sets} "
+        "FROM cur JOIN r ON r.i = cur.i WHERE jobs.panda_id = cur.panda_id "
+        "RETURNING jobs.panda_id, cur.status AS old_status, r.state, r.actor, r.i, "
+        "jobs.command, jobs.task_id), "
+        "hist AS (INSERT INTO job_history (panda_id, old_status, new_status, time, actor) "
+        f"SELECT panda_id, old_status, state, {now}, actor FROM upd "
+        "WHERE old_status <> state), "
+        # the first job that runs marks its task running (usually matches nothing)
+        f"task AS (UPDATE tasks SET status = '{TaskState.RUNNING}', modified = {now} "
+        f"WHERE task_id IN (SELECT task_id FROM upd WHERE state = '{running}' "
+        f"AND old_status <> '{running}') AND status NOT IN ('{TaskState.RUNNING}', "
+        f"'{TaskState.ABORTED}')) "
+        "SELECT i, command FROM upd")
+
+
+_PROGRESS_SQL = _progress_sql()
+
+
+def _unique_pid_groups(items: list[dict]) -> list[list[int]]:
+    """Indexes of ``items`` in groups without a PandaID twice (a job twice in one statement
+    would be updated once); usually one group."""
+    groups: list[list[int]] = []
+    seen: list[set] = []
+    for i, item in enumerate(items):
+        for group, pids in zip(groups, seen):
+            if item["pid"] not in pids:
+                break
+        else:
+            groups.append([])
+            seen.append(set())
+            group, pids = groups[-1], seen[-1]
+        group.append(i)
+        pids.add(item["pid"])
+    return groups
+
+
+def _finish_sql() -> str:
+    """Finished jobs with their stored outputs in one statement. Per job: guarded by its state
+    (a legal predecessor of holding -> finished), attempt and site; applied only if every
+    expected output is among the stored files (else the general path fails the job). The
+    output and log files get their size, checksum, GUID and endpoint; replicas and dataset
+    entries are added (duplicates ignored); the job ends via holding, both steps recorded."""
+    cols = ", ".join(f"{c} {t}" for c, t in _PROGRESS_COLS.items())
+    sets = "".join(f", {c} = COALESCE(r.{c}, jobs.{c})" for c in _PROGRESS_COLS)
+    now = "%(now)s::timestamp"
+    return (
+        "WITH r AS (SELECT * FROM json_to_recordset(%(items)s::json) AS r(i int, pid bigint, "
+        f"site varchar, attempt int, actor varchar, endpoint varchar, stored json, {cols})), "
+        "j AS (SELECT jobs.panda_id, jobs.status, r.i FROM jobs JOIN r ON jobs.panda_id = r.pid "
+        "WHERE jobs.status = ANY(%(from)s) AND jobs.site = r.site "
+        "AND (r.attempt IS NULL OR jobs.attempt_nr = r.attempt) "
+        "ORDER BY jobs.panda_id FOR UPDATE OF jobs), "
+        "outs AS (SELECT f.row_id, f.type, f.scope, f.lfn, f.dataset, f.guid, j.i "
+        "FROM files f JOIN j ON f.panda_id = j.panda_id WHERE f.type IN ('output', 'log')), "
+        "stored AS (SELECT r.i, s.* FROM r CROSS JOIN LATERAL json_to_recordset(r.stored) "
+        "AS s(lfn text, guid text, fsize bigint, checksum text, surl text)), "
+        "ok AS (SELECT j.panda_id, j.status, j.i FROM j WHERE NOT EXISTS (SELECT 1 FROM outs "
+        "WHERE outs.i = j.i AND outs.type = 'output' AND NOT EXISTS (SELECT 1 FROM stored "
+        "WHERE stored.i = outs.i AND stored.lfn = outs.lfn))), "
+        "matched AS (SELECT o.row_id, o.type, o.scope, o.lfn, o.dataset, "
+        "COALESCE(s.guid, o.guid) AS guid, s.fsize, s.checksum, s.surl, r.endpoint "
+        "FROM ok JOIN outs o ON o.i = ok.i JOIN stored s ON s.i = o.i AND s.lfn = o.lfn "
+        "JOIN r ON r.i = ok.i), "
+        "uf AS (UPDATE files SET status = 'ready', fsize = m.fsize, checksum = m.checksum, "
+        "guid = m.guid, ddm_endpoint = m.endpoint FROM matched m WHERE files.row_id = m.row_id), "
+        "rep AS (INSERT INTO replicas (scope, lfn, ddm_endpoint, surl, created) "
+        f"SELECT scope, lfn, endpoint, surl, {now} FROM matched WHERE endpoint IS NOT NULL "
+        "ON CONFLICT DO NOTHING), "
+        "ds AS (INSERT INTO dataset_files (dataset, scope, lfn, guid, fsize, checksum, task_id, "
+        f"created) SELECT dataset, scope, lfn, guid, fsize, checksum, NULL, {now} "
+        "FROM matched WHERE type = 'output' ON CONFLICT DO NOTHING), "
+        f"upd AS (UPDATE jobs SET status = '{_FINISHED}', modification_time = {now}, "
+        f"state_changed = {now}, heartbeat_time = {now}, end_time = {now}, command = NULL"
+        + sets
+        + " FROM ok JOIN r ON r.i = ok.i WHERE jobs.panda_id = ok.panda_id "
+        "RETURNING jobs.panda_id, ok.status AS old_status, jobs.task_id, r.i, r.actor), "
+        "hist AS (INSERT INTO job_history (panda_id, old_status, new_status, time, actor) "
+        f"SELECT panda_id, old_status, '{_HOLDING}', {now}, actor FROM upd "
+        f"WHERE old_status <> '{_HOLDING}' UNION ALL "
+        f"SELECT panda_id, '{_HOLDING}', '{_FINISHED}', {now}, actor FROM upd) "
+        "SELECT i, task_id FROM upd")
+
+
+_FINISH_SQL = _finish_sql()
