@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
-                        String, Table, Text, UniqueConstraint, create_engine, event, inspect)
+                        String, Table, Text, UniqueConstraint, create_engine, event, inspect,
+                        literal_column)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
 
@@ -100,12 +101,18 @@ jobs = Table(
     Index("ix_jobs_status_changed", "status", "state_changed"),
 )
 
-# the dispatcher's query: activated jobs of a site in dispatch order, read from the index
+# The dispatcher's query: activated jobs of a site in dispatch order, read from the index. On
+# PostgreSQL and SQLite both dispatch indexes hold activated jobs only (partial): a job's later
+# state changes then add no entries to them, and they stay the size of the queue. Queries must
+# say ``status = 'activated'`` as a literal to use them (TaskBuffer.pick_conditions does).
+ACTIVATED_ONLY = jobs.c.status == literal_column("'activated'")
+_ACTIVATED_INDEX = literal_column("status") == literal_column("'activated'")
 Index("ix_jobs_dispatch_order", jobs.c.site, jobs.c.status, jobs.c.current_priority.desc(),
-      jobs.c.panda_id)
+      jobs.c.panda_id, postgresql_where=_ACTIVATED_INDEX, sqlite_where=_ACTIVATED_INDEX)
 # the share-aware dispatcher asks share by share (server/shares.py: ShareChooser.plan)
 Index("ix_jobs_share_dispatch", jobs.c.site, jobs.c.status, jobs.c.share,
-      jobs.c.current_priority.desc(), jobs.c.panda_id)
+      jobs.c.current_priority.desc(), jobs.c.panda_id, postgresql_where=_ACTIVATED_INDEX,
+      sqlite_where=_ACTIVATED_INDEX)
 
 jobs_archive = Table(
     "jobs_archive", metadata, *[c._copy() for c in _job_columns()],

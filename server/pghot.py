@@ -29,6 +29,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
+
 from panda_wms.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
                               TaskState, check_job_transition)
 
@@ -163,7 +165,7 @@ class Coalescer:
     commit serve many requests; an idle server runs each request at once.
 
     ``run(key, items) -> results`` answers a batch (``results[i]`` for ``items[i]``; a short
-    list answers the rest with None). At most ``max_inflight`` batches of one key run at once,
+    list answers the rest with None; an exception as a result is raised to that caller only). At most ``max_inflight`` batches of one key run at once,
     each of at most ``max_batch`` items. A batch only ever starts after its requests arrived.
     """
 
@@ -205,11 +207,14 @@ class Coalescer:
             if not isinstance(exc, Exception):
                 raise
         else:
-            for i, (item, future) in enumerate(batch):
+            for i, (_, future) in enumerate(batch):
                 result = results[i] if i < len(results) else None
-                if not future.done():
+                if isinstance(result, Exception):
+                    if not future.done():
+                        future.set_exception(result)
+                elif not future.done():
                     future.set_result(result)
-                elif result is not None:
+                elif result is not None:      # e.g. a job sent: the watcher reclaims it
                     log.warning("a request left before its reply; its result was %r",
                                 result.get("panda_id") if isinstance(result, dict) else result)
         finally:
@@ -310,9 +315,22 @@ class HotPath:
         return await self._dispatches.submit((tuple(sorted(params.items())), share),
                                              (node, pilot_id, batch_id, actor))
 
-    async def _dispatch_batch(self, key, who: list[tuple]) -> list[dict]:
+    async def _dispatch_batch(self, key, who: list[tuple]) -> list:
         params, share = dict(key[0]), key[1]
-        return await self._dispatch_many(params, share, who)
+        try:
+            return await self._dispatch_many(params, share, who)
+        except psycopg.Error:
+            if len(who) == 1:
+                raise
+        # the database refused the batch (say, one pilot's node name is too long for its
+        # column): one by one, so that only the bad request goes to the general path
+        results: list = []
+        for one in who:
+            try:
+                results += await self._dispatch_many(params, share, [one]) or [None]
+            except psycopg.Error as exc:
+                results.append(exc)
+        return results
 
     async def _dispatch_many(self, params: dict, share, who: list[tuple]) -> list[dict]:
         mode = None if share is None else ("eq" if isinstance(share, str) else "not")
@@ -354,14 +372,34 @@ class HotPath:
         return await self._progresses.submit(None, item)
 
     async def _progress_batch(self, _key, items: list[dict]) -> list[str | None]:
-        results: list[str | None] = [None] * len(items)
+        results = await self._apply_batch(_PROGRESS_SQL, items, {})
+        return [None if r is _NOT_APPLIED else (r or "NULL") for r in results]
+
+    async def _apply_batch(self, sql: str, items: list[dict], extra: dict) -> list:
+        """Run a batched statement (rows ``(i, value)`` back) over ``items``; None for an item
+        the statement did not apply (``_NOT_APPLIED``). When the database refuses a batch (say,
+        a number out of a column's range in one report), its items are tried one by one, so one
+        bad report sends only itself to the general path."""
+        results: list = [_NOT_APPLIED] * len(items)
         async with self._pool().connection() as conn:
-            for group in _unique_pid_groups(items):
+            pending = _unique_pid_groups(items)
+            while pending:
+                group = pending.pop(0)
                 rows = [{**items[i], "i": i} for i in group]
-                cur = await conn.execute(_PROGRESS_SQL, {"items": json.dumps(rows),
-                                                         "now": self.tb.clock()})
-                for i, command in await cur.fetchall():
-                    results[i] = command or "NULL"
+                try:
+                    cur = await conn.execute(sql, {"items": json.dumps(rows),
+                                                   "now": self.tb.clock(), **extra})
+                except psycopg.Error as exc:
+                    if conn.broken or conn.closed:
+                        raise
+                    if len(group) > 1:
+                        pending[:0] = [[i] for i in group]
+                    else:
+                        log.info("job %s: the database refused the hot path's statement (%s); "
+                                 "the general path answers", items[group[0]]["pid"], exc)
+                    continue
+                for i, value in await cur.fetchall():
+                    results[i] = value
         return results
 
     # ------------------------------------------------------------------ updateJob finished
@@ -383,16 +421,8 @@ class HotPath:
         return await self._finishes.submit(None, item)
 
     async def _finish_batch(self, _key, items: list[dict]) -> list[int | None]:
-        results: list[int | None] = [None] * len(items)
-        async with self._pool().connection() as conn:
-            for group in _unique_pid_groups(items):
-                rows = [{**items[i], "i": i} for i in group]
-                cur = await conn.execute(_FINISH_SQL, {"items": json.dumps(rows),
-                                                       "from": self._finish_from,
-                                                       "now": self.tb.clock()})
-                for i, task_id in await cur.fetchall():
-                    results[i] = task_id
-        return results
+        results = await self._apply_batch(_FINISH_SQL, items, {"from": self._finish_from})
+        return [None if r is _NOT_APPLIED else r for r in results]
 
     async def task_settled(self, task_id: int) -> bool:
         """After a job ended: is its task running with live jobs left (nothing to update)?
@@ -459,6 +489,9 @@ def _progress_sql() -> str:
 
 
 _PROGRESS_SQL = _progress_sql()
+
+
+_NOT_APPLIED = object()     # a batched statement returned no row for this item
 
 
 def _unique_pid_groups(items: list[dict]) -> list[list[int]]:

@@ -425,7 +425,7 @@ class TaskBuffer:
         the names of :meth:`dispatch_params`)."""
         j = db.jobs.c
         conds = [j.site == bindparam("p_site", type_=String),
-                 j.status == str(JobState.ACTIVATED)]
+                 db.ACTIVATED_ONLY]        # a literal: the partial dispatch indexes need it
         if "p_cores" in shape:
             conds.append(j.cores <= bindparam("p_cores", type_=Integer))
         if "p_memory_mb" in shape:
