@@ -86,26 +86,31 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its direct children (forked server workers)."""
+    kids = [pid]
+    for other in os.listdir("/proc"):
+        if other.isdigit():
+            try:
+                if int(open(f"/proc/{other}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(other))
+            except (OSError, IndexError, ValueError):
+                pass
+    return sum(_cpu_s(p) for p in kids)
+
+
 def cpu_snapshot(server: subprocess.Popen, url: str) -> dict[str, float]:
     """CPU seconds used so far by the server's processes and by the database's backends of
     the benchmark database: CPU per cycle moves less with other load on the machine than
     wall-clock rates do."""
     from sqlalchemy import create_engine, text
-    kids = [server.pid]
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == server.pid:
-                    kids.append(int(pid))
-            except (OSError, IndexError, ValueError):
-                pass
     name = url.rsplit("/", 1)[1]
     admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         backends = list(conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :n "
                                           "AND pid <> pg_backend_pid()"), {"n": name}).scalars())
     admin.dispose()
-    return {"server": sum(_cpu_s(p) for p in kids),
+    return {"server": process_tree_cpu(server.pid),
             **{f"pg{p}": _cpu_s(p) for p in backends}}
 
 
@@ -400,9 +405,12 @@ def main() -> int:
         procs.append(hello)
         wait_port(hello_port, hello)
         run_phase("hello", hello_port, "x", args.pilots, 500)          # warm-up
+        hello_cpu0 = process_tree_cpu(hello.pid)
         res_hello = run_phase("hello", hello_port, "x", args.pilots, n_hello)
+        hello_ms = (process_tree_cpu(hello.pid) - hello_cpu0) * 1000 / res_hello["requests"]
         stop(hello)
         hello_rps, _, _ = summarize("hello", res_hello, ["hello"])
+        print(f"  CPU per hello request: server {hello_ms:.3f} ms")
 
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -429,8 +437,14 @@ def main() -> int:
         pg_ms = pg_cpu * 1000 / max(1, res_cyc["jobs"])
         print(f"  CPU per cycle: server {srv_ms:.2f} ms, PostgreSQL backends {pg_ms:.2f} ms "
               "(less sensitive to other load than the rates)")
+        cpu1 = cpu_snapshot(server, url)
         res_get = run_phase("getjob", port, token, args.pilots)
+        get_srv, get_pg = cpu_delta(cpu1, cpu_snapshot(server, url))
         getjob_rps, _, _ = summarize("getJob", res_get, ["getJob"])
+        get_srv_ms = get_srv * 1000 / max(1, res_get["requests"])
+        get_pg_ms = get_pg * 1000 / max(1, res_get["requests"])
+        print(f"  CPU per getJob: server {get_srv_ms:.3f} ms, PostgreSQL backends "
+              f"{get_pg_ms:.3f} ms")
         stop(server)
         jobs_per_s = res_cyc["jobs"] / res_cyc["took"]
         for name, key in (("getJob", "getJob"), ("updateJob", "updateJob")):
@@ -453,6 +467,9 @@ def main() -> int:
             "getjob_ratio_vs_hello": round(getjob_rps / hello_rps, 3),
             "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
             "server_cpu_ms_per_cycle": round(srv_ms, 3), "db_cpu_ms_per_cycle": round(pg_ms, 3),
+            "server_cpu_ms_per_getjob": round(get_srv_ms, 3),
+            "db_cpu_ms_per_getjob": round(get_pg_ms, 3),
+            "server_cpu_ms_per_hello": round(hello_ms, 3),
             "jobs": n_cycles,
             "pilots": args.pilots, "server_processes": args.processes,
             "synchronous_commit": "off" if args.async_commit else "on",

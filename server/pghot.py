@@ -237,9 +237,9 @@ class HotPath:
         self._pools: dict[asyncio.AbstractEventLoop, ConnectionPool] = {}
         self._dispatch_sql: dict[tuple, tuple[str, dict]] = {}
         self._names: dict[str, list[str]] = {}     # result column names per statement
-        self._dispatches = Coalescer(self._dispatch_batch)
-        self._progresses = Coalescer(self._progress_batch)
-        self._finishes = Coalescer(self._finish_batch)
+        self._dispatches = Coalescer(self._dispatch_batch, max_inflight=1)
+        self._progresses = Coalescer(self._progress_batch, max_inflight=1)
+        self._finishes = Coalescer(self._finish_batch, max_inflight=1)
         self._task_checks = Coalescer(self._task_check_batch, max_inflight=1)
         self._from_state = {s: _legal_from(s) for s in _OWNED}
         self._finish_from = _legal_from(_FINISHED, (_HOLDING,))
