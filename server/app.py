@@ -121,6 +121,15 @@ def request_params(request) -> dict:
             if not isinstance(data, dict):
                 raise tornado.web.HTTPError(400, reason="JSON body must be an object")
             params.update(data)
+        elif not ctype or ctype.startswith("application/x-www-form-urlencoded"):
+            # straight to text (Tornado's body_arguments are bytes, decoded once more here)
+            form: dict[str, list[str]] = {}
+            for key, value in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
+                                                     keep_blank_values=True,
+                                                     encoding="utf-8", errors="replace"):
+                form.setdefault(key, []).append(value)
+            for key, values in form.items():
+                params[key] = values[-1] if len(values) == 1 else values
         else:
             for key, values in request.body_arguments.items():
                 decoded = [v.decode("utf-8", "replace") for v in values]

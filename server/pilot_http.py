@@ -92,10 +92,11 @@ class PilotCall(httputil.HTTPMessageDelegate):
                 status, data = 404, {"StatusCode": 30,
                                      "errorDialog": f"unknown method {method[:100]!r}"}
             else:
-                try:
-                    request._parse_body()       # form fields into body_arguments
-                except Exception:  # noqa: BLE001 - Tornado logs what it could not parse
-                    pass
+                if "multipart" in request.headers.get("Content-Type", ""):
+                    try:
+                        request._parse_body()   # multipart fields into body_arguments
+                    except Exception:  # noqa: BLE001 - Tornado logs what it could not parse
+                        pass
                 status, data = await pilot_call(self.state, method, request)
             ctype, text = encode_pilot_reply(data, request.headers.get("Accept", ""))
         except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
