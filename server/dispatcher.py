@@ -15,6 +15,7 @@ from typing import Any
 from panda_wms.states import FINAL_JOB_STATES, PILOT_REPORTED_STATES
 
 from .auth import Identity, KeyStore, canonical_job_bytes
+from . import db
 from .brokerage import output_endpoint
 from .taskbuffer import Conflict, NotFound, TaskBuffer
 
@@ -51,6 +52,26 @@ def _int(form: dict, key: str, default: int | None = None) -> int | None:
     except (ValueError, OverflowError):
         raise ProtocolError(SC_FAILED, f"{key} must be a number, got {str(value)[:100]!r}"
                             ) from None
+
+
+def _int32(form: dict, key: str, default: int | None = None) -> int | None:
+    """An integer field stored in a 32-bit column: a bigger one is refused, not truncated."""
+    value = _int(form, key, default)
+    if value is not None and not -2**31 <= value < 2**31:
+        raise ProtocolError(SC_FAILED, f"{key} must be a 32-bit integer, got {value}")
+    return value
+
+
+def _text(value: Any, column: str) -> str | None:
+    """A free-text field cut to its column's length (node names, batch ids, diagnostics)."""
+    if value in (None, ""):
+        return None
+    length = db.jobs.c[column].type.length or 4000
+    return str(value)[:length]
+
+
+def _clamp32(value: int | None) -> int | None:
+    return None if value is None else max(-2**31, min(value, 2**31 - 1))
 
 
 def _float(form: dict, key: str) -> float | None:
@@ -127,18 +148,20 @@ class Dispatcher:
         if site_row["status"] == "offline":
             return {"StatusCode": SC_NO_JOBS, "errorDialog": f"site {site} is offline"}
         n_jobs = max(1, min(_int(form, "nJobs", 1) or 1, 100))
-        remaining = _int(form, "remainingWalltime") or _int(form, "maxWalltime")
-        mem = _int(form, "mem")
-        cores = _int(form, "cores") or _int(form, "coreCount")
+        # a resource beyond a 32-bit column fits any job: clamp instead of failing the query
+        remaining = _clamp32(_int(form, "remainingWalltime") or _int(form, "maxWalltime"))
+        mem = _clamp32(_int(form, "mem"))
+        cores = _clamp32(_int(form, "cores") or _int(form, "coreCount"))
         label = form.get("prodSourceLabel")
         return JobRequest(
             site=site, site_config=site_row["config"], n_jobs=n_jobs, many="nJobs" in form,
             fit=dict(cores=cores, memory_mb=mem, walltime_s=remaining,
                      pilot_version=form.get("pilotVersion"),
                      prod_source_label=label if label in ("test", "ptest", "user") else None),
-            who=dict(node=form.get("node"), actor=identity.subject if identity else None,
-                     pilot_id=form.get("pilotID") or form.get("pilot_id"),
-                     batch_id=form.get("batchID") or form.get("worker_id")))
+            who=dict(node=_text(form.get("node"), "node"),
+                     actor=identity.subject if identity else None,
+                     pilot_id=_text(form.get("pilotID") or form.get("pilot_id"), "pilot_id"),
+                     batch_id=_text(form.get("batchID") or form.get("worker_id"), "batch_id")))
 
     def _job_reply(self, req: JobRequest, jobs: list[dict]) -> dict:
         if not jobs:
@@ -298,9 +321,9 @@ class Dispatcher:
             raise ProtocolError(SC_FAILED, f"state {state!r} is not one a pilot may report")
         fields: dict[str, Any] = {}
         for key, column, conv in (
-                ("pilotErrorCode", "pilot_error_code", _int),
-                ("transExitCode", "trans_exit_code", _int),
-                ("exeErrorCode", "exe_error_code", _int),
+                ("pilotErrorCode", "pilot_error_code", _int32),
+                ("transExitCode", "trans_exit_code", _int32),
+                ("exeErrorCode", "exe_error_code", _int32),
                 ("nEvents", "n_events", _int),
                 ("maxRSS", "max_rss", _int),
                 ("cpuConsumptionTime", "cpu_consumption_time", _float)):
@@ -312,10 +335,10 @@ class Dispatcher:
                             ("node", "node"), ("batchID", "batch_id"),
                             ("jobMetrics", "job_metrics")):
             if form.get(key) not in (None, ""):
-                fields[column] = str(form[key])[:4000]
+                fields[column] = _text(form[key], column)
         stored = parse_stored_files(form["xml"]) if form.get("xml") else {}
         return UpdateRequest(panda_id=panda_id, state=state, fields=fields, stored=stored,
-                             attempt_nr=_int(form, "attemptNr"),
+                             attempt_nr=_int32(form, "attemptNr"),
                              site=str(form.get("siteName") or ""))
 
     def update_job(self, form: dict, identity: Identity | None) -> dict:

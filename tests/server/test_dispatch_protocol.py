@@ -85,6 +85,29 @@ def test_updatejob_bad_input(disp, form, code):
     assert err.value.status_code == code
 
 
+def test_values_beyond_their_columns(disp, taskbuffer):
+    """Numbers beyond a 32-bit column are refused with a reason (nothing changes); names longer
+    than their column are cut; resources beyond 32 bits fit any job. No database error."""
+    _, (pid,) = seed_jobs(taskbuffer, "SITE_A", 1)
+    reply = disp.get_job({"siteName": "SITE_A", "node": "n" * 1000, "pilotID": "p" * 2000,
+                          "batchID": "b" * 600, "cores": str(2 ** 40), "mem": str(2 ** 40),
+                          "remainingWalltime": str(2 ** 40)}, PILOT)
+    assert reply["StatusCode"] == 0 and reply["PandaID"] == pid
+    job = taskbuffer.get_job(pid)
+    assert (len(job["node"]), len(job["pilot_id"]), len(job["batch_id"])) == (255, 512, 255)
+    for key in ("pilotErrorCode", "transExitCode", "exeErrorCode", "attemptNr"):
+        with pytest.raises(ProtocolError) as err:
+            disp.update_job({"jobId": pid, "state": "running", key: str(2 ** 40)}, PILOT)
+        assert err.value.status_code == 30 and "32-bit" in str(err.value)
+    assert taskbuffer.get_job(pid)["status"] == "sent"
+    reply = disp.update_job({"jobId": pid, "state": "running", "node": "x" * 5000,
+                             "pilotErrorDiag": "d" * 9000}, PILOT)
+    assert reply == {"StatusCode": 0, "command": "NULL"}
+    job = taskbuffer.get_job(pid)
+    assert (job["status"], len(job["node"]), len(job["pilot_error_diag"])) == \
+        ("running", 255, 4000)
+
+
 def test_bad_xml_changes_nothing(disp, taskbuffer):
     _, (pid,) = seed_jobs(taskbuffer, "SITE_A", 1)
     disp.get_job({"siteName": "SITE_A"}, PILOT)
