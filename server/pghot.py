@@ -1,16 +1,17 @@
-"""The pilots' hot path on PostgreSQL: getJob and the common updateJobs as one statement each,
+"""The pilots' hot path on PostgreSQL: getJob and the common updateJobs as single statements
 run by async psycopg on the server's event loop.
 
 Why: a dispatch cycle (getJob, updateJob running, updateJob finished) is what a PanDA server does
 most. Through SQLAlchemy in the thread pool it cost about 11 round trips and 6 ms of server CPU
 per cycle: the thread hop, SQLAlchemy's execution layer and the statements themselves each took
-a share. Here each request is one prepared statement on a connection owned by the event loop.
+a share. Here each request is one prepared statement on a connection owned by the event loop,
+and requests of one kind that arrive together share a statement (:class:`Coalescer`).
 
 The hot path only ever takes the *common* case and leaves everything else to the TaskBuffer's
 general path, which stays the one place that knows every rule:
 
-- ``dispatch`` runs exactly the statement :meth:`TaskBuffer.dispatch` runs on PostgreSQL (built
-  by :meth:`TaskBuffer.dispatch_statement`, compiled once per shape).
+- ``dispatch`` picks with the query the general path uses (:meth:`TaskBuffer.pick_query`,
+  compiled once per shape), for as many pilots as are waiting with the same request.
 - ``progress`` and ``finish`` are guarded by the job's current state, attempt and site; the
   states they accept come from the life cycle in ``panda_wms.states``. When the guard does not
   match (a stale or refused update, a missing output, a job that failed, which may need a
