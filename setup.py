@@ -51,7 +51,7 @@ setup(
         "sqlalchemy>=2.0",
         "alembic>=1.12",
         "requests>=2.28",
-        "psutil>=5.9",
+        "psutil>=6.0",     # Process.net_connections
         "PyYAML>=6.0",
         "jsonschema>=4.17",
         "cryptography>=41",

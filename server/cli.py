@@ -183,10 +183,21 @@ def main(argv: list[str]) -> int:
         log.info("loaded %d site config(s) from %s", len(sites), args.site_configs)
     engine.dispose()
 
-    sockets = tornado.netutil.bind_sockets(args.port, address=args.host)
+    sockets = tornado.netutil.bind_sockets(args.port, address=args.host,
+                                           reuse_port=args.processes != 1)
     if args.processes != 1:
+        # Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new
+        # connections over them. With one shared socket the worker that happened to be in
+        # accept() took them: pilots keep their connections open, and one worker was seen
+        # serving all 50 of them while the other idled. The parent's socket only reserved the
+        # port (and resolved port 0); it is closed before the fork, or connections handed to it
+        # would wait for an accept() that never comes.
+        port = sockets[0].getsockname()[1]
+        for sock in sockets:
+            sock.close()
         _stop_children_with_parent()
         tornado.process.fork_processes(args.processes or None)
+        sockets = tornado.netutil.bind_sockets(port, address=args.host, reuse_port=True)
     state = build_state(args.db, args.key_dir, require_auth=not args.no_auth,
                         threads=args.threads, site_loader=validate_site_dicts,
                         hot_path=args.hot_path,

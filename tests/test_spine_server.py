@@ -286,6 +286,37 @@ def test_update_without_site_name_after_restart_does_not_wait_for_a_lock(tmp_pat
         stop_server(server)
 
 
+def test_processes_share_the_connections(tmp_path):
+    """--processes N: every worker accepts connections of its own (SO_REUSEPORT); with one
+    shared socket a single worker was seen taking all of a benchmark's 50 keep-alive pilots."""
+    import socket
+
+    import psutil
+
+    server = start_server(tmp_path / "srv", extra=["--processes", "2"])
+    try:
+        workers = psutil.Process(server.proc.pid).children()
+        assert len(workers) == 2
+        port = int(server.url.rsplit(":", 1)[1])
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(24)]
+        try:
+            for c in conns:         # each connection gets its reply: somebody accepted it
+                c.sendall(b"GET /server/panda/isAlive HTTP/1.1\r\nHost: x\r\n"
+                          b"Accept: application/json\r\n\r\n")
+                assert c.recv(4096).startswith(b"HTTP/1.1 200")
+            mine = {c.getsockname()[1] for c in conns}
+            served = [sum(1 for k in w.net_connections(kind="tcp")
+                          if k.status == "ESTABLISHED" and k.raddr and k.raddr.port in mine)
+                      for w in workers]
+            # 24 connections hashed over 2 sockets: all on one has a chance of 2 in 16 million
+            assert sum(served) == 24 and min(served) > 0, served
+        finally:
+            for c in conns:
+                c.close()
+    finally:
+        stop_server(server)
+
+
 def test_server_stops_within_its_grace_time_despite_a_stuck_client(tmp_path):
     """SIGTERM waits for requests in flight, but not forever: a client that sent half a
     request must not keep the server (or its --processes workers) alive."""
