@@ -234,9 +234,11 @@ class Hello(tornado.web.RequestHandler):
     def post(self, method):
         self.set_header("Content-Type", "application/json")
         self.finish('{"StatusCode": 20, "errorDialog": "no jobs"}')
-socks = tornado.netutil.bind_sockets(int(sys.argv[1]), address="127.0.0.1")
+# like the server: with several processes each listens on its own socket (SO_REUSEPORT), so the
+# kernel spreads the connections and the baseline is not one busy process beside an idle one
 if int(sys.argv[2]) > 1:
     tornado.process.fork_processes(int(sys.argv[2]))
+socks = tornado.netutil.bind_sockets(int(sys.argv[1]), address="127.0.0.1", reuse_port=True)
 srv = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/server/panda/(\\w+)", Hello)]))
 srv.add_sockets(socks)
 IOLoop.current().start()
