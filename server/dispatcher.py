@@ -210,6 +210,8 @@ class Dispatcher:
         site = str(form.get("siteName") or "")
         if not (self.tb.site_is_cached(site) and (chooser is None or chooser.is_fresh(site))):
             await run(self._warm_caches, site)     # the caches' database reads, off the loop
+            if not self.tb.site_is_cached(site):   # unknown site: its error, off the loop too
+                return await run(self.get_job, form, identity)
         req = self._job_request(form, identity)
         if isinstance(req, dict):
             return req
