@@ -36,7 +36,7 @@ def _server_parser() -> argparse.ArgumentParser:
                    "front of the server (off: the peer's address is the client's)")
     p.add_argument("--no-hot-path", dest="hot_path", action="store_false",
                    help="PostgreSQL: run getJob and updateJob through the thread pool like "
-                   "everything else (see docs/server.md, 'The hot path')")
+                   "everything else (docs/server.md, 'A hot path for the pilots on PostgreSQL')")
     p.add_argument("--key-dir", default=str(DEFAULT_KEYS),
                    help="token secret and job-spec signing key (created if missing)")
     p.add_argument("--site-configs", metavar="DIR",

@@ -322,20 +322,11 @@ class Dispatcher:
         if state not in _REPORTED:
             raise ProtocolError(SC_FAILED, f"state {state!r} is not one a pilot may report")
         fields: dict[str, Any] = {}
-        for key, column, conv in (
-                ("pilotErrorCode", "pilot_error_code", _int32),
-                ("transExitCode", "trans_exit_code", _int32),
-                ("exeErrorCode", "exe_error_code", _int32),
-                ("nEvents", "n_events", _int),
-                ("maxRSS", "max_rss", _int),
-                ("cpuConsumptionTime", "cpu_consumption_time", _float)):
+        for key, column, conv in _REPORT_NUMBERS:
             value = conv(form, key)
             if value is not None:
                 fields[column] = value
-        for key, column in (("pilotErrorDiag", "pilot_error_diag"),
-                            ("exeErrorDiag", "exe_error_diag"),
-                            ("node", "node"), ("batchID", "batch_id"),
-                            ("jobMetrics", "job_metrics")):
+        for key, column in _REPORT_TEXTS:
             if form.get(key) not in (None, ""):
                 fields[column] = _text(form[key], column)
         stored = parse_stored_files(form["xml"]) if form.get("xml") else {}
@@ -437,6 +428,19 @@ class Dispatcher:
             states.append(job["status"] if job else "unknown")
             commands.append((job or {}).get("command") or "NULL")
         return {"StatusCode": SC_OK, "status": _join(states), "command": _join(commands)}
+
+
+# what an updateJob may set on the job: (form key, column[, converter])
+_REPORT_NUMBERS = (("pilotErrorCode", "pilot_error_code", _int32),
+                   ("transExitCode", "trans_exit_code", _int32),
+                   ("exeErrorCode", "exe_error_code", _int32),
+                   ("nEvents", "n_events", _int),
+                   ("maxRSS", "max_rss", _int),
+                   ("cpuConsumptionTime", "cpu_consumption_time", _float))
+_REPORT_TEXTS = (("pilotErrorDiag", "pilot_error_diag"), ("exeErrorDiag", "exe_error_diag"),
+                 ("node", "node"), ("batchID", "batch_id"), ("jobMetrics", "job_metrics"))
+#: the job columns an updateJob may set (the hot path's statements set exactly these)
+REPORT_COLUMNS = tuple(c for _, c, *_ in _REPORT_NUMBERS + _REPORT_TEXTS)
 
 
 def parse_stored_files(xml: str) -> dict[str, dict]:

@@ -33,9 +33,11 @@ from typing import Any
 import psycopg
 
 from panda_wms.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
-                              TaskState, check_job_transition)
+                              TaskState)
 
-from .taskbuffer import TaskBuffer, job_with_files
+from . import db
+from .dispatcher import REPORT_COLUMNS
+from .taskbuffer import TaskBuffer, _steps, job_with_files, stored_checksum
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +47,12 @@ _HOLDING, _FINISHED = str(JobState.HOLDING), str(JobState.FINISHED)
 
 
 def _legal_from(new: str, via: tuple[str, ...] = ()) -> list[str]:
-    """Pilot-owned states from which ``via`` then ``new`` is a legal path (a state equal to the
-    next step is passed through, as TaskBuffer's path check does)."""
+    """Pilot-owned states from which ``via`` then ``new`` is a legal path (TaskBuffer's own
+    path check decides)."""
     out = []
     for old in _OWNED:
-        cur = old
         try:
-            for state in (*via, new):
-                if state != cur:
-                    check_job_transition(cur, state)
-                    cur = state
+            _steps(old, [*via, new])
         except IllegalTransition:
             continue
         out.append(old)
@@ -83,7 +81,6 @@ class ConnectionPool:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
-        import psycopg
         while True:
             try:
                 conn = await self._get()
@@ -107,7 +104,6 @@ class ConnectionPool:
         if self._idle:
             return self._idle.pop()
         if self._opened < self.size:
-            import psycopg
             self._opened += 1
             try:
                 # prepare_threshold=0: every statement is prepared at its first use on the
@@ -166,11 +162,13 @@ class Coalescer:
     commit serve many requests; an idle server runs each request at once.
 
     ``run(key, items) -> results`` answers a batch (``results[i]`` for ``items[i]``; a short
-    list answers the rest with None; an exception as a result is raised to that caller only). At most ``max_inflight`` batches of one key run at once,
-    each of at most ``max_batch`` items. A batch only ever starts after its requests arrived.
+    list answers the rest with None; an exception as a result is raised to that caller only).
+    At most ``max_inflight`` batches of one key run at once (one: while it runs, the next group
+    gathers), each of at most ``max_batch`` items. A batch only ever starts after its requests
+    arrived.
     """
 
-    def __init__(self, run, max_batch: int = 100, max_inflight: int = 2):
+    def __init__(self, run, max_batch: int = 100, max_inflight: int = 1):
         self.run = run
         self.max_batch = max_batch
         self.max_inflight = max_inflight
@@ -238,10 +236,10 @@ class HotPath:
         self._pools: dict[asyncio.AbstractEventLoop, ConnectionPool] = {}
         self._dispatch_sql: dict[tuple, tuple[str, dict]] = {}
         self._names: dict[str, list[str]] = {}     # result column names per statement
-        self._dispatches = Coalescer(self._dispatch_batch, max_inflight=1)
-        self._progresses = Coalescer(self._progress_batch, max_inflight=1)
-        self._finishes = Coalescer(self._finish_batch, max_inflight=1)
-        self._task_checks = Coalescer(self._task_check_batch, max_inflight=1)
+        self._dispatches = Coalescer(self._dispatch_batch)
+        self._progresses = Coalescer(self._progress_batch)
+        self._finishes = Coalescer(self._finish_batch)
+        self._task_checks = Coalescer(self._task_check_batch)
         self._from_state = {s: _legal_from(s) for s in _OWNED}
         self._finish_from = _legal_from(_FINISHED, (_HOLDING,))
 
@@ -269,7 +267,6 @@ class HotPath:
             from sqlalchemy import Integer, String, all_, bindparam
             from sqlalchemy.dialects.postgresql import ARRAY
 
-            from . import db
             where = None
             if mode == "eq":
                 where = [db.jobs.c.share == bindparam("p_share", type_=String)]
@@ -414,9 +411,8 @@ class HotPath:
         if not fields.keys() <= _PROGRESS_COLS.keys():
             return None
         files = [{"lfn": lfn, "guid": info.get("guid") or None, "fsize": info.get("fsize"),
-                  "checksum": (f"ad:{info['adler32']}" if info.get("adler32")
-                               else f"md5:{info['md5sum']}" if info.get("md5sum") else None),
-                  "surl": info.get("surl")} for lfn, info in stored.items()]
+                  "checksum": stored_checksum(info), "surl": info.get("surl")}
+                 for lfn, info in stored.items()]
         item = {"pid": panda_id, "site": site, "attempt": attempt_nr, "actor": actor,
                 "endpoint": endpoint, "stored": files, **fields}
         return await self._finishes.submit(None, item)
@@ -446,12 +442,15 @@ _TASK_SETTLED = ("SELECT t.status, EXISTS (SELECT 1 FROM jobs WHERE jobs.task_id
                  "AND jobs.status = ANY(%(live)s)) FROM tasks t WHERE t.task_id = %(tid)s")
 
 
-# the columns a progress report may set, with their types in the reports' JSON
-_PROGRESS_COLS = {"pilot_error_code": "int", "trans_exit_code": "int", "exe_error_code": "int",
-                  "n_events": "bigint", "max_rss": "bigint",
-                  "cpu_consumption_time": "float8", "pilot_error_diag": "text",
-                  "exe_error_diag": "text", "node": "varchar", "batch_id": "varchar",
-                  "job_metrics": "text"}
+def _report_types() -> dict[str, str]:
+    """The columns a pilot's report may set, with their PostgreSQL types (from ``db.jobs``):
+    the record type of the reports' JSON."""
+    from sqlalchemy.dialects import postgresql
+    dialect = postgresql.dialect()
+    return {c: db.jobs.c[c].type.compile(dialect=dialect) for c in REPORT_COLUMNS}
+
+
+_PROGRESS_COLS = _report_types()
 
 
 def _progress_sql() -> str:

@@ -19,12 +19,12 @@ import tornado.web
 from tornado import httputil
 from tornado.log import access_log
 
+from .app import encode_pilot_reply, pilot_call
+
 log = logging.getLogger(__name__)
 
 PREFIX = "/server/panda/"
 _METHOD = re.compile(r"^\w+$")
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
-            501: "Not Implemented"}
 
 
 class ServerApplication(tornado.web.Application):
@@ -81,7 +81,6 @@ class PilotCall(httputil.HTTPMessageDelegate):
         self.chunks = []
 
     async def _respond(self) -> None:
-        from .app import encode_pilot_reply, pilot_call
         request = self.request
         method = request.path[len(PREFIX):]
         try:
@@ -110,8 +109,8 @@ class PilotCall(httputil.HTTPMessageDelegate):
         headers["Date"] = _Date.now()
         headers["Server"] = "panda-wms"
         conn = request.connection
-        conn.write_headers(httputil.ResponseStartLine("", status, _REASONS.get(status, "")),
-                           headers, body)
+        reason = httputil.responses.get(status, "")
+        conn.write_headers(httputil.ResponseStartLine("", status, reason), headers, body)
         conn.finish()
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("%d %s %s (%s) %.2fms", status, request.method, request.uri,

@@ -244,11 +244,9 @@ class ShareChooser:
 
     def _ranked(self, site: str) -> tuple[list[str], set[str], dict[str, int]]:
         """(tree's share names best first, all tree names, activated per share), cached."""
-        if self.ttl_s > 0:
-            with self._lock:
-                hit = self._cache.get(site)
-            if hit and hit[0] > time.monotonic():
-                return hit[1]
+        hit = self._cached(site)
+        if hit is not None:
+            return hit
         tree = self.store.load()
         names, _, waiting = self.ranking(site, tree)
         value = (names, {s.name for s, _, _ in walk(tree)}, waiting)
@@ -277,11 +275,16 @@ class ShareChooser:
         return rank_shares(tree if tree is not None else self.store.load(), running), \
             running, waiting
 
-    def is_fresh(self, site: str) -> bool:
-        """Would ``plan(site)`` answer from the cache, without reading the database?"""
+    def _cached(self, site: str) -> tuple | None:
+        if self.ttl_s <= 0:
+            return None
         with self._lock:
             hit = self._cache.get(site)
-        return self.ttl_s > 0 and hit is not None and hit[0] > time.monotonic()
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+    def is_fresh(self, site: str) -> bool:
+        """Would ``plan(site)`` answer from the cache, without reading the database?"""
+        return self._cached(site) is not None
 
     def share_plan(self, site: str) -> list[str | tuple[str, ...]] | None:
         """The shares to ask in order, best first: a share's name, or, last, a tuple of the

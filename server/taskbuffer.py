@@ -203,18 +203,19 @@ class TaskBuffer:
     def get_site_cached(self, name: str, max_age_s: float = 5.0) -> dict:
         """``get_site`` through a per-process cache: every getJob and updateJob needs the
         site's config, which changes rarely; a change is seen within ``max_age_s``."""
-        now = time.monotonic()
-        hit = self._site_cache.get(name)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        row = self.get_site(name)
-        self._site_cache[name] = (now + max_age_s, row)
+        row = self._cached_site(name)
+        if row is None:
+            row = self.get_site(name)
+            self._site_cache[name] = (time.monotonic() + max_age_s, row)
         return row
+
+    def _cached_site(self, name: str) -> dict | None:
+        hit = self._site_cache.get(name)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
 
     def site_is_cached(self, name: str) -> bool:
         """Would ``get_site_cached(name)`` answer without reading the database?"""
-        hit = self._site_cache.get(name)
-        return hit is not None and hit[0] > time.monotonic()
+        return self._cached_site(name) is not None
 
     def list_sites(self) -> list[dict]:
         with db.read(self.engine) as conn:
@@ -662,8 +663,7 @@ class TaskBuffer:
                 if f.type == "output":
                     missing.append(f.lfn)
                 continue
-            checksum = (f"ad:{info['adler32']}" if info.get("adler32")
-                        else f"md5:{info['md5sum']}" if info.get("md5sum") else None)
+            checksum = stored_checksum(info)
             guid = info.get("guid") or f.guid
             file_rows.append({"b_row_id": f.row_id, "b_fsize": info.get("fsize"),
                               "b_checksum": checksum, "b_guid": guid, "b_endpoint": endpoint})
@@ -918,6 +918,15 @@ def is_retryable(exc: DBAPIError) -> bool:
         return True
     args = getattr(orig, "args", ())
     return bool(args) and args[0] in (1213, 1205)
+
+
+def stored_checksum(info: dict) -> str | None:
+    """A stored file's checksum as the catalogue keeps it (``ad:<hex>`` or ``md5:<hex>``)."""
+    if info.get("adler32"):
+        return f"ad:{info['adler32']}"
+    if info.get("md5sum"):
+        return f"md5:{info['md5sum']}"
+    return None
 
 
 def _steps(old: str, path: list[str]) -> list[tuple[str, str]]:
