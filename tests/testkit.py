@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from copytools.testing import stop_process
+from panda_wms.storage import replica_path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SITES = REPO / "site_configs"
@@ -89,6 +91,17 @@ def start_server(tmp: Path, db_url: str | None = None, site_dir: Path | None = N
 
 def stop_server(server: RunningServer) -> None:
     stop_process(server.proc)
+
+
+def put_input(se: Path, scope: str, lfn: str, data: bytes, store: bool = True) -> dict:
+    """Place a file on a storage element's folder (unless ``store`` is false: registered but
+    missing); return its catalogue entry (lfn, scope, fsize, adler32 checksum)."""
+    if store:
+        path = se / replica_path(scope, lfn)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return {"lfn": lfn, "scope": scope, "fsize": len(data),
+            "checksum": f"ad:{zlib.adler32(data):08x}"}
 
 
 def wait_for(fn, what: str, timeout: float = 30.0):

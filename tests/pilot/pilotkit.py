@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
 
 from fakepanda import FakePanda
-from panda_wms.storage import replica_path
+from testkit import put_input  # noqa: F401 - pilot tests import it from here
 
 SITE = "PILOT_TEST"
 TOKEN = "pilot-secret-token-123"
@@ -38,14 +37,6 @@ def site_config(se: Path, **overrides) -> dict:
         else:
             cfg[key] = value
     return cfg
-
-
-def put_input(se: Path, scope: str, lfn: str, data: bytes) -> dict:
-    """Place a file on the storage element; return its catalogue entry."""
-    path = se / replica_path(scope, lfn)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return {"lfn": lfn, "scope": scope, "fsize": len(data), "checksum": f"ad:{zlib.adler32(data):08x}"}
 
 
 def make_job(panda_id: int, script: str = "true", inputs: list[dict] | None = None,

@@ -5,14 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import zlib
 
 import pytest
 
-from testkit import EXAMPLE_SITES, RunningServer, start_server, stop_server, wait_http
+from testkit import (EXAMPLE_SITES, RunningServer, put_input, start_server, stop_server,
+                     wait_http)
 from panda_wms.client import PandaClient
 from panda_wms.errorcodes import ErrorCode
-from panda_wms.storage import replica_path
 from pilotkit import pilot_env
 
 SITE = "LOCAL_DEMO"
@@ -37,11 +36,7 @@ def real(tmp_path, monkeypatch):
 def register(server, user, names, dataset="p.inputs", scope="p"):
     files = []
     for lfn in names:
-        data = f"content of {lfn}\n".encode() * 50
-        path = server.se / replica_path(scope, lfn)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        files.append({"lfn": lfn, "fsize": len(data), "checksum": f"ad:{zlib.adler32(data):08x}"})
+        files.append(put_input(server.se, scope, lfn, f"content of {lfn}\n".encode() * 50))
     user.add_files(dataset, scope, files, "LOCAL_SE")
     return files
 

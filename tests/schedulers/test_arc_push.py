@@ -27,7 +27,7 @@ from panda_wms.storage import replica_path, replica_url
 from schedulers.arc import ArcBackend
 from schedulers.arc_push import ArcPushDriver, BadJob, PilotProtocolClient, parse_job, push_xrsl
 from schedulers.base import FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerError
-from testkit import free_port, start_server, stop_server
+from testkit import free_port, put_input, start_server, stop_server
 
 
 SITE = "ARC_PUSH_TEST"
@@ -77,14 +77,8 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         # inputs: two on the SE, one registered but missing from it
         files = []
         for i in range(3):
-            lfn = f"in.{i}.txt"
-            data = f"input {i}\n".encode() * 100
-            if i < 2:
-                path = se.root / replica_path(SCOPE, lfn)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-            files.append({"lfn": lfn, "fsize": len(data),
-                          "checksum": f"ad:{zlib.adler32(data):08x}"})
+            files.append(put_input(se.root, SCOPE, f"in.{i}.txt", f"input {i}\n".encode() * 100,
+                                   store=i < 2))
         assert user.add_files("push.inputs", SCOPE, files, "PUSH_SE") == 3
         common = {"scope": SCOPE, "transformation": "/bin/sh", "site": SITE,
                   "output_dataset": "push.outputs", "max_attempts": 1,
@@ -125,12 +119,8 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         # meanwhile, pilot mode: a real pilot through the arc backend takes a job of its site
         pilot_files = []
         for i in range(2):
-            lfn, data = f"pin.{i}.txt", f"pilot input {i}\n".encode() * 50
-            path = se.root / replica_path(SCOPE, lfn)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            pilot_files.append({"lfn": lfn, "fsize": len(data),
-                                "checksum": f"ad:{zlib.adler32(data):08x}"})
+            pilot_files.append(put_input(se.root, SCOPE, f"pin.{i}.txt",
+                                         f"pilot input {i}\n".encode() * 50))
         assert user.add_files("pilot.inputs", SCOPE, pilot_files, "PUSH_SE") == 2
         pilot_task = user.submit_task({**common, "name": "arcpilot", "site": PILOT_SITE,
                                        "input_dataset": "pilot.inputs", "files_per_job": 2,

@@ -12,16 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from testkit import free_port, start_server, stop_server
+from testkit import free_port, put_input, start_server, stop_server
 from panda_wms.client import PandaClient
-from panda_wms.storage import replica_path
 from schedulers.factory import STATE_FILE, Factory
 from site_configs import EXAMPLES_DIR, parse_site_config
 
@@ -62,11 +60,7 @@ def activate_jobs(srv, n: int, name: str = "ftask") -> int:
     files = []
     for i in range(n):
         lfn = f"{name}.in.{i}.txt"
-        data = f"input {i}\n".encode() * 20
-        path = srv.se / replica_path("ft", lfn)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        files.append({"lfn": lfn, "fsize": len(data), "checksum": f"ad:{zlib.adler32(data):08x}"})
+        files.append(put_input(srv.se, "ft", lfn, f"input {i}\n".encode() * 20))
     user.add_files(f"{name}.inputs", "ft", files, "LOCAL_SE")
     task_id = user.submit_task({
         "name": name, "scope": "ft", "transformation": "/bin/sh",

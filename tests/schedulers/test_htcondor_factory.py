@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from testkit import start_server, stop_server
+from testkit import put_input, start_server, stop_server
 from panda_wms.client import PandaClient
-from panda_wms.storage import replica_path
 from schedulers.factory import Factory
 from site_configs import EXAMPLES_DIR, parse_site_config
 
@@ -43,13 +41,8 @@ def test_factory_runs_real_pilots_through_htcondor(tmp_path, monkeypatch):
         user = PandaClient(server.url, server.token("user", "alice"))
         files = []
         for i in range(2):
-            lfn = f"c.in.{i}.txt"
-            payload = f"input {i}\n".encode() * 10
-            path = tmp_path / "se" / replica_path("ct", lfn)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(payload)
-            files.append({"lfn": lfn, "fsize": len(payload),
-                          "checksum": f"ad:{zlib.adler32(payload):08x}"})
+            files.append(put_input(tmp_path / "se", "ct", f"c.in.{i}.txt",
+                                   f"input {i}\n".encode() * 10))
         user.add_files("c.inputs", "ct", files, "LOCAL_SE")
         task_id = user.submit_task({
             "name": "ctask", "scope": "ct", "transformation": "/bin/sh",
