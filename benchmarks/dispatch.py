@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -77,39 +78,48 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name (state, ppid, ...); [] when it is gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of one process (0 when it is gone)."""
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 def process_tree_cpu(pid: int) -> float:
     """CPU seconds of a process and its direct children (forked server workers)."""
-    kids = [pid]
-    for other in os.listdir("/proc"):
-        if other.isdigit():
-            try:
-                if int(open(f"/proc/{other}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(other))
-            except (OSError, IndexError, ValueError):
-                pass
+    kids = [pid] + [int(p) for p in os.listdir("/proc")
+                    if p.isdigit() and _stat(p)[1:2] == [str(pid)]]
     return sum(_cpu_s(p) for p in kids)
+
+
+@contextlib.contextmanager
+def admin_connection():
+    """An autocommit connection to the PostgreSQL server's ``postgres`` database."""
+    from sqlalchemy import create_engine
+    admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            yield conn
+    finally:
+        admin.dispose()
 
 
 def cpu_snapshot(server: subprocess.Popen, url: str) -> dict[str, float]:
     """CPU seconds used so far by the server's processes and by the database's backends of
     the benchmark database: CPU per cycle moves less with other load on the machine than
     wall-clock rates do."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
     name = url.rsplit("/", 1)[1]
-    admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
+    with admin_connection() as conn:
         backends = list(conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :n "
                                           "AND pid <> pg_backend_pid()"), {"n": name}).scalars())
-    admin.dispose()
     return {"server": process_tree_cpu(server.pid),
             **{f"pg{p}": _cpu_s(p) for p in backends}}
 
@@ -129,10 +139,9 @@ def pct(values: list[float], q: float) -> float:
 
 # ---------------------------------------------------------------------- database
 def create_db() -> str:
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
     name = f"panda_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
+    with admin_connection() as conn:
         # databases of earlier runs that were killed before they could drop them
         for old in conn.execute(text("SELECT datname FROM pg_database "
                                      "WHERE datname LIKE 'panda_bench_%'")).scalars():
@@ -140,17 +149,13 @@ def create_db() -> str:
             if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
     return f"{PG_ADMIN}/{name}"
 
 
 def drop_db(url: str) -> None:
-    from sqlalchemy import create_engine, text
-    name = url.rsplit("/", 1)[1]
-    admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    from sqlalchemy import text
+    with admin_connection() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
 
 
 def seed(url: str, n_jobs: int) -> None:
@@ -201,12 +206,10 @@ def seed(url: str, n_jobs: int) -> None:
 
 
 def set_async_commit(url: str) -> None:
-    from sqlalchemy import create_engine, text
-    name = url.rsplit("/", 1)[1]
-    admin = create_engine(PG_ADMIN + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
-    admin.dispose()
+    from sqlalchemy import text
+    with admin_connection() as conn:
+        conn.execute(text(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" '
+                          "SET synchronous_commit = off"))
 
 
 def count_states(url: str) -> dict[str, int]:
