@@ -11,8 +11,8 @@ import os
 from dataclasses import asdict, dataclass
 from urllib.parse import unquote, urlsplit
 
-from panda_wms.errorcodes import ErrorCode, error_text
-from panda_wms.storage import BadFileName, check_name
+from panda_core.errorcodes import ErrorCode, error_text
+from panda_core.replicas import BadFileName, check_name
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import os
 import sys
 from types import ModuleType
 
-from panda_wms.errorcodes import ErrorCode
+from panda_core.errorcodes import ErrorCode
 
 from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, _unlink_quietly
 from .checksum import StreamChecksum

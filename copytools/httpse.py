@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="answer PUT into a missing folder with 409, as RFC 4918 says, instead "
                         "of creating the parents")
     args = parser.parse_args(argv)
-    from panda_wms.cli import setup_logging
+    from panda_core.logs import setup_logging
 
     setup_logging()
     token = os.environ.get("PANDA_SE_TOKEN") or None

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 
-from panda_wms.errorcodes import ErrorCode
+from panda_core.errorcodes import ErrorCode
 
 from .base import (CopyTool, Transfer, TransferError, TransferResult, partial_path, url_path,
                    _unlink_quietly)

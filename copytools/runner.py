@@ -13,7 +13,8 @@ import signal
 import time
 import traceback
 
-from panda_wms.errorcodes import ErrorCode
+from panda_core.errorcodes import ErrorCode
+from panda_core.retry import RetryPolicy
 
 from .base import CopyTool, Transfer, TransferError, TransferResult
 
@@ -111,7 +112,8 @@ def attempt(tool: CopyTool, t: Transfer, direction: str, timeout: float) -> Tran
 def run_transfer(tool: CopyTool, transfer: Transfer, direction: str, timeout: float,
                  retries: int = 2, backoff: float = 1.0) -> TransferResult:
     """Move one file in ("in") or out ("out"): up to ``1 + retries`` attempts, each killed after
-    ``timeout`` s (1151/1152), waiting ``backoff * 2**n`` s between retryable failures.
+    ``timeout`` s (1151/1152), waiting as ``RetryPolicy`` says (from ``backoff`` s, doubling,
+    jittered) between retryable failures.
 
     Raises the last TransferError when no attempt succeeded.
     """
@@ -119,21 +121,21 @@ def run_transfer(tool: CopyTool, transfer: Transfer, direction: str, timeout: fl
         raise ValueError(f"direction must be 'in' or 'out', not {direction!r}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, not {timeout!r}")
-    attempts = 1 + max(0, int(retries))
-    for n in range(attempts):
+    policy = RetryPolicy(attempts=1 + max(0, int(retries)), backoff_s=backoff)
+    waits = policy.waits()
+    for n in range(policy.attempts):
         try:
             result = attempt(tool, transfer, direction, timeout)
             log.info("%s stage-%s of %s:%s done (%d bytes, adler32 %s, attempt %d)", tool.name,
                      direction, transfer.scope, transfer.lfn, result.fsize, result.adler32, n + 1)
             return result
         except TransferError as exc:
-            last = n == attempts - 1
-            if not exc.retryable or last:
+            delay = next(waits, None)
+            if not exc.retryable or delay is None:
                 log.warning("%s stage-%s of %s failed for good: %s", tool.name, direction,
                             transfer.lfn, exc)
                 raise
-            delay = backoff * (2 ** n)
             log.warning("%s stage-%s of %s failed (attempt %d of %d), retrying in %.1f s: %s",
-                        tool.name, direction, transfer.lfn, n + 1, attempts, delay, exc)
+                        tool.name, direction, transfer.lfn, n + 1, policy.attempts, delay, exc)
             time.sleep(delay)
     raise AssertionError("unreachable")

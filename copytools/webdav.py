@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from panda_wms.errorcodes import ErrorCode
+from panda_core.errorcodes import ErrorCode
 
 from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, _unlink_quietly
 from .checksum import StreamChecksum

@@ -15,7 +15,7 @@ import subprocess
 import threading
 from urllib.parse import urlsplit
 
-from panda_wms.errorcodes import ErrorCode
+from panda_core.errorcodes import ErrorCode
 
 from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, _unlink_quietly
 from .checksum import StreamChecksum

@@ -1,6 +1,7 @@
-"""Shared vocabulary and the ``panda`` command.
+"""The ``panda`` command and the demo: the top, which imports the parts and is imported by none.
 
-Nothing here imports tornado or sqlalchemy: the pilot (a worker-node agent) imports from this
-package too, and must start fast.
+The shared vocabulary lives in ``panda_core``; see docs/architecture.md.
 """
-__version__ = "0.1.0"
+from panda_core import __version__
+
+__all__ = ["__version__"]

@@ -6,8 +6,6 @@ Each target is ``module:function`` taking the remaining argv and returning an ex
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -23,13 +21,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "se": ("copytools.httpse:main", "serve a folder as an HTTP/WebDAV storage element"),
     "demo": ("panda_wms.demo:main", "run a server, a site and pilots; process a task end to end"),
 }
-
-
-def setup_logging(level: str | None = None) -> None:
-    """Configure the root logger once for command-line use (library code only gets loggers)."""
-    level = (level or os.environ.get("PANDA_LOG_LEVEL") or "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
 def usage() -> str:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .client import ClientError, PandaClient, default_url, load_token
+from panda_core.client import ApiClient, ClientError, default_url, load_token
 
 
 class TaskFileError(ValueError):
@@ -41,8 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _client(args) -> PandaClient:
-    return PandaClient(args.server, load_token(args.token_file))
+def _client(args) -> ApiClient:
+    return ApiClient(args.server, load_token(args.token_file))
 
 
 def _fail(message: str) -> int:

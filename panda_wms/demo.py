@@ -108,8 +108,8 @@ class Demo:
     def run(self) -> int:
         from server.auth import KeyStore
 
-        from .client import PandaClient
-        from .storage import replica_path
+        from panda_core.client import ApiClient
+        from panda_core.replicas import replica_path
 
         t0 = time.monotonic()
         sites_dir = self.workdir / "sites"
@@ -130,7 +130,7 @@ class Demo:
         self.start("server", ["server", "--db", f"sqlite:///{self.workdir / 'panda.db'}",
                               "--port", str(port), "--key-dir", str(keys_dir),
                               "--site-configs", str(sites_dir)])
-        admin = PandaClient(url, admin_token, timeout=10)
+        admin = ApiClient(url, admin_token, timeout=10)
         self._wait_server(admin)
         self.say(f"server       {url}")
         self.say(f"monitor      {url}/monitor/tasks")
@@ -146,7 +146,7 @@ class Demo:
             path.write_bytes(data)
             files.append({"lfn": lfn, "fsize": len(data),
                           "checksum": f"ad:{zlib.adler32(data) & 0xffffffff:08x}"})
-        user = PandaClient(url, user_token, timeout=10)
+        user = ApiClient(url, user_token, timeout=10)
         user.add_files(dataset, scope, files, ddm_endpoint=SE_NAME)
         self.say(f"storage      file://{self.se_root} ({len(files)} input files registered)")
 
@@ -175,7 +175,7 @@ class Demo:
         return 0 if ok else 1
 
     def _wait_server(self, client) -> None:
-        from .client import ClientError
+        from panda_core.client import ClientError
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -251,7 +251,7 @@ def _seconds(iso: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    from .cli import setup_logging
+    from panda_core.logs import setup_logging
 
     p = argparse.ArgumentParser(prog="panda demo", description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=20, help="jobs in the demo task")

@@ -135,7 +135,7 @@ def job_request(cfg, site, node: dict, remaining: float | None) -> dict:
     """The getJob form (PanDA's names plus our pilotVersion, cores, remainingWalltime)."""
     from .job import __version__
 
-    cores = site.raw.get("resources", {}).get("cores") or node["cores"]
+    cores = site.resources.cores or node["cores"]
     form = {"siteName": site.name, "computingElement": site.name, "prodSourceLabel": "managed",
             "node": node["node"], "cpu": node["cpu"], "mem": node["mem"],
             "diskSpace": node["diskSpace"], "resourceType": "MCORE" if int(cores) > 1 else "SCORE",
@@ -149,11 +149,13 @@ def job_request(cfg, site, node: dict, remaining: float | None) -> dict:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from panda_wms.cli import setup_logging
+    from panda_core.logs import setup_logging
 
     setup_logging(args.log_level)
     started = time.time()
-    from .client import PandaClient, ProtocolError, RetryPolicy
+    from panda_core.client import ClientError, PilotClient, ProtocolError
+    from panda_core.retry import RetryPolicy
+
     from .errors import ErrorCode, PilotError
     from .job import JobRun, KillRequest, PilotConfig
 
@@ -174,7 +176,11 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         log.error("cannot read the token file: %s", exc)
         return EXIT_USAGE
-    client = PandaClient(args.server, token, retry)
+    try:
+        client = PilotClient(args.server, token, retry=retry, user_agent="panda-wms-pilot")
+    except ClientError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
 
     stop = KillRequest()
 

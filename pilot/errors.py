@@ -2,29 +2,20 @@
 
 Every failure the pilot reports (``pilotErrorCode``/``pilotErrorDiag``) comes from a ``PilotError``,
 so a code can never be forgotten on the way from where it happened to the final update.
+``ServerUnreachable`` (every try of a server call failed) comes from the protocol client.
 """
 from __future__ import annotations
 
-from panda_wms.errorcodes import ERROR_TEXT, DispatcherCode, ErrorCode, error_text
+from panda_core.client import ServerUnreachable
+from panda_core.errorcodes import ERROR_TEXT, CodedError, DispatcherCode, ErrorCode, error_text
 
 __all__ = ["ErrorCode", "ERROR_TEXT", "DispatcherCode", "error_text", "PilotError",
            "ServerUnreachable", "BadJobSpec", "BadSignature", "PayloadKilled", "StageError"]
 
 
-class PilotError(Exception):
-    """A failure with a PanDA pilot error code and a short diagnostic for the server."""
-
-    def __init__(self, code: int, diag: str = "") -> None:
-        self.code = int(code)
-        self.diag = diag or error_text(code)
-        super().__init__(f"[{self.code}] {self.diag}")
-
-
-class ServerUnreachable(PilotError):
-    """The server did not answer after all retries (the call may be repeated later)."""
-
-    def __init__(self, diag: str) -> None:
-        super().__init__(ErrorCode.COMMUNICATION_FAILURE, diag)
+#: a failure with a PanDA pilot error code and a short diagnostic for the server; the ground's
+#: coded errors (a job spec that does not decode, a server that stays away) are PilotErrors too
+PilotError = CodedError
 
 
 class BadJobSpec(PilotError):

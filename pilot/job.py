@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from panda_core.client import PilotClient, server_commands
+from panda_core.retry import RetryPolicy
+from panda_core.siteconfig import SiteConfig
+from panda_core.wire import JobSpec, decode_job
+
 from . import statefile as sf
-from .client import PandaClient, RetryPolicy, server_commands
 from .errors import BadJobSpec, ErrorCode, PayloadKilled, PilotError, ServerUnreachable
-from .jobspec import JobSpec, parse_job
 from .payload import Payload, PayloadResult, build_argv, scrub_env
 from .plugins import notify
 from .report import (HEARTBEAT_RETRY, KILL_COMMANDS, err_dict, final_form, heartbeat_form,
                      redact, result_dict, send_final)
-from .site import SiteInfo
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ class KillRequest:
 
 
 class JobRun:
-    def __init__(self, cfg: PilotConfig, client: PandaClient, site: SiteInfo, pm,
+    def __init__(self, cfg: PilotConfig, client: PilotClient, site: SiteConfig, pm,
                  raw: dict[str, Any], verifier=None, stop: KillRequest | None = None) -> None:
         self.cfg, self.client, self.site, self.pm, self.raw = cfg, client, site, pm, raw
         self.verifier = verifier
@@ -161,7 +163,7 @@ class JobRun:
             code = ErrorCode.NO_LOCAL_SPACE if getattr(exc, "errno", 0) == 28 else ErrorCode.GENERAL
             return self._finish("failed", PilotError(code, f"cannot create work dir: {exc}"), {})
         self.state = {"version": 1, "pilot_pid": os.getpid(), "node": self.cfg.node,
-                      "server": self.client.server, "site": redact(self.site.raw),
+                      "server": self.client.url, "site": redact(self.site.to_dict()),
                       "site_name": self.site.name,
                       "job": self.raw, "started": self.start_time}
         self._save(sf.RECEIVED)
@@ -200,7 +202,7 @@ class JobRun:
             if self.verifier is not None:
                 self.verifier.verify(self.raw)
             try:
-                self.job = parse_job(self.raw)
+                self.job = decode_job(self.raw)
             except PilotError:
                 raise
             except Exception as exc:  # anything unexpected in a spec is a bad spec
@@ -290,7 +292,7 @@ class JobRun:
         from .monitoring import JobLimits, MonitorContext, PILOT_FILES
 
         assert self.payload is not None
-        limits = JobLimits.resolve(job, self.site.limits)
+        limits = JobLimits.resolve(job, self.site)
         scratch: dict[str, Any] = {}
         ignore = PILOT_FILES | {"pilot_inputs.json"}
         next_check = time.monotonic() + min(self.cfg.monitor_interval_s, 1.0)

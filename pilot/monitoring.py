@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .jobspec import JobSpec
+from panda_core.siteconfig import SiteConfig
+from panda_core.wire import JobSpec
 from .payload import Sample
-from .site import Limits
 
 #: files the pilot itself writes in a work dir: never evidence that the payload made progress
 PILOT_FILES = frozenset({"pilot_state.json", ".pilot.lock", ".payload_exit", "payload.stdout",
@@ -36,13 +36,14 @@ class JobLimits:
     stdout_silent_s: float
 
     @classmethod
-    def resolve(cls, job: JobSpec, site: Limits) -> "JobLimits":
-        return cls(looping_s=site.looping_s,
-                   memory_mb=float(job.max_rss_mb or site.memory_mb or 0),
-                   workdir_mb=float(job.max_disk_mb or site.max_workdir_mb or 0),
-                   min_free_disk_mb=site.min_free_disk_mb,
-                   walltime_s=float(job.max_walltime_s or site.walltime_s or 0),
-                   stdout_silent_s=site.stdout_silent_s)
+    def resolve(cls, job: JobSpec, site: SiteConfig) -> "JobLimits":
+        limits = site.limits
+        return cls(looping_s=limits.looping_s,
+                   memory_mb=float(job.max_rss_mb or site.resources.memory_mb or 0),
+                   workdir_mb=float(job.max_disk_mb or limits.max_workdir_mb or 0),
+                   min_free_disk_mb=limits.min_free_disk_mb,
+                   walltime_s=float(job.max_walltime_s or site.resources.max_walltime_s or 0),
+                   stdout_silent_s=limits.stdout_silent_s)
 
 
 @dataclass

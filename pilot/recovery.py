@@ -15,12 +15,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from panda_core.client import PilotClient
+from panda_core.retry import RetryPolicy
+from panda_core.siteconfig import SiteConfig
+from panda_core.wire import decode_job
+
 from . import statefile as sf
-from .client import PandaClient, RetryPolicy
 from .errors import ErrorCode, PilotError
-from .jobspec import parse_job
 from .payload import EXIT_FILE, PayloadResult
-from .site import SiteInfo, site_from_queuedata
+from .site import site_from_queuedata
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,8 @@ def _exit_code(workdir: Path) -> int | None:
         return None
 
 
-def recover_all(base: Path, client: PandaClient, pm=None, keep: bool = False,
-                policy: RetryPolicy | None = None, site: SiteInfo | None = None) -> list[str]:
+def recover_all(base: Path, client: PilotClient, pm=None, keep: bool = False,
+                policy: RetryPolicy | None = None, site: SiteConfig | None = None) -> list[str]:
     """Recover every dead pilot's job dir below ``base``; return the PandaIDs whose final state
     reached the server. ``site``: this pilot's own queue description, used (with its copytool
     secrets, which state files never hold) for jobs of the same site."""
@@ -80,8 +83,8 @@ def recover_all(base: Path, client: PandaClient, pm=None, keep: bool = False,
     return done
 
 
-def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
-                policy: RetryPolicy | None = None, own_site: SiteInfo | None = None) -> str | None:
+def recover_one(wd: Path, client: PilotClient, pm=None, keep: bool = False,
+                policy: RetryPolicy | None = None, own_site: SiteConfig | None = None) -> str | None:
     from .job import JobRun, PilotConfig
     from .report import send_final
 
@@ -95,9 +98,9 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
     raw = state.get("job") or {}
     panda_id = str(raw.get("PandaID", "?"))
     phase = state.get("phase")
-    if state.get("server") and state["server"].rstrip("/") != client.server:
+    if state.get("server") and state["server"].rstrip("/") != client.url:
         log.info("recovery: job %s belongs to server %s, not %s; left", panda_id, state["server"],
-                 client.server)
+                 client.url)
         return None
     log.info("recovery: job %s of dead pilot %s found in phase %s", panda_id,
              state.get("pilot_pid"), phase)
@@ -120,7 +123,7 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
     else:
         site = site_from_queuedata({"panda_wms": state.get("site") or {}},
                                    state.get("site_name", ""))
-    cfg = PilotConfig(server=client.server, site=site.name, workdir_base=wd.parent,
+    cfg = PilotConfig(server=client.url, site=site.name, workdir_base=wd.parent,
                       keep_workdirs=keep, final_retry=policy)
     run = JobRun(cfg, client, site, pm, raw)
     run.jobdir = wd
@@ -128,7 +131,7 @@ def recover_one(wd: Path, client: PandaClient, pm=None, keep: bool = False,
     run.state = state
     run.start_time = float(state.get("started") or 0) or run.start_time
     try:
-        run.job = parse_job(raw)
+        run.job = decode_job(raw)
     except PilotError as exc:
         run._finish("failed", exc, {})
         return panda_id if _delivered(wd) else None

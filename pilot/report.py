@@ -11,7 +11,9 @@ import re
 import time
 from typing import Any
 
-from .client import PandaClient, ProtocolError, RetryPolicy, status_code
+from panda_core.client import PilotClient, ProtocolError, status_code
+from panda_core.retry import RetryPolicy
+
 from .errors import PilotError, ServerUnreachable, diag_limit, error_text
 from .payload import Payload, PayloadResult
 
@@ -89,7 +91,7 @@ def final_form(form: dict[str, Any], error: PilotError | None, res: PayloadResul
     return form
 
 
-def send_final(client: PandaClient, form: dict[str, Any], policy: RetryPolicy) -> bool:
+def send_final(client: PilotClient, form: dict[str, Any], policy: RetryPolicy) -> bool:
     """Deliver a final update; False when the server stayed away (the caller keeps it on disk)."""
     try:
         reply = client.update_job(form, policy)

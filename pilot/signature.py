@@ -1,24 +1,17 @@
 """Check a job spec's Ed25519 signature before anything of the job runs.
 
-The server signs the canonical JSON of the job dict without ``specSignature``
-(``json.dumps(job, sort_keys=True, separators=(",", ":"))``); a spec changed on the way, or signed
+The server signs ``panda_core.canonical.signed_bytes(job)``; a spec changed on the way, or signed
 by another key, is refused with BAD_SIGNATURE. ``cryptography`` is imported here only, lazily.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
+from panda_core.canonical import SIGNATURE_KEY, signed_bytes
+
 from .errors import BadSignature
-
-SIGNATURE_KEY = "specSignature"
-
-
-def canonical(job: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in job.items() if k != SIGNATURE_KEY}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 class SpecVerifier:
@@ -47,7 +40,7 @@ class SpecVerifier:
         except (binascii.Error, ValueError):
             raise BadSignature("job spec signature is not base64") from None
         try:
-            self._key.verify(sig, canonical(job))
+            self._key.verify(sig, signed_bytes(job))
         except InvalidSignature:
             raise BadSignature("job spec signature does not verify: spec altered or wrong "
                                "key") from None

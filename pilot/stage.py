@@ -2,7 +2,7 @@
 
 Each file goes through ``copytools.run_transfer`` with the site's tool for its direction (input and
 output tools may differ), under the site's timeout and retries. Replica URLs come from
-``panda_wms.storage.replica_url``, so every part of the system agrees where a file lives.
+``panda_core.replicas.replica_url``, so every part of the system agrees where a file lives.
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from panda_wms.storage import BadFileName, replica_url
-
+from panda_core.replicas import BadFileName, replica_url
 from .errors import ErrorCode, StageError
-from .jobspec import FileSpec, JobSpec
-from .site import SiteInfo
+from panda_core.siteconfig import SiteConfig
+from panda_core.wire import FileSpec, JobSpec
+
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ class StageSettings:
     backoff_s: float = 1.0
 
     @classmethod
-    def from_site(cls, site: SiteInfo, backoff_s: float = 1.0) -> "StageSettings":
-        return cls(site.transfer_timeout_s, site.transfer_retries, backoff_s)
+    def from_site(cls, site: SiteConfig, backoff_s: float = 1.0) -> "StageSettings":
+        return cls(site.transfer.timeout_s, site.transfer.retries, backoff_s)
 
 
 def _tool(name: str, options: dict[str, Any], direction: str):
@@ -51,7 +51,7 @@ def _surl(se_url: str, scope: str, lfn: str, code: int) -> str:
         raise StageError(ErrorCode.HOSTILE_FILE_NAME, str(exc), lfn) from None
 
 
-def stage_in(job: JobSpec, site: SiteInfo, workdir: Path,
+def stage_in(job: JobSpec, site: SiteConfig, workdir: Path,
              settings: StageSettings) -> dict[str, str]:
     """Bring the job's inputs into ``workdir``; return {lfn: local path or URL for direct read}."""
     files: dict[str, str] = {}
@@ -60,9 +60,9 @@ def stage_in(job: JobSpec, site: SiteInfo, workdir: Path,
     from copytools import Transfer, TransferError, run_transfer
 
     direct = site.direct_read and job.direct_read
-    tool = None if direct else _tool(site.input_tool, site.input_options, "in")
+    tool = None if direct else _tool(site.copytools.input.name, site.copytools.input.options, "in")
     for f in job.inputs:
-        surl = _surl(site.input_se, f.scope, f.lfn, ErrorCode.STAGEIN_FAILED)
+        surl = _surl(site.storage.input.url, f.scope, f.lfn, ErrorCode.STAGEIN_FAILED)
         if direct:
             files[f.lfn] = surl
             log.info("direct read of %s:%s from %s", f.scope, f.lfn, surl)
@@ -78,7 +78,7 @@ def stage_in(job: JobSpec, site: SiteInfo, workdir: Path,
     return files
 
 
-def stage_out(files: list[FileSpec], local_dir: Path, site: SiteInfo,
+def stage_out(files: list[FileSpec], local_dir: Path, site: SiteConfig,
               settings: StageSettings) -> dict[str, dict[str, Any]]:
     """Store ``files`` from ``local_dir``; return PanDA's ``xml`` dict {lfn: {guid, fsize, adler32,
     surl}}. Raises StageError on the first file that cannot be stored (with what was stored so far
@@ -88,14 +88,14 @@ def stage_out(files: list[FileSpec], local_dir: Path, site: SiteInfo,
         return stored
     from copytools import Transfer, TransferError, run_transfer
 
-    tool = _tool(site.output_tool, site.output_options, "out")
+    tool = _tool(site.copytools.output.name, site.copytools.output.options, "out")
     for f in files:
         local = local_dir / f.lfn
         if not local.is_file():
             err = StageError(ErrorCode.NO_SUCH_FILE, f"output file {f.lfn} was not produced", f.lfn)
             err.stored = stored
             raise err
-        surl = _surl(site.output_se, f.scope, f.lfn, ErrorCode.STAGEOUT_FAILED)
+        surl = _surl(site.storage.output.url, f.scope, f.lfn, ErrorCode.STAGEOUT_FAILED)
         guid = f.guid or str(uuid.uuid4())
         t = Transfer(lfn=f.lfn, scope=f.scope, surl=surl, local_path=str(local), guid=guid)
         try:

@@ -28,8 +28,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-from panda_wms.errorcodes import ErrorCode, error_text
-from panda_wms.storage import BadFileName, check_name, replica_url
+from panda_core.client import ClientError, PilotClient
+from panda_core.errorcodes import CodedError, ErrorCode, error_text
+from panda_core.replicas import replica_url
+from panda_core.retry import RetryPolicy
+from panda_core.wire import WireError, decode_job
 
 from .arc import ArcBackend, ArcJob, job_xrsl
 from .base import SchedulerError
@@ -48,12 +51,8 @@ WRAPPER = ('"$@" >payload.stdout 2>payload.stderr </dev/null; rc=$?; '
            'exit "$rc"')
 
 
-class BadJob(Exception):
-    """A job from the server that cannot be turned into an ARC job; carries a pilot error code."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+#: a job that cannot be turned into an ARC job, with the pilot error code to report it by
+BadJob = CodedError
 
 
 @dataclass
@@ -85,68 +84,31 @@ class PushJob:
             raise BadJob(ErrorCode.BAD_JOB_SPEC, f"jobPars cannot be split: {exc}") from None
 
 
-def _split(value: Any) -> list[str]:
-    text = "" if value in (None, "NULL") else str(value)
-    return [v.strip() for v in text.split(",")] if text.strip() else []
-
-
-def _int(raw: dict, key: str, default: int) -> int:
-    try:
-        value = raw.get(key)
-        return int(value) if value not in (None, "", "NULL") else default
-    except (TypeError, ValueError):
-        raise BadJob(ErrorCode.BAD_JOB_SPEC, f"{key} {raw.get(key)!r} is not a number") from None
+#: names ARC's session directory holds besides the job's own files
+RESERVED_NAMES = frozenset({"payload.stdout", "payload.stderr", "payload.exitcode", "arc.out",
+                            "arc.err"})
 
 
 def parse_job(raw: dict, input_se: str, output_se: str) -> PushJob:
-    """Turn a getJob reply into a PushJob; hostile names and missing fields raise BadJob."""
+    """Turn a getJob reply into a PushJob (``panda_core.wire`` decodes it); hostile names and
+    missing fields raise BadJob."""
     try:
-        panda_id = int(raw["PandaID"])
-    except (KeyError, TypeError, ValueError):
-        raise BadJob(ErrorCode.BAD_JOB_SPEC, "PandaID missing or not a number") from None
-    transformation = str(raw.get("transformation") or "").strip()
-    if not transformation or transformation == "NULL":
-        raise BadJob(ErrorCode.BAD_JOB_SPEC, "transformation is missing")
-    try:
-        lfns, scopes = _split(raw.get("inFiles")), _split(raw.get("scopeIn"))
-        guids = _split(raw.get("GUID"))
-        inputs = []
-        for i, lfn in enumerate(lfns):
-            scope = scopes[i] if i < len(scopes) else (scopes[0] if scopes else "")
-            inputs.append(PushFile(check_name(lfn, "input file name"), check_name(scope, "scope"),
-                                   replica_url(input_se, scope, lfn),
-                                   guids[i] if i < len(guids) else ""))
-        log_lfn = str(raw.get("logFile") or "").strip()
-        log_lfn = "" if log_lfn == "NULL" else log_lfn
-        out_scopes = _split(raw.get("scopeOut"))
-        outputs, j = [], 0
-        for lfn in _split(raw.get("outFiles")):
-            if lfn == log_lfn:
-                continue
-            scope = out_scopes[j] if j < len(out_scopes) else (out_scopes[0] if out_scopes else "")
-            j += 1
-            outputs.append(PushFile(check_name(lfn, "output file name"),
-                                    check_name(scope, "output scope"),
-                                    replica_url(output_se, scope, lfn), str(uuid.uuid4())))
-        log_file = None
-        if log_lfn:
-            scope = str(raw.get("scopeLog") or "").strip()
-            scope = scope if scope and scope != "NULL" else (out_scopes[0] if out_scopes else "")
-            log_file = PushFile(check_name(log_lfn, "log file name"), check_name(scope, "log scope"),
-                                replica_url(output_se, scope, log_lfn),
-                                str(raw.get("logGUID") or "") or str(uuid.uuid4()))
-    except BadFileName as exc:
-        raise BadJob(ErrorCode.HOSTILE_FILE_NAME, str(exc)) from None
-    names = [f.lfn for f in inputs + outputs] + ([log_file.lfn] if log_file else [])
-    reserved = {"payload.stdout", "payload.stderr", "payload.exitcode", "arc.out", "arc.err"}
-    if len(set(names)) != len(names) or reserved & set(names):
-        raise BadJob(ErrorCode.BAD_JOB_SPEC, "a file name appears twice or is reserved")
-    return PushJob(panda_id=panda_id, attempt_nr=_int(raw, "attemptNr", 1),
-                   transformation=transformation, job_pars=str(raw.get("jobPars") or ""),
-                   inputs=inputs, outputs=outputs, log=log_file,
-                   walltime_s=_int(raw, "maxWalltime", 3600),
-                   memory_mb=_int(raw, "minRamCount", 2000) or 2000,
-                   cores=max(1, _int(raw, "coreCount", 1)))
+        spec = decode_job(raw)
+    except WireError as exc:
+        raise BadJob(exc.code, exc.diag) from None
+    if RESERVED_NAMES & {f.lfn for f in spec.files}:
+        raise BadJob(ErrorCode.BAD_JOB_SPEC, "a file name is reserved by push mode")
+
+    def push_file(f, se: str, guid: str) -> PushFile:
+        return PushFile(f.lfn, f.scope, replica_url(se, f.scope, f.lfn), guid)
+
+    log_file = spec.log and push_file(spec.log, output_se, spec.log.guid or str(uuid.uuid4()))
+    return PushJob(panda_id=spec.panda_id, attempt_nr=spec.attempt_nr,
+                   transformation=spec.transformation, job_pars=spec.job_pars,
+                   inputs=[push_file(f, input_se, f.guid) for f in spec.inputs],
+                   outputs=[push_file(f, output_se, str(uuid.uuid4())) for f in spec.outputs],
+                   log=log_file, walltime_s=spec.max_walltime_s or 3600,
+                   memory_mb=spec.max_rss_mb or 2000, cores=spec.core_count)
 
 
 def push_xrsl(job: PushJob, backend: ArcBackend) -> str:
@@ -201,35 +163,6 @@ class SEUnavailable(ServerError):
     """The storage element could not be asked about the outputs now; the job waits a poll."""
 
 
-class PilotProtocolClient:
-    """getJob/updateJob as pilot 3 sends them: form-encoded, Accept JSON, bearer token."""
-
-    def __init__(self, server_url: str, token: str, timeout_s: float = 30.0) -> None:
-        self.url = server_url.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
-        self.session = requests.Session()
-
-    def call(self, method: str, form: dict[str, Any]) -> dict:
-        try:
-            resp = self.session.post(f"{self.url}/server/panda/{method}",
-                                     data={k: str(v) for k, v in form.items() if v is not None},
-                                     headers={"Accept": "application/json",
-                                              "Authorization": f"Bearer {self.token}"},
-                                     timeout=self.timeout_s)
-        except requests.RequestException as exc:
-            raise ServerError(f"{method}: server {self.url} unreachable: {exc}") from None
-        if resp.status_code != 200:
-            raise ServerError(f"{method}: server answered HTTP {resp.status_code}: {resp.text[:200]}")
-        try:
-            reply = resp.json()
-        except ValueError:
-            raise ServerError(f"{method}: reply is not JSON: {resp.text[:200]!r}") from None
-        if not isinstance(reply, dict):
-            raise ServerError(f"{method}: reply is not a JSON object")
-        return reply
-
-
 class ArcPushDriver:
     """Takes jobs for one site from the server and runs them on its ARC CE without a pilot."""
 
@@ -242,7 +175,8 @@ class ArcPushDriver:
                 raise SchedulerError(f"ARC push mode: the {what} storage element {url!r} is not "
                                      f"reachable by the CE (schemes: {', '.join(STAGING_SCHEMES)})")
         self.backend = backend
-        self.server = PilotProtocolClient(server_url, token, timeout_s)
+        self.server = PilotClient(server_url, token, user_agent="panda-wms-arc-push",
+                                  retry=RetryPolicy(attempts=1, timeout_s=timeout_s))
         self.site = site
         self.input_se, self.output_se = input_se, output_se
         self.state_dir = Path(state_dir)
@@ -286,12 +220,18 @@ class ArcPushDriver:
         return out
 
     # ------------------------------------------------------------------ protocol
+    def _call(self, method: str, form: dict[str, Any]) -> dict:
+        try:
+            return self.server.post(method, {k: v for k, v in form.items() if v is not None})
+        except ClientError as exc:
+            raise ServerError(f"{method}: {exc}") from None
+
     def _update(self, t: Tracked, state: str, **extra: Any) -> str:
         form = {"jobId": t.panda_id, "state": state, "attemptNr": t.attempt_nr,
                 "siteName": self.site, "node": self.node, "batchID": t.arc_id,
                 "schedulerID": "arc-push", "pilotID": f"arc-push|{t.arc_id}",
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **extra}
-        reply = self.server.call("updateJob", form)
+        reply = self._call("updateJob", form)
         if reply.get("StatusCode") not in (0, "0"):
             try:
                 code = int(reply.get("StatusCode"))
@@ -316,7 +256,7 @@ class ArcPushDriver:
         """Take up to ``n_jobs`` jobs from the server and submit each to the CE."""
         submitted = []
         for _ in range(max(0, n_jobs)):
-            reply = self.server.call("getJob", {
+            reply = self._call("getJob", {
                 "siteName": self.site, "computingElement": self.backend.client.base,
                 "node": self.node, "prodSourceLabel": "managed", "cpu": 0, "mem": 0,
                 "diskSpace": 0, "workingGroup": "", "jobType": "managed",
@@ -331,7 +271,7 @@ class ArcPushDriver:
                 xrsl = push_xrsl(job, self.backend)
             except BadJob as exc:
                 log.error("job %s refused: %s", reply.get("PandaID"), exc)
-                self._fail_unsubmitted(reply, exc.code, str(exc))
+                self._fail_unsubmitted(reply, exc.code, exc.diag)
                 continue
             except SchedulerError as exc:
                 self._fail_unsubmitted(reply, ErrorCode.BAD_JOB_SPEC, str(exc))
@@ -417,7 +357,7 @@ class ArcPushDriver:
                 stored = self._stored_files(t)
             except BadJob as exc:
                 return {**form, "state": "failed", "pilotErrorCode": exc.code,
-                        "pilotErrorDiag": str(exc)[:250]}
+                        "pilotErrorDiag": exc.diag[:250]}
             return {**form, "state": "finished", "pilotErrorCode": 0, "transExitCode": 0,
                     "xml": json.dumps(stored)}
         code, diag = self._failure(t, job)

@@ -59,7 +59,7 @@ def _print_cycle(report) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from panda_wms.cli import setup_logging
+    from panda_core.logs import setup_logging
     setup_logging(args.log_level)
 
     from site_configs import load_dir

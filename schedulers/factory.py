@@ -23,9 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import requests
-
-from site_configs import SiteConfig
+from panda_core.client import ApiClient, ClientError, Refused
+from panda_core.siteconfig import SiteConfig
 
 from .base import (FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerBackend, SchedulerError,
                    backend_class)
@@ -131,10 +130,8 @@ class Factory:
         self.keep_final_s = keep_final_s
         self.startup_grace_s = startup_grace_s
         self.clock = clock
-        self.session = requests.Session()
-        self.session.headers["Accept"] = "application/json"
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.api = ApiClient(self.server_url, token, timeout=http_timeout,
+                             user_agent="panda-wms-factory")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pilots: dict[tuple[str, str], PilotRecord] = {}     # (site, batch id) -> record
         self.health: dict[str, SiteHealth] = {name: SiteHealth() for name in self.sites}
@@ -204,26 +201,21 @@ class Factory:
         return [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", self.server_url,
                 "--site", site.name, "--walltime", str(site.pilots.walltime_s), *self.pilot_args]
 
-    def _api(self, method: str, path: str, refusal: str, **kwargs) -> Any:
-        """Call ``/api/v1/<path>`` and return its ``data``; RuntimeError naming the URL on any
-        failure (unreachable, no JSON, success false: ``<url><refusal> (HTTP n): message``)."""
-        url = f"{self.server_url}/api/v1/{path}"
+    def _api(self, module: str, method: str, refusal: str, http: str = "GET",
+             **params: Any) -> Any:
+        """``data`` of ``/api/v1/<module>/<method>``; RuntimeError naming the URL on any failure
+        (unreachable, no JSON, success false: ``<url><refusal> (HTTP n): message``)."""
         try:
-            resp = self.session.request(method, url, timeout=self.http_timeout, **kwargs)
-            reply = resp.json()
-        except requests.RequestException as exc:
-            raise RuntimeError(f"cannot reach the server at {url}: {exc}") from None
-        except ValueError:
-            raise RuntimeError(f"{url} answered HTTP {resp.status_code} without JSON") from None
-        if not isinstance(reply, dict) or not reply.get("success"):
-            msg = reply.get("message") if isinstance(reply, dict) else reply
-            raise RuntimeError(f"{url}{refusal} (HTTP {resp.status_code}): {msg}")
-        return reply.get("data")
+            return self.api.call(module, method, http, **params)
+        except Refused as exc:
+            raise RuntimeError(f"{exc.url}{refusal} (HTTP {exc.http_status}): "
+                               f"{exc.reason}") from None
+        except ClientError as exc:
+            raise RuntimeError(str(exc)) from None
 
     def activated_count(self, site: str) -> int:
         """Jobs waiting for pilots at ``site``; raises RuntimeError naming the URL on failure."""
-        data = self._api("GET", "pilot/activated_count", f"?site={site} refused",
-                         params={"site": site})
+        data = self._api("pilot", "activated_count", f"?site={site} refused", site=site)
         count = data.get("activated") if isinstance(data, dict) else None
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise RuntimeError(f"{self.server_url}/api/v1/pilot/activated_count?site={site} "
@@ -245,9 +237,8 @@ class Factory:
 
     def report(self, records: list[PilotRecord]) -> None:
         """POST the pilots to the server; raises RuntimeError naming the URL on failure."""
-        body = {"factory": self.factory_id, "pilots": [r.to_report() for r in records],
-                "sites": self.site_states()}
-        self._api("POST", "pilot/report", " refused the report", json=body)
+        self._api("pilot", "report", " refused the report", "POST", factory=self.factory_id,
+                  pilots=[r.to_report() for r in records], sites=self.site_states())
 
     # ------------------------------------------------------------------ one cycle
     def run_once(self) -> CycleReport:

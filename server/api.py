@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from panda_wms.storage import BadFileName
+from panda_core.replicas import BadFileName
 
 from .auth import Identity, KeyStore
 from .jobcreator import TaskSpecError
@@ -225,7 +225,7 @@ def task_list(ctx: Context, params: dict) -> list[dict]:
 
 @api("task", "kill", ("POST",), WRITERS)
 def task_kill(ctx: Context, params: dict) -> int:
-    from panda_wms.states import TaskState
+    from panda_core.states import TaskState
     task_id = _int_param(params, "task_id")
     task = _get_task(ctx, task_id)
     if not _owns(ctx, task["owner"]):
@@ -332,7 +332,7 @@ def site_sync(ctx: Context, params: dict) -> list[str]:
 # ---------------------------------------------------------------------- data
 @api("data", "add_files", ("POST",), WRITERS)
 def data_add_files(ctx: Context, params: dict) -> int:
-    from panda_wms.storage import BadFileName, check_name
+    from panda_core.replicas import BadFileName, check_name
     dataset, scope = params.get("dataset"), params.get("scope")
     files = params.get("files")
     try:

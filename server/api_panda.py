@@ -18,7 +18,7 @@ from typing import Any
 
 import tornado.web
 
-from panda_wms.storage import BadFileName, check_name
+from panda_core.replicas import BadFileName, check_name
 
 from .app import BaseHandler
 from .api import WRITERS, ApiError, Context, _get_task, _int_param, _str_param, api

@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 
 from sqlalchemy import delete, insert, select
 
-from panda_wms.states import FINAL_JOB_STATES
+from panda_core.states import FINAL_JOB_STATES
 
 from . import db
 from .taskbuffer import TaskBuffer

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from panda_core.canonical import signed_bytes
+
 log = logging.getLogger(__name__)
 
 ROLES = ("pilot", "user", "admin")
@@ -141,17 +143,11 @@ class KeyStore:
     # --- job spec signatures ------------------------------------------------------------------
     def sign_job(self, job: dict) -> str:
         """Ed25519 signature (base64) over the job's canonical JSON, without ``specSignature``."""
-        return self.sign_canonical(canonical_job_bytes(job))
+        return self.sign_canonical(signed_bytes(job))
 
     def sign_canonical(self, canonical: bytes) -> str:
-        """Ed25519 signature (base64) of a job's canonical bytes (``canonical_job_bytes``)."""
+        """Ed25519 signature (base64) of a job's canonical bytes (``canonical.signed_bytes``)."""
         return base64.b64encode(self._signing_key.sign(canonical)).decode()
-
-
-def canonical_job_bytes(job: dict) -> bytes:
-    """The bytes a job spec signature covers: sorted-key compact JSON without the signature."""
-    body = {k: v for k, v in job.items() if k != "specSignature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 _DN_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",

@@ -136,7 +136,7 @@ def _stop_children_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    from panda_wms.cli import setup_logging
+    from panda_core.logs import setup_logging
 
     args = _server_parser().parse_args(argv)
     setup_logging(args.log_level)
@@ -277,7 +277,7 @@ def db_main(argv: list[str]) -> int:
     for sp in (up, sub.choices["current"], ar):
         sp.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from panda_wms.cli import setup_logging
+    from panda_core.logs import setup_logging
 
     setup_logging(None)
     from .db import current_revision, head_revision, make_engine, upgrade_schema

@@ -32,8 +32,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from panda_wms.states import JobState
-from panda_wms.storage import BadFileName, replica_url
+from panda_core.states import JobState
+from panda_core.replicas import BadFileName, replica_url
 
 from . import db
 from .brokerage import input_endpoint

@@ -12,9 +12,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from panda_wms.states import FINAL_JOB_STATES, PILOT_REPORTED_STATES
+from panda_core.canonical import signed_bytes
+from panda_core.states import FINAL_JOB_STATES, PILOT_REPORTED_STATES
+from panda_core.wire import encode_job, join_field
 
-from .auth import Identity, KeyStore, canonical_job_bytes
+from .auth import Identity, KeyStore
 from . import db
 from .brokerage import output_endpoint
 from .taskbuffer import Conflict, NotFound, TaskBuffer
@@ -95,10 +97,6 @@ def _require(form: dict, key: str) -> str:
     if value in (None, ""):
         raise ProtocolError(SC_KEY_MISSING, f"{key} is missing")
     return str(value)
-
-
-def _join(values: list[Any]) -> str:
-    return ",".join("NULL" if v is None else str(v) for v in values)
 
 
 class JsonReply(dict):
@@ -245,63 +243,10 @@ class Dispatcher:
             self.job_chooser.share_plan(site)
 
     def _unsigned_spec(self, job: dict, site_config: dict) -> dict:
-        """A job row in PanDA's getJob shape."""
-        ins = [f for f in job["files"] if f["type"] == "input"]
-        outs = [f for f in job["files"] if f["type"] == "output"]
-        logs = [f for f in job["files"] if f["type"] == "log"]
-        out_and_log = outs + logs
+        """A job row in PanDA's getJob shape (``panda_core.wire``)."""
         storage = site_config.get("storage") or {}
-        in_se = storage.get("input", {}).get("name", "")
-        out_se = storage.get("output", {}).get("name", "")
-        log_file = logs[0] if logs else None
-        spec = {
-            "PandaID": job["panda_id"],
-            "jobsetID": job["task_id"],
-            "jobDefinitionID": job["serial"],
-            "taskID": job["task_id"],
-            "jediTaskID": job["task_id"],
-            "attemptNr": job["attempt_nr"],
-            "prodSourceLabel": job["prod_source_label"],
-            "processingType": "panda-wms",
-            "prodUserID": job["owner"],
-            "transformation": job["transformation"],
-            "jobPars": job["job_pars"],
-            "swRelease": "NULL",
-            "homepackage": "NULL",
-            "cmtConfig": "NULL",
-            "container_name": "NULL",
-            "inFiles": _join([f["lfn"] for f in ins]),
-            "GUID": _join([f["guid"] for f in ins]),
-            "fsize": _join([f["fsize"] for f in ins]),
-            "checksum": _join([f["checksum"] for f in ins]),
-            "scopeIn": _join([f["scope"] for f in ins]),
-            "realDatasetsIn": _join([f["dataset"] for f in ins]),
-            "dispatchDblock": _join([f["dataset"] for f in ins]),
-            "prodDBlocks": _join([f["dataset"] for f in ins]),
-            "ddmEndPointIn": _join([in_se for _ in ins]),
-            "outFiles": _join([f["lfn"] for f in out_and_log]),
-            "scopeOut": _join([f["scope"] for f in outs]),
-            "realDatasets": _join([f["dataset"] for f in out_and_log]),
-            "destinationDblock": _join([f["dataset"] for f in out_and_log]),
-            "destinationDBlockToken": _join(["NULL" for _ in out_and_log]),
-            "ddmEndPointOut": _join([out_se for _ in out_and_log]),
-            "fileDestinationSE": _join([out_se for _ in out_and_log]),
-            "destinationSE": out_se,
-            "logFile": log_file["lfn"] if log_file else "NULL",
-            "logGUID": log_file["guid"] if log_file else "NULL",
-            "scopeLog": log_file["scope"] if log_file else "NULL",
-            "maxCpuCount": job["walltime_s"],
-            "minRamCount": job["memory_mb"],
-            "maxDiskCount": job["disk_mb"],
-            "maxWalltime": job["walltime_s"],
-            "coreCount": job["cores"],
-            "currentPriority": job["current_priority"],
-            "transferType": job["transfer_type"] or "NULL",
-            "nucleus": "NULL",
-        }
-        if job.get("pilot_version"):
-            spec["pilotVersion"] = job["pilot_version"]
-        return spec
+        return encode_job(job, storage.get("input", {}).get("name", ""),
+                          storage.get("output", {}).get("name", ""))
 
     def job_spec(self, job: dict, site_config: dict) -> dict:
         """A job row in PanDA's getJob shape, signed (``specSignature``)."""
@@ -309,7 +254,7 @@ class Dispatcher:
 
     def _signed_spec(self, job: dict, site_config: dict) -> tuple[dict, bytes]:
         spec = self._unsigned_spec(job, site_config)
-        canonical = canonical_job_bytes(spec)
+        canonical = signed_bytes(spec)
         spec["specSignature"] = self.keys.sign_canonical(canonical)
         return spec, canonical
 
@@ -427,7 +372,7 @@ class Dispatcher:
                 job = None
             states.append(job["status"] if job else "unknown")
             commands.append((job or {}).get("command") or "NULL")
-        return {"StatusCode": SC_OK, "status": _join(states), "command": _join(commands)}
+        return {"StatusCode": SC_OK, "status": join_field(states), "command": join_field(commands)}
 
 
 # what an updateJob may set on the job: (form key, column[, converter])

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Connection
 
-from panda_wms.states import FINAL_JOB_STATES, PILOT_OWNED_STATES
+from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES
 
 from . import db
 from .auth import Identity

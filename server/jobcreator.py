@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from panda_wms.storage import BadFileName, check_name
+from panda_core.replicas import BadFileName, check_name
 
 log = logging.getLogger(__name__)
 

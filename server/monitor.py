@@ -11,8 +11,8 @@ from collections import Counter
 
 import tornado.web
 
-from panda_wms.errorcodes import error_text
-from panda_wms.states import JobState
+from panda_core.errorcodes import error_text
+from panda_core.states import JobState
 
 STYLE = """<style>body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;
 margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}

@@ -13,7 +13,7 @@ general path, which stays the one place that knows every rule:
 - ``dispatch`` picks with the query the general path uses (:meth:`TaskBuffer.pick_query`,
   compiled once per shape), for as many pilots as are waiting with the same request.
 - ``progress`` and ``finish`` are guarded by the job's current state, attempt and site; the
-  states they accept come from the life cycle in ``panda_wms.states``. When the guard does not
+  states they accept come from the life cycle in ``panda_core.states``. When the guard does not
   match (a stale or refused update, a missing output, a job that failed, which may need a
   retry), nothing is changed and they return None: the caller then runs the general path, which
   gives the canonical answer.
@@ -32,7 +32,7 @@ from typing import Any
 
 import psycopg
 
-from panda_wms.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
+from panda_core.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
                               TaskState)
 
 from . import db

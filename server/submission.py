@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import update
 
-from panda_wms.states import JobState, TaskState
+from panda_core.states import JobState, TaskState
 
 from . import db
 from .brokerage import Brokerage, JobNeeds, input_endpoint

@@ -20,7 +20,7 @@ from sqlalchemy import (BigInteger, Integer, String, and_, bindparam, exists, fu
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from panda_wms.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
+from panda_core.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
                               TaskState, check_job_transition)
 
 from . import db

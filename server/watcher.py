@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from panda_wms.states import JobState
+from panda_core.states import JobState
 
 from . import db
 from .taskbuffer import TaskBuffer

@@ -8,9 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from panda_core.client import ApiClient, ClientError, Refused, load_token
+from panda_core.siteconfig import SiteConfig
+
 from .errors import ConfigError
 from .loader import check_file, load_dir
-from .model import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +48,17 @@ def _print_errors(errors: list[ConfigError]) -> None:
         sys.stdout.write(f"ERROR {err}\n")
 
 
-def read_token(token_file: str | None) -> str | None:
-    """The bearer token as every ``panda`` client finds it: ``--token-file``, else
-    ``$PANDA_AUTH_TOKEN``, else ``~/.panda/token``."""
-    from panda_wms.client import load_token
-    return load_token(token_file)
-
-
 def sync_sites(server: str, configs: list[SiteConfig], token: str | None,
-               timeout: float = 30.0) -> dict:
-    """POST the configs to ``{server}/api/v1/site/sync``; return the reply or raise RuntimeError."""
-    import requests
-
-    url = server.rstrip("/") + "/api/v1/site/sync"
-    headers = {"Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+               timeout: float = 30.0) -> str:
+    """POST the configs to ``{server}/api/v1/site/sync``; return the server's message or raise
+    ClientError naming the URL."""
+    client = ApiClient(server, token, timeout=timeout)
     try:
-        resp = requests.post(url, json={"sites": [c.to_dict() for c in configs]},
-                             headers=headers, timeout=timeout)
-    except requests.RequestException as exc:
-        raise RuntimeError(f"cannot reach the server at {url}: {exc}") from None
-    try:
-        reply = resp.json()
-    except ValueError:
-        raise RuntimeError(f"{url} answered HTTP {resp.status_code} without JSON: "
-                           f"{resp.text[:200]!r}") from None
-    if not isinstance(reply, dict) or not reply.get("success"):
-        message = reply.get("message") if isinstance(reply, dict) else reply
-        raise RuntimeError(f"{url} refused the sync (HTTP {resp.status_code}): {message}")
-    return reply
+        client.call("site", "sync", "POST", sites=[c.to_dict() for c in configs])
+    except Refused as exc:
+        raise ClientError(f"{exc.url} refused the sync (HTTP {exc.http_status}): "
+                          f"{exc.reason}") from None
+    return client.last_message
 
 
 def main(argv: list[str]) -> int:
@@ -111,19 +94,18 @@ def main(argv: list[str]) -> int:
     if not configs:
         sys.stderr.write("no valid site config to sync\n")
         return 1
-    from panda_wms.client import ClientError
     try:
-        token = read_token(args.token_file)
+        token = load_token(args.token_file)
     except (ClientError, OSError) as exc:
         sys.stderr.write(f"panda sites sync: {exc}\n")
         return 2
     try:
-        reply = sync_sites(args.server, configs, token, args.timeout)
-    except RuntimeError as exc:
+        message = sync_sites(args.server, configs, token, args.timeout)
+    except ClientError as exc:
         sys.stderr.write(f"sync failed: {exc}\n")
         return 1
     sys.stdout.write(f"synced {len(configs)} site(s): {', '.join(c.name for c in configs)}"
-                     f" ({reply.get('message') or 'ok'})\n")
+                     f" ({message or 'ok'})\n")
     if errors:
         sys.stdout.write(f"{len(errors)} error(s): the broken files were not synced\n")
     return 1 if errors else 0

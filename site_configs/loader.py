@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
-from .model import SiteConfig
+from panda_core.siteconfig import SiteConfig
 from .schema import validate
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 
 from .errors import ConfigError
-from .model import SITE_STATUSES
+from panda_core.siteconfig import SITE_STATUSES
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 

@@ -13,8 +13,8 @@ import requests
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from testkit import EXAMPLE_SITES, free_port, start_server, stop_server
-from panda_wms.client import ClientError, PandaClient
-from panda_wms.storage import replica_path
+from panda_core.client import ApiClient, ClientError
+from panda_core.replicas import replica_path
 
 SITE = "LOCAL_DEMO"
 
@@ -61,7 +61,7 @@ def pilot_call(server, token, method, **form):
 
 
 def test_task_runs_through_protocol(site_server):
-    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    user = ApiClient(site_server.url, site_server.token("user", "alice"))
     register_inputs(site_server, user)
     task_id = user.submit_task(TASK)
     assert "jediTaskID=" in user.last_message
@@ -104,7 +104,7 @@ def test_task_runs_through_protocol(site_server):
 
 
 def test_failed_job_is_retried_and_kill(site_server):
-    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    user = ApiClient(site_server.url, site_server.token("user", "alice"))
     register_inputs(site_server, user, n=1)
     task_id = user.submit_task(TASK)
     pilot_token = site_server.token("pilot", "p", site=SITE)
@@ -118,7 +118,7 @@ def test_failed_job_is_retried_and_kill(site_server):
     assert pilot_call(site_server, pilot_token, "updateJob", jobId=job["PandaID"],
                       state="running")["command"] == "tobekilled"
     # another user may not kill alice's job; alice may
-    bob = PandaClient(site_server.url, site_server.token("user", "bob"))
+    bob = ApiClient(site_server.url, site_server.token("user", "bob"))
     assert bob.kill_jobs([retry["PandaID"]]) == [False]
     assert user.kill_jobs([retry["PandaID"]]) == [True]
     assert pilot_call(site_server, pilot_token, "updateJob", jobId=retry["PandaID"],
@@ -136,7 +136,7 @@ def test_pilot_token_bound_to_other_site_is_refused(site_server):
 
 
 def test_unknown_site_and_bad_task(site_server):
-    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    user = ApiClient(site_server.url, site_server.token("user", "alice"))
     register_inputs(site_server, user, n=1)
     with pytest.raises(ClientError, match="unknown site 'NOWHERE'"):
         user.submit_task({**TASK, "site": "NOWHERE"})
@@ -199,7 +199,7 @@ def test_cli_submit_status_kill(tmp_path, site_server):
     task_id = json.loads(res.stdout)["task_id"]
     res = run_cli("status", str(task_id), env=env)
     assert res.returncode == 0 and "activated" in res.stdout and "2" in res.stdout
-    ids = PandaClient(site_server.url).call("task", "get_job_ids", task_id=task_id)
+    ids = ApiClient(site_server.url).call("task", "get_job_ids", task_id=task_id)
     res = run_cli("kill", *map(str, ids), env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     res = run_cli("status", str(task_id), "--json", env=env)
@@ -207,7 +207,7 @@ def test_cli_submit_status_kill(tmp_path, site_server):
 
 
 def test_metrics_and_monitor_pages(site_server):
-    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    user = ApiClient(site_server.url, site_server.token("user", "alice"))
     register_inputs(site_server, user, n=2)
     task_id = user.submit_task(TASK)
     text = requests.get(f"{site_server.url}/metrics", timeout=5).text
@@ -225,7 +225,7 @@ def test_metrics_and_monitor_pages(site_server):
 
 
 def test_scheduler_status_page_shows_factories_and_pilots(site_server):
-    factory = PandaClient(site_server.url, site_server.token("pilot", "factory-host-1"))
+    factory = ApiClient(site_server.url, site_server.token("pilot", "factory-host-1"))
     factory.call("pilot", "report", "POST", factory="factory-host-1", pilots=[
         {"batch_id": "101", "site": SITE, "backend": "local", "state": "running"},
         {"batch_id": "102", "site": SITE, "backend": "local", "state": "queued"},
@@ -245,7 +245,7 @@ def test_scheduler_status_page_shows_factories_and_pilots(site_server):
 
 
 def test_task_share_defaults_and_unknown_share(site_server):
-    user = PandaClient(site_server.url, site_server.token("user", "alice"))
+    user = ApiClient(site_server.url, site_server.token("user", "alice"))
     with pytest.raises(ClientError, match="unknown global share 'nosuch'"):
         user.submit_task({"name": "s0", "transformation": "/bin/true", "n_jobs": 1,
                           "site": SITE, "share": "nosuch"})
@@ -268,7 +268,7 @@ def test_update_without_site_name_after_restart_does_not_wait_for_a_lock(tmp_pat
     shutil.copy(EXAMPLE_SITES / f"{SITE}.yaml", sites)
     server = start_server(tmp_path / "srv", site_dir=sites)
     try:
-        user = PandaClient(server.url, server.token("user", "alice"))
+        user = ApiClient(server.url, server.token("user", "alice"))
         task_id = user.submit_task({"name": "r", "transformation": "/bin/true", "n_jobs": 1,
                                     "site": SITE})
         token = server.token("pilot", "p", site=SITE)
@@ -281,7 +281,7 @@ def test_update_without_site_name_after_restart_does_not_wait_for_a_lock(tmp_pat
         reply = pilot_call(server, token, "updateJob", jobId=job["PandaID"], state="finished")
         assert reply["StatusCode"] == 0
         assert time.monotonic() - t0 < 10, "updateJob waited for a database lock"
-        assert PandaClient(server.url).task_details(task_id)["status"] == "done"
+        assert ApiClient(server.url).task_details(task_id)["status"] == "done"
     finally:
         stop_server(server)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import requests
 
 from copytools.testing import stop_process
-from panda_wms.storage import replica_path
+from panda_core.replicas import replica_path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SITES = REPO / "site_configs"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 from compatkit import SITE
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 from server.api_panda import FILE_ATTRIBUTES, JOB_ATTRIBUTES
 
 SCRIPT = Path(__file__).with_name("pandaclient_roundtrip.py")
@@ -61,7 +61,7 @@ def test_client_jobs_roundtrip(site_server, compat_venv):
     assert res["kill"] == [0, [True]]
     assert res["after_kill"] == [0, ["cancelled", "activated"]]
     # what the client sent is stored as ours: the job's owner, priority, resources
-    mine = PandaClient(site_server.url, alice)
+    mine = ApiClient(site_server.url, alice)
     row = mine.call("job", "get_description", "POST", job_ids=[ids[1][0]])[0]
     assert (row["owner"], row["priority"], row["memory_mb"], row["walltime_s"]) == \
         ("alice", 900, 200, 120)
@@ -69,7 +69,7 @@ def test_client_jobs_roundtrip(site_server, compat_venv):
 
 def test_client_task_roundtrip_and_ownership(site_server, compat_venv):
     alice = site_server.token("user", "alice")
-    mine = PandaClient(site_server.url, alice)
+    mine = ApiClient(site_server.url, alice)
     data = b"input\n"
     mine.add_files("compat.in", "compat", [{"lfn": f"in.{i}", "fsize": len(data),
                                             "checksum": f"ad:{zlib.adler32(data):08x}"}
@@ -98,7 +98,7 @@ def test_client_task_roundtrip_and_ownership(site_server, compat_venv):
 
 def test_client_cannot_kill_others(site_server, compat_venv):
     """bob may not kill alice's task or jobs, through PanDA's own client either."""
-    alice = PandaClient(site_server.url, site_server.token("user", "alice"))
+    alice = ApiClient(site_server.url, site_server.token("user", "alice"))
     task_id = alice.submit_task({"name": "mine", "transformation": "/bin/true", "n_jobs": 1,
                                  "site": SITE})
     (job_id,) = alice.call("task", "get_job_ids", task_id=task_id)

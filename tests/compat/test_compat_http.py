@@ -9,7 +9,7 @@ from pathlib import Path
 import requests
 
 from compatkit import SITE
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 
 TASK = {"name": "h", "transformation": "/bin/true", "n_jobs": 2, "site": SITE}
 
@@ -28,7 +28,7 @@ def history(client, job_id):
 
 def test_reply_is_json_when_accept_asks_else_urlencoded(site_server):
     token = site_server.token("pilot", "p", site=SITE)
-    PandaClient(site_server.url, site_server.token("user", "u")).submit_task(TASK)
+    ApiClient(site_server.url, site_server.token("user", "u")).submit_task(TASK)
     resp = post(site_server, "getJob", token, data={"siteName": SITE})
     assert resp.headers["Content-Type"].startswith("application/json")
     job = resp.json()
@@ -52,7 +52,7 @@ HOSTILE = ["", "NULL", "-1", "1e309", "nan", "9" * 30, "1,9999999999999999999999
 
 
 def test_unknown_and_hostile_form_values_never_500(site_server):
-    user = PandaClient(site_server.url, site_server.token("user", "u"))
+    user = ApiClient(site_server.url, site_server.token("user", "u"))
     task_id = user.submit_task(TASK)
     token = site_server.token("pilot", "p", site=SITE)
     job = post(site_server, "getJob", token, data={"siteName": SITE}).json()
@@ -83,7 +83,7 @@ def test_unknown_and_hostile_form_values_never_500(site_server):
 
 
 def test_malformed_requests_get_clear_reasons_and_change_nothing(site_server):
-    user = PandaClient(site_server.url, site_server.token("user", "u"))
+    user = ApiClient(site_server.url, site_server.token("user", "u"))
     user.submit_task(TASK)
     token = site_server.token("pilot", "p", site=SITE)
     job = post(site_server, "getJob", token, data={"siteName": SITE}).json()
@@ -184,7 +184,7 @@ def test_every_api_method_survives_hostile_parameters(site_server):
     for module in ("server.api_extra", "server.api_panda"):   # register their methods, as the
         importlib.import_module(module)                         # server's make_app does
 
-    user = PandaClient(site_server.url, site_server.token("user", "u"))
+    user = ApiClient(site_server.url, site_server.token("user", "u"))
     user.submit_task(TASK)
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {site_server.token('admin', 'root')}"

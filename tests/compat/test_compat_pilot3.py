@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from compatkit import SITE, CertAuthority, adler32_hex, dn, start_tls_server, stop_process
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 from testkit import EXAMPLE_SITES
 
 PAYLOAD = b'#!/bin/sh\n# the transformation pilot 3 runs as ./payload.sh <jobPars>\necho "hello from pilot 3" > "$1"\n'
@@ -80,9 +80,9 @@ def prepare_launch(server, launch: Path, user: str, payload: bytes,
     subprocess.run(["chown", "-R", f"{user}:", str(launch)], check=True)
 
 
-def submit_payload_task(server, name: str, payload: bytes) -> tuple[PandaClient, int]:
+def submit_payload_task(server, name: str, payload: bytes) -> tuple[ApiClient, int]:
     """A one-job task whose input is the transformation script itself."""
-    alice = PandaClient(server.url, server.token("user", "alice"))
+    alice = ApiClient(server.url, server.token("user", "alice"))
     assert alice.add_files(f"{name}.in", name, [{"lfn": "payload.sh", "fsize": len(payload),
                                                  "checksum": f"ad:{adler32_hex(payload)}"}],
                            "LOCAL_SE") == 1

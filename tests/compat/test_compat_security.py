@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from compatkit import SITE, CertAuthority, dn, start_tls_server, stop_process
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 from testkit import EXAMPLE_SITES
 
 OTHER = "OTHER_SITE"
@@ -53,7 +53,7 @@ def token_server(tmp_path, two_sites, monkeypatch):
 
 def test_pilot_token_bound_to_its_site(token_server):
     s = token_server
-    alice = PandaClient(s.url, s.token("user", "alice"))
+    alice = ApiClient(s.url, s.token("user", "alice"))
     alice.submit_task({**TASK, "site": SITE})
     other_task = alice.submit_task({**TASK, "site": OTHER})
     bound = s.token("pilot", "wn-local", site=SITE)
@@ -71,7 +71,7 @@ def test_pilot_token_bound_to_its_site(token_server):
 
 def test_roles_and_missing_or_forged_tokens(token_server):
     s = token_server
-    alice = PandaClient(s.url, s.token("user", "alice"))
+    alice = ApiClient(s.url, s.token("user", "alice"))
     alice.submit_task({**TASK, "site": SITE})
     assert pilot(s.url, "getJob", siteName=SITE)["StatusCode"] == 50
     reply = pilot(s.url, "getJob", "forged.token", siteName=SITE)
@@ -96,9 +96,9 @@ def test_roles_and_missing_or_forged_tokens(token_server):
 
 def test_users_kill_only_their_own_admin_kills_all(token_server):
     s = token_server
-    alice = PandaClient(s.url, s.token("user", "alice"))
-    bob = PandaClient(s.url, s.token("user", "bob"))
-    admin = PandaClient(s.url, s.token("admin", "root-op"))
+    alice = ApiClient(s.url, s.token("user", "alice"))
+    bob = ApiClient(s.url, s.token("user", "bob"))
+    admin = ApiClient(s.url, s.token("admin", "root-op"))
     t1 = alice.submit_task({**TASK, "site": SITE})
     t2 = alice.submit_task({**TASK, "name": "sec2", "site": SITE})
     jobs = alice.call("task", "get_job_ids", task_id=t1)
@@ -120,7 +120,7 @@ def test_users_kill_only_their_own_admin_kills_all(token_server):
 
 def test_job_spec_signature_verifies_with_published_key(token_server):
     s = token_server
-    PandaClient(s.url, s.token("user", "alice")).submit_task({**TASK, "site": SITE})
+    ApiClient(s.url, s.token("user", "alice")).submit_task({**TASK, "site": SITE})
     pem_well_known = requests.get(f"{s.url}/.well-known/panda-jobspec-key.pem", timeout=5).text
     pem_api = requests.get(f"{s.url}/api/v1/system/get_public_key", timeout=5).json()["data"]
     assert pem_well_known == pem_api and "BEGIN PUBLIC KEY" in pem_api

@@ -10,7 +10,7 @@ import copytools
 from copytools import Transfer, TransferError, load, parse_checksum, run_transfer
 from copytools.base import CopyTool, TransferResult
 from copytools.checksum import BACKEND, StreamChecksum, checksum_file
-from panda_wms.errorcodes import ErrorCode
+from panda_core.errorcodes import ErrorCode
 
 
 

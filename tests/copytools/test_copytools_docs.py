@@ -36,7 +36,7 @@ def test_documented_example_tool_installs_and_transfers(tmp_path):
         import os, sys, zlib
         import copytools
         from copytools import Transfer, TransferError, run_transfer
-        from panda_wms.errorcodes import ErrorCode
+        from panda_core.errorcodes import ErrorCode
         tmp = sys.argv[1]
         assert {tool_name!r} in copytools.available(), copytools.available()
         tool = copytools.load({tool_name!r})

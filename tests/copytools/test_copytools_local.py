@@ -8,8 +8,8 @@ import zlib
 import pytest
 
 from copytools import Transfer, TransferError, load, run_transfer
-from panda_wms.errorcodes import ErrorCode
-from panda_wms.storage import replica_url
+from panda_core.errorcodes import ErrorCode
+from panda_core.replicas import replica_url
 
 
 def adler(data: bytes) -> str:

@@ -11,8 +11,8 @@ import pytest
 from copytools import Transfer, TransferError, load, run_transfer
 from copytools.gfal import import_gfal2
 from copytools.testing import start_se
-from panda_wms.errorcodes import ErrorCode
-from panda_wms.storage import replica_url
+from panda_core.errorcodes import ErrorCode
+from panda_core.replicas import replica_url
 
 
 def adler(data: bytes) -> str:

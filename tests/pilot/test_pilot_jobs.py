@@ -5,8 +5,8 @@ import json
 import tarfile
 import zlib
 
-from panda_wms.errorcodes import ErrorCode
-from panda_wms.storage import replica_path
+from panda_core.errorcodes import ErrorCode
+from panda_core.replicas import replica_path
 from pilotkit import TOKEN, fake, make_job, put_input, run_pilot, se, stored  # noqa: F401
 
 

@@ -12,8 +12,8 @@ import time
 import psutil
 import pytest
 
-from panda_wms.errorcodes import ErrorCode
-from panda_wms.storage import replica_path
+from panda_core.errorcodes import ErrorCode
+from panda_core.replicas import replica_path
 from pilotkit import fake, make_job, metrics, run_pilot, se  # noqa: F401
 
 

@@ -9,8 +9,8 @@ import subprocess
 import threading
 import time
 
-from panda_wms.errorcodes import ErrorCode
-from panda_wms.storage import replica_path
+from panda_core.errorcodes import ErrorCode
+from panda_core.replicas import replica_path
 from pilotkit import fake, make_job, pilot_cmd, pilot_env, run_pilot, se, stored  # noqa: F401
 
 

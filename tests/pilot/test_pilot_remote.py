@@ -7,8 +7,8 @@ import zlib
 import pytest
 
 from copytools.testing import HungServer, start_se
-from panda_wms.errorcodes import ErrorCode
-from panda_wms.storage import replica_path
+from panda_core.errorcodes import ErrorCode
+from panda_core.replicas import replica_path
 from pilotkit import fake, make_job, run_pilot, se, stored  # noqa: F401
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from testkit import (EXAMPLE_SITES, RunningServer, put_input, start_server, stop_server,
                      wait_http)
-from panda_wms.client import PandaClient
-from panda_wms.errorcodes import ErrorCode
+from panda_core.client import ApiClient
+from panda_core.errorcodes import ErrorCode
 from pilotkit import pilot_env
 
 SITE = "LOCAL_DEMO"
@@ -59,7 +59,7 @@ def pilot(server, workdir, *args, token=None):
 
 
 def test_task_end_to_end_with_real_server(real, tmp_path):
-    user = PandaClient(real.url, real.token("user", "alice"))
+    user = ApiClient(real.url, real.token("user", "alice"))
     register(real, user, ["a.txt", "b.txt"])
     task_id = user.submit_task(task("e2e", "-c 'sha256sum ${IN} > ${OUT}'"))
     cmd, env = pilot(real, tmp_path / "wd")
@@ -86,7 +86,7 @@ def test_task_end_to_end_with_real_server(real, tmp_path):
 
 
 def test_failed_payload_reported_to_real_server(real, tmp_path):
-    user = PandaClient(real.url, real.token("user", "alice"))
+    user = ApiClient(real.url, real.token("user", "alice"))
     register(real, user, ["f.txt"])
     task_id = user.submit_task(task("fail", "-c 'echo oops >&2; exit 9'"))
     cmd, env = pilot(real, tmp_path / "wd")
@@ -102,7 +102,7 @@ def test_failed_payload_reported_to_real_server(real, tmp_path):
 
 
 def test_kill_from_real_server(real, tmp_path):
-    user = PandaClient(real.url, real.token("user", "alice"))
+    user = ApiClient(real.url, real.token("user", "alice"))
     register(real, user, ["k.txt"])
     task_id = user.submit_task(task("kill", "-c 'sleep 60'"))
     cmd, env = pilot(real, tmp_path / "wd", "--heartbeat", "0.5")
@@ -133,7 +133,7 @@ def test_kill_from_real_server(real, tmp_path):
 
 
 def test_real_server_restarted_during_job(real, tmp_path):
-    user = PandaClient(real.url, real.token("user", "alice"))
+    user = ApiClient(real.url, real.token("user", "alice"))
     register(real, user, ["r.txt"])
     task_id = user.submit_task(task("restart", "-c 'sleep 2; cat ${IN} > ${OUT}'"))
     token = real.token("pilot", "pilot1", site=SITE)
@@ -152,7 +152,7 @@ def test_real_server_restarted_during_job(real, tmp_path):
         try:
             out, _ = proc.communicate(timeout=90)
             assert proc.returncode == 0, out[-3000:]
-            details = PandaClient(restarted.url, real.token("user", "alice")).task_details(task_id)
+            details = ApiClient(restarted.url, real.token("user", "alice")).task_details(task_id)
             assert details["status"] == "done", (details, out[-3000:])
         finally:
             stop_server(restarted)

@@ -16,14 +16,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from testkit import free_port
-from panda_wms.errorcodes import ErrorCode
+from panda_core.errorcodes import ErrorCode
 from pilot.cli import batch_deadline, parse_slurm_time
-from pilot.client import PandaClient, RetryPolicy
+from panda_core.client import PilotClient
+from panda_core.retry import RetryPolicy
 from pilot.errors import BadSignature, PilotError, ServerUnreachable
-from pilot.jobspec import parse_job
+from panda_core.wire import decode_job
 from pilot.logtar import make_log_tarball
 from pilot.payload import Payload, build_argv, scrub_env
-from pilot.signature import SpecVerifier, canonical
+from panda_core.canonical import signed_bytes
+from pilot.signature import SpecVerifier
 from pilotkit import fake, make_job, run_pilot, se  # noqa: F401
 
 
@@ -32,7 +34,7 @@ def test_parse_job_files():
     raw = make_job(5, "true", inputs=[{"lfn": "a", "scope": "s", "fsize": 3, "checksum": "ad:1"},
                                       {"lfn": "b", "scope": "s", "fsize": 4, "checksum": "md5:x"}],
                    outputs=["o1", "o2"], scope="sc")
-    job = parse_job(raw)
+    job = decode_job(raw)
     assert [f.lfn for f in job.inputs] == ["a", "b"] and job.inputs[1].fsize == 4
     assert job.inputs[0].guid == "guid-a"
     assert [(f.lfn, f.scope) for f in job.outputs] == [("o1", "sc"), ("o2", "sc")]
@@ -55,7 +57,7 @@ def test_parse_job_refuses(field, value, code):
     raw[field] = value
     raw["scopeOut"] = "sc,sc"
     with pytest.raises(PilotError) as err:
-        parse_job(raw)
+        decode_job(raw)
     assert err.value.code == code
 
 
@@ -64,7 +66,7 @@ def _signed(job):
     key = Ed25519PrivateKey.generate()
     pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    job = dict(job, specSignature=base64.b64encode(key.sign(canonical(job))).decode())
+    job = dict(job, specSignature=base64.b64encode(key.sign(signed_bytes(job))).decode())
     return job, pem
 
 
@@ -192,8 +194,8 @@ def test_batch_deadline_from_environment():
 
 # --- server client --------------------------------------------------------------------------
 def test_client_gives_up_on_a_dead_server():
-    client = PandaClient(f"http://127.0.0.1:{free_port()}", "tok",
-                         RetryPolicy(attempts=3, backoff_s=0.05, timeout_s=1))
+    client = PilotClient(f"http://127.0.0.1:{free_port()}", "tok",
+                         retry=RetryPolicy(attempts=3, backoff_s=0.05, timeout_s=1))
     t0 = time.monotonic()
     with pytest.raises(ServerUnreachable) as err:
         client.update_job({"jobId": 1, "state": "running"})
@@ -288,13 +290,13 @@ def test_parse_job_never_raises_anything_but_pilot_errors():
              "../..", True]
     base = make_job(77, "true", inputs=[{"lfn": "i", "scope": "s", "fsize": 1, "checksum": "ad:1"}],
                     outputs=["o"])
-    assert parse_job(base).panda_id == 77
+    assert decode_job(base).panda_id == 77
     outcomes = {"parsed": 0, "refused": 0}
     for key in list(base):
         for value in weird:
             raw = dict(base, **{key: value})
             try:
-                parse_job(raw)
+                decode_job(raw)
                 outcomes["parsed"] += 1
             except PilotError as exc:
                 assert exc.code in (ErrorCode.BAD_JOB_SPEC, ErrorCode.HOSTILE_FILE_NAME), exc

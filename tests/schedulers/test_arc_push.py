@@ -21,11 +21,12 @@ import pytest
 import yaml
 
 from copytools.testing import start_se
-from panda_wms.client import PandaClient
-from panda_wms.errorcodes import ErrorCode
-from panda_wms.storage import replica_path, replica_url
+from panda_core.client import ApiClient
+from panda_core.errorcodes import ErrorCode
+from panda_core.replicas import replica_path, replica_url
 from schedulers.arc import ArcBackend
-from schedulers.arc_push import ArcPushDriver, BadJob, PilotProtocolClient, parse_job, push_xrsl
+from panda_core.client import PilotClient
+from schedulers.arc_push import ArcPushDriver, BadJob, parse_job, push_xrsl
 from schedulers.base import FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerError
 from testkit import free_port, put_input, start_server, stop_server
 
@@ -73,7 +74,7 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
     state_dir = tmp_path / "push-state"
     arc_ids: list[str] = []
     try:
-        user = PandaClient(server.url, server.token("user", "alice"))
+        user = ApiClient(server.url, server.token("user", "alice"))
         # inputs: two on the SE, one registered but missing from it
         files = []
         for i in range(3):
@@ -232,7 +233,8 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         pilot_job = user.call("job", "get_description", "POST", job_ids=[
             int(j["PandaID"]) for j in user.jobs(pilot_task)])[0]
         assert pilot_job["jobStatus"] == "finished", (
-            pilot_job, backend.client.session_file(pilot_id, "pilot.err"))
+            pilot_job.get("pilotErrorCode"), pilot_job.get("pilotErrorDiag"),
+            backend.client.session_file(pilot_id, "pilot.err")[-3000:])
         out = next(f for f in pilot_job["Files"] if f["type"] == "output")
         expected = hashlib.sha256(b"".join(f"pilot input {i}\n".encode() * 50 for i in range(2)))
         assert (se.root / replica_path(SCOPE, out["lfn"])).read_text().split()[0] == \
@@ -301,12 +303,12 @@ def test_final_reports_survive_refusals_and_dead_ce(tmp_path):
     state = tmp_path / "state"
     try:
         state.mkdir()
-        user = PandaClient(server.url, server.token("user", "alice"))
+        user = ApiClient(server.url, server.token("user", "alice"))
         user.submit_task({"name": "t", "scope": SCOPE, "transformation": "/bin/true",
                           "n_jobs": 1, "site": SITE, "output_dataset": "t.out",
                           "outputs": ["${TASK}.${SN}.out"]})
         right = server.token("pilot", "p", site=SITE)
-        job = PilotProtocolClient(server.url, right).call("getJob", {"siteName": SITE})
+        job = PilotClient(server.url, right).post("getJob", {"siteName": SITE})
         panda_id = int(job["PandaID"])
         final = Tracked(panda_id, 1, "", final={"state": "failed", "pilotErrorCode": 1008,
                                                 "pilotErrorDiag": "test"})
@@ -379,7 +381,7 @@ def test_factory_drives_push_mode(arc_ce, tmp_path):
     server = start_server(tmp_path / "srv", site_dir=sites)
     arc_ids = []
     try:
-        user = PandaClient(server.url, server.token("user", "alice"))
+        user = ApiClient(server.url, server.token("user", "alice"))
         task_id = user.submit_task({
             "name": "factorypush", "scope": SCOPE, "transformation": "/bin/sh", "site": SITE,
             "job_parameters": "-c 'echo pushed by the factory > ${OUT}'", "n_jobs": 3,

@@ -19,7 +19,7 @@ import requests
 import yaml
 
 from testkit import free_port, put_input, start_server, stop_server
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 from schedulers.factory import STATE_FILE, Factory
 from site_configs import EXAMPLES_DIR, parse_site_config
 
@@ -56,7 +56,7 @@ def server(tmp_path, monkeypatch):
 
 def activate_jobs(srv, n: int, name: str = "ftask") -> int:
     """Register n input files on the SE and submit a task of n one-file jobs at FTEST."""
-    user = PandaClient(srv.url, srv.token("user", "alice"))
+    user = ApiClient(srv.url, srv.token("user", "alice"))
     files = []
     for i in range(n):
         lfn = f"{name}.in.{i}.txt"
@@ -285,11 +285,11 @@ def test_report_failure_is_retried_next_cycle(server, tmp_path, factories):
     f = make(factories, server, [site_config(tmp_path)], tmp_path)
     assert f.run_once().reported == 1                      # the new pilot, queued
     assert summary(server)["sites"][SITE] == {"queued": 1}
-    f.session.headers["Authorization"] = "Bearer not-a-token"
+    good_api, f.api = f.api, ApiClient(server.url, "not-a-token")
     report = f.run_once()                                  # it runs now, but the report fails
     assert "refused the report (HTTP 403)" in report.report_error
     assert "/api/v1/pilot/report" in report.report_error
-    f.session.headers["Authorization"] = f"Bearer {server.pilot_token}"
+    f.api = good_api
     report = f.run_once()
     assert report.reported == 1 and not report.report_error
     assert summary(server)["sites"][SITE] == {"running": 1}
@@ -309,7 +309,7 @@ def test_real_pilots_finish_the_jobs(server, tmp_path):
     site = site_config(tmp_path, max_queued=3, max_running=3)
     f = Factory(server.url, [site], token=server.pilot_token, pilot_token=server.pilot_token,
                 state_dir=tmp_path / "factory", factory_id="ft-e2e")
-    admin = PandaClient(server.url, server.token("admin"))
+    admin = ApiClient(server.url, server.token("admin"))
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:

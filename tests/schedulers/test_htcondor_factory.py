@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from testkit import put_input, start_server, stop_server
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 from schedulers.factory import Factory
 from site_configs import EXAMPLES_DIR, parse_site_config
 
@@ -38,7 +38,7 @@ def test_factory_runs_real_pilots_through_htcondor(tmp_path, monkeypatch):
     server = start_server(tmp_path / "srv", site_dir=sites)
     factory = None
     try:
-        user = PandaClient(server.url, server.token("user", "alice"))
+        user = ApiClient(server.url, server.token("user", "alice"))
         files = []
         for i in range(2):
             files.append(put_input(tmp_path / "se", "ct", f"c.in.{i}.txt",

@@ -175,7 +175,7 @@ def test_factory_drives_real_pilots_through_slurm_to_finished_jobs(slurm, tmp_pa
     import yaml
 
     from testkit import start_server, stop_server
-    from panda_wms.client import PandaClient
+    from panda_core.client import ApiClient
     from schedulers.factory import Factory
     from site_configs import parse_site_config
     from test_factory import SITE, activate_jobs, site_dict
@@ -197,7 +197,7 @@ def test_factory_drives_real_pilots_through_slurm_to_finished_jobs(slurm, tmp_pa
         site = parse_site_config(data)
         factory = Factory(server.url, [site], token=pilot_token, pilot_token=pilot_token,
                           state_dir=tmp_path / "factory", factory_id="slurm-e2e")
-        admin = PandaClient(server.url, server.token("admin"))
+        admin = ApiClient(server.url, server.token("admin"))
         deadline = time.monotonic() + 120
         jobs = {}
         while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ import datetime as dt
 import zlib
 from pathlib import Path
 
-from panda_wms.storage import replica_url
+from panda_core.replicas import replica_url
 from server.brokerage import Brokerage
 from server.hookspecs import plugin_manager
 from server.submission import TaskSubmitter

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import update
 
 from logic_kit import put_file, site, submitter, task
-from panda_wms.storage import replica_url
+from panda_core.replicas import replica_url
 from server import db
 from server.dataservice import DataService, FileRef, LocalMover, SourceError, TransferFailed
 

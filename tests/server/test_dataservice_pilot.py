@@ -11,8 +11,8 @@ import time
 
 from dbkit import start_server, stop_server
 from logic_kit import put_file, site
-from panda_wms.client import PandaClient
-from panda_wms.storage import replica_url
+from panda_core.client import ApiClient
+from panda_core.replicas import replica_url
 
 
 def test_pilot_runs_a_job_whose_inputs_the_data_service_moved(tmp_path):
@@ -24,7 +24,7 @@ def test_pilot_runs_a_job_whose_inputs_the_data_service_moved(tmp_path):
         (sites / f"{name}.yaml").write_text(json.dumps(site(name, se, f"file://{ses[se]}")))
     srv = start_server(tmp_path / "srv", site_dir=sites, extra=["--watcher-interval", "0.2"])
     try:
-        user = PandaClient(srv.url, srv.token("user", "alice"))
+        user = ApiClient(srv.url, srv.token("user", "alice"))
         data = b"moved by the data service\n" * 100
         user.add_files("mv.in", "s", [put_file(ses["SE_B"], "s", "in.txt", data)], "SE_B")
         task_id = user.submit_task({

@@ -10,7 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from dbkit import add_site, history, seed_jobs, stored_xml
-from server.auth import Identity, KeyStore, canonical_job_bytes
+from panda_core.canonical import signed_bytes
+from server.auth import Identity, KeyStore
 from server.dispatcher import Dispatcher, ProtocolError
 
 PILOT = Identity("pilot-1", "pilot", "SITE_A")
@@ -35,7 +36,7 @@ def test_getjob_spec_and_signature(disp, taskbuffer):
     assert reply["ddmEndPointIn"] == "SE_A" and reply["checksum"] == "ad:00000001"
     spec = {k: v for k, v in reply.items() if k != "StatusCode"}
     load_pem_public_key(disp.keys.public_key_pem.encode()).verify(
-        base64.b64decode(spec["specSignature"]), canonical_job_bytes(spec))
+        base64.b64decode(spec["specSignature"]), signed_bytes(spec))
     job = taskbuffer.get_job(pid)
     assert (job["status"], job["node"], job["pilot_owner"]) == ("sent", "wn1", "pilot-1")
     assert disp.get_job({"siteName": "SITE_A"}, PILOT)["StatusCode"] == 20

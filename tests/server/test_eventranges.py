@@ -10,7 +10,7 @@ import requests
 
 from dbkit import start_server, stop_server
 from logic_kit import put_file, site, submitter
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 from server.auth import Identity
 from server.dispatcher import Dispatcher, ProtocolError
 from server.eventranges import EventRangeService, parse_range_id
@@ -199,7 +199,7 @@ def test_over_http_json_and_urlencoded(tmp_path):
     (sites / "E.yaml").write_text(json.dumps(site(SITE, "SE_E", f"file://{se}")))
     srv = start_server(tmp_path / "srv", site_dir=sites, extra=["--watcher-interval", "0"])
     try:
-        admin = PandaClient(srv.url, srv.token("admin", "root"))
+        admin = ApiClient(srv.url, srv.token("admin", "root"))
         admin.add_files("ev.in", "s", [put_file(se, "s", "evts0.root", b"e")], "SE_E")
         admin.submit_task({**TASK, "events_per_file": 30, "events_per_job": 30,
                            "events_per_range": 10})

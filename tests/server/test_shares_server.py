@@ -7,7 +7,7 @@ import requests
 
 from dbkit import start_server, stop_server
 from logic_kit import site
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 
 
 def test_getjob_serves_the_share_below_target_first(tmp_path):
@@ -16,7 +16,7 @@ def test_getjob_serves_the_share_below_target_first(tmp_path):
     (sites / "S.yaml").write_text(json.dumps(site("S", "SE_S", f"file://{tmp_path}")))
     srv = start_server(tmp_path / "srv", site_dir=sites, extra=["--watcher-interval", "0"])
     try:
-        admin = PandaClient(srv.url, srv.token("admin", "root"))
+        admin = ApiClient(srv.url, srv.token("admin", "root"))
         admin.call("shares", "set", "POST", shares=[{"name": "analysis", "value": 70},
                                                     {"name": "production", "value": 30}])
         base = {"scope": "s", "transformation": "/bin/true", "site": "S",

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from dbkit import add_site, history, out_lfn, seed_jobs, stored_files
-from panda_wms.states import IllegalTransition
+from panda_core.states import IllegalTransition
 from server import db
 from server.taskbuffer import Conflict
 

@@ -13,7 +13,7 @@ import psutil
 
 from dbkit import start_server, stop_server
 from logic_kit import site
-from panda_wms.client import PandaClient
+from panda_core.client import ApiClient
 from testkit import wait_for
 
 SITE = "W_SITE"
@@ -39,7 +39,7 @@ def test_killed_pilot_job_is_failed_by_the_watcher_and_its_retry_runs(tmp_path):
     mark = tmp_path / "first-attempt-ran"
     first = None
     try:
-        user = PandaClient(srv.url, srv.token("user", "alice"))
+        user = ApiClient(srv.url, srv.token("user", "alice"))
         task_id = user.submit_task({
             "name": "lost", "scope": "s", "transformation": "/bin/sh",
             # the first attempt hangs (its pilot is killed), the retry finishes at once

@@ -13,7 +13,7 @@ import requests
 
 from dbkit import start_server, stop_server
 from logic_kit import put_file, site
-from panda_wms.client import ClientError, PandaClient
+from panda_core.client import ApiClient, ClientError
 from testkit import wait_for
 
 
@@ -33,7 +33,7 @@ def server(tmp_path):
 
 
 def test_data_service_and_watcher_run_inside_the_server(server):
-    admin = PandaClient(server.url, server.token("admin", "root"))
+    admin = ApiClient(server.url, server.token("admin", "root"))
     files = [put_file(server.ses["SE_B"], "s", f"in{i}", b"x" * (100 + i)) for i in range(2)]
     assert admin.add_files("ds.in", "s", files, "SE_B") == 2
     task_id = admin.submit_task({"name": "moved", "scope": "s", "transformation": "/bin/true",
@@ -60,9 +60,9 @@ def test_data_service_and_watcher_run_inside_the_server(server):
 
 
 def test_shares_api(server):
-    admin = PandaClient(server.url, server.token("admin", "root"))
-    user = PandaClient(server.url, server.token("user", "alice"))
-    view = PandaClient(server.url).call("shares", "list")
+    admin = ApiClient(server.url, server.token("admin", "root"))
+    user = ApiClient(server.url, server.token("user", "alice"))
+    view = ApiClient(server.url).call("shares", "list")
     assert view["targets"]["mc"] == pytest.approx(0.48)
     new = [{"name": "prod", "value": 90}, {"name": "user", "value": 10}]
     with pytest.raises(ClientError, match="role user may not"):
@@ -73,7 +73,7 @@ def test_shares_api(server):
                                                                          "user": 0.1}
     assert admin.call("shares", "set", "POST", values={"prod": 70, "user": 30})["targets"][
         "user"] == pytest.approx(0.3)
-    assert PandaClient(server.url).call("shares", "list")["targets"]["prod"] == pytest.approx(0.7)
+    assert ApiClient(server.url).call("shares", "list")["targets"]["prod"] == pytest.approx(0.7)
     usage = admin.call("shares", "usage", site="SITE_A")
     assert usage["order"] == ["prod", "user"]
     with pytest.raises(ClientError, match="unknown site"):
@@ -99,7 +99,7 @@ def test_two_server_processes_fail_each_silent_job_once(tmp_path):
                        extra=["--processes", "2", "--watcher-interval", "0.1",
                               "--sent-timeout", "1"])
     try:
-        admin = PandaClient(srv.url, srv.token("admin", "root"))
+        admin = ApiClient(srv.url, srv.token("admin", "root"))
         task_id = admin.submit_task({"name": "silent", "scope": "s", "transformation": "/bin/true",
                                      "n_jobs": 12, "site": "W", "max_attempts": 2,
                                      "resources": {"memory_mb": 100, "walltime_s": 60}})

@@ -2,7 +2,9 @@
 
 Shared vocabulary: the pilot reports these codes (``pilotErrorCode``), the copytools raise them and
 the server's monitor groups failures by them, so the table lives where all may import it.
-``pilot.errors`` re-exports it together with the pilot's exception types.
+``pilot.errors`` re-exports it together with the pilot's exception types. ``CodedError`` is the one
+exception type that carries such a code, so a code is never lost between where a failure happened
+and the report that names it.
 """
 from __future__ import annotations
 
@@ -122,3 +124,12 @@ class DispatcherCode(IntEnum):
     HOLDING_TIMEOUT = 103
     TRANSFERRING_TIMEOUT = 104
     TIMEOUT = 105
+
+
+class CodedError(Exception):
+    """A failure with a PanDA error code and a short diagnostic (the pilot's ``PilotError``)."""
+
+    def __init__(self, code: int, diag: str = "") -> None:
+        self.code = int(code)
+        self.diag = diag or error_text(code)
+        super().__init__(f"[{self.code}] {self.diag}")

@@ -1,0 +1,8 @@
+"""panda_core: the ground every part of panda-wms imports (standard library only).
+
+Job states, error codes, replica paths and the name check, the job wire format, the canonical JSON
+that signatures cover, the site-config dataclasses and the client of the server's two protocols.
+The pilot imports this package on a bare worker node, so nothing here may import a third-party
+package (a test over the import graph keeps it so; see docs/architecture.md).
+"""
+__version__ = "0.1.0"

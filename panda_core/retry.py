@@ -1,0 +1,28 @@
+"""One retry policy for every loop that tries again: server calls, transfers, factory reports.
+
+Waits grow exponentially up to a cap and are jittered: when a server restarts, thousands of
+pilots that lost it at the same moment must not come back in lock-step. Each wait is drawn
+uniformly from ``[(1 - jitter) * w, w]`` ("equal jitter" keeps a floor, so a retry is never
+immediate).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5            # tries in all, the first included
+    backoff_s: float = 2.0       # first wait; doubles each time
+    max_backoff_s: float = 60.0
+    timeout_s: float = 30.0      # one try (used by callers whose tries can hang)
+    jitter: float = 0.5          # 0: exact waits; 1: anywhere between 0 and the full wait
+
+    def waits(self, rand: Callable[[], float] = random.random) -> Iterator[float]:
+        """The waits between tries: ``attempts - 1`` of them."""
+        wait = self.backoff_s
+        for _ in range(max(0, self.attempts - 1)):
+            yield wait * (1.0 - self.jitter * rand())
+            wait = min(wait * 2, self.max_backoff_s)

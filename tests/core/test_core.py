@@ -1,0 +1,221 @@
+"""The ground package on its own: the wire format both ways, canonical bytes, the retry policy,
+the site-config dataclasses and the protocol client against a tiny HTTP server."""
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from panda_core.canonical import SIGNATURE_KEY, signed_bytes
+from panda_core.client import (MAX_REPLY_BYTES, ApiClient, ClientError, PilotClient,
+                               ProtocolError, Refused, ServerUnreachable)
+from panda_core.errorcodes import CodedError, ErrorCode
+from panda_core.replicas import replica_url
+from panda_core.retry import RetryPolicy
+from panda_core.siteconfig import SiteConfig, SiteConfigError
+from panda_core.wire import NULL, WireError, decode_job, encode_job
+
+# ------------------------------------------------------------------------- the wire format
+
+
+def _row(**over) -> dict:
+    """A server job row as the dispatcher hands it to the encoder."""
+    files = [
+        {"type": "input", "lfn": "in.1", "scope": "alice", "guid": "g1", "fsize": 11,
+         "checksum": "ad:0000abcd", "dataset": "alice.in"},
+        {"type": "input", "lfn": "in.2", "scope": "bob", "guid": "g2", "fsize": 22,
+         "checksum": "md5:" + "0" * 32, "dataset": "bob.in"},
+        {"type": "output", "lfn": "out.1", "scope": "alice", "guid": "go", "fsize": None,
+         "checksum": None, "dataset": "alice.out"},
+        {"type": "log", "lfn": "log.1.tgz", "scope": "alice", "guid": "gl", "fsize": None,
+         "checksum": None, "dataset": "alice.out"},
+    ]
+    row = {"panda_id": 42, "task_id": 7, "serial": 3, "attempt_nr": 2,
+           "prod_source_label": "user", "owner": "alice", "transformation": "/bin/sh",
+           "job_pars": "-c 'echo hi'", "walltime_s": 600, "memory_mb": 1000, "disk_mb": 200,
+           "cores": 4, "current_priority": 900, "transfer_type": "direct", "files": files}
+    row.update(over)
+    return row
+
+
+def test_what_the_server_encodes_the_pilot_decodes():
+    raw = encode_job(_row(), "SE_IN", "SE_OUT")
+    job = decode_job(json.loads(json.dumps(raw)))      # through JSON, as on the wire
+    assert (job.panda_id, job.attempt_nr, job.core_count) == (42, 2, 4)
+    assert (job.max_walltime_s, job.max_rss_mb, job.max_disk_mb) == (600, 1000, 200)
+    assert [(f.lfn, f.scope, f.guid, f.fsize, f.checksum, f.dataset, f.ddm_endpoint)
+            for f in job.inputs] == [
+        ("in.1", "alice", "g1", 11, "ad:0000abcd", "alice.in", "SE_IN"),
+        ("in.2", "bob", "g2", 22, "md5:" + "0" * 32, "bob.in", "SE_IN")]
+    assert job.inputs[0].adler32 == "0000abcd" and job.inputs[1].md5 == "0" * 32
+    assert [(f.lfn, f.scope, f.ddm_endpoint) for f in job.outputs] == [
+        ("out.1", "alice", "SE_OUT")]
+    assert (job.log.lfn, job.log.scope, job.log.guid) == ("log.1.tgz", "alice", "gl")
+    assert job.direct_read and job.transformation == "/bin/sh"
+    assert raw["outFiles"] == "out.1,log.1.tgz" and raw["destinationSE"] == "SE_OUT"
+
+
+def test_a_job_without_files_or_log_encodes_nulls_and_decodes_empty():
+    raw = encode_job(_row(files=[], transfer_type=None), "SE", "SE")
+    assert raw["inFiles"] == "" and raw["logFile"] == NULL and raw["transferType"] == NULL
+    job = decode_job(raw)
+    assert job.inputs == [] and job.outputs == [] and job.log is None and not job.direct_read
+
+
+@pytest.mark.parametrize("key,value,code", [
+    ("inFiles", "../x", ErrorCode.HOSTILE_FILE_NAME),
+    ("scopeIn", "a/b,a/b", ErrorCode.HOSTILE_FILE_NAME),
+    ("fsize", "big,1", ErrorCode.BAD_JOB_SPEC),
+    ("PandaID", "nan-ish", ErrorCode.BAD_JOB_SPEC),
+    ("transformation", NULL, ErrorCode.BAD_JOB_SPEC),
+    ("outFiles", "in.1,log.1.tgz", ErrorCode.BAD_JOB_SPEC),    # an output named like an input
+])
+def test_the_decoder_refuses_with_a_code(key, value, code):
+    raw = encode_job(_row(), "SE", "SE")
+    raw[key] = value
+    with pytest.raises(WireError) as err:
+        decode_job(raw)
+    assert err.value.code == code and isinstance(err.value, CodedError)
+
+
+def test_the_decoder_refuses_what_is_not_a_job():
+    for raw in (None, [], "PandaID", {}):
+        with pytest.raises(WireError):
+            decode_job(raw)
+
+
+def test_signed_bytes_leave_out_the_signature_and_ignore_key_order():
+    a = {"b": 1, "a": [1, "é"], SIGNATURE_KEY: "sig"}
+    b = {"a": [1, "é"], "b": 1}
+    assert signed_bytes(a) == signed_bytes(b) == b'{"a":[1,"\\u00e9"],"b":1}'
+
+
+# ------------------------------------------------------------------------- retries
+
+
+def test_retry_waits_grow_to_the_cap_and_are_jittered():
+    policy = RetryPolicy(attempts=6, backoff_s=1, max_backoff_s=4, jitter=0.5)
+    assert list(policy.waits(rand=lambda: 0.0)) == [1, 2, 4, 4, 4]
+    assert list(policy.waits(rand=lambda: 1.0)) == [0.5, 1, 2, 2, 2]
+    spread = {round(w, 6) for w in RetryPolicy(attempts=50).waits()}
+    assert len(spread) > 10, "waits of many clients must not coincide"
+    assert list(RetryPolicy(attempts=1).waits()) == []
+
+
+# ------------------------------------------------------------------------- site configs
+
+
+def test_site_config_from_a_partial_dict_gets_the_defaults():
+    site = SiteConfig.from_dict({"name": "S", "storage": {"input": {"name": "SE",
+                                                                    "url": "file:///se"}}})
+    assert site.storage.input.url == "file:///se" and site.storage.output.url == ""
+    assert site.copytools.input.name == "cp" and site.limits.heartbeat_s == 1800
+    assert SiteConfig.from_dict(site.to_dict()) == site
+
+
+@pytest.mark.parametrize("data,where", [
+    ({}, "name: missing"),
+    ({"name": 3}, "name: expected a string"),
+    ({"name": "S", "resources": []}, "resources: expected a mapping"),
+    ({"name": "S", "limits": {"looping_s": "soon"}}, "limits.looping_s: expected a number"),
+    ({"name": "S", "limits": {"looping_s": True}}, "limits.looping_s: expected a number"),
+    ({"name": "S", "direct_read": "yes"}, "direct_read: expected true or false"),
+    ({"name": "S", "copytools": {"input": {"options": "x"}}}, "copytools.input.options"),
+    ("S", "(site): expected a mapping"),
+])
+def test_site_config_names_the_key_of_a_bad_value(data, where):
+    with pytest.raises(SiteConfigError, match=where.replace("(", r"\(").replace(")", r"\)")):
+        SiteConfig.from_dict(data)
+
+
+# ------------------------------------------------------------------------- the client
+
+
+class _Peer(http.server.BaseHTTPRequestHandler):
+    """Answers whatever the test put in ``replies`` (status, body bytes), records requests."""
+    replies: list[tuple[int, bytes]] = []
+    seen: list[tuple[str, str, bytes, dict]] = []
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).seen.append((self.command, self.path, body, dict(self.headers)))
+        status, data = type(self).replies.pop(0) if type(self).replies else (200, b"{}")
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def peer():
+    _Peer.replies, _Peer.seen = [], []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Peer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", _Peer
+    srv.shutdown()
+
+
+def test_a_url_that_is_not_a_url_is_a_clear_error():
+    for url in ("notaurl", "ftp://h/", "http://", 17):
+        with pytest.raises(ClientError, match="not a server URL"):
+            ApiClient(url)
+
+
+def test_the_api_client_drops_none_repeats_lists_and_sends_the_token(peer):
+    url, p = peer
+    p.replies = [(200, b'{"success": true, "message": "ok", "data": [1]}')]
+    client = ApiClient(url, "secret-token")
+    assert client.call("job", "list", task_id=3, site=None, ids=[1, 2]) == [1]
+    method, path, _, headers = p.seen[0]
+    assert (method, path) == ("GET", "/api/v1/job/list?task_id=3&ids=1&ids=2")
+    assert headers["Authorization"] == "Bearer secret-token"
+    assert "secret-token" not in repr(client) and client.last_message == "ok"
+
+
+def test_the_api_client_says_refused_unreachable_and_not_json_apart(peer):
+    url, p = peer
+    p.replies = [(403, b'{"success": false, "message": "no such method"}'),
+                 (200, b"<html>proxy</html>")]
+    with pytest.raises(Refused) as err:
+        ApiClient(url).call("x", "y", "POST", a=1)
+    assert (err.value.http_status, err.value.reason) == (403, "no such method")
+    assert err.value.url == f"{url}/api/v1/x/y"
+    with pytest.raises(ProtocolError, match="is not JSON"):
+        ApiClient(url).call("x", "y")
+    with pytest.raises(ServerUnreachable, match="cannot reach the server at http://127.0.0.1:1/"):
+        ApiClient("http://127.0.0.1:1").is_alive()
+
+
+def test_the_pilot_client_retries_server_errors_then_gives_up(peer):
+    url, p = peer
+    p.replies = [(503, b"busy"), (200, b'{"StatusCode": 20}')]
+    client = PilotClient(url, retry=RetryPolicy(attempts=3, backoff_s=0.01))
+    assert client.get_job({"siteName": "S"}) is None
+    assert [s[0:2] for s in p.seen] == [("POST", "/server/panda/getJob")] * 2
+    assert p.seen[0][2] == b"siteName=S"
+    p.replies = [(500, b"")] * 3
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachable, match="3 attempts: HTTP 500") as err:
+        client.update_job({"jobId": 1, "state": "running"})
+    assert err.value.code == ErrorCode.COMMUNICATION_FAILURE and time.monotonic() - t0 < 5
+
+
+def test_the_pilot_client_refuses_a_reply_without_a_status_or_too_big(peer, monkeypatch):
+    url, p = peer
+    p.replies = [(200, b'{"no": "status"}'), (200, b"x" * 200)]
+    client = PilotClient(url, retry=RetryPolicy(attempts=1))
+    with pytest.raises(ProtocolError, match="StatusCode"):
+        client.get_job({})
+    monkeypatch.setattr("panda_core.client.MAX_REPLY_BYTES", 100)
+    with pytest.raises(ProtocolError, match="larger than"):
+        client.get_job({})
+    assert MAX_REPLY_BYTES > 1 << 20
+    assert replica_url("file:///se/", "s", "f").startswith("file:///se/s/")
