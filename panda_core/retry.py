@@ -2,8 +2,8 @@
 
 Waits grow exponentially up to a cap and are jittered: when a server restarts, thousands of
 pilots that lost it at the same moment must not come back in lock-step. Each wait is drawn
-uniformly from ``[(1 - jitter) * w, w]`` ("equal jitter" keeps a floor, so a retry is never
-immediate).
+uniformly from ``[w, (1 + jitter) * w]``: the nominal wait is a floor (a retry never comes sooner
+than the policy says, which a server that asked for patience relies on), the spread goes upward.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ class RetryPolicy:
     backoff_s: float = 2.0       # first wait; doubles each time
     max_backoff_s: float = 60.0
     timeout_s: float = 30.0      # one try (used by callers whose tries can hang)
-    jitter: float = 0.5          # 0: exact waits; 1: anywhere between 0 and the full wait
+    jitter: float = 0.5          # 0: exact waits; 0.5: up to half as long again
 
     def waits(self, rand: Callable[[], float] = random.random) -> Iterator[float]:
         """The waits between tries: ``attempts - 1`` of them."""
         wait = self.backoff_s
         for _ in range(max(0, self.attempts - 1)):
-            yield wait * (1.0 - self.jitter * rand())
+            yield wait * (1.0 + self.jitter * rand())
             wait = min(wait * 2, self.max_backoff_s)

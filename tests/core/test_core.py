@@ -99,7 +99,7 @@ def test_signed_bytes_leave_out_the_signature_and_ignore_key_order():
 def test_retry_waits_grow_to_the_cap_and_are_jittered():
     policy = RetryPolicy(attempts=6, backoff_s=1, max_backoff_s=4, jitter=0.5)
     assert list(policy.waits(rand=lambda: 0.0)) == [1, 2, 4, 4, 4]
-    assert list(policy.waits(rand=lambda: 1.0)) == [0.5, 1, 2, 2, 2]
+    assert list(policy.waits(rand=lambda: 1.0)) == [1.5, 3, 6, 6, 6]
     spread = {round(w, 6) for w in RetryPolicy(attempts=50).waits()}
     assert len(spread) > 10, "waits of many clients must not coincide"
     assert list(RetryPolicy(attempts=1).waits()) == []
