@@ -54,7 +54,7 @@ def fresh_tb(url: str, clock: ManualClock) -> TaskBuffer:
     with engine.begin() as conn:
         for table in reversed(db.metadata.sorted_tables):
             conn.execute(delete(table))
-    tb.sync_sites([site(SITE, max_running=10 ** 6)])
+    tb.sites.sync([site(SITE, max_running=10 ** 6)])
     return tb
 
 
@@ -156,7 +156,7 @@ def run(args, new_url) -> int:
         dt_rec = time.perf_counter() - t0
         print(f"priority recompute: {args.jobs} waiting jobs in {dt_rec:.3f} s ({changed} changed)")
         for _ in range(args.dispatches):
-            tb.dispatch(SITE, node="wn", actor="bench")
+            tb.jobs.dispatch(SITE, node="wn", actor="bench")
         clock.advance(hours=2)
         t0 = time.perf_counter()
         report = Watcher(tb, batch=10 ** 6).check()

@@ -185,7 +185,7 @@ def task_extend(ctx: Context, params: dict) -> dict:
 
 def _get_task(ctx: Context, task_id: int) -> dict:
     try:
-        return ctx.tb.get_task(task_id)
+        return ctx.tb.tasks.get(task_id)
     except NotFound:
         raise ApiError(f"no task {task_id}") from None
 
@@ -199,7 +199,7 @@ def task_get_status(ctx: Context, params: dict) -> str:
 def task_get_details(ctx: Context, params: dict) -> dict:
     task_id = _int_param(params, "task_id")
     task = _get_task(ctx, task_id)
-    view = _task_view(task, ctx.tb.task_job_counts(task_id))
+    view = _task_view(task, ctx.tb.tasks.job_counts(task_id))
     if str(params.get("include_parameters", "")).lower() in ("true", "1"):
         view["taskParams"] = task["params"]
     return view
@@ -214,12 +214,12 @@ def task_get_parameters(ctx: Context, params: dict) -> dict:
 def task_get_job_ids(ctx: Context, params: dict) -> list[int]:
     task_id = _int_param(params, "task_id")
     _get_task(ctx, task_id)
-    return ctx.tb.task_job_ids(task_id)
+    return ctx.tb.tasks.job_ids(task_id)
 
 
 @api("task", "list")
 def task_list(ctx: Context, params: dict) -> list[dict]:
-    return [_task_view(t) for t in ctx.tb.list_tasks(owner=_str_param(params, "owner"),
+    return [_task_view(t) for t in ctx.tb.tasks.find(owner=_str_param(params, "owner"),
                                                      limit=_int_param(params, "limit", False) or 100)]
 
 
@@ -231,14 +231,14 @@ def task_kill(ctx: Context, params: dict) -> int:
     if not _owns(ctx, task["owner"]):
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     killed = 0
-    for job in ctx.tb.list_jobs(task_id=task_id, limit=1_000_000):
+    for job in ctx.tb.jobs.find(task_id=task_id, limit=1_000_000):
         if not job.get("archived", False):
             try:
-                killed += ctx.tb.kill_job(job["panda_id"], ctx.identity.subject)
+                killed += ctx.tb.jobs.kill(job["panda_id"], ctx.identity.subject)
             except NotFound:
                 pass
     with ctx.tb.engine.begin() as conn:
-        ctx.tb.set_task_status(conn, task_id, str(TaskState.ABORTED),
+        ctx.tb.tasks.set_status(conn, task_id, str(TaskState.ABORTED),
                                error_dialog=f"killed by {ctx.identity.subject}")
     ctx.message = f"killed {killed} jobs"
     return 0
@@ -257,24 +257,24 @@ def _job_view(job: dict) -> dict:
 
 @api("job", "get_description", ("GET", "POST"))
 def job_get_description(ctx: Context, params: dict) -> list[dict | None]:
-    return [(_job_view(j) if (j := ctx.tb.get_job(i, include_archive=False)) else None)
+    return [(_job_view(j) if (j := ctx.tb.jobs.get(i, include_archive=False)) else None)
             for i in _id_list(params, "job_ids")]
 
 
 @api("job", "get_description_incl_archive", ("GET", "POST"))
 def job_get_description_incl_archive(ctx: Context, params: dict) -> list[dict | None]:
-    return [(_job_view(j) if (j := ctx.tb.get_job(i)) else None)
+    return [(_job_view(j) if (j := ctx.tb.jobs.get(i)) else None)
             for i in _id_list(params, "job_ids")]
 
 
 @api("job", "get_history")
 def job_get_history(ctx: Context, params: dict) -> list[dict]:
-    return ctx.tb.job_history(_int_param(params, "job_id"))
+    return ctx.tb.jobs.history(_int_param(params, "job_id"))
 
 
 @api("job", "list")
 def job_list(ctx: Context, params: dict) -> list[dict]:
-    return [_job_view(j) for j in ctx.tb.list_jobs(
+    return [_job_view(j) for j in ctx.tb.jobs.find(
         task_id=_int_param(params, "task_id", False), site=_str_param(params, "site"),
         status=_str_param(params, "status"), limit=_int_param(params, "limit", False) or 1000)]
 
@@ -285,7 +285,7 @@ def job_kill(ctx: Context, params: dict) -> list[bool]:
     results = []
     for panda_id in _id_list(params, "job_ids"):
         try:
-            results.append(ctx.tb.kill_job(panda_id, ctx.identity.subject, owner_check=owner))
+            results.append(ctx.tb.jobs.kill(panda_id, ctx.identity.subject, owner_check=owner))
         except (NotFound, PermissionError):
             results.append(False)
     return results
@@ -294,17 +294,17 @@ def job_kill(ctx: Context, params: dict) -> list[bool]:
 # ---------------------------------------------------------------------- sites
 @api("site", "list")
 def site_list(ctx: Context, params: dict) -> list[dict]:
-    load = ctx.tb.site_load()
+    load = ctx.tb.jobs.site_load()
     return [{"name": s["name"], "status": s["status"], "updated": s["updated"],
              "jobs": load.get(s["name"], {}),
              "scheduler": (s["config"].get("scheduler") or {}).get("backend")}
-            for s in ctx.tb.list_sites()]
+            for s in ctx.tb.sites.all()]
 
 
 @api("site", "get_config")
 def site_get_config(ctx: Context, params: dict) -> dict:
     try:
-        return ctx.tb.get_site(str(params.get("site", "")))["config"]
+        return ctx.tb.sites.get(str(params.get("site", "")))["config"]
     except NotFound as exc:
         raise ApiError(str(exc)) from None
 
@@ -326,7 +326,7 @@ def site_sync(ctx: Context, params: dict) -> list[str]:
     for c in configs:
         if not isinstance(c.get("name"), str) or not c["name"]:
             raise ApiError("every site config needs a 'name'")
-    return ctx.tb.sync_sites(configs)
+    return ctx.tb.sites.sync(configs)
 
 
 # ---------------------------------------------------------------------- data
@@ -363,12 +363,12 @@ def data_add_files(ctx: Context, params: dict) -> int:
     except BadFileName as exc:
         raise ApiError(str(exc)) from None
     endpoint = _str_param(params, "ddm_endpoint")
-    return ctx.tb.add_dataset_files(dataset, scope, files, endpoint)
+    return ctx.tb.data.add_dataset_files(dataset, scope, files, endpoint)
 
 
 @api("data", "list_files")
 def data_list_files(ctx: Context, params: dict) -> list[dict]:
-    return ctx.tb.dataset_files(str(params.get("dataset", "")))
+    return ctx.tb.data.dataset_files(str(params.get("dataset", "")))
 
 
 # ---------------------------------------------------------------------- pilots and factories
@@ -376,10 +376,10 @@ def data_list_files(ctx: Context, params: dict) -> list[dict]:
 def pilot_activated_count(ctx: Context, params: dict) -> dict:
     site = str(params.get("site", ""))
     try:
-        ctx.tb.get_site(site)
+        ctx.tb.sites.get(site)
     except NotFound as exc:
         raise ApiError(str(exc)) from None
-    return {"site": site, "activated": ctx.tb.count_jobs(site=site, status="activated")}
+    return {"site": site, "activated": ctx.tb.jobs.count(site=site, status="activated")}
 
 
 @api("pilot", "report", ("POST",), PILOTS + ("user",))
@@ -395,9 +395,9 @@ def pilot_report(ctx: Context, params: dict) -> int:
     if sites is not None and not (isinstance(sites, dict)
                                   and all(isinstance(v, dict) for v in sites.values())):
         raise ApiError("parameter 'sites' must be an object {site: {submitting, reason}}")
-    return ctx.tb.report_pilots(factory, pilots, ctx.identity.subject, site_status=sites)
+    return ctx.tb.pilots.report(factory, pilots, ctx.identity.subject, site_status=sites)
 
 
 @api("pilot", "summary")
 def pilot_summary(ctx: Context, params: dict) -> dict:
-    return ctx.tb.pilot_summary()
+    return ctx.tb.pilots.summary()

@@ -49,7 +49,7 @@ def shares_usage(ctx: Context, params: dict) -> dict:
     """At one site: cores in use and activated jobs per share, and the order the next pilot
     gets."""
     site = str(params.get("site", ""))
-    ctx.tb.get_site(site)          # NotFound -> a clear message
+    ctx.tb.sites.get(site)          # NotFound -> a clear message
     order, running, waiting = ShareChooser(ctx.tb, ttl_s=0).ranking(site)
     return {"site": site, "order": order, "running": running, "activated": waiting}
 
@@ -61,5 +61,5 @@ def event_summary(ctx: Context, params: dict) -> dict:
     from .api import _int_param
     from .eventranges import EventRangeService
     task_id = _int_param(params, "task_id")
-    ctx.tb.get_task(task_id)
+    ctx.tb.tasks.get(task_id)
     return EventRangeService(ctx.tb).summary(task_id)

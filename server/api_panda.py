@@ -245,7 +245,7 @@ def job_submit(ctx: Context, params: dict) -> list[list]:
     for i, state in enumerate(raw):
         job, files = job_state_to_dict(state, job_names, file_names, i)
         converted.append((job, job_to_task(job, files, i)))
-    known = {site["name"] for site in ctx.tb.list_sites()}
+    known = {site["name"] for site in ctx.tb.sites.all()}
     for i, (_, task) in enumerate(converted):      # refuse before the first job is created
         if task.get("site") and task["site"] not in known:
             raise ApiError(f"job {i}: unknown computingSite {task['site']!r}")
@@ -289,7 +289,7 @@ def task_modified_since(ctx: Context, params: dict) -> dict:
     min_id = _int_param(params, "min_task_id", False)
     label = _null(params.get("prod_source_label"))
     out = {}
-    for task in ctx.tb.list_tasks(owner=owner, since=_since(params.get("since")), limit=10000):
+    for task in ctx.tb.tasks.find(owner=owner, since=_since(params.get("since")), limit=10000):
         if min_id is not None and task["task_id"] < min_id:
             continue
         if label and label != "user" and (task.get("params") or {}).get(
@@ -313,7 +313,7 @@ def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
         name = spec.get(key)
         if not name or kind not in wanted:
             continue
-        files = ctx.tb.dataset_files(name)
+        files = ctx.tb.data.dataset_files(name)
         out.append({"dataset": {"name": name, "id": name, "type": kind},
                     "files": [{"lfn": f["lfn"], "scope": f["scope"], "id": f["row_id"],
                                "status": "used" if f.get("task_id") == task["task_id"]
@@ -403,7 +403,7 @@ class StoragedataHandler(BaseHandler):
     """``GET /cache/ddmendpoints.json``: storage endpoints in pilot 3's shape."""
 
     async def get(self) -> None:
-        sites = await self.run(self.state.tb.list_sites)
+        sites = await self.run(self.state.tb.sites.all)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(storagedata([s["config"] for s in sites])))
 

@@ -258,7 +258,7 @@ class QueuedataHandler(BaseHandler):
 
     async def get(self, site: str) -> None:
         try:
-            row = await self.run(self.state.tb.get_site, site)
+            row = await self.run(self.state.tb.sites.get, site)
         except NotFound:
             raise tornado.web.HTTPError(404, reason=f"unknown site {site}")
         self.set_header("Content-Type", "application/json")

@@ -142,7 +142,7 @@ class Dispatcher:
         if identity is not None and not identity.may_act_for_site(site):
             raise ProtocolError(SC_DENIED, f"{identity.subject} may not take jobs of {site}")
         try:
-            site_row = self.tb.get_site_cached(site)
+            site_row = self.tb.sites.get_cached(site)
         except NotFound:
             raise ProtocolError(SC_FAILED, f"unknown site {site!r}") from None
         if site_row["status"] == "offline":
@@ -191,11 +191,11 @@ class Dispatcher:
         for _ in range(req.n_jobs):
             job = None
             for where in plan or ():
-                job = self.tb.dispatch(site, where=where, **kw)
+                job = self.tb.jobs.dispatch(site, where=where, **kw)
                 if job is not None:
                     break
             if job is None:      # no plan, or the cached plan missed: any job, best first
-                job = self.tb.dispatch(site, order_by=order, **kw)
+                job = self.tb.jobs.dispatch(site, order_by=order, **kw)
             if job is None:
                 break
             jobs.append(job)
@@ -208,14 +208,14 @@ class Dispatcher:
         if hot is None or (chooser is not None and not hasattr(chooser, "share_plan")):
             return await run(self.get_job, form, identity)
         site = str(form.get("siteName") or "")
-        if not (self.tb.site_is_cached(site) and (chooser is None or chooser.is_fresh(site))):
+        if not (self.tb.sites.cached(site) is not None and (chooser is None or chooser.is_fresh(site))):
             await run(self._warm_caches, site)     # the caches' database reads, off the loop
-            if not self.tb.site_is_cached(site):   # unknown site: its error, off the loop too
+            if not self.tb.sites.cached(site) is not None:   # unknown site: its error, off the loop too
                 return await run(self.get_job, form, identity)
         req = self._job_request(form, identity)
         if isinstance(req, dict):
             return req
-        params = self.tb.dispatch_params(site, **req.fit)
+        params = self.tb.jobs.dispatch_params(site, **req.fit)
         steps = chooser.share_plan(site) if chooser is not None else None
         jobs: list[dict] = []
         try:
@@ -238,7 +238,7 @@ class Dispatcher:
 
     def _warm_caches(self, site: str) -> None:
         try:
-            self.tb.get_site_cached(site)
+            self.tb.sites.get_cached(site)
         except NotFound:
             return
         if self.job_chooser is not None and hasattr(self.job_chooser, "share_plan"):
@@ -339,7 +339,7 @@ class Dispatcher:
         # the site row is read before the update's transaction: a second connection reading it
         # inside that transaction waits for its lock on SQLite (30 s, then "database is locked")
         try:
-            said_row = self.tb.get_site_cached(req.site) if req.site else None
+            said_row = self.tb.sites.get_cached(req.site) if req.site else None
         except NotFound:
             said_row = None
 
@@ -352,11 +352,11 @@ class Dispatcher:
             if not job["site"]:
                 return output_endpoint({})
             row = said_row if said_row and said_row["name"] == job["site"] else \
-                self.tb.get_site_cached(job["site"])
+                self.tb.sites.get_cached(job["site"])
             return output_endpoint(row["config"])
 
         try:
-            command = self.tb.pilot_update(
+            command = self.tb.pilots.update(
                 req.panda_id, req.state, req.fields,
                 actor=identity.subject if identity else None, attempt_nr=req.attempt_nr,
                 stored_files=req.stored, check=check)
@@ -371,7 +371,7 @@ class Dispatcher:
         thread pool, which gives the canonical answer."""
         hot = self.hot
         site = str(form.get("siteName") or "")
-        if hot is None or not site or not self.tb.site_is_cached(site) or (
+        if hot is None or not site or not self.tb.sites.cached(site) is not None or (
                 identity is not None and not identity.may_act_for_site(site)):
             return await run(self.update_job, form, identity)
         req = self._update_request(form)
@@ -383,13 +383,13 @@ class Dispatcher:
                 if command is not None:
                     return {"StatusCode": SC_OK, "command": command}
             elif req.state == "finished":
-                endpoint = output_endpoint(self.tb.get_site_cached(site)["config"])
+                endpoint = output_endpoint(self.tb.sites.get_cached(site)["config"])
                 task_id = await hot.finish(req.panda_id, req.fields, actor=actor,
                                            attempt_nr=req.attempt_nr, site=site,
                                            endpoint=endpoint, stored=req.stored)
                 if task_id is not None:
                     if not await hot.task_settled(task_id):
-                        await run(self.tb.task_after_job_end, task_id)
+                        await run(self.tb.tasks.after_job_end, task_id)
                     return {"StatusCode": SC_OK, "command": "NULL"}
         except Exception:  # noqa: BLE001 - one statement: nothing was changed; the general
             log.warning("updateJob %s: the hot path failed; using the general path",  # path
@@ -422,7 +422,7 @@ class Dispatcher:
         for raw in ids[:1000]:
             try:
                 number = int(raw)
-                job = self.tb.get_job(number) if -2**63 < number < 2**63 else None
+                job = self.tb.jobs.get(number) if -2**63 < number < 2**63 else None
             except ValueError:
                 job = None
             states.append(job["status"] if job else "unknown")

@@ -32,31 +32,20 @@ from typing import Any
 
 import psycopg
 
-from panda_wms.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
+from panda_wms.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, JobState,
                               TaskState)
 
 from . import db
 from .dispatcher import REPORT_COLUMNS
-from .taskbuffer import TaskBuffer, _steps, job_with_files, stored_checksum
+from .taskbuffer import TaskBuffer
+from .taskbuffer.data import stored_checksum
+from .taskbuffer.states import job_with_files, legal_predecessors
 
 log = logging.getLogger(__name__)
 
 _OWNED = sorted(str(s) for s in PILOT_OWNED_STATES)
 _LIVE = sorted(str(s) for s in JobState if s not in FINAL_JOB_STATES)
 _HOLDING, _FINISHED = str(JobState.HOLDING), str(JobState.FINISHED)
-
-
-def _legal_from(new: str, via: tuple[str, ...] = ()) -> list[str]:
-    """Pilot-owned states from which ``via`` then ``new`` is a legal path (TaskBuffer's own
-    path check decides)."""
-    out = []
-    for old in _OWNED:
-        try:
-            _steps(old, [*via, new])
-        except IllegalTransition:
-            continue
-        out.append(old)
-    return out
 
 
 def conninfo(engine_url) -> str:
@@ -240,8 +229,8 @@ class HotPath:
         self._progresses = Coalescer(self._progress_batch)
         self._finishes = Coalescer(self._finish_batch)
         self._task_checks = Coalescer(self._task_check_batch)
-        self._from_state = {s: _legal_from(s) for s in _OWNED}
-        self._finish_from = _legal_from(_FINISHED, (_HOLDING,))
+        self._from_state = {s: legal_predecessors(s) for s in _OWNED}
+        self._finish_from = legal_predecessors(_FINISHED, (_HOLDING,))
 
     def _pool(self) -> ConnectionPool:
         loop = asyncio.get_running_loop()
@@ -272,7 +261,7 @@ class HotPath:
                 where = [db.jobs.c.share == bindparam("p_share", type_=String)]
             elif mode == "not":
                 where = [db.jobs.c.share != all_(bindparam("p_known", type_=ARRAY(String)))]
-            pick = self.tb.pick_query(shape, where, limit=bindparam("p_n", type_=Integer))
+            pick = self.tb.jobs.pick_query(shape, where, limit=bindparam("p_n", type_=Integer))
             compiled = pick.compile(dialect=self.tb.engine.dialect)
             base = {k: v for k, v in compiled.construct_params(_check=False).items()
                     if v is not None}

@@ -201,12 +201,12 @@ def set_jobs(engine, ids, **values) -> None:
 
 
 def job(tb, pid) -> dict:
-    return tb.get_job(pid)
+    return tb.jobs.get(pid)
 
 
 def outputs(tb, pid, **kw) -> dict:
     """Every output and log file of the job, stored (as the pilot reports them)."""
-    return stored([f["lfn"] for f in tb.get_job(pid)["files"] if f["type"] != "input"], **kw)
+    return stored([f["lfn"] for f in tb.jobs.get(pid)["files"] if f["type"] != "input"], **kw)
 
 
 # ---------------------------------------------------------------------- parity harness
@@ -499,7 +499,7 @@ def sc_failures(tb, p, clock):
     upd(attempt, "running", attemptNr=2)                     # another attempt: tobekilled
     upd(attempt, "finished", attemptNr=2, xml=xml([out_lfn(task_id, 3)]))
     upd(illegal, "starting", attemptNr=1)                    # running -> starting
-    tb.kill_job(killed, actor="alice")
+    tb.jobs.kill(killed, actor="alice")
     upd(killed, "running", attemptNr=1)                      # cancelled: tobekilled
     upd(killed, "finished", xml=xml([out_lfn(task_id, 5)]))
     upd(badxml, "finished", expect=None, xml="not json")
@@ -664,13 +664,13 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     reply = env.get_job({"siteName": "SITE_A", "node": "wn1", "pilotID": "p1", "batchID": "b1"})
     assert reply["StatusCode"] == 0 and reply["PandaID"] == a
     spec = {k: v for k, v in reply.items() if k != "StatusCode"}
-    assert spec == env.general.job_spec(job(tb, a), tb.get_site("SITE_A")["config"])
+    assert spec == env.general.job_spec(job(tb, a), tb.sites.get("SITE_A")["config"])
     row = job(tb, a)
     assert (row["status"], row["node"], row["pilot_id"], row["batch_id"], row["pilot_owner"],
             row["heartbeat_time"], row["state_changed"]) == (
         "sent", "wn1", "p1", "b1", "pilot-1", T0 + dt.timedelta(seconds=10),
         T0 + dt.timedelta(seconds=10))
-    assert tb.job_history(a)[-1]["actor"] == "pilot-1"
+    assert tb.jobs.history(a)[-1]["actor"] == "pilot-1"
     sent_at = clock()
 
     # starting: a history row; a heartbeat in the same state: none, state_changed kept
@@ -683,7 +683,7 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     assert history(tb, a) == [(None, "activated"), ("activated", "sent"), ("sent", "starting")]
     assert row["heartbeat_time"] == clock() and row["modification_time"] == clock()
     assert row["state_changed"] == clock() - dt.timedelta(seconds=10) and row["node"] == "wn1b"
-    assert row["start_time"] is None and tb.get_task(task_id)["status"] == "ready"
+    assert row["start_time"] is None and tb.tasks.get(task_id)["status"] == "ready"
 
     # running: start time from starting, the task runs
     clock.advance(10)
@@ -691,8 +691,8 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     row = job(tb, a)
     assert row["status"] == "running" and row["start_time"] == clock()
     assert (row["max_rss"], row["cpu_consumption_time"]) == (1234, 1.5)
-    assert tb.get_task(task_id)["status"] == "running"
-    assert tb.job_history(a)[-1]["time"] == clock()
+    assert tb.tasks.get(task_id)["status"] == "running"
+    assert tb.jobs.history(a)[-1]["time"] == clock()
     started = clock()
     clock.advance(10)
     assert upd(a, "running", nEvents="7") == ok                  # heartbeat
@@ -710,7 +710,7 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     assert (row["status"], row["end_time"], row["command"], row["trans_exit_code"]) == (
         "finished", clock(), None, 0)
     assert history(tb, a)[-2:] == [("running", "holding"), ("holding", "finished")]
-    assert [h["time"] for h in tb.job_history(a)[-2:]] == [clock(), clock()]
+    assert [h["time"] for h in tb.jobs.history(a)[-2:]] == [clock(), clock()]
     by_lfn = {f["lfn"]: f for f in row["files"]}
     for lfn in outs:
         f, info = by_lfn[lfn], reported[lfn]
@@ -727,7 +727,7 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
             entry["task_id"]) == ("bulk.out", outs[0], reported[outs[0]]["guid"],
                                   reported[outs[0]]["fsize"], "ad:" + reported[outs[0]]["adler32"],
                                   None)
-    assert tb.get_task(task_id)["status"] == "running"           # b is still to run
+    assert tb.tasks.get(task_id)["status"] == "running"           # b is still to run
 
     # b: getJob, running straight from sent (start time set), finished: the task is done
     clock.advance(10)
@@ -739,10 +739,10 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     assert upd(b, "finished", xml=xml([out_lfn(task_id, 2)])) == ok
     assert history(tb, b)[-3:] == [("sent", "running"), ("running", "holding"),
                                    ("holding", "finished")]
-    assert tb.get_task(task_id)["status"] == "done"
+    assert tb.tasks.get(task_id)["status"] == "done"
 
     assert env.fallbacks() == [] and env.records.hot_failures() == []
-    assert "task_after_job_end" in env.calls          # the last job's end updated the task
+    assert "after_job_end" in env.calls          # the last job's end updated the task
     assert started - sent_at == dt.timedelta(seconds=30)
 
 
@@ -765,7 +765,7 @@ def test_finish_straight_from_sent_and_from_transferring(env, clock):
                                         ("holding", "finished")]
     assert history(tb, ids[2])[-2:] == [("sent", "holding"), ("holding", "finished")]
     assert all(job(tb, pid)["start_time"] is None for pid in ids)
-    assert tb.get_task(task_id)["status"] == "done"
+    assert tb.tasks.get(task_id)["status"] == "done"
     assert env.fallbacks() == [] and env.records.hot_failures() == []
 
 
@@ -880,7 +880,7 @@ def test_job_not_yet_sent_is_not_touched(env, clock):
     replies NULL and changes nothing."""
     _, (pid,) = seed_jobs(env.tb, "SITE_A", 1)
     env.get_job({"siteName": "SITE_B"}, PILOT_B)        # caches nothing of SITE_A
-    env.tb.get_site_cached("SITE_A")
+    env.tb.sites.get_cached("SITE_A")
     refused(env, "progress", pid, "running", {}, **progress_args())
     refused(env, "finish", pid, {}, **finish_args(outputs(env.tb, pid)))
     before = snapshot(env.engine)
@@ -918,13 +918,13 @@ def test_failed_goes_to_the_general_path_and_is_retried(env, running, clock):
     assert (row["status"], row["pilot_error_code"], row["pilot_error_diag"], row["end_time"]) == (
         "failed", 1301, "boom", clock())
     assert history(env.tb, ids[0])[-2:] == [("running", "holding"), ("holding", "failed")]
-    [retry] = [j for j in env.tb.list_jobs(task_id=task_id) if j["parent_id"] == ids[0]]
+    [retry] = [j for j in env.tb.jobs.find(task_id=task_id) if j["parent_id"] == ids[0]]
     assert (retry["status"], retry["attempt_nr"]) == ("activated", 2)
     # the retry fails too: no attempt left, no third job
     env.get_job({"siteName": "SITE_A"})
     assert via_dispatcher(env, {"jobId": retry["panda_id"], "state": "failed", "attemptNr": 2,
                                 "siteName": "SITE_A"})[0]["command"] == "NULL"
-    assert [j["attempt_nr"] for j in env.tb.list_jobs(task_id=task_id)
+    assert [j["attempt_nr"] for j in env.tb.jobs.find(task_id=task_id)
             if j["serial"] == 1] == [1, 2]
 
 
@@ -945,7 +945,7 @@ def test_finished_with_a_missing_output_fails_by_the_general_path(env, running, 
     files = {f["lfn"]: f["status"] for f in row["files"]}
     assert files[f"log.{task_id}.000001.1.tgz"] == "ready"
     assert files[out_lfn(task_id, 1)] == "defined"
-    assert any(j["parent_id"] == ids[0] for j in env.tb.list_jobs(task_id=task_id))
+    assert any(j["parent_id"] == ids[0] for j in env.tb.jobs.find(task_id=task_id))
 
 
 def test_kill_reaches_the_pilot(env, running):
@@ -957,7 +957,7 @@ def test_kill_reaches_the_pilot(env, running):
     assert reply == {"StatusCode": 0, "command": "tobekilled"} and fell_back == []
     assert env.sync(env.hot.progress(ids[0], "running", {}, **progress_args())) == "tobekilled"
     # a job killed (cancelled at once): the general path tells the pilot
-    env.tb.kill_job(ids[1], actor="alice")
+    env.tb.jobs.kill(ids[1], actor="alice")
     refused(env, "progress", ids[1], "running", {}, **progress_args())
     refused(env, "finish", ids[1], {}, **finish_args(outputs(env.tb, ids[1])))
     reply, fell_back = via_dispatcher(env, {"jobId": ids[1], "state": "running",
@@ -1061,7 +1061,7 @@ def test_many_pilots_on_one_hot_path_take_each_job_once(env, monkeypatch, clock)
     assert set(sent.values()) == {1} and len(sent) == n_jobs
     assert states == {"finished": n_jobs}
     assert n_replicas == 2 * n_jobs
-    assert env.tb.get_task(task_id)["status"] == "done"
+    assert env.tb.tasks.get(task_id)["status"] == "done"
 
 
 def test_pilots_asking_together_get_the_best_jobs_each_marked_as_theirs(env, clock):
@@ -1089,7 +1089,7 @@ def test_pilots_asking_together_get_the_best_jobs_each_marked_as_theirs(env, clo
         row = job(env.tb, reply["PandaID"])
         assert (row["node"], row["pilot_id"], row["batch_id"], row["pilot_owner"]) == (
             form["node"], form["pilotID"], form["batchID"], who.subject)
-        assert env.tb.job_history(reply["PandaID"])[-1]["actor"] == who.subject
+        assert env.tb.jobs.history(reply["PandaID"])[-1]["actor"] == who.subject
         got[reply["PandaID"]] = row["current_priority"]
     # the seven best after the 90: 80 70 60 50 40 30 20 (the big one fits only one pilot,
     # and has the lowest priority)
@@ -1329,7 +1329,7 @@ def test_hot_path_pools_per_event_loop_are_closed(env, monkeypatch):
     """One pool per event loop; ``close`` on a loop closes that loop's connections."""
     counter = ConnectCounter(monkeypatch)
     _, ids = seed_jobs(env.tb, "SITE_A", 2)
-    params = env.tb.dispatch_params("SITE_A")
+    params = env.tb.jobs.dispatch_params("SITE_A")
     who = {"node": "wn", "actor": "pilot-1", "pilot_id": None, "batch_id": None}
     first = env.sync(env.hot.dispatch(params, share=None, **who))
     other = asyncio.new_event_loop()
@@ -1448,12 +1448,12 @@ def test_full_cycle_over_http_with_the_hot_path(taskbuffer, tmp_path):
         f"update_job {pid} running",                      # after the end: tobekilled
         f"update_job {second['PandaID']} failed",
     ]
-    rows = {j["panda_id"]: j for j in tb.list_jobs(task_id=task_id)}
+    rows = {j["panda_id"]: j for j in tb.jobs.find(task_id=task_id)}
     assert [rows[p]["status"] for p in ids] == ["finished", "failed", "finished"]
     assert rows[retry["PandaID"]]["status"] == "finished"
     assert rows[pid]["max_rss"] == 99 and rows[pid]["start_time"] is not None
     assert history(tb, pid) == [(None, "activated"), ("activated", "sent"),
                                 ("sent", "starting"), ("starting", "running"),
                                 ("running", "holding"), ("holding", "finished")]
-    assert all(f["status"] == "ready" for f in tb.get_job(pid)["files"])
-    assert tb.get_task(task_id)["status"] == "done"
+    assert all(f["status"] == "ready" for f in tb.jobs.get(pid)["files"])
+    assert tb.tasks.get(task_id)["status"] == "done"
