@@ -14,15 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tornado.web
-from tornado.ioloop import IOLoop
 
 from .api import REGISTRY, ApiError, Context, Forbidden
 from .auth import AuthError, Identity, KeyStore, dn_from_subject, identity_from_dn
 from .brokerage import Brokerage
+from .db import make_engine
 from .dispatcher import SC_FAILED, Dispatcher, ProtocolError
+from .dispatchpath import DispatchPath, GeneralPath, Run, in_pool
 from .hookspecs import plugin_manager
 from .metrics import REQUESTS
+from .pghot import HotPath
 from .queuedata import queuedata
+from .shares import ShareChooser
 from .submission import TaskSubmitter
 from .taskbuffer import NotFound, TaskBuffer, utcnow
 
@@ -39,16 +42,13 @@ class ServerState:
     dispatcher: Dispatcher
     submitter: TaskSubmitter
     executor: ThreadPoolExecutor
+    run: Run                         # blocking (database) work in ``executor``, awaitable
     require_auth: bool = True
     admin_dns: frozenset[str] = frozenset()
     pilot_dns: frozenset[str] = frozenset()
     site_loader: Any = None
     started: dt.datetime = field(default_factory=utcnow)
     hook: Any = None                 # the panda.server plugin manager's hook relay
-
-    def run(self, func, *args):
-        """Run blocking (database) work in the thread pool; awaitable."""
-        return IOLoop.current().run_in_executor(self.executor, func, *args)
 
 
 def _json_default(obj: Any) -> Any:
@@ -167,17 +167,8 @@ async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dic
         if identity.role not in ("pilot", "admin"):
             return 200, {"StatusCode": 60, "errorDialog": f"role {identity.role} may not {method}"}
     REQUESTS.labels("pilot", method).inc()
-    dispatcher = state.dispatcher
-    run = state.run
     try:
-        if method == "getJob":
-            result = await dispatcher.get_job_async(params, identity, run)
-        elif method == "updateJob":
-            result = await dispatcher.update_job_async(params, identity, run)
-        elif method == "getStatus":
-            result = await run(dispatcher.get_status, params)
-        else:
-            result = await run(getattr(dispatcher, target), params, identity)
+        result = await getattr(state.dispatcher, target)(params, identity)
     except ProtocolError as exc:
         result = {"StatusCode": exc.status_code, "errorDialog": str(exc)}
     except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
@@ -288,20 +279,19 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                 hot_path: bool = True) -> ServerState:
     """``hot_path``: on PostgreSQL, take getJob and common updateJobs on the event loop
     (``server.pghot``); ``threads`` is then also its number of connections per process."""
-    from .db import make_engine
-
     engine = make_engine(db_url, pool_size=threads)
     tb = TaskBuffer(engine, clock=clock)
     keys = KeyStore(key_dir)
     pm = plugin_manager()
-    from .shares import ShareChooser
-    hot = None
+    executor = ThreadPoolExecutor(threads, thread_name_prefix="db")
+    run = in_pool(executor)
+    path: DispatchPath = GeneralPath(tb, run)
     if hot_path and tb.dialect == "postgresql":
-        from .pghot import HotPath
-        hot = HotPath(tb, size=threads)
-    return ServerState(tb=tb, keys=keys, dispatcher=Dispatcher(tb, keys, ShareChooser(tb), hot),
+        path = HotPath(path, size=threads)
+    return ServerState(tb=tb, keys=keys,
+                       dispatcher=Dispatcher(tb, keys, ShareChooser(tb), path, run),
                        submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
-                       executor=ThreadPoolExecutor(threads, thread_name_prefix="db"),
+                       executor=executor, run=run,
                        require_auth=require_auth, site_loader=site_loader,
                        admin_dns=frozenset(admin_dns), pilot_dns=frozenset(pilot_dns),
                        hook=pm.hook)

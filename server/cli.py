@@ -248,8 +248,7 @@ def main(argv: list[str]) -> int:
         server.stop()
         await server.close_all_connections()
         state.executor.shutdown(wait=True)
-        if state.dispatcher.hot is not None:
-            await state.dispatcher.hot.close()
+        await state.dispatcher.path.close()
         state.tb.engine.dispose()
         loop.stop()
 

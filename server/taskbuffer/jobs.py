@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Integer, String, and_, bindparam, func, insert, select
+from sqlalchemy import Integer, String, all_, and_, bindparam, func, insert, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from panda_wms.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, JobState, TaskState
@@ -108,16 +109,19 @@ class Jobs:
     @staticmethod
     def dispatch_params(site: str, *, cores: int | None = None, memory_mb: int | None = None,
                         walltime_s: int | None = None, pilot_version: str | None = None,
-                        prod_source_label: str | None = None) -> dict:
+                        prod_source_label: str | None = None,
+                        share: str | tuple | None = None) -> dict:
         """The bind parameters of a dispatch pick; absent limits are left out (their shape
-        names the statement)."""
+        names the statement). ``share``: only this share, or (a tuple) only shares not in it
+        (the steps of a share plan, ``shares.ShareChooser.share_plan``)."""
         wanted = {"p_site": site, "p_cores": cores or None, "p_memory_mb": memory_mb or None,
                   "p_walltime_s": walltime_s or None, "p_label": prod_source_label or None,
-                  "p_version": pilot_version or None}
+                  "p_version": pilot_version or None,
+                  "p_share": share if isinstance(share, str) else None,
+                  "p_known": tuple(share) if isinstance(share, tuple) else None}
         return {k: v for k, v in wanted.items() if v is not None}
 
-    @staticmethod
-    def pick_conditions(shape: tuple[str, ...], where: list | None = None) -> list:
+    def pick_conditions(self, shape: tuple[str, ...], where: list | None = None) -> list:
         """WHERE conditions choosing an activated job of a site that fits the pilot (``shape``:
         the names of :meth:`dispatch_params`)."""
         j = db.jobs.c
@@ -136,6 +140,12 @@ class Jobs:
                          | (j.pilot_version == bindparam("p_version", type_=String)))
         else:
             conds.append(j.pilot_version.is_(None))
+        if "p_share" in shape:
+            conds.append(j.share == bindparam("p_share", type_=String))
+        if "p_known" in shape:      # one array parameter on PostgreSQL: a statement of its own
+            conds.append(j.share != all_(bindparam("p_known", type_=ARRAY(String)))
+                         if self.store.dialect == "postgresql" else
+                         j.share.not_in(bindparam("p_known", expanding=True)))
         return conds + list(where or ())
 
     def pick_query(self, shape: tuple[str, ...], where: list | None = None, order=None,
@@ -156,12 +166,12 @@ class Jobs:
                  pilot_id: str | None = None, batch_id: str | None = None,
                  cores: int | None = None, memory_mb: int | None = None,
                  walltime_s: int | None = None, pilot_version: str | None = None,
-                 prod_source_label: str | None = None, order_by=None,
-                 max_tries: int = 5, where: list | None = None) -> dict | None:
+                 prod_source_label: str | None = None, share: str | tuple | None = None,
+                 order_by=None, max_tries: int = 5, where: list | None = None) -> dict | None:
         """Hand the best activated job of ``site`` that fits the pilot to this pilot only.
 
-        ``where``: extra conditions on ``db.jobs`` (the share-aware dispatcher asks share by
-        share). Returns the job row with its files, or None when nothing fits. PostgreSQL: one
+        ``share``: see :meth:`dispatch_params`; ``where``, ``order_by``: extra conditions on
+        ``db.jobs`` and another order (built each time, not cached). Returns the job row with its files, or None when nothing fits. PostgreSQL: one
         statement picks (``FOR UPDATE SKIP LOCKED``), marks it sent and writes the history;
         SQLite: ``UPDATE ... WHERE panda_id = (best) RETURNING *`` under the one-writer lock;
         MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED`` then the guarded update.
@@ -169,8 +179,10 @@ class Jobs:
         store = self.store
         params = self.dispatch_params(site, cores=cores, memory_mb=memory_mb,
                                       walltime_s=walltime_s, pilot_version=pilot_version,
-                                      prod_source_label=prod_source_label)
+                                      prod_source_label=prod_source_label, share=share)
         shape = tuple(sorted(params))
+        if "p_known" in params:
+            params["p_known"] = list(params["p_known"])
         # the default shape is cached with the statement; a chooser's order or extra
         # conditions (literal values inside) are built each time
         cache_key = ("dispatch", shape) if order_by is None and not where else None

@@ -5,6 +5,7 @@ executemany statements, so concurrency tests and benchmarks start in a second, n
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 import zlib
@@ -124,6 +125,30 @@ def stored_files(lfns: list[str]) -> dict[str, dict]:
 
 def stored_xml(lfns: list[str]) -> str:
     return json.dumps(stored_files(lfns))
+
+
+class BlockingDispatcher:
+    """A ``Dispatcher`` for plain test code: each protocol call runs to its end on an event
+    loop of its own, the blocking work in that loop's thread pool (as in the server)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.tb, self.keys, self.job_chooser = dispatcher.tb, dispatcher.keys, dispatcher.job_chooser
+
+    def get_job(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.get_job(form, identity))
+
+    def update_job(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.update_job(form, identity))
+
+    def get_status(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.get_status(form, identity))
+
+    def get_event_ranges(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.get_event_ranges(form, identity))
+
+    def update_event_ranges(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.update_event_ranges(form, identity))
 
 
 def history(tb: TaskBuffer, panda_id: int) -> list[tuple[str | None, str]]:

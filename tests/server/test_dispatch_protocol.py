@@ -9,7 +9,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from dbkit import add_site, history, seed_jobs, stored_xml
+from dbkit import BlockingDispatcher, add_site, history, seed_jobs, stored_xml
 from server.auth import Identity, KeyStore, canonical_job_bytes
 from server.dispatcher import Dispatcher, ProtocolError
 
@@ -20,7 +20,7 @@ PILOT = Identity("pilot-1", "pilot", "SITE_A")
 def disp(taskbuffer, tmp_path):
     add_site(taskbuffer, "SITE_A")
     add_site(taskbuffer, "SITE_B")
-    return Dispatcher(taskbuffer, KeyStore(tmp_path / "keys"))
+    return BlockingDispatcher(Dispatcher(taskbuffer, KeyStore(tmp_path / "keys")))
 
 
 def test_getjob_spec_and_signature(disp, taskbuffer):

@@ -8,7 +8,7 @@ import json
 import pytest
 import requests
 
-from dbkit import start_server, stop_server
+from dbkit import BlockingDispatcher, start_server, stop_server
 from logic_kit import put_file, site, submitter
 from panda_wms.client import PandaClient
 from server.auth import Identity
@@ -36,7 +36,7 @@ def tb(taskbuffer, tmp_path):
 
 @pytest.fixture
 def disp(tb):
-    return Dispatcher(tb, keys=None)
+    return BlockingDispatcher(Dispatcher(tb, keys=None))
 
 
 def submit(tb, **over):

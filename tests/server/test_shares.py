@@ -180,9 +180,11 @@ def test_a_priority_plugin_can_lower_the_answer(tb, clock):
 
 
 def dispatcher(tb, tmp_path, ttl_s=0):
+    from dbkit import BlockingDispatcher
     from server.auth import KeyStore
     from server.dispatcher import Dispatcher
-    return Dispatcher(tb, KeyStore(tmp_path / "keys"), ShareChooser(tb, ttl_s=ttl_s))
+    return BlockingDispatcher(Dispatcher(tb, KeyStore(tmp_path / "keys"),
+                                         ShareChooser(tb, ttl_s=ttl_s)))
 
 
 def retire_share(tb, job_ids, name="retired"):
@@ -214,7 +216,7 @@ def test_a_stale_plan_falls_back_to_any_job(tb, tmp_path):
     [mc] = add_jobs(tb, "mc", 1)
     [ana] = add_jobs(tb, "analysis", 1)
     disp = dispatcher(tb, tmp_path, ttl_s=3600)
-    assert len(disp.job_chooser.plan(SITE)) == 2            # cached: mc, then analysis
+    assert len(disp.job_chooser.share_plan(SITE)) == 2      # cached: mc, then analysis
     # behind the cache: mc empties, a reprocessing job arrives
     tb.jobs.kill(mc, "admin")
     [rep] = add_jobs(tb, "reprocessing", 1)
