@@ -14,6 +14,8 @@ import tornado.web
 from panda_wms.errorcodes import error_text
 from panda_wms.states import JobState
 
+from .handlers import BaseHandler
+
 STYLE = """<style>body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;
 margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#eef}nav a{margin-right:1em}.finished,.done{color:#070}.failed{color:#b00}
@@ -31,19 +33,12 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-class MonitorHandler(tornado.web.RequestHandler):
-    def initialize(self, state) -> None:
-        self.state = state
-
+class MonitorHandler(BaseHandler):
     def page(self, title: str, body: str) -> None:
         nav = ('<nav><a href="/">overview</a><a href="/monitor/tasks">tasks</a>'
                '<a href="/monitor/sites">sites</a><a href="/monitor/pilots">pilots</a></nav>')
         self.finish(f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}"
                     f"</title>{STYLE}</head><body>{nav}<h1>{_e(title)}</h1>{body}</body></html>")
-
-    async def run(self, func, *args):
-        from tornado.ioloop import IOLoop
-        return await IOLoop.current().run_in_executor(self.state.executor, func, *args)
 
 
 def _state_cell(status: str) -> str:
@@ -85,11 +80,7 @@ class Tasks(MonitorHandler):
 
 class TaskPage(MonitorHandler):
     async def get(self, task_id: str) -> None:
-        from .taskbuffer import NotFound
-        try:
-            task = await self.run(self.state.tb.tasks.get, int(task_id))
-        except NotFound:
-            raise tornado.web.HTTPError(404)
+        task = await self.run(self.state.tb.tasks.get, int(task_id))    # unknown: a 404
         jobs = await self.run(lambda: self.state.tb.jobs.find(task_id=int(task_id), limit=100000))
         counts = Counter(j["status"] for j in jobs)
         body = _table(["field", "value"], [[k, _e(task[k])] for k in
