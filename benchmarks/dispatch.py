@@ -169,13 +169,13 @@ def seed(url: str, n_jobs: int) -> None:
     db.upgrade_schema(engine)
     tb = TaskBuffer(engine)
     se = {"name": "BENCH_SE", "url": "file:///nonexistent"}
-    tb.sync_sites([{"name": SITE, "status": "online", "resources": {"cores": 8},
+    tb.sites.sync([{"name": SITE, "status": "online", "resources": {"cores": 8},
                     "storage": {"input": se, "output": se}}])
     now = utcnow()
     with engine.begin() as conn:
-        task_id = tb.insert_task(conn, name="bench", owner="bench", params={"name": "bench"},
+        task_id = tb.tasks.insert(conn, name="bench", owner="bench", params={"name": "bench"},
                                  priority=1000, share="production", site=SITE, max_attempts=1)
-        tb.set_task_status(conn, task_id, "ready")
+        tb.tasks.set_status(conn, task_id, "ready")
         conn.execute(insert(db.jobs), [{
             "task_id": task_id, "serial": i, "attempt_nr": 1, "max_attempts": 1,
             "status": "activated", "site": SITE, "owner": "bench",

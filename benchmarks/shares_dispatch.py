@@ -17,6 +17,7 @@ database per variant on that server and drops them at the end.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import statistics
@@ -35,6 +36,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from server.auth import KeyStore  # noqa: E402
 from server.db import create_schema, make_engine  # noqa: E402
 from server.dispatcher import Dispatcher  # noqa: E402
+from server.dispatchpath import GeneralPath, in_pool  # noqa: E402
 from server.hookspecs import plugin_manager  # noqa: E402
 from server.shares import ShareChooser, recompute_priorities  # noqa: E402
 from server.taskbuffer import TaskBuffer  # noqa: E402
@@ -54,7 +56,7 @@ def fresh_tb(url: str, clock: ManualClock) -> TaskBuffer:
     with engine.begin() as conn:
         for table in reversed(db.metadata.sorted_tables):
             conn.execute(delete(table))
-    tb.sync_sites([site(SITE, max_running=10 ** 6)])
+    tb.sites.sync([site(SITE, max_running=10 ** 6)])
     return tb
 
 
@@ -65,23 +67,35 @@ def load(tb: TaskBuffer, n: int) -> None:
                         priority=1000 + i), owner=f"user{i}")
 
 
-class CaseOrder:
-    """The chooser's ORDER BY shape only (no plan): one query sorted by a CASE on the share."""
+class CaseOrder(GeneralPath):
+    """The chooser's ORDER BY shape only (no share steps): one query sorted by a CASE on the
+    share."""
 
-    def __init__(self, chooser: ShareChooser):
+    def __init__(self, tb: TaskBuffer, chooser: ShareChooser):
+        super().__init__(tb, in_pool())
         self.chooser = chooser
 
-    def __call__(self, site: str):
-        return self.chooser(site)
+    def take_job(self, req, share):
+        return self.tb.jobs.dispatch(req.site, order_by=self.chooser(req.site), **req.fit,
+                                     **req.who)
 
 
 def dispatch_rate(tb: TaskBuffer, keys: KeyStore, chooser, n: int) -> float:
-    disp = Dispatcher(tb, keys, chooser)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        if disp.get_job({"siteName": SITE, "node": "wn"}, None).get("StatusCode") != 0:
-            raise RuntimeError("ran out of jobs")
-    return n / (time.perf_counter() - t0)
+    """getJobs per second through the dispatcher (its database work in the thread pool);
+    ``chooser``: a job chooser, or a CaseOrder path."""
+    if isinstance(chooser, CaseOrder):
+        disp = Dispatcher(tb, keys, path=chooser)
+    else:
+        disp = Dispatcher(tb, keys, chooser)
+
+    async def drain() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            reply = await disp.get_job({"siteName": SITE, "node": "wn"}, None)
+            if reply.get("StatusCode") != 0:
+                raise RuntimeError("ran out of jobs")
+        return n / (time.perf_counter() - t0)
+    return asyncio.run(drain())
 
 
 def main() -> int:
@@ -128,7 +142,7 @@ def run(args, new_url) -> int:
         variants = {"plain": lambda tb: None,
                     "shares": lambda tb: ShareChooser(tb, ttl_s=2.0),
                     "shares_nocache": lambda tb: ShareChooser(tb, ttl_s=0),
-                    "case_order": lambda tb: CaseOrder(ShareChooser(tb, ttl_s=2.0))}
+                    "case_order": lambda tb: CaseOrder(tb, ShareChooser(tb, ttl_s=2.0))}
         setups = {}
         for name, make in variants.items():
             db_url = new_url(tmp, name)
@@ -156,7 +170,7 @@ def run(args, new_url) -> int:
         dt_rec = time.perf_counter() - t0
         print(f"priority recompute: {args.jobs} waiting jobs in {dt_rec:.3f} s ({changed} changed)")
         for _ in range(args.dispatches):
-            tb.dispatch(SITE, node="wn", actor="bench")
+            tb.jobs.dispatch(SITE, node="wn", actor="bench")
         clock.advance(hours=2)
         t0 = time.perf_counter()
         report = Watcher(tb, batch=10 ** 6).check()

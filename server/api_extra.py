@@ -1,16 +1,19 @@
 """API methods of the server's logic: global shares, the data service, the watcher.
 
-Registered in the same ``/api/v1`` registry as ``server/api.py`` (importing this module is what
-registers them; ``app.make_app`` does). Reads are open, changes need the admin role.
+Served under ``/api/v1`` beside ``server/api.py`` (``app.API_MODULES``). Reads are open,
+changes need the admin role.
 """
 from __future__ import annotations
 
 import logging
 
-from .api import ADMIN, ApiError, Context, api
+from .apibase import ADMIN, ApiError, ApiMethods, Context, int_param
+from .eventranges import EventRangeService
 from .shares import ShareChooser, ShareError, ShareStore, parse_shares, targets
 
 log = logging.getLogger(__name__)
+
+api = ApiMethods()
 
 
 # ---------------------------------------------------------------------- global shares
@@ -49,7 +52,7 @@ def shares_usage(ctx: Context, params: dict) -> dict:
     """At one site: cores in use and activated jobs per share, and the order the next pilot
     gets."""
     site = str(params.get("site", ""))
-    ctx.tb.get_site(site)          # NotFound -> a clear message
+    ctx.tb.sites.get(site)          # an unknown site: its message
     order, running, waiting = ShareChooser(ctx.tb, ttl_s=0).ranking(site)
     return {"site": site, "order": order, "running": running, "activated": waiting}
 
@@ -58,8 +61,6 @@ def shares_usage(ctx: Context, params: dict) -> dict:
 @api("event", "summary")
 def event_summary(ctx: Context, params: dict) -> dict:
     """Event ranges of a task per status."""
-    from .api import _int_param
-    from .eventranges import EventRangeService
-    task_id = _int_param(params, "task_id")
-    ctx.tb.get_task(task_id)
+    task_id = int_param(params, "task_id")
+    ctx.tb.tasks.get(task_id)
     return EventRangeService(ctx.tb).summary(task_id)

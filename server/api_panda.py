@@ -20,14 +20,14 @@ import tornado.web
 
 from panda_core.replicas import BadFileName, check_name
 
-from .app import BaseHandler
-from .api import WRITERS, ApiError, Context, _get_task, _int_param, _str_param, api
-from .api import _as_int as api_int
-from .auth import AuthError
+from .apibase import WRITERS, ApiError, ApiMethods, Context, as_int, int_param, str_param
+from .handlers import BaseHandler
 from .jobcreator import TaskSpec, TaskSpecError
 from .queuedata import storagedata
 
 log = logging.getLogger(__name__)
+
+api = ApiMethods()
 
 MAX_JOBS_PER_SUBMIT = 1000
 MAX_CACHE_FILE_BYTES = 10 * 1024 * 1024   # PanDA's client limit for non-sandbox files
@@ -138,7 +138,7 @@ def _spec_int(value: Any, name: str) -> int | None:
     if value is None:
         return None
     try:
-        return api_int(value)
+        return as_int(value)
     except (TypeError, ValueError, OverflowError):
         raise ApiError(f"{name} must be an integer (64-bit), got {str(value)[:40]!r}") from None
 
@@ -245,7 +245,7 @@ def job_submit(ctx: Context, params: dict) -> list[list]:
     for i, state in enumerate(raw):
         job, files = job_state_to_dict(state, job_names, file_names, i)
         converted.append((job, job_to_task(job, files, i)))
-    known = {site["name"] for site in ctx.tb.list_sites()}
+    known = {site["name"] for site in ctx.tb.sites.all()}
     for i, (_, task) in enumerate(converted):      # refuse before the first job is created
         if task.get("site") and task["site"] not in known:
             raise ApiError(f"job {i}: unknown computingSite {task['site']!r}")
@@ -285,11 +285,11 @@ def _since(value: Any) -> dt.datetime | None:
 @api("task", "get_tasks_modified_since")
 def task_modified_since(ctx: Context, params: dict) -> dict:
     """Tasks of ``dn`` (default: the caller) modified since ``since``; keys are task ids."""
-    owner = _str_param(params, "dn") or (ctx.identity.subject if ctx.identity else None)
-    min_id = _int_param(params, "min_task_id", False)
+    owner = str_param(params, "dn") or (ctx.identity.subject if ctx.identity else None)
+    min_id = int_param(params, "min_task_id", False)
     label = _null(params.get("prod_source_label"))
     out = {}
-    for task in ctx.tb.list_tasks(owner=owner, since=_since(params.get("since")), limit=10000):
+    for task in ctx.tb.tasks.find(owner=owner, since=_since(params.get("since")), limit=10000):
         if min_id is not None and task["task_id"] < min_id:
             continue
         if label and label != "user" and (task.get("params") or {}).get(
@@ -302,7 +302,7 @@ def task_modified_since(ctx: Context, params: dict) -> dict:
 @api("task", "get_datasets_and_files")
 def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
     """The files of a task's input (and, if asked, output) dataset with their use status."""
-    task = _get_task(ctx, _int_param(params, "task_id"))
+    task = ctx.tb.tasks.get(int_param(params, "task_id"))
     types = params.get("dataset_types") or "input,pseudo_input"
     if isinstance(types, list):
         types = ",".join(str(t) for t in types)
@@ -313,7 +313,7 @@ def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
         name = spec.get(key)
         if not name or kind not in wanted:
             continue
-        files = ctx.tb.dataset_files(name)
+        files = ctx.tb.data.dataset_files(name)
         out.append({"dataset": {"name": name, "id": name, "type": kind},
                     "files": [{"lfn": f["lfn"], "scope": f["scope"], "id": f["row_id"],
                                "status": "used" if f.get("task_id") == task["task_id"]
@@ -330,58 +330,43 @@ def cache_dir(state) -> Path:
 
 class UploadCacheHandler(BaseHandler):
     """``POST /api/v1/file_server/upload_cache_file``: multipart field ``file``."""
-
-    def write_error(self, status_code: int, **kwargs) -> None:
-        """Errors Tornado raises before post() (e.g. a malformed multipart body), as JSON."""
-        self.respond(False, self._reason or "bad request", status_code)
-
-    def respond(self, success: bool, message: str, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"success": success, "message": message, "data": None}))
+    json_errors = True
 
     def post(self) -> None:
-        try:
-            identity = self.identity()
-        except AuthError as exc:
-            return self.respond(False, str(exc), 403)
-        if identity is None:
-            return self.respond(False, "secure connection required: send 'Authorization: Bearer "
-                                       "<token>' or a client certificate")
-        if identity.role not in WRITERS:
-            return self.respond(False, f"role {identity.role} may not upload files", 403)
+        identity = self.caller(WRITERS, "upload files")
         uploads = self.request.files.get("file") or []
         if len(uploads) != 1:
-            return self.respond(False, "send exactly one multipart field named 'file'", 400)
+            raise ApiError("send exactly one multipart field named 'file'", 400)
         upload = uploads[0]
         name = os.path.basename(upload["filename"] or "")
         try:
             check_name(name, "cache file name")
         except BadFileName as exc:
-            return self.respond(False, str(exc), 400)
+            raise ApiError(str(exc), 400) from None
         body = upload["body"]
         if len(body) > MAX_CACHE_FILE_BYTES and not name.startswith("sources."):
-            return self.respond(False, f"{name}: larger than {MAX_CACHE_FILE_BYTES} bytes", 413)
+            raise ApiError(f"{name}: larger than {MAX_CACHE_FILE_BYTES} bytes", 413)
         folder = cache_dir(self.state)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / name
+        taken = f"{name} exists with other content: choose another name"
         if target.exists():
             if target.read_bytes() == body:
-                return self.respond(True, f"{name} already cached")
-            return self.respond(False, f"{name} exists with other content: choose another name")
+                return self.reply(True, f"{name} already cached")
+            raise ApiError(taken)
         tmp = folder / f".{name}.{os.getpid()}.part"
         try:
             tmp.write_bytes(body)
             os.link(tmp, target)       # never replaces a file another upload just created
         except FileExistsError:
-            return self.respond(False, f"{name} exists with other content: choose another name")
+            raise ApiError(taken) from None
         except OSError as exc:
             log.error("cache upload of %s failed: %s", name, exc)
-            return self.respond(False, f"cannot store {name}: {exc.strerror}", 507)
+            raise ApiError(f"cannot store {name}: {exc.strerror}", 507) from None
         finally:
             tmp.unlink(missing_ok=True)
         log.info("cache: %s stored %s (%d bytes)", identity.subject, name, len(body))
-        self.respond(True, f"stored {name}")
+        self.reply(True, f"stored {name}")
 
 
 class CacheFileHandler(BaseHandler):
@@ -403,7 +388,7 @@ class StoragedataHandler(BaseHandler):
     """``GET /cache/ddmendpoints.json``: storage endpoints in pilot 3's shape."""
 
     async def get(self) -> None:
-        sites = await self.run(self.state.tb.list_sites)
+        sites = await self.run(self.state.tb.sites.all)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(storagedata([s["config"] for s in sites])))
 

@@ -43,7 +43,7 @@ def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000) -> int:
         with tb.engine.begin() as conn:
             q = (select(j.panda_id).where(j.status.in_(FINAL), j.state_changed < cutoff)
                  .order_by(j.panda_id).limit(batch))
-            if tb.dialect in ("postgresql", "mysql", "mariadb"):
+            if tb.skip_locked:
                 q = q.with_for_update(skip_locked=True)
             ids = [r[0] for r in conn.execute(q)]
             if not ids:

@@ -179,7 +179,7 @@ def main(argv: list[str]) -> int:
     sites = load_site_dir(args.site_configs) if args.site_configs else []
     if sites:
         from .taskbuffer import TaskBuffer
-        TaskBuffer(engine).sync_sites(sites)
+        TaskBuffer(engine).sites.sync(sites)
         log.info("loaded %d site config(s) from %s", len(sites), args.site_configs)
     engine.dispose()
 
@@ -248,8 +248,7 @@ def main(argv: list[str]) -> int:
         server.stop()
         await server.close_all_connections()
         state.executor.shutdown(wait=True)
-        if state.dispatcher.hot is not None:
-            await state.dispatcher.hot.close()
+        await state.dispatcher.path.close()
         state.tb.engine.dispose()
         loop.stop()
 

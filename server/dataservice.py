@@ -192,7 +192,7 @@ class DataService:
     def process(self) -> DataReport:
         """One pass over the assigned jobs."""
         report = DataReport()
-        sites = {s["name"]: s["config"] for s in self.tb.list_sites()}
+        sites = {s["name"]: s["config"] for s in self.tb.sites.all()}
         urls = storage_urls(sites.values())
         j = db.jobs.c
         with db.read(self.tb.engine) as conn:
@@ -220,7 +220,7 @@ class DataService:
             inputs = [dict(r._mapping) for r in conn.execute(select(db.files).where(
                 db.files.c.panda_id == panda_id, db.files.c.type == "input"))]
         for f in inputs:
-            where = self.tb.replica_endpoints(f["scope"], [f["lfn"]])
+            where = self.tb.data.replica_endpoints(f["scope"], [f["lfn"]])
             held = where.get(f["lfn"], set())
             if dest in held:
                 continue
@@ -256,19 +256,19 @@ class DataService:
                 return self._fail(panda_id, f"input {f['scope']}:{f['lfn']} cannot be brought to "
                                             f"{dest}: {why}", report)
         with self.tb.engine.begin() as conn:
-            if self.tb.set_job_state(conn, panda_id, str(JobState.ACTIVATED), actor=ACTOR,
+            if self.tb.states.change(conn, panda_id, str(JobState.ACTIVATED), actor=ACTOR,
                                      expected=[str(JobState.ASSIGNED)]):
                 report.activated.append(panda_id)
 
     def _register(self, scope: str, lfn: str, endpoint: str, surl: str) -> None:
         try:
-            self.tb.add_replica(scope, lfn, endpoint, surl)
+            self.tb.data.add_replica(scope, lfn, endpoint, surl)
         except IntegrityError:
             pass                         # another server process registered it first
 
     def _fail(self, panda_id: int, diag: str, report: DataReport) -> None:
         with self.tb.engine.begin() as conn:
-            ok = self.tb.fail_job(conn, panda_id, [str(JobState.ASSIGNED)], actor=ACTOR,
+            ok = self.tb.jobs.fail(conn, panda_id, [str(JobState.ASSIGNED)], actor=ACTOR,
                                   retry=False, ddm_error_code=EC_SETUPPER,
                                   ddm_error_diag=diag[:4000])
         if ok:

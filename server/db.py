@@ -104,7 +104,7 @@ jobs = Table(
 # The dispatcher's query: activated jobs of a site in dispatch order, read from the index. On
 # PostgreSQL and SQLite both dispatch indexes hold activated jobs only (partial): a job's later
 # state changes then add no entries to them, and they stay the size of the queue. Queries must
-# say ``status = 'activated'`` as a literal to use them (TaskBuffer.pick_conditions does).
+# say ``status = 'activated'`` as a literal to use them (taskbuffer.Jobs.pick_conditions does).
 ACTIVATED_ONLY = jobs.c.status == literal_column("'activated'")
 _ACTIVATED_INDEX = literal_column("status") == literal_column("'activated'")
 Index("ix_jobs_dispatch_order", jobs.c.site, jobs.c.status, jobs.c.current_priority.desc(),

@@ -1,27 +1,27 @@
-"""The PanDA pilot protocol: getJob, updateJob, getStatus, as plain functions over form dicts.
+"""The PanDA pilot protocol: getJob, updateJob, getStatus and event ranges over form dicts.
 
-The Tornado handlers only decode the request and encode the reply; everything a pilot can ask is
-answered here, so it is tested without HTTP. Field names are PanDA's (docs/protocol.md).
+The HTTP layer only decodes the request and encodes the reply; everything a pilot can ask is
+checked and answered here, so it is tested without HTTP. The database work goes through the
+:class:`~server.dispatchpath.DispatchPath` chosen at start-up (the general path in the thread
+pool, or the PostgreSQL hot path); other blocking work runs in the thread pool (``run``).
+Field names are PanDA's (docs/protocol.md).
 """
 from __future__ import annotations
 
 import json
 import math
-import logging
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from panda_core.canonical import signed_bytes
-from panda_core.states import FINAL_JOB_STATES, PILOT_REPORTED_STATES
+from panda_core.states import PILOT_REPORTED_STATES
 from panda_core.wire import encode_job, join_field
 
-from .auth import Identity, KeyStore
 from . import db
-from .brokerage import output_endpoint
+from .auth import Identity, KeyStore
+from .dispatchpath import DispatchPath, GeneralPath, JobRequest, Run, UpdateRequest, in_pool
+from .eventranges import EventRangeError, protocol_get, protocol_update
 from .taskbuffer import Conflict, NotFound, TaskBuffer
-
-log = logging.getLogger(__name__)
 
 # PanDA's StatusCode values
 SC_OK, SC_TIMEOUT, SC_NO_JOBS, SC_FAILED = 0, 10, 20, 30
@@ -29,7 +29,6 @@ SC_INVALID_TOKEN, SC_INVALID_ROLE, SC_DENIED, SC_KEY_MISSING = 50, 60, 70, 80
 
 _INT = re.compile(r"^-?\d+$")
 _REPORTED = frozenset(str(s) for s in PILOT_REPORTED_STATES)
-_FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
 
 
 class ProtocolError(Exception):
@@ -104,45 +103,33 @@ class JsonReply(dict):
     json_text: str = ""
 
 
-@dataclass
-class JobRequest:
-    """A getJob's checked fields."""
-    site: str
-    site_config: dict
-    n_jobs: int
-    many: bool                 # nJobs was asked: the reply lists the jobs
-    fit: dict                  # cores, memory_mb, walltime_s, pilot_version, prod_source_label
-    who: dict                  # node, actor, pilot_id, batch_id
-
-
-@dataclass
-class UpdateRequest:
-    """An updateJob's checked fields."""
-    panda_id: int
-    state: str
-    fields: dict
-    stored: dict
-    attempt_nr: int | None
-    site: str
-
-
 class Dispatcher:
-    def __init__(self, tb: TaskBuffer, keys: KeyStore, job_chooser=None, hot=None):
+    """``job_chooser``: the share-aware order (``shares.ShareChooser``), or None for the plain
+    priority order; ``path``: how requests reach the database (default: the general path);
+    ``run``: where blocking work runs (default: the event loop's thread pool)."""
+
+    def __init__(self, tb: TaskBuffer, keys: KeyStore, job_chooser=None,
+                 path: DispatchPath | None = None, run: Run | None = None):
         self.tb = tb
         self.keys = keys
-        self.job_chooser = job_chooser   # optional: orders candidate jobs (global shares)
-        self.hot = hot                   # optional: server.pghot.HotPath (PostgreSQL)
+        self.job_chooser = job_chooser
+        self.run = run or in_pool()
+        self.path = path or GeneralPath(tb, self.run)
 
     # ------------------------------------------------------------------ getJob
-    def _job_request(self, form: dict, identity: Identity | None) -> JobRequest | dict:
+    async def get_job(self, form: dict, identity: Identity | None) -> dict:
+        req = await self._job_request(form, identity)
+        if isinstance(req, dict):
+            return req
+        steps = await self._share_plan(req.site)
+        return self._job_reply(req, await self.path.get_jobs(req, steps))
+
+    async def _job_request(self, form: dict, identity: Identity | None) -> JobRequest | dict:
         """A getJob's checked fields; or the reply itself when the site takes no jobs."""
         site = _require(form, "siteName")
         if identity is not None and not identity.may_act_for_site(site):
             raise ProtocolError(SC_DENIED, f"{identity.subject} may not take jobs of {site}")
-        try:
-            site_row = self.tb.get_site_cached(site)
-        except NotFound:
-            raise ProtocolError(SC_FAILED, f"unknown site {site!r}") from None
+        site_row = await self._site_row(site)
         if site_row["status"] == "offline":
             return {"StatusCode": SC_NO_JOBS, "errorDialog": f"site {site} is offline"}
         n_jobs = max(1, min(_int(form, "nJobs", 1) or 1, 100))
@@ -161,6 +148,25 @@ class Dispatcher:
                      pilot_id=_text(form.get("pilotID") or form.get("pilot_id"), "pilot_id"),
                      batch_id=_text(form.get("batchID") or form.get("worker_id"), "batch_id")))
 
+    async def _site_row(self, site: str) -> dict:
+        """The site's row: from the cache, else read in the thread pool (never on the loop)."""
+        row = self.tb.sites.cached(site)
+        if row is None:
+            try:
+                row = await self.run(self.tb.sites.get_cached, site)
+            except NotFound:
+                raise ProtocolError(SC_FAILED, f"unknown site {site!r}") from None
+        return row
+
+    async def _share_plan(self, site: str) -> list | None:
+        """The chooser's share steps for the site (its database reads in the thread pool)."""
+        chooser = self.job_chooser
+        if chooser is None:
+            return None
+        if chooser.is_fresh(site):
+            return chooser.share_plan(site)
+        return await self.run(chooser.share_plan, site)
+
     def _job_reply(self, req: JobRequest, jobs: list[dict]) -> dict:
         if not jobs:
             return {"StatusCode": SC_NO_JOBS, "errorDialog": "no jobs"}
@@ -173,74 +179,6 @@ class Dispatcher:
         reply.json_text = ('{"StatusCode":%d,%s,"specSignature":"%s"}'
                            % (SC_OK, canonical[1:-1].decode(), spec["specSignature"]))
         return reply
-
-    def get_job(self, form: dict, identity: Identity | None) -> dict:
-        req = self._job_request(form, identity)
-        if isinstance(req, dict):
-            return req
-        site = req.site
-        # share-aware: a chooser with plan() is asked share by share (index reads); a plain
-        # job_chooser gives ORDER BY clauses
-        chooser = self.job_chooser
-        plan = chooser.plan(site) if hasattr(chooser, "plan") else None
-        order = chooser(site) if chooser is not None and not hasattr(chooser, "plan") else None
-        kw = {**req.fit, **req.who}
-        jobs = []
-        for _ in range(req.n_jobs):
-            job = None
-            for where in plan or ():
-                job = self.tb.dispatch(site, where=where, **kw)
-                if job is not None:
-                    break
-            if job is None:      # no plan, or the cached plan missed: any job, best first
-                job = self.tb.dispatch(site, order_by=order, **kw)
-            if job is None:
-                break
-            jobs.append(job)
-        return self._job_reply(req, jobs)
-
-    async def get_job_async(self, form: dict, identity: Identity | None, run) -> dict:
-        """getJob on the server's event loop: through the PostgreSQL hot path when there is
-        one (``self.hot``), else ``get_job`` in the thread pool (``run(func, *args)``)."""
-        hot, chooser = self.hot, self.job_chooser
-        if hot is None or (chooser is not None and not hasattr(chooser, "share_plan")):
-            return await run(self.get_job, form, identity)
-        site = str(form.get("siteName") or "")
-        if not (self.tb.site_is_cached(site) and (chooser is None or chooser.is_fresh(site))):
-            await run(self._warm_caches, site)     # the caches' database reads, off the loop
-            if not self.tb.site_is_cached(site):   # unknown site: its error, off the loop too
-                return await run(self.get_job, form, identity)
-        req = self._job_request(form, identity)
-        if isinstance(req, dict):
-            return req
-        params = self.tb.dispatch_params(site, **req.fit)
-        steps = chooser.share_plan(site) if chooser is not None else None
-        jobs: list[dict] = []
-        try:
-            for _ in range(req.n_jobs):
-                job = None
-                for step in steps or ():
-                    job = await hot.dispatch(params, share=step, **req.who)
-                    if job is not None:
-                        break
-                if job is None:
-                    job = await hot.dispatch(params, share=None, **req.who)
-                if job is None:
-                    break
-                jobs.append(job)
-        except Exception:  # noqa: BLE001 - the general path answers; the log says why
-            log.warning("getJob: the hot path failed; using the general path", exc_info=True)
-            if not jobs:
-                return await run(self.get_job, form, identity)
-        return self._job_reply(req, jobs)
-
-    def _warm_caches(self, site: str) -> None:
-        try:
-            self.tb.get_site_cached(site)
-        except NotFound:
-            return
-        if self.job_chooser is not None and hasattr(self.job_chooser, "share_plan"):
-            self.job_chooser.share_plan(site)
 
     def _unsigned_spec(self, job: dict, site_config: dict) -> dict:
         """A job row in PanDA's getJob shape (``panda_core.wire``)."""
@@ -279,95 +217,45 @@ class Dispatcher:
                              attempt_nr=_int32(form, "attemptNr"),
                              site=str(form.get("siteName") or ""))
 
-    def update_job(self, form: dict, identity: Identity | None) -> dict:
+    async def update_job(self, form: dict, identity: Identity | None) -> dict:
         req = self._update_request(form)
-        # the site row is read before the update's transaction: a second connection reading it
-        # inside that transaction waits for its lock on SQLite (30 s, then "database is locked")
         try:
-            said_row = self.tb.get_site_cached(req.site) if req.site else None
-        except NotFound:
-            said_row = None
-
-        def check(job: dict) -> str | None:
-            """Inside the update's transaction: may this caller update the job? Where do its
-            outputs go? (Saves a separate read of the job per update.)"""
-            if identity is not None and not identity.may_act_for_site(job["site"]):
-                raise ProtocolError(SC_DENIED,
-                                    f"{identity.subject} may not update jobs of {job['site']}")
-            if not job["site"]:
-                return output_endpoint({})
-            row = said_row if said_row and said_row["name"] == job["site"] else \
-                self.tb.get_site_cached(job["site"])
-            return output_endpoint(row["config"])
-
-        try:
-            command = self.tb.pilot_update(
-                req.panda_id, req.state, req.fields,
-                actor=identity.subject if identity else None, attempt_nr=req.attempt_nr,
-                stored_files=req.stored, check=check)
+            command = await self.path.update(req, identity)
+        except PermissionError as exc:
+            raise ProtocolError(SC_DENIED, str(exc)) from None
         except Conflict as exc:
             raise ProtocolError(SC_FAILED, str(exc)) from None
         return {"StatusCode": SC_OK, "command": command}
 
-    async def update_job_async(self, form: dict, identity: Identity | None, run) -> dict:
-        """updateJob on the server's event loop. The hot path takes a heartbeat or progress
-        report, and a job that finished with its outputs, of a job at the site the pilot
-        names; anything else, or anything it cannot apply, goes to ``update_job`` in the
-        thread pool, which gives the canonical answer."""
-        hot = self.hot
-        site = str(form.get("siteName") or "")
-        if hot is None or not site or not self.tb.site_is_cached(site) or (
-                identity is not None and not identity.may_act_for_site(site)):
-            return await run(self.update_job, form, identity)
-        req = self._update_request(form)
-        actor = identity.subject if identity else None
-        try:
-            if req.state not in _FINAL:
-                command = await hot.progress(req.panda_id, req.state, req.fields, actor=actor,
-                                             attempt_nr=req.attempt_nr, site=site)
-                if command is not None:
-                    return {"StatusCode": SC_OK, "command": command}
-            elif req.state == "finished":
-                endpoint = output_endpoint(self.tb.get_site_cached(site)["config"])
-                task_id = await hot.finish(req.panda_id, req.fields, actor=actor,
-                                           attempt_nr=req.attempt_nr, site=site,
-                                           endpoint=endpoint, stored=req.stored)
-                if task_id is not None:
-                    if not await hot.task_settled(task_id):
-                        await run(self.tb.task_after_job_end, task_id)
-                    return {"StatusCode": SC_OK, "command": "NULL"}
-        except Exception:  # noqa: BLE001 - one statement: nothing was changed; the general
-            log.warning("updateJob %s: the hot path failed; using the general path",  # path
-                        req.panda_id, exc_info=True)                                  # answers
-        return await run(self.update_job, form, identity)
-
     # ------------------------------------------------------------------ event ranges
-    def get_event_ranges(self, form: dict, identity: Identity | None) -> dict:
-        from .eventranges import EventRangeError, protocol_get
+    async def get_event_ranges(self, form: dict, identity: Identity | None) -> dict:
         for key in ("pandaID", "nRanges", "jediTaskID", "taskID"):   # ids beyond a BIGINT
             text = str(form.get(key, "")).strip()                      # would break the query
             if _INT.match(text) and not -2**63 < int(text) < 2**63:
                 raise ProtocolError(SC_FAILED, f"{key} must be an integer within 64 bits, "
                                                f"got {text[:40]!r}")
+        return await self._event_ranges(protocol_get, form, identity)
+
+    async def update_event_ranges(self, form: dict, identity: Identity | None) -> dict:
+        return await self._event_ranges(protocol_update, form, identity)
+
+    async def _event_ranges(self, call, form: dict, identity: Identity | None) -> dict:
         try:
-            return protocol_get(self.tb, form, identity)
+            return await self.run(call, self.tb, form, identity)
         except EventRangeError as exc:
             raise ProtocolError(exc.status_code, str(exc)) from None
 
-    def update_event_ranges(self, form: dict, identity: Identity | None) -> dict:
-        from .eventranges import EventRangeError, protocol_update
-        try:
-            return protocol_update(self.tb, form, identity)
-        except EventRangeError as exc:
-            raise ProtocolError(exc.status_code, str(exc)) from None
+    # ------------------------------------------------------------------ getStatus
+    async def get_status(self, form: dict, identity: Identity | None = None) -> dict:
+        return await self.run(self._statuses, form)
 
-    def get_status(self, form: dict) -> dict:
+    def _statuses(self, form: dict) -> dict:
         ids = [i for i in str(form.get("ids", "")).split(",") if i.strip()]
         states, commands = [], []
         for raw in ids[:1000]:
             try:
                 number = int(raw)
-                job = self.tb.get_job(number) if -2**63 < number < 2**63 else None
+                job = self.tb.jobs.get(number) if -2**63 < number < 2**63 else None
             except ValueError:
                 job = None
             states.append(job["status"] if job else "unknown")

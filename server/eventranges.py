@@ -127,7 +127,7 @@ class EventRangeService:
                  .where(r.task_id == job["task_id"], r.serial == job["serial"],
                         r.status == "ready")
                  .order_by(r.start_event, r.row_id).limit(n_ranges))
-            if self.tb._skip_locked:
+            if self.tb.skip_locked:
                 q = q.with_for_update(skip_locked=True)
             now = self.tb.clock()
             out = []
@@ -275,7 +275,7 @@ def protocol_update(tb: TaskBuffer, form: dict, identity: Identity | None) -> di
     command: dict[str, str] = {}
     owned = {str(s) for s in PILOT_OWNED_STATES}
     for pid in {parse_range_id(u.get("eventRangeID"))[1] for u in updates}:
-        job = tb.get_job(pid, include_archive=False)
+        job = tb.jobs.get(pid, include_archive=False)
         if job is None or job["status"] not in owned:
             command[str(pid)] = "tobekilled"
         elif job.get("command"):

@@ -24,17 +24,17 @@ class DatabaseCollector:
     def collect(self):
         jobs = GaugeMetricFamily("panda_jobs", "live jobs per site and state",
                                  labels=["site", "state"])
-        for site, counts in self.tb.site_load().items():
+        for site, counts in self.tb.jobs.site_load().items():
             for state, n in counts.items():
                 jobs.add_metric([site, state], n)
         yield jobs
         tasks = GaugeMetricFamily("panda_tasks", "tasks per state", labels=["state"])
-        for state, n in self.tb.task_state_counts().items():
+        for state, n in self.tb.tasks.state_counts().items():
             tasks.add_metric([state], n)
         yield tasks
         pilots = GaugeMetricFamily("panda_pilots", "pilots reported by factories",
                                    labels=["site", "state"])
-        for site, counts in self.tb.pilot_summary()["sites"].items():
+        for site, counts in self.tb.pilots.summary()["sites"].items():
             for state, n in counts.items():
                 pilots.add_metric([site, state], n)
         yield pilots

@@ -14,6 +14,8 @@ import tornado.web
 from panda_core.errorcodes import error_text
 from panda_core.states import JobState
 
+from .handlers import BaseHandler
+
 STYLE = """<style>body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;
 margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#eef}nav a{margin-right:1em}.finished,.done{color:#070}.failed{color:#b00}
@@ -31,19 +33,12 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-class MonitorHandler(tornado.web.RequestHandler):
-    def initialize(self, state) -> None:
-        self.state = state
-
+class MonitorHandler(BaseHandler):
     def page(self, title: str, body: str) -> None:
         nav = ('<nav><a href="/">overview</a><a href="/monitor/tasks">tasks</a>'
                '<a href="/monitor/sites">sites</a><a href="/monitor/pilots">pilots</a></nav>')
         self.finish(f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}"
                     f"</title>{STYLE}</head><body>{nav}<h1>{_e(title)}</h1>{body}</body></html>")
-
-    async def run(self, func, *args):
-        from tornado.ioloop import IOLoop
-        return await IOLoop.current().run_in_executor(self.state.executor, func, *args)
 
 
 def _state_cell(status: str) -> str:
@@ -53,8 +48,8 @@ def _state_cell(status: str) -> str:
 class Overview(MonitorHandler):
     async def get(self) -> None:
         tb = self.state.tb
-        load = await self.run(tb.site_load)
-        tasks = await self.run(tb.list_tasks, None, None, 20)
+        load = await self.run(tb.jobs.site_load)
+        tasks = await self.run(tb.tasks.find, None, None, 20)
         states = [s for s in JOB_STATES if any(s in c for c in load.values())]
         rows = [[f'<a href="/monitor/sites/{_e(site)}">{_e(site)}</a>']
                 + [str(counts.get(s, 0)) for s in states] for site, counts in sorted(load.items())]
@@ -67,7 +62,7 @@ class Overview(MonitorHandler):
         self.page("panda-wms monitor", body)
 
     def _failures(self) -> Counter:
-        jobs = self.state.tb.list_jobs(status="failed", limit=100000)
+        jobs = self.state.tb.jobs.find(status="failed", limit=100000)
         return Counter(j["pilot_error_code"] or j["dispatcher_error_code"] for j in jobs)
 
 
@@ -79,18 +74,14 @@ def _task_table(tasks: list[dict]) -> str:
 
 class Tasks(MonitorHandler):
     async def get(self) -> None:
-        tasks = await self.run(self.state.tb.list_tasks, None, None, 500)
+        tasks = await self.run(self.state.tb.tasks.find, None, None, 500)
         self.page("Tasks", _task_table(tasks))
 
 
 class TaskPage(MonitorHandler):
     async def get(self, task_id: str) -> None:
-        from .taskbuffer import NotFound
-        try:
-            task = await self.run(self.state.tb.get_task, int(task_id))
-        except NotFound:
-            raise tornado.web.HTTPError(404)
-        jobs = await self.run(lambda: self.state.tb.list_jobs(task_id=int(task_id), limit=100000))
+        task = await self.run(self.state.tb.tasks.get, int(task_id))    # unknown: a 404
+        jobs = await self.run(lambda: self.state.tb.jobs.find(task_id=int(task_id), limit=100000))
         counts = Counter(j["status"] for j in jobs)
         body = _table(["field", "value"], [[k, _e(task[k])] for k in
                                           ("name", "status", "owner", "priority", "share", "site",
@@ -105,10 +96,10 @@ class TaskPage(MonitorHandler):
 
 class JobPage(MonitorHandler):
     async def get(self, panda_id: str) -> None:
-        job = await self.run(self.state.tb.get_job, int(panda_id))
+        job = await self.run(self.state.tb.jobs.get, int(panda_id))
         if job is None:
             raise tornado.web.HTTPError(404)
-        history = await self.run(self.state.tb.job_history, int(panda_id))
+        history = await self.run(self.state.tb.jobs.history, int(panda_id))
         fields = [k for k in job if k not in ("files",)]
         body = _table(["field", "value"], [[k, _e(job[k])] for k in fields])
         body += "<h2>Files</h2>" + _table(["type", "scope", "lfn", "size", "checksum", "status"], [
@@ -122,8 +113,8 @@ class JobPage(MonitorHandler):
 
 class Sites(MonitorHandler):
     async def get(self, name: str | None = None) -> None:
-        sites = await self.run(self.state.tb.list_sites)
-        load = await self.run(self.state.tb.site_load)
+        sites = await self.run(self.state.tb.sites.all)
+        load = await self.run(self.state.tb.jobs.site_load)
         if name:
             site = next((s for s in sites if s["name"] == name), None)
             if site is None:
@@ -140,7 +131,7 @@ class Sites(MonitorHandler):
 
 class Pilots(MonitorHandler):
     async def get(self) -> None:
-        summary = await self.run(self.state.tb.pilot_summary)
+        summary = await self.run(self.state.tb.pilots.summary)
         now = self.state.tb.clock()
         facs = _table(["factory", "alive", "last seen", "identity"], [
             [_e(f["name"]), _alive(now, f["last_seen"]), _e(f["last_seen"]), _e(f["actor"])]

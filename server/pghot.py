@@ -7,16 +7,19 @@ per cycle: the thread hop, SQLAlchemy's execution layer and the statements thems
 a share. Here each request is one prepared statement on a connection owned by the event loop,
 and requests of one kind that arrive together share a statement (:class:`Coalescer`).
 
-The hot path only ever takes the *common* case and leaves everything else to the TaskBuffer's
-general path, which stays the one place that knows every rule:
+:class:`HotPath` is a :class:`~server.dispatchpath.DispatchPath` that only ever takes the
+*common* case and hands everything else to its :class:`~server.dispatchpath.GeneralPath`, which
+stays the one place that knows every rule:
 
-- ``dispatch`` picks with the query the general path uses (:meth:`TaskBuffer.pick_query`,
-  compiled once per shape), for as many pilots as are waiting with the same request.
+- ``dispatch`` picks with the statement the general path uses (``Jobs.pick_query``, compiled
+  once per shape), for as many pilots as are waiting with the same request.
 - ``progress`` and ``finish`` are guarded by the job's current state, attempt and site; the
-  states they accept come from the life cycle in ``panda_core.states``. When the guard does not
-  match (a stale or refused update, a missing output, a job that failed, which may need a
-  retry), nothing is changed and they return None: the caller then runs the general path, which
+  states they accept are the legal predecessors the task buffer's state machine computes
+  (``states.legal_predecessors``), the columns they set the protocol's report columns. When
+  the guard does not match (a stale or refused update, a missing output, a job that failed,
+  which may need a retry), nothing is changed and they return None: the general path then
   gives the canonical answer.
+- after a job ended, its task is checked with the task buffer's own ``TASK_SETTLED``.
 
 Every statement runs in autocommit: it is its own transaction, so a failure changes nothing.
 """
@@ -32,36 +35,36 @@ from typing import Any
 
 import psycopg
 
-from panda_core.states import (FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState,
-                              TaskState)
+from sqlalchemy import Integer, bindparam
+
+from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, JobState, TaskState
 
 from . import db
+from .auth import Identity
+from .brokerage import output_endpoint
 from .dispatcher import REPORT_COLUMNS
-from .taskbuffer import TaskBuffer, _steps, job_with_files, stored_checksum
+from .dispatchpath import DispatchPath, GeneralPath, JobRequest, UpdateRequest
+from .taskbuffer.data import stored_checksum
+from .taskbuffer.states import job_with_files, legal_predecessors
+from .taskbuffer.tasks import TASK_SETTLED
 
 log = logging.getLogger(__name__)
 
 _OWNED = sorted(str(s) for s in PILOT_OWNED_STATES)
-_LIVE = sorted(str(s) for s in JobState if s not in FINAL_JOB_STATES)
+_FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
 _HOLDING, _FINISHED = str(JobState.HOLDING), str(JobState.FINISHED)
-
-
-def _legal_from(new: str, via: tuple[str, ...] = ()) -> list[str]:
-    """Pilot-owned states from which ``via`` then ``new`` is a legal path (TaskBuffer's own
-    path check decides)."""
-    out = []
-    for old in _OWNED:
-        try:
-            _steps(old, [*via, new])
-        except IllegalTransition:
-            continue
-        out.append(old)
-    return out
 
 
 def conninfo(engine_url) -> str:
     """libpq connection string of a SQLAlchemy URL (driver name dropped)."""
     return engine_url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def psycopg_sql(stmt, dialect) -> tuple[str, dict]:
+    """A SQLAlchemy statement as psycopg runs it: (SQL, the parameters it fixes itself)."""
+    compiled = stmt.compile(dialect=dialect)
+    return compiled.string, {k: v for k, v in compiled.construct_params(_check=False).items()
+                             if v is not None}
 
 
 class ConnectionPool:
@@ -224,12 +227,15 @@ class Coalescer:
                 del self._inflight[key]
 
 
-class HotPath:
-    """One per server process; connections are opened by the loop that first asks."""
+class HotPath(DispatchPath):
+    """One per server process; connections are opened by the loop that first asks.
+    ``general``: the path for everything the hot statements do not take."""
 
-    def __init__(self, tb: TaskBuffer, size: int = 8):
+    def __init__(self, general: GeneralPath, size: int = 8):
+        tb = general.tb
         if tb.dialect != "postgresql":
             raise ValueError("the hot path runs on PostgreSQL only")
+        self.general = general
         self.tb = tb
         self.size = size
         self._conninfo = conninfo(tb.engine.url)
@@ -240,8 +246,9 @@ class HotPath:
         self._progresses = Coalescer(self._progress_batch)
         self._finishes = Coalescer(self._finish_batch)
         self._task_checks = Coalescer(self._task_check_batch)
-        self._from_state = {s: _legal_from(s) for s in _OWNED}
-        self._finish_from = _legal_from(_FINISHED, (_HOLDING,))
+        self._from_state = {s: legal_predecessors(s) for s in _OWNED}
+        self._finish_from = legal_predecessors(_FINISHED, (_HOLDING,))
+        self._task_settled = psycopg_sql(TASK_SETTLED, tb.engine.dialect)
 
     def _pool(self) -> ConnectionPool:
         loop = asyncio.get_running_loop()
@@ -257,29 +264,57 @@ class HotPath:
         if pool is not None:
             await pool.close()
 
-    # ------------------------------------------------------------------ getJob
-    def _dispatch_statement(self, shape: tuple[str, ...], mode: str | None):
-        """(SQL, constant parameters) of the batched dispatch for one shape of pilot request
-        and share step (``mode``: None, "eq" or "not")."""
-        key = (shape, mode)
-        hit = self._dispatch_sql.get(key)
-        if hit is None:
-            from sqlalchemy import Integer, String, all_, bindparam
-            from sqlalchemy.dialects.postgresql import ARRAY
+    # ------------------------------------------------------------------ the DispatchPath
+    async def take(self, req: JobRequest, share: str | tuple | None) -> dict | None:
+        params = self.tb.jobs.dispatch_params(req.site, share=share, **req.fit)
+        try:
+            return await self.dispatch(params, **req.who)
+        except Exception:  # noqa: BLE001 - the general path answers; the log says why
+            log.warning("getJob: the hot path failed; using the general path", exc_info=True)
+        return await self.general.take(req, share)
 
-            where = None
-            if mode == "eq":
-                where = [db.jobs.c.share == bindparam("p_share", type_=String)]
-            elif mode == "not":
-                where = [db.jobs.c.share != all_(bindparam("p_known", type_=ARRAY(String)))]
-            pick = self.tb.pick_query(shape, where, limit=bindparam("p_n", type_=Integer))
-            compiled = pick.compile(dialect=self.tb.engine.dialect)
-            base = {k: v for k, v in compiled.construct_params(_check=False).items()
-                    if v is not None}
+    async def update(self, req: UpdateRequest, identity: Identity | None) -> str:
+        """A heartbeat or progress report, and a job that finished with its outputs, of a job
+        at the site the pilot names; anything else, or anything the statements do not apply,
+        goes to the general path, which gives the canonical answer."""
+        site = req.site
+        site_row = self.tb.sites.cached(site) if site else None
+        if site_row is None or (identity is not None and not identity.may_act_for_site(site)):
+            return await self.general.update(req, identity)
+        actor = identity.subject if identity else None
+        try:
+            if req.state not in _FINAL:
+                command = await self.progress(req.panda_id, req.state, req.fields, actor=actor,
+                                              attempt_nr=req.attempt_nr, site=site)
+                if command is not None:
+                    return command
+            elif req.state == _FINISHED:
+                task_id = await self.finish(req.panda_id, req.fields, actor=actor,
+                                            attempt_nr=req.attempt_nr, site=site,
+                                            endpoint=output_endpoint(site_row["config"]),
+                                            stored=req.stored)
+                if task_id is not None:
+                    if not await self.task_settled(task_id):
+                        await self.general.run(self.tb.tasks.after_job_end, task_id)
+                    return "NULL"
+        except Exception:  # noqa: BLE001 - one statement: nothing was changed; the general
+            log.warning("updateJob %s: the hot path failed; using the general path",  # path
+                        req.panda_id, exc_info=True)                                  # answers
+        return await self.general.update(req, identity)
+
+    # ------------------------------------------------------------------ getJob
+    def _dispatch_statement(self, shape: tuple[str, ...]):
+        """(SQL, constant parameters) of the batched dispatch for one shape of pilot request
+        (see ``Jobs.dispatch_params``)."""
+        hit = self._dispatch_sql.get(shape)
+        if hit is None:
+            pick, base = psycopg_sql(
+                self.tb.jobs.pick_query(shape, limit=bindparam("p_n", type_=Integer)),
+                self.tb.engine.dialect)
             file_cols = ", ".join(f"f.{c.name} AS f_{c.name}" for c in db.files.c)
             sent, activated = str(JobState.SENT), str(JobState.ACTIVATED)
             sql = (
-                f"WITH pick AS ({compiled.string}), "
+                f"WITH pick AS ({pick}), "
                 "ranked AS (SELECT panda_id, row_number() OVER "
                 "(ORDER BY current_priority DESC, panda_id) AS i FROM pick), "
                 "who AS (SELECT * FROM unnest(%(w_node)s::varchar[], %(w_pilot)s::varchar[], "
@@ -295,28 +330,26 @@ class HotPath:
                 f"actor) SELECT panda_id, '{activated}', '{sent}', %(now)s, w_actor FROM upd) "
                 f"SELECT upd.*, {file_cols} FROM upd LEFT JOIN files f "
                 "ON f.panda_id = upd.panda_id ORDER BY upd.w_i, f.row_id")
-            hit = self._dispatch_sql[key] = (sql.replace("%(now)s", "%(now)s::timestamp"),
-                                             base)
+            hit = self._dispatch_sql[shape] = (sql.replace("%(now)s", "%(now)s::timestamp"),
+                                               base)
         return hit
 
-    async def dispatch(self, params: dict, *, share: str | tuple | None, node: str | None,
-                       actor: str | None, pilot_id: str | None,
-                       batch_id: str | None) -> dict | None:
-        """The best fitting activated job (as TaskBuffer.dispatch picks it), now sent to this
-        pilot, with its files; None when no job fits. ``params``: TaskBuffer.dispatch_params.
-        ``share``: only this share, or (a tuple) only shares not in it, or None: any.
+    async def dispatch(self, params: dict, *, node: str | None, actor: str | None,
+                       pilot_id: str | None, batch_id: str | None) -> dict | None:
+        """The best fitting activated job (as ``Jobs.dispatch`` picks it), now sent to this
+        pilot, with its files; None when no job fits. ``params``: ``Jobs.dispatch_params``.
 
         Pilots asking with the same parameters while a dispatch of theirs is in flight are
         served together by the next statement, which picks as many jobs as there are pilots
         (group dispatch: one statement, one commit, for many getJobs under load; no waiting
         when the server is idle)."""
-        return await self._dispatches.submit((tuple(sorted(params.items())), share),
+        return await self._dispatches.submit(tuple(sorted(params.items())),
                                              (node, pilot_id, batch_id, actor))
 
     async def _dispatch_batch(self, key, who: list[tuple]) -> list:
-        params, share = dict(key[0]), key[1]
+        params = dict(key)
         try:
-            return await self._dispatch_many(params, share, who)
+            return await self._dispatch_many(params, who)
         except psycopg.Error:
             if len(who) == 1:
                 raise
@@ -325,21 +358,18 @@ class HotPath:
         results: list = []
         for one in who:
             try:
-                results += await self._dispatch_many(params, share, [one]) or [None]
+                results += await self._dispatch_many(params, [one]) or [None]
             except psycopg.Error as exc:
                 results.append(exc)
         return results
 
-    async def _dispatch_many(self, params: dict, share, who: list[tuple]) -> list[dict]:
-        mode = None if share is None else ("eq" if isinstance(share, str) else "not")
-        sql, base = self._dispatch_statement(tuple(sorted(params)), mode)
+    async def _dispatch_many(self, params: dict, who: list[tuple]) -> list[dict]:
+        sql, base = self._dispatch_statement(tuple(sorted(params)))
         args = {**base, **params, "p_n": len(who), "now": self.tb.clock(),
                 "w_node": [w[0] for w in who], "w_pilot": [w[1] for w in who],
                 "w_batch": [w[2] for w in who], "w_actor": [w[3] for w in who]}
-        if mode == "eq":
-            args["p_share"] = share
-        elif mode == "not":
-            args["p_known"] = list(share)
+        if "p_known" in args:
+            args["p_known"] = list(args["p_known"])
         async with self._pool().connection() as conn:
             cur = await conn.execute(sql, args)
             rows = await cur.fetchall()
@@ -431,15 +461,12 @@ class HotPath:
         return await self._task_checks.submit(task_id, None)
 
     async def _task_check_batch(self, task_id: int, items: list) -> list[bool]:
+        sql, base = self._task_settled
         async with self._pool().connection() as conn:
-            cur = await conn.execute(_TASK_SETTLED, {"tid": task_id, "live": _LIVE})
+            cur = await conn.execute(sql, {**base, "tid": task_id})
             row = await cur.fetchone()
         settled = row is not None and row[0] == str(TaskState.RUNNING) and bool(row[1])
         return [settled] * len(items)
-
-
-_TASK_SETTLED = ("SELECT t.status, EXISTS (SELECT 1 FROM jobs WHERE jobs.task_id = %(tid)s "
-                 "AND jobs.status = ANY(%(live)s)) FROM tasks t WHERE t.task_id = %(tid)s")
 
 
 def _report_types() -> dict[str, str]:

@@ -1,11 +1,12 @@
-"""``/server/panda/<method>`` served by a plain Tornado message delegate.
+"""``/server/panda/<method>``, PanDA's pilot protocol over HTTP, served by a plain Tornado
+message delegate.
 
 Why not a RequestHandler: pilots call getJob and updateJob millions of times a day, and for these
 small form POSTs a RequestHandler's own machinery (header defaults, output transforms, the
 coroutine wrapping of ``_execute``, flush and finish) cost about as much server CPU as the
 dispatch itself. Tornado's routing lets an application hand a request to any
 ``HTTPMessageDelegate`` (``Application.find_handler``); this one collects the body, lets
-``app.pilot_call`` answer (the same function whatever the method) and writes the reply with
+:func:`pilot_call` answer (the same function whatever the method) and writes the reply with
 one ``write_headers``. Everything else goes to the application's RequestHandlers as before.
 """
 from __future__ import annotations
@@ -14,17 +15,69 @@ import asyncio
 import logging
 import re
 import time
+import urllib.parse
 
 import tornado.web
 from tornado import httputil
 from tornado.log import access_log
 
-from .app import encode_pilot_reply, pilot_call
+from .auth import AuthError
+from .dispatcher import SC_FAILED, ProtocolError
+from .handlers import ServerState, dumps, request_identity, request_params
+from .metrics import REQUESTS
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/server/panda/"
 _METHOD = re.compile(r"^\w+$")
+#: protocol method -> the Dispatcher's coroutine answering it (None: known, not supported)
+PILOT_METHODS = {"getJob": "get_job", "updateJob": "update_job", "getStatus": "get_status",
+                 "updateJobsInBulk": None, "getKeyPair": None,
+                 "getEventRanges": "get_event_ranges", "updateEventRanges": "update_event_ranges",
+                 "updateEventRange": "update_event_ranges"}
+
+
+async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dict]:
+    """``/server/panda/<method>``: (HTTP status, reply). Errors are replies with PanDA's
+    StatusCode and an errorDialog; a pilot always gets one."""
+    try:
+        identity = request_identity(request, state)
+    except AuthError as exc:
+        return 200, {"StatusCode": exc.status_code, "errorDialog": str(exc)}
+    try:
+        params = request_params(request)
+    except tornado.web.HTTPError as exc:
+        return 200, {"StatusCode": SC_FAILED, "errorDialog": exc.reason}
+    if method == "isAlive":
+        return 200, {"StatusCode": 0, "alive": "yes"}
+    target = PILOT_METHODS.get(method)
+    if target is None:
+        return (404 if method not in PILOT_METHODS else 501), {
+            "StatusCode": SC_FAILED, "errorDialog": f"unknown or unsupported method {method!r}"}
+    if method != "getStatus":
+        if identity is None:
+            return 200, {"StatusCode": 50, "errorDialog":
+                         "an identity is required: send 'Authorization: Bearer <token>'"}
+        if identity.role not in ("pilot", "admin"):
+            return 200, {"StatusCode": 60, "errorDialog": f"role {identity.role} may not {method}"}
+    REQUESTS.labels("pilot", method).inc()
+    try:
+        result = await getattr(state.dispatcher, target)(params, identity)
+    except ProtocolError as exc:
+        result = {"StatusCode": exc.status_code, "errorDialog": str(exc)}
+    except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
+        log.exception("%s failed", method)
+        result = {"StatusCode": SC_FAILED, "errorDialog": "internal server error"}
+    return 200, result
+
+
+def encode_pilot_reply(data: dict, accept: str) -> tuple[str, str]:
+    """(Content-Type, body): JSON when the caller's Accept asks for it, else PanDA's
+    form encoding (nested values as JSON)."""
+    if "json" in accept:
+        return "application/json", getattr(data, "json_text", None) or dumps(data)
+    return "text/plain; charset=utf-8", urllib.parse.urlencode(
+        {k: (dumps(v) if isinstance(v, (dict, list)) else v) for k, v in data.items()})
 
 
 class ServerApplication(tornado.web.Application):

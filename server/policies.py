@@ -1,8 +1,13 @@
 """Built-in brokerage and priority policies, registered like any ``panda.server`` plugin."""
 from __future__ import annotations
 
+import pluggy
+
 from .brokerage import input_endpoint, site_fits, status_accepts
-from .hookspecs import hookimpl
+
+# hookspecs.hookimpl, made here as a third-party plugin makes it (pluggy matches the project
+# name): hookspecs.plugin_manager imports this module, so it must not import hookspecs
+hookimpl = pluggy.HookimplMarker("panda.server")
 
 #: priority points gained per hour an activated job waits
 AGING_PER_HOUR = 10

@@ -226,13 +226,12 @@ class ShareStore:
 class ShareChooser:
     """Share-aware dispatch for the dispatcher.
 
-    ``plan(site)``: the shares to ask, best first, as extra WHERE conditions; the dispatcher
-    asks share by share, so each ask is an index range read (``ix_jobs_share_dispatch``) rather
-    than a sort of every activated job of the site. ``__call__(site)`` is the same order as
-    ORDER BY clauses (a ``CASE`` on the share), the dispatcher's generic ``job_chooser`` shape.
-    Rankings are cached per site for ``ttl_s`` seconds (a getJob storm must not recount the
-    site's jobs each time); with one share waiting at the site both return None and the plain
-    priority order is used.
+    ``share_plan(site)``: the shares to ask, best first; the dispatcher asks share by share,
+    so each ask is an index range read (``ix_jobs_share_dispatch``) rather than a sort of every
+    activated job of the site. ``__call__(site)`` is the same order as ORDER BY clauses (a
+    ``CASE`` on the share) for ``Jobs.dispatch(order_by=...)``. Rankings are cached per site
+    for ``ttl_s`` seconds (a getJob storm must not recount the site's jobs each time); with one
+    share waiting at the site both return None and the plain priority order is used.
     """
 
     def __init__(self, tb: TaskBuffer, store: ShareStore | None = None, ttl_s: float = 2.0):
@@ -283,7 +282,7 @@ class ShareChooser:
         return hit[1] if hit is not None and hit[0] > time.monotonic() else None
 
     def is_fresh(self, site: str) -> bool:
-        """Would ``plan(site)`` answer from the cache, without reading the database?"""
+        """Would ``share_plan(site)`` answer from the cache, without reading the database?"""
         return self._cached(site) is not None
 
     def share_plan(self, site: str) -> list[str | tuple[str, ...]] | None:
@@ -297,31 +296,13 @@ class ShareChooser:
             steps.append(tuple(sorted(known)))
         return steps
 
-    def plan(self, site: str) -> list[list] | None:
-        """:meth:`share_plan` as extra WHERE conditions to try in order."""
-        steps = self.share_plan(site)
-        if steps is None:
-            return None
-        j = db.jobs.c
-        return [[j.share == step] if isinstance(step, str) else [j.share.not_in(step)]
-                for step in steps]
-
     def __call__(self, site: str) -> list | None:
         names, _, waiting = self._ranked(site)
-        return _case_order(names, waiting)
-
-    def order_for(self, site: str) -> list | None:
-        """ORDER BY clauses computed now (no cache)."""
-        names, _, waiting = self.ranking(site)
-        return _case_order(names, waiting)
-
-
-def _case_order(names: list[str], waiting: dict[str, int]) -> list | None:
-    if len([s for s, n in waiting.items() if n]) <= 1:
-        return None
-    j = db.jobs.c
-    rank = case({name: i for i, name in enumerate(names)}, value=j.share, else_=len(names))
-    return [rank, j.current_priority.desc(), j.panda_id]
+        if len([s for s, n in waiting.items() if n]) <= 1:
+            return None
+        j = db.jobs.c
+        rank = case({name: i for i, name in enumerate(names)}, value=j.share, else_=len(names))
+        return [rank, j.current_priority.desc(), j.panda_id]
 
 
 # ---------------------------------------------------------------------- priorities

@@ -38,13 +38,13 @@ class TaskSubmitter:
         """Create a task and its jobs. Raises TaskSpecError for anything the user must fix."""
         spec = TaskSpec.from_dict(params)
         spec.share = self.resolve_share(spec)
-        sites = {s["name"]: s for s in self.tb.list_sites()}
+        sites = {s["name"]: s for s in self.tb.sites.all()}
         if spec.site and spec.site not in sites:
             raise TaskSpecError(f"field 'site': unknown site {spec.site!r}"
                                 f" (known: {', '.join(sorted(sites)) or 'none'})")
         inputs: list[dict] = []
         if spec.input_dataset:
-            inputs = self.tb.dataset_files(spec.input_dataset, unused_only=True)
+            inputs = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
             if not inputs:
                 raise TaskSpecError(f"field 'input_dataset': dataset {spec.input_dataset!r} has "
                                     "no unused files (register them with data/add_files first)")
@@ -71,14 +71,14 @@ class TaskSubmitter:
 
     def extend(self, task_id: int, actor: str) -> SubmitResult:
         """Create jobs for the files added to the task's input dataset since it was created."""
-        task = self.tb.get_task(task_id)
+        task = self.tb.tasks.get(task_id)
         spec = TaskSpec.from_dict(task["params"])
         spec.share = task["share"]
         if not spec.input_dataset:
             raise TaskSpecError("this task has no input dataset to extend")
-        new = self.tb.dataset_files(spec.input_dataset, unused_only=True)
-        sites = {s["name"]: s for s in self.tb.list_sites()}
-        existing = self.tb.task_job_counts(task_id)
+        new = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
+        sites = {s["name"]: s for s in self.tb.sites.all()}
+        existing = self.tb.tasks.job_counts(task_id)
         first_serial = max(1, sum(existing.values()) + 1)
         groups, windows = _split(spec, new)
         return self._create(spec, task["params"], actor, groups, sites, task_id=task_id,
@@ -88,14 +88,14 @@ class TaskSubmitter:
                 sites: dict[str, dict], task_id: int | None = None,
                 first_serial: int = 1, windows: list | None = None) -> SubmitResult:
         all_lfns = [f["lfn"] for g in groups for f in g]
-        locality = self.tb.replica_endpoints(spec.scope if not groups or not groups[0]
+        locality = self.tb.data.replica_endpoints(spec.scope if not groups or not groups[0]
                                              else groups[0][0]["scope"], all_lfns)
-        load = self.tb.site_load()
+        load = self.tb.jobs.site_load()
         ids: list[int] = []
         activated = assigned = 0
         with self.tb.engine.begin() as conn:
             if task_id is None:
-                task_id = self.tb.insert_task(conn, name=spec.name, owner=owner, params=params,
+                task_id = self.tb.tasks.insert(conn, name=spec.name, owner=owner, params=params,
                                               priority=spec.priority, share=spec.share,
                                               site=spec.site, max_attempts=spec.max_attempts)
             for n, group in enumerate(groups):
@@ -112,7 +112,7 @@ class TaskSubmitter:
                 window = windows[n] if windows else None
                 job, files = make_job(spec, task_id, owner, serial, group, site=site,
                                       events=window)
-                panda_id = self.tb.insert_job(conn, job, files, owner)
+                panda_id = self.tb.jobs.insert(conn, job, files, owner)
                 if window is not None and spec.events_per_range:
                     create_ranges(self.tb, conn, task_id=task_id, serial=serial,
                                   file=group[0], window=window,
@@ -120,7 +120,7 @@ class TaskSubmitter:
                 se = input_endpoint(sites[site]["config"])
                 local = all(se in locality.get(f["lfn"], ()) for f in group)
                 target = JobState.ACTIVATED if local else JobState.ASSIGNED
-                self.tb.set_job_state(conn, panda_id, str(target), actor="brokerage",
+                self.tb.states.change(conn, panda_id, str(target), actor="brokerage",
                                       expected=[str(JobState.DEFINED)])
                 activated += local
                 assigned += not local
@@ -130,7 +130,7 @@ class TaskSubmitter:
                 conn.execute(update(db.dataset_files).where(
                     db.dataset_files.c.dataset == spec.input_dataset,
                     db.dataset_files.c.lfn.in_(all_lfns)).values(task_id=task_id))
-            self.tb.set_task_status(conn, task_id, str(TaskState.READY))
+            self.tb.tasks.set_status(conn, task_id, str(TaskState.READY))
         log.info("task %s (%s): %d jobs, %d activated, %d waiting for data", task_id, spec.name,
                  len(ids), activated, assigned)
         return SubmitResult(task_id, ids, activated, assigned)

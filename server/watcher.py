@@ -117,7 +117,7 @@ class Watcher:
         with self.tb.engine.begin() as conn:
             q = select(j.panda_id, j.heartbeat_time, j.state_changed).where(
                 j.panda_id == panda_id, j.status == status, self._last_sign(j) < cutoff)
-            if self.tb._skip_locked:
+            if self.tb.skip_locked:
                 q = q.with_for_update(skip_locked=True)
             row = conn.execute(q).first()
             if row is None:
@@ -127,7 +127,7 @@ class Watcher:
             diag = (f"{rule.what}: no word from the pilot for {silent} s in state {status} "
                     f"(limit {int(rule.limit_s)} s)")
             before = _max_id(conn)
-            ok = self.tb.fail_job(conn, panda_id, [status], actor=ACTOR,
+            ok = self.tb.jobs.fail(conn, panda_id, [status], actor=ACTOR,
                                   dispatcher_error_code=rule.code,
                                   dispatcher_error_diag=diag, command="tobekilled")
             if not ok:

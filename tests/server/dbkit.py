@@ -5,6 +5,7 @@ executemany statements, so concurrency tests and benchmarks start in a second, n
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 import zlib
@@ -38,7 +39,7 @@ def site_config(name: str, se: str = "SE_A", *, cores: int = 8, memory_mb: int =
 
 def add_site(tb: TaskBuffer, name: str = "SITE_A", **kw) -> dict:
     cfg = site_config(name, **kw)
-    tb.sync_sites([cfg])
+    tb.sites.sync([cfg])
     return cfg
 
 
@@ -55,10 +56,10 @@ def seed_jobs(tb: TaskBuffer, site: str, n: int, *, task_name: str = "bulk",
     now = tb.clock()
     with tb.engine.begin() as conn:
         if task_id is None:
-            task_id = tb.insert_task(conn, name=task_name, owner=owner, params={"name": task_name},
+            task_id = tb.tasks.insert(conn, name=task_name, owner=owner, params={"name": task_name},
                                      priority=priority, share="production", site=site,
                                      max_attempts=max_attempts)
-            tb.set_task_status(conn, task_id, "ready")
+            tb.tasks.set_status(conn, task_id, "ready")
         first = conn.execute(select(db.jobs.c.serial).where(db.jobs.c.task_id == task_id)
                              .order_by(db.jobs.c.serial.desc()).limit(1)).scalar() or 0
         rows = []
@@ -126,5 +127,29 @@ def stored_xml(lfns: list[str]) -> str:
     return json.dumps(stored_files(lfns))
 
 
+class BlockingDispatcher:
+    """A ``Dispatcher`` for plain test code: each protocol call runs to its end on an event
+    loop of its own, the blocking work in that loop's thread pool (as in the server)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.tb, self.keys, self.job_chooser = dispatcher.tb, dispatcher.keys, dispatcher.job_chooser
+
+    def get_job(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.get_job(form, identity))
+
+    def update_job(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.update_job(form, identity))
+
+    def get_status(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.get_status(form, identity))
+
+    def get_event_ranges(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.get_event_ranges(form, identity))
+
+    def update_event_ranges(self, form: dict, identity=None) -> dict:
+        return asyncio.run(self.dispatcher.update_event_ranges(form, identity))
+
+
 def history(tb: TaskBuffer, panda_id: int) -> list[tuple[str | None, str]]:
-    return [(h["old_status"], h["new_status"]) for h in tb.job_history(panda_id)]
+    return [(h["old_status"], h["new_status"]) for h in tb.jobs.history(panda_id)]

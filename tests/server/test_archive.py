@@ -13,10 +13,10 @@ from server.archive import archive_jobs
 
 
 def _finish(tb, clock, pid):
-    job = tb.get_job(pid)
+    job = tb.jobs.get(pid)
     lfns = [f["lfn"] for f in job["files"] if f["type"] != "input"]
-    tb.pilot_update(pid, "running", {}, actor="p")
-    tb.pilot_update(pid, "finished", {}, actor="p", stored_files=stored_files(lfns),
+    tb.pilots.update(pid, "running", {}, actor="p")
+    tb.pilots.update(pid, "finished", {}, actor="p", stored_files=stored_files(lfns),
                     output_endpoint="SE_A")
 
 
@@ -31,12 +31,12 @@ def test_archive_moves_only_old_final_jobs_and_keeps_them_findable(taskbuffer, c
     task_id, ids = seed_jobs(tb, "SITE_A", 4, max_attempts=1)
     done, killed, running, queued = ids
     for pid in ids[:3]:
-        assert tb.dispatch("SITE_A", node="wn", actor="p")["panda_id"] == pid
+        assert tb.jobs.dispatch("SITE_A", node="wn", actor="p")["panda_id"] == pid
     _finish(tb, clock, done)
-    tb.kill_job(killed, actor="alice")
-    tb.pilot_update(running, "running", {}, actor="p")
-    counts_before = tb.task_job_counts(task_id)
-    files_before = tb.get_job(done)["files"]
+    tb.jobs.kill(killed, actor="alice")
+    tb.pilots.update(running, "running", {}, actor="p")
+    counts_before = tb.tasks.job_counts(task_id)
+    files_before = tb.jobs.get(done)["files"]
 
     clock.advance(minutes=30)
     assert archive_jobs(tb, older_than_s=3600) == 0          # not old enough yet
@@ -44,23 +44,23 @@ def test_archive_moves_only_old_final_jobs_and_keeps_them_findable(taskbuffer, c
     assert archive_jobs(tb, older_than_s=3600) == 2
     assert archive_jobs(tb, older_than_s=3600) == 0          # nothing moves twice
 
-    live = {j["panda_id"] for j in tb.list_jobs(task_id=task_id) if not j.get("archived")}
+    live = {j["panda_id"] for j in tb.jobs.find(task_id=task_id) if not j.get("archived")}
     with tb.engine.connect() as conn:
         in_live = {r[0] for r in conn.execute(select(db.jobs.c.panda_id))}
         in_archive = {r[0] for r in conn.execute(select(db.jobs_archive.c.panda_id))}
     assert in_live == {running, queued} and in_archive == {done, killed}
     # users' queries still find them, with their files and history
-    job = tb.get_job(done)
+    job = tb.jobs.get(done)
     assert job["archived"] and job["status"] == "finished"
     assert job["files"] == files_before
     assert history(tb, done)[-1] == ("holding", "finished")
-    assert tb.get_job(killed)["status"] == "cancelled"
-    assert {j["panda_id"] for j in tb.list_jobs(task_id=task_id)} == set(ids) >= live
-    assert tb.task_job_counts(task_id) == counts_before
-    assert tb.task_job_ids(task_id) == sorted(ids)
+    assert tb.jobs.get(killed)["status"] == "cancelled"
+    assert {j["panda_id"] for j in tb.jobs.find(task_id=task_id)} == set(ids) >= live
+    assert tb.tasks.job_counts(task_id) == counts_before
+    assert tb.tasks.job_ids(task_id) == sorted(ids)
     # the live table no longer answers for them: a late heartbeat is told to stop
-    assert tb.pilot_update(done, "running", {}, actor="p") == "tobekilled"
-    assert tb.get_job(done, include_archive=False) is None
+    assert tb.pilots.update(done, "running", {}, actor="p") == "tobekilled"
+    assert tb.jobs.get(done, include_archive=False) is None
 
 
 def test_archive_in_batches(taskbuffer, clock):

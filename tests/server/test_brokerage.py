@@ -75,9 +75,9 @@ def test_load_against_capacity(broker):
 
 
 def test_submission_records_the_choice_and_explains_refusals(taskbuffer):
-    taskbuffer.sync_sites([site("A", cores=2), site("B", cores=16), site("Z", status="offline")])
+    taskbuffer.sites.sync([site("A", cores=2), site("B", cores=16), site("Z", status="offline")])
     res = submitter(taskbuffer).submit(task(n_jobs=2, resources={"cores": 8}), owner="u")
-    assert {taskbuffer.get_job(i)["site"] for i in res.job_ids} == {"B"}
+    assert {taskbuffer.jobs.get(i)["site"] for i in res.job_ids} == {"B"}
     with pytest.raises(TaskSpecError) as err:
         submitter(taskbuffer).submit(task(n_jobs=1, resources={"cores": 32}), owner="u")
     msg = str(err.value)
@@ -103,8 +103,8 @@ class LoveSite:
 
 
 def test_third_party_policies_change_the_choice(taskbuffer):
-    taskbuffer.sync_sites([site("A", "SE_A"), site("B", "SE_B")])
-    taskbuffer.add_dataset_files("d", "s", [{"lfn": "f1", "fsize": 1}], "SE_B")
+    taskbuffer.sites.sync([site("A", "SE_A"), site("B", "SE_B")])
+    taskbuffer.data.add_dataset_files("d", "s", [{"lfn": "f1", "fsize": 1}], "SE_B")
     spec = task(n_jobs=None, input_dataset="d")
     plain = plugin_manager(load_entry_points=False)
     # built-ins alone: B holds the data
@@ -113,7 +113,7 @@ def test_third_party_policies_change_the_choice(taskbuffer):
     weighted = plugin_manager(load_entry_points=False)
     weighted.register(LoveSite(), name="love-a")
     res = submitter(taskbuffer, weighted).submit(spec, owner="u")
-    assert taskbuffer.get_job(res.job_ids[0])["site"] == "A"
+    assert taskbuffer.jobs.get(res.job_ids[0])["site"] == "A"
     filtered = plugin_manager(load_entry_points=False)
     filtered.register(AvoidSite("B"), name="avoid-b")
     choice, why = Brokerage(filtered.hook).choose(needs(input_lfns=["f1"]), rows(

@@ -87,6 +87,6 @@ def test_50_pilots_2_processes_drain_jobs_exactly_once(taskbuffer, tmp_path):
                                    .group_by(db.jobs.c.status)).all())
     assert set(sent.values()) == {1} and len(sent) == N_JOBS
     assert states == {"finished": N_JOBS}
-    assert tb.get_task(task_id)["status"] == "done"
+    assert tb.tasks.get(task_id)["status"] == "done"
     print(f"\n{tb.dialect}: seeded {N_JOBS} jobs in {seeded:.1f} s, drained in {took:.1f} s "
           f"({N_JOBS / took:.0f} jobs/s)")

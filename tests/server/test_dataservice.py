@@ -25,7 +25,7 @@ def ses(tmp_path):
 
 @pytest.fixture
 def tb(taskbuffer, ses):
-    taskbuffer.sync_sites([site("SITE_A", "SE_A", f"file://{ses['SE_A']}"),
+    taskbuffer.sites.sync([site("SITE_A", "SE_A", f"file://{ses['SE_A']}"),
                            site("SITE_B", "SE_B", f"file://{ses['SE_B']}"),
                            site("SITE_C", "SE_C", f"file://{ses['SE_C']}")])
     return taskbuffer
@@ -34,7 +34,7 @@ def tb(taskbuffer, ses):
 def register(tb, root, endpoint, lfns, data=None, dataset="ds.in"):
     files = [put_file(root, "s", lfn, data or f"payload of {lfn}\n".encode() * 50)
              for lfn in lfns]
-    tb.add_dataset_files(dataset, "s", files, endpoint)
+    tb.data.add_dataset_files(dataset, "s", files, endpoint)
     return files
 
 
@@ -57,9 +57,9 @@ def test_inputs_are_copied_verified_registered_and_the_job_activated(tb, ses):
     for lfn in ("f1", "f2"):
         with open(path(ses, "SE_A", lfn), "rb") as a, open(path(ses, "SE_B", lfn), "rb") as b:
             assert a.read() == b.read()
-        assert tb.replica_endpoints("s", [lfn])[lfn] == {"SE_A", "SE_B"}
-    assert {tb.get_job(i)["status"] for i in ids} == {"activated"}
-    assert tb.job_history(ids[0])[-1]["actor"] == "dataservice"
+        assert tb.data.replica_endpoints("s", [lfn])[lfn] == {"SE_A", "SE_B"}
+    assert {tb.jobs.get(i)["status"] for i in ids} == {"activated"}
+    assert tb.jobs.history(ids[0])[-1]["actor"] == "dataservice"
     # nothing left over, a second pass has nothing to do
     assert not [p for p in ses["SE_A"].rglob("*") if ".part-" in p.name]
     assert DataService(tb).process().activated == []
@@ -70,23 +70,23 @@ def test_missing_source_fails_the_job_with_a_clear_diag(tb, ses):
     os.unlink(path(ses, "SE_B", "gone"))
     [pid] = submit_at_a(tb)
     report = DataService(tb).process()
-    job = tb.get_job(pid)
+    job = tb.jobs.get(pid)
     assert job["status"] == "failed" and job["ddm_error_code"] == 100
     assert "s:gone" in job["ddm_error_diag"] and "no such file" in job["ddm_error_diag"]
     assert "SE_B" in report.failed[pid]
-    assert tb.count_jobs(status="activated") == 0          # no retry: it would fail the same way
+    assert tb.jobs.count(status="activated") == 0          # no retry: it would fail the same way
 
 
 def test_file_held_nowhere_fails(tb, ses):
-    tb.add_dataset_files("ds.in", "s", [{"lfn": "ghost", "fsize": 3}], None)
+    tb.data.add_dataset_files("ds.in", "s", [{"lfn": "ghost", "fsize": 3}], None)
     [pid] = submit_at_a(tb)
     DataService(tb).process()
-    assert "no storage element holds it" in tb.get_job(pid)["ddm_error_diag"]
+    assert "no storage element holds it" in tb.jobs.get(pid)["ddm_error_diag"]
 
 
 def test_corrupt_copy_is_skipped_for_a_good_one(tb, ses):
     [good] = register(tb, ses["SE_C"], "SE_C", ["f"])
-    tb.add_replica("s", "f", "SE_B", None)
+    tb.data.add_replica("s", "f", "SE_B", None)
     bad = path(ses, "SE_B", "f")
     os.makedirs(os.path.dirname(bad), exist_ok=True)
     with open(bad, "wb") as fh:                         # same size, other bytes
@@ -103,7 +103,7 @@ def test_every_copy_corrupt_fails_naming_each(tb, ses):
         fh.write(b"more")
     [pid] = submit_at_a(tb)
     DataService(tb).process()
-    diag = tb.get_job(pid)["ddm_error_diag"]
+    diag = tb.jobs.get(pid)["ddm_error_diag"]
     assert "SE_B" in diag and "catalogue says" in diag
     assert not os.path.exists(path(ses, "SE_A", "f"))   # no bad copy left at the destination
 
@@ -118,7 +118,7 @@ def test_destination_trouble_leaves_the_job_waiting_then_it_recovers(tb, ses):
     with open(blocker, "w") as fh:
         fh.write("in the way")
     report = DataService(tb).process()
-    assert pid in report.waiting and tb.get_job(pid)["status"] == "assigned"
+    assert pid in report.waiting and tb.jobs.get(pid)["status"] == "assigned"
     assert os.path.exists(path(ses, "SE_B", "f"))       # the source is untouched
     os.unlink(blocker)
     assert DataService(tb).process().activated == [pid]
@@ -132,7 +132,7 @@ def test_hostile_input_name_fails_the_job_without_touching_paths(tb, ses):
                                             db.files.c.type == "input").values(lfn="../../etc"))
         conn.execute(update(db.replicas).values(lfn="../../etc"))
     DataService(tb).process()
-    job = tb.get_job(pid)
+    job = tb.jobs.get(pid)
     assert job["status"] == "failed" and "refusing" in job["ddm_error_diag"]
 
 
@@ -196,13 +196,13 @@ def tiny_fs(tmp_path):
 
 def test_full_destination_disk_loses_nothing_and_recovers(taskbuffer, ses, tiny_fs):
     import subprocess
-    taskbuffer.sync_sites([site("SITE_A", "SE_A", f"file://{tiny_fs}"),
+    taskbuffer.sites.sync([site("SITE_A", "SE_A", f"file://{tiny_fs}"),
                            site("SITE_B", "SE_B", f"file://{ses['SE_B']}")])
     register(taskbuffer, ses["SE_B"], "SE_B", ["big"], data=os.urandom(200 * 1024))
     [pid] = submit_at_a(taskbuffer)
     report = DataService(taskbuffer).process()
     assert "destination full" in report.waiting[pid]
-    assert taskbuffer.get_job(pid)["status"] == "assigned"
+    assert taskbuffer.jobs.get(pid)["status"] == "assigned"
     assert [p for p in tiny_fs.rglob("*") if p.is_file()] == []      # no partial copy left
     assert os.path.getsize(path(ses, "SE_B", "big")) == 200 * 1024
     subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_fs)], check=True)

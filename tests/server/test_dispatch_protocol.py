@@ -9,7 +9,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from dbkit import add_site, history, seed_jobs, stored_xml
+from dbkit import BlockingDispatcher, add_site, history, seed_jobs, stored_xml
 from panda_core.canonical import signed_bytes
 from server.auth import Identity, KeyStore
 from server.dispatcher import Dispatcher, ProtocolError
@@ -21,7 +21,7 @@ PILOT = Identity("pilot-1", "pilot", "SITE_A")
 def disp(taskbuffer, tmp_path):
     add_site(taskbuffer, "SITE_A")
     add_site(taskbuffer, "SITE_B")
-    return Dispatcher(taskbuffer, KeyStore(tmp_path / "keys"))
+    return BlockingDispatcher(Dispatcher(taskbuffer, KeyStore(tmp_path / "keys")))
 
 
 def test_getjob_spec_and_signature(disp, taskbuffer):
@@ -37,7 +37,7 @@ def test_getjob_spec_and_signature(disp, taskbuffer):
     spec = {k: v for k, v in reply.items() if k != "StatusCode"}
     load_pem_public_key(disp.keys.public_key_pem.encode()).verify(
         base64.b64decode(spec["specSignature"]), signed_bytes(spec))
-    job = taskbuffer.get_job(pid)
+    job = taskbuffer.jobs.get(pid)
     assert (job["status"], job["node"], job["pilot_owner"]) == ("sent", "wn1", "pilot-1")
     assert disp.get_job({"siteName": "SITE_A"}, PILOT)["StatusCode"] == 20
 
@@ -48,7 +48,7 @@ def test_getjob_njobs_and_fit(disp, taskbuffer):
     reply = disp.get_job({"siteName": "SITE_A", "nJobs": "5", "mem": "8000"}, PILOT)
     assert reply["StatusCode"] == 0
     assert [j["PandaID"] for j in reply["jobs"]] == ids      # the big one does not fit
-    assert taskbuffer.get_job(big)["status"] == "activated"
+    assert taskbuffer.jobs.get(big)["status"] == "activated"
 
 
 def test_updatejob_cycle_registers_outputs(disp, taskbuffer):
@@ -62,12 +62,12 @@ def test_updatejob_cycle_registers_outputs(disp, taskbuffer):
     assert disp.update_job({"jobId": pid, "state": "finished", "attemptNr": 1,
                             "transExitCode": "0", "cpuConsumptionTime": "12.5",
                             "xml": xml}, PILOT) == ok
-    row = taskbuffer.get_job(pid)
+    row = taskbuffer.jobs.get(pid)
     assert row["status"] == "finished" and row["max_rss"] == 1234 and row["node"] == "wn9"
     assert row["cpu_consumption_time"] == 12.5
     assert all(f["status"] == "ready" for f in row["files"])
     assert history(taskbuffer, pid)[-2:] == [("running", "holding"), ("holding", "finished")]
-    assert taskbuffer.get_task(task_id)["status"] == "done"
+    assert taskbuffer.tasks.get(task_id)["status"] == "done"
     # the job is over: a late heartbeat is told to stop; so is one for an unknown job
     assert disp.update_job({"jobId": pid, "state": "running"}, PILOT)["command"] == "tobekilled"
     assert disp.update_job({"jobId": 10 ** 9, "state": "running"}, PILOT)["command"] == \
@@ -94,17 +94,17 @@ def test_values_beyond_their_columns(disp, taskbuffer):
                           "batchID": "b" * 600, "cores": str(2 ** 40), "mem": str(2 ** 40),
                           "remainingWalltime": str(2 ** 40)}, PILOT)
     assert reply["StatusCode"] == 0 and reply["PandaID"] == pid
-    job = taskbuffer.get_job(pid)
+    job = taskbuffer.jobs.get(pid)
     assert (len(job["node"]), len(job["pilot_id"]), len(job["batch_id"])) == (255, 512, 255)
     for key in ("pilotErrorCode", "transExitCode", "exeErrorCode", "attemptNr"):
         with pytest.raises(ProtocolError) as err:
             disp.update_job({"jobId": pid, "state": "running", key: str(2 ** 40)}, PILOT)
         assert err.value.status_code == 30 and "32-bit" in str(err.value)
-    assert taskbuffer.get_job(pid)["status"] == "sent"
+    assert taskbuffer.jobs.get(pid)["status"] == "sent"
     reply = disp.update_job({"jobId": pid, "state": "running", "node": "x" * 5000,
                              "pilotErrorDiag": "d" * 9000}, PILOT)
     assert reply == {"StatusCode": 0, "command": "NULL"}
-    job = taskbuffer.get_job(pid)
+    job = taskbuffer.jobs.get(pid)
     assert (job["status"], len(job["node"]), len(job["pilot_error_diag"])) == \
         ("running", 255, 4000)
 
@@ -115,7 +115,7 @@ def test_bad_xml_changes_nothing(disp, taskbuffer):
     for xml in ("not json", json.dumps([1, 2]), json.dumps({"f": {"fsize": "big"}})):
         with pytest.raises(ProtocolError):
             disp.update_job({"jobId": pid, "state": "finished", "xml": xml}, PILOT)
-    assert taskbuffer.get_job(pid)["status"] == "sent"
+    assert taskbuffer.jobs.get(pid)["status"] == "sent"
 
 
 def test_site_bound_pilot(disp, taskbuffer):
@@ -137,7 +137,7 @@ def test_kill_reaches_the_pilot(disp, taskbuffer):
     _, (pid,) = seed_jobs(taskbuffer, "SITE_A", 1)
     disp.get_job({"siteName": "SITE_A"}, PILOT)
     disp.update_job({"jobId": pid, "state": "running"}, PILOT)
-    taskbuffer.kill_job(pid, actor="alice")
+    taskbuffer.jobs.kill(pid, actor="alice")
     assert disp.update_job({"jobId": pid, "state": "running"}, PILOT)["command"] == "tobekilled"
     status = disp.get_status({"ids": f"{pid},nonsense"})
     assert status["status"] == "cancelled,unknown"

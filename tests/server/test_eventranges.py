@@ -8,7 +8,7 @@ import json
 import pytest
 import requests
 
-from dbkit import start_server, stop_server
+from dbkit import BlockingDispatcher, start_server, stop_server
 from logic_kit import put_file, site, submitter
 from panda_core.client import ApiClient
 from server.auth import Identity
@@ -28,15 +28,15 @@ TASK = {"name": "ev", "scope": "s", "transformation": "/bin/echo",
 
 @pytest.fixture
 def tb(taskbuffer, tmp_path):
-    taskbuffer.sync_sites([site(SITE, "SE_E", f"file://{tmp_path}")])
+    taskbuffer.sites.sync([site(SITE, "SE_E", f"file://{tmp_path}")])
     files = [put_file(tmp_path, "s", f"evts{i}.root", b"e" * 10) for i in range(2)]
-    taskbuffer.add_dataset_files("ev.in", "s", files, "SE_E")
+    taskbuffer.data.add_dataset_files("ev.in", "s", files, "SE_E")
     return taskbuffer
 
 
 @pytest.fixture
 def disp(tb):
-    return Dispatcher(tb, keys=None)
+    return BlockingDispatcher(Dispatcher(tb, keys=None))
 
 
 def submit(tb, **over):
@@ -44,7 +44,7 @@ def submit(tb, **over):
 
 
 def take(tb, n=1):
-    return [tb.dispatch(SITE, node="wn", actor="pilot1") for _ in range(n)]
+    return [tb.jobs.dispatch(SITE, node="wn", actor="pilot1") for _ in range(n)]
 
 
 def get(disp, pid, n=1, who=PILOT):
@@ -63,7 +63,7 @@ def update(disp, ranges, status, who=PILOT, version=1):
 def test_split_by_events_with_parameters_and_ranges(tb):
     res = submit(tb)
     assert len(res.job_ids) == 6                   # 40 + 40 + 20 events of each of 2 files
-    jobs = [tb.get_job(i) for i in res.job_ids]
+    jobs = [tb.jobs.get(i) for i in res.job_ids]
     assert [j["job_pars"].split()[:4] for j in jobs[:3]] == [
         ["--skip", "0", "--max", "40"], ["--skip", "40", "--max", "40"],
         ["--skip", "80", "--max", "20"]]
@@ -125,7 +125,7 @@ def test_fatal_is_not_retried(tb, disp):
 def test_dead_attempts_ranges_go_to_its_retry(tb, disp, clock):
     submit(tb)
     pid = take(tb)[0]["panda_id"]
-    disp.tb.pilot_update(pid, "running", {}, actor="pilot1")
+    disp.tb.pilots.update(pid, "running", {}, actor="pilot1")
     held = get(disp, pid, n=3)
     update(disp, held[:1], "finished")
     clock.advance(hours=7)
@@ -134,7 +134,7 @@ def test_dead_attempts_ranges_go_to_its_retry(tb, disp, clock):
     late = update(disp, held[1:], "finished")
     assert late["Returns"] == [False, False] and late["Command"] == {str(pid): "tobekilled"}
     # the retry (same serial) gets the two unfinished ranges
-    while tb.dispatch(SITE, node="wn", actor="pilot1")["panda_id"] != retry_id:
+    while tb.jobs.dispatch(SITE, node="wn", actor="pilot1")["panda_id"] != retry_id:
         pass
     got = get(disp, retry_id, n=5)
     assert [(r["startEvent"], r["lastEvent"]) for r in got] == [(15, 29), (30, 39)]
@@ -241,9 +241,9 @@ def test_over_http_json_and_urlencoded(tmp_path):
 
 def test_extending_a_task_splits_new_files_by_events(tb, tmp_path):
     res = submit(tb)
-    tb.add_dataset_files("ev.in", "s", [put_file(tmp_path, "s", "evts9.root", b"e")], "SE_E")
+    tb.data.add_dataset_files("ev.in", "s", [put_file(tmp_path, "s", "evts9.root", b"e")], "SE_E")
     new = submitter(tb).extend(res.task_id, "alice")
     assert len(new.job_ids) == 3
-    pars = [tb.get_job(i)["job_pars"] for i in new.job_ids]
+    pars = [tb.jobs.get(i)["job_pars"] for i in new.job_ids]
     assert pars[2].startswith("--skip 80 --max 20") and pars[2].endswith("evts9.root")
     assert EventRangeService(tb).summary(res.task_id) == {"ready": 16 + 8}

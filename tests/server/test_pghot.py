@@ -1,8 +1,8 @@
 """The PostgreSQL hot path (server.pghot) against the general TaskBuffer path, on PostgreSQL only.
 
-- Parity: the same scenario runs once through the general path (``Dispatcher.get_job`` /
-  ``update_job``) and once through the hot path (``get_job_async`` / ``update_job_async`` on an
-  event loop), each on a freshly emptied database with the identity sequences restarted and the
+- Parity: the same scenario runs once through a dispatcher on the general path
+  (``GeneralPath``) and once through one on the hot path (``HotPath``), each on a freshly
+  emptied database with the identity sequences restarted and the
   clock at the same start: the replies and every table the pilot protocol writes must be equal.
   Each step also says which path it expects the hot run to take, so parity cannot hold
   trivially because everything fell back.
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -34,6 +35,7 @@ from dbkit import add_site, history, out_lfn, seed_jobs, start_server, stop_serv
 from server import db
 from server.auth import Identity, KeyStore
 from server.dispatcher import Dispatcher, ProtocolError
+from server.dispatchpath import GeneralPath
 from server.pghot import ConnectionPool, HotPath, conninfo
 from server.shares import ShareChooser, ShareStore, parse_shares
 from server.taskbuffer import TaskBuffer
@@ -46,13 +48,15 @@ PILOT = Identity("pilot-1", "pilot", "SITE_A")
 PILOT_B = Identity("pilot-b", "pilot", "SITE_B")
 ADMIN = Identity("root", "admin")
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
-FALLBACKS = ("get_job", "update_job")          # the general path, as ``run`` sees it
+FALLBACKS = ("take_job", "apply_update")       # the general path, as ``run`` sees it
 HOT_FAILED = "hot path failed"
+#: the form of the protocol call a coroutine serves (each gathered call is a task of its own)
+REQUEST: contextvars.ContextVar = contextvars.ContextVar("request", default=None)
 
 
 # ---------------------------------------------------------------------- helpers
 class Records(logging.Handler):
-    """Warnings of server.dispatcher: a hot statement that raised is logged there."""
+    """Warnings of server.pghot: a hot statement that raised is logged there."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -74,9 +78,9 @@ class HotEnv:
         self.loop = asyncio.new_event_loop()
         self.executor = ThreadPoolExecutor(4, thread_name_prefix="db")
         self.calls: list[str] = []
-        self.ran: list[tuple] = []          # (function name, its arguments)
+        self.ran: list[tuple] = []          # (function name, the form of its request)
         self.records = Records()
-        logging.getLogger("server.dispatcher").addHandler(self.records)
+        logging.getLogger("server.pghot").addHandler(self.records)
         self.hot: HotPath | None = None
         self.renew()
 
@@ -85,11 +89,15 @@ class HotEnv:
         if self.hot is not None:
             self.sync(self.hot.close())
         self.tb = TaskBuffer(self.engine, clock=self.clock)
-        self.hot = HotPath(self.tb, size=self.size)
-        self.disp = Dispatcher(self.tb, self.keys, ShareChooser(self.tb, ttl_s=0), self.hot)
-        self.general = Dispatcher(self.tb, self.keys, ShareChooser(self.tb, ttl_s=0))
+        self.hot = HotPath(GeneralPath(self.tb, self.run), size=self.size)
+        self.disp = self.dispatcher(self.hot)
+        self.general = self.dispatcher(GeneralPath(self.tb, self.run))
         self.calls.clear()
         self.ran.clear()
+
+    def dispatcher(self, path, chooser=None) -> Dispatcher:
+        return Dispatcher(self.tb, self.keys, chooser or ShareChooser(self.tb, ttl_s=0), path,
+                          self.run)
 
     def sync(self, coro):
         return self.loop.run_until_complete(coro)
@@ -97,24 +105,33 @@ class HotEnv:
     async def run(self, func, *args):
         """The server's ``run``: sync code in the thread pool; records what it ran."""
         self.calls.append(getattr(func, "__name__", repr(func)))
-        self.ran.append((self.calls[-1], args))
+        self.ran.append((self.calls[-1], REQUEST.get()))
         return await self.loop.run_in_executor(self.executor, func, *args)
 
     def fallbacks(self) -> list[str]:
         return [c for c in self.calls if c in FALLBACKS]
 
+    def fell_back(self, form: dict) -> bool:
+        """Did the protocol call of ``form`` (through :meth:`call`) take the general path?"""
+        return any(name in FALLBACKS and request is form for name, request in self.ran)
+
+    async def call(self, disp: Dispatcher, name: str, form: dict, identity) -> dict:
+        """``disp.<name>(form, identity)``, its thread-pool work marked as this form's."""
+        REQUEST.set(form)
+        return await getattr(disp, name)(form, identity)
+
     def get_job(self, form: dict, identity=PILOT) -> dict:
-        return self.sync(self.disp.get_job_async(form, identity, self.run))
+        return self.sync(self.call(self.disp, "get_job", form, identity))
 
     def update_job(self, form: dict, identity=PILOT) -> dict:
-        return self.sync(self.disp.update_job_async(form, identity, self.run))
+        return self.sync(self.call(self.disp, "update_job", form, identity))
 
     def close(self) -> None:
         try:
             if self.hot is not None:
                 self.sync(self.hot.close())
         finally:
-            logging.getLogger("server.dispatcher").removeHandler(self.records)
+            logging.getLogger("server.pghot").removeHandler(self.records)
             self.executor.shutdown(wait=True)
             self.loop.close()
 
@@ -201,12 +218,12 @@ def set_jobs(engine, ids, **values) -> None:
 
 
 def job(tb, pid) -> dict:
-    return tb.get_job(pid)
+    return tb.jobs.get(pid)
 
 
 def outputs(tb, pid, **kw) -> dict:
     """Every output and log file of the job, stored (as the pilot reports them)."""
-    return stored([f["lfn"] for f in tb.get_job(pid)["files"] if f["type"] != "input"], **kw)
+    return stored([f["lfn"] for f in tb.jobs.get(pid)["files"] if f["type"] != "input"], **kw)
 
 
 # ---------------------------------------------------------------------- parity harness
@@ -222,10 +239,8 @@ class Pilot:
         env = self.env
         before = len(env.calls), len(env.records.messages)
         try:
-            if self.hot:
-                reply = getattr(env, name)(form, identity)
-            else:
-                reply = getattr(env.general, name)(form, identity)
+            reply = env.sync(env.call(env.disp if self.hot else env.general, name, form,
+                                      identity))
         except ProtocolError as exc:
             reply = {"ProtocolError": exc.status_code, "message": str(exc)}
         if self.hot:
@@ -257,7 +272,7 @@ class Pilot:
 
         async def together():
             return await asyncio.gather(
-                *(env.disp.update_job_async(form, identity, env.run)
+                *(env.call(env.disp, "update_job", form, identity)
                   for form, identity, _ in items), return_exceptions=True)
         replies = []
         for (form, _, expect), reply in zip(items, env.sync(together())):
@@ -265,8 +280,7 @@ class Pilot:
                 reply = {"ProtocolError": reply.status_code, "message": str(reply)}
             elif isinstance(reply, BaseException):
                 raise reply
-            took = "general" if any(name in FALLBACKS and args[0] is form
-                                    for name, args in env.ran) else "hot"
+            took = "general" if env.fell_back(form) else "hot"
             if expect is not None and took != expect:
                 self.wrong_path.append(f"{form}: took the {took} path, expected the {expect}")
             replies.append(reply)
@@ -499,7 +513,7 @@ def sc_failures(tb, p, clock):
     upd(attempt, "running", attemptNr=2)                     # another attempt: tobekilled
     upd(attempt, "finished", attemptNr=2, xml=xml([out_lfn(task_id, 3)]))
     upd(illegal, "starting", attemptNr=1)                    # running -> starting
-    tb.kill_job(killed, actor="alice")
+    tb.jobs.kill(killed, actor="alice")
     upd(killed, "running", attemptNr=1)                      # cancelled: tobekilled
     upd(killed, "finished", xml=xml([out_lfn(task_id, 5)]))
     upd(badxml, "finished", expect=None, xml="not json")
@@ -664,13 +678,13 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     reply = env.get_job({"siteName": "SITE_A", "node": "wn1", "pilotID": "p1", "batchID": "b1"})
     assert reply["StatusCode"] == 0 and reply["PandaID"] == a
     spec = {k: v for k, v in reply.items() if k != "StatusCode"}
-    assert spec == env.general.job_spec(job(tb, a), tb.get_site("SITE_A")["config"])
+    assert spec == env.general.job_spec(job(tb, a), tb.sites.get("SITE_A")["config"])
     row = job(tb, a)
     assert (row["status"], row["node"], row["pilot_id"], row["batch_id"], row["pilot_owner"],
             row["heartbeat_time"], row["state_changed"]) == (
         "sent", "wn1", "p1", "b1", "pilot-1", T0 + dt.timedelta(seconds=10),
         T0 + dt.timedelta(seconds=10))
-    assert tb.job_history(a)[-1]["actor"] == "pilot-1"
+    assert tb.jobs.history(a)[-1]["actor"] == "pilot-1"
     sent_at = clock()
 
     # starting: a history row; a heartbeat in the same state: none, state_changed kept
@@ -683,7 +697,7 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     assert history(tb, a) == [(None, "activated"), ("activated", "sent"), ("sent", "starting")]
     assert row["heartbeat_time"] == clock() and row["modification_time"] == clock()
     assert row["state_changed"] == clock() - dt.timedelta(seconds=10) and row["node"] == "wn1b"
-    assert row["start_time"] is None and tb.get_task(task_id)["status"] == "ready"
+    assert row["start_time"] is None and tb.tasks.get(task_id)["status"] == "ready"
 
     # running: start time from starting, the task runs
     clock.advance(10)
@@ -691,8 +705,8 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     row = job(tb, a)
     assert row["status"] == "running" and row["start_time"] == clock()
     assert (row["max_rss"], row["cpu_consumption_time"]) == (1234, 1.5)
-    assert tb.get_task(task_id)["status"] == "running"
-    assert tb.job_history(a)[-1]["time"] == clock()
+    assert tb.tasks.get(task_id)["status"] == "running"
+    assert tb.jobs.history(a)[-1]["time"] == clock()
     started = clock()
     clock.advance(10)
     assert upd(a, "running", nEvents="7") == ok                  # heartbeat
@@ -710,7 +724,7 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     assert (row["status"], row["end_time"], row["command"], row["trans_exit_code"]) == (
         "finished", clock(), None, 0)
     assert history(tb, a)[-2:] == [("running", "holding"), ("holding", "finished")]
-    assert [h["time"] for h in tb.job_history(a)[-2:]] == [clock(), clock()]
+    assert [h["time"] for h in tb.jobs.history(a)[-2:]] == [clock(), clock()]
     by_lfn = {f["lfn"]: f for f in row["files"]}
     for lfn in outs:
         f, info = by_lfn[lfn], reported[lfn]
@@ -727,7 +741,7 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
             entry["task_id"]) == ("bulk.out", outs[0], reported[outs[0]]["guid"],
                                   reported[outs[0]]["fsize"], "ad:" + reported[outs[0]]["adler32"],
                                   None)
-    assert tb.get_task(task_id)["status"] == "running"           # b is still to run
+    assert tb.tasks.get(task_id)["status"] == "running"           # b is still to run
 
     # b: getJob, running straight from sent (start time set), finished: the task is done
     clock.advance(10)
@@ -739,10 +753,10 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     assert upd(b, "finished", xml=xml([out_lfn(task_id, 2)])) == ok
     assert history(tb, b)[-3:] == [("sent", "running"), ("running", "holding"),
                                    ("holding", "finished")]
-    assert tb.get_task(task_id)["status"] == "done"
+    assert tb.tasks.get(task_id)["status"] == "done"
 
     assert env.fallbacks() == [] and env.records.hot_failures() == []
-    assert "task_after_job_end" in env.calls          # the last job's end updated the task
+    assert "after_job_end" in env.calls          # the last job's end updated the task
     assert started - sent_at == dt.timedelta(seconds=30)
 
 
@@ -765,7 +779,7 @@ def test_finish_straight_from_sent_and_from_transferring(env, clock):
                                         ("holding", "finished")]
     assert history(tb, ids[2])[-2:] == [("sent", "holding"), ("holding", "finished")]
     assert all(job(tb, pid)["start_time"] is None for pid in ids)
-    assert tb.get_task(task_id)["status"] == "done"
+    assert tb.tasks.get(task_id)["status"] == "done"
     assert env.fallbacks() == [] and env.records.hot_failures() == []
 
 
@@ -795,7 +809,7 @@ def refused(env, call: str, *args, **kw) -> None:
 
 
 def via_dispatcher(env, form, identity=PILOT):
-    """updateJob through update_job_async: (reply or ProtocolError code, fallbacks taken)."""
+    """updateJob through the hot dispatcher: (reply or ProtocolError code, fallbacks taken)."""
     env.calls.clear()
     try:
         reply = env.update_job(form, identity)
@@ -820,7 +834,7 @@ def test_wrong_attempt_is_told_to_stop(env, running):
     for state, extra in (("running", {}), ("finished", {"xml": xml([out_lfn(task_id, 1)])})):
         reply, fell_back = via_dispatcher(env, {"jobId": ids[0], "state": state,
                                                 "attemptNr": 2, "siteName": "SITE_A", **extra})
-        assert reply == {"StatusCode": 0, "command": "tobekilled"} and fell_back == ["update_job"]
+        assert reply == {"StatusCode": 0, "command": "tobekilled"} and fell_back == ["apply_update"]
     assert job(env.tb, ids[0])["status"] == "running"
 
 
@@ -833,12 +847,12 @@ def test_job_of_another_site(env, running):
     reply, fell_back = via_dispatcher(env, {"jobId": pid_b, "state": "finished",
                                             "siteName": "SITE_A",
                                             "xml": json.dumps(outputs(env.tb, pid_b))})
-    assert reply == 70 and fell_back == ["update_job"]        # PILOT is bound to SITE_A
+    assert reply == 70 and fell_back == ["apply_update"]        # PILOT is bound to SITE_A
     # an unbound pilot (or an admin) may: the general path applies it
     unbound = Identity("pilot-any", "pilot")
     reply, fell_back = via_dispatcher(env, {"jobId": pid_b, "state": "holding",
                                             "siteName": "SITE_A"}, unbound)
-    assert reply == {"StatusCode": 0, "command": "NULL"} and fell_back == ["update_job"]
+    assert reply == {"StatusCode": 0, "command": "NULL"} and fell_back == ["apply_update"]
     assert job(env.tb, pid_b)["status"] == "holding"
 
 
@@ -848,7 +862,7 @@ def test_site_bound_token_of_another_site_is_denied(env, running):
     for site in ("SITE_A", "SITE_B"):        # naming its own site, or the job's
         reply, fell_back = via_dispatcher(env, {"jobId": pid_b, "state": "running",
                                                 "siteName": site}, PILOT)
-        assert reply == 70 and fell_back == ["update_job"]
+        assert reply == 70 and fell_back == ["apply_update"]
     with pytest.raises(ProtocolError) as err:       # getJob at the other site
         env.get_job({"siteName": "SITE_B"}, PILOT)
     assert err.value.status_code == 70
@@ -880,7 +894,7 @@ def test_job_not_yet_sent_is_not_touched(env, clock):
     replies NULL and changes nothing."""
     _, (pid,) = seed_jobs(env.tb, "SITE_A", 1)
     env.get_job({"siteName": "SITE_B"}, PILOT_B)        # caches nothing of SITE_A
-    env.tb.get_site_cached("SITE_A")
+    env.tb.sites.get_cached("SITE_A")
     refused(env, "progress", pid, "running", {}, **progress_args())
     refused(env, "finish", pid, {}, **finish_args(outputs(env.tb, pid)))
     before = snapshot(env.engine)
@@ -898,7 +912,7 @@ def test_illegal_transition_is_refused(env, running):
     refused(env, "progress", ids[0], "starting", {}, **progress_args())
     reply, fell_back = via_dispatcher(env, {"jobId": ids[0], "state": "starting",
                                             "siteName": "SITE_A"})
-    assert reply == 30 and fell_back == ["update_job"]
+    assert reply == 30 and fell_back == ["apply_update"]
     # holding -> running is not a way back either
     env.update_job({"jobId": ids[1], "state": "holding", "siteName": "SITE_A"})
     refused(env, "progress", ids[1], "running", {}, **progress_args())
@@ -913,18 +927,18 @@ def test_failed_goes_to_the_general_path_and_is_retried(env, running, clock):
         "jobId": ids[0], "state": "failed", "siteName": "SITE_A", "attemptNr": 1,
         "pilotErrorCode": "1301", "pilotErrorDiag": "boom",
         "xml": xml([f"log.{task_id}.000001.1.tgz"])})
-    assert reply == {"StatusCode": 0, "command": "NULL"} and fell_back == ["update_job"]
+    assert reply == {"StatusCode": 0, "command": "NULL"} and fell_back == ["apply_update"]
     row = job(env.tb, ids[0])
     assert (row["status"], row["pilot_error_code"], row["pilot_error_diag"], row["end_time"]) == (
         "failed", 1301, "boom", clock())
     assert history(env.tb, ids[0])[-2:] == [("running", "holding"), ("holding", "failed")]
-    [retry] = [j for j in env.tb.list_jobs(task_id=task_id) if j["parent_id"] == ids[0]]
+    [retry] = [j for j in env.tb.jobs.find(task_id=task_id) if j["parent_id"] == ids[0]]
     assert (retry["status"], retry["attempt_nr"]) == ("activated", 2)
     # the retry fails too: no attempt left, no third job
     env.get_job({"siteName": "SITE_A"})
     assert via_dispatcher(env, {"jobId": retry["panda_id"], "state": "failed", "attemptNr": 2,
                                 "siteName": "SITE_A"})[0]["command"] == "NULL"
-    assert [j["attempt_nr"] for j in env.tb.list_jobs(task_id=task_id)
+    assert [j["attempt_nr"] for j in env.tb.jobs.find(task_id=task_id)
             if j["serial"] == 1] == [1, 2]
 
 
@@ -938,14 +952,14 @@ def test_finished_with_a_missing_output_fails_by_the_general_path(env, running, 
     reply, fell_back = via_dispatcher(env, {"jobId": ids[0], "state": "finished",
                                             "siteName": "SITE_A", "attemptNr": 1,
                                             "xml": json.dumps(log_only)})
-    assert reply == {"StatusCode": 0, "command": "NULL"} and fell_back == ["update_job"]
+    assert reply == {"StatusCode": 0, "command": "NULL"} and fell_back == ["apply_update"]
     row = job(env.tb, ids[0])
     assert (row["status"], row["pilot_error_code"]) == ("failed", 1165)
     assert out_lfn(task_id, 1) in row["pilot_error_diag"]
     files = {f["lfn"]: f["status"] for f in row["files"]}
     assert files[f"log.{task_id}.000001.1.tgz"] == "ready"
     assert files[out_lfn(task_id, 1)] == "defined"
-    assert any(j["parent_id"] == ids[0] for j in env.tb.list_jobs(task_id=task_id))
+    assert any(j["parent_id"] == ids[0] for j in env.tb.jobs.find(task_id=task_id))
 
 
 def test_kill_reaches_the_pilot(env, running):
@@ -957,12 +971,12 @@ def test_kill_reaches_the_pilot(env, running):
     assert reply == {"StatusCode": 0, "command": "tobekilled"} and fell_back == []
     assert env.sync(env.hot.progress(ids[0], "running", {}, **progress_args())) == "tobekilled"
     # a job killed (cancelled at once): the general path tells the pilot
-    env.tb.kill_job(ids[1], actor="alice")
+    env.tb.jobs.kill(ids[1], actor="alice")
     refused(env, "progress", ids[1], "running", {}, **progress_args())
     refused(env, "finish", ids[1], {}, **finish_args(outputs(env.tb, ids[1])))
     reply, fell_back = via_dispatcher(env, {"jobId": ids[1], "state": "running",
                                             "siteName": "SITE_A"})
-    assert reply == {"StatusCode": 0, "command": "tobekilled"} and fell_back == ["update_job"]
+    assert reply == {"StatusCode": 0, "command": "tobekilled"} and fell_back == ["apply_update"]
     assert job(env.tb, ids[1])["status"] == "cancelled"
 
 
@@ -1002,8 +1016,8 @@ def test_many_pilots_on_one_hot_path_take_each_job_once(env, monkeypatch, clock)
     pilots ask for several jobs at once; a few take the general path in the thread pool at
     the same time."""
     counter = ConnectCounter(monkeypatch)
-    env.hot = HotPath(env.tb, size=4)
-    env.disp = Dispatcher(env.tb, env.keys, ShareChooser(env.tb), env.hot)
+    env.hot = HotPath(GeneralPath(env.tb, env.run), size=4)
+    env.disp = env.dispatcher(env.hot, ShareChooser(env.tb))
     n_jobs, n_pilots = 120, 40
     task_id, ids = seed_jobs(env.tb, "SITE_A", n_jobs, max_attempts=1)
     got: list[int] = []
@@ -1018,13 +1032,13 @@ def test_many_pilots_on_one_hot_path_take_each_job_once(env, monkeypatch, clock)
                 form["nJobs"] = "3"
             if i % 10 == 9:       # the general path, in the pool, racing the hot one
                 try:
-                    reply = await env.run(env.general.get_job, form, identity)
+                    reply = await env.general.get_job(form, identity)
                 except Exception as exc:  # noqa: BLE001 - collected
                     errors.append(repr(exc))
                     return
                 general_got.extend(pids(reply))
             else:
-                reply = await env.disp.get_job_async(form, identity, env.run)
+                reply = await env.disp.get_job(form, identity)
             if reply["StatusCode"] == 20:
                 return
             if reply["StatusCode"] != 0:
@@ -1038,7 +1052,7 @@ def test_many_pilots_on_one_hot_path_take_each_job_once(env, monkeypatch, clock)
                             "attemptNr": spec["attemptNr"]}
                     if state == "finished":
                         form["xml"] = xml(spec["outFiles"].split(","))
-                    answer = await env.disp.update_job_async(form, identity, env.run)
+                    answer = await env.disp.update_job(form, identity)
                     if answer != {"StatusCode": 0, "command": "NULL"}:
                         errors.append(f"updateJob {spec['PandaID']} {state}: {answer}")
 
@@ -1050,7 +1064,7 @@ def test_many_pilots_on_one_hot_path_take_each_job_once(env, monkeypatch, clock)
     assert sorted(got) == ids
     assert general_got, "the general path raced no dispatch"
     assert env.records.hot_failures() == []
-    assert [c for c in env.calls if c == "update_job"] == []     # every update was hot
+    assert [c for c in env.calls if c == "apply_update"] == []   # every update was hot
     assert counter.most <= 4 and counter.opened, counter.most
     with env.engine.connect() as conn:
         sent = Counter(r[0] for r in conn.execute(select(db.job_history.c.panda_id).where(
@@ -1061,7 +1075,7 @@ def test_many_pilots_on_one_hot_path_take_each_job_once(env, monkeypatch, clock)
     assert set(sent.values()) == {1} and len(sent) == n_jobs
     assert states == {"finished": n_jobs}
     assert n_replicas == 2 * n_jobs
-    assert env.tb.get_task(task_id)["status"] == "done"
+    assert env.tb.tasks.get(task_id)["status"] == "done"
 
 
 def test_pilots_asking_together_get_the_best_jobs_each_marked_as_theirs(env, clock):
@@ -1071,7 +1085,7 @@ def test_pilots_asking_together_get_the_best_jobs_each_marked_as_theirs(env, clo
     prios = [10, 80, 30, 70, 20, 60, 50, 40, 90, 5]
     _, ids = seed_jobs(env.tb, "SITE_A", 10, priorities=prios, memory_mb=1000)
     _, (big,) = seed_jobs(env.tb, "SITE_A", 1, priority=1, memory_mb=50000)
-    env.disp = Dispatcher(env.tb, env.keys, ShareChooser(env.tb), env.hot)
+    env.disp = env.dispatcher(env.hot, ShareChooser(env.tb))
     assert env.get_job({"siteName": "SITE_A", "node": "warm"})["PandaID"] == ids[8]   # 90
     env.calls.clear()
 
@@ -1080,8 +1094,7 @@ def test_pilots_asking_together_get_the_best_jobs_each_marked_as_theirs(env, clo
                  {"siteName": "SITE_A", "node": f"wn{i}", "pilotID": f"p{i}",
                   "batchID": f"b{i}", **({"mem": "100000"} if i == 6 else {})})
                 for i in range(7)]
-        return asks, await asyncio.gather(*(env.disp.get_job_async(form, who, env.run)
-                                            for who, form in asks))
+        return asks, await asyncio.gather(*(env.disp.get_job(form, who) for who, form in asks))
     asks, replies = env.sync(together())
     got = {}
     for (who, form), reply in zip(asks, replies):
@@ -1089,7 +1102,7 @@ def test_pilots_asking_together_get_the_best_jobs_each_marked_as_theirs(env, clo
         row = job(env.tb, reply["PandaID"])
         assert (row["node"], row["pilot_id"], row["batch_id"], row["pilot_owner"]) == (
             form["node"], form["pilotID"], form["batchID"], who.subject)
-        assert env.tb.job_history(reply["PandaID"])[-1]["actor"] == who.subject
+        assert env.tb.jobs.history(reply["PandaID"])[-1]["actor"] == who.subject
         got[reply["PandaID"]] = row["current_priority"]
     # the seven best after the 90: 80 70 60 50 40 30 20 (the big one fits only one pilot,
     # and has the lowest priority)
@@ -1111,8 +1124,7 @@ def test_racing_heartbeats_and_finish_of_one_job(env, clock):
                  for i in range(15)]
         forms.insert(7, {"jobId": pid, "state": "finished", "siteName": "SITE_A",
                          "xml": xml([out_lfn(task_id, 1), f"log.{task_id}.000001.1.tgz"])})
-        return await asyncio.gather(*(env.disp.update_job_async(f, PILOT, env.run)
-                                      for f in forms))
+        return await asyncio.gather(*(env.disp.update_job(f, PILOT) for f in forms))
     replies = env.sync(main())
     assert replies[7] == {"StatusCode": 0, "command": "NULL"}
     assert {r["command"] for r in replies} <= {"NULL", "tobekilled"}
@@ -1131,7 +1143,7 @@ def test_a_report_the_database_refuses_leaves_the_others_on_the_hot_path(env, cl
     arrive with it are not at fault: the hot path must still apply them, without a fallback
     and without a "hot path failed" warning about them."""
     task_id, ids = seed_jobs(env.tb, "SITE_A", 8)
-    env.disp = Dispatcher(env.tb, env.keys, ShareChooser(env.tb), env.hot)
+    env.disp = env.dispatcher(env.hot, ShareChooser(env.tb))
     bad_node = "n" * 300
     if kind == "getJob":
         env.get_job({"siteName": "SITE_A"})               # warms the caches
@@ -1140,7 +1152,7 @@ def test_a_report_the_database_refuses_leaves_the_others_on_the_hot_path(env, cl
             forms = [{"siteName": "SITE_A", "node": f"wn{i}"} for i in range(6)]
             forms[3]["node"] = bad_node
             return forms, await asyncio.gather(
-                *(env.disp.get_job_async(f, PILOT, env.run) for f in forms),
+                *(env.call(env.disp, "get_job", f, PILOT) for f in forms),
                 return_exceptions=True)
     else:
         env.get_job({"siteName": "SITE_A", "nJobs": "8"})
@@ -1155,7 +1167,7 @@ def test_a_report_the_database_refuses_leaves_the_others_on_the_hot_path(env, cl
             forms[4]["pilotErrorCode" if kind == "progress" else "transExitCode"] = \
                 str(2 ** 40)
             return forms, await asyncio.gather(
-                *(env.disp.update_job_async(f, PILOT, env.run) for f in forms),
+                *(env.call(env.disp, "update_job", f, PILOT) for f in forms),
                 return_exceptions=True)
     env.calls.clear()
     env.ran.clear()
@@ -1166,7 +1178,7 @@ def test_a_report_the_database_refuses_leaves_the_others_on_the_hot_path(env, cl
         if i == bad:
             continue
         assert isinstance(reply, dict) and reply["StatusCode"] == 0, (i, reply)
-        assert not [name for name, args in env.ran if name in FALLBACKS and args[0] is form], \
+        assert not env.fell_back(form), \
             f"request {i} fell back to the general path with the refused one"
     assert len(env.records.hot_failures()) <= 1, env.records.hot_failures()   # its own
 
@@ -1329,19 +1341,19 @@ def test_hot_path_pools_per_event_loop_are_closed(env, monkeypatch):
     """One pool per event loop; ``close`` on a loop closes that loop's connections."""
     counter = ConnectCounter(monkeypatch)
     _, ids = seed_jobs(env.tb, "SITE_A", 2)
-    params = env.tb.dispatch_params("SITE_A")
+    params = env.tb.jobs.dispatch_params("SITE_A")
     who = {"node": "wn", "actor": "pilot-1", "pilot_id": None, "batch_id": None}
-    first = env.sync(env.hot.dispatch(params, share=None, **who))
+    first = env.sync(env.hot.dispatch(params, **who))
     other = asyncio.new_event_loop()
     try:
-        second = other.run_until_complete(env.hot.dispatch(params, share=None, **who))
+        second = other.run_until_complete(env.hot.dispatch(params, **who))
         assert counter.open_now() == 2                     # one per loop
         other.run_until_complete(env.hot.close())
         assert counter.open_now() == 1
     finally:
         other.close()
     assert [first["panda_id"], second["panda_id"]] == ids
-    assert env.sync(env.hot.dispatch(params, share=None, **who)) is None
+    assert env.sync(env.hot.dispatch(params, **who)) is None
     env.sync(env.hot.close())
     assert counter.open_now() == 0
 
@@ -1354,28 +1366,30 @@ _PATH_NOTES = """
 import sys
 sys.path.insert(0, {repo!r})
 import server.app
-import server.dispatcher
+import server.dispatchpath
 
 _notes = open({notes!r}, "a", buffering=1)
 
 
 def _general(name):
-    original = getattr(server.dispatcher.Dispatcher, name)
+    original = getattr(server.dispatchpath.GeneralPath, name)
 
-    def general(self, form, *args, **kw):
-        _notes.write(f"{{name}} {{form.get('jobId', '-')}} {{form.get('state', '-')}}\\n")
-        return original(self, form, *args, **kw)
-    setattr(server.dispatcher.Dispatcher, name, general)
+    def general(self, req, *args, **kw):
+        _notes.write(f"{{name}} {{getattr(req, 'panda_id', '-')}} "
+                     f"{{getattr(req, 'state', '-')}}\\n")
+        return original(self, req, *args, **kw)
+    setattr(server.dispatchpath.GeneralPath, name, general)
 
 
-_general("get_job")
-_general("update_job")
+_general("take_job")
+_general("apply_update")
 _build_state = server.app.build_state
 
 
 def build_state(*args, **kw):
     state = _build_state(*args, **kw)
-    _notes.write(f"hot path {{'on' if state.dispatcher.hot is not None else 'off'}}\\n")
+    hot = type(state.dispatcher.path).__name__ == "HotPath"
+    _notes.write(f"hot path {{'on' if hot else 'off'}}\\n")
     return state
 
 
@@ -1445,15 +1459,15 @@ def test_full_cycle_over_http_with_the_hot_path(taskbuffer, tmp_path):
     assert "Traceback" not in log, log
     assert notes.read_text().splitlines() == [
         "hot path on",
-        f"update_job {pid} running",                      # after the end: tobekilled
-        f"update_job {second['PandaID']} failed",
+        f"apply_update {pid} running",                    # after the end: tobekilled
+        f"apply_update {second['PandaID']} failed",
     ]
-    rows = {j["panda_id"]: j for j in tb.list_jobs(task_id=task_id)}
+    rows = {j["panda_id"]: j for j in tb.jobs.find(task_id=task_id)}
     assert [rows[p]["status"] for p in ids] == ["finished", "failed", "finished"]
     assert rows[retry["PandaID"]]["status"] == "finished"
     assert rows[pid]["max_rss"] == 99 and rows[pid]["start_time"] is not None
     assert history(tb, pid) == [(None, "activated"), ("activated", "sent"),
                                 ("sent", "starting"), ("starting", "running"),
                                 ("running", "holding"), ("holding", "finished")]
-    assert all(f["status"] == "ready" for f in tb.get_job(pid)["files"])
-    assert tb.get_task(task_id)["status"] == "done"
+    assert all(f["status"] == "ready" for f in tb.jobs.get(pid)["files"])
+    assert tb.tasks.get(task_id)["status"] == "done"

@@ -18,7 +18,7 @@ SITE = "S_SITE"
 
 @pytest.fixture
 def tb(taskbuffer):
-    taskbuffer.sync_sites([site(SITE, max_running=1000)])
+    taskbuffer.sites.sync([site(SITE, max_running=1000)])
     return taskbuffer
 
 
@@ -102,7 +102,7 @@ def test_dispatch_follows_the_targets(tb):
     chooser = ShareChooser(tb, ttl_s=0)
     got = []
     for _ in range(20):
-        job = tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))
+        job = tb.jobs.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))
         got.append(job["share"])
     counts = {s: got.count(s) for s in ("mc", "reprocessing", "analysis")}
     assert got[0] == "mc"
@@ -117,12 +117,12 @@ def test_share_below_target_goes_first_then_priority(tb):
     low = add_jobs(tb, "analysis", 1, priority=500)[0]
     high = add_jobs(tb, "analysis", 1, priority=900)[0]
     for _ in range(5):                      # mc gets running jobs, analysis falls below 20 %
-        tb.dispatch(SITE, node="wn", actor="p", order_by=[case((db.jobs.c.share == "mc", 0),
+        tb.jobs.dispatch(SITE, node="wn", actor="p", order_by=[case((db.jobs.c.share == "mc", 0),
                                                                else_=1)])
     chooser = ShareChooser(tb, ttl_s=0)
-    assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == high
+    assert tb.jobs.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == high
     # 1 of 6 running is analysis: still below its 20 %
-    assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == low
+    assert tb.jobs.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == low
 
 
 def test_unknown_share_comes_last_but_still_runs(tb):
@@ -133,8 +133,8 @@ def test_unknown_share_comes_last_but_still_runs(tb):
         {"name": "analysis", "value": 20}]))
     add_jobs(tb, "analysis", 1)
     chooser = ShareChooser(tb, ttl_s=0)
-    assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["share"] == "analysis"
-    assert tb.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == odd
+    assert tb.jobs.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["share"] == "analysis"
+    assert tb.jobs.dispatch(SITE, node="wn", actor="p", order_by=chooser(SITE))["panda_id"] == odd
 
 
 def test_single_waiting_share_keeps_the_plain_order(tb):
@@ -148,18 +148,18 @@ def test_priorities_age_and_drop_with_the_users_running_jobs(tb, clock):
     [young] = add_jobs(tb, "mc", 1, owner="carol", name="young")
     hook = plugin_manager(load_entry_points=False).hook
     assert recompute_priorities(tb, hook) == 1
-    assert tb.get_job(old)["current_priority"] == 1100        # +10 per hour waited
-    assert tb.get_job(young)["current_priority"] == 1000
+    assert tb.jobs.get(old)["current_priority"] == 1100        # +10 per hour waited
+    assert tb.jobs.get(young)["current_priority"] == 1000
     # carol gets 5 jobs running: her waiting job loses 5 points
     add_jobs(tb, "analysis", 5, owner="carol", name="busy", priority=9999)
     for _ in range(5):
-        tb.dispatch(SITE, node="wn", actor="p")
+        tb.jobs.dispatch(SITE, node="wn", actor="p")
     recompute_priorities(tb, hook)
-    assert tb.get_job(young)["current_priority"] == 995
+    assert tb.jobs.get(young)["current_priority"] == 995
     # a recompute with nothing new changes nothing
     assert recompute_priorities(tb, hook) == 0
     # the higher current priority is dispatched first
-    assert tb.dispatch(SITE, node="wn", actor="p")["panda_id"] == old
+    assert tb.jobs.dispatch(SITE, node="wn", actor="p")["panda_id"] == old
 
 
 class CapPriority:
@@ -176,13 +176,15 @@ def test_a_priority_plugin_can_lower_the_answer(tb, clock):
     pm = plugin_manager(load_entry_points=False)
     pm.register(CapPriority(), name="cap")
     recompute_priorities(tb, pm.hook)
-    assert tb.get_job(pid)["current_priority"] == 1000      # the lowest answer wins
+    assert tb.jobs.get(pid)["current_priority"] == 1000      # the lowest answer wins
 
 
 def dispatcher(tb, tmp_path, ttl_s=0):
+    from dbkit import BlockingDispatcher
     from server.auth import KeyStore
     from server.dispatcher import Dispatcher
-    return Dispatcher(tb, KeyStore(tmp_path / "keys"), ShareChooser(tb, ttl_s=ttl_s))
+    return BlockingDispatcher(Dispatcher(tb, KeyStore(tmp_path / "keys"),
+                                         ShareChooser(tb, ttl_s=ttl_s)))
 
 
 def retire_share(tb, job_ids, name="retired"):
@@ -200,23 +202,23 @@ def test_dispatcher_asks_share_by_share(tb, tmp_path):
     got = []
     for _ in range(20):
         reply = disp.get_job({"siteName": SITE}, None)
-        got.append(tb.get_job(reply["PandaID"])["share"])
+        got.append(tb.jobs.get(reply["PandaID"])["share"])
     assert {s: got.count(s) for s in set(got)} == {"mc": pytest.approx(9.6, abs=1),
                                                    "reprocessing": pytest.approx(6.4, abs=1),
                                                    "analysis": pytest.approx(4, abs=1)}
     # the share outside the tree waits until the others are empty, then runs
     for _ in range(10):
         disp.get_job({"siteName": SITE}, None)
-    assert tb.get_job(disp.get_job({"siteName": SITE}, None)["PandaID"])["share"] == "default"
+    assert tb.jobs.get(disp.get_job({"siteName": SITE}, None)["PandaID"])["share"] == "default"
 
 
 def test_a_stale_plan_falls_back_to_any_job(tb, tmp_path):
     [mc] = add_jobs(tb, "mc", 1)
     [ana] = add_jobs(tb, "analysis", 1)
     disp = dispatcher(tb, tmp_path, ttl_s=3600)
-    assert len(disp.job_chooser.plan(SITE)) == 2            # cached: mc, then analysis
+    assert len(disp.job_chooser.share_plan(SITE)) == 2      # cached: mc, then analysis
     # behind the cache: mc empties, a reprocessing job arrives
-    tb.kill_job(mc, "admin")
+    tb.jobs.kill(mc, "admin")
     [rep] = add_jobs(tb, "reprocessing", 1)
     assert disp.get_job({"siteName": SITE}, None)["PandaID"] == ana       # mc missed
     assert disp.get_job({"siteName": SITE}, None)["PandaID"] == rep       # fallback
@@ -227,11 +229,11 @@ def test_usage_counts_cores_not_jobs(tb):
     submitter(tb).submit(task("big", n_jobs=1, site=SITE, share="mc",
                               resources={"cores": 4, "memory_mb": 100, "walltime_s": 60}),
                          owner="alice")
-    tb.dispatch(SITE, node="wn", actor="p")                 # mc: one 4-core job
+    tb.jobs.dispatch(SITE, node="wn", actor="p")                 # mc: one 4-core job
     add_jobs(tb, "mc", 1, name="small-mc")
-    tb.dispatch(SITE, node="wn", actor="p")                 # mc: and one 1-core job
+    tb.jobs.dispatch(SITE, node="wn", actor="p")                 # mc: and one 1-core job
     add_jobs(tb, "analysis", 1, name="ana-running")
-    tb.dispatch(SITE, node="wn", actor="p")                 # analysis: one 1-core job
+    tb.jobs.dispatch(SITE, node="wn", actor="p")                 # analysis: one 1-core job
     add_jobs(tb, "mc", 1, name="mc-waiting")
     add_jobs(tb, "analysis", 1, name="ana-waiting")
     names, running, waiting = ShareChooser(tb, ttl_s=0).ranking(SITE)

@@ -16,7 +16,7 @@ SITE = "W_SITE"
 
 @pytest.fixture
 def tb(taskbuffer):
-    taskbuffer.sync_sites([site(SITE)])
+    taskbuffer.sites.sync([site(SITE)])
     return taskbuffer
 
 
@@ -24,9 +24,9 @@ def start_jobs(tb, n=1, state="running", **kw):
     res = submitter(tb).submit(task(n_jobs=n, site=SITE, **kw), owner="alice")
     ids = []
     for _ in range(n):
-        job = tb.dispatch(SITE, node="wn", actor="pilot")
+        job = tb.jobs.dispatch(SITE, node="wn", actor="pilot")
         if state != "sent":
-            tb.pilot_update(job["panda_id"], state, {}, actor="pilot")
+            tb.pilots.update(job["panda_id"], state, {}, actor="pilot")
         ids.append(job["panda_id"])
     return res.task_id, ids
 
@@ -36,24 +36,24 @@ def test_lost_heartbeat_fails_with_100_and_retries(tb, clock):
     w = Watcher(tb)
     clock.advance(hours=5, minutes=59)
     assert w.check().failed == {}
-    tb.pilot_update(pid, "running", {}, actor="pilot")      # a heartbeat resets the count
+    tb.pilots.update(pid, "running", {}, actor="pilot")      # a heartbeat resets the count
     clock.advance(hours=5)
     assert w.check().failed == {}
-    assert tb.get_job(pid)["status"] == "running"
+    assert tb.jobs.get(pid)["status"] == "running"
     clock.advance(hours=1, seconds=1)
     report = w.check()
     assert report.failed == {pid: 100}
-    job = tb.get_job(pid)
+    job = tb.jobs.get(pid)
     assert job["status"] == "failed"
     assert job["dispatcher_error_code"] == 100
     assert "lost heartbeat" in job["dispatcher_error_diag"]
     assert "limit 21600 s" in job["dispatcher_error_diag"]
     assert job["end_time"] == clock.now
-    assert tb.job_history(pid)[-1]["actor"] == "watcher"
-    retry = tb.get_job(report.retries[pid])
+    assert tb.jobs.history(pid)[-1]["actor"] == "watcher"
+    retry = tb.jobs.get(report.retries[pid])
     assert (retry["status"], retry["attempt_nr"], retry["parent_id"]) == ("activated", 2, pid)
     # the pilot that comes back is told to kill its payload
-    assert tb.pilot_update(pid, "running", {}, actor="pilot") == "tobekilled"
+    assert tb.pilots.update(pid, "running", {}, actor="pilot") == "tobekilled"
     # a second pass finds nothing more
     assert w.check().failed == {}
 
@@ -66,8 +66,8 @@ def test_sent_but_never_started_fails_with_102(tb, clock):
     clock.advance(minutes=2)
     report = w.check()
     assert report.failed == {pid: 102}
-    assert tb.get_job(pid)["dispatcher_error_code"] == 102
-    assert tb.get_job(report.retries[pid])["status"] == "activated"
+    assert tb.jobs.get(pid)["dispatcher_error_code"] == 102
+    assert tb.jobs.get(report.retries[pid])["status"] == "activated"
 
 
 @pytest.mark.parametrize("state,code,limit", [("holding", 103, "holding_s"),
@@ -88,7 +88,7 @@ def test_no_retry_when_attempts_are_used_up(tb, clock):
     clock.advance(hours=7)
     report = Watcher(tb).check()
     assert report.failed == {pid: 100} and report.retries == {}
-    assert tb.get_task(task_id)["status"] == "failed"
+    assert tb.tasks.get(task_id)["status"] == "failed"
 
 
 def test_limits_are_configurable_and_zero_disables(tb, clock):
@@ -100,12 +100,12 @@ def test_limits_are_configurable_and_zero_disables(tb, clock):
 
 def test_jobs_in_other_states_are_left_alone(tb, clock):
     _, [done] = start_jobs(tb)
-    tb.pilot_update(done, "finished", {}, actor="pilot")
+    tb.pilots.update(done, "finished", {}, actor="pilot")
     submitter(tb).submit(task(n_jobs=2, site=SITE), owner="alice")   # activated
     clock.advance(days=30)
     assert Watcher(tb).check().failed == {}
-    assert tb.count_jobs(status="activated") == 2
-    assert tb.get_job(done)["status"] == "finished"
+    assert tb.jobs.count(status="activated") == 2
+    assert tb.jobs.get(done)["status"] == "finished"
 
 
 def test_two_watchers_never_fail_a_job_twice(tb, clock, tmp_path):
@@ -130,7 +130,7 @@ def test_two_watchers_never_fail_a_job_twice(tb, clock, tmp_path):
     retries = [r for rep in reports for r in rep.retries.values()]
     assert len(retries) == len(set(retries)) == 40
     for pid in ids:
-        hist = [h for h in tb.job_history(pid) if h["new_status"] == "failed"]
+        hist = [h for h in tb.jobs.history(pid) if h["new_status"] == "failed"]
         assert len(hist) == 1
-    assert tb.count_jobs(status="activated") == 40
+    assert tb.jobs.count(status="activated") == 40
     other.engine.dispose()

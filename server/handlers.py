@@ -1,0 +1,245 @@
+"""The server's HTTP handlers, over one base that knows who calls, with which role and which
+parameters, and how a refusal or a failure becomes the reply.
+
+:class:`BaseHandler` is written once for every handler: ``caller(roles, what)`` resolves the
+identity (a bearer token's subject or a verified certificate's DN) and checks its role,
+``params`` reads the body and query, and ``write_error`` turns what a handler raises into the
+reply (``refusal``): an ``ApiError`` says why with its status, a bad credential is a 403, an
+unknown object a 404 (success=false for the API), a bad body a 400, anything else a 500 whose
+trace goes to the log. Handlers with ``json_errors`` reply the API's
+``{"success": false, "message", "data"}``; the others Tornado's error page.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import tornado.web
+from tornado import httputil
+
+from .apibase import ApiError, Context, Forbidden, Method
+from .auth import AuthError, Identity, KeyStore, dn_from_subject, identity_from_dn
+from .dispatcher import Dispatcher
+from .dispatchpath import Run
+from .metrics import REQUESTS
+from .queuedata import queuedata
+from .submission import TaskSubmitter
+from .taskbuffer import NotFound, TaskBuffer, utcnow
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers share; built once per process (``app.build_state``)."""
+    tb: TaskBuffer
+    keys: KeyStore
+    dispatcher: Dispatcher
+    submitter: TaskSubmitter
+    executor: ThreadPoolExecutor
+    run: Run                         # blocking (database) work in ``executor``, awaitable
+    require_auth: bool = True
+    admin_dns: frozenset[str] = frozenset()
+    pilot_dns: frozenset[str] = frozenset()
+    site_loader: Any = None
+    started: dt.datetime = field(default_factory=utcnow)
+    hook: Any = None                 # the panda.server plugin manager's hook relay
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (dt.datetime, dt.date)):
+        return obj.isoformat()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, bytes):
+        return obj.decode(errors="replace")
+    return str(obj)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default)
+
+
+def request_identity(request, state: ServerState) -> Identity | None:
+    """The caller of ``request``: a bearer token's subject, or a verified client
+    certificate's DN; None when it sent neither (anonymous admin with auth off)."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("Authorization header must be 'Bearer <token>'")
+        return state.keys.verify_token(token)
+    cert = None
+    try:
+        cert = request.get_ssl_certificate()
+    except Exception:  # noqa: BLE001 - plain http or no certificate
+        cert = None
+    if cert:
+        dn = dn_from_subject(cert.get("subject", ()))
+        return identity_from_dn(dn, state.admin_dns, state.pilot_dns)
+    if not state.require_auth:
+        return Identity("anonymous", "admin")
+    return None
+
+
+def request_params(request) -> dict:
+    """Form-encoded or JSON body, plus query arguments; last value wins for repeats.
+    Raises HTTPError(400) for a body that is not what its Content-Type says."""
+    params: dict[str, Any] = {}
+    for key, values in request.query_arguments.items():
+        decoded = [v.decode("utf-8", "replace") for v in values]
+        params[key] = decoded[-1] if len(decoded) == 1 else decoded
+    ctype = request.headers.get("Content-Type", "")
+    body = request.body
+    if body:
+        if "json" in ctype or (not ctype and body[:1] in (b"{", b"[")):
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise tornado.web.HTTPError(400, reason="request body is not valid JSON")
+            if not isinstance(data, dict):
+                raise tornado.web.HTTPError(400, reason="JSON body must be an object")
+            params.update(data)
+        elif not ctype or ctype.startswith("application/x-www-form-urlencoded"):
+            # straight to text (Tornado's body_arguments are bytes, decoded once more here)
+            form: dict[str, list[str]] = {}
+            for key, value in urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
+                                                     keep_blank_values=True,
+                                                     encoding="utf-8", errors="replace"):
+                form.setdefault(key, []).append(value)
+            for key, values in form.items():
+                params[key] = values[-1] if len(values) == 1 else values
+        else:
+            for key, values in request.body_arguments.items():
+                decoded = [v.decode("utf-8", "replace") for v in values]
+                params[key] = decoded[-1] if len(decoded) == 1 else decoded
+    return params
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    json_errors = False      # errors as the API's JSON reply, not Tornado's error page
+
+    def initialize(self, state: ServerState) -> None:
+        self.state = state
+
+    def run(self, func, *args):
+        """Blocking (database) work in the thread pool; awaitable."""
+        return self.state.run(func, *args)
+
+    def caller(self, roles: tuple[str, ...] | None, what: str) -> Identity | None:
+        """The caller, who must have one of ``roles`` (None: anyone, even without an
+        identity) to ``what`` (for the refusal's message)."""
+        identity = request_identity(self.request, self.state)
+        if roles is not None:
+            if identity is None:
+                raise ApiError("secure connection required: send 'Authorization: Bearer "
+                               "<token>' or a client certificate")
+            if identity.role not in roles:
+                raise Forbidden(f"role {identity.role} may not {what}")
+        return identity
+
+    @functools.cached_property
+    def params(self) -> dict:
+        """Form-encoded or JSON body, plus query arguments (:func:`request_params`)."""
+        return request_params(self.request)
+
+    def reply(self, success: bool, message: str = "", data: Any = None,
+              status: int = 200) -> None:
+        """The API's reply: ``{"success", "message", "data"}``."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(dumps({"success": success, "message": message, "data": data}))
+
+    def refusal(self, exc: BaseException | None) -> tuple[int, str] | None:
+        """(HTTP status, message) when ``exc`` refuses the request; None for a failure."""
+        if isinstance(exc, ApiError):
+            return exc.status, str(exc)
+        if isinstance(exc, AuthError):
+            return 403, str(exc)
+        if isinstance(exc, NotFound):
+            return (200 if self.json_errors else 404), str(exc)
+        if isinstance(exc, tornado.web.HTTPError):
+            return exc.status_code, exc.reason or httputil.responses.get(exc.status_code, "")
+        return None
+
+    def log_exception(self, typ, value, tb) -> None:
+        """Refusals are the caller's business, not the log's; failures keep their trace."""
+        if isinstance(value, tornado.web.HTTPError) or self.refusal(value) is None:
+            super().log_exception(typ, value, tb)
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs["exc_info"][1] if "exc_info" in kwargs else None
+        refusal = self.refusal(exc)
+        if refusal is None:       # a failure (logged with its trace), or Tornado's own error
+            refusal = (status_code, "internal server error" if status_code >= 500
+                       else self._reason or "bad request")
+        status, message = refusal
+        if self.json_errors:
+            self.reply(False, message, status=status)
+            return
+        if status != self.get_status():
+            self.set_status(status)
+        super().write_error(status, **kwargs)
+
+
+class ApiHandler(BaseHandler):
+    """``/api/v1/<module>/<method>``: the registry's methods (``methods``)."""
+    json_errors = True
+
+    def initialize(self, state: ServerState, methods: dict[tuple[str, str], Method]) -> None:
+        super().initialize(state)
+        self.methods = methods
+
+    async def get(self, module: str, name: str) -> None:
+        await self.call("GET", module, name)
+
+    async def post(self, module: str, name: str) -> None:
+        await self.call("POST", module, name)
+
+    async def call(self, http: str, module: str, name: str) -> None:
+        method = self.methods.get((module, name))
+        if method is None:
+            raise Forbidden(f"unknown API method {module}/{name}")
+        if http not in method.http:
+            raise ApiError(f"{module}/{name} takes {' or '.join(method.http)}", 405)
+        identity = self.caller(method.roles, f"call {module}/{name}")
+        params = self.params
+        REQUESTS.labels("api", f"{module}/{name}").inc()
+        st = self.state
+        ctx = Context(tb=st.tb, keys=st.keys, submitter=st.submitter, identity=identity,
+                      clock=st.tb.clock, site_loader=st.site_loader)
+        data = await self.run(method.func, ctx, params)
+        self.reply(True, ctx.message, data)
+
+
+class QueuedataHandler(BaseHandler):
+    """``/cache/schedconfig/<site>.all.json``: the queue description pilot 3 reads."""
+
+    async def get(self, site: str) -> None:
+        try:
+            row = await self.run(self.state.tb.sites.get, site)
+        except NotFound:
+            raise tornado.web.HTTPError(404, reason=f"unknown site {site}")
+        self.set_header("Content-Type", "application/json")
+        self.finish(dumps(queuedata(row["config"])))
+
+
+class MetricsHandler(BaseHandler):
+    """``/metrics`` in Prometheus' text format."""
+
+    async def get(self) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from .metrics import render
+        body = await self.run(render, self.state.tb)
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(body)
+
+
+class PublicKeyHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/x-pem-file")
+        self.finish(self.state.keys.public_key_pem)

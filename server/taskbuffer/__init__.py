@@ -1,0 +1,34 @@
+"""The task buffer: every read and write of tasks, jobs, files, sites and pilots.
+
+One part per responsibility, each a module of this package: ``states`` (the job state machine:
+the one function that changes a job's status), ``sites``, ``data`` (datasets, replicas, stored
+outputs), ``tasks``, ``jobs`` (rows, dispatch, failures, retries, kills) and ``pilots`` (what
+pilots and factories report). :class:`TaskBuffer` holds them over one engine and clock, so that
+callers pass one object around: ``tb.jobs.dispatch(...)``, ``tb.sites.get_cached(...)``.
+"""
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from .base import Clock, Conflict, NotFound, Store, is_retryable, utcnow
+from .data import Data
+from .jobs import Jobs
+from .pilots import Pilots
+from .sites import Sites
+from .states import JobStates
+from .tasks import Tasks
+
+__all__ = ["Clock", "Conflict", "NotFound", "TaskBuffer", "is_retryable", "utcnow"]
+
+
+class TaskBuffer(Store):
+    """The task buffer's parts over one database and one clock."""
+
+    def __init__(self, engine: Engine, clock: Clock = utcnow):
+        super().__init__(engine, clock)
+        self.states = JobStates(self)
+        self.sites = Sites(self)
+        self.data = Data(self)
+        self.tasks = Tasks(self)
+        self.jobs = Jobs(self, self.states, self.tasks)
+        self.pilots = Pilots(self, self.states, self.tasks, self.data, self.jobs)

@@ -1,0 +1,129 @@
+"""Data: datasets, their files, replicas at storage elements, and the outputs a job stored."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.engine import Connection
+
+from .. import db
+from .base import Store
+
+_UPDATE_STORED_FILE = update(db.files).where(db.files.c.row_id == bindparam("b_row_id")).values(
+    status="ready", fsize=bindparam("b_fsize"), checksum=bindparam("b_checksum"),
+    guid=bindparam("b_guid"), ddm_endpoint=bindparam("b_endpoint"))
+
+
+def stored_checksum(info: dict) -> str | None:
+    """A stored file's checksum as the catalogue keeps it (``ad:<hex>`` or ``md5:<hex>``)."""
+    if info.get("adler32"):
+        return f"ad:{info['adler32']}"
+    if info.get("md5sum"):
+        return f"md5:{info['md5sum']}"
+    return None
+
+
+class Data:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def add_dataset_files(self, dataset: str, scope: str, file_list: list[dict],
+                          ddm_endpoint: str | None) -> int:
+        """Register files of ``dataset`` (and their replicas at ``ddm_endpoint``). Idempotent."""
+        now = self.store.clock()
+        added = 0
+        with self.store.engine.begin() as conn:
+            if conn.execute(select(db.datasets.c.name).where(db.datasets.c.name == dataset)
+                            ).first() is None:
+                conn.execute(insert(db.datasets).values(name=dataset, scope=scope, created=now))
+            have = {r.lfn for r in conn.execute(select(db.dataset_files.c.lfn).where(
+                db.dataset_files.c.dataset == dataset, db.dataset_files.c.scope == scope))}
+            for f in file_list:
+                if f["lfn"] not in have:
+                    conn.execute(insert(db.dataset_files).values(
+                        dataset=dataset, scope=scope, lfn=f["lfn"],
+                        guid=f.get("guid") or str(uuid.uuid4()), fsize=f.get("fsize"),
+                        checksum=f.get("checksum"), created=now))
+                    added += 1
+                if ddm_endpoint:
+                    self._add_replica(conn, scope, f["lfn"], ddm_endpoint, f.get("surl"))
+        return added
+
+    def _add_replica(self, conn: Connection, scope: str, lfn: str, ddm_endpoint: str,
+                     surl: str | None) -> None:
+        exists = conn.execute(select(db.replicas.c.row_id).where(
+            db.replicas.c.scope == scope, db.replicas.c.lfn == lfn,
+            db.replicas.c.ddm_endpoint == ddm_endpoint)).first()
+        if exists is None:
+            conn.execute(insert(db.replicas).values(scope=scope, lfn=lfn, ddm_endpoint=ddm_endpoint,
+                                                    surl=surl, created=self.store.clock()))
+
+    def add_replica(self, scope: str, lfn: str, ddm_endpoint: str, surl: str | None) -> None:
+        with self.store.engine.begin() as conn:
+            self._add_replica(conn, scope, lfn, ddm_endpoint, surl)
+
+    def dataset_files(self, dataset: str, unused_only: bool = False) -> list[dict]:
+        q = select(db.dataset_files).where(db.dataset_files.c.dataset == dataset)
+        if unused_only:
+            q = q.where(db.dataset_files.c.task_id.is_(None))
+        with db.read(self.store.engine) as conn:
+            return [dict(r._mapping) for r in conn.execute(q.order_by(db.dataset_files.c.lfn))]
+
+    def replica_endpoints(self, scope: str, lfns: list[str]) -> dict[str, set[str]]:
+        """lfn -> storage elements that hold it."""
+        out: dict[str, set[str]] = {lfn: set() for lfn in lfns}
+        if not lfns:
+            return out
+        with db.read(self.store.engine) as conn:
+            for r in conn.execute(select(db.replicas.c.lfn, db.replicas.c.ddm_endpoint).where(
+                    db.replicas.c.scope == scope, db.replicas.c.lfn.in_(lfns))):
+                out[r.lfn].add(r.ddm_endpoint)
+        return out
+
+    def register_stored(self, conn: Connection, outs: list, stored: dict[str, dict],
+                        endpoint: str | None, now: dt.datetime) -> list[str]:
+        """A job's stored outputs (``outs``: its output and log file rows; ``stored``: what the
+        pilot reported, by lfn) into the catalogue: file rows, replicas at ``endpoint``, dataset
+        entries. A few statements whatever the number of files (one executemany, bulk inserts
+        that ignore duplicates). Returns the expected outputs that were not stored."""
+        missing, file_rows, replica_rows, dataset_rows = [], [], [], []
+        for f in outs:
+            info = stored.get(f.lfn)
+            if info is None:
+                if f.type == "output":
+                    missing.append(f.lfn)
+                continue
+            checksum = stored_checksum(info)
+            guid = info.get("guid") or f.guid
+            file_rows.append({"b_row_id": f.row_id, "b_fsize": info.get("fsize"),
+                              "b_checksum": checksum, "b_guid": guid, "b_endpoint": endpoint})
+            if endpoint:
+                replica_rows.append({"scope": f.scope, "lfn": f.lfn, "ddm_endpoint": endpoint,
+                                     "surl": info.get("surl"), "created": now})
+            if f.type == "output":
+                dataset_rows.append({"dataset": f.dataset, "scope": f.scope, "lfn": f.lfn,
+                                     "guid": guid, "fsize": info.get("fsize"),
+                                     "checksum": checksum, "task_id": None, "created": now})
+        if file_rows:
+            conn.execute(_UPDATE_STORED_FILE, file_rows)
+        if replica_rows:
+            self._insert_ignore(conn, db.replicas, replica_rows)
+        if dataset_rows:
+            self._insert_ignore(conn, db.dataset_files, dataset_rows)
+        return missing
+
+    def _insert_ignore(self, conn: Connection, table, rows: list[dict]) -> None:
+        """Bulk INSERT that skips rows violating a unique constraint (idempotent registers)."""
+        conn.execute(self.store.statement(("insert_ignore", table.name),
+                                          lambda: self._insert_ignore_stmt(table)), rows)
+
+    def _insert_ignore_stmt(self, table):
+        dialect = self.store.dialect
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+            return pg_insert(table).on_conflict_do_nothing()
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            return sqlite_insert(table).on_conflict_do_nothing()
+        return insert(table).prefix_with("IGNORE")

@@ -1,0 +1,286 @@
+"""Jobs: their rows and files, dispatch to a pilot, failure with retries, and kills.
+
+Dispatch hands a job to exactly one pilot: the row is picked with ``FOR UPDATE SKIP LOCKED``
+where the database has it (PostgreSQL, MariaDB) and the status change is guarded by
+``WHERE status = 'activated'``, so even two processes that picked the same row cannot both win.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import Integer, String, all_, and_, bindparam, func, insert, select
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection
+
+from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, JobState, TaskState
+
+from .. import db
+from ..jobcreator import retry_job_values
+from .base import NotFound, Store
+from .states import JobStates
+from .tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
+                .order_by(db.files.c.row_id))
+_FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
+_PILOT_OWNED = frozenset(str(s) for s in PILOT_OWNED_STATES)
+
+
+class Jobs:
+    def __init__(self, store: Store, states: JobStates, tasks: Tasks):
+        self.store = store
+        self.states = states
+        self.tasks = tasks
+
+    # ------------------------------------------------------------------ rows
+    def insert(self, conn: Connection, job: dict, job_files: list[dict], actor: str) -> int:
+        """Insert one job in ``defined`` with its files; returns its PandaID."""
+        now = self.store.clock()
+        values = {"status": str(JobState.DEFINED), "creation_time": now,
+                  "modification_time": now, "state_changed": now, **job}
+        panda_id = int(conn.execute(insert(db.jobs).values(**values)).inserted_primary_key[0])
+        conn.execute(insert(db.job_history).values(panda_id=panda_id, old_status=None,
+                                                   new_status=str(JobState.DEFINED), time=now,
+                                                   actor=actor))
+        if job_files:
+            # executemany needs the same keys in every row
+            blank = dict.fromkeys(("guid", "fsize", "checksum", "ddm_endpoint"))
+            conn.execute(insert(db.files), [{**blank, "panda_id": panda_id,
+                                             "task_id": job["task_id"], **f} for f in job_files])
+        return panda_id
+
+    def get(self, panda_id: int, include_archive: bool = True) -> dict | None:
+        with db.read(self.store.engine) as conn:
+            for table in (db.jobs, db.jobs_archive) if include_archive else (db.jobs,):
+                row = conn.execute(select(table).where(table.c.panda_id == panda_id)).first()
+                if row is not None:
+                    job = dict(row._mapping)
+                    job["files"] = [dict(f._mapping) for f in
+                                    conn.execute(SELECT_FILES, {"pid": panda_id})]
+                    job["archived"] = table is db.jobs_archive
+                    return job
+        return None
+
+    def history(self, panda_id: int) -> list[dict]:
+        with db.read(self.store.engine) as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(db.job_history).where(db.job_history.c.panda_id == panda_id)
+                .order_by(db.job_history.c.row_id))]
+
+    def find(self, task_id: int | None = None, site: str | None = None,
+             status: str | None = None, limit: int = 1000) -> list[dict]:
+        rows: list[dict] = []
+        with db.read(self.store.engine) as conn:
+            for table in (db.jobs, db.jobs_archive):
+                q = select(table).order_by(table.c.panda_id).limit(limit)
+                if task_id is not None:
+                    q = q.where(table.c.task_id == task_id)
+                if site:
+                    q = q.where(table.c.site == site)
+                if status:
+                    q = q.where(table.c.status == status)
+                rows += [dict(r._mapping) for r in conn.execute(q)]
+        return rows[:limit]
+
+    def count(self, site: str | None = None, status: str | None = None) -> int:
+        q = select(func.count()).select_from(db.jobs)
+        if site:
+            q = q.where(db.jobs.c.site == site)
+        if status:
+            q = q.where(db.jobs.c.status == status)
+        with db.read(self.store.engine) as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def site_load(self) -> dict[str, dict[str, int]]:
+        """site -> {status: count} over live jobs: what brokerage and the monitor read."""
+        out: dict[str, dict[str, int]] = {}
+        with db.read(self.store.engine) as conn:
+            for site, status, n in conn.execute(
+                    select(db.jobs.c.site, db.jobs.c.status, func.count())
+                    .where(db.jobs.c.site.is_not(None))
+                    .group_by(db.jobs.c.site, db.jobs.c.status)):
+                out.setdefault(site, {})[status] = n
+        return out
+
+    # ------------------------------------------------------------------ dispatch
+    @staticmethod
+    def dispatch_params(site: str, *, cores: int | None = None, memory_mb: int | None = None,
+                        walltime_s: int | None = None, pilot_version: str | None = None,
+                        prod_source_label: str | None = None,
+                        share: str | tuple | None = None) -> dict:
+        """The bind parameters of a dispatch pick; absent limits are left out (their shape
+        names the statement). ``share``: only this share, or (a tuple) only shares not in it
+        (the steps of a share plan, ``shares.ShareChooser.share_plan``)."""
+        wanted = {"p_site": site, "p_cores": cores or None, "p_memory_mb": memory_mb or None,
+                  "p_walltime_s": walltime_s or None, "p_label": prod_source_label or None,
+                  "p_version": pilot_version or None,
+                  "p_share": share if isinstance(share, str) else None,
+                  "p_known": tuple(share) if isinstance(share, tuple) else None}
+        return {k: v for k, v in wanted.items() if v is not None}
+
+    def pick_conditions(self, shape: tuple[str, ...], where: list | None = None) -> list:
+        """WHERE conditions choosing an activated job of a site that fits the pilot (``shape``:
+        the names of :meth:`dispatch_params`)."""
+        j = db.jobs.c
+        conds = [j.site == bindparam("p_site", type_=String),
+                 db.ACTIVATED_ONLY]        # a literal: the partial dispatch indexes need it
+        if "p_cores" in shape:
+            conds.append(j.cores <= bindparam("p_cores", type_=Integer))
+        if "p_memory_mb" in shape:
+            conds.append(j.memory_mb <= bindparam("p_memory_mb", type_=Integer))
+        if "p_walltime_s" in shape:
+            conds.append(j.walltime_s <= bindparam("p_walltime_s", type_=Integer))
+        if "p_label" in shape:
+            conds.append(j.prod_source_label == bindparam("p_label", type_=String))
+        if "p_version" in shape:
+            conds.append(j.pilot_version.is_(None)
+                         | (j.pilot_version == bindparam("p_version", type_=String)))
+        else:
+            conds.append(j.pilot_version.is_(None))
+        if "p_share" in shape:
+            conds.append(j.share == bindparam("p_share", type_=String))
+        if "p_known" in shape:      # one array parameter on PostgreSQL: a statement of its own
+            conds.append(j.share != all_(bindparam("p_known", type_=ARRAY(String)))
+                         if self.store.dialect == "postgresql" else
+                         j.share.not_in(bindparam("p_known", expanding=True)))
+        return conds + list(where or ())
+
+    def pick_query(self, shape: tuple[str, ...], where: list | None = None, order=None,
+                   limit=1):
+        """SELECT the PandaIDs (and priorities) of the best activated jobs that fit, best
+        first, locking them and skipping rows other dispatches hold (PostgreSQL, MariaDB).
+        ``shape``: the names of :meth:`dispatch_params`; ``limit``: a number or a bind
+        parameter (the hot path dispatches to several pilots at once)."""
+        j = db.jobs.c
+        order = order if order is not None else [j.current_priority.desc(), j.panda_id]
+        pick = (select(j.panda_id, j.current_priority)
+                .where(and_(*self.pick_conditions(shape, where))).order_by(*order).limit(limit))
+        if self.store.skip_locked:
+            pick = pick.with_for_update(skip_locked=True)
+        return pick
+
+    def dispatch(self, site: str, *, node: str | None, actor: str | None,
+                 pilot_id: str | None = None, batch_id: str | None = None,
+                 cores: int | None = None, memory_mb: int | None = None,
+                 walltime_s: int | None = None, pilot_version: str | None = None,
+                 prod_source_label: str | None = None, share: str | tuple | None = None,
+                 order_by=None, max_tries: int = 5, where: list | None = None) -> dict | None:
+        """Hand the best activated job of ``site`` that fits the pilot to this pilot only.
+
+        ``share``: see :meth:`dispatch_params`; ``where``, ``order_by``: extra conditions on
+        ``db.jobs`` and another order (built each time, not cached). Returns the job row with its files, or None when nothing fits. PostgreSQL: one
+        statement picks (``FOR UPDATE SKIP LOCKED``), marks it sent and writes the history;
+        SQLite: ``UPDATE ... WHERE panda_id = (best) RETURNING *`` under the one-writer lock;
+        MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED`` then the guarded update.
+        """
+        store = self.store
+        params = self.dispatch_params(site, cores=cores, memory_mb=memory_mb,
+                                      walltime_s=walltime_s, pilot_version=pilot_version,
+                                      prod_source_label=prod_source_label, share=share)
+        shape = tuple(sorted(params))
+        if "p_known" in params:
+            params["p_known"] = list(params["p_known"])
+        # the default shape is cached with the statement; a chooser's order or extra
+        # conditions (literal values inside) are built each time
+        cache_key = ("dispatch", shape) if order_by is None and not where else None
+        j = db.jobs.c
+        order = order_by if order_by is not None else [j.current_priority.desc(), j.panda_id]
+        steps = [(str(JobState.ACTIVATED), str(JobState.SENT))]
+
+        def pick_subquery():
+            """The best row, locked and skipping locked ones: built only on a cache miss."""
+            return (self.pick_query(shape, where, order).with_only_columns(j.panda_id)
+                    .scalar_subquery())
+
+        for _ in range(max_tries):
+            fields = {"node": node, "pilot_id": pilot_id, "batch_id": batch_id,
+                      "pilot_owner": actor, "heartbeat_time": store.clock()}
+            if store.dialect == "postgresql":
+                # one statement is its own transaction: no BEGIN/COMMIT round trips; the
+                # files of a job do not change while it is dispatched
+                with store.autocommit.connect() as conn:
+                    return self.states.apply(conn, None, str(JobState.ACTIVATED), steps, actor,
+                                             fields, returning=True,
+                                             pick=(cache_key, pick_subquery, params),
+                                             with_files=True)
+            with store.engine.begin() as conn:
+                if store.dialect == "sqlite":
+                    job = self.states.apply(conn, None, str(JobState.ACTIVATED), steps, actor,
+                                            fields, returning=True,
+                                            pick=(cache_key, pick_subquery, params))
+                    if job is None:      # nothing left (locked rows were skipped, not raced)
+                        return None
+                else:
+                    query = store.statement(
+                        ("mariadb-pick", shape) if cache_key else None,
+                        lambda: select(db.jobs).where(and_(*self.pick_conditions(shape, where)))
+                        .order_by(*order).limit(1).with_for_update(skip_locked=True))
+                    row = conn.execute(query, params).first()
+                    if row is None:
+                        return None
+                    if self.states.apply(conn, int(row.panda_id), str(JobState.ACTIVATED),
+                                         steps, actor, fields) is None:
+                        continue         # another process won the race: try the next one
+                    job = {**row._mapping, **fields, "status": str(JobState.SENT)}
+                job["files"] = [dict(f._mapping) for f in
+                                conn.execute(SELECT_FILES, {"pid": job["panda_id"]})]
+                return job
+        return None
+
+    # ------------------------------------------------------------------ failures and kills
+    def fail(self, conn: Connection, panda_id: int, expected: list[str], *, actor: str,
+             retry: bool = True, **fields: Any) -> bool:
+        """Fail a job (watcher, data service); create a retry while attempts remain."""
+        if not self.states.change(conn, panda_id, str(JobState.FAILED), actor=actor,
+                                  expected=expected, end_time=self.store.clock(), **fields):
+            return False
+        if retry:
+            self.retry(conn, panda_id, actor)
+        task_id = conn.execute(select(db.jobs.c.task_id).where(db.jobs.c.panda_id == panda_id)
+                               ).scalar_one()
+        self.tasks.refresh_status(conn, task_id)
+        return True
+
+    def retry(self, conn: Connection, panda_id: int, actor: str | None) -> int | None:
+        """A new attempt of a failed job while its attempts and its task allow; its PandaID."""
+        job = dict(conn.execute(select(db.jobs).where(db.jobs.c.panda_id == panda_id)).first()
+                   ._mapping)
+        if job["attempt_nr"] >= job["max_attempts"]:
+            return None
+        task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == job["task_id"])
+                            ).first()
+        if task is None or task.status == str(TaskState.ABORTED):
+            return None
+        files = [dict(r._mapping) for r in conn.execute(SELECT_FILES, {"pid": panda_id})]
+        values, new_files = retry_job_values(job, files)
+        new_id = self.insert(conn, values, new_files, actor or "retry")
+        self.states.change(conn, new_id, str(JobState.ACTIVATED) if job["site"] else
+                           str(JobState.ASSIGNED), actor=actor, expected=[str(JobState.DEFINED)])
+        log.info("job %s failed (attempt %s of %s): retry is job %s", panda_id,
+                 job["attempt_nr"], job["max_attempts"], new_id)
+        return new_id
+
+    def kill(self, panda_id: int, actor: str, owner_check: str | None = None) -> bool:
+        """Kill a job: one not yet with a pilot is cancelled now; one with a pilot gets
+        ``tobekilled`` in its next heartbeat reply and is cancelled. False if already final."""
+        with self.store.engine.begin() as conn:
+            row = conn.execute(select(db.jobs.c.status, db.jobs.c.owner, db.jobs.c.task_id)
+                               .where(db.jobs.c.panda_id == panda_id)).first()
+            if row is None:
+                raise NotFound(f"no job {panda_id}")
+            if owner_check is not None and row.owner != owner_check:
+                raise PermissionError(f"job {panda_id} belongs to {row.owner}, not {owner_check}")
+            if row.status in _FINAL:
+                return False
+            fields = {"end_time": self.store.clock(), "task_buffer_error_code": 300,
+                      "task_buffer_error_diag": f"killed by {actor}"}
+            if row.status in _PILOT_OWNED:
+                fields["command"] = "tobekilled"
+            ok = self.states.change(conn, panda_id, str(JobState.CANCELLED), actor=actor,
+                                    expected=[row.status], **fields)
+            if ok:
+                self.tasks.refresh_status(conn, row.task_id)
+            return ok
