@@ -38,7 +38,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["panda_wms*", "pilot*", "copytools*", "server*",
+    packages=find_packages(include=["panda_core*", "panda_wms*", "pilot*", "copytools*", "server*",
                                     "schedulers*", "site_configs*"]),
     package_data={"site_configs": ["*.yaml", "examples/*.yaml", "*.json"],
                   "server": ["templates/*.html", "static/*", "alembic.ini",

@@ -5,6 +5,8 @@ The pilot uses ``load(name, **options)`` and ``run_transfer(tool, transfer, dire
 """
 from __future__ import annotations
 
+from panda_core.drivers import installed_names, load_driver
+
 from .base import CopyTool, Transfer, TransferError, TransferResult, parse_checksum
 from .runner import run_transfer
 
@@ -15,29 +17,14 @@ GROUP = "panda.copytools"
 
 
 class UnknownCopyTool(LookupError):
-    """The site config names a copytool that is not installed."""
+    """The site config names a copytool that is not installed or does not load."""
 
 
 def available() -> list[str]:
     """Names of the installed copytools."""
-    from importlib.metadata import entry_points
-
-    return sorted({ep.name for ep in entry_points(group=GROUP)})
+    return installed_names(GROUP)
 
 
 def load(name: str, **options) -> CopyTool:
     """Construct the copytool ``name`` with the site config's options (stevedore driver)."""
-    from stevedore import driver
-    from stevedore.exception import NoMatches
-
-    try:
-        mgr = driver.DriverManager(GROUP, name, invoke_on_load=True, invoke_kwds=options,
-                                   on_load_failure_callback=_reraise)
-    except NoMatches:
-        raise UnknownCopyTool(f"unknown copytool {name!r}; installed: "
-                              f"{', '.join(available()) or 'none'}") from None
-    return mgr.driver
-
-
-def _reraise(manager, entrypoint, exc):
-    raise exc
+    return load_driver(GROUP, name, invoke_kwds=options, error=UnknownCopyTool, kind="copytool")

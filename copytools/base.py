@@ -6,6 +6,7 @@ the catalogue, PanDA error codes) live here once, in ``stage_in`` / ``stage_out`
 """
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -105,7 +106,7 @@ def _check_url(url: str) -> None:
         raise BadFileName(f"refusing URL with a '..' segment: {url!r}")
 
 
-class CopyTool:
+class CopyTool(abc.ABC):
     """Base class of every copytool (a stevedore driver in ``panda.copytools``).
 
     Subclasses set ``name`` and ``schemes`` and implement ``copy_in`` / ``copy_out``, which move
@@ -120,13 +121,13 @@ class CopyTool:
         self.options = options
 
     # -- to implement --------------------------------------------------------------------------
+    @abc.abstractmethod
     def copy_in(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
         """Copy ``t.surl`` to ``t.local_path``; raise TransferError on failure."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def copy_out(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
         """Copy ``t.local_path`` to ``t.surl``; raise TransferError on failure."""
-        raise NotImplementedError
 
     def remove_remote(self, surl: str) -> None:
         """Best-effort removal of a bad upload; tools that can should override."""

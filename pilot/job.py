@@ -328,21 +328,21 @@ class JobRun:
         if self.pm is None:
             return
         try:
-            verdicts = [v for v in self.pm.hook.pilot_monitor_check(ctx=ctx) if v is not None]
+            verdict = self.pm.hook.pilot_monitor_check(ctx=ctx)   # firstresult: the first wins
         except Exception:
             log.exception("a monitor plugin failed")
-            verdicts = []
+            verdict = None
         try:
             metrics: dict[str, Any] = {}
-            for part in self.pm.hook.pilot_monitor_metrics(ctx=ctx):
+            # a name two plugins report keeps the first plugin's value, as a verdict does
+            for part in reversed(self.pm.hook.pilot_monitor_metrics(ctx=ctx)):
                 if isinstance(part, dict):
                     metrics.update(part)
             self.metrics = metrics
         except Exception:
             log.exception("a monitor plugin's metrics failed")
-        if verdicts:
-            v = verdicts[-1]   # pluggy calls last-registered first; the first to ask is last
-            self.kill.set(v.code, v.diag)
+        if verdict is not None:
+            self.kill.set(verdict.code, verdict.diag)
 
     def _judge(self, res: PayloadResult) -> PilotError | None:
         if res.exit_code == 0:

@@ -11,7 +11,9 @@ def make_manager(extra: Iterable[Any] = (), entry_points: bool = True):
     """A PluginManager with the hookspecs, all entry-point plugins and ``extra`` objects.
 
     A plugin that fails to load is logged and left out: a broken add-on must not stop a pilot
-    (and with it a batch slot) from running jobs under the other monitors."""
+    (and with it a batch slot) from running jobs under the other monitors. Plugins are asked in
+    the order they were found (entry points, then ``extra``), so with ``firstresult`` hooks
+    (``pilot_monitor_check``) the first found that answers wins."""
     import pluggy
 
     from . import hookspecs
@@ -31,7 +33,13 @@ def make_manager(extra: Iterable[Any] = (), entry_points: bool = True):
                           type(exc).__name__, exc)
     for plugin in extra:
         pm.register(plugin)
-    log.debug("pilot plugins: %s", [name for name, _ in pm.list_name_plugin()])
+    # pluggy asks the last-registered plugin first: register them again, in reverse
+    found = pm.list_name_plugin()
+    for _, plugin in found:
+        pm.unregister(plugin)
+    for name, plugin in reversed(found):
+        pm.register(plugin, name=name)
+    log.debug("pilot plugins: %s", [name for name, _ in found])
     return pm
 
 

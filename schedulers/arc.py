@@ -17,11 +17,13 @@ import re
 import shlex
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
-from .base import BatchInfo, BatchState, PilotSpec, SchedulerBackend, SchedulerError
+from .base import BatchInfo, BatchState, PilotSpec, PushDriver, SchedulerBackend, SchedulerError
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +451,7 @@ class ArcBackend(SchedulerBackend):
     factory), ``clean_finished``, ``fast_states``, ``delegate``. See docs/arc.md."""
 
     name = "arc"
+    supports_push = True
 
     def __init__(self, ce: str = "", proxy: str | None = None, ca_dir: str | None = None,
                  queue: str | None = None, runtime_environments: list[str] | None = None,
@@ -469,6 +472,17 @@ class ArcBackend(SchedulerBackend):
         self.fast_states = bool(fast_states)
         self.delegate = bool(delegate)
         self._delegation: tuple[str, float] | None = None    # (id, when made)
+
+    @classmethod
+    def push_driver(cls, site_config: dict[str, Any], server_url: str, token: str,
+                    state_dir: Path) -> PushDriver:
+        """The site's ``ArcPushDriver`` (schedulers/arc_push.py): ARC stages the data and runs
+        the jobs."""
+        from .arc_push import ArcPushDriver
+
+        options = {k: v for k, v in site_config["scheduler"]["options"].items() if k != "push"}
+        config = {**site_config, "scheduler": {"backend": cls.name, "options": options}}
+        return ArcPushDriver.from_site(config, server_url, token, state_dir)
 
     def delegation_xrsl(self) -> str:
         """``(delegationid=...)`` for the next job when delegating; a delegation is made once

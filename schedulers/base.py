@@ -10,6 +10,12 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from panda_core.drivers import load_driver
+
+GROUP = "panda.schedulers"
 
 
 class BatchState(str, Enum):
@@ -53,6 +59,20 @@ class SchedulerError(RuntimeError):
     """The batch system refused or could not be reached; the message says which and why."""
 
 
+class PushDriver(Protocol):
+    """What the factory drives, every cycle, for a site in push mode (no pilot: the factory
+    takes jobs from the server and the backend runs them itself)."""
+
+    def poll(self) -> dict[int, str]:
+        """Follow the jobs in flight and report them to the server; PandaID -> state reported."""
+
+    def tracked(self) -> list[Any]:
+        """The jobs followed, each with a ``final`` state that is None while it is in flight."""
+
+    def fetch_and_submit(self, n_jobs: int = 1) -> list[int]:
+        """Take up to ``n_jobs`` jobs from the server and submit them; their PandaIDs."""
+
+
 class SchedulerBackend(abc.ABC):
     """Base class of all backends; subclasses set ``name`` and implement the three methods."""
 
@@ -60,6 +80,9 @@ class SchedulerBackend(abc.ABC):
     # Option through which the factory hands a backend a folder of its own for its state (the
     # ``local`` backend keeps its pilots' pids there); None: the backend needs none.
     state_dir_option: str | None = None
+    # Push mode: a site of this backend whose options say ``push: true`` gets no pilots; the
+    # factory asks ``push_driver`` for the driver that takes the site's jobs and runs them.
+    supports_push: ClassVar[bool] = False
 
     def __init__(self, **options) -> None:
         self.options = options
@@ -83,26 +106,22 @@ class SchedulerBackend(abc.ABC):
         """
         return {bid: BatchInfo(state) for bid, state in self.status(batch_ids).items()}
 
+    @classmethod
+    def push_driver(cls, site_config: dict[str, Any], server_url: str, token: str,
+                    state_dir: Path) -> PushDriver:
+        """The push driver of one site (``SiteConfig.to_dict()``), speaking to the server at
+        ``server_url`` with the pilot ``token`` and keeping its jobs in flight in ``state_dir``.
+
+        Backends with ``supports_push`` override this; the factory asks no other."""
+        raise SchedulerError(f"scheduler backend {cls.name!r} has no push mode")
+
 
 def backend_class(name: str) -> type[SchedulerBackend]:
     """The class registered as ``name`` in ``panda.schedulers``, not yet constructed."""
-    from stevedore import driver
-    from stevedore.exception import NoMatches
-
-    try:
-        return driver.DriverManager("panda.schedulers", name, invoke_on_load=False).driver
-    except NoMatches:
-        raise SchedulerError(f"unknown scheduler backend {name!r}") from None
+    return load_driver(GROUP, name, invoke=False, error=SchedulerError, kind="scheduler backend")
 
 
 def load_backend(name: str, **options) -> SchedulerBackend:
     """Load the backend ``name`` from the ``panda.schedulers`` entry points (stevedore)."""
-    from stevedore import driver
-    from stevedore.exception import NoMatches
-
-    try:
-        mgr = driver.DriverManager("panda.schedulers", name, invoke_on_load=True,
-                                   invoke_kwds=options)
-    except NoMatches:
-        raise SchedulerError(f"unknown scheduler backend {name!r}") from None
-    return mgr.driver
+    return load_driver(GROUP, name, invoke_kwds=options, error=SchedulerError,
+                       kind="scheduler backend")

@@ -26,8 +26,8 @@ from typing import Any, Callable
 from panda_core.client import ApiClient, ClientError, Refused
 from panda_core.siteconfig import SiteConfig
 
-from .base import (FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerBackend, SchedulerError,
-                   backend_class)
+from .base import (FINAL_BATCH_STATES, BatchState, PilotSpec, PushDriver, SchedulerBackend,
+                   SchedulerError, backend_class)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Factory:
         self.pilots: dict[tuple[str, str], PilotRecord] = {}     # (site, batch id) -> record
         self.health: dict[str, SiteHealth] = {name: SiteHealth() for name in self.sites}
         self._backends: dict[str, SchedulerBackend] = dict(backends or {})
-        self._push_drivers: dict[str, Any] = {}
+        self._push_drivers: dict[str, PushDriver] = {}
         self._load_state()
 
     # ------------------------------------------------------------------ persistence
@@ -403,22 +403,21 @@ class Factory:
                      "%d running)", site.name, cycle.submitted, cycle.activated,
                      cycle.queued, cycle.running)
 
-    # ------------------------------------------------------------------ ARC push mode
+    # ------------------------------------------------------------------ push mode
     @staticmethod
     def is_push(site: SiteConfig) -> bool:
-        """ARC push mode: no pilot; the factory takes jobs and ARC stages their data."""
-        return site.scheduler.backend == "arc" and bool(site.scheduler.options.get("push"))
+        """Push mode (no pilot; the factory takes the jobs, the backend runs them): the site asks
+        for it with ``push: true`` and its backend ``supports_push``."""
+        return (bool(site.scheduler.options.get("push"))
+                and backend_class(site.scheduler.backend).supports_push)
 
-    def push_driver(self, site: SiteConfig):
+    def push_driver(self, site: SiteConfig) -> PushDriver:
         """The site's push driver; its jobs in flight live in ``<state dir>/push/<site>``."""
         driver = self._push_drivers.get(site.name)
         if driver is None:
-            from .arc_push import ArcPushDriver
-
-            options = {k: v for k, v in site.scheduler.options.items() if k != "push"}
-            config = {**site.to_dict(), "scheduler": {"backend": "arc", "options": options}}
-            driver = ArcPushDriver.from_site(config, self.server_url, self.pilot_token or "",
-                                             self.state_dir / "push" / site.name)
+            driver = backend_class(site.scheduler.backend).push_driver(
+                site.to_dict(), self.server_url, self.pilot_token or "",
+                self.state_dir / "push" / site.name)
             self._push_drivers[site.name] = driver
         return driver
 

@@ -32,8 +32,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from panda_core.states import JobState
+from panda_core.drivers import load_driver
 from panda_core.replicas import BadFileName, replica_url
+from panda_core.states import JobState
 
 from . import db
 from .brokerage import input_endpoint
@@ -78,14 +79,8 @@ class DataMover(ABC):
 
 def load_mover(name: str = "local", **options) -> DataMover:
     """A mover by its entry-point name in ``panda.datamovers``."""
-    from stevedore import driver
-
-    try:
-        return driver.DriverManager("panda.datamovers", name, invoke_on_load=True,
-                                    invoke_kwds=options).driver
-    except Exception as exc:  # noqa: BLE001 - NoMatches and friends: say which name
-        raise ValueError(f"no data mover {name!r} in entry-point group panda.datamovers: "
-                         f"{exc}") from None
+    return load_driver("panda.datamovers", name, invoke_kwds=options, error=ValueError,
+                       kind="data mover")
 
 
 def _file_path(url: str) -> Path:

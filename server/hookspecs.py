@@ -2,40 +2,52 @@
 
 Every brokerage and priority policy is a plugin implementing some of these hooks; the built-in
 ones (``server/policies.py``) are registered exactly as third-party plugins found through the
-``panda.server`` entry-point group are.
+``panda.server`` entry-point group are. No hook is ``firstresult``: every policy is asked and the
+answers are combined (rejections joined, weights multiplied, the lowest priority taken), so a
+policy's place in the registration order never changes the outcome.
 """
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from .brokerage import Candidate, JobNeeds
 
 hookspec = pluggy.HookspecMarker("panda.server")
 hookimpl = pluggy.HookimplMarker("panda.server")
 
 
 @hookspec
-def panda_broker_filter(needs, candidates) -> dict[str, str] | None:
+def panda_broker_filter(needs: JobNeeds, candidates: list[Candidate]) -> dict[str, str] | None:
     """Reject sites for a job.
 
     ``needs`` is a ``brokerage.JobNeeds``; ``candidates`` the ``brokerage.Candidate`` list still
-    in the running. Return ``{site name: reason}`` for the sites this policy rejects.
+    in the running. Return ``{site name: reason}`` for the sites this policy rejects (None or an
+    empty dict: none); every policy's rejections count.
     """
 
 
 @hookspec
-def panda_broker_weight(needs, candidate, load, locality) -> float | None:
+def panda_broker_weight(needs: JobNeeds, candidate: Candidate, load: dict[str, dict[str, int]],
+                        locality: dict[str, set[str]]) -> float | None:
     """A factor for ``candidate``'s weight (higher is preferred); None to abstain.
 
     ``load``: site -> {job status: count}; ``locality``: input lfn -> storage elements holding it.
+    Every policy's factor multiplies the weight.
     """
 
 
 @hookspec
-def panda_job_priority(job, now, user_running) -> int | None:
+def panda_job_priority(job: dict[str, Any], now: datetime, user_running: int) -> int | None:
     """The current priority of an activated job; the lowest answer wins. None to abstain.
 
-    ``job``: the job row (dict); ``user_running``: how many jobs its owner has running.
+    ``job``: the job row (dict); ``now``: the task buffer's clock (UTC); ``user_running``: how
+    many jobs its owner has running.
     """
 
 

@@ -24,7 +24,7 @@ def dir_size_bytes(path) -> int:
 
 
 @hookimpl
-def pilot_monitor_check(ctx: MonitorContext):
+def pilot_monitor_check(ctx: MonitorContext) -> Verdict | None:
     free_mb = shutil.disk_usage(ctx.workdir).free / 2**20
     size_mb = dir_size_bytes(ctx.workdir) / 2**20
     ctx.scratch["free_disk_mb"] = free_mb
@@ -42,7 +42,7 @@ def pilot_monitor_check(ctx: MonitorContext):
 
 
 @hookimpl
-def pilot_monitor_metrics(ctx: MonitorContext):
+def pilot_monitor_metrics(ctx: MonitorContext) -> dict[str, int]:
     out = {}
     if "workdir_mb" in ctx.scratch:
         out["workDirSizeMB"] = int(ctx.scratch["workdir_mb"])

@@ -25,7 +25,7 @@ def last_touch(ctx: MonitorContext) -> float:
 
 
 @hookimpl
-def pilot_monitor_check(ctx: MonitorContext):
+def pilot_monitor_check(ctx: MonitorContext) -> Verdict | None:
     limit = ctx.limits.looping_s
     if not limit or limit <= 0:
         return None
@@ -40,6 +40,6 @@ def pilot_monitor_check(ctx: MonitorContext):
 
 
 @hookimpl
-def pilot_monitor_metrics(ctx: MonitorContext):
+def pilot_monitor_metrics(ctx: MonitorContext) -> dict[str, int]:
     idle = ctx.scratch.get("looping_idle_s")
     return {"outputIdleSeconds": int(idle)} if idle is not None else {}

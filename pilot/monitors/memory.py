@@ -13,7 +13,7 @@ from pilot.monitoring import MonitorContext, Verdict
 
 
 @hookimpl
-def pilot_monitor_check(ctx: MonitorContext):
+def pilot_monitor_check(ctx: MonitorContext) -> Verdict | None:
     limit_mb = ctx.limits.memory_mb
     if not limit_mb or limit_mb <= 0:
         return None
@@ -27,6 +27,6 @@ def pilot_monitor_check(ctx: MonitorContext):
 
 
 @hookimpl
-def pilot_monitor_metrics(ctx: MonitorContext):
+def pilot_monitor_metrics(ctx: MonitorContext) -> dict[str, int]:
     return {"rssMB": ctx.sample.rss_kb // 1024, "pssMB": ctx.sample.pss_kb // 1024,
             "nProcesses": len(ctx.sample.pids)}

@@ -10,7 +10,7 @@ from pilot.monitoring import MonitorContext, Verdict
 
 
 @hookimpl
-def pilot_monitor_check(ctx: MonitorContext):
+def pilot_monitor_check(ctx: MonitorContext) -> Verdict | None:
     limit = ctx.limits.stdout_silent_s
     if not limit or limit <= 0:
         return None

@@ -8,7 +8,7 @@ from pilot.monitoring import MonitorContext, Verdict
 
 
 @hookimpl
-def pilot_monitor_check(ctx: MonitorContext):
+def pilot_monitor_check(ctx: MonitorContext) -> Verdict | None:
     limit = ctx.limits.walltime_s
     if limit and ctx.elapsed > limit:
         return Verdict(ErrorCode.PAYLOAD_WALLTIME,
@@ -23,5 +23,5 @@ def pilot_monitor_check(ctx: MonitorContext):
 
 
 @hookimpl
-def pilot_monitor_metrics(ctx: MonitorContext):
+def pilot_monitor_metrics(ctx: MonitorContext) -> dict[str, int]:
     return {"payloadWallSeconds": int(ctx.elapsed)}

@@ -80,7 +80,27 @@ def test_bad_catalogue_checksum_is_a_clear_error(tmp_path):
     assert err.value.code == ErrorCode.STAGEIN_FAILED and "crc:1234" in err.value.message
 
 
-class _FlakyTool(CopyTool):
+class _DownloadOnly(CopyTool):
+    """Base of the stage-in test tools below: CopyTool asks for both directions."""
+
+    def copy_out(self, t, timeout, want_md5):
+        raise TransferError(ErrorCode.STAGEOUT_FAILED, f"{self.name} is a stage-in test tool")
+
+
+def test_a_tool_missing_a_copy_method_cannot_be_made():
+    class InOnly(CopyTool):
+        name = "in-only"
+
+        def copy_in(self, t, timeout, want_md5):
+            return TransferResult(fsize=0, adler32="00000001")
+
+    with pytest.raises(TypeError, match="abstract.*copy_out"):
+        InOnly()
+    with pytest.raises(TypeError, match="abstract.*copy_in"):
+        CopyTool()
+
+
+class _FlakyTool(_DownloadOnly):
     """Fails ``fail_times`` attempts (counted in a file: each attempt is its own process)."""
 
     name = "flaky"
@@ -119,7 +139,7 @@ def test_retries_run_out_and_final_errors_are_not_retried(tmp_path):
     assert open(tmp_path / "b").read() == "1"
 
 
-class _HangingTool(CopyTool):
+class _HangingTool(_DownloadOnly):
     """Starts a child that would outlive us, then hangs: the kill must take both."""
 
     name = "hanging"

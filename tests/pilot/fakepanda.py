@@ -20,12 +20,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from panda_core.canonical import signed_bytes
 from testkit import free_port
-
-
-def canonical(job: dict) -> bytes:
-    body = {k: v for k, v in job.items() if k != "specSignature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 class FakePanda:
@@ -146,7 +142,7 @@ class FakePanda:
             else:
                 return {"StatusCode": 20, "errorDialog": "no jobs"}
         job = {k: v for k, v in job.items() if not k.startswith("_")}
-        job["specSignature"] = base64.b64encode(self.key.sign(canonical(job))).decode()
+        job["specSignature"] = base64.b64encode(self.key.sign(signed_bytes(job))).decode()
         job.update(self.tamper.get(job["PandaID"], {}))
         self.known.add(str(job["PandaID"]))
         return {"StatusCode": 0, **job}

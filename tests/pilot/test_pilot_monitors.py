@@ -70,6 +70,15 @@ def test_job_outlives_its_wall_time(fake, tmp_path):
     assert took < 30
 
 
+def test_two_monitors_firing_in_one_cycle_the_first_registered_wins(fake, tmp_path):
+    """A silent payload past both limits trips looping and walltime in the same cycle (its idle
+    time is its run time); looping is registered first (setup.py), so its code is reported."""
+    fake.site_config["limits"]["looping_s"] = 1
+    final, _, res = run_and_final(fake, tmp_path, make_job(608, "sleep 60", maxWalltime=1))
+    assert int(final["pilotErrorCode"]) == ErrorCode.LOOPING_JOB, res.stderr
+    assert "no output file changed" in final["pilotErrorDiag"]
+
+
 def test_batch_slot_ending_stops_the_payload(fake, tmp_path):
     job = make_job(607, "sleep 60", maxWalltime=0)
     final, took, res = run_and_final(fake, tmp_path, job, "--walltime", "6", "--reserve", "1")

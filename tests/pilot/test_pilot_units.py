@@ -21,10 +21,14 @@ from pilot.cli import batch_deadline, parse_slurm_time
 from panda_core.client import PilotClient
 from panda_core.retry import RetryPolicy
 from pilot.errors import BadSignature, PilotError, ServerUnreachable
-from panda_core.wire import decode_job
-from pilot.logtar import make_log_tarball
-from pilot.payload import Payload, build_argv, scrub_env
 from panda_core.canonical import signed_bytes
+from panda_core.siteconfig import SiteConfig
+from panda_core.wire import decode_job
+from pilot.hookspecs import hookimpl
+from pilot.job import JobRun, PilotConfig
+from pilot.logtar import make_log_tarball
+from pilot.monitoring import JobLimits, MonitorContext, Verdict
+from pilot.payload import Payload, Sample, build_argv, scrub_env
 from pilot.signature import SpecVerifier
 from pilotkit import fake, make_job, run_pilot, se  # noqa: F401
 
@@ -210,6 +214,56 @@ def test_builtin_monitors_are_entry_point_plugins():
     pm = make_manager()
     names = {name for name, _ in pm.list_name_plugin()}
     assert {"looping", "memory", "disk", "walltime", "stdout"} <= names
+
+
+
+class _AlwaysFires:
+    """A monitor that asks for a kill every cycle, and counts how often it was asked."""
+
+    def __init__(self, code: int) -> None:
+        self.code, self.asked = code, 0
+
+    @hookimpl
+    def pilot_monitor_check(self, ctx):
+        self.asked += 1
+        return Verdict(self.code, f"monitor {self.code} fired", "always")
+
+    @hookimpl
+    def pilot_monitor_metrics(self, ctx):
+        return {"clash": self.code}
+
+
+def _firing_context(tmp_path):
+    """A cycle in which both the looping and the walltime monitor fire."""
+    now = time.time()
+    limits = JobLimits(looping_s=1, memory_mb=0, workdir_mb=0, min_free_disk_mb=0, walltime_s=1,
+                       stdout_silent_s=0)
+    return MonitorContext(job=decode_job(make_job(1, "true")), limits=limits, workdir=tmp_path,
+                          payload_start=now - 10, now=now, sample=Sample(now, [], 0, 0, 0.0))
+
+
+def _monitor_cycle(pm, ctx) -> JobRun:
+    """One monitor cycle of a job run, as the monitor loop runs it."""
+    run = JobRun(PilotConfig("http://127.0.0.1:1", "SITE", ctx.workdir), None, SiteConfig(name="SITE"),
+                 pm, {})
+    run._run_monitors(ctx)
+    return run
+
+
+def test_first_found_monitor_wins_a_cycle_where_two_fire(tmp_path):
+    """The verdict of the first-registered plugin wins; the ones after it are not asked."""
+    from pilot.plugins import make_manager
+    ctx = _firing_context(tmp_path)
+    first, second = _AlwaysFires(1001), _AlwaysFires(1002)
+    run = _monitor_cycle(make_manager(extra=[first, second], entry_points=False), ctx)
+    assert (run.kill.code, run.kill.diag) == (1001, "monitor 1001 fired")
+    assert (first.asked, second.asked) == (1, 0)
+    # every plugin's metrics are merged; a clash keeps the first plugin's value, like a verdict
+    assert run.metrics == {"clash": 1001}
+    # built-ins come first, in setup.py's order: looping (1150) over walltime (1503) and add-ons
+    run = _monitor_cycle(make_manager(extra=[first]), ctx)
+    assert run.kill.code == ErrorCode.LOOPING_JOB and "no output file changed" in run.kill.diag
+    assert first.asked == 1 and run.metrics["clash"] == 1001
 
 
 THIRD_PARTY = '''

@@ -178,6 +178,18 @@ def test_unknown_mover_name_is_a_clear_error():
     with pytest.raises(ValueError, match="no data mover 'warp' in entry-point group"):
         load_mover("warp")
     assert isinstance(load_mover("local"), LocalMover)
+    with pytest.raises(ValueError, match="data mover 'local' .* failed to load: TypeError"):
+        load_mover("local", bogus=1)
+
+
+def test_a_mover_without_copy_cannot_be_made():
+    from server.dataservice import DataMover
+
+    class NoCopy(DataMover):
+        name = "nocopy"
+
+    with pytest.raises(TypeError, match="abstract.*copy"):
+        NoCopy()
 
 
 @pytest.fixture
