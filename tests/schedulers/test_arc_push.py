@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from copytools.testing import start_se
+from peers import start_se
 from panda_wms.client import PandaClient
 from panda_wms.errorcodes import ErrorCode
 from panda_wms.storage import replica_path, replica_url
