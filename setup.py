@@ -1,6 +1,8 @@
 """panda-wms: a Python re-creation of PanDA's workload management system.
 
 Plugins are entry points: a new copytool or scheduler backend is one class and one line below.
+Installs by role: the base install is a worker node's (the pilot and the copytools); each other
+role is an extra (README.md, "Installs by role").
 """
 from setuptools import find_packages, setup
 
@@ -30,6 +32,32 @@ DATA_MOVERS = [
     "local = server.dataservice:LocalMover",
 ]
 
+# What a worker node needs: the pilot (pluggy, psutil, cryptography for signed jobs), the
+# copytools (stevedore, requests for http, isal for a fast adler32) and the client commands.
+BASE = [
+    "pluggy>=1.3",
+    "stevedore>=5.0",
+    "requests>=2.28",
+    "psutil>=6.0",     # Process.net_connections
+    "cryptography>=41",
+    "isal>=1.6",
+]
+# One list per role; `panda COMMAND` names the extra it misses (panda_wms/cli.py, EXTRA_MODULES).
+SERVER = [
+    "tornado>=6.3",
+    "sqlalchemy>=2.0",
+    "alembic>=1.12",
+    "prometheus-client>=0.17",  # /metrics exposition format, done right
+    "jsonschema>=4.17",         # site configs
+    "PyYAML>=6.0",
+]
+FACTORY = ["PyYAML>=6.0", "jsonschema>=4.17"]   # site configs (schedulers/ needs only the base)
+SE = ["tornado>=6.3"]
+CLIENT = ["PyYAML>=6.0"]                        # panda submit of a YAML task file
+POSTGRES = ["psycopg[binary]>=3.1"]
+MYSQL = ["pymysql>=1.1"]
+ALL = sorted(set(SERVER + FACTORY + SE + CLIENT + POSTGRES + MYSQL))
+
 setup(
     name="panda-wms",
     version="0.1.0",
@@ -38,36 +66,23 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["panda_core*", "panda_wms*", "pilot*", "copytools*", "server*",
-                                    "schedulers*", "site_configs*"]),
+    packages=find_packages(include=["panda_core*", "panda_wms*", "pilot*", "copytools*",
+                                    "server*", "schedulers*", "site_configs*",
+                                    "storage_element*"]),
     package_data={"site_configs": ["*.yaml", "examples/*.yaml", "*.json"],
                   "server": ["templates/*.html", "static/*", "alembic.ini",
                              "migrations/*.py", "migrations/*.mako",
                              "migrations/versions/*.py"]},
-    install_requires=[
-        "pluggy>=1.3",
-        "stevedore>=5.0",
-        "tornado>=6.3",
-        "sqlalchemy>=2.0",
-        "alembic>=1.12",
-        "requests>=2.28",
-        "psutil>=6.0",     # Process.net_connections
-        "PyYAML>=6.0",
-        "jsonschema>=4.17",
-        "cryptography>=41",
-        "prometheus-client>=0.17",  # /metrics exposition format, done right
-        "isal>=1.6",
-    ],
+    install_requires=BASE,
     extras_require={
-        "postgres": ["psycopg[binary]>=3.1"],
-        "mysql": ["pymysql>=1.1"],
-        "test": [
-            "pytest>=7.4",
-            "pytest-timeout>=2.2",
-            "responses>=0.24",
-            "psycopg[binary]>=3.1",
-            "pymysql>=1.1",
-        ],
+        "server": SERVER,
+        "factory": FACTORY,
+        "se": SE,
+        "client": CLIENT,
+        "postgres": POSTGRES,
+        "mysql": MYSQL,
+        "all": ALL,
+        "test": ALL + ["pytest>=7.4", "pytest-timeout>=2.2", "responses>=0.24"],
     },
     entry_points={
         "console_scripts": ["panda = panda_wms.cli:main"],

@@ -2,10 +2,12 @@
 
 Subcommands are imported lazily so that ``panda pilot`` never pays for tornado or sqlalchemy.
 Each target is ``module:function`` taking the remaining argv and returning an exit code.
+A subcommand whose extra is not installed says which one to install, once, here (``EXTRAS``).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -18,9 +20,45 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("panda_wms.client_cli:submit_main", "submit a task file (JSON or YAML)"),
     "status": ("panda_wms.client_cli:status_main", "show a task's status"),
     "kill": ("panda_wms.client_cli:kill_main", "kill jobs"),
-    "se": ("copytools.httpse:main", "serve a folder as an HTTP/WebDAV storage element"),
+    "se": ("storage_element.cli:main", "serve a folder as an HTTP/WebDAV storage element"),
     "demo": ("panda_wms.demo:main", "run a server, a site and pilots; process a task end to end"),
 }
+
+#: the top-level modules each role extra of setup.py installs (the drivers: see EXTRAS)
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "server": ("tornado", "sqlalchemy", "alembic", "prometheus_client", "jsonschema", "yaml"),
+    "factory": ("yaml", "jsonschema"),
+    "se": ("tornado",),
+    "client": ("yaml",),
+}
+#: per subcommand: the extras it cannot start without (checked before it runs), and those it needs
+#: only for some inputs or actions (named when their import fails: a YAML task file, ...). The
+#: database drivers are not here: ``panda server`` and ``panda db`` report a missing one themselves.
+EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "server": (("server",), ()),
+    "db": (("server",), ()),
+    "token": ((), ("server",)),
+    "factory": (("factory",), ()),
+    "sites": (("factory",), ()),
+    "se": (("se",), ()),
+    "submit": ((), ("client",)),
+    "demo": (("server", "factory"), ()),
+}
+
+
+def missing_extra(command: str, module: str | None = None) -> str | None:
+    """What to tell the user when ``command`` lacks an extra: for ``module`` (a failed import),
+    or else the first module of a required extra that is not installed; None when nothing is."""
+    required, optional = EXTRAS.get(command, ((), ()))
+    if module is None:
+        module = next((m for e in required for m in EXTRA_MODULES[e]
+                       if importlib.util.find_spec(m) is None), None)
+    extras = [e for e in required + optional if module in EXTRA_MODULES[e]]
+    if module is None or not extras:
+        return None
+    names = " and ".join(f"'{e}'" for e in extras)
+    return (f"panda {command} needs the {names} extra{'s' if len(extras) > 1 else ''} "
+            f"(module {module!r} is not installed): pip install 'panda-wms[{','.join(extras)}]'")
 
 
 def usage() -> str:
@@ -44,11 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         sys.stderr.write(f"panda: unknown command {name!r}\n\n{usage()}\n")
         return 2
-    target = SUBCOMMANDS[name][0]
-    module_name, func_name = target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
+    if (missing := missing_extra(name)) is not None:
+        sys.stderr.write(missing + "\n")
+        return 2
+    module_name, func_name = SUBCOMMANDS[name][0].split(":")
     try:
-        return int(func(rest) or 0)
+        return int(getattr(importlib.import_module(module_name), func_name)(rest) or 0)
+    except ModuleNotFoundError as exc:
+        missing = missing_extra(name, (exc.name or "").split(".")[0])
+        if missing is None:
+            raise
+        sys.stderr.write(missing + "\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -20,11 +20,12 @@ def read_task_file(path: str) -> dict:
         text = p.read_text()
     except OSError as exc:
         raise TaskFileError(f"{path}: cannot read: {exc.strerror}") from None
+    if p.suffix.lower() != ".json":
+        import yaml  # the 'client' extra; a missing one is named by panda_wms.cli, not as bad YAML
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
             data = yaml.safe_load(text)
     except (ValueError, Exception) as exc:  # yaml.YAMLError, json.JSONDecodeError
         raise TaskFileError(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "

@@ -1,8 +1,11 @@
 """Fixtures shared by every test. Helpers live in testkit.py (import them from there)."""
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
+from peers import start_se
 from testkit import start_server, stop_server
 
 
@@ -12,3 +15,26 @@ def panda_server(tmp_path):
     server = start_server(tmp_path / "server")
     yield server
     stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def se(tmp_path_factory):
+    """``panda se`` on a free port, shared by a module's tests (copytools, storage element)."""
+    server = start_se(tmp_path_factory.mktemp("se") / "root")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs: writes past it fail with ENOSPC like a full disk (needs root)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

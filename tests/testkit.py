@@ -6,7 +6,6 @@ imports each as a module named ``conftest``, so ``from conftest import`` picks w
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,11 @@ from pathlib import Path
 
 import requests
 
-from copytools.testing import stop_process
 from panda_core.replicas import replica_path
+from peers import free_port, stop_process  # noqa: F401 - free_port is re-exported
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SITES = REPO / "site_configs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:

@@ -1,25 +1,17 @@
-"""Real peers for the copytool tests, all on 127.0.0.1: the HTTP storage element (``panda se``),
-Debian's xrootd, a server that never answers, and a tiny tmpfs for full-disk errors."""
+"""Real peers for the copytool tests, all on 127.0.0.1: Debian's xrootd and a server that never
+answers (the storage element ``se`` and the full disk ``tiny_fs`` are in tests/conftest.py)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import zlib
 
 import pytest
 
-from copytools.testing import HungServer, start_se, start_xrootd, xrootd_available
+from peers import HungServer, start_xrootd, xrootd_available
 
 
 def adler(data: bytes) -> str:
     return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
-
-
-@pytest.fixture(scope="module")
-def se(tmp_path_factory):
-    server = start_se(tmp_path_factory.mktemp("se") / "root")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +28,6 @@ def xrootd():
 def hung():
     with HungServer() as server:
         yield server
-
-
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 1 MiB tmpfs: writes past it fail with ENOSPC like a full disk (needs root)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.fixture

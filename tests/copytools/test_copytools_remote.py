@@ -10,9 +10,9 @@ import pytest
 
 from copytools import Transfer, TransferError, load, run_transfer
 from copytools.gfal import import_gfal2
-from copytools.testing import start_se
 from panda_core.errorcodes import ErrorCode
 from panda_core.replicas import replica_url
+from peers import start_se
 
 
 def adler(data: bytes) -> str:
@@ -72,7 +72,7 @@ def test_http_token_and_mkcol_parents(tmp_path, payload):
 
 
 def test_https_with_the_sites_ca(tmp_path, payload):
-    from copytools.testing import make_test_ca
+    from peers import make_test_ca
     ca = make_test_ca(tmp_path / "ca")
     src, data = payload
     with start_se(tmp_path / "root", tls=ca) as se:
@@ -107,7 +107,7 @@ def test_http_missing_and_mismatch(se, tmp_path, payload):
 
 
 def test_http_dead_peer_is_a_retryable_failure(tmp_path):
-    from copytools.testing import free_port
+    from peers import free_port
     t = Transfer("f", "user", f"http://127.0.0.1:{free_port()}/user/f", str(tmp_path / "f"))
     with pytest.raises(TransferError) as err:
         load("http").stage_in(t)
@@ -220,7 +220,7 @@ def test_gfal_hung_server_is_killed(hung, tmp_path):
 @pytest.mark.xrootd
 @pytest.mark.parametrize("tool", ["xrdcp", pytest.param("gfal", marks=needs_gfal)])
 def test_full_xrootd_storage_element(tool, tiny_fs, payload):
-    from copytools.testing import start_xrootd, xrootd_available
+    from peers import start_xrootd, xrootd_available
     if xrootd_available():
         pytest.skip(xrootd_available())
     src, _ = payload  # 3 MiB onto a 1 MiB file system
@@ -234,7 +234,7 @@ def test_full_xrootd_storage_element(tool, tiny_fs, payload):
 @pytest.mark.parametrize("tool,scheme", [("xrdcp", "root"), pytest.param("gfal", "root", marks=needs_gfal),
                                          pytest.param("gfal", "http", marks=needs_gfal)])
 def test_dead_peer_fails_fast_and_retryably(tool, scheme, tmp_path):
-    from copytools.testing import free_port, xrootd_available
+    from peers import free_port, xrootd_available
     if tool == "xrdcp" and xrootd_available():
         pytest.skip(xrootd_available())
     url = f"{scheme}://127.0.0.1:{free_port()}//user/f"

@@ -6,9 +6,9 @@ import zlib
 
 import pytest
 
-from copytools.testing import HungServer, start_se
 from panda_core.errorcodes import ErrorCode
 from panda_core.replicas import replica_path
+from peers import HungServer, start_se
 from pilotkit import fake, make_job, run_pilot, se, stored  # noqa: F401
 
 
@@ -57,7 +57,7 @@ def test_hung_http_storage_element(fake, tmp_path):
 @pytest.mark.xrootd
 def test_job_through_xrootd_storage_element(fake, tmp_path):
     """Input and output through Debian's xrootd with the xrdcp copytool."""
-    from copytools.testing import start_xrootd, xrootd_available
+    from peers import start_xrootd, xrootd_available
 
     if xrootd_available():
         pytest.skip(xrootd_available())

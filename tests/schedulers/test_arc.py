@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from copytools.testing import HungServer, free_port
+from peers import HungServer, free_port
 from schedulers.arc import ArcBackend, normalize_ce, pilot_xrsl
 from schedulers.base import FINAL_BATCH_STATES, BatchState, PilotSpec, SchedulerError, load_backend
 

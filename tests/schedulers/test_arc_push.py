@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from copytools.testing import start_se
 from panda_core.client import ApiClient
 from panda_core.errorcodes import ErrorCode
 from panda_core.replicas import replica_path, replica_url
+from peers import start_se
 from schedulers.arc import ArcBackend
 from panda_core.client import PilotClient
 from schedulers.arc_push import ArcPushDriver, BadJob, parse_job, push_xrsl

@@ -1,7 +1,8 @@
 """Real peers for tests, on 127.0.0.1 only: the HTTP storage element, an XRootD server, and a
 server that accepts connections and never answers (a hung storage element).
 
-Importable by every part's tests (``from copytools.testing import start_se``).
+Importable by every part's tests (``from peers import start_se``; pytest puts tests/ on sys.path,
+benchmarks put it there themselves). Test code: no library module imports it.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import zlib
 import pytest
 import requests
 
-from copytools.testing import start_se
+from peers import start_se
 
 
 def adler(data: bytes) -> str:

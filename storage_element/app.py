@@ -1,15 +1,15 @@
-"""A storage element: a folder served over HTTP/1.1 with the WebDAV verbs grid clients use.
+"""The storage element's Tornado application: a folder served over HTTP/1.1 with the WebDAV verbs
+grid clients use.
 
-``panda se --root DIR --port N`` serves GET (with Range), HEAD, PUT, DELETE, MKCOL, PROPFIND
-(Depth 0/1) and OPTIONS. It is the peer of the ``http`` and ``gfal`` copytools and of ARC CE's
-push mode, which needs a correct HTTP/1.1 server: absolute-form request targets, sizes on HEAD,
-``Expect: 100-continue`` and ``If-None-Match: *`` on PUT; HTTPS with ``--cert/--key``. Uploads go to a hidden temporary name
-and are renamed when complete, so a half upload is never visible. Writes may require a bearer
-token. Paths never leave the root (no ``..``, no NUL, no symlink escapes).
+GET (with Range), HEAD, PUT, DELETE, MKCOL, PROPFIND (Depth 0/1) and OPTIONS. It is the peer of
+the ``http`` and ``gfal`` copytools and of ARC CE's push mode, which needs a correct HTTP/1.1
+server: absolute-form request targets, sizes on HEAD, ``Expect: 100-continue`` and
+``If-None-Match: *`` on PUT. Uploads go to a hidden temporary name and are renamed when complete,
+so a half upload is never visible. Writes may require a bearer token. Paths never leave the root
+(no ``..``, no NUL, no symlink escapes).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import email.utils
@@ -18,17 +18,14 @@ import hmac
 import logging
 import os
 import shutil
-import signal
 import stat
-import sys
 import uuid
 from urllib.parse import quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 import tornado.web
-from tornado.httpserver import HTTPServer
 
-from .checksum import StreamChecksum, checksum_fd
+from copytools.checksum import StreamChecksum, checksum_fd
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +404,6 @@ class SEHandler(tornado.web.RequestHandler):
         self._discard()
 
 
-
 class SEApplication(tornado.web.Application):
     """Routes every path to SEHandler, after turning absolute-form targets into origin-form."""
 
@@ -425,67 +421,3 @@ def make_app(root: str, token: str | None = None, create_parents: bool = True) -
     root = os.path.realpath(root)
     return SEApplication([(r"/.*", SEHandler, {"root": root, "token": token,
                                                "create_parents": create_parents})])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="panda se", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", required=True, help="folder to serve (created if missing)")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--token-file", help="file holding the bearer token writes need "
-                        "(default: $PANDA_SE_TOKEN; none = writes open)")
-    parser.add_argument("--cert", help="PEM certificate (chain) to serve HTTPS with")
-    parser.add_argument("--key", help="PEM private key of --cert")
-    parser.add_argument("--strict-webdav", action="store_true",
-                        help="answer PUT into a missing folder with 409, as RFC 4918 says, instead "
-                        "of creating the parents")
-    args = parser.parse_args(argv)
-    from panda_core.logs import setup_logging
-
-    setup_logging()
-    token = os.environ.get("PANDA_SE_TOKEN") or None
-    try:
-        if args.token_file:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip() or None
-        os.makedirs(args.root, exist_ok=True)
-        if not os.path.isdir(args.root):
-            raise NotADirectoryError(f"--root {args.root} is not a folder")
-    except OSError as exc:
-        sys.stderr.write(f"panda se: {exc}\n")
-        return 2
-    ssl_ctx = None
-    if args.cert or args.key:
-        import ssl
-
-        if not (args.cert and args.key):
-            sys.stderr.write("panda se: --cert and --key go together\n")
-            return 2
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ssl_ctx.load_cert_chain(args.cert, args.key)
-        except (OSError, ssl.SSLError) as exc:
-            sys.stderr.write(f"panda se: cannot load --cert/--key: {exc}\n")
-            return 2
-    app = make_app(args.root, token, create_parents=not args.strict_webdav)
-
-    async def serve() -> None:
-        server = HTTPServer(app, max_body_size=1 << 50, idle_connection_timeout=300,
-                            ssl_options=ssl_ctx)
-        server.listen(args.port, address=args.host)
-        log.info("storage element serving %s on %s://%s:%d (writes %s)", args.root,
-                 "https" if ssl_ctx else "http", args.host, args.port,
-                 "need a token" if token else "open")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        server.stop()
-
-    try:
-        asyncio.run(serve())
-    except OSError as exc:
-        sys.stderr.write(f"panda se: {exc}\n")
-        return 1
-    return 0
