@@ -13,6 +13,7 @@ import tornado.web
 
 from . import api, api_extra, api_panda, monitor
 from .apibase import registry
+from .monitor import api as monitor_api
 from .auth import KeyStore
 from .brokerage import Brokerage
 from .db import make_engine
@@ -28,7 +29,7 @@ from .taskbuffer import TaskBuffer, utcnow
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: the modules whose API methods ``/api/v1`` serves
-API_MODULES = (api, api_panda, api_extra)
+API_MODULES = (api, api_panda, api_extra, monitor_api)
 
 
 def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
