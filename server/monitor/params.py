@@ -31,7 +31,7 @@ class Args:
         self.raw: dict[str, list[str]] = {}
         for key, values in query.items():
             self.raw.setdefault(key.lower(), []).extend(values)
-        self.used: set[str] = set()
+        self.used: set[str] = set(FLAG_KEYS)
 
     @classmethod
     def from_request(cls, request) -> "Args":

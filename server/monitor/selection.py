@@ -184,6 +184,7 @@ def read_job_selection(args: Args, now: dt.datetime, default_hours: int = 12,
     """The job filters of ``args`` (BigPanDA names and aliases), plus ``fixed`` ones a view
     sets itself (a user page's user)."""
     filters: dict[str, str] = {}
+    args.used.update(FIELDS_BY_NAME, ALIASES)       # known to the view, given or not
     for key in list(args.raw):
         name = ALIASES.get(key, key)
         if name in FIELDS_BY_NAME:

@@ -368,9 +368,9 @@ class SearchView(MonitorHandler):
     def build(self, args: Args) -> Page:
         text = (args.text("q") or "").strip()
         target = self.route(text) if text else None
-        if target:
+        if target and not self.wants_json():
             return Page({}, redirect=target)
-        return Page({"q": text, "found": None})
+        return Page({"q": text, "found": target})
 
     def route(self, text: str) -> str | None:
         """A PandaID or task id, a site, a user or a task name: its page."""
