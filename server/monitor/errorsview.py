@@ -12,7 +12,7 @@ from sqlalchemy import Float, String, cast, func, literal, select, union_all
 from .. import db
 from .errorcatalog import COMPONENTS, describe
 from .selection import JobSelection
-from .sqlfn import bucket, bucket_start, bucket_width, seconds_between
+from .sqlfn import EPOCH, bucket, bucket_start, bucket_width, seconds_between
 
 DEFAULT_ERROR_LIMIT = 100000
 
@@ -120,5 +120,9 @@ def over_time(tb, sel: JobSelection, top: int = 8) -> dict:
         series.setdefault(name, {})
         series[name][b] = series[name].get(b, 0) + n
     buckets = sorted({b for b, *_ in found})
+    if since is not None:          # the whole window, empty buckets too
+        first = int((since - EPOCH).total_seconds()) // width
+        last = int(((sel.window.until or now) - EPOCH).total_seconds()) // width
+        buckets = sorted(set(range(first, last + 1)) | set(buckets))
     return {"width_s": width, "buckets": [bucket_start(b, width) for b in buckets],
             "series": {name: [vals.get(b, 0) for b in buckets] for name, vals in series.items()}}

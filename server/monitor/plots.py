@@ -114,7 +114,7 @@ def stacked_bars(title: str, xs: Sequence, series: dict[str, Sequence[float]], *
     step = max(1, len(xs) // 6)
     for i in range(0, len(xs), step):
         body.append(f'<text x="{LEFT + (i + 0.5) * bar_w:.1f}" y="{H - BOTTOM + 14}" '
-                    f'text-anchor="middle" class="tick">{_e(_x_label(xs[i]))[:16]}</text>')
+                    f'text-anchor="middle" class="tick">{_e(_x_label(xs[i]))[:20]}</text>')
     body += _legend(list(series), legend_link)
     return _svg(title, body, name=name)
 
