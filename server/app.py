@@ -21,6 +21,7 @@ from .dispatcher import Dispatcher
 from .dispatchpath import DispatchPath, GeneralPath, in_pool
 from .handlers import ApiHandler, MetricsHandler, PublicKeyHandler, QueuedataHandler, ServerState
 from .hookspecs import plugin_manager
+from .metrics import observe_request
 from .pghot import HotPath
 from .pilot_http import ServerApplication
 from .shares import ShareChooser
@@ -65,4 +66,4 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/metrics", MetricsHandler, kw),
         *monitor.routes(kw),
     ]
-    return ServerApplication(state, routes, compress_response=True)
+    return ServerApplication(state, routes, compress_response=True, log_function=observe_request)

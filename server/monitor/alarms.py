@@ -108,17 +108,21 @@ class Alarms:
             return [dict(r._mapping) for r in conn.execute(
                 q.order_by(a.alarm_id.desc()).limit(limit))]
 
+    def open_counts(self) -> dict[tuple[str, str], int]:
+        """(state, severity) -> open alarms (an index range of ``ix_alarms_state``)."""
+        a = db.alarms.c
+        with db.read(self.tb.engine) as conn:
+            return {(state, severity): n for state, severity, n in conn.execute(
+                select(a.state, a.severity, func.count()).where(
+                    a.state.in_(("active", "acknowledged"))).group_by(a.state, a.severity))}
+
     def counts(self) -> dict[str, int]:
         """Open alarms by state and the critical ones among the active: every page's banner."""
-        a = db.alarms.c
         out = {"active": 0, "acknowledged": 0, "critical": 0}
-        with db.read(self.tb.engine) as conn:
-            for state, severity, n in conn.execute(
-                    select(a.state, a.severity, func.count()).where(
-                        a.state.in_(("active", "acknowledged"))).group_by(a.state, a.severity)):
-                out[state] += n
-                if state == "active" and severity == "critical":
-                    out["critical"] += n
+        for (state, severity), n in self.open_counts().items():
+            out[state] += n
+            if state == "active" and severity == "critical":
+                out["critical"] += n
         return out
 
     def claim_unnotified(self, limit: int = 50) -> list[dict]:

@@ -126,3 +126,14 @@ def over_time(tb, sel: JobSelection, top: int = 8) -> dict:
         buckets = sorted(set(range(first, last + 1)) | set(buckets))
     return {"width_s": width, "buckets": [bucket_start(b, width) for b in buckets],
             "series": {name: [vals.get(b, 0) for b in buckets] for name, vals in series.items()}}
+
+
+def recent_error_counts(tb, since) -> dict[tuple[str, int], int]:
+    """(component, code) -> live jobs failed since ``since`` (the ``(status, state_changed)``
+    index): the ``panda_job_errors_recent`` gauge."""
+    j = db.jobs
+    parts = [select(literal(c.name, String), j.c[c.code_column], func.count())
+             .where(j.c.status == "failed", j.c.state_changed >= since,
+                    j.c[c.code_column] != 0).group_by(j.c[c.code_column]) for c in COMPONENTS]
+    with db.read(tb.engine) as conn:
+        return {(comp, code): n for comp, code, n in conn.execute(union_all(*parts))}
