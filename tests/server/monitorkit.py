@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import insert, update
+from sqlalchemy import func, insert, select, update
 
 from server import db
 from server.monitor import history
@@ -192,7 +192,9 @@ def seed_monitor(tb: TaskBuffer, se_dir: Path) -> Seeded:
             {"time": now - dt.timedelta(minutes=3), "component": "server.dataservice",
              "level": "ERROR", "message": "input in.y could not be placed at SE_A",
              "site": "SITE_A", "panda_id": None, "host": "h1", "suppressed": 2}])
-    seeded.n_jobs = serial + 5 + 1
+    with db.read(tb.engine) as conn:
+        seeded.n_jobs = sum(conn.execute(select(func.count()).select_from(t)).scalar()
+                            for t in (db.jobs, db.jobs_archive))
     seeded.alarm_id = Alarms(tb).raise_alarm(
         "api:test:SITE_B", "SITE_B pilots fail", severity="critical", source="api",
         message="5 pilots failed in a row", site="SITE_B", raised_by="factory-host-1")["alarm_id"]
