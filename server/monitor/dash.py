@@ -18,11 +18,12 @@ def site_state_counts(tb, sel: JobSelection) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     with db.read(tb.engine) as conn:
         for t in sel.tables():
-            q = (select(t.c.site, t.c.status, func.count()).where(*sel.conditions(t))
-                 .group_by(t.c.site, t.c.status))
-            for site, status, n in conn.execute(q):
-                row = out.setdefault(site or "(no site)", {})
-                row[status] = row.get(status, 0) + n
+            for conds in sel.branches(t):
+                q = (select(t.c.site, t.c.status, func.count()).where(*conds)
+                     .group_by(t.c.site, t.c.status))
+                for site, status, n in conn.execute(q):
+                    row = out.setdefault(site or "(no site)", {})
+                    row[status] = row.get(status, 0) + n
     return out
 
 

@@ -76,6 +76,11 @@ def cursor_of(row: dict, key: str) -> str:
 
 
 # ---------------------------------------------------------------------- facets
+#: attributes with many values: one GROUP BY each; the others share one GROUP BY over all of
+#: them (their combinations are few), summed per attribute after
+WIDE_FACETS = frozenset({"computingsite", "produsername", "jeditaskid", "transformation"})
+
+
 def facets(tb, sel: JobSelection, fields=FACETS) -> tuple[dict[str, list[dict]], int]:
     """Counts per value of each attribute over the capped selection; and its size."""
     def cols(t):
@@ -85,22 +90,31 @@ def facets(tb, sel: JobSelection, fields=FACETS) -> tuple[dict[str, list[dict]],
                     cast(literal(None), String).label("value"), func.count().label("n"))
              .select_from(picked)]
     for f in fields:
-        col = picked.c[f.name]
-        q = select(literal(f.name, String).label("facet"), cast(col, String).label("value"),
-                   func.count().label("n")).group_by(col)
-        if f.error:
-            q = q.where(col.is_not(None), col != 0)
-        parts.append(q)
-    out: dict[str, list[dict]] = {f.name: [] for f in fields}
+        if f.name in WIDE_FACETS:
+            col = picked.c[f.name]
+            parts.append(select(literal(f.name, String).label("facet"),
+                                cast(col, String).label("value"), func.count().label("n"))
+                         .group_by(col))
+    narrow = [f for f in fields if f.name not in WIDE_FACETS]
+    counts: dict[str, dict] = {f.name: {} for f in fields}
     total = 0
     with db.read(tb.engine) as conn:
         for facet, value, n in conn.execute(union_all(*parts)):
             if facet == "_total":
                 total = n
             else:
-                out[facet].append({"value": value, "count": n})
-    for values in out.values():
-        values.sort(key=lambda v: (-v["count"], str(v["value"])))
+                counts[facet][value] = n
+        if narrow:
+            keys = [picked.c[f.name] for f in narrow]
+            for row in conn.execute(select(*keys, func.count()).group_by(*keys)):
+                for f, value in zip(narrow, row[:-1]):
+                    if f.error and not value:
+                        continue
+                    value = None if value is None else str(value)
+                    counts[f.name][value] = counts[f.name].get(value, 0) + row[-1]
+    out = {name: sorted(({"value": v, "count": n} for v, n in values.items()),
+                        key=lambda v: (-v["count"], str(v["value"])))
+           for name, values in counts.items()}
     return out, total
 
 
@@ -111,15 +125,15 @@ def rows(tb, sel: JobSelection, page: Page) -> tuple[list[dict], str | None]:
     wanted = tuple(dict.fromkeys(("panda_id", "modification_time") + page.fields))
     parts = []
     for t in sel.tables():
-        conds = sel.conditions(t)
-        if page.before is not None:
-            conds.append(_after(t, key, desc, page.before))
-        order = [t.c[key].desc() if desc else t.c[key].asc()]
-        if key != "panda_id":
-            order.append(t.c.panda_id.desc() if desc else t.c.panda_id.asc())
-        q = (select(*[t.c[c] for c in wanted]).where(*conds).order_by(*order)
-             .limit(page.display_limit + 1))
-        parts.append(select(q.subquery()))
+        for conds in sel.branches(t):
+            if page.before is not None:
+                conds = conds + [_after(t, key, desc, page.before)]
+            order = [t.c[key].desc() if desc else t.c[key].asc()]
+            if key != "panda_id":
+                order.append(t.c.panda_id.desc() if desc else t.c.panda_id.asc())
+            q = (select(*[t.c[c] for c in wanted]).where(*conds).order_by(*order)
+                 .limit(page.display_limit + 1))
+            parts.append(select(q.subquery()))
     if not parts:
         return [], None
     if len(parts) == 1:

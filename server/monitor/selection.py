@@ -105,21 +105,30 @@ class JobSelection:
     def scoped(self) -> bool:
         return any(FIELDS_BY_NAME[k].scoped for k in self.filters)
 
-    def conditions(self, t, window: bool = True) -> list:
-        """The WHERE conditions on job table ``t``: filters, then the window (active jobs
-        are in whatever the window, on the live table)."""
+    def filter_conditions(self, t) -> list:
+        """The filters' WHERE conditions on job table ``t`` (no window)."""
         conds = [value_condition(FIELDS_BY_NAME[k].expr(t), terms, FIELDS_BY_NAME[k].numeric)
                  for k, terms in self.terms.items()]
         if self.state_not_updated_h is not None:
             conds.append(t.c.state_changed < self.now - dt.timedelta(
                 hours=self.state_not_updated_h))
-        conds += [make(t) for make in self.extra]
-        if window and self.window.bounded:
-            in_window = self.window.condition(t.c.modification_time)
-            if t is db.jobs:
-                in_window = or_(in_window, t.c.status.in_(ACTIVE_STATES))
-            conds.append(in_window)
-        return conds
+        return conds + [make(t) for make in self.extra]
+
+    def branches(self, t) -> list[list]:
+        """The selection on job table ``t`` as disjoint condition lists whose union it is:
+        the jobs in the window (``ix_jobs_modified``, read in order), and on the live table
+        the active jobs outside it (``ix_jobs_status_modified``). Two index ranges instead
+        of one OR, which would need a bitmap recheck and a sort of the whole window."""
+        conds = self.filter_conditions(t)
+        if not self.window.bounded:
+            return [conds]
+        mtime = t.c.modification_time
+        out = [conds + [self.window.condition(mtime)]]
+        if t is db.jobs:
+            outside = mtime < self.window.since if self.window.until is None else \
+                or_(mtime < self.window.since, mtime >= self.window.until)
+            out.append(conds + [t.c.status.in_(ACTIVE_STATES), outside])
+        return out
 
     def states(self) -> tuple[str, ...] | None:
         """The job states the filters allow (None: any), to skip a table that holds none."""
@@ -144,9 +153,10 @@ class JobSelection:
         limit = limit or self.limit
         parts = []
         for t in self.tables():
-            q = (select(*columns(t)).where(*self.conditions(t), *(where(t) if where else ()))
-                 .order_by(t.c.modification_time.desc()).limit(limit))
-            parts.append(select(q.subquery()))        # SQLite: no LIMIT inside a UNION member
+            for conds in self.branches(t):
+                q = (select(*columns(t)).where(*conds, *(where(t) if where else ()))
+                     .order_by(t.c.modification_time.desc()).limit(limit))
+                parts.append(select(q.subquery()))    # SQLite: no LIMIT inside a UNION member
         if not parts:
             empty = select(*columns(db.jobs)).where(false())
             return empty

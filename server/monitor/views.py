@@ -7,6 +7,7 @@ no extra dependency, ``templates/``); every page shows the alarm state.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import urllib.parse
@@ -76,7 +77,7 @@ class MonitorHandler(BaseHandler):
     async def get(self, *path: str) -> None:
         args = Args.from_request(self.request)
         try:
-            page = await self.run(self._page, args, *path)
+            page = await self.page(args, *path)
         except ParamError as exc:
             return self.fail(400, str(exc))
         except NotFound as exc:
@@ -93,6 +94,11 @@ class MonitorHandler(BaseHandler):
     def html_extra(self) -> dict:
         """What the page needs from the handler itself (on the event loop, not in the pool)."""
         return {}
+
+    async def page(self, args: Args, *path: str) -> Page:
+        """The view's data: ``build`` in the thread pool (a view may run its queries side by
+        side instead)."""
+        return await self.run(self._page, args, *path)
 
     def _page(self, args: Args, *path: str) -> Page:
         page = self.build(args, *path)
@@ -163,17 +169,21 @@ def _window_params(args: Args) -> dict:
 class JobsView(MonitorHandler):
     template, nav = "jobs.html", "jobs"
 
-    def build(self, args: Args) -> Page:
-        now = self.tb.clock()
+    async def page(self, args: Args) -> Page:
+        """The facets, the error box, the table and the alarm state: four independent
+        statements, run side by side on the pool's connections."""
+        tb = self.tb
+        now = tb.clock()
         sel = read_job_selection(args, now)
         page = jobsview.read_page(args)
-        facets, total = jobsview.facets(self.tb, sel)
-        errors = errorsview.by_code(self.tb, sel)[:10]
-        rows, nxt = jobsview.rows(self.tb, sel, page)
+        args.finish()
+        (facets, total), errors, (rows, nxt), alarms = await asyncio.gather(
+            self.run(jobsview.facets, tb, sel), self.run(errorsview.by_code, tb, sel),
+            self.run(jobsview.rows, tb, sel, page), self.run(Alarms(tb).counts))
         rows = [jobsview.decorate(r, now) for r in rows]
         data = {"selection": sel.summary(), "description": sel.describe(),
                 "in_selection": total, "capped": total >= sel.limit, "facets": facets,
-                "errors": errors, "jobs": rows,
+                "errors": errors[:10], "jobs": rows, "alarms": alarms,
                 "next": ("/monitor/jobs?" + args.query(before=nxt)) if nxt else None}
         return Page(data, {"facet_links": _facet_links(facets, args, "/monitor/jobs"),
                            "labels": {f.name: f.label for f in FACETS},
@@ -256,16 +266,18 @@ class TaskView(MonitorHandler):
 class ErrorsView(MonitorHandler):
     template, nav = "errors.html", "errors"
 
-    def build(self, args: Args) -> Page:
-        sel = read_job_selection(args, self.tb.clock(),
-                                 default_limit=errorsview.DEFAULT_ERROR_LIMIT)
-        codes = errorsview.by_code(self.tb, sel)
-        groups = errorsview.by_group(self.tb, sel)
-        timeline = errorsview.over_time(self.tb, sel)
+    async def page(self, args: Args) -> Page:
+        """Codes, groups, the timeline and the alarm state side by side."""
+        tb = self.tb
+        sel = read_job_selection(args, tb.clock(), default_limit=errorsview.DEFAULT_ERROR_LIMIT)
+        args.finish()
+        codes, groups, timeline, alarms = await asyncio.gather(
+            self.run(errorsview.by_code, tb, sel), self.run(errorsview.by_group, tb, sel),
+            self.run(errorsview.over_time, tb, sel), self.run(Alarms(tb).counts))
         data = {"selection": sel.summary(), "description": sel.describe(),
                 "by_code": codes, "by_site": groups["site"], "by_user": groups["user"],
                 "by_task": groups["task"], "over_time": timeline,
-                "failed": sum(r["failed"] for r in groups["site"])}
+                "failed": sum(r["failed"] for r in groups["site"]), "alarms": alarms}
         win = _window_params(args)
 
         def code_link(name: str, i: int | None = None) -> str | None:
