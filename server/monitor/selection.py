@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from sqlalchemy import String, and_, case, cast, false, literal, or_, select, union_all
+from sqlalchemy import and_, case, false, or_, select, union_all
 from sqlalchemy.sql import Select
 
 from panda_core.states import FINAL_JOB_STATES, JobState
@@ -99,7 +99,6 @@ class JobSelection:
     limit: int
     now: dt.datetime
     state_not_updated_h: int | None = None          # statenotupdated=N: stuck for N hours
-    extra: list = field(default_factory=list)       # conditions a view adds (by table)
 
     @property
     def scoped(self) -> bool:
@@ -112,7 +111,7 @@ class JobSelection:
         if self.state_not_updated_h is not None:
             conds.append(t.c.state_changed < self.now - dt.timedelta(
                 hours=self.state_not_updated_h))
-        return conds + [make(t) for make in self.extra]
+        return conds
 
     def branches(self, t) -> list[list]:
         """The selection on job table ``t`` as disjoint condition lists whose union it is:
@@ -214,11 +213,3 @@ def read_job_selection(args: Args, now: dt.datetime, default_hours: int = 12,
     limit = args.integer("limit", default_limit, lo=1, hi=MAX_LIMIT)
     stuck = args.integer("statenotupdated", lo=1, hi=24 * 400)
     return JobSelection(filters, terms, window, limit, now, stuck)
-
-
-def as_text(expr):
-    return cast(expr, String)
-
-
-def literal_text(value: str):
-    return literal(value, String)
