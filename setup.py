@@ -70,7 +70,8 @@ setup(
                                     "server*", "schedulers*", "site_configs*",
                                     "storage_element*"]),
     package_data={"site_configs": ["*.yaml", "examples/*.yaml", "*.json"],
-                  "server": ["templates/*.html", "static/*", "alembic.ini",
+                  "server.monitor": ["templates/*.html", "static/*"],
+                  "server": ["alembic.ini",
                              "migrations/*.py", "migrations/*.mako",
                              "migrations/versions/*.py"]},
     install_requires=BASE,
@@ -82,7 +83,10 @@ setup(
         "postgres": POSTGRES,
         "mysql": MYSQL,
         "all": ALL,
-        "test": ALL + ["pytest>=7.4", "pytest-timeout>=2.2", "responses>=0.24"],
+        # selenium drives Debian's chromium for the monitor's browser tests; aiosmtpd is a
+        # real SMTP server for the alarm e-mails
+        "test": ALL + ["pytest>=7.4", "pytest-timeout>=2.2", "responses>=0.24",
+                       "selenium>=4.10", "aiosmtpd>=1.4"],
     },
     entry_points={
         "console_scripts": ["panda = panda_wms.cli:main"],

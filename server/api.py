@@ -283,6 +283,15 @@ def pilot_report(ctx: Context, params: dict) -> int:
     if sites is not None and not (isinstance(sites, dict)
                                   and all(isinstance(v, dict) for v in sites.values())):
         raise ApiError("parameter 'sites' must be an object {site: {submitting, reason}}")
+    for site, status in sorted((sites or {}).items()):       # incidents for the monitor
+        if status.get("submitting") is False:
+            log.warning("factory %s does not submit to %s: %s", factory, site,
+                        status.get("reason") or "no reason given", extra={"site": site})
+    failed = [p for p in pilots if p.get("state") == "failed"]
+    if failed:
+        log.warning("factory %s reports %d failed pilot(s) at %s", factory, len(failed),
+                    ", ".join(sorted({str(p["site"]) for p in failed})),
+                    extra={"site": str(failed[0]["site"])})
     return ctx.tb.pilots.report(factory, pilots, ctx.identity.subject, site_status=sites)
 
 

@@ -13,6 +13,7 @@ import tornado.web
 
 from . import api, api_extra, api_panda, monitor
 from .apibase import registry
+from .monitor import api as monitor_api
 from .auth import KeyStore
 from .brokerage import Brokerage
 from .db import make_engine
@@ -20,6 +21,7 @@ from .dispatcher import Dispatcher
 from .dispatchpath import DispatchPath, GeneralPath, in_pool
 from .handlers import ApiHandler, MetricsHandler, PublicKeyHandler, QueuedataHandler, ServerState
 from .hookspecs import plugin_manager
+from .metrics import observe_request
 from .pghot import HotPath
 from .pilot_http import ServerApplication
 from .shares import ShareChooser
@@ -28,7 +30,7 @@ from .taskbuffer import TaskBuffer, utcnow
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: the modules whose API methods ``/api/v1`` serves
-API_MODULES = (api, api_panda, api_extra)
+API_MODULES = (api, api_panda, api_extra, monitor_api)
 
 
 def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
@@ -64,4 +66,4 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/metrics", MetricsHandler, kw),
         *monitor.routes(kw),
     ]
-    return ServerApplication(state, routes, compress_response=True)
+    return ServerApplication(state, routes, compress_response=True, log_function=observe_request)

@@ -76,6 +76,9 @@ class Brokerage:
                 rejected.append(f"{name}: {reason}")
                 candidates = [c for c in candidates if c.name != name]
         if not candidates:
+            log.warning("brokerage: no site for a job needing %d core(s), %d MB, %d s: %s",
+                        needs.cores, needs.memory_mb, needs.walltime_s,
+                        "; ".join(rejected[:5]) or "no site takes work")
             return None, rejected
         for c in candidates:
             for w in self.hook.panda_broker_weight(needs=needs, candidate=c, load=load,

@@ -66,10 +66,51 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-mover", default="local",
                    help="data service backend, an entry point of panda.datamovers "
                         "('none': no data service)")
+    p.add_argument("--ops-interval", type=float, default=60, metavar="S",
+                   help="how often the first server process runs the monitor's operations: "
+                        "history snapshot, job duration alarms, alarm notifications (0: never)")
+    p.add_argument("--snapshot-interval", type=float, default=900, metavar="S",
+                   help="one operations-history snapshot every S seconds")
+    p.add_argument("--duration-limit", action="append", default=[], metavar="STATE=HOURS",
+                   help="alarm on jobs longer than HOURS in STATE (repeatable; 0: no alarm; "
+                        "docs/monitor.md has the defaults)")
+    p.add_argument("--alarm-smtp", metavar="HOST[:PORT]",
+                   help="send alarm e-mails through this SMTP server")
+    p.add_argument("--alarm-mail-from", default="panda-monitor@localhost")
+    p.add_argument("--alarm-mail-to", action="append", default=[], metavar="ADDRESS",
+                   help="who gets alarm e-mails (repeatable)")
+    p.add_argument("--alarm-webhook", metavar="URL", help="POST each new alarm as JSON here")
+    p.add_argument("--monitor-url", metavar="URL",
+                   help="the monitor's public base URL, for links in alarm messages")
     p.add_argument("--shares", metavar="FILE",
                    help="global shares tree (YAML/JSON) to install at start")
     p.add_argument("--log-level", default=None)
     return p
+
+
+def _ops_config(args):
+    """The monitor's operations settings from the command line (ValueError: a bad one)."""
+    from .monitor.notify import NotifyConfig
+    from .monitor.operations import DurationLimits, OpsConfig
+
+    host, port = None, 25
+    if args.alarm_smtp:
+        host, _, port_text = args.alarm_smtp.partition(":")
+        try:
+            port = int(port_text) if port_text else 25
+        except ValueError:
+            raise ValueError(f"--alarm-smtp {args.alarm_smtp!r}: the port must be a number") \
+                from None
+    if args.snapshot_interval <= 0:
+        raise ValueError("--snapshot-interval must be > 0")
+    limits = DurationLimits.parse(args.duration_limit)
+    return OpsConfig(interval_s=args.ops_interval, snapshot_interval_s=args.snapshot_interval,
+                     limits=limits,
+                     notify=NotifyConfig(smtp_host=host, smtp_port=port,
+                                         mail_from=args.alarm_mail_from,
+                                         mail_to=tuple(args.alarm_mail_to),
+                                         webhook_url=args.alarm_webhook,
+                                         monitor_url=args.monitor_url))
 
 
 def load_site_dir(path: str) -> list[dict]:
@@ -156,8 +197,13 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - say which database and why, then stop
         sys.stderr.write(f"panda server: cannot use database {args.db}: {exc}\n")
         return 1
+    try:
+        ops = _ops_config(args)
+    except ValueError as exc:
+        sys.stderr.write(f"panda server: {exc}\n")
+        return 1
     for opt in ("watcher_interval", "heartbeat_timeout", "sent_timeout", "holding_timeout",
-                "transferring_timeout"):
+                "transferring_timeout", "ops_interval"):
         if getattr(args, opt) < 0:
             sys.stderr.write(f"panda server: --{opt.replace('_', '-')} must be >= 0\n")
             return 1
@@ -203,9 +249,15 @@ def main(argv: list[str]) -> int:
                         hot_path=args.hot_path,
                         admin_dns=args.admin_dn, pilot_dns=args.pilot_dn)
     app = make_app(state)
-    if (tornado.process.task_id() or 0) == 0:    # one process archives
+    from .monitor.incidents import install as install_incident_logger
+    install_incident_logger(state.tb.engine)      # every process records its incidents
+    if (tornado.process.task_id() or 0) == 0:    # one process archives and runs operations
         from .archive import start_archiver
         start_archiver(state.tb, state.executor, args.archive_after, args.archive_interval)
+        if args.ops_interval > 0:
+            from .monitor.operations import ops_tasks
+            from .watcher import start_periodic
+            start_periodic(state.executor, args.ops_interval, ops_tasks(state.tb, ops))
     if args.watcher_interval > 0:       # every process: the guarded updates make it safe
         from .watcher import WatcherLimits, server_tasks, start_periodic
         limits = WatcherLimits(args.heartbeat_timeout, args.sent_timeout, args.holding_timeout,

@@ -38,6 +38,7 @@ from panda_core.states import JobState
 
 from . import db
 from .brokerage import input_endpoint
+from .metrics import DATASERVICE_ACTIONS
 from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,10 @@ class DataService:
                 .order_by(j.current_priority.desc(), j.panda_id).limit(self.batch))]
         for job in jobs:
             self._one(job["panda_id"], sites.get(job["site"]), urls, report)
+        for action, n in (("activated", len(report.activated)), ("failed", len(report.failed)),
+                          ("waiting", len(report.waiting)), ("copied", report.copied)):
+            if n:
+                DATASERVICE_ACTIONS.labels(action).inc(n)
         if report.activated or report.failed:
             log.info("data service: %d activated, %d failed, %d waiting, %d file(s) copied",
                      len(report.activated), len(report.failed), len(report.waiting),
@@ -235,7 +240,8 @@ class DataService:
                     continue
                 except TransferFailed as exc:
                     report.waiting[panda_id] = str(exc)
-                    log.warning("job %s waits: %s", panda_id, exc)
+                    log.warning("job %s waits: %s", panda_id, exc,
+                                extra={"panda_id": panda_id, "site": config.get("name")})
                     return
                 self._register(f["scope"], f["lfn"], dest, dst_url)
                 report.copied += 1
@@ -268,7 +274,7 @@ class DataService:
                                   ddm_error_diag=diag[:4000])
         if ok:
             report.failed[panda_id] = diag
-            log.warning("job %s failed: %s", panda_id, diag)
+            log.warning("job %s failed: %s", panda_id, diag, extra={"panda_id": panda_id})
 
 
 def storage_urls(configs) -> dict[str, str]:

@@ -92,6 +92,7 @@ def _job_columns() -> list[Column]:
         Column("max_rss", BigInteger),
         Column("n_events", BigInteger),
         Column("job_metrics", Text),
+        Column("working_group", String(64)),              # the task's working group, if any
     ]
 
 
@@ -114,9 +115,14 @@ Index("ix_jobs_share_dispatch", jobs.c.site, jobs.c.status, jobs.c.share,
       jobs.c.current_priority.desc(), jobs.c.panda_id, postgresql_where=_ACTIVATED_INDEX,
       sqlite_where=_ACTIVATED_INDEX)
 
+# the monitor's time windows and its "active jobs whatever the window" (server/monitor)
+Index("ix_jobs_modified", jobs.c.modification_time)
+Index("ix_jobs_status_modified", jobs.c.status, jobs.c.modification_time, jobs.c.site)
+
 jobs_archive = Table(
     "jobs_archive", metadata, *[c._copy() for c in _job_columns()],
     Index("ix_jobs_archive_task", "task_id"),
+    Index("ix_jobs_archive_modified", "modification_time"),
 )
 # archived rows keep their ids: no autoincrement there
 jobs_archive.c.panda_id.autoincrement = False
@@ -136,6 +142,7 @@ files = Table(
     Column("status", String(16), nullable=False),      # defined | ready | missing | failed
     Column("ddm_endpoint", String(128)),
     Index("ix_files_panda", "panda_id"),
+    Index("ix_files_task", "task_id"),
 )
 
 datasets = Table(
@@ -201,6 +208,7 @@ pilots = Table(
     Column("updated", Timestamp, nullable=False),
     Column("exit_code", Integer),
     UniqueConstraint("factory", "batch_id", name="uq_pilot"),
+    Index("ix_pilots_updated", "updated"),
 )
 
 factories = Table(
@@ -240,6 +248,60 @@ event_ranges = Table(
     Column("cpu_consumption_time", Float),
     Column("modified", Timestamp, nullable=False),
     Index("ix_event_ranges_job", "task_id", "serial", "status"),
+)
+
+
+# ---------------------------------------------------------------------- operations (server/monitor)
+# the incidents logger: what the server's components logged at WARNING and above
+incidents = Table(
+    "incidents", metadata,
+    Column("row_id", Id, primary_key=True, autoincrement=True),
+    Column("time", Timestamp, nullable=False),
+    Column("component", String(128), nullable=False),   # the logger's name
+    Column("level", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("site", String(128)),
+    Column("panda_id", BigInteger),
+    Column("host", String(255)),
+    Column("suppressed", Integer, nullable=False, default=0),   # similar ones the rate limit dropped
+    Index("ix_incidents_time", "time"),
+    Index("ix_incidents_component_time", "component", "time"),
+)
+
+# alarms: raised by the monitor's checks and the alarm/raise API; one open alarm per key
+alarms = Table(
+    "alarms", metadata,
+    Column("alarm_id", Id, primary_key=True, autoincrement=True),
+    Column("key", String(255), nullable=False),
+    Column("open_key", String(255)),        # = key while not cleared, NULL after: unique
+    Column("source", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),      # warning | critical
+    Column("title", String(255), nullable=False),
+    Column("message", Text),
+    Column("site", String(128)),
+    Column("raised_by", String(255)),
+    Column("state", String(16), nullable=False),         # active | acknowledged | cleared
+    Column("first_raised", Timestamp, nullable=False),
+    Column("last_raised", Timestamp, nullable=False),
+    Column("count", Integer, nullable=False, default=1),
+    Column("acknowledged_by", String(255)),
+    Column("acknowledged_at", Timestamp),
+    Column("cleared_at", Timestamp),
+    Column("notified_at", Timestamp),
+    UniqueConstraint("open_key", name="uq_alarm_open_key"),
+    Index("ix_alarms_state", "state", "last_raised"),
+)
+
+# the operations history: jobs per site and state, one row per snapshot (live states: how
+# many are in it; final states: how many reached it since the snapshot before)
+ops_snapshots = Table(
+    "ops_snapshots", metadata,
+    Column("row_id", Id, primary_key=True, autoincrement=True),
+    Column("time", Timestamp, nullable=False),
+    Column("site", String(128), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("n_jobs", Integer, nullable=False),
+    UniqueConstraint("time", "site", "status", name="uq_ops_snapshot"),
 )
 
 

@@ -188,6 +188,7 @@ class BaseHandler(tornado.web.RequestHandler):
 class ApiHandler(BaseHandler):
     """``/api/v1/<module>/<method>``: the registry's methods (``methods``)."""
     json_errors = True
+    metrics_kind = "api"
 
     def initialize(self, state: ServerState, methods: dict[tuple[str, str], Method]) -> None:
         super().initialize(state)
@@ -205,6 +206,7 @@ class ApiHandler(BaseHandler):
             raise Forbidden(f"unknown API method {module}/{name}")
         if http not in method.http:
             raise ApiError(f"{module}/{name} takes {' or '.join(method.http)}", 405)
+        self.endpoint = f"{module}/{name}"           # the latency histogram's label
         identity = self.caller(method.roles, f"call {module}/{name}")
         params = self.params
         REQUESTS.labels("api", f"{module}/{name}").inc()

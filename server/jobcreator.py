@@ -40,6 +40,7 @@ class TaskSpec:
     priority: int = 1000
     share: str | None = None             # global share; None: chosen from prod_source_label
     prod_source_label: str = "managed"
+    working_group: str | None = None     # PanDA's workingGroup: the monitor groups jobs by it
     cores: int = 1
     memory_mb: int = 1000
     walltime_s: int = 3600
@@ -69,7 +70,7 @@ class TaskSpec:
         _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", kw["name"]) is not None,
                "name", "letters, digits and ._- only, at most 200 characters")
         for key in ("job_parameters", "scope", "input_dataset", "output_dataset", "site", "share",
-                    "prod_source_label", "transfer_type", "pilot_version"):
+                    "prod_source_label", "transfer_type", "pilot_version", "working_group"):
             if key in data and data[key] is not None:
                 _check(isinstance(data[key], str), key, "must be a string")
                 kw[key] = data[key]
@@ -173,7 +174,7 @@ def make_job(spec: TaskSpec, task_id: int, owner: str, serial: int, inputs: list
         "job_pars": _fill(spec.job_parameters, values),
         "cores": spec.cores, "memory_mb": spec.memory_mb, "walltime_s": spec.walltime_s,
         "disk_mb": spec.disk_mb, "pilot_version": spec.pilot_version,
-        "transfer_type": spec.transfer_type,
+        "transfer_type": spec.transfer_type, "working_group": spec.working_group,
     }
     files = [{"type": "input", "scope": f["scope"], "lfn": f["lfn"], "dataset": f["dataset"],
               "guid": f["guid"], "fsize": f.get("fsize"), "checksum": f.get("checksum"),
@@ -194,8 +195,8 @@ def retry_job_values(job: dict, files: list[dict]) -> tuple[dict, list[dict]]:
     attempt = job["attempt_nr"] + 1
     keep = ("task_id", "serial", "max_attempts", "owner", "site", "prod_source_label", "share",
             "priority", "transformation", "cores", "memory_mb", "walltime_s", "disk_mb",
-            "pilot_version", "transfer_type")
-    values = {k: job[k] for k in keep}
+            "pilot_version", "transfer_type", "working_group")
+    values = {k: job.get(k) for k in keep}
     values.update(attempt_nr=attempt, parent_id=job["panda_id"],
                   current_priority=job["priority"])
     old_suffix = f".{job['attempt_nr']}" if job["attempt_nr"] > 1 else ""

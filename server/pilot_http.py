@@ -24,7 +24,7 @@ from tornado.log import access_log
 from .auth import AuthError
 from .dispatcher import SC_FAILED, ProtocolError
 from .handlers import ServerState, dumps, request_identity, request_params
-from .metrics import REQUESTS
+from .metrics import DISPATCH_SECONDS, REQUEST_SECONDS, REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dic
         if identity.role not in ("pilot", "admin"):
             return 200, {"StatusCode": 60, "errorDialog": f"role {identity.role} may not {method}"}
     REQUESTS.labels("pilot", method).inc()
+    started = time.monotonic()
     try:
         result = await getattr(state.dispatcher, target)(params, identity)
     except ProtocolError as exc:
@@ -68,6 +69,10 @@ async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dic
     except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
         log.exception("%s failed", method)
         result = {"StatusCode": SC_FAILED, "errorDialog": "internal server error"}
+    seconds = time.monotonic() - started
+    REQUEST_SECONDS.labels("pilot", method).observe(seconds)
+    if method == "getJob":
+        DISPATCH_SECONDS.labels("job" if result.get("StatusCode") == 0 else "nojob").observe(seconds)
     return 200, result
 
 

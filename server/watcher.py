@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from panda_core.states import JobState
 
 from . import db
+from .metrics import WATCHER_ACTIONS
 from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ class Watcher:
                     report.failed[panda_id] = rule.code
                     if retry is not None:
                         report.retries[panda_id] = retry
+        for panda_id, code in report.failed.items():
+            WATCHER_ACTIONS.labels("failed", str(code)).inc()
+            if panda_id in report.retries:
+                WATCHER_ACTIONS.labels("retried", str(code)).inc()
         if report.failed:
             log.info("watcher failed %d job(s): %s", len(report.failed), report.failed)
         return report
@@ -134,7 +139,7 @@ class Watcher:
                 return False
             retry = conn.execute(select(j.panda_id).where(j.parent_id == panda_id,
                                                           j.panda_id > before)).scalar()
-        log.warning("job %s: %s", panda_id, diag)
+        log.warning("job %s: %s", panda_id, diag, extra={"panda_id": panda_id})
         return retry
 
 
