@@ -38,11 +38,12 @@ def _text(pattern: str, why: str) -> dict:
 
 
 _TRUST = _obj({
-    "server_key_fingerprint": _text(r"^(sha256|SHA256):[0-9a-fA-F:]{64,95}$", "expected "
+    # empty strings are the defaults SiteConfig.to_dict() fills in: "not set"
+    "server_key_fingerprint": _text(r"^((sha256|SHA256):[0-9a-fA-F:]{64,95})?$", "expected "
                                     "sha256:<64 hex digits> (panda token public-key --fingerprint)"),
-    "server_public_key": {"type": "string", "minLength": 1},
-    "ca_bundle": {"type": "string", "minLength": 1},
-    "ca_dir": {"type": "string", "minLength": 1},
+    "server_public_key": {"type": "string"},
+    "ca_bundle": {"type": "string"},
+    "ca_dir": {"type": "string"},
     "copytool_programs": {"type": "array", "items": _text("^/", "expected an absolute path")},
     "payload_env": {"type": "array", "items": _text(r"^[A-Za-z_][A-Za-z0-9_]*\*?$", "expected a "
                                                     "variable name, or a prefix ending in *")},

@@ -53,6 +53,22 @@ class RunningServer:
             cmd += ["--site", site]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
+    def public_key_file(self) -> Path:
+        """A PEM file of this server's job-signing key, for pilots to pin (as a deployment pins
+        it: out of band, here straight from the key dir)."""
+        path = self.key_dir.parent / "server-public-key.pem"
+        if not path.exists():
+            pem = subprocess.run([sys.executable, "-m", "panda_wms.cli", "token", "public-key",
+                                  "--key-dir", str(self.key_dir)], check=True,
+                                 capture_output=True, text=True).stdout
+            path.write_text(pem)
+        return path
+
+    def key_fingerprint(self) -> str:
+        """``sha256:...`` of this server's job-signing key (what the factory is given)."""
+        from panda_core.trust import key_fingerprint
+        return key_fingerprint(self.public_key_file().read_text())
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

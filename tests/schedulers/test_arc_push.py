@@ -131,7 +131,8 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         pilot_id = backend.submit(PilotSpec(
             site=PILOT_SITE, name="arc-pilot", walltime_s=600,
             command=[WN_PYTHON, "-m", "panda_wms.cli", "pilot", "--server", server.url,
-                     "--site", PILOT_SITE, "--max-jobs", "1"],
+                     "--site", PILOT_SITE, "--max-jobs", "1",
+                     "--public-key-fingerprint", server.key_fingerprint()],
             env={"PYTHONPATH": str(REPO), "PANDA_AUTH_TOKEN":
                  server.token("pilot", "arc-pilot", site=PILOT_SITE)}))
         arc_ids.append(pilot_id)

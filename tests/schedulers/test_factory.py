@@ -308,7 +308,8 @@ def test_real_pilots_finish_the_jobs(server, tmp_path):
     task_id = activate_jobs(server, 3)
     site = site_config(tmp_path, max_queued=3, max_running=3)
     f = Factory(server.url, [site], token=server.pilot_token, pilot_token=server.pilot_token,
-                state_dir=tmp_path / "factory", factory_id="ft-e2e")
+                state_dir=tmp_path / "factory", factory_id="ft-e2e",
+                server_key_fingerprint=server.key_fingerprint())
     admin = ApiClient(server.url, server.token("admin"))
     deadline = time.monotonic() + 120
     try:
@@ -335,7 +336,8 @@ def test_cli_once_and_daemon(server, tmp_path):
     token = tmp_path / "pilot.token"
     token.write_text(server.pilot_token)
     base = [PY, "-m", "panda_wms.cli", "factory", "--server", server.url, "--site-configs",
-            str(sites), "--token-file", str(token), "--state-dir", str(tmp_path / "fs")]
+            str(sites), "--token-file", str(token), "--state-dir", str(tmp_path / "fs"),
+            "--server-public-key", str(server.public_key_file())]
     res = subprocess.run(base + ["--once"], capture_output=True, text=True, timeout=60)
     # the broken file is reported (exit 1) but does not stop the good site
     assert res.returncode == 1
