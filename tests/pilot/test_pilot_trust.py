@@ -31,6 +31,7 @@ from panda_core.canonical import (QUEUEDATA_SIGNATURE_KEY, SIGNATURE_KEY, queued
 from panda_core.client import ApiClient
 from panda_core.errorcodes import ErrorCode
 from panda_core.replicas import replica_path
+from peers import make_test_ca
 from pilotkit import pilot_env
 from schedulers.factory import Factory
 from site_configs import parse_site_config
@@ -218,6 +219,31 @@ def test_resigned_getjob_with_the_proxys_own_key_is_refused(real, mitm, tmp_path
     assert job["jobStatus"] == "failed" and job["pilot_error_code"] == ErrorCode.BAD_SIGNATURE
 
 
+def test_https_certificate_is_checked_against_the_sites_ca_bundle(tmp_path, monkeypatch):
+    """Over https the pilot trusts the CA bundle it is given (the factory passes the site's),
+    not whatever certificate the server shows."""
+    se = tmp_path / "se"
+    se.mkdir()
+    monkeypatch.setenv("PANDA_SE_ROOT", str(se))
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    _site_yaml(sites)
+    server = start_server(tmp_path / "srv", site_dir=sites, tls=make_test_ca(tmp_path / "tls"))
+    server.sites = sites
+    server.user = ApiClient(server.url, server.token("user", "alice"), ca_file=server.ca)
+    try:
+        task_id = submit(server, "tls", "-c 'echo out > ${OUT}'")
+        res = run(server, pem_pilot(server, server.url, tmp_path / "wd", "--max-jobs", "1"))
+        assert res.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in res.stderr, res.stderr
+        assert server.user.task_details(task_id)["jobs"] == {"activated": 1}
+        res = run(server, pem_pilot(server, server.url, tmp_path / "wd", "--max-jobs", "1",
+                                    "--ca-bundle", server.ca))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert server.user.task_details(task_id)["jobs"] == {"finished": 1}
+    finally:
+        stop_server(server)
+
+
 def test_tampered_queue_description_is_refused(real, mitm, tmp_path):
     """The queue description's storage element redirected to the attacker's: nothing goes
     there, the pilot refuses to act on a site config the server did not sign."""
@@ -382,3 +408,13 @@ def test_payload_environment_adds_what_the_site_names(real, tmp_path):
     env = payload_env(real, task_id)
     assert env["FRONTIER_SERVER"] == "http://frontier:8000" and env["SITE_AREA"] == "/sw"
     assert "OTHER_SETTING" not in env
+
+
+def test_token_public_key_prints_the_key_to_pin(real):
+    """What an admin pins at deployment comes from the server's key dir, not from the network."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "panda_wms.cli", "token", "public-key",
+                               "--key-dir", str(real.key_dir), *args], check=True,
+                              capture_output=True, text=True).stdout
+    assert cli() == real.public_key_file().read_text()
+    assert cli("--fingerprint").strip() == real.key_fingerprint()

@@ -293,7 +293,7 @@ def test_final_reports_survive_refusals_and_dead_ce(tmp_path):
     """No CE needed: finals waiting in the state dir, a token the server refuses, a dead CE."""
     from dataclasses import asdict
 
-    from schedulers.arc_push import Tracked
+    from schedulers.arc_push import Refused, Tracked
 
     sites = tmp_path / "sites"
     sites.mkdir()
@@ -314,11 +314,15 @@ def test_final_reports_survive_refusals_and_dead_ce(tmp_path):
         final = Tracked(panda_id, 1, "", final={"state": "failed", "pilotErrorCode": 1008,
                                                 "pilotErrorDiag": "test"})
         (state / f"{panda_id}.json").write_text(json.dumps(asdict(final)))
-        # a token for another site is refused (StatusCode 70): kept, an operator can fix it
+        # a token for another site is refused (StatusCode 70): a refusal is final, as for the
+        # pilot's final report; only "try again" (StatusCode 10) keeps it for the next poll
+        assert Refused("refused", 70).permanent
+        assert Refused("try again", 10).permanent is False
         wrong = server.token("pilot", "p", site="ELSEWHERE")
         ArcPushDriver.from_site(config, server.url, wrong, state).poll()
-        assert (state / f"{panda_id}.json").exists()
+        assert not (state / f"{panda_id}.json").exists()
         # the right token: taken and forgotten
+        (state / f"{panda_id}.json").write_text(json.dumps(asdict(final)))
         assert ArcPushDriver.from_site(config, server.url, right, state).poll() == {
             panda_id: "failed"}
         assert not (state / f"{panda_id}.json").exists()
