@@ -73,7 +73,7 @@ class JobSpec:
         return self.inputs + self.outputs + ([self.log] if self.log else [])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Dispatch:
     """To whom a job spec was sent: the site, the pilot (its ``pilotID``) and the nonce that
     pilot sent with its getJob. Signed inside the spec, so a spec replayed to another pilot, or
