@@ -138,7 +138,7 @@ class CopyTool(abc.ABC):
     def cleanup_after_kill(self, t: Transfer, direction: str) -> None:
         """Remove what a killed attempt left behind (runs in the pilot's process)."""
         if direction == "in":
-            _unlink_quietly(partial_path(t.local_path))
+            unlink_quietly(partial_path(t.local_path))
 
     # -- the contract the pilot uses -----------------------------------------------------------
     def stage_in(self, t: Transfer, timeout: float = 600.0) -> TransferResult:
@@ -149,7 +149,7 @@ class CopyTool(abc.ABC):
         try:
             self._verify(t, result, expected, "in")
         except TransferError:
-            _unlink_quietly(t.local_path)
+            unlink_quietly(t.local_path)
             raise
         return result
 
@@ -211,7 +211,7 @@ def partial_path(path: str) -> str:
     return os.path.join(head, f".{tail}.panda-part")
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:

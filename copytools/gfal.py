@@ -22,7 +22,7 @@ from types import ModuleType
 
 from panda_core.errorcodes import ErrorCode
 
-from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, _unlink_quietly
+from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, unlink_quietly
 from .checksum import StreamChecksum
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,10 @@ class GfalTool(CopyTool):
                     cs.update(data)
             os.replace(tmp, t.local_path)
         except gfal2.GError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise self._error(exc, t, "in", "read") from None
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             code = (ErrorCode.NO_LOCAL_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT)
                     else ErrorCode.STAGEIN_FAILED)
             raise TransferError(code, f"{t.lfn}: writing {t.local_path}: {exc}") from None

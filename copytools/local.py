@@ -14,7 +14,7 @@ import threading
 from panda_core.errorcodes import ErrorCode
 
 from .base import (CopyTool, Transfer, TransferError, TransferResult, partial_path, url_path,
-                   _unlink_quietly)
+                   unlink_quietly)
 from .checksum import CHUNK, StreamChecksum, checksum_fd, checksum_file
 
 log = logging.getLogger(__name__)
@@ -139,16 +139,16 @@ class CpTool(CopyTool):
             cs = copy_with_checksum(src, tmp, want_md5)
             os.replace(tmp, dst)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise _os_error(exc, t, direction, "destination") from None
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
 
     def remove_remote(self, surl: str) -> None:
         try:
-            _unlink_quietly(url_path(surl))
+            unlink_quietly(url_path(surl))
         except ValueError:
             pass
 
@@ -156,7 +156,7 @@ class CpTool(CopyTool):
         super().cleanup_after_kill(t, direction)
         if direction == "out":
             try:
-                _unlink_quietly(partial_path(url_path(t.surl)))
+                unlink_quietly(partial_path(url_path(t.surl)))
             except ValueError:
                 pass
 
@@ -180,7 +180,7 @@ class MvTool(CpTool):
             if exc.errno != errno.EXDEV:
                 raise _os_error(exc, t, direction, "destination") from None
             result = super()._copy(t, src, dst, want_md5, direction)
-            _unlink_quietly(src)
+            unlink_quietly(src)
             return result
         cs = checksum_file(dst, want_md5)
         return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
@@ -204,11 +204,11 @@ class SymlinkTool(CopyTool):
             raise _os_error(exc, t, "in", "source") from None
         tmp = partial_path(t.local_path)
         try:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             os.symlink(src, tmp)
             os.replace(tmp, t.local_path)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise _os_error(exc, t, "in", "destination") from None
         return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
 

@@ -14,7 +14,7 @@ import requests
 
 from panda_core.errorcodes import ErrorCode
 
-from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, _unlink_quietly
+from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, unlink_quietly
 from .checksum import StreamChecksum
 
 log = logging.getLogger(__name__)
@@ -120,15 +120,15 @@ class HttpTool(CopyTool):
                                     f"{t.lfn}: got {cs.size} of {expected} bytes", retryable=True)
             os.replace(tmp, t.local_path)
         except requests.RequestException as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise self._request_error(exc, t, "in") from None
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             code = (ErrorCode.NO_LOCAL_SPACE if exc.errno in (28, 122) else
                     ErrorCode.STAGEIN_FAILED)
             raise TransferError(code, f"{t.lfn}: writing {t.local_path}: {exc}") from None
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from panda_core.errorcodes import ErrorCode
 
-from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, _unlink_quietly
+from .base import CopyTool, Transfer, TransferError, TransferResult, partial_path, unlink_quietly
 from .checksum import StreamChecksum
 from .runner import die_with_parent
 
@@ -127,7 +127,7 @@ class XrdcpTool(CopyTool):
                 raise self._failed(t, "in", rc, b"".join(errbuf).decode(errors="replace"))
             os.replace(tmp, t.local_path)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         finally:
             timer.cancel()
