@@ -116,6 +116,9 @@ class CopyTool(abc.ABC):
 
     name: str = ""
     schemes: tuple[str, ...] = ()
+    #: the options that name a program to run; the pilot refuses them unless the program is in
+    #: its local allow list (a site config comes over the network)
+    program_options: tuple[str, ...] = ()
 
     def __init__(self, **options) -> None:
         self.options = options

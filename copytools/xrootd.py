@@ -48,6 +48,7 @@ class XrdcpTool(CopyTool):
 
     name = "xrdcp"
     schemes = ("root", "xroot", "roots")
+    program_options = ("xrdcp", "xrdfs")
 
     def __init__(self, **options) -> None:
         super().__init__(**options)

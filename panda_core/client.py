@@ -173,9 +173,17 @@ class PilotClient(Transport):
         return reply
 
     def get_job(self, form: dict[str, Any]) -> dict[str, Any] | None:
-        """A job dict, or None when the server has no job (StatusCode 20)."""
-        reply = self.post("getJob", form)
-        code = status_code(reply)
+        """A job dict, or None when the server has no job (StatusCode 20). A "try again"
+        (StatusCode 10) is asked again under the retry policy, then is ServerUnreachable."""
+        waits = self.retry.waits()
+        while try_again(code := status_code(reply := self.post("getJob", form))):
+            wait = next(waits, None)
+            if wait is None:
+                raise ServerUnreachable(f"getJob at {self.url}: the server says try again: "
+                                        f"{reply.get('errorDialog', '')}")
+            log.warning("getJob: the server says try again (%s); retrying in %.1f s",
+                        reply.get("errorDialog", ""), wait)
+            time.sleep(wait)
         if code == 20:
             return None
         if code != 0:
@@ -204,6 +212,18 @@ class PilotClient(Transport):
         if not isinstance(reply, dict) or not reply.get("success") or not reply.get("data"):
             raise ProtocolError(f"get_public_key failed: {str(reply)[:200]}")
         return str(reply["data"])
+
+
+#: the StatusCode of a transient server-side failure of the pilot protocol (the database lost its
+#: connection, a deadlock, a timeout): the caller keeps what it sent and tries again later. Every
+#: other non-zero StatusCode is a refusal: asking again gets the same answer (docs/protocol.md).
+STATUS_TRY_AGAIN = 10
+
+
+def try_again(code: Any) -> bool:
+    """Is ``code`` (a StatusCode, as a number or its text) "try again later", as opposed to a
+    refusal?"""
+    return str(code).strip() == str(STATUS_TRY_AGAIN)
 
 
 def status_code(reply: dict[str, Any]) -> int:

@@ -82,6 +82,20 @@ class Limits:
     stdout_silent_s: int = 0      # payload silent on stdout this long -> killed (1502); 0: off
 
 
+@dataclass
+class TrustConfig:
+    """What the factory hands every pilot it starts (docs/security.md): the pinned server key,
+    the CA bundle for https, the programs a copytool option may name and the variables the
+    payload gets beyond the default ones. The factory reads these from the sysadmin's file; a
+    pilot never takes them from the queue description."""
+    server_key_fingerprint: str = ""     # sha256:<hex> of the server's job-signing key
+    server_public_key: str = ""          # or the key itself: a PEM file on the factory's host
+    ca_bundle: str = ""                  # CA bundle (file) on the worker nodes, for https
+    ca_dir: str = ""                     # or a folder of hashed CA certificates
+    copytool_programs: list[str] = field(default_factory=list)  # absolute paths
+    payload_env: list[str] = field(default_factory=list)        # names, fnmatch patterns
+
+
 @dataclass(kw_only=True)
 class SiteConfig:
     """One site (= PanDA queue). ``source`` is the file it came from and is not part of to_dict()."""
@@ -96,6 +110,7 @@ class SiteConfig:
     direct_read: bool = False
     transfer: TransferConfig = field(default_factory=TransferConfig)
     limits: Limits = field(default_factory=Limits)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     source: str | None = field(default=None, compare=False)
 
     @property
@@ -153,6 +168,10 @@ def _value(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise SiteConfigError(f"{path}: expected a string, got {value!r}")
         return value
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SiteConfigError(f"{path}: expected a list of strings, got {value!r}")
+        return list(value)
     if typing.get_origin(hint) is dict:
         if not isinstance(value, dict):
             raise SiteConfigError(f"{path}: expected a mapping, got {value!r}")

@@ -19,6 +19,8 @@ from .replicas import BadFileName, check_name
 #: what the encoder writes for "no value", as PanDA does; the decoder reads it (and "None") as empty
 NULL = "NULL"
 _EMPTY = ("", NULL, "None")
+#: the field of a job spec that binds it to one dispatch; the signature covers it with the rest
+DISPATCH_KEY = "pandaWmsDispatch"
 
 
 class WireError(CodedError):
@@ -69,6 +71,39 @@ class JobSpec:
     def files(self) -> list[FileSpec]:
         """Inputs, outputs and the log: every file the job names."""
         return self.inputs + self.outputs + ([self.log] if self.log else [])
+
+
+@dataclass(slots=True)
+class Dispatch:
+    """To whom a job spec was sent: the site, the pilot (its ``pilotID``) and the nonce that
+    pilot sent with its getJob. Signed inside the spec, so a spec replayed to another pilot, or
+    to the same pilot's next getJob, does not match what that pilot expects. ``time`` (the
+    server's epoch seconds at dispatch) is recorded, not compared: clocks of worker nodes drift."""
+    site: str
+    pilot_id: str
+    nonce: str
+    time: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"site": self.site, "pilotID": self.pilot_id, "nonce": self.nonce,
+                "time": self.time}
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> "Dispatch | None":
+        """The binding a job dict carries; None when it has none (or an unreadable one)."""
+        value = raw.get(DISPATCH_KEY)
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls(str(value["site"]), str(value["pilotID"]), str(value["nonce"]),
+                       int(value.get("time") or 0))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def matches(self, other: "Dispatch") -> bool:
+        """Same site, pilot and nonce (the time is not compared)."""
+        return (self.site, self.pilot_id, self.nonce) == (other.site, other.pilot_id,
+                                                           other.nonce)
 
 
 # ---------------------------------------------------------------------------------- encoding

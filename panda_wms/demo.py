@@ -123,6 +123,8 @@ class Demo:
         pilot_token_file = self.workdir / "pilot.token"
         pilot_token_file.write_text(keys.issue_token("demo-pilot", "pilot", site=SITE))
         pilot_token_file.chmod(0o600)
+        server_key_file = self.workdir / "server-key.pem"    # pinned for the pilots, as a
+        server_key_file.write_text(keys.public_key_pem)       # deployment would pin it
 
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
@@ -168,6 +170,7 @@ class Demo:
         self.start("factory", ["factory", "--server", url, "--site-configs", str(sites_dir),
                                "--interval", "1", "--pilot-token-file", str(pilot_token_file),
                                "--token-file", str(pilot_token_file),
+                               "--server-public-key", str(server_key_file),
                                "--state-dir", str(self.workdir / "factory")])
         details = self._watch(admin, task_id)
         jobs = admin.jobs(task_id)

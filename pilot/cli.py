@@ -35,8 +35,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default: the "
                    "site's limits.heartbeat_s, 1800)")
     p.add_argument("--queuedata", help="read the queue description from this JSON file")
-    p.add_argument("--public-key", help="PEM file of the server's job-signing key (default: "
-                   "fetched from the server)")
+    p.add_argument("--public-key", help="PEM file of the server's job-signing key, pinned at "
+                   "deployment (the factory passes it; `panda token public-key` prints it)")
+    p.add_argument("--public-key-fingerprint", metavar="sha256:HEX",
+                   help="the server's job-signing key by its fingerprint: the key the server "
+                   "serves must have it (`panda token public-key --fingerprint`). One of the two "
+                   "is required: the pilot never trusts a key only because the server sent it")
+    p.add_argument("--ca-bundle", help="CA bundle (file) that the server's https certificate is "
+                   "verified against (default: the system's CAs)")
+    p.add_argument("--ca-dir", help="folder of hashed CA certificates, for https")
+    p.add_argument("--allow-program", action="append", default=[], metavar="PATH",
+                   help="a program that a copytool option (xrdcp's `xrdcp`, `xrdfs`) may name; "
+                   "repeatable. Without it a copytool runs only the program it finds on PATH")
+    p.add_argument("--payload-env", action="append", default=[], metavar="NAME",
+                   help="an environment variable (or PREFIX*) the payload gets beyond PATH, HOME, "
+                   "LANG, LC_*, TZ, ... and what the pilot sets; repeatable")
     p.add_argument("--stdout-silent", type=float, default=None,
                    help="kill the payload (1502) when its stdout stays silent this many seconds "
                    "(default: the site's limits.stdout_silent_s if set, else off)")
@@ -132,14 +145,18 @@ def read_token(path: str | None) -> str | None:
 
 
 def job_request(cfg, site, node: dict, remaining: float | None) -> dict:
-    """The getJob form (PanDA's names plus our pilotVersion, cores, remainingWalltime)."""
+    """The getJob form (PanDA's names plus our pilotVersion, cores, remainingWalltime, and a
+    fresh ``pilotNonce`` that the server signs into the spec it sends back)."""
+    import secrets
+
     from .job import __version__
 
     cores = site.resources.cores or node["cores"]
     form = {"siteName": site.name, "computingElement": site.name, "prodSourceLabel": "managed",
             "node": node["node"], "cpu": node["cpu"], "mem": node["mem"],
             "diskSpace": node["diskSpace"], "resourceType": "MCORE" if int(cores) > 1 else "SCORE",
-            "pilotVersion": __version__, "cores": cores, "pilotID": f"{node['node']}:{os.getpid()}"}
+            "pilotVersion": __version__, "cores": cores, "pilotID": f"{node['node']}:{os.getpid()}",
+            "pilotNonce": secrets.token_urlsafe(18)}
     if remaining is not None:
         form["remainingWalltime"] = int(remaining - cfg.reserve_s)
     if cfg.batch_id:
@@ -156,6 +173,8 @@ def main(argv: list[str]) -> int:
     from panda_core.client import ClientError, PilotClient, ProtocolError
     from panda_core.retry import RetryPolicy
 
+    from panda_core.wire import Dispatch
+
     from .errors import ErrorCode, PilotError
     from .job import JobRun, KillRequest, PilotConfig
 
@@ -170,14 +189,22 @@ def main(argv: list[str]) -> int:
                       transfer_backoff_s=args.transfer_backoff,
                       log_cap_bytes=int(args.log_cap_mb * 2**20), keep_workdirs=args.keep_workdirs,
                       batch_id=(os.environ.get("SLURM_JOB_ID")
-                                or os.environ.get("PANDA_BATCH_ID", "")))
+                                or os.environ.get("PANDA_BATCH_ID", "")),
+                      allowed_programs=frozenset(args.allow_program),
+                      payload_env=tuple(args.payload_env))
+    try:
+        pinned = pinned_key(args)
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     try:
         token = read_token(args.token_file)
     except OSError as exc:
         log.error("cannot read the token file: %s", exc)
         return EXIT_USAGE
     try:
-        client = PilotClient(args.server, token, retry=retry, user_agent="panda-wms-pilot")
+        client = PilotClient(args.server, token, retry=retry, user_agent="panda-wms-pilot",
+                             ca_file=args.ca_bundle, ca_dir=args.ca_dir)
     except ClientError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -202,15 +229,12 @@ def main(argv: list[str]) -> int:
         if args.stdout_silent is not None:
             site.limits.stdout_silent_s = args.stdout_silent
         from .plugins import make_manager
+        from .signature import Trust
         pm = make_manager()
+        trust = Trust(client.public_key, queuedata, args.site, local=bool(args.queuedata),
+                      **pinned)
         if not args.no_recovery:
-            from .recovery import recover_all
-            recovered = recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs,
-                                    cfg.final_retry, site)
-            if recovered:
-                log.info("recovered jobs: %s", ", ".join(recovered))
-        verifier = None
-        pem = Path(args.public_key).read_bytes() if args.public_key else None
+            recover(cfg, client, pm, site, trust)
     except (PilotError, ProtocolError, OSError) as exc:
         log.error("pilot cannot start: %s", exc)
         return EXIT_ERROR
@@ -233,26 +257,71 @@ def main(argv: list[str]) -> int:
         if raw is None:
             log.info("the server has no job for %s", site.name)
             break
-        if verifier is None:
-            try:
-                from .signature import SpecVerifier
-                verifier = SpecVerifier(pem if pem is not None else client.public_key())
-            except (PilotError, ProtocolError) as exc:
-                log.error("no key to check job signatures with: %s", exc)
-                refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE,
-                       f"no key to check the job's signature with: {exc}")
-                rc = EXIT_ERROR
-                break
+        try:
+            verifier = trust.verifier()
+        except (PilotError, ProtocolError) as exc:
+            log.error("no key to check job signatures with: %s", exc)
+            refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE,
+                   f"no key to check the job's signature with: {exc}")
+            rc = EXIT_ERROR
+            break
+        try:
+            trust.check_queuedata()
+        except PilotError as exc:
+            log.error("the queue description is not the server's: %s", exc)
+            refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE, str(exc.diag))
+            rc = EXIT_ERROR
+            break
         log.info("got job %s", raw.get("PandaID"))
-        state = JobRun(cfg, client, site, pm, raw, verifier, stop).run()
+        expected = Dispatch(site=site.name, pilot_id=form["pilotID"], nonce=form["pilotNonce"])
+        state = JobRun(cfg, client, site, pm, raw, verifier, stop, expected).run()
         log.info("job %s ended: %s", raw.get("PandaID"), state)
         n_jobs += 1
 
     if not args.no_recovery:  # our own final states the server missed: one more try
-        from .recovery import recover_all
-        recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs, cfg.final_retry, site)
+        recover(cfg, client, pm, site, trust)
     log.info("pilot done: %d job(s) in %.1f s", n_jobs, time.time() - started)
     return rc
+
+
+def pinned_key(args: argparse.Namespace) -> dict:
+    """The server key pinned on the command line: ``pem`` and/or ``fingerprint`` for Trust;
+    ValueError when neither is given (the pilot never trusts a key only because the server sent
+    it) or the fingerprint is malformed, OSError when the PEM file cannot be read."""
+    from panda_core.trust import normalise_fingerprint
+
+    if not args.public_key and not args.public_key_fingerprint:
+        raise ValueError("no pinned server key: give --public-key FILE or "
+                         "--public-key-fingerprint sha256:HEX (the factory passes one; "
+                         "`panda token public-key` prints them)")
+    pinned: dict = {}
+    if args.public_key:
+        pinned["pem"] = Path(args.public_key).read_bytes()
+    if args.public_key_fingerprint:
+        pinned["fingerprint"] = normalise_fingerprint(args.public_key_fingerprint)
+    return pinned
+
+
+def recover(cfg, client, pm, site, trust) -> None:
+    """Finish dead pilots' jobs below the work dir base, once the queue description they are
+    staged out by is known to be the server's (nothing to recover: nothing is checked)."""
+    from panda_core.client import ProtocolError
+
+    from .errors import PilotError
+    from .recovery import recover_all
+    from .statefile import job_dirs
+
+    if not job_dirs(cfg.workdir_base):
+        return
+    try:
+        trust.check_queuedata()
+    except (PilotError, ProtocolError) as exc:
+        log.error("recovery skipped, the job dirs stay for a later pilot: %s", exc)
+        return
+    recovered = recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs, cfg.final_retry,
+                            site, cfg.allowed_programs)
+    if recovered:
+        log.info("recovered jobs: %s", ", ".join(recovered))
 
 
 def refuse(client, cfg, site, raw: dict, code: int, diag: str) -> None:

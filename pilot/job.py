@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from panda_core.client import PilotClient, server_commands
+from panda_core.client import PilotClient, server_commands, try_again
 from panda_core.retry import RetryPolicy
 from panda_core.siteconfig import SiteConfig
-from panda_core.wire import JobSpec, decode_job
+from panda_core.wire import Dispatch, JobSpec, decode_job
 
 from . import statefile as sf
 from .errors import BadJobSpec, ErrorCode, PayloadKilled, PilotError, ServerUnreachable
@@ -28,6 +28,7 @@ from .payload import Payload, PayloadResult, build_argv, scrub_env
 from .plugins import notify
 from .report import (HEARTBEAT_RETRY, KILL_COMMANDS, err_dict, final_form, heartbeat_form,
                      redact, result_dict, send_final)
+from .signature import NotOurDispatch, check_dispatch
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class PilotConfig:
     kill_grace_s: float = 3.0
     batch_id: str = ""
     node: str = field(default_factory=socket.gethostname)
+    allowed_programs: frozenset[str] = frozenset()   # what a copytool option may name
+    payload_env: tuple[str, ...] = ()      # names (or PREFIX*) the payload gets beyond the defaults
 
     def remaining_s(self, now: float | None = None) -> float | None:
         return None if self.deadline is None else self.deadline - (now or time.time())
@@ -81,10 +84,15 @@ class KillRequest:
 
 
 class JobRun:
+    """``verifier`` checks the spec's signature and ``expected`` its binding to the getJob that
+    brought it (recovery passes neither: its specs come from the job dir's state file)."""
+
     def __init__(self, cfg: PilotConfig, client: PilotClient, site: SiteConfig, pm,
-                 raw: dict[str, Any], verifier=None, stop: KillRequest | None = None) -> None:
+                 raw: dict[str, Any], verifier=None, stop: KillRequest | None = None,
+                 expected: Dispatch | None = None) -> None:
         self.cfg, self.client, self.site, self.pm, self.raw = cfg, client, site, pm, raw
         self.verifier = verifier
+        self.expected = expected
         self.pilot_stop = stop               # set by the pilot's signal handlers
         self.kill = KillRequest()
         self.job: JobSpec | None = None
@@ -201,6 +209,8 @@ class JobRun:
         try:
             if self.verifier is not None:
                 self.verifier.verify(self.raw)
+            if self.expected is not None:
+                check_dispatch(self.raw, self.expected)
             try:
                 self.job = decode_job(self.raw)
             except PilotError:
@@ -208,6 +218,14 @@ class JobRun:
             except Exception as exc:  # anything unexpected in a spec is a bad spec
                 raise BadJobSpec(f"unreadable job spec: {exc}") from None
             self._check_walltime(self.job)
+        except NotOurDispatch as exc:
+            # another pilot's job, or this pilot's earlier one: reporting on it would end a job
+            # that is not ours; the server's watcher reclaims a dispatch nobody reports on
+            log.error("job %s refused, not reported: %s", self.panda_id, exc)
+            self._save(sf.DONE)
+            if not self.cfg.keep_workdirs:
+                shutil.rmtree(self.jobdir, ignore_errors=True)
+            return "refused"
         except PilotError as exc:
             log.error("job %s refused: %s", self.panda_id, exc)
             return self._finish("failed", exc, {})
@@ -219,9 +237,9 @@ class JobRun:
             self._check_stop()
             self._save(sf.STAGEIN)
             t0 = time.time()
-            from .stage import StageSettings, stage_in
+            from .stage import stage_in
             files = stage_in(job, self.site, self.workdir,
-                             StageSettings.from_site(self.site, self.cfg.transfer_backoff_s))
+                             self._stage_settings())
             self.timing["stagein"] = time.time() - t0
             notify(self.pm, "pilot_stagein_done", job=job, files=files)
             self._check_stop()
@@ -265,7 +283,7 @@ class JobRun:
                  "PANDA_WORKDIR": str(self.workdir), "ATHENA_CORE_NUMBER": str(job.core_count)}
         if len(inputs) < 65536:   # the kernel caps an env string at 128 KiB: big lists on disk
             extra["PANDA_INPUTS"] = inputs
-        env = scrub_env(os.environ, extra)
+        env = scrub_env(os.environ, extra, self.cfg.payload_env)
         argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"))
         (self.workdir / "pilot_inputs.json").write_text(inputs)
         self.payload = Payload(argv, self.workdir, env)
@@ -388,6 +406,10 @@ class JobRun:
         except Exception as exc:
             log.warning("job %s: %s update refused: %s", self.panda_id, form["state"], exc)
             return
+        if try_again(reply.get("StatusCode")):
+            log.warning("job %s: %s update not taken, the server says try again: %s",
+                        self.panda_id, form["state"], reply.get("errorDialog", ""))
+            return
         self.last_heartbeat_ok = time.time()
         self._obey(reply)
 
@@ -400,21 +422,30 @@ class JobRun:
             log.info("job %s: server command(s) %s ignored", self.panda_id,
                      ",".join(sorted(commands)))
 
+    def _stage_settings(self):
+        from .stage import StageSettings
+
+        return StageSettings.from_site(self.site, self.cfg.transfer_backoff_s,
+                                       self.cfg.allowed_programs)
+
     # --- the end ------------------------------------------------------------------------------
     def _stage_out_outputs(self) -> dict[str, dict]:
-        from .stage import StageSettings, stage_out
+        from .stage import stage_out
 
         assert self.job is not None
         t0 = time.time()
         stored = stage_out(self.job.outputs, self.workdir, self.site,
-                           StageSettings.from_site(self.site, self.cfg.transfer_backoff_s))
+                           self._stage_settings())
         self.timing["stageout"] = time.time() - t0
         return stored
 
     def _finish(self, state: str, error: PilotError | None, stored: dict[str, dict]) -> str:
         """Store the log tarball, build the final update, send it or keep it for later."""
         job = self.job
-        if job is not None and job.log is not None and self.workdir is not None \
+        killed_by_server = error is not None and error.code == ErrorCode.KILLED_BY_SERVER
+        if killed_by_server:     # the job is no longer ours to store anything of
+            log.info("job %s: killed by the server: nothing is staged out", self.panda_id)
+        elif job is not None and job.log is not None and self.workdir is not None \
                 and self.workdir.is_dir():
             try:
                 stored.update(self._stage_out_log(job))
@@ -439,7 +470,7 @@ class JobRun:
 
     def _stage_out_log(self, job: JobSpec) -> dict[str, dict]:
         from .logtar import make_log_tarball
-        from .stage import StageSettings, stage_out
+        from .stage import stage_out
 
         assert job.log is not None and self.workdir is not None and self.jobdir is not None
         exclude = {f.lfn for f in job.inputs} | {f.lfn for f in job.outputs}
@@ -447,4 +478,4 @@ class JobRun:
         logdir.mkdir(exist_ok=True)
         make_log_tarball(self.workdir, logdir / job.log.lfn, exclude, self.cfg.log_cap_bytes)
         return stage_out([job.log], logdir, self.site,
-                         StageSettings.from_site(self.site, self.cfg.transfer_backoff_s))
+                         self._stage_settings())

@@ -1,4 +1,4 @@
-"""Run the payload: own work dir, own process group, scrubbed environment, whole-tree kill.
+"""Run the payload: own work dir, own process group, allow-listed environment, whole-tree kill.
 
 The payload is started through a one-line ``sh`` wrapper that writes its exit code to
 ``.payload_exit`` in the work dir: if the pilot dies, a later pilot still learns how the payload
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -25,14 +24,22 @@ STDOUT = "payload.stdout"
 STDERR = "payload.stderr"
 _WRAPPER = '"$@"; rc=$?; echo "$rc" > ' + EXIT_FILE + '; exit "$rc"'
 
-#: variables never passed to the payload: the pilot's credentials and where they live
-_SECRET_NAMES = re.compile(r"TOKEN|SECRET|PASSW|X509_USER_(PROXY|CERT|KEY)|KRB5CCNAME|"
-                           r"^PANDA_AUTH|BEARER|_CREDENTIAL|^AWS_", re.IGNORECASE)
+#: what the payload gets of the pilot's environment by default: where programs are, who and where
+#: it is, its locale and time zone, the public CA folder. Everything else (tokens, passwords,
+#: database URLs, agent sockets, cloud keys, whatever a name may be) stays with the pilot.
+DEFAULT_PAYLOAD_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", "TZ",
+                       "TMPDIR", "X509_CERT_DIR")
 
 
-def scrub_env(env: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The payload's environment: the pilot's minus anything that looks like a credential."""
-    clean = {k: v for k, v in env.items() if not _SECRET_NAMES.search(k)}
+def scrub_env(env: Mapping[str, str], extra: Mapping[str, str] | None = None,
+              allow: tuple[str, ...] = ()) -> dict[str, str]:
+    """The payload's environment, built from an allow list: of ``env`` only the variables named
+    by ``DEFAULT_PAYLOAD_ENV`` or ``allow`` (names, or prefixes ending in ``*``: the site's
+    ``trust.payload_env``, handed over as ``--payload-env``), then what the pilot sets
+    (``extra``)."""
+    names = {n for n in (*DEFAULT_PAYLOAD_ENV, *allow) if not n.endswith("*")}
+    prefixes = tuple(n[:-1] for n in (*DEFAULT_PAYLOAD_ENV, *allow) if n.endswith("*"))
+    clean = {k: v for k, v in env.items() if k in names or k.startswith(prefixes)}
     clean.update(extra or {})
     return clean
 

@@ -50,10 +50,12 @@ def _exit_code(workdir: Path) -> int | None:
 
 
 def recover_all(base: Path, client: PilotClient, pm=None, keep: bool = False,
-                policy: RetryPolicy | None = None, site: SiteConfig | None = None) -> list[str]:
+                policy: RetryPolicy | None = None, site: SiteConfig | None = None,
+                allowed_programs: frozenset[str] = frozenset()) -> list[str]:
     """Recover every dead pilot's job dir below ``base``; return the PandaIDs whose final state
     reached the server. ``site``: this pilot's own queue description, used (with its copytool
-    secrets, which state files never hold) for jobs of the same site."""
+    secrets, which state files never hold) for jobs of the same site; ``allowed_programs``: the
+    programs copytool options may name (``--allow-program``)."""
     done = []
     for tmp in base.glob(f".{sf.JOB_DIR_PREFIX}*.creating"):   # a pilot died making a job dir
         lock = sf.JobLock(tmp)
@@ -73,7 +75,7 @@ def recover_all(base: Path, client: PilotClient, pm=None, keep: bool = False,
             log.warning("recovery: cannot lock %s: %s", wd, exc)
             continue
         try:
-            pid = recover_one(wd, client, pm, keep, policy, site)
+            pid = recover_one(wd, client, pm, keep, policy, site, allowed_programs)
             if pid:
                 done.append(pid)
         except Exception:
@@ -84,7 +86,8 @@ def recover_all(base: Path, client: PilotClient, pm=None, keep: bool = False,
 
 
 def recover_one(wd: Path, client: PilotClient, pm=None, keep: bool = False,
-                policy: RetryPolicy | None = None, own_site: SiteConfig | None = None) -> str | None:
+                policy: RetryPolicy | None = None, own_site: SiteConfig | None = None,
+                allowed_programs: frozenset[str] = frozenset()) -> str | None:
     from .job import JobRun, PilotConfig
     from .report import send_final
 
@@ -124,7 +127,7 @@ def recover_one(wd: Path, client: PilotClient, pm=None, keep: bool = False,
         site = site_from_queuedata({"panda_wms": state.get("site") or {}},
                                    state.get("site_name", ""))
     cfg = PilotConfig(server=client.url, site=site.name, workdir_base=wd.parent,
-                      keep_workdirs=keep, final_retry=policy)
+                      keep_workdirs=keep, final_retry=policy, allowed_programs=allowed_programs)
     run = JobRun(cfg, client, site, pm, raw)
     run.jobdir = wd
     run.workdir = wd / sf.WORK_DIR

@@ -11,7 +11,7 @@ import re
 import time
 from typing import Any
 
-from panda_core.client import PilotClient, ProtocolError, status_code
+from panda_core.client import PilotClient, ProtocolError, status_code, try_again
 from panda_core.retry import RetryPolicy
 
 from .errors import PilotError, ServerUnreachable, diag_limit, error_text
@@ -92,20 +92,35 @@ def final_form(form: dict[str, Any], error: PilotError | None, res: PayloadResul
 
 
 def send_final(client: PilotClient, form: dict[str, Any], policy: RetryPolicy) -> bool:
-    """Deliver a final update; False when the server stayed away (the caller keeps it on disk)."""
-    try:
-        reply = client.update_job(form, policy)
-    except ServerUnreachable as exc:
-        log.warning("final update of job %s not delivered: %s", form.get("jobId"), exc)
-        return False
-    except Exception as exc:
-        log.error("final update of job %s refused: %s", form.get("jobId"), exc)
-        return False
-    try:
-        code = status_code(reply)
-    except ProtocolError as exc:   # not the server speaking: keep the update for later
-        log.error("final update of job %s: %s", form.get("jobId"), exc)
-        return False
+    """Deliver a final update; True once the server answered for good: it took the update, or
+    refused it (asking again would get the same answer). False when the server stayed away or
+    kept answering "try again" (StatusCode 10) through ``policy``: the caller keeps the update
+    and the job's work dir on disk for a later attempt (its own, or a later pilot's recovery)."""
+    waits = policy.waits()
+    while True:
+        try:
+            reply = client.update_job(form, policy)
+        except ServerUnreachable as exc:
+            log.warning("final update of job %s not delivered: %s", form.get("jobId"), exc)
+            return False
+        except Exception as exc:
+            log.error("final update of job %s refused: %s", form.get("jobId"), exc)
+            return False
+        try:
+            code = status_code(reply)
+        except ProtocolError as exc:   # not the server speaking: keep the update for later
+            log.error("final update of job %s: %s", form.get("jobId"), exc)
+            return False
+        if not try_again(code):
+            break
+        wait = next(waits, None)
+        if wait is None:
+            log.warning("final update of job %s: the server says try again (%s); kept for "
+                        "later", form.get("jobId"), reply.get("errorDialog", ""))
+            return False
+        log.warning("final update of job %s: the server says try again (%s); retrying in "
+                    "%.1f s", form.get("jobId"), reply.get("errorDialog", ""), wait)
+        time.sleep(wait)
     if code != 0:
         log.error("final update of job %s refused by the server: StatusCode %s %s",
                   form.get("jobId"), code, reply.get("errorDialog", ""))

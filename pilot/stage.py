@@ -1,14 +1,18 @@
 """Stage-in before the payload and stage-out after it, one file at a time through the copytools.
 
 Each file goes through ``copytools.run_transfer`` with the site's tool for its direction (input and
-output tools may differ), under the site's timeout and retries. Replica URLs come from
+output tools may differ), under the site's timeout and retries. A copytool option that names a
+program (``CopyTool.program_options``) is refused unless the program is in the pilot's local
+allow list (``--allow-program``): the queue description comes over the network, and the pilot
+never runs a program because the network named it. Replica URLs come from
 ``panda_core.replicas.replica_url``, so every part of the system agrees where a file lives.
 """
 from __future__ import annotations
 
 import logging
+import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +30,30 @@ class StageSettings:
     timeout_s: float
     retries: int
     backoff_s: float = 1.0
+    allowed_programs: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
-    def from_site(cls, site: SiteConfig, backoff_s: float = 1.0) -> "StageSettings":
-        return cls(site.transfer.timeout_s, site.transfer.retries, backoff_s)
+    def from_site(cls, site: SiteConfig, backoff_s: float = 1.0,
+                  allowed_programs: frozenset[str] = frozenset()) -> "StageSettings":
+        return cls(site.transfer.timeout_s, site.transfer.retries, backoff_s, allowed_programs)
 
 
-def _tool(name: str, options: dict[str, Any], direction: str):
+def _tool(name: str, options: dict[str, Any], direction: str, allowed: frozenset[str]):
     import copytools
 
     code = ErrorCode.STAGEIN_FAILED if direction == "in" else ErrorCode.STAGEOUT_FAILED
     try:
-        return copytools.load(name, **options)
+        tool = copytools.load(name, **options)
     except Exception as exc:  # unknown tool, bad options, broken plugin: all one failure
         raise StageError(code, f"copytool {name!r} for stage-{direction} unusable: {exc}") from None
+    permitted = {os.path.realpath(p) for p in allowed}
+    for option in type(tool).program_options:
+        program = options.get(option)
+        if program and os.path.realpath(str(program)) not in permitted:
+            raise StageError(code, f"copytool {name!r} option {option!r} names the program "
+                             f"{str(program)[:200]!r}, which is not in this pilot's allow list "
+                             "(--allow-program)")
+    return tool
 
 
 def _surl(se_url: str, scope: str, lfn: str, code: int) -> str:
@@ -60,7 +74,8 @@ def stage_in(job: JobSpec, site: SiteConfig, workdir: Path,
     from copytools import Transfer, TransferError, run_transfer
 
     direct = site.direct_read and job.direct_read
-    tool = None if direct else _tool(site.copytools.input.name, site.copytools.input.options, "in")
+    tool = None if direct else _tool(site.copytools.input.name, site.copytools.input.options, "in",
+                                     settings.allowed_programs)
     for f in job.inputs:
         surl = _surl(site.storage.input.url, f.scope, f.lfn, ErrorCode.STAGEIN_FAILED)
         if direct:
@@ -88,7 +103,8 @@ def stage_out(files: list[FileSpec], local_dir: Path, site: SiteConfig,
         return stored
     from copytools import Transfer, TransferError, run_transfer
 
-    tool = _tool(site.copytools.output.name, site.copytools.output.options, "out")
+    tool = _tool(site.copytools.output.name, site.copytools.output.options, "out",
+                 settings.allowed_programs)
     for f in files:
         local = local_dir / f.lfn
         if not local.is_file():

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from panda_core.client import ClientError, PilotClient
+from panda_core.client import ClientError, PilotClient, try_again
 from panda_core.errorcodes import CodedError, ErrorCode, error_text
 from panda_core.replicas import replica_url
 from panda_core.retry import RetryPolicy
@@ -154,9 +154,9 @@ class Refused(ServerError):
 
     @property
     def permanent(self) -> bool:
-        """Asking again gets the same answer: not for timeouts (10) or credentials (50/60/70),
-        which an operator may fix."""
-        return self.status_code not in (10, 50, 60, 70)
+        """Asking again gets the same answer: every StatusCode but "try again" (10), the rule
+        the pilot's final report follows too (``panda_core.client.try_again``)."""
+        return not try_again(self.status_code)
 
 
 class SEUnavailable(ServerError):

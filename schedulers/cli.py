@@ -27,6 +27,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pilot-token-file",
                    help="token handed to pilots as PANDA_AUTH_TOKEN (default: the factory's)")
     p.add_argument("--pilot-args", default="", help="extra pilot arguments, one shell-quoted string")
+    p.add_argument("--server-public-key", metavar="PEM",
+                   help="the server's job-signing public key (`panda token public-key`), pinned "
+                   "for every pilot by its fingerprint")
+    p.add_argument("--server-key-fingerprint", metavar="sha256:HEX",
+                   help="the same, as its fingerprint (`panda token public-key --fingerprint`)")
+    p.add_argument("--ca-bundle", help="CA bundle (file) the server's https certificate is "
+                   "verified against, for the factory and its pilots (default: the system's)")
+    p.add_argument("--ca-dir", help="folder of hashed CA certificates, for https")
     p.add_argument("--max-failures", type=int, default=5,
                    help="failed pilots in a row that stop submission to a site")
     p.add_argument("--failure-backoff", type=float, default=600.0,
@@ -41,6 +49,25 @@ def _read(path: str | None, env_var: str | None = None) -> str | None:
     if path:
         return Path(path).read_text().strip() or None
     return os.environ.get(env_var) if env_var else None
+
+
+def server_key_fingerprint(args: argparse.Namespace) -> str | None:
+    """The fingerprint of the key given by --server-public-key or --server-key-fingerprint
+    (both: they must agree); ValueError naming the option otherwise."""
+    from panda_core.trust import key_fingerprint, normalise_fingerprint
+
+    given = normalise_fingerprint(args.server_key_fingerprint) \
+        if args.server_key_fingerprint else None
+    if args.server_public_key:
+        try:
+            of_file = key_fingerprint(Path(args.server_public_key).read_bytes())
+        except ValueError as exc:
+            raise ValueError(f"--server-public-key {args.server_public_key}: {exc}") from None
+        if given and given != of_file:
+            raise ValueError(f"--server-public-key has the fingerprint {of_file}, not the "
+                             f"--server-key-fingerprint {given}")
+        given = of_file
+    return given
 
 
 def _print_cycle(report) -> None:
@@ -77,17 +104,33 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         sys.stderr.write(f"panda factory: bad --pilot-args: {exc}\n")
         return 2
+    try:
+        fingerprint = server_key_fingerprint(args)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"panda factory: {exc}\n")
+        return 2
     sites, errors = load_dir(args.site_configs)
     for err in errors:
         log.error("site config: %s", err)
     if not sites:
         sys.stderr.write(f"panda factory: no valid site config in {args.site_configs}\n")
         return 1
+    unpinned = [s.name for s in sites
+                if not (fingerprint or s.trust.server_key_fingerprint or s.trust.server_public_key)]
+    if unpinned:
+        sys.stderr.write("panda factory: no server key pinned for site(s) "
+                         f"{', '.join(unpinned)}: give --server-public-key or "
+                         "--server-key-fingerprint, or set trust.server_key_fingerprint in the "
+                         "site config (pilots never trust a key only because the server sent "
+                         "it)\n")
+        return 2
     try:
         factory = Factory(args.server, sites, factory_id=args.factory_id, token=token,
                           pilot_token=pilot_token, state_dir=args.state_dir,
                           pilot_args=pilot_args, max_failures=args.max_failures,
-                          failure_backoff_s=args.failure_backoff)
+                          failure_backoff_s=args.failure_backoff,
+                          server_key_fingerprint=fingerprint, ca_file=args.ca_bundle,
+                          ca_dir=args.ca_dir)
     except OSError as exc:
         sys.stderr.write(f"panda factory: cannot use state dir: {exc}\n")
         return 1

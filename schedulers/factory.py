@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from panda_core.client import ApiClient, ClientError, Refused
 from panda_core.siteconfig import SiteConfig
+from panda_core.trust import key_fingerprint, normalise_fingerprint
 
 from .base import (FINAL_BATCH_STATES, BatchState, PilotSpec, PushDriver, SchedulerBackend,
                    SchedulerError, backend_class)
@@ -104,7 +105,11 @@ class Factory:
 
     ``token`` authenticates the factory's own calls (report, activated count); ``pilot_token`` is
     put into each pilot's environment as ``PANDA_AUTH_TOKEN``. ``pilot_args`` are appended to the
-    pilot's command line. After ``max_failures`` failed pilots in a row a site gets no pilots for
+    pilot's command line. ``server_key_fingerprint`` pins the server's job-signing key for every
+    pilot (a site's ``trust`` section may pin its own), ``ca_file``/``ca_dir`` verify the
+    server's https certificate, the factory's own calls and (unless the site names its own) the
+    pilots'. A site's ``trust`` also names the programs its copytools may run and the variables
+    its payloads get: all of it reaches the pilot on its command line (``pilot_trust_args``). After ``max_failures`` failed pilots in a row a site gets no pilots for
     ``failure_backoff_s``; then one probe pilot is allowed, and a success feeds the site again.
     Pilots needed = activated jobs - queued pilots - pilots running for less than
     ``startup_grace_s`` (they are about to take a job), within the site's limits.
@@ -116,6 +121,8 @@ class Factory:
                  max_failures: int = 5, failure_backoff_s: float = 600.0,
                  http_timeout: float = 10.0, keep_final_s: float = 86400.0,
                  startup_grace_s: float = 60.0,
+                 server_key_fingerprint: str | None = None,
+                 ca_file: str | None = None, ca_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
                  backends: dict[str, SchedulerBackend] | None = None) -> None:
         self.server_url = server_url.rstrip("/")
@@ -130,8 +137,11 @@ class Factory:
         self.keep_final_s = keep_final_s
         self.startup_grace_s = startup_grace_s
         self.clock = clock
+        self.server_key_fingerprint = (normalise_fingerprint(server_key_fingerprint)
+                                       if server_key_fingerprint else None)
+        self.ca_file, self.ca_dir = ca_file, ca_dir
         self.api = ApiClient(self.server_url, token, timeout=http_timeout,
-                             user_agent="panda-wms-factory")
+                             user_agent="panda-wms-factory", ca_file=ca_file, ca_dir=ca_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pilots: dict[tuple[str, str], PilotRecord] = {}     # (site, batch id) -> record
         self.health: dict[str, SiteHealth] = {name: SiteHealth() for name in self.sites}
@@ -199,7 +209,41 @@ class Factory:
 
     def pilot_command(self, site: SiteConfig) -> list[str]:
         return [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", self.server_url,
-                "--site", site.name, "--walltime", str(site.pilots.walltime_s), *self.pilot_args]
+                "--site", site.name, "--walltime", str(site.pilots.walltime_s),
+                *self.pilot_trust_args(site), *self.pilot_args]
+
+    def server_key_for(self, site: SiteConfig) -> str | None:
+        """The fingerprint of the server key the site's pilots pin: the site's own
+        (``trust.server_key_fingerprint``, or of the PEM file ``trust.server_public_key``),
+        else the factory's; SchedulerError when the site's PEM file is unusable."""
+        trust = site.trust
+        try:
+            if trust.server_key_fingerprint:
+                return normalise_fingerprint(trust.server_key_fingerprint)
+            if trust.server_public_key:
+                return key_fingerprint(Path(trust.server_public_key).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise SchedulerError(f"site {site.name}: trust.server_public_key: {exc}") from None
+        return self.server_key_fingerprint
+
+    def pilot_trust_args(self, site: SiteConfig) -> list[str]:
+        """The pilot options that carry what the deployment trusts (docs/security.md)."""
+        args: list[str] = []
+        fingerprint = self.server_key_for(site)
+        if fingerprint:
+            args += ["--public-key-fingerprint", fingerprint]
+        ca_file, ca_dir = ((site.trust.ca_bundle, site.trust.ca_dir)
+                           if site.trust.ca_bundle or site.trust.ca_dir
+                           else (self.ca_file, self.ca_dir))
+        if ca_file:
+            args += ["--ca-bundle", ca_file]
+        if ca_dir:
+            args += ["--ca-dir", ca_dir]
+        for program in site.trust.copytool_programs:
+            args += ["--allow-program", program]
+        for name in site.trust.payload_env:
+            args += ["--payload-env", name]
+        return args
 
     def _api(self, module: str, method: str, refusal: str, http: str = "GET",
              **params: Any) -> Any:

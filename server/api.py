@@ -16,7 +16,7 @@ from .api_panda import panda_file_names, panda_job_names
 from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_int, id_list,
                       int_param, str_param)
 from .jobcreator import TaskSpecError
-from .queuedata import queuedata
+from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def site_get_config(ctx: Context, params: dict) -> dict:
 
 @api("site", "queuedata")
 def site_queuedata(ctx: Context, params: dict) -> dict:
-    return queuedata(site_get_config(ctx, params))
+    return signed_queuedata(site_get_config(ctx, params), ctx.keys.sign_canonical)
 
 
 @api("site", "sync", ("POST",), ADMIN)

@@ -367,15 +367,26 @@ def db_main(argv: list[str]) -> int:
 
 
 def token_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="panda token", description="Issue a signed bearer token.")
-    p.add_argument("action", choices=["issue"])
-    p.add_argument("--role", required=True, choices=["pilot", "user", "admin"])
-    p.add_argument("--subject", required=True, help="who the token speaks for")
+    p = argparse.ArgumentParser(
+        prog="panda token", description="Issue a signed bearer token (issue), or show the "
+        "job-signing public key that pilots pin at deployment (public-key).")
+    p.add_argument("action", choices=["issue", "public-key"])
+    p.add_argument("--role", choices=["pilot", "user", "admin"], help="issue: the token's role")
+    p.add_argument("--subject", help="issue: who the token speaks for")
     p.add_argument("--site", help="bind a pilot token to one site")
     p.add_argument("--lifetime", type=int, default=30 * 24 * 3600, help="seconds")
+    p.add_argument("--fingerprint", action="store_true",
+                   help="public-key: print the key's fingerprint (sha256:...) instead of the PEM")
     p.add_argument("--key-dir", default=str(DEFAULT_KEYS))
     args = p.parse_args(argv)
     from .auth import KeyStore
+    if args.action == "public-key":
+        from panda_core.trust import key_fingerprint
+        pem = KeyStore(args.key_dir).public_key_pem
+        sys.stdout.write(key_fingerprint(pem) + "\n" if args.fingerprint else pem)
+        return 0
+    if not args.role or not args.subject:
+        p.error("issue needs --role and --subject")
     sys.stdout.write(KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
                                                          args.lifetime) + "\n")
     return 0

@@ -8,6 +8,7 @@ Field names are PanDA's (docs/protocol.md).
 """
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import re
@@ -15,7 +16,7 @@ from typing import Any
 
 from panda_core.canonical import signed_bytes
 from panda_core.states import PILOT_REPORTED_STATES
-from panda_core.wire import encode_job, join_field
+from panda_core.wire import DISPATCH_KEY, Dispatch, encode_job, join_field
 
 from . import db
 from .auth import Identity, KeyStore
@@ -28,6 +29,7 @@ SC_OK, SC_TIMEOUT, SC_NO_JOBS, SC_FAILED = 0, 10, 20, 30
 SC_INVALID_TOKEN, SC_INVALID_ROLE, SC_DENIED, SC_KEY_MISSING = 50, 60, 70, 80
 
 _INT = re.compile(r"^-?\d+$")
+_NONCE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _REPORTED = frozenset(str(s) for s in PILOT_REPORTED_STATES)
 
 
@@ -138,6 +140,9 @@ class Dispatcher:
         mem = _clamp32(_int(form, "mem"))
         cores = _clamp32(_int(form, "cores") or _int(form, "coreCount"))
         label = form.get("prodSourceLabel")
+        nonce = form.get("pilotNonce") or ""      # pilot 3 sends none: its specs bind no nonce
+        if nonce and not (isinstance(nonce, str) and _NONCE.fullmatch(nonce)):
+            raise ProtocolError(SC_FAILED, "pilotNonce must be 1-128 letters, digits, _ or -")
         return JobRequest(
             site=site, site_config=site_row["config"], n_jobs=n_jobs, many="nJobs" in form,
             fit=dict(cores=cores, memory_mb=mem, walltime_s=remaining,
@@ -146,7 +151,8 @@ class Dispatcher:
             who=dict(node=_text(form.get("node"), "node"),
                      actor=identity.subject if identity else None,
                      pilot_id=_text(form.get("pilotID") or form.get("pilot_id"), "pilot_id"),
-                     batch_id=_text(form.get("batchID") or form.get("worker_id"), "batch_id")))
+                     batch_id=_text(form.get("batchID") or form.get("worker_id"), "batch_id")),
+            nonce=nonce)
 
     async def _site_row(self, site: str) -> dict:
         """The site's row: from the cache, else read in the thread pool (never on the loop)."""
@@ -172,26 +178,34 @@ class Dispatcher:
             return {"StatusCode": SC_NO_JOBS, "errorDialog": "no jobs"}
         if req.many:
             return {"StatusCode": SC_OK,
-                    "jobs": [self.job_spec(job, req.site_config) for job in jobs]}
-        spec, canonical = self._signed_spec(jobs[0], req.site_config)
+                    "jobs": [self.job_spec(job, req.site_config, req.nonce) for job in jobs]}
+        spec, canonical = self._signed_spec(jobs[0], req.site_config, req.nonce)
         reply = JsonReply(StatusCode=SC_OK, **spec)
         # the reply's JSON reuses the canonical encoding the signature was made over
         reply.json_text = ('{"StatusCode":%d,%s,"specSignature":"%s"}'
                            % (SC_OK, canonical[1:-1].decode(), spec["specSignature"]))
         return reply
 
-    def _unsigned_spec(self, job: dict, site_config: dict) -> dict:
-        """A job row in PanDA's getJob shape (``panda_core.wire``)."""
+    def _unsigned_spec(self, job: dict, site_config: dict, nonce: str) -> dict:
+        """A job row (just sent to a pilot) in PanDA's getJob shape (``panda_core.wire``),
+        bound to that dispatch: the site, the pilot the row now names, the pilot's nonce and
+        the dispatch time, all from the row but the nonce."""
         storage = site_config.get("storage") or {}
-        return encode_job(job, storage.get("input", {}).get("name", ""),
+        spec = encode_job(job, storage.get("input", {}).get("name", ""),
                           storage.get("output", {}).get("name", ""))
+        sent = job.get("state_changed")
+        spec[DISPATCH_KEY] = Dispatch(
+            site=job["site"] or "", pilot_id=job.get("pilot_id") or "", nonce=nonce,
+            time=calendar.timegm(sent.utctimetuple()) if sent is not None else 0).to_wire()
+        return spec
 
-    def job_spec(self, job: dict, site_config: dict) -> dict:
-        """A job row in PanDA's getJob shape, signed (``specSignature``)."""
-        return self._signed_spec(job, site_config)[0]
+    def job_spec(self, job: dict, site_config: dict, nonce: str = "") -> dict:
+        """A job row in PanDA's getJob shape, bound to its dispatch and signed
+        (``specSignature``)."""
+        return self._signed_spec(job, site_config, nonce)[0]
 
-    def _signed_spec(self, job: dict, site_config: dict) -> tuple[dict, bytes]:
-        spec = self._unsigned_spec(job, site_config)
+    def _signed_spec(self, job: dict, site_config: dict, nonce: str) -> tuple[dict, bytes]:
+        spec = self._unsigned_spec(job, site_config, nonce)
         canonical = signed_bytes(spec)
         spec["specSignature"] = self.keys.sign_canonical(canonical)
         return spec, canonical

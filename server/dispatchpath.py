@@ -39,6 +39,7 @@ class JobRequest:
     many: bool                 # nJobs was asked: the reply lists the jobs
     fit: dict                  # cores, memory_mb, walltime_s, pilot_version, prod_source_label
     who: dict                  # node, actor, pilot_id, batch_id
+    nonce: str = ""            # the pilot's pilotNonce, signed into each spec it gets
 
 
 @dataclass

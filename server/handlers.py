@@ -27,7 +27,7 @@ from .auth import AuthError, Identity, KeyStore, dn_from_subject, identity_from_
 from .dispatcher import Dispatcher
 from .dispatchpath import Run
 from .metrics import REQUESTS
-from .queuedata import queuedata
+from .queuedata import signed_queuedata
 from .submission import TaskSubmitter
 from .taskbuffer import NotFound, TaskBuffer, utcnow
 
@@ -226,7 +226,7 @@ class QueuedataHandler(BaseHandler):
         except NotFound:
             raise tornado.web.HTTPError(404, reason=f"unknown site {site}")
         self.set_header("Content-Type", "application/json")
-        self.finish(dumps(queuedata(row["config"])))
+        self.finish(dumps(signed_queuedata(row["config"], self.state.keys.sign_canonical)))
 
 
 class MetricsHandler(BaseHandler):

@@ -1,9 +1,14 @@
 """A site config in the shape PanDA's pilot 3 reads as its queue description (``queuedata``).
 
 Pilot 3 reads fields such as nickname, copytools/acopytools, maxwdir, maxrss, maxtime, corecount;
-our own pilot reads the whole site config from the extra key ``panda_wms``.
+our own pilot reads the whole site config from the extra key ``panda_wms``, and acts on it only
+when ``panda_wms_signature`` verifies with the server's key (``signed_queuedata``).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+
+from panda_core.canonical import QUEUEDATA_SIGNATURE_KEY, queuedata_signed_bytes
 
 # Our copytool names -> the module pilot 3 has for them (pilot/copytool/<name>.py). Pilot 3's ``mv``
 # module does cp, mv and symlink between its launch directory and the job directory.
@@ -58,6 +63,14 @@ def queuedata(config: dict) -> dict:
         "maxinputsize": int(res.get("max_disk_mb", 20000)),
         "panda_wms": config,
     }
+
+
+def signed_queuedata(config: dict, sign: Callable[[bytes], str]) -> dict:
+    """``queuedata(config)`` with the signature of its site config (``sign``: the key store's
+    ``sign_canonical``), which our pilot checks before it acts on storage or copytools."""
+    data = queuedata(config)
+    data[QUEUEDATA_SIGNATURE_KEY] = sign(queuedata_signed_bytes(config["name"], config))
+    return data
 
 
 def _protocol(url: str, pid: int) -> dict:

@@ -31,6 +31,24 @@ _ENDPOINT = _obj({"name": {"type": "string", "pattern": NAME_PATTERN},
 _COPYTOOL = _obj({"name": {"type": "string", "minLength": 1},
                   "options": {"type": "object"}}, ["name"])
 
+
+def _text(pattern: str, why: str) -> dict:
+    """A string matching ``pattern``; ``why`` is the error message's reason."""
+    return {"type": "string", "pattern": pattern, "description": why}
+
+
+_TRUST = _obj({
+    # empty strings are the defaults SiteConfig.to_dict() fills in: "not set"
+    "server_key_fingerprint": _text(r"^((sha256|SHA256):[0-9a-fA-F:]{64,95})?$", "expected "
+                                    "sha256:<64 hex digits> (panda token public-key --fingerprint)"),
+    "server_public_key": {"type": "string"},
+    "ca_bundle": {"type": "string"},
+    "ca_dir": {"type": "string"},
+    "copytool_programs": {"type": "array", "items": _text("^/", "expected an absolute path")},
+    "payload_env": {"type": "array", "items": _text(r"^[A-Za-z_][A-Za-z0-9_]*\*?$", "expected a "
+                                                    "variable name, or a prefix ending in *")},
+}, [])
+
 SCHEMA: dict[str, Any] = _obj({
     "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 128},
     "region": {"type": "string"},
@@ -47,6 +65,7 @@ SCHEMA: dict[str, Any] = _obj({
     "transfer": _obj({"timeout_s": _int(1), "retries": _int(0)}, []),
     "limits": _obj({"looping_s": _int(1), "min_free_disk_mb": _int(0), "max_workdir_mb": _int(1),
                     "heartbeat_s": _int(1), "stdout_silent_s": _int(0)}, []),
+    "trust": _TRUST,
 }, ["name", "status", "resources", "scheduler", "pilots", "storage", "copytools"])
 
 _JSON_TYPES = {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
@@ -82,8 +101,8 @@ def _errors_of(err: jsonschema.ValidationError, file: str) -> list[ConfigError]:
         return [ConfigError(file, _path(path), f"unknown value {err.instance!r}: must be one of "
                             f"{', '.join(map(str, err.validator_value))}")]
     if err.validator == "pattern":
-        return [ConfigError(file, _path(path), f"bad value {err.instance!r}: only letters, digits "
-                            "and _.- are allowed")]
+        why = err.schema.get("description") or "only letters, digits and _.- are allowed"
+        return [ConfigError(file, _path(path), f"bad value {err.instance!r}: {why}")]
     if err.validator == "minimum":
         return [ConfigError(file, _path(path), f"value {err.instance!r} is below the minimum "
                             f"{err.validator_value}")]

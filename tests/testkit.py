@@ -22,15 +22,17 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_SITES = REPO / "site_configs"
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait until ``url`` answers; fail early with the process's output if it died."""
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None,
+              verify: str | bool = True) -> None:
+    """Wait until ``url`` answers; fail early with the process's output if it died.
+    ``verify``: the CA bundle of an https ``url``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             out = proc.stdout.read() if proc.stdout else ""
             raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{out}")
         try:
-            requests.get(url, timeout=1)
+            requests.get(url, timeout=1, verify=verify)
             return
         except requests.RequestException:
             time.sleep(0.05)
@@ -44,6 +46,7 @@ class RunningServer:
     key_dir: Path
     proc: subprocess.Popen
     log_path: Path
+    ca: str | None = None          # the CA bundle of an https server
 
     def token(self, role: str = "admin", subject: str = "tester", site: str | None = None) -> str:
         """Issue a bearer token signed with this server's key."""
@@ -53,13 +56,30 @@ class RunningServer:
             cmd += ["--site", site]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
+    def public_key_file(self) -> Path:
+        """A PEM file of this server's job-signing key, for pilots to pin (as a deployment pins
+        it: out of band; here asked of the server itself, with no one in between)."""
+        path = self.key_dir.parent / "server-public-key.pem"
+        if not path.exists():
+            reply = requests.get(self.url + "/api/v1/system/get_public_key", timeout=10,
+                                 verify=self.ca or True)
+            path.write_text(reply.json()["data"])
+        return path
+
+    def key_fingerprint(self) -> str:
+        """``sha256:...`` of this server's job-signing key (what the factory is given)."""
+        from panda_core.trust import key_fingerprint
+        return key_fingerprint(self.public_key_file().read_text())
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
 def start_server(tmp: Path, db_url: str | None = None, site_dir: Path | None = None,
-                 extra: list[str] | None = None, env: dict | None = None) -> RunningServer:
-    """Start ``panda server`` as a subprocess on a free loopback port."""
+                 extra: list[str] | None = None, env: dict | None = None,
+                 tls=None) -> RunningServer:
+    """Start ``panda server`` as a subprocess on a free loopback port; over https with the
+    certificate of ``tls`` (``peers.make_test_ca``) if given."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     db_url = db_url or f"sqlite:///{tmp / 'panda.db'}"
@@ -69,17 +89,21 @@ def start_server(tmp: Path, db_url: str | None = None, site_dir: Path | None = N
            "--host", "127.0.0.1", "--key-dir", str(key_dir)]
     if site_dir is not None:
         cmd += ["--site-configs", str(site_dir)]
+    if tls is not None:
+        cmd += ["--certfile", str(tls.cert), "--keyfile", str(tls.key)]
     cmd += extra or []
     logf = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls is not None else 'http'}://127.0.0.1:{port}"
     try:
-        wait_http(url + "/api/v1/system/is_alive", proc=proc)
+        wait_http(url + "/api/v1/system/is_alive", proc=proc,
+                  verify=str(tls.ca) if tls is not None else True)
     except Exception:
         proc.kill()
         raise RuntimeError(f"server did not start:\n{log_path.read_text()}") from None
-    return RunningServer(url=url, db_url=db_url, key_dir=key_dir, proc=proc, log_path=log_path)
+    return RunningServer(url=url, db_url=db_url, key_dir=key_dir, proc=proc, log_path=log_path,
+                         ca=str(tls.ca) if tls is not None else None)
 
 
 def stop_server(server: RunningServer) -> None:

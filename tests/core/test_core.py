@@ -11,12 +11,13 @@ import pytest
 
 from panda_core.canonical import SIGNATURE_KEY, signed_bytes
 from panda_core.client import (MAX_REPLY_BYTES, ApiClient, ClientError, PilotClient,
-                               ProtocolError, Refused, ServerUnreachable)
+                               ProtocolError, Refused, ServerUnreachable, try_again)
 from panda_core.errorcodes import CodedError, ErrorCode
 from panda_core.replicas import replica_url
 from panda_core.retry import RetryPolicy
 from panda_core.siteconfig import SiteConfig, SiteConfigError
-from panda_core.wire import NULL, WireError, decode_job, encode_job
+from panda_core.trust import key_fingerprint, normalise_fingerprint
+from panda_core.wire import DISPATCH_KEY, NULL, Dispatch, WireError, decode_job, encode_job
 
 # ------------------------------------------------------------------------- the wire format
 
@@ -219,3 +220,60 @@ def test_the_pilot_client_refuses_a_reply_without_a_status_or_too_big(peer, monk
         client.get_job({})
     assert MAX_REPLY_BYTES > 1 << 20
     assert replica_url("file:///se/", "s", "f").startswith("file:///se/s/")
+
+
+def test_the_pilot_client_asks_again_while_the_server_says_try_again(peer):
+    url, p = peer
+    p.replies = [(200, b'{"StatusCode": 10, "errorDialog": "deadlock; try again"}'),
+                 (200, b'{"StatusCode": 20}')]
+    client = PilotClient(url, retry=RetryPolicy(attempts=2, backoff_s=0.01))
+    assert client.get_job({"siteName": "S"}) is None
+    p.replies = [(200, b'{"StatusCode": 10, "errorDialog": "deadlock; try again"}')] * 2
+    with pytest.raises(ServerUnreachable, match="try again"):
+        client.get_job({"siteName": "S"})
+    assert try_again(10) and try_again("10") and not try_again(30) and not try_again(None)
+
+
+# ------------------------------------------------------------------------- trust
+def test_a_key_fingerprint_is_the_sha256_of_the_keys_der():
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public = Ed25519PrivateKey.generate().public_key()
+    pem = public.public_bytes(serialization.Encoding.PEM,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = public.public_bytes(serialization.Encoding.DER,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    fingerprint = key_fingerprint(pem)
+    assert fingerprint == "sha256:" + hashlib.sha256(der).hexdigest() == key_fingerprint(
+        pem.decode())
+    spaced = "SHA256:" + ":".join(fingerprint[7 + i:9 + i] for i in range(0, 64, 2)).upper()
+    assert normalise_fingerprint(spaced) == fingerprint
+    for bad in ("sha256:1234", "md5:" + "0" * 64, ""):
+        with pytest.raises(ValueError):
+            normalise_fingerprint(bad)
+    for bad in (b"no key here", b"-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----"):
+        with pytest.raises(ValueError):
+            key_fingerprint(bad)
+
+
+def test_a_dispatch_binding_matches_site_pilot_and_nonce_not_time():
+    bound = Dispatch("S", "wn:1", "n1", 100)
+    raw = {DISPATCH_KEY: bound.to_wire()}
+    assert Dispatch.of(raw) == bound and bound.matches(Dispatch("S", "wn:1", "n1", 999))
+    for other in (Dispatch("T", "wn:1", "n1"), Dispatch("S", "wn:2", "n1"),
+                  Dispatch("S", "wn:1", "n2")):
+        assert not bound.matches(other)
+    assert Dispatch.of({}) is None and Dispatch.of({DISPATCH_KEY: {"site": "S"}}) is None
+
+
+def test_site_config_trust_lists_are_lists_of_strings():
+    base = {"name": "S"}
+    site = SiteConfig.from_dict({**base, "trust": {"copytool_programs": ["/usr/bin/xrdcp"],
+                                                   "payload_env": ["A", "B_*"]}})
+    assert site.trust.copytool_programs == ["/usr/bin/xrdcp"]
+    assert site.to_dict()["trust"]["payload_env"] == ["A", "B_*"]
+    with pytest.raises(SiteConfigError, match="trust.payload_env: expected a list of strings"):
+        SiteConfig.from_dict({**base, "trust": {"payload_env": "A"}})

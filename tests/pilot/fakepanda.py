@@ -2,15 +2,18 @@
 
 It speaks the protocol the real server speaks (docs/pilot.md lists what it does not cover): form
 POSTs to /server/panda/getJob and updateJob with JSON replies, StatusCode 20 when it has no job,
-``tobekilled`` for unknown jobs, Ed25519-signed specs over the canonical JSON, the public key at
-/api/v1/system/get_public_key, queuedata at /cache/schedconfig/<site>.all.json, bearer-token
-checks. Tests script it: queue jobs, order commands, tamper with a spec, stop it and start it
+``tobekilled`` for unknown jobs, Ed25519-signed specs over the canonical JSON bound to the
+dispatch (site, pilotID, pilotNonce), the public key at /api/v1/system/get_public_key (and in
+``key_file``, for the pilot to pin), signed queuedata at /cache/schedconfig/<site>.all.json,
+bearer-token checks. Tests script it: queue jobs, order commands, tamper with a spec, stop it and start it
 again on the same port, and read every request it saw.
 """
 from __future__ import annotations
 
 import base64
 import json
+import os
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -20,7 +23,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from panda_core.canonical import signed_bytes
+from panda_core.canonical import QUEUEDATA_SIGNATURE_KEY, queuedata_signed_bytes, signed_bytes
+from panda_core.wire import DISPATCH_KEY, Dispatch
 from testkit import free_port
 
 
@@ -31,6 +35,9 @@ class FakePanda:
         self.key = Ed25519PrivateKey.generate()
         self.pem = self.key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        fd, self.key_file = tempfile.mkstemp(prefix="fakepanda-", suffix=".pem")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.pem)
         self.jobs: list[dict] = []
         self.tamper: dict = {}                     # PandaID -> fields changed after signing
         self.commands: dict[str, str] = {}         # PandaID -> command for its next updates
@@ -87,9 +94,11 @@ class FakePanda:
                     site = path[len(prefix):-len(".json")].removesuffix(".all")
                     if site != fake.site_config["name"]:
                         return self._reply({"error": "unknown site"}, 404)
-                    return self._reply({"name": site, "panda_wms": fake.site_config,
-                                        "maxrss": fake.site_config.get("resources", {}).get(
-                                            "memory_mb", 0)})
+                    config = fake.site_config
+                    sig = fake.key.sign(queuedata_signed_bytes(site, config))
+                    return self._reply({"name": site, "panda_wms": config,
+                                        "maxrss": config.get("resources", {}).get("memory_mb", 0),
+                                        QUEUEDATA_SIGNATURE_KEY: base64.b64encode(sig).decode()})
                 self._reply({"error": "not found"}, 404)
 
             def do_POST(self):
@@ -142,6 +151,8 @@ class FakePanda:
             else:
                 return {"StatusCode": 20, "errorDialog": "no jobs"}
         job = {k: v for k, v in job.items() if not k.startswith("_")}
+        job[DISPATCH_KEY] = Dispatch(form["siteName"], form.get("pilotID", ""),
+                                     form.get("pilotNonce", ""), int(time.time())).to_wire()
         job["specSignature"] = base64.b64encode(self.key.sign(signed_bytes(job))).decode()
         job.update(self.tamper.get(job["PandaID"], {}))
         self.known.add(str(job["PandaID"]))

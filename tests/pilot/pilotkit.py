@@ -78,13 +78,18 @@ def fake(se):
     server = FakePanda(site_config(se), token=TOKEN).start()
     yield server
     server.stop()
+    os.unlink(server.key_file)
 
 
 def pilot_cmd(fake: FakePanda, workdir: Path, *args: str) -> list[str]:
+    """The pilot's command line against ``fake``, with the fake's key pinned (as the factory pins
+    the server's) unless ``args`` pin one."""
+    pin = [] if {"--public-key", "--public-key-fingerprint"} & set(args) \
+        or not hasattr(fake, "key_file") else ["--public-key", fake.key_file]
     return [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", fake.url if hasattr(fake, "port")
             else fake, "--site", SITE, "--workdir", str(workdir), "--monitor-interval", "0.2",
             "--server-retries", "2", "--server-backoff", "0.2", "--transfer-backoff", "0.1",
-            *args]
+            *pin, *args]
 
 
 def pilot_env(extra: dict | None = None) -> dict:

@@ -54,7 +54,7 @@ def pilot(server, workdir, *args, token=None):
     token = token or server.token("pilot", "pilot1", site=SITE)
     cmd = [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", server.url, "--site", SITE,
            "--workdir", str(workdir), "--monitor-interval", "0.2", "--server-backoff", "0.3",
-           *args]
+           "--public-key", str(server.public_key_file()), *args]
     return cmd, pilot_env({"PANDA_AUTH_TOKEN": token})
 
 

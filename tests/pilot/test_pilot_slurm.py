@@ -34,7 +34,8 @@ def test_pilot_takes_wall_time_from_slurm(slurm, fake, tmp_path):
     fake.add_job(make_job(801, "echo in-slurm", log=False, maxWalltime=60))
     out = tmp_path / "slurm.out"
     cmd = (f"{sys.executable} -m panda_wms.cli pilot --server {fake.url} --site {SITE} "
-           f"--workdir {tmp_path / 'wd'} --reserve 20 --monitor-interval 0.2")
+           f"--workdir {tmp_path / 'wd'} --reserve 20 --monitor-interval 0.2 "
+           f"--public-key {fake.key_file}")
     env = {**os.environ, **slurm.env, "PANDA_AUTH_TOKEN": TOKEN}
     env.pop("SLURM_JOB_END_TIME", None)
     import subprocess

@@ -91,6 +91,78 @@ def test_signature_verifies_and_catches_tampering():
         SpecVerifier("not a pem")
 
 
+def test_trust_pins_the_key_and_checks_queuedata_and_dispatch():
+    from panda_core.canonical import QUEUEDATA_SIGNATURE_KEY, queuedata_signed_bytes
+    from panda_core.trust import key_fingerprint
+    from panda_core.wire import DISPATCH_KEY, Dispatch
+    from pilot.signature import NotOurDispatch, Trust, check_dispatch
+
+    key = Ed25519PrivateKey.generate()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    config = {"storage": {"output": {"name": "SE", "url": "file:///se"}}}
+    qd = {"panda_wms": config, QUEUEDATA_SIGNATURE_KEY: base64.b64encode(
+        key.sign(queuedata_signed_bytes("S", config))).decode()}
+    served = []
+    Trust(lambda: served.append(1) or pem.decode(), qd, "S",
+          fingerprint=key_fingerprint(pem)).check_queuedata()
+    assert served == [1]                       # fetched, then checked against the fingerprint
+    Trust(lambda: pytest.fail("a pinned PEM is never fetched"), qd, "S", pem=pem).verifier()
+    impostor = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(BadSignature, match="is not the pinned key"):
+        Trust(lambda: impostor.decode(), qd, "S", fingerprint=key_fingerprint(pem)).verifier()
+    with pytest.raises(BadSignature, match="is not the pinned key"):   # both given: must agree
+        Trust(lambda: "", qd, "S", pem=impostor, fingerprint=key_fingerprint(pem)).verifier()
+    for changed in ({**qd, "panda_wms": {"storage": {}}}, {"panda_wms": config}):
+        with pytest.raises(BadSignature, match="queue description"):
+            Trust(lambda: "", changed, "S", pem=pem).check_queuedata()
+    with pytest.raises(BadSignature):          # signed for S, not for T
+        Trust(lambda: "", qd, "T", pem=pem).check_queuedata()
+    Trust(lambda: "", {"panda_wms": config}, "S", pem=pem, local=True).check_queuedata()
+    with pytest.raises(ValueError):
+        Trust(lambda: "", qd, "S")
+    mine = Dispatch("S", "wn:1", "n1")
+    check_dispatch({DISPATCH_KEY: {**mine.to_wire(), "time": 5}}, mine)
+    for raw in ({}, {DISPATCH_KEY: Dispatch("S", "wn:2", "n1").to_wire()},
+                {DISPATCH_KEY: Dispatch("S", "wn:1", "old").to_wire()}):
+        with pytest.raises(NotOurDispatch) as err:
+            check_dispatch(raw, mine)
+        assert err.value.code == ErrorCode.BAD_SIGNATURE
+
+
+def test_a_copytool_program_option_needs_the_local_allow_list(tmp_path):
+    from pilot.errors import StageError
+    from pilot.stage import _tool
+
+    program = tmp_path / "xrdcp"
+    with pytest.raises(StageError) as err:
+        _tool("xrdcp", {"xrdfs": str(program)}, "out", frozenset())
+    assert err.value.code == ErrorCode.STAGEOUT_FAILED and "allow list" in err.value.diag
+    link = tmp_path / "link"
+    link.symlink_to(program)
+    assert _tool("xrdcp", {"xrdcp": str(link)}, "in", frozenset({str(program)})).xrdcp == \
+        str(link)
+    assert _tool("xrdcp", {}, "in", frozenset()).xrdcp     # its own: found on PATH
+
+
+def test_final_report_kept_while_the_server_says_try_again():
+    from pilot.report import send_final
+
+    class Server:
+        def __init__(self, *codes):
+            self.codes = list(codes)
+
+        def update_job(self, form, policy):
+            return {"StatusCode": self.codes.pop(0), "errorDialog": "x"}
+
+    quick = RetryPolicy(attempts=2, backoff_s=0.01)
+    assert send_final(Server(10, 0), {"jobId": 1}, quick) is True       # taken on the retry
+    assert send_final(Server(10, 10), {"jobId": 1}, quick) is False     # kept for later
+    assert send_final(Server(30), {"jobId": 1}, quick) is True          # a refusal is final
+    assert send_final(Server(0), {"jobId": 1}, quick) is True
+
+
 # --- environment and argv -------------------------------------------------------------------
 def test_scrub_env_drops_credentials():
     env = {"PATH": "/bin", "PANDA_AUTH_TOKEN": "t", "BEARER_TOKEN_FILE": "/f", "X509_USER_PROXY": "/p",
@@ -98,6 +170,18 @@ def test_scrub_env_drops_credentials():
            "OIDC_ACCESS_TOKEN": "o"}
     assert scrub_env(env, {"PANDA_ID": "1"}) == {"PATH": "/bin", "X509_CERT_DIR": "/ca",
                                                   "HOME": "/root", "PANDA_ID": "1"}
+
+
+def test_payload_env_is_built_from_an_allow_list():
+    env = {"PATH": "/bin", "HOME": "/h", "LANG": "C", "LC_ALL": "C", "TZ": "UTC",
+           "MY_API_KEY": "k", "S3_ACCESS_KEY": "s", "MYSQL_PWD": "p", "SSH_AUTH_SOCK": "/s",
+           "DATABASE_URL": "postgresql://u:pw@h/db", "FRONTIER_SERVER": "f", "SITE_A": "a",
+           "SITEX": "x"}
+    assert scrub_env(env, {"PANDA_ID": "1"}) == {"PATH": "/bin", "HOME": "/h", "LANG": "C",
+                                                  "LC_ALL": "C", "TZ": "UTC", "PANDA_ID": "1"}
+    assert scrub_env(env, {}, ("FRONTIER_SERVER", "SITE_*")) == {
+        "PATH": "/bin", "HOME": "/h", "LANG": "C", "LC_ALL": "C", "TZ": "UTC",
+        "FRONTIER_SERVER": "f", "SITE_A": "a"}
 
 
 def test_build_argv():

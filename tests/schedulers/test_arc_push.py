@@ -131,7 +131,8 @@ def test_push_mode_end_to_end(arc_ce, tmp_path):
         pilot_id = backend.submit(PilotSpec(
             site=PILOT_SITE, name="arc-pilot", walltime_s=600,
             command=[WN_PYTHON, "-m", "panda_wms.cli", "pilot", "--server", server.url,
-                     "--site", PILOT_SITE, "--max-jobs", "1"],
+                     "--site", PILOT_SITE, "--max-jobs", "1",
+                     "--public-key-fingerprint", server.key_fingerprint()],
             env={"PYTHONPATH": str(REPO), "PANDA_AUTH_TOKEN":
                  server.token("pilot", "arc-pilot", site=PILOT_SITE)}))
         arc_ids.append(pilot_id)
@@ -292,7 +293,7 @@ def test_final_reports_survive_refusals_and_dead_ce(tmp_path):
     """No CE needed: finals waiting in the state dir, a token the server refuses, a dead CE."""
     from dataclasses import asdict
 
-    from schedulers.arc_push import Tracked
+    from schedulers.arc_push import Refused, Tracked
 
     sites = tmp_path / "sites"
     sites.mkdir()
@@ -313,11 +314,15 @@ def test_final_reports_survive_refusals_and_dead_ce(tmp_path):
         final = Tracked(panda_id, 1, "", final={"state": "failed", "pilotErrorCode": 1008,
                                                 "pilotErrorDiag": "test"})
         (state / f"{panda_id}.json").write_text(json.dumps(asdict(final)))
-        # a token for another site is refused (StatusCode 70): kept, an operator can fix it
+        # a token for another site is refused (StatusCode 70): a refusal is final, as for the
+        # pilot's final report; only "try again" (StatusCode 10) keeps it for the next poll
+        assert Refused("refused", 70).permanent
+        assert Refused("try again", 10).permanent is False
         wrong = server.token("pilot", "p", site="ELSEWHERE")
         ArcPushDriver.from_site(config, server.url, wrong, state).poll()
-        assert (state / f"{panda_id}.json").exists()
+        assert not (state / f"{panda_id}.json").exists()
         # the right token: taken and forgotten
+        (state / f"{panda_id}.json").write_text(json.dumps(asdict(final)))
         assert ArcPushDriver.from_site(config, server.url, right, state).poll() == {
             panda_id: "failed"}
         assert not (state / f"{panda_id}.json").exists()

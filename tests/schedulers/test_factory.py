@@ -20,6 +20,8 @@ import yaml
 
 from testkit import free_port, put_input, start_server, stop_server
 from panda_core.client import ApiClient
+from panda_core.trust import key_fingerprint
+from schedulers.base import SchedulerError
 from schedulers.factory import STATE_FILE, Factory
 from site_configs import EXAMPLES_DIR, parse_site_config
 
@@ -303,12 +305,56 @@ def test_pilot_command_and_environment(server, tmp_path):
                    "--site", SITE, "--walltime", "600", "--max-jobs", "1"]
 
 
+def test_pilots_get_what_the_deployment_trusts(tmp_path):
+    """The factory's pinned key and CA bundle, or the site's own (its ``trust`` section), and the
+    site's copytool programs and payload variables reach each pilot's command line."""
+    key = tmp_path / "server.pem"
+    key.write_text("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAWJSPzLv8ICuTH1KLoXTQijSzbnh522WiFoK5NZ"
+                   "VYWyY=\n-----END PUBLIC KEY-----\n")
+    factory_fp = "sha256:" + "ab" * 32
+    plain = site_config(tmp_path)
+    pinned = parse_site_config({**site_dict(), "trust": {
+        "server_public_key": str(key), "ca_bundle": "/etc/site-ca.pem",
+        "copytool_programs": ["/opt/xrootd/bin/xrdcp"], "payload_env": ["FRONTIER_SERVER"]}},
+        env={"PANDA_SE_ROOT": str(tmp_path / "se")})
+    f = Factory("http://panda.example:25080", [plain], state_dir=tmp_path / "f",
+                server_key_fingerprint=factory_fp.upper().replace("SHA256", "sha256"),
+                ca_file="/etc/grid-ca.pem")
+    assert f.pilot_trust_args(plain) == ["--public-key-fingerprint", factory_fp,
+                                         "--ca-bundle", "/etc/grid-ca.pem"]
+    assert f.pilot_trust_args(pinned) == [
+        "--public-key-fingerprint", key_fingerprint(key.read_text()),
+        "--ca-bundle", "/etc/site-ca.pem", "--allow-program", "/opt/xrootd/bin/xrdcp",
+        "--payload-env", "FRONTIER_SERVER"]
+    assert f.pilot_command(pinned)[-len(f.pilot_trust_args(pinned)):] == \
+        f.pilot_trust_args(pinned)
+    key.unlink()
+    with pytest.raises(SchedulerError, match="trust.server_public_key"):
+        f.pilot_trust_args(pinned)
+
+
+def test_cli_refuses_to_start_pilots_that_pin_no_key(server, tmp_path):
+    sites = tmp_path / "cli-sites"
+    sites.mkdir()
+    (sites / "ftest.yaml").write_text(yaml.safe_dump(site_dict()))
+    base = [PY, "-m", "panda_wms.cli", "factory", "--server", server.url, "--site-configs",
+            str(sites), "--state-dir", str(tmp_path / "fs"), "--once"]
+    res = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "no server key pinned for site(s) FTEST" in res.stderr
+    other = tmp_path / "other.pem"
+    other.write_text(server.public_key_file().read_text())
+    res = subprocess.run(base + ["--server-public-key", str(other), "--server-key-fingerprint",
+                                 "sha256:" + "0" * 64], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "not the --server-key-fingerprint" in res.stderr
+
+
 def test_real_pilots_finish_the_jobs(server, tmp_path):
     """End to end on this host: factory -> local backend -> real pilots -> finished jobs."""
     task_id = activate_jobs(server, 3)
     site = site_config(tmp_path, max_queued=3, max_running=3)
     f = Factory(server.url, [site], token=server.pilot_token, pilot_token=server.pilot_token,
-                state_dir=tmp_path / "factory", factory_id="ft-e2e")
+                state_dir=tmp_path / "factory", factory_id="ft-e2e",
+                server_key_fingerprint=server.key_fingerprint())
     admin = ApiClient(server.url, server.token("admin"))
     deadline = time.monotonic() + 120
     try:
@@ -335,7 +381,8 @@ def test_cli_once_and_daemon(server, tmp_path):
     token = tmp_path / "pilot.token"
     token.write_text(server.pilot_token)
     base = [PY, "-m", "panda_wms.cli", "factory", "--server", server.url, "--site-configs",
-            str(sites), "--token-file", str(token), "--state-dir", str(tmp_path / "fs")]
+            str(sites), "--token-file", str(token), "--state-dir", str(tmp_path / "fs"),
+            "--server-public-key", str(server.public_key_file())]
     res = subprocess.run(base + ["--once"], capture_output=True, text=True, timeout=60)
     # the broken file is reported (exit 1) but does not stop the good site
     assert res.returncode == 1

@@ -53,7 +53,8 @@ def test_factory_runs_real_pilots_through_htcondor(tmp_path, monkeypatch):
         token = server.token("pilot", "condor-factory", site=SITE)
         site = parse_site_config(data, env={"PANDA_SE_ROOT": str(tmp_path / "se")})
         factory = Factory(server.url, [site], token=token, pilot_token=token,
-                          state_dir=tmp_path / "factory", factory_id="condor-ft")
+                          state_dir=tmp_path / "factory", factory_id="condor-ft",
+                          server_key_fingerprint=server.key_fingerprint())
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             factory.run_once()

@@ -196,7 +196,8 @@ def test_factory_drives_real_pilots_through_slurm_to_finished_jobs(slurm, tmp_pa
         task_id = activate_jobs(server, 4, name="slurmtask")
         site = parse_site_config(data)
         factory = Factory(server.url, [site], token=pilot_token, pilot_token=pilot_token,
-                          state_dir=tmp_path / "factory", factory_id="slurm-e2e")
+                          state_dir=tmp_path / "factory", factory_id="slurm-e2e",
+                          server_key_fingerprint=server.key_fingerprint())
         admin = ApiClient(server.url, server.token("admin"))
         deadline = time.monotonic() + 120
         jobs = {}

@@ -40,7 +40,8 @@ def test_pilot_runs_a_job_whose_inputs_the_data_service_moved(tmp_path):
         env["PANDA_AUTH_TOKEN"] = srv.token("pilot", "p1", site="SITE_A")
         res = subprocess.run([sys.executable, "-m", "panda_wms.cli", "pilot", "--server", srv.url,
                               "--site", "SITE_A", "--workdir", str(tmp_path / "wd"),
-                              "--monitor-interval", "0.2", "--server-backoff", "0.3"],
+                              "--monitor-interval", "0.2", "--server-backoff", "0.3",
+                              "--public-key", str(srv.public_key_file())],
                              env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-3000:]
         details = user.task_details(task_id)

@@ -4,13 +4,16 @@ pilots, heartbeats of jobs the pilot no longer owns."""
 from __future__ import annotations
 
 import base64
+import calendar
 import json
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from dbkit import BlockingDispatcher, add_site, history, seed_jobs, stored_xml
 from panda_core.canonical import signed_bytes
+from panda_core.wire import DISPATCH_KEY
 from server.auth import Identity, KeyStore
 from server.dispatcher import Dispatcher, ProtocolError
 
@@ -40,6 +43,41 @@ def test_getjob_spec_and_signature(disp, taskbuffer):
     job = taskbuffer.jobs.get(pid)
     assert (job["status"], job["node"], job["pilot_owner"]) == ("sent", "wn1", "pilot-1")
     assert disp.get_job({"siteName": "SITE_A"}, PILOT)["StatusCode"] == 20
+
+
+def test_getjob_spec_is_bound_to_its_dispatch(disp, taskbuffer):
+    """The signed spec names the site, the pilot it was sent to, the pilot's nonce and the
+    dispatch time: a replayed spec does not match what its next receiver expects."""
+    _, (pid, other) = seed_jobs(taskbuffer, "SITE_A", 2)
+    reply = disp.get_job({"siteName": "SITE_A", "pilotID": "wn1:42", "pilotNonce": "n-1_x"},
+                         PILOT)
+    spec = {k: v for k, v in reply.items() if k != "StatusCode"}
+    load_pem_public_key(disp.keys.public_key_pem.encode()).verify(
+        base64.b64decode(spec["specSignature"]), signed_bytes(spec))
+    sent = taskbuffer.jobs.get(pid)["state_changed"]
+    assert spec[DISPATCH_KEY] == {"site": "SITE_A", "pilotID": "wn1:42", "nonce": "n-1_x",
+                                  "time": calendar.timegm(sent.utctimetuple())}
+    # pilot 3 sends no nonce: its spec binds none, and it is served as before
+    many = disp.get_job({"siteName": "SITE_A", "nJobs": "1"}, PILOT)
+    assert many["jobs"][0]["PandaID"] == other and many["jobs"][0][DISPATCH_KEY]["nonce"] == ""
+    for bad in ("x" * 129, "no spaces", "ü"):
+        with pytest.raises(ProtocolError) as err:
+            disp.get_job({"siteName": "SITE_A", "pilotNonce": bad}, PILOT)
+        assert err.value.status_code == 30 and "pilotNonce" in str(err.value)
+
+
+def test_queuedata_is_signed(disp, taskbuffer):
+    from panda_core.canonical import QUEUEDATA_SIGNATURE_KEY, queuedata_signed_bytes
+    from server.queuedata import signed_queuedata
+
+    config = taskbuffer.sites.get("SITE_A")["config"]
+    doc = json.loads(json.dumps(signed_queuedata(config, disp.keys.sign_canonical)))
+    key = load_pem_public_key(disp.keys.public_key_pem.encode())
+    key.verify(base64.b64decode(doc[QUEUEDATA_SIGNATURE_KEY]),
+               queuedata_signed_bytes("SITE_A", doc["panda_wms"]))
+    with pytest.raises(InvalidSignature):   # one site's signed config is not another's
+        key.verify(base64.b64decode(doc[QUEUEDATA_SIGNATURE_KEY]),
+                   queuedata_signed_bytes("SITE_B", doc["panda_wms"]))
 
 
 def test_getjob_njobs_and_fit(disp, taskbuffer):

@@ -34,7 +34,8 @@ def test_killed_pilot_job_is_failed_by_the_watcher_and_its_retry_runs(tmp_path):
 
     def pilot_cmd(wd):
         return [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", srv.url, "--site",
-                SITE, "--workdir", str(wd), "--monitor-interval", "0.2", "--server-backoff", "0.3"]
+                SITE, "--workdir", str(wd), "--monitor-interval", "0.2", "--server-backoff", "0.3",
+                "--public-key", str(srv.public_key_file())]
 
     mark = tmp_path / "first-attempt-ran"
     first = None
