@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import tornado.web
 
-from . import api, api_extra, api_panda, monitor
+from . import api, api_console, api_extra, api_panda, monitor
 from .apibase import registry
 from .monitor import api as monitor_api
 from .auth import KeyStore
@@ -22,7 +22,6 @@ from .dispatchpath import DispatchPath, GeneralPath, in_pool
 from .handlers import ApiHandler, MetricsHandler, PublicKeyHandler, QueuedataHandler, ServerState
 from .hookspecs import plugin_manager
 from .metrics import observe_request
-from .pghot import HotPath
 from .pilot_http import ServerApplication
 from .shares import ShareChooser
 from .submission import TaskSubmitter
@@ -30,7 +29,7 @@ from .taskbuffer import TaskBuffer, utcnow
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: the modules whose API methods ``/api/v1`` serves
-API_MODULES = (api, api_panda, api_extra, monitor_api)
+API_MODULES = (api, api_panda, api_extra, api_console, monitor_api)
 
 
 def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
@@ -46,6 +45,7 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     run = in_pool(executor)
     path: DispatchPath = GeneralPath(tb, run)
     if hot_path and tb.dialect == "postgresql":
+        from .pghot import HotPath     # psycopg (the 'postgres' extra): only on PostgreSQL
         path = HotPath(path, size=threads)
     return ServerState(tb=tb, keys=keys,
                        dispatcher=Dispatcher(tb, keys, ShareChooser(tb), path, run),

@@ -20,6 +20,14 @@ DEFAULT_DB = f"sqlite:///{DEFAULT_HOME / 'panda.db'}"
 DEFAULT_KEYS = DEFAULT_HOME / "keys"
 
 
+def _shown(db_url: str) -> str:
+    """A database URL as it may be printed: no user name or password."""
+    if "@" not in db_url:
+        return db_url
+    scheme, sep, rest = db_url.partition("://")
+    return f"{scheme}://{rest.split('@')[-1]}" if sep else db_url.split("@")[-1]
+
+
 def _server_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panda server", description="Run the PanDA server.")
     p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
@@ -187,15 +195,18 @@ def main(argv: list[str]) -> int:
     from tornado.ioloop import IOLoop
 
     from .app import MAX_BODY_BYTES, build_state, make_app
-    from .db import create_schema, make_engine
+    from .db import MissingDriver, create_schema, make_engine
 
     if args.db.startswith("sqlite:///"):
         Path(args.db[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = make_engine(args.db, pool_size=1)
         create_schema(engine)
+    except MissingDriver as exc:
+        sys.stderr.write(f"panda server: {exc}\n")
+        return 2
     except Exception as exc:  # noqa: BLE001 - say which database and why, then stop
-        sys.stderr.write(f"panda server: cannot use database {args.db}: {exc}\n")
+        sys.stderr.write(f"panda server: cannot use database {_shown(args.db)}: {exc}\n")
         return 1
     try:
         ops = _ops_config(args)
@@ -324,18 +335,21 @@ def db_main(argv: list[str]) -> int:
     ar.add_argument("--older-than", type=float, required=True, metavar="S",
                     help="age in seconds since the job reached its final state")
     ar.add_argument("--batch", type=int, default=1000, help="jobs moved per transaction")
-    # accept --db after the action too
+    p.add_argument("--log-level", default=None,
+                   help="debug shows alembic's own lines too (default: $PANDA_LOG_LEVEL, INFO)")
+    # accept --db and --log-level after the action too
     for sp in (up, sub.choices["current"], ar):
         sp.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from panda_core.logs import setup_logging
 
-    setup_logging(None)
-    from .db import current_revision, head_revision, make_engine, upgrade_schema
+    setup_logging(args.log_level)
+    from .db import MissingDriver, current_revision, head_revision, make_engine, upgrade_schema
 
     if args.db.startswith("sqlite:///") and args.action == "upgrade":
         Path(args.db[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    shown = args.db.split("@")[-1] if "@" in args.db else args.db
+    shown = _shown(args.db)
     try:
         engine = make_engine(args.db, pool_size=1)
         if args.action == "upgrade":
@@ -357,6 +371,9 @@ def db_main(argv: list[str]) -> int:
                 return 2
             moved = archive_jobs(TaskBuffer(engine), args.older_than, batch=args.batch)
             sys.stdout.write(f"archived {moved} job(s) older than {args.older_than:g} s\n")
+    except MissingDriver as exc:
+        sys.stderr.write(f"panda db {args.action}: {exc}\n")
+        return 2
     except Exception as exc:  # noqa: BLE001 - say which database and why
         sys.stderr.write(f"panda db {args.action}: database {shown}: {exc}\n")
         return 1
@@ -366,27 +383,73 @@ def db_main(argv: list[str]) -> int:
     return 0
 
 
+TOKEN_USAGE = ("say what to do: 'panda token issue --role pilot|user|admin --subject NAME "
+               "[-o FILE]' or 'panda token public-key [--fingerprint]'")
+
+
 def token_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="panda token", description="Issue a signed bearer token (issue), or show the "
-        "job-signing public key that pilots pin at deployment (public-key).")
-    p.add_argument("action", choices=["issue", "public-key"])
+        "job-signing public key that pilots pin at deployment (public-key).",
+        epilog="examples: panda token issue --role pilot --subject factory -o factory.token; "
+        "panda token public-key --fingerprint")
+    p.add_argument("action", nargs="?", choices=["issue", "public-key"],
+                   help="issue: a new token; public-key: the server's job-signing key")
     p.add_argument("--role", choices=["pilot", "user", "admin"], help="issue: the token's role")
     p.add_argument("--subject", help="issue: who the token speaks for")
     p.add_argument("--site", help="bind a pilot token to one site")
     p.add_argument("--lifetime", type=int, default=30 * 24 * 3600, help="seconds")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="issue: write the token to FILE (mode 0600, no trailing newline: "
+                   "pilot 3 sends a token file's content as it is)")
     p.add_argument("--fingerprint", action="store_true",
                    help="public-key: print the key's fingerprint (sha256:...) instead of the PEM")
-    p.add_argument("--key-dir", default=str(DEFAULT_KEYS))
+    p.add_argument("--key-dir", default=str(DEFAULT_KEYS),
+                   help="the server's --key-dir (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.action is None:
+        p.error(TOKEN_USAGE)
     from .auth import KeyStore
+    try:
+        keys = KeyStore(args.key_dir)
+    except OSError as exc:
+        sys.stderr.write(f"panda token: cannot use key dir {args.key_dir}: {exc}\n")
+        return 2
     if args.action == "public-key":
         from panda_core.trust import key_fingerprint
-        pem = KeyStore(args.key_dir).public_key_pem
-        sys.stdout.write(key_fingerprint(pem) + "\n" if args.fingerprint else pem)
-        return 0
+        pem = keys.public_key_pem
+        text = key_fingerprint(pem) + "\n" if args.fingerprint else pem
+        return _write_out(args.output, text, "public key")
     if not args.role or not args.subject:
-        p.error("issue needs --role and --subject")
-    sys.stdout.write(KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
-                                                         args.lifetime) + "\n")
+        p.error("issue needs --role and --subject, e.g. 'panda token issue --role user "
+                "--subject alice'")
+    if args.lifetime <= 0:
+        p.error("--lifetime must be > 0 seconds")
+    try:
+        token = keys.issue_token(args.subject, args.role, args.site, args.lifetime)
+    except ValueError as exc:
+        p.error(str(exc))
+    # no newline into a file or a pipe (``> pilot.token``): pilot 3 puts a token file's content
+    # into its Authorization header as it is; a terminal gets one, for the prompt's sake
+    return _write_out(args.output, token + ("\n" if sys.stdout.isatty() and not args.output
+                                            else ""), "token", secret=True)
+
+
+def _write_out(path: str | None, text: str, what: str, secret: bool = False) -> int:
+    """``text`` to ``path`` (a secret: created with mode 0600) or to stdout."""
+    if not path:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return 0
+    try:
+        if secret:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)             # an existing file keeps its mode otherwise
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+        else:
+            Path(path).write_text(text)
+    except OSError as exc:
+        sys.stderr.write(f"panda token: cannot write the {what} to {path}: {exc.strerror}\n")
+        return 2
     return 0
