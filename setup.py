@@ -50,6 +50,7 @@ SERVER = [
     "prometheus-client>=0.17",  # /metrics exposition format, done right
     "jsonschema>=4.17",         # site configs
     "PyYAML>=6.0",
+    "PyJWT>=2.8",               # WLCG-profile bearer tokens, JWKS of external OIDC issuers
 ]
 FACTORY = ["PyYAML>=6.0", "jsonschema>=4.17"]   # site configs (schedulers/ needs only the base)
 SE = ["tornado>=6.3"]

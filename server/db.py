@@ -305,6 +305,20 @@ ops_snapshots = Table(
 )
 
 
+# ---------------------------------------------------------------------- revoked bearer tokens
+# a token's jti, kept until the token would have expired anyway (server/tokens.py)
+revoked_tokens = Table(
+    "revoked_tokens", metadata,
+    Column("jti", String(255), primary_key=True),
+    Column("subject", String(255)),
+    Column("expires", Timestamp, nullable=False),
+    Column("revoked_at", Timestamp, nullable=False),
+    Column("revoked_by", String(255), nullable=False),
+    Column("reason", String(255)),
+    Index("ix_revoked_tokens_expires", "expires"),
+)
+
+
 def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
     """Create an engine with settings that suit a dispatcher on each backend.
 
