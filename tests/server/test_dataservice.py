@@ -12,7 +12,8 @@ from sqlalchemy import update
 from logic_kit import put_file, site, submitter, task
 from panda_core.replicas import replica_url
 from server import db
-from server.dataservice import DataService, FileRef, LocalMover, SourceError, TransferFailed
+from server.dataservice import DataService, FileRef, SourceError, TransferFailed
+from server.datamovers.local import LocalMover
 
 
 @pytest.fixture
