@@ -193,7 +193,12 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
     from .shares import recompute_priorities
 
     watcher = Watcher(state.tb, limits)
-    tasks: list[tuple[str, Callable[[], Any]]] = [("watcher", watcher.check)]
+    from .eventranges import EventRangeService
+
+    tasks: list[tuple[str, Callable[[], Any]]] = [
+        ("watcher", watcher.check),
+        # event-service ranges of ended or silent consumers back to their pool
+        ("eventranges", EventRangeService(state.tb).reclaim_expired)]
     if data_mover and first_process:
         service = DataService(state.tb, load_movers(data_mover, data_options),
                               timeout_s=transfer_timeout_s, give_up_s=transfer_give_up_s)

@@ -3,8 +3,8 @@
 ``jobs.destination_se`` (and the archive's) names it; such a job finishes into ``transferring``
 and the data service ends it once its outputs are there (server/dataservice.py).
 
-Revision ID: 0008_aggregation
-Revises: 0007_monitor
+Revision ID: 0009_aggregation
+Revises: 0008_event_service
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_aggregation"
-down_revision = "0007_monitor"
+revision = "0009_aggregation"
+down_revision = "0008_event_service"
 branch_labels = None
 depends_on = None
 
