@@ -29,7 +29,9 @@ PILOT_PLUGINS = [
 ]
 SERVER_PLUGINS: list[str] = []
 DATA_MOVERS = [
-    "local = server.dataservice:LocalMover",
+    "local = server.datamovers.local:LocalMover",
+    "http = server.datamovers.http:HttpMover",
+    "xrootd = server.datamovers.xrootd:XrootdMover",
 ]
 
 # What a worker node needs: the pilot (pluggy, psutil, cryptography for signed jobs), the

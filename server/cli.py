@@ -74,9 +74,17 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="release a job stuck in holding for S seconds (103)")
     p.add_argument("--transferring-timeout", type=float, default=12 * 3600, metavar="S",
                    help="release a job stuck in transferring for S seconds (104)")
-    p.add_argument("--data-mover", default="local",
-                   help="data service backend, an entry point of panda.datamovers "
-                        "('none': no data service)")
+    p.add_argument("--data-mover", default="local,http,xrootd",
+                   help="data movers in order of preference, entry points of panda.datamovers, "
+                        "comma-separated ('none': no data service)")
+    p.add_argument("--data-mover-option", action="append", default=[], metavar="MOVER.KEY=VALUE",
+                   help="an option of one data mover, e.g. http.token_file=/etc/panda/se.token, "
+                        "http.ca_bundle=..., xrootd.tpc=only (repeatable; docs/dataservice.md)")
+    p.add_argument("--transfer-timeout", type=float, default=600, metavar="S",
+                   help="deadline of one copy by the data service (a hung transfer is killed)")
+    p.add_argument("--transfer-give-up", type=float, default=12 * 3600, metavar="S",
+                   help="fail a job whose inputs (or aggregated outputs) could not be placed "
+                        "within S seconds (ddm error 100 / 200)")
     p.add_argument("--ops-interval", type=float, default=60, metavar="S",
                    help="how often the first server process runs the monitor's operations: "
                         "history snapshot, job duration alarms, alarm notifications (0: never)")
@@ -225,11 +233,20 @@ def main(argv: list[str]) -> int:
         if getattr(args, opt) < 0:
             sys.stderr.write(f"panda server: --{opt.replace('_', '-')} must be >= 0\n")
             return 1
+    mover_options: dict[str, dict] = {}
+    for opt in args.data_mover_option:
+        name, dot, rest = opt.partition(".")
+        key, eq, value = rest.partition("=")
+        if not (dot and eq and name and key):
+            sys.stderr.write(f"panda server: --data-mover-option {opt!r}: expected "
+                             "MOVER.KEY=VALUE, e.g. http.token_file=/etc/panda/se.token\n")
+            return 1
+        mover_options.setdefault(name, {})[key] = value
     if args.watcher_interval > 0 and args.data_mover != "none":
-        from .dataservice import load_mover
+        from .datamovers import load_movers
         try:
-            load_mover(args.data_mover)
-        except ValueError as exc:
+            load_movers(args.data_mover, mover_options)
+        except (ValueError, TypeError, OSError) as exc:
             sys.stderr.write(f"panda server: --data-mover: {exc}\n")
             return 1
     if args.shares:
@@ -302,7 +319,9 @@ def main(argv: list[str]) -> int:
                                args.transferring_timeout)
         mover = None if args.data_mover == "none" else args.data_mover
         start_periodic(state.executor, args.watcher_interval, server_tasks(
-            state, limits, mover, first_process=(tornado.process.task_id() or 0) == 0))
+            state, limits, mover, mover_options,
+            first_process=(tornado.process.task_id() or 0) == 0,
+            transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up))
     from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),
