@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from panda_core.replicas import BadFileName, check_name
+from panda_core.replicas import MAX_NAME_LENGTH, BadFileName, check_name
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,15 @@ ES_MERGE = 2
 
 class TaskSpecError(ValueError):
     """A task description that cannot become jobs; the message names the field and why."""
+
+
+class LimitExceeded(TaskSpecError):
+    """A call that asks for more work than one call may do (HTTP 400, the limit named)."""
+
+
+#: the jobs one call (a task's submission, one extension) may create: each is a few rows in
+#: one transaction, and 20,000 of them held the database for 13 s
+MAX_JOBS_PER_CALL = 5000
 
 
 _PLACEHOLDER = re.compile(
@@ -119,7 +128,7 @@ class TaskSpec:
                 _check(isinstance(data[key], str), key, "must be a string")
                 kw[key] = data[key]
         for key in ("scope", "input_dataset", "output_dataset"):
-            if kw.get(key):
+            if kw.get(key) or key == "scope" and key in kw:       # an empty scope is no scope
                 try:
                     check_name(kw[key], key)
                 except BadFileName as exc:
@@ -146,6 +155,9 @@ class TaskSpec:
             _check(key == "priority" or value >= 1, key, "must be at least 1")
             kw[key] = value
         _check(kw.get("max_attempts", 3) <= 100, "max_attempts", "at most 100")
+        if kw.get("n_jobs", 0) > MAX_JOBS_PER_CALL:
+            raise LimitExceeded(f"field 'n_jobs': at most {MAX_JOBS_PER_CALL} jobs per task "
+                                f"submission, got {kw['n_jobs']}")
         if data.get("event_service") is not None:
             kw["event_service"] = EventServiceSpec.from_dict(data["event_service"])
         spec = cls(**kw)
@@ -197,8 +209,15 @@ def output_names(spec: TaskSpec, task_id: int, serial: int, attempt: int) -> lis
 
 
 def log_name(spec_name: str, task_id: int, serial: int, attempt: int) -> str:
-    return check_name(f"log.{task_id}.{serial:06d}.{attempt}.{spec_name}.job.log.tgz"[:255],
-                      "log file name")
+    """The job's log tarball; a long task name is shortened, never the ids or the suffix."""
+    head, tail = f"log.{task_id}.{serial:06d}.{attempt}.", ".job.log.tgz"
+    room = MAX_NAME_LENGTH - len(head) - len(tail) - 2   # a retry's attempt may grow 2 digits
+    return check_name(f"{head}{spec_name[:room].rstrip('.')}{tail}", "log file name")
+
+
+def _with_suffix(base: str, suffix: str) -> str:
+    """``base + suffix`` within the name length: the base is shortened, the suffix kept."""
+    return base[:MAX_NAME_LENGTH - len(suffix)] + suffix
 
 
 def _fill(text: str, values: dict[str, str]) -> str:
@@ -286,13 +305,12 @@ def retry_job_values(job: dict, files: list[dict]) -> tuple[dict, list[dict]]:
         if f["type"] in ("output", "log"):
             base = f["lfn"][:-len(old_suffix)] if old_suffix and f["lfn"].endswith(old_suffix) \
                 else f["lfn"]
-            if f["type"] == "log":
-                new = base.replace(f".{job['attempt_nr']}.", f".{attempt}.", 1) \
-                    if base.startswith("log.") else f"{base}.{attempt}"
+            if f["type"] == "log" and base.startswith("log."):
+                new = base.replace(f".{job['attempt_nr']}.", f".{attempt}.", 1)
             else:
-                new = f"{base}.{attempt}"
+                new = _with_suffix(base, f".{attempt}")
             renames[f["lfn"]] = new
-            nf.update(lfn=check_name(new[:255], "output file name"), guid=str(uuid.uuid4()),
+            nf.update(lfn=check_name(new, "output file name"), guid=str(uuid.uuid4()),
                       status="defined", fsize=None, checksum=None)
         new_files.append(nf)
     pars = job["job_pars"]

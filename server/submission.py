@@ -15,7 +15,8 @@ from panda_core.states import JobState, TaskState
 from . import db
 from .brokerage import Brokerage, JobNeeds, input_endpoint
 from .eventranges import POOL_SERIAL, EventWindow, create_ranges, split_events
-from .jobcreator import TaskSpec, TaskSpecError, make_consumer_job, make_job, split_inputs
+from .jobcreator import MAX_JOBS_PER_CALL, LimitExceeded, TaskSpec, TaskSpecError, \
+    make_consumer_job, make_job, split_inputs
 from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,10 @@ class TaskSubmitter:
     def _create(self, spec: TaskSpec, params: dict, owner: str, groups: list[list[dict]],
                 sites: dict[str, dict], task_id: int | None = None,
                 first_serial: int = 1, windows: list | None = None) -> SubmitResult:
+        if len(groups) > MAX_JOBS_PER_CALL:
+            raise LimitExceeded(f"this call would create {len(groups)} jobs; at most "
+                                f"{MAX_JOBS_PER_CALL} per call (raise 'files_per_job' or "
+                                "'events_per_job', or register the inputs in several datasets)")
         all_lfns = list(dict.fromkeys(f["lfn"] for g in groups for f in g))
         locality = self.tb.data.replica_endpoints(spec.scope if not groups or not groups[0]
                                              else groups[0][0]["scope"], all_lfns)
