@@ -46,6 +46,13 @@ class TaskSubmitter:
         if spec.site and spec.site not in sites:
             raise TaskSpecError(f"field 'site': unknown site {spec.site!r}"
                                 f" (known: {', '.join(sorted(sites)) or 'none'})")
+        if spec.destination_se:
+            from .dataservice import storage_urls
+            known = storage_urls(s["config"] for s in sites.values())
+            if spec.destination_se not in known:
+                raise TaskSpecError(f"field 'destination_se': no site config names a storage "
+                                    f"element {spec.destination_se!r} with a URL (known: "
+                                    f"{', '.join(sorted(known)) or 'none'})")
         inputs: list[dict] = []
         if spec.input_dataset:
             inputs = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
