@@ -21,6 +21,9 @@ from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
 
+#: event ranges one event-service task may have (each is a row its consumers' calls scan)
+MAX_RANGES_PER_TASK = 100_000
+
 
 @dataclass
 class SubmitResult:
@@ -114,6 +117,11 @@ class TaskSubmitter:
                                               priority=spec.priority, share=spec.share,
                                               site=spec.site, max_attempts=spec.max_attempts)
             if spec.event_service is not None:
+                total = sum(-(-int(f.get("n_events") or spec.events_per_file)
+                              // int(spec.events_per_range or 1)) for f in groups[0])
+                if total > MAX_RANGES_PER_TASK:
+                    raise LimitExceeded(f"this task would have {total} event ranges; at most "
+                                        f"{MAX_RANGES_PER_TASK} (raise 'events_per_range')")
                 n_ranges = sum(create_ranges(
                     self.tb, conn, task_id=task_id, serial=POOL_SERIAL, file=f,
                     window=EventWindow(0, int(f.get("n_events") or spec.events_per_file)),
