@@ -383,7 +383,8 @@ def db_main(argv: list[str]) -> int:
                                 "migrations and the archive of old jobs.")
     p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
                    help="SQLAlchemy database URL (default: %(default)s; env PANDA_DB)")
-    sub = p.add_subparsers(dest="action", required=True)
+    sub = p.add_subparsers(dest="action", required=True, metavar="upgrade|current|archive",
+                           title="actions")
     up = sub.add_parser("upgrade", help="run the schema migrations (creates an empty database)")
     up.add_argument("revision", nargs="?", default="head")
     sub.add_parser("current", help="print the schema revision of the database")

@@ -338,6 +338,10 @@ def test_missing_token_says_an_identity_is_required(srv, tmp_path):
 def test_token_usage_and_file(srv, tmp_path):
     res = panda("token", "--role", "user", "--subject", "x", "--key-dir", str(srv.key_dir))
     assert res.returncode == 2 and "panda token issue --role" in person_sees(res)
+    for command, actions in ((["db"], "upgrade|current|archive"), (["sites"], "check|show|sync"),
+                             (["data"], "panda data add DATASET")):
+        res = panda(*command)
+        assert res.returncode == 2 and actions in person_sees(res), res.stderr
     out = tmp_path / "pilot.token"
     out.write_text("old")
     out.chmod(0o644)
@@ -405,6 +409,10 @@ def test_no_job_says_why_and_the_default_walltime_fits(srv):
     assert reply["StatusCode"] == 20
     assert reply["errorDialog"].startswith(f"2 activated jobs at {NOFIT}, none fits this pilot")
     assert f"walltime {DEFAULT_JOB_WALLTIME_S} s > remaining 540 s" in reply["errorDialog"]
+    from panda_core.client import PilotClient
+    pilot = PilotClient(srv.url, srv.pilot)               # what our pilot logs it from
+    assert pilot.get_job({"siteName": NOFIT, "remainingWalltime": 540}) is None
+    assert "walltime" in pilot.no_job_reason and "none fits this pilot" in pilot.no_job_reason
     count = requests.get(f"{srv.url}/api/v1/pilot/activated_count",
                          params={"site": NOFIT, "walltime_s": 540}, timeout=10).json()["data"]
     assert count["activated"] == 2 and count["fitting"] == 0 and "walltime" in count["reason"]
