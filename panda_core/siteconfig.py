@@ -40,6 +40,7 @@ class PilotLimits:
     max_running: int = 0
     rate_per_minute: int = 60
     walltime_s: int = 3600
+    version: str = ""             # the one-file pilot version to run ("": the server's default)
 
 
 @dataclass

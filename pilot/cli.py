@@ -176,7 +176,10 @@ def main(argv: list[str]) -> int:
     from panda_core.wire import Dispatch
 
     from .errors import ErrorCode, PilotError
-    from .job import JobRun, KillRequest, PilotConfig
+    from .job import JobRun, KillRequest, PilotConfig, pilot_version
+
+    log.info("pilot %s on Python %s (%s)", pilot_version(), sys.version.split()[0],
+             sys.executable)
 
     walltime = args.walltime
     deadline = started + walltime if walltime else batch_deadline(dict(os.environ), started)
