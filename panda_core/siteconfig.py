@@ -40,12 +40,9 @@ class PilotLimits:
     max_running: int = 0
     rate_per_minute: int = 60
     walltime_s: int = 3600
-<<<<<<< HEAD
-    version: str = ""             # the one-file pilot version to run ("": the server's default)
-=======
     timefloor: int = 0            # minutes: a pilot asks for another job while it has run less
                                   # (PanDA's queue-description field); 0: one job per pilot
->>>>>>> main
+    version: str = ""             # the one-file pilot version to run ("": the server's default)
 
 
 @dataclass
