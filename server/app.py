@@ -58,15 +58,10 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                        submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
                        executor=executor, run=run,
                        require_auth=require_auth, site_loader=site_loader,
-<<<<<<< HEAD
-                       admin_dns=frozenset(admin_dns), pilot_dns=frozenset(pilot_dns),
+                       admin_dns=DNMatcher(admin_dns), pilot_dns=DNMatcher(pilot_dns),
                        hook=pm.hook,
                        pilot_files=PilotFiles(pilot_dir or Path(key_dir) / "pilot",
                                               keys.sign_bytes, pilot_version))
-=======
-                       admin_dns=DNMatcher(admin_dns), pilot_dns=DNMatcher(pilot_dns),
-                       hook=pm.hook)
->>>>>>> main
 
 
 def make_app(state: ServerState) -> tornado.web.Application:
