@@ -12,16 +12,17 @@ from pathlib import Path
 
 import tornado.web
 
-from . import api, api_extra, api_panda, monitor
+from . import api, api_auth, api_extra, api_panda, monitor
 from .apibase import registry
 from .monitor import api as monitor_api
 from .auth import DNMatcher, KeyStore
+from .tokens import RevocationList, TrustedIssuer
 from .brokerage import Brokerage
 from .db import make_engine
 from .dispatcher import Dispatcher
 from .dispatchpath import DispatchPath, GeneralPath, in_pool
-from .handlers import (ApiHandler, MetricsHandler, PilotFilesHandler, PublicKeyHandler,
-                       QueuedataHandler, ServerState)
+from .handlers import (ApiHandler, AuthConfigHandler, MetricsHandler, PilotFilesHandler,
+                       PublicKeyHandler, QueuedataHandler, ServerState, TokenKeysHandler)
 from .hookspecs import plugin_manager
 from .metrics import observe_request
 from .pghot import HotPath
@@ -33,20 +34,27 @@ from .taskbuffer import TaskBuffer, utcnow
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: the modules whose API methods ``/api/v1`` serves
-API_MODULES = (api, api_panda, api_extra, monitor_api)
+API_MODULES = (api, api_panda, api_extra, api_auth, monitor_api)
 
 
 def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
                 clock=utcnow, site_loader=None, admin_dns=(), pilot_dns=(),
-                hot_path: bool = True, pilot_dir: str | None = None,
+                hot_path: bool = True, token_issuer: str | None = None,
+                trusted_issuers: tuple[TrustedIssuer, ...] = (), pilot_dir: str | None = None,
                 pilot_version: str | None = None) -> ServerState:
     """``hot_path``: on PostgreSQL, take getJob and common updateJobs on the event loop
     (``server.pghot``); ``threads`` is then also its number of connections per process.
+    ``token_issuer``: the ``iss`` of this server's tokens (kept in the key dir);
+    ``trusted_issuers``: external OIDC providers whose tokens are accepted (their keys are
+    fetched here, once; ``panda server`` refreshes them and the revocation list).
     ``pilot_dir``: where the one-file pilot's versions are kept (default ``<key_dir>/pilot``,
     beside the key that signs them); ``pilot_version`` the one factories run by default."""
     engine = make_engine(db_url, pool_size=threads)
     tb = TaskBuffer(engine, clock=clock)
-    keys = KeyStore(key_dir)
+    revoked = RevocationList(tb.revoked_tokens.active)
+    keys = KeyStore(key_dir, issuer=token_issuer, trusted=trusted_issuers, revoked=revoked)
+    revoked.refresh()
+    keys.tokens.refresh_all()
     pm = plugin_manager()
     executor = ThreadPoolExecutor(threads, thread_name_prefix="db")
     run = in_pool(executor)
@@ -71,6 +79,8 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/api/v1/(\w+)/(\w+)", ApiHandler, {**kw, "methods": registry(API_MODULES)}),
         (r"/cache/schedconfig/([A-Za-z0-9_.\-]+?)(?:\.all)?\.json", QueuedataHandler, kw),
         (r"/\.well-known/panda-jobspec-key\.pem", PublicKeyHandler, kw),
+        (r"/\.well-known/(jwks\.json|openid-configuration)", TokenKeysHandler, kw),
+        (r"/auth/([A-Za-z0-9_.\-]{1,64})_auth_config\.json", AuthConfigHandler, kw),
         (r"/metrics", MetricsHandler, kw),
         (r"/pilot/?", PilotFilesHandler, kw),
         (r"/pilot/([0-9A-Za-z][0-9A-Za-z._-]{0,63})/(panda-pilot\.pyz(?:\.sig)?)",

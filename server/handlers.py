@@ -274,3 +274,37 @@ class PilotFilesHandler(BaseHandler):
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Cache-Control", "public, max-age=31536000, immutable")
         self.finish(data)
+
+
+class TokenKeysHandler(BaseHandler):
+    """``/.well-known/jwks.json`` (the keys that verify this server's tokens) and
+    ``/.well-known/openid-configuration`` (where a relying party finds them)."""
+
+    def get(self, what: str) -> None:
+        tokens = self.state.keys.tokens
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "max-age=300")
+        if what == "jwks.json":
+            self.finish(dumps(tokens.jwks()))
+        else:
+            # an issuer that is a URL is where this server is published; else the request's
+            # own address (never a Host header's idea of it for an https issuer)
+            base = tokens.issuer if tokens.issuer.startswith("https://") else \
+                f"{self.request.protocol}://{self.request.host}"
+            self.finish(dumps(tokens.openid_configuration(base)))
+
+
+class AuthConfigHandler(BaseHandler):
+    """``/auth/<vo>_auth_config.json``: panda-client's login document, pointing its device-code
+    flow at the OIDC provider the server's ``--token-issuers`` file names for that VO."""
+
+    def get(self, vo: str) -> None:
+        doc = self.state.keys.tokens.auth_config(vo)
+        if doc is None:
+            self.set_status(404)
+            self.set_header("Content-Type", "application/json")
+            self.finish(dumps({"error": f"no login configured for VO {vo!r} (the server's "
+                                        "--token-issuers file names none with this vo)"}))
+            return
+        self.set_header("Content-Type", "application/json")
+        self.finish(dumps(doc))
