@@ -61,6 +61,7 @@ class JobSpec:
     max_disk_mb: int = 0          # maxDiskCount (MB)
     core_count: int = 1
     direct_read: bool = False     # transferType == "direct"
+    container_name: str = ""      # the image the payload asks for ("" = none)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -258,7 +259,8 @@ def decode_job(raw: dict[str, Any]) -> JobSpec:
         job_pars=str(raw.get("jobPars") or ""), inputs=inputs, outputs=outputs, log=log,
         max_walltime_s=_int(raw, "maxWalltime"), max_rss_mb=_int(raw, "minRamCount"),
         max_disk_mb=_int(raw, "maxDiskCount"), core_count=max(1, _int(raw, "coreCount", 1)),
-        direct_read=_text(raw, "transferType").lower() == "direct", raw=dict(raw))
+        direct_read=_text(raw, "transferType").lower() == "direct",
+        container_name=_text(raw, "container_name"), raw=dict(raw))
     names = [f.lfn for f in job.files]
     if len(set(names)) != len(names):
         raise WireError(ErrorCode.BAD_JOB_SPEC,
