@@ -149,7 +149,7 @@ def _plugin_errors(data: dict, file: str) -> list[ConfigError]:
     sandbox = data.get("sandbox")
     if isinstance(sandbox, dict) and isinstance(sandbox.get("runtime"), str) \
             and sandbox["runtime"]:
-        known = plugin_names("panda.sandboxes")
+        known = sorted({"none", *plugin_names("panda.sandboxes")})   # none: built in
         if sandbox["runtime"] not in known:
             errors.append(ConfigError(file, "sandbox.runtime",
                                       f"unknown sandbox runtime {sandbox['runtime']!r} "

@@ -29,7 +29,15 @@ def available() -> list[str]:
 
 
 def load(config: SandboxConfig) -> Sandbox:
-    """The runtime the site config names, constructed with its ``sandbox`` section."""
+    """The runtime the site config names, constructed with its ``sandbox`` section.
+
+    ``none``, the default, is not looked up: a pilot without a sandbox does not pay for
+    importing stevedore on its way to the payload, and still starts where the installed
+    metadata predates this group (an editable install not reinstalled)."""
+    if config.runtime == "none":
+        from .none import NoSandbox
+
+        return NoSandbox(config)
     return load_driver(GROUP, config.runtime, invoke_kwds={"config": config},
                        error=UnknownSandbox, kind="sandbox runtime")
 
