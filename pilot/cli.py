@@ -67,6 +67,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--log-cap-mb", type=float, default=50.0, help="log tarball size cap")
     p.add_argument("--keep-workdirs", action="store_true", help="keep job dirs after the report")
     p.add_argument("--no-recovery", action="store_true", help="do not recover dead pilots' jobs")
+    p.add_argument("--es-batch", type=int, default=0, metavar="N",
+                   help="event-service jobs: ranges per getEventRanges (default: the job's cores)")
+    p.add_argument("--es-poll", type=float, default=10.0, metavar="S",
+                   help="event-service jobs: when no range is ready but other jobs hold some, "
+                   "ask again after S seconds (default 10)")
     p.add_argument("--log-level", default=None)
     return p.parse_args(argv)
 
@@ -176,6 +181,7 @@ def main(argv: list[str]) -> int:
     from panda_core.wire import Dispatch
 
     from .errors import ErrorCode, PilotError
+    from .eventservice.session import EventServiceSettings
     from .job import JobRun, KillRequest, PilotConfig
 
     walltime = args.walltime
@@ -193,7 +199,9 @@ def main(argv: list[str]) -> int:
                       allowed_programs=frozenset(args.allow_program),
                       payload_env=tuple(args.payload_env),
                       hidden_paths=tuple(str(Path(p).resolve()) for p in
-                                         (args.token_file, args.queuedata) if p))
+                                         (args.token_file, args.queuedata) if p),
+                      event_service=EventServiceSettings(batch=max(0, args.es_batch),
+                                                         poll_s=max(0.1, args.es_poll)))
     try:
         pinned = pinned_key(args)
     except (OSError, ValueError) as exc:
