@@ -298,3 +298,22 @@ def test_a_working_probe_is_recorded_for_the_nodes_other_pilots(tmp_path, monkey
     assert err.value.code == ErrorCode.SANDBOX_USER_NAMESPACE
     with pytest.raises(SandboxError):                  # a failure is never recorded
         ready(cfg, tmp_path)
+
+
+@needs_bwrap
+def test_the_one_file_pilot_carries_the_runtimes(tmp_path):
+    """The signed pilot file a bare node runs has the panda.sandboxes entry points and code."""
+    from server.pilotfile import build
+
+    _, data = build()
+    pyz = tmp_path / "pilot.pyz"
+    pyz.write_bytes(data)
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from pilot.sandbox import available, load\n"
+            "from panda_core.siteconfig import SandboxConfig\n"
+            "s = load(SandboxConfig(runtime='bwrap', network=False)); s.probe()\n"
+            "print(available(), type(s).__name__, s.program)")
+    res = subprocess.run(["/usr/bin/python3", "-E", "-s", "-c", code, str(pyz)], cwd="/",
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "['apptainer', 'bwrap', 'none'] BwrapSandbox" in res.stdout
