@@ -1,7 +1,7 @@
 """Revoked bearer tokens: one row per revoked ``jti`` until the token would have expired.
 
 Revision ID: 0009_tokens
-Revises: 0008_event_service
+Revises: 0009_aggregation (both 0009s landed after 0008; chained here so there is one head)
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009_tokens"
-down_revision = "0008_event_service"
+down_revision = "0009_aggregation"
 branch_labels = None
 depends_on = None
 
