@@ -1,7 +1,7 @@
 """Revoked bearer tokens: one row per revoked ``jti`` until the token would have expired.
 
-Revision ID: 0009_tokens
-Revises: 0009_aggregation (both 0009s landed after 0008; chained here so there is one head)
+Revision ID: 0010_tokens
+Revises: 0009_aggregation
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009_tokens"
+revision = "0010_tokens"
 down_revision = "0009_aggregation"
 branch_labels = None
 depends_on = None
