@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 __version__ = "panda-wms-pilot 0.1"
 
 
+def pilot_version() -> str:
+    """The pilot's version with, for a one-file pilot, its file's version (``PANDA_PILOT_VERSION``,
+    set by the batch script that verified it): what the worker-node information reports.
+    getJob's ``pilotVersion`` stays ``__version__``: jobs may be bound to a pilot version."""
+    file_version = os.environ.get("PANDA_PILOT_VERSION", "")
+    return f"{__version__}+{file_version}" if file_version else __version__
+
+
 @dataclass
 class PilotConfig:
     """Everything the command line and the environment decide about a pilot run."""
