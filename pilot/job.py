@@ -300,7 +300,12 @@ class JobRun:
         if len(inputs) < 65536:   # the kernel caps an env string at 128 KiB: big lists on disk
             extra["PANDA_INPUTS"] = inputs
         if job.event_service:
-            extra.update(self._event_service_session(job).prepare())
+            try:
+                extra.update(self._event_service_session(job).prepare())
+            except OSError as exc:
+                self.es = None
+                raise PilotError(ErrorCode.GENERAL, f"cannot make the event-service pipes in "
+                                 f"the work dir: {exc}") from None
         env = scrub_env(os.environ, extra, self.cfg.payload_env)
         sandbox = self._sandbox()
         # in an image the transformation is the image's: the node's PATH says nothing about it
@@ -312,6 +317,8 @@ class JobRun:
         try:
             pid = self.payload.start()
         except OSError as exc:
+            if self.es is not None:        # nothing was fetched: only the pipes to remove
+                self.es.finish(payload_crashed=False)
             raise PilotError(ErrorCode.PAYLOAD_EXECUTION_FAILURE,
                              f"cannot start payload: {exc}") from None
         self._save(sf.RUNNING, payload={"pid": pid, "start": self.payload.start_time})
