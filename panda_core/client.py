@@ -83,7 +83,9 @@ def check_server_url(url: object) -> None:
     """ClientError saying what is wrong with ``url`` unless it is ``http(s)://host[:port]``
     with an optional path: no traceback for a typo, whatever urllib would make of it."""
     expected = "expected http://host:port or https://host:port"
-    if not isinstance(url, str) or not url.strip():
+    if not isinstance(url, str):
+        raise BadServerUrl(f"not a server URL: {url!r} ({expected})")
+    if not url.strip():
         raise BadServerUrl(f"no server URL given ({expected}; or set $PANDA_URL)")
     try:
         parts = urllib.parse.urlsplit(url)
