@@ -40,6 +40,8 @@ class PilotLimits:
     max_running: int = 0
     rate_per_minute: int = 60
     walltime_s: int = 3600
+    timefloor: int = 0            # minutes: a pilot asks for another job while it has run less
+                                  # (PanDA's queue-description field); 0: one job per pilot
 
 
 @dataclass

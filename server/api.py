@@ -15,13 +15,16 @@ from panda_core.replicas import BadFileName
 from .api_panda import panda_file_names, panda_job_names
 from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_int, id_list,
                       int_param, str_param)
-from .jobcreator import TaskSpecError
+from .jobcreator import LimitExceeded, TaskSpecError
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
 
 log = logging.getLogger(__name__)
 
 api = ApiMethods()
+
+#: files one data/add_files call registers (one transaction)
+MAX_FILES_PER_CALL = 10000
 
 
 def _owns(ctx: Context, owner: str) -> bool:
@@ -65,6 +68,8 @@ def task_submit(ctx: Context, params: dict) -> int:
         raise ApiError("parameter 'task_parameters' must be a JSON object (the task description)")
     try:
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
+    except LimitExceeded as exc:
+        raise ApiError(f"bad task description: {exc}", 400) from None
     except (TaskSpecError, BadFileName) as exc:   # BadFileName: an output name made from a pattern
         raise ApiError(f"bad task description: {exc}") from None
     ctx.message = (f"jediTaskID={result.task_id} jobs={len(result.job_ids)} "
@@ -80,6 +85,8 @@ def task_extend(ctx: Context, params: dict) -> dict:
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     try:
         result = ctx.submitter.extend(task_id, ctx.identity.subject)
+    except LimitExceeded as exc:
+        raise ApiError(str(exc), 400) from None
     except (TaskSpecError, BadFileName) as exc:
         raise ApiError(str(exc)) from None
     return {"task_id": task_id, "new_jobs": result.job_ids}
@@ -231,8 +238,9 @@ def data_add_files(ctx: Context, params: dict) -> int:
         check_name(str(scope), "scope")
         if not isinstance(files, list) or not files:
             raise ApiError("parameter 'files' must be a non-empty list")
-        if len(files) > 100000:
-            raise ApiError("parameter 'files': at most 100000 per call")
+        if len(files) > MAX_FILES_PER_CALL:
+            raise ApiError(f"parameter 'files': at most {MAX_FILES_PER_CALL} per call, got "
+                           f"{len(files)}", 400)
         for f in files:
             if not isinstance(f, dict):
                 raise ApiError("each file must be an object with lfn, fsize, checksum")
@@ -292,7 +300,11 @@ def pilot_report(ctx: Context, params: dict) -> int:
         log.warning("factory %s reports %d failed pilot(s) at %s", factory, len(failed),
                     ", ".join(sorted({str(p["site"]) for p in failed})),
                     extra={"site": str(failed[0]["site"])})
-    return ctx.tb.pilots.report(factory, pilots, ctx.identity.subject, site_status=sites)
+    try:
+        return ctx.tb.pilots.report(factory, pilots, ctx.identity.subject, site_status=sites,
+                                    actor_is_admin=ctx.identity.role == "admin")
+    except PermissionError as exc:
+        raise ApiError(f"permission denied: {exc}", 403) from None
 
 
 @api("pilot", "summary")

@@ -14,7 +14,7 @@ import tornado.web
 from . import api, api_extra, api_panda, monitor
 from .apibase import registry
 from .monitor import api as monitor_api
-from .auth import KeyStore
+from .auth import DNMatcher, KeyStore
 from .brokerage import Brokerage
 from .db import make_engine
 from .dispatcher import Dispatcher
@@ -52,7 +52,7 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                        submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
                        executor=executor, run=run,
                        require_auth=require_auth, site_loader=site_loader,
-                       admin_dns=frozenset(admin_dns), pilot_dns=frozenset(pilot_dns),
+                       admin_dns=DNMatcher(admin_dns), pilot_dns=DNMatcher(pilot_dns),
                        hook=pm.hook)
 
 

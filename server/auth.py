@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -150,24 +151,106 @@ class KeyStore:
         return base64.b64encode(self._signing_key.sign(canonical)).decode()
 
 
-_DN_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-             "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
-             "domainComponent": "DC", "emailAddress": "emailAddress", "userId": "UID"}
+#: the grid's short attribute names and their OIDs (dotted)
+_SHORT_OID = {"CN": "2.5.4.3", "O": "2.5.4.10", "OU": "2.5.4.11", "C": "2.5.4.6",
+              "L": "2.5.4.7", "ST": "2.5.4.8", "DC": "0.9.2342.19200300.100.1.25",
+              "emailAddress": "1.2.840.113549.1.9.1", "UID": "0.9.2342.19200300.100.1.1"}
+_OID_SHORT = {oid: short for short, oid in _SHORT_OID.items()}
 
 
-def dn_from_subject(subject) -> str:
-    """A verified certificate's subject (ssl's getpeercert() tuples) as a grid-style DN.
+def _escape_dn_value(value: str) -> str:
+    """A value as it stands in a grid-style DN: '/', '+' and '\\' escaped, so no value can
+    pass for more attributes (``CN="admin/CN=42"`` is ``/CN=admin\\/CN=42``)."""
+    return value.replace("\\", "\\\\").replace("/", "\\/").replace("+", "\\+")
 
-    PanDA and the grid write DNs with short names in certificate order: /DC=ch/O=x/CN=name.
+
+def dn_of_name(name) -> str:
+    """A certificate's subject (cryptography's ``x509.Name``) as a grid-style DN: short names in
+    certificate order (/DC=ch/O=x/CN=name), the way PanDA writes owners. Values are escaped,
+    so two different subjects never give the same string."""
+    parts = []
+    for rdn in name.rdns:
+        attrs = []
+        for attr in sorted(rdn, key=lambda a: a.oid.dotted_string):
+            short = _OID_SHORT.get(attr.oid.dotted_string, attr.oid.dotted_string)
+            attrs.append(f"{short}={_escape_dn_value(str(attr.value))}")
+        parts.append("/" + "+".join(attrs))
+    return "".join(parts)
+
+
+_SLASH_RDN = re.compile(r"/((?:[^/\\]|\\.)+)")
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def parse_dn(text: str):
+    """A DN given on the command line (``--admin-dn``) as a structured ``x509.Name``.
+
+    Two spellings: RFC 4514 (``CN=admin,O=org``, last RDN first, as openssl -nameopt RFC2253
+    prints it) and the grid's slash form in certificate order (``/O=org/CN=admin``), where a
+    '/' or '+' inside a value must be escaped with '\\'. Comparing names, not strings, is what
+    keeps ``/O=org/CN=admin/CN=42`` (three attributes) from matching a certificate whose CN is
+    ``admin/CN=42``. ValueError names what cannot be read.
     """
-    return "".join(f"/{_DN_SHORT.get(k, k)}={v}" for rdn in subject for k, v in rdn)
+    from cryptography import x509
+    text = text.strip()
+    if not text:
+        raise ValueError("an empty DN")
+    if not text.startswith("/"):
+        try:
+            return x509.Name.from_rfc4514_string(text)
+        except ValueError as exc:
+            raise ValueError(f"DN {text!r} is not RFC 4514: {exc}") from None
+    rest = text
+    rdns = []
+    pos = 0
+    for m in _SLASH_RDN.finditer(rest):
+        if m.start() != pos:
+            break
+        pos = m.end()
+        attrs = []
+        for item in re.split(r"(?<!\\)\+", m.group(1)):
+            key, eq, value = item.partition("=")
+            oid = _SHORT_OID.get(key)
+            if not eq or oid is None:
+                raise ValueError(f"DN {text!r}: {item!r} is not ATTRIBUTE=value with a known "
+                                 "attribute (C, O, OU, CN, DC, L, ST, UID, emailAddress)")
+            attrs.append(x509.NameAttribute(x509.ObjectIdentifier(oid),
+                                            _UNESCAPE.sub(r"\1", value)))
+        rdns.append(x509.RelativeDistinguishedName(attrs))
+    if pos != len(rest) or not rdns:
+        raise ValueError(f"DN {text!r}: cannot read it as /ATTR=value/... (escape '/' in a value "
+                         "as '\\/', or write it as RFC 4514)")
+    return x509.Name(rdns)
 
 
-def identity_from_dn(dn: str, admin_dns: frozenset[str] = frozenset(),
-                     pilot_dns: frozenset[str] = frozenset()) -> Identity:
-    """Map a verified X.509 client certificate DN to an identity (default role: user)."""
-    if dn in admin_dns:
+def _name_key(name) -> tuple:
+    """What makes two names the same: each RDN's set of (attribute, value), in order."""
+    return tuple(frozenset((a.oid.dotted_string, str(a.value)) for a in rdn) for rdn in name.rdns)
+
+
+class DNMatcher:
+    """Which configured DNs a certificate's subject is, compared as structured names."""
+
+    def __init__(self, dns=()):
+        self._keys = frozenset(_name_key(parse_dn(d) if isinstance(d, str) else d) for d in dns)
+
+    def __contains__(self, name) -> bool:
+        return _name_key(name) in self._keys
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+
+def identity_from_certificate(der: bytes, admin_dns: "DNMatcher", pilot_dns: "DNMatcher"
+                              ) -> Identity:
+    """The identity of a verified client certificate (DER): its subject as a structured name
+    decides the role; the escaped grid-style DN is its subject string (the owner of what it
+    submits)."""
+    from cryptography import x509
+    name = x509.load_der_x509_certificate(der).subject
+    dn = dn_of_name(name)
+    if name in admin_dns:
         return Identity(dn, "admin")
-    if dn in pilot_dns:
+    if name in pilot_dns:
         return Identity(dn, "pilot")
     return Identity(dn, "user")

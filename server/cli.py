@@ -54,8 +54,10 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--certfile", help="TLS certificate (enables https and X.509 client auth)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--ca", help="CA bundle or directory to verify client certificates")
-    p.add_argument("--admin-dn", action="append", default=[], help="certificate DN with admin role")
-    p.add_argument("--pilot-dn", action="append", default=[], help="certificate DN with pilot role")
+    p.add_argument("--admin-dn", action="append", default=[], help="certificate DN with admin role: RFC 4514 (CN=x,O=org) or the grid's "
+                   "/O=org/CN=x (a '/' inside a value escaped as '\\/'); compared as a structured "
+                   "name")
+    p.add_argument("--pilot-dn", action="append", default=[], help="certificate DN with pilot role (as --admin-dn)")
     p.add_argument("--archive-after", type=float, default=3 * 24 * 3600, metavar="S",
                    help="archive finished/failed/cancelled jobs S seconds after they ended")
     p.add_argument("--archive-interval", type=float, default=600, metavar="S",
@@ -217,6 +219,13 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         sys.stderr.write(f"panda server: {exc}\n")
         return 1
+    from .auth import DNMatcher
+    for opt in ("admin_dn", "pilot_dn"):
+        try:
+            DNMatcher(getattr(args, opt))
+        except ValueError as exc:
+            sys.stderr.write(f"panda server: --{opt.replace('_', '-')}: {exc}\n")
+            return 2
     for opt in ("watcher_interval", "heartbeat_timeout", "sent_timeout", "holding_timeout",
                 "transferring_timeout", "ops_interval"):
         if getattr(args, opt) < 0:

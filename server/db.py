@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
+                        SmallInteger,
                         String, Table, Text, UniqueConstraint, create_engine, event, inspect,
                         literal_column)
 from sqlalchemy.dialects import mysql
@@ -93,6 +94,7 @@ def _job_columns() -> list[Column]:
         Column("n_events", BigInteger),
         Column("job_metrics", Text),
         Column("working_group", String(64)),              # the task's working group, if any
+        Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
     ]
 
 
@@ -247,7 +249,13 @@ event_ranges = Table(
     Column("attempt", Integer, nullable=False, default=0),
     Column("cpu_consumption_time", Float),
     Column("modified", Timestamp, nullable=False),
+    # the event service: the output the pilot stored for the range (docs/eventranges.md)
+    Column("out_lfn", String(255)),
+    Column("out_fsize", BigInteger),
+    Column("out_checksum", String(64)),
+    Column("out_endpoint", String(128)),
     Index("ix_event_ranges_job", "task_id", "serial", "status"),
+    Index("ix_event_ranges_holder", "panda_id", "status"),
 )
 
 

@@ -25,7 +25,7 @@ import tornado.web
 from tornado import httputil
 
 from .apibase import ApiError, Context, Forbidden, Method
-from .auth import AuthError, Identity, KeyStore, dn_from_subject, identity_from_dn
+from .auth import AuthError, DNMatcher, Identity, KeyStore, identity_from_certificate
 from .dispatcher import Dispatcher
 from .dispatchpath import Run
 from .metrics import REQUESTS
@@ -47,8 +47,8 @@ class ServerState:
     executor: ThreadPoolExecutor
     run: Run                         # blocking (database) work in ``executor``, awaitable
     require_auth: bool = True
-    admin_dns: frozenset[str] = frozenset()
-    pilot_dns: frozenset[str] = frozenset()
+    admin_dns: DNMatcher = field(default_factory=DNMatcher)
+    pilot_dns: DNMatcher = field(default_factory=DNMatcher)
     site_loader: Any = None
     started: dt.datetime = field(default_factory=utcnow)
     hook: Any = None                 # the panda.server plugin manager's hook relay
@@ -77,14 +77,13 @@ def request_identity(request, state: ServerState) -> Identity | None:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("Authorization header must be 'Bearer <token>'")
         return state.keys.verify_token(token)
-    cert = None
+    der = None
     try:
-        cert = request.get_ssl_certificate()
+        der = request.get_ssl_certificate(binary_form=True)
     except Exception:  # noqa: BLE001 - plain http or no certificate
-        cert = None
-    if cert:
-        dn = dn_from_subject(cert.get("subject", ()))
-        return identity_from_dn(dn, state.admin_dns, state.pilot_dns)
+        der = None
+    if der:     # verified by the TLS handshake against --ca; its subject as a structured name
+        return identity_from_certificate(der, state.admin_dns, state.pilot_dns)
     if not state.require_auth:
         return Identity("anonymous", "admin")
     return None

@@ -14,8 +14,9 @@ from panda_core.states import JobState, TaskState
 
 from . import db
 from .brokerage import Brokerage, JobNeeds, input_endpoint
-from .eventranges import create_ranges, split_events
-from .jobcreator import TaskSpec, TaskSpecError, make_job, split_inputs
+from .eventranges import POOL_SERIAL, EventWindow, create_ranges, split_events
+from .jobcreator import MAX_JOBS_PER_CALL, LimitExceeded, TaskSpec, TaskSpecError, \
+    make_consumer_job, make_job, split_inputs
 from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class TaskSubmitter:
         spec.share = task["share"]
         if not spec.input_dataset:
             raise TaskSpecError("this task has no input dataset to extend")
+        if spec.event_service is not None:
+            raise TaskSpecError("an event-service task cannot be extended: its merge job "
+                                "covers the ranges it was created with; submit a new task")
         new = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
         sites = {s["name"]: s for s in self.tb.sites.all()}
         existing = self.tb.tasks.job_counts(task_id)
@@ -87,7 +91,11 @@ class TaskSubmitter:
     def _create(self, spec: TaskSpec, params: dict, owner: str, groups: list[list[dict]],
                 sites: dict[str, dict], task_id: int | None = None,
                 first_serial: int = 1, windows: list | None = None) -> SubmitResult:
-        all_lfns = [f["lfn"] for g in groups for f in g]
+        if len(groups) > MAX_JOBS_PER_CALL:
+            raise LimitExceeded(f"this call would create {len(groups)} jobs; at most "
+                                f"{MAX_JOBS_PER_CALL} per call (raise 'files_per_job' or "
+                                "'events_per_job', or register the inputs in several datasets)")
+        all_lfns = list(dict.fromkeys(f["lfn"] for g in groups for f in g))
         locality = self.tb.data.replica_endpoints(spec.scope if not groups or not groups[0]
                                              else groups[0][0]["scope"], all_lfns)
         load = self.tb.jobs.site_load()
@@ -98,6 +106,13 @@ class TaskSubmitter:
                 task_id = self.tb.tasks.insert(conn, name=spec.name, owner=owner, params=params,
                                               priority=spec.priority, share=spec.share,
                                               site=spec.site, max_attempts=spec.max_attempts)
+            if spec.event_service is not None:
+                n_ranges = sum(create_ranges(
+                    self.tb, conn, task_id=task_id, serial=POOL_SERIAL, file=f,
+                    window=EventWindow(0, int(f.get("n_events") or spec.events_per_file)),
+                    events_per_range=int(spec.events_per_range or 1)) for f in groups[0])
+                log.info("task %s: %d event ranges for %d consumer(s)", task_id, n_ranges,
+                         len(groups))
             for n, group in enumerate(groups):
                 serial = first_serial + n
                 needs = JobNeeds(cores=spec.cores, memory_mb=spec.memory_mb,
@@ -110,8 +125,11 @@ class TaskSubmitter:
                     raise TaskSpecError("no site can run this task's jobs: "
                                         + ("; ".join(reasons) or "no sites are known"))
                 window = windows[n] if windows else None
-                job, files = make_job(spec, task_id, owner, serial, group, site=site,
-                                      events=window)
+                if spec.event_service is not None:
+                    job, files = make_consumer_job(spec, task_id, owner, serial, group, site=site)
+                else:
+                    job, files = make_job(spec, task_id, owner, serial, group, site=site,
+                                          events=window)
                 panda_id = self.tb.jobs.insert(conn, job, files, owner)
                 if window is not None and spec.events_per_range:
                     create_ranges(self.tb, conn, task_id=task_id, serial=serial,
@@ -137,7 +155,10 @@ class TaskSubmitter:
 
 
 def _split(spec: TaskSpec, inputs: list[dict]) -> tuple[list[list[dict]], list | None]:
-    """Input groups, one per job, and each job's event window when split by events."""
+    """Input groups, one per job, and each job's event window when split by events. The
+    consumers of an event-service task each name all the task's inputs (their ranges do)."""
+    if spec.event_service is not None:
+        return [list(inputs)] * spec.event_service.consumers, None
     if spec.events_per_job and inputs:
         pairs = split_events(inputs, spec.events_per_file, spec.events_per_job)
         return [g for g, _ in pairs], [w for _, w in pairs]

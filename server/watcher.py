@@ -230,7 +230,12 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
     from .shares import recompute_priorities
 
     watcher = Watcher(state.tb, limits)
-    tasks: list[tuple[str, Callable[[], Any]]] = [("watcher", watcher.check)]
+    from .eventranges import EventRangeService
+
+    tasks: list[tuple[str, Callable[[], Any]]] = [
+        ("watcher", watcher.check),
+        # event-service ranges of ended or silent consumers back to their pool
+        ("eventranges", EventRangeService(state.tb).reclaim_expired)]
     if data_mover and first_process:
         service = DataService(state.tb, load_mover(data_mover, **(data_options or {})))
         tasks.append(("dataservice", service.process))

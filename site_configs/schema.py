@@ -58,7 +58,8 @@ SCHEMA: dict[str, Any] = _obj({
     "scheduler": _obj({"backend": {"type": "string", "minLength": 1},
                        "options": {"type": "object"}}, ["backend"]),
     "pilots": _obj({"max_queued": _int(0), "max_running": _int(0), "rate_per_minute": _int(0),
-                    "walltime_s": _int(60)}, ["max_queued", "max_running"]),
+                    "walltime_s": _int(60), "timefloor": _int(0)},
+                   ["max_queued", "max_running"]),
     "storage": _obj({"input": _ENDPOINT, "output": _ENDPOINT}, ["input", "output"]),
     "copytools": _obj({"input": _COPYTOOL, "output": _COPYTOOL}, ["input", "output"]),
     "direct_read": {"type": "boolean"},
@@ -123,6 +124,7 @@ def validate(data: Any, file: str) -> list[ConfigError]:
     for err in validator.iter_errors(data):
         errors.extend(_errors_of(err, file))
     errors.extend(_plugin_errors(data, file))
+    errors.extend(_timefloor_errors(data, file))
     unique = {(e.key_path, e.reason): e for e in errors}      # one error per key and reason
     return sorted(unique.values(), key=lambda e: e.key_path)
 
@@ -147,3 +149,19 @@ def _plugin_errors(data: dict, file: str) -> list[ConfigError]:
                                               f"unknown copytool {ref['name']!r} "
                                               f"(installed: {', '.join(known) or 'none'})"))
     return errors
+
+
+def _timefloor_errors(data: dict, file: str) -> list[ConfigError]:
+    """A pilot that may take new jobs until its batch wall time is over is killed by the batch
+    system in the middle of its last job: ``timefloor`` must end before ``walltime_s`` does."""
+    pilots = data.get("pilots")
+    if not isinstance(pilots, dict):
+        return []
+    floor, walltime = pilots.get("timefloor", 0), pilots.get("walltime_s", 3600)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (floor, walltime)):
+        return []                                   # the schema reports the wrong types
+    if floor and floor * 60 >= walltime:
+        return [ConfigError(file, "pilots.timefloor",
+                            f"{floor} minutes is not shorter than the pilot's wall time "
+                            f"(pilots.walltime_s: {walltime} s): its last job would be killed")]
+    return []

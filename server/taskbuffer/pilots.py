@@ -182,22 +182,31 @@ class Pilots:
 
     # ------------------------------------------------------------------ factories
     def report(self, factory: str, pilots: list[dict], actor: str | None,
-               site_status: dict | None = None) -> int:
+               site_status: dict | None = None, actor_is_admin: bool = False) -> int:
         """A factory's pilots (batch id, site, state, ...) and, optionally, how it sees each
-        site; returns how many pilots were reported."""
+        site; returns how many pilots were reported. PermissionError when ``factory`` is
+        another identity's (an admin may report for any)."""
         now = self.store.clock()
         fac = {"last_seen": now, "actor": actor}
         if site_status is not None:
             fac["site_status"] = site_status
         with self.store.engine.begin() as conn:
-            res = conn.execute(update(db.factories).where(db.factories.c.name == factory)
-                               .values(**fac))
+            # a factory's name belongs to the identity that first reported under it: another
+            # caller naming it would overwrite what the factory said about its pilots and sites
+            owner = db.factories.c.actor
+            mine = [db.factories.c.name == factory]
+            if not actor_is_admin:
+                mine.append((owner == actor) | owner.is_(None))
+            res = conn.execute(update(db.factories).where(*mine).values(**fac))
             if res.rowcount == 0:
                 try:
                     with conn.begin_nested():
                         conn.execute(insert(db.factories).values(name=factory, **fac))
                 except IntegrityError:
-                    pass
+                    held = conn.execute(select(owner).where(db.factories.c.name == factory)
+                                        ).scalar()
+                    raise PermissionError(f"factory {factory!r} reports as {held}; "
+                                          f"{actor} may not report for it") from None
             for p in pilots:
                 values = {"site": p["site"], "backend": p.get("backend"),
                           "state": p.get("state", "unknown"),
