@@ -42,6 +42,7 @@ class PilotLimits:
     walltime_s: int = 3600
     timefloor: int = 0            # minutes: a pilot asks for another job while it has run less
                                   # (PanDA's queue-description field); 0: one job per pilot
+    version: str = ""             # the one-file pilot version to run ("": the server's default)
 
 
 @dataclass

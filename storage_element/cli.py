@@ -14,6 +14,7 @@ from tornado.netutil import bind_sockets
 from panda_core.netguard import FloodGuard, connection_cap, raise_fd_limit
 
 from .app import make_app
+from .tpc import TpcConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict-webdav", action="store_true",
                         help="answer PUT into a missing folder with 409, as RFC 4918 says, instead "
                         "of creating the parents")
+    parser.add_argument("--tpc-allow", action="append", default=[], metavar="HOST:PORT",
+                        help="accept third-party COPY (pull) from this source storage element "
+                        "(repeatable; '*': any source this host can reach); default: COPY refused")
+    parser.add_argument("--tpc-ca-bundle", help="PEM CA bundle verifying https sources of COPY")
+    parser.add_argument("--tpc-timeout", type=float, default=3600.0, metavar="S",
+                        help="longest one third-party pull may take")
     args = parser.parse_args(argv)
     from panda_core.logs import setup_logging
 
@@ -69,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ssl.SSLError) as exc:
             sys.stderr.write(f"panda se: cannot load --cert/--key: {exc}\n")
             return 2
-    app = make_app(args.root, token, create_parents=not args.strict_webdav)
+    tpc = TpcConfig(allow=tuple(args.tpc_allow), ca_bundle=args.tpc_ca_bundle,
+                    timeout_s=args.tpc_timeout)
+    app = make_app(args.root, token, create_parents=not args.strict_webdav, tpc=tpc)
 
     fd_limit = raise_fd_limit()
 

@@ -86,7 +86,7 @@ def test_half_open_flood_leaves_is_alive_answering(limited_server):
 
 
 def test_a_slow_head_is_closed_after_the_idle_timeout(tmp_path):
-    with start_se(tmp_path / "se", extra=["--idle-timeout", "1.5"]) as se:
+    with start_se(tmp_path / "se", extra_args=["--idle-timeout", "1.5"]) as se:
         with socket.create_connection(("127.0.0.1", se.port)) as s:
             t0 = time.monotonic()
             s.settimeout(10)
