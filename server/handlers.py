@@ -192,7 +192,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if status == 503:
             self.set_header("Retry-After", str(RETRY_AFTER_S))
         if self.json_errors:
-            self.reply(False, message, status=status)
+            self.reply(False, message, data=getattr(exc, "data", None), status=status)
             return
         if status != self.get_status():
             self.set_status(status)
