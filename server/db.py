@@ -96,6 +96,14 @@ def _job_columns() -> list[Column]:
         Column("working_group", String(64)),              # the task's working group, if any
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
+        # the worker node as its pilot describes it (panda_core.workernode), for the monitor
+        Column("wn_cpu_model", String(128)),
+        Column("wn_cores", Integer),
+        Column("wn_mem_mb", BigInteger),
+        Column("wn_mem_available_mb", BigInteger),
+        Column("wn_load1", Float),
+        Column("wn_disk_free_mb", BigInteger),
+        Column("wn_pilot_version", String(128)),
     ]
 
 

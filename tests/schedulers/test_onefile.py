@@ -268,3 +268,31 @@ def test_node_program_is_the_verifier_and_bootstrap_in_clear():
     text = node_program()
     assert "def verify(public_key" in text and "def prepare(server" in text
     compile(text, "node", "exec")
+
+
+def test_worker_node_information_reaches_columns_and_the_monitor(srv, tmp_path):
+    """Issue 16 item 6: the first update and the heartbeats carry the node's description; the
+    server keeps it in columns; the job page, the job list's facets and the pilots page show it."""
+    task_id = activate_jobs(srv, 1, name="ofnode")
+    env = node_env(tmp_path / "cache", "/usr/bin/python3", PANDA_AUTH_TOKEN=srv.pilot_token)
+    res = run_node(pilot_argv(srv, tmp_path, "--heartbeat", "0.3"), env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    admin = ApiClient(srv.url, srv.token("admin"))
+    [job] = admin.jobs(task_id)
+    panda_id = int(job.get("PandaID") or job.get("panda_id"))
+    headers = {"Authorization": f"Bearer {srv.token('admin')}"}
+    page = requests.get(f"{srv.url}/monitor/jobs/{panda_id}?json", headers=headers,
+                        timeout=30).json()["job"]
+    version = requests.get(srv.url + "/pilot/", timeout=30).json()["default"]
+    assert page["wn_pilot_version"] == f"panda-wms-pilot 0.1+{version}"
+    assert page["wn_cpu_model"] and page["wn_cores"] == os.cpu_count()
+    assert page["wn_mem_mb"] > 0 and page["wn_disk_free_mb"] > 0 and page["wn_load1"] >= 0
+    html = requests.get(f"{srv.url}/monitor/jobs/{panda_id}", headers=headers, timeout=30).text
+    assert 'id="workernode"' in html and page["wn_cpu_model"] in html
+    facets = requests.get(f"{srv.url}/monitor/jobs?json&jeditaskid={task_id}", headers=headers,
+                          timeout=30).json()["facets"]
+    assert [v["value"] for v in facets["cpumodel"]] == [page["wn_cpu_model"]]
+    nodes = requests.get(f"{srv.url}/monitor/pilots?json", headers=headers,
+                         timeout=30).json()["nodes"]
+    assert any(n["site"] == SITE and n["pilot_version"] == page["wn_pilot_version"]
+               and n["jobs"] >= 1 for n in nodes), nodes
