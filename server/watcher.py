@@ -49,8 +49,8 @@ class WatcherLimits:
     sent_s: float = 3600                # sent: the pilot never said starting/running
     holding_s: float = 6 * 3600         # holding: outputs never registered
     transferring_s: float = 12 * 3600   # transferring: outputs never arrived
-    overrun_factor: float = 2.0         # running longer than factor x its wall time + grace
-    overrun_grace_s: float = 3600       # (0 factor: never)
+    overrun_factor: float = 0.0         # running longer than factor x its wall time + grace:
+    overrun_grace_s: float = 3600       # 105 (0: never; `panda server` sets 2)
 
 
 @dataclass
