@@ -95,6 +95,10 @@ class KeyStore:
         """Ed25519 signature (base64) over the job's canonical JSON, without ``specSignature``."""
         return self.sign_canonical(signed_bytes(job))
 
+    def sign_bytes(self, data: bytes) -> bytes:
+        """The raw 64-byte Ed25519 signature of ``data`` (the pilot file's detached one)."""
+        return self._signing_key.sign(data)
+
     def sign_canonical(self, canonical: bytes) -> str:
         """Ed25519 signature (base64) of a job's canonical bytes (``canonical.signed_bytes``)."""
         return base64.b64encode(self._signing_key.sign(canonical)).decode()

@@ -22,6 +22,13 @@ DEFAULT_DB = f"sqlite:///{DEFAULT_HOME / 'panda.db'}"
 DEFAULT_KEYS = DEFAULT_HOME / "keys"
 
 
+def _pilot_version(text: str) -> str:
+    from .pilotfile import VERSION_RE
+    if not VERSION_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a pilot file version: {text[:80]!r}")
+    return text
+
+
 def _server_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panda server", description="Run the PanDA server.")
     p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
@@ -43,6 +50,11 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="token secret and job-spec signing key (created if missing)")
     p.add_argument("--site-configs", metavar="DIR",
                    help="load the site configs of DIR at start (as 'panda sites sync' does)")
+    p.add_argument("--pilot-dir", metavar="DIR",
+                   help="where the one-file pilot's versions are kept (default: KEY_DIR/pilot)")
+    p.add_argument("--pilot-version", metavar="VERSION", type=_pilot_version,
+                   help="the pilot file version factories run by default (default: the one "
+                        "this server builds from its own code)")
     p.add_argument("--no-auth", action="store_true",
                    help="development only: treat anonymous callers as admin")
     p.add_argument("--certfile", help="TLS certificate (enables https and X.509 client auth)")
@@ -298,7 +310,8 @@ def main(argv: list[str]) -> int:
         sockets = tornado.netutil.bind_sockets(port, address=args.host, reuse_port=True)
     state = build_state(args.db, args.key_dir, require_auth=not args.no_auth,
                         threads=args.threads, site_loader=validate_site_dicts,
-                        hot_path=args.hot_path,
+                        hot_path=args.hot_path, pilot_dir=args.pilot_dir,
+                        pilot_version=args.pilot_version,
                         admin_dns=args.admin_dn, pilot_dns=args.pilot_dn,
                         token_issuer=args.token_issuer, trusted_issuers=trusted)
     from .watcher import start_periodic

@@ -184,12 +184,22 @@ class EventServiceSession:
                 self._bad_line(exc)
                 continue
             if isinstance(msg, proto.Ready):
+                if self.wanted + len(self.in_flight) >= self._max_in_flight():
+                    # a payload asking far more than it has workers would hoard the pool
+                    self._bad_line(proto.ProtocolLine(
+                        f"'ready' with {len(self.in_flight)} range(s) in flight already (at "
+                        f"most {self._max_in_flight()}): answered with 'end'"))
+                    self._send(proto.END + "\n")
+                    continue
                 self.wanted += 1
             elif isinstance(msg, proto.Done):
                 self._done(msg)
             elif isinstance(msg, proto.Failed):
                 self._failed(msg)
         return True
+
+    def _max_in_flight(self) -> int:
+        return max(16, 4 * max(self.settings.batch, self.ctx.job.core_count))
 
     def _bad_line(self, exc: Exception) -> None:
         self.protocol_errors += 1

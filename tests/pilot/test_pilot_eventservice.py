@@ -13,6 +13,7 @@ import time
 
 import psutil
 import pytest
+import requests
 
 from panda_core.client import ApiClient
 from pilotkit import pilot_env
@@ -116,6 +117,11 @@ def test_200_events_3_pilots_one_killed_every_event_exactly_once(real):
     assert str(dead[0]) in workers, "the killed pilot's finished ranges are in the merge"
     assert len(workers) == 3                           # all three consumers worked
     assert sorted(s for pid, s in status.items() if pid not in dead) == ["finished"] * 3
+    # the monitor shows the task's ranges per state
+    page = requests.get(f"{real.url}/monitor/tasks/{task_id}?json", timeout=10).json()
+    assert page["event_ranges"] == {"finished": {"ranges": 20, "events": 200}}
+    html = requests.get(f"{real.url}/monitor/tasks/{task_id}", timeout=10).text
+    assert '<table id="eventranges">' in html and "<td class=\"n\">200</td>" in html
     server_log = real.log()
     assert "of ended or silent job(s) [%s] back to ready" % dead[0] in server_log
     assert "every event range is done: merge job" in server_log
