@@ -95,6 +95,7 @@ def _job_columns() -> list[Column]:
         Column("job_metrics", Text),
         Column("working_group", String(64)),              # the task's working group, if any
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
+        Column("excluded_sites", Text),                   # JSON list: failed there (site's fault)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
     ]
 
@@ -186,6 +187,9 @@ sites = Table(
     Column("status", String(16), nullable=False),
     Column("config", JSON, nullable=False),
     Column("updated", Timestamp, nullable=False),
+    Column("auto_status", String(16)),        # set by the failure policy ("test"), else NULL
+    Column("auto_reason", Text),
+    Column("auto_changed", Timestamp),
 )
 
 job_history = Table(
