@@ -353,6 +353,8 @@ class ApiClient(Transport):
         """Per job id: its new attempt's PandaID, or why it was not retried."""
         return self.call("job", "retry", "POST", job_ids=job_ids)
 
-    def retry_task(self, task_id: int) -> dict[str, Any]:
-        """The failed or cancelled jobs of a task that were retried: old id -> new id."""
-        return self.call("task", "retry", "POST", task_id=task_id)
+    def retry_task(self, task_id: int) -> str:
+        """Run the failed and cancelled jobs of an ended task again (PanDA's retryTask); the
+        server's message (how many)."""
+        self.call("task", "retry", "POST", task_id=task_id)
+        return self.last_message

@@ -201,9 +201,10 @@ def describe_job(view: dict) -> str:
 def retry_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="panda retry", description="Retry failed or cancelled jobs: a new attempt of each "
-        "that has none yet, even past max_attempts (like pbook's retry).")
+        "that has none yet, even past max_attempts; or every such job of an ended task (like "
+        "pbook's retry).")
     p.add_argument("job_ids", type=int, nargs="*", help="PandaIDs")
-    p.add_argument("--task", type=int, help="every failed or cancelled job of this task")
+    p.add_argument("--task", type=int, help="every failed or cancelled job of this ended task")
     console.server_options(p)
     args = p.parse_intermixed_args(argv)
     if bool(args.job_ids) == (args.task is not None):
@@ -212,16 +213,11 @@ def retry_main(argv: list[str]) -> int:
     def body() -> int:
         api = console.client(args)
         if args.task is not None:
-            retried = api.retry_task(args.task)
+            message = api.retry_task(args.task)
             if args.json:
-                console.print_json(retried)
-            elif not retried:
-                sys.stdout.write(f"task {args.task}: no failed or cancelled job without a "
-                                 "retry\n")
+                console.print_json({"task_id": args.task, "message": message})
             else:
-                for old, new in sorted(retried.items(), key=lambda kv: int(kv[0])):
-                    sys.stdout.write(f"job {old}: retried as job {new}\n")
-                sys.stdout.write(f"task {args.task}: {len(retried)} job(s) retried\n")
+                sys.stdout.write(f"task {args.task}: {message}\n")
             return EXIT_OK
         results = api.retry_jobs(args.job_ids)
         if args.json:

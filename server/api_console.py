@@ -1,6 +1,6 @@
 """API methods behind the command line of people used to condor_q, squeue and pbook
 (``panda job``, ``panda retry``): one job with its files and its state history timed, and
-retries by hand.
+retries of jobs by hand (a task's: PanDA's ``task/retry`` in ``api_panda``).
 
 Served under ``/api/v1`` beside ``server/api.py`` (``app.API_MODULES``); the parameter readers
 ``since_param`` and ``states_param`` are shared with ``job/list``.
@@ -123,18 +123,3 @@ def job_retry(ctx: Context, params: dict) -> dict[str, int | str]:
     results = _retry_ids(ctx, id_list(params, "job_ids"))
     ctx.message = f"{sum(isinstance(v, int) for v in results.values())} job(s) retried"
     return results
-
-
-@api("task", "retry", ("POST",), WRITERS)
-def task_retry(ctx: Context, params: dict) -> dict[str, int | str]:
-    """Retry every failed or cancelled job of a task that has no retry yet (PanDA's
-    retryTask); an aborted or ended task runs again."""
-    task_id = int_param(params, "task_id")
-    task = ctx.tb.tasks.get(task_id)
-    if ctx.identity.role != "admin" and ctx.identity.subject != task["owner"]:
-        raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
-    ended = ctx.tb.jobs.find(task_id=task_id, status=["failed", "cancelled"], limit=1_000_000)
-    results = _retry_ids(ctx, [j["panda_id"] for j in ended if not j.get("archived")])
-    retried = {k: v for k, v in results.items() if isinstance(v, int)}
-    ctx.message = f"task {task_id}: {len(retried)} job(s) retried"
-    return retried

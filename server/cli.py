@@ -51,6 +51,14 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--behind-proxy", action="store_true",
                    help="trust X-Real-Ip / X-Forwarded-For and X-Scheme from a reverse proxy in "
                    "front of the server (off: the peer's address is the client's)")
+    p.add_argument("--idle-timeout", type=float, default=60, metavar="S",
+                   help="close a connection that has not sent a whole request head within S "
+                   "seconds of its accept or its last reply (slow or silent clients)")
+    p.add_argument("--body-timeout", type=float, default=300, metavar="S",
+                   help="close a connection whose request body took longer than S seconds")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="client connections per process (default and upper bound: the "
+                   "open-file limit, raised to the hard limit at start, less a reserve)")
     p.add_argument("--no-hot-path", dest="hot_path", action="store_false",
                    help="PostgreSQL: run getJob and updateJob through the thread pool like "
                    "everything else (docs/server.md, 'A hot path for the pilots on PostgreSQL')")
@@ -94,6 +102,15 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="release a job stuck in holding for S seconds (103)")
     p.add_argument("--transferring-timeout", type=float, default=12 * 3600, metavar="S",
                    help="release a job stuck in transferring for S seconds (104)")
+    p.add_argument("--walltime-overrun", type=float, default=2.0, metavar="FACTOR",
+                   help="fail a running job after FACTOR x its wall time + 1 h although its "
+                        "pilot still beats (code 105; 0: never)")
+    p.add_argument("--site-test-threshold", type=float, default=0.5, metavar="SHARE",
+                   help="set a site to 'test' when this share of its jobs ended in the last "
+                        "--site-test-window failed for site reasons (0: never; docs/watcher.md)")
+    p.add_argument("--site-test-window", type=float, default=3600, metavar="S")
+    p.add_argument("--site-test-min-jobs", type=int, default=5, metavar="N",
+                   help="judge a site only once it ended at least N jobs in the window")
     p.add_argument("--data-mover", default="local,http,xrootd",
                    help="data movers in order of preference, entry points of panda.datamovers, "
                         "comma-separated ('none': no data service)")
@@ -220,6 +237,13 @@ def main(argv: list[str]) -> int:
 
     args = _server_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if args.max_connections is not None and args.max_connections < 1:
+        sys.stderr.write("panda server: --max-connections must be >= 1\n")
+        return 1
+    for opt in ("idle_timeout", "body_timeout"):
+        if not getattr(args, opt) > 0:
+            sys.stderr.write(f"panda server: --{opt.replace('_', '-')} must be > 0\n")
+            return 1
     import tornado.httpserver
     import tornado.netutil
     import tornado.process
@@ -295,6 +319,8 @@ def main(argv: list[str]) -> int:
         log.info("loaded %d site config(s) from %s", len(sites), args.site_configs)
     engine.dispose()
 
+    from panda_core.netguard import raise_fd_limit
+    fd_limit = raise_fd_limit()       # before any child process: they inherit it
     sockets = tornado.netutil.bind_sockets(args.port, address=args.host,
                                            reuse_port=args.processes != 1)
     if args.processes != 1:
@@ -339,19 +365,32 @@ def main(argv: list[str]) -> int:
             start_periodic(state.executor, args.ops_interval, ops_tasks(state.tb, ops))
     if args.watcher_interval > 0:       # every process: the guarded updates make it safe
         from .watcher import WatcherLimits, server_tasks, start_periodic
+        from .failurepolicy import HealthLimits
+        health = HealthLimits(window_s=args.site_test_window, min_jobs=args.site_test_min_jobs,
+                              threshold=args.site_test_threshold or 2.0)
         limits = WatcherLimits(args.heartbeat_timeout, args.sent_timeout, args.holding_timeout,
-                               args.transferring_timeout)
+                               args.transferring_timeout,
+                               overrun_factor=args.walltime_overrun)
         mover = None if args.data_mover == "none" else args.data_mover
         start_periodic(state.executor, args.watcher_interval, server_tasks(
             state, limits, mover, mover_options,
             first_process=(tornado.process.task_id() or 0) == 0,
-            transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up))
+            transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up,
+            health=health))
+    from panda_core.netguard import FloodGuard, connection_cap
+
     from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),
                                            max_body_size=MAX_BODY_BYTES,
-                                           xheaders=args.behind_proxy)
-    server.add_sockets(sockets)
+                                           xheaders=args.behind_proxy,
+                                           idle_connection_timeout=args.idle_timeout,
+                                           body_timeout=args.body_timeout)
+    # floods: connections capped below the fd limit, the longest idle evicted, accept errors
+    # logged at a bounded rate (panda_core/netguard.py)
+    guard = FloodGuard(connection_cap(fd_limit, args.max_connections), "panda server")
+    guard.install(server, sockets)
+    log.info("at most %d connections per process (open-file limit %d)", guard.cap, fd_limit)
     scheme = "https" if args.certfile else "http"
     port = sockets[0].getsockname()[1]
     log.info("panda server listening on %s://%s:%d (database %s)", scheme, args.host, port,
