@@ -115,8 +115,9 @@ def test_200_events_3_pilots_one_killed_every_event_exactly_once(real):
     assert len(dead) == 1, (status, details)
     workers = {fields[3] for fields in lines}
     assert str(dead[0]) in workers, "the killed pilot's finished ranges are in the merge"
-    assert len(workers) == 3                           # all three consumers worked
-    assert sorted(s for pid, s in status.items() if pid not in dead) == ["finished"] * 3
+    assert workers <= {str(pid) for pid in jobs} and len(workers) >= 2, (workers, status)
+    rest = [s for pid, s in status.items() if pid not in dead]    # 2 consumers and the merge,
+    assert set(rest) == {"finished"} and len(rest) >= 3, status    # perhaps the dead one's retry
     # the monitor shows the task's ranges per state
     page = requests.get(f"{real.url}/monitor/tasks/{task_id}?json", timeout=10).json()
     assert page["event_ranges"] == {"finished": {"ranges": 20, "events": 200}}
@@ -161,3 +162,25 @@ def test_the_protocol_in_posix_sh_as_documented(real):
     assert pilot.wait(120) == 0, pilot_log(real, "sh")
     assert summary(user, task_id) == {"finished": 6}, pilot_log(real, "sh")
     assert sorted(int(f[1]) for f in merged_lines(real, "essh")) == list(range(60))
+
+
+def test_a_consumer_asks_for_more_only_while_its_wall_time_lasts(real):
+    """Ranges of 0.5 s, jobs of 4 s: each consumer stops asking in time and ends well, the
+    next one (the same pilot's next job) goes on; when both consumers the task asked for have
+    ended with ranges still ready, the server adds a consumer (as JEDI adds jobs to a jobset)."""
+    user = ApiClient(real.url, real.token("user", "alice"))
+    user.add_files("p.ev4", "p", [put_input(real.se, "p", "ev4.root", b"h" * 100)], "LOCAL_SE")
+    task = es_task("eswall", "p.ev4", "--sleep-per-event 0.05", consumers=2)
+    task.update(events_per_file=100, resources={"memory_mb": 500, "walltime_s": 4})
+    task_id = user.submit_task(task)
+    pilot = start_pilot(real, "w")
+    assert pilot.wait(120) == 0, pilot_log(real, "w")
+    log = pilot_log(real, "w")
+    assert "not enough wall time left for another event range" in log
+    assert summary(user, task_id) == {"finished": 10}, log
+    assert sorted(int(f[1]) for f in merged_lines(real, "eswall")) == list(range(100))
+    states = [j.get("status", j.get("jobStatus")) for j in user.jobs(task_id)]
+    assert set(states) == {"finished"} and len(states) >= 4     # 2 + added consumers + merge
+    assert f"task {task_id}: its consumers ended with ranges still ready: new consumer" \
+        in real.log()
+    assert user.task_details(task_id)["status"] == "done"
