@@ -27,6 +27,11 @@ PILOT_PLUGINS = [
     "walltime = pilot.monitors.walltime",
     "stdout = pilot.monitors.stdout",
 ]
+SANDBOXES = [
+    "none = pilot.sandbox.none:NoSandbox",
+    "bwrap = pilot.sandbox.bwrap:BwrapSandbox",
+    "apptainer = pilot.sandbox.apptainer:ApptainerSandbox",
+]
 SERVER_PLUGINS: list[str] = []
 DATA_MOVERS = [
     "local = server.datamovers.local:LocalMover",
@@ -96,6 +101,7 @@ setup(
         "panda.copytools": COPYTOOLS,
         "panda.schedulers": SCHEDULERS,
         "panda.pilot": PILOT_PLUGINS,
+        "panda.sandboxes": SANDBOXES,
         "panda.server": SERVER_PLUGINS,
         "panda.datamovers": DATA_MOVERS,
     },

@@ -222,6 +222,8 @@ def main(argv: list[str]) -> int:
                                 or os.environ.get("PANDA_BATCH_ID", "")),
                       allowed_programs=frozenset(args.allow_program),
                       payload_env=tuple(args.payload_env),
+                      hidden_paths=tuple(str(Path(p).resolve()) for p in
+                                         (args.token_file, args.queuedata) if p),
                       event_service=EventServiceSettings(batch=max(0, args.es_batch),
                                                          poll_s=max(0.1, args.es_poll)))
     try:
@@ -267,6 +269,7 @@ def main(argv: list[str]) -> int:
                       **pinned)
         if not args.no_recovery:
             recover(cfg, client, pm, site, trust)
+        sandbox = payload_sandbox(site, cfg.workdir_base)
     except (PilotError, ProtocolError, OSError) as exc:
         log.error("pilot cannot start: %s", exc)
         return EXIT_ERROR
@@ -311,7 +314,7 @@ def main(argv: list[str]) -> int:
             break
         log.info("got job %s", raw.get("PandaID"))
         expected = Dispatch(site=site.name, pilot_id=form["pilotID"], nonce=form["pilotNonce"])
-        state = JobRun(cfg, client, site, pm, raw, verifier, stop, expected).run()
+        state = JobRun(cfg, client, site, pm, raw, verifier, stop, expected, sandbox).run()
         log.info("job %s ended: %s", raw.get("PandaID"), state)
         n_jobs += 1
 
@@ -319,6 +322,19 @@ def main(argv: list[str]) -> int:
         recover(cfg, client, pm, site, trust)
     log.info("pilot done: %d job(s) in %.1f s", n_jobs, time.time() - started)
     return rc
+
+
+def payload_sandbox(site, base: Path):
+    """The site's sandbox runtime, tried on this node before any job is asked for: a node that
+    cannot run it takes no job (it would fail every one). Raises PilotError (SandboxError)
+    saying why."""
+    from .sandbox import ready
+
+    sandbox = ready(site.sandbox, base)
+    if site.sandbox.runtime != "none":
+        log.info("payloads run in the %s sandbox (network %s)", site.sandbox.runtime,
+                 "on" if site.sandbox.network else "off")
+    return sandbox
 
 
 def pinned_key(args: argparse.Namespace) -> dict:

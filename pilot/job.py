@@ -33,6 +33,7 @@ from .signature import NotOurDispatch, check_dispatch
 log = logging.getLogger(__name__)
 
 __version__ = "panda-wms-pilot 0.1"
+PILOT_LOG = "pilot.log"     # in the job dir; the log tarball carries it
 
 
 def pilot_version() -> str:
@@ -66,6 +67,8 @@ class PilotConfig:
     node: str = field(default_factory=socket.gethostname)
     allowed_programs: frozenset[str] = frozenset()   # what a copytool option may name
     payload_env: tuple[str, ...] = ()      # names (or PREFIX*) the payload gets beyond the defaults
+    hidden_paths: tuple[str, ...] = ()     # the pilot's files a sandboxed payload must not see
+                                           # (its token file); the job dirs' base is always hidden
     event_service: Any = None              # pilot.eventservice.session.EventServiceSettings
 
     def remaining_s(self, now: float | None = None) -> float | None:
@@ -98,8 +101,9 @@ class JobRun:
 
     def __init__(self, cfg: PilotConfig, client: PilotClient, site: SiteConfig, pm,
                  raw: dict[str, Any], verifier=None, stop: KillRequest | None = None,
-                 expected: Dispatch | None = None) -> None:
+                 expected: Dispatch | None = None, sandbox=None) -> None:
         self.cfg, self.client, self.site, self.pm, self.raw = cfg, client, site, pm, raw
+        self.sandbox = sandbox               # pilot.sandbox.Sandbox; None: the site's, loaded here
         self.verifier = verifier
         self.expected = expected
         self.pilot_stop = stop               # set by the pilot's signal handlers
@@ -202,10 +206,11 @@ class JobRun:
                 self.lock.release()
 
     def _job_log_handler(self) -> logging.Handler | None:
-        """The pilot's log lines of this job go to ``pilot.log`` in the work dir, and so into the
-        job's log tarball, as PanDA's pilot log does."""
+        """The pilot's log lines of this job go to ``pilot.log`` in the job dir (beside the work
+        dir, out of a sandboxed payload's sight), and so into the job's log tarball, as PanDA's
+        pilot log does."""
         try:
-            handler = logging.FileHandler(self.workdir / "pilot.log")
+            handler = logging.FileHandler(self.jobdir / PILOT_LOG)
         except OSError:
             return None
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
@@ -302,9 +307,13 @@ class JobRun:
                 raise PilotError(ErrorCode.GENERAL, f"cannot make the event-service pipes in "
                                  f"the work dir: {exc}") from None
         env = scrub_env(os.environ, extra, self.cfg.payload_env)
-        argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"))
+        sandbox = self._sandbox()
+        # in an image the transformation is the image's: the node's PATH says nothing about it
+        argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"),
+                          check=not (sandbox.runs_images and job.container_name))
         (self.workdir / "pilot_inputs.json").write_text(inputs)
-        self.payload = Payload(argv, self.workdir, env)
+        wrapped = sandbox.wrap(self._sandbox_spec(job, argv, env, files))
+        self.payload = Payload(wrapped.argv, self.workdir, wrapped.env)
         try:
             pid = self.payload.start()
         except OSError as exc:
@@ -352,6 +361,33 @@ class JobRun:
 
     def _contact(self) -> None:
         self.last_heartbeat_ok = time.time()
+
+    def _sandbox(self):
+        """The site's sandbox runtime (loaded once per pilot by the caller, or here)."""
+        if self.sandbox is None:
+            from .sandbox import load
+
+            self.sandbox = load(self.site.sandbox)
+        return self.sandbox
+
+    def _sandbox_spec(self, job: JobSpec, argv: list[str], env: dict[str, str],
+                      files: dict[str, str]):
+        """What the sandbox needs: the inputs outside the work dir (links to a storage element,
+        direct-read ``file://`` replicas) read-only; the pilot's files hidden."""
+        from urllib.parse import unquote, urlsplit
+
+        from .sandbox import SandboxSpec
+
+        read_only = []
+        for where in files.values():
+            if where.startswith("file://"):
+                read_only.append(Path(unquote(urlsplit(where).path)))
+            elif "://" not in where:
+                read_only.append(Path(where))      # the sandbox binds a link's target
+        hide = [Path(p) for p in self.cfg.hidden_paths] + [self.cfg.workdir_base]
+        assert self.workdir is not None
+        return SandboxSpec(argv=argv, env=env, workdir=self.workdir, read_only=read_only,
+                           hide=hide, image=job.container_name)
 
     def _monitor_loop(self, job: JobSpec) -> None:
         from .monitoring import JobLimits, MonitorContext, PILOT_FILES
@@ -525,6 +561,7 @@ class JobRun:
         exclude = {f.lfn for f in job.inputs} | {f.lfn for f in job.outputs}
         logdir = self.jobdir / "log"
         logdir.mkdir(exist_ok=True)
-        make_log_tarball(self.workdir, logdir / job.log.lfn, exclude, self.cfg.log_cap_bytes)
+        make_log_tarball(self.workdir, logdir / job.log.lfn, exclude, self.cfg.log_cap_bytes,
+                         extra={PILOT_LOG: self.jobdir / PILOT_LOG})
         return stage_out([job.log], logdir, self.site,
                          self._stage_settings())

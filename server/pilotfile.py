@@ -51,7 +51,7 @@ OWN_PACKAGES = ("pilot", "panda_core", "copytools")
 THIRD_PARTY = ("pluggy", "requests", "urllib3", "idna", "certifi", "charset_normalizer",
                "psutil")
 #: the entry-point groups the pilot loads plugins from
-ENTRY_POINT_GROUPS = ("panda.pilot", "panda.copytools")
+ENTRY_POINT_GROUPS = ("panda.pilot", "panda.copytools", "panda.sandboxes")
 _SKIP_DIRS = {"__pycache__", "tests", "test", "example", "example2"}
 _ZIP_DATE = (2000, 1, 1, 0, 0, 0)        # fixed, so a build is reproducible
 
