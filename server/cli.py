@@ -364,14 +364,10 @@ def main(argv: list[str]) -> int:
         start_periodic(state.executor, args.watcher_interval, server_tasks(
             state, limits, mover, mover_options,
             first_process=(tornado.process.task_id() or 0) == 0,
-<<<<<<< HEAD
-            transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up))
-    from panda_core.netguard import FloodGuard, connection_cap
-
-=======
             transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up,
             health=health))
->>>>>>> main
+    from panda_core.netguard import FloodGuard, connection_cap
+
     from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),
