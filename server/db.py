@@ -97,6 +97,14 @@ def _job_columns() -> list[Column]:
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
         Column("excluded_sites", Text),                   # JSON list: failed there (site's fault)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
+        # the worker node as its pilot describes it (panda_core.workernode), for the monitor
+        Column("wn_cpu_model", String(128)),
+        Column("wn_cores", Integer),
+        Column("wn_mem_mb", BigInteger),
+        Column("wn_mem_available_mb", BigInteger),
+        Column("wn_load1", Float),
+        Column("wn_disk_free_mb", BigInteger),
+        Column("wn_pilot_version", String(128)),
     ]
 
 
@@ -343,8 +351,9 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
         # no pre-ping: it costs a round trip per checkout, i.e. per request on the hot path;
-        # a connection found dead (database restarted) invalidates the pool instead, and the
-        # one request that met it fails (pilots retry)
+        # a connection found dead (database restarted, backend terminated) invalidates the
+        # pool instead, and the request that met it is tried again on a new connection
+        # (server/transient.py)
         kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False,
                       pool_recycle=3600,
                       # a database host that accepts but never answers must not hang us
