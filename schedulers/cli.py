@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
                           failure_backoff_s=args.failure_backoff,
                           server_key_fingerprint=fingerprint, ca_file=args.ca_bundle,
                           ca_dir=args.ca_dir, pilot_launch=args.pilot_launch,
-                          python=args.node_python)
+                          node_python=args.node_python)
     except OSError as exc:
         sys.stderr.write(f"panda factory: cannot use state dir: {exc}\n")
         return 1

@@ -119,6 +119,9 @@ class Factory:
     ``failure_backoff_s``; then one probe pilot is allowed, and a success feeds the site again.
     Pilots needed = activated jobs - queued pilots - pilots running for less than
     ``startup_grace_s`` (they are about to take a job), within the site's limits.
+    ``pilot_launch``: ``onefile`` (the batch job fetches and verifies the server's pilot file,
+    the node needs only ``node_python``, default the node's ``python3``) or ``installed``
+    (``python -m panda_wms.cli pilot`` with this interpreter; panda-wms on every node).
     """
 
     def __init__(self, server_url: str, sites: list[SiteConfig], *, factory_id: str | None = None,
@@ -131,7 +134,7 @@ class Factory:
                  ca_file: str | None = None, ca_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
                  backends: dict[str, SchedulerBackend] | None = None,
-                 pilot_launch: str = "installed", python: str | None = None) -> None:
+                 pilot_launch: str = "installed", node_python: str | None = None) -> None:
         self.server_url = server_url.rstrip("/")
         self.sites = {s.name: s for s in sites}
         self.state_dir = Path(state_dir) if state_dir else Path.cwd() / "panda-factory"
@@ -151,7 +154,7 @@ class Factory:
             raise ValueError(f"pilot_launch must be one of {', '.join(PILOT_LAUNCHES)}, "
                              f"not {pilot_launch!r}")
         self.pilot_launch = pilot_launch
-        self.python = python          # the node's python3 for one-file pilots (None: PATH's)
+        self.node_python = node_python  # the nodes' python3 for one-file pilots (None: PATH's)
         self._server_pem: str | None = None
         self._pilot_default: tuple[float, str] | None = None
         self.api = ApiClient(self.server_url, token, timeout=http_timeout,
@@ -245,8 +248,8 @@ class Factory:
     def pilot_env(self) -> dict[str, str]:
         """The environment the batch job gets beyond the batch system's own."""
         env = {"PANDA_AUTH_TOKEN": self.pilot_token} if self.pilot_token else {}
-        if self.python and self.pilot_launch == "onefile":
-            env["PANDA_PYTHON"] = self.python
+        if self.node_python and self.pilot_launch == "onefile":
+            env["PANDA_PYTHON"] = self.node_python
         return env
 
     def pilot_version(self, site: SiteConfig) -> str:
