@@ -61,6 +61,7 @@ class JobSpec:
     max_disk_mb: int = 0          # maxDiskCount (MB)
     core_count: int = 1
     direct_read: bool = False     # transferType == "direct"
+    container_name: str = ""      # the image the payload asks for ("" = none)
     event_service: bool = False   # eventService: the payload gets event ranges (pilot/eventservice)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -271,6 +272,7 @@ def decode_job(raw: dict[str, Any]) -> JobSpec:
         max_walltime_s=_int(raw, "maxWalltime"), max_rss_mb=_int(raw, "minRamCount"),
         max_disk_mb=_int(raw, "maxDiskCount"), core_count=max(1, _int(raw, "coreCount", 1)),
         direct_read=_text(raw, "transferType").lower() == "direct",
+        container_name=_text(raw, "container_name"),
         event_service=_text(raw, "eventService").lower() in ("true", "1"), raw=dict(raw))
     names = [f.lfn for f in job.files]
     if len(set(names)) != len(names):

@@ -95,6 +95,7 @@ def _job_columns() -> list[Column]:
         Column("n_events", BigInteger),
         Column("job_metrics", Text),
         Column("working_group", String(64)),              # the task's working group, if any
+        Column("destination_se", String(255)),            # outputs go on to this SE (T1)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
     ]
 
@@ -311,6 +312,20 @@ ops_snapshots = Table(
     Column("status", String(32), nullable=False),
     Column("n_jobs", Integer, nullable=False),
     UniqueConstraint("time", "site", "status", name="uq_ops_snapshot"),
+)
+
+
+# ---------------------------------------------------------------------- revoked bearer tokens
+# a token's jti, kept until the token would have expired anyway (server/tokens.py)
+revoked_tokens = Table(
+    "revoked_tokens", metadata,
+    Column("jti", String(255), primary_key=True),
+    Column("subject", String(255)),
+    Column("expires", Timestamp, nullable=False),
+    Column("revoked_at", Timestamp, nullable=False),
+    Column("revoked_by", String(255), nullable=False),
+    Column("reason", String(255)),
+    Index("ix_revoked_tokens_expires", "expires"),
 )
 
 

@@ -103,7 +103,10 @@ class TaskSpec:
     events_per_job: int | None = None    # split each input file by events (server/eventranges.py)
     events_per_file: int | None = None   # events in each input file
     events_per_range: int | None = None  # event ranges a pilot fetches with getEventRanges
+    destination_se: str | None = None    # aggregate outputs there (a T1): jobs end 'finished'
+                                         # once the data service has copied them
     event_service: EventServiceSpec | None = None   # one pool of ranges shared by its jobs
+    jedi_parameters: dict | None = None  # JEDI's task parameters it was made from, kept as sent
 
     @classmethod
     def from_dict(cls, data: Any) -> "TaskSpec":
@@ -123,7 +126,8 @@ class TaskSpec:
         _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", kw["name"]) is not None,
                "name", "letters, digits and ._- only, at most 200 characters")
         for key in ("job_parameters", "scope", "input_dataset", "output_dataset", "site", "share",
-                    "prod_source_label", "transfer_type", "pilot_version", "working_group"):
+                    "prod_source_label", "transfer_type", "pilot_version", "working_group",
+                    "destination_se"):
             if key in data and data[key] is not None:
                 _check(isinstance(data[key], str), key, "must be a string")
                 kw[key] = data[key]
@@ -158,6 +162,10 @@ class TaskSpec:
         if kw.get("n_jobs", 0) > MAX_JOBS_PER_CALL:
             raise LimitExceeded(f"field 'n_jobs': at most {MAX_JOBS_PER_CALL} jobs per task "
                                 f"submission, got {kw['n_jobs']}")
+        if data.get("jedi_parameters") is not None:
+            _check(isinstance(data["jedi_parameters"], dict), "jedi_parameters",
+                   "must be a mapping (JEDI's task parameters)")
+            kw["jedi_parameters"] = data["jedi_parameters"]
         if data.get("event_service") is not None:
             kw["event_service"] = EventServiceSpec.from_dict(data["event_service"])
         spec = cls(**kw)
@@ -249,6 +257,7 @@ def make_job(spec: TaskSpec, task_id: int, owner: str, serial: int, inputs: list
         "cores": spec.cores, "memory_mb": spec.memory_mb, "walltime_s": spec.walltime_s,
         "disk_mb": spec.disk_mb, "pilot_version": spec.pilot_version,
         "transfer_type": spec.transfer_type, "working_group": spec.working_group,
+        "destination_se": spec.destination_se,
     }
     files = [{"type": "input", "scope": f["scope"], "lfn": f["lfn"], "dataset": f["dataset"],
               "guid": f["guid"], "fsize": f.get("fsize"), "checksum": f.get("checksum"),
@@ -292,7 +301,8 @@ def retry_job_values(job: dict, files: list[dict]) -> tuple[dict, list[dict]]:
     attempt = job["attempt_nr"] + 1
     keep = ("task_id", "serial", "max_attempts", "owner", "site", "prod_source_label", "share",
             "priority", "transformation", "cores", "memory_mb", "walltime_s", "disk_mb",
-            "pilot_version", "transfer_type", "working_group", "event_service")
+            "pilot_version", "transfer_type", "working_group", "destination_se",
+            "event_service")
     values = {k: job.get(k) for k in keep}
     values.update(attempt_nr=attempt, parent_id=job["panda_id"],
                   current_priority=job["priority"])

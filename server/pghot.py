@@ -589,6 +589,7 @@ def _finish_sql() -> str:
         "WHERE jobs.status = ANY(%(from)s) AND jobs.site = r.site "
         "AND (r.attempt IS NULL OR jobs.attempt_nr = r.attempt) "
         f"AND {_HOLDER_GUARD} "
+        "AND jobs.destination_se IS NULL "      # aggregated outputs: the general path
         "ORDER BY jobs.panda_id FOR UPDATE OF jobs), "
         f"outs AS (SELECT f.row_id, f.type, f.scope, f.lfn, f.dataset, f.guid, j.i, {_EXPECTED_SURL}"
         " AS exp FROM files f JOIN j ON f.panda_id = j.panda_id JOIN r ON r.i = j.i "

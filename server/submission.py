@@ -21,6 +21,9 @@ from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
 
+#: event ranges one event-service task may have (each is a row its consumers' calls scan)
+MAX_RANGES_PER_TASK = 100_000
+
 
 @dataclass
 class SubmitResult:
@@ -43,6 +46,13 @@ class TaskSubmitter:
         if spec.site and spec.site not in sites:
             raise TaskSpecError(f"field 'site': unknown site {spec.site!r}"
                                 f" (known: {', '.join(sorted(sites)) or 'none'})")
+        if spec.destination_se:
+            from .dataservice import storage_urls
+            known = storage_urls(s["config"] for s in sites.values())
+            if spec.destination_se not in known:
+                raise TaskSpecError(f"field 'destination_se': no site config names a storage "
+                                    f"element {spec.destination_se!r} with a URL (known: "
+                                    f"{', '.join(sorted(known)) or 'none'})")
         inputs: list[dict] = []
         if spec.input_dataset:
             inputs = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
@@ -107,6 +117,11 @@ class TaskSubmitter:
                                               priority=spec.priority, share=spec.share,
                                               site=spec.site, max_attempts=spec.max_attempts)
             if spec.event_service is not None:
+                total = sum(-(-int(f.get("n_events") or spec.events_per_file)
+                              // int(spec.events_per_range or 1)) for f in groups[0])
+                if total > MAX_RANGES_PER_TASK:
+                    raise LimitExceeded(f"this task would have {total} event ranges; at most "
+                                        f"{MAX_RANGES_PER_TASK} (raise 'events_per_range')")
                 n_ranges = sum(create_ranges(
                     self.tb, conn, task_id=task_id, serial=POOL_SERIAL, file=f,
                     window=EventWindow(0, int(f.get("n_events") or spec.events_per_file)),

@@ -49,6 +49,13 @@ _TRUST = _obj({
                                                     "variable name, or a prefix ending in *")},
 }, [])
 
+_SANDBOX = _obj({
+    "runtime": {"type": "string", "minLength": 1},        # a panda.sandboxes entry point
+    "network": {"type": "boolean"},
+    "bind": {"type": "array", "items": _text("^/", "expected an absolute path")},
+    "image": {"type": "string"},
+}, [])
+
 SCHEMA: dict[str, Any] = _obj({
     "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 128},
     "region": {"type": "string"},
@@ -58,7 +65,9 @@ SCHEMA: dict[str, Any] = _obj({
     "scheduler": _obj({"backend": {"type": "string", "minLength": 1},
                        "options": {"type": "object"}}, ["backend"]),
     "pilots": _obj({"max_queued": _int(0), "max_running": _int(0), "rate_per_minute": _int(0),
-                    "walltime_s": _int(60), "timefloor": _int(0)},
+                    "walltime_s": _int(60), "timefloor": _int(0),
+                    "version": {"type": "string",
+                                "pattern": "^([0-9A-Za-z][0-9A-Za-z._-]{0,63})?$"}},
                    ["max_queued", "max_running"]),
     "storage": _obj({"input": _ENDPOINT, "output": _ENDPOINT}, ["input", "output"]),
     "copytools": _obj({"input": _COPYTOOL, "output": _COPYTOOL}, ["input", "output"]),
@@ -67,6 +76,7 @@ SCHEMA: dict[str, Any] = _obj({
     "limits": _obj({"looping_s": _int(1), "min_free_disk_mb": _int(0), "max_workdir_mb": _int(1),
                     "heartbeat_s": _int(1), "stdout_silent_s": _int(0)}, []),
     "trust": _TRUST,
+    "sandbox": _SANDBOX,
 }, ["name", "status", "resources", "scheduler", "pilots", "storage", "copytools"])
 
 _JSON_TYPES = {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
@@ -137,6 +147,14 @@ def _plugin_errors(data: dict, file: str) -> list[ConfigError]:
         if sched["backend"] not in known:
             errors.append(ConfigError(file, "scheduler.backend",
                                       f"unknown scheduler backend {sched['backend']!r} "
+                                      f"(installed: {', '.join(known) or 'none'})"))
+    sandbox = data.get("sandbox")
+    if isinstance(sandbox, dict) and isinstance(sandbox.get("runtime"), str) \
+            and sandbox["runtime"]:
+        known = sorted({"none", *plugin_names("panda.sandboxes")})   # none: built in
+        if sandbox["runtime"] not in known:
+            errors.append(ConfigError(file, "sandbox.runtime",
+                                      f"unknown sandbox runtime {sandbox['runtime']!r} "
                                       f"(installed: {', '.join(known) or 'none'})"))
     tools = data.get("copytools")
     if isinstance(tools, dict):

@@ -252,6 +252,13 @@ class Jobs:
                    ._mapping)
         if job["attempt_nr"] >= job["max_attempts"]:
             return None
+        if job.get("event_service") == 1 and conn.execute(select(db.event_ranges.c.row_id).where(
+                db.event_ranges.c.task_id == job["task_id"], db.event_ranges.c.serial == 0,
+                db.event_ranges.c.status.in_(("ready", "sent", "running"))).limit(1)
+                ).first() is None:
+            log.info("job %s failed: an event-service consumer, and its task's pool has no "
+                     "range left: no retry", panda_id)
+            return None
         task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == job["task_id"])
                             ).first()
         if task is None or task.status == str(TaskState.ABORTED):

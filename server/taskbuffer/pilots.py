@@ -31,7 +31,8 @@ _SELECT_OUTPUTS = select(db.files.c.row_id, db.files.c.type, db.files.c.scope, d
 # the job a pilot updates, with its task's status (to skip the task update when it runs)
 _SELECT_PILOT_ROW = select(
     db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr, db.jobs.c.command,
-    db.jobs.c.task_id, db.jobs.c.site, db.tasks.c.status.label("task_status"),
+    db.jobs.c.task_id, db.jobs.c.site, db.jobs.c.destination_se,
+    db.tasks.c.status.label("task_status"),
     db.jobs.c.pilot_owner, db.jobs.c.pilot_id, db.jobs.c.node, db.jobs.c.pilot_nonce
 ).select_from(db.jobs.outerjoin(db.tasks, db.tasks.c.task_id == db.jobs.c.task_id)).where(
     db.jobs.c.panda_id == bindparam("pid"))
@@ -127,8 +128,11 @@ class Pilots:
             now = store.clock()
             fields = {**fields, "heartbeat_time": now}
             if final:
-                self._finish(conn, panda_id, row.status, state, fields, actor, stored_files or {},
-                             output_endpoint, outs, output_url)
+                state = self._finish(conn, panda_id, row.status, state, fields, actor,
+                                     stored_files or {}, output_endpoint, outs,
+                                     row.destination_se, output_url)
+                if state == str(JobState.TRANSFERRING):
+                    return "NULL"        # not ended: the data service moves its outputs on
                 ended_task = row.task_id
             else:
                 return self._progress(conn, panda_id, row, state, fields, actor, now)
@@ -158,8 +162,11 @@ class Pilots:
 
     def _finish(self, conn: Connection, panda_id: int, old: str, state: str, fields: dict,
                 actor: str | None, stored: dict[str, dict], endpoint: str | None,
-                outs: list | None = None, se_url: str | None = None) -> None:
-        """Register the stored outputs, then end the job via ``holding`` (both steps recorded)."""
+                outs: list | None = None, destination_se: str | None = None,
+                se_url: str | None = None) -> str:
+        """Register the stored outputs, then end the job via ``holding`` (both steps recorded);
+        a job whose task aggregates its outputs elsewhere goes to ``transferring`` instead of
+        ``finished`` (the data service ends it). Returns the state the job went to."""
         now = self.store.clock()
         fields.setdefault("end_time", now)
         if outs is None:      # the caller may have read them with the job's row
@@ -172,11 +179,15 @@ class Pilots:
             fields["pilot_error_code"] = 1165
             fields["pilot_error_diag"] = ("missing output file(s): " + ",".join(missing)
                                           + "".join(f"; {p}" for p in problems))[:1000]
+        if state == str(JobState.FINISHED) and destination_se and destination_se != endpoint:
+            state = str(JobState.TRANSFERRING)
+            fields.pop("end_time", None)
         if not self.states.change(conn, panda_id, state, actor=actor, expected=[old],
                                   via=[str(JobState.HOLDING)], command=None, **fields):
             raise Conflict(f"job {panda_id} changed state while its final update was applied")
         if state == str(JobState.FAILED):
             self.jobs.retry(conn, panda_id, actor)
+        return state
 
     # ------------------------------------------------------------------ factories
     def report(self, factory: str, pilots: list[dict], actor: str | None,

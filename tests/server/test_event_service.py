@@ -88,6 +88,7 @@ def test_task_file_asks_for_an_event_service_task(tb):
     ({"event_service": "yes"}, "mapping"),
     ({"events_per_range": None}, "events_per_range"),
     ({"events_per_job": 10}, "events_per_job"),
+    ({"events_per_file": 10 ** 9, "events_per_range": 1}, "at most 100000"),
 ])
 def test_bad_event_service_task_files_are_refused(tb, over, words):
     task = {**TASK, **over}

@@ -1,8 +1,8 @@
 """A job has one pilot: the SHA-256 of the ``pilotNonce`` its getJob sent, so that updates
 from any other pilot are refused (``server/jobholder.py``).
 
-Revision ID: 0009_job_holder
-Revises: 0008_event_service
+Revision ID: 0011_job_holder
+Revises: 0010_tokens
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009_job_holder"
-down_revision = "0008_event_service"
+revision = "0011_job_holder"
+down_revision = "0010_tokens"
 branch_labels = None
 depends_on = None
 
