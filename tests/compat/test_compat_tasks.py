@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import requests
 
 from compatkit import SITE
 from panda_core.client import ApiClient
@@ -172,3 +173,61 @@ def test_no_input_and_event_splitting_translate():
         with pytest.raises(TaskSpecError, match=words.replace("$", r"\$")
                            .replace("{", r"\{").replace("}", r"\}")):
             task_from_jedi(bad)
+
+
+# ---------------------------------------------------------------------- pbook, unmodified
+def pbook(venv: Path, server, user: str, snippet: str) -> subprocess.CompletedProcess:
+    """``pbook -c SNIPPET`` as a user runs it: the venv active, panda_setup.sh sourced."""
+    script = (f'. "{venv}/bin/activate" && . "{venv}/etc/panda/panda_setup.sh" && '
+              f'export PANDA_CONFIG_ROOT="{server.tmp}" && exec pbook -c "$0"')
+    return subprocess.run(["bash", "-c", script, snippet],
+                          env=_env(server, server.token("user", user)), capture_output=True,
+                          text=True, timeout=120, cwd=server.tmp)
+
+
+def show(venv: Path, server, user: str) -> dict[int, dict]:
+    """The tasks ``show()`` finds for ``user``, by jediTaskID."""
+    done = pbook(venv, server, user, "import json; print('SHOWN:' + json.dumps("
+                                     "show(format='json'), default=str))")
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("SHOWN:")][-1]
+    return {t["jediTaskID"]: t for t in json.loads(line[len("SHOWN:"):])}
+
+
+def test_pbook_shows_kills_and_retries_a_task(server, compat_venv):
+    alice = ApiClient(server.url, server.token("user", "alice"))
+    task_id = alice.submit_task({"name": "pbook-task", "transformation": "/bin/true",
+                                 "n_jobs": 2, "site": SITE})
+    listed = show(compat_venv, server, "alice")
+    assert listed[task_id]["taskName"] == "pbook-task" and listed[task_id]["status"] == "ready"
+    # the table pbook prints for a person has the task in it
+    table = pbook(compat_venv, server, "alice", "show()")
+    assert table.returncode == 0 and "pbook-task" in table.stdout, table.stdout + table.stderr
+    # bob's pbook neither sees nor kills alice's task
+    assert task_id not in show(compat_venv, server, "bob")
+    killed = pbook(compat_venv, server, "bob", f"kill({task_id})")
+    assert alice.task_details(task_id)["status"] == "ready", killed.stdout + killed.stderr
+    # alice kills it: every job cancelled, the task aborted
+    killed = pbook(compat_venv, server, "alice", f"kill({task_id})")
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    details = alice.task_details(task_id)
+    assert details["status"] == "aborted" and details["jobs"] == {"cancelled": 2}
+    # and retries it: each cancelled job gets a new attempt, the task is ready again
+    retried = pbook(compat_venv, server, "alice", f"retry({task_id})")
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    details = alice.task_details(task_id)
+    assert details["status"] == "ready" and details["jobs"] == {"cancelled": 2, "activated": 2}
+    jobs = alice.call("job", "get_description", "POST",
+                      job_ids=alice.call("task", "get_job_ids", task_id=task_id))
+    assert sorted(j["attemptNr"] for j in jobs) == [1, 1, 2, 2]
+    # a running task is not retried; nor is someone else's (PanDA's codes 4 and 3)
+    resp = requests.post(f"{server.url}/api/v1/task/retry", json={"task_id": task_id},
+                         headers={"Authorization": f"Bearer {server.token('user', 'alice')}"},
+                         timeout=10).json()
+    assert (resp["success"], resp["data"]) == (False, 4) and "only an ended task" in \
+        resp["message"]
+    resp = requests.post(f"{server.url}/api/v1/task/retry", json={"task_id": task_id},
+                         headers={"Authorization": f"Bearer {server.token('user', 'bob')}"},
+                         timeout=10).json()
+    assert (resp["success"], resp["data"]) == (False, 3)
+    assert "Traceback" not in server.log()
