@@ -21,6 +21,7 @@ from .auth import Identity
 from .brokerage import OutputSE, output_se
 from .jobholder import Claim, refusal
 from .taskbuffer import NotFound, TaskBuffer
+from .transient import retrying
 
 _PILOT_OWNED = frozenset(str(s) for s in PILOT_OWNED_STATES)
 
@@ -29,9 +30,10 @@ Run = Callable[..., Awaitable[Any]]
 
 
 def in_pool(executor: Executor | None = None) -> Run:
-    """A :data:`Run` over ``executor`` (None: the event loop's default thread pool)."""
+    """A :data:`Run` over ``executor`` (None: the event loop's default thread pool). Work that
+    meets a transient database failure is tried again there (``transient.retrying``)."""
     def run(func, *args):
-        return asyncio.get_running_loop().run_in_executor(executor, func, *args)
+        return asyncio.get_running_loop().run_in_executor(executor, retrying, func, *args)
     return run
 
 
