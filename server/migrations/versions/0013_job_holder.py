@@ -1,11 +1,8 @@
 """A job has one pilot: the SHA-256 of the ``pilotNonce`` its getJob sent, so that updates
 from any other pilot are refused (``server/jobholder.py``).
 
-It also joins the two 0011 revisions that were both written after 0010_tokens (the failure
-policy and the worker node), so the history has one head again.
-
-Revision ID: 0012_job_holder
-Revises: 0011_failure_policy, 0011_worker_node
+Revision ID: 0013_job_holder
+Revises: 0012_worker_node
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -13,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0012_job_holder"
-down_revision = ("0011_failure_policy", "0011_worker_node")
+revision = "0013_job_holder"
+down_revision = "0012_worker_node"
 branch_labels = None
 depends_on = None
 
