@@ -284,6 +284,10 @@ class PilotFilesHandler(BaseHandler):
             data = await self.run(files.read, version, name != FILE_NAME)
         except PilotFileError as exc:
             raise tornado.web.HTTPError(404, reason=str(exc)[:200]) from None
+        except OSError as exc:       # the pilot dir cannot be written or read: the operator's
+            log.error("pilot file: %s", exc)
+            raise tornado.web.HTTPError(503, reason="the pilot file is not available here: "
+                                        f"{exc.strerror or exc}"[:200]) from None
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Cache-Control", "public, max-age=31536000, immutable")
         self.finish(data)
