@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("panda_wms.client_cli:submit_main", "submit a task file (JSON or YAML)"),
     "status": ("panda_wms.client_cli:status_main", "show a task's status"),
     "kill": ("panda_wms.client_cli:kill_main", "kill jobs"),
+    "debug": ("panda_wms.client_cli:debug_main", "debug mode of a running job: set, clear, show"),
     "se": ("storage_element.cli:main", "serve a folder as an HTTP/WebDAV storage element"),
     "demo": ("panda_wms.demo:main", "run a server, a site and pilots; process a task end to end"),
 }

@@ -96,6 +96,8 @@ def _job_columns() -> list[Column]:
         Column("working_group", String(64)),              # the task's working group, if any
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
+        Column("debug_request", String(300)),             # debug mode: the view asked for
+        Column("debug_view", Text),                       # the latest view the pilot sent (JSON)
     ]
 
 

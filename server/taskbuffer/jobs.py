@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Integer, String, all_, and_, bindparam, func, insert, select
+from sqlalchemy import Integer, String, all_, and_, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
@@ -269,6 +269,38 @@ class Jobs:
         log.info("job %s failed (attempt %s of %s): retry is job %s", panda_id,
                  job["attempt_nr"], job["max_attempts"], new_id)
         return new_id
+
+    def set_debug(self, panda_id: int, request: str | None, actor: str,
+                  owner_check: str | None = None) -> bool:
+        """Debug mode on (``request``: a checked ``panda_core.debugview`` request) or off (None)
+        for a job; its pilot gets ``debug`` in its heartbeat replies while it is on. A pending
+        kill keeps its command. False when the job has ended (nothing to debug)."""
+        with self.store.engine.begin() as conn:
+            row = conn.execute(select(db.jobs.c.status, db.jobs.c.owner, db.jobs.c.command)
+                               .where(db.jobs.c.panda_id == panda_id)).first()
+            if row is None:
+                if self.get(panda_id) is not None:
+                    return False                  # archived: ended long ago
+                raise NotFound(f"no job {panda_id}")
+            if owner_check is not None and row.owner != owner_check:
+                raise PermissionError(f"job {panda_id} belongs to {row.owner}, not {owner_check}")
+            if row.status in _FINAL and request is not None:
+                return False
+            command = row.command
+            if request is not None and command in (None, "", "NULL", "debug"):
+                command = "debug"
+            elif request is None and command == "debug":
+                command = None
+            conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id).values(
+                debug_request=request, command=command))
+        log.info("job %s: debug mode %s by %s", panda_id, request or "off", actor)
+        return True
+
+    def debug_request(self, panda_id: int) -> str | None:
+        """The view a job in debug mode is asked for (None: not in debug mode)."""
+        with db.read(self.store.engine) as conn:
+            return conn.execute(select(db.jobs.c.debug_request)
+                                .where(db.jobs.c.panda_id == panda_id)).scalar()
 
     def kill(self, panda_id: int, actor: str, owner_check: str | None = None) -> bool:
         """Kill a job: one not yet with a pilot is cancelled now; one with a pilot gets
