@@ -252,7 +252,7 @@ class JobRun:
 
         job = self.job
         notify(self.pm, "pilot_job_received", job=job, workdir=self.workdir)
-        self._update("starting")
+        self._update_form(self._with_node(self._base_form("starting")), HEARTBEAT_RETRY)
         try:
             self._check_stop()
             self._save(sf.STAGEIN)
@@ -330,7 +330,7 @@ class JobRun:
         notify(self.pm, "pilot_payload_started", job=job, pid=pid)
         hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{job.job_id}",
                               daemon=True)
-        self._update("running")
+        self._update_form(self._with_node(self._base_form("running")), HEARTBEAT_RETRY)
         hb.start()
         if self.es is not None:
             self.es.start()
@@ -495,7 +495,18 @@ class JobRun:
             from .debug.views import view
 
             form["debugView"] = json.dumps(view(request, self.workdir, self.payload))
-        self._update_form(form, HEARTBEAT_RETRY)
+        self._update_form(self._with_node(form), HEARTBEAT_RETRY)
+
+    def _with_node(self, form: dict[str, Any]) -> dict[str, Any]:
+        """``form`` with the worker node's description (``workerNode``, panda_core.workernode)."""
+        from panda_core.workernode import FIELD
+
+        from .nodeinfo import worker_node
+        try:
+            return {**form, FIELD: worker_node(self.workdir).to_json()}
+        except Exception:  # node facts are a courtesy, never a reason to miss an update
+            log.exception("job %s: no worker-node information", self.panda_id)
+            return form
 
     def _update(self, state: str) -> None:
         self._update_form(self._base_form(state), HEARTBEAT_RETRY)

@@ -18,6 +18,7 @@ from panda_core.replicas import BadFileName
 from .api_panda import panda_file_names, panda_job_names
 from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_int, id_list,
                       int_param, str_param)
+from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
 from .jobcreator import LimitExceeded, TaskSpecError
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
@@ -66,15 +67,26 @@ def whoami(ctx: Context, params: dict) -> dict | None:
 # ---------------------------------------------------------------------- tasks
 @api("task", "submit", ("POST",), WRITERS)
 def task_submit(ctx: Context, params: dict) -> int:
+    """Our task description, or JEDI's task parameters as prun and pathena send them
+    (``server.jeditask``). A refusal's ``data`` is PanDA's code: 2 a live task of the caller
+    has this name (JEDI's ``uniqueTaskName``), 4 anything else (the message says why)."""
     task_params = params.get("task_parameters")
     if not isinstance(task_params, dict):
-        raise ApiError("parameter 'task_parameters' must be a JSON object (the task description)")
+        raise ApiError("parameter 'task_parameters' must be a JSON object (the task description)",
+                       data=CODE_REFUSED)
     try:
+        if is_jedi_task(task_params):
+            task_params = task_from_jedi(task_params)
+            if task_params["jedi_parameters"].get("uniqueTaskName"):
+                live = ctx.tb.tasks.find_live(task_params["name"], ctx.identity.subject)
+                if live is not None:
+                    raise ApiError(f"task name {task_params['name']!r} is in use by your task "
+                                   f"jediTaskID={live}", data=CODE_DUPLICATE)
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
     except LimitExceeded as exc:
-        raise ApiError(f"bad task description: {exc}", 400) from None
+        raise ApiError(f"bad task description: {exc}", 400, data=CODE_REFUSED) from None
     except (TaskSpecError, BadFileName) as exc:   # BadFileName: an output name made from a pattern
-        raise ApiError(f"bad task description: {exc}") from None
+        raise ApiError(f"bad task description: {exc}", data=CODE_REFUSED) from None
     ctx.message = (f"jediTaskID={result.task_id} jobs={len(result.job_ids)} "
                    f"activated={result.activated} assigned={result.assigned}")
     return result.task_id

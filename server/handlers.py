@@ -179,7 +179,7 @@ class BaseHandler(tornado.web.RequestHandler):
                        else self._reason or "bad request")
         status, message = refusal
         if self.json_errors:
-            self.reply(False, message, status=status)
+            self.reply(False, message, data=getattr(exc, "data", None), status=status)
             return
         if status != self.get_status():
             self.set_status(status)

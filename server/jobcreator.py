@@ -106,6 +106,7 @@ class TaskSpec:
     destination_se: str | None = None    # aggregate outputs there (a T1): jobs end 'finished'
                                          # once the data service has copied them
     event_service: EventServiceSpec | None = None   # one pool of ranges shared by its jobs
+    jedi_parameters: dict | None = None  # JEDI's task parameters it was made from, kept as sent
 
     @classmethod
     def from_dict(cls, data: Any) -> "TaskSpec":
@@ -161,6 +162,10 @@ class TaskSpec:
         if kw.get("n_jobs", 0) > MAX_JOBS_PER_CALL:
             raise LimitExceeded(f"field 'n_jobs': at most {MAX_JOBS_PER_CALL} jobs per task "
                                 f"submission, got {kw['n_jobs']}")
+        if data.get("jedi_parameters") is not None:
+            _check(isinstance(data["jedi_parameters"], dict), "jedi_parameters",
+                   "must be a mapping (JEDI's task parameters)")
+            kw["jedi_parameters"] = data["jedi_parameters"]
         if data.get("event_service") is not None:
             kw["event_service"] = EventServiceSpec.from_dict(data["event_service"])
         spec = cls(**kw)

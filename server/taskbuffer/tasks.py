@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func, insert, literal_column, select, update
 from sqlalchemy.engine import Connection
 
-from panda_core.states import FINAL_JOB_STATES, JobState, TaskState
+from panda_core.states import FINAL_JOB_STATES, FINAL_TASK_STATES, JobState, TaskState
 
 from .. import db
 from .base import NotFound, Store
@@ -81,6 +81,15 @@ class Tasks:
             q = q.where(db.tasks.c.modified >= since)
         with db.read(self.store.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    def find_live(self, name: str, owner: str) -> int | None:
+        """The id of ``owner``'s task called ``name`` that has not ended, if any (JEDI's
+        ``uniqueTaskName``); uses the owner index."""
+        final = [str(s) for s in FINAL_TASK_STATES]
+        with db.read(self.store.engine) as conn:
+            return conn.execute(select(db.tasks.c.task_id).where(
+                db.tasks.c.owner == owner, db.tasks.c.name == name,
+                db.tasks.c.status.not_in(final)).limit(1)).scalar()
 
     # ------------------------------------------------------------------ status from the jobs
     def after_job_end(self, task_id: int) -> None:

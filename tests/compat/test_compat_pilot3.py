@@ -26,8 +26,11 @@ def _pilot_env(launch: Path, user: str) -> list[str]:
     env = {"PATH": "/usr/bin:/bin", "HOME": f"/var/tmp/{user}-home", "LANG": "C.UTF-8",
            "PILOT_NOKILL": "1",                       # never kill the user's other processes
            "LOCAL_AGIS_SCHEDCONF": str(launch / "schedconf.json")}
-    if (launch / "pilot.token").exists():   # token mode needs both (the file is found in launch)
-        env.update(PANDA_AUTH_TOKEN="pilot.token", PANDA_AUTH_ORIGIN="panda-wms")
+    if (launch / "pilot.token").exists():
+        # docs/compat.md's one environment for both pilots: pilot 3 takes OIDC_AUTH_TOKEN (a file
+        # name, found in launch) before PANDA_AUTH_TOKEN, which our pilot reads as the token
+        env.update(OIDC_AUTH_TOKEN="pilot.token", OIDC_AUTH_ORIGIN="panda-wms",
+                   PANDA_AUTH_TOKEN=(launch / "pilot.token").read_text())
     if (launch / "x509up").exists():        # else: certificate, key and CA chain in one file
         env.update(X509_USER_PROXY=str(launch / "x509up"), X509_CERT_DIR=str(launch / "certs"))
     if (launch / "pilot.cfg").exists():     # pilot 3's own way to read another config file
