@@ -36,6 +36,8 @@ EXIT_PLATFORM = 6       # the file was built for another platform
 MANIFEST = "PANDA_PILOT.json"
 FILE_NAME = "panda-pilot.pyz"
 RETRIES = 3
+MAX_FILE_BYTES = 64 * 2 ** 20    # before its signature is checked, a file is only bytes
+MAX_SIGNATURE_BYTES = 1024
 
 
 class BootstrapError(Exception):
@@ -70,7 +72,7 @@ def cache_root():
     return root
 
 
-def fetch(url, context, what):
+def fetch(url, context, what, limit):
     last = None
     for attempt in range(RETRIES):
         if attempt:
@@ -78,7 +80,11 @@ def fetch(url, context, what):
         try:
             req = urllib.request.Request(url, headers={"User-Agent": "panda-pilot-bootstrap"})
             with urllib.request.urlopen(req, timeout=60, context=context) as reply:
-                return reply.read()
+                data = reply.read(limit + 1)
+            if len(data) > limit:
+                raise BootstrapError(EXIT_FETCH, "the %s %s is larger than %d bytes: refused "
+                                     "unread" % (what, url, limit))
+            return data
         except urllib.error.HTTPError as exc:
             last = "HTTP %d %s" % (exc.code, exc.reason)
             if 400 <= exc.code < 500:
@@ -180,8 +186,8 @@ def prepare(server, version, key_hex, ca_file, ca_dir):
     if server.startswith("https://"):
         context = ssl.create_default_context(cafile=ca_file or None, capath=ca_dir or None)
     url = "%s/pilot/%s/%s" % (server.rstrip("/"), version, FILE_NAME)
-    data = fetch(url, context, "pilot file")
-    signature = fetch(url + ".sig", context, "pilot file signature")
+    data = fetch(url, context, "pilot file", MAX_FILE_BYTES)
+    signature = fetch(url + ".sig", context, "pilot file signature", MAX_SIGNATURE_BYTES)
     manifest = check(data, signature, key, version, url)
     check_node(manifest, version)
     return unpack(data, root, version, manifest)

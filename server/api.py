@@ -248,7 +248,8 @@ def job_get_debug_view(ctx: Context, params: dict) -> dict:
 @api("site", "list")
 def site_list(ctx: Context, params: dict) -> list[dict]:
     load = ctx.tb.jobs.site_load()
-    return [{"name": s["name"], "status": s["status"], "updated": s["updated"],
+    return [{"name": s["name"], "status": s["status"], "status_reason": s.get("status_reason"),
+             "configured_status": s["configured_status"], "updated": s["updated"],
              "jobs": load.get(s["name"], {}),
              "scheduler": (s["config"].get("scheduler") or {}).get("backend")}
             for s in ctx.tb.sites.all()]

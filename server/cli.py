@@ -43,6 +43,14 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--behind-proxy", action="store_true",
                    help="trust X-Real-Ip / X-Forwarded-For and X-Scheme from a reverse proxy in "
                    "front of the server (off: the peer's address is the client's)")
+    p.add_argument("--idle-timeout", type=float, default=60, metavar="S",
+                   help="close a connection that has not sent a whole request head within S "
+                   "seconds of its accept or its last reply (slow or silent clients)")
+    p.add_argument("--body-timeout", type=float, default=300, metavar="S",
+                   help="close a connection whose request body took longer than S seconds")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="client connections per process (default and upper bound: the "
+                   "open-file limit, raised to the hard limit at start, less a reserve)")
     p.add_argument("--no-hot-path", dest="hot_path", action="store_false",
                    help="PostgreSQL: run getJob and updateJob through the thread pool like "
                    "everything else (docs/server.md, 'A hot path for the pilots on PostgreSQL')")
@@ -221,6 +229,13 @@ def main(argv: list[str]) -> int:
 
     args = _server_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if args.max_connections is not None and args.max_connections < 1:
+        sys.stderr.write("panda server: --max-connections must be >= 1\n")
+        return 1
+    for opt in ("idle_timeout", "body_timeout"):
+        if not getattr(args, opt) > 0:
+            sys.stderr.write(f"panda server: --{opt.replace('_', '-')} must be > 0\n")
+            return 1
     import tornado.httpserver
     import tornado.netutil
     import tornado.process
@@ -293,6 +308,8 @@ def main(argv: list[str]) -> int:
         log.info("loaded %d site config(s) from %s", len(sites), args.site_configs)
     engine.dispose()
 
+    from panda_core.netguard import raise_fd_limit
+    fd_limit = raise_fd_limit()       # before any child process: they inherit it
     sockets = tornado.netutil.bind_sockets(args.port, address=args.host,
                                            reuse_port=args.processes != 1)
     if args.processes != 1:
@@ -349,12 +366,20 @@ def main(argv: list[str]) -> int:
             first_process=(tornado.process.task_id() or 0) == 0,
             transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up,
             health=health))
+    from panda_core.netguard import FloodGuard, connection_cap
+
     from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),
                                            max_body_size=MAX_BODY_BYTES,
-                                           xheaders=args.behind_proxy)
-    server.add_sockets(sockets)
+                                           xheaders=args.behind_proxy,
+                                           idle_connection_timeout=args.idle_timeout,
+                                           body_timeout=args.body_timeout)
+    # floods: connections capped below the fd limit, the longest idle evicted, accept errors
+    # logged at a bounded rate (panda_core/netguard.py)
+    guard = FloodGuard(connection_cap(fd_limit, args.max_connections), "panda server")
+    guard.install(server, sockets)
+    log.info("at most %d connections per process (open-file limit %d)", guard.cap, fd_limit)
     scheme = "https" if args.certfile else "http"
     port = sockets[0].getsockname()[1]
     log.info("panda server listening on %s://%s:%d (database %s)", scheme, args.host, port,

@@ -353,8 +353,9 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
         # no pre-ping: it costs a round trip per checkout, i.e. per request on the hot path;
-        # a connection found dead (database restarted) invalidates the pool instead, and the
-        # one request that met it fails (pilots retry)
+        # a connection found dead (database restarted, backend terminated) invalidates the
+        # pool instead, and the request that met it is tried again on a new connection
+        # (server/transient.py)
         kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False,
                       pool_recycle=3600,
                       # a database host that accepts but never answers must not hang us

@@ -1,7 +1,7 @@
 """Debug mode (issue 16): the view a job's pilot is asked for, and the latest it sent.
 
-Revision ID: 0012_debug
-Revises: 0011_worker_node
+Revision ID: 0013_debug
+Revises: 0012_worker_node
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0012_debug"
-down_revision = "0011_worker_node"
+revision = "0013_debug"
+down_revision = "0012_worker_node"
 branch_labels = None
 depends_on = None
 
