@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from panda_core.siteconfig import PILOT_RESERVE_S
+
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -75,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--debug-interval", type=float, default=30.0,
                    help="seconds between updates while the server has the job in debug mode "
                    "(default 30)")
-    p.add_argument("--reserve", type=float, default=60.0,
+    p.add_argument("--reserve", type=float, default=float(PILOT_RESERVE_S),
                    help="seconds kept before the wall-time end for stage-out and report")
     p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
     p.add_argument("--server-backoff", type=float, default=2.0,
@@ -299,7 +301,8 @@ def main(argv: list[str]) -> int:
             rc = EXIT_ERROR
             break
         if raw is None:
-            log.info("the server has no job for %s", site.name)
+            log.info("the server has no job for %s%s", site.name,
+                     f": {client.no_job_reason}" if client.no_job_reason else "")
             break
         try:
             verifier = trust.verifier()

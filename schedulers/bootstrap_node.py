@@ -16,6 +16,7 @@ at the same time loses nothing), and run. Every refusal is one line on stderr st
 ``panda-pilot bootstrap:`` and its own exit code (EXIT_*).
 """
 import hashlib
+import io
 import json
 import os
 import platform
@@ -105,7 +106,7 @@ def check(data, signature, key, version, url):
                              "pinned server key sha256:%s: the file was altered or is not this "
                              "server's; nothing was run" % (url, fingerprint))
     try:
-        with zipfile.ZipFile(_bytes_file(data)) as zf:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
             manifest = json.loads(zf.read(MANIFEST).decode())
     except (zipfile.BadZipFile, KeyError, ValueError):
         raise BootstrapError(EXIT_REFUSED, "REFUSED %s: signed, but not a pilot file (no "
@@ -114,11 +115,6 @@ def check(data, signature, key, version, url):
         raise BootstrapError(EXIT_REFUSED, "REFUSED %s: it is version %r, not the %r asked for"
                              % (url, manifest.get("version"), version))
     return manifest
-
-
-def _bytes_file(data):
-    import io
-    return io.BytesIO(data)
 
 
 def check_node(manifest, version):
@@ -143,7 +139,7 @@ def unpack(data, root, version, manifest):
     target = os.path.join(root, version)
     tmp = tempfile.mkdtemp(prefix=".%s." % version, dir=root)
     try:
-        with zipfile.ZipFile(_bytes_file(data)) as zf:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
             for name in zf.namelist():
                 if name.startswith("/") or ".." in name.split("/"):
                     raise BootstrapError(EXIT_REFUSED, "the pilot file holds a bad path %r"

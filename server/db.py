@@ -342,6 +342,31 @@ revoked_tokens = Table(
 )
 
 
+#: the extra of setup.py that installs each database driver module
+DRIVER_EXTRAS = {"psycopg": "postgres", "psycopg2": "postgres", "pymysql": "mysql",
+                 "MySQLdb": "mysql"}
+
+
+class MissingDriver(RuntimeError):
+    """The database URL names a driver that is not installed; the message says which extra
+    installs it."""
+
+    def __init__(self, url: str, module: str):
+        module = module.split(".")[0]
+        scheme = url.split(":", 1)[0]
+        hint = {"psycopg2": ": write postgresql+psycopg://... (psycopg 3, installed by "
+                            "pip install 'panda-wms[postgres]')",
+                "MySQLdb": ": write mysql+pymysql://... (installed by "
+                           "pip install 'panda-wms[mysql]')"}.get(module)
+        if hint is None:
+            extra = DRIVER_EXTRAS.get(module)
+            hint = (f": pip install 'panda-wms[{extra}]'" if extra else
+                    ": install it, or use a URL whose driver is installed")
+        super().__init__(f"the database URL {scheme}://... needs the Python module {module!r}, "
+                         f"which is not installed{hint}")
+        self.module = module
+
+
 def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
     """Create an engine with settings that suit a dispatcher on each backend.
 
@@ -362,7 +387,10 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
                       connect_args={"connect_timeout": 10})
     if url.startswith(("mysql", "mariadb")):
         kwargs["isolation_level"] = "READ COMMITTED"
-    engine = create_engine(url, **kwargs)
+    try:
+        engine = create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise MissingDriver(url, exc.name or str(exc)) from None
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial

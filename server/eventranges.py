@@ -37,7 +37,7 @@ from panda_core.wire import range_output_lfn
 
 from . import db
 from .auth import Identity
-from .jobcreator import ES_CONSUMER, ES_MERGE, TaskSpec, make_merge_job
+from .jobcreator import ES_CONSUMER, ES_MERGE, TaskSpec, make_consumer_job, make_merge_job
 from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
@@ -413,6 +413,49 @@ class EventRangeService:
         with db.read(self.tb.engine) as conn:
             return {s: n for s, n in conn.execute(select(r.status, func.count()).where(
                 r.task_id == task_id).group_by(r.status))}
+
+
+def pool_left(conn: Connection, task_id: int) -> bool:
+    """Has an event-service task's pool ranges no job processed (ready, or held)?"""
+    r = db.event_ranges.c
+    return conn.execute(select(r.row_id).where(
+        r.task_id == task_id, r.serial == POOL_SERIAL,
+        r.status.in_(("ready",) + HELD)).limit(1)).first() is not None
+
+
+def continue_pool(tb: TaskBuffer, conn: Connection, task_id: int) -> int | None:
+    """Every job of an event-service task has ended but its pool still has ranges ready (the
+    consumers ran out of wall time): a new consumer takes them, as JEDI adds jobs to a jobset.
+    Only after progress (the latest consumer finished events), so a consumer that cannot do a
+    single range in its wall time does not beget another forever. The caller holds the task's
+    row lock (``Tasks.refresh_status``). Returns the new PandaID, or None."""
+    r, j = db.event_ranges.c, db.jobs.c
+    if conn.execute(select(r.row_id).where(r.task_id == task_id, r.serial == POOL_SERIAL,
+                                           r.status == "ready").limit(1)).first() is None:
+        return None
+    latest = conn.execute(select(db.jobs).where(
+        j.task_id == task_id, j.event_service == ES_CONSUMER)
+        .order_by(j.panda_id.desc()).limit(1)).first()
+    if latest is None or latest.status != "finished" or not (latest.n_events or 0) > 0:
+        return None
+    task = conn.execute(select(db.tasks.c.params, db.tasks.c.owner, db.tasks.c.share)
+                        .where(db.tasks.c.task_id == task_id)).first()
+    params = json.loads(task.params) if isinstance(task.params, str) else task.params
+    spec = TaskSpec.from_dict(params)
+    spec.share = task.share
+    inputs = [dict(f._mapping) for f in conn.execute(select(db.files).where(
+        db.files.c.panda_id == latest.panda_id, db.files.c.type == "input"))]
+    serial = max(int(conn.execute(select(func.max(t.c.serial)).where(t.c.task_id == task_id))
+                     .scalar() or 0) for t in (db.jobs, db.jobs_archive)) + 1
+    values, new_files = make_consumer_job(spec, task_id, task.owner, serial, inputs,
+                                          site=latest.site)
+    panda_id = tb.jobs.insert(conn, values, new_files, "event-service")
+    tb.states.change(conn, panda_id, str(JobState.ACTIVATED) if latest.site else
+                     str(JobState.ASSIGNED), actor="event-service",
+                     expected=[str(JobState.DEFINED)])
+    log.info("task %s: its consumers ended with ranges still ready: new consumer %s", task_id,
+             panda_id)
+    return panda_id
 
 
 def parse_updates(form: dict) -> list[dict]:

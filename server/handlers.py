@@ -141,8 +141,10 @@ class BaseHandler(tornado.web.RequestHandler):
         identity = request_identity(self.request, self.state)
         if roles is not None:
             if identity is None:
-                raise ApiError("secure connection required: send 'Authorization: Bearer "
-                               "<token>' or a client certificate")
+                raise ApiError(f"an identity is required to {what}: the request carried "
+                               "no bearer token and no client certificate (secure connection "
+                               "required: send 'Authorization: Bearer <token>', a token from "
+                               "'panda token issue', or a client certificate)")
             if identity.role not in roles:
                 raise Forbidden(f"role {identity.role} may not {what}")
         return identity
