@@ -222,11 +222,15 @@ class EventRangeService:
         return res.rowcount
 
     def reclaim_expired(self) -> int:
-        """The watcher's pass: every event-service pool's ranges of ended or silent holders."""
-        r = db.event_ranges.c
+        """The watcher's pass: the pools of tasks with a live consumer (found through the
+        jobs' status index, not a scan of every range), their ranges of ended or silent holders
+        back to ready. A pool whose consumers all ended needs no pass: nobody would take them
+        (a dead consumer's retry is created while its pool has ranges left, and is live)."""
+        j = db.jobs.c
+        live = sorted(str(s) for s in JobState if str(s) not in _FINAL)
         with db.read(self.tb.engine) as conn:
-            tasks = conn.execute(select(r.task_id).distinct().where(
-                r.serial == POOL_SERIAL, r.status.in_(HELD))).scalars().all()
+            tasks = conn.execute(select(j.task_id).distinct().where(
+                j.status.in_(live), j.event_service == ES_CONSUMER)).scalars().all()
         n = 0
         for task_id in tasks:
             with self.tb.engine.begin() as conn:
@@ -354,6 +358,8 @@ class EventRangeService:
         The task row is locked first: two consumers finishing the last two ranges at once would
         each see the other's still running, and none create the merge job (or both would)."""
         r, j = db.event_ranges.c, db.jobs.c
+        if pool_left(conn, task_id):      # the common case, without taking the task's lock
+            return None
         q = select(db.tasks.c.params, db.tasks.c.owner, db.tasks.c.status, db.tasks.c.share) \
             .where(db.tasks.c.task_id == task_id)
         if self.tb.skip_locked:
@@ -361,10 +367,7 @@ class EventRangeService:
         task = conn.execute(q).first()
         if task is None or task.status in ("aborted", "broken"):
             return None
-        open_ranges = conn.execute(select(r.row_id).where(
-            r.task_id == task_id, r.serial == POOL_SERIAL,
-            r.status.in_(("ready",) + HELD)).limit(1)).first()
-        if open_ranges is not None:
+        if pool_left(conn, task_id):      # again under the lock: another report may have won
             return None
         for table in (db.jobs, db.jobs_archive):
             if conn.execute(select(table.c.panda_id).where(
