@@ -1,7 +1,7 @@
 """Debug mode (issue 16): the view a job's pilot is asked for, and the latest it sent.
 
-Revision ID: 0013_debug
-Revises: 0012_worker_node
+Revision ID: 0014_debug
+Revises: 0013_job_holder
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0013_debug"
-down_revision = "0012_worker_node"
+revision = "0014_debug"
+down_revision = "0013_job_holder"
 branch_labels = None
 depends_on = None
 
