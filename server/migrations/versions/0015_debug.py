@@ -1,7 +1,7 @@
 """Debug mode (issue 16): the view a job's pilot is asked for, and the latest it sent.
 
-Revision ID: 0014_debug
-Revises: 0013_job_holder
+Revision ID: 0015_debug
+Revises: 0014_notifications
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0014_debug"
-down_revision = "0013_job_holder"
+revision = "0015_debug"
+down_revision = "0014_notifications"
 branch_labels = None
 depends_on = None
 
