@@ -78,6 +78,7 @@ def _job_columns() -> list[Column]:
         Column("pilot_id", String(512)),
         Column("batch_id", String(255)),
         Column("pilot_owner", String(255)),               # identity that took the job
+        Column("pilot_nonce", String(64)),                # sha256 of its getJob's pilotNonce
         Column("pilot_error_code", Integer, nullable=False, default=0),
         Column("pilot_error_diag", Text),
         Column("trans_exit_code", Integer),

@@ -205,11 +205,12 @@ class Jobs:
 
     def dispatch(self, site: str, *, node: str | None, actor: str | None,
                  pilot_id: str | None = None, batch_id: str | None = None,
-                 cores: int | None = None, memory_mb: int | None = None,
+                 nonce: str | None = None, cores: int | None = None, memory_mb: int | None = None,
                  walltime_s: int | None = None, pilot_version: str | None = None,
                  prod_source_label: str | None = None, share: str | tuple | None = None,
                  order_by=None, max_tries: int = 5, where: list | None = None) -> dict | None:
-        """Hand the best activated job of ``site`` that fits the pilot to this pilot only.
+        """Hand the best activated job of ``site`` that fits the pilot to this pilot only
+        (``nonce``: the digest of its pilotNonce, ``server/jobholder.py``).
 
         ``share``: see :meth:`dispatch_params`; ``where``, ``order_by``: extra conditions on
         ``db.jobs`` and another order (built each time, not cached). Returns the job row with its files, or None when nothing fits. PostgreSQL: one
@@ -238,7 +239,8 @@ class Jobs:
 
         for _ in range(max_tries):
             fields = {"node": node, "pilot_id": pilot_id, "batch_id": batch_id,
-                      "pilot_owner": actor, "heartbeat_time": store.clock()}
+                      "pilot_owner": actor, "pilot_nonce": nonce,
+                      "heartbeat_time": store.clock()}
             if store.dialect == "postgresql":
                 # one statement is its own transaction: no BEGIN/COMMIT round trips; the
                 # files of a job do not change while it is dispatched
