@@ -291,6 +291,27 @@ incidents = Table(
 )
 
 # alarms: raised by the monitor's checks and the alarm/raise API; one open alarm per key
+# messages to users that a task's ``notify`` asked for (server/notifications.py)
+notifications = Table(
+    "notifications", metadata,
+    Column("notification_id", Id, primary_key=True, autoincrement=True),
+    Column("event_key", String(255), nullable=False),     # "task:<id>:end:<target>", ...
+    Column("task_id", BigInteger, nullable=False),
+    Column("panda_id", BigInteger),
+    Column("kind", String(16), nullable=False),           # task_end | job_error
+    Column("channel", String(16), nullable=False),        # email | webhook
+    Column("target", String(512), nullable=False),
+    Column("subject", String(512), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("state", String(16), nullable=False),          # pending | sending | sent | failed
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("created", Timestamp, nullable=False),
+    Column("sent", Timestamp),
+    UniqueConstraint("event_key", name="uq_notifications_event_key"),
+    Index("ix_notifications_state", "state"),
+)
+
 alarms = Table(
     "alarms", metadata,
     Column("alarm_id", Id, primary_key=True, autoincrement=True),
