@@ -1,7 +1,7 @@
 """Quotas per user and per group, and the index that counts a user's jobs of the last day.
 
-Revision ID: 0015_quotas
-Revises: 0014_notifications
+Revision ID: 0016_quotas
+Revises: 0015_debug
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0015_quotas"
-down_revision = "0014_notifications"
+revision = "0016_quotas"
+down_revision = "0015_debug"
 branch_labels = None
 depends_on = None
 
