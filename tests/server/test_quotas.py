@@ -99,5 +99,28 @@ def test_quota_api_roles_and_bad_values(tmp_path):
                                "n_jobs": 3, "site": "Q_SITE"})
         assert err.value.http_status == 403 and "quota of 2 per day" in err.value.reason
         assert alice.call("quota", "usage")["user"]["max_per_day"] == 2
+        # the command line, as a person types it
+        import os
+        import subprocess
+        import sys
+        token = tmp_path / "admin.token"
+        token.write_text(srv.token("admin", "root"))
+        env = {**os.environ, "PANDA_URL": srv.url}
+
+        def panda(*args):
+            return subprocess.run([sys.executable, "-m", "panda_wms.cli", "quota", *args,
+                                   "--token-file", str(token)], env=env, capture_output=True,
+                                  text=True, timeout=60)
+        res = panda("set", "--group", "higgs", "--max-per-day", "40")
+        assert res.returncode == 0 and "group higgs: at most no limit running, 40 submitted " \
+            "per day" in res.stdout, res.stderr
+        res = panda("list")
+        assert res.returncode == 0 and "higgs" in res.stdout and "alice" in res.stdout
+        res = panda("--user", "alice", "--group", "higgs", "--json")
+        assert json.loads(res.stdout)["group"]["max_per_day"] == 40
+        res = panda("set", "--max-running", "3")
+        assert res.returncode == 2 and "--user or one --group" in res.stderr
+        res = panda("set", "--user", "x", "--max-running", "lots")
+        assert res.returncode == 2 and "whole number" in res.stderr
     finally:
         stop_server(srv)
