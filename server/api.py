@@ -14,6 +14,7 @@ import re
 from panda_core.debugview import BadDebugRequest
 from panda_core.debugview import parse_request as parse_debug_request
 from panda_core.replicas import BadFileName
+from panda_core.states import FINAL_JOB_STATES
 
 from .api_console import error_text
 from .api_panda import panda_file_names, panda_job_names
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 api = ApiMethods()
 
+FINAL_STATES = frozenset(str(s) for s in FINAL_JOB_STATES)
 #: files one data/add_files call registers (one transaction)
 MAX_FILES_PER_CALL = 10000
 
@@ -262,7 +264,9 @@ def job_get_debug_view(ctx: Context, params: dict) -> dict:
     if job is None:
         raise NotFound(f"no job {panda_id}")
     view = json.loads(job["debug_view"]) if job.get("debug_view") else None
-    return {"job_id": panda_id, "status": job["status"], "debug": job.get("debug_request"),
+    # an ended job's pilot is gone: its request, if never cleared, asks nobody any more
+    asked = None if job["status"] in FINAL_STATES else job.get("debug_request")
+    return {"job_id": panda_id, "status": job["status"], "debug": asked,
             "view": view, "modificationTime": job["modification_time"]}
 
 

@@ -42,6 +42,7 @@ MAX_TOKEN_BYTES = 16384
 JWKS_REFRESH_S = 600          # a provider's keys are fetched again this often
 JWKS_RETRY_S = 10             # an unknown key id starts a fetch at most this often
 LEEWAY_S = 60                 # clock skew allowed on exp, nbf and iat
+MAX_DOCUMENT_BYTES = 1 << 20  # a provider's discovery document or JWKS
 
 
 class TokenError(Exception):
@@ -365,23 +366,32 @@ class TokenService:
     @staticmethod
     def refresh_keys(trusted: TrustedIssuer, timeout_s: float = 10) -> bool:
         verify: str | bool = trusted.ca_bundle or True
+
+        def fetch_json(url: str) -> Any:
+            """A provider's JSON document, at most MAX_DOCUMENT_BYTES (a hostile or broken
+            provider cannot fill the server's memory)."""
+            with requests.get(url, timeout=timeout_s, verify=verify, stream=True) as resp:
+                resp.raise_for_status()
+                body = resp.raw.read(MAX_DOCUMENT_BYTES + 1, decode_content=True)
+            if len(body) > MAX_DOCUMENT_BYTES:
+                raise ValueError(f"{url}: larger than {MAX_DOCUMENT_BYTES} bytes")
+            return json.loads(body)
+
         try:
-            uri = trusted.jwks_uri
-            if not uri:
-                conf = requests.get(trusted.oidc_config_url(), timeout=timeout_s, verify=verify)
-                conf.raise_for_status()
-                uri = conf.json()["jwks_uri"]
-            resp = requests.get(uri, timeout=timeout_s, verify=verify)
-            resp.raise_for_status()
+            uri = trusted.jwks_uri or fetch_json(trusted.oidc_config_url())["jwks_uri"]
+            if not isinstance(uri, str) or not uri.startswith("https://"):
+                raise ValueError(f"jwks_uri {str(uri)[:200]!r} is not an https URL")
             keys = {}
-            for entry in resp.json()["keys"]:
-                if entry.get("use", "sig") != "sig" or "kid" not in entry:
+            for entry in fetch_json(uri)["keys"]:
+                if not isinstance(entry, dict) or entry.get("use", "sig") != "sig" \
+                        or "kid" not in entry:
                     continue
                 try:
                     keys[entry["kid"]] = jwt.PyJWK(entry).key
                 except jwt.PyJWTError as exc:
                     log.warning("%s: skipping key %s: %s", trusted.issuer, entry.get("kid"), exc)
-        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        except (requests.RequestException, ValueError, KeyError, TypeError,
+                AttributeError) as exc:
             log.warning("cannot fetch the keys of token issuer %s: %s", trusted.issuer, exc)
             return False
         trusted.keys, trusted.fetched = keys, time.time()
