@@ -11,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, insert, select, text
 
-from server import db
+from server import archivetiers, db
 from dbkit import free_port, start_server, stop_server
 
 
@@ -24,7 +24,10 @@ def schema_diff(url: str) -> list:
     engine = db.make_engine(url, pool_size=1)
     try:
         with engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            ctx = MigrationContext.configure(conn, opts={
+                "compare_type": True,
+                "include_name": lambda name, type_, parent: not (
+                    type_ == "table" and archivetiers.is_partition(name))})
             return compare_metadata(ctx, db.metadata)
     finally:
         engine.dispose()
