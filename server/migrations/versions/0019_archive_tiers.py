@@ -5,8 +5,8 @@
 The existing jobs_archive is rebuilt with its rows (``archived_at`` := their ``state_changed``),
 and the files and history of already archived jobs move over. Downgrade moves everything back.
 
-Revision ID: 0018_archive_tiers
-Revises: 0017_vo
+Revision ID: 0019_archive_tiers
+Revises: 0018_job_counts
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from alembic import op
 
 from server import archivetiers
 
-revision = "0018_archive_tiers"
-down_revision = "0017_vo"
+revision = "0019_archive_tiers"
+down_revision = "0018_job_counts"
 branch_labels = None
 depends_on = None
 
