@@ -20,6 +20,8 @@ from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
 from .jobcreator import LimitExceeded, TaskSpecError
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
+from .taskbuffer.data import CatalogueConflict
+from .taskbuffer.owners import Owner, OwnershipError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,10 @@ def task_submit(ctx: Context, params: dict) -> int:
                 if live is not None:
                     raise ApiError(f"task name {task_params['name']!r} is in use by your task "
                                    f"jediTaskID={live}", data=CODE_DUPLICATE)
-        result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
+        result = ctx.submitter.submit(task_params, owner=ctx.identity.subject,
+                                      who=Owner.of(ctx.identity))
+    except OwnershipError as exc:
+        raise ApiError(f"permission denied: {exc}", 403, data=CODE_REFUSED) from None
     except LimitExceeded as exc:
         raise ApiError(f"bad task description: {exc}", 400, data=CODE_REFUSED) from None
     except (TaskSpecError, BadFileName) as exc:   # BadFileName: an output name made from a pattern
@@ -97,7 +102,9 @@ def task_extend(ctx: Context, params: dict) -> dict:
     if not _owns(ctx, task["owner"]):
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     try:
-        result = ctx.submitter.extend(task_id, ctx.identity.subject)
+        result = ctx.submitter.extend(task_id, ctx.identity.subject, who=Owner.of(ctx.identity))
+    except OwnershipError as exc:
+        raise ApiError(f"permission denied: {exc}", 403) from None
     except LimitExceeded as exc:
         raise ApiError(str(exc), 400) from None
     except (TaskSpecError, BadFileName) as exc:
@@ -288,7 +295,41 @@ def data_add_files(ctx: Context, params: dict) -> int:
     except BadFileName as exc:
         raise ApiError(str(exc)) from None
     endpoint = str_param(params, "ddm_endpoint")
-    return ctx.tb.data.add_dataset_files(dataset, scope, files, endpoint)
+    se_url = None
+    if endpoint:       # a storage element the sites know: replicas only at the server's path
+        from .dataservice import storage_urls
+        se_url = storage_urls(s["config"] for s in ctx.tb.sites.all()).get(endpoint)
+    who = Owner.of(ctx.identity)
+    try:
+        return ctx.tb.data.add_dataset_files(
+            dataset, scope, files, endpoint, se_url=se_url,
+            authorize=lambda conn: (ctx.tb.owners.check_scope(conn, who, scope),
+                                    ctx.tb.owners.check_dataset(conn, who, dataset, scope)))
+    except OwnershipError as exc:
+        raise ApiError(f"permission denied: {exc}", 403) from None
+    except CatalogueConflict as exc:
+        raise ApiError(str(exc), 409) from None
+
+
+@api("scope", "add", ("POST",), ADMIN)
+def scope_add(ctx: Context, params: dict) -> dict:
+    """Register a scope to an owner account, or as a production scope (admins write it)."""
+    from panda_core.replicas import check_name
+    scope, owner = params.get("scope"), params.get("owner")
+    try:
+        check_name(str(scope), "scope")
+    except BadFileName as exc:
+        raise ApiError(str(exc), 400) from None
+    production = str(params.get("production", "")).lower() in ("true", "1")
+    if not production and (not isinstance(owner, str) or not owner or len(owner) > 255):
+        raise ApiError("parameter 'owner' must be the account that owns the scope (or give "
+                       "production=true)", 400)
+    return ctx.tb.owners.add_scope(str(scope), owner or ctx.identity.subject, production)
+
+
+@api("scope", "list")
+def scope_list(ctx: Context, params: dict) -> list[dict]:
+    return ctx.tb.owners.scopes()
 
 
 @api("data", "list_files")

@@ -76,6 +76,10 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--certfile", help="TLS certificate (enables https and X.509 client auth)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--ca", help="CA bundle or directory to verify client certificates")
+    p.add_argument("--scope-policy", choices=("claim", "registered"), default="claim",
+                   help="who may write a scope that is not registered (scope/add): 'claim' (the "
+                   "first account that writes it owns it), 'registered' (nobody but admins); "
+                   "user.<name> is always the account <name>'s")
     p.add_argument("--admin-dn", action="append", default=[], help="certificate DN with admin role: RFC 4514 (CN=x,O=org) or the grid's "
                    "/O=org/CN=x (a '/' inside a value escaped as '\\/'); compared as a structured "
                    "name")
@@ -372,6 +376,7 @@ def main(argv: list[str]) -> int:
         from .tokens import JWKS_REFRESH_S
         start_periodic(state.executor, JWKS_REFRESH_S,
                        [("token issuers' keys", state.keys.tokens.refresh_all)])
+    state.tb.owners.policy = args.scope_policy
     app = make_app(state)
     from .monitor.incidents import install as install_incident_logger
     install_incident_logger(state.tb.engine)      # every process records its incidents

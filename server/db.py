@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData,
                         SmallInteger,
                         String, Table, Text, UniqueConstraint, create_engine, event, inspect,
                         literal_column)
@@ -163,6 +163,16 @@ datasets = Table(
     Column("name", String(255), primary_key=True),
     Column("scope", String(255), nullable=False),
     Column("created", Timestamp, nullable=False),
+    Column("owner", String(255)),                      # the account that created it
+)
+
+# who may write a scope (server/taskbuffer/owners.py); user.<name> scopes are made on first use
+scopes = Table(
+    "scopes", metadata,
+    Column("name", String(255), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("production", Boolean, nullable=False, default=False),
+    Column("created", Timestamp, nullable=False),
 )
 
 dataset_files = Table(
@@ -177,6 +187,7 @@ dataset_files = Table(
     Column("task_id", BigInteger),                     # the task that consumed it, if any
     Column("created", Timestamp, nullable=False),
     UniqueConstraint("dataset", "scope", "lfn", name="uq_dataset_file"),
+    Index("ix_dataset_files_lfn", "scope", "lfn"),     # one lfn's entries in every dataset
 )
 
 replicas = Table(
