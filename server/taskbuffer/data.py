@@ -65,12 +65,14 @@ class Data:
                 conn.execute(insert(db.datasets).values(name=dataset, scope=scope, created=now))
             known = self.catalogue_entries(conn, scope, [f["lfn"] for f in file_list])
             conflicts = []
-            for f in file_list:
-                for fsize, checksum in known.get(f["lfn"], ()):
+            for f in file_list:        # the same lfn twice in one call counts as well
+                known.setdefault(f["lfn"], set())
+                for fsize, checksum in list(known[f["lfn"]]):
                     if not same_bytes(fsize, checksum, f.get("fsize"), f.get("checksum")):
                         conflicts.append(f"{scope}:{f['lfn']} is registered with "
                                          f"{fsize} bytes, {checksum or 'no checksum'}")
                         break
+                known[f["lfn"]].add((f.get("fsize"), f.get("checksum")))
                 if se_url and f.get("surl"):
                     expected = replica_url(se_url, scope, f["lfn"])
                     if not same_location(f["surl"], expected):

@@ -67,27 +67,27 @@ class Ownership:
 
     # ------------------------------------------------------------------ scopes
     def check_scope(self, conn: Connection, who: Owner, scope: str) -> None:
-        """Raise OwnershipError unless ``who`` may write ``scope``; claims a free one."""
+        """Raise OwnershipError unless ``who`` may write ``scope``; claims a free one (an
+        admin writes anywhere and claims nothing: it acts for others)."""
+        if who.admin:
+            return
         row = conn.execute(select(db.scopes).where(db.scopes.c.name == scope)).first()
         if row is not None:
             if row.production:
-                if not who.admin:
-                    raise OwnershipError(f"scope {scope} is a production scope: writing it "
-                                         "needs the production (admin) role")
-                return
-            if who.admin or row.owner == who.subject:
+                raise OwnershipError(f"scope {scope} is a production scope: writing it needs "
+                                     "the production (admin) role")
+            if row.owner == who.subject:
                 return
             raise OwnershipError(f"scope {scope} belongs to {row.owner}")
-        if scope.startswith("user.") and scope != user_scope(who.subject) and not who.admin:
+        if scope.startswith("user.") and scope != user_scope(who.subject):
             raise OwnershipError(f"scope {scope} is another account's user scope; yours is "
                                  f"{user_scope(who.subject)}")
-        if (self.policy == "registered" and not who.admin
-                and scope != user_scope(who.subject)):
+        if self.policy == "registered" and scope != user_scope(who.subject):
             raise OwnershipError(f"scope {scope} is not registered (an admin adds it with "
                                  f"scope/add); your own is {user_scope(who.subject)}")
         self._insert_scope(conn, scope, who.subject, False)
         if conn.execute(select(db.scopes.c.owner).where(db.scopes.c.name == scope)
-                        ).scalar() != who.subject and not who.admin:
+                        ).scalar() != who.subject:
             raise OwnershipError(f"scope {scope} was just claimed by another account")
 
     def _insert_scope(self, conn: Connection, scope: str, owner: str, production: bool) -> None:
@@ -125,16 +125,19 @@ class Ownership:
         if row is None:
             if not create:
                 return False
-            try:
+            try:            # an admin's dataset has no owner: the first account to write it
                 with conn.begin_nested():
                     conn.execute(insert(db.datasets).values(name=dataset, scope=scope,
-                                                            owner=who.subject,
+                                                            owner=None if who.admin
+                                                            else who.subject,
                                                             created=self.store.clock()))
                 return True
             except IntegrityError:
                 row = conn.execute(select(db.datasets.c.owner)
                                    .where(db.datasets.c.name == dataset)).first()
-        if row.owner is None:                     # made before datasets had owners
+        if row.owner is None:           # made by an admin, or before datasets had owners
+            if who.admin:
+                return True
             conn.execute(update(db.datasets).where(db.datasets.c.name == dataset,
                                                    db.datasets.c.owner.is_(None))
                          .values(owner=who.subject))

@@ -420,3 +420,20 @@ def test_scopes_registered_by_an_admin(server):
     scopes = {s["name"]: s for s in api(server, None, "GET", "scope/list")[1]["data"]}
     assert scopes["mc23"]["production"] and scopes["group.phys"]["owner"] == "dave"
     assert scopes["alice"]["owner"] == "alice"
+
+
+def test_registered_scope_policy(tmp_path):
+    srv = start_server(tmp_path / "srv", extra=["--scope-policy", "registered"])
+    srv.tokens = {}
+    try:
+        status, reply = add_files(srv, "alice", "free.ds", "free", [{"lfn": "f", "fsize": 1}],
+                                  endpoint=None)
+        assert status == 403 and "is not registered" in reply["message"], reply
+        assert add_files(srv, "alice", "user.alice.ds", "user.alice",
+                         [{"lfn": "f", "fsize": 1}], endpoint=None)[1]["success"]
+        assert api(srv, "ops", "POST", "scope/add", role="admin", scope="free",
+                   owner="alice")[1]["success"]
+        assert add_files(srv, "alice", "free.ds", "free", [{"lfn": "f", "fsize": 1}],
+                         endpoint=None)[1]["success"]
+    finally:
+        stop_server(srv)
