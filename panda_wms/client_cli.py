@@ -1,4 +1,4 @@
-"""``panda submit``, ``panda status``, ``panda kill``: the user's commands."""
+"""``panda submit``, ``panda status``, ``panda kill``, ``panda debug``: the user's commands."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +30,7 @@ def read_task_file(path: str) -> dict:
                                 f"JSON: {exc.msg}") from None
     else:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml12_loader(yaml))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -42,6 +42,24 @@ def read_task_file(path: str) -> dict:
         raise TaskFileError(f"{path}: a task file must hold a mapping of field -> value, "
                             f"not {type(data).__name__}")
     return data
+
+
+def _yaml12_loader(yaml):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads
+    on/off/yes/no as booleans, so a task's ``notify: {on: [task_end]}`` arrived as ``{true:
+    ...}`` and was refused."""
+    import re
+
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    TaskLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    TaskLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                     list("tTfF"))
+    return TaskLoader
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -198,3 +216,49 @@ def kill_main(argv: list[str]) -> int:
         for job_id, ok in zip(args.job_ids, results):
             sys.stdout.write(f"job {job_id}: {'killed' if ok else 'not killed (unknown, not yours, or already ended)'}\n")
     return 0 if all(results) else 1
+
+
+def debug_main(argv: list[str]) -> int:
+    from panda_core.debugview import VIEWS, BadDebugRequest, parse_request, render
+
+    p = argparse.ArgumentParser(
+        prog="panda debug", description="Debug mode of a running job: its pilot sends the "
+        "asked-for view (tail of the payload's stdout or of a work-dir file, ls, ps, du) in "
+        "its updates; show the latest.")
+    sub = p.add_subparsers(dest="action", required=True)
+    on = sub.add_parser("on", help="ask the job's pilot for a view")
+    on.add_argument("job_id", type=int)
+    on.add_argument("view", nargs="?", default="tail", choices=VIEWS)
+    on.add_argument("name", nargs="?", help="tail: a file of the work dir (default: the "
+                    "payload's stdout)")
+    off = sub.add_parser("off", help="stop debug mode")
+    off.add_argument("job_id", type=int)
+    show = sub.add_parser("show", help="print the latest view the pilot sent")
+    show.add_argument("job_id", type=int)
+    for sp in (on, off, show):
+        _common(sp)
+    args = p.parse_args(argv)
+    try:
+        client = _client(args)
+        if args.action == "on":
+            try:
+                request = parse_request(" ".join(x for x in (args.view, args.name) if x))
+            except BadDebugRequest as exc:
+                p.error(str(exc))          # exit 2: a usage error, nothing was sent
+            out = client.set_debug_mode(args.job_id, request.to_wire())
+        elif args.action == "off":
+            out = client.set_debug_mode(args.job_id, None)
+        else:
+            out = client.debug_view(args.job_id)
+    except ClientError as exc:
+        return _fail(str(exc))
+    if args.json:
+        sys.stdout.write(json.dumps(out, default=str) + "\n")
+    elif args.action == "show":
+        state = f"debug mode on ({out['debug']})" if out.get("debug") else "debug mode off"
+        sys.stdout.write(f"job {out['job_id']} ({out['status']}): {state}\n")
+        sys.stdout.write((render(out["view"]) if out.get("view")
+                          else "no view received from the pilot yet") + "\n")
+    else:
+        sys.stdout.write(f"{client.last_message}\n")
+    return 0

@@ -7,10 +7,14 @@ its message. Reads are open; writes need an identity.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 
+from panda_core.debugview import BadDebugRequest
+from panda_core.debugview import parse_request as parse_debug_request
 from panda_core.replicas import BadFileName
+from panda_core.states import FINAL_JOB_STATES
 
 from .api_console import error_text
 from .api_panda import panda_file_names, panda_job_names
@@ -18,6 +22,8 @@ from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_
                       int_param, str_param)
 from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
 from .jobcreator import LimitExceeded, TaskSpecError
+from .groups import refusal
+from .quotas import KINDS, QuotaExceeded
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
 from .taskbuffer.data import CatalogueConflict
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 
 api = ApiMethods()
 
+FINAL_STATES = frozenset(str(s) for s in FINAL_JOB_STATES)
 #: files one data/add_files call registers (one transaction)
 MAX_FILES_PER_CALL = 10000
 
@@ -82,10 +89,15 @@ def task_submit(ctx: Context, params: dict) -> int:
                 if live is not None:
                     raise ApiError(f"task name {task_params['name']!r} is in use by your task "
                                    f"jediTaskID={live}", data=CODE_DUPLICATE)
+        why = refusal(ctx.identity, task_params.get("vo"), task_params.get("working_group"))
+        if why:
+            raise ApiError(f"permission denied: {why}", 403, data=CODE_REFUSED)
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject,
                                       who=Owner.of(ctx.identity))
     except OwnershipError as exc:
         raise ApiError(f"permission denied: {exc}", 403, data=CODE_REFUSED) from None
+    except QuotaExceeded as exc:
+        raise ApiError(str(exc), 403, data=CODE_REFUSED) from None
     except LimitExceeded as exc:
         raise ApiError(f"bad task description: {exc}", 400, data=CODE_REFUSED) from None
     except (TaskSpecError, BadFileName) as exc:   # BadFileName: an output name made from a pattern
@@ -105,6 +117,8 @@ def task_extend(ctx: Context, params: dict) -> dict:
         result = ctx.submitter.extend(task_id, ctx.identity.subject, who=Owner.of(ctx.identity))
     except OwnershipError as exc:
         raise ApiError(f"permission denied: {exc}", 403) from None
+    except QuotaExceeded as exc:
+        raise ApiError(str(exc), 403) from None
     except LimitExceeded as exc:
         raise ApiError(str(exc), 400) from None
     except (TaskSpecError, BadFileName) as exc:
@@ -222,6 +236,78 @@ def job_kill(ctx: Context, params: dict) -> list[bool]:
         except (NotFound, PermissionError):
             results.append(False)
     return results
+
+
+@api("job", "set_debug_mode", ("POST",), WRITERS)
+def job_set_debug_mode(ctx: Context, params: dict) -> dict:
+    """Debug mode on (``mode`` true, ``view``: tail [NAME] | ls | ps | du) or off for one job;
+    the job's owner or an admin. Only the built-in views: never a command line."""
+    panda_id = int_param(params, "job_id")
+    mode = params.get("mode", True)
+    if not isinstance(mode, bool):
+        raise ApiError("parameter 'mode' must be true or false")
+    request = None
+    if mode:
+        try:
+            request = parse_debug_request(str_param(params, "view")).to_wire()
+        except BadDebugRequest as exc:
+            raise ApiError(f"parameter 'view': {exc}", 400) from None
+    owner = None if ctx.identity.role == "admin" else ctx.identity.subject
+    try:
+        ok = ctx.tb.jobs.set_debug(panda_id, request, ctx.identity.subject, owner_check=owner)
+    except PermissionError as exc:
+        raise ApiError(str(exc), 403) from None
+    if not ok:
+        raise ApiError(f"job {panda_id} has ended: nothing to debug")
+    ctx.message = f"job {panda_id}: debug mode " + (f"on ({request})" if request else "off")
+    return {"job_id": panda_id, "debug": request}
+
+
+@api("job", "get_debug_view")
+def job_get_debug_view(ctx: Context, params: dict) -> dict:
+    """The latest view the job's pilot sent in debug mode, and what it is asked for."""
+    panda_id = int_param(params, "job_id")
+    job = ctx.tb.jobs.get(panda_id)
+    if job is None:
+        raise NotFound(f"no job {panda_id}")
+    view = json.loads(job["debug_view"]) if job.get("debug_view") else None
+    # an ended job's pilot is gone: its request, if never cleared, asks nobody any more
+    asked = None if job["status"] in FINAL_STATES else job.get("debug_request")
+    return {"job_id": panda_id, "status": job["status"], "debug": asked,
+            "view": view, "modificationTime": job["modification_time"]}
+
+
+# ---------------------------------------------------------------------- quotas
+@api("quota", "list")
+def quota_list(ctx: Context, params: dict) -> list[dict]:
+    return [q.to_dict() for q in ctx.submitter.quotas.all()]
+
+
+@api("quota", "set", ("POST",), ADMIN)
+def quota_set(ctx: Context, params: dict) -> dict:
+    kind = str_param(params, "kind") or "user"
+    if kind not in KINDS:
+        raise ApiError(f"parameter 'kind': one of {', '.join(KINDS)}", 400)
+    name = str_param(params, "name")
+    if not name:
+        raise ApiError("parameter 'name': the user (token subject), the group, or '*'", 400)
+    limits = {}
+    for key in ("max_running", "max_per_day"):
+        value = params.get(key)
+        limits[key] = None if value in (None, "") else int_param(params, key)
+    try:
+        return ctx.submitter.quotas.set(kind, name, **limits).to_dict()
+    except ValueError as exc:
+        raise ApiError(str(exc), 400) from None
+
+
+@api("quota", "usage")
+def quota_usage(ctx: Context, params: dict) -> dict:
+    """A user's (default: the caller's) and a group's use against their quotas."""
+    user = str_param(params, "user") or (ctx.identity.subject if ctx.identity else None)
+    if not user:
+        raise ApiError("parameter 'user': whose usage (or call with a token)", 400)
+    return ctx.submitter.quotas.usage(user, str_param(params, "group"))
 
 
 # ---------------------------------------------------------------------- sites

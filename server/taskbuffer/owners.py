@@ -2,8 +2,9 @@
 
 Rules (docs/security.md, "Data has owners"):
 
-- A scope belongs to an account. ``user.<name>`` is the account ``<name>``'s, and only its
-  (created on its first write). Any other scope is registered by an admin
+- A scope belongs to an account or a group. ``user.<name>`` is the account ``<name>``'s, and
+  only its (created on its first write); ``group.<name>`` belongs to the members of the
+  token group ``<name>``. Any other scope is registered by an admin
   (``scope/add``: an owner, or ``production``), or, under the server's default
   ``--scope-policy claim``, belongs to the first account that writes to it; under
   ``--scope-policy registered`` an unregistered scope is refused. A production scope is
@@ -36,16 +37,30 @@ class OwnershipError(PermissionError):
     """A write to data the caller does not own; the message says whose it is."""
 
 
+GROUP_OWNER = "group:"      # a scope owned by a group: ``group:<name>``
+
+
 @dataclass(frozen=True)
 class Owner:
-    """Who writes: the account (token subject or DN) and whether it is an admin."""
+    """Who writes: the account (token subject or DN), its token's groups, and whether it is
+    an admin."""
     subject: str
     admin: bool = False
+    groups: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, identity) -> "Owner":
         """Of an ``auth.Identity``."""
-        return cls(identity.subject, identity.role == "admin")
+        groups = tuple(g.strip("/") for g in getattr(identity, "groups", ()) or ())
+        return cls(identity.subject, identity.role == "admin", groups)
+
+    def is_(self, owner: str | None) -> bool:
+        """Whether a scope's ``owner`` (an account, or ``group:<name>``) is this writer."""
+        if owner is None:
+            return False
+        if owner.startswith(GROUP_OWNER):
+            return owner[len(GROUP_OWNER):].strip("/") in self.groups
+        return owner == self.subject
 
 
 def user_scope(subject: str) -> str:
@@ -76,9 +91,17 @@ class Ownership:
             if row.production:
                 raise OwnershipError(f"scope {scope} is a production scope: writing it needs "
                                      "the production (admin) role")
-            if row.owner == who.subject:
+            if who.is_(row.owner):
                 return
             raise OwnershipError(f"scope {scope} belongs to {row.owner}")
+        if scope.startswith("group."):         # Rucio's group.<name>: the group's members'
+            group = GROUP_OWNER + scope[len("group."):].split(".")[0]
+            if not who.is_(group):
+                raise OwnershipError(f"scope {scope} belongs to the group "
+                                     f"{group[len(GROUP_OWNER):]}, which your token does not "
+                                     f"name (groups: {', '.join(who.groups) or 'none'})")
+            self._insert_scope(conn, scope, group, False)
+            return
         if scope.startswith("user.") and scope != user_scope(who.subject):
             raise OwnershipError(f"scope {scope} is another account's user scope; yours is "
                                  f"{user_scope(who.subject)}")
@@ -86,8 +109,8 @@ class Ownership:
             raise OwnershipError(f"scope {scope} is not registered (an admin adds it with "
                                  f"scope/add); your own is {user_scope(who.subject)}")
         self._insert_scope(conn, scope, who.subject, False)
-        if conn.execute(select(db.scopes.c.owner).where(db.scopes.c.name == scope)
-                        ).scalar() != who.subject:
+        if not who.is_(conn.execute(select(db.scopes.c.owner)
+                                    .where(db.scopes.c.name == scope)).scalar()):
             raise OwnershipError(f"scope {scope} was just claimed by another account")
 
     def _insert_scope(self, conn: Connection, scope: str, owner: str, production: bool) -> None:

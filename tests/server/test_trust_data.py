@@ -437,3 +437,27 @@ def test_registered_scope_policy(tmp_path):
                          endpoint=None)[1]["success"]
     finally:
         stop_server(srv)
+
+
+def test_group_scopes_belong_to_the_groups_members(server):
+    def group_token(subject, *groups):
+        cmd = [sys.executable, "-m", "panda_wms.cli", "token", "issue", "--key-dir",
+               str(server.key_dir), "--role", "user", "--subject", subject]
+        for g in groups:
+            cmd += ["--group", g]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+    def add(tok, dataset):
+        resp = requests.post(f"{server.url}/api/v1/data/add_files", timeout=30,
+                             headers={"Authorization": f"Bearer {tok}"},
+                             json={"dataset": dataset, "scope": "group.higgs",
+                                   "files": [{"lfn": f"{dataset}.f", "fsize": 1}]})
+        return resp.status_code, resp.json()
+
+    assert add(group_token("erin", "atlas/higgs"), "group.higgs.a")[0] == 403   # not 'higgs'
+    status, reply = add(group_token("frank"), "group.higgs.b")
+    assert status == 403 and "belongs to the group higgs" in reply["message"]
+    assert add(group_token("gina", "higgs"), "group.higgs.c")[1]["success"]
+    assert add(group_token("hal", "/higgs"), "group.higgs.d")[1]["success"]     # a member too
+    scopes = {s["name"]: s for s in api(server, None, "GET", "scope/list")[1]["data"]}
+    assert scopes["group.higgs"]["owner"] == "group:higgs"
