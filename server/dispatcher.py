@@ -124,7 +124,11 @@ class Dispatcher:
         if isinstance(req, dict):
             return req
         steps = await self._share_plan(req.site)
-        return self._job_reply(req, await self.path.get_jobs(req, steps))
+        jobs = await self.path.get_jobs(req, steps)
+        note = getattr(self.job_chooser, "note_dispatched", None) if jobs and steps else None
+        if note is not None:
+            note(req.site, jobs)
+        return self._job_reply(req, jobs)
 
     async def _job_request(self, form: dict, identity: Identity | None) -> JobRequest | dict:
         """A getJob's checked fields; or the reply itself when the site takes no jobs."""

@@ -188,7 +188,7 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
     the same files N times at once and recompute the same priorities for nothing.
     """
     from .dataservice import DataService, load_mover
-    from .shares import recompute_priorities
+    from .shares import PriorityCursor, recompute_priorities
 
     watcher = Watcher(state.tb, limits)
     tasks: list[tuple[str, Callable[[], Any]]] = [("watcher", watcher.check)]
@@ -196,5 +196,7 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
         service = DataService(state.tb, load_mover(data_mover, **(data_options or {})))
         tasks.append(("dataservice", service.process))
     if state.hook is not None and first_process:
-        tasks.append(("priorities", lambda: recompute_priorities(state.tb, state.hook)))
+        cursor = PriorityCursor()       # each pass goes on where the last one stopped
+        tasks.append(("priorities", lambda: recompute_priorities(state.tb, state.hook,
+                                                                 cursor=cursor)))
     return tasks
