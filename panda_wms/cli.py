@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kill": ("panda_wms.client_cli:kill_main", "kill jobs"),
     "se": ("storage_element.cli:main", "serve a folder as an HTTP/WebDAV storage element"),
     "demo": ("panda_wms.demo:main", "run a server, a site and pilots; process a task end to end"),
+    "simulate": ("server.simulate.cli:main", "replay a workload against the server with "
+                                             "simulated sites and pilots"),
 }
 
 #: the top-level modules each role extra of setup.py installs (the drivers: see EXTRAS)
@@ -43,6 +45,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "se": (("se",), ()),
     "submit": ((), ("client",)),
     "demo": (("server", "factory"), ()),
+    "simulate": (("server",), ()),
 }
 
 
