@@ -27,9 +27,16 @@ PILOT_PLUGINS = [
     "walltime = pilot.monitors.walltime",
     "stdout = pilot.monitors.stdout",
 ]
+SANDBOXES = [
+    "none = pilot.sandbox.none:NoSandbox",
+    "bwrap = pilot.sandbox.bwrap:BwrapSandbox",
+    "apptainer = pilot.sandbox.apptainer:ApptainerSandbox",
+]
 SERVER_PLUGINS: list[str] = []
 DATA_MOVERS = [
-    "local = server.dataservice:LocalMover",
+    "local = server.datamovers.local:LocalMover",
+    "http = server.datamovers.http:HttpMover",
+    "xrootd = server.datamovers.xrootd:XrootdMover",
 ]
 
 # What a worker node needs: the pilot (pluggy, psutil, cryptography for signed jobs), the
@@ -50,6 +57,7 @@ SERVER = [
     "prometheus-client>=0.17",  # /metrics exposition format, done right
     "jsonschema>=4.17",         # site configs
     "PyYAML>=6.0",
+    "PyJWT>=2.8",               # WLCG-profile bearer tokens, JWKS of external OIDC issuers
 ]
 FACTORY = ["PyYAML>=6.0", "jsonschema>=4.17"]   # site configs (schedulers/ needs only the base)
 SE = ["tornado>=6.3"]
@@ -93,6 +101,7 @@ setup(
         "panda.copytools": COPYTOOLS,
         "panda.schedulers": SCHEDULERS,
         "panda.pilot": PILOT_PLUGINS,
+        "panda.sandboxes": SANDBOXES,
         "panda.server": SERVER_PLUGINS,
         "panda.datamovers": DATA_MOVERS,
     },

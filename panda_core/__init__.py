@@ -6,3 +6,7 @@ The pilot imports this package on a bare worker node, so nothing here may import
 package (a test over the import graph keeps it so; see docs/architecture.md).
 """
 __version__ = "0.1.0"
+
+#: the oldest Python the pilot runs on (setup.py's python_requires): the one-file pilot's
+#: manifest says it and the batch script refuses an older ``python3`` with a clear message
+PYTHON_REQUIRES = (3, 10)

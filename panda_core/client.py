@@ -274,6 +274,15 @@ class ApiClient(Transport):
         return body.get("data")
 
     # the calls the commands, the factory and the demo make ------------------------------------
+    def pilot_files(self) -> dict:
+        """``/pilot/``: the one-file pilot's versions (``default``, ``versions``)."""
+        status, data = self.request("GET", "/pilot/")
+        reply = _json(self.url + "/pilot/", status, data)
+        if status != 200 or not isinstance(reply, dict) or not isinstance(reply.get("default"), str):
+            raise ProtocolError(f"{self.url}/pilot/: HTTP {status}: no pilot file versions: "
+                                f"{data[:200]!r}")
+        return reply
+
     def is_alive(self) -> bool:
         return bool(self.call("system", "is_alive").get("alive"))
 

@@ -4,7 +4,9 @@ Copytools (``panda.copytools``), scheduler backends (``panda.schedulers``) and t
 movers (``panda.datamovers``) are all loaded here, so a missing or broken plugin is reported the
 same way everywhere: in the caller's own error type, naming the group and what is installed.
 stevedore is imported inside ``load_driver``, the one exception to this package's standard-library
-rule: only a process that loads a driver pays for it.
+rule: only a process that loads a driver pays for it. Where stevedore is not installed (the
+one-file pilot leaves it out: stevedore 5.10 needs Python 3.11, the pilot runs on 3.10) the
+standard library's entry points load the driver, with the same errors.
 """
 from __future__ import annotations
 
@@ -29,10 +31,15 @@ def load_driver(group: str, name: str, *, invoke_kwds: Mapping[str, Any] | None 
     whose message names the ``kind`` of driver, the group and its installed names. An ``error``
     the driver raises itself (a backend refusing an option) passes unchanged: it already says why.
     """
-    from stevedore import driver
-    from stevedore.exception import NoMatches
+    try:
+        from stevedore import driver
+        from stevedore.exception import NoMatches
+    except ImportError:
+        driver, NoMatches = None, _NoMatches
 
     try:
+        if driver is None:
+            return _load_without_stevedore(group, name, invoke, dict(invoke_kwds or {}))
         return driver.DriverManager(group, name, invoke_on_load=invoke,
                                     invoke_kwds=dict(invoke_kwds or {})).driver
     except NoMatches:
@@ -43,6 +50,26 @@ def load_driver(group: str, name: str, *, invoke_kwds: Mapping[str, Any] | None 
     except Exception as exc:  # import error, bad options, two plugins under one name
         raise error(f"{kind} {name!r} in entry-point group {group} failed to load: "
                     f"{type(exc).__name__}: {exc} {_installed(group)}") from exc
+
+
+class _NoMatches(Exception):
+    """No entry point of that name (stevedore's NoMatches, without stevedore)."""
+
+
+def _load_without_stevedore(group: str, name: str, invoke: bool,
+                            invoke_kwds: dict[str, Any]) -> Any:
+    """stevedore's DriverManager, as the standard library does it: one entry point, loaded
+    and, with ``invoke``, called with ``invoke_kwds``; _NoMatches when there is none."""
+    from importlib.metadata import entry_points
+
+    found = {ep.value: ep for ep in entry_points(group=group, name=name)}
+    if not found:
+        raise _NoMatches(name)
+    if len(found) > 1:
+        raise RuntimeError(f"{len(found)} plugins are registered as {name!r}: "
+                           f"{', '.join(sorted(found))}")
+    plugin = next(iter(found.values())).load()
+    return plugin(**invoke_kwds) if invoke else plugin
 
 
 def _installed(group: str) -> str:

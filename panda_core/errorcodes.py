@@ -33,6 +33,10 @@ class ErrorCode(IntEnum):
     ADLER32_MISMATCH_IN = 1171
     ADLER32_MISMATCH_OUT = 1172
     PAYLOAD_EXECUTION_FAILURE = 1305
+    SANDBOX_FAILURE = 1306         # the sandbox/container runtime failed (PanDA: SINGULARITYGENERALFAILURE)
+    SANDBOX_NOT_INSTALLED = 1325   # the site's sandbox runtime is missing on the node
+    SANDBOX_USER_NAMESPACE = 1340  # the runtime cannot create namespaces on this node
+    BAD_QUEUE_CONFIG = 1341        # the queue description asks for something unusable
     SIGTERM = 1201
     SIGQUIT = 1202
     SIGSEGV = 1203
@@ -81,6 +85,10 @@ ERROR_TEXT: dict[int, str] = {
     ErrorCode.ADLER32_MISMATCH_IN: "adler32 checksum mismatch on stage-in",
     ErrorCode.ADLER32_MISMATCH_OUT: "adler32 checksum mismatch on stage-out",
     ErrorCode.PAYLOAD_EXECUTION_FAILURE: "payload could not be executed",
+    ErrorCode.SANDBOX_FAILURE: "the payload's sandbox failed",
+    ErrorCode.SANDBOX_NOT_INSTALLED: "the site's sandbox runtime is not installed on this node",
+    ErrorCode.SANDBOX_USER_NAMESPACE: "the sandbox runtime cannot create namespaces on this node",
+    ErrorCode.BAD_QUEUE_CONFIG: "bad queue configuration",
     ErrorCode.SIGTERM: "pilot received SIGTERM",
     ErrorCode.SIGQUIT: "pilot received SIGQUIT",
     ErrorCode.SIGSEGV: "pilot received SIGSEGV",

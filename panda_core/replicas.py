@@ -9,7 +9,11 @@ from __future__ import annotations
 import hashlib
 import re
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,254}$")
+#: the longest name: a file system takes 255 bytes per name, and every temporary name made from
+#: a replica's name must fit too (the copytools' ``.<name>.panda-part``, the data service's
+#: ``.<name>.part-<8 hex>``: 15 more); 25 bytes stay free for tools to come
+MAX_NAME_LENGTH = 230
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:-]{0,%d}" % (MAX_NAME_LENGTH - 1))
 
 
 class BadFileName(ValueError):
@@ -19,12 +23,15 @@ class BadFileName(ValueError):
 def check_name(name: str, what: str = "file name") -> str:
     """Return ``name`` if it is a safe logical name, else raise BadFileName.
 
-    Refuses '..', '/', NUL, leading dots and dashes, and anything over 255 characters: such names
-    come from users and must never become a path outside a work directory or storage element.
+    Refuses '..', '/', NUL, newlines, empty names, leading dots and dashes, and anything over
+    ``MAX_NAME_LENGTH`` characters: such names come from users and must never become a path
+    outside a work directory or storage element. The whole string must match (``fullmatch``:
+    ``$`` would let a trailing newline through).
     """
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
-        raise BadFileName(f"refusing {what} {name!r}: only letters, digits and ._+:- are allowed, "
-                          "no '..', no leading '.' or '-', at most 255 characters")
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise BadFileName(f"refusing {what} {str(name)[:300]!r}: only letters, digits and ._+:- "
+                          f"are allowed, no '..', no leading '.' or '-', 1 to {MAX_NAME_LENGTH} "
+                          "characters")
     return name
 
 

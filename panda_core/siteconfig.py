@@ -40,6 +40,9 @@ class PilotLimits:
     max_running: int = 0
     rate_per_minute: int = 60
     walltime_s: int = 3600
+    timefloor: int = 0            # minutes: a pilot asks for another job while it has run less
+                                  # (PanDA's queue-description field); 0: one job per pilot
+    version: str = ""             # the one-file pilot version to run ("": the server's default)
 
 
 @dataclass
@@ -96,6 +99,18 @@ class TrustConfig:
     payload_env: list[str] = field(default_factory=list)        # names, fnmatch patterns
 
 
+@dataclass
+class SandboxConfig:
+    """How the pilot isolates payloads (docs/site-configs.md, "sandbox"): ``runtime`` names a
+    ``panda.sandboxes`` plugin (``none``, ``bwrap``, ``apptainer``); ``network`` false cuts the
+    payload off the network; ``bind`` lists host paths (``/cvmfs``) the payload sees read-only
+    besides the system; ``image`` is apptainer's image for jobs that name no ``container_name``."""
+    runtime: str = "none"
+    network: bool = True
+    bind: list[str] = field(default_factory=list)
+    image: str = ""
+
+
 @dataclass(kw_only=True)
 class SiteConfig:
     """One site (= PanDA queue). ``source`` is the file it came from and is not part of to_dict()."""
@@ -111,6 +126,7 @@ class SiteConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     limits: Limits = field(default_factory=Limits)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     source: str | None = field(default=None, compare=False)
 
     @property

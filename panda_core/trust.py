@@ -16,8 +16,8 @@ _PEM = re.compile(r"-----BEGIN PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-def key_fingerprint(pem: str | bytes) -> str:
-    """``sha256:<hex>`` of a PEM public key; ValueError if ``pem`` holds none."""
+def public_key_der(pem: str | bytes) -> bytes:
+    """The DER SubjectPublicKeyInfo inside a PEM public key; ValueError if ``pem`` holds none."""
     text = pem.decode("ascii", "replace") if isinstance(pem, bytes) else pem
     match = _PEM.search(text)
     if match is None:
@@ -26,7 +26,12 @@ def key_fingerprint(pem: str | bytes) -> str:
         der = base64.b64decode("".join(match.group(1).split()), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("the PEM public key is not valid base64") from None
-    return "sha256:" + hashlib.sha256(der).hexdigest()
+    return der
+
+
+def key_fingerprint(pem: str | bytes) -> str:
+    """``sha256:<hex>`` of a PEM public key; ValueError if ``pem`` holds none."""
+    return "sha256:" + hashlib.sha256(public_key_der(pem)).hexdigest()
 
 
 def normalise_fingerprint(text: str) -> str:

@@ -61,6 +61,8 @@ class JobSpec:
     max_disk_mb: int = 0          # maxDiskCount (MB)
     core_count: int = 1
     direct_read: bool = False     # transferType == "direct"
+    container_name: str = ""      # the image the payload asks for ("" = none)
+    event_service: bool = False   # eventService: the payload gets event ranges (pilot/eventservice)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -167,7 +169,18 @@ def encode_job(job: dict[str, Any], input_se: str, output_se: str) -> dict[str, 
     }
     if job.get("pilot_version"):
         spec["pilotVersion"] = job["pilot_version"]
+    if job.get("event_service") == 1:      # PanDA's keys: a consumer of event ranges
+        spec["eventService"] = "True"
+    elif job.get("event_service") == 2:    # the merge job of an event-service task
+        spec["eventServiceMerge"] = "True"
     return spec
+
+
+def range_output_lfn(event_range_id: str) -> str:
+    """The logical name of the output an event-service pilot stores for one range: the range's
+    ID (unique per hand-out) is the whole name, so the server can check a report names no file
+    but that range's own."""
+    return f"es.{event_range_id}"
 
 
 # ---------------------------------------------------------------------------------- decoding
@@ -258,7 +271,9 @@ def decode_job(raw: dict[str, Any]) -> JobSpec:
         job_pars=str(raw.get("jobPars") or ""), inputs=inputs, outputs=outputs, log=log,
         max_walltime_s=_int(raw, "maxWalltime"), max_rss_mb=_int(raw, "minRamCount"),
         max_disk_mb=_int(raw, "maxDiskCount"), core_count=max(1, _int(raw, "coreCount", 1)),
-        direct_read=_text(raw, "transferType").lower() == "direct", raw=dict(raw))
+        direct_read=_text(raw, "transferType").lower() == "direct",
+        container_name=_text(raw, "container_name"),
+        event_service=_text(raw, "eventService").lower() in ("true", "1"), raw=dict(raw))
     names = [f.lfn for f in job.files]
     if len(set(names)) != len(names):
         raise WireError(ErrorCode.BAD_JOB_SPEC,

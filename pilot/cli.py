@@ -22,6 +22,16 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of minutes: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more minutes, not {text!r}")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="panda pilot", description="Run PanDA jobs on this node.")
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:25080")
@@ -32,6 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="base folder for job work dirs; recovery looks here too")
     p.add_argument("--token-file", help="file holding the bearer token (else $PANDA_AUTH_TOKEN)")
     p.add_argument("--max-jobs", type=int, default=0, help="stop after N jobs (0: no limit)")
+    p.add_argument("--timefloor", type=_minutes, metavar="MIN",
+                   help="take another job only while the pilot has run less than MIN minutes "
+                        "(default: the queue description's pilots.timefloor; 0: no floor, "
+                        "jobs are taken while wall time remains)")
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default: the "
                    "site's limits.heartbeat_s, 1800)")
     p.add_argument("--queuedata", help="read the queue description from this JSON file")
@@ -67,6 +81,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--log-cap-mb", type=float, default=50.0, help="log tarball size cap")
     p.add_argument("--keep-workdirs", action="store_true", help="keep job dirs after the report")
     p.add_argument("--no-recovery", action="store_true", help="do not recover dead pilots' jobs")
+    p.add_argument("--es-batch", type=int, default=0, metavar="N",
+                   help="event-service jobs: ranges per getEventRanges (default: the job's cores)")
+    p.add_argument("--es-poll", type=float, default=10.0, metavar="S",
+                   help="event-service jobs: when no range is ready but other jobs hold some, "
+                   "ask again after S seconds (default 10)")
     p.add_argument("--log-level", default=None)
     return p.parse_args(argv)
 
@@ -144,6 +163,13 @@ def read_token(path: str | None) -> str | None:
     return token or None
 
 
+def past_timefloor(n_jobs: int, elapsed_s: float, timefloor_min: float) -> bool:
+    """PanDA's timefloor (minutes, from the queue description): after a job, a pilot asks for
+    another only while it has run less than that. 0 means no floor: our pilot then keeps
+    taking jobs while its wall time lasts (pilot 3 would take one)."""
+    return n_jobs > 0 and timefloor_min > 0 and elapsed_s >= timefloor_min * 60
+
+
 def job_request(cfg, site, node: dict, remaining: float | None) -> dict:
     """The getJob form (PanDA's names plus our pilotVersion, cores, remainingWalltime, and a
     fresh ``pilotNonce`` that the server signs into the spec it sends back)."""
@@ -176,7 +202,11 @@ def main(argv: list[str]) -> int:
     from panda_core.wire import Dispatch
 
     from .errors import ErrorCode, PilotError
-    from .job import JobRun, KillRequest, PilotConfig
+    from .eventservice.session import EventServiceSettings
+    from .job import JobRun, KillRequest, PilotConfig, pilot_version
+
+    log.info("pilot %s on Python %s (%s)", pilot_version(), sys.version.split()[0],
+             sys.executable)
 
     walltime = args.walltime
     deadline = started + walltime if walltime else batch_deadline(dict(os.environ), started)
@@ -191,7 +221,11 @@ def main(argv: list[str]) -> int:
                       batch_id=(os.environ.get("SLURM_JOB_ID")
                                 or os.environ.get("PANDA_BATCH_ID", "")),
                       allowed_programs=frozenset(args.allow_program),
-                      payload_env=tuple(args.payload_env))
+                      payload_env=tuple(args.payload_env),
+                      hidden_paths=tuple(str(Path(p).resolve()) for p in
+                                         (args.token_file, args.queuedata) if p),
+                      event_service=EventServiceSettings(batch=max(0, args.es_batch),
+                                                         poll_s=max(0.1, args.es_poll)))
     try:
         pinned = pinned_key(args)
     except (OSError, ValueError) as exc:
@@ -235,6 +269,7 @@ def main(argv: list[str]) -> int:
                       **pinned)
         if not args.no_recovery:
             recover(cfg, client, pm, site, trust)
+        sandbox = payload_sandbox(site, cfg.workdir_base)
     except (PilotError, ProtocolError, OSError) as exc:
         log.error("pilot cannot start: %s", exc)
         return EXIT_ERROR
@@ -243,6 +278,11 @@ def main(argv: list[str]) -> int:
     n_jobs = 0
     rc = EXIT_OK
     while not stop.requested and (cfg.max_jobs <= 0 or n_jobs < cfg.max_jobs):
+        floor_min = args.timefloor if args.timefloor is not None else site.pilots.timefloor
+        if past_timefloor(n_jobs, time.time() - started, floor_min):
+            log.info("ran %.0f s, past the queue's timefloor of %g min: no new job after %d",
+                     time.time() - started, floor_min, n_jobs)
+            break
         remaining = cfg.remaining_s()
         if remaining is not None and remaining <= cfg.reserve_s * 2:
             log.info("%.0f s of wall time left: no new job", remaining)
@@ -274,7 +314,7 @@ def main(argv: list[str]) -> int:
             break
         log.info("got job %s", raw.get("PandaID"))
         expected = Dispatch(site=site.name, pilot_id=form["pilotID"], nonce=form["pilotNonce"])
-        state = JobRun(cfg, client, site, pm, raw, verifier, stop, expected).run()
+        state = JobRun(cfg, client, site, pm, raw, verifier, stop, expected, sandbox).run()
         log.info("job %s ended: %s", raw.get("PandaID"), state)
         n_jobs += 1
 
@@ -282,6 +322,19 @@ def main(argv: list[str]) -> int:
         recover(cfg, client, pm, site, trust)
     log.info("pilot done: %d job(s) in %.1f s", n_jobs, time.time() - started)
     return rc
+
+
+def payload_sandbox(site, base: Path):
+    """The site's sandbox runtime, tried on this node before any job is asked for: a node that
+    cannot run it takes no job (it would fail every one). Raises PilotError (SandboxError)
+    saying why."""
+    from .sandbox import ready
+
+    sandbox = ready(site.sandbox, base)
+    if site.sandbox.runtime != "none":
+        log.info("payloads run in the %s sandbox (network %s)", site.sandbox.runtime,
+                 "on" if site.sandbox.network else "off")
+    return sandbox
 
 
 def pinned_key(args: argparse.Namespace) -> dict:

@@ -33,6 +33,15 @@ from .signature import NotOurDispatch, check_dispatch
 log = logging.getLogger(__name__)
 
 __version__ = "panda-wms-pilot 0.1"
+PILOT_LOG = "pilot.log"     # in the job dir; the log tarball carries it
+
+
+def pilot_version() -> str:
+    """The pilot's version with, for a one-file pilot, its file's version (``PANDA_PILOT_VERSION``,
+    set by the batch script that verified it): what the worker-node information reports.
+    getJob's ``pilotVersion`` stays ``__version__``: jobs may be bound to a pilot version."""
+    file_version = os.environ.get("PANDA_PILOT_VERSION", "")
+    return f"{__version__}+{file_version}" if file_version else __version__
 
 
 @dataclass
@@ -58,6 +67,9 @@ class PilotConfig:
     node: str = field(default_factory=socket.gethostname)
     allowed_programs: frozenset[str] = frozenset()   # what a copytool option may name
     payload_env: tuple[str, ...] = ()      # names (or PREFIX*) the payload gets beyond the defaults
+    hidden_paths: tuple[str, ...] = ()     # the pilot's files a sandboxed payload must not see
+                                           # (its token file); the job dirs' base is always hidden
+    event_service: Any = None              # pilot.eventservice.session.EventServiceSettings
 
     def remaining_s(self, now: float | None = None) -> float | None:
         return None if self.deadline is None else self.deadline - (now or time.time())
@@ -89,8 +101,9 @@ class JobRun:
 
     def __init__(self, cfg: PilotConfig, client: PilotClient, site: SiteConfig, pm,
                  raw: dict[str, Any], verifier=None, stop: KillRequest | None = None,
-                 expected: Dispatch | None = None) -> None:
+                 expected: Dispatch | None = None, sandbox=None) -> None:
         self.cfg, self.client, self.site, self.pm, self.raw = cfg, client, site, pm, raw
+        self.sandbox = sandbox               # pilot.sandbox.Sandbox; None: the site's, loaded here
         self.verifier = verifier
         self.expected = expected
         self.pilot_stop = stop               # set by the pilot's signal handlers
@@ -102,6 +115,7 @@ class JobRun:
         self.state: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
         self.payload: Payload | None = None
+        self.es = None                       # pilot.eventservice's session, for such a job
         self.result: PayloadResult | None = None
         self.last_heartbeat_ok = time.time()
         self.start_time = time.time()
@@ -192,10 +206,11 @@ class JobRun:
                 self.lock.release()
 
     def _job_log_handler(self) -> logging.Handler | None:
-        """The pilot's log lines of this job go to ``pilot.log`` in the work dir, and so into the
-        job's log tarball, as PanDA's pilot log does."""
+        """The pilot's log lines of this job go to ``pilot.log`` in the job dir (beside the work
+        dir, out of a sandboxed payload's sight), and so into the job's log tarball, as PanDA's
+        pilot log does."""
         try:
-            handler = logging.FileHandler(self.workdir / "pilot.log")
+            handler = logging.FileHandler(self.jobdir / PILOT_LOG)
         except OSError:
             return None
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
@@ -238,8 +253,9 @@ class JobRun:
             self._save(sf.STAGEIN)
             t0 = time.time()
             from .stage import stage_in
-            files = stage_in(job, self.site, self.workdir,
-                             self._stage_settings())
+            # an event-service job stages in only the files its ranges name, as they come
+            files = {} if job.event_service else stage_in(job, self.site, self.workdir,
+                                                          self._stage_settings())
             self.timing["stagein"] = time.time() - t0
             notify(self.pm, "pilot_stagein_done", job=job, files=files)
             self._check_stop()
@@ -283,13 +299,26 @@ class JobRun:
                  "PANDA_WORKDIR": str(self.workdir), "ATHENA_CORE_NUMBER": str(job.core_count)}
         if len(inputs) < 65536:   # the kernel caps an env string at 128 KiB: big lists on disk
             extra["PANDA_INPUTS"] = inputs
+        if job.event_service:
+            try:
+                extra.update(self._event_service_session(job).prepare())
+            except OSError as exc:
+                self.es = None
+                raise PilotError(ErrorCode.GENERAL, f"cannot make the event-service pipes in "
+                                 f"the work dir: {exc}") from None
         env = scrub_env(os.environ, extra, self.cfg.payload_env)
-        argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"))
+        sandbox = self._sandbox()
+        # in an image the transformation is the image's: the node's PATH says nothing about it
+        argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"),
+                          check=not (sandbox.runs_images and job.container_name))
         (self.workdir / "pilot_inputs.json").write_text(inputs)
-        self.payload = Payload(argv, self.workdir, env)
+        wrapped = sandbox.wrap(self._sandbox_spec(job, argv, env, files))
+        self.payload = Payload(wrapped.argv, self.workdir, wrapped.env)
         try:
             pid = self.payload.start()
         except OSError as exc:
+            if self.es is not None:        # nothing was fetched: only the pipes to remove
+                self.es.finish(payload_crashed=False)
             raise PilotError(ErrorCode.PAYLOAD_EXECUTION_FAILURE,
                              f"cannot start payload: {exc}") from None
         self._save(sf.RUNNING, payload={"pid": pid, "start": self.payload.start_time})
@@ -299,12 +328,66 @@ class JobRun:
         self._hb_stop = threading.Event()
         self._update("running")
         hb.start()
+        if self.es is not None:
+            self.es.start()
         try:
             self._monitor_loop(job)
         finally:
+            if self.es is not None:   # its range reports all come before the final state
+                self.es.finish(payload_crashed=self.result is None
+                               or self.result.exit_code != 0)
             self._hb_stop.set()
             hb.join(timeout=60)   # no heartbeat may overtake the final state
         notify(self.pm, "pilot_payload_finished", job=job, result=self.result)
+        if self.es is not None and self.es.error is not None:
+            raise self.es.error
+
+    def _event_service_session(self, job: JobSpec):
+        """The event-service side of the job (pilot/eventservice): its pipes are made before
+        the payload starts, its thread runs next to the monitor loop."""
+        from .eventservice.session import EventServiceSession, SessionContext
+
+        assert self.workdir is not None and self.jobdir is not None
+        ctx = SessionContext(
+            client=self.client, site=self.site, job=job, workdir=self.workdir,
+            outdir=self.jobdir / "es_outputs", stage_settings=self._stage_settings(),
+            remaining_s=self.cfg.remaining_s, reserve_s=self.cfg.reserve_s,
+            stop_requested=lambda: self.kill.requested or (
+                self.pilot_stop is not None and self.pilot_stop.requested),
+            on_command=lambda commands: self._obey({"command": ",".join(sorted(commands))}),
+            on_contact=self._contact)
+        self.es = EventServiceSession(ctx, self.cfg.event_service)
+        return self.es
+
+    def _contact(self) -> None:
+        self.last_heartbeat_ok = time.time()
+
+    def _sandbox(self):
+        """The site's sandbox runtime (loaded once per pilot by the caller, or here)."""
+        if self.sandbox is None:
+            from .sandbox import load
+
+            self.sandbox = load(self.site.sandbox)
+        return self.sandbox
+
+    def _sandbox_spec(self, job: JobSpec, argv: list[str], env: dict[str, str],
+                      files: dict[str, str]):
+        """What the sandbox needs: the inputs outside the work dir (links to a storage element,
+        direct-read ``file://`` replicas) read-only; the pilot's files hidden."""
+        from urllib.parse import unquote, urlsplit
+
+        from .sandbox import SandboxSpec
+
+        read_only = []
+        for where in files.values():
+            if where.startswith("file://"):
+                read_only.append(Path(unquote(urlsplit(where).path)))
+            elif "://" not in where:
+                read_only.append(Path(where))      # the sandbox binds a link's target
+        hide = [Path(p) for p in self.cfg.hidden_paths] + [self.cfg.workdir_base]
+        assert self.workdir is not None
+        return SandboxSpec(argv=argv, env=env, workdir=self.workdir, read_only=read_only,
+                           hide=hide, image=job.container_name)
 
     def _monitor_loop(self, job: JobSpec) -> None:
         from .monitoring import JobLimits, MonitorContext, PILOT_FILES
@@ -312,7 +395,7 @@ class JobRun:
         assert self.payload is not None
         limits = JobLimits.resolve(job, self.site)
         scratch: dict[str, Any] = {}
-        ignore = PILOT_FILES | {"pilot_inputs.json"}
+        ignore = PILOT_FILES | {"pilot_inputs.json", ".es_ranges", ".es_reports"}
         next_check = time.monotonic() + min(self.cfg.monitor_interval_s, 1.0)
         while True:
             res = self.payload.wait(timeout=0.5, step=0.01)
@@ -455,6 +538,8 @@ class JobRun:
                     error, state = exc, "failed"
         form = final_form(self._base_form(state), error, self.result, stored, self.timing,
                           self.start_time)
+        if self.es is not None:
+            form["nEvents"] = self.es.events
         notify(self.pm, "pilot_stageout_done", job=job, files=stored)
         notify(self.pm, "pilot_job_done", job=job, state=state,
                error_code=error.code if error else 0, error_diag=error.diag if error else "")
@@ -476,6 +561,7 @@ class JobRun:
         exclude = {f.lfn for f in job.inputs} | {f.lfn for f in job.outputs}
         logdir = self.jobdir / "log"
         logdir.mkdir(exist_ok=True)
-        make_log_tarball(self.workdir, logdir / job.log.lfn, exclude, self.cfg.log_cap_bytes)
+        make_log_tarball(self.workdir, logdir / job.log.lfn, exclude, self.cfg.log_cap_bytes,
+                         extra={PILOT_LOG: self.jobdir / PILOT_LOG})
         return stage_out([job.log], logdir, self.site,
                          self._stage_settings())

@@ -20,10 +20,17 @@ _MIN_TAIL = 64 * 1024
 
 
 def make_log_tarball(workdir: Path, dest: Path, exclude: set[str],
-                     cap_bytes: int = DEFAULT_CAP) -> Path:
-    """Write a gzip tarball of ``workdir`` to ``dest``; top-level names in ``exclude`` stay out."""
+                     cap_bytes: int = DEFAULT_CAP, extra: dict[str, Path] | None = None) -> Path:
+    """Write a gzip tarball of ``workdir`` to ``dest``; top-level names in ``exclude`` stay out;
+    ``extra`` adds files from outside the work dir under the given names (the pilot's log)."""
     try:
         entries: list[tuple[int, Path, str]] = []
+        for rel, path in (extra or {}).items():
+            try:
+                if path.is_file() and not path.is_symlink():
+                    entries.append((path.stat().st_size, path, rel))
+            except OSError:
+                continue
         for root, dirs, files in os.walk(workdir):
             dirs[:] = sorted(d for d in dirs if not (root == str(workdir) and d in exclude))
             for name in files:

@@ -254,8 +254,9 @@ def _alive(p) -> bool:
 
 
 def build_argv(transformation: str, job_pars: str, replacements: Mapping[str, str] | None = None,
-               path: str | None = None) -> list[str]:
-    """argv = [transformation] + shlex.split(jobPars), lfns replaced by URLs for direct read."""
+               path: str | None = None, check: bool = True) -> list[str]:
+    """argv = [transformation] + shlex.split(jobPars), lfns replaced by URLs for direct read;
+    ``check``: the transformation must exist on this node (not for a container's)."""
     import shlex
 
     from .errors import BadJobSpec, ErrorCode, PilotError
@@ -273,6 +274,8 @@ def build_argv(transformation: str, job_pars: str, replacements: Mapping[str, st
             return token
         args = [swap(a) for a in args]
     exe = transformation
+    if not check:
+        return [exe, *args]
     if "/" not in exe and shutil.which(exe, path=path) is None:
         raise PilotError(ErrorCode.TRANSFORM_NOT_FOUND, f"transformation {exe!r} not found in PATH")
     if "/" in exe and not os.access(exe, os.X_OK):

@@ -5,7 +5,9 @@ site config (``queuedata_signed_bytes``). The key that checks them never comes f
 channel alone: it is pinned at deployment (``--public-key`` PEM file, or
 ``--public-key-fingerprint``: then the key the server serves must have that fingerprint).
 A spec changed on the way, signed by another key, or bound to another dispatch (site, pilot,
-nonce) is refused with BAD_SIGNATURE. ``cryptography`` is imported here only, lazily.
+nonce) is refused with BAD_SIGNATURE. ``cryptography`` is imported here only, lazily; where it
+is not installed (the one-file pilot does not carry it: 16 MB, compiled per platform) the
+standard library's ``panda_core.ed25519`` verifies, ~3 ms a signature.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import binascii
 from typing import Any, Callable
 
 from panda_core.canonical import SIGNATURE_KEY, queuedata_signed_bytes, signed_bytes
-from panda_core.trust import key_fingerprint
+from panda_core import ed25519
+from panda_core.trust import key_fingerprint, public_key_der
 from panda_core.wire import Dispatch
 
 from .errors import BadSignature
@@ -25,34 +28,59 @@ class NotOurDispatch(BadSignature):
     the job is not this pilot's, so the pilot neither runs it nor reports on it."""
 
 
-class SpecVerifier:
-    def __init__(self, public_key_pem: str | bytes) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+def _stdlib_key(pem: bytes) -> Callable[[bytes, bytes], bool]:
+    """A verify(signature, data) function of the standard library's Ed25519."""
+    try:
+        raw = ed25519.raw_public_key(public_key_der(pem))
+        ed25519.verify(raw, bytes(64), b"")          # the point must decode
+    except ValueError as exc:
+        raise BadSignature(f"server public key unreadable: {exc}") from None
+    return lambda sig, data: ed25519.verify(raw, sig, data)
 
-        pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
+
+def _cryptography_key(pem: bytes) -> Callable[[bytes, bytes], bool]:
+    """A verify(signature, data) function of ``cryptography``'s Ed25519."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem)
+    except ValueError as exc:
+        raise BadSignature(f"server public key unreadable: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BadSignature("server public key is not an Ed25519 key")
+
+    def check(sig: bytes, data: bytes) -> bool:
         try:
-            key = load_pem_public_key(pem)
-        except ValueError as exc:
-            raise BadSignature(f"server public key unreadable: {exc}") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise BadSignature("server public key is not an Ed25519 key")
-        self._key = key
+            key.verify(sig, data)
+        except InvalidSignature:
+            return False
+        return True
+    return check
+
+
+class SpecVerifier:
+    def __init__(self, public_key_pem: str | bytes, *, stdlib: bool | None = None) -> None:
+        """``stdlib``: True forces ``panda_core.ed25519``, False ``cryptography``; None takes
+        ``cryptography`` where it is installed."""
+        pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
+        if stdlib is None:
+            import importlib.util
+            stdlib = importlib.util.find_spec("cryptography") is None
+        self.backend = "stdlib" if stdlib else "cryptography"
+        self._verify = _stdlib_key(pem) if stdlib else _cryptography_key(pem)
 
     def _check(self, sig_b64: Any, data: bytes, what: str) -> None:
-        from cryptography.exceptions import InvalidSignature
-
         if not sig_b64:
             raise BadSignature(f"{what} is not signed")
         try:
             sig = base64.b64decode(str(sig_b64), validate=True)
         except (binascii.Error, ValueError):
             raise BadSignature(f"{what} signature is not base64") from None
-        try:
-            self._key.verify(sig, data)
-        except InvalidSignature:
+        if not self._verify(sig, data):
             raise BadSignature(f"{what} signature does not verify: {what} altered or wrong "
-                               "key") from None
+                               "key")
 
     def verify(self, job: dict[str, Any]) -> None:
         """Raise BadSignature unless ``job`` carries a valid signature."""

@@ -41,6 +41,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds before a stopped site gets one probe pilot")
     p.add_argument("--cancel-on-exit", action="store_true",
                    help="cancel queued and running pilots when the factory stops")
+    p.add_argument("--pilot-launch", choices=["onefile", "installed"], default="onefile",
+                   help="onefile (default): the batch job fetches the server's signed pilot "
+                        "file and needs only python3 on the node; installed: it runs this "
+                        "host's python -m panda_wms.cli pilot (panda-wms on every node)")
+    p.add_argument("--node-python", metavar="PATH",
+                   help="the worker nodes' python3 for one-file pilots (default: python3 "
+                        "on the node's PATH, or the batch job's $PANDA_PYTHON)")
     p.add_argument("--log-level", default=None)
     return p.parse_args(argv)
 
@@ -130,7 +137,8 @@ def main(argv: list[str]) -> int:
                           pilot_args=pilot_args, max_failures=args.max_failures,
                           failure_backoff_s=args.failure_backoff,
                           server_key_fingerprint=fingerprint, ca_file=args.ca_bundle,
-                          ca_dir=args.ca_dir)
+                          ca_dir=args.ca_dir, pilot_launch=args.pilot_launch,
+                          python=args.node_python)
     except OSError as exc:
         sys.stderr.write(f"panda factory: cannot use state dir: {exc}\n")
         return 1

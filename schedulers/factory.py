@@ -33,6 +33,11 @@ from .base import (FINAL_BATCH_STATES, BatchState, PilotSpec, PushDriver, Schedu
 log = logging.getLogger(__name__)
 
 STATE_FILE = "factory-pilots.json"
+#: how the batch job starts the pilot: ``onefile`` fetches, verifies and runs the server's pilot
+#: file (the node needs only python3; schedulers/bootstrap.py), ``installed`` runs this host's
+#: ``python -m panda_wms.cli pilot`` (the node must have panda-wms installed)
+PILOT_LAUNCHES = ("onefile", "installed")
+PILOT_VERSION_TTL_S = 300.0
 
 
 def iso(ts: float | None) -> str | None:
@@ -124,7 +129,8 @@ class Factory:
                  server_key_fingerprint: str | None = None,
                  ca_file: str | None = None, ca_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
-                 backends: dict[str, SchedulerBackend] | None = None) -> None:
+                 backends: dict[str, SchedulerBackend] | None = None,
+                 pilot_launch: str = "installed", python: str | None = None) -> None:
         self.server_url = server_url.rstrip("/")
         self.sites = {s.name: s for s in sites}
         self.state_dir = Path(state_dir) if state_dir else Path.cwd() / "panda-factory"
@@ -140,6 +146,13 @@ class Factory:
         self.server_key_fingerprint = (normalise_fingerprint(server_key_fingerprint)
                                        if server_key_fingerprint else None)
         self.ca_file, self.ca_dir = ca_file, ca_dir
+        if pilot_launch not in PILOT_LAUNCHES:
+            raise ValueError(f"pilot_launch must be one of {', '.join(PILOT_LAUNCHES)}, "
+                             f"not {pilot_launch!r}")
+        self.pilot_launch = pilot_launch
+        self.python = python          # the node's python3 for one-file pilots (None: PATH's)
+        self._server_pem: str | None = None
+        self._pilot_default: tuple[float, str] | None = None
         self.api = ApiClient(self.server_url, token, timeout=http_timeout,
                              user_agent="panda-wms-factory", ca_file=ca_file, ca_dir=ca_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -208,9 +221,58 @@ class Factory:
         return self._backends[site.name]
 
     def pilot_command(self, site: SiteConfig) -> list[str]:
-        return [sys.executable, "-m", "panda_wms.cli", "pilot", "--server", self.server_url,
-                "--site", site.name, "--walltime", str(site.pilots.walltime_s),
+        args = ["--server", self.server_url, "--site", site.name,
+                "--walltime", str(site.pilots.walltime_s),
                 *self.pilot_trust_args(site), *self.pilot_args]
+        if self.pilot_launch == "installed":
+            return [sys.executable, "-m", "panda_wms.cli", "pilot", *args]
+        from .bootstrap import batch_command, raw_key
+
+        fingerprint = self.server_key_for(site)
+        if fingerprint is None:
+            raise SchedulerError(f"site {site.name}: a one-file pilot needs the server key "
+                                 "pinned (trust.server_key_fingerprint, or the factory's "
+                                 "--server-key-fingerprint): nothing else verifies its file")
+        ca_file, ca_dir = self._pilot_ca(site)
+        return batch_command(self.server_url, self.pilot_version(site),
+                             raw_key(self.server_pem(), fingerprint), args,
+                             ca_file=ca_file, ca_dir=ca_dir)
+
+    def pilot_env(self) -> dict[str, str]:
+        """The environment the batch job gets beyond the batch system's own."""
+        env = {"PANDA_AUTH_TOKEN": self.pilot_token} if self.pilot_token else {}
+        if self.python and self.pilot_launch == "onefile":
+            env["PANDA_PYTHON"] = self.python
+        return env
+
+    def pilot_version(self, site: SiteConfig) -> str:
+        """The pilot file version the site runs: its pin (``pilots.version``), else the
+        server's default, asked at most every PILOT_VERSION_TTL_S seconds."""
+        if site.pilots.version:
+            return site.pilots.version
+        now = self.clock()
+        if self._pilot_default is None or now - self._pilot_default[0] > PILOT_VERSION_TTL_S:
+            try:
+                default = self.api.pilot_files()["default"]
+            except ClientError as exc:
+                raise SchedulerError(f"no pilot file version from the server: {exc}") from None
+            self._pilot_default = (now, default)
+        return self._pilot_default[1]
+
+    def server_pem(self) -> str:
+        """The server's job-signing key (PEM), asked once; the caller checks its fingerprint."""
+        if self._server_pem is None:
+            try:
+                self._server_pem = str(self.api.call("system", "get_public_key"))
+            except ClientError as exc:
+                raise SchedulerError(f"cannot get the server's public key: {exc}") from None
+        return self._server_pem
+
+    def _pilot_ca(self, site: SiteConfig) -> tuple[str | None, str | None]:
+        """The CA bundle and folder a pilot of ``site`` verifies the server's https with."""
+        if site.trust.ca_bundle or site.trust.ca_dir:
+            return site.trust.ca_bundle or None, site.trust.ca_dir or None
+        return self.ca_file, self.ca_dir
 
     def server_key_for(self, site: SiteConfig) -> str | None:
         """The fingerprint of the server key the site's pilots pin: the site's own
@@ -232,9 +294,7 @@ class Factory:
         fingerprint = self.server_key_for(site)
         if fingerprint:
             args += ["--public-key-fingerprint", fingerprint]
-        ca_file, ca_dir = ((site.trust.ca_bundle, site.trust.ca_dir)
-                           if site.trust.ca_bundle or site.trust.ca_dir
-                           else (self.ca_file, self.ca_dir))
+        ca_file, ca_dir = self._pilot_ca(site)
         if ca_file:
             args += ["--ca-bundle", ca_file]
         if ca_dir:
@@ -425,7 +485,7 @@ class Factory:
                              walltime_s=site.pilots.walltime_s, cores=site.resources.cores,
                              memory_mb=site.resources.memory_mb, workdir=str(workdir),
                              name=f"pilot-{site.name}"[:64],
-                             env={"PANDA_AUTH_TOKEN": self.pilot_token} if self.pilot_token else {})
+                             env=self.pilot_env())
             try:
                 batch_id = backend.submit(spec)
             except SchedulerError as exc:

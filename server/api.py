@@ -15,13 +15,17 @@ from panda_core.replicas import BadFileName
 from .api_panda import panda_file_names, panda_job_names
 from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_int, id_list,
                       int_param, str_param)
-from .jobcreator import TaskSpecError
+from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
+from .jobcreator import LimitExceeded, TaskSpecError
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
 
 log = logging.getLogger(__name__)
 
 api = ApiMethods()
+
+#: files one data/add_files call registers (one transaction)
+MAX_FILES_PER_CALL = 10000
 
 
 def _owns(ctx: Context, owner: str) -> bool:
@@ -60,13 +64,26 @@ def whoami(ctx: Context, params: dict) -> dict | None:
 # ---------------------------------------------------------------------- tasks
 @api("task", "submit", ("POST",), WRITERS)
 def task_submit(ctx: Context, params: dict) -> int:
+    """Our task description, or JEDI's task parameters as prun and pathena send them
+    (``server.jeditask``). A refusal's ``data`` is PanDA's code: 2 a live task of the caller
+    has this name (JEDI's ``uniqueTaskName``), 4 anything else (the message says why)."""
     task_params = params.get("task_parameters")
     if not isinstance(task_params, dict):
-        raise ApiError("parameter 'task_parameters' must be a JSON object (the task description)")
+        raise ApiError("parameter 'task_parameters' must be a JSON object (the task description)",
+                       data=CODE_REFUSED)
     try:
+        if is_jedi_task(task_params):
+            task_params = task_from_jedi(task_params)
+            if task_params["jedi_parameters"].get("uniqueTaskName"):
+                live = ctx.tb.tasks.find_live(task_params["name"], ctx.identity.subject)
+                if live is not None:
+                    raise ApiError(f"task name {task_params['name']!r} is in use by your task "
+                                   f"jediTaskID={live}", data=CODE_DUPLICATE)
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
+    except LimitExceeded as exc:
+        raise ApiError(f"bad task description: {exc}", 400, data=CODE_REFUSED) from None
     except (TaskSpecError, BadFileName) as exc:   # BadFileName: an output name made from a pattern
-        raise ApiError(f"bad task description: {exc}") from None
+        raise ApiError(f"bad task description: {exc}", data=CODE_REFUSED) from None
     ctx.message = (f"jediTaskID={result.task_id} jobs={len(result.job_ids)} "
                    f"activated={result.activated} assigned={result.assigned}")
     return result.task_id
@@ -80,6 +97,8 @@ def task_extend(ctx: Context, params: dict) -> dict:
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     try:
         result = ctx.submitter.extend(task_id, ctx.identity.subject)
+    except LimitExceeded as exc:
+        raise ApiError(str(exc), 400) from None
     except (TaskSpecError, BadFileName) as exc:
         raise ApiError(str(exc)) from None
     return {"task_id": task_id, "new_jobs": result.job_ids}
@@ -231,8 +250,9 @@ def data_add_files(ctx: Context, params: dict) -> int:
         check_name(str(scope), "scope")
         if not isinstance(files, list) or not files:
             raise ApiError("parameter 'files' must be a non-empty list")
-        if len(files) > 100000:
-            raise ApiError("parameter 'files': at most 100000 per call")
+        if len(files) > MAX_FILES_PER_CALL:
+            raise ApiError(f"parameter 'files': at most {MAX_FILES_PER_CALL} per call, got "
+                           f"{len(files)}", 400)
         for f in files:
             if not isinstance(f, dict):
                 raise ApiError("each file must be an object with lfn, fsize, checksum")
@@ -292,7 +312,11 @@ def pilot_report(ctx: Context, params: dict) -> int:
         log.warning("factory %s reports %d failed pilot(s) at %s", factory, len(failed),
                     ", ".join(sorted({str(p["site"]) for p in failed})),
                     extra={"site": str(failed[0]["site"])})
-    return ctx.tb.pilots.report(factory, pilots, ctx.identity.subject, site_status=sites)
+    try:
+        return ctx.tb.pilots.report(factory, pilots, ctx.identity.subject, site_status=sites,
+                                    actor_is_admin=ctx.identity.role == "admin")
+    except PermissionError as exc:
+        raise ApiError(f"permission denied: {exc}", 403) from None
 
 
 @api("pilot", "summary")

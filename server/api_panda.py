@@ -299,6 +299,80 @@ def task_modified_since(ctx: Context, params: dict) -> dict:
     return out
 
 
+#: JediTaskSpec attributes pbook filters on, and where each is in our task view
+_DETAIL_FILTERS = ("jediTaskID", "reqID", "status", "superStatus", "taskName", "userName")
+
+
+def _task_detail(task: dict, counts: dict[str, int]) -> dict:
+    """A task as pbook shows it (JEDI's task view): ids, status, file progress by job."""
+    done = counts.get("finished", 0)
+    failed = counts.get("failed", 0) + counts.get("cancelled", 0)
+    total = sum(counts.values())
+    view = _task_dict(task)
+    view.update(reqID=task["task_id"], superStatus=task["status"], nFiles=total,
+                nFilesFinished=done, nFilesFailed=failed,
+                pctFinished=round(100 * done / total) if total else 0,
+                pctFailed=round(100 * failed / total) if total else 0)
+    return view
+
+
+@api("task", "get_tasks_detailed_info_since")
+def task_detailed_info_since(ctx: Context, params: dict) -> list[dict]:
+    """The caller's tasks modified since ``since`` (all when absent), at most ``n_tasks``,
+    filtered by ``filters`` (JSON: JEDI attribute -> value, equality): what pbook lists."""
+    if ctx.identity is None:
+        raise ApiError("secure connection required: pbook lists the caller's own tasks")
+    limit = int_param(params, "n_tasks", False) or 500
+    if not 0 < limit <= 10000:
+        raise ApiError("parameter 'n_tasks' must be from 1 to 10000")
+    raw = _null(params.get("filters"))
+    filters: dict = {}
+    if raw is not None:
+        try:
+            filters = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            raise ApiError("parameter 'filters' must be a JSON object") from None
+        if not isinstance(filters, dict):
+            raise ApiError("parameter 'filters' must be a JSON object")
+        unknown = sorted(set(filters) - set(_DETAIL_FILTERS))
+        if unknown:
+            raise ApiError(f"parameter 'filters': unknown key(s) {', '.join(map(str, unknown))} "
+                           f"(known: {', '.join(_DETAIL_FILTERS)})")
+    owner = str(filters.get("userName") or ctx.identity.subject)
+    out = []
+    for task in ctx.tb.tasks.find(owner=owner, since=_since(params.get("since")), limit=limit):
+        view = _task_detail(task, ctx.tb.tasks.job_counts(task["task_id"]))
+        if all(str(view.get(k)) == str(v) for k, v in filters.items() if k != "userName"):
+            out.append(view)
+    return out
+
+
+@api("task", "retry", ("POST",), WRITERS)
+def task_retry(ctx: Context, params: dict) -> int:
+    """PanDA's retryTask: the failed and cancelled jobs of an ended task run again. ``data``
+    is PanDA's code: 0 registered, 2 no such task, 3 permission denied, 4 the task's status
+    does not allow it (or nothing to retry); ``new_parameters`` are not supported (refused)."""
+    from .taskbuffer import Conflict, NotFound
+
+    task_id = int_param(params, "task_id")
+    if _null(params.get("new_parameters")):
+        raise ApiError("retry with new parameters is not supported here", data=4)
+    try:
+        task = ctx.tb.tasks.get(task_id)
+    except NotFound:
+        raise ApiError(f"no task {task_id}", data=2) from None
+    if ctx.identity.role != "admin" and task["owner"] != ctx.identity.subject:
+        raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}", data=3)
+    try:
+        new_ids = ctx.tb.jobs.retry_task(task_id, ctx.identity.subject)
+    except Conflict as exc:
+        raise ApiError(str(exc), data=4) from None
+    if not new_ids:
+        raise ApiError(f"task {task_id} has no failed or cancelled job to retry", data=4)
+    ctx.message = f"jediTaskID={task_id} retried: {len(new_ids)} job(s) again"
+    return 0
+
+
 @api("task", "get_datasets_and_files")
 def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
     """The files of a task's input (and, if asked, output) dataset with their use status."""

@@ -29,11 +29,14 @@ class ApiError(Exception):
     """A call refused with a reason: success=false with the message, HTTP ``status`` (200 for
     a logical error, as PanDA replies)."""
     status = 200
+    data: Any = None          # the reply's ``data``, e.g. PanDA's error code of a refusal
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, data: Any = None):
         super().__init__(message)
         if status is not None:
             self.status = status
+        if data is not None:
+            self.data = data
 
 
 class Forbidden(ApiError):

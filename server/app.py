@@ -8,39 +8,53 @@ pool; ``make_app`` routes the pilot protocol (``pilot_http``), the API (its meth
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import tornado.web
 
-from . import api, api_extra, api_panda, monitor
+from . import api, api_auth, api_extra, api_panda, monitor
 from .apibase import registry
 from .monitor import api as monitor_api
-from .auth import KeyStore
+from .auth import DNMatcher, KeyStore
+from .tokens import RevocationList, TrustedIssuer
 from .brokerage import Brokerage
 from .db import make_engine
 from .dispatcher import Dispatcher
 from .dispatchpath import DispatchPath, GeneralPath, in_pool
-from .handlers import ApiHandler, MetricsHandler, PublicKeyHandler, QueuedataHandler, ServerState
+from .handlers import (ApiHandler, AuthConfigHandler, MetricsHandler, PilotFilesHandler,
+                       PublicKeyHandler, QueuedataHandler, ServerState, TokenKeysHandler)
 from .hookspecs import plugin_manager
 from .metrics import observe_request
 from .pghot import HotPath
 from .pilot_http import ServerApplication
+from .pilotfile import PilotFiles
 from .shares import ShareChooser
 from .submission import TaskSubmitter
 from .taskbuffer import TaskBuffer, utcnow
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: the modules whose API methods ``/api/v1`` serves
-API_MODULES = (api, api_panda, api_extra, monitor_api)
+API_MODULES = (api, api_panda, api_extra, api_auth, monitor_api)
 
 
 def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
                 clock=utcnow, site_loader=None, admin_dns=(), pilot_dns=(),
-                hot_path: bool = True) -> ServerState:
+                hot_path: bool = True, token_issuer: str | None = None,
+                trusted_issuers: tuple[TrustedIssuer, ...] = (), pilot_dir: str | None = None,
+                pilot_version: str | None = None) -> ServerState:
     """``hot_path``: on PostgreSQL, take getJob and common updateJobs on the event loop
-    (``server.pghot``); ``threads`` is then also its number of connections per process."""
+    (``server.pghot``); ``threads`` is then also its number of connections per process.
+    ``token_issuer``: the ``iss`` of this server's tokens (kept in the key dir);
+    ``trusted_issuers``: external OIDC providers whose tokens are accepted (their keys are
+    fetched here, once; ``panda server`` refreshes them and the revocation list).
+    ``pilot_dir``: where the one-file pilot's versions are kept (default ``<key_dir>/pilot``,
+    beside the key that signs them); ``pilot_version`` the one factories run by default."""
     engine = make_engine(db_url, pool_size=threads)
     tb = TaskBuffer(engine, clock=clock)
-    keys = KeyStore(key_dir)
+    revoked = RevocationList(tb.revoked_tokens.active)
+    keys = KeyStore(key_dir, issuer=token_issuer, trusted=trusted_issuers, revoked=revoked)
+    revoked.refresh()
+    keys.tokens.refresh_all()
     pm = plugin_manager()
     executor = ThreadPoolExecutor(threads, thread_name_prefix="db")
     run = in_pool(executor)
@@ -52,8 +66,10 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                        submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
                        executor=executor, run=run,
                        require_auth=require_auth, site_loader=site_loader,
-                       admin_dns=frozenset(admin_dns), pilot_dns=frozenset(pilot_dns),
-                       hook=pm.hook)
+                       admin_dns=DNMatcher(admin_dns), pilot_dns=DNMatcher(pilot_dns),
+                       hook=pm.hook,
+                       pilot_files=PilotFiles(pilot_dir or Path(key_dir) / "pilot",
+                                              keys.sign_bytes, pilot_version))
 
 
 def make_app(state: ServerState) -> tornado.web.Application:
@@ -63,7 +79,12 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/api/v1/(\w+)/(\w+)", ApiHandler, {**kw, "methods": registry(API_MODULES)}),
         (r"/cache/schedconfig/([A-Za-z0-9_.\-]+?)(?:\.all)?\.json", QueuedataHandler, kw),
         (r"/\.well-known/panda-jobspec-key\.pem", PublicKeyHandler, kw),
+        (r"/\.well-known/(jwks\.json|openid-configuration)", TokenKeysHandler, kw),
+        (r"/auth/([A-Za-z0-9_.\-]{1,64})_auth_config\.json", AuthConfigHandler, kw),
         (r"/metrics", MetricsHandler, kw),
+        (r"/pilot/?", PilotFilesHandler, kw),
+        (r"/pilot/([0-9A-Za-z][0-9A-Za-z._-]{0,63})/(panda-pilot\.pyz(?:\.sig)?)",
+         PilotFilesHandler, kw),
         *monitor.routes(kw),
     ]
     return ServerApplication(state, routes, compress_response=True, log_function=observe_request)

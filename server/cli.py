@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import signal
@@ -14,10 +15,18 @@ log = logging.getLogger(__name__)
 
 #: how long a stopping server waits for requests in flight before it exits anyway
 SHUTDOWN_GRACE_S = 10.0
+REVOCATION_REFRESH_S = 5.0
 
 DEFAULT_HOME = Path(os.environ.get("PANDA_HOME", Path.home() / ".panda"))
 DEFAULT_DB = f"sqlite:///{DEFAULT_HOME / 'panda.db'}"
 DEFAULT_KEYS = DEFAULT_HOME / "keys"
+
+
+def _pilot_version(text: str) -> str:
+    from .pilotfile import VERSION_RE
+    if not VERSION_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a pilot file version: {text[:80]!r}")
+    return text
 
 
 def _server_parser() -> argparse.ArgumentParser:
@@ -41,13 +50,27 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="token secret and job-spec signing key (created if missing)")
     p.add_argument("--site-configs", metavar="DIR",
                    help="load the site configs of DIR at start (as 'panda sites sync' does)")
+    p.add_argument("--pilot-dir", metavar="DIR",
+                   help="where the one-file pilot's versions are kept (default: KEY_DIR/pilot)")
+    p.add_argument("--pilot-version", metavar="VERSION", type=_pilot_version,
+                   help="the pilot file version factories run by default (default: the one "
+                        "this server builds from its own code)")
     p.add_argument("--no-auth", action="store_true",
                    help="development only: treat anonymous callers as admin")
     p.add_argument("--certfile", help="TLS certificate (enables https and X.509 client auth)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--ca", help="CA bundle or directory to verify client certificates")
-    p.add_argument("--admin-dn", action="append", default=[], help="certificate DN with admin role")
-    p.add_argument("--pilot-dn", action="append", default=[], help="certificate DN with pilot role")
+    p.add_argument("--admin-dn", action="append", default=[], help="certificate DN with admin role: RFC 4514 (CN=x,O=org) or the grid's "
+                   "/O=org/CN=x (a '/' inside a value escaped as '\\/'); compared as a structured "
+                   "name")
+    p.add_argument("--pilot-dn", action="append", default=[], help="certificate DN with pilot role (as --admin-dn)")
+    p.add_argument("--token-issuer", metavar="URL",
+                   help="the 'iss' of this server's tokens, best its public https URL (kept in "
+                        "the key dir for 'panda token'; default: what the key dir says, else "
+                        "'panda-wms')")
+    p.add_argument("--token-issuers", metavar="FILE",
+                   help="YAML/JSON file of external OIDC token issuers to trust, their groups "
+                        "mapped to roles (docs/security.md)")
     p.add_argument("--archive-after", type=float, default=3 * 24 * 3600, metavar="S",
                    help="archive finished/failed/cancelled jobs S seconds after they ended")
     p.add_argument("--archive-interval", type=float, default=600, metavar="S",
@@ -63,9 +86,17 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="release a job stuck in holding for S seconds (103)")
     p.add_argument("--transferring-timeout", type=float, default=12 * 3600, metavar="S",
                    help="release a job stuck in transferring for S seconds (104)")
-    p.add_argument("--data-mover", default="local",
-                   help="data service backend, an entry point of panda.datamovers "
-                        "('none': no data service)")
+    p.add_argument("--data-mover", default="local,http,xrootd",
+                   help="data movers in order of preference, entry points of panda.datamovers, "
+                        "comma-separated ('none': no data service)")
+    p.add_argument("--data-mover-option", action="append", default=[], metavar="MOVER.KEY=VALUE",
+                   help="an option of one data mover, e.g. http.token_file=/etc/panda/se.token, "
+                        "http.ca_bundle=..., xrootd.tpc=only (repeatable; docs/dataservice.md)")
+    p.add_argument("--transfer-timeout", type=float, default=600, metavar="S",
+                   help="deadline of one copy by the data service (a hung transfer is killed)")
+    p.add_argument("--transfer-give-up", type=float, default=12 * 3600, metavar="S",
+                   help="fail a job whose inputs (or aggregated outputs) could not be placed "
+                        "within S seconds (ddm error 100 / 200)")
     p.add_argument("--ops-interval", type=float, default=60, metavar="S",
                    help="how often the first server process runs the monitor's operations: "
                         "history snapshot, job duration alarms, alarm notifications (0: never)")
@@ -202,16 +233,32 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         sys.stderr.write(f"panda server: {exc}\n")
         return 1
+    from .auth import DNMatcher
+    for opt in ("admin_dn", "pilot_dn"):
+        try:
+            DNMatcher(getattr(args, opt))
+        except ValueError as exc:
+            sys.stderr.write(f"panda server: --{opt.replace('_', '-')}: {exc}\n")
+            return 2
     for opt in ("watcher_interval", "heartbeat_timeout", "sent_timeout", "holding_timeout",
                 "transferring_timeout", "ops_interval"):
         if getattr(args, opt) < 0:
             sys.stderr.write(f"panda server: --{opt.replace('_', '-')} must be >= 0\n")
             return 1
+    mover_options: dict[str, dict] = {}
+    for opt in args.data_mover_option:
+        name, dot, rest = opt.partition(".")
+        key, eq, value = rest.partition("=")
+        if not (dot and eq and name and key):
+            sys.stderr.write(f"panda server: --data-mover-option {opt!r}: expected "
+                             "MOVER.KEY=VALUE, e.g. http.token_file=/etc/panda/se.token\n")
+            return 1
+        mover_options.setdefault(name, {})[key] = value
     if args.watcher_interval > 0 and args.data_mover != "none":
-        from .dataservice import load_mover
+        from .datamovers import load_movers
         try:
-            load_mover(args.data_mover)
-        except ValueError as exc:
+            load_movers(args.data_mover, mover_options)
+        except (ValueError, TypeError, OSError) as exc:
             sys.stderr.write(f"panda server: --data-mover: {exc}\n")
             return 1
     if args.shares:
@@ -221,6 +268,14 @@ def main(argv: list[str]) -> int:
             ShareStore(TaskBuffer(engine)).save(load_shares_file(args.shares))
         except ShareError as exc:
             sys.stderr.write(f"panda server: --shares: {exc}\n")
+            return 1
+    trusted = ()
+    if args.token_issuers:
+        from .tokens import load_issuers
+        try:
+            trusted = tuple(load_issuers(args.token_issuers))
+        except ValueError as exc:
+            sys.stderr.write(f"panda server: --token-issuers: {exc}\n")
             return 1
     sites = load_site_dir(args.site_configs) if args.site_configs else []
     if sites:
@@ -246,8 +301,21 @@ def main(argv: list[str]) -> int:
         sockets = tornado.netutil.bind_sockets(port, address=args.host, reuse_port=True)
     state = build_state(args.db, args.key_dir, require_auth=not args.no_auth,
                         threads=args.threads, site_loader=validate_site_dicts,
-                        hot_path=args.hot_path,
-                        admin_dns=args.admin_dn, pilot_dns=args.pilot_dn)
+                        hot_path=args.hot_path, pilot_dir=args.pilot_dir,
+                        pilot_version=args.pilot_version,
+                        admin_dns=args.admin_dn, pilot_dns=args.pilot_dn,
+                        token_issuer=args.token_issuer, trusted_issuers=trusted)
+    from .watcher import start_periodic
+    # every process: other processes' revocations reach this one within REVOCATION_REFRESH_S
+    token_tasks = [("revoked tokens", state.keys.tokens.revoked.refresh)]
+    start_periodic(state.executor, REVOCATION_REFRESH_S, token_tasks)
+    if (tornado.process.task_id() or 0) == 0:    # expired tokens need no revocation row
+        start_periodic(state.executor, 3600, [("expired revocations",
+                                               state.tb.revoked_tokens.purge)])
+    if trusted:
+        from .tokens import JWKS_REFRESH_S
+        start_periodic(state.executor, JWKS_REFRESH_S,
+                       [("token issuers' keys", state.keys.tokens.refresh_all)])
     app = make_app(state)
     from .monitor.incidents import install as install_incident_logger
     install_incident_logger(state.tb.engine)      # every process records its incidents
@@ -264,7 +332,9 @@ def main(argv: list[str]) -> int:
                                args.transferring_timeout)
         mover = None if args.data_mover == "none" else args.data_mover
         start_periodic(state.executor, args.watcher_interval, server_tasks(
-            state, limits, mover, first_process=(tornado.process.task_id() or 0) == 0))
+            state, limits, mover, mover_options,
+            first_process=(tornado.process.task_id() or 0) == 0,
+            transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up))
     from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),
@@ -368,15 +438,21 @@ def db_main(argv: list[str]) -> int:
 
 def token_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="panda token", description="Issue a signed bearer token (issue), or show the "
-        "job-signing public key that pilots pin at deployment (public-key).")
-    p.add_argument("action", choices=["issue", "public-key"])
+        prog="panda token", description="Issue a signed bearer token (issue), show the "
+        "job-signing public key that pilots pin at deployment (public-key), show a token's "
+        "claims (show), or revoke a token in the server's database (revoke).")
+    p.add_argument("action", choices=["issue", "public-key", "show", "revoke"])
     p.add_argument("--role", choices=["pilot", "user", "admin"], help="issue: the token's role")
     p.add_argument("--subject", help="issue: who the token speaks for")
     p.add_argument("--site", help="bind a pilot token to one site")
     p.add_argument("--lifetime", type=int, default=30 * 24 * 3600, help="seconds")
     p.add_argument("--fingerprint", action="store_true",
                    help="public-key: print the key's fingerprint (sha256:...) instead of the PEM")
+    p.add_argument("--token-file", help="show/revoke: the token (a file; '-': standard input)")
+    p.add_argument("--jti", help="revoke: the token's id, when you do not have the token")
+    p.add_argument("--reason", help="revoke: why (recorded)")
+    p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
+                   help="revoke: the server's database URL")
     p.add_argument("--key-dir", default=str(DEFAULT_KEYS))
     args = p.parse_args(argv)
     from .auth import KeyStore
@@ -385,8 +461,60 @@ def token_main(argv: list[str]) -> int:
         pem = KeyStore(args.key_dir).public_key_pem
         sys.stdout.write(key_fingerprint(pem) + "\n" if args.fingerprint else pem)
         return 0
-    if not args.role or not args.subject:
-        p.error("issue needs --role and --subject")
-    sys.stdout.write(KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
-                                                         args.lifetime) + "\n")
+    if args.action == "issue":
+        if not args.role or not args.subject:
+            p.error("issue needs --role and --subject")
+        if args.lifetime <= 0:
+            p.error("--lifetime must be a positive number of seconds")
+        sys.stdout.write(KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
+                                                             args.lifetime) + "\n")
+        return 0
+    return _token_show_or_revoke(p, args)
+
+
+def _token_show_or_revoke(p: argparse.ArgumentParser, args) -> int:
+    import time
+
+    from .auth import KeyStore
+    from .tokens import TokenError
+
+    keys = KeyStore(args.key_dir)
+    claims = None
+    if args.token_file:
+        try:
+            text = sys.stdin.read() if args.token_file == "-" else Path(args.token_file).read_text()
+        except OSError as exc:
+            p.error(f"cannot read {args.token_file}: {exc.strerror}")
+        try:
+            claims = keys.tokens.verify(text.strip())
+        except TokenError as exc:
+            sys.stderr.write(f"panda token {args.action}: {exc}\n")
+            return 2
+    if args.action == "show":
+        if claims is None:
+            p.error("show needs --token-file")
+        sys.stdout.write(json.dumps({"subject": claims.subject, "role": claims.role,
+                                     "site": claims.site, "jti": claims.jti,
+                                     "issuer": claims.issuer, "expires": claims.expires}) + "\n")
+        return 0
+    if bool(claims) == bool(args.jti):
+        p.error("revoke needs --token-file or --jti (one of them)")
+    if claims is not None and claims.jti is None:
+        sys.stderr.write("panda token revoke: this token has no jti\n")
+        return 2
+    from .db import make_engine
+    from .taskbuffer import TaskBuffer
+
+    jti = claims.jti if claims else args.jti
+    expires = claims.expires if claims else time.time() + 400 * 24 * 3600
+    try:
+        engine = make_engine(args.db, pool_size=1)
+        new = TaskBuffer(engine).revoked_tokens.revoke(
+            jti, expires, f"panda token revoke ({os.environ.get('USER', '?')})",
+            claims.subject if claims else None, args.reason)
+    except Exception as exc:  # noqa: BLE001 - say which database and why
+        sys.stderr.write(f"panda token revoke: database {args.db}: {exc}\n")
+        return 1
+    sys.stdout.write(f"revoked {jti}{'' if new else ' (it already was)'}; every server "
+                     f"refuses it within {REVOCATION_REFRESH_S:.0f} s\n")
     return 0

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
+                        SmallInteger,
                         String, Table, Text, UniqueConstraint, create_engine, event, inspect,
                         literal_column, text)
 from sqlalchemy.dialects import mysql
@@ -93,6 +94,8 @@ def _job_columns() -> list[Column]:
         Column("n_events", BigInteger),
         Column("job_metrics", Text),
         Column("working_group", String(64)),              # the task's working group, if any
+        Column("destination_se", String(255)),            # outputs go on to this SE (T1)
+        Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
     ]
 
 
@@ -233,7 +236,7 @@ factories = Table(
 )
 
 
-# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0008):
+# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0011):
 # every write appends its +1/-1 to job_count_deltas in its own transaction; JobCounts
 # (taskbuffer/counts.py) folds them into job_counts and reads the sum of both. ``site`` is ''
 # for jobs without one.
@@ -283,7 +286,13 @@ event_ranges = Table(
     Column("attempt", Integer, nullable=False, default=0),
     Column("cpu_consumption_time", Float),
     Column("modified", Timestamp, nullable=False),
+    # the event service: the output the pilot stored for the range (docs/eventranges.md)
+    Column("out_lfn", String(255)),
+    Column("out_fsize", BigInteger),
+    Column("out_checksum", String(64)),
+    Column("out_endpoint", String(128)),
     Index("ix_event_ranges_job", "task_id", "serial", "status"),
+    Index("ix_event_ranges_holder", "panda_id", "status"),
 )
 
 
@@ -338,6 +347,20 @@ ops_snapshots = Table(
     Column("status", String(32), nullable=False),
     Column("n_jobs", Integer, nullable=False),
     UniqueConstraint("time", "site", "status", name="uq_ops_snapshot"),
+)
+
+
+# ---------------------------------------------------------------------- revoked bearer tokens
+# a token's jti, kept until the token would have expired anyway (server/tokens.py)
+revoked_tokens = Table(
+    "revoked_tokens", metadata,
+    Column("jti", String(255), primary_key=True),
+    Column("subject", String(255)),
+    Column("expires", Timestamp, nullable=False),
+    Column("revoked_at", Timestamp, nullable=False),
+    Column("revoked_by", String(255), nullable=False),
+    Column("reason", String(255)),
+    Index("ix_revoked_tokens_expires", "expires"),
 )
 
 

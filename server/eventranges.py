@@ -10,6 +10,14 @@ its unfinished ranges return to ``ready`` the next time an attempt of the same s
 a range reported ``failed`` is handed out again until the task's ``max_attempts``. Every change
 of a range is guarded by the attempt that holds it, so a late report of a dead attempt changes
 nothing.
+
+An event-service task (``event_service:`` in the task file) keeps its ranges in one pool
+(serial ``POOL_SERIAL``) that all its consumer jobs draw from, as PanDA's jobset does. A range
+held by a consumer that ended, or that gave no sign of life (heartbeat, range report) for the
+task's ``range_timeout_s``, goes back to ``ready``; the next ask of any consumer (or the
+watcher's pass, ``reclaim_expired``) does it. A finished range names the output its pilot
+stored (``zipFile``); once no range is left to run, the report that finished the last one
+creates the merge job over those outputs.
 """
 from __future__ import annotations
 
@@ -18,13 +26,18 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+import datetime as dt
+
+from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES
+from panda_core.replicas import BadFileName, check_name
+from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, JobState
+from panda_core.wire import range_output_lfn
 
 from . import db
 from .auth import Identity
+from .jobcreator import ES_CONSUMER, ES_MERGE, TaskSpec, make_merge_job
 from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
@@ -36,6 +49,11 @@ REPORTED = {"running": "running", "finished": "finished", "done": "finished",
             "failed": "failed", "fatal": "fatal", "cancelled": "cancelled",
             "discarded": "cancelled", "corrupted": "failed"}
 HELD = ("sent", "running")
+#: the serial of an event-service task's pool of ranges (jobs' serials start at 1)
+POOL_SERIAL = 0
+DEFAULT_RANGE_TIMEOUT_S = 3600
+_FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
+_OWNED = frozenset(str(s) for s in PILOT_OWNED_STATES)
 
 
 class EventRangeError(Exception):
@@ -101,9 +119,10 @@ class EventRangeService:
         self.tb = tb
 
     def _job(self, conn: Connection, panda_id: int) -> dict:
-        row = conn.execute(select(db.jobs.c.panda_id, db.jobs.c.task_id, db.jobs.c.serial,
-                                  db.jobs.c.status, db.jobs.c.site, db.jobs.c.max_attempts)
-                           .where(db.jobs.c.panda_id == panda_id)).first()
+        j = db.jobs.c
+        row = conn.execute(select(j.panda_id, j.task_id, j.serial, j.status, j.site,
+                                  j.max_attempts, j.event_service)
+                           .where(j.panda_id == panda_id)).first()
         if row is None:
             raise EventRangeError(30, f"no job {panda_id}")
         return dict(row._mapping)
@@ -119,12 +138,17 @@ class EventRangeService:
                 raise EventRangeError(70, f"{identity.subject} may not act for {job['site']}")
             if task_id is not None and task_id != job["task_id"]:
                 raise EventRangeError(30, f"job {panda_id} is not of task {task_id}")
-            if job["status"] not in {str(s) for s in PILOT_OWNED_STATES}:
+            if job["status"] not in _OWNED:
                 return []                        # a job no pilot holds gets nothing
-            self._reclaim(conn, job)
+            pool = job["event_service"] == ES_CONSUMER
+            if pool:
+                self._reclaim_pool(conn, job["task_id"], self._range_timeout(conn, job["task_id"]))
+            else:
+                self._reclaim(conn, job)
+            serial = POOL_SERIAL if pool else job["serial"]
             q = (select(r.row_id, r.start_event, r.last_event, r.lfn, r.guid, r.scope,
                         r.attempt)
-                 .where(r.task_id == job["task_id"], r.serial == job["serial"],
+                 .where(r.task_id == job["task_id"], r.serial == serial,
                         r.status == "ready")
                  .order_by(r.start_event, r.row_id).limit(n_ranges))
             if self.tb.skip_locked:
@@ -141,7 +165,73 @@ class EventRangeService:
                                                      row.start_event, row.attempt + 1),
                             "startEvent": row.start_event, "lastEvent": row.last_event,
                             "LFN": row.lfn, "GUID": row.guid, "scope": row.scope})
+            if pool:
+                self._touch(conn, panda_id, now)
         return out
+
+    def pending(self, panda_id: int) -> int:
+        """Ranges of an event-service job's pool that other live jobs hold: they may come back
+        (their holder dies), so a consumer told "none ready" may ask again later."""
+        r = db.event_ranges.c
+        with db.read(self.tb.engine) as conn:
+            job = self._job(conn, panda_id)
+            if job["event_service"] != ES_CONSUMER:
+                return 0
+            return int(conn.execute(select(func.count()).select_from(db.event_ranges).where(
+                r.task_id == job["task_id"], r.serial == POOL_SERIAL, r.status.in_(HELD),
+                r.panda_id != panda_id)).scalar() or 0)
+
+    def _touch(self, conn: Connection, panda_id: int, now: dt.datetime) -> None:
+        """A consumer's range traffic is a sign of life: its lease on its ranges goes on."""
+        conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id)
+                     .values(heartbeat_time=now))
+
+    def _range_timeout(self, conn: Connection, task_id: int) -> float:
+        params = conn.execute(select(db.tasks.c.params).where(db.tasks.c.task_id == task_id)
+                              ).scalar()
+        if isinstance(params, str):
+            params = json.loads(params)
+        es = (params or {}).get("event_service") or {}
+        try:
+            return float(es.get("range_timeout_s") or DEFAULT_RANGE_TIMEOUT_S)
+        except (TypeError, ValueError, AttributeError):
+            return float(DEFAULT_RANGE_TIMEOUT_S)
+
+    def _reclaim_pool(self, conn: Connection, task_id: int, timeout_s: float) -> int:
+        """Ranges of the task's pool whose holder ended, or gave no sign of life for
+        ``timeout_s``, go back to ready. Returns how many."""
+        r, j = db.event_ranges.c, db.jobs.c
+        held = conn.execute(select(r.panda_id).distinct().where(
+            r.task_id == task_id, r.serial == POOL_SERIAL, r.status.in_(HELD))).scalars().all()
+        if not held:
+            return 0
+        now = self.tb.clock()
+        cutoff = now - dt.timedelta(seconds=timeout_s)
+        alive = {row.panda_id for row in conn.execute(
+            select(j.panda_id, j.status, func.coalesce(j.heartbeat_time, j.state_changed)
+                   .label("sign")).where(j.panda_id.in_(held)))
+            if row.status not in _FINAL and row.sign is not None and row.sign >= cutoff}
+        dead = [p for p in held if p not in alive]
+        if not dead:
+            return 0
+        res = conn.execute(update(db.event_ranges).where(
+            r.task_id == task_id, r.serial == POOL_SERIAL, r.status.in_(HELD),
+            r.panda_id.in_(dead)).values(status="ready", panda_id=None, modified=now))
+        log.info("task %s: %d event range(s) of ended or silent job(s) %s back to ready",
+                 task_id, res.rowcount, dead)
+        return res.rowcount
+
+    def reclaim_expired(self) -> int:
+        """The watcher's pass: every event-service pool's ranges of ended or silent holders."""
+        r = db.event_ranges.c
+        with db.read(self.tb.engine) as conn:
+            tasks = conn.execute(select(r.task_id).distinct().where(
+                r.serial == POOL_SERIAL, r.status.in_(HELD))).scalars().all()
+        n = 0
+        for task_id in tasks:
+            with self.tb.engine.begin() as conn:
+                n += self._reclaim_pool(conn, task_id, self._range_timeout(conn, task_id))
+        return n
 
     def _reclaim(self, conn: Connection, job: dict) -> None:
         """Ranges held by a dead attempt of this serial go back to ready."""
@@ -183,10 +273,15 @@ class EventRangeService:
                 job = jobs[panda_id]
                 if identity is not None and not identity.may_act_for_site(job["site"]):
                     raise EventRangeError(70, f"{identity.subject} may not act for {job['site']}")
-                if job["status"] not in {str(s) for s in PILOT_OWNED_STATES}:
+                if job["status"] not in _OWNED:
                     results.append(False)        # a dead attempt's late report
                     continue
                 values: dict[str, Any] = {"status": status, "modified": self.tb.clock()}
+                if job["event_service"] == ES_CONSUMER:
+                    if status == "finished":
+                        values.update(self._range_output(job, u))
+                    elif status == "cancelled":   # not processed: back to the pool
+                        values.update(status="ready", panda_id=None)
                 cpu = u.get("cpuConsumptionTime")
                 if cpu not in (None, "", "NULL"):
                     try:
@@ -204,11 +299,116 @@ class EventRangeService:
                     r.row_id == row_id, r.task_id == task_id, r.panda_id == panda_id,
                     r.status.in_(HELD))).values(**values))
                 results.append(res.rowcount == 1)
+                if res.rowcount == 1 and values.get("out_lfn") and values.get("out_endpoint"):
+                    self.tb.data._add_replica(conn, u["_scope"], values["out_lfn"],
+                                              values["out_endpoint"], None)
+            consumers = {(j["task_id"], j["panda_id"]) for j in jobs.values()
+                         if j["event_service"] == ES_CONSUMER and j["status"] in _OWNED}
+            for task_id, panda_id in consumers:
+                self._touch(conn, panda_id, self.tb.clock())
+            for task_id in {t for t, _ in consumers}:
+                self._maybe_merge(conn, task_id, jobs)
         return results
+
+    def _range_output(self, job: dict, u: dict) -> dict[str, Any]:
+        """The out_* values of a finished event-service range from its ``zipFile`` (PanDA's
+        name): the lfn must be the one ``range_output_lfn`` gives for this range, so a pilot
+        names no file but its own; the replica is at its site's output storage element."""
+        out = u.get("_output")
+        if not isinstance(out, dict):
+            raise EventRangeError(30, f"finished event-service range {u['eventRangeID']} needs "
+                                      "its output (zipFile with lfn, fsize, adler32)")
+        expected = range_output_lfn(str(u["eventRangeID"]))
+        if out.get("lfn") != expected:
+            raise EventRangeError(30, f"the output of range {u['eventRangeID']} must be named "
+                                      f"{expected!r}, not {str(out.get('lfn'))[:80]!r}")
+        try:
+            fsize = int(out.get("fsize"))
+        except (TypeError, ValueError):
+            raise EventRangeError(30, "zipFile fsize must be an integer") from None
+        if not 0 <= fsize < 2 ** 62:
+            raise EventRangeError(30, "zipFile fsize is out of range")
+        adler = str(out.get("adler32") or "").lower()
+        if not (len(adler) == 8 and all(c in "0123456789abcdef" for c in adler)):
+            raise EventRangeError(30, "zipFile adler32 must be 8 hex digits")
+        scope = str(out.get("scope") or "")
+        try:
+            check_name(scope, "scope")
+        except BadFileName as exc:
+            raise EventRangeError(30, f"zipFile {exc}") from None
+        u["_scope"] = scope
+        endpoint = None
+        try:
+            site = self.tb.sites.get_cached(job["site"])
+            endpoint = ((site.get("config") or {}).get("storage") or {}).get("output", {}).get(
+                "name")
+        except Exception:  # an unknown site: the output is recorded without a replica
+            log.warning("job %s: site %r unknown, range output has no replica", job["panda_id"],
+                        job["site"])
+        return {"out_lfn": expected, "out_fsize": fsize, "out_checksum": f"ad:{adler}",
+                "out_endpoint": endpoint}
+
+    def _maybe_merge(self, conn: Connection, task_id: int, jobs: dict[int, dict]) -> int | None:
+        """Create the task's merge job when no range of its pool is left to run.
+
+        The task row is locked first: two consumers finishing the last two ranges at once would
+        each see the other's still running, and none create the merge job (or both would)."""
+        r, j = db.event_ranges.c, db.jobs.c
+        q = select(db.tasks.c.params, db.tasks.c.owner, db.tasks.c.status, db.tasks.c.share) \
+            .where(db.tasks.c.task_id == task_id)
+        if self.tb.skip_locked:
+            q = q.with_for_update()
+        task = conn.execute(q).first()
+        if task is None or task.status in ("aborted", "broken"):
+            return None
+        open_ranges = conn.execute(select(r.row_id).where(
+            r.task_id == task_id, r.serial == POOL_SERIAL,
+            r.status.in_(("ready",) + HELD)).limit(1)).first()
+        if open_ranges is not None:
+            return None
+        for table in (db.jobs, db.jobs_archive):
+            if conn.execute(select(table.c.panda_id).where(
+                    table.c.task_id == task_id, table.c.event_service == ES_MERGE).limit(1)
+                    ).first() is not None:
+                return None
+        done = conn.execute(select(r.out_lfn, r.out_fsize, r.out_checksum, r.out_endpoint,
+                                   r.scope, r.lfn, r.start_event).where(
+            r.task_id == task_id, r.serial == POOL_SERIAL, r.status == "finished",
+            r.out_lfn.is_not(None)).order_by(r.lfn, r.start_event)).all()
+        if not done:
+            log.warning("task %s: no event range finished: no merge job", task_id)
+            return None
+        params = json.loads(task.params) if isinstance(task.params, str) else task.params
+        spec = TaskSpec.from_dict(params)
+        spec.share = task.share
+        out_scope = spec.scope
+        inputs = [{"scope": out_scope, "lfn": d.out_lfn, "dataset": f"{spec.name}.es_ranges",
+                   "guid": None, "fsize": d.out_fsize, "checksum": d.out_checksum} for d in done]
+        serial = int(conn.execute(select(func.max(j.serial)).where(j.task_id == task_id))
+                     .scalar() or 0)
+        serial = max(serial, int(conn.execute(select(func.max(db.jobs_archive.c.serial)).where(
+            db.jobs_archive.c.task_id == task_id)).scalar() or 0)) + 1
+        site = spec.site or next((jb["site"] for jb in jobs.values()
+                                  if jb["task_id"] == task_id and jb["site"]), None)
+        job, files = make_merge_job(spec, task_id, task.owner, serial, inputs, site=site)
+        panda_id = self.tb.jobs.insert(conn, job, files, "event-service")
+        target = JobState.ASSIGNED
+        if site:
+            try:
+                cfg = self.tb.sites.get_cached(site).get("config") or {}
+                se = ((cfg.get("storage") or {}).get("input") or {}).get("name")
+            except Exception:
+                se = None
+            if se and all(d.out_endpoint == se for d in done):
+                target = JobState.ACTIVATED
+        self.tb.states.change(conn, panda_id, str(target), actor="event-service",
+                              expected=[str(JobState.DEFINED)])
+        log.info("task %s: every event range is done: merge job %s over %d range output(s)",
+                 task_id, panda_id, len(done))
+        return panda_id
 
     def summary(self, task_id: int) -> dict[str, int]:
         """Ranges of a task per status."""
-        from sqlalchemy import func
         r = db.event_ranges.c
         with db.read(self.tb.engine) as conn:
             return {s: n for s, n in conn.execute(select(r.status, func.count()).where(
@@ -236,7 +436,10 @@ def parse_updates(form: dict) -> list[dict]:
     flat: list[dict] = []
     for item in data:
         if isinstance(item, dict) and isinstance(item.get("eventRanges"), list):
-            flat.extend(item["eventRanges"])            # version 1: grouped by zip file
+            for sub in item["eventRanges"]:             # version 1: grouped by zip file
+                if isinstance(sub, dict) and item.get("zipFile") is not None:
+                    sub = {**sub, "_output": item["zipFile"]}
+                flat.append(sub)
         else:
             flat.append(item)
     return flat
@@ -262,9 +465,12 @@ def protocol_get(tb: TaskBuffer, form: dict, identity: Identity | None) -> dict:
     if panda_id is None:
         raise EventRangeError(80, "pandaID is missing")
     task_id = _form_int(form, "jediTaskID", _form_int(form, "taskID"))
-    ranges = EventRangeService(tb).get(panda_id, _form_int(form, "nRanges", 1) or 1, identity,
-                                       task_id=task_id)
-    return {"StatusCode": 0, "eventRanges": ranges}
+    service = EventRangeService(tb)
+    ranges = service.get(panda_id, _form_int(form, "nRanges", 1) or 1, identity, task_id=task_id)
+    reply: dict[str, Any] = {"StatusCode": 0, "eventRanges": ranges}
+    if not ranges:     # our extra key: ranges other consumers hold, which may come back
+        reply["eventRangesPending"] = service.pending(panda_id)
+    return reply
 
 
 def protocol_update(tb: TaskBuffer, form: dict, identity: Identity | None) -> dict:

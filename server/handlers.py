@@ -23,10 +23,11 @@ import tornado.web
 from tornado import httputil
 
 from .apibase import ApiError, Context, Forbidden, Method
-from .auth import AuthError, Identity, KeyStore, dn_from_subject, identity_from_dn
+from .auth import AuthError, DNMatcher, Identity, KeyStore, identity_from_certificate
 from .dispatcher import Dispatcher
 from .dispatchpath import Run
 from .metrics import REQUESTS
+from .pilotfile import FILE_NAME, PilotFileError, PilotFiles
 from .queuedata import signed_queuedata
 from .submission import TaskSubmitter
 from .taskbuffer import NotFound, TaskBuffer, utcnow
@@ -42,11 +43,12 @@ class ServerState:
     executor: ThreadPoolExecutor
     run: Run                         # blocking (database) work in ``executor``, awaitable
     require_auth: bool = True
-    admin_dns: frozenset[str] = frozenset()
-    pilot_dns: frozenset[str] = frozenset()
+    admin_dns: DNMatcher = field(default_factory=DNMatcher)
+    pilot_dns: DNMatcher = field(default_factory=DNMatcher)
     site_loader: Any = None
     started: dt.datetime = field(default_factory=utcnow)
     hook: Any = None                 # the panda.server plugin manager's hook relay
+    pilot_files: PilotFiles | None = None   # the one-file pilot's versions (server/pilotfile.py)
 
 
 def _json_default(obj: Any) -> Any:
@@ -72,14 +74,13 @@ def request_identity(request, state: ServerState) -> Identity | None:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("Authorization header must be 'Bearer <token>'")
         return state.keys.verify_token(token)
-    cert = None
+    der = None
     try:
-        cert = request.get_ssl_certificate()
+        der = request.get_ssl_certificate(binary_form=True)
     except Exception:  # noqa: BLE001 - plain http or no certificate
-        cert = None
-    if cert:
-        dn = dn_from_subject(cert.get("subject", ()))
-        return identity_from_dn(dn, state.admin_dns, state.pilot_dns)
+        der = None
+    if der:     # verified by the TLS handshake against --ca; its subject as a structured name
+        return identity_from_certificate(der, state.admin_dns, state.pilot_dns)
     if not state.require_auth:
         return Identity("anonymous", "admin")
     return None
@@ -178,7 +179,7 @@ class BaseHandler(tornado.web.RequestHandler):
                        else self._reason or "bad request")
         status, message = refusal
         if self.json_errors:
-            self.reply(False, message, status=status)
+            self.reply(False, message, data=getattr(exc, "data", None), status=status)
             return
         if status != self.get_status():
             self.set_status(status)
@@ -245,3 +246,65 @@ class PublicKeyHandler(BaseHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/x-pem-file")
         self.finish(self.state.keys.public_key_pem)
+
+
+class PilotFilesHandler(BaseHandler):
+    """``/pilot/``: the one-file pilot's versions (JSON: ``default``, ``versions``), and
+    ``/pilot/<version>/panda-pilot.pyz[.sig]``: the file and its detached signature. Public,
+    like the queue description: what protects a node is the signature, not secrecy."""
+
+    def _files(self) -> PilotFiles:
+        if self.state.pilot_files is None:
+            raise tornado.web.HTTPError(404, reason="this server serves no pilot file")
+        return self.state.pilot_files
+
+    async def get(self, version: str | None = None, name: str | None = None) -> None:
+        files = self._files()
+        try:
+            if version is None:
+                default = await self.run(files.default)
+                infos = await self.run(files.versions)
+                self.set_header("Content-Type", "application/json")
+                self.finish(dumps({"default": default,
+                                   "versions": [i.to_dict() for i in infos]}))
+                return
+            data = await self.run(files.read, version, name != FILE_NAME)
+        except PilotFileError as exc:
+            raise tornado.web.HTTPError(404, reason=str(exc)[:200]) from None
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Cache-Control", "public, max-age=31536000, immutable")
+        self.finish(data)
+
+
+class TokenKeysHandler(BaseHandler):
+    """``/.well-known/jwks.json`` (the keys that verify this server's tokens) and
+    ``/.well-known/openid-configuration`` (where a relying party finds them)."""
+
+    def get(self, what: str) -> None:
+        tokens = self.state.keys.tokens
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "max-age=300")
+        if what == "jwks.json":
+            self.finish(dumps(tokens.jwks()))
+        else:
+            # an issuer that is a URL is where this server is published; else the request's
+            # own address (never a Host header's idea of it for an https issuer)
+            base = tokens.issuer if tokens.issuer.startswith("https://") else \
+                f"{self.request.protocol}://{self.request.host}"
+            self.finish(dumps(tokens.openid_configuration(base)))
+
+
+class AuthConfigHandler(BaseHandler):
+    """``/auth/<vo>_auth_config.json``: panda-client's login document, pointing its device-code
+    flow at the OIDC provider the server's ``--token-issuers`` file names for that VO."""
+
+    def get(self, vo: str) -> None:
+        doc = self.state.keys.tokens.auth_config(vo)
+        if doc is None:
+            self.set_status(404)
+            self.set_header("Content-Type", "application/json")
+            self.finish(dumps({"error": f"no login configured for VO {vo!r} (the server's "
+                                        "--token-issuers file names none with this vo)"}))
+            return
+        self.set_header("Content-Type", "application/json")
+        self.finish(dumps(doc))

@@ -6,23 +6,75 @@ names, a log tarball, and its parameters with the placeholders filled in.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from panda_core.replicas import BadFileName, check_name
+from panda_core.replicas import MAX_NAME_LENGTH, BadFileName, check_name
 
 log = logging.getLogger(__name__)
+
+
+#: PanDA's ``eventService`` values of a job
+ES_CONSUMER = 1
+ES_MERGE = 2
 
 
 class TaskSpecError(ValueError):
     """A task description that cannot become jobs; the message names the field and why."""
 
 
+class LimitExceeded(TaskSpecError):
+    """A call that asks for more work than one call may do (HTTP 400, the limit named)."""
+
+
+#: the jobs one call (a task's submission, one extension) may create: each is a few rows in
+#: one transaction, and 20,000 of them held the database for 13 s
+MAX_JOBS_PER_CALL = 5000
+
+
 _PLACEHOLDER = re.compile(
     r"\$\{(IN|OUT|SN|TASK|TASKID|ATTEMPT|OUT\d+|FIRSTEVENT|SKIPEVENTS|MAXEVENTS)\}")
+
+
+@dataclass
+class EventServiceSpec:
+    """``event_service:`` of a task file: its ranges form one pool that ``consumers`` jobs
+    share (PanDA's jobset); a range a job holds longer than ``range_timeout_s`` without a sign
+    of life from it goes back to the pool; ``merge`` is the job the server creates once every
+    range is done, with ``${IN}`` the range outputs in event order (docs/eventranges.md)."""
+    merge_transformation: str
+    merge_parameters: str = ""
+    consumers: int = 1
+    range_timeout_s: int = 3600
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "EventServiceSpec":
+        _check(isinstance(data, dict), "event_service", "must be a mapping (consumers, "
+               "range_timeout_s, merge)")
+        unknown = sorted(set(data) - {"consumers", "range_timeout_s", "merge"})
+        _check(not unknown, "event_service", f"unknown key(s) {', '.join(map(str, unknown))}")
+        merge = data.get("merge")
+        _check(isinstance(merge, dict), "event_service.merge",
+               "required, a mapping with transformation and job_parameters")
+        unknown = sorted(set(merge) - {"transformation", "job_parameters"})
+        _check(not unknown, "event_service.merge", f"unknown key(s) {', '.join(map(str, unknown))}")
+        trf, pars = merge.get("transformation"), merge.get("job_parameters", "")
+        _check(isinstance(trf, str) and trf.strip() != "", "event_service.merge.transformation",
+               "required, a non-empty string")
+        _check(isinstance(pars, str), "event_service.merge.job_parameters", "must be a string")
+        kw: dict[str, Any] = {}
+        for key, top in (("consumers", 1000), ("range_timeout_s", 7 * 86400)):
+            value = data.get(key)
+            if value is None:
+                continue
+            _check(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top,
+                   f"event_service.{key}", f"an integer from 1 to {top}")
+            kw[key] = value
+        return cls(merge_transformation=trf.strip(), merge_parameters=pars, **kw)
 
 
 @dataclass
@@ -51,6 +103,10 @@ class TaskSpec:
     events_per_job: int | None = None    # split each input file by events (server/eventranges.py)
     events_per_file: int | None = None   # events in each input file
     events_per_range: int | None = None  # event ranges a pilot fetches with getEventRanges
+    destination_se: str | None = None    # aggregate outputs there (a T1): jobs end 'finished'
+                                         # once the data service has copied them
+    event_service: EventServiceSpec | None = None   # one pool of ranges shared by its jobs
+    jedi_parameters: dict | None = None  # JEDI's task parameters it was made from, kept as sent
 
     @classmethod
     def from_dict(cls, data: Any) -> "TaskSpec":
@@ -70,12 +126,13 @@ class TaskSpec:
         _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", kw["name"]) is not None,
                "name", "letters, digits and ._- only, at most 200 characters")
         for key in ("job_parameters", "scope", "input_dataset", "output_dataset", "site", "share",
-                    "prod_source_label", "transfer_type", "pilot_version", "working_group"):
+                    "prod_source_label", "transfer_type", "pilot_version", "working_group",
+                    "destination_se"):
             if key in data and data[key] is not None:
                 _check(isinstance(data[key], str), key, "must be a string")
                 kw[key] = data[key]
         for key in ("scope", "input_dataset", "output_dataset"):
-            if kw.get(key):
+            if kw.get(key) or key == "scope" and key in kw:       # an empty scope is no scope
                 try:
                     check_name(kw[key], key)
                 except BadFileName as exc:
@@ -102,7 +159,23 @@ class TaskSpec:
             _check(key == "priority" or value >= 1, key, "must be at least 1")
             kw[key] = value
         _check(kw.get("max_attempts", 3) <= 100, "max_attempts", "at most 100")
+        if kw.get("n_jobs", 0) > MAX_JOBS_PER_CALL:
+            raise LimitExceeded(f"field 'n_jobs': at most {MAX_JOBS_PER_CALL} jobs per task "
+                                f"submission, got {kw['n_jobs']}")
+        if data.get("jedi_parameters") is not None:
+            _check(isinstance(data["jedi_parameters"], dict), "jedi_parameters",
+                   "must be a mapping (JEDI's task parameters)")
+            kw["jedi_parameters"] = data["jedi_parameters"]
+        if data.get("event_service") is not None:
+            kw["event_service"] = EventServiceSpec.from_dict(data["event_service"])
         spec = cls(**kw)
+        if spec.event_service is not None:
+            if not (spec.input_dataset and spec.events_per_file and spec.events_per_range):
+                raise TaskSpecError("field 'event_service': needs 'input_dataset', "
+                                    "'events_per_file' and 'events_per_range'")
+            if spec.events_per_job:
+                raise TaskSpecError("field 'event_service': the consumers share all ranges; "
+                                    "'events_per_job' does not apply")
         if spec.transfer_type not in (None, "direct"):
             raise TaskSpecError("field 'transfer_type': only 'direct' is known")
         if spec.outputs and not spec.output_dataset:
@@ -112,9 +185,11 @@ class TaskSpec:
         if spec.events_per_job and not (spec.input_dataset and spec.events_per_file):
             raise TaskSpecError("field 'events_per_job': needs 'input_dataset' and "
                                 "'events_per_file'")
-        if spec.events_per_range and not spec.events_per_job:
-            raise TaskSpecError("field 'events_per_range': needs 'events_per_job'")
-        if spec.events_per_range and spec.events_per_range > spec.events_per_job:
+        if spec.events_per_range and not (spec.events_per_job or spec.event_service):
+            raise TaskSpecError("field 'events_per_range': needs 'events_per_job' "
+                                "(or 'event_service')")
+        if spec.events_per_range and spec.events_per_job and \
+                spec.events_per_range > spec.events_per_job:
             raise TaskSpecError("field 'events_per_range': at most 'events_per_job'")
         return spec
 
@@ -142,8 +217,15 @@ def output_names(spec: TaskSpec, task_id: int, serial: int, attempt: int) -> lis
 
 
 def log_name(spec_name: str, task_id: int, serial: int, attempt: int) -> str:
-    return check_name(f"log.{task_id}.{serial:06d}.{attempt}.{spec_name}.job.log.tgz"[:255],
-                      "log file name")
+    """The job's log tarball; a long task name is shortened, never the ids or the suffix."""
+    head, tail = f"log.{task_id}.{serial:06d}.{attempt}.", ".job.log.tgz"
+    room = MAX_NAME_LENGTH - len(head) - len(tail) - 2   # a retry's attempt may grow 2 digits
+    return check_name(f"{head}{spec_name[:room].rstrip('.')}{tail}", "log file name")
+
+
+def _with_suffix(base: str, suffix: str) -> str:
+    """``base + suffix`` within the name length: the base is shortened, the suffix kept."""
+    return base[:MAX_NAME_LENGTH - len(suffix)] + suffix
 
 
 def _fill(text: str, values: dict[str, str]) -> str:
@@ -175,6 +257,7 @@ def make_job(spec: TaskSpec, task_id: int, owner: str, serial: int, inputs: list
         "cores": spec.cores, "memory_mb": spec.memory_mb, "walltime_s": spec.walltime_s,
         "disk_mb": spec.disk_mb, "pilot_version": spec.pilot_version,
         "transfer_type": spec.transfer_type, "working_group": spec.working_group,
+        "destination_se": spec.destination_se,
     }
     files = [{"type": "input", "scope": f["scope"], "lfn": f["lfn"], "dataset": f["dataset"],
               "guid": f["guid"], "fsize": f.get("fsize"), "checksum": f.get("checksum"),
@@ -190,12 +273,36 @@ def make_job(spec: TaskSpec, task_id: int, owner: str, serial: int, inputs: list
     return job, files
 
 
+def make_consumer_job(spec: TaskSpec, task_id: int, owner: str, serial: int,
+                      inputs: list[dict], site: str | None = None) -> tuple[dict, list[dict]]:
+    """An event-service consumer: the task's transformation over ranges of the task's pool
+    (its pilot stages only the files its ranges name); no outputs of its own but its log,
+    the outputs belong to the merge job."""
+    job, files = make_job(dataclasses.replace(spec, outputs=[]), task_id, owner, serial, inputs,
+                          site=site)
+    job["event_service"] = ES_CONSUMER
+    return job, files
+
+
+def make_merge_job(spec: TaskSpec, task_id: int, owner: str, serial: int,
+                   inputs: list[dict], site: str | None = None) -> tuple[dict, list[dict]]:
+    """The event-service merge job: ``event_service.merge``'s transformation with ``${IN}``
+    the range outputs (``inputs``, in event order) and the task's outputs."""
+    assert spec.event_service is not None
+    merge = dataclasses.replace(spec, transformation=spec.event_service.merge_transformation,
+                                job_parameters=spec.event_service.merge_parameters)
+    job, files = make_job(merge, task_id, owner, serial, inputs, site=site)
+    job["event_service"] = ES_MERGE
+    return job, files
+
+
 def retry_job_values(job: dict, files: list[dict]) -> tuple[dict, list[dict]]:
     """A new attempt of a failed job: same inputs, fresh output names, attempt + 1."""
     attempt = job["attempt_nr"] + 1
     keep = ("task_id", "serial", "max_attempts", "owner", "site", "prod_source_label", "share",
             "priority", "transformation", "cores", "memory_mb", "walltime_s", "disk_mb",
-            "pilot_version", "transfer_type", "working_group")
+            "pilot_version", "transfer_type", "working_group", "destination_se",
+            "event_service")
     values = {k: job.get(k) for k in keep}
     values.update(attempt_nr=attempt, parent_id=job["panda_id"],
                   current_priority=job["priority"])
@@ -208,13 +315,12 @@ def retry_job_values(job: dict, files: list[dict]) -> tuple[dict, list[dict]]:
         if f["type"] in ("output", "log"):
             base = f["lfn"][:-len(old_suffix)] if old_suffix and f["lfn"].endswith(old_suffix) \
                 else f["lfn"]
-            if f["type"] == "log":
-                new = base.replace(f".{job['attempt_nr']}.", f".{attempt}.", 1) \
-                    if base.startswith("log.") else f"{base}.{attempt}"
+            if f["type"] == "log" and base.startswith("log."):
+                new = base.replace(f".{job['attempt_nr']}.", f".{attempt}.", 1)
             else:
-                new = f"{base}.{attempt}"
+                new = _with_suffix(base, f".{attempt}")
             renames[f["lfn"]] = new
-            nf.update(lfn=check_name(new[:255], "output file name"), guid=str(uuid.uuid4()),
+            nf.update(lfn=check_name(new, "output file name"), guid=str(uuid.uuid4()),
                       status="defined", fsize=None, checksum=None)
         new_files.append(nf)
     pars = job["job_pars"]

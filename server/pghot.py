@@ -554,6 +554,7 @@ def _finish_sql() -> str:
         "j AS (SELECT jobs.panda_id, jobs.status, r.i FROM jobs JOIN r ON jobs.panda_id = r.pid "
         "WHERE jobs.status = ANY(%(from)s) AND jobs.site = r.site "
         "AND (r.attempt IS NULL OR jobs.attempt_nr = r.attempt) "
+        "AND jobs.destination_se IS NULL "      # aggregated outputs: the general path
         "ORDER BY jobs.panda_id FOR UPDATE OF jobs), "
         "outs AS (SELECT f.row_id, f.type, f.scope, f.lfn, f.dataset, f.guid, j.i "
         "FROM files f JOIN j ON f.panda_id = j.panda_id WHERE f.type IN ('output', 'log')), "

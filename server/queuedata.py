@@ -25,6 +25,7 @@ def queuedata(config: dict) -> dict:
     limits = config.get("limits") or {}
     tools = config.get("copytools") or {}
     storage = config.get("storage") or {}
+    pilots = config.get("pilots") or {}
     t_in = pilot3_copytool((tools.get("input") or {}).get("name", "cp"))
     t_out = pilot3_copytool((tools.get("output") or {}).get("name", "cp"))
     status = config.get("status", "online")
@@ -59,7 +60,7 @@ def queuedata(config: dict) -> dict:
         "container_options": "",
         "is_cvmfs": False,
         "pledgedcpu": 0,
-        "timefloor": 0,
+        "timefloor": int(pilots.get("timefloor", 0)),   # minutes, as pilot 3 reads it
         "maxinputsize": int(res.get("max_disk_mb", 20000)),
         "panda_wms": config,
     }

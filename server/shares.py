@@ -108,12 +108,14 @@ def load_shares_file(path: str | Path) -> list[Share]:
     """A share tree from a YAML or JSON file; ShareError says what is wrong and where."""
     import yaml
 
+    from site_configs.yamlsafe import load as load_yaml
+
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ShareError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)      # JSON is YAML too
+        data = load_yaml(text)           # JSON is YAML too; no alias bombs, no duplicate keys
     except yaml.YAMLError as exc:
         raise ShareError(f"{path}: not valid YAML/JSON: {exc}") from None
     try:

@@ -14,16 +14,17 @@ from panda_core.states import JobState, TaskState
 
 from . import db
 from .brokerage import Brokerage, JobNeeds, input_endpoint
-from .eventranges import create_ranges, split_events
-from .jobcreator import TaskSpec, TaskSpecError, make_job, split_inputs
+from .eventranges import POOL_SERIAL, EventWindow, create_ranges, split_events
+from .jobcreator import MAX_JOBS_PER_CALL, LimitExceeded, TaskSpec, TaskSpecError, \
+    make_consumer_job, make_job, split_inputs
 from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
 
-#: the most jobs one submission (or extension) creates: beyond it the client is told to split
-#: (at 100,000 brokerage takes seconds and creating the jobs a few minutes, docs/server.md)
-MAX_JOBS_PER_TASK = 100_000
-#: jobs created per transaction: dispatchers and other submitters never wait behind a big task
+#: event ranges one event-service task may have (each is a row its consumers' calls scan)
+MAX_RANGES_PER_TASK = 100_000
+#: jobs created per transaction (the most one call creates: jobcreator.MAX_JOBS_PER_CALL), so
+#: no dispatcher or other submitter waits behind a big task's one long transaction
 JOB_BATCH = 500
 
 
@@ -48,6 +49,13 @@ class TaskSubmitter:
         if spec.site and spec.site not in sites:
             raise TaskSpecError(f"field 'site': unknown site {spec.site!r}"
                                 f" (known: {', '.join(sorted(sites)) or 'none'})")
+        if spec.destination_se:
+            from .dataservice import storage_urls
+            known = storage_urls(s["config"] for s in sites.values())
+            if spec.destination_se not in known:
+                raise TaskSpecError(f"field 'destination_se': no site config names a storage "
+                                    f"element {spec.destination_se!r} with a URL (known: "
+                                    f"{', '.join(sorted(known)) or 'none'})")
         inputs: list[dict] = []
         if spec.input_dataset:
             inputs = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
@@ -82,6 +90,9 @@ class TaskSubmitter:
         spec.share = task["share"]
         if not spec.input_dataset:
             raise TaskSpecError("this task has no input dataset to extend")
+        if spec.event_service is not None:
+            raise TaskSpecError("an event-service task cannot be extended: its merge job "
+                                "covers the ranges it was created with; submit a new task")
         new = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
         sites = {s["name"]: s for s in self.tb.sites.all()}
         existing = self.tb.tasks.job_counts(task_id)
@@ -97,7 +108,11 @@ class TaskSubmitter:
         (``Brokerage.plan``), then the jobs are created ``JOB_BATCH`` per transaction. A new
         task is ``registered`` while that goes on (its job counts show the progress) and
         ``ready`` after."""
-        all_lfns = [f["lfn"] for g in groups for f in g]
+        if len(groups) > MAX_JOBS_PER_CALL:
+            raise LimitExceeded(f"this call would create {len(groups)} jobs; at most "
+                                f"{MAX_JOBS_PER_CALL} per call (raise 'files_per_job' or "
+                                "'events_per_job', or register the inputs in several datasets)")
+        all_lfns = list(dict.fromkeys(f["lfn"] for g in groups for f in g))
         locality = self.tb.data.replica_endpoints(spec.scope if not groups or not groups[0]
                                              else groups[0][0]["scope"], all_lfns)
         shape = JobNeeds(cores=spec.cores, memory_mb=spec.memory_mb, walltime_s=spec.walltime_s,
@@ -107,11 +122,24 @@ class TaskSubmitter:
         if not plan:
             raise TaskSpecError("no site can run this task's jobs: "
                                 + ("; ".join(plan.rejected) or "no sites are known"))
+        if spec.event_service is not None:
+            total = sum(-(-int(f.get("n_events") or spec.events_per_file)
+                          // int(spec.events_per_range or 1)) for f in groups[0])
+            if total > MAX_RANGES_PER_TASK:
+                raise LimitExceeded(f"this task would have {total} event ranges; at most "
+                                    f"{MAX_RANGES_PER_TASK} (raise 'events_per_range')")
         if task_id is None:
             with self.tb.engine.begin() as conn:
                 task_id = self.tb.tasks.insert(conn, name=spec.name, owner=owner, params=params,
                                               priority=spec.priority, share=spec.share,
                                               site=spec.site, max_attempts=spec.max_attempts)
+                if spec.event_service is not None:
+                    n_ranges = sum(create_ranges(
+                        self.tb, conn, task_id=task_id, serial=POOL_SERIAL, file=f,
+                        window=EventWindow(0, int(f.get("n_events") or spec.events_per_file)),
+                        events_per_range=int(spec.events_per_range or 1)) for f in groups[0])
+                    log.info("task %s: %d event ranges for %d consumer(s)", task_id, n_ranges,
+                             len(groups))
         ids: list[int] = []
         activated = 0
         try:
@@ -119,11 +147,11 @@ class TaskSubmitter:
                 batch_ids: list[int] = []
                 batch_activated = 0
                 with self.tb.engine.begin() as conn:
-                    batch_lfns: list[str] = []
+                    batch_lfns: dict[str, None] = {}
                     for n in range(start, min(start + JOB_BATCH, len(groups))):
                         group = groups[n]
                         lfns = [f["lfn"] for f in group]
-                        batch_lfns += lfns
+                        batch_lfns.update(dict.fromkeys(lfns))
                         site = plan.site_for(lfns, locality)
                         batch_activated += self._create_job(
                             conn, spec, task_id, owner, first_serial + n, group, site,
@@ -131,7 +159,7 @@ class TaskSubmitter:
                     if batch_lfns:
                         conn.execute(update(db.dataset_files).where(
                             db.dataset_files.c.dataset == spec.input_dataset,
-                            db.dataset_files.c.lfn.in_(batch_lfns)).values(task_id=task_id))
+                            db.dataset_files.c.lfn.in_(list(batch_lfns))).values(task_id=task_id))
                 ids += batch_ids                 # committed
                 activated += batch_activated
                 if len(groups) > JOB_BATCH:
@@ -156,7 +184,10 @@ class TaskSubmitter:
                     group: list[dict], site: str, site_row: dict,
                     locality: dict[str, set[str]], window, ids: list[int]) -> bool:
         """One job at ``site``, activated when its inputs are there (True) else assigned."""
-        job, files = make_job(spec, task_id, owner, serial, group, site=site, events=window)
+        if spec.event_service is not None:
+            job, files = make_consumer_job(spec, task_id, owner, serial, group, site=site)
+        else:
+            job, files = make_job(spec, task_id, owner, serial, group, site=site, events=window)
         panda_id = self.tb.jobs.insert(conn, job, files, owner)
         if window is not None and spec.events_per_range:
             create_ranges(self.tb, conn, task_id=task_id, serial=serial, file=group[0],
@@ -171,23 +202,13 @@ class TaskSubmitter:
 
 
 def _split(spec: TaskSpec, inputs: list[dict]) -> tuple[list[list[dict]], list | None]:
-    """Input groups, one per job, and each job's event window when split by events; a task
-    of more than ``MAX_JOBS_PER_TASK`` jobs is refused (before its jobs are built)."""
-    if not inputs:
-        _check_size(spec.n_jobs or 1)
-        return [[]] * (spec.n_jobs or 1), None
-    if spec.events_per_job:
-        _check_size(sum(-(-int(f.get("n_events") or spec.events_per_file) // spec.events_per_job)
-                        for f in inputs))
+    """Input groups, one per job, and each job's event window when split by events. The
+    consumers of an event-service task each name all the task's inputs (their ranges do)."""
+    if spec.event_service is not None:
+        return [list(inputs)] * spec.event_service.consumers, None
+    if spec.events_per_job and inputs:
         pairs = split_events(inputs, spec.events_per_file, spec.events_per_job)
         return [g for g, _ in pairs], [w for _, w in pairs]
-    _check_size(-(-len(inputs) // spec.files_per_job))
-    return split_inputs(inputs, spec.files_per_job), None
-
-
-def _check_size(n_jobs: int) -> None:
-    if n_jobs > MAX_JOBS_PER_TASK:
-        raise TaskSpecError(
-            f"this task would make {n_jobs} jobs; one submission makes at most "
-            f"{MAX_JOBS_PER_TASK}: split it into several tasks (fewer 'n_jobs', more "
-            "'files_per_job' or 'events_per_job', or part of the dataset per task)")
+    if inputs:
+        return split_inputs(inputs, spec.files_per_job), None
+    return [[]] * (spec.n_jobs or 1), None

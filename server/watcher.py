@@ -179,7 +179,8 @@ def start_periodic(executor, interval_s: float, tasks: list[tuple[str, Callable[
 
 
 def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
-                 data_options: dict | None = None, first_process: bool = True
+                 data_options: dict | None = None, first_process: bool = True,
+                 transfer_timeout_s: float = 600.0, transfer_give_up_s: float = 12 * 3600.0
                  ) -> list[tuple[str, Callable[[], Any]]]:
     """The periodic work of a server process: the watcher, the data service, priorities.
 
@@ -187,13 +188,20 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
     run only in the first process of a host (``first_process``) because N processes would copy
     the same files N times at once and recompute the same priorities for nothing.
     """
-    from .dataservice import DataService, load_mover
+    from .dataservice import DataService
+    from .datamovers import load_movers
     from .shares import PriorityCursor, recompute_priorities
 
     watcher = Watcher(state.tb, limits)
-    tasks: list[tuple[str, Callable[[], Any]]] = [("watcher", watcher.check)]
+    from .eventranges import EventRangeService
+
+    tasks: list[tuple[str, Callable[[], Any]]] = [
+        ("watcher", watcher.check),
+        # event-service ranges of ended or silent consumers back to their pool
+        ("eventranges", EventRangeService(state.tb).reclaim_expired)]
     if data_mover and first_process:
-        service = DataService(state.tb, load_mover(data_mover, **(data_options or {})))
+        service = DataService(state.tb, load_movers(data_mover, data_options),
+                              timeout_s=transfer_timeout_s, give_up_s=transfer_give_up_s)
         tasks.append(("dataservice", service.process))
     if state.hook is not None and first_process:
         cursor = PriorityCursor()       # each pass goes on where the last one stopped

@@ -16,6 +16,7 @@ import yaml
 from .errors import ConfigError
 from panda_core.siteconfig import SiteConfig
 from .schema import validate
+from .yamlsafe import load as load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,22 @@ def expand(value: Any, file: str, env: Mapping[str, str] | None = None,
     return result, errors
 
 
+def outside_folder(path: Path) -> bool:
+    """A symlink (or a path through one) that leads out of the file's own folder: such a file
+    is refused unread, so its content (say /etc/shadow) never reaches an error message."""
+    folder = path.absolute().parent
+    try:
+        return not path.resolve(strict=True).is_relative_to(folder.resolve(strict=True))
+    except (OSError, RuntimeError):       # dangling, or a symlink loop
+        return True
+
+
 def read_yaml(path: Path) -> tuple[Any, list[ConfigError]]:
     """Parse one file, turning every way it can be unreadable into a ConfigError."""
     file = str(path)
+    if path.is_symlink() and outside_folder(path):
+        return None, [ConfigError(file, "", "a symlink that leads out of its folder: refused "
+                                  "unread (copy the file into the folder instead)")]
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
@@ -84,7 +98,7 @@ def read_yaml(path: Path) -> tuple[Any, list[ConfigError]]:
     except OSError as exc:
         return None, [ConfigError(file, "", f"cannot read: {exc.strerror or exc}")]
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -49,6 +49,13 @@ _TRUST = _obj({
                                                     "variable name, or a prefix ending in *")},
 }, [])
 
+_SANDBOX = _obj({
+    "runtime": {"type": "string", "minLength": 1},        # a panda.sandboxes entry point
+    "network": {"type": "boolean"},
+    "bind": {"type": "array", "items": _text("^/", "expected an absolute path")},
+    "image": {"type": "string"},
+}, [])
+
 SCHEMA: dict[str, Any] = _obj({
     "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 128},
     "region": {"type": "string"},
@@ -58,7 +65,10 @@ SCHEMA: dict[str, Any] = _obj({
     "scheduler": _obj({"backend": {"type": "string", "minLength": 1},
                        "options": {"type": "object"}}, ["backend"]),
     "pilots": _obj({"max_queued": _int(0), "max_running": _int(0), "rate_per_minute": _int(0),
-                    "walltime_s": _int(60)}, ["max_queued", "max_running"]),
+                    "walltime_s": _int(60), "timefloor": _int(0),
+                    "version": {"type": "string",
+                                "pattern": "^([0-9A-Za-z][0-9A-Za-z._-]{0,63})?$"}},
+                   ["max_queued", "max_running"]),
     "storage": _obj({"input": _ENDPOINT, "output": _ENDPOINT}, ["input", "output"]),
     "copytools": _obj({"input": _COPYTOOL, "output": _COPYTOOL}, ["input", "output"]),
     "direct_read": {"type": "boolean"},
@@ -66,6 +76,7 @@ SCHEMA: dict[str, Any] = _obj({
     "limits": _obj({"looping_s": _int(1), "min_free_disk_mb": _int(0), "max_workdir_mb": _int(1),
                     "heartbeat_s": _int(1), "stdout_silent_s": _int(0)}, []),
     "trust": _TRUST,
+    "sandbox": _SANDBOX,
 }, ["name", "status", "resources", "scheduler", "pilots", "storage", "copytools"])
 
 _JSON_TYPES = {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
@@ -123,6 +134,7 @@ def validate(data: Any, file: str) -> list[ConfigError]:
     for err in validator.iter_errors(data):
         errors.extend(_errors_of(err, file))
     errors.extend(_plugin_errors(data, file))
+    errors.extend(_timefloor_errors(data, file))
     unique = {(e.key_path, e.reason): e for e in errors}      # one error per key and reason
     return sorted(unique.values(), key=lambda e: e.key_path)
 
@@ -136,6 +148,14 @@ def _plugin_errors(data: dict, file: str) -> list[ConfigError]:
             errors.append(ConfigError(file, "scheduler.backend",
                                       f"unknown scheduler backend {sched['backend']!r} "
                                       f"(installed: {', '.join(known) or 'none'})"))
+    sandbox = data.get("sandbox")
+    if isinstance(sandbox, dict) and isinstance(sandbox.get("runtime"), str) \
+            and sandbox["runtime"]:
+        known = sorted({"none", *plugin_names("panda.sandboxes")})   # none: built in
+        if sandbox["runtime"] not in known:
+            errors.append(ConfigError(file, "sandbox.runtime",
+                                      f"unknown sandbox runtime {sandbox['runtime']!r} "
+                                      f"(installed: {', '.join(known) or 'none'})"))
     tools = data.get("copytools")
     if isinstance(tools, dict):
         known = plugin_names("panda.copytools")
@@ -147,3 +167,19 @@ def _plugin_errors(data: dict, file: str) -> list[ConfigError]:
                                               f"unknown copytool {ref['name']!r} "
                                               f"(installed: {', '.join(known) or 'none'})"))
     return errors
+
+
+def _timefloor_errors(data: dict, file: str) -> list[ConfigError]:
+    """A pilot that may take new jobs until its batch wall time is over is killed by the batch
+    system in the middle of its last job: ``timefloor`` must end before ``walltime_s`` does."""
+    pilots = data.get("pilots")
+    if not isinstance(pilots, dict):
+        return []
+    floor, walltime = pilots.get("timefloor", 0), pilots.get("walltime_s", 3600)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (floor, walltime)):
+        return []                                   # the schema reports the wrong types
+    if floor and floor * 60 >= walltime:
+        return [ConfigError(file, "pilots.timefloor",
+                            f"{floor} minutes is not shorter than the pilot's wall time "
+                            f"(pilots.walltime_s: {walltime} s): its last job would be killed")]
+    return []

@@ -1,7 +1,8 @@
 """The storage element's Tornado application: a folder served over HTTP/1.1 with the WebDAV verbs
 grid clients use.
 
-GET (with Range), HEAD, PUT, DELETE, MKCOL, PROPFIND (Depth 0/1) and OPTIONS. It is the peer of
+GET (with Range), HEAD, PUT, DELETE, MKCOL, PROPFIND (Depth 0/1), OPTIONS and, when enabled, COPY
+(third-party pull, ``tpc.py``). It is the peer of
 the ``http`` and ``gfal`` copytools and of ARC CE's push mode, which needs a correct HTTP/1.1
 server: absolute-form request targets, sizes on HEAD, ``Expect: 100-continue`` and
 ``If-None-Match: *`` on PUT. Uploads go to a hidden temporary name and are renamed when complete,
@@ -26,6 +27,8 @@ from xml.sax.saxutils import escape
 import tornado.web
 
 from copytools.checksum import StreamChecksum, checksum_fd
+
+from .tpc import Pull, TpcConfig, perf_marker, source_headers
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +79,15 @@ def _stored_adler32(path: str, st: os.stat_result) -> str | None:
 class SEHandler(tornado.web.RequestHandler):
     """Every verb on every path below the root."""
 
-    SUPPORTED_METHODS = ("GET", "HEAD", "PUT", "DELETE", "MKCOL", "PROPFIND", "OPTIONS")
+    SUPPORTED_METHODS = ("GET", "HEAD", "PUT", "DELETE", "MKCOL", "PROPFIND", "OPTIONS", "COPY")
 
-    def initialize(self, root: str, token: str | None, create_parents: bool = True) -> None:
+    def initialize(self, root: str, token: str | None, create_parents: bool = True,
+                   tpc: TpcConfig | None = None) -> None:
         self.root = root
         self.token = token
         self.create_parents = create_parents
+        self.tpc = tpc or TpcConfig()
+        self._pull: Pull | None = None
         self._tmp: str | None = None
         self._fd: int | None = None
         self._cs: StreamChecksum | None = None
@@ -207,7 +213,8 @@ class SEHandler(tornado.web.RequestHandler):
         self.finish(body if send_body else None)
 
     def options(self) -> None:
-        self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
+        methods = [m for m in self.SUPPORTED_METHODS if m != "COPY" or self.tpc.allow]
+        self.set_header("Allow", ", ".join(methods))
         self.set_header("DAV", "1")
         self.set_header("Content-Length", "0")
         self.set_status(200)
@@ -385,6 +392,39 @@ class SEHandler(tornado.web.RequestHandler):
         self.clear_header("Content-Type")
         self.finish()
 
+    # -- third-party copy (pull) -----------------------------------------------------------------
+    async def copy(self) -> None:
+        if not self._authorized():
+            return
+        path = self._path()
+        if path is None:
+            return
+        source = self.request.headers.get("Source", "").strip()
+        if not source:
+            if self.request.headers.get("Destination"):
+                return self._fail(501, "push-mode COPY (Destination:) is not offered: ask the "
+                                       "destination to pull (Source:)")
+            return self._fail(400, "COPY needs a Source: header (third-party pull)")
+        why = self.tpc.allows(source)
+        if why:
+            return self._fail(403, why)
+        if os.path.isdir(path):
+            return self._fail(409, "a collection exists at this path")
+        if os.path.exists(path) and self.request.headers.get("Overwrite", "T").strip() == "F":
+            return self._fail(412, "file exists (Overwrite: F)")
+        self.set_status(202)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self._pull = Pull(self.tpc, source, path, source_headers(self.request.headers),
+                          self._marker)
+        why = await self._pull.run(UPLOAD_PREFIX, XATTR)
+        if why:
+            log.warning("third-party copy %s -> %s failed: %s", source, self.request.path, why)
+        self.finish("success: Created\n" if why is None else f"failure: {why}\n")
+
+    def _marker(self, size: int) -> None:
+        self.write(perf_marker(size))
+        self.flush()
+
     def _discard(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -397,7 +437,9 @@ class SEHandler(tornado.web.RequestHandler):
             self._tmp = None
 
     def on_connection_close(self) -> None:
-        # the client went away mid-upload: the half file must not survive
+        # the client went away mid-upload (or mid-pull): the half file must not survive
+        if self._pull is not None:
+            self._pull.cancelled = True
         self._discard()
 
     def on_finish(self) -> None:
@@ -417,7 +459,9 @@ class SEApplication(tornado.web.Application):
         return super().find_handler(request, **kwargs)
 
 
-def make_app(root: str, token: str | None = None, create_parents: bool = True) -> SEApplication:
+def make_app(root: str, token: str | None = None, create_parents: bool = True,
+             tpc: TpcConfig | None = None) -> SEApplication:
     root = os.path.realpath(root)
     return SEApplication([(r"/.*", SEHandler, {"root": root, "token": token,
-                                               "create_parents": create_parents})])
+                                               "create_parents": create_parents,
+                                               "tpc": tpc or TpcConfig()})])

@@ -11,6 +11,7 @@ import sys
 from tornado.httpserver import HTTPServer
 
 from .app import make_app
+from .tpc import TpcConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict-webdav", action="store_true",
                         help="answer PUT into a missing folder with 409, as RFC 4918 says, instead "
                         "of creating the parents")
+    parser.add_argument("--tpc-allow", action="append", default=[], metavar="HOST:PORT",
+                        help="accept third-party COPY (pull) from this source storage element "
+                        "(repeatable; '*': any source this host can reach); default: COPY refused")
+    parser.add_argument("--tpc-ca-bundle", help="PEM CA bundle verifying https sources of COPY")
+    parser.add_argument("--tpc-timeout", type=float, default=3600.0, metavar="S",
+                        help="longest one third-party pull may take")
     args = parser.parse_args(argv)
     from panda_core.logs import setup_logging
 
@@ -56,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ssl.SSLError) as exc:
             sys.stderr.write(f"panda se: cannot load --cert/--key: {exc}\n")
             return 2
-    app = make_app(args.root, token, create_parents=not args.strict_webdav)
+    tpc = TpcConfig(allow=tuple(args.tpc_allow), ca_bundle=args.tpc_ca_bundle,
+                    timeout_s=args.tpc_timeout)
+    app = make_app(args.root, token, create_parents=not args.strict_webdav, tpc=tpc)
 
     async def serve() -> None:
         server = HTTPServer(app, max_body_size=1 << 50, idle_connection_timeout=300,

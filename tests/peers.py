@@ -77,7 +77,8 @@ class RunningSE:
 
 def start_se(root: str | Path, token: str | None = None, port: int | None = None,
              log_path: str | Path | None = None, timeout: float = 20.0,
-             strict_webdav: bool = False, tls: "TestCA | None" = None) -> RunningSE:
+             strict_webdav: bool = False, tls: "TestCA | None" = None,
+             extra_args: list[str] | tuple[str, ...] = ()) -> RunningSE:
     """Start ``panda se`` on 127.0.0.1 (a free port unless given) and wait until it answers;
     with ``tls`` (see ``make_test_ca``) it serves HTTPS with a certificate for 127.0.0.1."""
     root = Path(root)
@@ -88,6 +89,7 @@ def start_se(root: str | Path, token: str | None = None, port: int | None = None
            "--host", LOOPBACK]
     if strict_webdav:
         cmd.append("--strict-webdav")
+    cmd.extend(extra_args)
     if tls is not None:
         cmd += ["--cert", str(tls.cert), "--key", str(tls.key)]
     env = dict(os.environ)

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
 PARTS = set(ALLOWED)
 #: what a worker node must never need: the server's and the sysadmin's dependencies
 SERVER_ONLY = {"tornado", "sqlalchemy", "alembic", "prometheus_client", "jsonschema", "yaml",
-               "psycopg", "pymysql"}
+               "psycopg", "pymysql", "jwt"}
 WORKER_NODE = ("panda_core", "copytools", "pilot")
 #: panda_core's one import outside the standard library: the plugin loader asks stevedore,
 #: lazily, only when a plugin is loaded

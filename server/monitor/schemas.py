@@ -71,7 +71,9 @@ VIEWS: dict[str, dict] = {
                  "datasets": arr(obj({"dataset": S, "type": S, "files": I, "bytes": I,
                                       "states": COUNTS})),
                  "histograms": {"type": "object", "additionalProperties": obj(
-                     {"label": S, "edges": arr(N), "finished": arr(I), "failed": arr(I)})}}),
+                     {"label": S, "edges": arr(N), "finished": arr(I), "failed": arr(I)})},
+                 "event_ranges": {"type": "object", "additionalProperties": obj(
+                     {"ranges": I, "events": I})}}),
     "errors": obj({**BASE, "selection": SELECTION, "description": S, "by_code": arr(ERROR_CODE),
                    "by_site": arr(GROUP_ROW), "by_user": arr(GROUP_ROW),
                    "by_task": arr(GROUP_ROW), "failed": I,

@@ -124,6 +124,17 @@ def datasets(tb, task_id: int) -> list[dict]:
                                                r["dataset"]))
 
 
+def event_ranges(tb, task_id: int) -> dict[str, dict[str, int]]:
+    """The task's event ranges per state, with their events (one GROUP BY on the ranges'
+    task index); empty for a task not split into ranges."""
+    r = db.event_ranges.c
+    with db.read(tb.engine) as conn:
+        return {status: {"ranges": int(n), "events": int(events or 0)}
+                for status, n, events in conn.execute(
+                    select(r.status, func.count(), func.sum(r.last_event - r.start_event + 1))
+                    .where(r.task_id == task_id).group_by(r.status))}
+
+
 METRICS = {
     "walltime_s": ("wall time (s)", lambda t, d: seconds_between(t.c.start_time, t.c.end_time, d)),
     "cpu_efficiency": ("CPU efficiency", lambda t, d: t.c.cpu_consumption_time / func.nullif(

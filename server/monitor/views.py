@@ -253,7 +253,8 @@ class TaskView(MonitorHandler):
         counts = self.tb.tasks.job_counts(tid)
         hist = tasksview.histograms(self.tb, tid)
         data = {"task": task, "jobs": counts, **tasksview.progress(counts),
-                "datasets": tasksview.datasets(self.tb, tid), "histograms": hist}
+                "datasets": tasksview.datasets(self.tb, tid), "histograms": hist,
+                "event_ranges": tasksview.event_ranges(self.tb, tid)}
         svgs = [plots.stacked_bars(
             f"{h['label']} of ended jobs",
             [f"{h['edges'][i]:.3g}" for i in range(len(h["finished"]))],

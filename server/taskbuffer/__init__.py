@@ -4,8 +4,9 @@ One part per responsibility, each a module of this package: ``states`` (the job 
 the one function that changes a job's status), ``counts`` (jobs per site, share and state, kept
 by triggers), ``sites``, ``data`` (datasets, replicas, stored
 outputs), ``tasks``, ``jobs`` (rows, dispatch, failures, retries, kills) and ``pilots`` (what
-pilots and factories report). :class:`TaskBuffer` holds them over one engine and clock, so that
-callers pass one object around: ``tb.jobs.dispatch(...)``, ``tb.sites.get_cached(...)``.
+pilots and factories report), ``tokens`` (revoked bearer tokens). :class:`TaskBuffer` holds
+them over one engine and clock, so that callers pass one object around:
+``tb.jobs.dispatch(...)``, ``tb.sites.get_cached(...)``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .pilots import Pilots
 from .sites import Sites
 from .states import JobStates
 from .tasks import Tasks
+from .tokens import RevokedTokens
 
 __all__ = ["Clock", "Conflict", "NotFound", "TaskBuffer", "is_retryable", "utcnow"]
 
@@ -35,3 +37,4 @@ class TaskBuffer(Store):
         self.tasks = Tasks(self)
         self.jobs = Jobs(self, self.states, self.tasks, self.counts)
         self.pilots = Pilots(self, self.states, self.tasks, self.data, self.jobs)
+        self.revoked_tokens = RevokedTokens(self)

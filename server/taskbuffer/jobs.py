@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Integer, String, all_, and_, bindparam, func, insert, select
+from sqlalchemy import Integer, String, all_, and_, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
-from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, JobState, TaskState
+from panda_core.states import (FINAL_JOB_STATES, FINAL_TASK_STATES, PILOT_OWNED_STATES, JobState,
+                               TaskState)
 
 from .. import db
 from ..jobcreator import retry_job_values
-from .base import NotFound, Store
+from .base import Conflict, NotFound, Store
 from .counts import JobCounts
 from .states import JobStates
 from .tasks import Tasks
@@ -247,6 +248,13 @@ class Jobs:
                    ._mapping)
         if job["attempt_nr"] >= job["max_attempts"]:
             return None
+        if job.get("event_service") == 1 and conn.execute(select(db.event_ranges.c.row_id).where(
+                db.event_ranges.c.task_id == job["task_id"], db.event_ranges.c.serial == 0,
+                db.event_ranges.c.status.in_(("ready", "sent", "running"))).limit(1)
+                ).first() is None:
+            log.info("job %s failed: an event-service consumer, and its task's pool has no "
+                     "range left: no retry", panda_id)
+            return None
         task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == job["task_id"])
                             ).first()
         if task is None or task.status == str(TaskState.ABORTED):
@@ -259,6 +267,42 @@ class Jobs:
         log.info("job %s failed (attempt %s of %s): retry is job %s", panda_id,
                  job["attempt_nr"], job["max_attempts"], new_id)
         return new_id
+
+    def retry_task(self, task_id: int, actor: str) -> list[int]:
+        """Run again the work of an ended task that did not succeed (PanDA's task retry): a new
+        attempt of every job whose latest attempt failed or was cancelled, beyond the task's
+        ``max_attempts`` if need be. Returns the new PandaIDs (none: nothing to retry).
+        Raises Conflict while the task still runs. Jobs already archived are not retried."""
+        with self.store.engine.begin() as conn:
+            task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == task_id)
+                                .with_for_update()).first()
+            if task is None:
+                raise NotFound(f"no task {task_id}")
+            if task.status not in {str(s) for s in FINAL_TASK_STATES}:
+                raise Conflict(f"task {task_id} is {task.status}: only an ended task is retried")
+            latest: dict[int, dict] = {}
+            for row in conn.execute(select(db.jobs).where(db.jobs.c.task_id == task_id)
+                                    .order_by(db.jobs.c.serial, db.jobs.c.attempt_nr)):
+                latest[row.serial] = dict(row._mapping)
+            targets = [j for j in latest.values()
+                       if j["status"] in (str(JobState.FAILED), str(JobState.CANCELLED))]
+            if not targets:
+                return []
+            conn.execute(update(db.tasks).where(db.tasks.c.task_id == task_id).values(
+                status=str(TaskState.READY), modified=self.store.clock()))
+            new_ids = []
+            for job in targets:
+                files = [dict(r._mapping) for r in conn.execute(SELECT_FILES,
+                                                                {"pid": job["panda_id"]})]
+                values, new_files = retry_job_values(job, files)
+                values["max_attempts"] = max(values["max_attempts"] or 0, values["attempt_nr"])
+                new_id = self.insert(conn, values, new_files, actor)
+                self.states.change(conn, new_id, str(JobState.ACTIVATED) if job["site"] else
+                                   str(JobState.ASSIGNED), actor=actor,
+                                   expected=[str(JobState.DEFINED)])
+                new_ids.append(new_id)
+            log.info("task %s retried by %s: %d job(s) again", task_id, actor, len(new_ids))
+            return new_ids
 
     def kill(self, panda_id: int, actor: str, owner_check: str | None = None) -> bool:
         """Kill a job: one not yet with a pilot is cancelled now; one with a pilot gets

@@ -31,7 +31,8 @@ _SELECT_OUTPUTS = select(db.files.c.row_id, db.files.c.type, db.files.c.scope, d
 # the job a pilot updates, with its task's status (to skip the task update when it runs)
 _SELECT_PILOT_ROW = select(
     db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr, db.jobs.c.command,
-    db.jobs.c.task_id, db.jobs.c.site, db.tasks.c.status.label("task_status")
+    db.jobs.c.task_id, db.jobs.c.site, db.jobs.c.destination_se,
+    db.tasks.c.status.label("task_status")
 ).select_from(db.jobs.outerjoin(db.tasks, db.tasks.c.task_id == db.jobs.c.task_id)).where(
     db.jobs.c.panda_id == bindparam("pid"))
 _PILOT_ROW_KEYS = frozenset(c.name for c in _SELECT_PILOT_ROW.selected_columns)
@@ -125,8 +126,11 @@ class Pilots:
             now = store.clock()
             fields = {**fields, "heartbeat_time": now}
             if final:
-                self._finish(conn, panda_id, row.status, state, fields, actor, stored_files or {},
-                             output_endpoint, outs)
+                state = self._finish(conn, panda_id, row.status, state, fields, actor,
+                                     stored_files or {}, output_endpoint, outs,
+                                     row.destination_se)
+                if state == str(JobState.TRANSFERRING):
+                    return "NULL"        # not ended: the data service moves its outputs on
                 ended_task = row.task_id
             else:
                 return self._progress(conn, panda_id, row, state, fields, actor, now)
@@ -156,8 +160,10 @@ class Pilots:
 
     def _finish(self, conn: Connection, panda_id: int, old: str, state: str, fields: dict,
                 actor: str | None, stored: dict[str, dict], endpoint: str | None,
-                outs: list | None = None) -> None:
-        """Register the stored outputs, then end the job via ``holding`` (both steps recorded)."""
+                outs: list | None = None, destination_se: str | None = None) -> str:
+        """Register the stored outputs, then end the job via ``holding`` (both steps recorded);
+        a job whose task aggregates its outputs elsewhere goes to ``transferring`` instead of
+        ``finished`` (the data service ends it). Returns the state the job went to."""
         now = self.store.clock()
         fields.setdefault("end_time", now)
         if outs is None:      # the caller may have read them with the job's row
@@ -167,30 +173,43 @@ class Pilots:
             state = str(JobState.FAILED)
             fields["pilot_error_code"] = 1165
             fields["pilot_error_diag"] = "missing output file(s): " + ",".join(missing)[:500]
+        if state == str(JobState.FINISHED) and destination_se and destination_se != endpoint:
+            state = str(JobState.TRANSFERRING)
+            fields.pop("end_time", None)
         if not self.states.change(conn, panda_id, state, actor=actor, expected=[old],
                                   via=[str(JobState.HOLDING)], command=None, **fields):
             raise Conflict(f"job {panda_id} changed state while its final update was applied")
         if state == str(JobState.FAILED):
             self.jobs.retry(conn, panda_id, actor)
+        return state
 
     # ------------------------------------------------------------------ factories
     def report(self, factory: str, pilots: list[dict], actor: str | None,
-               site_status: dict | None = None) -> int:
+               site_status: dict | None = None, actor_is_admin: bool = False) -> int:
         """A factory's pilots (batch id, site, state, ...) and, optionally, how it sees each
-        site; returns how many pilots were reported."""
+        site; returns how many pilots were reported. PermissionError when ``factory`` is
+        another identity's (an admin may report for any)."""
         now = self.store.clock()
         fac = {"last_seen": now, "actor": actor}
         if site_status is not None:
             fac["site_status"] = site_status
         with self.store.engine.begin() as conn:
-            res = conn.execute(update(db.factories).where(db.factories.c.name == factory)
-                               .values(**fac))
+            # a factory's name belongs to the identity that first reported under it: another
+            # caller naming it would overwrite what the factory said about its pilots and sites
+            owner = db.factories.c.actor
+            mine = [db.factories.c.name == factory]
+            if not actor_is_admin:
+                mine.append((owner == actor) | owner.is_(None))
+            res = conn.execute(update(db.factories).where(*mine).values(**fac))
             if res.rowcount == 0:
                 try:
                     with conn.begin_nested():
                         conn.execute(insert(db.factories).values(name=factory, **fac))
                 except IntegrityError:
-                    pass
+                    held = conn.execute(select(owner).where(db.factories.c.name == factory)
+                                        ).scalar()
+                    raise PermissionError(f"factory {factory!r} reports as {held}; "
+                                          f"{actor} may not report for it") from None
             for p in pilots:
                 values = {"site": p["site"], "backend": p.get("backend"),
                           "state": p.get("state", "unknown"),

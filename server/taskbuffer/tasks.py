@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func, insert, literal_column, select, update
 from sqlalchemy.engine import Connection
 
-from panda_core.states import FINAL_JOB_STATES, JobState, TaskState
+from panda_core.states import FINAL_JOB_STATES, FINAL_TASK_STATES, JobState, TaskState
 
 from .. import db
 from .base import NotFound, Store
@@ -82,6 +82,15 @@ class Tasks:
         with db.read(self.store.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
+    def find_live(self, name: str, owner: str) -> int | None:
+        """The id of ``owner``'s task called ``name`` that has not ended, if any (JEDI's
+        ``uniqueTaskName``); uses the owner index."""
+        final = [str(s) for s in FINAL_TASK_STATES]
+        with db.read(self.store.engine) as conn:
+            return conn.execute(select(db.tasks.c.task_id).where(
+                db.tasks.c.owner == owner, db.tasks.c.name == name,
+                db.tasks.c.status.not_in(final)).limit(1)).scalar()
+
     # ------------------------------------------------------------------ status from the jobs
     def after_job_end(self, task_id: int) -> None:
         """Update the task of a job that just ended. One read answers the common case (the
@@ -135,6 +144,9 @@ class Tasks:
             # every job is final: count only the latest attempt of each serial, since a failed
             # job that was retried is not a failure of the task
             latest = self._latest_attempt_states(conn, task_id)
+            merge = self._merge_state(conn, task_id)
+            if merge is not None:   # an event-service task ends as its merge job does
+                latest = {0: merge}
             if not latest:
                 return
             n_fin = sum(1 for s in latest.values() if s == "finished")
@@ -142,6 +154,17 @@ class Tasks:
                       TaskState.FAILED if n_fin == 0 else TaskState.FINISHED)
         if task.status != str(status):
             self.set_status(conn, task_id, str(status))
+
+    def _merge_state(self, conn: Connection, task_id: int) -> str | None:
+        """The state of the latest attempt of an event-service task's merge job, if it has one
+        (its consumers' failures are not the task's: their ranges went to other consumers)."""
+        latest: tuple[int, str] | None = None
+        for table in (db.jobs, db.jobs_archive):
+            for attempt, status in conn.execute(select(table.c.attempt_nr, table.c.status).where(
+                    table.c.task_id == task_id, table.c.event_service == 2)):
+                if latest is None or attempt > latest[0]:
+                    latest = (attempt, status)
+        return latest[1] if latest else None
 
     def _latest_attempt_states(self, conn: Connection, task_id: int) -> dict[int, str]:
         latest: dict[int, tuple[int, str]] = {}

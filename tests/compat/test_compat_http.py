@@ -252,7 +252,7 @@ def test_sandbox_cache_refuses_bad_names_and_overwrites(site_server):
     assert resp.json()["success"] is False and "exists" in resp.json()["message"]
     assert requests.get(f"{site_server.url}/cache/sources.a.tgz", timeout=5).content == b"one"
     assert requests.get(f"{site_server.url}/cache/nothing.here", timeout=5).status_code == 404
-    assert requests.get(f"{site_server.url}/cache/..%2fkeys%2ftoken-secret",
+    assert requests.get(f"{site_server.url}/cache/..%2fkeys%2ftoken-es256.pem",
                         timeout=5).status_code in (400, 404)
     resp = requests.post(url, files={"file": ("p.tgz", b"x")}, timeout=5,
                          headers={"Authorization": f"Bearer {site_server.token('pilot', 'p')}"})

@@ -26,8 +26,11 @@ def _pilot_env(launch: Path, user: str) -> list[str]:
     env = {"PATH": "/usr/bin:/bin", "HOME": f"/var/tmp/{user}-home", "LANG": "C.UTF-8",
            "PILOT_NOKILL": "1",                       # never kill the user's other processes
            "LOCAL_AGIS_SCHEDCONF": str(launch / "schedconf.json")}
-    if (launch / "pilot.token").exists():   # token mode needs both (the file is found in launch)
-        env.update(PANDA_AUTH_TOKEN="pilot.token", PANDA_AUTH_ORIGIN="panda-wms")
+    if (launch / "pilot.token").exists():
+        # docs/compat.md's one environment for both pilots: pilot 3 takes OIDC_AUTH_TOKEN (a file
+        # name, found in launch) before PANDA_AUTH_TOKEN, which our pilot reads as the token
+        env.update(OIDC_AUTH_TOKEN="pilot.token", OIDC_AUTH_ORIGIN="panda-wms",
+                   PANDA_AUTH_TOKEN=(launch / "pilot.token").read_text())
     if (launch / "x509up").exists():        # else: certificate, key and CA chain in one file
         env.update(X509_USER_PROXY=str(launch / "x509up"), X509_CERT_DIR=str(launch / "certs"))
     if (launch / "pilot.cfg").exists():     # pilot 3's own way to read another config file
@@ -312,3 +315,32 @@ def test_queuedata_reads_in_pilot3(site_server, compat_venv):
     assert seen["se"] == "LOCAL_SE"
     assert seen["protocols"][0]["endpoint"] == "file://localhost"
     assert seen["protocols"][0]["path"] == str(site_server.se)
+
+
+def test_timefloor_from_the_site_config_reaches_pilot3(tmp_path, compat_venv):
+    """``pilots.timefloor`` (minutes) of a site config is the queue description's ``timefloor``,
+    which pilot 3's QueueData turns into the seconds during which it asks for another job."""
+    import yaml
+
+    from server.queuedata import queuedata
+    from site_configs import parse_site_config
+
+    data = yaml.safe_load((EXAMPLE_SITES / f"{SITE}.yaml").read_text())
+    data["pilots"]["timefloor"] = 20
+    config = parse_site_config(data, env={"PANDA_SE_ROOT": str(tmp_path)}).to_dict()
+    assert config["pilots"]["timefloor"] == 20
+    qd = json.loads(json.dumps(queuedata(config)))
+    assert qd["timefloor"] == 20
+    probe = ("import json, sys\nfrom pilot.info.queuedata import QueueData\n"
+             "print(QueueData(json.load(sys.stdin)).timefloor)\n")
+    proc = subprocess.run([str(compat_venv / "bin" / "python"), "-c", probe],
+                          input=json.dumps(qd), capture_output=True, text=True,
+                          cwd=compat_venv / "pilot3-src", timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PILOT_USER": "generic",
+                               "PILOT_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "1200"
+    # a site config without the key keeps PanDA's default: one job per pilot
+    del data["pilots"]["timefloor"]
+    assert queuedata(parse_site_config(data, env={"PANDA_SE_ROOT": "/x"}).to_dict())[
+        "timefloor"] == 0

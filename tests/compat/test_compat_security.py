@@ -75,6 +75,11 @@ def test_roles_and_missing_or_forged_tokens(token_server):
     alice.submit_task({**TASK, "site": SITE})
     assert pilot(s.url, "getJob", siteName=SITE)["StatusCode"] == 50
     reply = pilot(s.url, "getJob", "forged.token", siteName=SITE)
+    assert reply["StatusCode"] == 50 and "malformed" in reply["errorDialog"]
+    # a JWT in this server's name, signed with another key
+    from server.auth import KeyStore
+    forged = KeyStore(s.key_dir.parent / "other-keys").issue_token("wn", "pilot")
+    reply = pilot(s.url, "getJob", forged, siteName=SITE)
     assert reply["StatusCode"] == 50 and "does not verify" in reply["errorDialog"]
     reply = pilot(s.url, "getJob", s.token("user", "alice"), siteName=SITE)
     assert reply["StatusCode"] == 60 and "role user may not getJob" in reply["errorDialog"]
@@ -85,9 +90,8 @@ def test_roles_and_missing_or_forged_tokens(token_server):
     resp = requests.post(f"{api}/site/sync", json={"sites": []}, timeout=5,
                          headers={"Authorization": f"Bearer {s.token('user', 'alice')}"})
     assert resp.status_code == 403
-    # an expired token is refused
-    from server.auth import KeyStore
-    expired = KeyStore(s.key_dir).issue_token("alice", "user", lifetime_s=-10)
+    # an expired token is refused (beyond the minute of clock skew allowed)
+    expired = KeyStore(s.key_dir).issue_token("alice", "user", lifetime_s=-120)
     resp = requests.post(f"{api}/task/submit", json={"task_parameters": TASK}, timeout=5,
                          headers={"Authorization": f"Bearer {expired}"})
     assert resp.status_code == 403 and "expired" in resp.json()["message"]

@@ -29,9 +29,13 @@ class DriverRefused(LookupError):
     """The error type of the caller in these tests."""
 
 
-@pytest.fixture
-def group(tmp_path, monkeypatch):
-    """A distribution registering three drivers in GROUP: one good, one refusing, one broken."""
+@pytest.fixture(params=["stevedore", "stdlib"])
+def group(tmp_path, monkeypatch, request):
+    """A distribution registering three drivers in GROUP: one good, one refusing, one broken;
+    loaded by stevedore, and by the standard library where stevedore is missing (the one-file
+    pilot carries no stevedore)."""
+    if request.param == "stdlib":
+        monkeypatch.setitem(sys.modules, "stevedore", None)     # import stevedore fails
     (tmp_path / "testdrivers_mod.py").write_text(MODULE)
     (tmp_path / "testdrivers_broken.py").write_text("raise ImportError('missing dependency xyz')\n")
     dist = tmp_path / "testdrivers-1.0.dist-info"

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import zlib
 
 from panda_core.errorcodes import ErrorCode
 from panda_core.replicas import replica_path
-from pilotkit import TOKEN, fake, make_job, put_input, run_pilot, se, stored  # noqa: F401
+from fakepanda import FakePanda
+from pilotkit import (TOKEN, fake, make_job, put_input, run_pilot, se, site_config,  # noqa: F401
+                      stored)
 
 
 def test_job_with_input_and_output(fake, se, tmp_path):
@@ -282,3 +285,36 @@ def test_malformed_panda_id_is_refused_safely(fake, tmp_path):
     final = fake.final("../../508x")
     assert int(final["pilotErrorCode"]) == ErrorCode.BAD_JOB_SPEC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["se", "wd"]   # nothing escaped
+
+
+def test_timefloor_keeps_taking_jobs_then_stops_cleanly(se, tmp_path):
+    """Issue 16 item 5: jobs are taken while the pilot has run less than the queue's timefloor;
+    the first job that ends past it is the last, the pilot exits 0 and leaves the rest."""
+    fake = FakePanda(site_config(se, pilots={"timefloor": 0.05}), token=TOKEN).start()  # 3 s
+    try:
+        for i in range(8):
+            fake.add_job(make_job(900 + i, "sleep 0.5", log=False))
+        res = run_pilot(fake, tmp_path / "wd")
+        assert res.returncode == 0, res.stderr
+        done = [i for i in range(900, 908) if fake.final(i)]
+        assert 2 <= len(done) <= 6, (done, res.stderr[-2000:])
+        assert all(fake.final(i)["state"] == "finished" for i in done)
+        assert f"past the queue's timefloor of 0.05 min: no new job after {len(done)}" \
+            in res.stderr
+        assert len(fake.jobs) == 8 - len(done)        # the others stay with the server
+        # --timefloor overrides the queue's value (0: no floor: every job while wall time lasts)
+        res = run_pilot(fake, tmp_path / "wd", "--timefloor", "0")
+        assert res.returncode == 0 and not fake.jobs, res.stderr
+        res = run_pilot(fake, tmp_path / "wd", "--timefloor", "-1")
+        assert res.returncode == 2 and "must be 0 or more minutes" in res.stderr
+    finally:
+        fake.stop()
+        os.unlink(fake.key_file)
+
+
+def test_past_timefloor_rule():
+    from pilot.cli import past_timefloor
+
+    assert not past_timefloor(0, 9999, 1)          # the first job is always asked for
+    assert not past_timefloor(3, 59, 1) and past_timefloor(3, 60, 1)
+    assert not past_timefloor(5, 1e6, 0)           # no floor

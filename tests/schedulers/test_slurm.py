@@ -280,3 +280,58 @@ def test_sbatch_that_hangs_after_slurm_took_the_job(slurm, tmp_path):
     import psutil
     for pid in map(int, pids.read_text().split()):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_factory_runs_onefile_pilots_on_slurm_with_a_bare_python(slurm, tmp_path, monkeypatch):
+    """Issue 16: the batch job needs only python3. Debian's /usr/bin/python3 (no panda-wms; the
+    batch script runs it with -E -s, so the PYTHONPATH Slurm exports does not reach it) fetches,
+    verifies and caches the server's pilot file and takes the jobs to finished."""
+    import subprocess
+
+    import yaml
+
+    from testkit import start_server, stop_server
+    from panda_core.client import ApiClient
+    from schedulers.factory import Factory
+    from site_configs import parse_site_config
+    from test_factory import SITE, activate_jobs, site_dict
+
+    python = "/usr/bin/python3"
+    assert subprocess.run([python, "-E", "-s", "-c", "import panda_core"], cwd="/",
+                          capture_output=True).returncode != 0
+    monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
+    monkeypatch.setenv("PANDA_PILOT_CACHE", str(tmp_path / "node-cache"))
+    data = site_dict(max_queued=2, max_running=2, walltime_s=600)
+    data["scheduler"] = {"backend": "slurm",
+                         "options": {"partition": "debug", "command_timeout_s": 20,
+                                     "slurm_conf": str(slurm.conf)}}
+    data["resources"]["memory_mb"] = 500
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(data))
+    server = start_server(tmp_path / "srv", site_dir=sites)
+    try:
+        server.se = tmp_path / "se"
+        pilot_token = server.token("pilot", "slurm-onefile", site=SITE)
+        task_id = activate_jobs(server, 2, name="slurmonefile")
+        factory = Factory(server.url, [parse_site_config(data)], token=pilot_token,
+                          pilot_token=pilot_token, state_dir=tmp_path / "factory",
+                          factory_id="slurm-onefile", pilot_launch="onefile", python=python,
+                          server_key_fingerprint=server.key_fingerprint())
+        admin = ApiClient(server.url, server.token("admin"))
+        deadline = time.monotonic() + 120
+        jobs = {}
+        while time.monotonic() < deadline:
+            factory.run_once()
+            jobs = admin.task_details(task_id)["jobs"]
+            if jobs == {"finished": 2}:
+                break
+            time.sleep(0.5)
+        outs = [p.read_text()[-2000:] for p in (tmp_path / "factory").rglob("pilot-*.out")]
+        assert jobs == {"finished": 2}, (jobs, outs, server.log()[-2000:])
+        assert any(f"({python})" in o and "pilot panda-wms-pilot 0.1+" in o for o in outs), outs
+        assert [p.name for p in (tmp_path / "node-cache").iterdir()
+                if not p.name.startswith(".")] == [factory.pilot_version(factory.sites[SITE])]
+    finally:
+        factory.cancel_all()
+        stop_server(server)

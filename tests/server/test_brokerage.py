@@ -201,12 +201,13 @@ def test_a_plan_without_candidates_refuses_the_task(taskbuffer):
     assert taskbuffer.tasks.find() == []                # nothing was created
 
 
-def test_a_task_above_the_bound_is_told_to_split(taskbuffer):
-    from server.submission import MAX_JOBS_PER_TASK
+def test_a_task_above_the_bound_is_refused_before_anything_is_made(taskbuffer, monkeypatch):
+    import server.submission as submission
+    from server.jobcreator import LimitExceeded
     taskbuffer.sites.sync([site("A")])
-    with pytest.raises(TaskSpecError) as err:
-        submitter(taskbuffer).submit(task(n_jobs=MAX_JOBS_PER_TASK + 1), owner="u")
-    assert f"at most {MAX_JOBS_PER_TASK}" in str(err.value) and "split" in str(err.value)
+    monkeypatch.setattr(submission, "MAX_JOBS_PER_CALL", 4)
+    with pytest.raises(LimitExceeded, match="would create 5 jobs; at most 4 per call"):
+        submitter(taskbuffer).submit(task(n_jobs=5), owner="u")
     assert taskbuffer.tasks.find() == []
 
 

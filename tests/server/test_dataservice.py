@@ -12,7 +12,8 @@ from sqlalchemy import update
 from logic_kit import put_file, site, submitter, task
 from panda_core.replicas import replica_url
 from server import db
-from server.dataservice import DataService, FileRef, LocalMover, SourceError, TransferFailed
+from server.dataservice import DataService, FileRef, SourceError, TransferFailed
+from server.datamovers.local import LocalMover
 
 
 @pytest.fixture
@@ -220,3 +221,57 @@ def test_full_destination_disk_loses_nothing_and_recovers(taskbuffer, ses, tiny_
     subprocess.run(["mount", "-o", "remount,size=1m", str(tiny_fs)], check=True)
     assert DataService(taskbuffer).process().activated == [pid]
     assert os.path.getsize(replica_url(str(tiny_fs), "s", "big")) == 200 * 1024
+
+
+# -- retries, several movers, giving up ---------------------------------------------------------
+class FlakyMover(LocalMover):
+    """The local mover whose first ``hangs`` copies fail as a killed transfer would."""
+
+    def __init__(self, hangs: int):
+        super().__init__(fsync=False)
+        self.hangs = hangs
+        self.calls = 0
+
+    def copy(self, src_url, dst_url, expected, timeout_s):
+        self.calls += 1
+        if self.calls <= self.hangs:
+            raise TransferFailed(f"copy {src_url} stopped after the {timeout_s:g} s deadline")
+        return super().copy(src_url, dst_url, expected, timeout_s)
+
+
+def test_a_killed_transfer_is_retried_with_backoff_in_the_same_pass(tb, ses):
+    register(tb, ses["SE_B"], "SE_B", ["r1"])
+    ids = submit_at_a(tb)
+    waits = []
+    mover = FlakyMover(hangs=2)
+    report = DataService(tb, mover, sleep=waits.append).process()
+    assert report.activated == ids and mover.calls == 3
+    assert len(waits) == 2 and waits[1] >= waits[0] > 0          # backoff grows
+
+
+def test_a_transfer_that_keeps_failing_waits_then_fails_the_job_with_ddm_100(tb, ses):
+    register(tb, ses["SE_B"], "SE_B", ["r2"])
+    ids = submit_at_a(tb)
+    service = DataService(tb, FlakyMover(hangs=10**6), sleep=lambda s: None, give_up_s=3600)
+    report = service.process()
+    assert list(report.waiting) == ids and "deadline" in report.waiting[ids[0]]
+    with tb.engine.begin() as conn:       # the job has waited longer than the give-up time
+        conn.execute(update(db.jobs).where(db.jobs.c.panda_id == ids[0]).values(
+            state_changed=tb.clock() - __import__("datetime").timedelta(hours=2)))
+    report = service.process()
+    assert list(report.failed) == ids
+    job = tb.jobs.get(ids[0])
+    assert job["status"] == "failed" and job["ddm_error_code"] == 100
+    assert "within 3600 s" in job["ddm_error_diag"] and "deadline" in job["ddm_error_diag"]
+
+
+def test_the_first_mover_that_handles_both_urls_is_used(tb, ses):
+    class Other(LocalMover):
+        name = "other"
+        schemes = ("root",)
+    register(tb, ses["SE_B"], "SE_B", ["r3"])
+    ids = submit_at_a(tb)
+    service = DataService(tb, [Other(), LocalMover(fsync=False)])
+    assert service.mover_for("file:///a", "file:///b").name == "local"
+    assert service.mover_for("root://h//a", "file:///b") is None
+    assert service.process().activated == ids

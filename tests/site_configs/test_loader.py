@@ -113,6 +113,10 @@ BROKEN = [
     ("limits.looping", 5, "limits.looping", "unknown key"),
     ("name", "../etc/passwd", "name", "only letters, digits"),
     ("pilots.max_running", -1, "pilots.max_running", "below the minimum 0"),
+    ("pilots.timefloor", -5, "pilots.timefloor", "below the minimum 0"),
+    ("pilots.timefloor", "10m", "pilots.timefloor", "expected integer, got string"),
+    # the demo's pilots have 3600 s: a pilot taking jobs for 60 minutes would be killed in one
+    ("pilots.timefloor", 60, "pilots.timefloor", "not shorter than the pilot's wall time"),
 ]
 
 

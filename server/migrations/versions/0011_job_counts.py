@@ -16,8 +16,8 @@ WHEN clause skips heartbeats without calling the function. MariaDB and SQLite: r
 Also ``ix_jobs_waiting`` (status, panda_id) over assigned and activated jobs (partial on
 PostgreSQL and SQLite; none on MariaDB): the priority recompute walks the queue through it a batch at a time.
 
-Revision ID: 0008_job_counts
-Revises: 0007_monitor
+Revision ID: 0011_job_counts
+Revises: 0010_tokens
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_job_counts"
-down_revision = "0007_monitor"
+revision = "0011_job_counts"
+down_revision = "0010_tokens"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,204 @@
+"""What the batch script runs on the worker node: fetch, verify, cache and start the pilot file.
+
+Not imported by the factory: ``schedulers/bootstrap.py`` pastes this source, after
+``panda_core/ed25519.py``'s, into the batch script, so the node runs it with nothing but
+``python3`` (standard library only; ``verify`` is ed25519's). Written for the oldest Python the
+pilot claims; the line that starts it refuses older ones before this is even compiled.
+
+Steps: the cache ``$PANDA_PILOT_CACHE`` (default ``${XDG_CACHE_HOME:-~/.cache}/panda-pilot``,
+else ``$TMPDIR/panda-pilot-<uid>``) must be the user's own and writable by nobody else; a
+version already unpacked there runs at once (warm start). Otherwise the file and its detached
+signature are fetched (https verified against the given CA bundle/dir, else the system's),
+the signature checked with the pinned key, the file's manifest must name the version asked
+for (a validly signed old file served as another version is refused) and this platform; it is
+unpacked into a fresh folder renamed into place (a neighbour pilot unpacking the same version
+at the same time loses nothing), and run. Every refusal is one line on stderr starting with
+``panda-pilot bootstrap:`` and its own exit code (EXIT_*).
+"""
+import hashlib
+import json
+import os
+import platform
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+EXIT_USAGE = 2
+EXIT_FETCH = 3          # the server did not deliver the file
+EXIT_REFUSED = 4        # the file is not the server's, or not the version asked for
+EXIT_CACHE = 5          # the node's cache is unusable or not trustworthy
+EXIT_PLATFORM = 6       # the file was built for another platform
+MANIFEST = "PANDA_PILOT.json"
+FILE_NAME = "panda-pilot.pyz"
+RETRIES = 3
+
+
+class BootstrapError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def cache_root():
+    """The per-user cache folder, created 0700 and checked to be the user's alone."""
+    root = os.environ.get("PANDA_PILOT_CACHE")
+    if not root:
+        home = os.environ.get("XDG_CACHE_HOME") or (
+            os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else "")
+        root = os.path.join(home, "panda-pilot") if home else ""
+        if root:
+            try:
+                os.makedirs(root, mode=0o700, exist_ok=True)
+            except OSError:
+                root = ""
+        if not root:
+            root = os.path.join(tempfile.gettempdir(), "panda-pilot-%d" % os.getuid())
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        st = os.stat(root)
+    except OSError as exc:
+        raise BootstrapError(EXIT_CACHE, "cannot create the cache %s: %s" % (root, exc))
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise BootstrapError(EXIT_CACHE, "the cache %s is not this user's alone (owner uid %d, "
+                             "mode %o): another user could change the pilot there; set "
+                             "PANDA_PILOT_CACHE" % (root, st.st_uid, st.st_mode & 0o777))
+    return root
+
+
+def fetch(url, context, what):
+    last = None
+    for attempt in range(RETRIES):
+        if attempt:
+            time.sleep(min(30, 2 ** attempt))
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "panda-pilot-bootstrap"})
+            with urllib.request.urlopen(req, timeout=60, context=context) as reply:
+                return reply.read()
+        except urllib.error.HTTPError as exc:
+            last = "HTTP %d %s" % (exc.code, exc.reason)
+            if 400 <= exc.code < 500:
+                break                       # asking again gets the same answer
+        except (OSError, ValueError) as exc:
+            last = str(getattr(exc, "reason", None) or exc)
+    raise BootstrapError(EXIT_FETCH, "cannot fetch the %s %s: %s" % (what, url, last))
+
+
+def check(data, signature, key, version, url):
+    """Raise BootstrapError unless ``data`` is the server's signed file of ``version``."""
+    fingerprint = hashlib.sha256(SPKI_PREFIX + key).hexdigest()
+    if not verify(key, signature, data):
+        raise BootstrapError(EXIT_REFUSED, "REFUSED %s: its signature does not verify with the "
+                             "pinned server key sha256:%s: the file was altered or is not this "
+                             "server's; nothing was run" % (url, fingerprint))
+    try:
+        with zipfile.ZipFile(_bytes_file(data)) as zf:
+            manifest = json.loads(zf.read(MANIFEST).decode())
+    except (zipfile.BadZipFile, KeyError, ValueError):
+        raise BootstrapError(EXIT_REFUSED, "REFUSED %s: signed, but not a pilot file (no "
+                             "manifest)" % url)
+    if manifest.get("version") != version:
+        raise BootstrapError(EXIT_REFUSED, "REFUSED %s: it is version %r, not the %r asked for"
+                             % (url, manifest.get("version"), version))
+    return manifest
+
+
+def _bytes_file(data):
+    import io
+    return io.BytesIO(data)
+
+
+def check_node(manifest, version):
+    """Raise BootstrapError unless this node's platform and Python are the file's."""
+    here = "%s-%s" % (sys.platform, platform.machine())
+    if manifest.get("platform") not in (None, "", here):
+        raise BootstrapError(EXIT_PLATFORM, "the pilot file %s is built for %s, this node is "
+                             "%s" % (version, manifest.get("platform"), here))
+    try:
+        needed = tuple(int(p) for p in str(manifest.get("python_requires") or "0").split("."))
+    except ValueError:
+        needed = (0,)
+    if sys.version_info[:len(needed)] < needed:
+        raise BootstrapError(EXIT_PLATFORM, "the pilot file %s needs Python %s or newer, this "
+                             "node's %s is %s (set PANDA_PYTHON)" % (
+                                 version, manifest.get("python_requires"), sys.executable,
+                                 sys.version.split()[0]))
+
+
+def unpack(data, root, version, manifest):
+    """Unpack into ``root/version`` through a fresh folder renamed into place."""
+    target = os.path.join(root, version)
+    tmp = tempfile.mkdtemp(prefix=".%s." % version, dir=root)
+    try:
+        with zipfile.ZipFile(_bytes_file(data)) as zf:
+            for name in zf.namelist():
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise BootstrapError(EXIT_REFUSED, "the pilot file holds a bad path %r"
+                                         % name)
+            zf.extractall(tmp)
+        with open(os.path.join(tmp, FILE_NAME + ".sha256"), "w") as fh:
+            fh.write(hashlib.sha256(data).hexdigest() + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.exists(os.path.join(target, MANIFEST)):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)   # a neighbour unpacked it first
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BootstrapError(EXIT_CACHE, "cannot unpack the pilot into %s: %s" % (target, exc))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def prepare(server, version, key_hex, ca_file, ca_dir):
+    """The folder of the verified, unpacked pilot ``version`` (fetched if not cached)."""
+    root = cache_root()
+    target = os.path.join(root, version)
+    try:
+        with open(os.path.join(target, MANIFEST)) as fh:
+            check_node(json.load(fh), version)
+        return target
+    except (OSError, ValueError):
+        pass                             # not unpacked yet
+    try:
+        key = bytes.fromhex(key_hex)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise BootstrapError(EXIT_USAGE, "the pinned key is not 64 hex digits")
+    context = None
+    if server.startswith("https://"):
+        context = ssl.create_default_context(cafile=ca_file or None, capath=ca_dir or None)
+    url = "%s/pilot/%s/%s" % (server.rstrip("/"), version, FILE_NAME)
+    data = fetch(url, context, "pilot file")
+    signature = fetch(url + ".sig", context, "pilot file signature")
+    manifest = check(data, signature, key, version, url)
+    check_node(manifest, version)
+    return unpack(data, root, version, manifest)
+
+
+def main(argv):
+    """argv: SERVER VERSION KEY_HEX CA_FILE CA_DIR -- PILOT ARGS..."""
+    if len(argv) < 6 or argv[5] != "--":
+        sys.stderr.write("panda-pilot bootstrap: usage: SERVER VERSION KEY CA_FILE CA_DIR -- "
+                         "PILOT_ARGS\n")
+        return EXIT_USAGE
+    server, version, key_hex, ca_file, ca_dir = argv[:5]
+    try:
+        folder = prepare(server, version, key_hex, ca_file, ca_dir)
+    except BootstrapError as exc:
+        sys.stderr.write("panda-pilot bootstrap: %s\n" % exc)
+        return exc.code
+    os.environ["PANDA_PILOT_VERSION"] = version
+    sys.argv = [os.path.join(folder, "__main__.py")] + argv[6:]
+    sys.path.insert(0, folder)
+    import runpy
+    runpy.run_path(folder, run_name="__main__")
+    return 0

@@ -1,0 +1,270 @@
+"""The one-file pilot: the server's signed file, the factory's batch script, a bare python3.
+
+The node's Python in these tests is one with no panda-wms installed (Debian's /usr/bin/python3
+and pyenv's), started by the batch script with ``-E -s``: no PYTHONPATH reaches it, and each
+test checks first that this Python cannot import the pilot by itself.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from testkit import start_server, stop_server
+from panda_core.client import ApiClient
+from schedulers.base import SchedulerError
+from schedulers.bootstrap import batch_command, node_program, raw_key
+from schedulers.factory import Factory
+from site_configs import parse_site_config
+from test_factory import SITE, activate_jobs, site_dict
+
+MAX_BYTES = 5_000_000
+
+
+def has_pilot(python: str) -> bool:
+    return subprocess.run([python, "-E", "-s", "-c", "import pilot.cli, panda_core"],
+                          capture_output=True, cwd="/").returncode == 0
+
+
+def bare_pythons() -> list[str]:
+    """Pythons here without panda-wms: Debian's, and pyenv's of the versions the pilot claims
+    (one with panda-wms on its path, such as a pyenv Python a checkout was installed into,
+    proves nothing and is left out)."""
+    found = []
+    for path in ["/usr/bin/python3", *sorted(glob.glob(
+            os.path.expanduser("~/.pyenv/versions/3.1[0-9]*/bin/python3")))]:
+        if os.access(path, os.X_OK) and path not in found and not has_pilot(path):
+            found.append(path)
+    return found
+
+
+def old_python() -> str | None:
+    olds = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[6-9].*/bin/python3")))
+    return olds[-1] if olds else None
+
+
+def node_env(cache: Path, python: str | None = None, **extra) -> dict:
+    """A worker node's environment: no PYTHONPATH, no virtualenv, the system PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(PATH="/usr/local/bin:/usr/bin:/bin", PANDA_PILOT_CACHE=str(cache),
+               PILOT_NOKILL="1", **extra)
+    if python:
+        env["PANDA_PYTHON"] = python
+    return env
+
+
+def assert_bare(python: str) -> None:
+    assert not has_pilot(python), f"{python} has the pilot installed: the test would prove nothing"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("onefile")
+    os.environ["PANDA_SE_ROOT"] = str(tmp / "se")
+    sites = tmp / "sites"
+    sites.mkdir()
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(site_dict()))
+    server = start_server(tmp / "srv", site_dir=sites, env={"PANDA_SE_ROOT": str(tmp / "se")})
+    server.se = tmp / "se"
+    server.tmp = tmp
+    server.pilot_token = server.token("pilot", "onefile", site=SITE)
+    server.site = parse_site_config(site_dict(), env={"PANDA_SE_ROOT": str(tmp / "se")})
+    yield server
+    stop_server(server)
+
+
+def factory(srv, tmp_path, **kw) -> Factory:
+    return Factory(srv.url, [srv.site], token=srv.pilot_token, pilot_token=srv.pilot_token,
+                   state_dir=tmp_path / "factory", factory_id="onefile-test",
+                   server_key_fingerprint=srv.key_fingerprint(), pilot_launch="onefile", **kw)
+
+
+def pilot_argv(srv, tmp_path, *extra) -> list[str]:
+    """The factory's batch command of one pilot that takes one job."""
+    f = factory(srv, tmp_path)
+    f.pilot_args = ["--workdir", str(tmp_path / "wd"), "--max-jobs", "1",
+                    "--monitor-interval", "0.2", *extra]
+    return f.pilot_command(srv.site)
+
+
+def run_node(argv, env, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd="/")
+
+
+def job_states(srv, task_id) -> dict:
+    return ApiClient(srv.url, srv.token("admin")).task_details(task_id)["jobs"]
+
+
+def test_server_serves_a_signed_reproducible_file_under_the_size_limit(srv):
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from server.pilotfile import build
+
+    listing = requests.get(srv.url + "/pilot/", timeout=30).json()
+    version = listing["default"]
+    assert [v["version"] for v in listing["versions"]] == [version]
+    data = requests.get(f"{srv.url}/pilot/{version}/panda-pilot.pyz", timeout=30).content
+    sig = requests.get(f"{srv.url}/pilot/{version}/panda-pilot.pyz.sig", timeout=30).content
+    load_pem_public_key(srv.public_key_file().read_bytes()).verify(sig, data)   # raises if bad
+    assert len(data) <= MAX_BYTES and listing["versions"][0]["size"] == len(data)
+    assert build() == (version, data)           # the same code gives the same bytes
+    for bad in ("0.0.0-nothere", "..", "a%2F..%2Fkeys"):
+        reply = requests.get(f"{srv.url}/pilot/{bad}/panda-pilot.pyz", timeout=10)
+        assert reply.status_code == 404, (bad, reply.status_code)
+    assert requests.get(f"{srv.url}/pilot/{version}/keys", timeout=10).status_code == 404
+
+
+@pytest.mark.parametrize("python", bare_pythons())
+def test_bare_python_runs_a_job_through_the_batch_script(srv, tmp_path, python):
+    """Cold (fetch, verify, unpack) and then warm (from the cache) on a Python without
+    panda-wms; each run takes one job of the server to finished."""
+    assert_bare(python)
+    cache = tmp_path / "cache"
+    env = node_env(cache, python, PANDA_AUTH_TOKEN=srv.pilot_token)
+    # every Python once from cold; the warm start (the cache) once, with Debian's
+    for attempt in ("cold", "warm")[:2 if python == "/usr/bin/python3" else 1]:
+        task_id = activate_jobs(srv, 1, name=f"of{attempt}{Path(python).parent.parent.name}")
+        res = run_node(pilot_argv(srv, tmp_path), env)
+        assert res.returncode == 0, (attempt, res.stderr[-3000:])
+        assert job_states(srv, task_id) == {"finished": 1}, (attempt, res.stderr[-6000:].replace("\n", " | "))
+        assert f"on Python {python_version(python)} ({python})" in res.stderr
+    [unpacked] = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert (unpacked / "PANDA_PILOT.json").exists() and "panda-wms-pilot" in res.stderr
+
+
+def python_version(python: str) -> str:
+    return subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_factory_local_backend_runs_onefile_pilots(srv, tmp_path):
+    """The factory's own path: its batch script through the local backend, Debian's python3."""
+    assert_bare("/usr/bin/python3")
+    task_id = activate_jobs(srv, 2, name="oflocal")
+    f = factory(srv, tmp_path, python="/usr/bin/python3")
+    f.pilot_args = ["--monitor-interval", "0.2"]
+    os.environ["PANDA_PILOT_CACHE"] = str(tmp_path / "cache")
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and job_states(srv, task_id) != {"finished": 2}:
+            f.run_once()
+            time.sleep(0.3)
+    finally:
+        os.environ.pop("PANDA_PILOT_CACHE", None)
+    outs = [p.read_text()[-1500:] for p in (tmp_path / "factory").rglob("pilot.log")]
+    assert job_states(srv, task_id) == {"finished": 2}, outs
+    assert any("/usr/bin/python3" in o for o in outs), outs
+    f.cancel_all()
+
+
+@pytest.fixture
+def tampered(srv):
+    """The server's pilot file with one byte changed (its signature left as it was)."""
+    version = requests.get(srv.url + "/pilot/", timeout=30).json()["default"]
+    path = srv.key_dir / "pilot" / version / "panda-pilot.pyz"
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01
+    path.write_bytes(bytes(bad))
+    yield version
+    path.write_bytes(good)
+
+
+def test_tampered_file_is_refused_with_a_clear_error(srv, tmp_path, tampered):
+    task_id = activate_jobs(srv, 1, name="oftampered")
+    cache = tmp_path / "cache"
+    res = run_node(pilot_argv(srv, tmp_path),
+                   node_env(cache, "/usr/bin/python3", PANDA_AUTH_TOKEN=srv.pilot_token))
+    assert res.returncode == 4, res.stderr
+    assert "panda-pilot bootstrap: REFUSED" in res.stderr
+    assert "signature does not verify with the pinned server key sha256:" in res.stderr
+    assert srv.key_fingerprint().split(":")[1] in res.stderr
+    assert "Traceback" not in res.stderr
+    assert [p for p in cache.iterdir()] == []           # nothing unpacked, nothing run
+    assert job_states(srv, task_id) == {"activated": 1}     # left for a sound pilot
+
+
+def test_signed_file_of_another_version_and_unknown_version_are_refused(srv, tmp_path):
+    version = requests.get(srv.url + "/pilot/", timeout=30).json()["default"]
+    root = srv.key_dir / "pilot"
+    shutil.copytree(root / version, root / "0.0.1-replayed")   # validly signed, wrong name
+    try:
+        key = raw_key(srv.public_key_file().read_text(), srv.key_fingerprint())
+        env = node_env(tmp_path / "cache", "/usr/bin/python3")
+        res = run_node(batch_command(srv.url, "0.0.1-replayed", key, ["--help"]), env)
+        assert res.returncode == 4, res.stderr
+        assert f"it is version '{version}', not the '0.0.1-replayed' asked for" in res.stderr
+        res = run_node(batch_command(srv.url, "9.9.9-missing", key, ["--help"]), env)
+        assert res.returncode == 3, res.stderr
+        assert "cannot fetch the pilot file" in res.stderr and "HTTP 404" in res.stderr
+        # another key pinned: the server's valid file is refused
+        res = run_node(batch_command(srv.url, version, _other_key(), ["--help"]), env)
+        assert res.returncode == 4 and "REFUSED" in res.stderr, res.stderr
+    finally:
+        shutil.rmtree(root / "0.0.1-replayed")
+
+
+def _other_key() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def test_node_refusals_cache_python_and_missing_python(srv, tmp_path):
+    version = requests.get(srv.url + "/pilot/", timeout=30).json()["default"]
+    key = raw_key(srv.public_key_file().read_text(), srv.key_fingerprint())
+    argv = batch_command(srv.url, version, key, ["--help"])
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)                  # another user could swap the pilot there
+    res = run_node(argv, node_env(shared, "/usr/bin/python3"))
+    assert res.returncode == 5 and "is not this user's alone" in res.stderr, res.stderr
+    res = run_node(argv, node_env(tmp_path / "c", "/nonexistent/python3"))
+    assert res.returncode == 127
+    assert "panda-pilot bootstrap: no /nonexistent/python3 on this node" in res.stderr
+    old = old_python()
+    if old:
+        res = run_node(argv, node_env(tmp_path / "c", old))
+        assert res.returncode == 1, res.stderr
+        assert "is too old: the pilot needs 3.10 or newer" in res.stderr
+        assert "Traceback" not in res.stderr
+    # a good run, then the warm one runs from the cache without asking the server
+    res = run_node(argv, node_env(tmp_path / "c", "/usr/bin/python3"))
+    assert res.returncode == 0 and "usage: panda pilot" in res.stdout, res.stderr
+    res = run_node(batch_command("http://127.0.0.1:1", version, key, ["--help"]),
+                   node_env(tmp_path / "c", "/usr/bin/python3"))
+    assert res.returncode == 0 and "usage: panda pilot" in res.stdout, res.stderr
+
+
+def test_factory_refuses_onefile_without_a_pinned_or_with_a_wrong_key(srv, tmp_path):
+    f = Factory(srv.url, [srv.site], state_dir=tmp_path / "f", pilot_launch="onefile")
+    with pytest.raises(SchedulerError, match="needs the server key pinned"):
+        f.pilot_command(srv.site)
+    f = Factory(srv.url, [srv.site], state_dir=tmp_path / "f", pilot_launch="onefile",
+                server_key_fingerprint="sha256:" + "0" * 64)
+    with pytest.raises(SchedulerError, match="is not the pinned key"):
+        f.pilot_command(srv.site)
+    with pytest.raises(ValueError, match="pilot_launch"):
+        Factory(srv.url, [srv.site], state_dir=tmp_path / "f", pilot_launch="docker")
+    pinned = parse_site_config({**site_dict(), "pilots": {**site_dict()["pilots"],
+                                                          "version": "0.0.7-pinned"}})
+    argv = factory(srv, tmp_path).pilot_command(pinned)
+    assert argv[:2] == ["/bin/sh", "-c"] and argv[5] == "0.0.7-pinned"
+    assert "\n" not in argv[2] and "'" not in argv[2].split("-c '", 1)[1].rsplit("'", 1)[0]
+
+
+def test_node_program_is_the_verifier_and_bootstrap_in_clear():
+    text = node_program()
+    assert "def verify(public_key" in text and "def prepare(server" in text
+    compile(text, "node", "exec")
