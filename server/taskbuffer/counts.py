@@ -95,11 +95,11 @@ class JobCounts:
                     out[(s, share, status)] = (int(n), int(cores or 0))
         return out
 
-    def site_load(self) -> dict[str, dict[str, int]]:
-        """site -> {status: jobs} (jobs without a site left out)."""
+    def site_load(self, include_unsited: bool = False) -> dict[str, dict[str, int]]:
+        """site -> {status: jobs}; jobs without a site under '' if ``include_unsited``."""
         out: dict[str, dict[str, int]] = {}
         for (site, _share, status), (n, _cores) in self.read().items():
-            if site:
+            if site or include_unsited:
                 per = out.setdefault(site, {})
                 per[status] = per.get(status, 0) + n
         return out
