@@ -3,8 +3,19 @@
 Each run starts ``panda pilot`` against a local dispatcher (the tests' faithful fake, on
 127.0.0.1) that hands out one job with no input files; the payload writes the time it started and
 the time it ended. The baseline, measured in the same run, is the bare cost of ``python -c pass``.
+
+The one-file pilot (issue 16) is measured the way a batch job starts it: the factory's batch
+command (schedulers/bootstrap.py) run by the node's python3 (Debian's /usr/bin/python3 where
+there is one: no panda-wms there), the file built by server/pilotfile.py, signed, and served
+over HTTP on 127.0.0.1. Cold: an empty cache (fetch, signature check, unpack and the first
+compile of every module included); warm: the cache from the previous run. With the sandbox
+helper's ``bwrap`` runtime on main (a ``sandbox`` key in the site config), the warm start is
+measured again with ``sandbox: {runtime: bwrap}``; ``sandbox_extra_s`` is the difference (null
+where that runtime is not there).
+
 Prints one line per run, then one JSON object: start_to_payload_s, payload_end_to_exit_s,
-python_start_s, pilot_rss_mb (medians), and ratios against python_start_s.
+python_start_s, pilot_rss_mb (medians), ratios against python_start_s, and onefile_cold_s,
+onefile_warm_s, onefile_rss_mb, onefile_bytes, sandbox_extra_s.
 """
 from __future__ import annotations
 
@@ -19,7 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "pilot")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "pilot")]
 
 from pilotkit import TOKEN, make_job, pilot_cmd, pilot_env, site_config  # noqa: E402
 from fakepanda import FakePanda  # noqa: E402
@@ -54,6 +65,84 @@ def pilot_run(fake: FakePanda, base: Path, i: int, with_log: bool) -> tuple[floa
     return start - t0, t_exit - end, maxrss_kb / 1024
 
 
+NODE_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+class OneFile:
+    """The pilot file built, signed and served; the batch command that runs it on a 'node'."""
+
+    def __init__(self, base: Path) -> None:
+        import functools
+        import http.server
+        import threading
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from server.pilotfile import FILE_NAME, build
+
+        self.version, data = build()
+        key = Ed25519PrivateKey.generate()
+        root = base / "files" / "pilot" / self.version
+        root.mkdir(parents=True)
+        (root / FILE_NAME).write_bytes(data)
+        (root / (FILE_NAME + ".sig")).write_bytes(key.sign(data))
+        self.bytes = len(data)
+        self.key = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                 serialization.PublicFormat.Raw)
+        handler = functools.partial(_QuietHandler, directory=str(base / "files"))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.cache = base / "node-cache"
+
+    def command(self, pilot_args: list[str]) -> list[str]:
+        from schedulers.bootstrap import batch_command
+        return batch_command(self.url, self.version, self.key, pilot_args)
+
+    def env(self) -> dict:
+        env = {k: v for k, v in pilot_env({"PANDA_LOG_LEVEL": "WARNING"}).items()
+               if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+        env.update(PATH="/usr/local/bin:/usr/bin:/bin", PANDA_PILOT_CACHE=str(self.cache),
+                   PANDA_PYTHON=NODE_PYTHON)
+        return env
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+
+
+def _quiet_log(*_args) -> None:
+    return None
+
+
+import http.server  # noqa: E402
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    log_message = _quiet_log
+
+
+def onefile_run(fake: FakePanda, onefile: OneFile, base: Path, i: int, cold: bool,
+                with_log: bool) -> tuple[float, float]:
+    """(start to payload, max RSS MB) of one batch-command start of the pilot file."""
+    import shutil
+
+    if cold:
+        shutil.rmtree(onefile.cache, ignore_errors=True)
+    marks = base / f"ofmarks{i}"
+    script = f"date +%s.%N > {marks}.start"
+    fake.add_job(make_job(5000 + i, script, log=with_log))
+    args = pilot_cmd(fake, base / "wd", "--max-jobs", "1", "--no-recovery")[4:]
+    t0 = time.time()
+    proc = subprocess.Popen(onefile.command(args), env=onefile.env(), cwd="/",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, maxrss_kb = timed_wait(proc)
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0 or not fake.final(5000 + i):
+        raise SystemExit(f"one-file pilot run {i} failed (exit {proc.returncode}): {err[-2000:]}")
+    return float(Path(f"{marks}.start").read_text()) - t0, maxrss_kb / 1024
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -76,6 +165,22 @@ def main() -> int:
                 rss.append(c)
                 print(f"run {i}: python_start {py[-1]:.3f} s  start_to_payload {a:.3f} s  "
                       f"payload_end_to_exit {b:.3f} s  pilot_rss {c:.1f} MB")
+            onefile = OneFile(base)
+            try:
+                onefile_run(fake, onefile, base, 0, True, not args.no_log)   # page cache
+                cold, warm, of_rss = [], [], []
+                for i in range(1, args.runs + 1):
+                    c_s, c_rss = onefile_run(fake, onefile, base, 2 * i, True, not args.no_log)
+                    w_s, w_rss = onefile_run(fake, onefile, base, 2 * i + 1, False,
+                                             not args.no_log)
+                    cold.append(c_s)
+                    warm.append(w_s)
+                    of_rss += [c_rss, w_rss]
+                    print(f"one-file run {i}: cold {c_s:.3f} s  warm {w_s:.3f} s  "
+                          f"rss {max(c_rss, w_rss):.1f} MB")
+                sandbox_extra = sandbox_extra_s(fake, onefile, base, args, warm)
+            finally:
+                onefile.stop()
         finally:
             fake.stop()
     out = {"start_to_payload_s": round(statistics.median(s2p), 4),
@@ -85,8 +190,34 @@ def main() -> int:
            "runs": args.runs, "with_log": not args.no_log}
     out["start_to_payload_vs_python"] = round(out["start_to_payload_s"] / out["python_start_s"], 2)
     out["end_to_exit_vs_python"] = round(out["payload_end_to_exit_s"] / out["python_start_s"], 2)
+    out.update(onefile_cold_s=round(statistics.median(cold), 4),
+               onefile_warm_s=round(statistics.median(warm), 4),
+               onefile_rss_mb=round(max(of_rss), 1), onefile_bytes=onefile.bytes,
+               sandbox_extra_s=sandbox_extra, onefile_python=NODE_PYTHON)
+    out["onefile_warm_vs_python"] = round(out["onefile_warm_s"] / out["python_start_s"], 2)
+    out["onefile_cold_vs_python"] = round(out["onefile_cold_s"] / out["python_start_s"], 2)
     print(json.dumps(out))
     return 0
+
+
+def sandbox_extra_s(fake, onefile, base, args, warm: list[float]) -> float | None:
+    """Warm start with ``sandbox: {runtime: bwrap}`` minus without; None where the site config
+    has no ``sandbox`` key yet (the sandbox runtime is another part of issue 16)."""
+    from dataclasses import fields
+
+    from panda_core.siteconfig import SiteConfig
+
+    if "sandbox" not in {f.name for f in fields(SiteConfig)}:
+        print("sandbox: the site config has no 'sandbox' key here: sandbox_extra_s is null")
+        return None
+    fake.site_config = {**fake.site_config, "sandbox": {"runtime": "bwrap"}}
+    try:
+        boxed = [onefile_run(fake, onefile, base, 900 + i, False, not args.no_log)[0]
+                 for i in range(args.runs)]
+    except SystemExit as exc:
+        print(f"sandbox: the bwrap runtime did not run here ({exc}): sandbox_extra_s is null")
+        return None
+    return round(statistics.median(boxed) - statistics.median(warm), 4)
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ class JobRun:
 
         job = self.job
         notify(self.pm, "pilot_job_received", job=job, workdir=self.workdir)
-        self._update("starting")
+        self._update_form(self._with_node(self._base_form("starting")), HEARTBEAT_RETRY)
         try:
             self._check_stop()
             self._save(sf.STAGEIN)
@@ -326,7 +326,7 @@ class JobRun:
         hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{job.job_id}",
                               daemon=True)
         self._hb_stop = threading.Event()
-        self._update("running")
+        self._update_form(self._with_node(self._base_form("running")), HEARTBEAT_RETRY)
         hb.start()
         if self.es is not None:
             self.es.start()
@@ -475,7 +475,18 @@ class JobRun:
         except Exception:  # node facts are a courtesy, never a reason to miss a heartbeat
             node = {}
         form = heartbeat_form(self._base_form("running"), {**node, **self.metrics}, self.payload)
-        self._update_form(form, HEARTBEAT_RETRY)
+        self._update_form(self._with_node(form), HEARTBEAT_RETRY)
+
+    def _with_node(self, form: dict[str, Any]) -> dict[str, Any]:
+        """``form`` with the worker node's description (``workerNode``, panda_core.workernode)."""
+        from panda_core.workernode import FIELD
+
+        from .nodeinfo import worker_node
+        try:
+            return {**form, FIELD: worker_node(self.workdir).to_json()}
+        except Exception:  # node facts are a courtesy, never a reason to miss an update
+            log.exception("job %s: no worker-node information", self.panda_id)
+            return form
 
     def _update(self, state: str) -> None:
         self._update_form(self._base_form(state), HEARTBEAT_RETRY)

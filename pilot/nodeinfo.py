@@ -7,6 +7,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from panda_core.workernode import WorkerNode
+
 
 def cpu_model() -> str:
     try:
@@ -18,15 +20,38 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def memory_mb() -> int:
-    """Total memory in MB, from /proc/meminfo (no psutil: this is on the start-up path)."""
+def _meminfo(key: str) -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) // 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def memory_mb() -> int:
+    """Total memory in MB, from /proc/meminfo (no psutil: this is on the start-up path)."""
+    return _meminfo("MemTotal")
+
+
+def worker_node(workdir: str | Path) -> WorkerNode:
+    """What the first update and every heartbeat say about this node (``workerNode``), read
+    from /proc and the standard library (no psutil: the first update is on the start path)."""
+    from .job import pilot_version
+
+    try:
+        load1: float | None = round(os.getloadavg()[0], 2)
+    except OSError:
+        load1 = None
+    try:
+        free: int | None = shutil.disk_usage(workdir).free // 2**20
+    except OSError:
+        free = None
+    return WorkerNode(node=socket.gethostname(), cpu_model=cpu_model(),
+                      cores=os.cpu_count() or 1, mem_mb=memory_mb() or None,
+                      mem_available_mb=_meminfo("MemAvailable") or None, load1=load1,
+                      disk_free_mb=free, pilot_version=pilot_version())
 
 
 def node_info(workdir: str | Path) -> dict[str, object]:

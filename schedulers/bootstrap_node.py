@@ -84,7 +84,10 @@ def fetch(url, context, what):
             if 400 <= exc.code < 500:
                 break                       # asking again gets the same answer
         except (OSError, ValueError) as exc:
-            last = str(getattr(exc, "reason", None) or exc)
+            reason = getattr(exc, "reason", None) or exc
+            last = str(reason)
+            if isinstance(reason, ssl.SSLError):
+                break                       # a refused certificate stays refused
     raise BootstrapError(EXIT_FETCH, "cannot fetch the %s %s: %s" % (what, url, last))
 
 

@@ -86,6 +86,15 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="release a job stuck in holding for S seconds (103)")
     p.add_argument("--transferring-timeout", type=float, default=12 * 3600, metavar="S",
                    help="release a job stuck in transferring for S seconds (104)")
+    p.add_argument("--walltime-overrun", type=float, default=2.0, metavar="FACTOR",
+                   help="fail a running job after FACTOR x its wall time + 1 h although its "
+                        "pilot still beats (code 105; 0: never)")
+    p.add_argument("--site-test-threshold", type=float, default=0.5, metavar="SHARE",
+                   help="set a site to 'test' when this share of its jobs ended in the last "
+                        "--site-test-window failed for site reasons (0: never; docs/watcher.md)")
+    p.add_argument("--site-test-window", type=float, default=3600, metavar="S")
+    p.add_argument("--site-test-min-jobs", type=int, default=5, metavar="N",
+                   help="judge a site only once it ended at least N jobs in the window")
     p.add_argument("--data-mover", default="local,http,xrootd",
                    help="data movers in order of preference, entry points of panda.datamovers, "
                         "comma-separated ('none': no data service)")
@@ -328,13 +337,18 @@ def main(argv: list[str]) -> int:
             start_periodic(state.executor, args.ops_interval, ops_tasks(state.tb, ops))
     if args.watcher_interval > 0:       # every process: the guarded updates make it safe
         from .watcher import WatcherLimits, server_tasks, start_periodic
+        from .failurepolicy import HealthLimits
+        health = HealthLimits(window_s=args.site_test_window, min_jobs=args.site_test_min_jobs,
+                              threshold=args.site_test_threshold or 2.0)
         limits = WatcherLimits(args.heartbeat_timeout, args.sent_timeout, args.holding_timeout,
-                               args.transferring_timeout)
+                               args.transferring_timeout,
+                               overrun_factor=args.walltime_overrun)
         mover = None if args.data_mover == "none" else args.data_mover
         start_periodic(state.executor, args.watcher_interval, server_tasks(
             state, limits, mover, mover_options,
             first_process=(tornado.process.task_id() or 0) == 0,
-            transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up))
+            transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up,
+            health=health))
     from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),

@@ -95,7 +95,16 @@ def _job_columns() -> list[Column]:
         Column("job_metrics", Text),
         Column("working_group", String(64)),              # the task's working group, if any
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
+        Column("excluded_sites", Text),                   # JSON list: failed there (site's fault)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
+        # the worker node as its pilot describes it (panda_core.workernode), for the monitor
+        Column("wn_cpu_model", String(128)),
+        Column("wn_cores", Integer),
+        Column("wn_mem_mb", BigInteger),
+        Column("wn_mem_available_mb", BigInteger),
+        Column("wn_load1", Float),
+        Column("wn_disk_free_mb", BigInteger),
+        Column("wn_pilot_version", String(128)),
     ]
 
 
@@ -198,6 +207,9 @@ sites = Table(
     Column("status", String(16), nullable=False),
     Column("config", JSON, nullable=False),
     Column("updated", Timestamp, nullable=False),
+    Column("auto_status", String(16)),        # set by the failure policy ("test"), else NULL
+    Column("auto_reason", Text),
+    Column("auto_changed", Timestamp),
 )
 
 job_history = Table(
@@ -236,7 +248,7 @@ factories = Table(
 )
 
 
-# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0011):
+# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0012):
 # every write appends its +1/-1 to job_count_deltas in its own transaction; JobCounts
 # (taskbuffer/counts.py) folds them into job_counts and reads the sum of both. ``site`` is ''
 # for jobs without one.

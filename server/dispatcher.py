@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any
 
+from panda_core import workernode
 from panda_core.canonical import signed_bytes
 from panda_core.states import PILOT_REPORTED_STATES
 from panda_core.wire import DISPATCH_KEY, Dispatch, encode_job, join_field
@@ -222,7 +223,8 @@ class Dispatcher:
         state = _require(form, "state")
         if state not in _REPORTED:
             raise ProtocolError(SC_FAILED, f"state {state!r} is not one a pilot may report")
-        fields: dict[str, Any] = {}
+        # the worker node's description first: the update's own fields (node) win over it
+        fields: dict[str, Any] = workernode.parse(form.get(workernode.FIELD))
         for key, column, conv in _REPORT_NUMBERS:
             value = conv(form, key)
             if value is not None:
@@ -291,7 +293,8 @@ _REPORT_NUMBERS = (("pilotErrorCode", "pilot_error_code", _int32),
 _REPORT_TEXTS = (("pilotErrorDiag", "pilot_error_diag"), ("exeErrorDiag", "exe_error_diag"),
                  ("node", "node"), ("batchID", "batch_id"), ("jobMetrics", "job_metrics"))
 #: the job columns an updateJob may set (the hot path's statements set exactly these)
-REPORT_COLUMNS = tuple(c for _, c, *_ in _REPORT_NUMBERS + _REPORT_TEXTS)
+REPORT_COLUMNS = tuple(c for _, c, *_ in _REPORT_NUMBERS + _REPORT_TEXTS) + tuple(
+    c for c, *_ in workernode.COLUMNS.values() if c != "node")
 
 
 def parse_stored_files(xml: str) -> dict[str, dict]:

@@ -50,8 +50,6 @@ OWN_PACKAGES = ("pilot", "panda_core", "copytools")
 #: (not stevedore: 5.10 needs Python 3.11; panda_core.drivers loads drivers without it)
 THIRD_PARTY = ("pluggy", "requests", "urllib3", "idna", "certifi", "charset_normalizer",
                "psutil")
-#: the entry-point groups the pilot loads plugins from
-ENTRY_POINT_GROUPS = ("panda.pilot", "panda.copytools", "panda.sandboxes")
 _SKIP_DIRS = {"__pycache__", "tests", "test", "example", "example2"}
 _ZIP_DATE = (2000, 1, 1, 0, 0, 0)        # fixed, so a build is reproducible
 
@@ -129,19 +127,18 @@ def python_requires() -> tuple[int, ...]:
 
 
 def _entry_points() -> str:
-    """entry_points.txt of the pilot's dist-info: the installed panda-wms's pilot groups."""
+    """entry_points.txt of the pilot's dist-info: every plugin of the installed panda-wms whose
+    code the file carries (monitors, copytools, sandbox runtimes...: whatever its group)."""
     try:
         eps = importlib.metadata.distribution("panda-wms").entry_points
     except importlib.metadata.PackageNotFoundError:
         raise PilotFileError("cannot build the pilot file: panda-wms is not installed "
                              "(its entry points name the pilot's plugins)") from None
-    lines = []
-    for group in ENTRY_POINT_GROUPS:
-        lines.append(f"[{group}]")
-        lines += [f"{ep.name} = {ep.value}" for ep in sorted(eps.select(group=group),
-                                                             key=lambda e: e.name)]
-        lines.append("")
-    return "\n".join(lines)
+    groups: dict[str, list[str]] = {}
+    for ep in eps:           # in the installed order: it is the monitors' order (docs/pilot.md)
+        if ep.value.split(":")[0].split(".")[0] in OWN_PACKAGES:
+            groups.setdefault(ep.group, []).append(f"{ep.name} = {ep.value}")
+    return "".join(f"[{group}]\n" + "\n".join(lines) + "\n\n" for group, lines in groups.items())
 
 
 _MAIN = '''"""The one-file pilot (docs/pilot.md): same as `panda pilot`."""

@@ -7,8 +7,10 @@ at once: every candidate is re-checked and failed in its own transaction, with t
 (``FOR UPDATE SKIP LOCKED`` on PostgreSQL/MariaDB, one writer on SQLite) and the state change
 guarded by ``WHERE status = <seen>``, so a job is failed, and retried, exactly once.
 
-Codes are PanDA's ``jobDispatcherErrorCode``: 100 lost heartbeat, 102 sent but the pilot never
-reported, 103 holding timeout, 104 transferring timeout.
+Codes are PanDA's ``jobDispatcherErrorCode``: 100 lost heartbeat, 101 recovery failed (a job a
+later pilot took over from a dead one, left in holding), 102 sent but the pilot never reported,
+103 holding timeout, 104 transferring timeout, 105 a job that went on running far beyond its
+wall time although its pilot still beats (the pilot should have killed it).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ EC_RECOVERY = 101
 EC_SENT_TIMEOUT = 102
 EC_HOLDING_TIMEOUT = 103
 EC_TRANSFERRING_TIMEOUT = 104
+EC_TIMEOUT = 105
+#: the pilot's code for a job a later pilot recovered (panda_core.errorcodes.RECOVERED_LOST)
+RECOVERED_LOST = 1504
 
 ACTOR = "watcher"
 
@@ -44,6 +49,8 @@ class WatcherLimits:
     sent_s: float = 3600                # sent: the pilot never said starting/running
     holding_s: float = 6 * 3600         # holding: outputs never registered
     transferring_s: float = 12 * 3600   # transferring: outputs never arrived
+    overrun_factor: float = 0.0         # running longer than factor x its wall time + grace:
+    overrun_grace_s: float = 3600       # 105 (0: never; `panda server` sets 2)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Watcher:
         self.tb = tb
         self.limits = limits or WatcherLimits()
         self.batch = batch
+        self.last_code = 0              # the code the last _fail used (101 may replace 103)
 
     def rules(self) -> list[Rule]:
         lim = self.limits
@@ -90,7 +98,16 @@ class Watcher:
             for panda_id, status in self._overdue(rule.states, cutoff):
                 retry = self._fail(panda_id, status, cutoff, rule, now)
                 if retry is not False:
-                    report.failed[panda_id] = rule.code
+                    report.failed[panda_id] = self.last_code
+                    if retry is not None:
+                        report.retries[panda_id] = retry
+        if self.limits.overrun_factor > 0:
+            rule = Rule((str(JobState.RUNNING),), 0, EC_TIMEOUT, "wall time overrun")
+            for panda_id, walltime_s, started in self._overrun(now):
+                retry = self._fail(panda_id, str(JobState.RUNNING), now, rule, now,
+                                   overrun=(walltime_s, started))
+                if retry is not False:
+                    report.failed[panda_id] = EC_TIMEOUT
                     if retry is not None:
                         report.retries[panda_id] = retry
         for panda_id, code in report.failed.items():
@@ -114,32 +131,64 @@ class Watcher:
         with db.read(self.tb.engine) as conn:
             return [(r.panda_id, r.status) for r in conn.execute(q)]
 
+    def _overrun(self, now: dt.datetime) -> list[tuple[int, int, dt.datetime]]:
+        """Running jobs past ``overrun_factor`` x their wall time + the grace (PanDA's 105)."""
+        j = db.jobs.c
+        lim = self.limits
+        # the longest wall time any job may have bounds the scan: cheap, index on status
+        q = (select(j.panda_id, j.walltime_s, j.start_time)
+             .where(j.status == str(JobState.RUNNING), j.start_time.is_not(None),
+                    j.walltime_s > 0,
+                    j.start_time < now - dt.timedelta(seconds=lim.overrun_grace_s))
+             .order_by(j.start_time).limit(self.batch))
+        with db.read(self.tb.engine) as conn:
+            rows = conn.execute(q).all()
+        return [(r.panda_id, r.walltime_s, r.start_time) for r in rows
+                if (now - r.start_time).total_seconds()
+                > lim.overrun_factor * r.walltime_s + lim.overrun_grace_s]
+
     def _fail(self, panda_id: int, status: str, cutoff: dt.datetime, rule: Rule,
-              now: dt.datetime) -> int | None | bool:
+              now: dt.datetime, overrun: tuple[int, dt.datetime] | None = None
+              ) -> int | None | bool:
         """Fail one job if it is still overdue; returns its retry's id, None, or False if
         another watcher (or a late heartbeat) got there first."""
         j = db.jobs.c
         with self.tb.engine.begin() as conn:
-            q = select(j.panda_id, j.heartbeat_time, j.state_changed).where(
-                j.panda_id == panda_id, j.status == status, self._last_sign(j) < cutoff)
+            q = select(j.panda_id, j.heartbeat_time, j.state_changed, j.pilot_error_code).where(
+                j.panda_id == panda_id, j.status == status)
+            if overrun is None:
+                q = q.where(self._last_sign(j) < cutoff)
+            else:
+                q = q.where(j.start_time == overrun[1])
             if self.tb.skip_locked:
                 q = q.with_for_update(skip_locked=True)
             row = conn.execute(q).first()
             if row is None:
                 return False
-            last = row.heartbeat_time or row.state_changed
-            silent = int((now - last).total_seconds())
-            diag = (f"{rule.what}: no word from the pilot for {silent} s in state {status} "
-                    f"(limit {int(rule.limit_s)} s)")
+            code = rule.code
+            if overrun is not None:
+                ran = int((now - overrun[1]).total_seconds())
+                diag = (f"{rule.what}: running for {ran} s, its wall time is {overrun[0]} s "
+                        f"(limit {self.limits.overrun_factor:g} x + "
+                        f"{int(self.limits.overrun_grace_s)} s); the pilot did not stop it")
+            else:
+                last = row.heartbeat_time or row.state_changed
+                silent = int((now - last).total_seconds())
+                what = rule.what
+                if code == EC_HOLDING_TIMEOUT and row.pilot_error_code == RECOVERED_LOST:
+                    code, what = EC_RECOVERY, "recovery failed"
+                diag = (f"{what}: no word from the pilot for {silent} s in state {status} "
+                        f"(limit {int(rule.limit_s)} s)")
             before = _max_id(conn)
             ok = self.tb.jobs.fail(conn, panda_id, [status], actor=ACTOR,
-                                  dispatcher_error_code=rule.code,
+                                  dispatcher_error_code=code,
                                   dispatcher_error_diag=diag, command="tobekilled")
             if not ok:
                 return False
             retry = conn.execute(select(j.panda_id).where(j.parent_id == panda_id,
                                                           j.panda_id > before)).scalar()
         log.warning("job %s: %s", panda_id, diag, extra={"panda_id": panda_id})
+        self.last_code = code
         return retry
 
 
@@ -180,8 +229,8 @@ def start_periodic(executor, interval_s: float, tasks: list[tuple[str, Callable[
 
 def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
                  data_options: dict | None = None, first_process: bool = True,
-                 transfer_timeout_s: float = 600.0, transfer_give_up_s: float = 12 * 3600.0
-                 ) -> list[tuple[str, Callable[[], Any]]]:
+                 transfer_timeout_s: float = 600.0, transfer_give_up_s: float = 12 * 3600.0,
+                 health=None) -> list[tuple[str, Callable[[], Any]]]:
     """The periodic work of a server process: the watcher, the data service, priorities.
 
     All of it is safe to run in every process; the data service and the priority recompute
@@ -204,6 +253,13 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
                               timeout_s=transfer_timeout_s, give_up_s=transfer_give_up_s)
         tasks.append(("dataservice", service.process))
     if state.hook is not None and first_process:
+        from .brokerage import Brokerage
+        from .failurepolicy import Rebrokerage, SiteHealth
+        from .submission import TaskSubmitter
+        brokerage = Brokerage(state.hook)
+        tasks.append(("rebrokerage", Rebrokerage(state.tb, brokerage).process))
+        tasks.append(("sitehealth", SiteHealth(state.tb, TaskSubmitter(state.tb, brokerage),
+                                               health).check))
         cursor = PriorityCursor()       # each pass goes on where the last one stopped
         tasks.append(("priorities", lambda: recompute_priorities(state.tb, state.hook,
                                                                  cursor=cursor)))

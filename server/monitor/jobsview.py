@@ -78,7 +78,8 @@ def cursor_of(row: dict, key: str) -> str:
 # ---------------------------------------------------------------------- facets
 #: attributes with many values: one GROUP BY each; the others share one GROUP BY over all of
 #: them (their combinations are few), summed per attribute after
-WIDE_FACETS = frozenset({"computingsite", "produsername", "jeditaskid", "transformation"})
+WIDE_FACETS = frozenset({"computingsite", "produsername", "jeditaskid", "transformation",
+                         "cpumodel", "pilotversion"})
 
 
 def facets(tb, sel: JobSelection, fields=FACETS) -> tuple[dict[str, list[dict]], int]:

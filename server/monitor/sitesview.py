@@ -79,6 +79,29 @@ def site_page(tb, name: str) -> dict:
             "jobs": active_counts(tb, name).get(name, {})}
 
 
+WORKER_NODE_ROWS = 200
+
+
+def worker_nodes(tb, since: dt.datetime, limit: int = WORKER_NODE_ROWS) -> list[dict]:
+    """The worker nodes the pilots described (panda_core.workernode), per site, CPU model, cores
+    and pilot version: jobs modified since ``since``, how many nodes, mean load and the least
+    free disk; the largest groups first, at most ``limit`` of them."""
+    j = db.jobs.c
+    jobs = func.count().label("jobs")
+    query = (select(j.site, j.wn_cpu_model, j.wn_cores, j.wn_pilot_version, jobs,
+                    func.count(func.distinct(j.node)), func.avg(j.wn_load1),
+                    func.min(j.wn_disk_free_mb))
+             .where(j.modification_time >= since, j.wn_cpu_model.is_not(None))
+             .group_by(j.site, j.wn_cpu_model, j.wn_cores, j.wn_pilot_version)
+             .order_by(jobs.desc(), j.site).limit(limit))
+    with db.read(tb.engine) as conn:
+        return [{"site": site, "cpu_model": cpu, "cores": cores, "pilot_version": version,
+                 "jobs": n, "nodes": nodes,
+                 "load1": None if load is None else round(float(load), 2),
+                 "min_disk_free_mb": None if disk is None else int(disk)}
+                for site, cpu, cores, version, n, nodes, load, disk in conn.execute(query)]
+
+
 def factory_submissions(tb, since: dt.datetime) -> list[dict]:
     """What each factory submitted: pilots per factory, site and state updated since."""
     p = db.pilots.c

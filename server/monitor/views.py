@@ -337,9 +337,11 @@ class PilotsView(MonitorHandler):
             age = (now - f["last_seen"]).total_seconds() if f["last_seen"] else None
             f["alive"] = age is not None and age <= self.ALIVE_S
             f["silent_s"] = None if f["alive"] or age is None else int(age)
-        submitted = sitesview.factory_submissions(self.tb, now - dt.timedelta(hours=hours))
+        since = now - dt.timedelta(hours=hours)
+        submitted = sitesview.factory_submissions(self.tb, since)
         return Page({"factories": summary["factories"], "sites": summary["sites"],
-                     "submitted": submitted, "hours": hours})
+                     "submitted": submitted, "hours": hours,
+                     "nodes": sitesview.worker_nodes(self.tb, since)})
 
 
 # ---------------------------------------------------------------------- users

@@ -6,6 +6,7 @@ where the database has it (PostgreSQL, MariaDB) and the status change is guarded
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -17,6 +18,7 @@ from panda_core.states import (FINAL_JOB_STATES, FINAL_TASK_STATES, PILOT_OWNED_
                                TaskState)
 
 from .. import db
+from ..failurepolicy import excluded_after
 from ..jobcreator import retry_job_values
 from .base import Conflict, NotFound, Store
 from .counts import JobCounts
@@ -261,11 +263,21 @@ class Jobs:
             return None
         files = [dict(r._mapping) for r in conn.execute(SELECT_FILES, {"pid": panda_id})]
         values, new_files = retry_job_values(job, files)
-        new_id = self.insert(conn, values, new_files, actor or "retry")
-        self.states.change(conn, new_id, str(JobState.ACTIVATED) if job["site"] else
-                           str(JobState.ASSIGNED), actor=actor, expected=[str(JobState.DEFINED)])
-        log.info("job %s failed (attempt %s of %s): retry is job %s", panda_id,
-                 job["attempt_nr"], job["max_attempts"], new_id)
+        pinned = conn.execute(select(db.tasks.c.site).where(
+            db.tasks.c.task_id == job["task_id"])).scalar()
+        if pinned or job.get("event_service"):
+            new_id = self.insert(conn, values, new_files, actor or "retry")
+            self.states.change(conn, new_id, str(JobState.ACTIVATED) if job["site"] else
+                               str(JobState.ASSIGNED), actor=actor,
+                               expected=[str(JobState.DEFINED)])
+        else:
+            # re-brokered (server/failurepolicy.py): no site yet, and never one it failed at
+            # for the site's reasons
+            values.update(site=None, excluded_sites=json.dumps(excluded_after(job)))
+            new_id = self.insert(conn, values, new_files, actor or "retry")
+        log.info("job %s failed (attempt %s of %s): retry is job %s%s", panda_id,
+                 job["attempt_nr"], job["max_attempts"], new_id,
+                 "" if pinned else " (to be brokered)")
         return new_id
 
     def retry_task(self, task_id: int, actor: str) -> list[int]:

@@ -34,7 +34,11 @@ class Sites:
             row = conn.execute(select(db.sites).where(db.sites.c.name == name)).first()
         if row is None:
             raise NotFound(f"unknown site {name!r}")
-        return dict(row._mapping)
+        return effective(dict(row._mapping))
+
+    def forget(self, name: str) -> None:
+        """Drop this process's cached row of ``name`` (its status changed)."""
+        self._cache.pop(name, None)
 
     def get_cached(self, name: str, max_age_s: float = 5.0) -> dict:
         """``get`` through a per-process cache: every getJob and updateJob needs the site's
@@ -52,5 +56,17 @@ class Sites:
 
     def all(self) -> list[dict]:
         with db.read(self.store.engine) as conn:
-            return [dict(r._mapping) for r in
+            return [effective(dict(r._mapping)) for r in
                     conn.execute(select(db.sites).order_by(db.sites.c.name))]
+
+
+def effective(row: dict) -> dict:
+    """A site's row as everyone should see it: a status the failure policy set
+    (``auto_status``, server/failurepolicy.py) overrides the config's, with its reason; the
+    configured one stays in ``configured_status``."""
+    row["configured_status"] = row["status"]
+    if row.get("auto_status"):
+        row["status"] = row["auto_status"]
+        row["status_reason"] = row.get("auto_reason")
+        row["config"] = {**(row.get("config") or {}), "status": row["auto_status"]}
+    return row

@@ -21,7 +21,11 @@ SITE = "CONDOR_FTEST"
 
 
 @pytest.mark.slow
-def test_factory_runs_real_pilots_through_htcondor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("launch", ["installed", "onefile"])
+def test_factory_runs_real_pilots_through_htcondor(tmp_path, monkeypatch, launch):
+    """``onefile``: the batch script through the submit description's ``arguments`` (one line,
+    ``$`` as ``$(DOLLAR)``), Debian's python3 without panda-wms, and the minimal environment
+    HTCondor gives a job (no HOME: the pilot file is cached in the temporary folder)."""
     bin_dir = fake_condor.install(tmp_path / "bin")
     monkeypatch.setenv("FAKE_CONDOR_DIR", str(tmp_path / "condor"))
     monkeypatch.setenv("FAKE_CONDOR_SCHEDD", "schedd.test")
@@ -54,7 +58,8 @@ def test_factory_runs_real_pilots_through_htcondor(tmp_path, monkeypatch):
         site = parse_site_config(data, env={"PANDA_SE_ROOT": str(tmp_path / "se")})
         factory = Factory(server.url, [site], token=token, pilot_token=token,
                           state_dir=tmp_path / "factory", factory_id="condor-ft",
-                          server_key_fingerprint=server.key_fingerprint())
+                          server_key_fingerprint=server.key_fingerprint(),
+                          pilot_launch=launch, python="/usr/bin/python3")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             factory.run_once()

@@ -123,7 +123,14 @@ def test_server_serves_a_signed_reproducible_file_under_the_size_limit(srv):
     assert requests.get(f"{srv.url}/pilot/{version}/keys", timeout=10).status_code == 404
 
 
-@pytest.mark.parametrize("python", bare_pythons())
+def python_params() -> list:
+    """Debian's and the oldest claimed in every run; the other versions with the slow tests."""
+    found = bare_pythons()
+    quick = {"/usr/bin/python3", next((p for p in found if p != "/usr/bin/python3"), None)}
+    return [pytest.param(p, marks=() if p in quick else pytest.mark.slow) for p in found]
+
+
+@pytest.mark.parametrize("python", python_params())
 def test_bare_python_runs_a_job_through_the_batch_script(srv, tmp_path, python):
     """Cold (fetch, verify, unpack) and then warm (from the cache) on a Python without
     panda-wms; each run takes one job of the server to finished."""
@@ -191,6 +198,9 @@ def test_tampered_file_is_refused_with_a_clear_error(srv, tmp_path, tampered):
     assert "Traceback" not in res.stderr
     assert [p for p in cache.iterdir()] == []           # nothing unpacked, nothing run
     assert job_states(srv, task_id) == {"activated": 1}     # left for a sound pilot
+    admin = ApiClient(srv.url, srv.token("admin"))        # ... and out of the next tests' way
+    ids = [int(j.get("PandaID") or j.get("panda_id")) for j in admin.jobs(task_id)]
+    assert admin.kill_jobs(ids) == [True]
 
 
 def test_signed_file_of_another_version_and_unknown_version_are_refused(srv, tmp_path):
@@ -268,3 +278,60 @@ def test_node_program_is_the_verifier_and_bootstrap_in_clear():
     text = node_program()
     assert "def verify(public_key" in text and "def prepare(server" in text
     compile(text, "node", "exec")
+
+
+def test_worker_node_information_reaches_columns_and_the_monitor(srv, tmp_path):
+    """Issue 16 item 6: the first update and the heartbeats carry the node's description; the
+    server keeps it in columns; the job page, the job list's facets and the pilots page show it."""
+    task_id = activate_jobs(srv, 1, name="ofnode")
+    env = node_env(tmp_path / "cache", "/usr/bin/python3", PANDA_AUTH_TOKEN=srv.pilot_token)
+    res = run_node(pilot_argv(srv, tmp_path, "--heartbeat", "0.3"), env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    admin = ApiClient(srv.url, srv.token("admin"))
+    [job] = admin.jobs(task_id)
+    panda_id = int(job.get("PandaID") or job.get("panda_id"))
+    headers = {"Authorization": f"Bearer {srv.token('admin')}"}
+    page = requests.get(f"{srv.url}/monitor/jobs/{panda_id}?json", headers=headers,
+                        timeout=30).json()["job"]
+    version = requests.get(srv.url + "/pilot/", timeout=30).json()["default"]
+    assert page["wn_pilot_version"] == f"panda-wms-pilot 0.1+{version}"
+    assert page["wn_cpu_model"] and page["wn_cores"] == os.cpu_count()
+    assert page["wn_mem_mb"] > 0 and page["wn_disk_free_mb"] > 0 and page["wn_load1"] >= 0
+    html = requests.get(f"{srv.url}/monitor/jobs/{panda_id}", headers=headers, timeout=30).text
+    assert 'id="workernode"' in html and page["wn_cpu_model"] in html
+    facets = requests.get(f"{srv.url}/monitor/jobs?json&jeditaskid={task_id}", headers=headers,
+                          timeout=30).json()["facets"]
+    assert [v["value"] for v in facets["cpumodel"]] == [page["wn_cpu_model"]]
+    nodes = requests.get(f"{srv.url}/monitor/pilots?json", headers=headers,
+                         timeout=30).json()["nodes"]
+    assert any(n["site"] == SITE and n["pilot_version"] == page["wn_pilot_version"]
+               and n["jobs"] >= 1 for n in nodes), nodes
+
+
+def test_https_server_verified_against_the_sites_ca_bundle(tmp_path):
+    """Over https the batch script fetches with the CA bundle the factory wrote into it; with
+    the system's CAs only, the server's certificate is refused and nothing runs."""
+    from peers import make_test_ca
+
+    tls = make_test_ca(tmp_path / "tls")
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(site_dict()))
+    server = start_server(tmp_path / "srv", site_dir=sites, tls=tls)
+    try:
+        site = parse_site_config({**site_dict(), "trust": {"ca_bundle": str(tls.ca)}})
+        f = Factory(server.url, [site], state_dir=tmp_path / "f", pilot_launch="onefile",
+                    server_key_fingerprint=server.key_fingerprint(), ca_file=str(tls.ca))
+        f.pilot_args = ["--help"]
+        argv = f.pilot_command(site)
+        assert argv[7] == str(tls.ca)
+        res = run_node(argv, node_env(tmp_path / "cache", "/usr/bin/python3"))
+        assert res.returncode == 0 and "usage: panda pilot" in res.stdout, res.stderr
+        unverified = argv[:7] + ["", ""] + argv[9:]
+        res = run_node(unverified, node_env(tmp_path / "cache2", "/usr/bin/python3"))
+        assert res.returncode == 3, res.stderr
+        assert "cannot fetch the pilot file https://127.0.0.1" in res.stderr
+        assert "CERTIFICATE_VERIFY_FAILED" in res.stderr and "Traceback" not in res.stderr
+        assert not any((tmp_path / "cache2").iterdir())
+    finally:
+        stop_server(server)
