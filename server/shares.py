@@ -325,8 +325,13 @@ class ShareChooser:
         return ranking_from_counts(tree if tree is not None else self.store.load(), counts)
 
     def is_fresh(self, site: str) -> bool:
-        """Would ``share_plan(site)`` answer without reading the database?"""
-        return self.ttl_s > 0 and self.tb.counts.is_fresh(self.ttl_s)
+        """Would ``share_plan(site)`` answer without reading the database? (The counter
+        snapshot is fresh, or being refreshed by another thread, and the share tree was read
+        for it: the site's ranking is then plain Python.)"""
+        if self.ttl_s <= 0 or not self.tb.counts.is_fresh(self.ttl_s):
+            return False
+        snap, tree = self.tb.counts.current, self._tree
+        return snap is not None and tree is not None and tree[0] == snap.taken
 
     def share_plan(self, site: str) -> list[str | tuple[str, ...]] | None:
         """The shares to ask in order, best first: a share's name, or, last, a tuple of the

@@ -117,9 +117,11 @@ class JobCounts:
                 return snap                      # someone is refreshing: the old one will do
         else:
             self._refreshing.acquire()
-            if self._snapshot is not None:       # refreshed while we waited
-                self._refreshing.release()
-                return self._snapshot
+        again = self._snapshot                   # refreshed while we were getting the lock?
+        if again is not None and again is not snap or (
+                again is not None and time.monotonic() - again.taken < max_age_s):
+            self._refreshing.release()
+            return again
         try:
             try:
                 self.fold()
@@ -133,6 +135,11 @@ class JobCounts:
             return snap
         finally:
             self._refreshing.release()
+
+    @property
+    def current(self) -> Snapshot | None:
+        """The last snapshot taken (however old), without reading anything."""
+        return self._snapshot
 
     def is_fresh(self, max_age_s: float) -> bool:
         """Would ``snapshot(max_age_s)`` answer without reading the database?"""
