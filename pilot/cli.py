@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from panda_core.siteconfig import PILOT_RESERVE_S
+
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -72,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "many seconds (default 0: never; the final state is kept and sent later)")
     p.add_argument("--monitor-interval", type=float, default=10.0,
                    help="seconds between monitor checks (default 10)")
-    p.add_argument("--reserve", type=float, default=60.0,
+    p.add_argument("--reserve", type=float, default=float(PILOT_RESERVE_S),
                    help="seconds kept before the wall-time end for stage-out and report")
     p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
     p.add_argument("--server-backoff", type=float, default=2.0,
@@ -295,7 +297,8 @@ def main(argv: list[str]) -> int:
             rc = EXIT_ERROR
             break
         if raw is None:
-            log.info("the server has no job for %s", site.name)
+            log.info("the server has no job for %s%s", site.name,
+                     f": {client.no_job_reason}" if client.no_job_reason else "")
             break
         try:
             verifier = trust.verifier()

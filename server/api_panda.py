@@ -238,7 +238,8 @@ def job_to_task(job: dict, files: list[dict], index: int) -> dict:
 
 @api("job", "submit", ("POST",), WRITERS)
 def job_submit(ctx: Context, params: dict) -> list[list]:
-    """PanDA's submitJobs: every job becomes a one-job task owned by the caller."""
+    """PanDA's submitJobs: the jobs of one call become one task owned by the caller (each job
+    with its own transformation, parameters, site and outputs), so they share a jobsetID."""
     raw = _load_json_jobs(params.get("jobs"))
     job_names, file_names = spec_attributes()
     converted = []
@@ -250,11 +251,14 @@ def job_submit(ctx: Context, params: dict) -> list[list]:
         if task.get("site") and task["site"] not in known:
             raise ApiError(f"job {i}: unknown computingSite {task['site']!r}")
     results = []
-    for job, task in converted:
+    jobset: int | None = None          # the first job's task: every job of the call joins it
+    for n, (job, task) in enumerate(converted):
         try:
-            result = ctx.submitter.submit(task, owner=ctx.identity.subject)
+            result = ctx.submitter.submit(task, owner=ctx.identity.subject, into_task=jobset,
+                                          first_serial=n + 1)
         except (TaskSpecError, BadFileName) as exc:
             raise ApiError(f"job {task['name']}: {exc}") from None
+        jobset = result.task_id
         def_id = _spec_int(job.get("jobDefinitionID"), "jobDefinitionID")
         results.append([result.job_ids[0], def_id if def_id is not None else 1,
                         {"jobsetID": result.task_id}])

@@ -20,6 +20,7 @@ from panda_core.states import FINAL_JOB_STATES
 
 from . import db
 from .taskbuffer import TaskBuffer
+from .transient import describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,11 @@ def start_archiver(tb: TaskBuffer, executor: Executor, age_s: float = DEFAULT_AG
         running = True
         try:
             await IOLoop.current().run_in_executor(executor, archive_jobs, tb, age_s)
-        except Exception:  # noqa: BLE001 - keep serving; the next tick tries again
-            log.exception("archiving jobs failed")
+        except Exception as exc:  # noqa: BLE001 - keep serving; the next tick tries again
+            if is_transient(exc):
+                log.warning("archiving jobs: %s; the next pass tries again", describe(exc))
+            else:
+                log.exception("archiving jobs failed")
         finally:
             running = False
 

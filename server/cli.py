@@ -22,6 +22,14 @@ DEFAULT_DB = f"sqlite:///{DEFAULT_HOME / 'panda.db'}"
 DEFAULT_KEYS = DEFAULT_HOME / "keys"
 
 
+def _shown(db_url: str) -> str:
+    """A database URL as it may be printed: no user name or password."""
+    if "@" not in db_url:
+        return db_url
+    scheme, sep, rest = db_url.partition("://")
+    return f"{scheme}://{rest.split('@')[-1]}" if sep else db_url.split("@")[-1]
+
+
 def _pilot_version(text: str) -> str:
     from .pilotfile import VERSION_RE
     if not VERSION_RE.fullmatch(text):
@@ -43,6 +51,14 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--behind-proxy", action="store_true",
                    help="trust X-Real-Ip / X-Forwarded-For and X-Scheme from a reverse proxy in "
                    "front of the server (off: the peer's address is the client's)")
+    p.add_argument("--idle-timeout", type=float, default=60, metavar="S",
+                   help="close a connection that has not sent a whole request head within S "
+                   "seconds of its accept or its last reply (slow or silent clients)")
+    p.add_argument("--body-timeout", type=float, default=300, metavar="S",
+                   help="close a connection whose request body took longer than S seconds")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="client connections per process (default and upper bound: the "
+                   "open-file limit, raised to the hard limit at start, less a reserve)")
     p.add_argument("--no-hot-path", dest="hot_path", action="store_false",
                    help="PostgreSQL: run getJob and updateJob through the thread pool like "
                    "everything else (docs/server.md, 'A hot path for the pilots on PostgreSQL')")
@@ -221,21 +237,31 @@ def main(argv: list[str]) -> int:
 
     args = _server_parser().parse_args(argv)
     setup_logging(args.log_level)
+    if args.max_connections is not None and args.max_connections < 1:
+        sys.stderr.write("panda server: --max-connections must be >= 1\n")
+        return 1
+    for opt in ("idle_timeout", "body_timeout"):
+        if not getattr(args, opt) > 0:
+            sys.stderr.write(f"panda server: --{opt.replace('_', '-')} must be > 0\n")
+            return 1
     import tornado.httpserver
     import tornado.netutil
     import tornado.process
     from tornado.ioloop import IOLoop
 
     from .app import MAX_BODY_BYTES, build_state, make_app
-    from .db import create_schema, make_engine
+    from .db import MissingDriver, create_schema, make_engine
 
     if args.db.startswith("sqlite:///"):
         Path(args.db[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = make_engine(args.db, pool_size=1)
         create_schema(engine)
+    except MissingDriver as exc:
+        sys.stderr.write(f"panda server: {exc}\n")
+        return 2
     except Exception as exc:  # noqa: BLE001 - say which database and why, then stop
-        sys.stderr.write(f"panda server: cannot use database {args.db}: {exc}\n")
+        sys.stderr.write(f"panda server: cannot use database {_shown(args.db)}: {exc}\n")
         return 1
     try:
         ops = _ops_config(args)
@@ -293,6 +319,8 @@ def main(argv: list[str]) -> int:
         log.info("loaded %d site config(s) from %s", len(sites), args.site_configs)
     engine.dispose()
 
+    from panda_core.netguard import raise_fd_limit
+    fd_limit = raise_fd_limit()       # before any child process: they inherit it
     sockets = tornado.netutil.bind_sockets(args.port, address=args.host,
                                            reuse_port=args.processes != 1)
     if args.processes != 1:
@@ -349,12 +377,20 @@ def main(argv: list[str]) -> int:
             first_process=(tornado.process.task_id() or 0) == 0,
             transfer_timeout_s=args.transfer_timeout, transfer_give_up_s=args.transfer_give_up,
             health=health))
+    from panda_core.netguard import FloodGuard, connection_cap
+
     from .bodylimit import BodyLimit   # oversized bodies: 413 with a reason, body never read
     server = tornado.httpserver.HTTPServer(BodyLimit(app, MAX_BODY_BYTES),
                                            ssl_options=_ssl_options(args),
                                            max_body_size=MAX_BODY_BYTES,
-                                           xheaders=args.behind_proxy)
-    server.add_sockets(sockets)
+                                           xheaders=args.behind_proxy,
+                                           idle_connection_timeout=args.idle_timeout,
+                                           body_timeout=args.body_timeout)
+    # floods: connections capped below the fd limit, the longest idle evicted, accept errors
+    # logged at a bounded rate (panda_core/netguard.py)
+    guard = FloodGuard(connection_cap(fd_limit, args.max_connections), "panda server")
+    guard.install(server, sockets)
+    log.info("at most %d connections per process (open-file limit %d)", guard.cap, fd_limit)
     scheme = "https" if args.certfile else "http"
     port = sockets[0].getsockname()[1]
     log.info("panda server listening on %s://%s:%d (database %s)", scheme, args.host, port,
@@ -399,7 +435,8 @@ def db_main(argv: list[str]) -> int:
                                 "migrations and the archive of old jobs.")
     p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
                    help="SQLAlchemy database URL (default: %(default)s; env PANDA_DB)")
-    sub = p.add_subparsers(dest="action", required=True)
+    sub = p.add_subparsers(dest="action", required=True, metavar="upgrade|current|archive",
+                           title="actions")
     up = sub.add_parser("upgrade", help="run the schema migrations (creates an empty database)")
     up.add_argument("revision", nargs="?", default="head")
     sub.add_parser("current", help="print the schema revision of the database")
@@ -408,18 +445,21 @@ def db_main(argv: list[str]) -> int:
     ar.add_argument("--older-than", type=float, required=True, metavar="S",
                     help="age in seconds since the job reached its final state")
     ar.add_argument("--batch", type=int, default=1000, help="jobs moved per transaction")
-    # accept --db after the action too
+    p.add_argument("--log-level", default=None,
+                   help="debug shows alembic's own lines too (default: $PANDA_LOG_LEVEL, INFO)")
+    # accept --db and --log-level after the action too
     for sp in (up, sub.choices["current"], ar):
         sp.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from panda_core.logs import setup_logging
 
-    setup_logging(None)
-    from .db import current_revision, head_revision, make_engine, upgrade_schema
+    setup_logging(args.log_level)
+    from .db import MissingDriver, current_revision, head_revision, make_engine, upgrade_schema
 
     if args.db.startswith("sqlite:///") and args.action == "upgrade":
         Path(args.db[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    shown = args.db.split("@")[-1] if "@" in args.db else args.db
+    shown = _shown(args.db)
     try:
         engine = make_engine(args.db, pool_size=1)
         if args.action == "upgrade":
@@ -441,6 +481,9 @@ def db_main(argv: list[str]) -> int:
                 return 2
             moved = archive_jobs(TaskBuffer(engine), args.older_than, batch=args.batch)
             sys.stdout.write(f"archived {moved} job(s) older than {args.older_than:g} s\n")
+    except MissingDriver as exc:
+        sys.stderr.write(f"panda db {args.action}: {exc}\n")
+        return 2
     except Exception as exc:  # noqa: BLE001 - say which database and why
         sys.stderr.write(f"panda db {args.action}: database {shown}: {exc}\n")
         return 1
@@ -450,16 +493,28 @@ def db_main(argv: list[str]) -> int:
     return 0
 
 
+TOKEN_USAGE = ("say what to do: 'panda token issue --role pilot|user|admin --subject NAME "
+               "[-o FILE]', 'panda token public-key [--fingerprint]', 'panda token show "
+               "--token-file FILE' or 'panda token revoke --token-file FILE|--jti ID'")
+
+
 def token_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="panda token", description="Issue a signed bearer token (issue), show the "
         "job-signing public key that pilots pin at deployment (public-key), show a token's "
-        "claims (show), or revoke a token in the server's database (revoke).")
-    p.add_argument("action", choices=["issue", "public-key", "show", "revoke"])
+        "claims (show), or revoke a token in the server's database (revoke).",
+        epilog="examples: panda token issue --role pilot --subject factory -o factory.token; "
+        "panda token public-key --fingerprint")
+    p.add_argument("action", nargs="?", choices=["issue", "public-key", "show", "revoke"],
+                   help="issue: a new token; public-key: the server's job-signing key; "
+                   "show: a token's claims; revoke: refuse a token from now on")
     p.add_argument("--role", choices=["pilot", "user", "admin"], help="issue: the token's role")
     p.add_argument("--subject", help="issue: who the token speaks for")
     p.add_argument("--site", help="bind a pilot token to one site")
     p.add_argument("--lifetime", type=int, default=30 * 24 * 3600, help="seconds")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="issue, public-key: write to FILE (a token: mode 0600, no trailing "
+                   "newline: pilot 3 sends a token file's content as it is)")
     p.add_argument("--fingerprint", action="store_true",
                    help="public-key: print the key's fingerprint (sha256:...) instead of the PEM")
     p.add_argument("--token-file", help="show/revoke: the token (a file; '-': standard input)")
@@ -467,23 +522,60 @@ def token_main(argv: list[str]) -> int:
     p.add_argument("--reason", help="revoke: why (recorded)")
     p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
                    help="revoke: the server's database URL")
-    p.add_argument("--key-dir", default=str(DEFAULT_KEYS))
+    p.add_argument("--key-dir", default=str(DEFAULT_KEYS),
+                   help="the server's --key-dir (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.action is None:
+        p.error(TOKEN_USAGE)
     from .auth import KeyStore
     if args.action == "public-key":
         from panda_core.trust import key_fingerprint
-        pem = KeyStore(args.key_dir).public_key_pem
-        sys.stdout.write(key_fingerprint(pem) + "\n" if args.fingerprint else pem)
-        return 0
+        try:
+            pem = KeyStore(args.key_dir).public_key_pem
+        except OSError as exc:
+            sys.stderr.write(f"panda token: cannot use key dir {args.key_dir}: {exc}\n")
+            return 2
+        text = key_fingerprint(pem) + "\n" if args.fingerprint else pem
+        return _write_out(args.output, text, "public key")
     if args.action == "issue":
         if not args.role or not args.subject:
-            p.error("issue needs --role and --subject")
+            p.error("issue needs --role and --subject, e.g. 'panda token issue --role user "
+                    "--subject alice'")
         if args.lifetime <= 0:
             p.error("--lifetime must be a positive number of seconds")
-        sys.stdout.write(KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
-                                                             args.lifetime) + "\n")
-        return 0
+        try:
+            token = KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
+                                                       args.lifetime)
+        except OSError as exc:
+            sys.stderr.write(f"panda token: cannot use key dir {args.key_dir}: {exc}\n")
+            return 2
+        except ValueError as exc:
+            p.error(str(exc))
+        # no newline into a file or a pipe (``> pilot.token``): pilot 3 puts a token file's
+        # content into its Authorization header as it is; a terminal gets one, for the prompt
+        return _write_out(args.output, token + ("\n" if sys.stdout.isatty() and not args.output
+                                                else ""), "token", secret=True)
     return _token_show_or_revoke(p, args)
+
+
+def _write_out(path: str | None, text: str, what: str, secret: bool = False) -> int:
+    """``text`` to ``path`` (a secret: created with mode 0600) or to stdout."""
+    if not path:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return 0
+    try:
+        if secret:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)             # an existing file keeps its mode otherwise
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+        else:
+            Path(path).write_text(text)
+    except OSError as exc:
+        sys.stderr.write(f"panda token: cannot write the {what} to {path}: {exc.strerror}\n")
+        return 2
+    return 0
 
 
 def _token_show_or_revoke(p: argparse.ArgumentParser, args) -> int:
@@ -527,7 +619,7 @@ def _token_show_or_revoke(p: argparse.ArgumentParser, args) -> int:
             jti, expires, f"panda token revoke ({os.environ.get('USER', '?')})",
             claims.subject if claims else None, args.reason)
     except Exception as exc:  # noqa: BLE001 - say which database and why
-        sys.stderr.write(f"panda token revoke: database {args.db}: {exc}\n")
+        sys.stderr.write(f"panda token revoke: database {_shown(args.db)}: {exc}\n")
         return 1
     sys.stdout.write(f"revoked {jti}{'' if new else ' (it already was)'}; every server "
                      f"refuses it within {REVOCATION_REFRESH_S:.0f} s\n")

@@ -248,7 +248,7 @@ factories = Table(
 )
 
 
-# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0012):
+# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0013):
 # every write appends its +1/-1 to job_count_deltas in its own transaction; JobCounts
 # (taskbuffer/counts.py) folds them into job_counts and reads the sum of both. ``site`` is ''
 # for jobs without one.
@@ -387,6 +387,31 @@ def declared_on(dialect: str):
     return include
 
 
+#: the extra of setup.py that installs each database driver module
+DRIVER_EXTRAS = {"psycopg": "postgres", "psycopg2": "postgres", "pymysql": "mysql",
+                 "MySQLdb": "mysql"}
+
+
+class MissingDriver(RuntimeError):
+    """The database URL names a driver that is not installed; the message says which extra
+    installs it."""
+
+    def __init__(self, url: str, module: str):
+        module = module.split(".")[0]
+        scheme = url.split(":", 1)[0]
+        hint = {"psycopg2": ": write postgresql+psycopg://... (psycopg 3, installed by "
+                            "pip install 'panda-wms[postgres]')",
+                "MySQLdb": ": write mysql+pymysql://... (installed by "
+                           "pip install 'panda-wms[mysql]')"}.get(module)
+        if hint is None:
+            extra = DRIVER_EXTRAS.get(module)
+            hint = (f": pip install 'panda-wms[{extra}]'" if extra else
+                    ": install it, or use a URL whose driver is installed")
+        super().__init__(f"the database URL {scheme}://... needs the Python module {module!r}, "
+                         f"which is not installed{hint}")
+        self.module = module
+
+
 def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
     """Create an engine with settings that suit a dispatcher on each backend.
 
@@ -398,15 +423,19 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
         # no pre-ping: it costs a round trip per checkout, i.e. per request on the hot path;
-        # a connection found dead (database restarted) invalidates the pool instead, and the
-        # one request that met it fails (pilots retry)
+        # a connection found dead (database restarted, backend terminated) invalidates the
+        # pool instead, and the request that met it is tried again on a new connection
+        # (server/transient.py)
         kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False,
                       pool_recycle=3600,
                       # a database host that accepts but never answers must not hang us
                       connect_args={"connect_timeout": 10})
     if url.startswith(("mysql", "mariadb")):
         kwargs["isolation_level"] = "READ COMMITTED"
-    engine = create_engine(url, **kwargs)
+    try:
+        engine = create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise MissingDriver(url, exc.name or str(exc)) from None
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial

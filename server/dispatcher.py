@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import logging
 import math
 import re
 from typing import Any
@@ -23,6 +24,7 @@ from . import db
 from .auth import Identity, KeyStore
 from .dispatchpath import DispatchPath, GeneralPath, JobRequest, Run, UpdateRequest, in_pool
 from .eventranges import EventRangeError, protocol_get, protocol_update
+from .nofit import NoFitExplainer, PilotFit, explain
 from .taskbuffer import Conflict, NotFound, TaskBuffer
 
 # PanDA's StatusCode values
@@ -32,6 +34,8 @@ SC_INVALID_TOKEN, SC_INVALID_ROLE, SC_DENIED, SC_KEY_MISSING = 50, 60, 70, 80
 _INT = re.compile(r"^-?\d+$")
 _NONCE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _REPORTED = frozenset(str(s) for s in PILOT_REPORTED_STATES)
+
+log = logging.getLogger(__name__)
 
 
 class ProtocolError(Exception):
@@ -118,6 +122,7 @@ class Dispatcher:
         self.job_chooser = job_chooser
         self.run = run or in_pool()
         self.path = path or GeneralPath(tb, self.run)
+        self.nofit = NoFitExplainer(tb.jobs)
 
     # ------------------------------------------------------------------ getJob
     async def get_job(self, form: dict, identity: Identity | None) -> dict:
@@ -126,10 +131,26 @@ class Dispatcher:
             return req
         steps = await self._share_plan(req.site)
         jobs = await self.path.get_jobs(req, steps)
-        note = getattr(self.job_chooser, "note_dispatched", None) if jobs and steps else None
+        if not jobs:
+            return {"StatusCode": SC_NO_JOBS, "errorDialog": await self._no_job_reason(req)}
+        note = getattr(self.job_chooser, "note_dispatched", None) if steps else None
         if note is not None:
             note(req.site, jobs)
         return self._job_reply(req, jobs)
+
+    async def _no_job_reason(self, req: JobRequest) -> str:
+        """Why this pilot got nothing (``server.nofit``): from the cached shape of the site's
+        activated jobs, read in the thread pool at most once per site every few seconds."""
+        fit = PilotFit(walltime_s=req.fit.get("walltime_s"), memory_mb=req.fit.get("memory_mb"),
+                       cores=req.fit.get("cores"), pilot_version=req.fit.get("pilot_version"))
+        shape = self.nofit.cached(req.site)
+        if shape is None:
+            try:
+                shape = await self.run(self.nofit.shape, req.site)
+            except Exception:  # noqa: BLE001 - the reason is advice: "no jobs" stays the answer
+                log.warning("cannot explain the empty getJob at %s", req.site, exc_info=True)
+                return "no jobs"
+        return explain(req.site, shape, fit)
 
     async def _job_request(self, form: dict, identity: Identity | None) -> JobRequest | dict:
         """A getJob's checked fields; or the reply itself when the site takes no jobs."""
@@ -179,8 +200,6 @@ class Dispatcher:
         return await self.run(chooser.share_plan, site)
 
     def _job_reply(self, req: JobRequest, jobs: list[dict]) -> dict:
-        if not jobs:
-            return {"StatusCode": SC_NO_JOBS, "errorDialog": "no jobs"}
         if req.many:
             return {"StatusCode": SC_OK,
                     "jobs": [self.job_spec(job, req.site_config, req.nonce) for job in jobs]}

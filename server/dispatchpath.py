@@ -18,15 +18,17 @@ from typing import Any
 from .auth import Identity
 from .brokerage import output_endpoint
 from .taskbuffer import NotFound, TaskBuffer
+from .transient import retrying
 
 #: ``run(func, *args)``: blocking (database) work off the event loop, awaitable
 Run = Callable[..., Awaitable[Any]]
 
 
 def in_pool(executor: Executor | None = None) -> Run:
-    """A :data:`Run` over ``executor`` (None: the event loop's default thread pool)."""
+    """A :data:`Run` over ``executor`` (None: the event loop's default thread pool). Work that
+    meets a transient database failure is tried again there (``transient.retrying``)."""
     def run(func, *args):
-        return asyncio.get_running_loop().run_in_executor(executor, func, *args)
+        return asyncio.get_running_loop().run_in_executor(executor, retrying, func, *args)
     return run
 
 

@@ -5,8 +5,9 @@ parameters, and how a refusal or a failure becomes the reply.
 identity (a bearer token's subject or a verified certificate's DN) and checks its role,
 ``params`` reads the body and query, and ``write_error`` turns what a handler raises into the
 reply (``refusal``): an ``ApiError`` says why with its status, a bad credential is a 403, an
-unknown object a 404 (success=false for the API), a bad body a 400, anything else a 500 whose
-trace goes to the log. Handlers with ``json_errors`` reply the API's
+unknown object a 404 (success=false for the API), a bad body a 400, a transient database
+failure (``server.transient``) a 503 with Retry-After, anything else a 500 whose trace goes to
+the log. Handlers with ``json_errors`` reply the API's
 ``{"success": false, "message", "data"}``; the others Tornado's error page.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +33,9 @@ from .pilotfile import FILE_NAME, PilotFileError, PilotFiles
 from .queuedata import signed_queuedata
 from .submission import TaskSubmitter
 from .taskbuffer import NotFound, TaskBuffer, utcnow
+from .transient import MESSAGE as TRANSIENT_MESSAGE, RETRY_AFTER_S, describe, is_transient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,8 +141,10 @@ class BaseHandler(tornado.web.RequestHandler):
         identity = request_identity(self.request, self.state)
         if roles is not None:
             if identity is None:
-                raise ApiError("secure connection required: send 'Authorization: Bearer "
-                               "<token>' or a client certificate")
+                raise ApiError(f"an identity is required to {what}: the request carried "
+                               "no bearer token and no client certificate (secure connection "
+                               "required: send 'Authorization: Bearer <token>', a token from "
+                               "'panda token issue', or a client certificate)")
             if identity.role not in roles:
                 raise Forbidden(f"role {identity.role} may not {what}")
         return identity
@@ -164,11 +171,17 @@ class BaseHandler(tornado.web.RequestHandler):
             return (200 if self.json_errors else 404), str(exc)
         if isinstance(exc, tornado.web.HTTPError):
             return exc.status_code, exc.reason or httputil.responses.get(exc.status_code, "")
+        if is_transient(exc):       # the server's own retries are used up: later, not never
+            return 503, TRANSIENT_MESSAGE
         return None
 
     def log_exception(self, typ, value, tb) -> None:
-        """Refusals are the caller's business, not the log's; failures keep their trace."""
-        if isinstance(value, tornado.web.HTTPError) or self.refusal(value) is None:
+        """Refusals are the caller's business, not the log's; failures keep their trace; a
+        transient database failure is one line (its tries were logged already)."""
+        if is_transient(value):
+            log.warning("%s %s: %s; answered 503", self.request.method, self.request.path,
+                        describe(value))
+        elif isinstance(value, tornado.web.HTTPError) or self.refusal(value) is None:
             super().log_exception(typ, value, tb)
 
     def write_error(self, status_code: int, **kwargs) -> None:
@@ -178,6 +191,8 @@ class BaseHandler(tornado.web.RequestHandler):
             refusal = (status_code, "internal server error" if status_code >= 500
                        else self._reason or "bad request")
         status, message = refusal
+        if status == 503:
+            self.set_header("Retry-After", str(RETRY_AFTER_S))
         if self.json_errors:
             self.reply(False, message, data=getattr(exc, "data", None), status=status)
             return
@@ -271,6 +286,10 @@ class PilotFilesHandler(BaseHandler):
             data = await self.run(files.read, version, name != FILE_NAME)
         except PilotFileError as exc:
             raise tornado.web.HTTPError(404, reason=str(exc)[:200]) from None
+        except OSError as exc:       # the pilot dir cannot be written or read: the operator's
+            log.error("pilot file: %s", exc)
+            raise tornado.web.HTTPError(503, reason="the pilot file is not available here: "
+                                        f"{exc.strerror or exc}"[:200]) from None
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Cache-Control", "public, max-age=31536000, immutable")
         self.finish(data)

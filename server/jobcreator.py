@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from panda_core.replicas import MAX_NAME_LENGTH, BadFileName, check_name
+from panda_core.siteconfig import DEFAULT_JOB_WALLTIME_S
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ MAX_JOBS_PER_CALL = 5000
 
 _PLACEHOLDER = re.compile(
     r"\$\{(IN|OUT|SN|TASK|TASKID|ATTEMPT|OUT\d+|FIRSTEVENT|SKIPEVENTS|MAXEVENTS)\}")
+
+
+#: the fields of a task that live under its ``resources``
+RESOURCE_KEYS = frozenset({"cores", "memory_mb", "walltime_s", "disk_mb"})
 
 
 @dataclass
@@ -95,7 +100,7 @@ class TaskSpec:
     working_group: str | None = None     # PanDA's workingGroup: the monitor groups jobs by it
     cores: int = 1
     memory_mb: int = 1000
-    walltime_s: int = 3600
+    walltime_s: int = DEFAULT_JOB_WALLTIME_S   # fits the default pilot (panda_core.siteconfig)
     disk_mb: int = 1000
     max_attempts: int = 3
     transfer_type: str | None = None     # "direct": the payload reads inputs in place
@@ -113,10 +118,15 @@ class TaskSpec:
         """Validate a task description; every error names the field."""
         if not isinstance(data, dict):
             raise TaskSpecError("a task description must be a mapping of field -> value")
-        known = {f for f in cls.__dataclass_fields__} | {"resources"}
-        unknown = sorted(set(data) - known)
+        known = (set(cls.__dataclass_fields__) - RESOURCE_KEYS) | {"resources"}
+        misplaced = sorted(set(data) & RESOURCE_KEYS)
+        if misplaced:
+            raise TaskSpecError(f"field(s) {', '.join(map(repr, misplaced))}: these go under "
+                                f"'resources', e.g. resources: {{{misplaced[0]}: ...}}")
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise TaskSpecError(f"unknown field(s): {', '.join(unknown)}")
+            raise TaskSpecError(unknown_fields(unknown, known, elsewhere={
+                k: f"resources.{k}" for k in RESOURCE_KEYS}))
         kw: dict[str, Any] = {}
         for key in ("name", "transformation"):
             value = data.get(key)
@@ -144,8 +154,8 @@ class TaskSpec:
             kw["outputs"] = list(outs)
         resources = data.get("resources", {})
         _check(isinstance(resources, dict), "resources", "must be a mapping")
-        unknown_res = sorted(set(resources) - {"cores", "memory_mb", "walltime_s", "disk_mb"})
-        _check(not unknown_res, "resources", f"unknown key(s) {', '.join(unknown_res)}")
+        unknown_res = sorted(set(resources) - RESOURCE_KEYS, key=str)
+        _check(not unknown_res, "resources", unknown_fields(unknown_res, RESOURCE_KEYS, "key"))
         ints = {"files_per_job": data.get("files_per_job"), "n_jobs": data.get("n_jobs"),
                 **{k: data.get(k) for k in ("events_per_job", "events_per_file",
                                             "events_per_range")},
@@ -192,6 +202,22 @@ class TaskSpec:
                 spec.events_per_range > spec.events_per_job:
             raise TaskSpecError("field 'events_per_range': at most 'events_per_job'")
         return spec
+
+
+def unknown_fields(unknown: list, known: set[str] | frozenset[str], what: str = "field",
+                   elsewhere: dict[str, str] | None = None) -> str:
+    """"unknown field(s) X (did you mean Y?); known fields: ..." for a person to act on.
+    ``elsewhere``: names known at another place (name -> where to write it)."""
+    import difflib
+
+    places = {**{k: k for k in known}, **(elsewhere or {})}
+    names = []
+    for name in unknown[:10]:
+        close = difflib.get_close_matches(str(name), sorted(places), n=1)
+        names.append(f"{str(name)[:60]!r}"
+                     + (f" (did you mean {places[close[0]]!r}?)" if close else ""))
+    return (f"unknown {what}(s) {', '.join(names)}; known {what}s: "
+            f"{', '.join(sorted(known))}")
 
 
 def _check(ok: bool, key: str, reason: str) -> None:

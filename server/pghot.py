@@ -47,6 +47,7 @@ from .dispatchpath import DispatchPath, GeneralPath, JobRequest, UpdateRequest
 from .taskbuffer.data import stored_checksum
 from .taskbuffer.states import job_with_files, legal_predecessors
 from .taskbuffer.tasks import TASK_SETTLED
+from .transient import describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class ConnectionPool:
         except psycopg.Error:
             if conn.closed or conn.broken:
                 self._discard(conn)
+                # the idle ones are of the same age: a database restart or a terminated
+                # backend broke them too, and each would fail one more request
+                self._drop_idle()
             else:
                 self._put(conn)
             raise
@@ -148,11 +152,26 @@ class ConnectionPool:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._wake_one()
 
+    def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn)
+
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
             self._opened -= 1
             await conn.close()
+
+
+def _log_fallback(what: str, exc: BaseException) -> None:
+    """Why the general path answers: one line for a transient failure (a connection the
+    database closed: the general path retries), the trace for anything else."""
+    if is_transient(exc):
+        log.warning("%s: the hot path met a transient failure (%s); using the general path",
+                    what, describe(exc))
+    else:
+        log.warning("%s: the hot path failed; using the general path", what, exc_info=exc)
 
 
 class _Retry(Exception):
@@ -269,8 +288,8 @@ class HotPath(DispatchPath):
         params = self.tb.jobs.dispatch_params(req.site, share=share, **req.fit)
         try:
             return await self.dispatch(params, **req.who)
-        except Exception:  # noqa: BLE001 - the general path answers; the log says why
-            log.warning("getJob: the hot path failed; using the general path", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the general path answers; the log says why
+            _log_fallback("getJob", exc)
         return await self.general.take(req, share)
 
     async def update(self, req: UpdateRequest, identity: Identity | None) -> str:
@@ -294,13 +313,28 @@ class HotPath(DispatchPath):
                                             endpoint=output_endpoint(site_row["config"]),
                                             stored=req.stored)
                 if task_id is not None:
-                    if not await self.task_settled(task_id):
-                        await self.general.run(self.tb.tasks.after_job_end, task_id)
+                    await self._after_finish(task_id)
                     return "NULL"
-        except Exception:  # noqa: BLE001 - one statement: nothing was changed; the general
-            log.warning("updateJob %s: the hot path failed; using the general path",  # path
-                        req.panda_id, exc_info=True)                                  # answers
+        except Exception as exc:  # noqa: BLE001 - one statement: nothing was changed; the
+            _log_fallback(f"updateJob {req.panda_id}", exc)          # general path answers
         return await self.general.update(req, identity)
+
+    async def _after_finish(self, task_id: int) -> None:
+        """The task of a job the hot path just finished (committed): its status follows.
+        The job's update stands whatever happens here; a task check that fails even in the
+        general path (with its retries) is left to the watcher's repair of tasks whose jobs
+        all ended (``watcher.Watcher.repair_tasks``)."""
+        try:
+            settled = await self.task_settled(task_id)
+        except Exception as exc:  # noqa: BLE001 - the general path's check decides
+            _log_fallback(f"task {task_id}", exc)
+            settled = False
+        if not settled:
+            try:
+                await self.general.run(self.tb.tasks.after_job_end, task_id)
+            except Exception:  # noqa: BLE001 - the job is final: do not let the pilot resend
+                log.warning("task %s: status not updated after a job ended (the watcher "
+                            "repairs it)", task_id, exc_info=True)
 
     # ------------------------------------------------------------------ getJob
     def _dispatch_statement(self, shape: tuple[str, ...]):

@@ -22,9 +22,10 @@ from tornado import httputil
 from tornado.log import access_log
 
 from .auth import AuthError
-from .dispatcher import SC_FAILED, ProtocolError
+from .dispatcher import SC_FAILED, SC_TIMEOUT, ProtocolError
 from .handlers import ServerState, dumps, request_identity, request_params
 from .metrics import DISPATCH_SECONDS, REQUEST_SECONDS, REQUESTS
+from .transient import MESSAGE as TRANSIENT_MESSAGE, describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ PILOT_METHODS = {"getJob": "get_job", "updateJob": "update_job", "getStatus": "g
 
 async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dict]:
     """``/server/panda/<method>``: (HTTP status, reply). Errors are replies with PanDA's
-    StatusCode and an errorDialog; a pilot always gets one."""
+    StatusCode and an errorDialog; a pilot always gets one. A database failure that outlasted
+    the server's retries is StatusCode 10: try again (the request may be sent again)."""
     try:
         identity = request_identity(request, state)
     except AuthError as exc:
@@ -66,9 +68,13 @@ async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dic
         result = await getattr(state.dispatcher, target)(params, identity)
     except ProtocolError as exc:
         result = {"StatusCode": exc.status_code, "errorDialog": str(exc)}
-    except Exception:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
-        log.exception("%s failed", method)
-        result = {"StatusCode": SC_FAILED, "errorDialog": "internal server error"}
+    except Exception as exc:  # noqa: BLE001 - a pilot must get a reply, and the log the trace
+        if is_transient(exc):    # the server's retries are used up: the pilot keeps its report
+            log.warning("%s: %s; answered 'try again'", method, describe(exc))
+            result = {"StatusCode": SC_TIMEOUT, "errorDialog": TRANSIENT_MESSAGE}
+        else:
+            log.exception("%s failed", method)
+            result = {"StatusCode": SC_FAILED, "errorDialog": "internal server error"}
     seconds = time.monotonic() - started
     REQUEST_SECONDS.labels("pilot", method).observe(seconds)
     if method == "getJob":

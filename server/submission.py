@@ -41,8 +41,11 @@ class TaskSubmitter:
         self.tb = tb
         self.brokerage = brokerage
 
-    def submit(self, params: dict, owner: str) -> SubmitResult:
-        """Create a task and its jobs. Raises TaskSpecError for anything the user must fix."""
+    def submit(self, params: dict, owner: str, into_task: int | None = None,
+               first_serial: int = 1) -> SubmitResult:
+        """Create a task and its jobs. Raises TaskSpecError for anything the user must fix.
+        ``into_task``: add the jobs to that task instead (from ``first_serial`` on): the jobs
+        of one PanDA ``submitJobs`` call share one task, hence one jobsetID."""
         spec = TaskSpec.from_dict(params)
         spec.share = self.resolve_share(spec)
         sites = {s["name"]: s for s in self.tb.sites.all()}
@@ -63,7 +66,8 @@ class TaskSubmitter:
                 raise TaskSpecError(f"field 'input_dataset': dataset {spec.input_dataset!r} has "
                                     "no unused files (register them with data/add_files first)")
         groups, windows = _split(spec, inputs)
-        return self._create(spec, params, owner, groups, sites, windows=windows)
+        return self._create(spec, params, owner, groups, sites, windows=windows,
+                            task_id=into_task, first_serial=first_serial)
 
     def resolve_share(self, spec: TaskSpec) -> str:
         """The global share of the task's jobs: the one it names, which must be in the share

@@ -7,6 +7,10 @@ at once: every candidate is re-checked and failed in its own transaction, with t
 (``FOR UPDATE SKIP LOCKED`` on PostgreSQL/MariaDB, one writer on SQLite) and the state change
 guarded by ``WHERE status = <seen>``, so a job is failed, and retried, exactly once.
 
+It also settles tasks whose jobs all ended but whose status did not follow (``repair_tasks``:
+the window between a job's final update and its task's, a server killed or a database lost in
+it).
+
 Codes are PanDA's ``jobDispatcherErrorCode``: 100 lost heartbeat, 101 recovery failed (a job a
 later pilot took over from a dead one, left in holding), 102 sent but the pilot never reported,
 103 holding timeout, 104 transferring timeout, 105 a job that went on running far beyond its
@@ -20,13 +24,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, or_, select
 
-from panda_core.states import JobState
+from panda_core.states import JobState, TaskState
 
 from . import db
 from .metrics import WATCHER_ACTIONS
 from .taskbuffer import TaskBuffer
+from .taskbuffer.tasks import LIVE_STATES
+from .transient import describe, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,8 @@ EC_TIMEOUT = 105
 RECOVERED_LOST = 1504
 
 ACTOR = "watcher"
+#: task states a task leaves once its jobs have all ended
+_UNSETTLED = (str(TaskState.REGISTERED), str(TaskState.READY), str(TaskState.RUNNING))
 
 
 @dataclass
@@ -65,6 +73,7 @@ class Rule:
 class WatcherReport:
     failed: dict[int, int] = field(default_factory=dict)    # panda_id -> dispatcher error code
     retries: dict[int, int] = field(default_factory=dict)   # failed panda_id -> retry panda_id
+    repaired: list[int] = field(default_factory=list)       # tasks settled by repair_tasks
 
 
 class Watcher:
@@ -116,7 +125,33 @@ class Watcher:
                 WATCHER_ACTIONS.labels("retried", str(code)).inc()
         if report.failed:
             log.info("watcher failed %d job(s): %s", len(report.failed), report.failed)
+        report.repaired = self.repair_tasks()
         return report
+
+    def repair_tasks(self) -> list[int]:
+        """Settle tasks whose jobs all ended but whose status did not follow: the server died
+        (kill -9) or lost its database between a job's final update and its task's update.
+        Returns the tasks whose status changed. Each is re-checked with the task row locked
+        (``Tasks.refresh_status``), so a normal update at the same time changes nothing."""
+        t, j, a = db.tasks.c, db.jobs.c, db.jobs_archive.c
+        live = exists().where(j.task_id == t.task_id, j.status.in_(LIVE_STATES))
+        any_job = or_(exists().where(j.task_id == t.task_id),
+                      exists().where(a.task_id == t.task_id))
+        q = (select(t.task_id, t.status).where(t.status.in_(_UNSETTLED), ~live, any_job)
+             .order_by(t.task_id).limit(self.batch))
+        with db.read(self.tb.engine) as conn:
+            stuck = conn.execute(q).all()
+        repaired = []
+        for task_id, before in stuck:
+            with self.tb.engine.begin() as conn:
+                self.tb.tasks.refresh_status(conn, task_id)
+            after = self.tb.tasks.get(task_id)["status"]
+            if after != before:
+                repaired.append(task_id)
+                WATCHER_ACTIONS.labels("task_repaired", "0").inc()
+                log.warning("task %s: every job had ended but the task stayed %s; now %s",
+                            task_id, before, after)
+        return repaired
 
     @staticmethod
     def _last_sign(j):
@@ -216,8 +251,12 @@ def start_periodic(executor, interval_s: float, tasks: list[tuple[str, Callable[
             for name, task in tasks:
                 try:
                     await IOLoop.current().run_in_executor(executor, task)
-                except Exception:  # noqa: BLE001 - one failing task must not stop the others
-                    log.exception("periodic task %s failed", name)
+                except Exception as exc:  # noqa: BLE001 - one failing task must not stop
+                    if is_transient(exc):     # the others; the next pass tries again
+                        log.warning("periodic task %s: %s; next pass tries again", name,
+                                    describe(exc))
+                    else:
+                        log.exception("periodic task %s failed", name)
         finally:
             busy = False
 

@@ -9,6 +9,9 @@ import signal
 import sys
 
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from panda_core.netguard import FloodGuard, connection_cap, raise_fd_limit
 
 from .app import make_app
 from .tpc import TpcConfig
@@ -26,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: $PANDA_SE_TOKEN; none = writes open)")
     parser.add_argument("--cert", help="PEM certificate (chain) to serve HTTPS with")
     parser.add_argument("--key", help="PEM private key of --cert")
+    parser.add_argument("--idle-timeout", type=float, default=60, metavar="S",
+                        help="close a connection that has not sent a whole request head within "
+                        "S seconds of its accept or its last reply (slow or silent clients)")
+    parser.add_argument("--max-connections", type=int, metavar="N",
+                        help="client connections (default and upper bound: the open-file "
+                        "limit, raised to the hard limit at start, less a reserve)")
     parser.add_argument("--strict-webdav", action="store_true",
                         help="answer PUT into a missing folder with 409, as RFC 4918 says, instead "
                         "of creating the parents")
@@ -39,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     from panda_core.logs import setup_logging
 
     setup_logging()
+    if not args.idle_timeout > 0 or (args.max_connections is not None
+                                     and args.max_connections < 1):
+        sys.stderr.write("panda se: --idle-timeout must be > 0 and --max-connections >= 1\n")
+        return 2
     token = os.environ.get("PANDA_SE_TOKEN") or None
     try:
         if args.token_file:
@@ -67,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                     timeout_s=args.tpc_timeout)
     app = make_app(args.root, token, create_parents=not args.strict_webdav, tpc=tpc)
 
+    fd_limit = raise_fd_limit()
+
     async def serve() -> None:
-        server = HTTPServer(app, max_body_size=1 << 50, idle_connection_timeout=300,
-                            ssl_options=ssl_ctx)
-        server.listen(args.port, address=args.host)
+        # no body timeout: an upload of many GB takes as long as it takes; a silent one is
+        # closed by the flood guard when room is needed
+        server = HTTPServer(app, max_body_size=1 << 50,
+                            idle_connection_timeout=args.idle_timeout, ssl_options=ssl_ctx)
+        guard = FloodGuard(connection_cap(fd_limit, args.max_connections), "panda se")
+        guard.install(server, bind_sockets(args.port, address=args.host))
         log.info("storage element serving %s on %s://%s:%d (writes %s)", args.root,
                  "https" if ssl_ctx else "http", args.host, args.port,
                  "need a token" if token else "open")

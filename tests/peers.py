@@ -78,9 +78,10 @@ class RunningSE:
 def start_se(root: str | Path, token: str | None = None, port: int | None = None,
              log_path: str | Path | None = None, timeout: float = 20.0,
              strict_webdav: bool = False, tls: "TestCA | None" = None,
-             extra_args: list[str] | tuple[str, ...] = ()) -> RunningSE:
+             extra_args: list[str] | tuple[str, ...] = (), preexec_fn=None) -> RunningSE:
     """Start ``panda se`` on 127.0.0.1 (a free port unless given) and wait until it answers;
-    with ``tls`` (see ``make_test_ca``) it serves HTTPS with a certificate for 127.0.0.1."""
+    with ``tls`` (see ``make_test_ca``) it serves HTTPS with a certificate for 127.0.0.1;
+    ``preexec_fn`` runs in the child before it starts (say, to lower its resource limits)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -101,7 +102,7 @@ def start_se(root: str | Path, token: str | None = None, port: int | None = None
         cmd += ["--token-file", str(token_file)]
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=preexec_fn)
     scheme = "https" if tls is not None else "http"
     se = RunningSE(url=f"{scheme}://{LOOPBACK}:{port}", root=root, port=port, proc=proc,
                    log_path=log_path, token=token)

@@ -180,11 +180,11 @@ def test_cli_malformed_task_file(tmp_path, site_server):
     bad = tmp_path / "task.yaml"
     bad.write_text("name: [unclosed\n")
     res = run_cli("submit", str(bad), "--server", site_server.url)
-    assert res.returncode == 1 and str(bad) in res.stderr and "not valid YAML" in res.stderr
+    assert res.returncode == 2 and str(bad) in res.stderr and "not valid YAML" in res.stderr
     lst = tmp_path / "list.json"
     lst.write_text("[1, 2]")
     res = run_cli("submit", str(lst), "--server", site_server.url)
-    assert res.returncode == 1 and "mapping" in res.stderr
+    assert res.returncode == 2 and "mapping" in res.stderr
 
 
 def test_cli_submit_status_kill(tmp_path, site_server):

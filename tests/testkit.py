@@ -77,9 +77,10 @@ class RunningServer:
 
 def start_server(tmp: Path, db_url: str | None = None, site_dir: Path | None = None,
                  extra: list[str] | None = None, env: dict | None = None,
-                 tls=None) -> RunningServer:
+                 tls=None, preexec_fn=None) -> RunningServer:
     """Start ``panda server`` as a subprocess on a free loopback port; over https with the
-    certificate of ``tls`` (``peers.make_test_ca``) if given."""
+    certificate of ``tls`` (``peers.make_test_ca``) if given; ``preexec_fn`` runs in the child
+    before the server starts (say, to lower its resource limits)."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     db_url = db_url or f"sqlite:///{tmp / 'panda.db'}"
@@ -94,7 +95,8 @@ def start_server(tmp: Path, db_url: str | None = None, site_dir: Path | None = N
     cmd += extra or []
     logf = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**os.environ, **(env or {})}, start_new_session=True,
+                            preexec_fn=preexec_fn)
     url = f"{'https' if tls is not None else 'http'}://127.0.0.1:{port}"
     try:
         wait_http(url + "/api/v1/system/is_alive", proc=proc,

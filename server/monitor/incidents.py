@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select
 
 from .. import db
+from ..transient import retrying
 from .params import Window
 
 log = logging.getLogger(__name__)
@@ -114,13 +115,16 @@ class IncidentHandler(logging.Handler):
                 except queue.Empty:
                     break
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(insert(db.incidents), rows)
+                retrying(self._insert, rows)       # a database that blinked loses nothing
             except Exception as exc:  # noqa: BLE001 - the logger must never take the server down
                 log.error("could not record %d incident(s): %s", len(rows), exc)
             finally:
                 for _ in rows:
                     self.queue.task_done()
+
+    def _insert(self, rows: list[dict]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(db.incidents), rows)
 
     def flush(self) -> None:
         """Wait until every queued incident is written."""

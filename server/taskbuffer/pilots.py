@@ -15,6 +15,7 @@ from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTrans
     TaskState
 
 from .. import db
+from ..transient import retrying
 from .base import Conflict, Store, is_retryable
 from .data import Data
 from .jobs import Jobs
@@ -137,7 +138,13 @@ class Pilots:
         # the task's status is checked after the job's transaction committed, in a short one
         # of its own: the task row lock is then held for microseconds, not across the final
         # update's commit, and the last job to end sees every other one ended
-        self.tasks.after_job_end(ended_task)
+        try:
+            retrying(self.tasks.after_job_end, ended_task)
+        except DBAPIError:
+            # the job's end is committed and must stand (a retried request would be told
+            # "tobekilled"); the watcher settles a task whose jobs all ended
+            log.warning("task %s: status not updated after job %s ended (the watcher repairs "
+                        "it)", ended_task, panda_id, exc_info=True)
         return "NULL"
 
     def _progress(self, conn: Connection, panda_id: int, row, state: str, fields: dict,

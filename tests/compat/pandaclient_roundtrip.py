@@ -53,6 +53,7 @@ def main() -> None:
                                       "prodUserName": j.prodUserName,
                                       "transformation": j.transformation,
                                       "jobParameters": j.jobParameters,
+                                      "jobsetID": j.jobsetID,
                                       "files": [[f.lfn, f.type] for f in j.Files]}
                                      for j in jobs]]
         result["kill"] = list(Client.killJobs(panda_ids[:1]))

@@ -51,6 +51,8 @@ def test_client_jobs_roundtrip(site_server, compat_venv):
     status, ids = res["submit"]
     assert status == 0 and len(ids) == 2
     assert all(isinstance(i[0], int) and i[1] == 7 and "jobsetID" in i[2] for i in ids)
+    # one call, one jobset (as in panda-server): both jobs in one task
+    assert ids[0][2]["jobsetID"] == ids[1][2]["jobsetID"]
     status, jobs = res["status"]
     assert status == 0 and jobs[2] is None                    # unknown id -> None
     for job, n in zip(jobs[:2], (1, 2)):
@@ -58,6 +60,7 @@ def test_client_jobs_roundtrip(site_server, compat_venv):
         assert job["prodUserName"] == "alice" and job["transformation"] == "/bin/sh"
         assert job["jobParameters"] == "-c 'echo hi > out.txt'"
         assert [f"compat.{n}.out", "output"] in job["files"]
+        assert job["jobsetID"] == ids[0][2]["jobsetID"]
     assert res["kill"] == [0, [True]]
     assert res["after_kill"] == [0, ["cancelled", "activated"]]
     # what the client sent is stored as ours: the job's owner, priority, resources

@@ -1,8 +1,8 @@
 """Worker-node information of a job's pilot, as columns the monitor groups by (issue 16 item 6):
 CPU model, cores, memory, free memory, load, free disk, pilot version (``panda_core.workernode``).
 
-Revision ID: 0011_worker_node
-Revises: 0011_failure_policy (re-chained: both 0011s had landed on 0010_tokens, two heads)
+Revision ID: 0012_worker_node
+Revises: 0011_failure_policy
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011_worker_node"
+revision = "0012_worker_node"
 down_revision = "0011_failure_policy"
 branch_labels = None
 depends_on = None
