@@ -147,9 +147,12 @@ def print_json(data: Any, out=None) -> None:
     (out or sys.stdout).write(json.dumps(data, default=str, sort_keys=True) + "\n")
 
 
-def watch(show: Callable[[], int], interval: float | None, out=None) -> int:
+def watch(show: Callable[[], int], interval: float | None, out=None,
+          machine: bool = False) -> int:
     """Run ``show`` once, or (``interval``) every ``interval`` seconds until Ctrl-C, clearing
-    a terminal between refreshes (a pipe gets each refresh appended, as ``watch`` would not)."""
+    a terminal between refreshes (a pipe gets each refresh appended, as ``watch`` would not).
+    ``machine`` (``--json``): stdout carries only the documents, one per refresh; the time
+    line goes to stderr."""
     out = out or sys.stdout
     if not interval:
         return show()
@@ -157,10 +160,11 @@ def watch(show: Callable[[], int], interval: float | None, out=None) -> int:
         raise UsageError("--watch: at least 0.5 seconds between refreshes")
     try:
         while True:
-            if out.isatty():
+            if out.isatty() and not machine:
                 out.write("\x1b[H\x1b[2J")
-            out.write(f"every {interval:g} s, Ctrl-C to stop; "
-                      f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
+            (sys.stderr if machine else out).write(
+                f"every {interval:g} s, Ctrl-C to stop; "
+                f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
             rc = show()
             out.flush()
             if rc not in (EXIT_OK,):

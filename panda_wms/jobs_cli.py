@@ -84,7 +84,7 @@ def jobs_main(argv: list[str]) -> int:
             sys.stdout.write(f"{len(jobs)} job(s){more}: " + ", ".join(
                 f"{n} {s}" for s, n in sorted(states.items())) + "\n")
             return EXIT_OK
-        return console.watch(show, args.watch)
+        return console.watch(show, args.watch, machine=args.json)
     return console.run(body, "panda jobs")
 
 
@@ -135,7 +135,7 @@ def tasks_main(argv: list[str]) -> int:
             sys.stdout.write(console.table(rows, ("ID", "NAME", "STATE", "OWNER", "SITE", "JOBS",
                                                   "BY STATE", "MODIFIED", "NOTE")) + "\n")
             return EXIT_OK
-        return console.watch(show, args.watch)
+        return console.watch(show, args.watch, machine=args.json)
     return console.run(body, "panda tasks")
 
 
@@ -158,7 +158,7 @@ def job_main(argv: list[str]) -> int:
                 return EXIT_OK
             sys.stdout.write(describe_job(view))
             return EXIT_OK
-        return console.watch(show, args.watch)
+        return console.watch(show, args.watch, machine=args.json)
     return console.run(body, "panda job")
 
 

@@ -74,6 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "many seconds (default 0: never; the final state is kept and sent later)")
     p.add_argument("--monitor-interval", type=float, default=10.0,
                    help="seconds between monitor checks (default 10)")
+    p.add_argument("--debug-interval", type=float, default=30.0,
+                   help="seconds between updates while the server has the job in debug mode "
+                   "(default 30)")
     p.add_argument("--reserve", type=float, default=float(PILOT_RESERVE_S),
                    help="seconds kept before the wall-time end for stage-out and report")
     p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
@@ -224,6 +227,7 @@ def main(argv: list[str]) -> int:
                                 or os.environ.get("PANDA_BATCH_ID", "")),
                       allowed_programs=frozenset(args.allow_program),
                       payload_env=tuple(args.payload_env),
+                      debug_interval_s=max(0.1, args.debug_interval),
                       hidden_paths=tuple(str(Path(p).resolve()) for p in
                                          (args.token_file, args.queuedata) if p),
                       event_service=EventServiceSettings(batch=max(0, args.es_batch),
@@ -305,14 +309,14 @@ def main(argv: list[str]) -> int:
         except (PilotError, ProtocolError) as exc:
             log.error("no key to check job signatures with: %s", exc)
             refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE,
-                   f"no key to check the job's signature with: {exc}")
+                   f"no key to check the job's signature with: {exc}", form)
             rc = EXIT_ERROR
             break
         try:
             trust.check_queuedata()
         except PilotError as exc:
             log.error("the queue description is not the server's: %s", exc)
-            refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE, str(exc.diag))
+            refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE, str(exc.diag), form)
             rc = EXIT_ERROR
             break
         log.info("got job %s", raw.get("PandaID"))
@@ -380,14 +384,20 @@ def recover(cfg, client, pm, site, trust) -> None:
         log.info("recovered jobs: %s", ", ".join(recovered))
 
 
-def refuse(client, cfg, site, raw: dict, code: int, diag: str) -> None:
-    """Report a job the pilot will not run as failed, so the server can retry it elsewhere."""
+def refuse(client, cfg, site, raw: dict, code: int, diag: str,
+           getjob: dict | None = None) -> None:
+    """Report a job the pilot will not run as failed, so the server can retry it elsewhere;
+    with the pilotID and pilotNonce of the ``getjob`` form that got it (the server takes
+    updates of a job only from the pilot that holds it)."""
     from .errors import diag_limit
     from .report import send_final
 
     form = {"jobId": raw.get("PandaID"), "state": "failed", "siteName": site.name,
             "node": cfg.node, "attemptNr": raw.get("attemptNr", 1), "pilotErrorCode": int(code),
             "pilotErrorDiag": diag_limit(diag)}
+    for key in ("pilotID", "pilotNonce"):
+        if (getjob or {}).get(key):
+            form[key] = getjob[key]
     send_final(client, form, cfg.final_retry)
 
 

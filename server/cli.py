@@ -136,6 +136,12 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--alarm-mail-to", action="append", default=[], metavar="ADDRESS",
                    help="who gets alarm e-mails (repeatable)")
     p.add_argument("--alarm-webhook", metavar="URL", help="POST each new alarm as JSON here")
+    p.add_argument("--notify-smtp", metavar="HOST[:PORT]",
+                   help="send users' task notifications (a task's 'notify') through this SMTP "
+                        "server (default: --alarm-smtp)")
+    p.add_argument("--notify-mail-from", default="panda@localhost")
+    p.add_argument("--notify-webhook-allow", action="append", default=[], metavar="HOST[:PORT]",
+                   help="hosts users' task webhooks may call (repeatable; default: none)")
     p.add_argument("--monitor-url", metavar="URL",
                    help="the monitor's public base URL, for links in alarm messages")
     p.add_argument("--shares", metavar="FILE",
@@ -157,6 +163,8 @@ def _ops_config(args):
         except ValueError:
             raise ValueError(f"--alarm-smtp {args.alarm_smtp!r}: the port must be a number") \
                 from None
+    if args.notify_smtp and not (args.notify_smtp.partition(":")[2] or "25").isdigit():
+        raise ValueError(f"--notify-smtp {args.notify_smtp!r}: the port must be a number")
     if args.snapshot_interval <= 0:
         raise ValueError("--snapshot-interval must be > 0")
     limits = DurationLimits.parse(args.duration_limit)
@@ -167,6 +175,17 @@ def _ops_config(args):
                                          mail_to=tuple(args.alarm_mail_to),
                                          webhook_url=args.alarm_webhook,
                                          monitor_url=args.monitor_url))
+
+
+def _notify_config(args):
+    """Users' task notifications from the command line (the SMTP host checked by _ops_config)."""
+    from .notifications import NotificationConfig
+
+    host, _, port = (args.notify_smtp or args.alarm_smtp or "").partition(":")
+    return NotificationConfig(smtp_host=host or None, smtp_port=int(port) if port.isdigit()
+                              else 25, mail_from=args.notify_mail_from,
+                              webhook_allow=tuple(args.notify_webhook_allow),
+                              monitor_url=args.monitor_url)
 
 
 def load_site_dir(path: str) -> list[dict]:
@@ -362,7 +381,10 @@ def main(argv: list[str]) -> int:
         if args.ops_interval > 0:
             from .monitor.operations import ops_tasks
             from .watcher import start_periodic
-            start_periodic(state.executor, args.ops_interval, ops_tasks(state.tb, ops))
+            from .notifications import Notifications
+            notifications = Notifications(state.tb, _notify_config(args))
+            start_periodic(state.executor, args.ops_interval, ops_tasks(state.tb, ops)
+                           + [("notifications", notifications.process)])
     if args.watcher_interval > 0:       # every process: the guarded updates make it safe
         from .watcher import WatcherLimits, server_tasks, start_periodic
         from .failurepolicy import HealthLimits

@@ -78,6 +78,7 @@ def _job_columns() -> list[Column]:
         Column("pilot_id", String(512)),
         Column("batch_id", String(255)),
         Column("pilot_owner", String(255)),               # identity that took the job
+        Column("pilot_nonce", String(64)),                # sha256 of its getJob's pilotNonce
         Column("pilot_error_code", Integer, nullable=False, default=0),
         Column("pilot_error_diag", Text),
         Column("trans_exit_code", Integer),
@@ -97,6 +98,8 @@ def _job_columns() -> list[Column]:
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
         Column("excluded_sites", Text),                   # JSON list: failed there (site's fault)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
+        Column("debug_request", String(300)),             # debug mode: the view asked for
+        Column("debug_view", Text),                       # the latest view the pilot sent (JSON)
         # the worker node as its pilot describes it (panda_core.workernode), for the monitor
         Column("wn_cpu_model", String(128)),
         Column("wn_cores", Integer),
@@ -326,6 +329,27 @@ incidents = Table(
 )
 
 # alarms: raised by the monitor's checks and the alarm/raise API; one open alarm per key
+# messages to users that a task's ``notify`` asked for (server/notifications.py)
+notifications = Table(
+    "notifications", metadata,
+    Column("notification_id", Id, primary_key=True, autoincrement=True),
+    Column("event_key", String(255), nullable=False),     # "task:<id>:end:<target>", ...
+    Column("task_id", BigInteger, nullable=False),
+    Column("panda_id", BigInteger),
+    Column("kind", String(16), nullable=False),           # task_end | job_error
+    Column("channel", String(16), nullable=False),        # email | webhook
+    Column("target", String(512), nullable=False),
+    Column("subject", String(512), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("state", String(16), nullable=False),          # pending | sending | sent | failed
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("created", Timestamp, nullable=False),
+    Column("sent", Timestamp),
+    UniqueConstraint("event_key", name="uq_notifications_event_key"),
+    Index("ix_notifications_state", "state"),
+)
+
 alarms = Table(
     "alarms", metadata,
     Column("alarm_id", Id, primary_key=True, autoincrement=True),

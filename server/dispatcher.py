@@ -17,6 +17,8 @@ from typing import Any
 
 from panda_core import workernode
 from panda_core.canonical import signed_bytes
+from panda_core.debugview import clean_view
+from panda_core.replicas import BadFileName, check_name
 from panda_core.states import PILOT_REPORTED_STATES
 from panda_core.wire import DISPATCH_KEY, Dispatch, encode_job, join_field
 
@@ -24,6 +26,7 @@ from . import db
 from .auth import Identity, KeyStore
 from .dispatchpath import DispatchPath, GeneralPath, JobRequest, Run, UpdateRequest, in_pool
 from .eventranges import EventRangeError, protocol_get, protocol_update
+from .jobholder import Claim, nonce_digest
 from .nofit import NoFitExplainer, PilotFit, explain
 from .taskbuffer import Conflict, NotFound, TaskBuffer
 
@@ -177,7 +180,8 @@ class Dispatcher:
             who=dict(node=_text(form.get("node"), "node"),
                      actor=identity.subject if identity else None,
                      pilot_id=_text(form.get("pilotID") or form.get("pilot_id"), "pilot_id"),
-                     batch_id=_text(form.get("batchID") or form.get("worker_id"), "batch_id")),
+                     batch_id=_text(form.get("batchID") or form.get("worker_id"), "batch_id"),
+                     nonce=nonce_digest(nonce)),
             nonce=nonce)
 
     async def _site_row(self, site: str) -> dict:
@@ -251,10 +255,17 @@ class Dispatcher:
         for key, column in _REPORT_TEXTS:
             if form.get(key) not in (None, ""):
                 fields[column] = _text(form[key], column)
+        if form.get("debugView") not in (None, ""):       # debug mode: bounded, known keys only
+            fields["debug_view"] = clean_view(form["debugView"])
         stored = parse_stored_files(form["xml"]) if form.get("xml") else {}
+        nonce = form.get("pilotNonce") or None
+        if nonce is not None and not (isinstance(nonce, str) and _NONCE.fullmatch(nonce)):
+            raise ProtocolError(SC_FAILED, "pilotNonce must be 1-128 letters, digits, _ or -")
+        claim = Claim(pilot_id=_text(form.get("pilotID"), "pilot_id"),
+                      node=fields.get("node"), nonce=nonce)
         return UpdateRequest(panda_id=panda_id, state=state, fields=fields, stored=stored,
                              attempt_nr=_int32(form, "attemptNr"),
-                             site=str(form.get("siteName") or ""))
+                             site=str(form.get("siteName") or ""), claim=claim)
 
     async def update_job(self, form: dict, identity: Identity | None) -> dict:
         req = self._update_request(form)
@@ -264,7 +275,11 @@ class Dispatcher:
             raise ProtocolError(SC_DENIED, str(exc)) from None
         except Conflict as exc:
             raise ProtocolError(SC_FAILED, str(exc)) from None
-        return {"StatusCode": SC_OK, "command": command}
+        reply = {"StatusCode": SC_OK, "command": command}
+        if command == "debug":      # the view asked for (rare: one more read, debug jobs only)
+            reply["debugView"] = await self.run(self.tb.jobs.debug_request, req.panda_id) \
+                or "tail"
+        return reply
 
     # ------------------------------------------------------------------ event ranges
     async def get_event_ranges(self, form: dict, identity: Identity | None) -> dict:
@@ -313,27 +328,73 @@ _REPORT_TEXTS = (("pilotErrorDiag", "pilot_error_diag"), ("exeErrorDiag", "exe_e
                  ("node", "node"), ("batchID", "batch_id"), ("jobMetrics", "job_metrics"))
 #: the job columns an updateJob may set (the hot path's statements set exactly these)
 REPORT_COLUMNS = tuple(c for _, c, *_ in _REPORT_NUMBERS + _REPORT_TEXTS) + tuple(
-    c for c, *_ in workernode.COLUMNS.values() if c != "node")
+    c for c, *_ in workernode.COLUMNS.values() if c != "node") + ("debug_view",)
+
+
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_GUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+MAX_STORED_FILES = 10000
+
+
+def _stored_size(lfn: str, value: Any) -> int | None:
+    """A stored file's size: a whole number of bytes, 0 to 2**63-1 (JSON integer or digits);
+    ``-5``, ``1e30``, ``Infinity``, ``true`` or ``"12abc"`` are refused."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ProtocolError(SC_FAILED, f"xml: fsize of {lfn} must be a whole number of bytes "
+                                       f"(0 to 2**63-1), got {str(value)[:40]!r}")
+    return value
+
+
+def _stored_digest(lfn: str, kind: str, value: Any, digits: int) -> str:
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else ""
+    if kind == "adler32":
+        text = text.zfill(8)
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or len(text) != digits \
+            or not _HEX.fullmatch(text):
+        raise ProtocolError(SC_FAILED, f"xml: {kind} of {lfn} must be {digits} hex digits, "
+                                       f"got {str(value)[:80]!r}")
+    return text
 
 
 def parse_stored_files(xml: str) -> dict[str, dict]:
-    """The final updateJob's ``xml``: a JSON object {lfn: {guid, fsize, adler32|md5sum, surl}}."""
+    """The final updateJob's ``xml``: a JSON object {lfn: {guid, fsize, adler32|md5sum, surl}}.
+
+    Every value is checked (a pilot is not trusted to report what it stored): names pass the
+    name check, sizes are non-negative 64-bit integers, checksums hex of their length, GUIDs
+    short tokens, SURLs text without NUL or '..' (whether a SURL is where the server puts that
+    file is checked against the job's own files when it is registered)."""
     try:
         data = json.loads(xml)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise ProtocolError(SC_FAILED, "xml must be a JSON object of stored files") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ProtocolError(SC_FAILED, "xml must be a JSON object {lfn: {...}}")
+    if len(data) > MAX_STORED_FILES:
+        raise ProtocolError(SC_FAILED, f"xml: at most {MAX_STORED_FILES} files")
     out = {}
     for lfn, info in data.items():
-        entry = {"guid": info.get("guid"), "surl": info.get("surl")}
         try:
-            entry["fsize"] = int(info["fsize"]) if info.get("fsize") not in (None, "") else None
-        except (TypeError, ValueError):
-            raise ProtocolError(SC_FAILED, f"xml: fsize of {lfn} is not a number") from None
-        if info.get("adler32"):
-            entry["adler32"] = str(info["adler32"])
-        if info.get("md5sum"):
-            entry["md5sum"] = str(info["md5sum"])
-        out[str(lfn)] = entry
+            check_name(lfn, "lfn")
+        except BadFileName as exc:
+            raise ProtocolError(SC_FAILED, f"xml: {exc}") from None
+        guid, surl = info.get("guid"), info.get("surl")
+        if guid not in (None, "") and not (isinstance(guid, str) and _GUID.fullmatch(guid)):
+            raise ProtocolError(SC_FAILED, f"xml: guid of {lfn} must be up to 64 letters, "
+                                           f"digits and ._:-, got {str(guid)[:80]!r}")
+        if surl not in (None, ""):
+            if not isinstance(surl, str) or len(surl) > 4000 or "\0" in surl \
+                    or ".." in surl.split("?")[0].split("/"):
+                raise ProtocolError(SC_FAILED, f"xml: surl of {lfn} must be a URL on the "
+                                               f"site's storage element, got {str(surl)[:200]!r}")
+        entry = {"guid": guid or None, "surl": surl or None,
+                 "fsize": _stored_size(lfn, info.get("fsize"))}
+        if info.get("adler32") not in (None, ""):
+            entry["adler32"] = _stored_digest(lfn, "adler32", info["adler32"], 8)
+        if info.get("md5sum") not in (None, ""):
+            entry["md5sum"] = _stored_digest(lfn, "md5sum", info["md5sum"], 32)
+        out[lfn] = entry
     return out

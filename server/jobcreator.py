@@ -108,6 +108,8 @@ class TaskSpec:
     events_per_job: int | None = None    # split each input file by events (server/eventranges.py)
     events_per_file: int | None = None   # events in each input file
     events_per_range: int | None = None  # event ranges a pilot fetches with getEventRanges
+    notify: dict | None = None           # e-mail / webhook on task end, job errors
+                                         # (server/notifications.py)
     destination_se: str | None = None    # aggregate outputs there (a T1): jobs end 'finished'
                                          # once the data service has copied them
     event_service: EventServiceSpec | None = None   # one pool of ranges shared by its jobs
@@ -141,6 +143,12 @@ class TaskSpec:
             if key in data and data[key] is not None:
                 _check(isinstance(data[key], str), key, "must be a string")
                 kw[key] = data[key]
+        if data.get("notify") is not None:
+            from .notifications import NotifySpecError, notify_spec
+            try:
+                kw["notify"] = notify_spec(data["notify"])
+            except NotifySpecError as exc:
+                raise TaskSpecError(str(exc)) from None
         for key in ("scope", "input_dataset", "output_dataset"):
             if kw.get(key) or key == "scope" and key in kw:       # an empty scope is no scope
                 try:

@@ -25,6 +25,7 @@ from testkit import EXAMPLE_SITES, REPO, start_server, stop_server, wait_for
 SITE = "LOCAL_DEMO"
 SHORT = "ADMIN_SHORT"        # a site whose pilots ask for 10 minutes only
 NOFIT = "ADMIN_NOFIT"        # the same, for the no-fit explanation alone
+E2E = "ADMIN_E2E"            # LOCAL_DEMO's defaults, for a factory that runs pilots
 
 
 def panda(*args: str, token: str | None = None, server=None, env=None, timeout=60,
@@ -72,6 +73,10 @@ def srv(tmp_path_factory):
     short = {**demo, "name": SHORT, "pilots": {**demo["pilots"], "walltime_s": 600}}
     (sites / f"{SHORT}.yaml").write_text(yaml.safe_dump(short))
     (sites / f"{NOFIT}.yaml").write_text(yaml.safe_dump({**short, "name": NOFIT}))
+    se_url = f"file://{tmp / 'se'}"
+    (tmp / "se").mkdir()
+    (sites / f"{E2E}.yaml").write_text(yaml.safe_dump({**demo, "name": E2E, "storage": {
+        "input": {"name": "E2E_SE", "url": se_url}, "output": {"name": "E2E_SE", "url": se_url}}}))
     server = start_server(tmp / "server", site_dir=sites)
     server.sites = sites
     from server.auth import KeyStore
@@ -190,6 +195,7 @@ def test_tasks_lists_counts(srv):
 
 
 def test_watch_refreshes_until_ctrl_c(srv):
+    submit(srv, task("watched", 1), srv.alice)
     proc = subprocess.Popen([sys.executable, "-m", "panda_wms.cli", "jobs", "--watch", "0.5",
                              "--server", srv.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -202,6 +208,15 @@ def test_watch_refreshes_until_ctrl_c(srv):
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert any(line.startswith("ID ") for line in seen)
+    # --json: stdout carries one JSON document per refresh and nothing else
+    proc = subprocess.Popen([sys.executable, "-m", "panda_wms.cli", "jobs", "--json", "--watch",
+                             "0.5", "--server", srv.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    docs = [json.loads(proc.stdout.readline()) for _ in range(2)]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and all(isinstance(d, list) and d for d in docs)
+    assert "every 0.5 s" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------- kill --task, retry
@@ -274,7 +289,7 @@ def test_data_add_then_the_contracts_task_submits(srv, tmp_path):
                                    "name: demo" + block))
     res = panda("submit", str(task_file), token=srv.alice, server=srv)
     if "destination_se" in block:     # an aggregation storage element this server lacks
-        assert res.returncode == 1 and "known: LOCAL_SE" in person_sees(res), res.stderr
+        assert res.returncode == 1 and "T1_DISK" in person_sees(res) and "known: " in res.stderr
     res = panda("submit", str(REPO / "docs" / "examples" / "demo-task.yaml"), token=srv.alice,
                 server=srv)
     assert res.returncode == 0 and "jobs=3" in person_sees(res), res.stderr
@@ -434,6 +449,27 @@ def test_no_job_says_why_and_the_default_walltime_fits(srv):
     assert reply["StatusCode"] == 0 and reply["maxWalltime"] == DEFAULT_JOB_WALLTIME_S
     requests.post(f"{srv.url}/api/v1/task/kill", json={"task_id": t},
                   headers={"Authorization": f"Bearer {srv.alice}"}, timeout=10)
+
+
+def test_a_task_without_walltime_runs_with_the_default_pilots(srv, tmp_path):
+    """Finding 1 as it was met: n_jobs, no walltime, the factory's default pilots."""
+    from schedulers.factory import Factory
+    from site_configs import load_dir
+    t = submit(srv, task("defaults", 2, site=E2E), srv.alice)
+    site = {s.name: s for s in load_dir(srv.sites)[0]}[E2E]
+    factory = Factory(srv.url, [site], token=srv.pilot, pilot_token=srv.pilot,
+                      state_dir=tmp_path / "factory", server_key_fingerprint=srv.key_fingerprint())
+    try:
+        def done():
+            factory.run_once()
+            state = json.loads(panda("status", str(t), "--json", server=srv).stdout)["status"]
+            return state if state in ("done", "finished", "failed") else None
+        assert wait_for(done, "the task's jobs to run", timeout=120) == "done"
+    finally:
+        factory.cancel_all()
+        factory.shutdown()
+    jobs = json.loads(panda("jobs", "--json", "--task", str(t), server=srv).stdout)
+    assert [j["state"] for j in jobs] == ["finished", "finished"]
 
 
 def test_factory_without_its_own_token_says_so(srv, tmp_path):

@@ -96,7 +96,7 @@ def test_malformed_requests_get_clear_reasons_and_change_nothing(site_server):
         ({"jobId": pid, "state": "exploded"}, 30, "not one a pilot may report"),
         ({"jobId": pid, "state": "finished", "xml": "<xml/>"}, 30, "xml must be a JSON object"),
         ({"jobId": pid, "state": "finished", "xml": '{"f": {"fsize": "big"}}'}, 30,
-         "fsize of f is not a number"),
+         "fsize of f must be a whole number of bytes"),
         ({"jobId": pid, "state": "running", "pilotErrorCode": "oops"}, 30,
          "pilotErrorCode must be a number"),
     ]
