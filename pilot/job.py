@@ -366,7 +366,8 @@ class JobRun:
             remaining_s=self.cfg.remaining_s, reserve_s=self.cfg.reserve_s,
             stop_requested=lambda: self.kill.requested or (
                 self.pilot_stop is not None and self.pilot_stop.requested),
-            on_command=lambda commands: self._obey({"command": ",".join(sorted(commands))}),
+            on_command=lambda commands: self._obey({"command": ",".join(sorted(commands))},
+                                                   updates=False),
             on_contact=self._contact)
         self.es = EventServiceSession(ctx, self.cfg.event_service)
         return self.es
@@ -534,13 +535,16 @@ class JobRun:
         self.last_heartbeat_ok = time.time()
         self._obey(reply)
 
-    def _obey(self, reply: dict[str, Any]) -> None:
+    def _obey(self, reply: dict[str, Any], updates: bool = True) -> None:
+        """Act on a reply's commands. Debug mode follows the updateJob replies only
+        (``updates``): the event service's replies repeat the job's command without the view."""
         commands = server_commands(reply)
         if commands & KILL_COMMANDS:
             log.warning("job %s: the server says %s", self.panda_id, ",".join(sorted(commands)))
             self.kill.set(ErrorCode.KILLED_BY_SERVER, "job killed by the server's command")
             return
-        self._debug_mode(reply if "debug" in commands else None)
+        if updates:
+            self._debug_mode(reply if "debug" in commands else None)
         if commands - {"debug"}:
             log.info("job %s: server command(s) %s ignored", self.panda_id,
                      ",".join(sorted(commands - {"debug"})))

@@ -21,6 +21,7 @@ from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_
                       int_param, str_param)
 from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
 from .jobcreator import LimitExceeded, TaskSpecError
+from .quotas import KINDS, QuotaExceeded
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
 
@@ -84,6 +85,8 @@ def task_submit(ctx: Context, params: dict) -> int:
                     raise ApiError(f"task name {task_params['name']!r} is in use by your task "
                                    f"jediTaskID={live}", data=CODE_DUPLICATE)
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
+    except QuotaExceeded as exc:
+        raise ApiError(str(exc), 403, data=CODE_REFUSED) from None
     except LimitExceeded as exc:
         raise ApiError(f"bad task description: {exc}", 400, data=CODE_REFUSED) from None
     except (TaskSpecError, BadFileName) as exc:   # BadFileName: an output name made from a pattern
@@ -101,6 +104,8 @@ def task_extend(ctx: Context, params: dict) -> dict:
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     try:
         result = ctx.submitter.extend(task_id, ctx.identity.subject)
+    except QuotaExceeded as exc:
+        raise ApiError(str(exc), 403) from None
     except LimitExceeded as exc:
         raise ApiError(str(exc), 400) from None
     except (TaskSpecError, BadFileName) as exc:
@@ -255,6 +260,39 @@ def job_get_debug_view(ctx: Context, params: dict) -> dict:
     view = json.loads(job["debug_view"]) if job.get("debug_view") else None
     return {"job_id": panda_id, "status": job["status"], "debug": job.get("debug_request"),
             "view": view, "modificationTime": job["modification_time"]}
+
+
+# ---------------------------------------------------------------------- quotas
+@api("quota", "list")
+def quota_list(ctx: Context, params: dict) -> list[dict]:
+    return [q.to_dict() for q in ctx.submitter.quotas.all()]
+
+
+@api("quota", "set", ("POST",), ADMIN)
+def quota_set(ctx: Context, params: dict) -> dict:
+    kind = str_param(params, "kind") or "user"
+    if kind not in KINDS:
+        raise ApiError(f"parameter 'kind': one of {', '.join(KINDS)}", 400)
+    name = str_param(params, "name")
+    if not name:
+        raise ApiError("parameter 'name': the user (token subject), the group, or '*'", 400)
+    limits = {}
+    for key in ("max_running", "max_per_day"):
+        value = params.get(key)
+        limits[key] = None if value in (None, "") else int_param(params, key)
+    try:
+        return ctx.submitter.quotas.set(kind, name, **limits).to_dict()
+    except ValueError as exc:
+        raise ApiError(str(exc), 400) from None
+
+
+@api("quota", "usage")
+def quota_usage(ctx: Context, params: dict) -> dict:
+    """A user's (default: the caller's) and a group's use against their quotas."""
+    user = str_param(params, "user") or (ctx.identity.subject if ctx.identity else None)
+    if not user:
+        raise ApiError("parameter 'user': whose usage (or call with a token)", 400)
+    return ctx.submitter.quotas.usage(user, str_param(params, "group"))
 
 
 # ---------------------------------------------------------------------- sites

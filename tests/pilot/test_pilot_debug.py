@@ -49,6 +49,10 @@ def test_the_server_stores_views_bounded_and_only_known_keys():
     for bad in ("not json", "[1, 2]", "x" * (5 * MAX_VIEW_BYTES)):
         assert "dropped" in json.loads(clean_view(bad))["error"]
     assert clean_view("") is None
+    assert json.loads(clean_view({"view": "ps", "text": "x"}))["text"] == "x"   # a JSON body
+    # a payload's terminal escapes never reach the reader's terminal
+    shown = render(clean_view(json.dumps({"view": "tail", "text": "a\x1b[2J\x1b]0;pwn\x07b\n"})))
+    assert "\x1b" not in shown and "\x07" not in shown and "a?[2J" in shown
     assert render(clean_view(json.dumps({"view": "ls", "text": "a\nb"}))) .startswith("ls")
 
 
