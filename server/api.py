@@ -14,6 +14,7 @@ import re
 from panda_core.debugview import BadDebugRequest
 from panda_core.debugview import parse_request as parse_debug_request
 from panda_core.replicas import BadFileName
+from panda_core.states import FINAL_JOB_STATES
 
 from .api_console import error_text
 from .api_panda import panda_file_names, panda_job_names
@@ -21,6 +22,7 @@ from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_
                       int_param, str_param)
 from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
 from .jobcreator import LimitExceeded, TaskSpecError
+from .groups import refusal
 from .quotas import KINDS, QuotaExceeded
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 api = ApiMethods()
 
+FINAL_STATES = frozenset(str(s) for s in FINAL_JOB_STATES)
 #: files one data/add_files call registers (one transaction)
 MAX_FILES_PER_CALL = 10000
 
@@ -84,6 +87,9 @@ def task_submit(ctx: Context, params: dict) -> int:
                 if live is not None:
                     raise ApiError(f"task name {task_params['name']!r} is in use by your task "
                                    f"jediTaskID={live}", data=CODE_DUPLICATE)
+        why = refusal(ctx.identity, task_params.get("vo"), task_params.get("working_group"))
+        if why:
+            raise ApiError(f"permission denied: {why}", 403, data=CODE_REFUSED)
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
     except QuotaExceeded as exc:
         raise ApiError(str(exc), 403, data=CODE_REFUSED) from None
@@ -258,7 +264,9 @@ def job_get_debug_view(ctx: Context, params: dict) -> dict:
     if job is None:
         raise NotFound(f"no job {panda_id}")
     view = json.loads(job["debug_view"]) if job.get("debug_view") else None
-    return {"job_id": panda_id, "status": job["status"], "debug": job.get("debug_request"),
+    # an ended job's pilot is gone: its request, if never cleared, asks nobody any more
+    asked = None if job["status"] in FINAL_STATES else job.get("debug_request")
+    return {"job_id": panda_id, "status": job["status"], "debug": asked,
             "view": view, "modificationTime": job["modification_time"]}
 
 
