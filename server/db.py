@@ -254,7 +254,7 @@ factories = Table(
 )
 
 
-# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0017):
+# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0018):
 # every write appends its +1/-1 to job_count_deltas in its own transaction; JobCounts
 # (taskbuffer/counts.py) folds them into job_counts and reads the sum of both. ``site`` is ''
 # for jobs without one.

@@ -1,6 +1,6 @@
 """Job counters: jobs and cores per (site, share, status) without counting the jobs table.
 
-Database triggers on ``jobs`` (migration 0017) append every change's +1/-1 to
+Database triggers on ``jobs`` (migration 0018) append every change's +1/-1 to
 ``job_count_deltas`` in the writer's own transaction, so the counters are exactly as committed
 as the jobs themselves, whoever wrote them (the state machine, a set-based insert, the
 archiver). Appending rather than updating one counter row per (site, share, status) keeps

@@ -113,7 +113,7 @@ def test_concurrent_transitions_and_folds_stay_exact(taskbuffer):
 def test_migration_counts_the_rows_already_there(fresh_db_url):
     engine = db.make_engine(fresh_db_url, pool_size=2)
     try:
-        db.upgrade_schema(engine, "0016_quotas")
+        db.upgrade_schema(engine, "0017_vo")
         tb = TaskBuffer(engine)
         now = tb.clock()
         row = {"task_id": 1, "serial": 1, "status": "activated", "site": "OLD", "owner": "o",

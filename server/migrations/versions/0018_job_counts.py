@@ -16,8 +16,8 @@ WHEN clause skips heartbeats without calling the function. MariaDB and SQLite: r
 Also ``ix_jobs_waiting`` (status, panda_id) over assigned and activated jobs (partial on
 PostgreSQL and SQLite; none on MariaDB): the priority recompute walks the queue through it a batch at a time.
 
-Revision ID: 0017_job_counts
-Revises: 0016_quotas
+Revision ID: 0018_job_counts
+Revises: 0017_vo
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0017_job_counts"
-down_revision = "0016_quotas"
+revision = "0018_job_counts"
+down_revision = "0017_vo"
 branch_labels = None
 depends_on = None
 
