@@ -2,8 +2,8 @@
 datasets with the account that created them, and an index to find one lfn's catalogue entries
 in every dataset (an existing lfn registered with another checksum is refused).
 
-Revision ID: 0018_data_owners
-Revises: 0017_vo
+Revision ID: 0019_data_owners
+Revises: 0018_job_counts
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0018_data_owners"
-down_revision = "0017_vo"
+revision = "0019_data_owners"
+down_revision = "0018_job_counts"
 branch_labels = None
 depends_on = None
 
