@@ -22,6 +22,7 @@ from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_
                       int_param, str_param)
 from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
 from .jobcreator import LimitExceeded, TaskSpecError
+from .groups import refusal
 from .quotas import KINDS, QuotaExceeded
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
@@ -86,6 +87,9 @@ def task_submit(ctx: Context, params: dict) -> int:
                 if live is not None:
                     raise ApiError(f"task name {task_params['name']!r} is in use by your task "
                                    f"jediTaskID={live}", data=CODE_DUPLICATE)
+        why = refusal(ctx.identity, task_params.get("vo"), task_params.get("working_group"))
+        if why:
+            raise ApiError(f"permission denied: {why}", 403, data=CODE_REFUSED)
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
     except QuotaExceeded as exc:
         raise ApiError(str(exc), 403, data=CODE_REFUSED) from None

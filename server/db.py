@@ -95,6 +95,7 @@ def _job_columns() -> list[Column]:
         Column("n_events", BigInteger),
         Column("job_metrics", Text),
         Column("working_group", String(64)),              # the task's working group, if any
+        Column("vo", String(64)),                         # the task's virtual organisation
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
         Column("excluded_sites", Text),                   # JSON list: failed there (site's fault)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job

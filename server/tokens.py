@@ -63,6 +63,7 @@ class Claims:
     expires: float
     jti: str | None
     issuer: str
+    groups: tuple[str, ...] = ()     # the token's groups, without a leading slash
 
 
 @dataclass
@@ -97,6 +98,17 @@ class TrustedIssuer:
         wanted = {g.strip("/") for g in groups}
         found = [role for group, role in self.roles.items() if group.strip("/") in wanted]
         return max(found, key=ROLE_RANK.__getitem__) if found else None
+
+
+def token_groups(claims: dict) -> tuple[str, ...]:
+    """The groups a token's claims name (``wlcg.groups``, ``groups``), without leading slashes
+    and without duplicates; anything not a string is ignored."""
+    out: list[str] = []
+    for key in ("wlcg.groups", "groups"):
+        value = claims.get(key)
+        if isinstance(value, list):
+            out += [g.strip("/") for g in value if isinstance(g, str) and g.strip("/")]
+    return tuple(dict.fromkeys(g[:255] for g in out[:100]))
 
 
 def _fail(path: str, why: str) -> ValueError:
@@ -241,7 +253,7 @@ class TokenService:
 
     # --- issuing -------------------------------------------------------------------------------
     def issue(self, subject: str, role: str, site: str | None = None,
-              lifetime_s: int = 30 * 24 * 3600) -> str:
+              lifetime_s: int = 30 * 24 * 3600, groups: tuple[str, ...] = ()) -> str:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
         if not subject or not isinstance(subject, str):
@@ -250,7 +262,7 @@ class TokenService:
         claims = {"iss": self.issuer, "sub": subject, "aud": self.issuer, "iat": now,
                   "nbf": now, "exp": now + int(lifetime_s), "jti": str(uuid.uuid4()),
                   "scope": f"panda:{role}", "wlcg.ver": WLCG_VERSION,
-                  "groups": [f"panda/{role}"], "role": role,
+                  "groups": [f"panda/{role}", *(g.strip("/") for g in groups)], "role": role,
                   # what panda-client's get_user_name_from_token() and prun read
                   "name": subject, "preferred_username": subject}
         if site:
@@ -301,7 +313,7 @@ class TokenService:
         if jti is not None and jti in self.revoked:
             raise TokenError("bearer token revoked")
         return Claims(subject=subject, role=role, site=site, expires=float(claims["exp"]),
-                      jti=jti, issuer=issuer)
+                      jti=jti, issuer=issuer, groups=token_groups(claims))
 
     @staticmethod
     def _decode(token: str, key: Any, algorithms: list[str], audience: list[str],

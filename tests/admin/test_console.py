@@ -219,6 +219,15 @@ def test_watch_refreshes_until_ctrl_c(srv):
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and all(isinstance(d, list) and d for d in docs)
     assert "every 0.5 s" in err and "Traceback" not in err
+    # a server that is down (restarting): said on every refresh, the watch goes on
+    from testkit import free_port
+    proc = subprocess.Popen([sys.executable, "-m", "panda_wms.cli", "jobs", "--watch", "0.5",
+                             "--server", f"http://127.0.0.1:{free_port()}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors = [proc.stderr.readline() for _ in range(2)]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and all("cannot reach the server" in e for e in errors), errors
 
 
 # ---------------------------------------------------------------------- kill --task, retry
