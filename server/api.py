@@ -13,8 +13,8 @@ import re
 from panda_core.replicas import BadFileName
 
 from .api_panda import panda_file_names, panda_job_names
-from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, as_int, id_list,
-                      int_param, str_param)
+from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, Param, as_int,
+                      id_list, int_param, str_param)
 from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
 from .jobcreator import LimitExceeded, TaskSpecError
 from .queuedata import signed_queuedata
@@ -23,6 +23,9 @@ from .taskbuffer import NotFound
 log = logging.getLogger(__name__)
 
 api = ApiMethods()
+TASK_ID = Param("task_id", "integer", True, "a jediTaskID", minimum=1)
+JOB_IDS = Param("job_ids", "ids", True, "PandaIDs (a repeated key, a list or one id)")
+SITE = Param("site", required=True, max_length=128, description="a site's name")
 
 #: files one data/add_files call registers (one transaction)
 MAX_FILES_PER_CALL = 10000
@@ -62,7 +65,9 @@ def whoami(ctx: Context, params: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------------- tasks
-@api("task", "submit", ("POST",), WRITERS)
+@api("task", "submit", ("POST",), WRITERS, params=(
+    Param("task_parameters", "object", True, "the task description (docs/contracts.md)"),
+    Param("parent_tid", "integer", description="ignored (PanDA's client sends it)")))
 def task_submit(ctx: Context, params: dict) -> int:
     """Our task description, or JEDI's task parameters as prun and pathena send them
     (``server.jeditask``). A refusal's ``data`` is PanDA's code: 2 a live task of the caller
@@ -89,7 +94,7 @@ def task_submit(ctx: Context, params: dict) -> int:
     return result.task_id
 
 
-@api("task", "extend", ("POST",), WRITERS)
+@api("task", "extend", ("POST",), WRITERS, params=(TASK_ID,))
 def task_extend(ctx: Context, params: dict) -> dict:
     task_id = int_param(params, "task_id")
     task = ctx.tb.tasks.get(task_id)
@@ -104,12 +109,13 @@ def task_extend(ctx: Context, params: dict) -> dict:
     return {"task_id": task_id, "new_jobs": result.job_ids}
 
 
-@api("task", "get_status")
+@api("task", "get_status", params=(TASK_ID,))
 def task_get_status(ctx: Context, params: dict) -> str:
     return ctx.tb.tasks.get(int_param(params, "task_id"))["status"]
 
 
-@api("task", "get_details")
+@api("task", "get_details", params=(
+    TASK_ID, Param("include_parameters", "boolean", description="add taskParams")))
 def task_get_details(ctx: Context, params: dict) -> dict:
     task_id = int_param(params, "task_id")
     task = ctx.tb.tasks.get(task_id)
@@ -119,25 +125,27 @@ def task_get_details(ctx: Context, params: dict) -> dict:
     return view
 
 
-@api("task", "get_task_parameters")
+@api("task", "get_task_parameters", params=(TASK_ID,))
 def task_get_parameters(ctx: Context, params: dict) -> dict:
     return ctx.tb.tasks.get(int_param(params, "task_id"))["params"]
 
 
-@api("task", "get_job_ids")
+@api("task", "get_job_ids", params=(TASK_ID,))
 def task_get_job_ids(ctx: Context, params: dict) -> list[int]:
     task_id = int_param(params, "task_id")
     ctx.tb.tasks.get(task_id)
     return ctx.tb.tasks.job_ids(task_id)
 
 
-@api("task", "list")
+@api("task", "list", params=(
+    Param("owner", description="only this owner's tasks"),
+    Param("limit", "integer", minimum=1, maximum=10000, description="at most (100)")))
 def task_list(ctx: Context, params: dict) -> list[dict]:
     return [_task_view(t) for t in ctx.tb.tasks.find(owner=str_param(params, "owner"),
                                                      limit=int_param(params, "limit", False) or 100)]
 
 
-@api("task", "kill", ("POST",), WRITERS)
+@api("task", "kill", ("POST",), WRITERS, params=(TASK_ID,))
 def task_kill(ctx: Context, params: dict) -> int:
     from panda_core.states import TaskState
     task_id = int_param(params, "task_id")
@@ -168,31 +176,36 @@ def _job_view(job: dict) -> dict:
     return out
 
 
-@api("job", "get_description", ("GET", "POST"))
+@api("job", "get_description", ("GET", "POST"), params=(JOB_IDS,))
 def job_get_description(ctx: Context, params: dict) -> list[dict | None]:
     return [(_job_view(j) if (j := ctx.tb.jobs.get(i, include_archive=False)) else None)
             for i in id_list(params, "job_ids")]
 
 
-@api("job", "get_description_incl_archive", ("GET", "POST"))
+@api("job", "get_description_incl_archive", ("GET", "POST"), params=(JOB_IDS,))
 def job_get_description_incl_archive(ctx: Context, params: dict) -> list[dict | None]:
     return [(_job_view(j) if (j := ctx.tb.jobs.get(i)) else None)
             for i in id_list(params, "job_ids")]
 
 
-@api("job", "get_history")
+@api("job", "get_history", params=(
+    Param("job_id", "integer", True, "a PandaID", minimum=1),))
 def job_get_history(ctx: Context, params: dict) -> list[dict]:
     return ctx.tb.jobs.history(int_param(params, "job_id"))
 
 
-@api("job", "list")
+@api("job", "list", params=(
+    Param("task_id", "integer", description="only this task's jobs"),
+    Param("site", description="only jobs at this site"),
+    Param("status", "string", max_length=32, description="only jobs in this state"),
+    Param("limit", "integer", minimum=1, maximum=100000, description="at most (1000)")))
 def job_list(ctx: Context, params: dict) -> list[dict]:
     return [_job_view(j) for j in ctx.tb.jobs.find(
         task_id=int_param(params, "task_id", False), site=str_param(params, "site"),
         status=str_param(params, "status"), limit=int_param(params, "limit", False) or 1000)]
 
 
-@api("job", "kill", ("POST",), WRITERS)
+@api("job", "kill", ("POST",), WRITERS, params=(JOB_IDS,))
 def job_kill(ctx: Context, params: dict) -> list[bool]:
     owner = None if ctx.identity.role == "admin" else ctx.identity.subject
     results = []
@@ -214,17 +227,18 @@ def site_list(ctx: Context, params: dict) -> list[dict]:
             for s in ctx.tb.sites.all()]
 
 
-@api("site", "get_config")
+@api("site", "get_config", params=(SITE,))
 def site_get_config(ctx: Context, params: dict) -> dict:
     return ctx.tb.sites.get(str(params.get("site", "")))["config"]
 
 
-@api("site", "queuedata")
+@api("site", "queuedata", params=(SITE,))
 def site_queuedata(ctx: Context, params: dict) -> dict:
     return signed_queuedata(site_get_config(ctx, params), ctx.keys.sign_canonical)
 
 
-@api("site", "sync", ("POST",), ADMIN)
+@api("site", "sync", ("POST",), ADMIN, params=(
+    Param("sites", "array", True, "site configs (docs/site-configs.md)", max_length=10000),))
 def site_sync(ctx: Context, params: dict) -> list[str]:
     configs = params.get("sites")
     if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
@@ -240,7 +254,11 @@ def site_sync(ctx: Context, params: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------- data
-@api("data", "add_files", ("POST",), WRITERS)
+@api("data", "add_files", ("POST",), WRITERS, params=(
+    Param("dataset", required=True, description="the dataset's name"),
+    Param("scope", required=True, description="the files' scope"),
+    Param("files", "array", True, "[{lfn, fsize, checksum, guid?, surl?}]", max_length=100000),
+    Param("ddm_endpoint", max_length=128, description="the storage element holding them")))
 def data_add_files(ctx: Context, params: dict) -> int:
     from panda_core.replicas import BadFileName, check_name
     dataset, scope = params.get("dataset"), params.get("scope")
@@ -254,8 +272,8 @@ def data_add_files(ctx: Context, params: dict) -> int:
             raise ApiError(f"parameter 'files': at most {MAX_FILES_PER_CALL} per call, got "
                            f"{len(files)}", 400)
         for f in files:
-            if not isinstance(f, dict):
-                raise ApiError("each file must be an object with lfn, fsize, checksum")
+            if not isinstance(f, dict) or not isinstance(f.get("lfn"), str):
+                raise ApiError("each file must be an object with lfn, fsize, checksum", 400)
             check_name(str(f.get("lfn")), "lfn")
             checksum = f.get("checksum")
             if checksum and not re.fullmatch(r"ad:[0-9a-fA-F]{8}|md5:[0-9a-fA-F]{32}",
@@ -277,20 +295,25 @@ def data_add_files(ctx: Context, params: dict) -> int:
     return ctx.tb.data.add_dataset_files(dataset, scope, files, endpoint)
 
 
-@api("data", "list_files")
+@api("data", "list_files", params=(
+    Param("dataset", required=True, description="the dataset's name"),))
 def data_list_files(ctx: Context, params: dict) -> list[dict]:
     return ctx.tb.data.dataset_files(str(params.get("dataset", "")))
 
 
 # ---------------------------------------------------------------------- pilots and factories
-@api("pilot", "activated_count")
+@api("pilot", "activated_count", params=(SITE,))
 def pilot_activated_count(ctx: Context, params: dict) -> dict:
     site = str(params.get("site", ""))
     ctx.tb.sites.get(site)                 # an unknown site: its message
     return {"site": site, "activated": ctx.tb.jobs.count(site=site, status="activated")}
 
 
-@api("pilot", "report", ("POST",), PILOTS + ("user",))
+@api("pilot", "report", ("POST",), PILOTS + ("user",), params=(
+    Param("factory", required=True, description="the factory's name"),
+    Param("pilots", "array", True, "[{batch_id, site, state, backend?, submitted?, exit_code?}]",
+          max_length=100000),
+    Param("sites", "object", description="{site: {submitting, reason}}")))
 def pilot_report(ctx: Context, params: dict) -> int:
     factory = params.get("factory")
     pilots = params.get("pilots")
@@ -299,6 +322,7 @@ def pilot_report(ctx: Context, params: dict) -> int:
     if not isinstance(pilots, list) or not all(isinstance(p, dict) and "batch_id" in p
                                                and "site" in p for p in pilots):
         raise ApiError("parameter 'pilots' must be a list of objects with batch_id and site")
+    _check_pilot_entries(pilots)
     sites = params.get("sites")
     if sites is not None and not (isinstance(sites, dict)
                                   and all(isinstance(v, dict) for v in sites.values())):
@@ -317,6 +341,29 @@ def pilot_report(ctx: Context, params: dict) -> int:
                                     actor_is_admin=ctx.identity.role == "admin")
     except PermissionError as exc:
         raise ApiError(f"permission denied: {exc}", 403) from None
+
+
+#: a reported pilot's fields: (type check, the column's length or the integer's bits)
+_PILOT_FIELDS = {"batch_id": ((str, int), 255), "site": ((str,), 128), "state": ((str,), 16),
+                 "backend": ((str,), 64), "submitted": ((str,), 64), "exit_code": ((int,), 32)}
+
+
+def _check_pilot_entries(pilots: list[dict]) -> None:
+    """Each reported pilot's fields fit their columns: a reason naming the field, not a
+    database error."""
+    for i, p in enumerate(pilots):
+        for key, (types, size) in _PILOT_FIELDS.items():
+            value = p.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise ApiError(f"pilots[{i}].{key} must be "
+                               f"{'an integer' if types == (int,) else 'text'}", 400)
+            if isinstance(value, int) and not (-2**(size - 1) <= value < 2**(size - 1)
+                                               if key == "exit_code" else 0 <= value < 2**63):
+                raise ApiError(f"pilots[{i}].{key} is out of range", 400)
+            if isinstance(value, str) and len(value) > size:
+                raise ApiError(f"pilots[{i}].{key}: at most {size} characters", 400)
 
 
 @api("pilot", "summary")

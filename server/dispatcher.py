@@ -94,6 +94,17 @@ def _float(form: dict, key: str) -> float | None:
                             ) from None
 
 
+def _version(form: dict) -> str | None:
+    """The pilot's ``pilotVersion``: one text value (jobs may require one)."""
+    value = form.get("pilotVersion")
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > 255:
+        raise ProtocolError(SC_FAILED, "pilotVersion must be one text value of at most 255 "
+                                       "characters")
+    return value
+
+
 def _require(form: dict, key: str) -> str:
     value = form.get(key)
     if value in (None, ""):
@@ -147,7 +158,7 @@ class Dispatcher:
         return JobRequest(
             site=site, site_config=site_row["config"], n_jobs=n_jobs, many="nJobs" in form,
             fit=dict(cores=cores, memory_mb=mem, walltime_s=remaining,
-                     pilot_version=form.get("pilotVersion"),
+                     pilot_version=_version(form),
                      prod_source_label=label if label in ("test", "ptest", "user") else None),
             who=dict(node=_text(form.get("node"), "node"),
                      actor=identity.subject if identity else None,
@@ -293,11 +304,15 @@ REPORT_COLUMNS = tuple(c for _, c, *_ in _REPORT_NUMBERS + _REPORT_TEXTS) + tupl
     c for c, *_ in workernode.COLUMNS.values() if c != "node")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_stored_files(xml: str) -> dict[str, dict]:
     """The final updateJob's ``xml``: a JSON object {lfn: {guid, fsize, adler32|md5sum, surl}}."""
     try:
-        data = json.loads(xml)
-    except (TypeError, ValueError):
+        data = json.loads(xml, parse_constant=_no_constant)      # no Infinity, NaN
+    except (TypeError, ValueError, RecursionError):
         raise ProtocolError(SC_FAILED, "xml must be a JSON object of stored files") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ProtocolError(SC_FAILED, "xml must be a JSON object {lfn: {...}}")
@@ -306,8 +321,11 @@ def parse_stored_files(xml: str) -> dict[str, dict]:
         entry = {"guid": info.get("guid"), "surl": info.get("surl")}
         try:
             entry["fsize"] = int(info["fsize"]) if info.get("fsize") not in (None, "") else None
-        except (TypeError, ValueError):
-            raise ProtocolError(SC_FAILED, f"xml: fsize of {lfn} is not a number") from None
+            if entry["fsize"] is not None and not 0 <= entry["fsize"] < 2**63:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise ProtocolError(SC_FAILED, f"xml: fsize of {str(lfn)[:100]} is not a size in "
+                                           "bytes (a non-negative 64-bit integer)") from None
         if info.get("adler32"):
             entry["adler32"] = str(info["adler32"])
         if info.get("md5sum"):

@@ -95,6 +95,37 @@ def is_transient(exc: BaseException | None) -> bool:
     return False
 
 
+#: MariaDB's refusals of a value: data too long, out of range, incorrect value, truncated
+MYSQL_BAD_VALUE = frozenset({1406, 1264, 1366, 1292, 1265, 1367, 1690})
+BAD_VALUE_MESSAGE = "a value the database cannot store (too long, too large or not text)"
+
+
+def is_bad_value(exc: BaseException | None) -> bool:
+    """Whether the database (or its driver) refused a *value* of the request: too long for
+    its column, out of its range, text with NUL. A refusal (4xx, StatusCode 30), not a
+    failure; the last line of defence behind the parameter checks."""
+    if exc is None:
+        return False
+    if isinstance(exc, OverflowError):            # sqlite3: an int beyond 64 bits
+        return True
+    orig = getattr(exc, "orig", None) if (type(exc).__module__ or "").startswith(
+        "sqlalchemy") else exc
+    if orig is None:
+        return False
+    if isinstance(orig, OverflowError):
+        return True
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith("22")          # data exception
+    module = type(orig).__module__ or ""
+    if module.startswith("pymysql"):
+        code = orig.args[0] if orig.args else None
+        return code in MYSQL_BAD_VALUE or "DataError" in _mro_names(orig)
+    if module.startswith("psycopg"):              # NUL in text: refused before it is sent
+        return "DataError" in _mro_names(orig)
+    return False
+
+
 def _pause(attempt: int) -> float:
     return RETRY_DELAYS_S[attempt] * random.uniform(0.75, 1.25)
 
