@@ -324,8 +324,8 @@ def parse_stored_files(xml: str) -> dict[str, dict]:
             if entry["fsize"] is not None and not 0 <= entry["fsize"] < 2**63:
                 raise ValueError
         except (TypeError, ValueError, OverflowError):
-            raise ProtocolError(SC_FAILED, f"xml: fsize of {str(lfn)[:100]} is not a size in "
-                                           "bytes (a non-negative 64-bit integer)") from None
+            raise ProtocolError(SC_FAILED, f"xml: fsize of {str(lfn)[:100]} is not a number "
+                                           "of bytes (a non-negative 64-bit integer)") from None
         if info.get("adler32"):
             entry["adler32"] = str(info["adler32"])
         if info.get("md5sum"):

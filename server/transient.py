@@ -74,6 +74,28 @@ def _driver_transient(orig: BaseException) -> bool:
     return False
 
 
+#: of the transient failures, those that mean the connection itself is gone
+PG_CONNECTION_LOST = frozenset({"57P01", "57P02", "57P03"})
+MYSQL_CONNECTION_LOST = frozenset({1053, 1927, 2006, 2013, 2055, 4031})
+
+
+def is_connection_lost(orig: BaseException) -> bool:
+    """A driver's error that says the connection is dead (terminated backend, restart, lost
+    link): the pool's other connections are as old, so the pool is best dropped whole
+    (``db.make_engine`` tells SQLAlchemy so when its own check missed it)."""
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate in PG_CONNECTION_LOST or sqlstate.startswith("08")
+    module = type(orig).__module__ or ""
+    names = _mro_names(orig)
+    if module.startswith("pymysql"):
+        code = orig.args[0] if orig.args else None
+        return code in MYSQL_CONNECTION_LOST or ("InterfaceError" in names and code in (0, None))
+    if module.startswith("psycopg"):
+        return "OperationalError" in names or "InterfaceError" in names
+    return False
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """Whether ``exc`` is a database failure that passes (the same request may then succeed),
     rather than a refusal or a bug. Looks through SQLAlchemy's wrapper to the driver's error."""
