@@ -393,7 +393,8 @@ def task_retry(ctx: Context, params: dict) -> int:
 
 @api("task", "get_datasets_and_files", params=(
     Param("task_id", "integer", True, "a jediTaskID", minimum=1),
-    Param("dataset_types", description="comma-separated: input, output")))
+    Param("dataset_types", "any", description="input, output: comma-separated text or a "
+          "list (as PanDA's client sends it)")))
 def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
     """The files of a task's input (and, if asked, output) dataset with their use status."""
     task = ctx.tb.tasks.get(int_param(params, "task_id"))

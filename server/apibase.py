@@ -66,7 +66,7 @@ KINDS = {"string": "string", "integer": "integer", "number": "number", "boolean"
          "object": "object", "array": "array", "ids": "array", "any": None}
 MAX_TEXT = 255                 # a text parameter's default length limit (the columns' own)
 MAX_IDS = 10000
-_NULLS = (None, "", "None", "NULL")
+_NULLS = (None, "", "None")          # absent, as int_param and str_param read them
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,9 @@ class Param:
     what the OpenAPI document (``server/openapi.py``) says about it; one declaration for both.
 
     ``kind``: string, integer, number, boolean, object, array, ids (one integer or a list
-    of them, as PanDA's client sends job ids), or any (the method checks it). ``minimum``/``maximum`` bound integers and
-    numbers; ``max_length`` strings (characters) and arrays (items); ``enum`` lists the
-    values a string may take."""
+    of them, as PanDA's client sends job ids), or any (the method checks it themselves).
+    ``minimum``/``maximum`` bound integers and numbers; ``max_length`` strings (characters)
+    and arrays (items); ``enum`` lists the values a string may take."""
     name: str
     kind: str = "string"
     required: bool = False
@@ -168,17 +168,20 @@ class Method:
 
     def checked(self, params: dict) -> dict:
         """``params`` with every declared one checked and converted (:meth:`Param.check`);
-        an absent or empty optional one is dropped, a missing required one refused.
+        an absent or empty optional one is dropped, an absent required one refused.
         Undeclared keys pass untouched (PanDA's client sends some the server ignores)."""
         out = dict(params)
         for p in self.params:
             value = params.get(p.name)
-            if value in _NULLS or (isinstance(value, (list, dict)) and not value
-                                   and p.kind not in ("object", "array")):
-                if p.required:
-                    raise BadParameter(f"parameter {p.name!r} is required")
+            if value is None and p.required:
+                raise BadParameter(f"parameter {p.name!r} is required")
+            if not p.required and (value in _NULLS or (
+                    isinstance(value, (list, dict)) and not value
+                    and p.kind not in ("object", "array"))):
                 out.pop(p.name, None)
                 continue
+            # a required one given empty goes on to its check and the method's (which may
+            # say more than "required": an empty scope is refused as a name)
             out[p.name] = p.check(value)
         return out
 
