@@ -61,7 +61,10 @@ SERVER = [
 ]
 FACTORY = ["PyYAML>=6.0", "jsonschema>=4.17"]   # site configs (schedulers/ needs only the base)
 SE = ["tornado>=6.3"]
-CLIENT = ["PyYAML>=6.0"]                        # panda submit of a YAML task file
+# panda submit of a YAML task file; the tables of panda jobs/tasks/job/data (tabulate: plain
+# columns that grep and awk take apart, one small pure-Python package; rich would add
+# markdown-it-py and pygments for boxes and colours the commands do not need)
+CLIENT = ["PyYAML>=6.0", "tabulate>=0.9"]
 POSTGRES = ["psycopg[binary]>=3.1"]
 MYSQL = ["pymysql>=1.1"]
 ALL = sorted(set(SERVER + FACTORY + SE + CLIENT + POSTGRES + MYSQL))

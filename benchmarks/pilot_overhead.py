@@ -129,10 +129,11 @@ def onefile_run(fake: FakePanda, onefile: OneFile, base: Path, i: int, cold: boo
 
     if cold:
         shutil.rmtree(onefile.cache, ignore_errors=True)
-    marks = base / f"ofmarks{i}"
-    script = f"date +%s.%N > {marks}.start"
-    fake.add_job(make_job(5000 + i, script, log=with_log))
-    args = pilot_cmd(fake, base / "wd", "--max-jobs", "1", "--no-recovery")[4:]
+    # the payload's start goes to its stdout, in its work dir (kept): a sandboxed payload can
+    # write nowhere else
+    fake.add_job(make_job(5000 + i, "date +%s.%N", log=with_log))
+    args = pilot_cmd(fake, base / "wd", "--max-jobs", "1", "--no-recovery",
+                     "--keep-workdirs")[4:]
     t0 = time.time()
     proc = subprocess.Popen(onefile.command(args), env=onefile.env(), cwd="/",
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -140,7 +141,10 @@ def onefile_run(fake: FakePanda, onefile: OneFile, base: Path, i: int, cold: boo
     err = proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0 or not fake.final(5000 + i):
         raise SystemExit(f"one-file pilot run {i} failed (exit {proc.returncode}): {err[-2000:]}")
-    return float(Path(f"{marks}.start").read_text()) - t0, maxrss_kb / 1024
+    [stdout] = (base / "wd").glob(f"panda_job_{5000 + i}_*/work/payload.stdout")
+    started = float(stdout.read_text().split()[0])
+    shutil.rmtree(stdout.parent.parent)
+    return started - t0, maxrss_kb / 1024
 
 
 def main() -> int:

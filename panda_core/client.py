@@ -37,6 +37,10 @@ class ClientError(Exception):
     """The server could not be reached, refused the call, or answered nonsense."""
 
 
+class BadServerUrl(ClientError):
+    """The server URL given is not one (a typo, a missing scheme): fix the command line."""
+
+
 class ServerUnreachable(CodedError, ClientError):
     """No try of the retry policy reached the server; the call may be repeated later."""
 
@@ -75,6 +79,27 @@ def load_token(token_file: str | None = None) -> str | None:
     return default.read_text().strip() if default.is_file() else None
 
 
+def check_server_url(url: object) -> None:
+    """ClientError saying what is wrong with ``url`` unless it is ``http(s)://host[:port]``
+    with an optional path: no traceback for a typo, whatever urllib would make of it."""
+    expected = "expected http://host:port or https://host:port"
+    if not isinstance(url, str):
+        raise BadServerUrl(f"not a server URL: {url!r} ({expected})")
+    if not url.strip():
+        raise BadServerUrl(f"no server URL given ({expected}; or set $PANDA_URL)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port                  # ValueError for a port that is not a number
+    except ValueError as exc:
+        raise BadServerUrl(f"not a server URL: {url!r}: {exc} ({expected})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadServerUrl(f"not a server URL: {url!r} ({expected})")
+    if port == 0 or any(c.isspace() for c in url):
+        raise BadServerUrl(f"not a server URL: {url!r} ({expected})")
+    if parts.query or parts.fragment:
+        raise BadServerUrl(f"not a server URL: {url!r}: no ?query or #fragment ({expected})")
+
+
 def _retryable_http(code: int) -> bool:
     return code >= 500 or code in (408, 429)
 
@@ -85,10 +110,7 @@ class Transport:
     def __init__(self, url: str, token: str | None = None, *, retry: RetryPolicy | None = None,
                  ca_file: str | None = None, ca_dir: str | None = None,
                  user_agent: str = "panda-wms") -> None:
-        if not isinstance(url, str) or not urllib.parse.urlsplit(url).scheme in ("http", "https") \
-                or not urllib.parse.urlsplit(url).netloc:
-            raise ClientError(f"not a server URL: {url!r} (expected http://host:port or "
-                              "https://host:port)")
+        check_server_url(url)
         self.url = url.rstrip("/")
         self._token = token
         self.retry = retry or RetryPolicy()
@@ -158,6 +180,9 @@ def _json(url: str, status: int, data: bytes) -> Any:
 class PilotClient(Transport):
     """PanDA's pilot protocol as pilot 3 speaks it: form POST, ``Accept: application/json``."""
 
+    #: why the last getJob got no job, as the server said (its errorDialog)
+    no_job_reason: str = ""
+
     def post(self, method: str, form: dict[str, Any],
              policy: RetryPolicy | None = None) -> dict[str, Any]:
         """The reply object of ``/server/panda/<method>``; HTTP 4xx is a ProtocolError."""
@@ -185,6 +210,7 @@ class PilotClient(Transport):
                         reply.get("errorDialog", ""), wait)
             time.sleep(wait)
         if code == 20:
+            self.no_job_reason = str(reply.get("errorDialog") or "")
             return None
         if code != 0:
             raise ProtocolError(f"getJob StatusCode {code}: {reply.get('errorDialog', '')}")
@@ -305,3 +331,30 @@ class ApiClient(Transport):
 
     def sync_sites(self, configs: list[dict]) -> list[str]:
         return self.call("site", "sync", "POST", sites=configs)
+
+    # the console commands (panda jobs, tasks, job, retry, kill --task) -------------------------
+    def list_jobs(self, **filters: Any) -> list[dict]:
+        """``job/list``: task_id, site, status (comma list), owner, since (ISO), limit, newest."""
+        return self.call("job", "list", **filters)
+
+    def list_tasks(self, owner: str | None = None, limit: int = 100) -> list[dict]:
+        return self.call("task", "list", owner=owner, limit=limit)
+
+    def job_details(self, job_id: int) -> dict:
+        """One job with its files, its timed state history and its error (``job/get_details``)."""
+        return self.call("job", "get_details", job_id=job_id)
+
+    def kill_task(self, task_id: int) -> str:
+        """Kill a task's jobs and abort it; the server's message (how many were killed)."""
+        self.call("task", "kill", "POST", task_id=task_id)
+        return self.last_message
+
+    def retry_jobs(self, job_ids: list[int]) -> dict[str, Any]:
+        """Per job id: its new attempt's PandaID, or why it was not retried."""
+        return self.call("job", "retry", "POST", job_ids=job_ids)
+
+    def retry_task(self, task_id: int) -> str:
+        """Run the failed and cancelled jobs of an ended task again (PanDA's retryTask); the
+        server's message (how many)."""
+        self.call("task", "retry", "POST", task_id=task_id)
+        return self.last_message

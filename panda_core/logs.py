@@ -10,3 +10,6 @@ def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("PANDA_LOG_LEVEL") or "INFO").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    # alembic says which plugin it set up and which migration it runs at INFO: noise to an
+    # operator (``panda db upgrade`` prints its own one line); shown at debug
+    logging.getLogger("alembic").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

@@ -36,11 +36,32 @@ def check_name(name: str, what: str = "file name") -> str:
 
 
 def replica_path(scope: str, lfn: str) -> str:
-    """Relative path of ``scope:lfn`` below a storage element's root."""
+    """Relative path of ``scope:lfn`` below a storage element's root: the scope's dotted parts
+    as folders (``user.alice`` is ``user/alice``), then the hash folders, as Rucio's
+    deterministic layout and PanDA's pilot 3 write it."""
     check_name(scope, "scope")
     check_name(lfn)
     digest = hashlib.md5(f"{scope}:{lfn}".encode()).hexdigest()
-    return f"{scope}/{digest[0:2]}/{digest[2:4]}/{lfn}"
+    folders = "/".join(part for part in scope.split(".") if part)
+    return f"{folders}/{digest[0:2]}/{digest[2:4]}/{lfn}"
+
+
+def same_location(reported: str, expected: str) -> bool:
+    """Whether a SURL a pilot reported names the replica at ``expected`` (``replica_url``):
+    the same scheme, host and path; ``file:`` without a host, with ``localhost`` or as a plain
+    path are one; repeated slashes count once. A '..' segment never matches."""
+    from urllib.parse import unquote, urlsplit
+
+    def norm(url: str) -> tuple[str, str, str, str]:
+        parts = urlsplit(url if "://" in url else "file://" + url)
+        scheme, host = parts.scheme.lower(), parts.netloc.lower()
+        if scheme == "file" and host == "localhost":
+            host = ""
+        return scheme, host, re.sub(r"/+", "/", unquote(parts.path)), parts.query
+
+    if ".." in reported.split("?")[0].split("/") or "\0" in reported:
+        return False
+    return norm(reported) == norm(expected)
 
 
 def replica_url(se_url: str, scope: str, lfn: str) -> str:

@@ -15,6 +15,13 @@ from typing import Any
 
 SITE_STATUSES = ("online", "offline", "test", "brokeroff")
 
+#: seconds a pilot keeps before its wall time ends, for stage-out and the final report (the
+#: pilot's ``--reserve``); it asks for jobs that fit its wall time minus this
+PILOT_RESERVE_S = 60
+#: the wall time of a job whose task does not say: it fits the default pilot
+#: (``PilotLimits.walltime_s``, 3600 s) after the reserve and the pilot's start, with room left
+DEFAULT_JOB_WALLTIME_S = 3000
+
 
 class SiteConfigError(ValueError):
     """A value of the wrong type or a missing key; the message starts with the key path."""

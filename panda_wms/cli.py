@@ -18,8 +18,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "factory": ("schedulers.cli:main", "keep sites supplied with pilots"),
     "sites": ("site_configs.cli:main", "check or sync site configs"),
     "submit": ("panda_wms.client_cli:submit_main", "submit a task file (JSON or YAML)"),
-    "status": ("panda_wms.client_cli:status_main", "show a task's status"),
-    "kill": ("panda_wms.client_cli:kill_main", "kill jobs"),
+    "status": ("panda_wms.client_cli:status_main", "show a task's status (--wait: until it ends)"),
+    "ping": ("panda_wms.client_cli:ping_main", "is the server up, who am I (--wait S)"),
+    "kill": ("panda_wms.client_cli:kill_main", "kill jobs, or a task (--task N)"),
+    "jobs": ("panda_wms.jobs_cli:jobs_main", "list jobs (filters, --json, --watch)"),
+    "tasks": ("panda_wms.jobs_cli:tasks_main", "list tasks with their jobs per state"),
+    "job": ("panda_wms.jobs_cli:job_main", "one job: details, files, state history"),
+    "retry": ("panda_wms.jobs_cli:retry_main", "retry failed jobs, or a task's (--task N)"),
+    "data": ("panda_wms.data_cli:main", "register input files of a dataset, list them"),
     "se": ("storage_element.cli:main", "serve a folder as an HTTP/WebDAV storage element"),
     "demo": ("panda_wms.demo:main", "run a server, a site and pilots; process a task end to end"),
 }
@@ -29,7 +35,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "server": ("tornado", "sqlalchemy", "alembic", "prometheus_client", "jsonschema", "yaml"),
     "factory": ("yaml", "jsonschema"),
     "se": ("tornado",),
-    "client": ("yaml",),
+    "client": ("yaml", "tabulate"),
 }
 #: per subcommand: the extras it cannot start without (checked before it runs), and those it needs
 #: only for some inputs or actions (named when their import fails: a YAML task file, ...). The
@@ -42,6 +48,10 @@ EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sites": (("factory",), ()),
     "se": (("se",), ()),
     "submit": ((), ("client",)),
+    "jobs": (("client",), ()),
+    "tasks": (("client",), ()),
+    "job": (("client",), ()),
+    "data": (("client",), ()),
     "demo": (("server", "factory"), ()),
 }
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from panda_core.client import ApiClient, ClientError, default_url, load_token
+from panda_core.client import ApiClient, ClientError, ServerUnreachable, default_url, load_token
 
 
 class TaskFileError(ValueError):
@@ -22,14 +22,22 @@ def read_task_file(path: str) -> dict:
         raise TaskFileError(f"{path}: cannot read: {exc.strerror}") from None
     if p.suffix.lower() != ".json":
         import yaml  # the 'client' extra; a missing one is named by panda_wms.cli, not as bad YAML
-    try:
-        if p.suffix.lower() == ".json":
+    if p.suffix.lower() == ".json":
+        try:
             data = json.loads(text)
-        else:
+        except json.JSONDecodeError as exc:
+            raise TaskFileError(f"{path}, line {exc.lineno}, column {exc.colno}: not valid "
+                                f"JSON: {exc.msg}") from None
+    else:
+        try:
             data = yaml.safe_load(text)
-    except (ValueError, Exception) as exc:  # yaml.YAMLError, json.JSONDecodeError
-        raise TaskFileError(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
-                            f"{exc}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            context = getattr(exc, "context", None)
+            raise TaskFileError(f"{path}{where}: not valid YAML: {problem}"
+                                + (f" ({context})" if context else "")) from None
     if not isinstance(data, dict):
         raise TaskFileError(f"{path}: a task file must hold a mapping of field -> value, "
                             f"not {type(data).__name__}")
@@ -46,9 +54,10 @@ def _client(args) -> ApiClient:
     return ApiClient(args.server, load_token(args.token_file))
 
 
-def _fail(message: str) -> int:
-    sys.stderr.write(f"panda: {message}\n")
-    return 1
+def _fail(exc: Exception) -> int:
+    """The message on stderr; exit 2 for input to fix (a task file, a server URL), else 1."""
+    from .console import fail
+    return fail(exc)
 
 
 def submit_main(argv: list[str]) -> int:
@@ -60,8 +69,11 @@ def submit_main(argv: list[str]) -> int:
         params = read_task_file(args.taskfile)
         client = _client(args)
         task_id = client.submit_task(params)
-    except (TaskFileError, ClientError) as exc:
-        return _fail(str(exc))
+    except TaskFileError as exc:
+        sys.stderr.write(f"panda: {exc}\n")
+        return 2
+    except ClientError as exc:
+        return _fail(exc)
     if args.json:
         sys.stdout.write(json.dumps({"task_id": task_id, "message": client.last_message}) + "\n")
     else:
@@ -69,36 +81,117 @@ def submit_main(argv: list[str]) -> int:
     return 0
 
 
+#: task states after which nothing more happens (panda_core.states.FINAL_TASK_STATES)
+_TASK_ENDED = ("done", "finished", "failed", "aborted")
+
+
 def status_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="panda status", description="Show a task's status.")
     p.add_argument("task_id", type=int)
+    p.add_argument("--wait", nargs="?", type=float, const=3600.0, default=None, metavar="S",
+                   help="wait up to S seconds (default 3600) for the task to end, showing "
+                   "progress; exit 0 only if every job finished (done)")
     _common(p)
     args = p.parse_args(argv)
     try:
-        details = _client(args).task_details(args.task_id)
+        client = _client(args)
+        details = client.task_details(args.task_id)
+        if args.wait is not None:
+            details = _wait_for_task(client, details, args.wait)
     except ClientError as exc:
-        return _fail(str(exc))
+        return _fail(exc)
     if args.json:
         sys.stdout.write(json.dumps(details, default=str) + "\n")
+    else:
+        jobs = details.get("jobs", {})
+        sys.stdout.write(f"task {details['task_id']} {details['taskName']}: "
+                         f"{details['status']}\n")
+        for state, n in sorted(jobs.items()):
+            sys.stdout.write(f"  {state:<13} {n}\n")
+        if details.get("errorDialog"):
+            sys.stdout.write(f"  note: {details['errorDialog']}\n")
+    if args.wait is None:
         return 0
-    jobs = details.get("jobs", {})
-    sys.stdout.write(f"task {details['task_id']} {details['taskName']}: {details['status']}\n")
-    for state, n in sorted(jobs.items()):
-        sys.stdout.write(f"  {state:<13} {n}\n")
-    if details.get("errorDialog"):
-        sys.stdout.write(f"  note: {details['errorDialog']}\n")
+    return 0 if details["status"] == "done" else 1
+
+
+def _wait_for_task(client: ApiClient, details: dict, timeout: float) -> dict:
+    """Poll until the task ends or ``timeout`` passes; one progress line on stderr per
+    change."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while details["status"] not in _TASK_ENDED and time.monotonic() < deadline:
+        line = f"task {details['task_id']}: {details['status']} " + " ".join(
+            f"{k}={v}" for k, v in sorted(details.get("jobs", {}).items()))
+        if line != last:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+            last = line
+        time.sleep(1.0)
+        details = client.task_details(details["task_id"])
+    if details["status"] not in _TASK_ENDED:
+        sys.stderr.write(f"panda status: task {details['task_id']} did not end within "
+                         f"{timeout:g} s\n")
+    return details
+
+
+def ping_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="panda ping", description="Is the server up? Who am I "
+                                "to it? (--wait: wait for it to come up, for scripts)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="keep trying for up to S seconds")
+    _common(p)
+    args = p.parse_args(argv)
+    import time
+
+    try:
+        client = _client(args)
+        deadline = time.monotonic() + max(0.0, args.wait)
+        while True:
+            try:
+                client.is_alive()
+                break
+            except ServerUnreachable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+        who = client.call("system", "whoami")
+    except ClientError as exc:
+        return _fail(exc)
+    if args.json:
+        sys.stdout.write(json.dumps({"url": client.url, "alive": True, "identity": who}) + "\n")
+    else:
+        sys.stdout.write(f"{client.url}: up; you are "
+                         + (f"{who['subject']} (role {who['role']})" if who else
+                            "anonymous (no token: reads only)") + "\n")
     return 0
 
 
 def kill_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="panda kill", description="Kill jobs by PandaID.")
-    p.add_argument("job_ids", type=int, nargs="+")
+    p = argparse.ArgumentParser(prog="panda kill", description="Kill jobs by PandaID, or a "
+                                "whole task (its jobs are killed and it is aborted).")
+    p.add_argument("job_ids", type=int, nargs="*", help="PandaIDs")
+    p.add_argument("--task", type=int, help="kill this task and every job of it")
     _common(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if bool(args.job_ids) == (args.task is not None):
+        p.error("give job ids or --task N (one of the two)")
+    if args.task is not None:
+        try:
+            message = _client(args).kill_task(args.task)
+        except ClientError as exc:
+            return _fail(exc)
+        if args.json:
+            sys.stdout.write(json.dumps({"task_id": args.task, "message": message}) + "\n")
+        else:
+            sys.stdout.write(f"task {args.task}: aborted, {message}\n")
+        return 0
     try:
         results = _client(args).kill_jobs(args.job_ids)
     except ClientError as exc:
-        return _fail(str(exc))
+        return _fail(exc)
     if args.json:
         sys.stdout.write(json.dumps(dict(zip(map(str, args.job_ids), results))) + "\n")
     else:

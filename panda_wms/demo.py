@@ -41,6 +41,7 @@ class Demo:
         self.job_seconds = job_seconds
         self.timeout = timeout
         self.keep = keep
+        self.served: tuple[str, int, str] | None = None     # url, task id, user token
         self.out = out
         self.procs: list[subprocess.Popen] = []
         self.se_root = workdir / "se"
@@ -175,7 +176,30 @@ class Demo:
         details = self._watch(admin, task_id)
         jobs = admin.jobs(task_id)
         ok = self._summary(details, jobs, time.monotonic() - t0)
+        self.served = (url, task_id, user_token)
         return 0 if ok else 1
+
+    def serve_until_interrupted(self) -> None:
+        """``--serve``: keep the server (and the monitor) up until Ctrl-C, so the URLs printed
+        work; the user's token is left in the folder for the commands."""
+        if self.served is None:
+            return
+        url, task_id, user_token = self.served
+        token_file = self.workdir / "user.token"
+        token_file.write_text(user_token)
+        token_file.chmod(0o600)
+        self.say("")
+        self.say(f"serving      {url}/monitor/tasks/{task_id} until Ctrl-C")
+        self.say(f"try          PANDA_URL={url} panda jobs --task {task_id}")
+        self.say(f"             PANDA_URL={url} panda tasks --token-file {token_file}")
+        try:
+            while self.procs[0].poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            sys.stderr.write("\nstopping the server, the factory and the pilots\n")
+            return
+        raise RuntimeError(f"the server exited with {self.procs[0].returncode}; see "
+                           f"{self.workdir / 'server.log'}")
 
     def _wait_server(self, client) -> None:
         from panda_core.client import ClientError
@@ -262,6 +286,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--job-seconds", type=float, default=0.0,
                    help="each job also sleeps this long (to watch jobs run in the monitor)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--serve", action="store_true",
+                   help="after the task, keep the server and its monitor up until Ctrl-C")
     p.add_argument("--workdir", help="use this folder instead of a temporary one")
     args = p.parse_args(argv)
     setup_logging(os.environ.get("PANDA_LOG_LEVEL", "WARNING"))
@@ -275,6 +301,8 @@ def main(argv: list[str]) -> int:
     rc = 1
     try:
         rc = demo.run()
+        if args.serve:
+            demo.serve_until_interrupted()
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted: stopping the server, the factory and the pilots\n")
         rc = 130

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from panda_core.siteconfig import PILOT_RESERVE_S
+
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -72,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "many seconds (default 0: never; the final state is kept and sent later)")
     p.add_argument("--monitor-interval", type=float, default=10.0,
                    help="seconds between monitor checks (default 10)")
-    p.add_argument("--reserve", type=float, default=60.0,
+    p.add_argument("--reserve", type=float, default=float(PILOT_RESERVE_S),
                    help="seconds kept before the wall-time end for stage-out and report")
     p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
     p.add_argument("--server-backoff", type=float, default=2.0,
@@ -295,21 +297,22 @@ def main(argv: list[str]) -> int:
             rc = EXIT_ERROR
             break
         if raw is None:
-            log.info("the server has no job for %s", site.name)
+            log.info("the server has no job for %s%s", site.name,
+                     f": {client.no_job_reason}" if client.no_job_reason else "")
             break
         try:
             verifier = trust.verifier()
         except (PilotError, ProtocolError) as exc:
             log.error("no key to check job signatures with: %s", exc)
             refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE,
-                   f"no key to check the job's signature with: {exc}")
+                   f"no key to check the job's signature with: {exc}", form)
             rc = EXIT_ERROR
             break
         try:
             trust.check_queuedata()
         except PilotError as exc:
             log.error("the queue description is not the server's: %s", exc)
-            refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE, str(exc.diag))
+            refuse(client, cfg, site, raw, ErrorCode.BAD_SIGNATURE, str(exc.diag), form)
             rc = EXIT_ERROR
             break
         log.info("got job %s", raw.get("PandaID"))
@@ -377,14 +380,20 @@ def recover(cfg, client, pm, site, trust) -> None:
         log.info("recovered jobs: %s", ", ".join(recovered))
 
 
-def refuse(client, cfg, site, raw: dict, code: int, diag: str) -> None:
-    """Report a job the pilot will not run as failed, so the server can retry it elsewhere."""
+def refuse(client, cfg, site, raw: dict, code: int, diag: str,
+           getjob: dict | None = None) -> None:
+    """Report a job the pilot will not run as failed, so the server can retry it elsewhere;
+    with the pilotID and pilotNonce of the ``getjob`` form that got it (the server takes
+    updates of a job only from the pilot that holds it)."""
     from .errors import diag_limit
     from .report import send_final
 
     form = {"jobId": raw.get("PandaID"), "state": "failed", "siteName": site.name,
             "node": cfg.node, "attemptNr": raw.get("attemptNr", 1), "pilotErrorCode": int(code),
             "pilotErrorDiag": diag_limit(diag)}
+    for key in ("pilotID", "pilotNonce"):
+        if (getjob or {}).get(key):
+            form[key] = getjob[key]
     send_final(client, form, cfg.final_retry)
 
 

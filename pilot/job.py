@@ -141,6 +141,13 @@ class JobRun:
                                 "attemptNr": self.raw.get("attemptNr", 1),
                                 "pilotID": f"{self.cfg.node}:{os.getpid()}",
                                 "coreCount": self.job.core_count if self.job else 1}
+        dispatch = Dispatch.of(self.raw)
+        if dispatch is not None and dispatch.nonce:
+            # the job is held by the pilot it was dispatched to (server/jobholder.py): every
+            # update repeats that getJob's secret nonce and pilotID, also when a later pilot
+            # recovers the job from the work dir (the spec is in the state file)
+            form["pilotNonce"] = dispatch.nonce
+            form["pilotID"] = dispatch.pilot_id or form["pilotID"]
         if self.cfg.batch_id:
             form["batchID"] = self.cfg.batch_id
         return form

@@ -16,6 +16,7 @@ at the same time loses nothing), and run. Every refusal is one line on stderr st
 ``panda-pilot bootstrap:`` and its own exit code (EXIT_*).
 """
 import hashlib
+import io
 import json
 import os
 import platform
@@ -36,6 +37,8 @@ EXIT_PLATFORM = 6       # the file was built for another platform
 MANIFEST = "PANDA_PILOT.json"
 FILE_NAME = "panda-pilot.pyz"
 RETRIES = 3
+MAX_FILE_BYTES = 64 * 2 ** 20    # before its signature is checked, a file is only bytes
+MAX_SIGNATURE_BYTES = 1024
 
 
 class BootstrapError(Exception):
@@ -70,7 +73,7 @@ def cache_root():
     return root
 
 
-def fetch(url, context, what):
+def fetch(url, context, what, limit):
     last = None
     for attempt in range(RETRIES):
         if attempt:
@@ -78,7 +81,11 @@ def fetch(url, context, what):
         try:
             req = urllib.request.Request(url, headers={"User-Agent": "panda-pilot-bootstrap"})
             with urllib.request.urlopen(req, timeout=60, context=context) as reply:
-                return reply.read()
+                data = reply.read(limit + 1)
+            if len(data) > limit:
+                raise BootstrapError(EXIT_FETCH, "the %s %s is larger than %d bytes: refused "
+                                     "unread" % (what, url, limit))
+            return data
         except urllib.error.HTTPError as exc:
             last = "HTTP %d %s" % (exc.code, exc.reason)
             if 400 <= exc.code < 500:
@@ -99,7 +106,7 @@ def check(data, signature, key, version, url):
                              "pinned server key sha256:%s: the file was altered or is not this "
                              "server's; nothing was run" % (url, fingerprint))
     try:
-        with zipfile.ZipFile(_bytes_file(data)) as zf:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
             manifest = json.loads(zf.read(MANIFEST).decode())
     except (zipfile.BadZipFile, KeyError, ValueError):
         raise BootstrapError(EXIT_REFUSED, "REFUSED %s: signed, but not a pilot file (no "
@@ -108,11 +115,6 @@ def check(data, signature, key, version, url):
         raise BootstrapError(EXIT_REFUSED, "REFUSED %s: it is version %r, not the %r asked for"
                              % (url, manifest.get("version"), version))
     return manifest
-
-
-def _bytes_file(data):
-    import io
-    return io.BytesIO(data)
 
 
 def check_node(manifest, version):
@@ -137,7 +139,7 @@ def unpack(data, root, version, manifest):
     target = os.path.join(root, version)
     tmp = tempfile.mkdtemp(prefix=".%s." % version, dir=root)
     try:
-        with zipfile.ZipFile(_bytes_file(data)) as zf:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
             for name in zf.namelist():
                 if name.startswith("/") or ".." in name.split("/"):
                     raise BootstrapError(EXIT_REFUSED, "the pilot file holds a bad path %r"
@@ -180,8 +182,8 @@ def prepare(server, version, key_hex, ca_file, ca_dir):
     if server.startswith("https://"):
         context = ssl.create_default_context(cafile=ca_file or None, capath=ca_dir or None)
     url = "%s/pilot/%s/%s" % (server.rstrip("/"), version, FILE_NAME)
-    data = fetch(url, context, "pilot file")
-    signature = fetch(url + ".sig", context, "pilot file signature")
+    data = fetch(url, context, "pilot file", MAX_FILE_BYTES)
+    signature = fetch(url + ".sig", context, "pilot file signature", MAX_SIGNATURE_BYTES)
     manifest = check(data, signature, key, version, url)
     check_node(manifest, version)
     return unpack(data, root, version, manifest)

@@ -77,6 +77,25 @@ def server_key_fingerprint(args: argparse.Namespace) -> str | None:
     return given
 
 
+def _needs_token(args: argparse.Namespace) -> str | None:
+    """Without a token of its own the factory can neither report its pilots nor be sure of
+    the job counts: say so at start, unless the server takes anonymous callers (``--no-auth``)
+    or cannot be asked now (the factory tries again every cycle)."""
+    from panda_core.client import ApiClient, ClientError
+
+    try:
+        who = ApiClient(args.server, None, timeout=10, ca_file=args.ca_bundle,
+                        ca_dir=args.ca_dir).call("system", "whoami")
+    except ClientError:
+        return None
+    if who:
+        return None
+    return ("panda factory: an identity is required: the factory reports its pilots with a "
+            "token of its own; give --token-file FILE or $PANDA_AUTH_TOKEN, e.g. from "
+            "'panda token issue --role pilot --subject factory -o factory.token' "
+            "(--pilot-token-file is the token handed to the pilots)")
+
+
 def _print_cycle(report) -> None:
     for name, c in report.sites.items():
         line = (f"{name}: activated={c.activated if c.activated is not None else '?'} "
@@ -131,6 +150,9 @@ def main(argv: list[str]) -> int:
                          "site config (pilots never trust a key only because the server sent "
                          "it)\n")
         return 2
+    if token is None and (why := _needs_token(args)) is not None:
+        sys.stderr.write(why + "\n")
+        return 2
     try:
         factory = Factory(args.server, sites, factory_id=args.factory_id, token=token,
                           pilot_token=pilot_token, state_dir=args.state_dir,
@@ -138,7 +160,7 @@ def main(argv: list[str]) -> int:
                           failure_backoff_s=args.failure_backoff,
                           server_key_fingerprint=fingerprint, ca_file=args.ca_bundle,
                           ca_dir=args.ca_dir, pilot_launch=args.pilot_launch,
-                          python=args.node_python)
+                          node_python=args.node_python)
     except OSError as exc:
         sys.stderr.write(f"panda factory: cannot use state dir: {exc}\n")
         return 1

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from panda_core.client import ApiClient, ClientError, Refused
-from panda_core.siteconfig import SiteConfig
+from panda_core.siteconfig import PILOT_RESERVE_S, SiteConfig
 from panda_core.trust import key_fingerprint, normalise_fingerprint
 
 from .base import (FINAL_BATCH_STATES, BatchState, PilotSpec, PushDriver, SchedulerBackend,
@@ -92,6 +92,7 @@ class SiteCycle:
     failed: int = 0
     skipped: str = ""             # why nothing was submitted, if that was a decision
     cancelled: int = 0            # queued pilots cancelled because the site stopped taking work
+    unfit: str = ""               # why activated jobs do not fit this factory's pilots
     errors: list[str] = field(default_factory=list)
 
 
@@ -118,6 +119,9 @@ class Factory:
     ``failure_backoff_s``; then one probe pilot is allowed, and a success feeds the site again.
     Pilots needed = activated jobs - queued pilots - pilots running for less than
     ``startup_grace_s`` (they are about to take a job), within the site's limits.
+    ``pilot_launch``: ``onefile`` (the batch job fetches and verifies the server's pilot file,
+    the node needs only ``node_python``, default the node's ``python3``) or ``installed``
+    (``python -m panda_wms.cli pilot`` with this interpreter; panda-wms on every node).
     """
 
     def __init__(self, server_url: str, sites: list[SiteConfig], *, factory_id: str | None = None,
@@ -130,7 +134,7 @@ class Factory:
                  ca_file: str | None = None, ca_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
                  backends: dict[str, SchedulerBackend] | None = None,
-                 pilot_launch: str = "installed", python: str | None = None) -> None:
+                 pilot_launch: str = "installed", node_python: str | None = None) -> None:
         self.server_url = server_url.rstrip("/")
         self.sites = {s.name: s for s in sites}
         self.state_dir = Path(state_dir) if state_dir else Path.cwd() / "panda-factory"
@@ -150,7 +154,7 @@ class Factory:
             raise ValueError(f"pilot_launch must be one of {', '.join(PILOT_LAUNCHES)}, "
                              f"not {pilot_launch!r}")
         self.pilot_launch = pilot_launch
-        self.python = python          # the node's python3 for one-file pilots (None: PATH's)
+        self.node_python = node_python  # the nodes' python3 for one-file pilots (None: PATH's)
         self._server_pem: str | None = None
         self._pilot_default: tuple[float, str] | None = None
         self.api = ApiClient(self.server_url, token, timeout=http_timeout,
@@ -160,6 +164,9 @@ class Factory:
         self.health: dict[str, SiteHealth] = {name: SiteHealth() for name in self.sites}
         self._backends: dict[str, SchedulerBackend] = dict(backends or {})
         self._push_drivers: dict[str, PushDriver] = {}
+        #: per site: (activated jobs, why some do not fit the pilots), from the last count
+        self.unfit: dict[str, tuple[int, str]] = {}
+        self._unfit_logged: dict[str, str] = {}
         self._load_state()
 
     # ------------------------------------------------------------------ persistence
@@ -241,8 +248,8 @@ class Factory:
     def pilot_env(self) -> dict[str, str]:
         """The environment the batch job gets beyond the batch system's own."""
         env = {"PANDA_AUTH_TOKEN": self.pilot_token} if self.pilot_token else {}
-        if self.python and self.pilot_launch == "onefile":
-            env["PANDA_PYTHON"] = self.python
+        if self.node_python and self.pilot_launch == "onefile":
+            env["PANDA_PYTHON"] = self.node_python
         return env
 
     def pilot_version(self, site: SiteConfig) -> str:
@@ -317,14 +324,64 @@ class Factory:
         except ClientError as exc:
             raise RuntimeError(str(exc)) from None
 
+    def pilot_reserve_s(self) -> float:
+        """The reserve our pilots keep (their ``--reserve``, if ``pilot_args`` set one)."""
+        args = self.pilot_args
+        for i, arg in enumerate(args):
+            try:
+                if arg == "--reserve" and i + 1 < len(args):
+                    return float(args[i + 1])
+                if arg.startswith("--reserve="):
+                    return float(arg.split("=", 1)[1])
+            except ValueError:
+                break
+        return float(PILOT_RESERVE_S)
+
+    def pilot_fit(self, site: SiteConfig) -> dict[str, int]:
+        """What a pilot of ours asks for at ``site``: the batch wall time minus its reserve,
+        and the cores and memory the batch job gets (when the site config says)."""
+        fit = {"walltime_s": max(1, int(site.pilots.walltime_s - self.pilot_reserve_s()))}
+        if site.resources.cores:
+            fit["cores"] = site.resources.cores
+        if site.resources.memory_mb:
+            fit["memory_mb"] = site.resources.memory_mb
+        return fit
+
     def activated_count(self, site: str) -> int:
-        """Jobs waiting for pilots at ``site``; raises RuntimeError naming the URL on failure."""
-        data = self._api("pilot", "activated_count", f"?site={site} refused", site=site)
+        """Jobs waiting at ``site`` that our pilots can take (the server's ``fitting`` count
+        for :meth:`pilot_fit`; all activated jobs from a server that does not count them);
+        those that cannot fit are noted in ``unfit``. RuntimeError naming the URL on failure."""
+        config = self.sites.get(site)
+        # push mode takes jobs for the CE whatever their size: no pilot's limits apply
+        fit = self.pilot_fit(config) if config is not None and not self.is_push(config) else {}
+        data = self._api("pilot", "activated_count", f"?site={site} refused", site=site, **fit)
         count = data.get("activated") if isinstance(data, dict) else None
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise RuntimeError(f"{self.server_url}/api/v1/pilot/activated_count?site={site} "
                                f"answered no activated count: {data!r}")
-        return count
+        fitting = data.get("fitting", count)
+        if not isinstance(fitting, int) or isinstance(fitting, bool) or not 0 <= fitting <= count:
+            fitting = count
+        if fitting < count:
+            self.unfit[site] = (count, str(data.get("reason") or
+                                           f"{count - fitting} activated job(s) do not fit"))
+        else:
+            self.unfit.pop(site, None)
+        return fitting
+
+    def _note_unfit(self, site: str, cycle: SiteCycle) -> None:
+        """Say (once per new reason) that jobs wait which no pilot of ours could take."""
+        activated, reason = self.unfit.get(site, (0, ""))
+        cycle.unfit = reason
+        if reason and self._unfit_logged.get(site) != reason:
+            log.warning("site %s: %d activated job(s) do not fit the pilots this factory "
+                        "sends (wall time %d s minus a %g s reserve, cores, memory): %s; no "
+                        "pilots are sent for them", site, activated,
+                        self.sites[site].pilots.walltime_s, self.pilot_reserve_s(), reason)
+        if reason:
+            self._unfit_logged[site] = reason
+        else:
+            self._unfit_logged.pop(site, None)
 
     def site_states(self) -> dict[str, dict[str, Any]]:
         """Per site: is the factory feeding it, and if not, why (sent along with each report)."""
@@ -458,6 +515,7 @@ class Factory:
             cycle.skipped = "no activated count from the server"
             log.warning("site %s: %s", site.name, exc)
             return
+        self._note_unfit(site.name, cycle)
         limits = site.pilots
         while health.submit_times and now - health.submit_times[0] >= 60:
             health.submit_times.popleft()
@@ -471,7 +529,9 @@ class Factory:
                 return
             wanted = min(wanted, 1)
         if wanted <= 0:
-            if cycle.activated == 0:
+            if cycle.activated == 0 and cycle.unfit:
+                cycle.skipped = f"no activated job fits the pilots: {cycle.unfit}"
+            elif cycle.activated == 0:
                 cycle.skipped = "no activated jobs"
             elif len(health.submit_times) >= limits.rate_per_minute:
                 cycle.skipped = f"rate limit of {limits.rate_per_minute} per minute reached"

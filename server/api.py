@@ -12,6 +12,7 @@ import re
 
 from panda_core.replicas import BadFileName
 
+from .api_console import error_text
 from .api_panda import panda_file_names, panda_job_names
 from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, Param, as_int,
                       id_list, int_param, str_param)
@@ -141,8 +142,14 @@ def task_get_job_ids(ctx: Context, params: dict) -> list[int]:
     Param("owner", description="only this owner's tasks"),
     Param("limit", "integer", minimum=1, maximum=10000, description="at most (100)")))
 def task_list(ctx: Context, params: dict) -> list[dict]:
-    return [_task_view(t) for t in ctx.tb.tasks.find(owner=str_param(params, "owner"),
-                                                     limit=int_param(params, "limit", False) or 100)]
+    """The newest tasks; ``owner``, ``since`` (ISO: modified since); ``with_counts``: each
+    with its jobs per state."""
+    from .api_console import limit_param, since_param
+    tasks = ctx.tb.tasks.find(owner=str_param(params, "owner"), since=since_param(params),
+                              limit=limit_param(params, 100, 10000))
+    counts = str(params.get("with_counts", "")).lower() in ("true", "1")
+    return [_task_view(t, ctx.tb.tasks.job_counts(t["task_id"]) if counts else None)
+            for t in tasks]
 
 
 @api("task", "kill", ("POST",), WRITERS, params=(TASK_ID,))
@@ -173,6 +180,7 @@ def _job_view(job: dict) -> dict:
     out["jobStatus"] = job["status"]
     out.update(panda_job_names(job))                           # PanDA's names, for its client
     out["Files"] = [{**f, **panda_file_names(f)} for f in job.get("files", [])]
+    out["error_code"], out["error_text"] = error_text(job)    # the first error, for people
     return out
 
 
@@ -200,9 +208,14 @@ def job_get_history(ctx: Context, params: dict) -> list[dict]:
     Param("status", "string", max_length=32, description="only jobs in this state"),
     Param("limit", "integer", minimum=1, maximum=100000, description="at most (1000)")))
 def job_list(ctx: Context, params: dict) -> list[dict]:
+    """Jobs by PandaID; filters ``task_id``, ``site``, ``status`` (comma list), ``owner``,
+    ``since`` (ISO time: modified since); ``newest``: the last ``limit`` jobs, not the first."""
+    from .api_console import limit_param, since_param, states_param
     return [_job_view(j) for j in ctx.tb.jobs.find(
         task_id=int_param(params, "task_id", False), site=str_param(params, "site"),
-        status=str_param(params, "status"), limit=int_param(params, "limit", False) or 1000)]
+        status=states_param(params), limit=limit_param(params, 1000, 100000),
+        owner=str_param(params, "owner"), since=since_param(params),
+        newest_first=str(params.get("newest", "")).lower() in ("true", "1"))]
 
 
 @api("job", "kill", ("POST",), WRITERS, params=(JOB_IDS,))
@@ -221,7 +234,8 @@ def job_kill(ctx: Context, params: dict) -> list[bool]:
 @api("site", "list")
 def site_list(ctx: Context, params: dict) -> list[dict]:
     load = ctx.tb.jobs.site_load()
-    return [{"name": s["name"], "status": s["status"], "updated": s["updated"],
+    return [{"name": s["name"], "status": s["status"], "status_reason": s.get("status_reason"),
+             "configured_status": s["configured_status"], "updated": s["updated"],
              "jobs": load.get(s["name"], {}),
              "scheduler": (s["config"].get("scheduler") or {}).get("backend")}
             for s in ctx.tb.sites.all()]
@@ -304,9 +318,20 @@ def data_list_files(ctx: Context, params: dict) -> list[dict]:
 # ---------------------------------------------------------------------- pilots and factories
 @api("pilot", "activated_count", params=(SITE,))
 def pilot_activated_count(ctx: Context, params: dict) -> dict:
+    """Activated jobs at a site; given a pilot's ``walltime_s``, ``memory_mb``, ``cores``,
+    also how many of them such a pilot could take (``fitting``) and, when none, why."""
+    from .nofit import PilotFit, explain
     site = str(params.get("site", ""))
     ctx.tb.sites.get(site)                 # an unknown site: its message
-    return {"site": site, "activated": ctx.tb.jobs.count(site=site, status="activated")}
+    out: dict = {"site": site, "activated": ctx.tb.jobs.count(site=site, status="activated")}
+    fit = PilotFit(**{k: int_param(params, k, False) for k in ("walltime_s", "memory_mb",
+                                                                "cores")})
+    if any(v is not None for v in (fit.walltime_s, fit.memory_mb, fit.cores)):
+        out["fitting"] = ctx.tb.jobs.count_fitting(site, walltime_s=fit.walltime_s,
+                                                   memory_mb=fit.memory_mb, cores=fit.cores)
+        if out["activated"] and not out["fitting"]:
+            out["reason"] = explain(site, ctx.tb.jobs.activated_shape(site), fit)
+    return out
 
 
 @api("pilot", "report", ("POST",), PILOTS + ("user",), params=(

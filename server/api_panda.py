@@ -417,6 +417,18 @@ def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- sandbox cache
+@api("file_server", "validate_cache_file", ("POST",), WRITERS)
+def validate_cache_file(ctx: Context, params: dict) -> None:
+    """panda-client's sandbox reuse check (``file_size``, ``checksum``: the gzip trailer's CRC32).
+    Always "not found", so the client uploads: a CRC32 and a size are easy to match with other
+    content, and naming another upload here would let whoever made it choose what a user's
+    jobs unpack."""
+    for key in ("file_size", "checksum"):
+        int_param(params, key)
+    ctx.message = "not found: upload the sandbox"
+    return None
+
+
 def cache_dir(state) -> Path:
     """Uploaded user files: ``$PANDA_CACHE_DIR``, else ``cache/`` beside the key directory."""
     env = os.environ.get("PANDA_CACHE_DIR")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tornado.web
 
-from . import api, api_auth, api_extra, api_panda, monitor
+from . import api, api_auth, api_console, api_extra, api_panda, monitor
 from .apibase import registry
 from .monitor import api as monitor_api
 from .auth import DNMatcher, KeyStore
@@ -27,7 +27,6 @@ from .handlers import (ApiHandler, AuthConfigHandler, MetricsHandler, OpenApiHan
 from .openapi import openapi_document
 from .hookspecs import plugin_manager
 from .metrics import observe_request
-from .pghot import HotPath
 from .pilot_http import ServerApplication
 from .pilotfile import PilotFiles
 from .shares import ShareChooser
@@ -36,7 +35,7 @@ from .taskbuffer import TaskBuffer, utcnow
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: the modules whose API methods ``/api/v1`` serves
-API_MODULES = (api, api_panda, api_extra, api_auth, monitor_api)
+API_MODULES = (api, api_panda, api_extra, api_auth, api_console, monitor_api)
 
 
 def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
@@ -62,6 +61,7 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     run = in_pool(executor)
     path: DispatchPath = GeneralPath(tb, run)
     if hot_path and tb.dialect == "postgresql":
+        from .pghot import HotPath     # psycopg (the 'postgres' extra): only on PostgreSQL
         path = HotPath(path, size=threads)
     return ServerState(tb=tb, keys=keys,
                        dispatcher=Dispatcher(tb, keys, ShareChooser(tb), path, run),

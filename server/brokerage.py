@@ -60,6 +60,19 @@ def output_endpoint(config: dict) -> str | None:
     return (config.get("storage") or {}).get("output", {}).get("name")
 
 
+@dataclass(frozen=True)
+class OutputSE:
+    """Where a site's jobs store their outputs: the storage element's name and root URL (the
+    server computes each output's SURL from it and accepts no other)."""
+    name: str | None
+    url: str | None
+
+
+def output_se(config: dict) -> OutputSE:
+    se = (config.get("storage") or {}).get("output") or {}
+    return OutputSE(se.get("name"), se.get("url"))
+
+
 class Brokerage:
     """Chooses sites using the policy hooks of a ``server.hooks`` plugin manager."""
 

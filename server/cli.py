@@ -22,6 +22,14 @@ DEFAULT_DB = f"sqlite:///{DEFAULT_HOME / 'panda.db'}"
 DEFAULT_KEYS = DEFAULT_HOME / "keys"
 
 
+def _shown(db_url: str) -> str:
+    """A database URL as it may be printed: no user name or password."""
+    if "@" not in db_url:
+        return db_url
+    scheme, sep, rest = db_url.partition("://")
+    return f"{scheme}://{rest.split('@')[-1]}" if sep else db_url.split("@")[-1]
+
+
 def _pilot_version(text: str) -> str:
     from .pilotfile import VERSION_RE
     if not VERSION_RE.fullmatch(text):
@@ -128,6 +136,12 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--alarm-mail-to", action="append", default=[], metavar="ADDRESS",
                    help="who gets alarm e-mails (repeatable)")
     p.add_argument("--alarm-webhook", metavar="URL", help="POST each new alarm as JSON here")
+    p.add_argument("--notify-smtp", metavar="HOST[:PORT]",
+                   help="send users' task notifications (a task's 'notify') through this SMTP "
+                        "server (default: --alarm-smtp)")
+    p.add_argument("--notify-mail-from", default="panda@localhost")
+    p.add_argument("--notify-webhook-allow", action="append", default=[], metavar="HOST[:PORT]",
+                   help="hosts users' task webhooks may call (repeatable; default: none)")
     p.add_argument("--monitor-url", metavar="URL",
                    help="the monitor's public base URL, for links in alarm messages")
     p.add_argument("--shares", metavar="FILE",
@@ -149,6 +163,8 @@ def _ops_config(args):
         except ValueError:
             raise ValueError(f"--alarm-smtp {args.alarm_smtp!r}: the port must be a number") \
                 from None
+    if args.notify_smtp and not (args.notify_smtp.partition(":")[2] or "25").isdigit():
+        raise ValueError(f"--notify-smtp {args.notify_smtp!r}: the port must be a number")
     if args.snapshot_interval <= 0:
         raise ValueError("--snapshot-interval must be > 0")
     limits = DurationLimits.parse(args.duration_limit)
@@ -159,6 +175,17 @@ def _ops_config(args):
                                          mail_to=tuple(args.alarm_mail_to),
                                          webhook_url=args.alarm_webhook,
                                          monitor_url=args.monitor_url))
+
+
+def _notify_config(args):
+    """Users' task notifications from the command line (the SMTP host checked by _ops_config)."""
+    from .notifications import NotificationConfig
+
+    host, _, port = (args.notify_smtp or args.alarm_smtp or "").partition(":")
+    return NotificationConfig(smtp_host=host or None, smtp_port=int(port) if port.isdigit()
+                              else 25, mail_from=args.notify_mail_from,
+                              webhook_allow=tuple(args.notify_webhook_allow),
+                              monitor_url=args.monitor_url)
 
 
 def load_site_dir(path: str) -> list[dict]:
@@ -242,15 +269,18 @@ def main(argv: list[str]) -> int:
     from tornado.ioloop import IOLoop
 
     from .app import MAX_BODY_BYTES, build_state, make_app
-    from .db import create_schema, make_engine
+    from .db import MissingDriver, create_schema, make_engine
 
     if args.db.startswith("sqlite:///"):
         Path(args.db[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = make_engine(args.db, pool_size=1)
         create_schema(engine)
+    except MissingDriver as exc:
+        sys.stderr.write(f"panda server: {exc}\n")
+        return 2
     except Exception as exc:  # noqa: BLE001 - say which database and why, then stop
-        sys.stderr.write(f"panda server: cannot use database {args.db}: {exc}\n")
+        sys.stderr.write(f"panda server: cannot use database {_shown(args.db)}: {exc}\n")
         return 1
     try:
         ops = _ops_config(args)
@@ -351,7 +381,10 @@ def main(argv: list[str]) -> int:
         if args.ops_interval > 0:
             from .monitor.operations import ops_tasks
             from .watcher import start_periodic
-            start_periodic(state.executor, args.ops_interval, ops_tasks(state.tb, ops))
+            from .notifications import Notifications
+            notifications = Notifications(state.tb, _notify_config(args))
+            start_periodic(state.executor, args.ops_interval, ops_tasks(state.tb, ops)
+                           + [("notifications", notifications.process)])
     if args.watcher_interval > 0:       # every process: the guarded updates make it safe
         from .watcher import WatcherLimits, server_tasks, start_periodic
         from .failurepolicy import HealthLimits
@@ -424,7 +457,8 @@ def db_main(argv: list[str]) -> int:
                                 "migrations and the archive of old jobs.")
     p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
                    help="SQLAlchemy database URL (default: %(default)s; env PANDA_DB)")
-    sub = p.add_subparsers(dest="action", required=True)
+    sub = p.add_subparsers(dest="action", required=True, metavar="upgrade|current|archive",
+                           title="actions")
     up = sub.add_parser("upgrade", help="run the schema migrations (creates an empty database)")
     up.add_argument("revision", nargs="?", default="head")
     sub.add_parser("current", help="print the schema revision of the database")
@@ -433,18 +467,21 @@ def db_main(argv: list[str]) -> int:
     ar.add_argument("--older-than", type=float, required=True, metavar="S",
                     help="age in seconds since the job reached its final state")
     ar.add_argument("--batch", type=int, default=1000, help="jobs moved per transaction")
-    # accept --db after the action too
+    p.add_argument("--log-level", default=None,
+                   help="debug shows alembic's own lines too (default: $PANDA_LOG_LEVEL, INFO)")
+    # accept --db and --log-level after the action too
     for sp in (up, sub.choices["current"], ar):
         sp.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from panda_core.logs import setup_logging
 
-    setup_logging(None)
-    from .db import current_revision, head_revision, make_engine, upgrade_schema
+    setup_logging(args.log_level)
+    from .db import MissingDriver, current_revision, head_revision, make_engine, upgrade_schema
 
     if args.db.startswith("sqlite:///") and args.action == "upgrade":
         Path(args.db[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    shown = args.db.split("@")[-1] if "@" in args.db else args.db
+    shown = _shown(args.db)
     try:
         engine = make_engine(args.db, pool_size=1)
         if args.action == "upgrade":
@@ -466,6 +503,9 @@ def db_main(argv: list[str]) -> int:
                 return 2
             moved = archive_jobs(TaskBuffer(engine), args.older_than, batch=args.batch)
             sys.stdout.write(f"archived {moved} job(s) older than {args.older_than:g} s\n")
+    except MissingDriver as exc:
+        sys.stderr.write(f"panda db {args.action}: {exc}\n")
+        return 2
     except Exception as exc:  # noqa: BLE001 - say which database and why
         sys.stderr.write(f"panda db {args.action}: database {shown}: {exc}\n")
         return 1
@@ -475,16 +515,28 @@ def db_main(argv: list[str]) -> int:
     return 0
 
 
+TOKEN_USAGE = ("say what to do: 'panda token issue --role pilot|user|admin --subject NAME "
+               "[-o FILE]', 'panda token public-key [--fingerprint]', 'panda token show "
+               "--token-file FILE' or 'panda token revoke --token-file FILE|--jti ID'")
+
+
 def token_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="panda token", description="Issue a signed bearer token (issue), show the "
         "job-signing public key that pilots pin at deployment (public-key), show a token's "
-        "claims (show), or revoke a token in the server's database (revoke).")
-    p.add_argument("action", choices=["issue", "public-key", "show", "revoke"])
+        "claims (show), or revoke a token in the server's database (revoke).",
+        epilog="examples: panda token issue --role pilot --subject factory -o factory.token; "
+        "panda token public-key --fingerprint")
+    p.add_argument("action", nargs="?", choices=["issue", "public-key", "show", "revoke"],
+                   help="issue: a new token; public-key: the server's job-signing key; "
+                   "show: a token's claims; revoke: refuse a token from now on")
     p.add_argument("--role", choices=["pilot", "user", "admin"], help="issue: the token's role")
     p.add_argument("--subject", help="issue: who the token speaks for")
     p.add_argument("--site", help="bind a pilot token to one site")
     p.add_argument("--lifetime", type=int, default=30 * 24 * 3600, help="seconds")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="issue, public-key: write to FILE (a token: mode 0600, no trailing "
+                   "newline: pilot 3 sends a token file's content as it is)")
     p.add_argument("--fingerprint", action="store_true",
                    help="public-key: print the key's fingerprint (sha256:...) instead of the PEM")
     p.add_argument("--token-file", help="show/revoke: the token (a file; '-': standard input)")
@@ -492,23 +544,60 @@ def token_main(argv: list[str]) -> int:
     p.add_argument("--reason", help="revoke: why (recorded)")
     p.add_argument("--db", default=os.environ.get("PANDA_DB", DEFAULT_DB),
                    help="revoke: the server's database URL")
-    p.add_argument("--key-dir", default=str(DEFAULT_KEYS))
+    p.add_argument("--key-dir", default=str(DEFAULT_KEYS),
+                   help="the server's --key-dir (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.action is None:
+        p.error(TOKEN_USAGE)
     from .auth import KeyStore
     if args.action == "public-key":
         from panda_core.trust import key_fingerprint
-        pem = KeyStore(args.key_dir).public_key_pem
-        sys.stdout.write(key_fingerprint(pem) + "\n" if args.fingerprint else pem)
-        return 0
+        try:
+            pem = KeyStore(args.key_dir).public_key_pem
+        except OSError as exc:
+            sys.stderr.write(f"panda token: cannot use key dir {args.key_dir}: {exc}\n")
+            return 2
+        text = key_fingerprint(pem) + "\n" if args.fingerprint else pem
+        return _write_out(args.output, text, "public key")
     if args.action == "issue":
         if not args.role or not args.subject:
-            p.error("issue needs --role and --subject")
+            p.error("issue needs --role and --subject, e.g. 'panda token issue --role user "
+                    "--subject alice'")
         if args.lifetime <= 0:
             p.error("--lifetime must be a positive number of seconds")
-        sys.stdout.write(KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
-                                                             args.lifetime) + "\n")
-        return 0
+        try:
+            token = KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
+                                                       args.lifetime)
+        except OSError as exc:
+            sys.stderr.write(f"panda token: cannot use key dir {args.key_dir}: {exc}\n")
+            return 2
+        except ValueError as exc:
+            p.error(str(exc))
+        # no newline into a file or a pipe (``> pilot.token``): pilot 3 puts a token file's
+        # content into its Authorization header as it is; a terminal gets one, for the prompt
+        return _write_out(args.output, token + ("\n" if sys.stdout.isatty() and not args.output
+                                                else ""), "token", secret=True)
     return _token_show_or_revoke(p, args)
+
+
+def _write_out(path: str | None, text: str, what: str, secret: bool = False) -> int:
+    """``text`` to ``path`` (a secret: created with mode 0600) or to stdout."""
+    if not path:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return 0
+    try:
+        if secret:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)             # an existing file keeps its mode otherwise
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+        else:
+            Path(path).write_text(text)
+    except OSError as exc:
+        sys.stderr.write(f"panda token: cannot write the {what} to {path}: {exc.strerror}\n")
+        return 2
+    return 0
 
 
 def _token_show_or_revoke(p: argparse.ArgumentParser, args) -> int:
@@ -552,7 +641,7 @@ def _token_show_or_revoke(p: argparse.ArgumentParser, args) -> int:
             jti, expires, f"panda token revoke ({os.environ.get('USER', '?')})",
             claims.subject if claims else None, args.reason)
     except Exception as exc:  # noqa: BLE001 - say which database and why
-        sys.stderr.write(f"panda token revoke: database {args.db}: {exc}\n")
+        sys.stderr.write(f"panda token revoke: database {_shown(args.db)}: {exc}\n")
         return 1
     sys.stdout.write(f"revoked {jti}{'' if new else ' (it already was)'}; every server "
                      f"refuses it within {REVOCATION_REFRESH_S:.0f} s\n")

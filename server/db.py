@@ -80,6 +80,7 @@ def _job_columns() -> list[Column]:
         Column("pilot_id", String(512)),
         Column("batch_id", String(255)),
         Column("pilot_owner", String(255)),               # identity that took the job
+        Column("pilot_nonce", String(64)),                # sha256 of its getJob's pilotNonce
         Column("pilot_error_code", Integer, nullable=False, default=0),
         Column("pilot_error_diag", Text),
         Column("trans_exit_code", Integer),
@@ -292,6 +293,27 @@ incidents = Table(
 )
 
 # alarms: raised by the monitor's checks and the alarm/raise API; one open alarm per key
+# messages to users that a task's ``notify`` asked for (server/notifications.py)
+notifications = Table(
+    "notifications", metadata,
+    Column("notification_id", Id, primary_key=True, autoincrement=True),
+    Column("event_key", String(255), nullable=False),     # "task:<id>:end:<target>", ...
+    Column("task_id", BigInteger, nullable=False),
+    Column("panda_id", BigInteger),
+    Column("kind", String(16), nullable=False),           # task_end | job_error
+    Column("channel", String(16), nullable=False),        # email | webhook
+    Column("target", String(512), nullable=False),
+    Column("subject", String(512), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("state", String(16), nullable=False),          # pending | sending | sent | failed
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("created", Timestamp, nullable=False),
+    Column("sent", Timestamp),
+    UniqueConstraint("event_key", name="uq_notifications_event_key"),
+    Index("ix_notifications_state", "state"),
+)
+
 alarms = Table(
     "alarms", metadata,
     Column("alarm_id", Id, primary_key=True, autoincrement=True),
@@ -342,6 +364,31 @@ revoked_tokens = Table(
 )
 
 
+#: the extra of setup.py that installs each database driver module
+DRIVER_EXTRAS = {"psycopg": "postgres", "psycopg2": "postgres", "pymysql": "mysql",
+                 "MySQLdb": "mysql"}
+
+
+class MissingDriver(RuntimeError):
+    """The database URL names a driver that is not installed; the message says which extra
+    installs it."""
+
+    def __init__(self, url: str, module: str):
+        module = module.split(".")[0]
+        scheme = url.split(":", 1)[0]
+        hint = {"psycopg2": ": write postgresql+psycopg://... (psycopg 3, installed by "
+                            "pip install 'panda-wms[postgres]')",
+                "MySQLdb": ": write mysql+pymysql://... (installed by "
+                           "pip install 'panda-wms[mysql]')"}.get(module)
+        if hint is None:
+            extra = DRIVER_EXTRAS.get(module)
+            hint = (f": pip install 'panda-wms[{extra}]'" if extra else
+                    ": install it, or use a URL whose driver is installed")
+        super().__init__(f"the database URL {scheme}://... needs the Python module {module!r}, "
+                         f"which is not installed{hint}")
+        self.module = module
+
+
 def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
     """Create an engine with settings that suit a dispatcher on each backend.
 
@@ -362,7 +409,10 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
                       connect_args={"connect_timeout": 10})
     if url.startswith(("mysql", "mariadb")):
         kwargs["isolation_level"] = "READ COMMITTED"
-    engine = create_engine(url, **kwargs)
+    try:
+        engine = create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise MissingDriver(url, exc.name or str(exc)) from None
     if engine.dialect.name != "sqlite":
         @event.listens_for(engine, "handle_error")
         def _connection_lost(context):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import calendar
 import json
+import logging
 import math
 import re
 from typing import Any
 
 from panda_core import workernode
 from panda_core.canonical import signed_bytes
+from panda_core.replicas import BadFileName, check_name
 from panda_core.states import PILOT_REPORTED_STATES
 from panda_core.wire import DISPATCH_KEY, Dispatch, encode_job, join_field
 
@@ -23,6 +25,8 @@ from . import db
 from .auth import Identity, KeyStore
 from .dispatchpath import DispatchPath, GeneralPath, JobRequest, Run, UpdateRequest, in_pool
 from .eventranges import EventRangeError, protocol_get, protocol_update
+from .jobholder import Claim, nonce_digest
+from .nofit import NoFitExplainer, PilotFit, explain
 from .taskbuffer import Conflict, NotFound, TaskBuffer
 
 # PanDA's StatusCode values
@@ -32,6 +36,8 @@ SC_INVALID_TOKEN, SC_INVALID_ROLE, SC_DENIED, SC_KEY_MISSING = 50, 60, 70, 80
 _INT = re.compile(r"^-?\d+$")
 _NONCE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _REPORTED = frozenset(str(s) for s in PILOT_REPORTED_STATES)
+
+log = logging.getLogger(__name__)
 
 
 class ProtocolError(Exception):
@@ -129,6 +135,7 @@ class Dispatcher:
         self.job_chooser = job_chooser
         self.run = run or in_pool()
         self.path = path or GeneralPath(tb, self.run)
+        self.nofit = NoFitExplainer(tb.jobs)
 
     # ------------------------------------------------------------------ getJob
     async def get_job(self, form: dict, identity: Identity | None) -> dict:
@@ -136,7 +143,24 @@ class Dispatcher:
         if isinstance(req, dict):
             return req
         steps = await self._share_plan(req.site)
-        return self._job_reply(req, await self.path.get_jobs(req, steps))
+        jobs = await self.path.get_jobs(req, steps)
+        if not jobs:
+            return {"StatusCode": SC_NO_JOBS, "errorDialog": await self._no_job_reason(req)}
+        return self._job_reply(req, jobs)
+
+    async def _no_job_reason(self, req: JobRequest) -> str:
+        """Why this pilot got nothing (``server.nofit``): from the cached shape of the site's
+        activated jobs, read in the thread pool at most once per site every few seconds."""
+        fit = PilotFit(walltime_s=req.fit.get("walltime_s"), memory_mb=req.fit.get("memory_mb"),
+                       cores=req.fit.get("cores"), pilot_version=req.fit.get("pilot_version"))
+        shape = self.nofit.cached(req.site)
+        if shape is None:
+            try:
+                shape = await self.run(self.nofit.shape, req.site)
+            except Exception:  # noqa: BLE001 - the reason is advice: "no jobs" stays the answer
+                log.warning("cannot explain the empty getJob at %s", req.site, exc_info=True)
+                return "no jobs"
+        return explain(req.site, shape, fit)
 
     async def _job_request(self, form: dict, identity: Identity | None) -> JobRequest | dict:
         """A getJob's checked fields; or the reply itself when the site takes no jobs."""
@@ -163,7 +187,8 @@ class Dispatcher:
             who=dict(node=_text(form.get("node"), "node"),
                      actor=identity.subject if identity else None,
                      pilot_id=_text(form.get("pilotID") or form.get("pilot_id"), "pilot_id"),
-                     batch_id=_text(form.get("batchID") or form.get("worker_id"), "batch_id")),
+                     batch_id=_text(form.get("batchID") or form.get("worker_id"), "batch_id"),
+                     nonce=nonce_digest(nonce)),
             nonce=nonce)
 
     async def _site_row(self, site: str) -> dict:
@@ -186,8 +211,6 @@ class Dispatcher:
         return await self.run(chooser.share_plan, site)
 
     def _job_reply(self, req: JobRequest, jobs: list[dict]) -> dict:
-        if not jobs:
-            return {"StatusCode": SC_NO_JOBS, "errorDialog": "no jobs"}
         if req.many:
             return {"StatusCode": SC_OK,
                     "jobs": [self.job_spec(job, req.site_config, req.nonce) for job in jobs]}
@@ -240,9 +263,14 @@ class Dispatcher:
             if form.get(key) not in (None, ""):
                 fields[column] = _text(form[key], column)
         stored = parse_stored_files(form["xml"]) if form.get("xml") else {}
+        nonce = form.get("pilotNonce") or None
+        if nonce is not None and not (isinstance(nonce, str) and _NONCE.fullmatch(nonce)):
+            raise ProtocolError(SC_FAILED, "pilotNonce must be 1-128 letters, digits, _ or -")
+        claim = Claim(pilot_id=_text(form.get("pilotID"), "pilot_id"),
+                      node=fields.get("node"), nonce=nonce)
         return UpdateRequest(panda_id=panda_id, state=state, fields=fields, stored=stored,
                              attempt_nr=_int32(form, "attemptNr"),
-                             site=str(form.get("siteName") or ""))
+                             site=str(form.get("siteName") or ""), claim=claim)
 
     async def update_job(self, form: dict, identity: Identity | None) -> dict:
         req = self._update_request(form)
@@ -304,31 +332,70 @@ REPORT_COLUMNS = tuple(c for _, c, *_ in _REPORT_NUMBERS + _REPORT_TEXTS) + tupl
     c for c, *_ in workernode.COLUMNS.values() if c != "node")
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_GUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+MAX_STORED_FILES = 10000
+
+
+def _stored_size(lfn: str, value: Any) -> int | None:
+    """A stored file's size: a whole number of bytes, 0 to 2**63-1 (JSON integer or digits);
+    ``-5``, ``1e30``, ``Infinity``, ``true`` or ``"12abc"`` are refused."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ProtocolError(SC_FAILED, f"xml: fsize of {lfn} must be a whole number of bytes "
+                                       f"(0 to 2**63-1), got {str(value)[:40]!r}")
+    return value
+
+
+def _stored_digest(lfn: str, kind: str, value: Any, digits: int) -> str:
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else ""
+    if kind == "adler32":
+        text = text.zfill(8)
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or len(text) != digits \
+            or not _HEX.fullmatch(text):
+        raise ProtocolError(SC_FAILED, f"xml: {kind} of {lfn} must be {digits} hex digits, "
+                                       f"got {str(value)[:80]!r}")
+    return text
 
 
 def parse_stored_files(xml: str) -> dict[str, dict]:
-    """The final updateJob's ``xml``: a JSON object {lfn: {guid, fsize, adler32|md5sum, surl}}."""
+    """The final updateJob's ``xml``: a JSON object {lfn: {guid, fsize, adler32|md5sum, surl}}.
+
+    Every value is checked (a pilot is not trusted to report what it stored): names pass the
+    name check, sizes are non-negative 64-bit integers, checksums hex of their length, GUIDs
+    short tokens, SURLs text without NUL or '..' (whether a SURL is where the server puts that
+    file is checked against the job's own files when it is registered)."""
     try:
-        data = json.loads(xml, parse_constant=_no_constant)      # no Infinity, NaN
+        data = json.loads(xml)
     except (TypeError, ValueError, RecursionError):
         raise ProtocolError(SC_FAILED, "xml must be a JSON object of stored files") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ProtocolError(SC_FAILED, "xml must be a JSON object {lfn: {...}}")
+    if len(data) > MAX_STORED_FILES:
+        raise ProtocolError(SC_FAILED, f"xml: at most {MAX_STORED_FILES} files")
     out = {}
     for lfn, info in data.items():
-        entry = {"guid": info.get("guid"), "surl": info.get("surl")}
         try:
-            entry["fsize"] = int(info["fsize"]) if info.get("fsize") not in (None, "") else None
-            if entry["fsize"] is not None and not 0 <= entry["fsize"] < 2**63:
-                raise ValueError
-        except (TypeError, ValueError, OverflowError):
-            raise ProtocolError(SC_FAILED, f"xml: fsize of {str(lfn)[:100]} is not a number "
-                                           "of bytes (a non-negative 64-bit integer)") from None
-        if info.get("adler32"):
-            entry["adler32"] = str(info["adler32"])
-        if info.get("md5sum"):
-            entry["md5sum"] = str(info["md5sum"])
-        out[str(lfn)] = entry
+            check_name(lfn, "lfn")
+        except BadFileName as exc:
+            raise ProtocolError(SC_FAILED, f"xml: {exc}") from None
+        guid, surl = info.get("guid"), info.get("surl")
+        if guid not in (None, "") and not (isinstance(guid, str) and _GUID.fullmatch(guid)):
+            raise ProtocolError(SC_FAILED, f"xml: guid of {lfn} must be up to 64 letters, "
+                                           f"digits and ._:-, got {str(guid)[:80]!r}")
+        if surl not in (None, ""):
+            if not isinstance(surl, str) or len(surl) > 4000 or "\0" in surl \
+                    or ".." in surl.split("?")[0].split("/"):
+                raise ProtocolError(SC_FAILED, f"xml: surl of {lfn} must be a URL on the "
+                                               f"site's storage element, got {str(surl)[:200]!r}")
+        entry = {"guid": guid or None, "surl": surl or None,
+                 "fsize": _stored_size(lfn, info.get("fsize"))}
+        if info.get("adler32") not in (None, ""):
+            entry["adler32"] = _stored_digest(lfn, "adler32", info["adler32"], 8)
+        if info.get("md5sum") not in (None, ""):
+            entry["md5sum"] = _stored_digest(lfn, "md5sum", info["md5sum"], 32)
+        out[lfn] = entry
     return out

@@ -12,13 +12,18 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from panda_core.states import PILOT_OWNED_STATES
+
 from .auth import Identity
-from .brokerage import output_endpoint
+from .brokerage import OutputSE, output_se
+from .jobholder import Claim, refusal
 from .taskbuffer import NotFound, TaskBuffer
 from .transient import retrying
+
+_PILOT_OWNED = frozenset(str(s) for s in PILOT_OWNED_STATES)
 
 #: ``run(func, *args)``: blocking (database) work off the event loop, awaitable
 Run = Callable[..., Awaitable[Any]]
@@ -53,6 +58,7 @@ class UpdateRequest:
     stored: dict
     attempt_nr: int | None
     site: str
+    claim: Claim = field(default_factory=Claim)   # the pilot it says it is (jobholder)
 
 
 class DispatchPath(ABC):
@@ -115,16 +121,20 @@ class GeneralPath(DispatchPath):
         except NotFound:
             said_row = None
 
-        def check(job: dict) -> str | None:
+        def check(job: dict) -> OutputSE:
             """Inside the update's transaction: may this caller update the job? Where do its
             outputs go? (Saves a separate read of the job per update.)"""
             if identity is not None and not identity.may_act_for_site(job["site"]):
                 raise PermissionError(f"{identity.subject} may not update jobs of {job['site']}")
+            if job["status"] in _PILOT_OWNED:    # a job no pilot holds now: tobekilled below
+                why = refusal(job, identity, req.claim)
+                if why:
+                    raise PermissionError(why)
             if not job["site"]:
-                return output_endpoint({})
+                return output_se({})
             row = said_row if said_row and said_row["name"] == job["site"] else \
                 sites.get_cached(job["site"])
-            return output_endpoint(row["config"])
+            return output_se(row["config"])
 
         return self.tb.pilots.update(
             req.panda_id, req.state, req.fields, actor=identity.subject if identity else None,

@@ -37,7 +37,7 @@ from panda_core.wire import range_output_lfn
 
 from . import db
 from .auth import Identity
-from .jobcreator import ES_CONSUMER, ES_MERGE, TaskSpec, make_merge_job
+from .jobcreator import ES_CONSUMER, ES_MERGE, TaskSpec, make_consumer_job, make_merge_job
 from .taskbuffer import TaskBuffer
 
 log = logging.getLogger(__name__)
@@ -222,11 +222,15 @@ class EventRangeService:
         return res.rowcount
 
     def reclaim_expired(self) -> int:
-        """The watcher's pass: every event-service pool's ranges of ended or silent holders."""
-        r = db.event_ranges.c
+        """The watcher's pass: the pools of tasks with a live consumer (found through the
+        jobs' status index, not a scan of every range), their ranges of ended or silent holders
+        back to ready. A pool whose consumers all ended needs no pass: nobody would take them
+        (a dead consumer's retry is created while its pool has ranges left, and is live)."""
+        j = db.jobs.c
+        live = sorted(str(s) for s in JobState if str(s) not in _FINAL)
         with db.read(self.tb.engine) as conn:
-            tasks = conn.execute(select(r.task_id).distinct().where(
-                r.serial == POOL_SERIAL, r.status.in_(HELD))).scalars().all()
+            tasks = conn.execute(select(j.task_id).distinct().where(
+                j.status.in_(live), j.event_service == ES_CONSUMER)).scalars().all()
         n = 0
         for task_id in tasks:
             with self.tb.engine.begin() as conn:
@@ -354,6 +358,8 @@ class EventRangeService:
         The task row is locked first: two consumers finishing the last two ranges at once would
         each see the other's still running, and none create the merge job (or both would)."""
         r, j = db.event_ranges.c, db.jobs.c
+        if pool_left(conn, task_id):      # the common case, without taking the task's lock
+            return None
         q = select(db.tasks.c.params, db.tasks.c.owner, db.tasks.c.status, db.tasks.c.share) \
             .where(db.tasks.c.task_id == task_id)
         if self.tb.skip_locked:
@@ -361,10 +367,7 @@ class EventRangeService:
         task = conn.execute(q).first()
         if task is None or task.status in ("aborted", "broken"):
             return None
-        open_ranges = conn.execute(select(r.row_id).where(
-            r.task_id == task_id, r.serial == POOL_SERIAL,
-            r.status.in_(("ready",) + HELD)).limit(1)).first()
-        if open_ranges is not None:
+        if pool_left(conn, task_id):      # again under the lock: another report may have won
             return None
         for table in (db.jobs, db.jobs_archive):
             if conn.execute(select(table.c.panda_id).where(
@@ -413,6 +416,49 @@ class EventRangeService:
         with db.read(self.tb.engine) as conn:
             return {s: n for s, n in conn.execute(select(r.status, func.count()).where(
                 r.task_id == task_id).group_by(r.status))}
+
+
+def pool_left(conn: Connection, task_id: int) -> bool:
+    """Has an event-service task's pool ranges no job processed (ready, or held)?"""
+    r = db.event_ranges.c
+    return conn.execute(select(r.row_id).where(
+        r.task_id == task_id, r.serial == POOL_SERIAL,
+        r.status.in_(("ready",) + HELD)).limit(1)).first() is not None
+
+
+def continue_pool(tb: TaskBuffer, conn: Connection, task_id: int) -> int | None:
+    """Every job of an event-service task has ended but its pool still has ranges ready (the
+    consumers ran out of wall time): a new consumer takes them, as JEDI adds jobs to a jobset.
+    Only after progress (the latest consumer finished events), so a consumer that cannot do a
+    single range in its wall time does not beget another forever. The caller holds the task's
+    row lock (``Tasks.refresh_status``). Returns the new PandaID, or None."""
+    r, j = db.event_ranges.c, db.jobs.c
+    if conn.execute(select(r.row_id).where(r.task_id == task_id, r.serial == POOL_SERIAL,
+                                           r.status == "ready").limit(1)).first() is None:
+        return None
+    latest = conn.execute(select(db.jobs).where(
+        j.task_id == task_id, j.event_service == ES_CONSUMER)
+        .order_by(j.panda_id.desc()).limit(1)).first()
+    if latest is None or latest.status != "finished" or not (latest.n_events or 0) > 0:
+        return None
+    task = conn.execute(select(db.tasks.c.params, db.tasks.c.owner, db.tasks.c.share)
+                        .where(db.tasks.c.task_id == task_id)).first()
+    params = json.loads(task.params) if isinstance(task.params, str) else task.params
+    spec = TaskSpec.from_dict(params)
+    spec.share = task.share
+    inputs = [dict(f._mapping) for f in conn.execute(select(db.files).where(
+        db.files.c.panda_id == latest.panda_id, db.files.c.type == "input"))]
+    serial = max(int(conn.execute(select(func.max(t.c.serial)).where(t.c.task_id == task_id))
+                     .scalar() or 0) for t in (db.jobs, db.jobs_archive)) + 1
+    values, new_files = make_consumer_job(spec, task_id, task.owner, serial, inputs,
+                                          site=latest.site)
+    panda_id = tb.jobs.insert(conn, values, new_files, "event-service")
+    tb.states.change(conn, panda_id, str(JobState.ACTIVATED) if latest.site else
+                     str(JobState.ASSIGNED), actor="event-service",
+                     expected=[str(JobState.DEFINED)])
+    log.info("task %s: its consumers ended with ranges still ready: new consumer %s", task_id,
+             panda_id)
+    return panda_id
 
 
 def parse_updates(form: dict) -> list[dict]:

@@ -198,8 +198,10 @@ class BaseHandler(tornado.web.RequestHandler):
         identity = request_identity(self.request, self.state)
         if roles is not None:
             if identity is None:
-                raise ApiError("secure connection required: send 'Authorization: Bearer "
-                               "<token>' or a client certificate")
+                raise ApiError(f"an identity is required to {what}: the request carried "
+                               "no bearer token and no client certificate (secure connection "
+                               "required: send 'Authorization: Bearer <token>', a token from "
+                               "'panda token issue', or a client certificate)")
             if identity.role not in roles:
                 raise Forbidden(f"role {identity.role} may not {what}")
         return identity
@@ -351,6 +353,10 @@ class PilotFilesHandler(BaseHandler):
             data = await self.run(files.read, version, name != FILE_NAME)
         except PilotFileError as exc:
             raise tornado.web.HTTPError(404, reason=str(exc)[:200]) from None
+        except OSError as exc:       # the pilot dir cannot be written or read: the operator's
+            log.error("pilot file: %s", exc)
+            raise tornado.web.HTTPError(503, reason="the pilot file is not available here: "
+                                        f"{exc.strerror or exc}"[:200]) from None
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Cache-Control", "public, max-age=31536000, immutable")
         self.finish(data)

@@ -11,8 +11,13 @@ docs/compat.md lists every key.
 """
 from __future__ import annotations
 
+import ast
 import re
+import shlex
+import urllib.parse
 from typing import Any
+
+from panda_core.replicas import BadFileName, check_name
 
 from .jobcreator import TaskSpecError
 
@@ -37,8 +42,13 @@ USED_KEYS = {"taskName", "userName", "vo", "prodSourceLabel", "taskType", "jobPa
              "transferType", "transPath", "sourceURL", "buildSpec", "mergeSpec", "mergeOutput",
              "uniqueTaskName", "architecture", "transUses", "transHome", "processingType",
              "excludedSite", "includedSite", "cloud"}
-#: what prun's jobs run when the task names no transPath: PanDA's generic user wrapper
-DEFAULT_USER_TRANSFORMATION = "runGen-00-00-02"
+#: runGen's options (prun's jobs without transPath) and whether each takes a value
+_RUNGEN_OPTIONS = {"-j": True, "--sourceURL": True, "-r": True, "-a": True, "-o": True,
+                   "-i": True, "-p": True}
+#: runGen's placeholders in the user's command, and ours
+_RUNGEN_PLACEHOLDERS = {"%IN": "${IN}", "%SKIPEVENTS": "${SKIPEVENTS}",
+                        "%FIRSTEVENT": "${FIRSTEVENT}", "%MAXEVENTS": "${MAXEVENTS}"}
+_RUNGEN_UNSUPPORTED = re.compile(r"%(RNDM|DB|BKG|CAVIN|BHIN|MININ|BEAM|LOG|OUT)\b")
 
 
 def is_jedi_task(params: Any) -> bool:
@@ -168,9 +178,12 @@ def task_from_jedi(params: dict) -> dict:
     if params.get("noInput"):
         in_dataset = None
     task_name = re.sub(r"[^A-Za-z0-9._-]", "_", dataset_name(name)).lstrip("._-")[:200]
+    trans = _text(params, "transPath")
+    if trans is None:            # prun's jobs: PanDA's runGen wrapper, as a script of ours
+        trans, command = "/bin/sh", rungen_script(command)
     task: dict[str, Any] = {
         "name": task_name or "task",
-        "transformation": _text(params, "transPath") or DEFAULT_USER_TRANSFORMATION,
+        "transformation": trans,
         "job_parameters": command,
         "jedi_parameters": params,
     }
@@ -221,3 +234,66 @@ def task_from_jedi(params: dict) -> dict:
     if resources:
         task["resources"] = resources
     return task
+
+
+def rungen_script(command: str) -> str:
+    """What PanDA's runGen does for a prun job, as ``-c <sh script>`` for ``/bin/sh``: fetch the
+    sandbox (``-a``) from the server's cache at ``--sourceURL``, unpack it, run the user's
+    command (``-p``, URL-encoded, ``%IN`` = the inputs joined by commas) in ``-r``, and rename
+    its outputs as ``-o`` maps them. The placeholders (``${IN}``, output names) are filled per
+    job by the job creator; everything in the script is quoted."""
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise _refuse("jobParameters", f"cannot read runGen's arguments: {exc}") from None
+    opts: dict[str, str] = {}
+    n = 0
+    while n < len(words):
+        word = words[n]
+        if word not in _RUNGEN_OPTIONS:
+            raise _refuse("jobParameters", f"runGen option {word!r} is not supported here")
+        if n + 1 >= len(words):
+            raise _refuse("jobParameters", f"runGen option {word} needs a value")
+        opts[word], n = words[n + 1], n + 2
+    for key in ("--sourceURL", "-a", "-p"):
+        if not opts.get(key):
+            raise _refuse("jobParameters", f"runGen needs {key} (prun --noBuild sends it)")
+    source = opts["--sourceURL"].rstrip("/")
+    if urllib.parse.urlsplit(source).scheme not in ("http", "https"):
+        raise _refuse("sourceURL", "must be the server's http(s) URL")
+    try:
+        archive = check_name(opts["-a"], "sandbox")
+    except BadFileName as exc:
+        raise _refuse("jobParameters", str(exc)) from None
+    rundir = opts.get("-r") or "."
+    if rundir.startswith("/") or ".." in rundir.split("/"):
+        raise _refuse("jobParameters", "runGen's -r must be a folder inside the sandbox")
+    user_command = urllib.parse.unquote(opts["-p"])
+    found = _RUNGEN_UNSUPPORTED.search(user_command)
+    if found:
+        raise _refuse("jobParameters", f"runGen placeholder {found.group(0)} is not supported")
+    for theirs, ours in _RUNGEN_PLACEHOLDERS.items():
+        user_command = user_command.replace(theirs, ours)
+    renames: dict = {}
+    if opts.get("-o"):
+        try:
+            renames = ast.literal_eval(opts["-o"])
+        except (ValueError, SyntaxError):
+            raise _refuse("jobParameters", "runGen's -o is not a mapping of file names") from None
+        if not isinstance(renames, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in renames.items()):
+            raise _refuse("jobParameters", "runGen's -o is not a mapping of file names")
+    fetch = ("import shutil, sys, urllib.request; shutil.copyfileobj(urllib.request.urlopen("
+             "sys.argv[1], timeout=300), open(sys.argv[2], 'wb'))")
+    lines = ["set -e", 'top="$(pwd)"',
+             f"python3 -c {shlex.quote(fetch)} {shlex.quote(f'{source}/cache/{archive}')} "
+             f"{shlex.quote(archive)}",
+             f"tar -xzf {shlex.quote(archive)}",
+             f"cd {shlex.quote(rundir)}",
+             f"sh -c {shlex.quote(user_command)}"]
+    for produced, lfn in renames.items():
+        if "*" in produced or "/" in produced or produced.startswith("regex|"):
+            raise _refuse("jobParameters", f"output {produced!r}: wildcards and folders are not "
+                                           "supported here")
+        lines.append(f'mv -f {shlex.quote(produced)} "$top"/{shlex.quote(lfn)}')
+    return "-c " + shlex.quote("\n".join(lines))

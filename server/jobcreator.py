@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from panda_core.replicas import MAX_NAME_LENGTH, BadFileName, check_name
+from panda_core.siteconfig import DEFAULT_JOB_WALLTIME_S
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ MAX_JOBS_PER_CALL = 5000
 
 _PLACEHOLDER = re.compile(
     r"\$\{(IN|OUT|SN|TASK|TASKID|ATTEMPT|OUT\d+|FIRSTEVENT|SKIPEVENTS|MAXEVENTS)\}")
+
+
+#: the fields of a task that live under its ``resources``
+RESOURCE_KEYS = frozenset({"cores", "memory_mb", "walltime_s", "disk_mb"})
 
 
 @dataclass
@@ -100,7 +105,7 @@ class TaskSpec:
     working_group: str | None = None     # PanDA's workingGroup: the monitor groups jobs by it
     cores: int = 1
     memory_mb: int = 1000
-    walltime_s: int = 3600
+    walltime_s: int = DEFAULT_JOB_WALLTIME_S   # fits the default pilot (panda_core.siteconfig)
     disk_mb: int = 1000
     max_attempts: int = 3
     transfer_type: str | None = None     # "direct": the payload reads inputs in place
@@ -108,6 +113,8 @@ class TaskSpec:
     events_per_job: int | None = None    # split each input file by events (server/eventranges.py)
     events_per_file: int | None = None   # events in each input file
     events_per_range: int | None = None  # event ranges a pilot fetches with getEventRanges
+    notify: dict | None = None           # e-mail / webhook on task end, job errors
+                                         # (server/notifications.py)
     destination_se: str | None = None    # aggregate outputs there (a T1): jobs end 'finished'
                                          # once the data service has copied them
     event_service: EventServiceSpec | None = None   # one pool of ranges shared by its jobs
@@ -118,10 +125,15 @@ class TaskSpec:
         """Validate a task description; every error names the field."""
         if not isinstance(data, dict):
             raise TaskSpecError("a task description must be a mapping of field -> value")
-        known = {f for f in cls.__dataclass_fields__} | {"resources"}
-        unknown = sorted(set(data) - known)
+        known = (set(cls.__dataclass_fields__) - RESOURCE_KEYS) | {"resources"}
+        misplaced = sorted(set(data) & RESOURCE_KEYS)
+        if misplaced:
+            raise TaskSpecError(f"field(s) {', '.join(map(repr, misplaced))}: these go under "
+                                f"'resources', e.g. resources: {{{misplaced[0]}: ...}}")
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise TaskSpecError(f"unknown field(s): {', '.join(unknown)}")
+            raise TaskSpecError(unknown_fields(unknown, known, elsewhere={
+                k: f"resources.{k}" for k in RESOURCE_KEYS}))
         kw: dict[str, Any] = {}
         for key in ("name", "transformation"):
             value = data.get(key)
@@ -138,6 +150,12 @@ class TaskSpec:
                 _check(len(data[key]) <= _TEXT_LIMITS.get(key, 255), key,
                        f"at most {_TEXT_LIMITS.get(key, 255)} characters")
                 kw[key] = data[key]
+        if data.get("notify") is not None:
+            from .notifications import NotifySpecError, notify_spec
+            try:
+                kw["notify"] = notify_spec(data["notify"])
+            except NotifySpecError as exc:
+                raise TaskSpecError(str(exc)) from None
         for key in ("scope", "input_dataset", "output_dataset"):
             if kw.get(key) or key == "scope" and key in kw:       # an empty scope is no scope
                 try:
@@ -151,8 +169,8 @@ class TaskSpec:
             kw["outputs"] = list(outs)
         resources = data.get("resources", {})
         _check(isinstance(resources, dict), "resources", "must be a mapping")
-        unknown_res = sorted(set(resources) - {"cores", "memory_mb", "walltime_s", "disk_mb"})
-        _check(not unknown_res, "resources", f"unknown key(s) {', '.join(unknown_res)}")
+        unknown_res = sorted(set(resources) - RESOURCE_KEYS, key=str)
+        _check(not unknown_res, "resources", unknown_fields(unknown_res, RESOURCE_KEYS, "key"))
         ints = {"files_per_job": data.get("files_per_job"), "n_jobs": data.get("n_jobs"),
                 **{k: data.get(k) for k in ("events_per_job", "events_per_file",
                                             "events_per_range")},
@@ -201,6 +219,22 @@ class TaskSpec:
                 spec.events_per_range > spec.events_per_job:
             raise TaskSpecError("field 'events_per_range': at most 'events_per_job'")
         return spec
+
+
+def unknown_fields(unknown: list, known: set[str] | frozenset[str], what: str = "field",
+                   elsewhere: dict[str, str] | None = None) -> str:
+    """"unknown field(s) X (did you mean Y?); known fields: ..." for a person to act on.
+    ``elsewhere``: names known at another place (name -> where to write it)."""
+    import difflib
+
+    places = {**{k: k for k in known}, **(elsewhere or {})}
+    names = []
+    for name in unknown[:10]:
+        close = difflib.get_close_matches(str(name), sorted(places), n=1)
+        names.append(f"{str(name)[:60]!r}"
+                     + (f" (did you mean {places[close[0]]!r}?)" if close else ""))
+    return (f"unknown {what}(s) {', '.join(names)}; known {what}s: "
+            f"{', '.join(sorted(known))}")
 
 
 def _check(ok: bool, key: str, reason: str) -> None:

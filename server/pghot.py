@@ -41,7 +41,7 @@ from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, JobState, Ta
 
 from . import db
 from .auth import Identity
-from .brokerage import output_endpoint
+from .brokerage import OutputSE, output_se
 from .dispatcher import REPORT_COLUMNS
 from .dispatchpath import DispatchPath, GeneralPath, JobRequest, UpdateRequest
 from .taskbuffer.data import stored_checksum
@@ -301,17 +301,22 @@ class HotPath(DispatchPath):
         if site_row is None or (identity is not None and not identity.may_act_for_site(site)):
             return await self.general.update(req, identity)
         actor = identity.subject if identity else None
+        # the holder rules of server/jobholder.py, as the statements' guard: an update that is
+        # not the holder's matches no row and the general path refuses it with the reason
+        holder = {"holder": actor if identity is not None and identity.role != "admin" else None,
+                  "claim_pilot": req.claim.pilot_id, "claim_nonce": req.claim.digest}
         try:
             if req.state not in _FINAL:
                 command = await self.progress(req.panda_id, req.state, req.fields, actor=actor,
-                                              attempt_nr=req.attempt_nr, site=site)
+                                              attempt_nr=req.attempt_nr, site=site,
+                                              holder=holder)
                 if command is not None:
                     return command
             elif req.state == _FINISHED:
                 task_id = await self.finish(req.panda_id, req.fields, actor=actor,
                                             attempt_nr=req.attempt_nr, site=site,
-                                            endpoint=output_endpoint(site_row["config"]),
-                                            stored=req.stored)
+                                            endpoint=output_se(site_row["config"]),
+                                            stored=req.stored, holder=holder)
                 if task_id is not None:
                     await self._after_finish(task_id)
                     return "NULL"
@@ -352,11 +357,12 @@ class HotPath(DispatchPath):
                 "ranked AS (SELECT panda_id, row_number() OVER "
                 "(ORDER BY current_priority DESC, panda_id) AS i FROM pick), "
                 "who AS (SELECT * FROM unnest(%(w_node)s::varchar[], %(w_pilot)s::varchar[], "
-                "%(w_batch)s::varchar[], %(w_actor)s::varchar[]) WITH ORDINALITY "
-                "AS w(node, pilot_id, batch_id, actor, i)), "
+                "%(w_batch)s::varchar[], %(w_actor)s::varchar[], %(w_nonce)s::varchar[]) "
+                "WITH ORDINALITY AS w(node, pilot_id, batch_id, actor, nonce, i)), "
                 f"upd AS (UPDATE jobs SET status = '{sent}', modification_time = %(now)s, "
                 "state_changed = %(now)s, heartbeat_time = %(now)s, node = who.node, "
-                "pilot_id = who.pilot_id, batch_id = who.batch_id, pilot_owner = who.actor "
+                "pilot_id = who.pilot_id, batch_id = who.batch_id, pilot_owner = who.actor, "
+                "pilot_nonce = who.nonce "
                 "FROM ranked JOIN who ON who.i = ranked.i "
                 f"WHERE jobs.panda_id = ranked.panda_id AND jobs.status = '{activated}' "
                 "RETURNING jobs.*, who.i AS w_i, who.actor AS w_actor), "
@@ -369,7 +375,8 @@ class HotPath(DispatchPath):
         return hit
 
     async def dispatch(self, params: dict, *, node: str | None, actor: str | None,
-                       pilot_id: str | None, batch_id: str | None) -> dict | None:
+                       pilot_id: str | None, batch_id: str | None,
+                       nonce: str | None = None) -> dict | None:
         """The best fitting activated job (as ``Jobs.dispatch`` picks it), now sent to this
         pilot, with its files; None when no job fits. ``params``: ``Jobs.dispatch_params``.
 
@@ -378,7 +385,7 @@ class HotPath(DispatchPath):
         (group dispatch: one statement, one commit, for many getJobs under load; no waiting
         when the server is idle)."""
         return await self._dispatches.submit(tuple(sorted(params.items())),
-                                             (node, pilot_id, batch_id, actor))
+                                             (node, pilot_id, batch_id, actor, nonce))
 
     async def _dispatch_batch(self, key, who: list[tuple]) -> list:
         params = dict(key)
@@ -401,7 +408,8 @@ class HotPath(DispatchPath):
         sql, base = self._dispatch_statement(tuple(sorted(params)))
         args = {**base, **params, "p_n": len(who), "now": self.tb.clock(),
                 "w_node": [w[0] for w in who], "w_pilot": [w[1] for w in who],
-                "w_batch": [w[2] for w in who], "w_actor": [w[3] for w in who]}
+                "w_batch": [w[2] for w in who], "w_actor": [w[3] for w in who],
+                "w_nonce": [w[4] for w in who]}
         if "p_known" in args:
             args["p_known"] = list(args["p_known"])
         async with self._pool().connection() as conn:
@@ -422,7 +430,8 @@ class HotPath(DispatchPath):
 
     # ------------------------------------------------------------------ updateJob, not final
     async def progress(self, panda_id: int, state: str, fields: dict, *, actor: str | None,
-                       attempt_nr: int | None, site: str | None) -> str | None:
+                       attempt_nr: int | None, site: str | None,
+                       holder: dict | None = None) -> str | None:
         """A heartbeat or a progress report (starting, running, holding, transferring).
         Returns the command for the pilot, or None when the general path must decide.
         Reports that arrive together are applied by one statement (see Coalescer)."""
@@ -430,7 +439,7 @@ class HotPath(DispatchPath):
         if not allowed or not fields.keys() <= _PROGRESS_COLS.keys():
             return None
         item = {"pid": panda_id, "state": state, "allowed": ",".join(allowed),
-                "attempt": attempt_nr, "site": site, "actor": actor, **fields}
+                "attempt": attempt_nr, "site": site, "actor": actor, **(holder or {}), **fields}
         return await self._progresses.submit(None, item)
 
     async def _progress_batch(self, _key, items: list[dict]) -> list[str | None]:
@@ -466,19 +475,22 @@ class HotPath(DispatchPath):
 
     # ------------------------------------------------------------------ updateJob finished
     async def finish(self, panda_id: int, fields: dict, *, actor: str | None,
-                     attempt_nr: int | None, site: str, endpoint: str | None,
-                     stored: dict[str, dict]) -> int | None:
+                     attempt_nr: int | None, site: str, endpoint: OutputSE | str | None,
+                     stored: dict[str, dict], holder: dict | None = None) -> int | None:
         """A job finished with every expected output stored: register the outputs (file rows,
         replicas at ``endpoint``, dataset entries) and end the job via ``holding``, both steps
         in its history. Returns its task's id, or None when the general path must decide.
         Jobs that finish together are ended by one statement (see Coalescer)."""
         if not fields.keys() <= _PROGRESS_COLS.keys():
             return None
+        if not isinstance(endpoint, OutputSE):            # a storage element's name alone
+            endpoint = OutputSE(endpoint, None)
         files = [{"lfn": lfn, "guid": info.get("guid") or None, "fsize": info.get("fsize"),
                   "checksum": stored_checksum(info), "surl": info.get("surl")}
                  for lfn, info in stored.items()]
         item = {"pid": panda_id, "site": site, "attempt": attempt_nr, "actor": actor,
-                "endpoint": endpoint, "stored": files, **fields}
+                "endpoint": endpoint.name, "se_url": endpoint.url, "stored": files,
+                **(holder or {}), **fields}
         return await self._finishes.submit(None, item)
 
     async def _finish_batch(self, _key, items: list[dict]) -> list[int | None]:
@@ -514,6 +526,25 @@ def _report_types() -> dict[str, str]:
 _PROGRESS_COLS = _report_types()
 
 
+#: the report rows' columns that say who sends them, and the guard that is
+#: ``server.jobholder.refusal`` in SQL (``r.node``: the node the update names)
+_HOLDER_COLS = "holder varchar, claim_pilot varchar, claim_nonce varchar, "
+_HOLDER_GUARD = (
+    "(jobs.pilot_nonce IS NULL OR jobs.pilot_nonce = r.claim_nonce) "
+    "AND (r.holder IS NULL OR jobs.pilot_owner IS NULL OR jobs.pilot_owner = r.holder) "
+    "AND (jobs.pilot_nonce IS NOT NULL OR ((jobs.pilot_id IS NULL OR r.claim_pilot IS NULL "
+    "OR jobs.pilot_id = r.claim_pilot) AND (jobs.node IS NULL OR r.node IS NULL "
+    "OR jobs.node = r.node)))")
+
+
+#: ``panda_core.replicas.replica_url(r.se_url, scope, lfn)`` in SQL, for the simple scopes
+#: (a scope with an empty dotted part differs and so goes to the general path, which is exact)
+_EXPECTED_SURL = (
+    "CASE WHEN r.se_url IS NULL OR r.se_url = '' THEN NULL ELSE rtrim(r.se_url, '/') || '/' || "
+    "replace(f.scope, '.', '/') || '/' || substr(md5(f.scope || ':' || f.lfn), 1, 2) || '/' || "
+    "substr(md5(f.scope || ':' || f.lfn), 3, 2) || '/' || f.lfn END")
+
+
 def _progress_sql() -> str:
     """Progress reports of several jobs in one statement: each row is guarded by its job's
     state (the legal predecessors of the reported one), attempt and site; a report that does
@@ -524,11 +555,13 @@ def _progress_sql() -> str:
     running, now = str(JobState.RUNNING), "%(now)s::timestamp"
     return (
         "WITH r AS (SELECT * FROM json_to_recordset(%(items)s::json) AS r(i int, pid bigint, "
-        f"state varchar, allowed text, attempt int, site varchar, actor varchar, {cols})), "
+        f"state varchar, allowed text, attempt int, site varchar, actor varchar, {_HOLDER_COLS}"
+        f"{cols})), "
         "cur AS (SELECT jobs.panda_id, jobs.status, r.i FROM jobs JOIN r ON jobs.panda_id = r.pid "
         "WHERE jobs.status = ANY(string_to_array(r.allowed, ',')) "
         "AND (r.attempt IS NULL OR jobs.attempt_nr = r.attempt) "
         "AND (r.site IS NULL OR jobs.site = r.site) "
+        f"AND {_HOLDER_GUARD} "
         "ORDER BY jobs.panda_id FOR UPDATE OF jobs), "
         f"upd AS (UPDATE jobs SET status = r.state, modification_time = {now}, "
         f"heartbeat_time = {now}, state_changed = CASE WHEN cur.status = r.state "
@@ -584,21 +617,29 @@ def _finish_sql() -> str:
     now = "%(now)s::timestamp"
     return (
         "WITH r AS (SELECT * FROM json_to_recordset(%(items)s::json) AS r(i int, pid bigint, "
-        f"site varchar, attempt int, actor varchar, endpoint varchar, stored json, {cols})), "
+        f"site varchar, attempt int, actor varchar, endpoint varchar, se_url varchar, "
+        f"stored json, {_HOLDER_COLS}{cols})), "
         "j AS (SELECT jobs.panda_id, jobs.status, r.i FROM jobs JOIN r ON jobs.panda_id = r.pid "
         "WHERE jobs.status = ANY(%(from)s) AND jobs.site = r.site "
         "AND (r.attempt IS NULL OR jobs.attempt_nr = r.attempt) "
+        f"AND {_HOLDER_GUARD} "
         "AND jobs.destination_se IS NULL "      # aggregated outputs: the general path
         "ORDER BY jobs.panda_id FOR UPDATE OF jobs), "
-        "outs AS (SELECT f.row_id, f.type, f.scope, f.lfn, f.dataset, f.guid, j.i "
-        "FROM files f JOIN j ON f.panda_id = j.panda_id WHERE f.type IN ('output', 'log')), "
+        f"outs AS (SELECT f.row_id, f.type, f.scope, f.lfn, f.dataset, f.guid, j.i, {_EXPECTED_SURL}"
+        " AS exp FROM files f JOIN j ON f.panda_id = j.panda_id JOIN r ON r.i = j.i "
+        "WHERE f.type IN ('output', 'log')), "
         "stored AS (SELECT r.i, s.* FROM r CROSS JOIN LATERAL json_to_recordset(r.stored) "
         "AS s(lfn text, guid text, fsize bigint, checksum text, surl text)), "
         "ok AS (SELECT j.panda_id, j.status, j.i FROM j WHERE NOT EXISTS (SELECT 1 FROM outs "
         "WHERE outs.i = j.i AND outs.type = 'output' AND NOT EXISTS (SELECT 1 FROM stored "
-        "WHERE stored.i = outs.i AND stored.lfn = outs.lfn))), "
+        "WHERE stored.i = outs.i AND stored.lfn = outs.lfn)) "
+        # a file stored elsewhere than where the server puts it: the general path fails the job
+        "AND NOT EXISTS (SELECT 1 FROM outs JOIN stored ON stored.i = outs.i "
+        "AND stored.lfn = outs.lfn WHERE outs.i = j.i AND stored.surl IS NOT NULL "
+        "AND outs.exp IS DISTINCT FROM stored.surl AND outs.exp IS NOT NULL)), "
         "matched AS (SELECT o.row_id, o.type, o.scope, o.lfn, o.dataset, "
-        "COALESCE(s.guid, o.guid) AS guid, s.fsize, s.checksum, s.surl, r.endpoint "
+        "COALESCE(s.guid, o.guid) AS guid, s.fsize, s.checksum, COALESCE(o.exp, s.surl) AS surl, "
+        "r.endpoint "
         "FROM ok JOIN outs o ON o.i = ok.i JOIN stored s ON s.i = o.i AND s.lfn = o.lfn "
         "JOIN r ON r.i = ok.i), "
         "uf AS (UPDATE files SET status = 'ready', fsize = m.fsize, checksum = m.checksum, "

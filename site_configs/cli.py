@@ -63,7 +63,8 @@ def sync_sites(server: str, configs: list[SiteConfig], token: str | None,
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="panda sites", description="check or sync site configs")
-    sub = parser.add_subparsers(dest="action", required=True)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="check|show|sync",
+                                title="actions")
     p_check = sub.add_parser("check", help="validate site config files; exit 1 on any error")
     p_check.add_argument("paths", nargs="+", metavar="DIR", help="folders or files")
     p_show = sub.add_parser("show", help="print the loaded configs as JSON")

@@ -13,3 +13,27 @@ def test_no_test_imports_from_conftest():
                  if p.name not in ("testkit.py", "test_hygiene.py")
                  and "from conftest import" in p.read_text()]
     assert offenders == []
+
+
+def test_no_merge_conflict_markers_in_the_repository():
+    """Several people merge into main all day; a conflict committed unresolved must fail the
+    run here, with the file named, not as a syntax error somewhere else."""
+    import subprocess
+
+    root = TESTS.parent
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True
+                           ).stdout.split() or [str(p.relative_to(root)) for p in root.rglob("*")
+                                                if p.is_file() and ".git" not in p.parts]
+    offenders = []
+    for name in files:
+        path = root / name
+        if path.suffix not in (".py", ".md", ".html", ".sh", ".yaml", ".yml", ".txt", ".cfg",
+                               ".ini", ".toml", ".json", ".mako", ".service", ""):
+            continue
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except (OSError, IsADirectoryError):
+            continue
+        if any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in lines):
+            offenders.append(name)
+    assert offenders == [], f"unresolved merge conflicts in {offenders}"

@@ -78,6 +78,8 @@ def test_base_install_is_the_worker_nodes(base_venv, tmp_path):
     (["sites", "check", "sites"], "factory", "yaml"),
     (["demo"], "server", "tornado"),
     (["submit", "task.yaml"], "client", "yaml"),
+    (["jobs"], "client", "yaml"),
+    (["data", "list", "x"], "client", "yaml"),
 ])
 def test_a_missing_extra_is_named(base_venv, tmp_path, args, extra, module):
     (tmp_path / "task.yaml").write_text("taskName: t\n")

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from testkit import EXAMPLE_SITES, free_port, start_server, stop_server
 from panda_core.client import ApiClient, ClientError
-from panda_core.replicas import replica_path
+from panda_core.replicas import replica_path, replica_url
 
 SITE = "LOCAL_DEMO"
 
@@ -87,8 +87,11 @@ def test_task_runs_through_protocol(site_server):
                            state="running", attemptNr=job["attemptNr"])
         assert reply == {"StatusCode": 0, "command": "NULL"}
         out, logf = job["outFiles"].split(",")
-        xml = {out: {"guid": "g1", "fsize": 5, "adler32": "01234567", "surl": "file:///x"},
-               logf: {"guid": "g2", "fsize": 9, "adler32": "89abcdef", "surl": "file:///y"}}
+        se = f"file://{site_server.se}"       # outputs count only where the server puts them
+        xml = {out: {"guid": "g1", "fsize": 5, "adler32": "01234567",
+                     "surl": replica_url(se, job["scopeOut"], out)},
+               logf: {"guid": "g2", "fsize": 9, "adler32": "89abcdef",
+                      "surl": replica_url(se, job["scopeLog"], logf)}}
         reply = pilot_call(site_server, pilot_token, "updateJob", jobId=job["PandaID"],
                            state="finished", xml=json.dumps(xml), cpuConsumptionTime="1.5",
                            transExitCode="0", pilotErrorCode="0")
@@ -180,11 +183,11 @@ def test_cli_malformed_task_file(tmp_path, site_server):
     bad = tmp_path / "task.yaml"
     bad.write_text("name: [unclosed\n")
     res = run_cli("submit", str(bad), "--server", site_server.url)
-    assert res.returncode == 1 and str(bad) in res.stderr and "not valid YAML" in res.stderr
+    assert res.returncode == 2 and str(bad) in res.stderr and "not valid YAML" in res.stderr
     lst = tmp_path / "list.json"
     lst.write_text("[1, 2]")
     res = run_cli("submit", str(lst), "--server", site_server.url)
-    assert res.returncode == 1 and "mapping" in res.stderr
+    assert res.returncode == 2 and "mapping" in res.stderr
 
 
 def test_cli_submit_status_kill(tmp_path, site_server):

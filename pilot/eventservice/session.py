@@ -84,6 +84,7 @@ class EventServiceSession:
         self.pool_empty = False
         self.next_fetch = 0.0
         self.durations: list[float] = []
+        self.started = 0.0
         self.done = self.failed = self.refused = self.protocol_errors = 0
         self.events = 0
         self.error: PilotError | None = None             # a reason to fail the whole job
@@ -108,6 +109,7 @@ class EventServiceSession:
         return {k: str(v) for k, v in paths.items()}
 
     def start(self) -> None:
+        self.started = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name=f"es-{self.ctx.job.job_id}",
                                         daemon=True)
         self._thread.start()
@@ -238,19 +240,27 @@ class EventServiceSession:
             self._report([{"eventRangeID": rng["eventRangeID"], "eventStatus": "running"}])
 
     def _time_left(self) -> bool:
-        remaining = self.ctx.remaining_s()
-        if remaining is None:
-            return True
+        """Is there time for one more range (as long as the longest so far), both in the batch
+        slot (minus the reserve kept for the end of the job) and in the job's own wall time
+        (``maxWalltime``, which the walltime monitor enforces from the payload's start)?"""
         per_range = max(self.durations) if self.durations else 0.0
-        return remaining - self.ctx.reserve_s > per_range
+        remaining = self.ctx.remaining_s()
+        if remaining is not None and remaining - self.ctx.reserve_s <= per_range:
+            return False
+        limit = self.ctx.job.max_walltime_s
+        if limit and self.started:
+            job_left = limit - (time.monotonic() - self.started)
+            if job_left <= 1.5 * per_range + 1.0:     # + storing and reporting its output
+                return False
+        return True
 
     def _fetch(self) -> None:
         if self.ctx.stop_requested():
             self.pool_empty = True
             return
         if not self._time_left():
-            log.info("job %s: not enough wall time left for another event range",
-                     self.ctx.job.job_id)
+            log.info("job %s: not enough wall time left for another event range (%d done)",
+                     self.ctx.job.job_id, self.done)
             self.pool_empty = True
             return
         job = self.ctx.job

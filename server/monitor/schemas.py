@@ -81,7 +81,8 @@ VIEWS: dict[str, dict] = {
                        "type": "object", "additionalProperties": arr(I)}})}),
     "sites": obj({**BASE, "sites": arr(obj({"name": S, "status": S, "jobs": COUNTS},
                                            extra=True))}),
-    "site": obj({**BASE, "site": obj({"name": S, "status": S, "updated": S}),
+    "site": obj({**BASE, "site": obj({"name": S, "status": S, "updated": S},
+                                     {"status_reason": OPT_S, "configured_status": S}),
                  "config": arr(obj({"key": S, "value": {}})), "factories": arr(
                      {"type": "object"}), "pilots": arr({"type": "object"}), "jobs": COUNTS,
                  "errors": arr(ERROR_CODE), "waiting": arr({"type": "object"}),

@@ -31,7 +31,8 @@ def site_list(tb) -> list[dict]:
     for s in tb.sites.all():
         cfg = s["config"] or {}
         res = cfg.get("resources") or {}
-        out.append({"name": s["name"], "status": s["status"], "region": cfg.get("region"),
+        out.append({"name": s["name"], "status": s["status"],
+                    "status_reason": s.get("status_reason"), "region": cfg.get("region"),
                     "backend": (cfg.get("scheduler") or {}).get("backend"),
                     "cores": res.get("cores"), "memory_mb": res.get("memory_mb"),
                     "max_walltime_s": res.get("max_walltime_s"), "updated": s["updated"],
@@ -73,6 +74,8 @@ def recent_pilots(tb, site: str, limit: int = RECENT_PILOTS) -> list[dict]:
 def site_page(tb, name: str) -> dict:
     site = tb.sites.get(name)            # NotFound: a 404
     return {"site": {"name": site["name"], "status": site["status"],
+                     "status_reason": site.get("status_reason"),
+                     "configured_status": site["configured_status"],
                      "updated": site["updated"]},
             "config": [{"key": k, "value": v} for k, v in flatten(site["config"])],
             "factories": factory_views(tb, name), "pilots": recent_pilots(tb, name),

@@ -7,6 +7,8 @@ import uuid
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
+from panda_core.replicas import replica_url, same_location
+
 from .. import db
 from .base import Store
 
@@ -82,14 +84,27 @@ class Data:
         return out
 
     def register_stored(self, conn: Connection, outs: list, stored: dict[str, dict],
-                        endpoint: str | None, now: dt.datetime) -> list[str]:
+                        endpoint: str | None, now: dt.datetime, se_url: str | None = None,
+                        problems: list[str] | None = None) -> list[str]:
         """A job's stored outputs (``outs``: its output and log file rows; ``stored``: what the
         pilot reported, by lfn) into the catalogue: file rows, replicas at ``endpoint``, dataset
         entries. A few statements whatever the number of files (one executemany, bulk inserts
-        that ignore duplicates). Returns the expected outputs that were not stored."""
+        that ignore duplicates). Returns the expected outputs that were not stored.
+
+        ``se_url``: the storage element's root URL. A file the pilot says it stored elsewhere
+        than at the SURL the server computes for it (``replica_url``) counts as not stored
+        (the reason goes to ``problems``); the replica registered carries the server's SURL."""
         missing, file_rows, replica_rows, dataset_rows = [], [], [], []
         for f in outs:
             info = stored.get(f.lfn)
+            surl = info.get("surl") if info is not None else None
+            if info is not None and se_url:
+                expected = replica_url(se_url, f.scope, f.lfn)
+                if surl and not same_location(surl, expected):
+                    if problems is not None:
+                        problems.append(f"{f.lfn} reported at {surl[:300]}, not at {expected}")
+                    info = None
+                surl = expected
             if info is None:
                 if f.type == "output":
                     missing.append(f.lfn)
@@ -100,7 +115,7 @@ class Data:
                               "b_checksum": checksum, "b_guid": guid, "b_endpoint": endpoint})
             if endpoint:
                 replica_rows.append({"scope": f.scope, "lfn": f.lfn, "ddm_endpoint": endpoint,
-                                     "surl": info.get("surl"), "created": now})
+                                     "surl": surl, "created": now})
             if f.type == "output":
                 dataset_rows.append({"dataset": f.dataset, "scope": f.scope, "lfn": f.lfn,
                                      "guid": guid, "fsize": info.get("fsize"),

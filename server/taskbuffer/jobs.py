@@ -30,6 +30,7 @@ SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
                 .order_by(db.files.c.row_id))
 _FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
 _PILOT_OWNED = frozenset(str(s) for s in PILOT_OWNED_STATES)
+_FINAL_TASK = frozenset(str(s) for s in FINAL_TASK_STATES)
 
 
 class Jobs:
@@ -74,18 +75,32 @@ class Jobs:
                 .order_by(db.job_history.c.row_id))]
 
     def find(self, task_id: int | None = None, site: str | None = None,
-             status: str | None = None, limit: int = 1000) -> list[dict]:
+             status: str | list[str] | None = None, limit: int = 1000, *,
+             owner: str | None = None, since: Any = None,
+             newest_first: bool = False) -> list[dict]:
+        """Jobs, live and archived, by PandaID (``newest_first``: the last ``limit`` ones);
+        ``status``: one state or a list; ``since``: modified at or after this time."""
         rows: list[dict] = []
         with db.read(self.store.engine) as conn:
             for table in (db.jobs, db.jobs_archive):
-                q = select(table).order_by(table.c.panda_id).limit(limit)
+                c = table.c
+                q = select(table).order_by(c.panda_id.desc() if newest_first else c.panda_id
+                                           ).limit(limit)
                 if task_id is not None:
-                    q = q.where(table.c.task_id == task_id)
+                    q = q.where(c.task_id == task_id)
                 if site:
-                    q = q.where(table.c.site == site)
-                if status:
-                    q = q.where(table.c.status == status)
+                    q = q.where(c.site == site)
+                if isinstance(status, (list, tuple)) and status:
+                    q = q.where(c.status.in_(list(status)))
+                elif status:
+                    q = q.where(c.status == status)
+                if owner:
+                    q = q.where(c.owner == owner)
+                if since is not None:
+                    q = q.where(c.modification_time >= since)
                 rows += [dict(r._mapping) for r in conn.execute(q)]
+        if newest_first:
+            rows.sort(key=lambda r: r["panda_id"], reverse=True)
         return rows[:limit]
 
     def count(self, site: str | None = None, status: str | None = None) -> int:
@@ -96,6 +111,29 @@ class Jobs:
             q = q.where(db.jobs.c.status == status)
         with db.read(self.store.engine) as conn:
             return int(conn.execute(q).scalar_one())
+
+    def activated_shape(self, site: str) -> dict[str, Any]:
+        """What the activated jobs of ``site`` need at least: their number, the smallest
+        walltime, memory and cores among them, and how many run on any pilot version. One
+        aggregate over the partial index of activated jobs (``server.nofit`` explains with it
+        why a pilot got no job)."""
+        j = db.jobs.c
+        q = (select(func.count(), func.min(j.walltime_s), func.min(j.memory_mb),
+                    func.min(j.cores), func.count(j.pilot_version))
+             .where(j.site == site, db.ACTIVATED_ONLY))
+        with db.read(self.store.engine) as conn:
+            n, walltime, memory, cores, pinned = conn.execute(q).one()
+        return {"activated": int(n), "walltime_s": walltime, "memory_mb": memory,
+                "cores": cores, "any_version": int(n) - int(pinned or 0)}
+
+    def count_fitting(self, site: str, **fit: Any) -> int:
+        """Activated jobs of ``site`` a pilot with these limits (``dispatch_params``'
+        keywords) could take: the dispatch's own conditions, counted."""
+        params = self.dispatch_params(site, **fit)
+        q = (select(func.count()).select_from(db.jobs)
+             .where(and_(*self.pick_conditions(tuple(sorted(params))))))
+        with db.read(self.store.engine) as conn:
+            return int(conn.execute(q, params).scalar_one())
 
     def site_load(self) -> dict[str, dict[str, int]]:
         """site -> {status: count} over live jobs: what brokerage and the monitor read."""
@@ -167,11 +205,12 @@ class Jobs:
 
     def dispatch(self, site: str, *, node: str | None, actor: str | None,
                  pilot_id: str | None = None, batch_id: str | None = None,
-                 cores: int | None = None, memory_mb: int | None = None,
+                 nonce: str | None = None, cores: int | None = None, memory_mb: int | None = None,
                  walltime_s: int | None = None, pilot_version: str | None = None,
                  prod_source_label: str | None = None, share: str | tuple | None = None,
                  order_by=None, max_tries: int = 5, where: list | None = None) -> dict | None:
-        """Hand the best activated job of ``site`` that fits the pilot to this pilot only.
+        """Hand the best activated job of ``site`` that fits the pilot to this pilot only
+        (``nonce``: the digest of its pilotNonce, ``server/jobholder.py``).
 
         ``share``: see :meth:`dispatch_params`; ``where``, ``order_by``: extra conditions on
         ``db.jobs`` and another order (built each time, not cached). Returns the job row with its files, or None when nothing fits. PostgreSQL: one
@@ -200,7 +239,8 @@ class Jobs:
 
         for _ in range(max_tries):
             fields = {"node": node, "pilot_id": pilot_id, "batch_id": batch_id,
-                      "pilot_owner": actor, "heartbeat_time": store.clock()}
+                      "pilot_owner": actor, "pilot_nonce": nonce,
+                      "heartbeat_time": store.clock()}
             if store.dialect == "postgresql":
                 # one statement is its own transaction: no BEGIN/COMMIT round trips; the
                 # files of a job do not change while it is dispatched
@@ -282,6 +322,36 @@ class Jobs:
                  job["attempt_nr"], job["max_attempts"], new_id,
                  "" if pinned else " (to be brokered)")
         return new_id
+
+    def retry_by_hand(self, panda_id: int, actor: str, owner_check: str | None = None
+                      ) -> int | None:
+        """``panda retry``: a new attempt of a failed or cancelled job that has none yet, even
+        when its attempts are used up (the new one may run once more) or its task was aborted
+        (the task runs again). Its PandaID; None when the job did not fail, already has a
+        retry, or its task is being killed. NotFound, PermissionError as :meth:`kill`."""
+        j = db.jobs.c
+        with self.store.engine.begin() as conn:
+            row = conn.execute(select(j.status, j.owner, j.task_id, j.attempt_nr)
+                               .where(j.panda_id == panda_id)).first()
+            if row is None:
+                raise NotFound(f"no job {panda_id} (archived jobs are not retried)")
+            if owner_check is not None and row.owner != owner_check:
+                raise PermissionError(f"job {panda_id} belongs to {row.owner}, not {owner_check}")
+            if row.status not in (str(JobState.FAILED), str(JobState.CANCELLED)):
+                return None
+            if conn.execute(select(j.panda_id).where(j.parent_id == panda_id).limit(1)
+                            ).first() is not None:
+                return None
+            task = conn.execute(select(db.tasks.c.status)
+                                .where(db.tasks.c.task_id == row.task_id)).first()
+            if task is not None and task.status in _FINAL_TASK:      # it runs again
+                self.tasks.set_status(conn, row.task_id, str(TaskState.RUNNING),
+                                      error_dialog=f"job {panda_id} retried by {actor}")
+            conn.execute(db.jobs.update().where(j.panda_id == panda_id)
+                         .values(max_attempts=func.max(j.max_attempts, row.attempt_nr + 1)
+                                 if self.store.dialect == "sqlite" else
+                                 func.greatest(j.max_attempts, row.attempt_nr + 1)))
+            return self.retry(conn, panda_id, actor)
 
     def retry_task(self, task_id: int, actor: str) -> list[int]:
         """Run again the work of an ended task that did not succeed (PanDA's task retry): a new

@@ -33,7 +33,8 @@ _SELECT_OUTPUTS = select(db.files.c.row_id, db.files.c.type, db.files.c.scope, d
 _SELECT_PILOT_ROW = select(
     db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr, db.jobs.c.command,
     db.jobs.c.task_id, db.jobs.c.site, db.jobs.c.destination_se,
-    db.tasks.c.status.label("task_status")
+    db.tasks.c.status.label("task_status"),
+    db.jobs.c.pilot_owner, db.jobs.c.pilot_id, db.jobs.c.node, db.jobs.c.pilot_nonce
 ).select_from(db.jobs.outerjoin(db.tasks, db.tasks.c.task_id == db.jobs.c.task_id)).where(
     db.jobs.c.panda_id == bindparam("pid"))
 _PILOT_ROW_KEYS = frozenset(c.name for c in _SELECT_PILOT_ROW.selected_columns)
@@ -71,16 +72,17 @@ class Pilots:
 
     def _update(self, panda_id: int, state: str, fields: dict, *, actor: str | None,
                 attempt_nr: int | None = None, stored_files: dict[str, dict] | None = None,
-                output_endpoint: str | None = None,
-                check: Callable[[dict], str | None] | None = None) -> str:
+                output_endpoint: str | None = None, output_url: str | None = None,
+                check: Callable[[dict], Any] | None = None) -> str:
         """Apply a pilot's updateJob; returns the command for the pilot ("NULL", "tobekilled").
 
         A heartbeat for a job the pilot no longer owns (unknown, other attempt, already final)
         gets "tobekilled". A final state is applied via ``holding``: outputs are registered,
         then the job finishes (or fails if an expected output is missing). ``check``: called
         with the job's row ({panda_id, status, site, ...}) before anything changes; it raises
-        to refuse the update and returns the output storage element (the dispatcher's
-        authorization, without a read of its own).
+        to refuse the update and returns the output storage element, with ``name`` and ``url``
+        (the dispatcher's authorization, without a read of its own). With the storage
+        element's URL known, a stored file counts only at the SURL the server computes for it.
         """
         store = self.store
         if store.dialect == "postgresql" and state not in _FINAL:
@@ -117,9 +119,9 @@ class Pilots:
             if row is None:
                 return "tobekilled"
             if check is not None:
-                output_endpoint = check(
-                    {k: v for k, v in row._mapping.items() if k in _PILOT_ROW_KEYS}
-                ) or output_endpoint
+                target = check({k: v for k, v in row._mapping.items() if k in _PILOT_ROW_KEYS})
+                if target is not None:
+                    output_endpoint, output_url = target.name, target.url
             if attempt_nr is not None and attempt_nr != row.attempt_nr:
                 return "tobekilled"
             if row.status not in _PILOT_OWNED:
@@ -129,7 +131,7 @@ class Pilots:
             if final:
                 state = self._finish(conn, panda_id, row.status, state, fields, actor,
                                      stored_files or {}, output_endpoint, outs,
-                                     row.destination_se)
+                                     row.destination_se, output_url)
                 if state == str(JobState.TRANSFERRING):
                     return "NULL"        # not ended: the data service moves its outputs on
                 ended_task = row.task_id
@@ -167,7 +169,8 @@ class Pilots:
 
     def _finish(self, conn: Connection, panda_id: int, old: str, state: str, fields: dict,
                 actor: str | None, stored: dict[str, dict], endpoint: str | None,
-                outs: list | None = None, destination_se: str | None = None) -> str:
+                outs: list | None = None, destination_se: str | None = None,
+                se_url: str | None = None) -> str:
         """Register the stored outputs, then end the job via ``holding`` (both steps recorded);
         a job whose task aggregates its outputs elsewhere goes to ``transferring`` instead of
         ``finished`` (the data service ends it). Returns the state the job went to."""
@@ -175,11 +178,14 @@ class Pilots:
         fields.setdefault("end_time", now)
         if outs is None:      # the caller may have read them with the job's row
             outs = conn.execute(_SELECT_OUTPUTS, {"pid": panda_id}).all()
-        missing = self.data.register_stored(conn, outs, stored, endpoint, now)
+        problems: list[str] = []
+        missing = self.data.register_stored(conn, outs, stored, endpoint, now, se_url=se_url,
+                                            problems=problems)
         if state == str(JobState.FINISHED) and missing:
             state = str(JobState.FAILED)
             fields["pilot_error_code"] = 1165
-            fields["pilot_error_diag"] = "missing output file(s): " + ",".join(missing)[:500]
+            fields["pilot_error_diag"] = ("missing output file(s): " + ",".join(missing)
+                                          + "".join(f"; {p}" for p in problems))[:1000]
         if state == str(JobState.FINISHED) and destination_se and destination_se != endpoint:
             state = str(JobState.TRANSFERRING)
             fields.pop("end_time", None)

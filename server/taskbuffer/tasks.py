@@ -141,6 +141,12 @@ class Tasks:
                 return
             status = TaskState.RUNNING
         else:
+            # an event-service pool with ranges left gets a new consumer instead (lazy import:
+            # eventranges builds on the task buffer; ``store`` is the TaskBuffer)
+            from ..eventranges import continue_pool, pool_left
+            if continue_pool(self.store, conn, task_id) is not None:   # type: ignore[arg-type]
+                return
+            unprocessed = pool_left(conn, task_id)
             # every job is final: count only the latest attempt of each serial, since a failed
             # job that was retried is not a failure of the task
             latest = self._latest_attempt_states(conn, task_id)
@@ -150,7 +156,7 @@ class Tasks:
             if not latest:
                 return
             n_fin = sum(1 for s in latest.values() if s == "finished")
-            status = (TaskState.DONE if n_fin == len(latest) else
+            status = (TaskState.DONE if n_fin == len(latest) and not unprocessed else
                       TaskState.FAILED if n_fin == 0 else TaskState.FINISHED)
         if task.status != str(status):
             self.set_status(conn, task_id, str(status))

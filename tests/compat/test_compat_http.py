@@ -96,7 +96,7 @@ def test_malformed_requests_get_clear_reasons_and_change_nothing(site_server):
         ({"jobId": pid, "state": "exploded"}, 30, "not one a pilot may report"),
         ({"jobId": pid, "state": "finished", "xml": "<xml/>"}, 30, "xml must be a JSON object"),
         ({"jobId": pid, "state": "finished", "xml": '{"f": {"fsize": "big"}}'}, 30,
-         "fsize of f is not a number"),
+         "fsize of f must be a whole number of bytes"),
         ({"jobId": pid, "state": "running", "pilotErrorCode": "oops"}, 30,
          "pilotErrorCode must be a number"),
     ]
@@ -126,7 +126,7 @@ def test_malformed_requests_get_clear_reasons_and_change_nothing(site_server):
     assert resp.json()["success"] is False and "JobSpec values" in resp.json()["message"]
     resp = requests.post(f"{api}/task/submit", json={"task_parameters": {**TASK, "bad": 1}},
                          headers=auth, timeout=5)
-    assert resp.json()["success"] is False and "unknown field(s): bad" in resp.json()["message"]
+    assert resp.json()["success"] is False and "unknown field(s) 'bad'" in resp.json()["message"]
     resp = requests.get(f"{api}/nosuch/method", timeout=5)
     assert resp.status_code == 403
     # files registered with sizes and checksums that are not
@@ -170,7 +170,8 @@ def test_malformed_requests_get_clear_reasons_and_change_nothing(site_server):
 API_KEYS = ["task_id", "job_id", "job_ids", "site", "since", "dn", "limit", "status", "dataset",
             "scope", "files", "sites", "task_parameters", "jobs", "factory", "pilots",
             "ddm_endpoint", "share", "shares", "values", "min_task_id", "dataset_types", "owner",
-            "include_parameters", "name", "prod_source_label", "parent_tid"]
+            "include_parameters", "name", "prod_source_label", "parent_tid", "newest",
+            "with_counts", "walltime_s", "memory_mb", "cores"]
 API_HOSTILE = [None, True, -1, 2**70, 1e308, 0.5, "x" * 1000, "../..", [1, "a"],
                {"a": {"b": [None]}}, "1e309", "", "NULL", [[]]]
 

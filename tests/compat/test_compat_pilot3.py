@@ -344,3 +344,47 @@ def test_timefloor_from_the_site_config_reaches_pilot3(tmp_path, compat_venv):
     del data["pilots"]["timefloor"]
     assert queuedata(parse_site_config(data, env={"PANDA_SE_ROOT": "/x"}).to_dict())[
         "timefloor"] == 0
+
+
+@pytest.mark.slow
+def test_pilot3_runs_three_jobs_in_one_pilot_within_timefloor(tmp_path, launch_dir, pilot_user,
+                                                              compat_venv, monkeypatch):
+    """A site config with ``pilots.timefloor`` (minutes): one pilot 3 process takes, runs and
+    finishes three jobs one after the other, then ends when the server has no more."""
+    import yaml
+
+    monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    data = yaml.safe_load((EXAMPLE_SITES / f"{SITE}.yaml").read_text())
+    data["pilots"]["timefloor"] = 20
+    (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(data))
+    from testkit import start_server, stop_server
+    server = start_server(tmp_path / "srv", site_dir=sites,
+                          env={"PANDA_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        # three tasks whose transformation is their input payload.sh, which pilot 3's mv
+        # copytool links from the launch directory into each job's directory
+        tasks = [submit_payload_task(server, name, PAYLOAD) for name in ("p3a", "p3b", "p3c")]
+        prepare_launch(server, launch_dir, pilot_user, PAYLOAD)
+        assert json.loads((launch_dir / "schedconf.json").read_text())[SITE]["timefloor"] == 20
+        cmd = pilot3_command(compat_venv, pilot_user, launch_dir, server.url)
+        cmd += ["--getjobfailures", "1"]     # end at the first getJob without a job, not 60 s on
+        proc = subprocess.Popen(cmd, cwd=launch_dir, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        try:
+            out, _ = proc.communicate(timeout=420)
+        finally:
+            kill_tree(proc)
+        finished = []
+        for alice, task_id in tasks:
+            (job_id,) = alice.call("task", "get_job_ids", task_id=task_id)
+            job = alice.call("job", "get_description", "POST", job_ids=[job_id])[0]
+            finished.append(job["jobStatus"])
+            history = alice.call("job", "get_history", job_id=job_id)
+            assert {h["actor"] for h in history[2:]} == {"pilot3-wn"}
+        assert finished == ["finished"] * 3, out[-6000:]
+        assert out.count("pilot can run another job") >= 2, out[-6000:]
+        assert "Traceback" not in server.log()
+    finally:
+        stop_server(server)

@@ -4,6 +4,9 @@ of ours; refusals carry PanDA's codes. One server for the module."""
 from __future__ import annotations
 
 import json
+import shlex
+import os
+import sys
 import subprocess
 import zlib
 from pathlib import Path
@@ -106,9 +109,13 @@ def test_prun_task_becomes_a_task_with_panda_codes(server, compat_venv, prun_par
     assert [f["lfn"] for f in outs] == [f"user.alice.{task_id}._000001.out.txt"]
     assert outs[0]["dataset"] == "user.alice.jedi1_out.txt"
     assert sorted(f["lfn"] for f in first["Files"] if f["type"] == "input") == ["in.0", "in.1"]
-    pars = first["jobParameters"]
-    assert '-i "in.0,in.1"' in pars and '-p "sh%20run.sh%20%25IN"' in pars
-    assert f"'out.txt': 'user.alice.{task_id}._000001.out.txt'" in pars
+    # runGen's part as a script of ours: the sandbox from the cache, the user's command with
+    # %IN filled, its output renamed to the lfn
+    assert first["transformation"] == "/bin/sh"
+    script = shlex.split(first["jobParameters"])[1]
+    assert "/cache/jobO." in script and "tar -xzf jobO." in script
+    assert "sh -c 'sh run.sh in.0,in.1'" in script
+    assert f"mv -f out.txt \"$top\"/'user.alice.{task_id}._000001.out.txt'" in script
     assert first["prodSourceLabel"] == "user" and first["computingSite"] == SITE
     # the same unique task name again while the first one lives: JEDI's duplication code
     status, (code, message) = insert_task_params(compat_venv, server, prun_params)
@@ -147,6 +154,7 @@ def test_fields_without_a_meaning_here_are_kept_not_refused(server, compat_venv,
 
 def test_no_input_and_event_splitting_translate():
     base = {"taskName": "user.bob.gen/", "prodSourceLabel": "user", "noInput": True,
+            "transPath": "/usr/bin/env",
             "nEvents": 100, "nEventsPerJob": 30, "coreCount": 2, "ramCount": 1000,
             "ramCountUnit": "MBPerCore", "maxAttempt": 5, "currentPriority": 900,
             "jobParameters": [
@@ -160,6 +168,10 @@ def test_no_input_and_event_splitting_translate():
     assert spec.outputs == ["out.${TASKID}.${SN}.root"] and spec.scope == "user.bob"
     assert spec.output_dataset == "user.bob.gen_out"
     assert spec.job_parameters == "gen.sh --seed ${SN} ${OUT0}"   # not hidden: on the line
+    assert spec.transformation == "/usr/bin/env"
+    # without transPath the jobs run runGen: its options only
+    with pytest.raises(TaskSpecError, match="runGen option 'gen.sh' is not supported"):
+        task_from_jedi({k: v for k, v in base.items() if k != "transPath"})
     split = {**base, "noInput": False, "dsForIN": "data.x", "nEventsPerInputFile": 50,
              "jobParameters": [{"type": "template", "param_type": "input", "value": "${IN}",
                                 "dataset": "data.x"}]}
@@ -231,3 +243,50 @@ def test_pbook_shows_kills_and_retries_a_task(server, compat_venv):
                          timeout=10).json()
     assert (resp["success"], resp["data"]) == (False, 3)
     assert "Traceback" not in server.log()
+
+
+# ---------------------------------------------------------------------- prun, unmodified, to done
+def test_prun_submits_a_task_that_runs_to_done_on_our_pilots(server, compat_venv, tmp_path):
+    """``prun --exec ... --inDS ... --outDS user.alice.<x> --noBuild`` as a user types it: its
+    sandbox goes to the cache, its task is made from its JEDI parameters (runGen's part done by
+    a script of ours), our pilot runs the jobs, and the outputs are in the user's dataset, on
+    the storage element with the registered size and checksum."""
+    from panda_core.replicas import replica_path
+    from testkit import put_input
+
+    se = server.tmp / "se"
+    alice = ApiClient(server.url, server.token("user", "alice"))
+    files = [put_input(se, "user.alice", f"data.{i}", f"line {i}\n".encode()) for i in range(2)]
+    alice.add_files("user.alice.prunin", "user.alice", files, "LOCAL_SE")
+    work = tmp_path / "analysis"
+    work.mkdir()
+    (work / "count.sh").write_text('for f in $(echo "$1" | tr , " "); do cat "$f"; done '
+                                   '| wc -l > counted.txt\n')
+    venv = compat_venv
+    script = (f'. "{venv}/bin/activate" && . "{venv}/etc/panda/panda_setup.sh" && '
+              f'export PANDA_CONFIG_ROOT="{server.tmp}" && exec prun "$@"')
+    done = subprocess.run(["bash", "-c", script, "prun", "--exec", "sh count.sh %IN",
+                           "--inDS", "user.alice.prunin", "--outDS", "user.alice.counts",
+                           "--outputs", "counted.txt", "--nFilesPerJob", "1", "--noBuild",
+                           "--site", SITE],
+                          env=_env(server, server.token("user", "alice")), cwd=work,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    task_id = int(done.stdout.split("jediTaskID=")[1].split()[0]) if "jediTaskID=" in \
+        done.stdout else int((done.stdout + done.stderr).split("jediTaskID=")[1].split()[0])
+    env = {**os.environ, "PANDA_AUTH_TOKEN": server.token("pilot", "wn-prun", site=SITE)}
+    pilot = subprocess.run([sys.executable, "-m", "panda_wms.cli", "pilot", "--server",
+                            server.url, "--site", SITE, "--workdir", str(tmp_path / "wn"),
+                            "--monitor-interval", "0.2", "--server-backoff", "0.3",
+                            "--public-key", str(server.public_key_file())],
+                           env=env, capture_output=True, text=True, timeout=240)
+    details = alice.task_details(task_id)
+    assert details["status"] == "done", (details, pilot.stdout[-3000:], pilot.stderr[-3000:])
+    listed = alice.call("data", "list_files", dataset="user.alice.counts_counted.txt")
+    assert len(listed) == 2
+    for f in listed:
+        data = (se / replica_path(f["scope"], f["lfn"])).read_bytes()
+        assert data == b"1\n"
+        assert f["fsize"] == len(data) and f["checksum"] == f"ad:{zlib.adler32(data):08x}"
+        assert f["lfn"].startswith(f"user.alice.{task_id}._0000") and \
+            f["lfn"].endswith(".counted.txt")

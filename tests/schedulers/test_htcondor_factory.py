@@ -59,7 +59,7 @@ def test_factory_runs_real_pilots_through_htcondor(tmp_path, monkeypatch, launch
         factory = Factory(server.url, [site], token=token, pilot_token=token,
                           state_dir=tmp_path / "factory", factory_id="condor-ft",
                           server_key_fingerprint=server.key_fingerprint(),
-                          pilot_launch=launch, python="/usr/bin/python3")
+                          pilot_launch=launch, node_python="/usr/bin/python3")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             factory.run_once()

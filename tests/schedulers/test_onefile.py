@@ -68,7 +68,8 @@ def assert_bare(python: str) -> None:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("onefile")
-    os.environ["PANDA_SE_ROOT"] = str(tmp / "se")
+    env = pytest.MonkeyPatch()
+    env.setenv("PANDA_SE_ROOT", str(tmp / "se"))
     sites = tmp / "sites"
     sites.mkdir()
     (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(site_dict()))
@@ -79,6 +80,7 @@ def srv(tmp_path_factory):
     server.site = parse_site_config(site_dict(), env={"PANDA_SE_ROOT": str(tmp / "se")})
     yield server
     stop_server(server)
+    env.undo()
 
 
 def factory(srv, tmp_path, **kw) -> Factory:
@@ -153,20 +155,17 @@ def python_version(python: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_factory_local_backend_runs_onefile_pilots(srv, tmp_path):
+def test_factory_local_backend_runs_onefile_pilots(srv, tmp_path, monkeypatch):
     """The factory's own path: its batch script through the local backend, Debian's python3."""
     assert_bare("/usr/bin/python3")
     task_id = activate_jobs(srv, 2, name="oflocal")
-    f = factory(srv, tmp_path, python="/usr/bin/python3")
+    f = factory(srv, tmp_path, node_python="/usr/bin/python3")
     f.pilot_args = ["--monitor-interval", "0.2"]
-    os.environ["PANDA_PILOT_CACHE"] = str(tmp_path / "cache")
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and job_states(srv, task_id) != {"finished": 2}:
-            f.run_once()
-            time.sleep(0.3)
-    finally:
-        os.environ.pop("PANDA_PILOT_CACHE", None)
+    monkeypatch.setenv("PANDA_PILOT_CACHE", str(tmp_path / "cache"))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and job_states(srv, task_id) != {"finished": 2}:
+        f.run_once()
+        time.sleep(0.3)
     outs = [p.read_text()[-1500:] for p in (tmp_path / "factory").rglob("pilot.log")]
     assert job_states(srv, task_id) == {"finished": 2}, outs
     assert any("/usr/bin/python3" in o for o in outs), outs

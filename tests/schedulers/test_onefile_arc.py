@@ -68,7 +68,7 @@ def test_onefile_pilot_through_the_real_arc_ce(arc_ce, tmp_path):
         token = server.token("pilot", "arc-onefile", site=SITE)
         factory = Factory(server.url, [parse_site_config(config)], token=token,
                           pilot_token=token, state_dir=tmp_path / "factory",
-                          factory_id="arc-onefile", pilot_launch="onefile", python=PYTHON,
+                          factory_id="arc-onefile", pilot_launch="onefile", node_python=PYTHON,
                           pilot_args=["--max-jobs", "1"],
                           server_key_fingerprint=server.key_fingerprint())
         admin = ApiClient(server.url, server.token("admin"))

@@ -316,7 +316,7 @@ def test_factory_runs_onefile_pilots_on_slurm_with_a_bare_python(slurm, tmp_path
         task_id = activate_jobs(server, 2, name="slurmonefile")
         factory = Factory(server.url, [parse_site_config(data)], token=pilot_token,
                           pilot_token=pilot_token, state_dir=tmp_path / "factory",
-                          factory_id="slurm-onefile", pilot_launch="onefile", python=python,
+                          factory_id="slurm-onefile", pilot_launch="onefile", node_python=python,
                           server_key_fingerprint=server.key_fingerprint())
         admin = ApiClient(server.url, server.token("admin"))
         deadline = time.monotonic() + 120

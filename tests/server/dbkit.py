@@ -12,15 +12,20 @@ import zlib
 
 from sqlalchemy import insert, select
 
+from panda_core.replicas import replica_url
 from server import db
 from server.taskbuffer import TaskBuffer
 from testkit import free_port, start_server, stop_server, wait_http  # noqa: F401 (re-exported)
 
 
+#: the storage element of every test site (never written to: outputs are only reported)
+SE_URL = "file:///nonexistent/se"
+
+
 def site_config(name: str, se: str = "SE_A", *, cores: int = 8, memory_mb: int = 16000,
                 walltime_s: int = 86400, status: str = "online") -> dict:
     """A site config shaped like ``SiteConfig.to_dict()``."""
-    url = "file:///nonexistent/se"
+    url = SE_URL
     return {
         "name": name, "region": "test", "status": status,
         "resources": {"cores": cores, "memory_mb": memory_mb, "max_walltime_s": walltime_s,
@@ -114,12 +119,13 @@ def _file(pid: int, task_id: int, ftype: str, lfn: str, dataset: str, status: st
 
 
 def stored_files(lfns: list[str]) -> dict[str, dict]:
-    """What a pilot reports in the final updateJob's ``xml`` for files it stored."""
+    """What a pilot reports in the final updateJob's ``xml`` for files it stored (at the SURL
+    the server computes: another one counts as not stored)."""
     out = {}
     for lfn in lfns:
         data = lfn.encode()
         out[lfn] = {"guid": str(uuid.uuid4()), "fsize": len(data),
-                    "adler32": f"{zlib.adler32(data):08x}", "surl": f"file:///se/test/{lfn}"}
+                    "adler32": f"{zlib.adler32(data):08x}", "surl": replica_url(SE_URL, "test", lfn)}
     return out
 
 

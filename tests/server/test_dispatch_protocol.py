@@ -139,8 +139,8 @@ def test_values_beyond_their_columns(disp, taskbuffer):
             disp.update_job({"jobId": pid, "state": "running", key: str(2 ** 40)}, PILOT)
         assert err.value.status_code == 30 and "32-bit" in str(err.value)
     assert taskbuffer.jobs.get(pid)["status"] == "sent"
-    reply = disp.update_job({"jobId": pid, "state": "running", "node": "x" * 5000,
-                             "pilotErrorDiag": "d" * 9000}, PILOT)
+    reply = disp.update_job({"jobId": pid, "state": "running", "node": "n" * 5000,
+                             "pilotErrorDiag": "d" * 9000}, PILOT)     # its node, cut alike
     assert reply == {"StatusCode": 0, "command": "NULL"}
     job = taskbuffer.jobs.get(pid)
     assert (job["status"], len(job["node"]), len(job["pilot_error_diag"])) == \

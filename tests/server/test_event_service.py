@@ -214,3 +214,21 @@ def test_extending_an_event_service_task_is_refused(tb):
     res = submit(tb)
     with pytest.raises(TaskSpecError, match="cannot be extended"):
         submitter(tb).extend(res.task_id, "alice")
+
+
+def test_a_new_consumer_takes_over_when_all_ended_with_ranges_left(tb, disp):
+    res = submit(tb, event_service={**TASK["event_service"], "consumers": 1})
+    a, = running_consumers(tb, 1)
+    got = get(disp, a, 2)["eventRanges"]
+    for rng in got:
+        report(disp, rng)
+    # out of wall time: the pilot stops asking and ends its job well, 6 ranges still ready
+    tb.pilots.update(a, "finished", {"n_events": 10}, actor="pilot1")
+    jobs = [j for j in tb.jobs.find(task_id=res.task_id) if j["panda_id"] != a]
+    assert len(jobs) == 1 and jobs[0]["event_service"] == 1 and jobs[0]["serial"] == 2
+    assert jobs[0]["status"] == "activated" and tb.tasks.get(res.task_id)["status"] != "done"
+    # a consumer that got nothing done does not beget another; the task ends partly done
+    b, = running_consumers(tb, 1)
+    tb.pilots.update(b, "finished", {"n_events": 0}, actor="pilot1")
+    assert len(tb.jobs.find(task_id=res.task_id)) == 2
+    assert tb.tasks.get(res.task_id)["status"] == "finished"

@@ -31,7 +31,8 @@ import pytest
 import requests
 from sqlalchemy import func, select, text, update
 
-from dbkit import add_site, history, out_lfn, seed_jobs, start_server, stop_server
+from dbkit import SE_URL, add_site, history, out_lfn, seed_jobs, start_server, stop_server
+from panda_core.replicas import replica_url
 from server import db
 from server.auth import Identity, KeyStore
 from server.dispatcher import Dispatcher, ProtocolError
@@ -169,7 +170,7 @@ def stored(lfns, *, guid=True, checksum="adler32", surl=True, fsize=True) -> dic
         elif checksum == "md5sum":
             info["md5sum"] = "0" * 31 + str(len(data) % 10)
         if surl:
-            info["surl"] = f"file:///se/test/{lfn}"
+            info["surl"] = replica_url(SE_URL, "test", lfn)
         out[lfn] = info
     return out
 
@@ -454,7 +455,7 @@ def sc_cycle(tb, p, clock):
     out.append(p.get_job({"siteName": "SITE_A", "node": "wn1", "batchID": "b1"}))
     upd(a, "starting")
     upd(a, "starting")                                        # heartbeat: no history row
-    upd(a, "running", node="wn9", maxRSS="1234", unknown="ignored")
+    upd(a, "running", node="wn1", maxRSS="1234", unknown="ignored")   # its own node
     upd(a, "running", cpuConsumptionTime="12.5", nEvents="10", jobMetrics="a=1")
     upd(a, "transferring")
     upd(a, "holding")
@@ -559,7 +560,7 @@ def sc_together(tb, p, clock):
     def done(i, **kw):
         return xml([out_lfn(task_id, i + 1), f"log.{task_id}.{i + 1:06d}.1.tgz"], **kw)
 
-    unbound = Identity("pilot-any", "pilot")
+    unbound = Identity("pilot-b", "pilot")   # the holder's subject, not site-bound
     # job 8 reports job 6's output as well: each job's outputs count from its own report
     with_6 = json.dumps({**json.loads(done(8, checksum="md5sum")),
                          **stored([out_lfn(task_id, 7)])})
@@ -569,7 +570,7 @@ def sc_together(tb, p, clock):
         (form(13, "transferring", exeErrorCode="3", exeErrorDiag="x"), PILOT, "hot"),
         (form(1, "finished", xml=done(1)), PILOT, "hot"),
         (form(12, "finished", xml=done(12, guid=False, surl=False)), PILOT, "hot"),
-        (form(2, "running", maxRSS="100", nEvents="5", node="wn-x"), PILOT, "hot"),
+        (form(2, "running", maxRSS="100", nEvents="5", node="wn"), PILOT, "hot"),
         (form(3, "running", attemptNr="2"), PILOT, "general"),        # other attempt
         (form(4, "starting"), PILOT, "general"),                      # illegal
         (form(6, "finished", xml=xml([f"log.{task_id}.000007.1.tgz"])), PILOT,
@@ -692,11 +693,15 @@ def test_common_cases_take_the_hot_path_and_write_what_they_must(env, clock):
     assert upd(a, "starting") == ok
     assert history(tb, a)[-1] == ("sent", "starting")
     clock.advance(10)
-    assert upd(a, "starting", node="wn1b") == ok
+    with pytest.raises(ProtocolError) as refused:        # another node: not the job's pilot
+        upd(a, "starting", node="wn1b")
+    assert refused.value.status_code == 70 and "held by a pilot on 'wn1'" in str(refused.value)
+    env.calls.clear()                                    # (refused by the general path)
+    assert upd(a, "starting", node="wn1") == ok
     row = job(tb, a)
     assert history(tb, a) == [(None, "activated"), ("activated", "sent"), ("sent", "starting")]
     assert row["heartbeat_time"] == clock() and row["modification_time"] == clock()
-    assert row["state_changed"] == clock() - dt.timedelta(seconds=10) and row["node"] == "wn1b"
+    assert row["state_changed"] == clock() - dt.timedelta(seconds=10) and row["node"] == "wn1"
     assert row["start_time"] is None and tb.tasks.get(task_id)["status"] == "ready"
 
     # running: start time from starting, the task runs
@@ -849,7 +854,7 @@ def test_job_of_another_site(env, running):
                                             "xml": json.dumps(outputs(env.tb, pid_b))})
     assert reply == 70 and fell_back == ["apply_update"]        # PILOT is bound to SITE_A
     # an unbound pilot (or an admin) may: the general path applies it
-    unbound = Identity("pilot-any", "pilot")
+    unbound = Identity("pilot-b", "pilot")   # the holder's subject, not site-bound
     reply, fell_back = via_dispatcher(env, {"jobId": pid_b, "state": "holding",
                                             "siteName": "SITE_A"}, unbound)
     assert reply == {"StatusCode": 0, "command": "NULL"} and fell_back == ["apply_update"]

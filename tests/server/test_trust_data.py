@@ -5,6 +5,7 @@ SQLite: the rules live above the database) and the site config tools as a sysadm
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -188,3 +189,143 @@ def test_strict_yaml_keeps_anchors_and_merge_keys():
         load("a: &a [*a]\n")
     with pytest.raises(YamlRefused, match="duplicate key 'k'"):
         load("m: {k: 1, k: 2}\n")
+
+
+# ---------------------------------------------------------------------- item 4: one pilot
+def pilot(server, who: str, method: str, **form) -> dict:
+    resp = requests.post(f"{server.url}/server/panda/{method}", data=form, timeout=30,
+                         headers={"Accept": "application/json",
+                                  "Authorization": f"Bearer {token(server, who, 'pilot', SITE)}"})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def submit(server, name: str, n_jobs: int = 1) -> int:
+    status, reply = api(server, "alice", "POST", "task/submit", task_parameters={
+        "name": name, "transformation": "/bin/true", "n_jobs": n_jobs, "site": SITE,
+        "scope": "user.alice", "output_dataset": f"user.alice.{name}",
+        "outputs": [f"{name}.${{SN}}.out"]})
+    assert reply["success"], reply
+    return reply["data"]
+
+
+def kill_task(server, task_id: int) -> None:
+    """Kill what is left of a task, so the next test's getJob gets its own jobs."""
+    assert api(server, "alice", "POST", "task/kill", task_id=task_id)[1]["success"]
+
+
+def stored_xml(server, job: dict, **override) -> str:
+    """What a pilot that stored the job's outputs where the server puts them reports."""
+    from panda_core.replicas import replica_url
+    lfns = job["outFiles"].split(",")
+    scopes = job["scopeOut"].split(",") + [job["scopeLog"]]
+    out = {}
+    for lfn, scope in zip(lfns, scopes):
+        out[lfn] = {"guid": "0b0e5a1e-0000-4000-8000-000000000001", "fsize": 3,
+                    "adler32": "024d0127",
+                    "surl": replica_url(f"file://{server.se}", scope, lfn), **override}
+    return json.dumps(out)
+
+
+def job_row(server, panda_id: int) -> dict:
+    status, reply = api(server, None, "GET", "job/get_description", job_ids=[panda_id])
+    return reply["data"][0]
+
+
+def test_another_pilot_of_the_site_cannot_update_or_finish_a_job(server):
+    task_id = submit(server, "held", 2)
+    a = dict(siteName=SITE, node="wn-a", pilotID="wn-a:101", pilotNonce="secret-nonce-of-a")
+    job = pilot(server, "site-pilots", "getJob", **a)
+    assert job["StatusCode"] == 0, job
+    pid = job["PandaID"]
+    row = job_row(server, pid)
+    assert (row["pilot_owner"], row["pilot_id"], row["node"]) == ("site-pilots", "wn-a:101",
+                                                                  "wn-a")
+    assert row["pilot_nonce"] != "secret-nonce-of-a"          # only its digest is kept
+    # the same site token, another pilot: no nonce, a guessed pilotID and node, a wrong nonce
+    for claim in ({"node": "wn-b", "pilotID": "wn-b:7"}, {"node": "wn-a", "pilotID": "wn-a:101"},
+                  {**a, "pilotNonce": "guessed"}):
+        for state, extra in (("running", {}), ("finished", {"xml": stored_xml(server, job)}),
+                             ("failed", {"pilotErrorCode": 1099})):
+            reply = pilot(server, "site-pilots", "updateJob", jobId=pid, state=state,
+                          attemptNr=1, **{**claim, "siteName": SITE}, **extra)
+            assert reply["StatusCode"] == 70, reply
+            assert "held by" in reply["errorDialog"]
+    # another token with the right nonce (it leaked): still not the holder
+    reply = pilot(server, "other-token", "updateJob", jobId=pid, state="running", attemptNr=1,
+                  **a)
+    assert reply["StatusCode"] == 70 and "held by site-pilots" in reply["errorDialog"], reply
+    assert job_row(server, pid)["jobStatus"] == "sent"
+    # the holder itself
+    assert pilot(server, "site-pilots", "updateJob", jobId=pid, state="running", attemptNr=1,
+                 **a) == {"StatusCode": 0, "command": "NULL"}
+    assert pilot(server, "site-pilots", "updateJob", jobId=pid, state="finished", attemptNr=1,
+                 xml=stored_xml(server, job), **a)["StatusCode"] == 0
+    row = job_row(server, pid)
+    assert row["jobStatus"] == "finished", row
+    # a pilot without a nonce (pilot 3): the token subject and the node bind it
+    p3 = dict(siteName=SITE, node="wn-3")
+    job = pilot(server, "site-pilots", "getJob", **p3)
+    pid = job["PandaID"]
+    assert pilot(server, "site-pilots", "updateJob", jobId=pid, state="running", attemptNr=1,
+                 siteName=SITE, node="wn-x")["StatusCode"] == 70
+    assert pilot(server, "other-token", "updateJob", jobId=pid, state="running", attemptNr=1,
+                 **p3)["StatusCode"] == 70
+    assert pilot(server, "site-pilots", "updateJob", jobId=pid, state="running", attemptNr=1,
+                 pilotID="1234|PBS|PR|3.9", **p3)["StatusCode"] == 0
+    kill_task(server, task_id)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"fsize": -5}, "fsize of"), ({"fsize": 1e30}, "fsize of"), ({"fsize": "Infinity"}, "fsize"),
+    ({"fsize": 2**64}, "fsize of"), ({"fsize": True}, "fsize of"),
+    ({"adler32": "not-hex!"}, "adler32 of"), ({"adler32": "123456789"}, "adler32 of"),
+    ({"md5sum": "abc"}, "md5sum of"), ({"guid": "x" * 100}, "guid of"),
+    ({"surl": "../../../etc/passwd"}, "surl of"), ({"surl": "file:///se\u0000x"}, "surl of"),
+    ({"surl": {"a": 1}}, "surl of"),
+])
+def test_final_xml_values_are_checked(server, bad, reason):
+    task_id = submit(server, "xmlcheck")
+    a = dict(siteName=SITE, node="wn-x", pilotID="wn-x:1", pilotNonce="n-xml")
+    job = pilot(server, "site-pilots", "getJob", **a)
+    pid = job["PandaID"]
+    xml = json.loads(stored_xml(server, job))
+    first = next(iter(xml))
+    xml[first].update(bad)
+    reply = pilot(server, "site-pilots", "updateJob", jobId=pid, state="finished", attemptNr=1,
+                  xml=json.dumps(xml), **a)
+    assert reply["StatusCode"] == 30 and reason in reply["errorDialog"], reply
+    assert job_row(server, pid)["jobStatus"] == "sent"          # nothing changed
+    # a name that would be a path
+    reply = pilot(server, "site-pilots", "updateJob", jobId=pid, state="finished", attemptNr=1,
+                  xml=json.dumps({"../../etc/passwd": {"fsize": 1}}), **a)
+    assert reply["StatusCode"] == 30 and "refusing lfn" in reply["errorDialog"], reply
+    kill_task(server, task_id)
+
+
+def test_outputs_count_only_at_the_servers_path(server):
+    task_id = submit(server, "elsewhere", 2)
+    a = dict(siteName=SITE, node="wn-s", pilotID="wn-s:1", pilotNonce="n-surl")
+    job = pilot(server, "site-pilots", "getJob", **a)
+    pid = job["PandaID"]
+    xml = json.loads(stored_xml(server, job))
+    out = next(lfn for lfn in xml if lfn.endswith(".out"))
+    xml[out]["surl"] = "file:///etc/passwd"
+    reply = pilot(server, "site-pilots", "updateJob", jobId=pid, state="finished", attemptNr=1,
+                  xml=json.dumps(xml), **a)
+    assert reply["StatusCode"] == 0
+    row = job_row(server, pid)
+    assert row["jobStatus"] == "failed" and row["pilot_error_code"] == 1165
+    assert "reported at file:///etc/passwd, not at file://" in row["pilot_error_diag"], row
+    status, reply = api(server, None, "GET", "data/list_files", dataset="user.alice.elsewhere")
+    assert out not in [f["lfn"] for f in reply["data"]]       # not registered
+    # the same file at its own path, as pilot 3 writes it (file://localhost, doubled slash)
+    job = pilot(server, "site-pilots", "getJob", **a)
+    xml = json.loads(stored_xml(server, job))
+    for info in xml.values():
+        info["surl"] = info["surl"].replace("file://", "file://localhost", 1).replace(
+            "/user/", "//user/", 1)
+    assert pilot(server, "site-pilots", "updateJob", jobId=job["PandaID"], state="finished",
+                 attemptNr=1, xml=json.dumps(xml), **a)["StatusCode"] == 0
+    assert job_row(server, job["PandaID"])["jobStatus"] == "finished"
+    kill_task(server, task_id)
