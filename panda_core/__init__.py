@@ -10,3 +10,7 @@ __version__ = "0.1.0"
 #: the oldest Python the pilot runs on (setup.py's python_requires): the one-file pilot's
 #: manifest says it and the batch script refuses an older ``python3`` with a clear message
 PYTHON_REQUIRES = (3, 10)
+
+#: a one-file pilot version (``0.1.0-6d829af3f767``): it names a folder on the server and in
+#: every node's cache, so no ``/`` and no leading dot
+PILOT_VERSION_PATTERN = r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}"

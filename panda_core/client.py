@@ -321,6 +321,14 @@ class ApiClient(Transport):
     def kill_jobs(self, job_ids: list[int]) -> list[bool]:
         return self.call("job", "kill", "POST", job_ids=job_ids)
 
+    def set_debug_mode(self, job_id: int, view: str | None) -> dict:
+        """Debug mode on with ``view`` (``tail [NAME]``, ``ls``, ``ps``, ``du``), off with None."""
+        return self.call("job", "set_debug_mode", "POST", job_id=job_id, mode=view is not None,
+                         view=view)
+
+    def debug_view(self, job_id: int) -> dict:
+        return self.call("job", "get_debug_view", job_id=job_id)
+
     def jobs(self, task_id: int) -> list[dict]:
         return self.call("job", "list", task_id=task_id, limit=100000)
 

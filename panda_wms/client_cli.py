@@ -1,4 +1,4 @@
-"""``panda submit``, ``panda status``, ``panda kill``: the user's commands."""
+"""``panda submit``, ``panda status``, ``panda kill``, ``panda debug``: the user's commands."""
 from __future__ import annotations
 
 import argparse
@@ -198,3 +198,49 @@ def kill_main(argv: list[str]) -> int:
         for job_id, ok in zip(args.job_ids, results):
             sys.stdout.write(f"job {job_id}: {'killed' if ok else 'not killed (unknown, not yours, or already ended)'}\n")
     return 0 if all(results) else 1
+
+
+def debug_main(argv: list[str]) -> int:
+    from panda_core.debugview import VIEWS, BadDebugRequest, parse_request, render
+
+    p = argparse.ArgumentParser(
+        prog="panda debug", description="Debug mode of a running job: its pilot sends the "
+        "asked-for view (tail of the payload's stdout or of a work-dir file, ls, ps, du) in "
+        "its updates; show the latest.")
+    sub = p.add_subparsers(dest="action", required=True)
+    on = sub.add_parser("on", help="ask the job's pilot for a view")
+    on.add_argument("job_id", type=int)
+    on.add_argument("view", nargs="?", default="tail", choices=VIEWS)
+    on.add_argument("name", nargs="?", help="tail: a file of the work dir (default: the "
+                    "payload's stdout)")
+    off = sub.add_parser("off", help="stop debug mode")
+    off.add_argument("job_id", type=int)
+    show = sub.add_parser("show", help="print the latest view the pilot sent")
+    show.add_argument("job_id", type=int)
+    for sp in (on, off, show):
+        _common(sp)
+    args = p.parse_args(argv)
+    try:
+        client = _client(args)
+        if args.action == "on":
+            try:
+                request = parse_request(" ".join(x for x in (args.view, args.name) if x))
+            except BadDebugRequest as exc:
+                p.error(str(exc))          # exit 2: a usage error, nothing was sent
+            out = client.set_debug_mode(args.job_id, request.to_wire())
+        elif args.action == "off":
+            out = client.set_debug_mode(args.job_id, None)
+        else:
+            out = client.debug_view(args.job_id)
+    except ClientError as exc:
+        return _fail(str(exc))
+    if args.json:
+        sys.stdout.write(json.dumps(out, default=str) + "\n")
+    elif args.action == "show":
+        state = f"debug mode on ({out['debug']})" if out.get("debug") else "debug mode off"
+        sys.stdout.write(f"job {out['job_id']} ({out['status']}): {state}\n")
+        sys.stdout.write((render(out["view"]) if out.get("view")
+                          else "no view received from the pilot yet") + "\n")
+    else:
+        sys.stdout.write(f"{client.last_message}\n")
+    return 0

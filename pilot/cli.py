@@ -74,6 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "many seconds (default 0: never; the final state is kept and sent later)")
     p.add_argument("--monitor-interval", type=float, default=10.0,
                    help="seconds between monitor checks (default 10)")
+    p.add_argument("--debug-interval", type=float, default=30.0,
+                   help="seconds between updates while the server has the job in debug mode "
+                   "(default 30)")
     p.add_argument("--reserve", type=float, default=float(PILOT_RESERVE_S),
                    help="seconds kept before the wall-time end for stage-out and report")
     p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
@@ -224,6 +227,7 @@ def main(argv: list[str]) -> int:
                                 or os.environ.get("PANDA_BATCH_ID", "")),
                       allowed_programs=frozenset(args.allow_program),
                       payload_env=tuple(args.payload_env),
+                      debug_interval_s=max(0.1, args.debug_interval),
                       hidden_paths=tuple(str(Path(p).resolve()) for p in
                                          (args.token_file, args.queuedata) if p),
                       event_service=EventServiceSettings(batch=max(0, args.es_batch),

@@ -70,6 +70,7 @@ class PilotConfig:
     hidden_paths: tuple[str, ...] = ()     # the pilot's files a sandboxed payload must not see
                                            # (its token file); the job dirs' base is always hidden
     event_service: Any = None              # pilot.eventservice.session.EventServiceSettings
+    debug_interval_s: float = 30.0         # seconds between updates while in debug mode
 
     def remaining_s(self, now: float | None = None) -> float | None:
         return None if self.deadline is None else self.deadline - (now or time.time())
@@ -120,6 +121,10 @@ class JobRun:
         self.last_heartbeat_ok = time.time()
         self.start_time = time.time()
         self.timing: dict[str, float] = {}
+        self.debug = None                    # panda_core.debugview.DebugRequest while it is set
+        self.debug_refused = ""              # why the server's debug request was refused
+        self._hb_stop = threading.Event()
+        self._hb_wake = threading.Event()    # a heartbeat now (debug mode was switched on)
 
     # --- helpers ----------------------------------------------------------------------------
     @property
@@ -332,7 +337,6 @@ class JobRun:
         notify(self.pm, "pilot_payload_started", job=job, pid=pid)
         hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{job.job_id}",
                               daemon=True)
-        self._hb_stop = threading.Event()
         self._update_form(self._with_node(self._base_form("running")), HEARTBEAT_RETRY)
         hb.start()
         if self.es is not None:
@@ -344,6 +348,7 @@ class JobRun:
                 self.es.finish(payload_crashed=self.result is None
                                or self.result.exit_code != 0)
             self._hb_stop.set()
+            self._hb_wake.set()
             hb.join(timeout=60)   # no heartbeat may overtake the final state
         notify(self.pm, "pilot_payload_finished", job=job, result=self.result)
         if self.es is not None and self.es.error is not None:
@@ -467,8 +472,15 @@ class JobRun:
         return float(self.cfg.heartbeat_s or self.site.limits.heartbeat_s or 1800)
 
     def _heartbeat_loop(self) -> None:
-        interval = self._heartbeat_s()
-        while not self._hb_stop.wait(interval):
+        """A heartbeat every ``_heartbeat_s``, every ``debug_interval_s`` in debug mode, and one
+        at once when debug mode is switched on."""
+        while True:
+            debugging = self.debug is not None or self.debug_refused
+            interval = self.cfg.debug_interval_s if debugging else self._heartbeat_s()
+            self._hb_wake.wait(interval)
+            self._hb_wake.clear()
+            if self._hb_stop.is_set():
+                return
             try:
                 self._heartbeat()
             except Exception:  # one bad heartbeat must not end them all
@@ -482,6 +494,14 @@ class JobRun:
         except Exception:  # node facts are a courtesy, never a reason to miss a heartbeat
             node = {}
         form = heartbeat_form(self._base_form("running"), {**node, **self.metrics}, self.payload)
+        request, refused = self.debug, self.debug_refused
+        if refused:
+            form["debugView"] = json.dumps({"error": f"the pilot refused the debug request: "
+                                            f"{refused}", "time": round(time.time(), 3)})
+        elif request is not None and self.workdir is not None:
+            from .debug.views import view
+
+            form["debugView"] = json.dumps(view(request, self.workdir, self.payload))
         self._update_form(self._with_node(form), HEARTBEAT_RETRY)
 
     def _with_node(self, form: dict[str, Any]) -> dict[str, Any]:
@@ -519,9 +539,37 @@ class JobRun:
         if commands & KILL_COMMANDS:
             log.warning("job %s: the server says %s", self.panda_id, ",".join(sorted(commands)))
             self.kill.set(ErrorCode.KILLED_BY_SERVER, "job killed by the server's command")
-        elif commands:
+            return
+        self._debug_mode(reply if "debug" in commands else None)
+        if commands - {"debug"}:
             log.info("job %s: server command(s) %s ignored", self.panda_id,
-                     ",".join(sorted(commands)))
+                     ",".join(sorted(commands - {"debug"})))
+
+    def _debug_mode(self, reply: dict[str, Any] | None) -> None:
+        """Debug mode on (the reply's ``debug`` command, the view in ``debugView``) or off (a
+        reply without it). A request that is not one of the built-in views is refused."""
+        from panda_core.debugview import BadDebugRequest, parse_request
+
+        if reply is None:
+            if self.debug is not None or self.debug_refused:
+                log.info("job %s: debug mode off", self.panda_id)
+            self.debug, self.debug_refused = None, ""
+            return
+        try:
+            request = parse_request(reply.get("debugView"))
+        except BadDebugRequest as exc:
+            # said back in the updates (the person who asked sees why), never acted on
+            if not self.debug_refused:
+                log.warning("job %s: debug request refused: %s", self.panda_id, exc)
+                self._hb_wake.set()
+            self.debug, self.debug_refused = None, str(exc)
+            return
+        self.debug_refused = ""
+        if request != self.debug:
+            log.info("job %s: debug mode on: %s every %.0f s", self.panda_id,
+                     request.to_wire(), self.cfg.debug_interval_s)
+            self.debug = request
+            self._hb_wake.set()
 
     def _stage_settings(self):
         from .stage import StageSettings

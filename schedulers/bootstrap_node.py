@@ -37,6 +37,7 @@ EXIT_PLATFORM = 6       # the file was built for another platform
 MANIFEST = "PANDA_PILOT.json"
 FILE_NAME = "panda-pilot.pyz"
 RETRIES = 3
+VERSION_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ._-")
 MAX_FILE_BYTES = 64 * 2 ** 20    # before its signature is checked, a file is only bytes
 MAX_SIGNATURE_BYTES = 1024
 
@@ -196,6 +197,9 @@ def main(argv):
                          "PILOT_ARGS\n")
         return EXIT_USAGE
     server, version, key_hex, ca_file, ca_dir = argv[:5]
+    if not version[:1].isalnum() or not set(version) <= VERSION_CHARS or len(version) > 64:
+        sys.stderr.write("panda-pilot bootstrap: %r is not a pilot version\n" % version[:80])
+        return EXIT_USAGE
     try:
         folder = prepare(server, version, key_hex, ca_file, ca_dir)
     except BootstrapError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -23,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from panda_core import PILOT_VERSION_PATTERN
 from panda_core.client import ApiClient, ClientError, Refused
 from panda_core.siteconfig import PILOT_RESERVE_S, SiteConfig
 from panda_core.trust import key_fingerprint, normalise_fingerprint
@@ -263,6 +265,9 @@ class Factory:
                 default = self.api.pilot_files()["default"]
             except ClientError as exc:
                 raise SchedulerError(f"no pilot file version from the server: {exc}") from None
+            if not re.fullmatch(PILOT_VERSION_PATTERN, default):   # it names a folder on nodes
+                raise SchedulerError(f"the server's default pilot version {default[:80]!r} is "
+                                     "not a version")
             self._pilot_default = (now, default)
         return self._pilot_default[1]
 

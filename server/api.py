@@ -7,9 +7,12 @@ its message. Reads are open; writes need an identity.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 
+from panda_core.debugview import BadDebugRequest
+from panda_core.debugview import parse_request as parse_debug_request
 from panda_core.replicas import BadFileName
 
 from .api_console import error_text
@@ -228,6 +231,43 @@ def job_kill(ctx: Context, params: dict) -> list[bool]:
         except (NotFound, PermissionError):
             results.append(False)
     return results
+
+
+@api("job", "set_debug_mode", ("POST",), WRITERS)
+def job_set_debug_mode(ctx: Context, params: dict) -> dict:
+    """Debug mode on (``mode`` true, ``view``: tail [NAME] | ls | ps | du) or off for one job;
+    the job's owner or an admin. Only the built-in views: never a command line."""
+    panda_id = int_param(params, "job_id")
+    mode = params.get("mode", True)
+    if not isinstance(mode, bool):
+        raise ApiError("parameter 'mode' must be true or false")
+    request = None
+    if mode:
+        try:
+            request = parse_debug_request(str_param(params, "view")).to_wire()
+        except BadDebugRequest as exc:
+            raise ApiError(f"parameter 'view': {exc}", 400) from None
+    owner = None if ctx.identity.role == "admin" else ctx.identity.subject
+    try:
+        ok = ctx.tb.jobs.set_debug(panda_id, request, ctx.identity.subject, owner_check=owner)
+    except PermissionError as exc:
+        raise ApiError(str(exc), 403) from None
+    if not ok:
+        raise ApiError(f"job {panda_id} has ended: nothing to debug")
+    ctx.message = f"job {panda_id}: debug mode " + (f"on ({request})" if request else "off")
+    return {"job_id": panda_id, "debug": request}
+
+
+@api("job", "get_debug_view")
+def job_get_debug_view(ctx: Context, params: dict) -> dict:
+    """The latest view the job's pilot sent in debug mode, and what it is asked for."""
+    panda_id = int_param(params, "job_id")
+    job = ctx.tb.jobs.get(panda_id)
+    if job is None:
+        raise NotFound(f"no job {panda_id}")
+    view = json.loads(job["debug_view"]) if job.get("debug_view") else None
+    return {"job_id": panda_id, "status": job["status"], "debug": job.get("debug_request"),
+            "view": view, "modificationTime": job["modification_time"]}
 
 
 # ---------------------------------------------------------------------- sites

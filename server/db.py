@@ -100,6 +100,8 @@ def _job_columns() -> list[Column]:
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
         Column("excluded_sites", Text),                   # JSON list: failed there (site's fault)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
+        Column("debug_request", String(300)),             # debug mode: the view asked for
+        Column("debug_view", Text),                       # the latest view the pilot sent (JSON)
         # the worker node as its pilot describes it (panda_core.workernode), for the monitor
         Column("wn_cpu_model", String(128)),
         Column("wn_cores", Integer),

@@ -17,6 +17,7 @@ from typing import Any
 
 from panda_core import workernode
 from panda_core.canonical import signed_bytes
+from panda_core.debugview import clean_view
 from panda_core.replicas import BadFileName, check_name
 from panda_core.states import PILOT_REPORTED_STATES
 from panda_core.wire import DISPATCH_KEY, Dispatch, encode_job, join_field
@@ -262,6 +263,8 @@ class Dispatcher:
         for key, column in _REPORT_TEXTS:
             if form.get(key) not in (None, ""):
                 fields[column] = _text(form[key], column)
+        if form.get("debugView") not in (None, ""):       # debug mode: bounded, known keys only
+            fields["debug_view"] = clean_view(form["debugView"])
         stored = parse_stored_files(form["xml"]) if form.get("xml") else {}
         nonce = form.get("pilotNonce") or None
         if nonce is not None and not (isinstance(nonce, str) and _NONCE.fullmatch(nonce)):
@@ -280,7 +283,11 @@ class Dispatcher:
             raise ProtocolError(SC_DENIED, str(exc)) from None
         except Conflict as exc:
             raise ProtocolError(SC_FAILED, str(exc)) from None
-        return {"StatusCode": SC_OK, "command": command}
+        reply = {"StatusCode": SC_OK, "command": command}
+        if command == "debug":      # the view asked for (rare: one more read, debug jobs only)
+            reply["debugView"] = await self.run(self.tb.jobs.debug_request, req.panda_id) \
+                or "tail"
+        return reply
 
     # ------------------------------------------------------------------ event ranges
     async def get_event_ranges(self, form: dict, identity: Identity | None) -> dict:
@@ -329,7 +336,7 @@ _REPORT_TEXTS = (("pilotErrorDiag", "pilot_error_diag"), ("exeErrorDiag", "exe_e
                  ("node", "node"), ("batchID", "batch_id"), ("jobMetrics", "job_metrics"))
 #: the job columns an updateJob may set (the hot path's statements set exactly these)
 REPORT_COLUMNS = tuple(c for _, c, *_ in _REPORT_NUMBERS + _REPORT_TEXTS) + tuple(
-    c for c, *_ in workernode.COLUMNS.values() if c != "node")
+    c for c, *_ in workernode.COLUMNS.values() if c != "node") + ("debug_view",)
 
 
 _HEX = re.compile(r"[0-9a-fA-F]+")

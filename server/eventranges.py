@@ -310,8 +310,16 @@ class EventRangeService:
                          if j["event_service"] == ES_CONSUMER and j["status"] in _OWNED}
             for task_id, panda_id in consumers:
                 self._touch(conn, panda_id, self.tb.clock())
-            for task_id in {t for t, _ in consumers}:
-                self._maybe_merge(conn, task_id, jobs)
+        # after the commit: a report's own check inside its transaction would not see another
+        # report finishing the other last range at the same moment (READ COMMITTED), and
+        # neither would make the merge job; after both commits, the later check sees both
+        for task_id in {t for t, _ in consumers}:
+            site = next((jb["site"] for jb in jobs.values() if jb["task_id"] == task_id), None)
+            try:
+                with self.tb.engine.begin() as conn:
+                    create_merge_if_done(self.tb, conn, task_id, site)
+            except Exception:  # the reports are taken; the task's settling creates it later
+                log.exception("task %s: merge job not created now", task_id)
         return results
 
     def _range_output(self, job: dict, u: dict) -> dict[str, Any]:
@@ -352,70 +360,73 @@ class EventRangeService:
         return {"out_lfn": expected, "out_fsize": fsize, "out_checksum": f"ad:{adler}",
                 "out_endpoint": endpoint}
 
-    def _maybe_merge(self, conn: Connection, task_id: int, jobs: dict[int, dict]) -> int | None:
-        """Create the task's merge job when no range of its pool is left to run.
-
-        The task row is locked first: two consumers finishing the last two ranges at once would
-        each see the other's still running, and none create the merge job (or both would)."""
-        r, j = db.event_ranges.c, db.jobs.c
-        if pool_left(conn, task_id):      # the common case, without taking the task's lock
-            return None
-        q = select(db.tasks.c.params, db.tasks.c.owner, db.tasks.c.status, db.tasks.c.share) \
-            .where(db.tasks.c.task_id == task_id)
-        if self.tb.skip_locked:
-            q = q.with_for_update()
-        task = conn.execute(q).first()
-        if task is None or task.status in ("aborted", "broken"):
-            return None
-        if pool_left(conn, task_id):      # again under the lock: another report may have won
-            return None
-        for table in (db.jobs, db.jobs_archive):
-            if conn.execute(select(table.c.panda_id).where(
-                    table.c.task_id == task_id, table.c.event_service == ES_MERGE).limit(1)
-                    ).first() is not None:
-                return None
-        done = conn.execute(select(r.out_lfn, r.out_fsize, r.out_checksum, r.out_endpoint,
-                                   r.scope, r.lfn, r.start_event).where(
-            r.task_id == task_id, r.serial == POOL_SERIAL, r.status == "finished",
-            r.out_lfn.is_not(None)).order_by(r.lfn, r.start_event)).all()
-        if not done:
-            log.warning("task %s: no event range finished: no merge job", task_id)
-            return None
-        params = json.loads(task.params) if isinstance(task.params, str) else task.params
-        spec = TaskSpec.from_dict(params)
-        spec.share = task.share
-        out_scope = spec.scope
-        inputs = [{"scope": out_scope, "lfn": d.out_lfn, "dataset": f"{spec.name}.es_ranges",
-                   "guid": None, "fsize": d.out_fsize, "checksum": d.out_checksum} for d in done]
-        serial = int(conn.execute(select(func.max(j.serial)).where(j.task_id == task_id))
-                     .scalar() or 0)
-        serial = max(serial, int(conn.execute(select(func.max(db.jobs_archive.c.serial)).where(
-            db.jobs_archive.c.task_id == task_id)).scalar() or 0)) + 1
-        site = spec.site or next((jb["site"] for jb in jobs.values()
-                                  if jb["task_id"] == task_id and jb["site"]), None)
-        job, files = make_merge_job(spec, task_id, task.owner, serial, inputs, site=site)
-        panda_id = self.tb.jobs.insert(conn, job, files, "event-service")
-        target = JobState.ASSIGNED
-        if site:
-            try:
-                cfg = self.tb.sites.get_cached(site).get("config") or {}
-                se = ((cfg.get("storage") or {}).get("input") or {}).get("name")
-            except Exception:
-                se = None
-            if se and all(d.out_endpoint == se for d in done):
-                target = JobState.ACTIVATED
-        self.tb.states.change(conn, panda_id, str(target), actor="event-service",
-                              expected=[str(JobState.DEFINED)])
-        log.info("task %s: every event range is done: merge job %s over %d range output(s)",
-                 task_id, panda_id, len(done))
-        return panda_id
-
     def summary(self, task_id: int) -> dict[str, int]:
         """Ranges of a task per status."""
         r = db.event_ranges.c
         with db.read(self.tb.engine) as conn:
             return {s: n for s, n in conn.execute(select(r.status, func.count()).where(
                 r.task_id == task_id).group_by(r.status))}
+
+
+def create_merge_if_done(tb: TaskBuffer, conn: Connection, task_id: int,
+                         site_hint: str | None) -> int | None:
+    """Create the task's merge job when no range of its pool is left to run and it has none.
+
+    Called after a range report's commit, and where a task settles (``continue_pool``: a
+    report whose check was lost, a server killed in between, still gets its merge job). The
+    task row is locked, and the pool counted again under the lock, so two callers at once
+    make one merge job."""
+    r, j = db.event_ranges.c, db.jobs.c
+    if pool_left(conn, task_id):      # the common case, without taking the task's lock
+        return None
+    q = select(db.tasks.c.params, db.tasks.c.owner, db.tasks.c.status, db.tasks.c.share) \
+        .where(db.tasks.c.task_id == task_id)
+    if tb.skip_locked:
+        q = q.with_for_update()
+    task = conn.execute(q).first()
+    if task is None or task.status in ("aborted", "broken"):
+        return None
+    if pool_left(conn, task_id):      # again under the lock: another report may have won
+        return None
+    for table in (db.jobs, db.jobs_archive):
+        if conn.execute(select(table.c.panda_id).where(
+                table.c.task_id == task_id, table.c.event_service == ES_MERGE).limit(1)
+                ).first() is not None:
+            return None
+    done = conn.execute(select(r.out_lfn, r.out_fsize, r.out_checksum, r.out_endpoint,
+                               r.scope, r.lfn, r.start_event).where(
+        r.task_id == task_id, r.serial == POOL_SERIAL, r.status == "finished",
+        r.out_lfn.is_not(None)).order_by(r.lfn, r.start_event)).all()
+    if not done:
+        log.warning("task %s: no event range finished: no merge job", task_id)
+        return None
+    params = json.loads(task.params) if isinstance(task.params, str) else task.params
+    spec = TaskSpec.from_dict(params)
+    spec.share = task.share
+    out_scope = spec.scope
+    inputs = [{"scope": out_scope, "lfn": d.out_lfn, "dataset": f"{spec.name}.es_ranges",
+               "guid": None, "fsize": d.out_fsize, "checksum": d.out_checksum} for d in done]
+    serial = int(conn.execute(select(func.max(j.serial)).where(j.task_id == task_id))
+                 .scalar() or 0)
+    serial = max(serial, int(conn.execute(select(func.max(db.jobs_archive.c.serial)).where(
+        db.jobs_archive.c.task_id == task_id)).scalar() or 0)) + 1
+    site = spec.site or site_hint
+    job, files = make_merge_job(spec, task_id, task.owner, serial, inputs, site=site)
+    panda_id = tb.jobs.insert(conn, job, files, "event-service")
+    target = JobState.ASSIGNED
+    if site:
+        try:
+            cfg = tb.sites.get_cached(site).get("config") or {}
+            se = ((cfg.get("storage") or {}).get("input") or {}).get("name")
+        except Exception:
+            se = None
+        if se and all(d.out_endpoint == se for d in done):
+            target = JobState.ACTIVATED
+    tb.states.change(conn, panda_id, str(target), actor="event-service",
+                     expected=[str(JobState.DEFINED)])
+    log.info("task %s: every event range is done: merge job %s over %d range output(s)",
+             task_id, panda_id, len(done))
+    return panda_id
 
 
 def pool_left(conn: Connection, task_id: int) -> bool:
@@ -433,13 +444,16 @@ def continue_pool(tb: TaskBuffer, conn: Connection, task_id: int) -> int | None:
     single range in its wall time does not beget another forever. The caller holds the task's
     row lock (``Tasks.refresh_status``). Returns the new PandaID, or None."""
     r, j = db.event_ranges.c, db.jobs.c
-    if conn.execute(select(r.row_id).where(r.task_id == task_id, r.serial == POOL_SERIAL,
-                                           r.status == "ready").limit(1)).first() is None:
-        return None
     latest = conn.execute(select(db.jobs).where(
         j.task_id == task_id, j.event_service == ES_CONSUMER)
         .order_by(j.panda_id.desc()).limit(1)).first()
-    if latest is None or latest.status != "finished" or not (latest.n_events or 0) > 0:
+    if latest is None:                  # not an event-service task (or its jobs are archived)
+        return None
+    if conn.execute(select(r.row_id).where(r.task_id == task_id, r.serial == POOL_SERIAL,
+                                           r.status == "ready").limit(1)).first() is None:
+        # nothing left to process: the merge job, should the last report's check be lost
+        return create_merge_if_done(tb, conn, task_id, latest.site)
+    if latest.status != "finished" or not (latest.n_events or 0) > 0:
         return None
     task = conn.execute(select(db.tasks.c.params, db.tasks.c.owner, db.tasks.c.share)
                         .where(db.tasks.c.task_id == task_id)).first()

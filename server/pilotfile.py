@@ -37,14 +37,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from panda_core import PYTHON_REQUIRES
+from panda_core import PILOT_VERSION_PATTERN, PYTHON_REQUIRES
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "panda-pilot.pyz"
 SIGNATURE_SUFFIX = ".sig"
 MANIFEST = "PANDA_PILOT.json"
-VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}")
+VERSION_RE = re.compile(PILOT_VERSION_PATTERN)
 #: what the pilot runs: our packages, then the third-party ones they import on a node
 OWN_PACKAGES = ("pilot", "panda_core", "copytools")
 #: (not stevedore: 5.10 needs Python 3.11; panda_core.drivers loads drivers without it)

@@ -80,7 +80,12 @@ def _protocol(url: str, pid: int) -> dict:
 
     parts = urlsplit(url)
     endpoint = f"{parts.scheme}://{parts.netloc or ('localhost' if parts.scheme == 'file' else '')}"
-    return {"id": pid, "endpoint": endpoint, "path": parts.path or "/",
+    path = parts.path or "/"
+    if parts.scheme in ("root", "xroot"):
+        # pilot 3 writes endpoint + path + the file's path: XRootD reads a path after a single
+        # slash as relative (and refuses it, [3010]); the absolute path needs two
+        path = "//" + path.lstrip("/")
+    return {"id": pid, "endpoint": endpoint, "path": path,
             "flavour": "POSIX" if parts.scheme == "file" else parts.scheme.upper(),
             "activities": [["r", 1], ["w", 1], ["read_lan", 1], ["write_lan", 1],
                            ["read_wan", 1], ["write_wan", 1], ["pr", 1], ["pw", 1]]}

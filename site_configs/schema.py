@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 
 from .errors import ConfigError
+from panda_core import PILOT_VERSION_PATTERN
 from panda_core.siteconfig import SITE_STATUSES
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -67,7 +68,7 @@ SCHEMA: dict[str, Any] = _obj({
     "pilots": _obj({"max_queued": _int(0), "max_running": _int(0), "rate_per_minute": _int(0),
                     "walltime_s": _int(60), "timefloor": _int(0),
                     "version": {"type": "string",
-                                "pattern": "^([0-9A-Za-z][0-9A-Za-z._-]{0,63})?$"}},
+                                "pattern": f"^({PILOT_VERSION_PATTERN})?$"}},
                    ["max_queued", "max_running"]),
     "storage": _obj({"input": _ENDPOINT, "output": _ENDPOINT}, ["input", "output"]),
     "copytools": _obj({"input": _COPYTOOL, "output": _COPYTOOL}, ["input", "output"]),

@@ -37,3 +37,24 @@ def test_no_merge_conflict_markers_in_the_repository():
         if any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in lines):
             offenders.append(name)
     assert offenders == [], f"unresolved merge conflicts in {offenders}"
+
+
+def test_migrations_form_one_line():
+    """Each helper's migration chains after the head it saw; two landings on the same head give
+    alembic two heads and `panda db upgrade` refuses to run. Caught here in milliseconds."""
+    import re
+
+    versions = TESTS.parent / "server" / "migrations" / "versions"
+    revs: dict[str, str | None] = {}
+    for path in versions.glob("*.py"):
+        text = path.read_text()
+        rev = re.search(r'^revision\s*=\s*"([^"]+)"', text, re.M)
+        if rev is None:
+            continue
+        down = re.search(r'^down_revision\s*=\s*(?:"([^"]+)"|None)', text, re.M)
+        revs[rev.group(1)] = down.group(1) if down else None
+    parents = [d for d in revs.values() if d]
+    heads = sorted(r for r in revs if r not in parents)
+    assert len(heads) == 1, f"several migration heads: {heads} (re-chain the newer one)"
+    shared = sorted({d for d in parents if parents.count(d) > 1})
+    assert shared == [], f"migrations with the same parent: {shared}"

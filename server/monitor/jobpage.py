@@ -6,6 +6,7 @@ import datetime as dt
 
 from sqlalchemy import select
 
+from panda_core.debugview import render as render_debug_view
 from panda_core.states import FINAL_JOB_STATES
 
 from .. import db
@@ -18,8 +19,8 @@ ATTEMPT_COLUMNS = ("panda_id", "attempt_nr", "status", "site", "modification_tim
                    "dispatcher_error_code", "dispatcher_error_diag", "ddm_error_code",
                    "ddm_error_diag", "task_buffer_error_code", "task_buffer_error_diag",
                    "trans_exit_code", "parent_id")
-#: where issue 16's debug mode keeps the latest view the pilot sent (a job field); the page
-#: shows it when the job row has it
+#: where issue 16's debug mode keeps the latest view the pilot sent (a job field, JSON); the page
+#: shows it rendered (panda_core.debugview.render), with what the pilot is asked for
 DEBUG_FIELDS = ("debug_view", "debug_data")
 
 
@@ -65,6 +66,11 @@ def job_page(tb, panda_id: int) -> dict | None:
     now = tb.clock()
     files = job.pop("files")
     debug = next((job[k] for k in DEBUG_FIELDS if job.get(k)), None)
+    if debug is not None or job.get("debug_request"):
+        state = (f"debug mode on ({job['debug_request']})" if job.get("debug_request")
+                 else "debug mode off")
+        debug = f"{state}\n" + (render_debug_view(debug) if debug is not None
+                                 else "no view received from the pilot yet")
     return {"job": job, "files": files, "errors": job_errors(job),
             "history": state_times(tb.jobs.history(panda_id), now),
             "attempts": previous_attempts(tb, job), "debug_view": debug}

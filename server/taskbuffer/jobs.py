@@ -323,6 +323,38 @@ class Jobs:
                  "" if pinned else " (to be brokered)")
         return new_id
 
+    def set_debug(self, panda_id: int, request: str | None, actor: str,
+                  owner_check: str | None = None) -> bool:
+        """Debug mode on (``request``: a checked ``panda_core.debugview`` request) or off (None)
+        for a job; its pilot gets ``debug`` in its heartbeat replies while it is on. A pending
+        kill keeps its command. False when the job has ended (nothing to debug)."""
+        with self.store.engine.begin() as conn:
+            row = conn.execute(select(db.jobs.c.status, db.jobs.c.owner, db.jobs.c.command)
+                               .where(db.jobs.c.panda_id == panda_id)).first()
+            if row is None:
+                if self.get(panda_id) is not None:
+                    return False                  # archived: ended long ago
+                raise NotFound(f"no job {panda_id}")
+            if owner_check is not None and row.owner != owner_check:
+                raise PermissionError(f"job {panda_id} belongs to {row.owner}, not {owner_check}")
+            if row.status in _FINAL and request is not None:
+                return False
+            command = row.command
+            if request is not None and command in (None, "", "NULL", "debug"):
+                command = "debug"
+            elif request is None and command == "debug":
+                command = None
+            conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id).values(
+                debug_request=request, command=command))
+        log.info("job %s: debug mode %s by %s", panda_id, request or "off", actor)
+        return True
+
+    def debug_request(self, panda_id: int) -> str | None:
+        """The view a job in debug mode is asked for (None: not in debug mode)."""
+        with db.read(self.store.engine) as conn:
+            return conn.execute(select(db.jobs.c.debug_request)
+                                .where(db.jobs.c.panda_id == panda_id)).scalar()
+
     def retry_by_hand(self, panda_id: int, actor: str, owner_check: str | None = None
                       ) -> int | None:
         """``panda retry``: a new attempt of a failed or cancelled job that has none yet, even

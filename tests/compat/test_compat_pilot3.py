@@ -388,3 +388,31 @@ def test_pilot3_runs_three_jobs_in_one_pilot_within_timefloor(tmp_path, launch_d
         assert "Traceback" not in server.log()
     finally:
         stop_server(server)
+
+
+def test_ddmendpoints_give_pilot3_absolute_xrootd_paths(compat_venv, tmp_path):
+    """Pilot 3 builds a file's URL as endpoint + os.path.join(path, <scope/xx/yy/lfn>); for an
+    XRootD storage element that must be root://host:port//abs/path (one slash is relative)."""
+    from server.queuedata import storagedata
+
+    configs = [{"name": "XRD_SITE", "storage": {
+        "input": {"name": "XRD_SE", "url": "root://127.0.0.1:1094//data/se"},
+        "output": {"name": "XRD_ROOT", "url": "root://127.0.0.1:1095/"}}},
+        {"name": "FILE_SITE", "storage": {"input": {"name": "F_SE", "url": "file:///data/se"},
+                                          "output": {"name": "F_SE", "url": "file:///data/se"}}}]
+    ddm = json.loads(json.dumps(storagedata(configs)))
+    probe = ("import json, os, sys\nfrom pilot.info.storagedata import StorageData\n"
+             "out = {}\nfor name, data in json.load(sys.stdin).items():\n"
+             "    p = StorageData(data).arprotocols['pw'][0]\n"
+             "    out[name] = p['endpoint'] + os.path.join(p.get('path', ''), 'user.a/ab/cd/f.txt')\n"
+             "print(json.dumps(out))\n")
+    proc = subprocess.run([str(compat_venv / "bin" / "python"), "-c", probe],
+                          input=json.dumps(ddm), capture_output=True, text=True,
+                          cwd=compat_venv / "pilot3-src", timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PILOT_USER": "generic",
+                               "PILOT_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    urls = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert urls == {"XRD_SE": "root://127.0.0.1:1094//data/se/user.a/ab/cd/f.txt",
+                    "XRD_ROOT": "root://127.0.0.1:1095//user.a/ab/cd/f.txt",
+                    "F_SE": "file://localhost/data/se/user.a/ab/cd/f.txt"}

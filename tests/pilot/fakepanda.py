@@ -41,6 +41,7 @@ class FakePanda:
         self.jobs: list[dict] = []
         self.tamper: dict = {}                     # PandaID -> fields changed after signing
         self.commands: dict[str, str] = {}         # PandaID -> command for its next updates
+        self.debug_views: dict[str, str] = {}      # PandaID -> debugView sent with "debug"
         self.requests: list[tuple[str, str, dict]] = []   # (method, path, form)
         self.known: set[str] = set()
         self.lock = threading.Lock()
@@ -162,7 +163,10 @@ class FakePanda:
         job_id = form.get("jobId", "")
         if job_id not in self.known:
             return {"StatusCode": 0, "command": "tobekilled"}
-        return {"StatusCode": 0, "command": self.commands.get(job_id, "NULL")}
+        reply = {"StatusCode": 0, "command": self.commands.get(job_id, "NULL")}
+        if reply["command"] == "debug" and job_id in self.debug_views:
+            reply["debugView"] = self.debug_views[job_id]
+        return reply
 
     # --- what the tests read -----------------------------------------------------------------
     def updates(self, job_id: int | str | None = None) -> list[dict]:

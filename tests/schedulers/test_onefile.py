@@ -266,6 +266,17 @@ def test_factory_refuses_onefile_without_a_pinned_or_with_a_wrong_key(srv, tmp_p
         f.pilot_command(srv.site)
     with pytest.raises(ValueError, match="pilot_launch"):
         Factory(srv.url, [srv.site], state_dir=tmp_path / "f", pilot_launch="docker")
+    hostile = factory(srv, tmp_path)             # a default that would name a folder elsewhere
+    hostile.api.pilot_files = lambda: {"default": "../../etc", "versions": []}
+    with pytest.raises(SchedulerError, match="is not a version"):
+        hostile.pilot_command(srv.site)
+    key = raw_key(srv.public_key_file().read_text(), srv.key_fingerprint())
+    res = run_node(batch_command(srv.url, "../x", key, ["--help"]),
+                   node_env(tmp_path / "c", "/usr/bin/python3"))
+    assert res.returncode == 2 and "'../x' is not a pilot version" in res.stderr, res.stderr
+    with pytest.raises(Exception, match="version"):
+        parse_site_config({**site_dict(), "pilots": {**site_dict()["pilots"],
+                                                     "version": "../up"}})
     pinned = parse_site_config({**site_dict(), "pilots": {**site_dict()["pilots"],
                                                           "version": "0.0.7-pinned"}})
     argv = factory(srv, tmp_path).pilot_command(pinned)

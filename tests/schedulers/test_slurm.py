@@ -297,6 +297,7 @@ def test_factory_runs_onefile_pilots_on_slurm_with_a_bare_python(slurm, tmp_path
     from test_factory import SITE, activate_jobs, site_dict
 
     python = "/usr/bin/python3"
+    factory = None
     assert subprocess.run([python, "-E", "-s", "-c", "import panda_core"], cwd="/",
                           capture_output=True).returncode != 0
     monkeypatch.setenv("PANDA_SE_ROOT", str(tmp_path / "se"))
@@ -332,6 +333,30 @@ def test_factory_runs_onefile_pilots_on_slurm_with_a_bare_python(slurm, tmp_path
         assert any(f"({python})" in o and "pilot panda-wms-pilot 0.1+" in o for o in outs), outs
         assert [p.name for p in (tmp_path / "node-cache").iterdir()
                 if not p.name.startswith(".")] == [factory.pilot_version(factory.sites[SITE])]
+        # a tampered file, met by a node that has no copy yet: the batch job refuses it, says
+        # why in its output, and the factory sees the pilot fail with the refusal's exit code
+        version = factory.pilot_version(factory.sites[SITE])
+        path = server.key_dir / "pilot" / version / "panda-pilot.pyz"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0x20
+        path.write_bytes(bytes(data))
+        monkeypatch.setenv("PANDA_PILOT_CACHE", str(tmp_path / "fresh-node-cache"))
+        task2 = activate_jobs(server, 1, name="slurmtampered")
+        before = set(factory.pilots)
+        deadline = time.monotonic() + 90
+        new = []
+        while time.monotonic() < deadline:
+            factory.run_once()
+            new = [p for k, p in factory.pilots.items() if k not in before]
+            if new and all(p.final for p in new):
+                break
+            time.sleep(0.5)
+        assert new and {(p.state, p.exit_code) for p in new} == {("failed", 4)}, new
+        outs = [p.read_text() for p in (tmp_path / "factory").rglob("pilot-*.out")
+                if "REFUSED" in p.read_text()]
+        assert outs and "signature does not verify with the pinned server key" in outs[0]
+        assert admin.task_details(task2)["jobs"] == {"activated": 1}
     finally:
-        factory.cancel_all()
+        if factory is not None:
+            factory.cancel_all()
         stop_server(server)

@@ -232,3 +232,66 @@ def test_a_new_consumer_takes_over_when_all_ended_with_ranges_left(tb, disp):
     tb.pilots.update(b, "finished", {"n_events": 0}, actor="pilot1")
     assert len(tb.jobs.find(task_id=res.task_id)) == 2
     assert tb.tasks.get(res.task_id)["status"] == "finished"
+
+
+def test_two_last_reports_at_once_make_one_merge_job(tb, disp):
+    """Both consumers finish their last range at the same moment, each in its own transaction:
+    the task row lock and the re-count under it leave exactly one merge job."""
+    import threading
+
+    res = submit(tb)
+    a, b = running_consumers(tb, 2)
+    held = {a: get(disp, a, 4)["eventRanges"], b: get(disp, b, 4)["eventRanges"]}
+    for pid in (a, b):
+        for rng in held[pid][:3]:
+            report(disp, rng)
+    service = EventRangeService(tb)
+    start = threading.Barrier(2)
+    errors = []
+    if tb.dialect != "sqlite":
+        # both transactions hold their last range finished, uncommitted, at the same moment
+        # (SQLite has one writer at a time: there the second simply waits)
+        both_updated = threading.Barrier(2, timeout=20)
+        add_replica = tb.data._add_replica
+
+        def held_open(*args, **kw):
+            add_replica(*args, **kw)
+            both_updated.wait()
+        tb.data._add_replica = held_open
+
+    def last(pid):
+        rng = held[pid][3]
+        item = {"eventRangeID": rng["eventRangeID"], "eventStatus": "finished",
+                "_output": output(rng)}
+        start.wait()
+        try:
+            assert service.update([item], PILOT) == [True]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=last, args=(pid,)) for pid in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    merges = [j for j in tb.jobs.find(task_id=res.task_id) if j.get("event_service") == 2]
+    assert len(merges) == 1 and EventRangeService(tb).summary(res.task_id) == {"finished": 8}
+
+
+def test_a_lost_merge_check_is_made_good_when_the_task_settles(tb, disp, monkeypatch):
+    """The last report was taken but its merge check failed (a server killed in between):
+    when the consumers end, the task settles and the merge job is created then."""
+    import server.eventranges as er
+
+    res = submit(tb, event_service={**TASK["event_service"], "consumers": 1})
+    a, = running_consumers(tb, 1)
+    monkeypatch.setattr(er, "create_merge_if_done", lambda *a, **k: 1 / 0)
+    for rng in get(disp, a, 100)["eventRanges"]:
+        report(disp, rng)
+    monkeypatch.undo()
+    assert not [j for j in tb.jobs.find(task_id=res.task_id) if j.get("event_service") == 2]
+    tb.pilots.update(a, "finished", {"n_events": 40}, actor="pilot1")
+    [merge] = [j for j in tb.jobs.find(task_id=res.task_id) if j.get("event_service") == 2]
+    assert merge["status"] == "activated" and merge["site"] == SITE
+    assert tb.tasks.get(res.task_id)["status"] not in ("done", "finished", "failed")

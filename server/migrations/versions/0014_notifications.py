@@ -2,8 +2,8 @@
 job's failure), with its delivery state, so that several server processes send each once and a
 failed send is retried (server/notifications.py).
 
-Revision ID: 0013_notifications
-Revises: 0012_worker_node
+Revision ID: 0014_notifications
+Revises: 0013_job_holder
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0013_notifications"
-down_revision = "0012_worker_node"
+revision = "0014_notifications"
+down_revision = "0013_job_holder"
 branch_labels = None
 depends_on = None
 
