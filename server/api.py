@@ -30,6 +30,7 @@ api = ApiMethods()
 TASK_ID = Param("task_id", "integer", True, "a jediTaskID", minimum=1)
 JOB_IDS = Param("job_ids", "ids", True, "PandaIDs (a repeated key, a list or one id)")
 SITE = Param("site", required=True, max_length=128, description="a site's name")
+SINCE = Param("since", max_length=64, description="ISO time: modified since")
 
 #: files one data/add_files call registers (one transaction)
 MAX_FILES_PER_CALL = 10000
@@ -142,7 +143,8 @@ def task_get_job_ids(ctx: Context, params: dict) -> list[int]:
 
 
 @api("task", "list", params=(
-    Param("owner", description="only this owner's tasks"),
+    Param("owner", description="only this owner's tasks"), SINCE,
+    Param("with_counts", "boolean", description="each task with its jobs per state"),
     Param("limit", "integer", minimum=1, maximum=10000, description="at most (100)")))
 def task_list(ctx: Context, params: dict) -> list[dict]:
     """The newest tasks; ``owner``, ``since`` (ISO: modified since); ``with_counts``: each
@@ -208,7 +210,10 @@ def job_get_history(ctx: Context, params: dict) -> list[dict]:
 @api("job", "list", params=(
     Param("task_id", "integer", description="only this task's jobs"),
     Param("site", description="only jobs at this site"),
-    Param("status", "string", max_length=32, description="only jobs in this state"),
+    Param("status", "any", description="only jobs in these states (one, a comma list or a "
+          "list)"),
+    Param("owner", description="only this owner's jobs"), SINCE,
+    Param("newest", "boolean", description="the last `limit` jobs, not the first"),
     Param("limit", "integer", minimum=1, maximum=100000, description="at most (1000)")))
 def job_list(ctx: Context, params: dict) -> list[dict]:
     """Jobs by PandaID; filters ``task_id``, ``site``, ``status`` (comma list), ``owner``,
@@ -233,7 +238,10 @@ def job_kill(ctx: Context, params: dict) -> list[bool]:
     return results
 
 
-@api("job", "set_debug_mode", ("POST",), WRITERS)
+@api("job", "set_debug_mode", ("POST",), WRITERS, params=(
+    Param("job_id", "integer", True, "a PandaID", minimum=1),
+    Param("mode", "any", description="true (on, the default) or false (off)"),
+    Param("view", description="tail [NAME] | ls | ps | du")))
 def job_set_debug_mode(ctx: Context, params: dict) -> dict:
     """Debug mode on (``mode`` true, ``view``: tail [NAME] | ls | ps | du) or off for one job;
     the job's owner or an admin. Only the built-in views: never a command line."""
@@ -258,7 +266,8 @@ def job_set_debug_mode(ctx: Context, params: dict) -> dict:
     return {"job_id": panda_id, "debug": request}
 
 
-@api("job", "get_debug_view")
+@api("job", "get_debug_view", params=(
+    Param("job_id", "integer", True, "a PandaID", minimum=1),))
 def job_get_debug_view(ctx: Context, params: dict) -> dict:
     """The latest view the job's pilot sent in debug mode, and what it is asked for."""
     panda_id = int_param(params, "job_id")

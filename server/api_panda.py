@@ -417,7 +417,9 @@ def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- sandbox cache
-@api("file_server", "validate_cache_file", ("POST",), WRITERS)
+@api("file_server", "validate_cache_file", ("POST",), WRITERS, params=(
+    Param("file_size", "integer", True, "the sandbox's size in bytes", minimum=0),
+    Param("checksum", "integer", True, "the gzip trailer's CRC32")))
 def validate_cache_file(ctx: Context, params: dict) -> None:
     """panda-client's sandbox reuse check (``file_size``, ``checksum``: the gzip trailer's CRC32).
     Always "not found", so the client uploads: a CRC32 and a size are easy to match with other
