@@ -7,6 +7,9 @@ with ``--keep-workdirs``. The pilots share one job dirs' base, so only the first
 (pilot.sandbox.ready records a working probe per node). The baseline is the unsandboxed run of the same round: the JSON's
 ``sandbox_extra_s`` is the median of (bwrap - none) over the rounds, ``sandbox_ratio`` their
 medians' ratio. ``sandbox_extra(runs)`` is what benchmarks/pilot_overhead.py calls.
+``sandbox_exec_extra_s`` is the same difference without the pilot (the exit-code wrapper
+starting ``date`` bare and through bwrap, many rounds): on a loaded machine the whole-pilot
+number is noise, this one is not.
 """
 from __future__ import annotations
 
@@ -74,6 +77,44 @@ def sandbox_extra(runs: int = 7) -> dict:
             "sandbox_runs": runs}
 
 
+def exec_extra(rounds: int = 41) -> dict:
+    """What bwrap adds between starting the payload and its first instruction, without a
+    pilot around it (the machine's noise on a whole pilot run is larger than the sandbox):
+    the pilot's own exit-code wrapper running ``date``, bare and through
+    ``BwrapSandbox.wrap``, alternating; medians and the median of the differences."""
+    from panda_core.siteconfig import SandboxConfig
+    from pilot.payload import _WRAPPER
+    from pilot.sandbox import SandboxSpec, load
+
+    sandbox = load(SandboxConfig(runtime="bwrap", network=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "jobs" / "panda_job_1_1" / "work"
+        work.mkdir(parents=True)
+        argv = ["date", "+%s.%N"]
+
+        def once(boxed: bool) -> float:
+            cmd, env = argv, {"PATH": "/usr/bin:/bin"}
+            if boxed:
+                w = sandbox.wrap(SandboxSpec(argv=argv, env=env, workdir=work,
+                                             hide=[Path(tmp) / "jobs"]))
+                cmd, env = w.argv, w.env
+            t0 = time.time()
+            out = subprocess.run(["/bin/sh", "-c", _WRAPPER, "payload", *cmd], cwd=work,
+                                 env=env, capture_output=True, text=True, check=True).stdout
+            return float(out) - t0
+
+        once(False), once(True)
+        plain, boxed = [], []
+        for i in range(rounds):
+            for into, flag in [(plain, False), (boxed, True)][:: 1 if i % 2 == 0 else -1]:
+                into.append(once(flag))
+    return {"sandbox_exec_extra_s": round(statistics.median(b - p for p, b in
+                                                              zip(plain, boxed)), 4),
+            "payload_exec_none_s": round(statistics.median(plain), 4),
+            "payload_exec_bwrap_s": round(statistics.median(boxed), 4),
+            "exec_rounds": rounds}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -81,7 +122,10 @@ def main() -> int:
     if shutil.which("bwrap") is None:
         print("bwrap is not installed (Debian: bubblewrap)", file=sys.stderr)
         return 2
-    print(json.dumps(sandbox_extra(args.runs)))
+    out = exec_extra()
+    print(f"payload exec: none {out['payload_exec_none_s']:.4f} s  bwrap "
+          f"{out['payload_exec_bwrap_s']:.4f} s", flush=True)
+    print(json.dumps({**sandbox_extra(args.runs), **out}))
     return 0
 
 

@@ -317,3 +317,43 @@ def test_the_one_file_pilot_carries_the_runtimes(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "['apptainer', 'bwrap', 'none'] BwrapSandbox" in res.stdout
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
+                    reason="needs root to run the sandbox as an unprivileged user")
+def test_bwrap_as_an_unprivileged_user():
+    """As pilots run on grid nodes (not root): bwrap makes its namespaces through a user
+    namespace; the payload still sees its work dir only, and its exit code comes through."""
+    import pwd
+
+    user = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="panda-sandbox-nobody-"))   # pytest's tmp is root's 0700
+    try:
+        _unprivileged_run(user, top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _unprivileged_run(user, tmp_path: Path) -> None:
+    base = tmp_path / "jobs"
+    work = base / "panda_job_7_1" / "work"
+    work.mkdir(parents=True)
+    secret = base / "token"
+    secret.write_text(TOKEN)
+    for path in (tmp_path, base, work.parent, work, secret):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    tmp_path.chmod(0o755)
+    sandbox = load(SandboxConfig(runtime="bwrap", network=False))
+    sandbox.probe()
+    script = (f"cat {secret} && exit 9; ls /proc | grep -c '^[0-9]' > count; id -u > uid; "
+              "echo ok > out; exit 5")
+    wrapped = sandbox.wrap(SandboxSpec(argv=["/bin/sh", "-c", script], env={"PATH": "/usr/bin:/bin"},
+                                       workdir=work, hide=[secret, base]))
+    res = subprocess.run([shutil.which("runuser"), "-u", "nobody", "--", *wrapped.argv],
+                         env=wrapped.env,
+                         cwd=work, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 5, res.stderr
+    assert (work / "out").read_text() == "ok\n"
+    assert (work / "uid").read_text().strip() == str(user.pw_uid)
+    assert int((work / "count").read_text()) <= 4        # bwrap's init, sh, ls, grep

@@ -613,9 +613,29 @@ def sc_pending_command(tb, p, clock):
     return out
 
 
+def sc_debug_mode(tb, p, clock):
+    """Debug mode (issue 16): the heartbeat's reply asks for the view, the view the pilot
+    sends is stored as the job's latest (bounded, known keys only); a kill wins over it."""
+    _, (a, b) = seed_jobs(tb, "SITE_A", 2)
+    out = [p.get_job({"siteName": "SITE_A", "nJobs": "2"})]
+    tb.jobs.set_debug(a, "tail out.txt", "alice")
+    tb.jobs.set_debug(b, "ls", "alice")
+    set_jobs(tb.engine, [b], command="tobekilled")
+    view = json.dumps({"view": "tail", "name": "out.txt", "time": 1.5, "text": "hello\n",
+                       "extra": "dropped"})
+    for pid in (a, b):
+        clock.advance(2)
+        out.append(p.update_job({"jobId": pid, "state": "running", "siteName": "SITE_A",
+                                 "debugView": view}))
+    clock.advance(2)
+    out.append(p.update_job({"jobId": a, "state": "running", "siteName": "SITE_A",
+                             "debugView": "not json"}))
+    return out
+
+
 SCENARIOS = [sc_getjob_spec, sc_priority_and_fit, sc_shares, sc_stale_share_plan, sc_sites,
              sc_cycle,
-             sc_md5_and_no_site, sc_failures, sc_pending_command, sc_together]
+             sc_md5_and_no_site, sc_failures, sc_pending_command, sc_together, sc_debug_mode]
 
 
 # ---------------------------------------------------------------------- 1. parity
@@ -662,6 +682,13 @@ def test_hot_path_gives_the_general_paths_results(env, scenario):
     elif name == "sc_pending_command":
         assert replies[1:3] == [{"StatusCode": 0, "command": "tobekilled"}] * 2
         assert [j["command"] for j in snap["jobs"]] == [None, "tobekilled"]
+    elif name == "sc_debug_mode":
+        assert replies[1] == {"StatusCode": 0, "command": "debug", "debugView": "tail out.txt"}
+        assert replies[2] == {"StatusCode": 0, "command": "tobekilled"}
+        a, b = snap["jobs"]
+        assert json.loads(b["debug_view"]) == {"view": "tail", "name": "out.txt", "time": 1.5,
+                                               "truncated": False, "text": "hello\n"}
+        assert "not JSON" in json.loads(a["debug_view"])["error"]
 
 
 # ---------------------------------------------------------------------- 2. the hot path is taken
