@@ -17,6 +17,7 @@ Written once here for the server (which checks a request before storing it) and 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,12 +84,15 @@ def clean_view(raw: Any) -> str | None:
     that is not readable is stored as a note saying so (the heartbeat itself is kept)."""
     if raw in (None, ""):
         return None
-    if not isinstance(raw, str) or len(raw) > 4 * MAX_VIEW_BYTES:
+    if isinstance(raw, dict):          # a JSON body's object, rather than its text
+        data = raw
+    elif not isinstance(raw, str) or len(raw) > 4 * MAX_VIEW_BYTES:
         return json.dumps({"error": "debug view dropped: too large or not text"})
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return json.dumps({"error": "debug view dropped: not JSON"})
+    else:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return json.dumps({"error": "debug view dropped: not JSON"})
     if not isinstance(data, dict):
         return json.dumps({"error": "debug view dropped: not a JSON object"})
     out: dict[str, Any] = {}
@@ -107,8 +111,17 @@ def clean_view(raw: Any) -> str | None:
     return json.dumps(out)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def render(view: Any) -> str:
-    """A stored view as a person reads it (CLI, monitor): a header line and the text."""
+    """A stored view as a person reads it (CLI, monitor): a header line and the text. Control
+    characters (a payload's terminal escapes in its stdout or its file names) are shown as
+    ``?``, so printing a view cannot drive the reader's terminal."""
+    return _CONTROL.sub("?", _render(view))
+
+
+def _render(view: Any) -> str:
     if isinstance(view, str):
         try:
             view = json.loads(view)

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "job": ("panda_wms.jobs_cli:job_main", "one job: details, files, state history"),
     "retry": ("panda_wms.jobs_cli:retry_main", "retry failed jobs, or a task's (--task N)"),
     "data": ("panda_wms.data_cli:main", "register input files of a dataset, list them"),
+    "quota": ("panda_wms.quota_cli:main", "my usage against my quotas; list; set (admin)"),
     "debug": ("panda_wms.client_cli:debug_main", "debug mode of a running job: set, clear, show"),
     "se": ("storage_element.cli:main", "serve a folder as an HTTP/WebDAV storage element"),
     "demo": ("panda_wms.demo:main", "run a server, a site and pilots; process a task end to end"),
@@ -53,6 +54,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tasks": (("client",), ()),
     "job": (("client",), ()),
     "data": (("client",), ()),
+    "quota": (("client",), ()),
     "demo": (("server", "factory"), ()),
 }
 

@@ -30,7 +30,7 @@ def read_task_file(path: str) -> dict:
                                 f"JSON: {exc.msg}") from None
     else:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml12_loader(yaml))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -42,6 +42,24 @@ def read_task_file(path: str) -> dict:
         raise TaskFileError(f"{path}: a task file must hold a mapping of field -> value, "
                             f"not {type(data).__name__}")
     return data
+
+
+def _yaml12_loader(yaml):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads
+    on/off/yes/no as booleans, so a task's ``notify: {on: [task_end]}`` arrived as ``{true:
+    ...}`` and was refused."""
+    import re
+
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    TaskLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    TaskLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                     list("tTfF"))
+    return TaskLoader
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from panda_core.client import ApiClient, BadServerUrl, ClientError, default_url, load_token
+from panda_core.client import (ApiClient, BadServerUrl, ClientError, ServerUnreachable,
+                               default_url, load_token)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -165,9 +166,13 @@ def watch(show: Callable[[], int], interval: float | None, out=None,
             (sys.stderr if machine else out).write(
                 f"every {interval:g} s, Ctrl-C to stop; "
                 f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
-            rc = show()
+            try:
+                rc = show()
+            except ServerUnreachable as exc:  # a server restart: say so, keep watching
+                sys.stderr.write(f"panda: {exc}\n")
+                rc = EXIT_OK
             out.flush()
-            if rc not in (EXIT_OK,):
+            if rc != EXIT_OK:
                 return rc
             time.sleep(interval)
     except KeyboardInterrupt:

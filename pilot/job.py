@@ -320,9 +320,10 @@ class JobRun:
                                  f"the work dir: {exc}") from None
         env = scrub_env(os.environ, extra, self.cfg.payload_env)
         sandbox = self._sandbox()
-        # in an image the transformation is the image's: the node's PATH says nothing about it
+        # in an image (the job's or the site's) the transformation is the image's: the node's
+        # PATH says nothing about it
         argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"),
-                          check=not (sandbox.runs_images and job.container_name))
+                          check=not sandbox.runs_images)
         (self.workdir / "pilot_inputs.json").write_text(inputs)
         wrapped = sandbox.wrap(self._sandbox_spec(job, argv, env, files))
         self.payload = Payload(wrapped.argv, self.workdir, wrapped.env)
@@ -366,7 +367,8 @@ class JobRun:
             remaining_s=self.cfg.remaining_s, reserve_s=self.cfg.reserve_s,
             stop_requested=lambda: self.kill.requested or (
                 self.pilot_stop is not None and self.pilot_stop.requested),
-            on_command=lambda commands: self._obey({"command": ",".join(sorted(commands))}),
+            on_command=lambda commands: self._obey({"command": ",".join(sorted(commands))},
+                                                   updates=False),
             on_contact=self._contact)
         self.es = EventServiceSession(ctx, self.cfg.event_service)
         return self.es
@@ -534,13 +536,16 @@ class JobRun:
         self.last_heartbeat_ok = time.time()
         self._obey(reply)
 
-    def _obey(self, reply: dict[str, Any]) -> None:
+    def _obey(self, reply: dict[str, Any], updates: bool = True) -> None:
+        """Act on a reply's commands. Debug mode follows the updateJob replies only
+        (``updates``): the event service's replies repeat the job's command without the view."""
         commands = server_commands(reply)
         if commands & KILL_COMMANDS:
             log.warning("job %s: the server says %s", self.panda_id, ",".join(sorted(commands)))
             self.kill.set(ErrorCode.KILLED_BY_SERVER, "job killed by the server's command")
             return
-        self._debug_mode(reply if "debug" in commands else None)
+        if updates:
+            self._debug_mode(reply if "debug" in commands else None)
         if commands - {"debug"}:
             log.info("job %s: server command(s) %s ignored", self.panda_id,
                      ",".join(sorted(commands - {"debug"})))

@@ -14,6 +14,7 @@ import re
 from panda_core.debugview import BadDebugRequest
 from panda_core.debugview import parse_request as parse_debug_request
 from panda_core.replicas import BadFileName
+from panda_core.states import FINAL_JOB_STATES
 
 from .api_console import error_text
 from .api_panda import panda_file_names, panda_job_names
@@ -21,6 +22,8 @@ from .apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, Par
                       id_list, int_param, str_param)
 from .jeditask import CODE_DUPLICATE, CODE_REFUSED, is_jedi_task, task_from_jedi
 from .jobcreator import LimitExceeded, TaskSpecError
+from .groups import refusal
+from .quotas import KINDS, QuotaExceeded
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
 
@@ -32,6 +35,7 @@ JOB_IDS = Param("job_ids", "ids", True, "PandaIDs (a repeated key, a list or one
 SITE = Param("site", required=True, max_length=128, description="a site's name")
 SINCE = Param("since", max_length=64, description="ISO time: modified since")
 
+FINAL_STATES = frozenset(str(s) for s in FINAL_JOB_STATES)
 #: files one data/add_files call registers (one transaction)
 MAX_FILES_PER_CALL = 10000
 
@@ -89,7 +93,12 @@ def task_submit(ctx: Context, params: dict) -> int:
                 if live is not None:
                     raise ApiError(f"task name {task_params['name']!r} is in use by your task "
                                    f"jediTaskID={live}", data=CODE_DUPLICATE)
+        why = refusal(ctx.identity, task_params.get("vo"), task_params.get("working_group"))
+        if why:
+            raise ApiError(f"permission denied: {why}", 403, data=CODE_REFUSED)
         result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
+    except QuotaExceeded as exc:
+        raise ApiError(str(exc), 403, data=CODE_REFUSED) from None
     except LimitExceeded as exc:
         raise ApiError(f"bad task description: {exc}", 400, data=CODE_REFUSED) from None
     except (TaskSpecError, BadFileName) as exc:   # BadFileName: an output name made from a pattern
@@ -107,6 +116,8 @@ def task_extend(ctx: Context, params: dict) -> dict:
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     try:
         result = ctx.submitter.extend(task_id, ctx.identity.subject)
+    except QuotaExceeded as exc:
+        raise ApiError(str(exc), 403) from None
     except LimitExceeded as exc:
         raise ApiError(str(exc), 400) from None
     except (TaskSpecError, BadFileName) as exc:
@@ -275,8 +286,43 @@ def job_get_debug_view(ctx: Context, params: dict) -> dict:
     if job is None:
         raise NotFound(f"no job {panda_id}")
     view = json.loads(job["debug_view"]) if job.get("debug_view") else None
-    return {"job_id": panda_id, "status": job["status"], "debug": job.get("debug_request"),
+    # an ended job's pilot is gone: its request, if never cleared, asks nobody any more
+    asked = None if job["status"] in FINAL_STATES else job.get("debug_request")
+    return {"job_id": panda_id, "status": job["status"], "debug": asked,
             "view": view, "modificationTime": job["modification_time"]}
+
+
+# ---------------------------------------------------------------------- quotas
+@api("quota", "list")
+def quota_list(ctx: Context, params: dict) -> list[dict]:
+    return [q.to_dict() for q in ctx.submitter.quotas.all()]
+
+
+@api("quota", "set", ("POST",), ADMIN)
+def quota_set(ctx: Context, params: dict) -> dict:
+    kind = str_param(params, "kind") or "user"
+    if kind not in KINDS:
+        raise ApiError(f"parameter 'kind': one of {', '.join(KINDS)}", 400)
+    name = str_param(params, "name")
+    if not name:
+        raise ApiError("parameter 'name': the user (token subject), the group, or '*'", 400)
+    limits = {}
+    for key in ("max_running", "max_per_day"):
+        value = params.get(key)
+        limits[key] = None if value in (None, "") else int_param(params, key)
+    try:
+        return ctx.submitter.quotas.set(kind, name, **limits).to_dict()
+    except ValueError as exc:
+        raise ApiError(str(exc), 400) from None
+
+
+@api("quota", "usage")
+def quota_usage(ctx: Context, params: dict) -> dict:
+    """A user's (default: the caller's) and a group's use against their quotas."""
+    user = str_param(params, "user") or (ctx.identity.subject if ctx.identity else None)
+    if not user:
+        raise ApiError("parameter 'user': whose usage (or call with a token)", 400)
+    return ctx.submitter.quotas.usage(user, str_param(params, "group"))
 
 
 # ---------------------------------------------------------------------- sites

@@ -95,7 +95,7 @@ _JOB_ALIASES = {  # PanDA JobSpec name -> our job column
     "cpuConsumptionTime": "cpu_consumption_time", "maxRSS": "max_rss", "nEvents": "n_events",
     "jobMetrics": "job_metrics", "batchID": "batch_id", "pilotID": "pilot_id",
     "commandToPilot": "command", "gshare": "share", "transferType": "transfer_type",
-    "modificationHost": "node",
+    "modificationHost": "node", "workingGroup": "working_group", "VO": "vo",
 }
 _FILE_ALIASES = {"rowID": "row_id", "PandaID": "panda_id", "GUID": "guid", "lfn": "lfn",
                  "type": "type", "dataset": "dataset", "status": "status", "scope": "scope",

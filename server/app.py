@@ -57,6 +57,8 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     revoked.refresh()
     keys.tokens.refresh_all()
     pm = plugin_manager()
+    from .quotas import QuotaPolicy      # over-quota users' waiting jobs yield at dispatch
+    pm.register(QuotaPolicy(tb), name="quotas")
     executor = ThreadPoolExecutor(threads, thread_name_prefix="db")
     run = in_pool(executor)
     path: DispatchPath = GeneralPath(tb, run)

@@ -38,6 +38,7 @@ class Identity:
     subject: str          # token subject or certificate DN
     role: str             # pilot | user | admin
     site: str | None = None   # a pilot token may be bound to one site
+    groups: tuple[str, ...] = ()   # the token's groups (VO/working group checks)
 
     def may_act_for_site(self, site: str | None) -> bool:
         return self.role == "admin" or self.site is None or self.site == site
@@ -68,8 +69,8 @@ class KeyStore:
 
     # --- tokens -------------------------------------------------------------------------------
     def issue_token(self, subject: str, role: str, site: str | None = None,
-                    lifetime_s: int = 30 * 24 * 3600) -> str:
-        return self.tokens.issue(subject, role, site, lifetime_s)
+                    lifetime_s: int = 30 * 24 * 3600, groups: tuple[str, ...] = ()) -> str:
+        return self.tokens.issue(subject, role, site, lifetime_s, groups)
 
     def verify_token(self, token: str) -> Identity:
         """The identity a token speaks for. Verified tokens are remembered until they expire
@@ -84,7 +85,8 @@ class KeyStore:
             claims = self.tokens.verify(token)
         except TokenError as exc:
             raise AuthError(str(exc), exc.status_code) from None
-        identity = Identity(subject=claims.subject, role=claims.role, site=claims.site)
+        identity = Identity(subject=claims.subject, role=claims.role, site=claims.site,
+                            groups=claims.groups)
         if len(self._verified) >= 10000:
             self._verified.clear()
         self._verified[token] = (claims.expires, identity, claims.jti)

@@ -533,6 +533,9 @@ def token_main(argv: list[str]) -> int:
     p.add_argument("--role", choices=["pilot", "user", "admin"], help="issue: the token's role")
     p.add_argument("--subject", help="issue: who the token speaks for")
     p.add_argument("--site", help="bind a pilot token to one site")
+    p.add_argument("--group", action="append", default=[], metavar="GROUP",
+                   help="issue: a group the token carries, e.g. atlas or atlas/phys-higgs "
+                        "(repeatable): the VOs and working groups its tasks may name")
     p.add_argument("--lifetime", type=int, default=30 * 24 * 3600, help="seconds")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="issue, public-key: write to FILE (a token: mode 0600, no trailing "
@@ -567,7 +570,7 @@ def token_main(argv: list[str]) -> int:
             p.error("--lifetime must be a positive number of seconds")
         try:
             token = KeyStore(args.key_dir).issue_token(args.subject, args.role, args.site,
-                                                       args.lifetime)
+                                                       args.lifetime, tuple(args.group))
         except OSError as exc:
             sys.stderr.write(f"panda token: cannot use key dir {args.key_dir}: {exc}\n")
             return 2

@@ -97,6 +97,7 @@ def _job_columns() -> list[Column]:
         Column("n_events", BigInteger),
         Column("job_metrics", Text),
         Column("working_group", String(64)),              # the task's working group, if any
+        Column("vo", String(64)),                         # the task's virtual organisation
         Column("destination_se", String(255)),            # outputs go on to this SE (T1)
         Column("excluded_sites", Text),                   # JSON list: failed there (site's fault)
         Column("event_service", SmallInteger),            # PanDA's: 1 consumer, 2 merge job
@@ -117,6 +118,7 @@ jobs = Table(
     "jobs", metadata, *_job_columns(),
     Index("ix_jobs_task_status", "task_id", "status"),
     Index("ix_jobs_status_changed", "status", "state_changed"),
+    Index("ix_jobs_owner_created", "owner", "creation_time"),
 )
 
 # The dispatcher's query: activated jobs of a site in dispatch order, read from the index. On
@@ -140,6 +142,7 @@ jobs_archive = Table(
     "jobs_archive", metadata, *[c._copy() for c in _job_columns()],
     Index("ix_jobs_archive_task", "task_id"),
     Index("ix_jobs_archive_modified", "modification_time"),
+    Index("ix_jobs_archive_owner_created", "owner", "creation_time"),
 )
 # archived rows keep their ids: no autoincrement there
 jobs_archive.c.panda_id.autoincrement = False
@@ -295,6 +298,16 @@ incidents = Table(
 )
 
 # alarms: raised by the monitor's checks and the alarm/raise API; one open alarm per key
+# quotas per user and per group (server/quotas.py)
+quotas = Table(
+    "quotas", metadata,
+    Column("kind", String(16), primary_key=True),        # user | group
+    Column("name", String(255), primary_key=True),       # token subject, group, or '*'
+    Column("max_running", Integer),
+    Column("max_per_day", Integer),
+    Column("updated", Timestamp, nullable=False),
+)
+
 # messages to users that a task's ``notify`` asked for (server/notifications.py)
 notifications = Table(
     "notifications", metadata,

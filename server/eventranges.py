@@ -186,6 +186,13 @@ class EventRangeService:
         conn.execute(update(db.jobs).where(db.jobs.c.panda_id == panda_id)
                      .values(heartbeat_time=now))
 
+    def _task_scope(self, conn: Connection, task_id: int) -> str:
+        params = conn.execute(select(db.tasks.c.params).where(db.tasks.c.task_id == task_id)
+                              ).scalar()
+        if isinstance(params, str):
+            params = json.loads(params)
+        return str((params or {}).get("scope") or TaskSpec.scope)
+
     def _range_timeout(self, conn: Connection, task_id: int) -> float:
         params = conn.execute(select(db.tasks.c.params).where(db.tasks.c.task_id == task_id)
                               ).scalar()
@@ -283,7 +290,7 @@ class EventRangeService:
                 values: dict[str, Any] = {"status": status, "modified": self.tb.clock()}
                 if job["event_service"] == ES_CONSUMER:
                     if status == "finished":
-                        values.update(self._range_output(job, u))
+                        values.update(self._range_output(conn, job, u))
                     elif status == "cancelled":   # not processed: back to the pool
                         values.update(status="ready", panda_id=None)
                 cpu = u.get("cpuConsumptionTime")
@@ -322,10 +329,11 @@ class EventRangeService:
                 log.exception("task %s: merge job not created now", task_id)
         return results
 
-    def _range_output(self, job: dict, u: dict) -> dict[str, Any]:
+    def _range_output(self, conn: Connection, job: dict, u: dict) -> dict[str, Any]:
         """The out_* values of a finished event-service range from its ``zipFile`` (PanDA's
-        name): the lfn must be the one ``range_output_lfn`` gives for this range, so a pilot
-        names no file but its own; the replica is at its site's output storage element."""
+        name): the lfn must be the one ``range_output_lfn`` gives for this range and the scope
+        the task's, so a pilot names no file but its own; the replica is at its site's output
+        storage element."""
         out = u.get("_output")
         if not isinstance(out, dict):
             raise EventRangeError(30, f"finished event-service range {u['eventRangeID']} needs "
@@ -343,11 +351,14 @@ class EventRangeService:
         adler = str(out.get("adler32") or "").lower()
         if not (len(adler) == 8 and all(c in "0123456789abcdef" for c in adler)):
             raise EventRangeError(30, "zipFile adler32 must be 8 hex digits")
-        scope = str(out.get("scope") or "")
+        task_scope = self._task_scope(conn, job["task_id"])
+        scope = str(out.get("scope") or task_scope)
         try:
             check_name(scope, "scope")
         except BadFileName as exc:
             raise EventRangeError(30, f"zipFile {exc}") from None
+        if scope != task_scope:
+            raise EventRangeError(30, f"zipFile scope {scope!r} is not the task's ({task_scope!r})")
         u["_scope"] = scope
         endpoint = None
         try:

@@ -103,6 +103,7 @@ class TaskSpec:
     share: str | None = None             # global share; None: chosen from prod_source_label
     prod_source_label: str = "managed"
     working_group: str | None = None     # PanDA's workingGroup: the monitor groups jobs by it
+    vo: str | None = None                # PanDA's VO; both checked against the token's groups
     cores: int = 1
     memory_mb: int = 1000
     walltime_s: int = DEFAULT_JOB_WALLTIME_S   # fits the default pilot (panda_core.siteconfig)
@@ -144,12 +145,16 @@ class TaskSpec:
                "name", "letters, digits and ._- only, at most 200 characters")
         for key in ("job_parameters", "scope", "input_dataset", "output_dataset", "site", "share",
                     "prod_source_label", "transfer_type", "pilot_version", "working_group",
-                    "destination_se"):
+                    "destination_se", "vo"):
             if key in data and data[key] is not None:
                 _check(isinstance(data[key], str), key, "must be a string")
                 _check(len(data[key]) <= _TEXT_LIMITS.get(key, 255), key,
                        f"at most {_TEXT_LIMITS.get(key, 255)} characters")
                 kw[key] = data[key]
+        for key in ("vo", "working_group"):
+            if kw.get(key) is not None:
+                _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", kw[key]) is not None,
+                       key, "letters, digits and ._- only, at most 64 characters")
         if data.get("notify") is not None:
             from .notifications import NotifySpecError, notify_spec
             try:
@@ -300,7 +305,7 @@ def make_job(spec: TaskSpec, task_id: int, owner: str, serial: int, inputs: list
         "cores": spec.cores, "memory_mb": spec.memory_mb, "walltime_s": spec.walltime_s,
         "disk_mb": spec.disk_mb, "pilot_version": spec.pilot_version,
         "transfer_type": spec.transfer_type, "working_group": spec.working_group,
-        "destination_se": spec.destination_se,
+        "destination_se": spec.destination_se, "vo": spec.vo,
     }
     files = [{"type": "input", "scope": f["scope"], "lfn": f["lfn"], "dataset": f["dataset"],
               "guid": f["guid"], "fsize": f.get("fsize"), "checksum": f.get("checksum"),
@@ -345,7 +350,7 @@ def retry_job_values(job: dict, files: list[dict]) -> tuple[dict, list[dict]]:
     keep = ("task_id", "serial", "max_attempts", "owner", "site", "prod_source_label", "share",
             "priority", "transformation", "cores", "memory_mb", "walltime_s", "disk_mb",
             "pilot_version", "transfer_type", "working_group", "destination_se",
-            "event_service")
+            "event_service", "vo")
     values = {k: job.get(k) for k in keep}
     values.update(attempt_nr=attempt, parent_id=job["panda_id"],
                   current_priority=job["priority"])

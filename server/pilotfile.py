@@ -209,15 +209,22 @@ class PilotFiles:
                 version, data = build()
                 path = self.path(version)
                 sig_path = path.with_name(FILE_NAME + SIGNATURE_SUFFIX)
-                if not (path.exists() and sig_path.exists()
-                        and path.read_bytes() == data):
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    for target, content in ((path, data), (sig_path, self._sign(data))):
+                signature = self._sign(data)     # Ed25519 is deterministic: same bytes each time
+                wrote = False
+                for target, content in ((path, data), (sig_path, signature)):
+                    try:
+                        same = target.read_bytes() == content
+                    except FileNotFoundError:
+                        same = False
+                    if not same:             # absent, or signed by a key since replaced
+                        target.parent.mkdir(parents=True, exist_ok=True)
                         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
                         tmp.write_bytes(content)
                         os.replace(tmp, target)
-                    log.info("pilot file %s built: %d bytes in %.2f s", version, len(data),
-                             time.monotonic() - started)
+                        wrote = True
+                if wrote:
+                    log.info("pilot file %s built and signed: %d bytes in %.2f s", version,
+                             len(data), time.monotonic() - started)
                 self._current = version
             return self._current
 

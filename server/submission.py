@@ -35,8 +35,10 @@ class SubmitResult:
 
 class TaskSubmitter:
     def __init__(self, tb: TaskBuffer, brokerage: Brokerage):
+        from .quotas import Quotas
         self.tb = tb
         self.brokerage = brokerage
+        self.quotas = Quotas(tb)
 
     def submit(self, params: dict, owner: str, into_task: int | None = None,
                first_serial: int = 1) -> SubmitResult:
@@ -63,6 +65,7 @@ class TaskSubmitter:
                 raise TaskSpecError(f"field 'input_dataset': dataset {spec.input_dataset!r} has "
                                     "no unused files (register them with data/add_files first)")
         groups, windows = _split(spec, inputs)
+        self.quotas.check_submit(owner, spec.working_group, len(groups))
         return self._create(spec, params, owner, groups, sites, windows=windows,
                             task_id=into_task, first_serial=first_serial)
 
@@ -99,6 +102,7 @@ class TaskSubmitter:
         existing = self.tb.tasks.job_counts(task_id)
         first_serial = max(1, sum(existing.values()) + 1)
         groups, windows = _split(spec, new)
+        self.quotas.check_submit(task["owner"], spec.working_group, len(groups))
         return self._create(spec, task["params"], actor, groups, sites, task_id=task_id,
                             first_serial=first_serial, windows=windows)
 

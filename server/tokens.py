@@ -42,6 +42,7 @@ MAX_TOKEN_BYTES = 16384
 JWKS_REFRESH_S = 600          # a provider's keys are fetched again this often
 JWKS_RETRY_S = 10             # an unknown key id starts a fetch at most this often
 LEEWAY_S = 60                 # clock skew allowed on exp, nbf and iat
+MAX_DOCUMENT_BYTES = 1 << 20  # a provider's discovery document or JWKS
 
 
 class TokenError(Exception):
@@ -62,6 +63,7 @@ class Claims:
     expires: float
     jti: str | None
     issuer: str
+    groups: tuple[str, ...] = ()     # the token's groups, without a leading slash
 
 
 @dataclass
@@ -96,6 +98,17 @@ class TrustedIssuer:
         wanted = {g.strip("/") for g in groups}
         found = [role for group, role in self.roles.items() if group.strip("/") in wanted]
         return max(found, key=ROLE_RANK.__getitem__) if found else None
+
+
+def token_groups(claims: dict) -> tuple[str, ...]:
+    """The groups a token's claims name (``wlcg.groups``, ``groups``), without leading slashes
+    and without duplicates; anything not a string is ignored."""
+    out: list[str] = []
+    for key in ("wlcg.groups", "groups"):
+        value = claims.get(key)
+        if isinstance(value, list):
+            out += [g.strip("/") for g in value if isinstance(g, str) and g.strip("/")]
+    return tuple(dict.fromkeys(g[:255] for g in out[:100]))
 
 
 def _fail(path: str, why: str) -> ValueError:
@@ -240,7 +253,7 @@ class TokenService:
 
     # --- issuing -------------------------------------------------------------------------------
     def issue(self, subject: str, role: str, site: str | None = None,
-              lifetime_s: int = 30 * 24 * 3600) -> str:
+              lifetime_s: int = 30 * 24 * 3600, groups: tuple[str, ...] = ()) -> str:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
         if not subject or not isinstance(subject, str):
@@ -249,7 +262,7 @@ class TokenService:
         claims = {"iss": self.issuer, "sub": subject, "aud": self.issuer, "iat": now,
                   "nbf": now, "exp": now + int(lifetime_s), "jti": str(uuid.uuid4()),
                   "scope": f"panda:{role}", "wlcg.ver": WLCG_VERSION,
-                  "groups": [f"panda/{role}"], "role": role,
+                  "groups": [f"panda/{role}", *(g.strip("/") for g in groups)], "role": role,
                   # what panda-client's get_user_name_from_token() and prun read
                   "name": subject, "preferred_username": subject}
         if site:
@@ -300,7 +313,7 @@ class TokenService:
         if jti is not None and jti in self.revoked:
             raise TokenError("bearer token revoked")
         return Claims(subject=subject, role=role, site=site, expires=float(claims["exp"]),
-                      jti=jti, issuer=issuer)
+                      jti=jti, issuer=issuer, groups=token_groups(claims))
 
     @staticmethod
     def _decode(token: str, key: Any, algorithms: list[str], audience: list[str],
@@ -353,23 +366,32 @@ class TokenService:
     @staticmethod
     def refresh_keys(trusted: TrustedIssuer, timeout_s: float = 10) -> bool:
         verify: str | bool = trusted.ca_bundle or True
+
+        def fetch_json(url: str) -> Any:
+            """A provider's JSON document, at most MAX_DOCUMENT_BYTES (a hostile or broken
+            provider cannot fill the server's memory)."""
+            with requests.get(url, timeout=timeout_s, verify=verify, stream=True) as resp:
+                resp.raise_for_status()
+                body = resp.raw.read(MAX_DOCUMENT_BYTES + 1, decode_content=True)
+            if len(body) > MAX_DOCUMENT_BYTES:
+                raise ValueError(f"{url}: larger than {MAX_DOCUMENT_BYTES} bytes")
+            return json.loads(body)
+
         try:
-            uri = trusted.jwks_uri
-            if not uri:
-                conf = requests.get(trusted.oidc_config_url(), timeout=timeout_s, verify=verify)
-                conf.raise_for_status()
-                uri = conf.json()["jwks_uri"]
-            resp = requests.get(uri, timeout=timeout_s, verify=verify)
-            resp.raise_for_status()
+            uri = trusted.jwks_uri or fetch_json(trusted.oidc_config_url())["jwks_uri"]
+            if not isinstance(uri, str) or not uri.startswith("https://"):
+                raise ValueError(f"jwks_uri {str(uri)[:200]!r} is not an https URL")
             keys = {}
-            for entry in resp.json()["keys"]:
-                if entry.get("use", "sig") != "sig" or "kid" not in entry:
+            for entry in fetch_json(uri)["keys"]:
+                if not isinstance(entry, dict) or entry.get("use", "sig") != "sig" \
+                        or "kid" not in entry:
                     continue
                 try:
                     keys[entry["kid"]] = jwt.PyJWK(entry).key
                 except jwt.PyJWTError as exc:
                     log.warning("%s: skipping key %s: %s", trusted.issuer, entry.get("kid"), exc)
-        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        except (requests.RequestException, ValueError, KeyError, TypeError,
+                AttributeError) as exc:
             log.warning("cannot fetch the keys of token issuer %s: %s", trusted.issuer, exc)
             return False
         trusted.keys, trusted.fetched = keys, time.time()

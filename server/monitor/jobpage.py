@@ -66,9 +66,9 @@ def job_page(tb, panda_id: int) -> dict | None:
     now = tb.clock()
     files = job.pop("files")
     debug = next((job[k] for k in DEBUG_FIELDS if job.get(k)), None)
-    if debug is not None or job.get("debug_request"):
-        state = (f"debug mode on ({job['debug_request']})" if job.get("debug_request")
-                 else "debug mode off")
+    asked = job.get("debug_request") if job["status"] not in _FINAL else None
+    if debug is not None or asked:
+        state = f"debug mode on ({asked})" if asked else "debug mode off"
         debug = f"{state}\n" + (render_debug_view(debug) if debug is not None
                                  else "no view received from the pilot yet")
     return {"job": job, "files": files, "errors": job_errors(job),

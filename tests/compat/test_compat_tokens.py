@@ -42,6 +42,10 @@ class OidcProvider:
                             "token_endpoint": f"{issuer.url}/token"}
                 elif self.path == "/jwk":
                     body = {"keys": [issuer.jwk(kid, key) for kid, key in issuer.keys.items()]}
+                elif self.path == "/huge":          # a broken or hostile provider
+                    body = {"keys": [], "padding": "x" * (2 << 20)}
+                elif self.path == "/odd":
+                    body = {"keys": ["not a key", 7]}
                 else:
                     self.send_error(404)
                     return
@@ -296,3 +300,19 @@ def test_a_broken_issuers_file_stops_the_server_with_a_reason(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "issuers[0].issuer: expected the provider's https:// URL" in proc.stderr
+
+
+def test_a_hostile_provider_document_is_refused_not_kept(world, tmp_path):
+    """Keys are fetched with a size limit and a shape check; a failed fetch keeps nothing."""
+    from server.tokens import TokenService, TrustedIssuer
+
+    _, idp = world
+    ca = str(world[0].tmp / "pki" / "ca.pem")
+    for path in ("/huge", "/odd", "/nothing-here"):
+        trusted = TrustedIssuer(issuer=idp.url, audience=[AUDIENCE], roles={"atlas": "user"},
+                                jwks_uri=idp.url + path, ca_bundle=ca)
+        assert TokenService.refresh_keys(trusted) is (path == "/odd")
+        assert trusted.keys == {}
+    plain = TrustedIssuer(issuer=idp.url, audience=[AUDIENCE], roles={"atlas": "user"},
+                          jwks_uri="http://127.0.0.1:1/jwk")
+    assert TokenService.refresh_keys(plain) is False

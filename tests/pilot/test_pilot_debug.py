@@ -49,6 +49,10 @@ def test_the_server_stores_views_bounded_and_only_known_keys():
     for bad in ("not json", "[1, 2]", "x" * (5 * MAX_VIEW_BYTES)):
         assert "dropped" in json.loads(clean_view(bad))["error"]
     assert clean_view("") is None
+    assert json.loads(clean_view({"view": "ps", "text": "x"}))["text"] == "x"   # a JSON body
+    # a payload's terminal escapes never reach the reader's terminal
+    shown = render(clean_view(json.dumps({"view": "tail", "text": "a\x1b[2J\x1b]0;pwn\x07b\n"})))
+    assert "\x1b" not in shown and "\x07" not in shown and "a?[2J" in shown
     assert render(clean_view(json.dumps({"view": "ls", "text": "a\nb"}))) .startswith("ls")
 
 
@@ -147,9 +151,29 @@ def real(tmp_path, monkeypatch):
 
 
 def panda(server, token, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PANDA_AUTH_TOKEN": token}
-    return subprocess.run([sys.executable, "-m", "panda_wms.cli", "debug", *args, "--server",
-                           server.url], env=env, capture_output=True, text=True, timeout=60)
+    """``panda debug ARGS`` in this process (its own process costs a second on a busy node):
+    exit code, stdout and stderr as a subprocess's."""
+    import contextlib
+    import io
+
+    from panda_wms.client_cli import debug_main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.get("PANDA_AUTH_TOKEN")
+    os.environ["PANDA_AUTH_TOKEN"] = token
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = debug_main([*args, "--server", server.url])
+            except SystemExit as exc:            # argparse's usage errors
+                rc = exc.code
+    finally:
+        if saved is None:
+            os.environ.pop("PANDA_AUTH_TOKEN", None)
+        else:
+            os.environ["PANDA_AUTH_TOKEN"] = saved
+    return subprocess.CompletedProcess(["panda", "debug", *args], rc, out.getvalue(),
+                                       err.getvalue())
 
 
 def test_debug_mode_through_the_real_server(real, tmp_path):
@@ -176,6 +200,8 @@ def test_debug_mode_through_the_real_server(real, tmp_path):
                         headers={"Authorization": f"Bearer {alice_token}"},
                         json={"job_id": job_id, "mode": True, "view": "sh -c id"})
     assert bad.status_code == 400 and "unknown debug view" in bad.json()["message"]
+    from panda_wms.cli import SUBCOMMANDS
+    assert SUBCOMMANDS["debug"][0] == "panda_wms.client_cli:debug_main"   # what `panda` runs
     res = panda(real, alice_token, "on", str(job_id), "tail", "../../etc/passwd")
     assert res.returncode == 2 and "'..'" in res.stderr
     res = panda(real, alice_token, "on", str(job_id))
@@ -201,9 +227,7 @@ def test_debug_mode_through_the_real_server(real, tmp_path):
                  "the file's tail", 60)
         page = requests.get(f"{real.url}/monitor/jobs/{job_id}", timeout=30).text
         assert "debug mode on (tail part.txt)" in page and "partial" in page
-        res = panda(real, alice_token, "off", str(job_id))
-        assert res.returncode == 0 and "debug mode off" in res.stdout
-        release.touch()
+        release.touch()            # left on: the job's end is what ends it
         out, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
@@ -212,5 +236,7 @@ def test_debug_mode_through_the_real_server(real, tmp_path):
     final = alice.debug_view(job_id)
     assert final["status"] == "finished" and final["debug"] is None
     assert final["view"]["name"] == "part.txt"          # the latest view stays for the record
+    res = panda(real, alice_token, "off", str(job_id))   # clearing an ended job's is fine
+    assert res.returncode == 0 and "debug mode off" in res.stdout
     res = panda(real, alice_token, "on", str(job_id))    # an ended job has nothing to debug
     assert res.returncode == 1 and "has ended" in res.stderr

@@ -345,3 +345,17 @@ def test_https_server_verified_against_the_sites_ca_bundle(tmp_path):
         assert not any((tmp_path / "cache2").iterdir())
     finally:
         stop_server(server)
+
+
+def test_pilots_unpacking_the_same_version_at_once_all_run(srv, tmp_path):
+    """Four cold starts on one node at the same moment: each unpacks into its own folder and
+    renames it into place; the first wins, the others take its copy, none fails."""
+    version = requests.get(srv.url + "/pilot/", timeout=30).json()["default"]
+    key = raw_key(srv.public_key_file().read_text(), srv.key_fingerprint())
+    argv = batch_command(srv.url, version, key, ["--help"])
+    env = node_env(tmp_path / "cache", "/usr/bin/python3")
+    procs = [subprocess.Popen(argv, env=env, cwd="/", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    assert all(rc == 0 and "usage: panda pilot" in out for rc, out, _ in results), results
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [version]   # no leftovers

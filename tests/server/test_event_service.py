@@ -173,6 +173,7 @@ def test_cancelled_and_failed_ranges_return_to_the_pool(tb, disp):
     ({"fsize": "x", "adler32": "00000001", "scope": "s"}, "fsize"),
     ({"fsize": 3, "adler32": "zz", "scope": "s"}, "adler32"),
     ({"fsize": 3, "adler32": "00000001", "scope": "../x"}, "scope"),
+    ({"fsize": 3, "adler32": "00000001", "scope": "other"}, "is not the task's"),
 ])
 def test_bad_range_outputs_are_refused_and_change_nothing(tb, disp, bad, words):
     res = submit(tb)

@@ -59,3 +59,11 @@ def test_an_unusable_pilot_dir_is_an_os_error(tmp_path):
     files = PilotFiles(tmp_path / "file" / "pilot", Ed25519PrivateKey.generate().sign)
     with pytest.raises(OSError):
         files.current()
+
+
+def test_a_replaced_key_re_signs_the_current_version(built):
+    files, version, _ = built
+    new_key = Ed25519PrivateKey.generate()
+    again = PilotFiles(files.root, new_key.sign)
+    assert again.current() == version
+    new_key.public_key().verify(again.read(version, signature=True), again.read(version))
