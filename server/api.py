@@ -298,7 +298,13 @@ def quota_list(ctx: Context, params: dict) -> list[dict]:
     return [q.to_dict() for q in ctx.submitter.quotas.all()]
 
 
-@api("quota", "set", ("POST",), ADMIN)
+@api("quota", "set", ("POST",), ADMIN, params=(
+    Param("kind", enum=("user", "group"), description="whose quota (user)"),
+    Param("name", required=True, description="the user (token subject), the group, or '*'"),
+    Param("max_running", "integer", minimum=0, maximum=2**31 - 1,
+          description="jobs at once (empty: no limit)"),
+    Param("max_per_day", "integer", minimum=0, maximum=2**31 - 1,
+          description="jobs a day (empty: no limit)")))
 def quota_set(ctx: Context, params: dict) -> dict:
     kind = str_param(params, "kind") or "user"
     if kind not in KINDS:
@@ -316,7 +322,9 @@ def quota_set(ctx: Context, params: dict) -> dict:
         raise ApiError(str(exc), 400) from None
 
 
-@api("quota", "usage")
+@api("quota", "usage", params=(
+    Param("user", description="whose usage (default: the caller)"),
+    Param("group", max_length=64, description="and this group's")))
 def quota_usage(ctx: Context, params: dict) -> dict:
     """A user's (default: the caller's) and a group's use against their quotas."""
     user = str_param(params, "user") or (ctx.identity.subject if ctx.identity else None)
