@@ -381,7 +381,8 @@ def site_sync(ctx: Context, params: dict) -> list[str]:
 @api("data", "add_files", ("POST",), WRITERS, params=(
     Param("dataset", required=True, description="the dataset's name"),
     Param("scope", required=True, description="the files' scope"),
-    Param("files", "array", True, "[{lfn, fsize, checksum, guid?, surl?}]", max_length=100000),
+    Param("files", "array", True, "[{lfn, fsize, checksum, guid?, surl?}]",
+          max_length=MAX_FILES_PER_CALL),
     Param("ddm_endpoint", max_length=128, description="the storage element holding them")))
 def data_add_files(ctx: Context, params: dict) -> int:
     from panda_core.replicas import BadFileName, check_name
@@ -432,7 +433,10 @@ def data_add_files(ctx: Context, params: dict) -> int:
         raise ApiError(str(exc), 409) from None
 
 
-@api("scope", "add", ("POST",), ADMIN)
+@api("scope", "add", ("POST",), ADMIN, params=(
+    Param("scope", required=True, max_length=255, description="the scope's name"),
+    Param("owner", max_length=255, description="the account that owns it (or group:<name>)"),
+    Param("production", "boolean", description="a production scope: admins write it")))
 def scope_add(ctx: Context, params: dict) -> dict:
     """Register a scope to an owner account, or as a production scope (admins write it)."""
     from panda_core.replicas import check_name
@@ -448,7 +452,7 @@ def scope_add(ctx: Context, params: dict) -> dict:
     return ctx.tb.owners.add_scope(str(scope), owner or ctx.identity.subject, production)
 
 
-@api("scope", "list")
+@api("scope", "list", params=())
 def scope_list(ctx: Context, params: dict) -> list[dict]:
     return ctx.tb.owners.scopes()
 

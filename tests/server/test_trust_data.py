@@ -97,7 +97,7 @@ def test_n_jobs_and_one_calls_work_are_bounded(server):
     status, reply = api(server, "alice", "POST", "data/add_files", scope="user.alice",
                         dataset="user.alice.many",
                         files=[{"lfn": f"f{i}", "fsize": 1} for i in range(10001)])
-    assert status == 400 and "at most 10000 per call" in reply["message"], reply
+    assert status == 400 and "at most 10000" in reply["message"], reply
 
 
 # ---------------------------------------------------------------------- item 7: factories
