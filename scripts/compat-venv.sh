@@ -3,16 +3,28 @@
 # Pilot 3's top-level package is called `pilot` like ours, so it lives in a venv of its own, made
 # with the system python (/usr/bin/python3) so that an unprivileged user can run it. PyPI's wheel
 # lacks the launcher pilot.py: it comes from the source archive, unpacked into $VENV/pilot3-src.
-# Idempotent: does nothing when $VENV/.ready names the wanted versions.
+# Rucio's client (rucio-clients) goes in beside them: pilot 3 looks its inputs up through it
+# (this server answers under /rucio; it is not a dependency of panda-wms itself).
+# Idempotent: does nothing when $VENV/.ready names the wanted versions; a venv made before
+# rucio-clients was added only gets it installed.
 set -euo pipefail
 VENV=${1:-/var/tmp/panda-wms-pilot3-venv}
 PILOT_VERSION=${PANDA_PILOT_VERSION:-3.7.0.36}
 CLIENT_VERSION=${PANDA_CLIENT_VERSION:-2.2.0}
-WANT="panda-pilot==$PILOT_VERSION panda-client==$CLIENT_VERSION"
+RUCIO_VERSION=${RUCIO_CLIENTS_VERSION:-41.5.1}
+BASE="panda-pilot==$PILOT_VERSION panda-client==$CLIENT_VERSION"
+WANT="$BASE rucio-clients==$RUCIO_VERSION"
 mkdir -p "$(dirname "$VENV")"
 exec 9>"$VENV.lock"            # test sessions running at once build it once, one after the other
 flock 9
 if [ -f "$VENV/.ready" ] && [ "$(cat "$VENV/.ready")" = "$WANT" ]; then
+    exit 0
+fi
+if [ -f "$VENV/.ready" ] && [ "$(cat "$VENV/.ready")" = "$BASE" ]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "rucio-clients==$RUCIO_VERSION"
+    chmod -R a+rX "$VENV"
+    echo "$WANT" > "$VENV/.ready"
+    echo "compat-venv: $WANT ready in $VENV"
     exit 0
 fi
 PY=/usr/bin/python3
@@ -20,7 +32,7 @@ PY=/usr/bin/python3
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check "panda-pilot==$PILOT_VERSION" \
-    "panda-client==$CLIENT_VERSION"
+    "panda-client==$CLIENT_VERSION" "rucio-clients==$RUCIO_VERSION"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$VENV/bin/pip" download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
