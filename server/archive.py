@@ -29,8 +29,10 @@ DEFAULT_INTERVAL_S = 600
 FINAL = sorted(str(s) for s in FINAL_JOB_STATES)
 
 
-def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000) -> int:
-    """Archive final jobs whose state changed more than ``older_than_s`` ago (by ``tb.clock``).
+def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000,
+                 limit: int | None = None) -> int:
+    """Archive final jobs whose state changed more than ``older_than_s`` ago (by ``tb.clock``),
+    at most about ``limit`` (whole batches) when given.
 
     Returns how many jobs moved.
     """
@@ -40,21 +42,27 @@ def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000) -> int:
     j = db.jobs.c
     columns = [c.name for c in db.jobs.columns]
     moved = 0
-    while True:
-        with tb.engine.begin() as conn:
-            q = (select(j.panda_id).where(j.status.in_(FINAL), j.state_changed < cutoff)
-                 .order_by(j.panda_id).limit(batch))
-            if tb.skip_locked:
-                q = q.with_for_update(skip_locked=True)
-            ids = [r[0] for r in conn.execute(q)]
-            if not ids:
+    for status in FINAL:
+        # one final state at a time, oldest first: a range of ix_jobs_status_changed
+        # (status, state_changed) that holds eligible rows only, whatever the live rows ahead
+        q = (select(j.panda_id).where(j.status == status, j.state_changed < cutoff)
+             .order_by(j.state_changed).limit(batch))
+        if tb.skip_locked:
+            q = q.with_for_update(skip_locked=True)
+        while True:
+            with tb.engine.begin() as conn:
+                ids = [r[0] for r in conn.execute(q)]
+                if not ids:
+                    break
+                conn.execute(insert(db.jobs_archive).from_select(
+                    columns, select(*[db.jobs.c[name] for name in columns])
+                    .where(j.panda_id.in_(ids))))
+                conn.execute(delete(db.jobs).where(j.panda_id.in_(ids)))
+            moved += len(ids)
+            log.debug("archived %d %s job(s), %d so far", len(ids), status, moved)
+            if len(ids) < batch or (limit is not None and moved >= limit):
                 break
-            conn.execute(insert(db.jobs_archive).from_select(
-                columns, select(*[db.jobs.c[name] for name in columns])
-                .where(j.panda_id.in_(ids))))
-            conn.execute(delete(db.jobs).where(j.panda_id.in_(ids)))
-        moved += len(ids)
-        if len(ids) < batch:
+        if limit is not None and moved >= limit:
             break
     if moved:
         log.info("archived %d job(s) that ended before %s", moved, cutoff.isoformat())

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
                         SmallInteger,
                         String, Table, Text, UniqueConstraint, create_engine, event, inspect,
-                        literal_column)
+                        literal_column, text)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
 
@@ -132,6 +132,18 @@ Index("ix_jobs_share_dispatch", jobs.c.site, jobs.c.status, jobs.c.share,
       jobs.c.current_priority.desc(), jobs.c.panda_id, postgresql_where=_ACTIVATED_INDEX,
       sqlite_where=_ACTIVATED_INDEX)
 
+# the waiting queue in PandaID order: the priority recompute walks it a batch at a time
+# (server/shares.py). Partial on PostgreSQL and SQLite (queries say both literal conditions,
+# see WAITING_ONLY). Not on MariaDB: without partial indexes it would hold every job, and its
+# optimizer then chose it to find a row to update, locking index ranges (deadlocks seen at 50
+# pilots); there the walk reads the (status, state_changed) index.
+_WAITING_INDEX = text("status IN ('assigned', 'activated')")
+WAITING_ONLY = literal_column("status").in_([literal_column("'assigned'"),
+                                             literal_column("'activated'")])
+Index("ix_jobs_waiting", jobs.c.status, jobs.c.panda_id, postgresql_where=_WAITING_INDEX,
+      sqlite_where=_WAITING_INDEX, info={"dialects": ("postgresql", "sqlite")}
+      ).ddl_if(dialect=("postgresql", "sqlite"))
+
 # the monitor's time windows and its "active jobs whatever the window" (server/monitor)
 Index("ix_jobs_modified", jobs.c.modification_time)
 Index("ix_jobs_status_modified", jobs.c.status, jobs.c.modification_time, jobs.c.site)
@@ -239,6 +251,30 @@ factories = Table(
     Column("actor", String(255)),
     # per site: {"submitting": bool, "reason": str, "consecutive_failures": int}
     Column("site_status", JSON),
+)
+
+
+# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0018):
+# every write appends its +1/-1 to job_count_deltas in its own transaction; JobCounts
+# (taskbuffer/counts.py) folds them into job_counts and reads the sum of both. ``site`` is ''
+# for jobs without one.
+job_counts = Table(
+    "job_counts", metadata,
+    Column("site", String(128), primary_key=True),
+    Column("share", String(64), primary_key=True),
+    Column("status", String(32), primary_key=True),
+    Column("n", BigInteger, nullable=False),
+    Column("cores", BigInteger, nullable=False),
+)
+
+job_count_deltas = Table(
+    "job_count_deltas", metadata,
+    Column("row_id", Id, primary_key=True, autoincrement=True),
+    Column("site", String(128), nullable=False),
+    Column("share", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("n", BigInteger, nullable=False),
+    Column("cores", BigInteger, nullable=False),
 )
 
 
@@ -375,6 +411,17 @@ revoked_tokens = Table(
     Column("reason", String(255)),
     Index("ix_revoked_tokens_expires", "expires"),
 )
+
+
+def declared_on(dialect: str):
+    """An alembic ``include_object`` filter: leaves out of a schema comparison on ``dialect``
+    the indexes declared for other dialects only (``info={"dialects": (...)}``)."""
+    def include(obj, _name, type_, reflected, _compare_to) -> bool:
+        if type_ == "index" and not reflected:
+            only = obj.info.get("dialects")
+            return not only or dialect in only
+        return True
+    return include
 
 
 #: the extra of setup.py that installs each database driver module

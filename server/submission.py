@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 #: event ranges one event-service task may have (each is a row its consumers' calls scan)
 MAX_RANGES_PER_TASK = 100_000
+#: jobs created per transaction (the most one call creates: jobcreator.MAX_JOBS_PER_CALL), so
+#: no dispatcher or other submitter waits behind a big task's one long transaction
+JOB_BATCH = 500
 
 
 @dataclass
@@ -109,6 +112,10 @@ class TaskSubmitter:
     def _create(self, spec: TaskSpec, params: dict, owner: str, groups: list[list[dict]],
                 sites: dict[str, dict], task_id: int | None = None,
                 first_serial: int = 1, windows: list | None = None) -> SubmitResult:
+        """Broker and store the jobs: the sites are weighed once for the task
+        (``Brokerage.plan``), then the jobs are created ``JOB_BATCH`` per transaction. A new
+        task is ``registered`` while that goes on (its job counts show the progress) and
+        ``ready`` after."""
         if len(groups) > MAX_JOBS_PER_CALL:
             raise LimitExceeded(f"this call would create {len(groups)} jobs; at most "
                                 f"{MAX_JOBS_PER_CALL} per call (raise 'files_per_job' or "
@@ -116,65 +123,90 @@ class TaskSubmitter:
         all_lfns = list(dict.fromkeys(f["lfn"] for g in groups for f in g))
         locality = self.tb.data.replica_endpoints(spec.scope if not groups or not groups[0]
                                              else groups[0][0]["scope"], all_lfns)
-        load = self.tb.jobs.site_load()
-        ids: list[int] = []
-        activated = assigned = 0
-        with self.tb.engine.begin() as conn:
-            if task_id is None:
+        shape = JobNeeds(cores=spec.cores, memory_mb=spec.memory_mb, walltime_s=spec.walltime_s,
+                         disk_mb=spec.disk_mb, prod_source_label=spec.prod_source_label)
+        plan = self.brokerage.plan(shape, [sites[spec.site]] if spec.site else list(sites.values()),
+                                   self.tb.jobs.site_load())
+        if not plan:
+            raise TaskSpecError("no site can run this task's jobs: "
+                                + ("; ".join(plan.rejected) or "no sites are known"))
+        if spec.event_service is not None:
+            total = sum(-(-int(f.get("n_events") or spec.events_per_file)
+                          // int(spec.events_per_range or 1)) for f in groups[0])
+            if total > MAX_RANGES_PER_TASK:
+                raise LimitExceeded(f"this task would have {total} event ranges; at most "
+                                    f"{MAX_RANGES_PER_TASK} (raise 'events_per_range')")
+        if task_id is None:
+            with self.tb.engine.begin() as conn:
                 task_id = self.tb.tasks.insert(conn, name=spec.name, owner=owner, params=params,
                                               priority=spec.priority, share=spec.share,
                                               site=spec.site, max_attempts=spec.max_attempts)
-            if spec.event_service is not None:
-                total = sum(-(-int(f.get("n_events") or spec.events_per_file)
-                              // int(spec.events_per_range or 1)) for f in groups[0])
-                if total > MAX_RANGES_PER_TASK:
-                    raise LimitExceeded(f"this task would have {total} event ranges; at most "
-                                        f"{MAX_RANGES_PER_TASK} (raise 'events_per_range')")
-                n_ranges = sum(create_ranges(
-                    self.tb, conn, task_id=task_id, serial=POOL_SERIAL, file=f,
-                    window=EventWindow(0, int(f.get("n_events") or spec.events_per_file)),
-                    events_per_range=int(spec.events_per_range or 1)) for f in groups[0])
-                log.info("task %s: %d event ranges for %d consumer(s)", task_id, n_ranges,
-                         len(groups))
-            for n, group in enumerate(groups):
-                serial = first_serial + n
-                needs = JobNeeds(cores=spec.cores, memory_mb=spec.memory_mb,
-                                 walltime_s=spec.walltime_s, disk_mb=spec.disk_mb,
-                                 prod_source_label=spec.prod_source_label,
-                                 input_lfns=[f["lfn"] for f in group])
-                candidates = [sites[spec.site]] if spec.site else list(sites.values())
-                site, reasons = self.brokerage.choose(needs, candidates, load, locality)
-                if site is None:
-                    raise TaskSpecError("no site can run this task's jobs: "
-                                        + ("; ".join(reasons) or "no sites are known"))
-                window = windows[n] if windows else None
                 if spec.event_service is not None:
-                    job, files = make_consumer_job(spec, task_id, owner, serial, group, site=site)
-                else:
-                    job, files = make_job(spec, task_id, owner, serial, group, site=site,
-                                          events=window)
-                panda_id = self.tb.jobs.insert(conn, job, files, owner)
-                if window is not None and spec.events_per_range:
-                    create_ranges(self.tb, conn, task_id=task_id, serial=serial,
-                                  file=group[0], window=window,
-                                  events_per_range=spec.events_per_range)
-                se = input_endpoint(sites[site]["config"])
-                local = all(se in locality.get(f["lfn"], ()) for f in group)
-                target = JobState.ACTIVATED if local else JobState.ASSIGNED
-                self.tb.states.change(conn, panda_id, str(target), actor="brokerage",
-                                      expected=[str(JobState.DEFINED)])
-                activated += local
-                assigned += not local
-                load.setdefault(site, {})[str(target)] = load.get(site, {}).get(str(target), 0) + 1
-                ids.append(panda_id)
-            if all_lfns:
-                conn.execute(update(db.dataset_files).where(
-                    db.dataset_files.c.dataset == spec.input_dataset,
-                    db.dataset_files.c.lfn.in_(all_lfns)).values(task_id=task_id))
+                    n_ranges = sum(create_ranges(
+                        self.tb, conn, task_id=task_id, serial=POOL_SERIAL, file=f,
+                        window=EventWindow(0, int(f.get("n_events") or spec.events_per_file)),
+                        events_per_range=int(spec.events_per_range or 1)) for f in groups[0])
+                    log.info("task %s: %d event ranges for %d consumer(s)", task_id, n_ranges,
+                             len(groups))
+        ids: list[int] = []
+        activated = 0
+        try:
+            for start in range(0, len(groups), JOB_BATCH):
+                batch_ids: list[int] = []
+                batch_activated = 0
+                with self.tb.engine.begin() as conn:
+                    batch_lfns: dict[str, None] = {}
+                    for n in range(start, min(start + JOB_BATCH, len(groups))):
+                        group = groups[n]
+                        lfns = [f["lfn"] for f in group]
+                        batch_lfns.update(dict.fromkeys(lfns))
+                        site = plan.site_for(lfns, locality)
+                        batch_activated += self._create_job(
+                            conn, spec, task_id, owner, first_serial + n, group, site,
+                            sites[site], locality, windows[n] if windows else None, batch_ids)
+                    if batch_lfns:
+                        conn.execute(update(db.dataset_files).where(
+                            db.dataset_files.c.dataset == spec.input_dataset,
+                            db.dataset_files.c.lfn.in_(list(batch_lfns))).values(task_id=task_id))
+                ids += batch_ids                 # committed
+                activated += batch_activated
+                if len(groups) > JOB_BATCH:
+                    log.info("task %s (%s): %d of %d jobs created", task_id, spec.name,
+                             len(ids), len(groups))
+        except Exception as exc:
+            log.error("task %s (%s): job creation stopped after %d of %d jobs: %s", task_id,
+                      spec.name, len(ids), len(groups), exc)
+            with self.tb.engine.begin() as conn:
+                self.tb.tasks.set_status(
+                    conn, task_id, str(TaskState.READY if ids else TaskState.FAILED),
+                    error_dialog=f"job creation stopped after {len(ids)} of {len(groups)} "
+                                 f"jobs: {type(exc).__name__}")
+            raise
+        with self.tb.engine.begin() as conn:
             self.tb.tasks.set_status(conn, task_id, str(TaskState.READY))
         log.info("task %s (%s): %d jobs, %d activated, %d waiting for data", task_id, spec.name,
-                 len(ids), activated, assigned)
-        return SubmitResult(task_id, ids, activated, assigned)
+                 len(ids), activated, len(ids) - activated)
+        return SubmitResult(task_id, ids, activated, len(ids) - activated)
+
+    def _create_job(self, conn, spec: TaskSpec, task_id: int, owner: str, serial: int,
+                    group: list[dict], site: str, site_row: dict,
+                    locality: dict[str, set[str]], window, ids: list[int]) -> bool:
+        """One job at ``site``, activated when its inputs are there (True) else assigned."""
+        if spec.event_service is not None:
+            job, files = make_consumer_job(spec, task_id, owner, serial, group, site=site)
+        else:
+            job, files = make_job(spec, task_id, owner, serial, group, site=site, events=window)
+        panda_id = self.tb.jobs.insert(conn, job, files, owner)
+        if window is not None and spec.events_per_range:
+            create_ranges(self.tb, conn, task_id=task_id, serial=serial, file=group[0],
+                          window=window, events_per_range=spec.events_per_range)
+        se = input_endpoint(site_row["config"])
+        local = all(se in locality.get(f["lfn"], ()) for f in group)
+        target = JobState.ACTIVATED if local else JobState.ASSIGNED
+        self.tb.states.change(conn, panda_id, str(target), actor="brokerage",
+                              expected=[str(JobState.DEFINED)])
+        ids.append(panda_id)
+        return local
 
 
 def _split(spec: TaskSpec, inputs: list[dict]) -> tuple[list[list[dict]], list | None]:

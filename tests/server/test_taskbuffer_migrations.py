@@ -24,7 +24,8 @@ def schema_diff(url: str) -> list:
     engine = db.make_engine(url, pool_size=1)
     try:
         with engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            ctx = MigrationContext.configure(conn, opts={
+                "compare_type": True, "include_object": db.declared_on(conn.dialect.name)})
             return compare_metadata(ctx, db.metadata)
     finally:
         engine.dispose()
