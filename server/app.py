@@ -21,8 +21,10 @@ from .brokerage import Brokerage
 from .db import make_engine
 from .dispatcher import Dispatcher
 from .dispatchpath import DispatchPath, GeneralPath, in_pool
-from .handlers import (ApiHandler, AuthConfigHandler, MetricsHandler, PilotFilesHandler,
-                       PublicKeyHandler, QueuedataHandler, ServerState, TokenKeysHandler)
+from .handlers import (ApiHandler, AuthConfigHandler, MetricsHandler, OpenApiHandler,
+                       PilotFilesHandler, PublicKeyHandler, QueuedataHandler, ServerState,
+                       TokenKeysHandler, dumps)
+from .openapi import openapi_document
 from .hookspecs import plugin_manager
 from .metrics import observe_request
 from .pilot_http import ServerApplication
@@ -76,9 +78,12 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
 
 def make_app(state: ServerState) -> tornado.web.Application:
     kw = {"state": state}
+    methods = registry(API_MODULES)
     routes = [
         *api_panda.routes(kw),     # PanDA client / pilot 3 extras, before the generic API route
-        (r"/api/v1/(\w+)/(\w+)", ApiHandler, {**kw, "methods": registry(API_MODULES)}),
+        (r"/api/v1/openapi\.json", OpenApiHandler,
+         {**kw, "document": dumps(openapi_document(methods))}),
+        (r"/api/v1/(\w+)/(\w+)", ApiHandler, {**kw, "methods": methods}),
         (r"/cache/schedconfig/([A-Za-z0-9_.\-]+?)(?:\.all)?\.json", QueuedataHandler, kw),
         (r"/\.well-known/panda-jobspec-key\.pem", PublicKeyHandler, kw),
         (r"/\.well-known/(jwks\.json|openid-configuration)", TokenKeysHandler, kw),

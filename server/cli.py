@@ -410,6 +410,7 @@ def main(argv: list[str]) -> int:
                                            body_timeout=args.body_timeout)
     # floods: connections capped below the fd limit, the longest idle evicted, accept errors
     # logged at a bounded rate (panda_core/netguard.py)
+    loop = IOLoop.current()           # the loop the guard's accept handler is added to
     guard = FloodGuard(connection_cap(fd_limit, args.max_connections), "panda server")
     guard.install(server, sockets)
     log.info("at most %d connections per process (open-file limit %d)", guard.cap, fd_limit)
@@ -417,7 +418,6 @@ def main(argv: list[str]) -> int:
     port = sockets[0].getsockname()[1]
     log.info("panda server listening on %s://%s:%d (database %s)", scheme, args.host, port,
              engine.url.render_as_string(hide_password=True))
-    loop = IOLoop.current()
     # everything loaded so far lives as long as the process: keep it out of the collector's
     # scans, and collect the young generation less often (a request allocates a few hundred
     # short-lived objects; the default threshold of 700 ran a collection every few requests)

@@ -16,6 +16,8 @@ from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Intege
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
 
+from .transient import is_connection_lost
+
 log = logging.getLogger(__name__)
 
 metadata = MetaData()
@@ -473,6 +475,15 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
         engine = create_engine(url, **kwargs)
     except ModuleNotFoundError as exc:
         raise MissingDriver(url, exc.name or str(exc)) from None
+    if engine.dialect.name != "sqlite":
+        @event.listens_for(engine, "handle_error")
+        def _connection_lost(context):
+            # a backend terminated or a server restarted: drop the whole pool (its other
+            # connections are as dead), so the retry (server/transient.py) reconnects; some
+            # of these errors (MariaDB's 1927 "connection was killed", PostgreSQL's 57P01)
+            # SQLAlchemy's own check does not count as a disconnect
+            if not context.is_disconnect and is_connection_lost(context.original_exception):
+                context.is_disconnect = True
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
