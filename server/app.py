@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tornado.web
 
-from . import api, api_auth, api_console, api_extra, api_panda, monitor
+from . import api, api_auth, api_console, api_extra, api_panda, monitor, rucio_api
 from .apibase import registry
 from .monitor import api as monitor_api
 from .auth import DNMatcher, KeyStore
@@ -93,5 +93,6 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/pilot/([0-9A-Za-z][0-9A-Za-z._-]{0,63})/(panda-pilot\.pyz(?:\.sig)?)",
          PilotFilesHandler, kw),
         *monitor.routes(kw),
+        *rucio_api.routes(kw),     # Rucio's REST API for pilot 3's replica look-ups
     ]
     return ServerApplication(state, routes, compress_response=True, log_function=observe_request)

@@ -140,6 +140,35 @@ class Data:
                 out[r.lfn].add(r.ddm_endpoint)
         return out
 
+    def file_replicas(self, dids: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        """(scope, lfn) -> {"fsize", "checksum", "replicas": [(endpoint, surl), ...]} for the
+        files of ``dids`` that have at least one replica; size and checksum from the dataset
+        entries (the first that knows them). Two queries whatever the number of files."""
+        out: dict[tuple[str, str], dict] = {}
+        if not dids:
+            return out
+        wanted = set(dids)
+        lfns = sorted({lfn for _, lfn in wanted})
+        with db.read(self.store.engine) as conn:
+            for r in conn.execute(select(db.replicas.c.scope, db.replicas.c.lfn,
+                                         db.replicas.c.ddm_endpoint, db.replicas.c.surl)
+                                  .where(db.replicas.c.lfn.in_(lfns))
+                                  .order_by(db.replicas.c.row_id)):
+                if (r.scope, r.lfn) in wanted:
+                    out.setdefault((r.scope, r.lfn), {"fsize": None, "checksum": None,
+                                                      "replicas": []}
+                                   )["replicas"].append((r.ddm_endpoint, r.surl))
+            if out:
+                for r in conn.execute(select(db.dataset_files.c.scope, db.dataset_files.c.lfn,
+                                             db.dataset_files.c.fsize,
+                                             db.dataset_files.c.checksum)
+                                      .where(db.dataset_files.c.lfn.in_(lfns))):
+                    entry = out.get((r.scope, r.lfn))
+                    if entry is not None:
+                        entry["fsize"] = entry["fsize"] if entry["fsize"] is not None else r.fsize
+                        entry["checksum"] = entry["checksum"] or r.checksum
+        return out
+
     def register_stored(self, conn: Connection, outs: list, stored: dict[str, dict],
                         endpoint: str | None, now: dt.datetime, se_url: str | None = None,
                         problems: list[str] | None = None) -> list[str]:
