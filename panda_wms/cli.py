@@ -30,6 +30,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "debug": ("panda_wms.client_cli:debug_main", "debug mode of a running job: set, clear, show"),
     "se": ("storage_element.cli:main", "serve a folder as an HTTP/WebDAV storage element"),
     "demo": ("panda_wms.demo:main", "run a server, a site and pilots; process a task end to end"),
+    "simulate": ("server.simulate.cli:main", "replay a workload against the server with "
+                                             "simulated sites and pilots"),
 }
 
 #: the top-level modules each role extra of setup.py installs (the drivers: see EXTRAS)
@@ -56,6 +58,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": (("client",), ()),
     "quota": (("client",), ()),
     "demo": (("server", "factory"), ()),
+    "simulate": (("server",), ()),
 }
 
 

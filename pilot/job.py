@@ -320,9 +320,10 @@ class JobRun:
                                  f"the work dir: {exc}") from None
         env = scrub_env(os.environ, extra, self.cfg.payload_env)
         sandbox = self._sandbox()
-        # in an image the transformation is the image's: the node's PATH says nothing about it
+        # in an image (the job's or the site's) the transformation is the image's: the node's
+        # PATH says nothing about it
         argv = build_argv(job.transformation, job.job_pars, replacements, path=env.get("PATH"),
-                          check=not (sandbox.runs_images and job.container_name))
+                          check=not sandbox.runs_images)
         (self.workdir / "pilot_inputs.json").write_text(inputs)
         wrapped = sandbox.wrap(self._sandbox_spec(job, argv, env, files))
         self.payload = Payload(wrapped.argv, self.workdir, wrapped.env)

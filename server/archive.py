@@ -39,9 +39,12 @@ def _copy(conn, live, archive, ids: list[int], now: dt.datetime) -> None:
         .where(live.c.panda_id.in_(ids))))
 
 
-def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000) -> int:
+def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000,
+                 limit: int | None = None) -> int:
     """Archive final jobs whose state changed more than ``older_than_s`` ago (by ``tb.clock``),
-    with their files and history. Returns how many jobs moved.
+    with their files and history, at most about ``limit`` (whole batches) when given.
+
+    Returns how many jobs moved.
     """
     if older_than_s < 0:
         raise ValueError("older_than_s must be >= 0")
@@ -52,22 +55,28 @@ def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000) -> int:
     archivetiers.ensure_months(tb.engine, now)
     j = db.jobs.c
     moved = 0
-    while True:
-        with tb.engine.begin() as conn:
-            q = (select(j.panda_id).where(j.status.in_(FINAL), j.state_changed < cutoff)
-                 .order_by(j.panda_id).limit(batch))
-            if tb.skip_locked:
-                q = q.with_for_update(skip_locked=True)
-            ids = [r[0] for r in conn.execute(q)]
-            if not ids:
+    for status in FINAL:
+        # one final state at a time, oldest first: a range of ix_jobs_status_changed
+        # (status, state_changed) that holds eligible rows only, whatever the live rows ahead
+        q = (select(j.panda_id).where(j.status == status, j.state_changed < cutoff)
+             .order_by(j.state_changed).limit(batch))
+        if tb.skip_locked:
+            q = q.with_for_update(skip_locked=True)
+        while True:
+            with tb.engine.begin() as conn:
+                ids = [r[0] for r in conn.execute(q)]
+                if not ids:
+                    break
+                # the job, its files and its history move in this one transaction
+                for live, archive in db.ARCHIVE_TIERS:
+                    _copy(conn, live, archive, ids, now)
+                for live, _archive in reversed(db.ARCHIVE_TIERS):
+                    conn.execute(delete(live).where(live.c.panda_id.in_(ids)))
+            moved += len(ids)
+            log.debug("archived %d %s job(s), %d so far", len(ids), status, moved)
+            if len(ids) < batch or (limit is not None and moved >= limit):
                 break
-            for live, archive in db.ARCHIVE_TIERS:
-                _copy(conn, live, archive, ids, now)
-            for live, _archive in reversed(db.ARCHIVE_TIERS):
-                conn.execute(delete(live).where(live.c.panda_id.in_(ids)))
-        moved += len(ids)
-        log.info("archived %d job(s) so far", moved)
-        if len(ids) < batch:
+        if limit is not None and moved >= limit:
             break
     if moved:
         log.info("archived %d job(s) that ended before %s", moved, cutoff.isoformat())

@@ -1,6 +1,6 @@
 """Month partitions of the archive tier (jobs_archive, files_archive, job_history_archive).
 
-Why a module of its own: the archiver (server/archive.py) and migration 0018 both need to make
+Why a module of its own: the archiver (server/archive.py) and migration 0020 both need to make
 month partitions and to drop old ones, and each backend spells that differently. PostgreSQL:
 declarative partitioning (``PARTITION BY RANGE (archived_at)``), one table per month named
 ``<table>_pYYYY_MM``. MariaDB: RANGE partitions on ``TO_DAYS(archived_at)`` named ``pYYYY_MM``,

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData,
                         SmallInteger,
                         String, Table, Text, UniqueConstraint, create_engine, event, inspect,
-                        literal_column)
+                        literal_column, text)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
+
+from .transient import is_connection_lost
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ jobs = Table(
     Index("ix_jobs_task_status", "task_id", "status"),
     Index("ix_jobs_status_changed", "status", "state_changed"),
     Index("ix_jobs_owner_created", "owner", "creation_time"),
-    # archived jobs keep their PandaIDs: SQLite must never hand one out again (migration 0018)
+    # archived jobs keep their PandaIDs: SQLite must never hand one out again (migration 0020)
     sqlite_autoincrement=True,
 )
 
@@ -134,6 +136,18 @@ Index("ix_jobs_share_dispatch", jobs.c.site, jobs.c.status, jobs.c.share,
       jobs.c.current_priority.desc(), jobs.c.panda_id, postgresql_where=_ACTIVATED_INDEX,
       sqlite_where=_ACTIVATED_INDEX)
 
+# the waiting queue in PandaID order: the priority recompute walks it a batch at a time
+# (server/shares.py). Partial on PostgreSQL and SQLite (queries say both literal conditions,
+# see WAITING_ONLY). Not on MariaDB: without partial indexes it would hold every job, and its
+# optimizer then chose it to find a row to update, locking index ranges (deadlocks seen at 50
+# pilots); there the walk reads the (status, state_changed) index.
+_WAITING_INDEX = text("status IN ('assigned', 'activated')")
+WAITING_ONLY = literal_column("status").in_([literal_column("'assigned'"),
+                                             literal_column("'activated'")])
+Index("ix_jobs_waiting", jobs.c.status, jobs.c.panda_id, postgresql_where=_WAITING_INDEX,
+      sqlite_where=_WAITING_INDEX, info={"dialects": ("postgresql", "sqlite")}
+      ).ddl_if(dialect=("postgresql", "sqlite"))
+
 # the monitor's time windows and its "active jobs whatever the window" (server/monitor)
 Index("ix_jobs_modified", jobs.c.modification_time)
 Index("ix_jobs_status_modified", jobs.c.status, jobs.c.modification_time, jobs.c.site)
@@ -141,7 +155,7 @@ Index("ix_jobs_status_modified", jobs.c.status, jobs.c.modification_time, jobs.c
 # The archive tier (server/archive.py, docs/database.md): a job's row, its files and its state
 # history move here together, stamped with the time they moved (``archived_at``). On PostgreSQL
 # the three tables are partitioned by month of ``archived_at`` (declarative partitioning, made
-# by migration 0018 and the archiver), on MariaDB by RANGE month partitions, on SQLite plain
+# by migration 0020 and the archiver), on MariaDB by RANGE month partitions, on SQLite plain
 # tables; the partition key must be part of every unique key, hence the two-column primary keys.
 jobs_archive = Table(
     "jobs_archive", metadata, *[c._copy() for c in _job_columns()],
@@ -178,6 +192,16 @@ datasets = Table(
     Column("name", String(255), primary_key=True),
     Column("scope", String(255), nullable=False),
     Column("created", Timestamp, nullable=False),
+    Column("owner", String(255)),                      # the account that created it
+)
+
+# who may write a scope (server/taskbuffer/owners.py); user.<name> scopes are made on first use
+scopes = Table(
+    "scopes", metadata,
+    Column("name", String(255), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("production", Boolean, nullable=False, default=False),
+    Column("created", Timestamp, nullable=False),
 )
 
 dataset_files = Table(
@@ -192,6 +216,7 @@ dataset_files = Table(
     Column("task_id", BigInteger),                     # the task that consumed it, if any
     Column("created", Timestamp, nullable=False),
     UniqueConstraint("dataset", "scope", "lfn", name="uq_dataset_file"),
+    Index("ix_dataset_files_lfn", "scope", "lfn"),     # one lfn's entries in every dataset
 )
 
 replicas = Table(
@@ -273,6 +298,30 @@ factories = Table(
     Column("actor", String(255)),
     # per site: {"submitting": bool, "reason": str, "consecutive_failures": int}
     Column("site_status", JSON),
+)
+
+
+# jobs and cores per (site, share, status), kept by triggers on ``jobs`` (migration 0018):
+# every write appends its +1/-1 to job_count_deltas in its own transaction; JobCounts
+# (taskbuffer/counts.py) folds them into job_counts and reads the sum of both. ``site`` is ''
+# for jobs without one.
+job_counts = Table(
+    "job_counts", metadata,
+    Column("site", String(128), primary_key=True),
+    Column("share", String(64), primary_key=True),
+    Column("status", String(32), primary_key=True),
+    Column("n", BigInteger, nullable=False),
+    Column("cores", BigInteger, nullable=False),
+)
+
+job_count_deltas = Table(
+    "job_count_deltas", metadata,
+    Column("row_id", Id, primary_key=True, autoincrement=True),
+    Column("site", String(128), nullable=False),
+    Column("share", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("n", BigInteger, nullable=False),
+    Column("cores", BigInteger, nullable=False),
 )
 
 
@@ -411,6 +460,17 @@ revoked_tokens = Table(
 )
 
 
+def declared_on(dialect: str):
+    """An alembic ``include_object`` filter: leaves out of a schema comparison on ``dialect``
+    the indexes declared for other dialects only (``info={"dialects": (...)}``)."""
+    def include(obj, _name, type_, reflected, _compare_to) -> bool:
+        if type_ == "index" and not reflected:
+            only = obj.info.get("dialects")
+            return not only or dialect in only
+        return True
+    return include
+
+
 #: the extra of setup.py that installs each database driver module
 DRIVER_EXTRAS = {"psycopg": "postgres", "psycopg2": "postgres", "pymysql": "mysql",
                  "MySQLdb": "mysql"}
@@ -460,6 +520,15 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
         engine = create_engine(url, **kwargs)
     except ModuleNotFoundError as exc:
         raise MissingDriver(url, exc.name or str(exc)) from None
+    if engine.dialect.name != "sqlite":
+        @event.listens_for(engine, "handle_error")
+        def _connection_lost(context):
+            # a backend terminated or a server restarted: drop the whole pool (its other
+            # connections are as dead), so the retry (server/transient.py) reconnects; some
+            # of these errors (MariaDB's 1927 "connection was killed", PostgreSQL's 57P01)
+            # SQLAlchemy's own check does not count as a disconnect
+            if not context.is_disconnect and is_connection_lost(context.original_exception):
+                context.is_disconnect = True
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial

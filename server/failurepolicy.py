@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, case, func, or_, select, update
 
 from panda_core.errorcodes import DispatcherCode, ErrorCode
 from panda_core.states import JobState
@@ -167,28 +167,41 @@ class SiteHealth:
         now = self.tb.clock()
         since = now - dt.timedelta(seconds=self.limits.window_s)
         j = db.jobs.c
+        ended = j.status.in_((str(JobState.FINISHED), str(JobState.FAILED)))
+        site_bad = and_(j.status == str(JobState.FAILED), or_(
+            j.pilot_error_code.in_(sorted(int(c) for c in SITE_PILOT_CODES)),
+            j.dispatcher_error_code.in_(sorted(int(c) for c in SITE_DISPATCHER_CODES))))
         with db.read(self.tb.engine) as conn:
             rows = conn.execute(select(db.sites.c.name, db.sites.c.status, db.sites.c.auto_status,
                                        db.sites.c.auto_changed)).all()
-            ended = conn.execute(
-                select(j.site, j.status, j.prod_source_label, j.pilot_error_code,
-                       j.dispatcher_error_code, j.state_changed)
-                .where(j.status.in_((str(JobState.FINISHED), str(JobState.FAILED))),
-                       j.state_changed >= since, j.site.is_not(None))).all()
-        per_site: dict[str, list] = {}
-        for r in ended:
-            per_site.setdefault(r.site, []).append(r)
+            # counted in the database (the (status, state_changed) index bounds the window):
+            # a busy grid ends tens of thousands of jobs an hour
+            totals = {site: (n, bad) for site, n, bad in conn.execute(
+                select(j.site, func.count(), func.sum(case((site_bad, 1), else_=0)))
+                .where(ended, j.state_changed >= since, j.site.is_not(None))
+                .group_by(j.site))}
+            testing = [r.name for r in rows if r.auto_status == "test"]
+            tests: dict[str, list] = {}
+            if testing:
+                for r in conn.execute(select(j.site, j.status, j.pilot_error_code,
+                                             j.dispatcher_error_code, j.state_changed)
+                                      .where(ended, j.state_changed >= since,
+                                             j.site.in_(testing),
+                                             j.prod_source_label.in_(("test", "ptest")))):
+                    tests.setdefault(r.site, []).append(r)
         for row in rows:
-            jobs = per_site.get(row.name, [])
             if row.auto_status == "test":
-                changes.update(self._judge_test_site(row, jobs, now))
+                changes.update(self._judge_test_site(row, tests.get(row.name, []), now))
             elif row.status == "online":
-                bad = [r for r in jobs if r.status == str(JobState.FAILED)
-                       and site_failure(r._mapping)]
-                if len(jobs) >= self.limits.min_jobs and \
-                        len(bad) / len(jobs) >= self.limits.threshold:
-                    codes = sorted({site_failure(r._mapping) for r in bad})
-                    reason = (f"{len(bad)} of {len(jobs)} jobs ended in the last "
+                n, bad = totals.get(row.name, (0, 0))
+                bad = int(bad or 0)
+                if n >= self.limits.min_jobs and bad / n >= self.limits.threshold:
+                    with db.read(self.tb.engine) as conn:
+                        codes = sorted({site_failure(r._mapping) for r in conn.execute(
+                            select(j.pilot_error_code, j.dispatcher_error_code).where(
+                                site_bad, j.site == row.name, j.state_changed >= since)
+                            .limit(50))})
+                    reason = (f"{bad} of {n} jobs ended in the last "
                               f"{self.limits.window_s / 3600:g} h failed for site reasons "
                               f"({', '.join(codes[:4])})")
                     self._set(row.name, "test", reason, now)
@@ -197,8 +210,8 @@ class SiteHealth:
         return changes
 
     def _judge_test_site(self, row, jobs: list, now) -> dict[str, str]:
-        tests = [r for r in jobs if r.prod_source_label in ("test", "ptest")
-                 and row.auto_changed is not None and r.state_changed >= row.auto_changed]
+        tests = [r for r in jobs
+                 if row.auto_changed is not None and r.state_changed >= row.auto_changed]
         good = sum(1 for r in tests if r.status == str(JobState.FINISHED))
         if good >= self.limits.test_successes:
             self._set(row.name, None, None, now)

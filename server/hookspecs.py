@@ -28,7 +28,8 @@ def panda_broker_filter(needs: JobNeeds, candidates: list[Candidate]) -> dict[st
 
     ``needs`` is a ``brokerage.JobNeeds``; ``candidates`` the ``brokerage.Candidate`` list still
     in the running. Return ``{site name: reason}`` for the sites this policy rejects (None or an
-    empty dict: none); every policy's rejections count.
+    empty dict: none); every policy's rejections count. A task's submission asks once for the
+    whole task (``Brokerage.plan``): ``needs`` is then the jobs' shape, ``input_lfns`` empty.
     """
 
 
@@ -38,7 +39,10 @@ def panda_broker_weight(needs: JobNeeds, candidate: Candidate, load: dict[str, d
     """A factor for ``candidate``'s weight (higher is preferred); None to abstain.
 
     ``load``: site -> {job status: count}; ``locality``: input lfn -> storage elements holding it.
-    Every policy's factor multiplies the weight.
+    Every policy's factor multiplies the weight. A task's submission asks once per site for the
+    whole task (``input_lfns`` and ``locality`` empty); each job's data locality is then the
+    brokerage's own factor (``brokerage.locality_factor``) and its jobs are spread over the
+    sites in proportion to the weights.
     """
 
 
@@ -46,7 +50,8 @@ def panda_broker_weight(needs: JobNeeds, candidate: Candidate, load: dict[str, d
 def panda_job_priority(job: dict[str, Any], now: datetime, user_running: int) -> int | None:
     """The current priority of an activated job; the lowest answer wins. None to abstain.
 
-    ``job``: the job row (dict); ``now``: the task buffer's clock (UTC); ``user_running``: how
+    ``job``: the job row (dict) without its big free texts (``shares.PRIORITY_COLUMNS``: no
+    ``job_pars``, ``transformation``, diagnostics or ``job_metrics``); ``now``: the task buffer's clock (UTC); ``user_running``: how
     many jobs its owner has running.
     """
 

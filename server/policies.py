@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pluggy
 
-from .brokerage import input_endpoint, site_fits, status_accepts
+from .brokerage import input_endpoint, locality_factor, site_fits, status_accepts
 
 # hookspecs.hookimpl, made here as a third-party plugin makes it (pluggy matches the project
 # name): hookspecs.plugin_manager imports this module, so it must not import hookspecs
@@ -36,7 +36,7 @@ def panda_broker_weight(needs, candidate, load, locality):
     se = input_endpoint(candidate.config)
     if needs.input_lfns and se:
         held = sum(1 for lfn in needs.input_lfns if se in locality.get(lfn, ()))
-        weight *= 1.0 + 9.0 * held / len(needs.input_lfns)
+        weight *= locality_factor(held, len(needs.input_lfns))
     counts = load.get(candidate.name, {})
     busy = sum(counts.get(s, 0) for s in ("activated", "sent", "starting", "running"))
     capacity = max(1, (candidate.config.get("pilots") or {}).get("max_running", 10))

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, insert, select, update
+from sqlalchemy import (bindparam, case, delete, func, insert, literal_column, select, text,
+                        update)
 
 from . import db
 from .taskbuffer import TaskBuffer
@@ -169,6 +169,20 @@ def rank_shares(tree: list[Share], running: dict[str, int]) -> list[str]:
     return rec(tree)
 
 
+def ranking_from_counts(tree: list[Share], counts: dict[tuple[str, str], tuple[int, int]]
+                        ) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """(share names best first, cores in use per share, activated jobs per share) from one
+    site's job counters {(share, status): (jobs, cores)}."""
+    running: dict[str, int] = {}
+    waiting: dict[str, int] = {}
+    for (share, status), (n, cores) in counts.items():
+        if status == "activated":
+            waiting[share] = waiting.get(share, 0) + n
+        elif status in RUNNING_STATES:
+            running[share] = running.get(share, 0) + int(cores or n)
+    return rank_shares(tree, running), running, waiting
+
+
 # ---------------------------------------------------------------------- storage
 class ShareStore:
     """The share tree in the database, shared by every server process."""
@@ -225,67 +239,99 @@ class ShareStore:
 
 
 # ---------------------------------------------------------------------- dispatch order
+@dataclass
+class _SiteRanking:
+    """One site's ranking as of a counter snapshot, plus what this process dispatched since."""
+    taken: float
+    tree: list[Share]
+    known: set[str]
+    names: list[str]
+    running: dict[str, int]
+    waiting: dict[str, int]
+
+
 class ShareChooser:
     """Share-aware dispatch for the dispatcher.
 
     ``share_plan(site)``: the shares to ask, best first; the dispatcher asks share by share,
     so each ask is an index range read (``ix_jobs_share_dispatch``) rather than a sort of every
     activated job of the site. ``__call__(site)`` is the same order as ORDER BY clauses (a
-    ``CASE`` on the share) for ``Jobs.dispatch(order_by=...)``. Rankings are cached per site
-    for ``ttl_s`` seconds (a getJob storm must not recount the site's jobs each time); with one
-    share waiting at the site both return None and the plain priority order is used.
+    ``CASE`` on the share) for ``Jobs.dispatch(order_by=...)``. Usage comes from the job
+    counters (``taskbuffer.counts``), never from counting the jobs table: with ``ttl_s`` > 0
+    from the process's counter snapshot, refreshed by one thread at most every ``ttl_s``
+    seconds for every site at once (a getJob storm at a thousand sites reads it once); with
+    ``ttl_s`` 0 exactly as committed now. With one share waiting at the site both return None
+    and the plain priority order is used.
     """
 
     def __init__(self, tb: TaskBuffer, store: ShareStore | None = None, ttl_s: float = 2.0):
         self.tb = tb
         self.store = store or ShareStore(tb)
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, tuple]] = {}
+        # per site: the ranking from the counter snapshot taken at ``taken``
+        self._cache: dict[str, _SiteRanking] = {}
+        self._tree: tuple[float, list[Share], set[str]] | None = None
         self._lock = threading.Lock()
 
     def _ranked(self, site: str) -> tuple[list[str], set[str], dict[str, int]]:
-        """(tree's share names best first, all tree names, activated per share), cached."""
-        hit = self._cached(site)
-        if hit is not None:
-            return hit
+        """(tree's share names best first, all tree names, activated per share)."""
+        if self.ttl_s <= 0:
+            tree = self.store.load()
+            names, _, waiting = self.ranking(site, tree)
+            return names, {s.name for s, _, _ in walk(tree)}, waiting
+        snap = self.tb.counts.snapshot(self.ttl_s)
+        hit = self._cache.get(site)
+        if hit is not None and hit.taken == snap.taken:
+            return hit.names, hit.known, hit.waiting
+        tree, known = self._tree_for(snap.taken)
+        names, running, waiting = ranking_from_counts(tree, snap.site(site))
+        with self._lock:
+            self._cache[site] = _SiteRanking(snap.taken, tree, known, names, running, waiting)
+        return names, known, waiting
+
+    def note_dispatched(self, site: str, jobs: list[dict]) -> None:
+        """Count jobs this process just dispatched at ``site`` into its cached ranking, so
+        that the requests until the next snapshot follow the targets too (not all to the
+        share that was first when the snapshot was read)."""
+        with self._lock:
+            hit = self._cache.get(site)
+            if hit is None:
+                return
+            for job in jobs:
+                share = job.get("share")
+                if share is None:
+                    continue
+                hit.running[share] = hit.running.get(share, 0) + int(job.get("cores") or 1)
+                if hit.waiting.get(share):
+                    hit.waiting = {**hit.waiting, share: hit.waiting[share] - 1}
+            hit.names = rank_shares(hit.tree, hit.running)
+
+    def _tree_for(self, taken: float) -> tuple[list[Share], set[str]]:
+        """The share tree, read once per counter snapshot."""
+        cached = self._tree
+        if cached is not None and cached[0] == taken:
+            return cached[1], cached[2]
         tree = self.store.load()
-        names, _, waiting = self.ranking(site, tree)
-        value = (names, {s.name for s, _, _ in walk(tree)}, waiting)
-        if self.ttl_s > 0:
-            with self._lock:
-                self._cache[site] = (time.monotonic() + self.ttl_s, value)
-        return value
+        known = {s.name for s, _, _ in walk(tree)}
+        self._tree = (taken, tree, known)
+        return tree, known
 
     def ranking(self, site: str, tree: list[Share] | None = None
                 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
         """(share names best first, cores in use per share, activated jobs per share) at
-        ``site``. Usage counts cores, as PanDA's shares count computing power, not jobs: one
-        8-core job uses eight times what a 1-core job does."""
-        j = db.jobs.c
-        running: dict[str, int] = {}
-        waiting: dict[str, int] = {}
-        with db.read(self.tb.engine) as conn:
-            for share, status, n, cores in conn.execute(
-                    select(j.share, j.status, func.count(), func.sum(j.cores)).where(
-                        j.site == site, j.status.in_(RUNNING_STATES + ("activated",)))
-                    .group_by(j.share, j.status)):
-                if status == "activated":
-                    waiting[share] = waiting.get(share, 0) + n
-                else:
-                    running[share] = running.get(share, 0) + int(cores or n)
-        return rank_shares(tree if tree is not None else self.store.load(), running), \
-            running, waiting
-
-    def _cached(self, site: str) -> tuple | None:
-        if self.ttl_s <= 0:
-            return None
-        with self._lock:
-            hit = self._cache.get(site)
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+        ``site``, exact as committed now. Usage counts cores, as PanDA's shares count
+        computing power, not jobs: one 8-core job uses eight times what a 1-core job does."""
+        counts = {(share, status): v for (_, share, status), v in self.tb.counts.read(site).items()}
+        return ranking_from_counts(tree if tree is not None else self.store.load(), counts)
 
     def is_fresh(self, site: str) -> bool:
-        """Would ``share_plan(site)`` answer from the cache, without reading the database?"""
-        return self._cached(site) is not None
+        """Would ``share_plan(site)`` answer without reading the database? (The counter
+        snapshot is fresh, or being refreshed by another thread, and the share tree was read
+        for it: the site's ranking is then plain Python.)"""
+        if self.ttl_s <= 0 or not self.tb.counts.is_fresh(self.ttl_s):
+            return False
+        snap, tree = self.tb.counts.current, self._tree
+        return snap is not None and tree is not None and tree[0] == snap.taken
 
     def share_plan(self, site: str) -> list[str | tuple[str, ...]] | None:
         """The shares to ask in order, best first: a share's name, or, last, a tuple of the
@@ -294,6 +340,7 @@ class ShareChooser:
         if len([s for s, n in waiting.items() if n]) <= 1:
             return None
         steps: list[str | tuple[str, ...]] = [name for name in names if waiting.get(name)]
+        log.debug("share plan at %s: %s (waiting %s)", site, steps, waiting)
         if any(n for s, n in waiting.items() if s not in known):
             steps.append(tuple(sorted(known)))
         return steps
@@ -308,17 +355,50 @@ class ShareChooser:
 
 
 # ---------------------------------------------------------------------- priorities
-def recompute_priorities(tb: TaskBuffer, hook, limit: int = 50000) -> int:
+#: the job columns the priority hooks get: everything but the big free texts (parameters,
+#: diagnostics, metrics), which a priority has no business reading and which made a pass over
+#: the queue read every row's whole width
+PRIORITY_COLUMNS = tuple(c.name for c in db.jobs.c if c.name not in (
+    "job_pars", "transformation", "pilot_error_diag", "exe_error_diag", "dispatcher_error_diag",
+    "ddm_error_diag", "task_buffer_error_diag", "job_metrics"))
+
+
+@dataclass
+class PriorityCursor:
+    """Where the next pass of :func:`recompute_priorities` goes on: per waiting state, the
+    last PandaID seen. Passes walk the queue in PandaID order, ``limit`` jobs at a time, and
+    start again at the front after the last job, so every waiting job is reached however long
+    the queue is."""
+    after: dict[str, int] = field(default_factory=dict)
+    laps: int = 0                      # full walks of the queue so far
+
+
+def recompute_priorities(tb: TaskBuffer, hook, limit: int = 50000,
+                         cursor: PriorityCursor | None = None) -> int:
     """Set ``current_priority`` of waiting jobs from the ``panda_job_priority`` hooks (the
     lowest answer wins); returns how many changed. Idempotent, so every server process may run
-    it."""
+    it. Without ``cursor``: the first ``limit`` waiting jobs of each state (a one-off call);
+    with one: the next ``limit`` after the cursor (the periodic task), read through the
+    waiting-jobs index (``ix_jobs_waiting``), so a pass costs ``limit`` rows at any queue size."""
     j = db.jobs.c
     now = tb.clock()
+    cols = [j[c] for c in PRIORITY_COLUMNS]
+    rows: list[dict] = []
+    per_state = max(1, limit // len(WAITING_STATES))
     with db.read(tb.engine) as conn:
         user_running = {owner: n for owner, n in conn.execute(
             select(j.owner, func.count()).where(j.status.in_(RUNNING_STATES)).group_by(j.owner))}
-        rows = [dict(r._mapping) for r in conn.execute(
-            select(db.jobs).where(j.status.in_(WAITING_STATES)).order_by(j.panda_id).limit(limit))]
+        for state in WAITING_STATES:
+            after = cursor.after.get(state, 0) if cursor is not None else 0
+            batch = [dict(r._mapping) for r in conn.execute(
+                select(*cols).where(j.status == literal_column(f"'{state}'"), db.WAITING_ONLY,
+                                    j.panda_id > after)
+                .order_by(j.panda_id).limit(per_state))]
+            rows += batch
+            if cursor is not None:
+                cursor.after[state] = batch[-1]["panda_id"] if len(batch) == per_state else 0
+    if cursor is not None and not any(cursor.after.values()):
+        cursor.laps += 1
     changes = []
     for job in rows:
         answers = [a for a in hook.panda_job_priority(job=job, now=now,
@@ -330,10 +410,22 @@ def recompute_priorities(tb: TaskBuffer, hook, limit: int = 50000) -> int:
         if new != job["current_priority"]:
             changes.append({"pid": job["panda_id"], "old_status": job["status"], "prio": new})
     if changes:
-        stmt = (update(db.jobs).where(j.panda_id == bindparam("pid"),
-                                      j.status == bindparam("old_status"))
-                .values(current_priority=bindparam("prio")))
         with tb.engine.begin() as conn:
-            conn.execute(stmt, changes)
+            if tb.dialect == "postgresql":
+                # one statement over arrays: an executemany of 50,000 updates took seconds
+                conn.execute(_PG_SET_PRIORITIES, {
+                    "pids": [c["pid"] for c in changes],
+                    "olds": [c["old_status"] for c in changes],
+                    "prios": [c["prio"] for c in changes]})
+            else:
+                conn.execute(update(db.jobs).where(j.panda_id == bindparam("pid"),
+                                                   j.status == bindparam("old_status"))
+                             .values(current_priority=bindparam("prio")), changes)
         log.debug("recomputed priorities of %d job(s)", len(changes))
     return len(changes)
+
+
+_PG_SET_PRIORITIES = text(
+    "UPDATE jobs SET current_priority = v.prio FROM (SELECT unnest(CAST(:pids AS bigint[])) "
+    "AS pid, unnest(CAST(:olds AS text[])) AS old, unnest(CAST(:prios AS integer[])) AS prio) v "
+    "WHERE jobs.panda_id = v.pid AND jobs.status = v.old")

@@ -18,11 +18,15 @@ from .eventranges import POOL_SERIAL, EventWindow, create_ranges, split_events
 from .jobcreator import MAX_JOBS_PER_CALL, LimitExceeded, TaskSpec, TaskSpecError, \
     make_consumer_job, make_job, split_inputs
 from .taskbuffer import TaskBuffer
+from .taskbuffer.owners import Owner, user_scope
 
 log = logging.getLogger(__name__)
 
 #: event ranges one event-service task may have (each is a row its consumers' calls scan)
 MAX_RANGES_PER_TASK = 100_000
+#: jobs created per transaction (the most one call creates: jobcreator.MAX_JOBS_PER_CALL), so
+#: no dispatcher or other submitter waits behind a big task's one long transaction
+JOB_BATCH = 500
 
 
 @dataclass
@@ -41,11 +45,16 @@ class TaskSubmitter:
         self.quotas = Quotas(tb)
 
     def submit(self, params: dict, owner: str, into_task: int | None = None,
-               first_serial: int = 1) -> SubmitResult:
+               first_serial: int = 1, who: Owner | None = None) -> SubmitResult:
         """Create a task and its jobs. Raises TaskSpecError for anything the user must fix.
         ``into_task``: add the jobs to that task instead (from ``first_serial`` on): the jobs
-        of one PanDA ``submitJobs`` call share one task, hence one jobsetID."""
+        of one PanDA ``submitJobs`` call share one task, hence one jobsetID. ``who``: the
+        caller, held to the owners of scopes and datasets (``taskbuffer/owners.py``: raises
+        OwnershipError); None for the server's own tasks. A task without a ``scope`` writes
+        the caller's own ``user.<name>``."""
         spec = TaskSpec.from_dict(params)
+        if who is not None and "scope" not in params:
+            spec.scope = user_scope(who.subject)
         spec.share = self.resolve_share(spec)
         sites = {s["name"]: s for s in self.tb.sites.all()}
         if spec.site and spec.site not in sites:
@@ -59,15 +68,19 @@ class TaskSubmitter:
                                     f"element {spec.destination_se!r} with a URL (known: "
                                     f"{', '.join(sorted(known)) or 'none'})")
         inputs: list[dict] = []
+        consume = who is None or who.admin or not spec.input_dataset or \
+            self.tb.owners.dataset_owner(spec.input_dataset) in (None, who.subject)
         if spec.input_dataset:
-            inputs = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
+            # another's dataset is read, not consumed: all its files, none marked as used
+            inputs = self.tb.data.dataset_files(spec.input_dataset, unused_only=consume)
             if not inputs:
                 raise TaskSpecError(f"field 'input_dataset': dataset {spec.input_dataset!r} has "
                                     "no unused files (register them with data/add_files first)")
         groups, windows = _split(spec, inputs)
         self.quotas.check_submit(owner, spec.working_group, len(groups))
         return self._create(spec, params, owner, groups, sites, windows=windows,
-                            task_id=into_task, first_serial=first_serial)
+                            task_id=into_task, first_serial=first_serial, who=who,
+                            consume=consume)
 
     def resolve_share(self, spec: TaskSpec) -> str:
         """The global share of the task's jobs: the one it names, which must be in the share
@@ -87,13 +100,20 @@ class TaskSubmitter:
             return wanted
         return names[0] if names else "default"
 
-    def extend(self, task_id: int, actor: str) -> SubmitResult:
-        """Create jobs for the files added to the task's input dataset since it was created."""
+    def extend(self, task_id: int, actor: str, who: Owner | None = None) -> SubmitResult:
+        """Create jobs for the files added to the task's input dataset since it was created
+        (only a task over its owner's own dataset: another's is read whole, not consumed)."""
         task = self.tb.tasks.get(task_id)
         spec = TaskSpec.from_dict(task["params"])
         spec.share = task["share"]
         if not spec.input_dataset:
             raise TaskSpecError("this task has no input dataset to extend")
+        ds_owner = self.tb.owners.dataset_owner(spec.input_dataset)
+        if ds_owner not in (None, task["owner"]):
+            raise TaskSpecError(f"this task reads dataset {spec.input_dataset} of {ds_owner}, "
+                                "which it does not consume: it cannot be extended")
+        if "scope" not in task["params"]:
+            spec.scope = user_scope(task["owner"])
         if spec.event_service is not None:
             raise TaskSpecError("an event-service task cannot be extended: its merge job "
                                 "covers the ranges it was created with; submit a new task")
@@ -104,11 +124,16 @@ class TaskSubmitter:
         groups, windows = _split(spec, new)
         self.quotas.check_submit(task["owner"], spec.working_group, len(groups))
         return self._create(spec, task["params"], actor, groups, sites, task_id=task_id,
-                            first_serial=first_serial, windows=windows)
+                            first_serial=first_serial, windows=windows, who=who)
 
     def _create(self, spec: TaskSpec, params: dict, owner: str, groups: list[list[dict]],
                 sites: dict[str, dict], task_id: int | None = None,
-                first_serial: int = 1, windows: list | None = None) -> SubmitResult:
+                first_serial: int = 1, windows: list | None = None,
+                who: Owner | None = None, consume: bool = True) -> SubmitResult:
+        """Broker and store the jobs: the sites are weighed once for the task
+        (``Brokerage.plan``), then the jobs are created ``JOB_BATCH`` per transaction. A new
+        task is ``registered`` while that goes on (its job counts show the progress) and
+        ``ready`` after."""
         if len(groups) > MAX_JOBS_PER_CALL:
             raise LimitExceeded(f"this call would create {len(groups)} jobs; at most "
                                 f"{MAX_JOBS_PER_CALL} per call (raise 'files_per_job' or "
@@ -116,65 +141,95 @@ class TaskSubmitter:
         all_lfns = list(dict.fromkeys(f["lfn"] for g in groups for f in g))
         locality = self.tb.data.replica_endpoints(spec.scope if not groups or not groups[0]
                                              else groups[0][0]["scope"], all_lfns)
-        load = self.tb.jobs.site_load()
-        ids: list[int] = []
-        activated = assigned = 0
-        with self.tb.engine.begin() as conn:
-            if task_id is None:
+        shape = JobNeeds(cores=spec.cores, memory_mb=spec.memory_mb, walltime_s=spec.walltime_s,
+                         disk_mb=spec.disk_mb, prod_source_label=spec.prod_source_label)
+        plan = self.brokerage.plan(shape, [sites[spec.site]] if spec.site else list(sites.values()),
+                                   self.tb.jobs.site_load())
+        if not plan:
+            raise TaskSpecError("no site can run this task's jobs: "
+                                + ("; ".join(plan.rejected) or "no sites are known"))
+        if spec.event_service is not None:
+            total = sum(-(-int(f.get("n_events") or spec.events_per_file)
+                          // int(spec.events_per_range or 1)) for f in groups[0])
+            if total > MAX_RANGES_PER_TASK:
+                raise LimitExceeded(f"this task would have {total} event ranges; at most "
+                                    f"{MAX_RANGES_PER_TASK} (raise 'events_per_range')")
+        if who is not None:       # the outputs' scope and dataset must be the caller's
+            with self.tb.engine.begin() as conn:
+                self.tb.owners.check_scope(conn, who, spec.scope)
+                if spec.output_dataset:
+                    self.tb.owners.check_dataset(conn, who, spec.output_dataset, spec.scope)
+        if task_id is None:
+            with self.tb.engine.begin() as conn:
                 task_id = self.tb.tasks.insert(conn, name=spec.name, owner=owner, params=params,
                                               priority=spec.priority, share=spec.share,
                                               site=spec.site, max_attempts=spec.max_attempts)
-            if spec.event_service is not None:
-                total = sum(-(-int(f.get("n_events") or spec.events_per_file)
-                              // int(spec.events_per_range or 1)) for f in groups[0])
-                if total > MAX_RANGES_PER_TASK:
-                    raise LimitExceeded(f"this task would have {total} event ranges; at most "
-                                        f"{MAX_RANGES_PER_TASK} (raise 'events_per_range')")
-                n_ranges = sum(create_ranges(
-                    self.tb, conn, task_id=task_id, serial=POOL_SERIAL, file=f,
-                    window=EventWindow(0, int(f.get("n_events") or spec.events_per_file)),
-                    events_per_range=int(spec.events_per_range or 1)) for f in groups[0])
-                log.info("task %s: %d event ranges for %d consumer(s)", task_id, n_ranges,
-                         len(groups))
-            for n, group in enumerate(groups):
-                serial = first_serial + n
-                needs = JobNeeds(cores=spec.cores, memory_mb=spec.memory_mb,
-                                 walltime_s=spec.walltime_s, disk_mb=spec.disk_mb,
-                                 prod_source_label=spec.prod_source_label,
-                                 input_lfns=[f["lfn"] for f in group])
-                candidates = [sites[spec.site]] if spec.site else list(sites.values())
-                site, reasons = self.brokerage.choose(needs, candidates, load, locality)
-                if site is None:
-                    raise TaskSpecError("no site can run this task's jobs: "
-                                        + ("; ".join(reasons) or "no sites are known"))
-                window = windows[n] if windows else None
                 if spec.event_service is not None:
-                    job, files = make_consumer_job(spec, task_id, owner, serial, group, site=site)
-                else:
-                    job, files = make_job(spec, task_id, owner, serial, group, site=site,
-                                          events=window)
-                panda_id = self.tb.jobs.insert(conn, job, files, owner)
-                if window is not None and spec.events_per_range:
-                    create_ranges(self.tb, conn, task_id=task_id, serial=serial,
-                                  file=group[0], window=window,
-                                  events_per_range=spec.events_per_range)
-                se = input_endpoint(sites[site]["config"])
-                local = all(se in locality.get(f["lfn"], ()) for f in group)
-                target = JobState.ACTIVATED if local else JobState.ASSIGNED
-                self.tb.states.change(conn, panda_id, str(target), actor="brokerage",
-                                      expected=[str(JobState.DEFINED)])
-                activated += local
-                assigned += not local
-                load.setdefault(site, {})[str(target)] = load.get(site, {}).get(str(target), 0) + 1
-                ids.append(panda_id)
-            if all_lfns:
-                conn.execute(update(db.dataset_files).where(
-                    db.dataset_files.c.dataset == spec.input_dataset,
-                    db.dataset_files.c.lfn.in_(all_lfns)).values(task_id=task_id))
+                    n_ranges = sum(create_ranges(
+                        self.tb, conn, task_id=task_id, serial=POOL_SERIAL, file=f,
+                        window=EventWindow(0, int(f.get("n_events") or spec.events_per_file)),
+                        events_per_range=int(spec.events_per_range or 1)) for f in groups[0])
+                    log.info("task %s: %d event ranges for %d consumer(s)", task_id, n_ranges,
+                             len(groups))
+        ids: list[int] = []
+        activated = 0
+        try:
+            for start in range(0, len(groups), JOB_BATCH):
+                batch_ids: list[int] = []
+                batch_activated = 0
+                with self.tb.engine.begin() as conn:
+                    batch_lfns: dict[str, None] = {}
+                    for n in range(start, min(start + JOB_BATCH, len(groups))):
+                        group = groups[n]
+                        lfns = [f["lfn"] for f in group]
+                        batch_lfns.update(dict.fromkeys(lfns))
+                        site = plan.site_for(lfns, locality)
+                        batch_activated += self._create_job(
+                            conn, spec, task_id, owner, first_serial + n, group, site,
+                            sites[site], locality, windows[n] if windows else None, batch_ids)
+                    if batch_lfns and consume:
+                        conn.execute(update(db.dataset_files).where(
+                            db.dataset_files.c.dataset == spec.input_dataset,
+                            db.dataset_files.c.lfn.in_(list(batch_lfns))).values(task_id=task_id))
+                ids += batch_ids                 # committed
+                activated += batch_activated
+                if len(groups) > JOB_BATCH:
+                    log.info("task %s (%s): %d of %d jobs created", task_id, spec.name,
+                             len(ids), len(groups))
+        except Exception as exc:
+            log.error("task %s (%s): job creation stopped after %d of %d jobs: %s", task_id,
+                      spec.name, len(ids), len(groups), exc)
+            with self.tb.engine.begin() as conn:
+                self.tb.tasks.set_status(
+                    conn, task_id, str(TaskState.READY if ids else TaskState.FAILED),
+                    error_dialog=f"job creation stopped after {len(ids)} of {len(groups)} "
+                                 f"jobs: {type(exc).__name__}")
+            raise
+        with self.tb.engine.begin() as conn:
             self.tb.tasks.set_status(conn, task_id, str(TaskState.READY))
         log.info("task %s (%s): %d jobs, %d activated, %d waiting for data", task_id, spec.name,
-                 len(ids), activated, assigned)
-        return SubmitResult(task_id, ids, activated, assigned)
+                 len(ids), activated, len(ids) - activated)
+        return SubmitResult(task_id, ids, activated, len(ids) - activated)
+
+    def _create_job(self, conn, spec: TaskSpec, task_id: int, owner: str, serial: int,
+                    group: list[dict], site: str, site_row: dict,
+                    locality: dict[str, set[str]], window, ids: list[int]) -> bool:
+        """One job at ``site``, activated when its inputs are there (True) else assigned."""
+        if spec.event_service is not None:
+            job, files = make_consumer_job(spec, task_id, owner, serial, group, site=site)
+        else:
+            job, files = make_job(spec, task_id, owner, serial, group, site=site, events=window)
+        panda_id = self.tb.jobs.insert(conn, job, files, owner)
+        if window is not None and spec.events_per_range:
+            create_ranges(self.tb, conn, task_id=task_id, serial=serial, file=group[0],
+                          window=window, events_per_range=spec.events_per_range)
+        se = input_endpoint(site_row["config"])
+        local = all(se in locality.get(f["lfn"], ()) for f in group)
+        target = JobState.ACTIVATED if local else JobState.ASSIGNED
+        self.tb.states.change(conn, panda_id, str(target), actor="brokerage",
+                              expected=[str(JobState.DEFINED)])
+        ids.append(panda_id)
+        return local
 
 
 def _split(spec: TaskSpec, inputs: list[dict]) -> tuple[list[list[dict]], list | None]:

@@ -278,7 +278,7 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
     """
     from .dataservice import DataService
     from .datamovers import load_movers
-    from .shares import recompute_priorities
+    from .shares import PriorityCursor, recompute_priorities
 
     watcher = Watcher(state.tb, limits)
     from .eventranges import EventRangeService
@@ -299,5 +299,7 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
         tasks.append(("rebrokerage", Rebrokerage(state.tb, brokerage).process))
         tasks.append(("sitehealth", SiteHealth(state.tb, TaskSubmitter(state.tb, brokerage),
                                                health).check))
-        tasks.append(("priorities", lambda: recompute_priorities(state.tb, state.hook)))
+        cursor = PriorityCursor()       # each pass goes on where the last one stopped
+        tasks.append(("priorities", lambda: recompute_priorities(state.tb, state.hook,
+                                                                 cursor=cursor)))
     return tasks

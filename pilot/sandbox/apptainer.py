@@ -6,7 +6,8 @@ apptainer, or singularity where only that is installed, found on the pilot's PAT
 ``--cleanenv`` (the host environment stays out; the payload's own variables go in as
 ``APPTAINERENV_*``, which apptainer hands to the payload without the prefix), ``--no-home``,
 the work dir bound read-write and made the current folder, inputs bound read-only, the site's
-``bind`` paths bound read-only, and with ``network: false`` ``--net --network none``.
+``bind`` paths bound read-only, and with ``network: false`` ``--net --network none``. A bind never names (or lies below) the pilot's hidden paths (token
+file, job dirs' base).
 
 Not covered here (no apptainer can be installed on the test machine; the tests check the
 command line against a fake): image pulls and their cache (``docker://`` names need the
@@ -59,9 +60,12 @@ class ApptainerSandbox(Sandbox):
                 "--bind", f"{workdir}:{workdir}:rw", "--pwd", workdir]
         if not self.config.network:
             args += ["--net", "--network", "none"]
+        hidden = [os.path.realpath(h) for h in spec.hide]
         for path in [*self.config.bind, *spec.read_only]:
             real = os.path.realpath(path)
-            if os.path.exists(real) and not real.startswith(workdir.rstrip("/") + "/"):
+            if any(real == h or real.startswith(h.rstrip("/") + "/") for h in hidden):
+                log.warning("%s lies below a path the payload must not see: not bound", real)
+            elif os.path.exists(real) and not real.startswith(workdir.rstrip("/") + "/"):
                 args += ["--bind", f"{real}:{real}:ro"]
         return [*args, self.image_for(spec)]
 

@@ -76,11 +76,15 @@ class BwrapSandbox(Sandbox):
         if self.config.network:
             args += _resolver_binds(visible)
         workdir = os.path.realpath(spec.workdir)
-        for hidden in spec.hide:
-            args += _cover(os.path.realpath(hidden), visible)
+        hidden = [os.path.realpath(h) for h in spec.hide]
+        for path in hidden:
+            args += _cover(path, visible)
         for path in spec.read_only:
             real = os.path.realpath(path)
-            if not _below(real, workdir) and os.path.exists(real):
+            if any(_below(real, h) for h in hidden):   # an input never uncovers the pilot's
+                log.warning("input %s lies below a path the payload must not see: not bound",
+                            real)
+            elif not _below(real, workdir) and os.path.exists(real):
                 args += ["--ro-bind", real, real]
         args += ["--bind", workdir, workdir, "--chdir", workdir]
         return args

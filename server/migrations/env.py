@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from server.db import metadata
+from server.db import declared_on, metadata
 
 config = context.config
 target_metadata = metadata
@@ -30,13 +30,15 @@ def run_offline() -> None:
 def run_online() -> None:
     conn = config.attributes.get("connection")
     if conn is not None:
-        context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
+        context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True,
+                          include_object=declared_on(conn.dialect.name))
         with context.begin_transaction():
             context.run_migrations()
         return
     engine = create_engine(_url())
     with engine.begin() as conn:
-        context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
+        context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True,
+                          include_object=declared_on(conn.dialect.name))
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -1,7 +1,8 @@
 """The task buffer: every read and write of tasks, jobs, files, sites and pilots.
 
 One part per responsibility, each a module of this package: ``states`` (the job state machine:
-the one function that changes a job's status), ``sites``, ``data`` (datasets, replicas, stored
+the one function that changes a job's status), ``counts`` (jobs per site, share and state, kept
+by triggers), ``sites``, ``data`` (datasets, replicas, stored
 outputs), ``tasks``, ``jobs`` (rows, dispatch, failures, retries, kills) and ``pilots`` (what
 pilots and factories report), ``tokens`` (revoked bearer tokens). :class:`TaskBuffer` holds
 them over one engine and clock, so that callers pass one object around:
@@ -12,12 +13,14 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from .base import Clock, Conflict, NotFound, Store, is_retryable, utcnow
+from .counts import JobCounts
 from .data import Data
 from .jobs import Jobs
 from .pilots import Pilots
 from .sites import Sites
 from .states import JobStates
 from .tasks import Tasks
+from .owners import Ownership
 from .tokens import RevokedTokens
 
 __all__ = ["Clock", "Conflict", "NotFound", "TaskBuffer", "is_retryable", "utcnow"]
@@ -29,9 +32,11 @@ class TaskBuffer(Store):
     def __init__(self, engine: Engine, clock: Clock = utcnow):
         super().__init__(engine, clock)
         self.states = JobStates(self)
+        self.counts = JobCounts(self)
         self.sites = Sites(self)
         self.data = Data(self)
         self.tasks = Tasks(self)
-        self.jobs = Jobs(self, self.states, self.tasks)
+        self.jobs = Jobs(self, self.states, self.tasks, self.counts)
         self.pilots = Pilots(self, self.states, self.tasks, self.data, self.jobs)
         self.revoked_tokens = RevokedTokens(self)
+        self.owners = Ownership(self)          # who may write scopes and datasets

@@ -252,6 +252,10 @@ def test_bwrap_command_covers_pilot_files_below_visible_paths(tmp_path, monkeypa
     assert f"--tmpfs {base}" in text                         # a folder: by an empty tmpfs
     assert text.index(f"--tmpfs {base}") < text.index(f"--bind {work} {work}")
     assert f"--ro-bind {outside} {outside}" in text and f"{work}/inside" not in text
+    # an input that is (a link to) the pilot's token is never bound back in
+    argv = sandbox.command(SandboxSpec(argv=["x"], env={}, workdir=work, hide=[token, base],
+                                       read_only=[token, base / "panda_job_9_9" / "f"]))
+    assert f"--ro-bind {token} {token}" not in " ".join(argv)
     assert "--unshare-net" not in argv and "--unshare-pid" in argv
     assert "--tmpfs /tmp" in text and "--proc /proc" in text
     no_net = load(SandboxConfig(runtime="bwrap", network=False))

@@ -10,7 +10,7 @@ import json
 import uuid
 import zlib
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from panda_core.replicas import replica_url
 from server import db
@@ -40,6 +40,16 @@ def site_config(name: str, se: str = "SE_A", *, cores: int = 8, memory_mb: int =
         "limits": {"looping_s": 600, "min_free_disk_mb": 100, "max_workdir_mb": 2000,
                    "heartbeat_s": 1800},
     }
+
+
+def counts_by_group_by(tb: TaskBuffer) -> dict:
+    """What the job counters (``tb.counts.read()``) must say: a GROUP BY over the jobs table."""
+    j = db.jobs.c
+    site = func.coalesce(j.site, "")
+    with tb.engine.connect() as conn:
+        return {(s, share, status): (n, int(cores)) for s, share, status, n, cores in conn.execute(
+            select(site, j.share, j.status, func.count(), func.sum(j.cores))
+            .group_by(site, j.share, j.status))}
 
 
 def add_site(tb: TaskBuffer, name: str = "SITE_A", **kw) -> dict:

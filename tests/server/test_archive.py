@@ -228,7 +228,7 @@ def test_server_archives_periodically(taskbuffer, tmp_path):
 
 
 def test_migration_moves_the_old_archive_into_the_tiers_and_back(fresh_db_url, clock):
-    """0018 rebuilds an existing jobs_archive (partitioned on PostgreSQL/MariaDB) with its rows
+    """0020 rebuilds an existing jobs_archive (partitioned on PostgreSQL/MariaDB) with its rows
     and moves the files and history of archived jobs over; the downgrade moves them back."""
     from sqlalchemy import inspect, text
 
@@ -236,7 +236,7 @@ def test_migration_moves_the_old_archive_into_the_tiers_and_back(fresh_db_url, c
 
     engine = db.make_engine(fresh_db_url, pool_size=1)
     try:
-        db.upgrade_schema(engine, "0017_vo")
+        db.upgrade_schema(engine, "0019_data_owners")
         tb = TaskBuffer(engine, clock=clock)
         add_site(tb)
         _task, live = seed_jobs(tb, "SITE_A", 1, status="running")
@@ -267,8 +267,8 @@ def test_migration_moves_the_old_archive_into_the_tiers_and_back(fresh_db_url, c
         cfg = db.alembic_config()
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0017_vo")
-        assert db.current_revision(engine) == "0017_vo"
+            command.downgrade(cfg, "0019_data_owners")
+        assert db.current_revision(engine) == "0019_data_owners"
         assert "archived_at" not in {c["name"] for c in inspect(engine).get_columns(
             "jobs_archive")}
         assert not {"files_archive", "job_history_archive"} & set(inspect(engine)

@@ -142,3 +142,96 @@ def test_installed_entry_point_plugin_is_loaded(tmp_path, monkeypatch):
                                             {"A": {"running": 9}}, {})
     assert choice == "A" and why == ["B: avoid-b says no"]
     sys.modules.pop("avoid_b_policy", None)
+
+
+# ---------------------------------------------------------------------- a task's plan
+class CountCalls:
+    """Counts how often brokerage asks the hooks."""
+
+    def __init__(self):
+        self.filters = self.weights = 0
+
+    @hookimpl
+    def panda_broker_filter(self, needs, candidates):
+        self.filters += 1
+        assert needs.input_lfns == []          # the task's shape: inputs are not the hooks'
+        return {}
+
+    @hookimpl
+    def panda_broker_weight(self, needs, candidate, load, locality):
+        self.weights += 1
+        return None
+
+
+def test_a_plan_asks_the_hooks_once_per_site_not_per_job():
+    pm = plugin_manager(load_entry_points=False)
+    counter = CountCalls()
+    pm.register(counter, name="count")
+    sites = rows(*[site(f"S{i:02d}", f"SE{i:02d}") for i in range(20)])
+    plan = Brokerage(pm.hook).plan(needs(), sites, {})
+    chosen = [plan.site_for([], {}) for _ in range(2000)]
+    assert counter.filters == 1 and counter.weights == 20
+    # equal weights: an equal spread
+    assert {chosen.count(s["name"]) for s in sites} == {100}
+
+
+def test_a_plan_spreads_jobs_by_weight_and_prefers_data():
+    a, b, c = site("A", "SE_A", max_running=10), site("B", "SE_B", max_running=10), \
+        site("C", "SE_C", max_running=10, cores=1)
+    # A is full (weight 1/2), B and C idle (weight 1)
+    plan = Brokerage(plugin_manager(load_entry_points=False).hook).plan(
+        needs(), rows(a, b, c), {"A": {"running": 10}})
+    got = [plan.site_for([], {}) for _ in range(500)]
+    assert got.count("A") == pytest.approx(100, abs=2)
+    assert got.count("B") == pytest.approx(200, abs=2) and got.count("C") == pytest.approx(200, abs=2)
+    # a job whose inputs are at A goes there although A weighs least (boost 10 > 2)
+    locality = {"f1": {"SE_A"}, "f2": {"SE_A"}}
+    assert plan.site_for(["f1", "f2"], locality) == "A"
+    # a filtered site is never chosen, and says why
+    big = Brokerage(plugin_manager(load_entry_points=False).hook).plan(
+        needs(cores=2), rows(a, b, c), {})
+    assert "C: needs 2 cores, site has 1" in big.rejected
+    assert {big.site_for([], {}) for _ in range(50)} == {"A", "B"}
+
+
+def test_a_plan_without_candidates_refuses_the_task(taskbuffer):
+    taskbuffer.sites.sync([site("A", cores=2)])
+    with pytest.raises(TaskSpecError, match="A: needs 8 cores"):
+        submitter(taskbuffer).submit(task(n_jobs=3, resources={"cores": 8}), owner="u")
+    assert taskbuffer.tasks.find() == []                # nothing was created
+
+
+def test_a_task_above_the_bound_is_refused_before_anything_is_made(taskbuffer, monkeypatch):
+    import server.submission as submission
+    from server.jobcreator import LimitExceeded
+    taskbuffer.sites.sync([site("A")])
+    monkeypatch.setattr(submission, "MAX_JOBS_PER_CALL", 4)
+    with pytest.raises(LimitExceeded, match="would create 5 jobs; at most 4 per call"):
+        submitter(taskbuffer).submit(task(n_jobs=5), owner="u")
+    assert taskbuffer.tasks.find() == []
+
+
+def test_big_tasks_are_created_in_batches(taskbuffer, monkeypatch):
+    """Each batch commits on its own: a failure part way keeps the jobs made so far, the task
+    is ready with them and says where creation stopped."""
+    import server.submission as submission
+    taskbuffer.sites.sync([site("A"), site("B", "SE_B")])
+    monkeypatch.setattr(submission, "JOB_BATCH", 3)
+    res = submitter(taskbuffer).submit(task(n_jobs=10), owner="u")
+    assert len(res.job_ids) == 10 and taskbuffer.tasks.get(res.task_id)["status"] == "ready"
+    assert {taskbuffer.jobs.get(i)["site"] for i in res.job_ids} == {"A", "B"}
+
+    real = taskbuffer.jobs.insert
+    made = []
+
+    def failing_insert(conn, job, files, actor):
+        if len(made) == 7:
+            raise RuntimeError("database went away")
+        made.append(job["serial"])
+        return real(conn, job, files, actor)
+    monkeypatch.setattr(taskbuffer.jobs, "insert", failing_insert)
+    with pytest.raises(RuntimeError):
+        submitter(taskbuffer).submit(task(name="t2", n_jobs=10), owner="u")
+    [t2] = [t for t in taskbuffer.tasks.find() if t["name"] == "t2"]
+    assert t2["status"] == "ready" and "stopped after 6 of 10 jobs" in t2["error_dialog"]
+    assert sum(taskbuffer.tasks.job_counts(t2["task_id"]).values()) == 6   # two whole batches

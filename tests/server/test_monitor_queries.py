@@ -129,6 +129,15 @@ def test_error_summary_by_code_site_user_task(seeded):
     assert 1 <= len(timeline["buckets"]) <= 61
 
 
+def test_unfiltered_dashboard_counts_from_the_counters_as_from_the_tables(seeded):
+    """The overview as it opens reads its active jobs from the job counters: the same
+    numbers as counting the tables."""
+    tb, _ = seeded
+    sel = sel_of(tb)[0]
+    assert not sel.terms
+    assert dash.site_state_counts(tb, sel) == dash.grouped_site_state_counts(tb, sel)
+
+
 def test_dashboard_counts_sites_states_and_pilots(seeded):
     tb, _ = seeded
     data = dash.dashboard(tb, sel_of(tb)[0])

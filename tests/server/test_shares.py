@@ -11,7 +11,8 @@ from logic_kit import site, submitter, task
 from server import db
 from server.hookspecs import hookimpl, plugin_manager
 from server.shares import (DEFAULT_SHARES, ShareChooser, ShareError, ShareStore, load_shares_file,
-                           parse_shares, rank_shares, recompute_priorities, targets)
+                           PriorityCursor, parse_shares, rank_shares, recompute_priorities,
+                           targets)
 
 SITE = "S_SITE"
 
@@ -160,6 +161,30 @@ def test_priorities_age_and_drop_with_the_users_running_jobs(tb, clock):
     assert recompute_priorities(tb, hook) == 0
     # the higher current priority is dispatched first
     assert tb.jobs.dispatch(SITE, node="wn", actor="p")["panda_id"] == old
+
+
+def test_priority_passes_walk_the_whole_queue_a_batch_at_a_time(tb, clock):
+    """With a cursor (the watcher's), each pass reads ``limit`` waiting jobs after the last
+    one seen and starts again at the front after the end: jobs past the first batch are
+    reached too, and a pass reads no more than ``limit``."""
+    ids = add_jobs(tb, "mc", 5, name="queue")
+    clock.advance(hours=1)
+    hook = plugin_manager(load_entry_points=False).hook
+    cursor = PriorityCursor()
+    seen = []
+    real = hook.panda_job_priority
+
+    class Spy:
+        def panda_job_priority(self, job, now, user_running):
+            seen.append(job["panda_id"])
+            assert "job_pars" not in job and "owner" in job        # the narrow row
+            return real(job=job, now=now, user_running=user_running)
+    changed = [recompute_priorities(tb, Spy(), limit=4, cursor=cursor) for _ in range(3)]
+    # 2 per waiting state and pass (activated here): [0, 1], [2, 3], [4], then the front
+    assert seen == ids and changed == [2, 2, 1] and cursor.laps == 1
+    recompute_priorities(tb, Spy(), limit=4, cursor=cursor)
+    assert seen[5:] == ids[:2]
+    assert {tb.jobs.get(i)["current_priority"] for i in ids} == {1010}
 
 
 class CapPriority:

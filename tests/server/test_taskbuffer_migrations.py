@@ -25,7 +25,7 @@ def schema_diff(url: str) -> list:
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={
-                "compare_type": True,
+                "compare_type": True, "include_object": db.declared_on(conn.dialect.name),
                 "include_name": lambda name, type_, parent: not (
                     type_ == "table" and archivetiers.is_partition(name))})
             return compare_metadata(ctx, db.metadata)

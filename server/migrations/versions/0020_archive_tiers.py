@@ -5,8 +5,8 @@
 The existing jobs_archive is rebuilt with its rows (``archived_at`` := their ``state_changed``),
 and the files and history of already archived jobs move over. Downgrade moves everything back.
 
-Revision ID: 0019_archive_tiers
-Revises: 0018_job_counts
+Revision ID: 0020_archive_tiers
+Revises: 0019_data_owners
 Create Date: 2026-12-04
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from alembic import op
 
 from server import archivetiers
 
-revision = "0019_archive_tiers"
-down_revision = "0018_job_counts"
+revision = "0020_archive_tiers"
+down_revision = "0019_data_owners"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,80 @@
+"""``panda simulate`` end to end: a CI-sized workload against the real server (SQLite) and its
+brokerage; the report says every job ended and each share ran within its target's tolerance;
+the plots and the summary are written; bad input gets a clear message and exit code 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.simulate.workload import WorkloadError, parse_workload
+
+DATA = Path(__file__).resolve().parent / "data"
+#: how far a share's usage (fraction of running cores while every share had jobs waiting) may
+#: sit from its target: the reprocessing inputs live at two of the three sites only
+TOLERANCE = 0.1
+
+
+def panda(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "panda_wms.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_small_scenario_runs_end_to_end(tmp_path):
+    out = tmp_path / "sim"
+    res = panda("simulate", str(DATA / "simulate-ci.yaml"), "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["completed"] and report["every_job_ended"]
+    assert report["jobs"] == 310 and report["finished"] + report["failed"] == 310
+    assert report["retries"] > 0                         # SITE_B fails 10 % of its payloads
+    assert set(report["failures_by_site"]) == {"SITE_B"}
+    assert report["n_pilot_errors"] == 0 and report["submit_errors"] == []
+    assert report["contended_samples"] >= 10
+    for name, share in report["shares"].items():
+        assert abs(share["deviation"]) <= TOLERANCE, (name, share)
+    # brokerage spread the jobs over every site; the reprocessing inputs drew it to A and B
+    assert all(b["jobs"] > 0 for b in report["brokerage"].values())
+    assert report["queue_time_s"]["p95"] >= report["queue_time_s"]["p50"] > 0
+    for plot in ("share_usage.svg", "queue_times.svg", "throughput.svg", "sites.svg"):
+        svg = (out / plot).read_text()
+        assert svg.startswith("<svg") and "</svg>" in svg and "no data" not in svg
+    summary = (out / "summary.md").read_text()
+    assert "| reprocessing |" in summary and summary in res.stdout
+
+
+def test_bad_workloads_get_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sites: [{name: A, slots: 0}]\ntasks: [{name: t, n_jobs: 1}]\n")
+    res = panda("simulate", str(bad), "--out", str(tmp_path / "o"), timeout=60)
+    assert res.returncode == 2 and "sites[0].slots: an integer from 1" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = panda("simulate", str(tmp_path / "missing.yaml"), timeout=60)
+    assert res.returncode == 2 and "cannot read" in res.stderr
+    for data, words in [
+            ({"sites": [{"name": "A"}], "tasks": []}, "tasks: a non-empty list"),
+            ({"sites": [{"name": "A"}, {"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1}]},
+             "appears twice"),
+            ({"sites": [{"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1,
+                                                   "inputs": {"files": 2, "at": ["B"]}}]},
+             "inputs.at"),
+            ({"sites": [{"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1}], "oops": 1},
+             "unknown key(s) oops"),
+            ({"sites": [{"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1}],
+              "shares": [{"name": "x", "value": 50}]}, "add up to 100")]:
+        with pytest.raises(WorkloadError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            parse_workload(data)
+
+
+def test_a_database_with_jobs_is_refused(taskbuffer, tmp_path):
+    from dbkit import add_site, seed_jobs
+    from server.simulate.run import SimulationError, prepare_database
+    add_site(taskbuffer, "SITE_X")
+    seed_jobs(taskbuffer, "SITE_X", 1)
+    w = parse_workload({"sites": [{"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1}]})
+    with pytest.raises(SimulationError, match="already holds 1 job"):
+        prepare_database(taskbuffer, w, tmp_path)
