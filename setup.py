@@ -96,8 +96,10 @@ setup(
         "all": ALL,
         # selenium drives Debian's chromium for the monitor's browser tests; aiosmtpd is a
         # real SMTP server for the alarm e-mails
+        # schemathesis (with hypothesis): the API fuzzed from its OpenAPI document
         "test": ALL + ["pytest>=7.4", "pytest-timeout>=2.2", "responses>=0.24",
-                       "selenium>=4.10", "aiosmtpd>=1.4"],
+                       "selenium>=4.10", "aiosmtpd>=1.4", "schemathesis>=4.0",
+                       "hypothesis>=6.100"],
     },
     entry_points={
         "console_scripts": ["panda = panda_wms.cli:main"],

@@ -150,7 +150,10 @@ class FloodGuard:
 
     def _listen(self, sock: socket.socket, handle: Callable[[socket.socket, Any], None]
                 ) -> Callable[[], None]:
-        loop = asyncio.get_event_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:          # before the loop runs: the one set for this thread
+            loop = asyncio.get_event_loop_policy().get_event_loop()
         fd = sock.fileno()
         state = {"removed": False, "paused": None}
 

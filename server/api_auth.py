@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .apibase import ADMIN, ApiError, ApiMethods, Context, Forbidden, str_param
+from .apibase import ADMIN, ApiError, ApiMethods, Context, Forbidden, Param, str_param
 
 log = logging.getLogger(__name__)
 
@@ -14,7 +14,10 @@ api = ApiMethods()
 JTI_ONLY_KEEP_S = 400 * 24 * 3600
 
 
-@api("auth", "revoke_token", ("POST",), ("pilot", "user", "admin"))
+@api("auth", "revoke_token", ("POST",), ("pilot", "user", "admin"), params=(
+    Param("token", max_length=16384, description="the token to revoke (or give its jti)"),
+    Param("jti", description="the token's id"),
+    Param("reason", max_length=1000, description="why, for the record")))
 def revoke_token(ctx: Context, params: dict) -> dict:
     """``token``: revoke that token (whoever holds a token may end it); ``jti``: an admin
     revokes a token it does not have. Every server process refuses it within seconds."""

@@ -13,7 +13,7 @@ import re
 
 from panda_core.states import JobState
 
-from .apibase import WRITERS, ApiError, ApiMethods, Context, id_list, int_param
+from .apibase import WRITERS, ApiError, ApiMethods, Context, Param, id_list, int_param
 from .taskbuffer import NotFound
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ def error_text(job: dict) -> tuple[int, str]:
     return 0, ""
 
 
-@api("job", "get_details")
+@api("job", "get_details", params=(
+    Param("job_id", "integer", True, "a PandaID", minimum=1),))
 def job_get_details(ctx: Context, params: dict) -> dict:
     """One job (live or archived) with its files, its state history (time in each state) and
     its error; what ``panda job ID`` shows."""
@@ -116,7 +117,8 @@ def _retry_ids(ctx: Context, job_ids: list[int]) -> dict[str, int | str]:
     return out
 
 
-@api("job", "retry", ("POST",), WRITERS)
+@api("job", "retry", ("POST",), WRITERS, params=(
+    Param("job_ids", "ids", True, "PandaIDs (a repeated key, a list or one id)"),))
 def job_retry(ctx: Context, params: dict) -> dict[str, int | str]:
     """A new attempt of each failed or cancelled job of ``job_ids`` that has none yet: its
     new PandaID, or why not."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from .apibase import ADMIN, ApiError, ApiMethods, Context, int_param
+from .apibase import ADMIN, ApiError, ApiMethods, Context, Param, int_param
 from .eventranges import EventRangeService
 from .shares import ShareChooser, ShareError, ShareStore, parse_shares, targets
 
@@ -28,7 +28,9 @@ def shares_list(ctx: Context, params: dict) -> dict:
     return _tree_view(ShareStore(ctx.tb).load())
 
 
-@api("shares", "set", ("POST",), ADMIN)
+@api("shares", "set", ("POST",), ADMIN, params=(
+    Param("shares", "array", description="the whole tree: [{name, value, children}]"),
+    Param("values", "object", description="{share: percent}")))
 def shares_set(ctx: Context, params: dict) -> dict:
     """Replace the tree (``shares``: [{name, value, children}]) or change some values
     (``values``: {name: percent}); siblings must still add up to 100."""
@@ -47,7 +49,8 @@ def shares_set(ctx: Context, params: dict) -> dict:
     return _tree_view(tree)
 
 
-@api("shares", "usage")
+@api("shares", "usage", params=(
+    Param("site", required=True, max_length=128, description="a site's name"),))
 def shares_usage(ctx: Context, params: dict) -> dict:
     """At one site: cores in use and activated jobs per share, and the order the next pilot
     gets."""
@@ -58,7 +61,8 @@ def shares_usage(ctx: Context, params: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- event ranges
-@api("event", "summary")
+@api("event", "summary", params=(
+    Param("task_id", "integer", True, "a jediTaskID", minimum=1),))
 def event_summary(ctx: Context, params: dict) -> dict:
     """Event ranges of a task per status."""
     task_id = int_param(params, "task_id")

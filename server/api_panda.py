@@ -20,10 +20,11 @@ import tornado.web
 
 from panda_core.replicas import BadFileName, check_name
 
-from .apibase import WRITERS, ApiError, ApiMethods, Context, as_int, int_param, str_param
-from .handlers import BaseHandler
+from .apibase import WRITERS, ApiError, ApiMethods, Context, Param, as_int, int_param, str_param
+from .handlers import MAX_JSON_DEPTH, BaseHandler, bad_text, json_depth
 from .jobcreator import TaskSpec, TaskSpecError
 from .queuedata import storagedata
+from .taskbuffer.owners import Owner, OwnershipError
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,11 @@ def _load_json_jobs(raw: Any) -> list:
             return obj
         try:
             raw = json.loads(raw, object_hook=hook)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError("parameter 'jobs' is not valid JSON") from None
+        if json_depth(raw) > MAX_JSON_DEPTH or bad_text({"jobs": raw}):
+            raise ApiError("parameter 'jobs': nested too deep, or text with a NUL byte or a "
+                           "lone surrogate")
     if not isinstance(raw, list) or not raw:
         raise ApiError("parameter 'jobs' must be a non-empty JSON list of jobs")
     if len(raw) > MAX_JOBS_PER_SUBMIT:
@@ -226,7 +230,9 @@ def job_to_task(job: dict, files: list[dict], index: int) -> dict:
         task["outputs"] = [str(f.get("lfn")) for f in outputs]
         task["output_dataset"] = str(_null(outputs[0].get("destinationDBlock"))
                                      or _null(outputs[0].get("dataset")) or f"{name}.outputs")
-        task["scope"] = str(_null(outputs[0].get("scope")) or "user")
+        scope = _null(outputs[0].get("scope"))
+        if scope:                    # else the caller's own user.<name> scope
+            task["scope"] = str(scope)
     try:
         TaskSpec.from_dict(task)
         for lfn in task.get("outputs", []):
@@ -236,7 +242,9 @@ def job_to_task(job: dict, files: list[dict], index: int) -> dict:
     return task
 
 
-@api("job", "submit", ("POST",), WRITERS)
+@api("job", "submit", ("POST",), WRITERS, params=(
+    Param("jobs", "any", True, "PanDA JobSpecs: a JSON list of positional JobSpec lists, or "
+          "that list as JSON text"),))
 def job_submit(ctx: Context, params: dict) -> list[list]:
     """PanDA's submitJobs: the jobs of one call become one task owned by the caller (each job
     with its own transformation, parameters, site and outputs), so they share a jobsetID."""
@@ -255,7 +263,9 @@ def job_submit(ctx: Context, params: dict) -> list[list]:
     for n, (job, task) in enumerate(converted):
         try:
             result = ctx.submitter.submit(task, owner=ctx.identity.subject, into_task=jobset,
-                                          first_serial=n + 1)
+                                          first_serial=n + 1, who=Owner.of(ctx.identity))
+        except OwnershipError as exc:
+            raise ApiError(f"job {task['name']}: permission denied: {exc}", 403) from None
         except (TaskSpecError, BadFileName) as exc:
             raise ApiError(f"job {task['name']}: {exc}") from None
         jobset = result.task_id
@@ -286,7 +296,11 @@ def _since(value: Any) -> dt.datetime | None:
                        ) from None
 
 
-@api("task", "get_tasks_modified_since")
+@api("task", "get_tasks_modified_since", params=(
+    Param("since", max_length=64, description="YYYY-MM-DD HH:MM:SS"),
+    Param("dn", description="the owner (default: the caller)"),
+    Param("min_task_id", "integer"), Param("prod_source_label", max_length=32),
+    Param("full", description="ignored")))
 def task_modified_since(ctx: Context, params: dict) -> dict:
     """Tasks of ``dn`` (default: the caller) modified since ``since``; keys are task ids."""
     owner = str_param(params, "dn") or (ctx.identity.subject if ctx.identity else None)
@@ -320,7 +334,10 @@ def _task_detail(task: dict, counts: dict[str, int]) -> dict:
     return view
 
 
-@api("task", "get_tasks_detailed_info_since")
+@api("task", "get_tasks_detailed_info_since", params=(
+    Param("since", max_length=64, description="YYYY-MM-DD HH:MM:SS"),
+    Param("n_tasks", "integer", minimum=1, maximum=10000, description="at most (500)"),
+    Param("filters", "any", description="JSON object (or its text): JEDI attribute -> value")))
 def task_detailed_info_since(ctx: Context, params: dict) -> list[dict]:
     """The caller's tasks modified since ``since`` (all when absent), at most ``n_tasks``,
     filtered by ``filters`` (JSON: JEDI attribute -> value, equality): what pbook lists."""
@@ -351,7 +368,9 @@ def task_detailed_info_since(ctx: Context, params: dict) -> list[dict]:
     return out
 
 
-@api("task", "retry", ("POST",), WRITERS)
+@api("task", "retry", ("POST",), WRITERS, params=(
+    Param("task_id", "integer", True, "a jediTaskID", minimum=1),
+    Param("new_parameters", "any", description="not supported (refused)")))
 def task_retry(ctx: Context, params: dict) -> int:
     """PanDA's retryTask: the failed and cancelled jobs of an ended task run again. ``data``
     is PanDA's code: 0 registered, 2 no such task, 3 permission denied, 4 the task's status
@@ -377,7 +396,10 @@ def task_retry(ctx: Context, params: dict) -> int:
     return 0
 
 
-@api("task", "get_datasets_and_files")
+@api("task", "get_datasets_and_files", params=(
+    Param("task_id", "integer", True, "a jediTaskID", minimum=1),
+    Param("dataset_types", "any", description="input, output: comma-separated text or a "
+          "list (as PanDA's client sends it)")))
 def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
     """The files of a task's input (and, if asked, output) dataset with their use status."""
     task = ctx.tb.tasks.get(int_param(params, "task_id"))
@@ -400,7 +422,9 @@ def task_datasets_and_files(ctx: Context, params: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- sandbox cache
-@api("file_server", "validate_cache_file", ("POST",), WRITERS)
+@api("file_server", "validate_cache_file", ("POST",), WRITERS, params=(
+    Param("file_size", "integer", True, "the sandbox's size in bytes", minimum=0),
+    Param("checksum", "integer", True, "the gzip trailer's CRC32")))
 def validate_cache_file(ctx: Context, params: dict) -> None:
     """panda-client's sandbox reuse check (``file_size``, ``checksum``: the gzip trailer's CRC32).
     Always "not found", so the client uploads: a CRC32 and a size are easy to match with other

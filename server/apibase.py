@@ -11,6 +11,7 @@ need an identity (a bearer token's subject or a certificate DN).
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -55,23 +56,149 @@ class Context:
     message: str = ""
 
 
+class BadParameter(ApiError):
+    """A parameter that does not match its declaration (HTTP 400, success=false)."""
+    status = 400
+
+
+#: JSON Schema / OpenAPI type of each parameter kind
+KINDS = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean",
+         "object": "object", "array": "array", "ids": "array", "any": None}
+MAX_TEXT = 255                 # a text parameter's default length limit (the columns' own)
+MAX_IDS = 10000
+_NULLS = (None, "", "None")          # absent, as int_param and str_param read them
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of an API method: what the handler checks before the method runs, and
+    what the OpenAPI document (``server/openapi.py``) says about it; one declaration for both.
+
+    ``kind``: string, integer, number, boolean, object, array, ids (one integer or a list
+    of them, as PanDA's client sends job ids), or any (the method checks it themselves).
+    ``minimum``/``maximum`` bound integers and numbers; ``max_length`` strings (characters)
+    and arrays (items); ``enum`` lists the values a string may take."""
+    name: str
+    kind: str = "string"
+    required: bool = False
+    description: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    max_length: int | None = None
+    enum: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"parameter {self.name}: unknown kind {self.kind!r}")
+
+    def check(self, value: Any) -> Any:
+        """The value as the method reads it; BadParameter naming the parameter and why."""
+        kind, name = self.kind, self.name
+        if kind == "any":
+            return value
+        if kind == "string":
+            if isinstance(value, (dict, list)):
+                raise BadParameter(f"parameter {name!r} must be one text value")
+            text = value if isinstance(value, str) else str(value)
+            limit = self.max_length or MAX_TEXT
+            if len(text) > limit:
+                raise BadParameter(f"parameter {name!r}: at most {limit} characters")
+            if self.enum is not None and text not in self.enum:
+                raise BadParameter(f"parameter {name!r} must be one of {', '.join(self.enum)}")
+            return text
+        if kind in ("integer", "number"):
+            try:
+                number = as_int(value) if kind == "integer" else _as_number(value)
+            except (TypeError, ValueError, OverflowError):
+                raise BadParameter(f"parameter {name!r} must be "
+                                   f"{'an integer (64-bit)' if kind == 'integer' else 'a number'}"
+                                   f", got {str(value)[:40]!r}") from None
+            if self.minimum is not None and number < self.minimum or \
+                    self.maximum is not None and number > self.maximum:
+                raise BadParameter(f"parameter {name!r} must be within "
+                                   f"{_bound(self.minimum)}..{_bound(self.maximum)}, got {number}")
+            return number
+        if kind == "boolean":
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0"):
+                raise BadParameter(f"parameter {name!r} must be true or false")
+            return text in ("true", "1")
+        if kind == "object":
+            if not isinstance(value, dict):
+                raise BadParameter(f"parameter {name!r} must be a JSON object")
+            return value
+        items = value if isinstance(value, list) else [value]
+        limit = self.max_length or (MAX_IDS if kind == "ids" else 100000)
+        if len(items) > limit:
+            raise BadParameter(f"parameter {name!r}: at most {limit} items")
+        if kind == "array":
+            if not isinstance(value, list):
+                raise BadParameter(f"parameter {name!r} must be a JSON array")
+            return value
+        out = []
+        for v in items:                                   # ids
+            try:
+                out.append(as_int(v))
+            except (TypeError, ValueError, OverflowError):
+                raise BadParameter(f"parameter {name!r}: {str(v)[:40]!r} is not an integer "
+                                   "(64-bit)") from None
+        return out
+
+
+def _as_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError
+    return number
+
+
+def _bound(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
 @dataclass
 class Method:
     func: Callable[[Context, dict], Any]
     http: tuple[str, ...]
     roles: tuple[str, ...] | None   # None: open to anyone
+    params: tuple[Param, ...] = ()
+    summary: str = ""
+
+    def checked(self, params: dict) -> dict:
+        """``params`` with every declared one checked and converted (:meth:`Param.check`);
+        an absent or empty optional one is dropped, an absent required one refused.
+        Undeclared keys pass untouched (PanDA's client sends some the server ignores)."""
+        out = dict(params)
+        for p in self.params:
+            value = params.get(p.name)
+            if value is None and p.required:
+                raise BadParameter(f"parameter {p.name!r} is required")
+            if not p.required and (value in _NULLS or (
+                    isinstance(value, (list, dict)) and not value
+                    and p.kind not in ("object", "array"))):
+                out.pop(p.name, None)
+                continue
+            # a required one given empty goes on to its check and the method's (which may
+            # say more than "required": an empty scope is refused as a name)
+            out[p.name] = p.check(value)
+        return out
 
 
 class ApiMethods:
-    """The API methods of one module, declared with ``@api(module, name, http, roles)``."""
+    """The API methods of one module, declared with
+    ``@api(module, name, http, roles, params=(Param(...), ...))``."""
 
     def __init__(self):
         self.methods: dict[tuple[str, str], Method] = {}
 
     def __call__(self, module: str, name: str, http: tuple[str, ...] = ("GET",),
-                 roles: tuple[str, ...] | None = None):
+                 roles: tuple[str, ...] | None = None, params: tuple[Param, ...] = ()):
         def declare(func):
-            self.methods[(module, name)] = Method(func, http, roles)
+            doc = (func.__doc__ or "").strip().split("\n\n")[0]
+            self.methods[(module, name)] = Method(func, http, roles, tuple(params),
+                                                  " ".join(doc.split()))
             return func
         return declare
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tornado.web
 
-from . import api, api_auth, api_console, api_extra, api_panda, monitor
+from . import api, api_auth, api_console, api_extra, api_panda, monitor, rucio_api
 from .apibase import registry
 from .monitor import api as monitor_api
 from .auth import DNMatcher, KeyStore
@@ -21,8 +21,10 @@ from .brokerage import Brokerage
 from .db import make_engine
 from .dispatcher import Dispatcher
 from .dispatchpath import DispatchPath, GeneralPath, in_pool
-from .handlers import (ApiHandler, AuthConfigHandler, MetricsHandler, PilotFilesHandler,
-                       PublicKeyHandler, QueuedataHandler, ServerState, TokenKeysHandler)
+from .handlers import (ApiHandler, AuthConfigHandler, MetricsHandler, OpenApiHandler,
+                       PilotFilesHandler, PublicKeyHandler, QueuedataHandler, ServerState,
+                       TokenKeysHandler, dumps)
+from .openapi import openapi_document
 from .hookspecs import plugin_manager
 from .metrics import observe_request
 from .pilot_http import ServerApplication
@@ -76,9 +78,12 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
 
 def make_app(state: ServerState) -> tornado.web.Application:
     kw = {"state": state}
+    methods = registry(API_MODULES)
     routes = [
         *api_panda.routes(kw),     # PanDA client / pilot 3 extras, before the generic API route
-        (r"/api/v1/(\w+)/(\w+)", ApiHandler, {**kw, "methods": registry(API_MODULES)}),
+        (r"/api/v1/openapi\.json", OpenApiHandler,
+         {**kw, "document": dumps(openapi_document(methods))}),
+        (r"/api/v1/(\w+)/(\w+)", ApiHandler, {**kw, "methods": methods}),
         (r"/cache/schedconfig/([A-Za-z0-9_.\-]+?)(?:\.all)?\.json", QueuedataHandler, kw),
         (r"/\.well-known/panda-jobspec-key\.pem", PublicKeyHandler, kw),
         (r"/\.well-known/(jwks\.json|openid-configuration)", TokenKeysHandler, kw),
@@ -88,5 +93,6 @@ def make_app(state: ServerState) -> tornado.web.Application:
         (r"/pilot/([0-9A-Za-z][0-9A-Za-z._-]{0,63})/(panda-pilot\.pyz(?:\.sig)?)",
          PilotFilesHandler, kw),
         *monitor.routes(kw),
+        *rucio_api.routes(kw),     # Rucio's REST API for pilot 3's replica look-ups
     ]
     return ServerApplication(state, routes, compress_response=True, log_function=observe_request)

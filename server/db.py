@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData,
                         SmallInteger,
                         String, Table, Text, UniqueConstraint, create_engine, event, inspect,
                         literal_column, text)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
+
+from .transient import is_connection_lost
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,16 @@ datasets = Table(
     Column("name", String(255), primary_key=True),
     Column("scope", String(255), nullable=False),
     Column("created", Timestamp, nullable=False),
+    Column("owner", String(255)),                      # the account that created it
+)
+
+# who may write a scope (server/taskbuffer/owners.py); user.<name> scopes are made on first use
+scopes = Table(
+    "scopes", metadata,
+    Column("name", String(255), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("production", Boolean, nullable=False, default=False),
+    Column("created", Timestamp, nullable=False),
 )
 
 dataset_files = Table(
@@ -194,6 +206,7 @@ dataset_files = Table(
     Column("task_id", BigInteger),                     # the task that consumed it, if any
     Column("created", Timestamp, nullable=False),
     UniqueConstraint("dataset", "scope", "lfn", name="uq_dataset_file"),
+    Index("ix_dataset_files_lfn", "scope", "lfn"),     # one lfn's entries in every dataset
 )
 
 replicas = Table(
@@ -473,6 +486,15 @@ def make_engine(url: str, pool_size: int = 10, echo: bool = False) -> Engine:
         engine = create_engine(url, **kwargs)
     except ModuleNotFoundError as exc:
         raise MissingDriver(url, exc.name or str(exc)) from None
+    if engine.dialect.name != "sqlite":
+        @event.listens_for(engine, "handle_error")
+        def _connection_lost(context):
+            # a backend terminated or a server restarted: drop the whole pool (its other
+            # connections are as dead), so the retry (server/transient.py) reconnects; some
+            # of these errors (MariaDB's 1927 "connection was killed", PostgreSQL's 57P01)
+            # SQLAlchemy's own check does not count as a disconnect
+            if not context.is_disconnect and is_connection_lost(context.original_exception):
+                context.is_disconnect = True
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial

@@ -101,6 +101,17 @@ def _float(form: dict, key: str) -> float | None:
                             ) from None
 
 
+def _version(form: dict) -> str | None:
+    """The pilot's ``pilotVersion``: one text value (jobs may require one)."""
+    value = form.get("pilotVersion")
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > 255:
+        raise ProtocolError(SC_FAILED, "pilotVersion must be one text value of at most 255 "
+                                       "characters")
+    return value
+
+
 def _require(form: dict, key: str) -> str:
     value = form.get(key)
     if value in (None, ""):
@@ -175,7 +186,7 @@ class Dispatcher:
         return JobRequest(
             site=site, site_config=site_row["config"], n_jobs=n_jobs, many="nJobs" in form,
             fit=dict(cores=cores, memory_mb=mem, walltime_s=remaining,
-                     pilot_version=form.get("pilotVersion"),
+                     pilot_version=_version(form),
                      prod_source_label=label if label in ("test", "ptest", "user") else None),
             who=dict(node=_text(form.get("node"), "node"),
                      actor=identity.subject if identity else None,

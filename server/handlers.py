@@ -33,7 +33,8 @@ from .pilotfile import FILE_NAME, PilotFileError, PilotFiles
 from .queuedata import signed_queuedata
 from .submission import TaskSubmitter
 from .taskbuffer import NotFound, TaskBuffer, utcnow
-from .transient import MESSAGE as TRANSIENT_MESSAGE, RETRY_AFTER_S, describe, is_transient
+from .transient import (BAD_VALUE_MESSAGE, MESSAGE as TRANSIENT_MESSAGE, RETRY_AFTER_S,
+                        describe, is_bad_value, is_transient)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,11 @@ def request_params(request) -> dict:
                 data = json.loads(body)
             except ValueError:
                 raise tornado.web.HTTPError(400, reason="request body is not valid JSON")
+            except RecursionError:
+                data = None
+            if data is None or json_depth(data) > MAX_JSON_DEPTH:
+                raise tornado.web.HTTPError(400, reason=f"JSON body nested deeper than "
+                                            f"{MAX_JSON_DEPTH} levels")
             if not isinstance(data, dict):
                 raise tornado.web.HTTPError(400, reason="JSON body must be an object")
             params.update(data)
@@ -123,6 +129,57 @@ def request_params(request) -> dict:
                 decoded = [v.decode("utf-8", "replace") for v in values]
                 params[key] = decoded[-1] if len(decoded) == 1 else decoded
     return params
+
+
+#: how deep a JSON body may nest (a task description needs about 6 levels); deeper bodies
+#: are refused before anything walks them recursively
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(data: Any) -> int:
+    """How deep ``data`` (decoded JSON) nests, counted without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict)
+                                                  else value))
+    return deepest
+
+
+def bad_text(params: dict) -> str | None:
+    """The first parameter whose text (at any depth) holds a NUL byte, which no database
+    column stores (PostgreSQL refuses it), or a lone surrogate, which is no Unicode text and
+    cannot be stored or encoded: its reason, or None."""
+    stack = [(k, v) for k, v in params.items()]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(key, str) and not _clean(key):
+            return f"a parameter name holds a NUL byte or a lone surrogate: {key[:40]!r}"
+        if isinstance(value, str):
+            if not _clean(value):
+                return (f"parameter {key!r} holds a NUL byte or a lone surrogate (not "
+                        "storable text)")
+        elif isinstance(value, dict):
+            stack.extend(value.items())
+        elif isinstance(value, list):
+            stack.extend((key, v) for v in value)
+    return None
+
+
+def _clean(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -151,8 +208,13 @@ class BaseHandler(tornado.web.RequestHandler):
 
     @functools.cached_property
     def params(self) -> dict:
-        """Form-encoded or JSON body, plus query arguments (:func:`request_params`)."""
-        return request_params(self.request)
+        """Form-encoded or JSON body, plus query arguments (:func:`request_params`); text
+        that no database stores (NUL, lone surrogates) is refused here (400)."""
+        params = request_params(self.request)
+        reason = bad_text(params)
+        if reason:
+            raise ApiError(reason, 400)
+        return params
 
     def reply(self, success: bool, message: str = "", data: Any = None,
               status: int = 200) -> None:
@@ -173,6 +235,8 @@ class BaseHandler(tornado.web.RequestHandler):
             return exc.status_code, exc.reason or httputil.responses.get(exc.status_code, "")
         if is_transient(exc):       # the server's own retries are used up: later, not never
             return 503, TRANSIENT_MESSAGE
+        if is_bad_value(exc):       # what the parameter checks let through, the database not
+            return 400, BAD_VALUE_MESSAGE
         return None
 
     def log_exception(self, typ, value, tb) -> None:
@@ -181,6 +245,9 @@ class BaseHandler(tornado.web.RequestHandler):
         if is_transient(value):
             log.warning("%s %s: %s; answered 503", self.request.method, self.request.path,
                         describe(value))
+        elif is_bad_value(value):
+            log.info("%s %s: refused a value: %s", self.request.method, self.request.path,
+                     describe(value))
         elif isinstance(value, tornado.web.HTTPError) or self.refusal(value) is None:
             super().log_exception(typ, value, tb)
 
@@ -224,7 +291,7 @@ class ApiHandler(BaseHandler):
             raise ApiError(f"{module}/{name} takes {' or '.join(method.http)}", 405)
         self.endpoint = f"{module}/{name}"           # the latency histogram's label
         identity = self.caller(method.roles, f"call {module}/{name}")
-        params = self.params
+        params = method.checked(self.params)        # the declared parameters (400 if not)
         REQUESTS.labels("api", f"{module}/{name}").inc()
         st = self.state
         ctx = Context(tb=st.tb, keys=st.keys, submitter=st.submitter, identity=identity,
@@ -327,3 +394,16 @@ class AuthConfigHandler(BaseHandler):
             return
         self.set_header("Content-Type", "application/json")
         self.finish(dumps(doc))
+
+
+class OpenApiHandler(BaseHandler):
+    """``/api/v1/openapi.json``: the API's OpenAPI 3 document, made once (``app.make_app``)
+    from the declarations the API handler checks (``server/openapi.py``)."""
+
+    def initialize(self, state: ServerState, document: str) -> None:
+        super().initialize(state)
+        self.document = document
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(self.document)

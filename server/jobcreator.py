@@ -82,6 +82,11 @@ class EventServiceSpec:
         return cls(merge_transformation=trf.strip(), merge_parameters=pars, **kw)
 
 
+#: the longest text each field may be: its job column's length (job_parameters is TEXT)
+_TEXT_LIMITS = {"job_parameters": 1 << 20, "site": 128, "share": 64, "prod_source_label": 32,
+                "transfer_type": 16, "pilot_version": 64, "working_group": 64}
+
+
 @dataclass
 class TaskSpec:
     name: str
@@ -143,6 +148,8 @@ class TaskSpec:
                     "destination_se", "vo"):
             if key in data and data[key] is not None:
                 _check(isinstance(data[key], str), key, "must be a string")
+                _check(len(data[key]) <= _TEXT_LIMITS.get(key, 255), key,
+                       f"at most {_TEXT_LIMITS.get(key, 255)} characters")
                 kw[key] = data[key]
         for key in ("vo", "working_group"):
             if kw.get(key) is not None:
@@ -180,6 +187,8 @@ class TaskSpec:
             _check(isinstance(value, int) and not isinstance(value, bool), key,
                    "must be an integer")
             _check(key == "priority" or value >= 1, key, "must be at least 1")
+            limit = 2**63 - 1 if key.startswith("events_") else 2**31 - 1
+            _check(-limit <= value <= limit, key, f"must be within -{limit}..{limit}")
             kw[key] = value
         _check(kw.get("max_attempts", 3) <= 100, "max_attempts", "at most 100")
         if kw.get("n_jobs", 0) > MAX_JOBS_PER_CALL:

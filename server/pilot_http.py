@@ -23,9 +23,10 @@ from tornado.log import access_log
 
 from .auth import AuthError
 from .dispatcher import SC_FAILED, SC_TIMEOUT, ProtocolError
-from .handlers import ServerState, dumps, request_identity, request_params
+from .handlers import ServerState, bad_text, dumps, request_identity, request_params
 from .metrics import DISPATCH_SECONDS, REQUEST_SECONDS, REQUESTS
-from .transient import MESSAGE as TRANSIENT_MESSAGE, describe, is_transient
+from .transient import (BAD_VALUE_MESSAGE, MESSAGE as TRANSIENT_MESSAGE, describe,
+                        is_bad_value, is_transient)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dic
         params = request_params(request)
     except tornado.web.HTTPError as exc:
         return 200, {"StatusCode": SC_FAILED, "errorDialog": exc.reason}
+    reason = pilot_text(params)
+    if reason:
+        return 200, {"StatusCode": SC_FAILED, "errorDialog": reason}
     if method == "isAlive":
         return 200, {"StatusCode": 0, "alive": "yes"}
     target = PILOT_METHODS.get(method)
@@ -72,6 +76,9 @@ async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dic
         if is_transient(exc):    # the server's retries are used up: the pilot keeps its report
             log.warning("%s: %s; answered 'try again'", method, describe(exc))
             result = {"StatusCode": SC_TIMEOUT, "errorDialog": TRANSIENT_MESSAGE}
+        elif is_bad_value(exc):  # a value the field checks let through, the database not
+            log.info("%s: refused a value: %s", method, describe(exc))
+            result = {"StatusCode": SC_FAILED, "errorDialog": BAD_VALUE_MESSAGE}
         else:
             log.exception("%s failed", method)
             result = {"StatusCode": SC_FAILED, "errorDialog": "internal server error"}
@@ -80,6 +87,27 @@ async def pilot_call(state: ServerState, method: str, request) -> tuple[int, dic
     if method == "getJob":
         DISPATCH_SECONDS.labels("job" if result.get("StatusCode") == 0 else "nojob").observe(seconds)
     return 200, result
+
+
+#: free-text fields of the pilot protocol: a NUL byte in them is dropped (a final report is
+#: not refused for its diagnostics); anywhere else it refuses the request
+FREE_TEXT = frozenset({"pilotErrorDiag", "exeErrorDiag", "jobMetrics", "node", "batchID",
+                       "pilotID", "worker_id", "pilot_id", "cpuConsumptionUnit", "stdout"})
+
+
+def pilot_text(params: dict) -> str | None:
+    """Text no database stores (NUL bytes, lone surrogates): dropped from the free-text
+    fields, a reason naming the field for any other (StatusCode 30)."""
+    for key, value in params.items():
+        if key in FREE_TEXT and isinstance(value, str) and "\x00" in value:
+            params[key] = value = value.replace("\x00", "")
+        if key in FREE_TEXT and isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                params[key] = value.encode("utf-8", "replace").decode("utf-8")
+    reason = bad_text(params)
+    return reason and reason.replace("parameter", "field", 1)
 
 
 def encode_pilot_reply(data: dict, accept: str) -> tuple[str, str]:

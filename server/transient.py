@@ -74,6 +74,28 @@ def _driver_transient(orig: BaseException) -> bool:
     return False
 
 
+#: of the transient failures, those that mean the connection itself is gone
+PG_CONNECTION_LOST = frozenset({"57P01", "57P02", "57P03"})
+MYSQL_CONNECTION_LOST = frozenset({1053, 1927, 2006, 2013, 2055, 4031})
+
+
+def is_connection_lost(orig: BaseException) -> bool:
+    """A driver's error that says the connection is dead (terminated backend, restart, lost
+    link): the pool's other connections are as old, so the pool is best dropped whole
+    (``db.make_engine`` tells SQLAlchemy so when its own check missed it)."""
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate in PG_CONNECTION_LOST or sqlstate.startswith("08")
+    module = type(orig).__module__ or ""
+    names = _mro_names(orig)
+    if module.startswith("pymysql"):
+        code = orig.args[0] if orig.args else None
+        return code in MYSQL_CONNECTION_LOST or ("InterfaceError" in names and code in (0, None))
+    if module.startswith("psycopg"):
+        return "OperationalError" in names or "InterfaceError" in names
+    return False
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """Whether ``exc`` is a database failure that passes (the same request may then succeed),
     rather than a refusal or a bug. Looks through SQLAlchemy's wrapper to the driver's error."""
@@ -92,6 +114,37 @@ def is_transient(exc: BaseException | None) -> bool:
         return orig is not None and _driver_transient(orig)
     if module.startswith(("psycopg", "pymysql")) or module == "sqlite3":
         return _driver_transient(exc)
+    return False
+
+
+#: MariaDB's refusals of a value: data too long, out of range, incorrect value, truncated
+MYSQL_BAD_VALUE = frozenset({1406, 1264, 1366, 1292, 1265, 1367, 1690})
+BAD_VALUE_MESSAGE = "a value the database cannot store (too long, too large or not text)"
+
+
+def is_bad_value(exc: BaseException | None) -> bool:
+    """Whether the database (or its driver) refused a *value* of the request: too long for
+    its column, out of its range, text with NUL. A refusal (4xx, StatusCode 30), not a
+    failure; the last line of defence behind the parameter checks."""
+    if exc is None:
+        return False
+    if isinstance(exc, OverflowError):            # sqlite3: an int beyond 64 bits
+        return True
+    orig = getattr(exc, "orig", None) if (type(exc).__module__ or "").startswith(
+        "sqlalchemy") else exc
+    if orig is None:
+        return False
+    if isinstance(orig, OverflowError):
+        return True
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith("22")          # data exception
+    module = type(orig).__module__ or ""
+    if module.startswith("pymysql"):
+        code = orig.args[0] if orig.args else None
+        return code in MYSQL_BAD_VALUE or "DataError" in _mro_names(orig)
+    if module.startswith("psycopg"):              # NUL in text: refused before it is sent
+        return "DataError" in _mro_names(orig)
     return False
 
 

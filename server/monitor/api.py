@@ -2,16 +2,21 @@
 ``alarm/acknowledge`` (a shifter) and ``alarm/clear`` (an admin)."""
 from __future__ import annotations
 
-from ..apibase import ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, int_param, str_param
+from ..apibase import (ADMIN, PILOTS, WRITERS, ApiError, ApiMethods, Context, Param, int_param,
+                       str_param)
 from ..taskbuffer import Conflict
 from .alarms import SEVERITIES, Alarms
 
 api = ApiMethods()
 #: who may raise an alarm: components with a pilot identity (factories) and admins
 RAISERS = PILOTS
+ALARM_ID = Param("alarm_id", "integer", True, "an alarm's id", minimum=1)
 
 
-@api("alarm", "raise", ("POST",), RAISERS)
+@api("alarm", "raise", ("POST",), RAISERS, params=(
+    Param("key", required=True, description="one open alarm per key"),
+    Param("title", required=True), Param("severity", enum=tuple(SEVERITIES)),
+    Param("message", max_length=10000), Param("site", max_length=128)))
 def alarm_raise(ctx: Context, params: dict) -> dict:
     key, title = str_param(params, "key"), str_param(params, "title")
     if not key or not title:
@@ -28,7 +33,9 @@ def alarm_raise(ctx: Context, params: dict) -> dict:
     return alarm
 
 
-@api("alarm", "list")
+@api("alarm", "list", params=(
+    Param("state", enum=("open", "all", "active", "acknowledged", "cleared")),
+    Param("limit", "integer", minimum=1, maximum=10000, description="at most (200)")))
 def alarm_list(ctx: Context, params: dict) -> list[dict]:
     state = str_param(params, "state") or "open"
     states = {"open": ("active", "acknowledged"), "all": ("active", "acknowledged", "cleared")
@@ -38,7 +45,7 @@ def alarm_list(ctx: Context, params: dict) -> list[dict]:
     return Alarms(ctx.tb).listing(states, limit=int_param(params, "limit", False) or 200)
 
 
-@api("alarm", "acknowledge", ("POST",), WRITERS)
+@api("alarm", "acknowledge", ("POST",), WRITERS, params=(ALARM_ID,))
 def alarm_acknowledge(ctx: Context, params: dict) -> dict:
     try:
         return Alarms(ctx.tb).acknowledge(int_param(params, "alarm_id"), ctx.identity.subject)
@@ -46,6 +53,6 @@ def alarm_acknowledge(ctx: Context, params: dict) -> dict:
         raise ApiError(str(exc)) from None
 
 
-@api("alarm", "clear", ("POST",), ADMIN)
+@api("alarm", "clear", ("POST",), ADMIN, params=(ALARM_ID,))
 def alarm_clear(ctx: Context, params: dict) -> int:
     return Alarms(ctx.tb).clear(alarm_id=int_param(params, "alarm_id"))

@@ -14,7 +14,7 @@ from panda_core.wire import encode_job, range_output_lfn
 from server.auth import Identity
 from server.dispatcher import Dispatcher, ProtocolError
 from server.eventranges import EventRangeService
-from server.jobcreator import TaskSpecError
+from server.jobcreator import TaskSpec, TaskSpecError
 from server.watcher import Watcher
 
 SITE = "ES_SITE"
@@ -88,14 +88,20 @@ def test_task_file_asks_for_an_event_service_task(tb):
     ({"event_service": "yes"}, "mapping"),
     ({"events_per_range": None}, "events_per_range"),
     ({"events_per_job": 10}, "events_per_job"),
-    ({"events_per_file": 10 ** 9, "events_per_range": 1}, "at most 100000"),
 ])
-def test_bad_event_service_task_files_are_refused(tb, over, words):
+def test_bad_event_service_task_files_are_refused(over, words):
+    """The task file's checks need no database: TaskSpec refuses before anything is stored."""
     task = {**TASK, **over}
     task = {k: v for k, v in task.items() if v is not None}
     with pytest.raises(TaskSpecError) as err:
-        submitter(tb).submit(task, owner="alice")
+        TaskSpec.from_dict(task)
     assert words in str(err.value)
+
+
+def test_too_many_ranges_are_refused_and_nothing_is_stored(tb):
+    with pytest.raises(TaskSpecError, match="at most 100000"):
+        submit(tb, events_per_file=10 ** 9, events_per_range=1)
+    assert tb.tasks.find() == []
 
 
 def test_consumers_share_one_pool_and_the_last_range_creates_the_merge_job(tb, disp):
@@ -176,6 +182,8 @@ def test_cancelled_and_failed_ranges_return_to_the_pool(tb, disp):
     ({"fsize": 3, "adler32": "00000001", "scope": "other"}, "is not the task's"),
 ])
 def test_bad_range_outputs_are_refused_and_change_nothing(tb, disp, bad, words):
+    if tb.dialect != "sqlite" and bad is not None:
+        pytest.skip("the checks are the same on every database; one case per database")
     res = submit(tb)
     a, = running_consumers(tb, 1)
     [rng] = get(disp, a)["eventRanges"]
