@@ -119,6 +119,8 @@ jobs = Table(
     Index("ix_jobs_task_status", "task_id", "status"),
     Index("ix_jobs_status_changed", "status", "state_changed"),
     Index("ix_jobs_owner_created", "owner", "creation_time"),
+    # archived jobs keep their PandaIDs: SQLite must never hand one out again (migration 0020)
+    sqlite_autoincrement=True,
 )
 
 # The dispatcher's query: activated jobs of a site in dispatch order, read from the index. On
@@ -150,11 +152,18 @@ Index("ix_jobs_waiting", jobs.c.status, jobs.c.panda_id, postgresql_where=_WAITI
 Index("ix_jobs_modified", jobs.c.modification_time)
 Index("ix_jobs_status_modified", jobs.c.status, jobs.c.modification_time, jobs.c.site)
 
+# The archive tier (server/archive.py, docs/database.md): a job's row, its files and its state
+# history move here together, stamped with the time they moved (``archived_at``). On PostgreSQL
+# the three tables are partitioned by month of ``archived_at`` (declarative partitioning, made
+# by migration 0020 and the archiver), on MariaDB by RANGE month partitions, on SQLite plain
+# tables; the partition key must be part of every unique key, hence the two-column primary keys.
 jobs_archive = Table(
     "jobs_archive", metadata, *[c._copy() for c in _job_columns()],
+    Column("archived_at", Timestamp, primary_key=True, nullable=False),
     Index("ix_jobs_archive_task", "task_id"),
     Index("ix_jobs_archive_modified", "modification_time"),
     Index("ix_jobs_archive_owner_created", "owner", "creation_time"),
+    Index("ix_jobs_archive_archived", "archived_at"),
 )
 # archived rows keep their ids: no autoincrement there
 jobs_archive.c.panda_id.autoincrement = False
@@ -175,6 +184,7 @@ files = Table(
     Column("ddm_endpoint", String(128)),
     Index("ix_files_panda", "panda_id"),
     Index("ix_files_task", "task_id"),
+    sqlite_autoincrement=True,      # archived rows keep their ids (see jobs)
 )
 
 datasets = Table(
@@ -240,7 +250,31 @@ job_history = Table(
     Column("time", Timestamp, nullable=False),
     Column("actor", String(255)),
     Index("ix_history_panda", "panda_id"),
+    sqlite_autoincrement=True,      # archived rows keep their ids (see jobs)
 )
+
+# the files and the state history of archived jobs (see jobs_archive above)
+files_archive = Table(
+    "files_archive", metadata,
+    *[c._copy() for c in files.columns],
+    Column("archived_at", Timestamp, primary_key=True, nullable=False),
+    Index("ix_files_archive_panda", "panda_id"),
+    Index("ix_files_archive_task", "task_id"),
+    Index("ix_files_archive_archived", "archived_at"),
+)
+files_archive.c.row_id.autoincrement = False
+
+job_history_archive = Table(
+    "job_history_archive", metadata,
+    *[c._copy() for c in job_history.columns],
+    Column("archived_at", Timestamp, primary_key=True, nullable=False),
+    Index("ix_history_archive_panda", "panda_id"),
+    Index("ix_history_archive_archived", "archived_at"),
+)
+job_history_archive.c.row_id.autoincrement = False
+
+#: each live table with its archive tier, in the order the archiver copies them
+ARCHIVE_TIERS = ((jobs, jobs_archive), (files, files_archive), (job_history, job_history_archive))
 
 pilots = Table(
     "pilots", metadata,
