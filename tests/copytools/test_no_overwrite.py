@@ -25,9 +25,18 @@ def test_the_storage_element_never_replaces_a_file(se):
     assert requests.get(url).content == ALICE
 
 
-@pytest.mark.parametrize("tool", ["cp", "mv", "http"])
+def _gfal() -> list:
+    try:
+        from copytools.gfal import import_gfal2
+        import_gfal2()
+        return ["gfal"]
+    except Exception:  # noqa: BLE001 - no gfal2 bindings here: that tool is not tested
+        return []
+
+
+@pytest.mark.parametrize("tool", ["cp", "mv", "http", *_gfal()])
 def test_stage_out_onto_another_file_fails_and_keeps_it(tmp_path, se, tool):
-    if tool == "http":
+    if tool in ("http", "gfal"):
         root, base = se.root, se.url
     else:
         root = tmp_path / "se"
@@ -50,3 +59,21 @@ def test_stage_out_onto_another_file_fails_and_keeps_it(tmp_path, se, tool):
     result = copytool.stage_out(Transfer(lfn, scope, surl, str(out)))
     assert result.adler32 == f"{zlib.adler32(ALICE):08x}"
     assert theirs.read_bytes() == ALICE
+
+
+@pytest.mark.slow
+@pytest.mark.xrootd
+def test_xrdcp_never_overwrites(xrootd, tmp_path):
+    copytool = load("xrdcp")
+    url = f"{xrootd.url}/user/keep.{tmp_path.name}.out"
+    out = tmp_path / "out"
+    out.write_bytes(ALICE)
+    copytool.stage_out(Transfer("keep.out", "user", url, str(out)))
+    out.write_bytes(b"bob's bytes\n")
+    with pytest.raises(TransferError) as err:
+        copytool.stage_out(Transfer("keep.out", "user", url, str(out)))
+    assert err.value.code == ErrorCode.REPLICA_EXISTS, err.value
+    assert copytool.remote_adler32(url) == f"{zlib.adler32(ALICE):08x}"
+    out.write_bytes(ALICE)                                    # a retry: the same bytes
+    assert copytool.stage_out(Transfer("keep.out", "user", url, str(out))).adler32 == \
+        f"{zlib.adler32(ALICE):08x}"
