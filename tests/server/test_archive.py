@@ -193,6 +193,13 @@ def test_panda_db_archive_command(taskbuffer):
     assert res.returncode == 0 and "dropped 0 archive" in res.stdout, res.stderr
 
 
+def test_server_refuses_a_bad_retention():
+    res = subprocess.run([sys.executable, "-m", "panda_wms.cli", "server",
+                          "--archive-retention-months", "-3"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and "must be >= 1" in res.stderr and "Traceback" not in res.stderr
+
+
 @pytest.mark.slow
 def test_server_archives_periodically(taskbuffer, tmp_path):
     """``panda server --archive-after S --archive-interval T`` archives by itself."""
