@@ -15,6 +15,7 @@ import re
 
 from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
 from . import db
 
@@ -159,10 +160,31 @@ def ensure_months(engine: Engine, upto: dt.datetime, ahead: int = 1) -> int:
     return made
 
 
-def drop_months_before(engine: Engine, keep_from: dt.date, batch: int = 5000) -> int:
+def _drop_month(conn: Connection, table: str, month: dt.date, lock_timeout_s: float) -> None:
+    """Drop one month partition, waiting at most ``lock_timeout_s`` for the table's lock."""
+    if conn.dialect.name == "postgresql":
+        with conn.begin():
+            conn.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'"))
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}_p{month:%Y_%m}"))
+        return
+    old = conn.execute(text("SELECT @@SESSION.lock_wait_timeout")).scalar()
+    conn.commit()
+    try:
+        conn.execute(text(f"SET SESSION lock_wait_timeout = {max(1, int(lock_timeout_s))}"))
+        conn.execute(text(f"ALTER TABLE {table} DROP PARTITION p{month:%Y_%m}"))
+        conn.commit()
+    finally:
+        conn.rollback()
+        conn.execute(text(f"SET SESSION lock_wait_timeout = {int(old)}"))
+        conn.commit()
+
+
+def drop_months_before(engine: Engine, keep_from: dt.date, batch: int = 5000,
+                       lock_timeout_s: float = 5.0) -> int:
     """Drop the archive older than ``keep_from`` (a month start): whole partitions on
     PostgreSQL and MariaDB, bounded DELETEs on SQLite. Returns partitions dropped (PostgreSQL,
-    MariaDB) or rows deleted (SQLite)."""
+    MariaDB) or rows deleted (SQLite). A partition whose lock is not had within
+    ``lock_timeout_s`` (a long reader) ends the pass; the next one drops it."""
     gone = 0
     with engine.connect() as conn:
         if partitioned(conn):
@@ -170,12 +192,15 @@ def drop_months_before(engine: Engine, keep_from: dt.date, batch: int = 5000) ->
                 for month in _months_now(conn, table):
                     if month >= keep_from:
                         continue
-                    with conn.begin():
-                        if conn.dialect.name == "postgresql":
-                            conn.execute(text(f"DROP TABLE IF EXISTS {table}_p{month:%Y_%m}"))
-                        else:
-                            conn.execute(text(f"ALTER TABLE {table} DROP PARTITION "
-                                              f"p{month:%Y_%m}"))
+                    try:
+                        _drop_month(conn, table, month, lock_timeout_s)
+                    except OperationalError as exc:
+                        # a long reader holds the table: waiting would queue every other
+                        # reader behind the drop; the next pass tries again
+                        log.warning("archive partition %s of %s busy (%s): dropped at the next "
+                                    "pass", month.strftime("%Y-%m"), table,
+                                    str(exc.orig).strip().splitlines()[0])
+                        return gone
                     gone += 1
                     log.info("dropped archive partition %s of %s", month.strftime("%Y-%m"), table)
             return gone
