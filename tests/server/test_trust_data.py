@@ -461,3 +461,22 @@ def test_group_scopes_belong_to_the_groups_members(server):
     assert add(group_token("hal", "/higgs"), "group.higgs.d")[1]["success"]     # a member too
     scopes = {s["name"]: s for s in api(server, None, "GET", "scope/list")[1]["data"]}
     assert scopes["group.higgs"]["owner"] == "group:higgs"
+
+
+def test_a_job_output_with_other_bytes_than_the_catalogue_is_not_registered(server):
+    assert add_files(server, "alice", "user.alice.clash", "user.alice",
+                     [{"lfn": "clash.000001.out", "fsize": 9, "checksum": "ad:00000001"}],
+                     endpoint=None)[1]["success"]
+    task_id = submit(server, "clash")
+    a = dict(siteName=SITE, node="wn-c", pilotID="wn-c:1", pilotNonce="n-clash")
+    job = pilot(server, "site-pilots", "getJob", **a)
+    assert job["outFiles"].startswith("clash.000001.out"), job
+    assert pilot(server, "site-pilots", "updateJob", jobId=job["PandaID"], state="finished",
+                 attemptNr=1, xml=stored_xml(server, job), **a)["StatusCode"] == 0
+    row = job_row(server, job["PandaID"])
+    assert row["jobStatus"] == "failed" and row["pilot_error_code"] == 1165
+    assert "user.alice:clash.000001.out is in the catalogue with other bytes" in \
+        row["pilot_error_diag"], row
+    status, reply = api(server, None, "GET", "data/list_files", dataset="user.alice.clash")
+    assert [(f["fsize"], f["checksum"]) for f in reply["data"]] == [(9, "ad:00000001")]
+    kill_task(server, task_id)
