@@ -206,10 +206,19 @@ def test_bad_tokens_are_refused_with_a_reason(world, case):
         why, status = "refused", 403
     elif case == "hs256-with-public-key":
         jwks = requests.get(f"{server.url}/.well-known/jwks.json", timeout=5).text
-        token = jwt.api_jws.PyJWS().encode(json.dumps({
-            "iss": "https://panda.example.test", "sub": "root", "role": "admin",
-            "exp": int(time.time()) + 600, "iat": int(time.time()),
-            "aud": "https://panda.example.test"}).encode(), jwks.encode(), algorithm="HS256")
+        # made by hand: PyJWT itself (2.10+) refuses a JWK-looking HMAC secret, an attacker won't
+        import base64
+        import hashlib
+        import hmac
+
+        def b64(data: bytes) -> bytes:
+            return base64.urlsafe_b64encode(data).rstrip(b"=")
+        signing_input = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + b64(
+            json.dumps({"iss": "https://panda.example.test", "sub": "root", "role": "admin",
+                        "exp": int(time.time()) + 600, "iat": int(time.time()),
+                        "aud": "https://panda.example.test"}).encode())
+        token = (signing_input + b"." + b64(hmac.new(jwks.encode(), signing_input,
+                                                     hashlib.sha256).digest())).decode()
         why, status = "refused", 403
     elif case == "huge":
         token, why, status = "a" * 20000 + "." + "b" * 10 + ".c", "malformed", 403
