@@ -39,6 +39,17 @@ def _copy(conn, live, archive, ids: list[int], now: dt.datetime) -> None:
         .where(live.c.panda_id.in_(ids))))
 
 
+def _delete_copied(live, archive, ids: list[int], now: dt.datetime):
+    """Delete the live rows of ``ids`` that this batch copied: under READ COMMITTED a files or
+    history row committed between the copy and the delete stays live (for the next pass)
+    instead of being deleted uncopied. The job rows themselves are locked by the batch."""
+    q = delete(live).where(live.c.panda_id.in_(ids))
+    if live is db.jobs:
+        return q
+    return q.where(live.c.row_id.in_(select(archive.c.row_id).where(
+        archive.c.panda_id.in_(ids), archive.c.archived_at == now)))
+
+
 def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000,
                  limit: int | None = None) -> int:
     """Archive final jobs whose state changed more than ``older_than_s`` ago (by ``tb.clock``),
@@ -70,8 +81,8 @@ def archive_jobs(tb: TaskBuffer, older_than_s: float, batch: int = 1000,
                 # the job, its files and its history move in this one transaction
                 for live, archive in db.ARCHIVE_TIERS:
                     _copy(conn, live, archive, ids, now)
-                for live, _archive in reversed(db.ARCHIVE_TIERS):
-                    conn.execute(delete(live).where(live.c.panda_id.in_(ids)))
+                for live, archive in reversed(db.ARCHIVE_TIERS):
+                    conn.execute(_delete_copied(live, archive, ids, now))
             moved += len(ids)
             log.debug("archived %d %s job(s), %d so far", len(ids), status, moved)
             if len(ids) < batch or (limit is not None and moved >= limit):
