@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from panda_core.states import JobState, TaskState
 
@@ -159,6 +159,7 @@ class TaskSubmitter:
                 self.tb.owners.check_scope(conn, who, spec.scope)
                 if spec.output_dataset:
                     self.tb.owners.check_dataset(conn, who, spec.output_dataset, spec.scope)
+        new_task = task_id is None
         if task_id is None:
             with self.tb.engine.begin() as conn:
                 task_id = self.tb.tasks.insert(conn, name=spec.name, owner=owner, params=params,
@@ -200,10 +201,17 @@ class TaskSubmitter:
             log.error("task %s (%s): job creation stopped after %d of %d jobs: %s", task_id,
                       spec.name, len(ids), len(groups), exc)
             with self.tb.engine.begin() as conn:
-                self.tb.tasks.set_status(
-                    conn, task_id, str(TaskState.READY if ids else TaskState.FAILED),
-                    error_dialog=f"job creation stopped after {len(ids)} of {len(groups)} "
-                                 f"jobs: {type(exc).__name__}")
+                if new_task and not ids:
+                    # refused before any job existed (a bad output name, ...): the refusal
+                    # changes nothing, so the task this call made goes again
+                    conn.execute(delete(db.event_ranges).where(
+                        db.event_ranges.c.task_id == task_id))
+                    conn.execute(delete(db.tasks).where(db.tasks.c.task_id == task_id))
+                else:
+                    self.tb.tasks.set_status(
+                        conn, task_id, str(TaskState.READY if ids else TaskState.FAILED),
+                        error_dialog=f"job creation stopped after {len(ids)} of {len(groups)} "
+                                     f"jobs: {type(exc).__name__}")
             raise
         with self.tb.engine.begin() as conn:
             self.tb.tasks.set_status(conn, task_id, str(TaskState.READY))
