@@ -41,6 +41,9 @@ sys.path.insert(0, str(REPO))
 
 PG_ADMIN = os.environ.get("PANDA_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 SITE = "BENCH_SITE"
+SE_URL = "file:///nonexistent"
+
+from panda_core.replicas import replica_url  # noqa: E402 - after the path insert above
 
 
 # ---------------------------------------------------------------------- helpers
@@ -168,7 +171,7 @@ def seed(url: str, n_jobs: int) -> None:
     engine = db.make_engine(url, pool_size=1)
     db.upgrade_schema(engine)
     tb = TaskBuffer(engine)
-    se = {"name": "BENCH_SE", "url": "file:///nonexistent"}
+    se = {"name": "BENCH_SE", "url": SE_URL}
     tb.sites.sync([{"name": SITE, "status": "online", "resources": {"cores": 8},
                     "storage": {"input": se, "output": se}}])
     now = utcnow()
@@ -324,10 +327,12 @@ async def _phase(mode: str, port: int, token: str, pilots: int, limit: int) -> d
             r = await c.post("updateJob", {"jobId": pid, "state": "running", "attemptNr": attempt,
                                            "siteName": SITE, "node": "bench-wn"})
             lat["updateJob"].append(tp() - t)
+            lfns = job["outFiles"].split(",")
+            scopes = job["scopeOut"].split(",")[:len(lfns) - 1] + [job["scopeLog"]]
             stored = {lfn: {"guid": str(uuid.uuid4()), "fsize": 100,
                             "adler32": f"{zlib.adler32(lfn.encode()):08x}",
-                            "surl": f"file:///se/bench/{lfn}"}
-                      for lfn in job["outFiles"].split(",")}
+                            "surl": replica_url(SE_URL, scope, lfn)}   # where the server wants it
+                      for lfn, scope in zip(lfns, scopes)}
             t = tp()
             r2 = await c.post("updateJob", {
                 "jobId": pid, "state": "finished", "attemptNr": attempt, "siteName": SITE,

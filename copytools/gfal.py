@@ -158,6 +158,12 @@ class GfalTool(CopyTool):
             if _gerror_code(exc) != errno.EEXIST:
                 log.debug("mkdir_rec %s: %s (the upload will tell)", parent, exc)
         try:
+            existing = ctx.stat(t.surl)
+        except gfal2.GError:
+            existing = None
+        if existing is not None:          # a replica is never overwritten (nor removed here)
+            return self._existing(ctx, gfal2, t, surl, existing.st_size, want_md5)
+        try:
             dst = ctx.open(t.surl, "w")
             with open(t.local_path, "rb") as f:
                 while True:
@@ -169,6 +175,10 @@ class GfalTool(CopyTool):
             del dst  # closing the gfal2 file commits the upload
             size = ctx.stat(t.surl).st_size
         except gfal2.GError as exc:
+            if _gerror_code(exc) == errno.EEXIST or "412" in str(exc):
+                # another upload made it meanwhile: it is not ours to remove
+                raise TransferError(ErrorCode.REPLICA_EXISTS, f"{t.lfn}: {surl} appeared "
+                                    f"while it was written: {exc}") from None
             self.remove_remote(t.surl)
             raise self._error(exc, t, "out", "write") from None
         except OSError as exc:
@@ -189,6 +199,22 @@ class GfalTool(CopyTool):
             raise TransferError(ErrorCode.ADLER32_MISMATCH_OUT,
                                 f"{t.lfn}: sent adler32 {cs.adler32}, storage has {remote}", True)
         return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=surl)
+
+    def _existing(self, ctx, gfal2, t: Transfer, surl: str, size: int,
+                  want_md5: bool) -> TransferResult:
+        """The destination exists: success if it holds our bytes (a retried stage-out), else
+        REPLICA_EXISTS (an unknown remote checksum counts as different)."""
+        from .checksum import checksum_file
+        mine = checksum_file(t.local_path, want_md5)
+        try:
+            remote = ctx.checksum(t.surl, "adler32").lower().rjust(8, "0")
+        except gfal2.GError:
+            remote = None
+        if size == mine.size and remote == mine.adler32:
+            return TransferResult(fsize=mine.size, adler32=mine.adler32, md5=mine.md5,
+                                  surl=surl)
+        raise TransferError(ErrorCode.REPLICA_EXISTS, f"{t.lfn}: {surl} already holds a "
+                            "different file; a replica is never overwritten")
 
     def remove_remote(self, surl: str) -> None:
         try:

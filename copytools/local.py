@@ -112,6 +112,35 @@ def _se_path(t: Transfer) -> str:
         raise TransferError(ErrorCode.STAGEIN_FAILED, f"{t.lfn}: {exc}") from None
 
 
+def _place_new(tmp: str, dst: str, cs, t: Transfer, keep_on_conflict: bool = False) -> None:
+    """Give the finished copy ``tmp`` the replica's name ``dst``, which must be new: a replica
+    is never overwritten. The same bytes already there (a retried stage-out) are success;
+    others fail with REPLICA_EXISTS. ``tmp`` is gone afterwards (but on a conflict with
+    ``keep_on_conflict``: mv's ``tmp`` is the job's own output)."""
+    try:
+        os.link(tmp, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK) and \
+                not os.path.lexists(dst):   # no hard links here: check, then rename (racy)
+            os.replace(tmp, dst)
+            return
+        if not isinstance(exc, FileExistsError) and not os.path.lexists(dst):
+            raise
+        try:
+            have = checksum_file(dst, False)
+        except OSError:
+            have = None
+        same = have is not None and have.size == cs.size and have.adler32 == cs.adler32
+        if same or not keep_on_conflict:
+            unlink_quietly(tmp)
+        if not same:
+            raise TransferError(ErrorCode.REPLICA_EXISTS,
+                                f"{t.lfn}: {dst} already holds a different file; a replica is "
+                                "never overwritten") from None
+        return
+    unlink_quietly(tmp)
+
+
 class CpTool(CopyTool):
     """Copy between a locally mounted storage element and the work directory."""
 
@@ -137,7 +166,10 @@ class CpTool(CopyTool):
         tmp = partial_path(dst)
         try:
             cs = copy_with_checksum(src, tmp, want_md5)
-            os.replace(tmp, dst)
+            if direction == "out":
+                _place_new(tmp, dst, cs, t)
+            else:
+                os.replace(tmp, dst)
         except OSError as exc:
             unlink_quietly(tmp)
             raise _os_error(exc, t, direction, "destination") from None
@@ -175,9 +207,13 @@ class MvTool(CpTool):
             raise _os_error(FileNotFoundError(errno.ENOENT, "no such file", src), t, direction,
                             "source")
         try:
-            os.rename(src, dst)
+            if direction == "out":
+                # never over an existing replica: link, then drop the source name
+                _place_new(src, dst, checksum_file(src, want_md5), t, keep_on_conflict=True)
+            else:
+                os.rename(src, dst)
         except OSError as exc:
-            if exc.errno != errno.EXDEV:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise _os_error(exc, t, direction, "destination") from None
             result = super()._copy(t, src, dst, want_md5, direction)
             unlink_quietly(src)

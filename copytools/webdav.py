@@ -142,6 +142,9 @@ class HttpTool(CopyTool):
                 self._mkcol_parents(url, timeout)
                 cs = StreamChecksum(want_md5)
                 r = self.session.put(url, data=_Body(t.local_path, cs), **self._kw(timeout))
+            if r.status_code == 412:   # other bytes there: a replica is never overwritten
+                raise TransferError(ErrorCode.REPLICA_EXISTS, f"{t.lfn}: {url} already holds "
+                                    f"a different file: {r.text[:200].strip()}")
             if r.status_code not in (200, 201, 204):
                 code = {507: ErrorCode.NO_REMOTE_SPACE, 401: ErrorCode.STAGEOUT_AUTH_FAILURE,
                         403: ErrorCode.STAGEOUT_AUTH_FAILURE}.get(r.status_code,

@@ -24,6 +24,7 @@ from .runner import die_with_parent
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+_EXISTS = re.compile(r"file exists|already exists|\[3018\]", re.IGNORECASE)
 _PRINTED = re.compile(r"adler32:\s*([0-9a-fA-F]{1,8})\s+\S+\s+(\d+)")
 _MISSING = ("[3011]", "no such file", "not found")
 
@@ -139,7 +140,8 @@ class XrdcpTool(CopyTool):
     def copy_out(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
         self._check_url(t, "out")
         cs = StreamChecksum(want_md5)
-        proc, timer = self._start(["-f", "--posc", "--cksum", "adler32:print", "-",
+        # no -f: a replica is never overwritten (an existing file is compared below)
+        proc, timer = self._start(["--posc", "--cksum", "adler32:print", "-",
                                    root_url(t.surl)],
                                   timeout, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         errbuf: list[bytes] = []
@@ -172,6 +174,8 @@ class XrdcpTool(CopyTool):
                 proc.kill()
             proc.stderr.close()
         err = b"".join(errbuf).decode(errors="replace")
+        if rc != 0 and _EXISTS.search(err):
+            return self._existing(t, timeout, want_md5)
         if rc != 0:
             raise self._failed(t, "out", rc, err)
         m = _PRINTED.search(err)
@@ -189,6 +193,17 @@ class XrdcpTool(CopyTool):
             raise TransferError(ErrorCode.ADLER32_MISMATCH_OUT,
                                 f"{t.lfn}: sent adler32 {cs.adler32}, storage has {remote}", True)
         return TransferResult(fsize=cs.size, adler32=cs.adler32, md5=cs.md5, surl=t.surl)
+
+    def _existing(self, t: Transfer, timeout: float, want_md5: bool) -> TransferResult:
+        """The destination exists: success if it holds our bytes (a retried stage-out), else
+        REPLICA_EXISTS (an unknown remote checksum counts as different)."""
+        from .checksum import checksum_file
+        mine = checksum_file(t.local_path, want_md5)
+        if self.remote_adler32(t.surl, timeout) == mine.adler32:
+            return TransferResult(fsize=mine.size, adler32=mine.adler32, md5=mine.md5,
+                                  surl=t.surl)
+        raise TransferError(ErrorCode.REPLICA_EXISTS, f"{t.lfn}: {t.surl} already holds a "
+                            "different file; a replica is never overwritten")
 
     def _xrdfs(self, surl: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         host, path = split_root_url(surl)

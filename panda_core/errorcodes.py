@@ -45,6 +45,7 @@ class ErrorCode(IntEnum):
     SIGBUS = 1206
     SIGINT = 1507                  # no PanDA code
     SIGKILL = 1508                 # no PanDA code
+    REPLICA_EXISTS = 1509          # other bytes already at the stage-out destination (no PanDA code)
     BATCH_WALLTIME = 1213          # the batch system's wall time is about to run out
     PAYLOAD_WALLTIME = 1503       # job's own wall-time limit exceeded (no PanDA code)
     MEMORY_LIMIT = 1235
@@ -104,6 +105,7 @@ ERROR_TEXT: dict[int, str] = {
     ErrorCode.TRANSFORM_NOT_FOUND: "transformation not found",
     ErrorCode.BAD_JOB_SPEC: "bad job definition",
     ErrorCode.BAD_SIGNATURE: "job definition signature does not verify",
+    ErrorCode.REPLICA_EXISTS: "a different file already exists at the stage-out destination",
     ErrorCode.HOSTILE_FILE_NAME: "refused a hostile file name",
     ErrorCode.NO_HEARTBEAT_REACHED: "no heartbeat reached the server for too long",
     ErrorCode.MISSING_INPUT: "missing input file",

@@ -26,6 +26,8 @@ from .groups import refusal
 from .quotas import KINDS, QuotaExceeded
 from .queuedata import signed_queuedata
 from .taskbuffer import NotFound
+from .taskbuffer.data import CatalogueConflict
+from .taskbuffer.owners import Owner, OwnershipError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,10 @@ def task_submit(ctx: Context, params: dict) -> int:
         why = refusal(ctx.identity, task_params.get("vo"), task_params.get("working_group"))
         if why:
             raise ApiError(f"permission denied: {why}", 403, data=CODE_REFUSED)
-        result = ctx.submitter.submit(task_params, owner=ctx.identity.subject)
+        result = ctx.submitter.submit(task_params, owner=ctx.identity.subject,
+                                      who=Owner.of(ctx.identity))
+    except OwnershipError as exc:
+        raise ApiError(f"permission denied: {exc}", 403, data=CODE_REFUSED) from None
     except QuotaExceeded as exc:
         raise ApiError(str(exc), 403, data=CODE_REFUSED) from None
     except LimitExceeded as exc:
@@ -115,7 +120,9 @@ def task_extend(ctx: Context, params: dict) -> dict:
     if not _owns(ctx, task["owner"]):
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
     try:
-        result = ctx.submitter.extend(task_id, ctx.identity.subject)
+        result = ctx.submitter.extend(task_id, ctx.identity.subject, who=Owner.of(ctx.identity))
+    except OwnershipError as exc:
+        raise ApiError(f"permission denied: {exc}", 403) from None
     except QuotaExceeded as exc:
         raise ApiError(str(exc), 403) from None
     except LimitExceeded as exc:
@@ -374,7 +381,8 @@ def site_sync(ctx: Context, params: dict) -> list[str]:
 @api("data", "add_files", ("POST",), WRITERS, params=(
     Param("dataset", required=True, description="the dataset's name"),
     Param("scope", required=True, description="the files' scope"),
-    Param("files", "array", True, "[{lfn, fsize, checksum, guid?, surl?}]", max_length=100000),
+    Param("files", "array", True, "[{lfn, fsize, checksum, guid?, surl?}]",
+          max_length=MAX_FILES_PER_CALL),
     Param("ddm_endpoint", max_length=128, description="the storage element holding them")))
 def data_add_files(ctx: Context, params: dict) -> int:
     from panda_core.replicas import BadFileName, check_name
@@ -409,7 +417,44 @@ def data_add_files(ctx: Context, params: dict) -> int:
     except BadFileName as exc:
         raise ApiError(str(exc)) from None
     endpoint = str_param(params, "ddm_endpoint")
-    return ctx.tb.data.add_dataset_files(dataset, scope, files, endpoint)
+    se_url = None
+    if endpoint:       # a storage element the sites know: replicas only at the server's path
+        from .dataservice import storage_urls
+        se_url = storage_urls(s["config"] for s in ctx.tb.sites.all()).get(endpoint)
+    who = Owner.of(ctx.identity)
+    try:
+        return ctx.tb.data.add_dataset_files(
+            dataset, scope, files, endpoint, se_url=se_url,
+            authorize=lambda conn: (ctx.tb.owners.check_scope(conn, who, scope),
+                                    ctx.tb.owners.check_dataset(conn, who, dataset, scope)))
+    except OwnershipError as exc:
+        raise ApiError(f"permission denied: {exc}", 403) from None
+    except CatalogueConflict as exc:
+        raise ApiError(str(exc), 409) from None
+
+
+@api("scope", "add", ("POST",), ADMIN, params=(
+    Param("scope", required=True, max_length=255, description="the scope's name"),
+    Param("owner", max_length=255, description="the account that owns it (or group:<name>)"),
+    Param("production", "boolean", description="a production scope: admins write it")))
+def scope_add(ctx: Context, params: dict) -> dict:
+    """Register a scope to an owner account, or as a production scope (admins write it)."""
+    from panda_core.replicas import check_name
+    scope, owner = params.get("scope"), params.get("owner")
+    try:
+        check_name(str(scope), "scope")
+    except BadFileName as exc:
+        raise ApiError(str(exc), 400) from None
+    production = str(params.get("production", "")).lower() in ("true", "1")
+    if not production and (not isinstance(owner, str) or not owner or len(owner) > 255):
+        raise ApiError("parameter 'owner' must be the account that owns the scope (or give "
+                       "production=true)", 400)
+    return ctx.tb.owners.add_scope(str(scope), owner or ctx.identity.subject, production)
+
+
+@api("scope", "list", params=())
+def scope_list(ctx: Context, params: dict) -> list[dict]:
+    return ctx.tb.owners.scopes()
 
 
 @api("data", "list_files", params=(

@@ -24,6 +24,7 @@ from .apibase import WRITERS, ApiError, ApiMethods, Context, Param, as_int, int_
 from .handlers import MAX_JSON_DEPTH, BaseHandler, bad_text, json_depth
 from .jobcreator import TaskSpec, TaskSpecError
 from .queuedata import storagedata
+from .taskbuffer.owners import Owner, OwnershipError
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,9 @@ def job_to_task(job: dict, files: list[dict], index: int) -> dict:
         task["outputs"] = [str(f.get("lfn")) for f in outputs]
         task["output_dataset"] = str(_null(outputs[0].get("destinationDBlock"))
                                      or _null(outputs[0].get("dataset")) or f"{name}.outputs")
-        task["scope"] = str(_null(outputs[0].get("scope")) or "user")
+        scope = _null(outputs[0].get("scope"))
+        if scope:                    # else the caller's own user.<name> scope
+            task["scope"] = str(scope)
     try:
         TaskSpec.from_dict(task)
         for lfn in task.get("outputs", []):
@@ -260,7 +263,9 @@ def job_submit(ctx: Context, params: dict) -> list[list]:
     for n, (job, task) in enumerate(converted):
         try:
             result = ctx.submitter.submit(task, owner=ctx.identity.subject, into_task=jobset,
-                                          first_serial=n + 1)
+                                          first_serial=n + 1, who=Owner.of(ctx.identity))
+        except OwnershipError as exc:
+            raise ApiError(f"job {task['name']}: permission denied: {exc}", 403) from None
         except (TaskSpecError, BadFileName) as exc:
             raise ApiError(f"job {task['name']}: {exc}") from None
         jobset = result.task_id

@@ -30,6 +30,14 @@ def _shown(db_url: str) -> str:
     return f"{scheme}://{rest.split('@')[-1]}" if sep else db_url.split("@")[-1]
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the ValueError into exit code 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def _pilot_version(text: str) -> str:
     from .pilotfile import VERSION_RE
     if not VERSION_RE.fullmatch(text):
@@ -76,6 +84,10 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--certfile", help="TLS certificate (enables https and X.509 client auth)")
     p.add_argument("--keyfile", help="TLS private key")
     p.add_argument("--ca", help="CA bundle or directory to verify client certificates")
+    p.add_argument("--scope-policy", choices=("claim", "registered"), default="claim",
+                   help="who may write a scope that is not registered (scope/add): 'claim' (the "
+                   "first account that writes it owns it), 'registered' (nobody but admins); "
+                   "user.<name> is always the account <name>'s")
     p.add_argument("--admin-dn", action="append", default=[], help="certificate DN with admin role: RFC 4514 (CN=x,O=org) or the grid's "
                    "/O=org/CN=x (a '/' inside a value escaped as '\\/'); compared as a structured "
                    "name")
@@ -91,6 +103,9 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="archive finished/failed/cancelled jobs S seconds after they ended")
     p.add_argument("--archive-interval", type=float, default=600, metavar="S",
                    help="how often the first server process archives (0: never)")
+    p.add_argument("--archive-retention-months", type=_positive_int, default=None, metavar="N",
+                   help="drop archived jobs (with files and history) a whole month at a time "
+                        "once the month is more than N months old (default: keep all)")
     p.add_argument("--watcher-interval", type=float, default=60, metavar="S",
                    help="run the watcher, data service and priority recompute every S seconds "
                         "in each process (0: never)")
@@ -372,12 +387,14 @@ def main(argv: list[str]) -> int:
         from .tokens import JWKS_REFRESH_S
         start_periodic(state.executor, JWKS_REFRESH_S,
                        [("token issuers' keys", state.keys.tokens.refresh_all)])
+    state.tb.owners.policy = args.scope_policy
     app = make_app(state)
     from .monitor.incidents import install as install_incident_logger
     install_incident_logger(state.tb.engine)      # every process records its incidents
     if (tornado.process.task_id() or 0) == 0:    # one process archives and runs operations
         from .archive import start_archiver
-        start_archiver(state.tb, state.executor, args.archive_after, args.archive_interval)
+        start_archiver(state.tb, state.executor, args.archive_after, args.archive_interval,
+                       args.archive_retention_months)
         if args.ops_interval > 0:
             from .monitor.operations import ops_tasks
             from .watcher import start_periodic
@@ -466,7 +483,10 @@ def db_main(argv: list[str]) -> int:
                         "seconds to jobs_archive")
     ar.add_argument("--older-than", type=float, required=True, metavar="S",
                     help="age in seconds since the job reached its final state")
-    ar.add_argument("--batch", type=int, default=1000, help="jobs moved per transaction")
+    ar.add_argument("--batch", type=_positive_int, default=1000,
+                    help="jobs moved per transaction")
+    ar.add_argument("--retention-months", type=_positive_int, default=None, metavar="N",
+                    help="then drop archive months more than N months old (default: keep all)")
     p.add_argument("--log-level", default=None,
                    help="debug shows alembic's own lines too (default: $PANDA_LOG_LEVEL, INFO)")
     # accept --db and --log-level after the action too
@@ -495,14 +515,20 @@ def db_main(argv: list[str]) -> int:
             if rev != head:
                 return 3
         else:
-            from .archive import archive_jobs
+            from .archive import archive_jobs, prune_archive
             from .taskbuffer import TaskBuffer
 
             if args.older_than < 0:
                 sys.stderr.write("panda db archive: --older-than must be >= 0\n")
                 return 2
-            moved = archive_jobs(TaskBuffer(engine), args.older_than, batch=args.batch)
+            tb = TaskBuffer(engine)
+            moved = archive_jobs(tb, args.older_than, batch=args.batch)
             sys.stdout.write(f"archived {moved} job(s) older than {args.older_than:g} s\n")
+            if args.retention_months is not None:
+                gone = prune_archive(tb, args.retention_months)
+                what = "row(s)" if engine.dialect.name == "sqlite" else "month partition(s)"
+                sys.stdout.write(f"dropped {gone} archive {what} older than "
+                                 f"{args.retention_months} month(s)\n")
     except MissingDriver as exc:
         sys.stderr.write(f"panda db {args.action}: {exc}\n")
         return 2

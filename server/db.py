@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData,
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData,
                         SmallInteger,
                         String, Table, Text, UniqueConstraint, create_engine, event, inspect,
                         literal_column, text)
@@ -119,6 +119,8 @@ jobs = Table(
     Index("ix_jobs_task_status", "task_id", "status"),
     Index("ix_jobs_status_changed", "status", "state_changed"),
     Index("ix_jobs_owner_created", "owner", "creation_time"),
+    # archived jobs keep their PandaIDs: SQLite must never hand one out again (migration 0020)
+    sqlite_autoincrement=True,
 )
 
 # The dispatcher's query: activated jobs of a site in dispatch order, read from the index. On
@@ -150,11 +152,18 @@ Index("ix_jobs_waiting", jobs.c.status, jobs.c.panda_id, postgresql_where=_WAITI
 Index("ix_jobs_modified", jobs.c.modification_time)
 Index("ix_jobs_status_modified", jobs.c.status, jobs.c.modification_time, jobs.c.site)
 
+# The archive tier (server/archive.py, docs/database.md): a job's row, its files and its state
+# history move here together, stamped with the time they moved (``archived_at``). On PostgreSQL
+# the three tables are partitioned by month of ``archived_at`` (declarative partitioning, made
+# by migration 0020 and the archiver), on MariaDB by RANGE month partitions, on SQLite plain
+# tables; the partition key must be part of every unique key, hence the two-column primary keys.
 jobs_archive = Table(
     "jobs_archive", metadata, *[c._copy() for c in _job_columns()],
+    Column("archived_at", Timestamp, primary_key=True, nullable=False),
     Index("ix_jobs_archive_task", "task_id"),
     Index("ix_jobs_archive_modified", "modification_time"),
     Index("ix_jobs_archive_owner_created", "owner", "creation_time"),
+    Index("ix_jobs_archive_archived", "archived_at"),
 )
 # archived rows keep their ids: no autoincrement there
 jobs_archive.c.panda_id.autoincrement = False
@@ -175,12 +184,23 @@ files = Table(
     Column("ddm_endpoint", String(128)),
     Index("ix_files_panda", "panda_id"),
     Index("ix_files_task", "task_id"),
+    sqlite_autoincrement=True,      # archived rows keep their ids (see jobs)
 )
 
 datasets = Table(
     "datasets", metadata,
     Column("name", String(255), primary_key=True),
     Column("scope", String(255), nullable=False),
+    Column("created", Timestamp, nullable=False),
+    Column("owner", String(255)),                      # the account that created it
+)
+
+# who may write a scope (server/taskbuffer/owners.py); user.<name> scopes are made on first use
+scopes = Table(
+    "scopes", metadata,
+    Column("name", String(255), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("production", Boolean, nullable=False, default=False),
     Column("created", Timestamp, nullable=False),
 )
 
@@ -196,6 +216,7 @@ dataset_files = Table(
     Column("task_id", BigInteger),                     # the task that consumed it, if any
     Column("created", Timestamp, nullable=False),
     UniqueConstraint("dataset", "scope", "lfn", name="uq_dataset_file"),
+    Index("ix_dataset_files_lfn", "scope", "lfn"),     # one lfn's entries in every dataset
 )
 
 replicas = Table(
@@ -229,7 +250,31 @@ job_history = Table(
     Column("time", Timestamp, nullable=False),
     Column("actor", String(255)),
     Index("ix_history_panda", "panda_id"),
+    sqlite_autoincrement=True,      # archived rows keep their ids (see jobs)
 )
+
+# the files and the state history of archived jobs (see jobs_archive above)
+files_archive = Table(
+    "files_archive", metadata,
+    *[c._copy() for c in files.columns],
+    Column("archived_at", Timestamp, primary_key=True, nullable=False),
+    Index("ix_files_archive_panda", "panda_id"),
+    Index("ix_files_archive_task", "task_id"),
+    Index("ix_files_archive_archived", "archived_at"),
+)
+files_archive.c.row_id.autoincrement = False
+
+job_history_archive = Table(
+    "job_history_archive", metadata,
+    *[c._copy() for c in job_history.columns],
+    Column("archived_at", Timestamp, primary_key=True, nullable=False),
+    Index("ix_history_archive_panda", "panda_id"),
+    Index("ix_history_archive_archived", "archived_at"),
+)
+job_history_archive.c.row_id.autoincrement = False
+
+#: each live table with its archive tier, in the order the archiver copies them
+ARCHIVE_TIERS = ((jobs, jobs_archive), (files, files_archive), (job_history, job_history_archive))
 
 pilots = Table(
     "pilots", metadata,

@@ -633,6 +633,9 @@ def _finish_sql() -> str:
         "ok AS (SELECT j.panda_id, j.status, j.i FROM j WHERE NOT EXISTS (SELECT 1 FROM outs "
         "WHERE outs.i = j.i AND outs.type = 'output' AND NOT EXISTS (SELECT 1 FROM stored "
         "WHERE stored.i = outs.i AND stored.lfn = outs.lfn)) "
+        # an output already in the catalogue (compared by the general path)
+        "AND NOT EXISTS (SELECT 1 FROM outs JOIN dataset_files d ON d.scope = outs.scope "
+        "AND d.lfn = outs.lfn WHERE outs.i = j.i AND outs.type = 'output') "
         # a file stored elsewhere than where the server puts it: the general path fails the job
         "AND NOT EXISTS (SELECT 1 FROM outs JOIN stored ON stored.i = outs.i "
         "AND stored.lfn = outs.lfn WHERE outs.i = j.i AND stored.surl IS NOT NULL "

@@ -18,6 +18,7 @@ from .eventranges import POOL_SERIAL, EventWindow, create_ranges, split_events
 from .jobcreator import MAX_JOBS_PER_CALL, LimitExceeded, TaskSpec, TaskSpecError, \
     make_consumer_job, make_job, split_inputs
 from .taskbuffer import TaskBuffer
+from .taskbuffer.owners import Owner, user_scope
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,16 @@ class TaskSubmitter:
         self.quotas = Quotas(tb)
 
     def submit(self, params: dict, owner: str, into_task: int | None = None,
-               first_serial: int = 1) -> SubmitResult:
+               first_serial: int = 1, who: Owner | None = None) -> SubmitResult:
         """Create a task and its jobs. Raises TaskSpecError for anything the user must fix.
         ``into_task``: add the jobs to that task instead (from ``first_serial`` on): the jobs
-        of one PanDA ``submitJobs`` call share one task, hence one jobsetID."""
+        of one PanDA ``submitJobs`` call share one task, hence one jobsetID. ``who``: the
+        caller, held to the owners of scopes and datasets (``taskbuffer/owners.py``: raises
+        OwnershipError); None for the server's own tasks. A task without a ``scope`` writes
+        the caller's own ``user.<name>``."""
         spec = TaskSpec.from_dict(params)
+        if who is not None and "scope" not in params:
+            spec.scope = user_scope(who.subject)
         spec.share = self.resolve_share(spec)
         sites = {s["name"]: s for s in self.tb.sites.all()}
         if spec.site and spec.site not in sites:
@@ -62,15 +68,19 @@ class TaskSubmitter:
                                     f"element {spec.destination_se!r} with a URL (known: "
                                     f"{', '.join(sorted(known)) or 'none'})")
         inputs: list[dict] = []
+        consume = who is None or who.admin or not spec.input_dataset or \
+            self.tb.owners.dataset_owner(spec.input_dataset) in (None, who.subject)
         if spec.input_dataset:
-            inputs = self.tb.data.dataset_files(spec.input_dataset, unused_only=True)
+            # another's dataset is read, not consumed: all its files, none marked as used
+            inputs = self.tb.data.dataset_files(spec.input_dataset, unused_only=consume)
             if not inputs:
                 raise TaskSpecError(f"field 'input_dataset': dataset {spec.input_dataset!r} has "
                                     "no unused files (register them with data/add_files first)")
         groups, windows = _split(spec, inputs)
         self.quotas.check_submit(owner, spec.working_group, len(groups))
         return self._create(spec, params, owner, groups, sites, windows=windows,
-                            task_id=into_task, first_serial=first_serial)
+                            task_id=into_task, first_serial=first_serial, who=who,
+                            consume=consume)
 
     def resolve_share(self, spec: TaskSpec) -> str:
         """The global share of the task's jobs: the one it names, which must be in the share
@@ -90,13 +100,20 @@ class TaskSubmitter:
             return wanted
         return names[0] if names else "default"
 
-    def extend(self, task_id: int, actor: str) -> SubmitResult:
-        """Create jobs for the files added to the task's input dataset since it was created."""
+    def extend(self, task_id: int, actor: str, who: Owner | None = None) -> SubmitResult:
+        """Create jobs for the files added to the task's input dataset since it was created
+        (only a task over its owner's own dataset: another's is read whole, not consumed)."""
         task = self.tb.tasks.get(task_id)
         spec = TaskSpec.from_dict(task["params"])
         spec.share = task["share"]
         if not spec.input_dataset:
             raise TaskSpecError("this task has no input dataset to extend")
+        ds_owner = self.tb.owners.dataset_owner(spec.input_dataset)
+        if ds_owner not in (None, task["owner"]):
+            raise TaskSpecError(f"this task reads dataset {spec.input_dataset} of {ds_owner}, "
+                                "which it does not consume: it cannot be extended")
+        if "scope" not in task["params"]:
+            spec.scope = user_scope(task["owner"])
         if spec.event_service is not None:
             raise TaskSpecError("an event-service task cannot be extended: its merge job "
                                 "covers the ranges it was created with; submit a new task")
@@ -107,11 +124,12 @@ class TaskSubmitter:
         groups, windows = _split(spec, new)
         self.quotas.check_submit(task["owner"], spec.working_group, len(groups))
         return self._create(spec, task["params"], actor, groups, sites, task_id=task_id,
-                            first_serial=first_serial, windows=windows)
+                            first_serial=first_serial, windows=windows, who=who)
 
     def _create(self, spec: TaskSpec, params: dict, owner: str, groups: list[list[dict]],
                 sites: dict[str, dict], task_id: int | None = None,
-                first_serial: int = 1, windows: list | None = None) -> SubmitResult:
+                first_serial: int = 1, windows: list | None = None,
+                who: Owner | None = None, consume: bool = True) -> SubmitResult:
         """Broker and store the jobs: the sites are weighed once for the task
         (``Brokerage.plan``), then the jobs are created ``JOB_BATCH`` per transaction. A new
         task is ``registered`` while that goes on (its job counts show the progress) and
@@ -136,6 +154,11 @@ class TaskSubmitter:
             if total > MAX_RANGES_PER_TASK:
                 raise LimitExceeded(f"this task would have {total} event ranges; at most "
                                     f"{MAX_RANGES_PER_TASK} (raise 'events_per_range')")
+        if who is not None:       # the outputs' scope and dataset must be the caller's
+            with self.tb.engine.begin() as conn:
+                self.tb.owners.check_scope(conn, who, spec.scope)
+                if spec.output_dataset:
+                    self.tb.owners.check_dataset(conn, who, spec.output_dataset, spec.scope)
         if task_id is None:
             with self.tb.engine.begin() as conn:
                 task_id = self.tb.tasks.insert(conn, name=spec.name, owner=owner, params=params,
@@ -164,7 +187,7 @@ class TaskSubmitter:
                         batch_activated += self._create_job(
                             conn, spec, task_id, owner, first_serial + n, group, site,
                             sites[site], locality, windows[n] if windows else None, batch_ids)
-                    if batch_lfns:
+                    if batch_lfns and consume:
                         conn.execute(update(db.dataset_files).where(
                             db.dataset_files.c.dataset == spec.input_dataset,
                             db.dataset_files.c.lfn.in_(list(batch_lfns))).values(task_id=task_id))

@@ -286,7 +286,10 @@ def server_tasks(state, limits: WatcherLimits, data_mover: str | None = "local",
     tasks: list[tuple[str, Callable[[], Any]]] = [
         ("watcher", watcher.check),
         # event-service ranges of ended or silent consumers back to their pool
-        ("eventranges", EventRangeService(state.tb).reclaim_expired)]
+        ("eventranges", EventRangeService(state.tb).reclaim_expired),
+        # the job counters' deltas folded even when no getJob refreshes the share snapshot
+        # (an idle dispatcher), so that reading them stays the size of the counter table
+        ("counters", state.tb.counts.fold)]
     if data_mover and first_process:
         service = DataService(state.tb, load_movers(data_mover, data_options),
                               timeout_s=transfer_timeout_s, give_up_s=transfer_give_up_s)

@@ -75,6 +75,22 @@ def _stored_adler32(path: str, st: os.stat_result) -> str | None:
     return None
 
 
+def _same_file(path: str, size: int, adler32: str) -> bool:
+    """Whether the file at ``path`` holds ``size`` bytes of that adler32 (a recorded digest is
+    trusted while the file is unchanged, else the file is read)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return False
+        recorded = _stored_adler32(path, st)
+        if recorded is None:
+            with open(path, "rb") as f:
+                recorded = checksum_fd(f.fileno()).adler32
+        return recorded == adler32
+    except OSError:
+        return False
+
+
 @tornado.web.stream_request_body
 class SEHandler(tornado.web.RequestHandler):
     """Every verb on every path below the root."""
@@ -348,7 +364,7 @@ class SEHandler(tornado.web.RequestHandler):
         except OSError as exc:
             self._write_error = exc  # answered in put(); the rest of the body is dropped
 
-    def put(self) -> None:
+    async def put(self) -> None:
         if self._fd is None:
             return self._fail(500, "upload was not prepared")
         fd, self._fd = self._fd, None
@@ -366,15 +382,29 @@ class SEHandler(tornado.web.RequestHandler):
             log.error("upload of %s failed: %s", self.request.path, exc)
             return self._fail(507 if full else 500, f"cannot store: {exc}")
         try:
-            if self._exclusive:  # create-if-absent even against a concurrent upload
-                try:
-                    os.link(self._tmp, self._target)
-                except FileExistsError:
-                    self._discard()
+            # create-if-absent, even against a concurrent upload: a replica is never replaced.
+            # The same bytes again (a retried stage-out) succeed; other bytes are refused.
+            try:
+                os.link(self._tmp, self._target)
+            except FileExistsError:
+                tmp, self._tmp = self._tmp, None
+                if self._exclusive:
+                    os.unlink(tmp)
                     return self._fail(412, "file exists (If-None-Match: *)")
-                os.unlink(self._tmp)
-            else:
-                os.replace(self._tmp, self._target)
+                same = await asyncio.get_running_loop().run_in_executor(
+                    None, _same_file, self._target, self._cs.size, self._cs.adler32)
+                os.unlink(tmp)
+                if not same:
+                    log.warning("refused to overwrite %s with other bytes", self.request.path)
+                    return self._fail(412, f"file exists with other content: a replica is "
+                                           f"never overwritten (this upload: {self._cs.size} "
+                                           f"bytes, adler32 {self._cs.adler32}); DELETE it "
+                                           "first if it must go")
+                self.set_status(204)
+                self.set_header("Digest", f"adler32={self._cs.adler32}")
+                self.clear_header("Content-Type")
+                return self.finish()
+            os.unlink(self._tmp)
             st = os.stat(self._target)
             try:
                 os.setxattr(self._target, XATTR,

@@ -134,6 +134,8 @@ class HttpMover(DataMover):
         have = self._digest(dst_url, deadline)
         if have is not None and mismatch(expected, have[0], have[1]) is None:
             return                                   # already there and good: nothing to do
+        if have is not None:       # a bad copy: storage elements never overwrite a replica
+            self._delete(dst_url, deadline)
         dst_host = urlsplit(dst_url).netloc
         done = False
         if self.third_party and dst_host not in self._no_tpc:

@@ -19,12 +19,13 @@ def state_durations(tb, sel: JobSelection) -> dict:
     ``HISTORY_JOBS`` most recently modified started jobs (their history rows, by index)."""
     picked = sel.capped(lambda t: [t.c.modification_time, t.c.panda_id], limit=HISTORY_JOBS,
                         where=lambda t: [t.c.start_time.is_not(None)])
-    h = db.job_history.c
     with db.read(tb.engine) as conn:
         ids = [r.panda_id for r in conn.execute(picked)]
-        rows = conn.execute(select(h.panda_id, h.new_status, h.time)
-                            .where(h.panda_id.in_(ids)).order_by(h.panda_id, h.row_id)).all() \
-            if ids else []
+        # live and archived jobs: their history is in the tier their row is in
+        found = [r for t in (db.job_history, db.job_history_archive) for r in conn.execute(
+            select(t.c.panda_id, t.c.row_id, t.c.new_status, t.c.time)
+            .where(t.c.panda_id.in_(ids)))] if ids else []
+    rows = [(pid, status, when) for pid, _row, status, when in sorted(found, key=lambda r: r[:2])]
     per_state: dict[str, list[float]] = {}
     queue: list[float] = []
     last: dict[int, tuple[str, object]] = {}

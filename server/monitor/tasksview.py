@@ -108,13 +108,15 @@ def progress(counts: dict[str, int]) -> dict:
 
 
 def datasets(tb, task_id: int) -> list[dict]:
-    """The task's datasets: files per dataset, type and status."""
-    f = db.files.c
+    """The task's datasets: files per dataset, type and status (live and archived jobs)."""
     out: dict[tuple[str, str], dict] = {}
     with db.read(tb.engine) as conn:
-        for name, ftype, status, n, size in conn.execute(
-                select(f.dataset, f.type, f.status, func.count(), func.sum(f.fsize))
-                .where(f.task_id == task_id).group_by(f.dataset, f.type, f.status)):
+        rows = [r for table in (db.files, db.files_archive) for r in conn.execute(
+            select(table.c.dataset, table.c.type, table.c.status, func.count(),
+                   func.sum(table.c.fsize))
+            .where(table.c.task_id == task_id)
+            .group_by(table.c.dataset, table.c.type, table.c.status))]
+        for name, ftype, status, n, size in rows:
             row = out.setdefault((name, ftype), {"dataset": name, "type": ftype, "files": 0,
                                                  "bytes": 0, "states": {}})
             row["files"] += n

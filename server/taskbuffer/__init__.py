@@ -20,6 +20,7 @@ from .pilots import Pilots
 from .sites import Sites
 from .states import JobStates
 from .tasks import Tasks
+from .owners import Ownership
 from .tokens import RevokedTokens
 
 __all__ = ["Clock", "Conflict", "NotFound", "TaskBuffer", "is_retryable", "utcnow"]
@@ -38,3 +39,4 @@ class TaskBuffer(Store):
         self.jobs = Jobs(self, self.states, self.tasks, self.counts)
         self.pilots = Pilots(self, self.states, self.tasks, self.data, self.jobs)
         self.revoked_tokens = RevokedTokens(self)
+        self.owners = Ownership(self)          # who may write scopes and datasets

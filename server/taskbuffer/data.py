@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
@@ -15,6 +17,20 @@ from .base import Store
 _UPDATE_STORED_FILE = update(db.files).where(db.files.c.row_id == bindparam("b_row_id")).values(
     status="ready", fsize=bindparam("b_fsize"), checksum=bindparam("b_checksum"),
     guid=bindparam("b_guid"), ddm_endpoint=bindparam("b_endpoint"))
+
+
+class CatalogueConflict(ValueError):
+    """A file registered again with other bytes: an lfn names one content, forever."""
+
+
+def same_bytes(fsize, checksum, new_fsize, new_checksum) -> bool:
+    """Whether a new registration may be the same file as an entry (a value one side does not
+    give is not compared)."""
+    if fsize is not None and new_fsize is not None and int(fsize) != int(new_fsize):
+        return False
+    if checksum and new_checksum and str(checksum).lower() != str(new_checksum).lower():
+        return False
+    return True
 
 
 def stored_checksum(info: dict) -> str | None:
@@ -31,14 +47,41 @@ class Data:
         self.store = store
 
     def add_dataset_files(self, dataset: str, scope: str, file_list: list[dict],
-                          ddm_endpoint: str | None) -> int:
-        """Register files of ``dataset`` (and their replicas at ``ddm_endpoint``). Idempotent."""
+                          ddm_endpoint: str | None, se_url: str | None = None,
+                          authorize: Callable[[Connection], Any] | None = None) -> int:
+        """Register files of ``dataset`` (and their replicas at ``ddm_endpoint``). Idempotent:
+        a file registered again with the same size and checksum is a no-op. ``authorize(conn)``
+        runs first in the transaction (the owners' checks; it raises to refuse). A file whose
+        (scope, lfn) is already in the catalogue with another size or checksum is refused
+        (CatalogueConflict, nothing registered). ``se_url``: the storage element's root URL;
+        a replica's SURL is then the one the server computes, a different one is refused."""
         now = self.store.clock()
         added = 0
         with self.store.engine.begin() as conn:
+            if authorize is not None:
+                authorize(conn)
             if conn.execute(select(db.datasets.c.name).where(db.datasets.c.name == dataset)
                             ).first() is None:
                 conn.execute(insert(db.datasets).values(name=dataset, scope=scope, created=now))
+            known = self.catalogue_entries(conn, scope, [f["lfn"] for f in file_list])
+            conflicts = []
+            for f in file_list:        # the same lfn twice in one call counts as well
+                known.setdefault(f["lfn"], set())
+                for fsize, checksum in list(known[f["lfn"]]):
+                    if not same_bytes(fsize, checksum, f.get("fsize"), f.get("checksum")):
+                        conflicts.append(f"{scope}:{f['lfn']} is registered with "
+                                         f"{fsize} bytes, {checksum or 'no checksum'}")
+                        break
+                known[f["lfn"]].add((f.get("fsize"), f.get("checksum")))
+                if se_url and f.get("surl"):
+                    expected = replica_url(se_url, scope, f["lfn"])
+                    if not same_location(f["surl"], expected):
+                        conflicts.append(f"{scope}:{f['lfn']}: surl {f['surl'][:200]} is not "
+                                         f"its path on {ddm_endpoint} ({expected})")
+            if conflicts:
+                raise CatalogueConflict("; ".join(conflicts[:20])
+                                        + (f"; and {len(conflicts) - 20} more"
+                                           if len(conflicts) > 20 else ""))
             have = {r.lfn for r in conn.execute(select(db.dataset_files.c.lfn).where(
                 db.dataset_files.c.dataset == dataset, db.dataset_files.c.scope == scope))}
             for f in file_list:
@@ -47,10 +90,24 @@ class Data:
                         dataset=dataset, scope=scope, lfn=f["lfn"],
                         guid=f.get("guid") or str(uuid.uuid4()), fsize=f.get("fsize"),
                         checksum=f.get("checksum"), created=now))
+                    have.add(f["lfn"])
                     added += 1
                 if ddm_endpoint:
-                    self._add_replica(conn, scope, f["lfn"], ddm_endpoint, f.get("surl"))
+                    surl = replica_url(se_url, scope, f["lfn"]) if se_url else f.get("surl")
+                    self._add_replica(conn, scope, f["lfn"], ddm_endpoint, surl)
         return added
+
+    @staticmethod
+    def catalogue_entries(conn: Connection, scope: str, lfns: list[str]
+                          ) -> dict[str, set[tuple]]:
+        """lfn -> the (fsize, checksum) pairs its catalogue entries have, in every dataset."""
+        out: dict[str, set[tuple]] = {}
+        c = db.dataset_files.c
+        for i in range(0, len(lfns), 1000):
+            for r in conn.execute(select(c.lfn, c.fsize, c.checksum).where(
+                    c.scope == scope, c.lfn.in_(lfns[i:i + 1000]))):
+                out.setdefault(r.lfn, set()).add((r.fsize, r.checksum))
+        return out
 
     def _add_replica(self, conn: Connection, scope: str, lfn: str, ddm_endpoint: str,
                      surl: str | None) -> None:
@@ -124,8 +181,23 @@ class Data:
         than at the SURL the server computes for it (``replica_url``) counts as not stored
         (the reason goes to ``problems``); the replica registered carries the server's SURL."""
         missing, file_rows, replica_rows, dataset_rows = [], [], [], []
+        known: dict[tuple[str, str], set[tuple]] = {}
+        by_scope: dict[str, list[str]] = {}
+        for f in outs:
+            if f.type == "output" and f.lfn in stored:
+                by_scope.setdefault(f.scope, []).append(f.lfn)
+        for scope, lfns in by_scope.items():      # usually no entry: the names are new
+            for lfn, pairs in self.catalogue_entries(conn, scope, lfns).items():
+                known[(scope, lfn)] = pairs
         for f in outs:
             info = stored.get(f.lfn)
+            for fsize, checksum in known.get((f.scope, f.lfn), ()):
+                if info is not None and not same_bytes(fsize, checksum, info.get("fsize"),
+                                                       stored_checksum(info)):
+                    if problems is not None:
+                        problems.append(f"{f.scope}:{f.lfn} is in the catalogue with other "
+                                        f"bytes ({fsize} bytes, {checksum})")
+                    info = None
             surl = info.get("surl") if info is not None else None
             if info is not None and se_url:
                 expected = replica_url(se_url, f.scope, f.lfn)

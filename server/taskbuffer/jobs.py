@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 SELECT_FILES = (select(db.files).where(db.files.c.panda_id == bindparam("pid"))
                 .order_by(db.files.c.row_id))
+# an archived job's files: the live columns only, so both tiers give the same dicts
+SELECT_ARCHIVED_FILES = (select(*[db.files_archive.c[c.name] for c in db.files.c])
+                         .where(db.files_archive.c.panda_id == bindparam("pid"))
+                         .order_by(db.files_archive.c.row_id))
 _FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
 _PILOT_OWNED = frozenset(str(s) for s in PILOT_OWNED_STATES)
 _FINAL_TASK = frozenset(str(s) for s in FINAL_TASK_STATES)
@@ -64,17 +68,26 @@ class Jobs:
                 row = conn.execute(select(table).where(table.c.panda_id == panda_id)).first()
                 if row is not None:
                     job = dict(row._mapping)
-                    job["files"] = [dict(f._mapping) for f in
-                                    conn.execute(SELECT_FILES, {"pid": panda_id})]
-                    job["archived"] = table is db.jobs_archive
+                    archived = table is db.jobs_archive
+                    job["files"] = [dict(f._mapping) for f in conn.execute(
+                        SELECT_ARCHIVED_FILES if archived else SELECT_FILES, {"pid": panda_id})]
+                    job["archived"] = archived
                     return job
         return None
 
     def history(self, panda_id: int) -> list[dict]:
+        """The job's state changes, oldest first, from the live table and the archive tier
+        (a job moves there whole, but a reader may look while a batch moves)."""
+        rows: list[dict] = []
         with db.read(self.store.engine) as conn:
-            return [dict(r._mapping) for r in conn.execute(
-                select(db.job_history).where(db.job_history.c.panda_id == panda_id)
-                .order_by(db.job_history.c.row_id))]
+            for table in (db.job_history, db.job_history_archive):
+                rows += [dict(r._mapping) for r in conn.execute(
+                    select(*[table.c[c.name] for c in db.job_history.c])
+                    .where(table.c.panda_id == panda_id))]
+        seen: set[int] = set()
+        unique = [r for r in sorted(rows, key=lambda r: r["row_id"])
+                  if not (r["row_id"] in seen or seen.add(r["row_id"]))]
+        return unique
 
     def find(self, task_id: int | None = None, site: str | None = None,
              status: str | list[str] | None = None, limit: int = 1000, *,

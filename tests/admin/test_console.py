@@ -300,11 +300,8 @@ def test_data_add_then_the_contracts_task_submits(srv, tmp_path):
     example = yaml.safe_load((REPO / "docs" / "examples" / "demo-task.yaml").read_text())
     contract = yaml.safe_load("name: demo" + block)
     assert example == {k: v for k, v in contract.items() if k not in OPTIONAL_ELSEWHERE}
+    # the contracts' task, as written (its optional multi-site parts are comments), is accepted
     res = panda("submit", str(task_file), token=srv.alice, server=srv)
-    if "destination_se" in block:     # an aggregation storage element this server lacks
-        assert res.returncode == 1 and "T1_DISK" in person_sees(res) and "known: " in res.stderr
-    res = panda("submit", str(REPO / "docs" / "examples" / "demo-task.yaml"), token=srv.alice,
-                server=srv)
     assert res.returncode == 0 and "jobs=3" in person_sees(res), res.stderr
 
     # bad input: a list line, a name, a missing file, no action

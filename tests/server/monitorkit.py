@@ -13,9 +13,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
-from server import db
+from server import archivetiers, db
 from server.monitor import history
 from server.monitor.alarms import Alarms
 from server.taskbuffer import TaskBuffer
@@ -81,13 +81,15 @@ def add_job(conn, now: dt.datetime, *, task_id: int, serial: int, status: str, s
         "working_group": "AP_MC", "node": "wn01.example.org",
         "cpu_consumption_time": 420.0 if started and final else None,
         "max_rss": 512000 if started else None, **extra}
-    if table is db.jobs_archive:
+    archived = table is db.jobs_archive
+    if archived:                        # archived whole: its history and files too
         values["panda_id"] = extra.get("panda_id")
+        values["archived_at"] = now
     panda_id = conn.execute(insert(table).values(**values)).inserted_primary_key[0]
-    conn.execute(insert(db.job_history), [
+    history_rows = [
         {"panda_id": panda_id, "old_status": path[i - 1] if i else None, "new_status": s,
-         "time": times[i], "actor": "seed"} for i, s in enumerate(path)])
-    conn.execute(insert(db.files), [
+         "time": times[i], "actor": "seed"} for i, s in enumerate(path)]
+    file_rows = [
         {"panda_id": panda_id, "task_id": task_id, "type": "input", "scope": "test",
          "lfn": f"in.{task_id}.{serial:06d}", "dataset": "test.in", "guid": str(uuid.uuid4()),
          "fsize": 100, "checksum": "ad:00000001", "status": "ready", "ddm_endpoint": None},
@@ -98,7 +100,18 @@ def add_job(conn, now: dt.datetime, *, task_id: int, serial: int, status: str, s
         {"panda_id": panda_id, "task_id": task_id, "type": "log", "scope": "test",
          "lfn": f"log.{task_id}.{serial:06d}.1.tgz", "dataset": "test.log",
          "guid": str(uuid.uuid4()), "fsize": None, "checksum": None, "status": "defined",
-         "ddm_endpoint": None}])
+         "ddm_endpoint": None}]
+    if not archived:
+        conn.execute(insert(db.job_history), history_rows)
+        conn.execute(insert(db.files), file_rows)
+        return int(panda_id)
+    # archive rows keep the ids the live tables gave them: ask the live tables for ids
+    for live, tier, rows in ((db.job_history, db.job_history_archive, history_rows),
+                             (db.files, db.files_archive, file_rows)):
+        for r in rows:
+            row_id = conn.execute(insert(live).values(**r)).inserted_primary_key[0]
+            conn.execute(delete(live).where(live.c.row_id == row_id))
+            conn.execute(insert(tier).values(**r, row_id=row_id, archived_at=now))
     return int(panda_id)
 
 
@@ -128,6 +141,7 @@ def seed_monitor(tb: TaskBuffer, se_dir: Path) -> Seeded:
         cfgs.append(cfg)
     tb.sites.sync(cfgs)
     seeded = Seeded(sites=[c["name"] for c in cfgs], task_ids=[])
+    archivetiers.ensure_months(tb.engine, now)        # the archive month of the seeded job
     with tb.engine.begin() as conn:
         t1 = tb.tasks.insert(conn, name="mc.sim", owner="alice", params={"name": "mc.sim"},
                              priority=1000, share="production", site="SITE_A", max_attempts=3)

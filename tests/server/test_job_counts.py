@@ -176,3 +176,19 @@ def test_share_ranking_reads_the_counters_not_the_jobs(taskbuffer, ttl):
         chooser.share_plan("SITE_E") == ["production", "mc"]
     names, running, waiting = chooser.ranking("SITE_E")
     assert waiting == {"mc": 2, "production": 2} and running == {}
+
+
+def test_the_periodic_work_folds_the_counters(taskbuffer):
+    """An idle dispatcher refreshes no snapshot: the watcher's pass folds the deltas."""
+    from types import SimpleNamespace
+
+    from server.watcher import WatcherLimits, server_tasks
+    tb = taskbuffer
+    add_site(tb, "SITE_F")
+    seed_jobs(tb, "SITE_F", 3)
+    assert pending_deltas(tb) > 0
+    tasks = dict(server_tasks(SimpleNamespace(tb=tb, hook=None), WatcherLimits(),
+                              data_mover=None))
+    tasks["counters"]()
+    assert pending_deltas(tb) == 0
+    assert tb.counts.read() == counts_by_group_by(tb)

@@ -11,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, insert, select, text
 
-from server import db
+from server import archivetiers, db
 from dbkit import free_port, start_server, stop_server
 
 
@@ -25,7 +25,9 @@ def schema_diff(url: str) -> list:
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={
-                "compare_type": True, "include_object": db.declared_on(conn.dialect.name)})
+                "compare_type": True, "include_object": db.declared_on(conn.dialect.name),
+                "include_name": lambda name, type_, parent: not (
+                    type_ == "table" and archivetiers.is_partition(name))})
             return compare_metadata(ctx, db.metadata)
     finally:
         engine.dispose()

@@ -97,7 +97,7 @@ def test_n_jobs_and_one_calls_work_are_bounded(server):
     status, reply = api(server, "alice", "POST", "data/add_files", scope="user.alice",
                         dataset="user.alice.many",
                         files=[{"lfn": f"f{i}", "fsize": 1} for i in range(10001)])
-    assert status == 400 and "at most 10000 per call" in reply["message"], reply
+    assert status == 400 and "at most 10000" in reply["message"], reply
 
 
 # ---------------------------------------------------------------------- item 7: factories
@@ -328,4 +328,155 @@ def test_outputs_count_only_at_the_servers_path(server):
     assert pilot(server, "site-pilots", "updateJob", jobId=job["PandaID"], state="finished",
                  attemptNr=1, xml=json.dumps(xml), **a)["StatusCode"] == 0
     assert job_row(server, job["PandaID"])["jobStatus"] == "finished"
+    kill_task(server, task_id)
+
+
+# ---------------------------------------------------------------------- item 2: data owners
+def add_files(server, who, dataset, scope, files, endpoint="LOCAL_SE", role="user"):
+    return api(server, who, "POST", "data/add_files", role=role, dataset=dataset, scope=scope,
+               files=files, ddm_endpoint=endpoint)
+
+
+def test_users_write_only_scopes_and_datasets_they_own(server):
+    from testkit import put_input
+    alice_file = put_input(server.se, "alice", "base.000001.out", b"alice's bytes\n")
+    status, reply = add_files(server, "alice", "alice.private", "alice", [alice_file])
+    assert reply["success"], reply                       # alice claims scope 'alice'
+    # bob: not in alice's scope, not in alice's dataset, not in another's user scope
+    evil = {"lfn": "evil.txt", "fsize": 1, "surl": "file:///etc/shadow"}
+    for dataset, scope in (("alice.private", "alice"), ("bob.own", "alice"),
+                           ("alice.private", "user.bob"), ("bob.x", "user.alice")):
+        status, reply = add_files(server, "bob", dataset, scope, [evil])
+        assert status == 403 and reply["success"] is False, (dataset, scope, reply)
+        assert "permission denied" in reply["message"]
+    status, reply = api(server, None, "GET", "data/list_files", dataset="alice.private")
+    assert [f["lfn"] for f in reply["data"]] == ["base.000001.out"]
+    # bob's task may not write alice's scope or her dataset
+    for params in ({"scope": "alice"}, {"scope": "user.bob", "output_dataset": "alice.private"}):
+        status, reply = api(server, "bob", "POST", "task/submit", task_parameters={
+            "name": "steal", "transformation": "/bin/true", "n_jobs": 1, "site": SITE,
+            "outputs": ["base.${SN}.out"], "output_dataset": "bob.out", **params})
+        assert status == 403 and "permission denied" in reply["message"], reply
+    # his own user scope works, and a surl that is not the file's path is refused
+    status, reply = add_files(server, "bob", "user.bob.in", "user.bob",
+                              [{"lfn": "b.txt", "fsize": 1, "surl": "file:///etc/shadow"}])
+    assert status == 409 and "is not its path on LOCAL_SE" in reply["message"], reply
+    bob_file = put_input(server.se, "user.bob", "b.txt", b"b")
+    assert add_files(server, "bob", "user.bob.in", "user.bob", [bob_file])[1]["data"] == 1
+
+
+def test_reading_is_open_but_another_users_task_does_not_consume_her_files(server):
+    from testkit import put_input
+    files = [put_input(server.se, "user.alice", f"in.{i}", f"{i}\n".encode()) for i in range(2)]
+    assert add_files(server, "alice", "user.alice.shared", "user.alice", files)[1]["success"]
+    status, reply = api(server, "bob", "POST", "task/submit", task_parameters={
+        "name": "readit", "transformation": "/bin/true", "input_dataset": "user.alice.shared",
+        "site": SITE})
+    assert reply["success"], reply
+    bobs_task = reply["data"]
+    status, reply = api(server, None, "GET", "data/list_files", dataset="user.alice.shared")
+    assert [f["task_id"] for f in reply["data"]] == [None, None]     # not marked used
+    status, reply = api(server, "alice", "POST", "task/submit", task_parameters={
+        "name": "mine", "transformation": "/bin/true", "input_dataset": "user.alice.shared",
+        "site": SITE})
+    assert reply["success"], reply                     # alice still has all her files
+    status, reply = api(server, "bob", "POST", "task/extend", task_id=bobs_task)
+    assert reply["success"] is False and "does not consume" in reply["message"]
+    assert api(server, "bob", "POST", "task/kill", task_id=bobs_task)[1]["success"]
+    status, reply = api(server, "alice", "GET", "task/list", owner="alice")
+    for t in reply["data"]:
+        if t["taskName"] == "mine":
+            kill_task(server, t["jediTaskID"])
+
+
+def test_an_existing_lfn_keeps_its_bytes(server):
+    from testkit import put_input
+    f = put_input(server.se, "user.carol", "c.dat", b"first")
+    assert add_files(server, "carol", "user.carol.a", "user.carol", [f])[1]["data"] == 1
+    assert add_files(server, "carol", "user.carol.a", "user.carol", [f])[1]["data"] == 0  # again
+    assert add_files(server, "carol", "user.carol.b", "user.carol", [f])[1]["data"] == 1
+    status, reply = add_files(server, "carol", "user.carol.c", "user.carol",
+                              [{**f, "fsize": 6, "checksum": "ad:0000ffff"}])
+    assert status == 409 and "user.carol:c.dat is registered with 5 bytes" in reply["message"]
+    status, reply = api(server, None, "GET", "data/list_files", dataset="user.carol.c")
+    assert reply["data"] == []
+
+
+def test_scopes_registered_by_an_admin(server):
+    status, reply = api(server, "ops", "POST", "scope/add", role="admin", scope="mc23",
+                        production=True)
+    assert reply["success"], reply
+    status, reply = add_files(server, "alice", "mc23.evgen", "mc23", [{"lfn": "e", "fsize": 1}])
+    assert status == 403 and "production scope" in reply["message"]
+    assert add_files(server, "prodsys", "mc23.evgen", "mc23", [{"lfn": "e", "fsize": 1}],
+                     role="admin")[1]["success"]
+    assert api(server, "ops", "POST", "scope/add", role="admin", scope="group.phys",
+               owner="dave")[1]["success"]
+    assert add_files(server, "alice", "group.phys.x", "group.phys",
+                     [{"lfn": "g", "fsize": 1}])[0] == 403
+    assert add_files(server, "dave", "group.phys.x", "group.phys",
+                     [{"lfn": "g", "fsize": 1}])[1]["success"]
+    assert api(server, "alice", "POST", "scope/add", scope="mine", owner="alice")[0] == 403
+    scopes = {s["name"]: s for s in api(server, None, "GET", "scope/list")[1]["data"]}
+    assert scopes["mc23"]["production"] and scopes["group.phys"]["owner"] == "dave"
+    assert scopes["alice"]["owner"] == "alice"
+
+
+def test_registered_scope_policy(tmp_path):
+    srv = start_server(tmp_path / "srv", extra=["--scope-policy", "registered"])
+    srv.tokens = {}
+    try:
+        status, reply = add_files(srv, "alice", "free.ds", "free", [{"lfn": "f", "fsize": 1}],
+                                  endpoint=None)
+        assert status == 403 and "is not registered" in reply["message"], reply
+        assert add_files(srv, "alice", "user.alice.ds", "user.alice",
+                         [{"lfn": "f", "fsize": 1}], endpoint=None)[1]["success"]
+        assert api(srv, "ops", "POST", "scope/add", role="admin", scope="free",
+                   owner="alice")[1]["success"]
+        assert add_files(srv, "alice", "free.ds", "free", [{"lfn": "f", "fsize": 1}],
+                         endpoint=None)[1]["success"]
+    finally:
+        stop_server(srv)
+
+
+def test_group_scopes_belong_to_the_groups_members(server):
+    def group_token(subject, *groups):
+        cmd = [sys.executable, "-m", "panda_wms.cli", "token", "issue", "--key-dir",
+               str(server.key_dir), "--role", "user", "--subject", subject]
+        for g in groups:
+            cmd += ["--group", g]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+    def add(tok, dataset):
+        resp = requests.post(f"{server.url}/api/v1/data/add_files", timeout=30,
+                             headers={"Authorization": f"Bearer {tok}"},
+                             json={"dataset": dataset, "scope": "group.higgs",
+                                   "files": [{"lfn": f"{dataset}.f", "fsize": 1}]})
+        return resp.status_code, resp.json()
+
+    assert add(group_token("erin", "atlas/higgs"), "group.higgs.a")[0] == 403   # not 'higgs'
+    status, reply = add(group_token("frank"), "group.higgs.b")
+    assert status == 403 and "belongs to the group higgs" in reply["message"]
+    assert add(group_token("gina", "higgs"), "group.higgs.c")[1]["success"]
+    assert add(group_token("hal", "/higgs"), "group.higgs.d")[1]["success"]     # a member too
+    scopes = {s["name"]: s for s in api(server, None, "GET", "scope/list")[1]["data"]}
+    assert scopes["group.higgs"]["owner"] == "group:higgs"
+
+
+def test_a_job_output_with_other_bytes_than_the_catalogue_is_not_registered(server):
+    assert add_files(server, "alice", "user.alice.clash", "user.alice",
+                     [{"lfn": "clash.000001.out", "fsize": 9, "checksum": "ad:00000001"}],
+                     endpoint=None)[1]["success"]
+    task_id = submit(server, "clash")
+    a = dict(siteName=SITE, node="wn-c", pilotID="wn-c:1", pilotNonce="n-clash")
+    job = pilot(server, "site-pilots", "getJob", **a)
+    assert job["outFiles"].startswith("clash.000001.out"), job
+    assert pilot(server, "site-pilots", "updateJob", jobId=job["PandaID"], state="finished",
+                 attemptNr=1, xml=stored_xml(server, job), **a)["StatusCode"] == 0
+    row = job_row(server, job["PandaID"])
+    assert row["jobStatus"] == "failed" and row["pilot_error_code"] == 1165
+    assert "user.alice:clash.000001.out is in the catalogue with other bytes" in \
+        row["pilot_error_diag"], row
+    status, reply = api(server, None, "GET", "data/list_files", dataset="user.alice.clash")
+    assert [(f["fsize"], f["checksum"]) for f in reply["data"]] == [(9, "ad:00000001")]
     kill_task(server, task_id)
