@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import tornado.web
-
 from panda_core import __version__
-from panda_core.replicas import BadFileName, check_name, replica_url
+from panda_core.replicas import BadFileName, check_name, replica_path, replica_url
 
 from .auth import AuthError, Identity
 from .handlers import BaseHandler, request_identity
@@ -30,7 +28,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/rucio"
 MAX_DIDS = 10000                 # one list_replicas call; pilot 3 sends one job's inputs
-KNOWN_SCHEMES = ("root", "xroot", "davs", "https", "http", "srm", "gsiftp", "storm", "file", "s3")
 
 
 class RucioError(Exception):
@@ -110,6 +107,18 @@ def split_checksum(checksum: str | None) -> tuple[str | None, str | None]:
     return None, None
 
 
+def replica_pfn(se_url: str, scope: str, name: str) -> str:
+    """The replica's URL as pilot 3 itself builds it from ``ddmendpoints.json`` (endpoint +
+    path + the deterministic layout): for XRootD the path after the host must start with two
+    slashes, one slash is a relative path there, which xrootd refuses ([3010])."""
+    parts = urlsplit(se_url)
+    if parts.scheme.lower() not in ("root", "xroot"):
+        return replica_url(se_url, scope, name)
+    root = parts.path.strip("/")
+    return (f"{parts.scheme}://{parts.netloc}//{root + '/' if root else ''}"
+            f"{replica_path(scope, name)}")
+
+
 def replica_records(query: ReplicaQuery, catalogue: dict[tuple[str, str], dict],
                     se_urls: dict[str, str]) -> list[dict]:
     """One Rucio replica record per file of ``query`` that has a replica left after the scheme
@@ -127,7 +136,7 @@ def replica_records(query: ReplicaQuery, catalogue: dict[tuple[str, str], dict],
             if query.rses is not None and endpoint not in query.rses:
                 continue
             if endpoint in se_urls:      # the site's current URL wins over a stale SURL
-                surl = replica_url(se_urls[endpoint], scope, name)
+                surl = replica_pfn(se_urls[endpoint], scope, name)
             if not surl:
                 continue
             scheme = urlsplit(surl).scheme.lower() or "file"

@@ -13,7 +13,7 @@ import requests
 
 from compatkit import SITE, adler32_hex
 from panda_core.client import ApiClient
-from panda_core.replicas import replica_url, same_location
+from panda_core.replicas import replica_path, replica_url, same_location
 from testkit import EXAMPLE_SITES, start_server, stop_server
 
 SE_NAME = "LOCAL_SE"
@@ -156,3 +156,115 @@ def test_rucio_api_answers_bad_requests_with_reasons(rucio_server):
     assert reply.status_code == 401 and "bearer token" in reply.headers["ExceptionMessage"]
     reply = requests.get(f"{rucio_server.url}/rucio/auth/validate", headers=auth, timeout=10)
     assert reply.status_code == 200 and reply.json()["account"] == "alice"
+
+
+XRD_SE = "XRD_SE"
+# the job's input payload.sh arrives from the SE through pilot 3's xrdcp, without its mode bits
+# (xrdcp keeps none), and pilot 3's generic user runs "./<transformation> <jobPars>" (it
+# downloads transformations only from its own fixed list of URLs): so the first word fails with
+# "Permission denied" and the shell runs the staged-in script with /bin/sh; its output must
+# say it read the input it got from the SE
+STAGED_PAYLOAD = (b'#!/bin/sh\n# staged in from XRootD by pilot 3 after a Rucio look-up\n'
+                  b'echo "pilot 3 read $(wc -c < payload.sh) bytes of payload.sh from the SE" > "$1"\n')
+
+
+@pytest.mark.slow
+@pytest.mark.xrootd
+def test_pilot3_stages_through_xrootd_after_rucio_lookups(tmp_path, pilot_user, compat_venv,
+                                                         monkeypatch):
+    """Three jobs in one pilot 3 (timefloor) at a site whose SE is a real xrootd: each input
+    found through Rucio's client answered by this server, copied in with xrdcp, each output
+    written to the SE with xrdcp and read back there with the checksum the server registered."""
+    import tempfile
+
+    import yaml
+    from peers import XROOTD_USER, start_xrootd, xrootd_available
+    from server.rucio_api import replica_pfn
+    from test_compat_pilot3 import kill_tree, pilot3_command, prepare_launch
+
+    if xrootd_available():
+        pytest.skip(xrootd_available())
+    launch = Path(tempfile.mkdtemp(prefix="panda-wms-pilot3-", dir="/var/tmp"))
+    shutil.copy(compat_venv / "pilot3-src" / "pilot.py", launch)
+    shutil.copytree(compat_venv / "pilot3-src" / "pilot", launch / "pilot")
+    with start_xrootd() as xrd:
+        sites = tmp_path / "sites"
+        sites.mkdir()
+        data = yaml.safe_load((EXAMPLE_SITES / f"{SITE}.yaml").read_text())
+        data["storage"] = {"input": {"name": XRD_SE, "url": xrd.url},
+                           "output": {"name": XRD_SE, "url": xrd.url}}
+        data["copytools"] = {"input": {"name": "xrdcp", "options": {}},
+                             "output": {"name": "xrdcp", "options": {}}}
+        data["pilots"]["timefloor"] = 20
+        (sites / f"{SITE}.yaml").write_text(yaml.safe_dump(data))
+        server = start_server(tmp_path / "srv", site_dir=sites)
+        try:
+            alice = ApiClient(server.url, server.token("user", "alice"))
+            tasks = []
+            for name in ("p3xa", "p3xb", "p3xc"):
+                payload = STAGED_PAYLOAD + f"# {name}\n".encode()
+                path = xrd.data / replica_path(name, "payload.sh")
+                path.parent.mkdir(parents=True)
+                path.write_bytes(payload)
+                assert alice.add_files(f"{name}.in", name, [{
+                    "lfn": "payload.sh", "fsize": len(payload),
+                    "checksum": f"ad:{adler32_hex(payload)}"}], XRD_SE) == 1
+                tasks.append((name, len(payload), alice.submit_task({
+                    "name": name, "scope": name, "transformation": "payload.sh",
+                    "job_parameters": "${OUT} || /bin/sh payload.sh ${OUT}",
+                    "input_dataset": f"{name}.in", "output_dataset": f"{name}.out",
+                    "outputs": [name + ".${SN}.out"], "site": SITE,
+                    "resources": {"memory_mb": 100, "walltime_s": 600}})))
+            # the SE's files belong to xrootd's user, as pilot 3's outputs will
+            subprocess.run(["chown", "-R", f"{XROOTD_USER}:", str(xrd.data)], check=True)
+            prepare_launch(server, launch, pilot_user, b"")
+            (launch / "payload.sh").unlink()        # nothing from the launch dir: all from the SE
+            cfg = write_rucio_cfg(launch, server.url, "pilot3-wn")
+            subprocess.run(["chown", "-R", f"{pilot_user}:", str(launch)], check=True)
+            cmd = pilot3_command(compat_venv, pilot_user, launch, server.url)
+            at = cmd.index("-i") + 1
+            cmd[at:at] = [f"RUCIO_CONFIG={cfg}", f"BEARER_TOKEN_FILE={launch / 'pilot.token'}"]
+            cmd += ["--getjobfailures", "1"]
+            proc = subprocess.Popen(cmd, cwd=launch, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            try:
+                out, _ = proc.communicate(timeout=420)
+            finally:
+                kill_tree(proc)
+            assert out.count("replicas received from Rucio") >= 3, out[-6000:]
+            for name, size, task_id in tasks:
+                (job_id,) = alice.call("task", "get_job_ids", task_id=task_id)
+                job = alice.call("job", "get_description", "POST", job_ids=[job_id])[0]
+                assert job["jobStatus"] == "finished", (job, out[-6000:])
+                for f in job["Files"]:
+                    if f["type"] == "input":
+                        continue
+                    back = tmp_path / f"back.{f['lfn']}"
+                    url = replica_pfn(xrd.url, name, f["lfn"])
+                    subprocess.run(["xrdcp", "-f", "-s", url, str(back)], check=True, timeout=60)
+                    got = back.read_bytes()
+                    assert f["status"] == "ready" and f["fsize"] == len(got)
+                    assert f["checksum"] == f"ad:{adler32_hex(got)}"
+                    if f["type"] == "output":
+                        assert got == (f"pilot 3 read {size} bytes of payload.sh from the "
+                                       "SE\n").encode()
+            assert out.count("pilot can run another job") >= 2, out[-6000:]
+            log = server.log()
+            assert "Traceback" not in log and log.count("/rucio/replicas/list") >= 3
+        finally:
+            stop_server(server)
+            shutil.rmtree(launch, ignore_errors=True)
+
+
+def test_replica_pfns_are_the_urls_pilot3_builds():
+    """The PFNs answered are the URLs pilot 3 builds from ddmendpoints.json (absolute paths
+    after an XRootD host need two slashes: test_ddmendpoints_give_pilot3_absolute_xrootd_paths)."""
+    from server.rucio_api import replica_pfn
+
+    layout = replica_path("user.a", "f.txt")
+    assert replica_pfn("root://127.0.0.1:1094//data/se", "user.a", "f.txt") == \
+        f"root://127.0.0.1:1094//data/se/{layout}"
+    assert replica_pfn("root://127.0.0.1:1095/", "user.a", "f.txt") == \
+        f"root://127.0.0.1:1095//{layout}"
+    assert replica_pfn("https://se.example.org:8443/se/", "user.a", "f.txt") == \
+        f"https://se.example.org:8443/se/{layout}"
