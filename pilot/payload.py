@@ -93,6 +93,7 @@ class Payload:
         """Start the payload; return its pid. Raises OSError if the wrapper cannot start."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / EXIT_FILE).unlink(missing_ok=True)
+        (self.workdir / ".payload_times").unlink(missing_ok=True)
         out = open(self.workdir / STDOUT, "ab")
         err = open(self.workdir / STDERR, "ab")
         try:
@@ -181,6 +182,8 @@ class Payload:
         code = os.waitstatus_to_exitcode(status)
         self.proc.returncode = code
         cpu = (usage.ru_utime + usage.ru_stime) if usage else 0.0
+        from .sandbox.base import children_cpu_s     # a sandbox's PID namespace hides it
+        cpu = max(cpu, children_cpu_s(self.workdir))
         maxrss = usage.ru_maxrss if usage else 0
         exit_code, sig = (code, None) if code >= 0 else (None, -code)
         if exit_code is not None and exit_code > 128 and self._killed:

@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import ErrorCode
-from .base import Sandbox, SandboxError, SandboxSpec, Wrapped, install_key
+from .base import IN_SANDBOX_SHELL, Sandbox, SandboxError, SandboxSpec, Wrapped, install_key
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class BwrapSandbox(Sandbox):
         # the host's HOME and TMPDIR are not mounted: the payload's are its work dir and /tmp
         env["HOME"] = os.path.realpath(spec.workdir)
         env["TMPDIR"] = "/tmp"
-        return Wrapped([*self.command(spec), "--", *spec.argv], env)
+        # the payload's CPU time: a shell inside the PID namespace writes `times` at its end
+        return Wrapped([*self.command(spec), "--", *IN_SANDBOX_SHELL, *spec.argv], env)
 
     # --- can this node do it ---------------------------------------------------------------------
     def probe_key(self) -> str | None:
