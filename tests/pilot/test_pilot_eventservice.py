@@ -178,14 +178,16 @@ def test_a_consumer_asks_for_more_only_while_its_wall_time_lasts(real):
     user = ApiClient(real.url, real.token("user", "alice"))
     user.add_files("p.ev4", "p", [put_input(real.se, "p", "ev4.root", b"h" * 100)], "LOCAL_SE")
     task = es_task("eswall", "p.ev4", "--sleep-per-event 0.05", consumers=2)
-    task.update(events_per_file=100, resources={"memory_mb": 500, "walltime_s": 4})
+    # 20 ranges of 0.5 s cannot fit in two consumers of 4 s however fast the machine: the
+    # server must add consumers (with 10 ranges a quiet machine finished them in two)
+    task.update(events_per_file=200, resources={"memory_mb": 500, "walltime_s": 4})
     task_id = user.submit_task(task)
     pilot = start_pilot(real, "w")
-    assert pilot.wait(120) == 0, pilot_log(real, "w")
+    assert pilot.wait(180) == 0, pilot_log(real, "w")
     log = pilot_log(real, "w", tail=None)
     assert "not enough wall time left for another event range" in log
-    assert summary(user, task_id) == {"finished": 10}, log[-4000:]
-    assert sorted(int(f[1]) for f in merged_lines(real, "eswall")) == list(range(100))
+    assert summary(user, task_id) == {"finished": 20}, log[-4000:]
+    assert sorted(int(f[1]) for f in merged_lines(real, "eswall")) == list(range(200))
     states = [j.get("status", j.get("jobStatus")) for j in user.jobs(task_id)]
     assert set(states) == {"finished"} and len(states) >= 4     # 2 + added consumers + merge
     assert f"task {task_id}: its consumers ended with ranges still ready: new consumer" \
