@@ -131,25 +131,9 @@ class DataService:
         with db.read(self.tb.engine) as conn:
             inputs = [dict(r._mapping) for r in conn.execute(select(db.files).where(
                 db.files.c.panda_id == panda_id, db.files.c.type == "input"))]
-        for f in inputs:
-            outcome = self._place(f, dest, urls)
-            if outcome is None:
-                continue
-            kind, why = outcome
-            if kind == "copied":
-                report.copied += 1
-            elif kind == "waiting":
-                if self._overdue(job):
-                    return self._fail(panda_id, f"input {f['scope']}:{f['lfn']} could not be "
-                                                f"brought to {dest} within "
-                                                f"{self.give_up_s:g} s: {why}", report)
-                report.waiting[panda_id] = why
-                log.warning("job %s waits: %s", panda_id, why,
-                            extra={"panda_id": panda_id, "site": config.get("name")})
-                return
-            else:
-                return self._fail(panda_id, f"input {f['scope']}:{f['lfn']} cannot be brought "
-                                            f"to {dest}: {why}", report)
+        if not self._place_all(job, inputs, dest, urls, report, "input", EC_SETUPPER,
+                               str(JobState.ASSIGNED), site=config.get("name")):
+            return
         with self.tb.engine.begin() as conn:
             if self.tb.states.change(conn, panda_id, str(JobState.ACTIVATED), actor=ACTOR,
                                      expected=[str(JobState.ASSIGNED)]):
@@ -166,25 +150,9 @@ class DataService:
         with db.read(self.tb.engine) as conn:
             outs = [dict(r._mapping) for r in conn.execute(select(db.files).where(
                 db.files.c.panda_id == panda_id, db.files.c.type.in_(("output", "log"))))]
-        for f in outs:
-            outcome = self._place(f, dest, urls)
-            if outcome is None:
-                continue
-            kind, why = outcome
-            if kind == "copied":
-                report.copied += 1
-            elif kind == "waiting":
-                if self._overdue(job):
-                    return self._fail(panda_id, f"output {f['scope']}:{f['lfn']} could not be "
-                                                f"brought to {dest} within "
-                                                f"{self.give_up_s:g} s: {why}", report,
-                                      code=EC_ADDER, expected=str(JobState.TRANSFERRING))
-                report.waiting[panda_id] = why
-                return
-            else:
-                return self._fail(panda_id, f"output {f['scope']}:{f['lfn']} cannot be brought "
-                                            f"to {dest}: {why}", report, code=EC_ADDER,
-                                  expected=str(JobState.TRANSFERRING))
+        if not self._place_all(job, outs, dest, urls, report, "output", EC_ADDER,
+                               str(JobState.TRANSFERRING)):
+            return
         with self.tb.engine.begin() as conn:
             done = self.tb.states.change(conn, panda_id, str(JobState.FINISHED), actor=ACTOR,
                                          expected=[str(JobState.TRANSFERRING)])
@@ -193,6 +161,37 @@ class DataService:
         if done:
             report.aggregated.append(panda_id)
             self.tb.tasks.after_job_end(task_id)
+
+    def _place_all(self, job: dict, files: list[dict], dest: str, urls: dict[str, str],
+                   report: DataReport, what: str, code: int, expected: str,
+                   site: str | None = None) -> bool:
+        """Place every file at ``dest``; True when all are there. Otherwise the job waits
+        (recorded in the report) or, past the give-up time or on a lasting failure, fails."""
+        panda_id = job["panda_id"]
+        for f in files:
+            outcome = self._place(f, dest, urls)
+            if outcome is None:
+                continue
+            kind, why = outcome
+            name = f"{what} {f['scope']}:{f['lfn']}"
+            if kind == "copied":
+                report.copied += 1
+            elif kind == "waiting":
+                if self._overdue(job):
+                    self._fail(panda_id, f"{name} could not be brought to {dest} within "
+                                         f"{self.give_up_s:g} s: {why}", report, code=code,
+                               expected=expected)
+                    return False
+                report.waiting[panda_id] = why
+                if site is not None:
+                    log.warning("job %s waits: %s", panda_id, why,
+                                extra={"panda_id": panda_id, "site": site})
+                return False
+            else:
+                self._fail(panda_id, f"{name} cannot be brought to {dest}: {why}", report,
+                           code=code, expected=expected)
+                return False
+        return True
 
     # -- one file ------------------------------------------------------------------------------
     def _place(self, f: dict, dest: str, urls: dict[str, str]) -> tuple[str, str] | None:
