@@ -69,7 +69,7 @@ class PilotConfig:
     payload_env: tuple[str, ...] = ()      # names (or PREFIX*) the payload gets beyond the defaults
     hidden_paths: tuple[str, ...] = ()     # the pilot's files a sandboxed payload must not see
                                            # (its token file); the job dirs' base is always hidden
-    event_service: Any = None              # pilot.eventservice.session.EventServiceSettings
+    event_service: Any = None              # pilot.eventservice.EventServiceSettings
     debug_interval_s: float = 30.0         # seconds between updates while in debug mode
 
     def remaining_s(self, now: float | None = None) -> float | None:
