@@ -553,13 +553,13 @@ class JobRun:
     def _debug_mode(self, reply: dict[str, Any] | None) -> None:
         """Debug mode on (the reply's ``debug`` command, the view in ``debugView``) or off (a
         reply without it). A request that is not one of the built-in views is refused."""
-        from panda_core.debugview import BadDebugRequest, parse_request
-
         if reply is None:
             if self.debug is not None or self.debug_refused:
                 log.info("job %s: debug mode off", self.panda_id)
             self.debug, self.debug_refused = None, ""
             return
+        from panda_core.debugview import BadDebugRequest, parse_request   # only once asked
+
         try:
             request = parse_request(reply.get("debugView"))
         except BadDebugRequest as exc:

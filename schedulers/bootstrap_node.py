@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import ssl
 import sys
@@ -120,7 +119,7 @@ def check(data, signature, key, version, url):
 
 def check_node(manifest, version):
     """Raise BootstrapError unless this node's platform and Python are the file's."""
-    here = "%s-%s" % (sys.platform, platform.machine())
+    here = "%s-%s" % (sys.platform, os.uname().machine)   # platform.machine(), unimported
     if manifest.get("platform") not in (None, "", here):
         raise BootstrapError(EXIT_PLATFORM, "the pilot file %s is built for %s, this node is "
                              "%s" % (version, manifest.get("platform"), here))

@@ -290,6 +290,29 @@ def test_node_program_is_the_verifier_and_bootstrap_in_clear():
     compile(text, "node", "exec")
 
 
+def test_node_refuses_a_file_of_another_platform_or_for_a_newer_python():
+    """The node's platform is the one the server's manifest names (server.pilotfile's
+    platform.machine(), the node's os.uname(): the same word, without importing platform)."""
+    import platform
+    import sys
+
+    from server.pilotfile import platform_tag
+
+    ns: dict = {}
+    exec(compile(node_program().rsplit("sys.exit(", 1)[0], "node", "exec"), ns)
+    check_node, refused = ns["check_node"], ns["BootstrapError"]
+    here = f"{sys.platform}-{platform.machine()}"
+    assert platform_tag() == here
+    check_node({"platform": here, "python_requires": "3.10"}, "v1")      # runs
+    with pytest.raises(refused) as exc:
+        check_node({"platform": "linux-sparc64"}, "v1")
+    assert exc.value.code == 6 and "built for linux-sparc64" in str(exc.value) \
+        and here in str(exc.value)
+    with pytest.raises(refused, match="needs Python 99.0 or newer") as exc:
+        check_node({"platform": here, "python_requires": "99.0"}, "v1")
+    assert exc.value.code == 6
+
+
 def test_worker_node_information_reaches_columns_and_the_monitor(srv, tmp_path):
     """Issue 16 item 6: the first update and the heartbeats carry the node's description; the
     server keeps it in columns; the job page, the job list's facets and the pilots page show it."""
