@@ -162,9 +162,14 @@ class PilotFiles:
         digest = hashlib.sha256(data).hexdigest()
         if path is None or self.recorded_sha256(version) == digest:
             return
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write(path, json.dumps({"version": version, "sha256": digest, "size": len(data),
-                                 "how": how, "recorded": _now()}, sort_keys=True).encode())
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write(path, json.dumps({"version": version, "sha256": digest, "size": len(data),
+                                     "how": how, "recorded": _now()}, sort_keys=True).encode())
+        except OSError as exc:       # served all the same; only a later key change suffers
+            log.warning("pilot file %s: cannot record it in %s (%s): after a key change it "
+                        "will need 'panda pilotfile resign --previous-key'", version,
+                        path.parent, exc.strerror or exc)
 
     # --- the server's own version -------------------------------------------------------------
     def current(self) -> str:

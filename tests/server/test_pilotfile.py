@@ -316,3 +316,12 @@ def test_a_file_for_two_platforms_carries_each_extension_once(tmp_path):
     assert sos == ["_platforms/linux-aarch64/psutil/_psutil_linux.abi3.so",
                    "psutil/_psutil_linux.abi3.so"]
     assert elf_machine(tmp_path / "arm.so") == 183
+
+
+def test_a_build_record_that_cannot_be_written_does_not_stop_serving(tmp_path, caplog):
+    (tmp_path / "records").write_text("a file where the folder should be")
+    files = PilotFiles(tmp_path / "pilot", signer(), records=tmp_path / "records" / "x")
+    with caplog.at_level("WARNING", logger="server.pilotstore"):
+        version = files.current()
+        assert files.read(version)
+    assert "cannot record it in" in caplog.text and "--previous-key" in caplog.text
