@@ -229,9 +229,11 @@ class PilotFiles:
                         "job-signing key was replaced); %s: re-signed with %s", version,
                         result.reason, self.signer.fingerprint)
             result = Vouched(version, True, "re-signed", result.reason)
+            stamp = (stamp[0], _stamp(sig_path))
         if result.servable:
             self._record(version, data, "verified" if result.action == "valid" else "re-signed")
-            self._checked[version] = (_stamp(path), _stamp(sig_path))
+            # the stamps from before the read: bytes changed since are checked next time
+            self._checked[version] = stamp
             self._refused.pop(version, None)
             return result
         self._checked.pop(version, None)
