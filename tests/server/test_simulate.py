@@ -78,3 +78,15 @@ def test_a_database_with_jobs_is_refused(taskbuffer, tmp_path):
     w = parse_workload({"sites": [{"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1}]})
     with pytest.raises(SimulationError, match="already holds 1 job"):
         prepare_database(taskbuffer, w, tmp_path)
+
+
+def test_a_relative_out_folder_gives_absolute_storage_urls(tmp_path, monkeypatch):
+    """``--out`` defaults to ``./simulation``: the sites' storage URLs must still be file URLs
+    (a relative path has none, and the command stopped with a traceback)."""
+    from server.simulate.run import site_config
+    from server.simulate.workload import SimSite
+    monkeypatch.chdir(tmp_path)
+    config = site_config(SimSite("A"), Path("simulation") / "storage")
+    assert config["storage"]["input"]["url"] == (tmp_path / "simulation" / "storage" /
+                                                 "A").as_uri()
+    assert config["storage"]["output"]["url"] == config["storage"]["input"]["url"]
