@@ -291,6 +291,56 @@ class HungServer:
         self.close()
 
 
+class TamperingProxy:
+    """A man in the middle on plain http: forwards GETs to ``upstream`` and changes one byte of
+    every reply whose path ends with ``suffix`` (the pilot file a batch job fetches), so the
+    node's own check is what stands between it and the changed bytes."""
+
+    def __init__(self, upstream: str, suffix: str = "/panda-pilot.pyz") -> None:
+        import http.server
+        import urllib.error
+        import urllib.request
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:            # noqa: N802 - http.server's name
+                try:
+                    with urllib.request.urlopen(upstream.rstrip("/") + self.path,
+                                                timeout=30) as reply:
+                        status, body = reply.status, reply.read()
+                except urllib.error.HTTPError as exc:
+                    status, body = exc.code, exc.read()
+                if status == 200 and self.path.endswith(suffix):
+                    changed = bytearray(body)
+                    changed[len(changed) // 2] ^= 0x01
+                    body = bytes(changed)
+                    proxy.tampered += 1
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.tampered = 0
+        self.httpd = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.url = f"http://{LOOPBACK}:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> "TamperingProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # -- XRootD --------------------------------------------------------------------------------------
 XROOTD_USER = "pandaxrd"
 
