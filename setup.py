@@ -39,8 +39,8 @@ DATA_MOVERS = [
     "xrootd = server.datamovers.xrootd:XrootdMover",
 ]
 
-# What a worker node needs: the pilot (pluggy, psutil, cryptography for signed jobs), the
-# copytools (stevedore, requests for http, isal for a fast adler32) and the client commands.
+# What a worker node needs: the pilot (pluggy, psutil), the copytools (stevedore, requests for
+# http, isal for a fast adler32), the client commands and the schedulers (cryptography: ARC).
 BASE = [
     "pluggy>=1.3",
     "stevedore>=5.0",

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import ssl
 import sys
@@ -127,7 +126,7 @@ def node_platform():
     ``PANDA_PILOT_TEST_PLATFORM`` stands in for it in tests (a fake aarch64 node); on a real
     node it could only make the pilot load code it cannot run."""
     return (os.environ.get("PANDA_PILOT_TEST_PLATFORM")
-            or "%s-%s" % (sys.platform, platform.machine()))
+            or "%s-%s" % (sys.platform, os.uname().machine))   # platform.machine(), unimported
 
 
 def file_platforms(manifest):

@@ -286,6 +286,20 @@ def test_node_program_is_the_verifier_and_bootstrap_in_clear():
     compile(text, "node", "exec")
 
 
+def test_node_names_its_platform_as_the_server_does_and_refuses_a_newer_python(monkeypatch):
+    """The node program's platform word (os.uname(): no ``platform`` import on the way to the
+    pilot) is server.pilotfile's (platform.machine()), or a file would be refused on its own
+    platform."""
+    monkeypatch.delenv("PANDA_PILOT_TEST_PLATFORM", raising=False)
+    ns: dict = {}
+    exec(compile(node_program().rsplit("sys.exit(", 1)[0], "node", "exec"), ns)
+    assert ns["node_platform"]() == platform_tag()
+    ns["check_node"]({"platform": platform_tag(), "python_requires": "3.10"}, "v1")   # runs
+    with pytest.raises(ns["BootstrapError"], match="needs Python 99.0 or newer") as exc:
+        ns["check_node"]({"platform": platform_tag(), "python_requires": "99.0"}, "v1")
+    assert exc.value.code == 6
+
+
 def test_worker_node_information_reaches_columns_and_the_monitor(srv, tmp_path):
     """Issue 16 item 6: the first update and the heartbeats carry the node's description; the
     server keeps it in columns; the job page, the job list's facets and the pilots page show it."""
