@@ -4,14 +4,20 @@ Each run starts ``panda pilot`` against a local dispatcher (the tests' faithful 
 127.0.0.1) that hands out one job with no input files; the payload writes the time it started and
 the time it ended. The baseline, measured in the same run, is the bare cost of ``python -c pass``.
 
+The installed pilot runs with its bytecode cached (in a temporary ``PYTHONPYCACHEPREFIX``,
+written by the warm-up run), as on any node: pip compiles at install, a checkout writes
+``__pycache__`` at its first run. Where the environment sets ``PYTHONDONTWRITEBYTECODE`` (this
+project's shared machine does) every run would compile every module again; that cost is
+measured too, runs alternating, as ``start_to_payload_no_bytecode_s``.
+
 The one-file pilot (issue 16) is measured the way a batch job starts it: the factory's batch
 command (schedulers/bootstrap.py) run by the node's python3 (Debian's /usr/bin/python3 where
 there is one: no panda-wms there), the file built by server/pilotfile.py, signed, and served
 over HTTP on 127.0.0.1. Cold: an empty cache (fetch, signature check, unpack and the first
 compile of every module included); warm: the cache from the previous run. With the sandbox
-helper's ``bwrap`` runtime on main (a ``sandbox`` key in the site config), the warm start is
-measured again with ``sandbox: {runtime: bwrap}``; ``sandbox_extra_s`` is the difference (null
-where that runtime is not there).
+helper's ``bwrap`` runtime on main (a ``sandbox`` key in the site config), warm starts with
+``sandbox: {runtime: bwrap}`` and without alternate; ``sandbox_extra_s`` is the median of their
+differences (null where that runtime is not there).
 
 Prints one line per run, then one JSON object: start_to_payload_s, payload_end_to_exit_s,
 python_start_s, pilot_rss_mb (medians), ratios against python_start_s, and onefile_cold_s,
@@ -49,12 +55,21 @@ def python_start() -> float:
     return time.time() - t0
 
 
-def pilot_run(fake: FakePanda, base: Path, i: int, with_log: bool) -> tuple[float, float, float]:
+def pilot_run(fake: FakePanda, base: Path, i: int, with_log: bool,
+              bytecode: bool = True) -> tuple[float, float, float]:
+    """(start to payload, payload end to exit, max RSS MB) of one installed pilot; with
+    ``bytecode``, its modules' bytecode cached below ``base``."""
     marks = base / f"marks{i}"
     script = f"date +%s.%N > {marks}.start; date +%s.%N > {marks}.end"
     fake.add_job(make_job(1000 + i, script, log=with_log))
     cmd = pilot_cmd(fake, base / "wd", "--max-jobs", "1", "--no-recovery")
     env = pilot_env({"PANDA_LOG_LEVEL": "WARNING"})
+    if bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(base / "pycache")
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t_exit, maxrss_kb = timed_wait(proc)
@@ -158,17 +173,19 @@ def main() -> int:
         se.mkdir()
         fake = FakePanda(site_config(se), token=TOKEN).start()
         try:
-            pilot_run(fake, base, 0, not args.no_log)      # warm the page cache
+            pilot_run(fake, base, 0, not args.no_log)      # page cache and bytecode
             python_start()
-            py, s2p, e2x, rss = [], [], [], []
+            py, s2p, e2x, rss, nopyc = [], [], [], [], []
             for i in range(1, args.runs + 1):
                 py.append(python_start())
                 a, b, c = pilot_run(fake, base, i, not args.no_log)
+                nopyc.append(pilot_run(fake, base, 100 + i, not args.no_log, bytecode=False)[0])
                 s2p.append(a)
                 e2x.append(b)
                 rss.append(c)
                 print(f"run {i}: python_start {py[-1]:.3f} s  start_to_payload {a:.3f} s  "
-                      f"payload_end_to_exit {b:.3f} s  pilot_rss {c:.1f} MB")
+                      f"payload_end_to_exit {b:.3f} s  pilot_rss {c:.1f} MB  "
+                      f"(no bytecode: start_to_payload {nopyc[-1]:.3f} s)")
             onefile = OneFile(base)
             try:
                 onefile_run(fake, onefile, base, 0, True, not args.no_log)   # page cache
@@ -182,7 +199,7 @@ def main() -> int:
                     of_rss += [c_rss, w_rss]
                     print(f"one-file run {i}: cold {c_s:.3f} s  warm {w_s:.3f} s  "
                           f"rss {max(c_rss, w_rss):.1f} MB")
-                sandbox_extra = sandbox_extra_s(fake, onefile, base, args, warm)
+                sandbox_extra = sandbox_extra_s(fake, onefile, base, args)
             finally:
                 onefile.stop()
         finally:
@@ -191,7 +208,8 @@ def main() -> int:
            "payload_end_to_exit_s": round(statistics.median(e2x), 4),
            "python_start_s": round(statistics.median(py), 4),
            "pilot_rss_mb": round(statistics.median(rss), 1),
-           "runs": args.runs, "with_log": not args.no_log}
+           "runs": args.runs, "with_log": not args.no_log,
+           "start_to_payload_no_bytecode_s": round(statistics.median(nopyc), 4)}
     out["start_to_payload_vs_python"] = round(out["start_to_payload_s"] / out["python_start_s"], 2)
     out["end_to_exit_vs_python"] = round(out["payload_end_to_exit_s"] / out["python_start_s"], 2)
     out.update(onefile_cold_s=round(statistics.median(cold), 4),
@@ -204,9 +222,12 @@ def main() -> int:
     return 0
 
 
-def sandbox_extra_s(fake, onefile, base, args, warm: list[float]) -> float | None:
-    """Warm start with ``sandbox: {runtime: bwrap}`` minus without; None where the site config
-    has no ``sandbox`` key yet (the sandbox runtime is another part of issue 16)."""
+def sandbox_extra_s(fake, onefile, base, args) -> float | None:
+    """The median of (warm start with ``sandbox: {runtime: bwrap}`` minus warm start without),
+    the two alternating (which goes first alternates too, so a drift of the machine's load
+    cancels out); None where the site config has no ``sandbox`` key or bwrap does not run.
+    A first sandboxed run records the runtime's probe in the job dirs' base, as the first
+    pilot of a node does for the others."""
     from dataclasses import fields
 
     from panda_core.siteconfig import SiteConfig
@@ -214,14 +235,27 @@ def sandbox_extra_s(fake, onefile, base, args, warm: list[float]) -> float | Non
     if "sandbox" not in {f.name for f in fields(SiteConfig)}:
         print("sandbox: the site config has no 'sandbox' key here: sandbox_extra_s is null")
         return None
-    fake.site_config = {**fake.site_config, "sandbox": {"runtime": "bwrap"}}
+    plain_config = dict(fake.site_config)
+    boxed_config = {**plain_config, "sandbox": {"runtime": "bwrap"}}
+
+    def warm(i: int, boxed: bool) -> float:
+        fake.site_config = boxed_config if boxed else plain_config
+        return onefile_run(fake, onefile, base, i, False, not args.no_log)[0]
+
     try:
-        boxed = [onefile_run(fake, onefile, base, 900 + i, False, not args.no_log)[0]
-                 for i in range(args.runs)]
+        warm(900, True)
+        extra = []
+        for i in range(args.runs):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            got = {boxed: warm(901 + 2 * i + j, boxed) for j, boxed in enumerate(order)}
+            extra.append(got[True] - got[False])
+            print(f"sandbox round {i + 1}: none {got[False]:.3f} s  bwrap {got[True]:.3f} s")
     except SystemExit as exc:
         print(f"sandbox: the bwrap runtime did not run here ({exc}): sandbox_extra_s is null")
         return None
-    return round(statistics.median(boxed) - statistics.median(warm), 4)
+    finally:
+        fake.site_config = plain_config
+    return round(statistics.median(extra), 4)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ POST, JSON reply), the factory, ``panda sites sync`` and the user's commands (``
 Failures: ``ServerUnreachable`` when no try reached the server (connection refused or reset,
 timeout, HTTP 5xx/408/429 on every try of the policy), ``Refused`` when the server said no, and
 ``ProtocolError`` when it answered something the protocol does not allow. Every message names the
-URL tried; a token is never shown.
+URL tried; a token is never shown. A retryable answer's ``Retry-After`` (seconds or an HTTP-date)
+lengthens the next wait up to the policy's cap (``RetryPolicy.wait_after``).
 """
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import os
@@ -21,6 +23,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import timezone
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +108,39 @@ def _retryable_http(code: int) -> bool:
     return code >= 500 or code in (408, 429)
 
 
+#: a Retry-After longer than this many digits is "very long" without being parsed (Python
+#: refuses to turn over 4300 digits into an int; any policy's cap is far below 10**9 s anyway)
+_RETRY_AFTER_DIGITS = 9
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """The seconds a ``Retry-After`` header asks to wait (RFC 9110: digits, or an HTTP-date),
+    or None when there is none or it is not one (nothing to honour; never an exception, what
+    a server sends is not trusted). A date in the past is 0; the caller caps long ones."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return float(text) if len(text) <= _RETRY_AFTER_DIGITS else float(10 ** _RETRY_AFTER_DIGITS)
+    if len(text) > 64:                         # an HTTP-date is 29 characters
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:                    # "-0000": UTC by RFC 5322
+        when = when.replace(tzinfo=timezone.utc)
+    now = time.time() if now is None else now
+    try:
+        return max(0.0, when.timestamp() - now)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _retry_after(headers: Message | None) -> float | None:
+    return retry_after_s(headers.get("Retry-After")) if headers is not None else None
+
+
 class Transport:
     """HTTP(S) to one server: bearer token, CA bundle, timeouts and the retry policy."""
 
@@ -130,21 +167,24 @@ class Transport:
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
 
-    def _once(self, req: urllib.request.Request, timeout: float) -> tuple[int, bytes]:
+    def _once(self, req: urllib.request.Request,
+              timeout: float) -> tuple[int, bytes, float | None]:
+        """(status, body, seconds the reply's Retry-After asks for) of one try."""
         try:
             with self._opener.open(req, timeout=timeout) as resp:
-                status, data = resp.status, resp.read(MAX_REPLY_BYTES + 1)
+                status, data, headers = resp.status, resp.read(MAX_REPLY_BYTES + 1), resp.headers
         except urllib.error.HTTPError as exc:
-            status, data = exc.code, exc.read(MAX_REPLY_BYTES + 1)
+            status, data, headers = exc.code, exc.read(MAX_REPLY_BYTES + 1), exc.headers
         if len(data) > MAX_REPLY_BYTES:
             raise ProtocolError(f"{req.full_url}: reply larger than {MAX_REPLY_BYTES} bytes")
-        return status, data
+        return status, data, _retry_after(headers)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 content_type: str | None = None,
                 policy: RetryPolicy | None = None) -> tuple[int, bytes]:
         """(HTTP status, body) of the first try that reached the server and did not get a
-        retryable status; ServerUnreachable when every try failed."""
+        retryable status; ServerUnreachable when every try failed. A retryable reply's
+        Retry-After lengthens the wait before the next try (``RetryPolicy.wait_after``)."""
         policy = policy or self.retry
         url = self.url + path
         headers = self.headers()
@@ -153,11 +193,14 @@ class Transport:
         waits = policy.waits()
         while True:
             req = urllib.request.Request(url, data=body, headers=headers, method=method)
+            asked = None
             try:
-                status, data = self._once(req, policy.timeout_s)
+                status, data, asked = self._once(req, policy.timeout_s)
                 if not _retryable_http(status):
                     return status, data
                 last = f"HTTP {status}"
+                if asked is not None:
+                    last += f", Retry-After {asked:.0f} s"
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", None) or exc
                 last = str(reason) or type(reason).__name__
@@ -165,6 +208,7 @@ class Transport:
             if wait is None:
                 tries = f" after {policy.attempts} attempts" if policy.attempts > 1 else ""
                 raise ServerUnreachable(f"cannot reach the server at {url}{tries}: {last}")
+            wait = policy.wait_after(wait, asked)
             log.warning("%s %s failed (%s); retrying in %.1f s", method, url, last, wait)
             time.sleep(wait)
 

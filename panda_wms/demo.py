@@ -2,8 +2,12 @@
 
 It starts a server on embedded SQLite in a temporary folder, a local storage element (a folder,
 reached with the ``cp`` copytool), the LOCAL_DEMO site from ``site_configs/``, and the pilot
-factory with the ``local`` scheduler backend. It registers input files, submits a task, shows
-progress, prints a summary, and removes every process it started, also on Ctrl-C.
+factory with the ``local`` scheduler backend. Its pilots are one-file pilots, as on a site: the
+factory's batch script fetches the server's signed pilot file, verifies it with the pinned key,
+caches it (in the demo's folder) and runs it with ``--node-python`` (default: the Python that
+runs the demo); ``--pilot-launch installed`` runs this host's ``panda pilot`` instead. It
+registers input files, submits a task, shows progress, prints a summary, and removes every
+process it started, also on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -35,8 +39,11 @@ def _free_port() -> int:
 
 class Demo:
     def __init__(self, workdir: Path, n_jobs: int, timeout: float, keep: bool, out=sys.stdout,
-                 job_seconds: float = 0.0):
+                 job_seconds: float = 0.0, pilot_launch: str = "onefile",
+                 node_python: str | None = None):
         self.workdir = workdir
+        self.pilot_launch = pilot_launch
+        self.node_python = node_python or sys.executable
         self.n_jobs = n_jobs
         self.job_seconds = job_seconds
         self.timeout = timeout
@@ -48,6 +55,8 @@ class Demo:
         self.env = {**os.environ, "PANDA_SE_ROOT": str(self.se_root),
                     "PANDA_LOG_LEVEL": os.environ.get("PANDA_LOG_LEVEL", "INFO")}
         self.env.pop("PANDA_AUTH_TOKEN", None)
+        # the nodes' pilot cache (docs/pilot.md) in the demo's folder, not the user's home
+        self.env["PANDA_PILOT_CACHE"] = str(workdir / "node-cache")
         # every process of this demo inherits this mark, so cleanup finds pilots and payloads
         # even after their parent is gone
         self.mark = f"{os.getpid()}-{time.time_ns()}"
@@ -168,11 +177,20 @@ class Demo:
         self.say(f"task         {task_id} submitted: {user.last_message}")
         self.say(f"task page    {url}/monitor/tasks/{task_id}")
 
+        launch = ["--pilot-launch", self.pilot_launch]
+        if self.pilot_launch == "onefile":
+            version = admin.pilot_files()["default"]        # built now, the first time
+            launch += ["--node-python", self.node_python]
+            self.say(f"pilots       one-file pilot {version}: the batch script fetches it, "
+                     f"verifies it with the pinned key, caches it in "
+                     f"{self.env['PANDA_PILOT_CACHE']} and runs it with {self.node_python}")
+        else:
+            self.say(f"pilots       installed: {sys.executable} -m panda_wms.cli pilot")
         self.start("factory", ["factory", "--server", url, "--site-configs", str(sites_dir),
                                "--interval", "1", "--pilot-token-file", str(pilot_token_file),
                                "--token-file", str(pilot_token_file),
                                "--server-public-key", str(server_key_file),
-                               "--state-dir", str(self.workdir / "factory")])
+                               "--state-dir", str(self.workdir / "factory"), *launch])
         details = self._watch(admin, task_id)
         jobs = admin.jobs(task_id)
         ok = self._summary(details, jobs, time.monotonic() - t0)
@@ -289,11 +307,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--serve", action="store_true",
                    help="after the task, keep the server and its monitor up until Ctrl-C")
     p.add_argument("--workdir", help="use this folder instead of a temporary one")
+    p.add_argument("--pilot-launch", choices=["onefile", "installed"], default="onefile",
+                   help="onefile (default): pilots as on a site, the server's signed pilot file "
+                        "fetched and verified by the batch script; installed: this host's "
+                        "'panda pilot'")
+    p.add_argument("--node-python", metavar="PATH",
+                   help="the Python that runs one-file pilots, e.g. /usr/bin/python3 for a node "
+                        "without panda-wms (default: the one running the demo)")
     args = p.parse_args(argv)
     setup_logging(os.environ.get("PANDA_LOG_LEVEL", "WARNING"))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="panda-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(workdir, args.jobs, args.timeout, args.keep, job_seconds=args.job_seconds)
+    demo = Demo(workdir, args.jobs, args.timeout, args.keep, job_seconds=args.job_seconds,
+                pilot_launch=args.pilot_launch, node_python=args.node_python)
 
     def _interrupt(signum, _frame):
         raise KeyboardInterrupt

@@ -207,7 +207,7 @@ def main(argv: list[str]) -> int:
     from panda_core.wire import Dispatch
 
     from .errors import ErrorCode, PilotError
-    from .eventservice.session import EventServiceSettings
+    from .eventservice import EventServiceSettings
     from .job import JobRun, KillRequest, PilotConfig, pilot_version
 
     log.info("pilot %s on Python %s (%s)", pilot_version(), sys.version.split()[0],

@@ -69,7 +69,7 @@ class PilotConfig:
     payload_env: tuple[str, ...] = ()      # names (or PREFIX*) the payload gets beyond the defaults
     hidden_paths: tuple[str, ...] = ()     # the pilot's files a sandboxed payload must not see
                                            # (its token file); the job dirs' base is always hidden
-    event_service: Any = None              # pilot.eventservice.session.EventServiceSettings
+    event_service: Any = None              # pilot.eventservice.EventServiceSettings
     debug_interval_s: float = 30.0         # seconds between updates while in debug mode
 
     def remaining_s(self, now: float | None = None) -> float | None:
@@ -553,13 +553,13 @@ class JobRun:
     def _debug_mode(self, reply: dict[str, Any] | None) -> None:
         """Debug mode on (the reply's ``debug`` command, the view in ``debugView``) or off (a
         reply without it). A request that is not one of the built-in views is refused."""
-        from panda_core.debugview import BadDebugRequest, parse_request
-
         if reply is None:
             if self.debug is not None or self.debug_refused:
                 log.info("job %s: debug mode off", self.panda_id)
             self.debug, self.debug_refused = None, ""
             return
+        from panda_core.debugview import BadDebugRequest, parse_request   # only once asked
+
         try:
             request = parse_request(reply.get("debugView"))
         except BadDebugRequest as exc:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import socket
 from pathlib import Path
@@ -17,6 +16,8 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    import platform   # the fallback only: ~1.3 ms to import, on the way to the payload
+
     return platform.processor() or platform.machine()
 
 

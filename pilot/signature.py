@@ -5,9 +5,11 @@ site config (``queuedata_signed_bytes``). The key that checks them never comes f
 channel alone: it is pinned at deployment (``--public-key`` PEM file, or
 ``--public-key-fingerprint``: then the key the server serves must have that fingerprint).
 A spec changed on the way, signed by another key, or bound to another dispatch (site, pilot,
-nonce) is refused with BAD_SIGNATURE. ``cryptography`` is imported here only, lazily; where it
-is not installed (the one-file pilot does not carry it: 16 MB, compiled per platform) the
-standard library's ``panda_core.ed25519`` verifies, ~3 ms a signature.
+nonce) is refused with BAD_SIGNATURE. Verification is ``panda_core.ed25519``'s (standard
+library, ~2 ms a signature), the code the node's batch script already trusts the pilot file
+itself with: importing ``cryptography`` instead cost ~30 ms on the way to every pilot's first
+payload (measured, installed and one-file), more than a pilot's verifications of a whole slot,
+and a one-file pilot would have picked up whatever ``cryptography`` the node's Python has.
 """
 from __future__ import annotations
 
@@ -28,48 +30,22 @@ class NotOurDispatch(BadSignature):
     the job is not this pilot's, so the pilot neither runs it nor reports on it."""
 
 
-def _stdlib_key(pem: bytes) -> Callable[[bytes, bytes], bool]:
-    """A verify(signature, data) function of the standard library's Ed25519."""
+def _raw_key(pem: bytes) -> bytes:
+    """The pinned PEM's 32 key bytes, known to be a point of the curve (BadSignature if not)."""
     try:
         raw = ed25519.raw_public_key(public_key_der(pem))
-        ed25519.verify(raw, bytes(64), b"")          # the point must decode
+        ed25519.check_key(raw)
     except ValueError as exc:
         raise BadSignature(f"server public key unreadable: {exc}") from None
-    return lambda sig, data: ed25519.verify(raw, sig, data)
-
-
-def _cryptography_key(pem: bytes) -> Callable[[bytes, bytes], bool]:
-    """A verify(signature, data) function of ``cryptography``'s Ed25519."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    try:
-        key = load_pem_public_key(pem)
-    except ValueError as exc:
-        raise BadSignature(f"server public key unreadable: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise BadSignature("server public key is not an Ed25519 key")
-
-    def check(sig: bytes, data: bytes) -> bool:
-        try:
-            key.verify(sig, data)
-        except InvalidSignature:
-            return False
-        return True
-    return check
+    return raw
 
 
 class SpecVerifier:
-    def __init__(self, public_key_pem: str | bytes, *, stdlib: bool | None = None) -> None:
-        """``stdlib``: True forces ``panda_core.ed25519``, False ``cryptography``; None takes
-        ``cryptography`` where it is installed."""
+    """Checks signatures by one server key (a PEM); BadSignature for a key that is none."""
+
+    def __init__(self, public_key_pem: str | bytes) -> None:
         pem = public_key_pem.encode() if isinstance(public_key_pem, str) else public_key_pem
-        if stdlib is None:
-            import importlib.util
-            stdlib = importlib.util.find_spec("cryptography") is None
-        self.backend = "stdlib" if stdlib else "cryptography"
-        self._verify = _stdlib_key(pem) if stdlib else _cryptography_key(pem)
+        self._raw = _raw_key(pem)
 
     def _check(self, sig_b64: Any, data: bytes, what: str) -> None:
         if not sig_b64:
@@ -78,7 +54,7 @@ class SpecVerifier:
             sig = base64.b64decode(str(sig_b64), validate=True)
         except (binascii.Error, ValueError):
             raise BadSignature(f"{what} signature is not base64") from None
-        if not self._verify(sig, data):
+        if not ed25519.verify(self._raw, sig, data):
             raise BadSignature(f"{what} signature does not verify: {what} altered or wrong "
                                "key")
 
@@ -109,8 +85,8 @@ class Trust:
     """The pilot's pinned server key and what it checks with it.
 
     The key is a PEM pinned at deployment, or a fingerprint that the key the server serves
-    (``fetch_key``) must have. The verifier is built on first use, so ``cryptography`` is only
-    imported once there is something to check. ``check_queuedata`` verifies, once, the queue
+    (``fetch_key``) must have. The verifier is built on first use, so a pilot that gets no job
+    never fetches the key. ``check_queuedata`` verifies, once, the queue
     description the pilot acts on (a local ``--queuedata`` file is the site's own: ``local``)."""
 
     def __init__(self, fetch_key: Callable[[], str], queuedata: dict[str, Any], site: str, *,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +92,14 @@ def stage_in(job: JobSpec, site: SiteConfig, workdir: Path,
     return files
 
 
+def _new_guid() -> str:
+    """A fresh GUID for an output (uuid imported here: stage-in, on the way to the payload,
+    never needs it)."""
+    import uuid
+
+    return str(uuid.uuid4())
+
+
 def stage_out(files: list[FileSpec], local_dir: Path, site: SiteConfig,
               settings: StageSettings) -> dict[str, dict[str, Any]]:
     """Store ``files`` from ``local_dir``; return PanDA's ``xml`` dict {lfn: {guid, fsize, adler32,
@@ -112,7 +119,7 @@ def stage_out(files: list[FileSpec], local_dir: Path, site: SiteConfig,
             err.stored = stored
             raise err
         surl = _surl(site.storage.output.url, f.scope, f.lfn, ErrorCode.STAGEOUT_FAILED)
-        guid = f.guid or str(uuid.uuid4())
+        guid = f.guid or _new_guid()
         t = Transfer(lfn=f.lfn, scope=f.scope, surl=surl, local_path=str(local), guid=guid)
         try:
             res = run_transfer(tool, t, "out", settings.timeout_s, settings.retries,

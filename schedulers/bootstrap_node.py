@@ -7,19 +7,21 @@ pilot claims; the line that starts it refuses older ones before this is even com
 
 Steps: the cache ``$PANDA_PILOT_CACHE`` (default ``${XDG_CACHE_HOME:-~/.cache}/panda-pilot``,
 else ``$TMPDIR/panda-pilot-<uid>``) must be the user's own and writable by nobody else; a
-version already unpacked there runs at once (warm start). Otherwise the file and its detached
-signature are fetched (https verified against the given CA bundle/dir, else the system's),
-the signature checked with the pinned key, the file's manifest must name the version asked
-for (a validly signed old file served as another version is refused) and this platform; it is
-unpacked into a fresh folder renamed into place (a neighbour pilot unpacking the same version
-at the same time loses nothing), and run. Every refusal is one line on stderr starting with
-``panda-pilot bootstrap:`` and its own exit code (EXIT_*).
+version already unpacked there for this platform (``<cache>/<version>/<platform>``: a home
+shared by nodes of several machines keeps one copy each) runs at once (warm start). Otherwise
+the file and its detached signature are fetched (https verified against the given CA
+bundle/dir, else the system's), the signature checked with the pinned key, the file's manifest
+must name the version asked for (a validly signed old file served as another version is
+refused) and list this platform; it is unpacked, with this platform's compiled code in place
+of the file's own (``_platforms/<platform>/``), into a fresh folder renamed into place (a
+neighbour pilot unpacking the same version at the same time loses nothing), and run. Every
+refusal is one line on stderr starting with ``panda-pilot bootstrap:`` and its own exit code
+(EXIT_*).
 """
 import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import ssl
 import sys
@@ -36,6 +38,7 @@ EXIT_CACHE = 5          # the node's cache is unusable or not trustworthy
 EXIT_PLATFORM = 6       # the file was built for another platform
 MANIFEST = "PANDA_PILOT.json"
 FILE_NAME = "panda-pilot.pyz"
+PLATFORMS_DIR = "_platforms"     # server/pilotfile.py: other platforms' compiled code
 RETRIES = 3
 VERSION_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ._-")
 MAX_FILE_BYTES = 64 * 2 ** 20    # before its signature is checked, a file is only bytes
@@ -118,12 +121,31 @@ def check(data, signature, key, version, url):
     return manifest
 
 
+def node_platform():
+    """This node as the pilot file names platforms: ``linux-x86_64``, ``linux-aarch64``.
+    ``PANDA_PILOT_TEST_PLATFORM`` stands in for it in tests (a fake aarch64 node); on a real
+    node it could only make the pilot load code it cannot run."""
+    return (os.environ.get("PANDA_PILOT_TEST_PLATFORM")
+            or "%s-%s" % (sys.platform, os.uname().machine))   # platform.machine(), unimported
+
+
+def file_platforms(manifest):
+    """The platforms a manifest says the file serves (an older file: only its own)."""
+    platforms = manifest.get("platforms")
+    if isinstance(platforms, list):
+        return [str(p) for p in platforms]
+    return [manifest["platform"]] if manifest.get("platform") else []
+
+
 def check_node(manifest, version):
     """Raise BootstrapError unless this node's platform and Python are the file's."""
-    here = "%s-%s" % (sys.platform, platform.machine())
-    if manifest.get("platform") not in (None, "", here):
-        raise BootstrapError(EXIT_PLATFORM, "the pilot file %s is built for %s, this node is "
-                             "%s" % (version, manifest.get("platform"), here))
+    here = node_platform()
+    platforms = file_platforms(manifest)
+    if platforms and here not in platforms:
+        raise BootstrapError(EXIT_PLATFORM, "the pilot file %s is built for %s; this node is "
+                             "%s (its server's operator can add it: 'panda server "
+                             "--pilot-wheel', docs/pilot.md)" % (
+                                 version, ", ".join(platforms), here))
     try:
         needed = tuple(int(p) for p in str(manifest.get("python_requires") or "0").split("."))
     except ValueError:
@@ -135,17 +157,41 @@ def check_node(manifest, version):
                                  sys.version.split()[0]))
 
 
+def members(names, manifest, here):
+    """(name in the file, path unpacked) of what this platform runs: the file's own compiled
+    code replaced by this platform's where that is not the file's own."""
+    for name in names:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise BootstrapError(EXIT_REFUSED, "the pilot file holds a bad path %r" % name)
+    own = here == manifest.get("platform") or not manifest.get("platform")
+    prefix = "%s/%s/" % (PLATFORMS_DIR, here)
+    for name in names:
+        if name.startswith(PLATFORMS_DIR + "/"):
+            if not own and name.startswith(prefix) and len(name) > len(prefix):
+                yield name, name[len(prefix):]
+        elif own or not name.endswith(".so"):
+            yield name, name
+
+
 def unpack(data, root, version, manifest):
-    """Unpack into ``root/version`` through a fresh folder renamed into place."""
-    target = os.path.join(root, version)
-    tmp = tempfile.mkdtemp(prefix=".%s." % version, dir=root)
+    """Unpack into ``root/version/<platform>`` through a fresh folder renamed into place."""
+    here = node_platform()
+    parent = os.path.join(root, version)
+    target = os.path.join(parent, here)
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise BootstrapError(EXIT_CACHE, "cannot create %s: %s" % (parent, exc))
+    tmp = tempfile.mkdtemp(prefix=".%s." % here, dir=parent)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            for name in zf.namelist():
-                if name.startswith("/") or ".." in name.split("/"):
-                    raise BootstrapError(EXIT_REFUSED, "the pilot file holds a bad path %r"
-                                         % name)
-            zf.extractall(tmp)
+            for name, dest in members(zf.namelist(), manifest, here):
+                if name.endswith("/"):
+                    continue
+                path = os.path.join(tmp, *dest.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with zf.open(name) as src, open(path, "wb") as out:
+                    shutil.copyfileobj(src, out)
         with open(os.path.join(tmp, FILE_NAME + ".sha256"), "w") as fh:
             fh.write(hashlib.sha256(data).hexdigest() + "\n")
         try:
@@ -166,7 +212,7 @@ def unpack(data, root, version, manifest):
 def prepare(server, version, key_hex, ca_file, ca_dir):
     """The folder of the verified, unpacked pilot ``version`` (fetched if not cached)."""
     root = cache_root()
-    target = os.path.join(root, version)
+    target = os.path.join(root, version, node_platform())
     try:
         with open(os.path.join(target, MANIFEST)) as fh:
             check_node(json.load(fh), version)
@@ -199,6 +245,10 @@ def main(argv):
     server, version, key_hex, ca_file, ca_dir = argv[:5]
     if not version[:1].isalnum() or not set(version) <= VERSION_CHARS or len(version) > 64:
         sys.stderr.write("panda-pilot bootstrap: %r is not a pilot version\n" % version[:80])
+        return EXIT_USAGE
+    here = node_platform()
+    if not here[:1].isalnum() or not set(here) <= VERSION_CHARS or len(here) > 64:
+        sys.stderr.write("panda-pilot bootstrap: %r is not a platform\n" % here[:80])
         return EXIT_USAGE
     try:
         folder = prepare(server, version, key_hex, ca_file, ca_dir)

@@ -28,7 +28,7 @@ from .openapi import openapi_document
 from .hookspecs import plugin_manager
 from .metrics import observe_request
 from .pilot_http import ServerApplication
-from .pilotfile import PilotFiles
+from .pilotstore import RECORDS_DIR, PilotFiles, Signer
 from .shares import ShareChooser
 from .submission import TaskSubmitter
 from .taskbuffer import TaskBuffer, utcnow
@@ -42,14 +42,17 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                 clock=utcnow, site_loader=None, admin_dns=(), pilot_dns=(),
                 hot_path: bool = True, token_issuer: str | None = None,
                 trusted_issuers: tuple[TrustedIssuer, ...] = (), pilot_dir: str | None = None,
-                pilot_version: str | None = None) -> ServerState:
+                pilot_version: str | None = None,
+                pilot_wheels: tuple[str, ...] = ()) -> ServerState:
     """``hot_path``: on PostgreSQL, take getJob and common updateJobs on the event loop
     (``server.pghot``); ``threads`` is then also its number of connections per process.
     ``token_issuer``: the ``iss`` of this server's tokens (kept in the key dir);
     ``trusted_issuers``: external OIDC providers whose tokens are accepted (their keys are
     fetched here, once; ``panda server`` refreshes them and the revocation list).
     ``pilot_dir``: where the one-file pilot's versions are kept (default ``<key_dir>/pilot``,
-    beside the key that signs them); ``pilot_version`` the one factories run by default."""
+    beside the key that signs them; their build records are kept in ``<key_dir>/pilot-built``);
+    ``pilot_version`` the one factories run by default; ``pilot_wheels``: psutil's wheels for
+    the other platforms the file serves (server/pilotfile.py)."""
     engine = make_engine(db_url, pool_size=threads)
     tb = TaskBuffer(engine, clock=clock)
     revoked = RevocationList(tb.revoked_tokens.active)
@@ -73,7 +76,9 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                        admin_dns=DNMatcher(admin_dns), pilot_dns=DNMatcher(pilot_dns),
                        hook=pm.hook,
                        pilot_files=PilotFiles(pilot_dir or Path(key_dir) / "pilot",
-                                              keys.sign_bytes, pilot_version))
+                                              Signer(keys.signing_key), pilot_version,
+                                              records=Path(key_dir) / RECORDS_DIR,
+                                              wheels=pilot_wheels))
 
 
 def make_app(state: ServerState) -> tornado.web.Application:

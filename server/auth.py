@@ -97,9 +97,11 @@ class KeyStore:
         """Ed25519 signature (base64) over the job's canonical JSON, without ``specSignature``."""
         return self.sign_canonical(signed_bytes(job))
 
-    def sign_bytes(self, data: bytes) -> bytes:
-        """The raw 64-byte Ed25519 signature of ``data`` (the pilot file's detached one)."""
-        return self._signing_key.sign(data)
+    @property
+    def signing_key(self):
+        """The job-signing private key (for ``server.pilotstore.Signer``; never leaves the
+        process)."""
+        return self._signing_key
 
     def sign_canonical(self, canonical: bytes) -> str:
         """Ed25519 signature (base64) of a job's canonical bytes (``canonical.signed_bytes``)."""

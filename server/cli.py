@@ -79,6 +79,11 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--pilot-version", metavar="VERSION", type=_pilot_version,
                    help="the pilot file version factories run by default (default: the one "
                         "this server builds from its own code)")
+    p.add_argument("--pilot-wheel", action="append", default=[], metavar="PATH",
+                   help="psutil's abi3 wheel for another platform the pilot file serves (a "
+                        ".whl, or a folder of them; repeatable): 'pip download --no-deps "
+                        "--only-binary=:all: --platform manylinux2014_aarch64 psutil==<the "
+                        "server's psutil>' (docs/pilot.md)")
     p.add_argument("--no-auth", action="store_true",
                    help="development only: treat anonymous callers as admin")
     p.add_argument("--certfile", help="TLS certificate (enables https and X.509 client auth)")
@@ -243,6 +248,13 @@ def _ssl_options(args):
     return ctx
 
 
+def _check_pilot_files(files) -> None:
+    try:
+        files.check_all()
+    except Exception:  # noqa: BLE001 - a background task: log it, the server runs on
+        log.exception("checking the stored pilot files")
+
+
 def _stop_children_with_parent() -> None:
     """In the parent of ``--processes N``: pass SIGTERM/SIGINT on to the worker processes.
 
@@ -346,6 +358,15 @@ def main(argv: list[str]) -> int:
         except ValueError as exc:
             sys.stderr.write(f"panda server: --token-issuers: {exc}\n")
             return 1
+    if args.pilot_wheel:
+        from .pilotfile import PilotFileError, platform_wheels
+        try:
+            wheels = platform_wheels(args.pilot_wheel)
+        except PilotFileError as exc:
+            sys.stderr.write(f"panda server: --pilot-wheel: {exc}\n")
+            return 1
+        log.info("the pilot file serves %s besides this server's platform",
+                 ", ".join(wheels) or "nothing")
     sites = load_site_dir(args.site_configs) if args.site_configs else []
     if sites:
         from .taskbuffer import TaskBuffer
@@ -374,6 +395,7 @@ def main(argv: list[str]) -> int:
                         threads=args.threads, site_loader=validate_site_dicts,
                         hot_path=args.hot_path, pilot_dir=args.pilot_dir,
                         pilot_version=args.pilot_version,
+                        pilot_wheels=tuple(args.pilot_wheel),
                         admin_dns=args.admin_dn, pilot_dns=args.pilot_dn,
                         token_issuer=args.token_issuer, trusted_issuers=trusted)
     from .watcher import start_periodic
@@ -395,6 +417,9 @@ def main(argv: list[str]) -> int:
         from .archive import start_archiver
         start_archiver(state.tb, state.executor, args.archive_after, args.archive_interval,
                        args.archive_retention_months)
+        # stored pilot versions signed by a replaced key: re-signed where this server can
+        # vouch for them, refused (and logged) where it cannot (server/pilotstore.py)
+        state.executor.submit(_check_pilot_files, state.pilot_files)
         if args.ops_interval > 0:
             from .monitor.operations import ops_tasks
             from .watcher import start_periodic

@@ -29,7 +29,8 @@ from .auth import AuthError, DNMatcher, Identity, KeyStore, identity_from_certif
 from .dispatcher import Dispatcher
 from .dispatchpath import Run
 from .metrics import REQUESTS
-from .pilotfile import FILE_NAME, PilotFileError, PilotFiles
+from .pilotfile import FILE_NAME, PilotFileError
+from .pilotstore import PilotFiles, PilotFileUnvouched
 from .queuedata import signed_queuedata
 from .submission import TaskSubmitter
 from .taskbuffer import NotFound, TaskBuffer, utcnow
@@ -351,8 +352,10 @@ class PilotFilesHandler(BaseHandler):
                                    "versions": [i.to_dict() for i in infos]}))
                 return
             data = await self.run(files.read, version, name != FILE_NAME)
+        except PilotFileUnvouched as exc:      # stored, but not signed by the current key
+            raise tornado.web.HTTPError(409, reason=_one_line(exc)) from None
         except PilotFileError as exc:
-            raise tornado.web.HTTPError(404, reason=str(exc)[:200]) from None
+            raise tornado.web.HTTPError(404, reason=_one_line(exc)) from None
         except OSError as exc:       # the pilot dir cannot be written or read: the operator's
             log.error("pilot file: %s", exc)
             raise tornado.web.HTTPError(503, reason="the pilot file is not available here: "
@@ -360,6 +363,11 @@ class PilotFilesHandler(BaseHandler):
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Cache-Control", "public, max-age=31536000, immutable")
         self.finish(data)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as an HTTP reason phrase: one line, at most 400 characters."""
+    return " ".join(str(exc).split())[:400]
 
 
 class TokenKeysHandler(BaseHandler):

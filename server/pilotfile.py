@@ -1,22 +1,23 @@
-"""The one-file pilot: built from the server's own installed code, signed, kept per version.
+"""The one-file pilot: what it holds, built from the server's own installed code.
 
 A worker node needs only ``python3``: the factory's batch script fetches
 ``/pilot/<version>/panda-pilot.pyz`` and its detached signature ``panda-pilot.pyz.sig`` (64 raw
 bytes: Ed25519 by the server's job-signing key over the file's bytes, so ``openssl pkeyutl
 -verify -rawin`` checks it too), verifies it with the key the factory wrote into the script,
 unpacks it into a per-version cache and runs it (schedulers/bootstrap.py, docs/pilot.md).
+``server/pilotstore.py`` keeps the versions and their signatures.
 
 The file is a zipapp (``python3 panda-pilot.pyz`` runs it where psutil is not needed) holding
 the pilot, ``panda_core``, the copytools and their pure-Python dependencies (stevedore aside:
-``panda_core.drivers`` does without it), psutil's ``abi3``
-extension (one build for every CPython >= 3.6 of the platform) and a dist-info with the pilot's
-entry points, so its monitors and copytools load exactly as from an installed pilot. What it
-leaves out: ``cryptography`` (16 MB, compiled: the pilot verifies with ``panda_core.ed25519``)
-and ``isal`` (compiled per Python: ``zlib``'s adler32 instead). The version is the package's
-version plus a digest of the content, so the same code always gives the same file, byte for
-byte, and a server upgraded to new code serves the new version beside the old ones: every
-version ever built stays in ``pilot_dir`` until an operator removes it, and a site config may
-pin one (``pilots.version``).
+``panda_core.drivers`` does without it), psutil's ``abi3`` extension (one build for every
+CPython >= 3.6 of a platform) for the server's platform at its root and, from the operator's
+wheels, for other platforms under ``_platforms/<platform>/`` (the node's bootstrap unpacks its
+own), and a dist-info with the pilot's entry points, so its monitors and copytools load exactly
+as from an installed pilot. What it leaves out: ``cryptography`` (16 MB, compiled: the pilot
+verifies with ``panda_core.ed25519``) and ``isal`` (compiled per Python: ``zlib``'s adler32
+instead). The version is the package's version plus a digest of the content and platforms, so
+the same code always gives the same file, byte for byte, and a server upgraded to new code
+serves the new version beside the old ones.
 """
 from __future__ import annotations
 
@@ -30,12 +31,10 @@ import os
 import platform
 import re
 import sys
-import threading
-import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterable, Iterator
 
 from panda_core import PILOT_VERSION_PATTERN, PYTHON_REQUIRES
 
@@ -52,27 +51,96 @@ THIRD_PARTY = ("pluggy", "requests", "urllib3", "idna", "certifi", "charset_norm
                "psutil")
 _SKIP_DIRS = {"__pycache__", "tests", "test", "example", "example2"}
 _ZIP_DATE = (2000, 1, 1, 0, 0, 0)        # fixed, so a build is reproducible
+#: other platforms' compiled code in the file: ``_platforms/<platform>/<path>`` replaces the
+#: root's compiled ``<path>`` on a node of that platform (schedulers/bootstrap_node.py)
+PLATFORMS_DIR = "_platforms"
+#: the package whose compiled extension the file carries, one build per platform
+COMPILED = "psutil"
 
 
 class PilotFileError(RuntimeError):
     """The pilot file cannot be built or is not there; the message says why."""
 
 
-@dataclass(frozen=True)
-class PilotFileInfo:
-    version: str
-    size: int
-    sha256: str
-    built: str
-    platform: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def platform_tag() -> str:
     """The platform the carried compiled code (psutil's extension) is for."""
     return f"{sys.platform}-{platform.machine()}"
+
+
+@dataclass(frozen=True)
+class PlatformWheel:
+    """psutil's abi3 wheel for another platform, as the operator supplied it (``pip download
+    --platform manylinux2014_aarch64 --only-binary=:all: psutil==<the server's version>``)."""
+    platform: str                                  # as the node names itself: linux-aarch64
+    path: Path
+    members: tuple[tuple[str, bytes], ...]         # (name in the file, bytes): the extension
+
+
+#: wheel platform tags of glibc Linux: manylinux1/2010/2014, manylinux_X_Y, plain linux
+_LINUX_TAG = re.compile(r"(?:manylinux(?:1|2010|2014|_\d+_\d+)|linux)_([a-z0-9_]+)")
+
+
+def platform_wheel(path: str | os.PathLike) -> PlatformWheel:
+    """Read and check one wheel; PilotFileError says what is wrong with it and what to get."""
+    path = Path(path)
+    installed = importlib.metadata.version(COMPILED)
+    get = (f"get it with 'pip download --no-deps --only-binary=:all: --platform "
+           f"manylinux2014_<arch> {COMPILED}=={installed}'")
+    parts = path.name[:-len(".whl")].split("-") if path.name.endswith(".whl") else []
+    if len(parts) not in (5, 6):
+        raise PilotFileError(f"{path}: not a wheel file name ({get})")
+    name, version, abi, tags = parts[0], parts[1], parts[-2], parts[-1].split(".")
+    if name.lower().replace("-", "_") != COMPILED:
+        raise PilotFileError(f"{path}: a wheel of {name}, not of {COMPILED}: the pilot file "
+                             f"carries only {COMPILED}'s compiled code")
+    if version != installed:
+        raise PilotFileError(f"{path}: {COMPILED} {version}, but the server carries {COMPILED} "
+                             f"{installed} (its Python code is in the file): {get}")
+    if abi != "abi3":
+        raise PilotFileError(f"{path}: built for one Python ABI ({abi}), not abi3: only an abi3 "
+                             f"build serves every Python of the node ({get})")
+    arches = set()
+    for tag in tags:
+        match = _LINUX_TAG.fullmatch(tag)
+        if match is None:
+            raise PilotFileError(f"{path}: platform tag {tag!r} is not glibc Linux (musllinux, "
+                                 f"macOS and Windows nodes are not served; {get})")
+        arches.add(match.group(1))
+    if len(arches) != 1:
+        raise PilotFileError(f"{path}: platform tags of several machines {sorted(arches)}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = tuple(sorted(
+                (f"{COMPILED}/{n.rsplit('/', 1)[1]}", zf.read(n)) for n in zf.namelist()
+                if n.startswith(f"{COMPILED}/") and n.count("/") == 1 and n.endswith(".so")))
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise PilotFileError(f"{path}: cannot read the wheel: {exc}") from None
+    if not members or not all(".abi3." in n for n, _ in members):
+        raise PilotFileError(f"{path}: no abi3 extension of {COMPILED} in the wheel")
+    return PlatformWheel(f"linux-{arches.pop()}", path, members)
+
+
+def platform_wheels(paths: Iterable[str | os.PathLike]) -> dict[str, PlatformWheel]:
+    """The wheels of ``paths`` (files, or folders of ``*.whl``) by platform, checked: one per
+    platform, none for the server's own (it carries its installed build)."""
+    found: dict[str, PlatformWheel] = {}
+    for given in paths:
+        given = Path(given)
+        files = sorted(given.glob("*.whl")) if given.is_dir() else [given]
+        if given.is_dir() and not files:
+            raise PilotFileError(f"{given}: no wheel (*.whl) in the folder")
+        for file in files:
+            if not file.is_file():
+                raise PilotFileError(f"{file}: no such wheel file")
+            wheel = platform_wheel(file)
+            if wheel.platform == platform_tag():
+                raise PilotFileError(f"{file}: a wheel for {wheel.platform}, the server's own "
+                                     "platform, whose installed build the file carries")
+            if wheel.platform in found:
+                raise PilotFileError(f"{file}: a second wheel for {wheel.platform} (the first: "
+                                     f"{found[wheel.platform].path})")
+            found[wheel.platform] = wheel
+    return dict(sorted(found.items()))
 
 
 def _package_dir(name: str) -> Path:
@@ -150,8 +218,11 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def build(base_version: str | None = None) -> tuple[str, bytes]:
-    """(version, bytes of the zipapp) of the installed code; reproducible."""
+def build(base_version: str | None = None,
+          wheels: Iterable[str | os.PathLike] = ()) -> tuple[str, bytes]:
+    """(version, bytes of the zipapp) of the installed code, with psutil's extension for the
+    platforms of ``wheels`` beside the server's own; reproducible."""
+    extra = platform_wheels(wheels)
     if base_version is None:
         try:
             base_version = importlib.metadata.version("panda-wms")
@@ -159,7 +230,10 @@ def build(base_version: str | None = None) -> tuple[str, bytes]:
             base_version = "0"
     members: list[tuple[str, bytes]] = [(name, path.read_bytes()) for name, path in _files()]
     members.append(("panda_wms_pilot.dist-info/entry_points.txt", _entry_points().encode()))
-    digest = hashlib.sha256()
+    for plat, wheel in extra.items():
+        members += [(f"{PLATFORMS_DIR}/{plat}/{name}", data) for name, data in wheel.members]
+    platforms = sorted([platform_tag(), *extra])
+    digest = hashlib.sha256(json.dumps({"platforms": platforms}).encode())
     for name, data in members:
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     version = f"{base_version}-{digest.hexdigest()[:12]}"
@@ -168,6 +242,7 @@ def build(base_version: str | None = None) -> tuple[str, bytes]:
                     f"{base_version}\n".encode()))
     members.append((MANIFEST, json.dumps({
         "version": version, "platform": platform_tag(),
+        "platforms": platforms,
         "python_requires": ".".join(map(str, python_requires()))}, sort_keys=True).encode()))
     members.append(("__main__.py", _MAIN.encode()))
     buf = io.BytesIO()
@@ -178,108 +253,3 @@ def build(base_version: str | None = None) -> tuple[str, bytes]:
             info.external_attr = 0o644 << 16
             zf.writestr(info, data, compresslevel=9)
     return version, b"#!/usr/bin/env python3\n" + buf.getvalue()
-
-
-class PilotFiles:
-    """The versions of the pilot file in ``root`` (``<root>/<version>/panda-pilot.pyz`` and
-    ``.sig``), signed with ``sign`` (bytes -> 64-byte signature). ``current()`` builds this
-    server's own version on first use (so a server whose pilots never ask pays nothing) and
-    keeps it; ``default`` names the version a factory is told to run (None: the current one)."""
-
-    def __init__(self, root: str | os.PathLike, sign: Callable[[bytes], bytes],
-                 default: str | None = None) -> None:
-        self.root = Path(root)
-        self._sign = sign
-        self._lock = threading.Lock()
-        self._current: str | None = None
-        if default is not None and not VERSION_RE.fullmatch(default):
-            raise PilotFileError(f"not a pilot file version: {default!r}")
-        self.default_pin = default
-
-    def path(self, version: str) -> Path:
-        if not VERSION_RE.fullmatch(version):
-            raise PilotFileError(f"not a pilot file version: {version[:80]!r}")
-        return self.root / version / FILE_NAME
-
-    def current(self) -> str:
-        """This server's own version, built and signed into ``root`` if it is not there."""
-        with self._lock:
-            if self._current is None:
-                started = time.monotonic()
-                version, data = build()
-                path = self.path(version)
-                sig_path = path.with_name(FILE_NAME + SIGNATURE_SUFFIX)
-                signature = self._sign(data)     # Ed25519 is deterministic: same bytes each time
-                wrote = False
-                for target, content in ((path, data), (sig_path, signature)):
-                    try:
-                        same = target.read_bytes() == content
-                    except FileNotFoundError:
-                        same = False
-                    if not same:             # absent, or signed by a key since replaced
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                        tmp.write_bytes(content)
-                        os.replace(tmp, target)
-                        wrote = True
-                if wrote:
-                    log.info("pilot file %s built and signed: %d bytes in %.2f s", version,
-                             len(data), time.monotonic() - started)
-                self._current = version
-            return self._current
-
-    def default(self) -> str:
-        """The version a factory runs unless its site pins one."""
-        if self.default_pin:
-            if not self.path(self.default_pin).exists():
-                raise PilotFileError(f"the default pilot version {self.default_pin} is not in "
-                                     f"{self.root}")
-            return self.default_pin
-        return self.current()
-
-    def info(self, version: str) -> PilotFileInfo | None:
-        path = self.path(version)
-        try:
-            data = path.read_bytes()
-            if not path.with_name(FILE_NAME + SIGNATURE_SUFFIX).exists():
-                return None
-            stat = path.stat()
-        except OSError:
-            return None
-        plat = ""
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                plat = json.loads(zf.read(MANIFEST)).get("platform", "")
-        except (zipfile.BadZipFile, KeyError, ValueError):
-            log.warning("pilot file %s has no readable manifest", path)
-        return PilotFileInfo(version=version, size=len(data),
-                             sha256=hashlib.sha256(data).hexdigest(),
-                             built=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime)),
-                             platform=plat)
-
-    def versions(self) -> list[PilotFileInfo]:
-        """Every signed version in ``root``, newest first."""
-        self.current()
-        found = []
-        try:
-            entries = list(self.root.iterdir())
-        except OSError:
-            entries = []
-        for entry in entries:
-            if VERSION_RE.fullmatch(entry.name):
-                info = self.info(entry.name)
-                if info is not None:
-                    found.append(info)
-        return sorted(found, key=lambda i: (i.built, i.version), reverse=True)
-
-    def read(self, version: str, signature: bool = False) -> bytes:
-        """The file (or its signature); PilotFileError when that version is not here."""
-        if version == self.current() or self.path(version).exists():
-            path = self.path(version)
-            if signature:
-                path = path.with_name(FILE_NAME + SIGNATURE_SUFFIX)
-            try:
-                return path.read_bytes()
-            except OSError:
-                pass
-        raise PilotFileError(f"no pilot file of version {version[:80]!r}")

@@ -20,6 +20,27 @@ def pilot3_copytool(name: str) -> str:
     return PILOT3_COPYTOOLS.get(name, name)
 
 
+def pilot3_container(sandbox: dict) -> tuple[str, str]:
+    """(``container_type``, ``container_options``) of the queue description from the site
+    config's ``sandbox`` (docs/compat.md, "Containers"). Pilot 3 reads ``container_type`` as
+    ``name:user`` pairs joined by ``;`` (user ``pilot``: the pilot runs the payload in that
+    container; ``wrapper``, ``middleware``: the pilot itself or its stage-in/out tools, which no
+    site config here asks for) and ``container_options`` as the runtime's options. Only our
+    ``apptainer`` runtime is a container pilot 3 knows: ``bwrap`` and ``none`` say no container
+    (pilot 3 then runs payloads without one, and fails a job naming an image, as on a PanDA
+    queue without ``container_type``)."""
+    if (sandbox or {}).get("runtime") != "apptainer":
+        return "", ""
+    # the isolation our apptainer runtime gives (pilot/sandbox/apptainer.py), in apptainer's
+    # words: the site's paths read-only and the job's work dir (pilot 3's ${workdir}) bound,
+    # private /tmp and home, own IPC and PID namespaces, optionally no network
+    binds = [f"{path}:{path}:ro" for path in sandbox.get("bind") or []] + ["${workdir}"]
+    options = f"-B {','.join(binds)} --contain --ipc --pid"
+    if sandbox.get("network") is False:
+        options += " --net --network none"
+    return "apptainer:pilot", options
+
+
 def queuedata(config: dict) -> dict:
     res = config.get("resources") or {}
     limits = config.get("limits") or {}
@@ -30,6 +51,7 @@ def queuedata(config: dict) -> dict:
     t_out = pilot3_copytool((tools.get("output") or {}).get("name", "cp"))
     status = config.get("status", "online")
     name = config["name"]
+    container_type, container_options = pilot3_container(config.get("sandbox") or {})
     return {
         "name": name,
         "nickname": name,
@@ -56,8 +78,8 @@ def queuedata(config: dict) -> dict:
         "corecount": int(res.get("cores", 1)),
         "catchall": "",
         "params": {},
-        "container_type": "",
-        "container_options": "",
+        "container_type": container_type,
+        "container_options": container_options,
         "is_cvmfs": False,
         "pledgedcpu": 0,
         "timefloor": int(pilots.get("timefloor", 0)),   # minutes, as pilot 3 reads it

@@ -53,7 +53,11 @@ _TRUST = _obj({
 _SANDBOX = _obj({
     "runtime": {"type": "string", "minLength": 1},        # a panda.sandboxes entry point
     "network": {"type": "boolean"},
-    "bind": {"type": "array", "items": _text("^/", "expected an absolute path")},
+    # apptainer's --bind and pilot 3's container_options (a shell word) separate paths with
+    # ',' and ':'; quotes, '$', '\\' and spaces would change what pilot 3 runs
+    "bind": {"type": "array", "items": _text(r"^/[^,:\s\"'$`\\]*$", "expected an absolute "
+                                                 "path without ',', ':', spaces, quotes, '$' or "
+                                                 "'\\'")},
     "image": {"type": "string"},
 }, [])
 

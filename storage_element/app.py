@@ -6,8 +6,9 @@ GET (with Range), HEAD, PUT, DELETE, MKCOL, PROPFIND (Depth 0/1), OPTIONS and, w
 the ``http`` and ``gfal`` copytools and of ARC CE's push mode, which needs a correct HTTP/1.1
 server: absolute-form request targets, sizes on HEAD, ``Expect: 100-continue`` and
 ``If-None-Match: *`` on PUT. Uploads go to a hidden temporary name and are renamed when complete,
-so a half upload is never visible. Writes may require a bearer token. Paths never leave the root
-(no ``..``, no NUL, no symlink escapes).
+so a half upload is never visible; a body that stalls or trickles is ended with 408
+(``body.py``) and its half upload removed. Writes may require a bearer token. Paths never leave
+the root (no ``..``, no NUL, no symlink escapes).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import tornado.web
 
 from copytools.checksum import StreamChecksum, checksum_fd
 
+from .body import BODY_TIMEOUT_S, MIN_PROGRESS, BodyWatch
 from .tpc import Pull, TpcConfig, perf_marker, source_headers
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 UPLOAD_PREFIX = ".panda-upload."
 XATTR = "user.panda.adler32"
 CHUNK = 1024 * 1024
+#: the largest body of a request other than PUT (a PROPFIND's XML is a few hundred bytes)
+MAX_OTHER_BODY = 64 * 1024
 
 
 class PathError(Exception):
@@ -93,16 +97,21 @@ def _same_file(path: str, size: int, adler32: str) -> bool:
 
 @tornado.web.stream_request_body
 class SEHandler(tornado.web.RequestHandler):
-    """Every verb on every path below the root."""
+    """Every verb on every path below the root. Bodies are streamed (``data_received``) and
+    watched from ``prepare`` on; every verb method starts with ``_body_read()``, which ends the
+    watch (the body is complete when Tornado calls the verb)."""
 
     SUPPORTED_METHODS = ("GET", "HEAD", "PUT", "DELETE", "MKCOL", "PROPFIND", "OPTIONS", "COPY")
 
     def initialize(self, root: str, token: str | None, create_parents: bool = True,
-                   tpc: TpcConfig | None = None) -> None:
+                   tpc: TpcConfig | None = None,
+                   body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.root = root
         self.token = token
         self.create_parents = create_parents
         self.tpc = tpc or TpcConfig()
+        self.body_timeout_s = body_timeout_s
+        self._watch: BodyWatch | None = None
         self._pull: Pull | None = None
         self._tmp: str | None = None
         self._fd: int | None = None
@@ -165,9 +174,11 @@ class SEHandler(tornado.web.RequestHandler):
 
     # -- reads ---------------------------------------------------------------------------------
     async def get(self) -> None:
+        self._body_read()
         await self._get(send_body=True)
 
     async def head(self) -> None:
+        self._body_read()
         await self._get(send_body=False)
 
     async def _get(self, send_body: bool) -> None:
@@ -229,6 +240,7 @@ class SEHandler(tornado.web.RequestHandler):
         self.finish(body if send_body else None)
 
     def options(self) -> None:
+        self._body_read()
         methods = [m for m in self.SUPPORTED_METHODS if m != "COPY" or self.tpc.allow]
         self.set_header("Allow", ", ".join(methods))
         self.set_header("DAV", "1")
@@ -238,6 +250,7 @@ class SEHandler(tornado.web.RequestHandler):
 
     # -- PROPFIND ------------------------------------------------------------------------------
     def propfind(self) -> None:
+        self._body_read()
         path = self._path()
         if path is None:
             return
@@ -279,6 +292,7 @@ class SEHandler(tornado.web.RequestHandler):
 
     # -- writes --------------------------------------------------------------------------------
     def mkcol(self) -> None:
+        self._body_read()
         if not self._authorized():
             return
         path = self._path()
@@ -297,6 +311,7 @@ class SEHandler(tornado.web.RequestHandler):
         self.finish()
 
     def delete(self) -> None:
+        self._body_read()
         if not self._authorized():
             return
         path = self._path()
@@ -317,8 +332,38 @@ class SEHandler(tornado.web.RequestHandler):
         self.clear_header("Content-Type")
         self.finish()
 
+    # -- request bodies ------------------------------------------------------------------------
+    def _has_body(self) -> bool:
+        headers = self.request.headers
+        return (headers.get("Content-Length", "0").strip() not in ("", "0")
+                or "chunked" in headers.get("Transfer-Encoding", "").lower())
+
+    def _body_read(self) -> None:
+        """The body is complete (Tornado calls a verb only then): stop watching it."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def _stalled(self, received: int) -> None:
+        """The body brought too little for too long: answer 408, drop the half upload, and let
+        Tornado close the connection (it does once a reply is sent before the body was read)."""
+        self._watch = None
+        if self._finished:
+            return
+        log.warning("%s %s from %s: the body brought less than %d bytes in %g s (%d bytes "
+                    "received); ended with 408", self.request.method, self.request.path,
+                    self.request.remote_ip, MIN_PROGRESS, self.body_timeout_s, received)
+        self._discard()
+        self._fail(408, f"request body timeout: less than {MIN_PROGRESS} bytes arrived in "
+                        f"{self.body_timeout_s:g} s")
+        # what Tornado does when a streamed body's client goes away: the verb is never called
+        super().on_connection_close()
+
     def prepare(self) -> None:
+        if self._has_body():
+            self._watch = BodyWatch(self.body_timeout_s, self._stalled)
         if self.request.method != "PUT":
+            self.request.connection.set_max_body_size(MAX_OTHER_BODY)
             return
         # Everything that can refuse an upload happens here, before the body is read: a client
         # that sent 'Expect: 100-continue' then gets the refusal instead of '100 Continue'.
@@ -353,6 +398,8 @@ class SEHandler(tornado.web.RequestHandler):
         self.request.connection.set_max_body_size(1 << 50)
 
     def data_received(self, chunk: bytes) -> None:
+        if self._watch is not None:
+            self._watch.received(len(chunk))
         if self._fd is None or self._write_error is not None:
             return
         try:
@@ -365,6 +412,7 @@ class SEHandler(tornado.web.RequestHandler):
             self._write_error = exc  # answered in put(); the rest of the body is dropped
 
     async def put(self) -> None:
+        self._body_read()
         if self._fd is None:
             return self._fail(500, "upload was not prepared")
         fd, self._fd = self._fd, None
@@ -424,6 +472,7 @@ class SEHandler(tornado.web.RequestHandler):
 
     # -- third-party copy (pull) -----------------------------------------------------------------
     async def copy(self) -> None:
+        self._body_read()
         if not self._authorized():
             return
         path = self._path()
@@ -440,12 +489,17 @@ class SEHandler(tornado.web.RequestHandler):
             return self._fail(403, why)
         if os.path.isdir(path):
             return self._fail(409, "a collection exists at this path")
-        if os.path.exists(path) and self.request.headers.get("Overwrite", "T").strip() == "F":
-            return self._fail(412, "file exists (Overwrite: F)")
+        overwrite = self.request.headers.get("Overwrite", "F").strip().upper()
+        if overwrite not in ("T", "F"):
+            return self._fail(400, f"Overwrite must be T or F, not {overwrite[:20]!r}")
+        if os.path.lexists(path) and overwrite != "T":
+            return self._fail(412, "file exists: COPY does not replace a replica unless the "
+                                   "request says 'Overwrite: T'")
         self.set_status(202)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.flush()          # the 202 goes out now; the outcome ends the body (tpc.py)
         self._pull = Pull(self.tpc, source, path, source_headers(self.request.headers),
-                          self._marker)
+                          self._marker, overwrite=overwrite == "T")
         why = await self._pull.run(UPLOAD_PREFIX, XATTR)
         if why:
             log.warning("third-party copy %s -> %s failed: %s", source, self.request.path, why)
@@ -468,11 +522,14 @@ class SEHandler(tornado.web.RequestHandler):
 
     def on_connection_close(self) -> None:
         # the client went away mid-upload (or mid-pull): the half file must not survive
+        self._body_read()
         if self._pull is not None:
             self._pull.cancelled = True
         self._discard()
+        super().on_connection_close()   # ends Tornado's wait for the rest of the body
 
     def on_finish(self) -> None:
+        self._body_read()
         self._discard()
 
 
@@ -490,8 +547,10 @@ class SEApplication(tornado.web.Application):
 
 
 def make_app(root: str, token: str | None = None, create_parents: bool = True,
-             tpc: TpcConfig | None = None) -> SEApplication:
+             tpc: TpcConfig | None = None,
+             body_timeout_s: float = BODY_TIMEOUT_S) -> SEApplication:
     root = os.path.realpath(root)
     return SEApplication([(r"/.*", SEHandler, {"root": root, "token": token,
                                                "create_parents": create_parents,
-                                               "tpc": tpc or TpcConfig()})])
+                                               "tpc": tpc or TpcConfig(),
+                                               "body_timeout_s": body_timeout_s})])

@@ -14,6 +14,7 @@ from tornado.netutil import bind_sockets
 from panda_core.netguard import FloodGuard, connection_cap, raise_fd_limit
 
 from .app import make_app
+from .body import BODY_TIMEOUT_S, MIN_PROGRESS
 from .tpc import TpcConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-timeout", type=float, default=60, metavar="S",
                         help="close a connection that has not sent a whole request head within "
                         "S seconds of its accept or its last reply (slow or silent clients)")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, metavar="S",
+                        help=f"end a request whose body brings less than {MIN_PROGRESS // 1024} "
+                        "KiB in S seconds (a stalled or trickling upload) with 408 and remove "
+                        "its partial file; a whole body may take as long as it needs "
+                        f"(default {BODY_TIMEOUT_S:g})")
     parser.add_argument("--max-connections", type=int, metavar="N",
                         help="client connections (default and upper bound: the open-file "
                         "limit, raised to the hard limit at start, less a reserve)")
@@ -51,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.idle_timeout > 0 or (args.max_connections is not None
                                      and args.max_connections < 1):
         sys.stderr.write("panda se: --idle-timeout must be > 0 and --max-connections >= 1\n")
+        return 2
+    if not 0 < args.body_timeout < 1e7:      # also refuses nan and inf
+        sys.stderr.write("panda se: --body-timeout must be a number of seconds > 0\n")
         return 2
     token = os.environ.get("PANDA_SE_TOKEN") or None
     try:
@@ -78,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     tpc = TpcConfig(allow=tuple(args.tpc_allow), ca_bundle=args.tpc_ca_bundle,
                     timeout_s=args.tpc_timeout)
-    app = make_app(args.root, token, create_parents=not args.strict_webdav, tpc=tpc)
+    app = make_app(args.root, token, create_parents=not args.strict_webdav, tpc=tpc,
+                   body_timeout_s=args.body_timeout)
 
     fd_limit = raise_fd_limit()
 
     async def serve() -> None:
-        # no body timeout: an upload of many GB takes as long as it takes; a silent one is
-        # closed by the flood guard when room is needed
+        # no total body timeout: an upload of many GB takes as long as it takes; one that
+        # stalls or trickles is ended by the handler (--body-timeout, storage_element/body.py)
         server = HTTPServer(app, max_body_size=1 << 50,
                             idle_connection_timeout=args.idle_timeout, ssl_options=ssl_ctx)
         guard = FloodGuard(connection_cap(fd_limit, args.max_connections), "panda se")

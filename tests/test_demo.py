@@ -49,6 +49,25 @@ def test_demo_runs_task_to_the_end(tmp_path):
     assert all("demo.input." in p.read_text() for p in outputs)
     logs = list((workdir / "se" / "demo").rglob("*.job.log.tgz"))
     assert len(logs) == 6
+    # the pilots were one-file pilots, as on a site: fetched, verified and cached by the
+    # factory's batch script (in the demo's folder), run from the cache by the node's Python
+    [line] = [ln for ln in out.splitlines() if ln.startswith("pilots ")]
+    version = line.split("one-file pilot ")[1].split(":")[0]
+    from server.pilotfile import platform_tag
+    assert (workdir / "node-cache" / version / platform_tag() / "PANDA_PILOT.json").exists()
+    pilot_logs = [p.read_text() for p in (workdir / "factory").rglob("pilot.log")]
+    assert pilot_logs and all(f"pilot panda-wms-pilot 0.1+{version} on Python" in text
+                              for text in pilot_logs if "got job" in text), pilot_logs[:1]
+
+
+@pytest.mark.slow
+def test_demo_with_installed_pilots_when_told(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = demo(workdir, "--jobs", "2", "--timeout", "60", "--pilot-launch", "installed")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "all 2 jobs finished" in out, out
+    assert f"pilots       installed: {sys.executable} -m panda_wms.cli pilot" in out
+    assert not (workdir / "node-cache").exists()
 
 
 @pytest.mark.slow

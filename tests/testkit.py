@@ -133,3 +133,37 @@ def wait_for(fn, what: str, timeout: float = 30.0):
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+WHEEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "panda-wms-tests"
+
+
+def psutil_wheel(platform_tag: str = "manylinux2014_aarch64") -> Path:
+    """psutil's abi3 wheel of the installed version for another platform, as an operator gets
+    it (``pip download``, PyPI), kept in ``WHEEL_CACHE`` between runs; skips the test, saying
+    why, where it cannot be downloaded."""
+    import importlib.metadata
+
+    import pytest
+
+    version = importlib.metadata.version("psutil")
+    folder = WHEEL_CACHE / f"psutil-{version}-{platform_tag}"
+    found = sorted(folder.glob("psutil-*.whl")) if folder.is_dir() else []
+    if not found:
+        folder.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                              "--only-binary=:all:", "--platform", platform_tag, "-d",
+                              str(folder), f"psutil=={version}"],
+                             capture_output=True, text=True, timeout=300)
+        found = sorted(folder.glob("psutil-*.whl"))
+        if res.returncode != 0 or not found:
+            pytest.skip(f"cannot download psutil {version} for {platform_tag}: "
+                        f"{res.stderr.strip()[-300:]}")
+    return found[0]
+
+
+def elf_machine(path: Path) -> int:
+    """The ``e_machine`` of an ELF file (62 x86-64, 183 AArch64): which CPU it is built for."""
+    head = path.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")

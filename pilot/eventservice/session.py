@@ -34,20 +34,13 @@ from panda_core.wire import FileSpec, JobSpec, range_output_lfn
 
 from ..errors import PilotError, StageError
 from ..report import KILL_COMMANDS
+from . import EventServiceSettings
 from . import protocol as proto
 
 log = logging.getLogger(__name__)
 
 REPORT_RETRY = RetryPolicy(attempts=3, backoff_s=1, timeout_s=20)
 FINAL_REPORT_RETRY = RetryPolicy(attempts=6, backoff_s=2, timeout_s=30)
-
-
-@dataclass
-class EventServiceSettings:
-    """``batch``: ranges per getEventRanges (0: the job's cores); ``poll_s``: how long to wait
-    before asking again when no range is ready but other consumers hold some."""
-    batch: int = 0
-    poll_s: float = 10.0
 
 
 @dataclass

@@ -37,6 +37,18 @@ def _quantile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+def brokerage_spread(attempts: dict[str, int], slots: dict[str, int]) -> dict:
+    """Attempts per slot over the sites: min, mean, max and the coefficient of variation
+    (0 when brokerage gave every site work in proportion to its slots)."""
+    per_slot = [attempts.get(name, 0) / n for name, n in slots.items() if n]
+    if not per_slot:
+        return {"min": 0.0, "mean": 0.0, "max": 0.0, "cv": 0.0}
+    mean = sum(per_slot) / len(per_slot)
+    var = sum((x - mean) ** 2 for x in per_slot) / len(per_slot)
+    return {"min": round(min(per_slot), 2), "mean": round(mean, 2), "max": round(max(per_slot), 2),
+            "cv": round(math.sqrt(var) / mean, 3) if mean else 0.0}
+
+
 def build_report(tb: TaskBuffer, run: RunData) -> dict:
     w = run.workload
     j = db.jobs.c
@@ -80,6 +92,7 @@ def build_report(tb: TaskBuffer, run: RunData) -> dict:
     brokerage = {name: {"jobs": per_site.get(name, {}).get("attempts", 0),
                         "job_fraction": per_site.get(name, {}).get("attempts", 0) / n_attempts,
                         "slot_fraction": n / total_slots} for name, n in slots.items()}
+    spread = brokerage_spread({name: b["jobs"] for name, b in brokerage.items()}, slots)
     ends = sorted(t for t in ended_at.values())
     span_h = ((ends[-1] - t0).total_seconds() * speed / 3600.0) if ends and t0 else 0.0
     with db.read(tb.engine) as conn:
@@ -114,8 +127,8 @@ def build_report(tb: TaskBuffer, run: RunData) -> dict:
                          "p50": round(_quantile(queue_s, 0.5), 1),
                          "p95": round(_quantile(queue_s, 0.95), 1)},
         "shares": usage, "contended_samples": len(contended), "samples": len(run.samples),
-        "brokerage": brokerage, "failures_by_site": {k: v["failed"] for k, v in per_site.items()
-                                                     if v["failed"]},
+        "brokerage": brokerage, "brokerage_spread": spread,
+        "failures_by_site": {k: v["failed"] for k, v in per_site.items() if v["failed"]},
         "submit_errors": run.submit_errors, "pilot_errors": run.pilot_errors[:20],
         "n_pilot_errors": len(run.pilot_errors),
         "_series": {"queue_s": queue_s, "ends": [(e - t0).total_seconds() * speed for e in ends]
@@ -172,6 +185,7 @@ def _sites(report: dict, top: int = 40) -> str:
 
 
 def summary_table(r: dict) -> str:
+    sp = r["brokerage_spread"]
     lines = [f"# simulation {r['workload']}", "",
              "| measure | value |", "|---|---|",
              f"| completed (every job ended) | {r['completed']} ({r['every_job_ended']}) |",
@@ -182,6 +196,8 @@ def summary_table(r: dict) -> str:
              f"| queue time mean / p50 / p95 (simulated s) | {r['queue_time_s']['mean']} / "
              f"{r['queue_time_s']['p50']} / {r['queue_time_s']['p95']} |",
              f"| wall time (s), speed | {r['wall_s']}, {r['speed']}x |",
+             f"| attempts per slot over the sites: min / mean / max (cv) | "
+             f"{sp['min']} / {sp['mean']} / {sp['max']} ({sp['cv']}) |",
              f"| pilot errors / submit errors | {r['n_pilot_errors']} / "
              f"{len(r['submit_errors'])} |", "",
              f"| share | target | usage ({r['contended_samples']} contended samples) | "

@@ -48,6 +48,7 @@ class Sample:
     running: dict[str, int]
     waiting: dict[str, int]
     ended: int
+    live: int = 0                      # jobs not in a final state
 
 
 @dataclass
@@ -65,8 +66,8 @@ class RunData:
 
 def site_config(site: SimSite, se_root: Path) -> dict:
     """A site config (the shape of ``site_configs.SiteConfig.to_dict``) for a simulated site,
-    its storage a folder of its own."""
-    url = (se_root / site.name).as_uri()
+    its storage a folder of its own (``se_root`` may be relative: the URL is absolute)."""
+    url = (se_root / site.name).resolve().as_uri()
     return {
         "name": site.name, "region": "simulated", "status": "online",
         "resources": {"cores": site.cores, "memory_mb": site.memory_mb,
@@ -211,21 +212,20 @@ class Simulation:
         log.info("task %s submitted: %s", t.name, body.get("message", ""))
 
     def sample(self, start: float) -> Sample:
+        """The counters summed per share by the database (a few rows however many sites)."""
         running: dict[str, int] = {}
         waiting: dict[str, int] = {}
-        ended = 0
-        for (_site, share, status), (n, cores) in self.tb.counts.read().items():
+        ended = live = 0
+        for (share, status), (n, cores) in self.tb.counts.by_share().items():
             if status in ("sent", "starting", "running"):
                 running[share] = running.get(share, 0) + cores
             elif status == "activated":
                 waiting[share] = waiting.get(share, 0) + n
-            elif status in FINAL:
+            if status in FINAL:
                 ended += n
-        return Sample((time.monotonic() - start) * self.w.speed, running, waiting, ended)
-
-    def live_jobs(self) -> int:
-        return sum(n for (_s, _sh, status), (n, _c) in self.tb.counts.read().items()
-                   if status not in FINAL)
+            else:
+                live += n
+        return Sample((time.monotonic() - start) * self.w.speed, running, waiting, ended, live)
 
     async def run(self) -> RunData:
         w = self.w
@@ -235,22 +235,29 @@ class Simulation:
         submits = [asyncio.create_task(self.submit(t, start)) for t in w.tasks]
         loop = asyncio.get_running_loop()
         next_progress = start + PROGRESS_EVERY_S
+        cpu_mark, real_mark = time.process_time(), start
         deadline = start + w.timeout_s
         try:
             while True:
                 await asyncio.sleep(max(0.01, min(1.0, w.sample_s / w.speed)))
+                # every task submitted (or refused) before the sample: then no live job left
+                # in it means the run is over
+                submitted = all(s.done() for s in submits) and \
+                    len(self.data.task_ids) + len(self.data.submit_errors) == len(w.tasks)
                 sample = await loop.run_in_executor(None, self.sample, start)
                 self.data.samples.append(sample)
                 now = time.monotonic()
                 if now >= next_progress:
                     next_progress = now + PROGRESS_EVERY_S
+                    # the simulator's own CPU: near 100 % it, not the server, sets the pace
+                    cpu = (time.process_time() - cpu_mark) / max(now - real_mark, 1e-9)
+                    cpu_mark, real_mark = time.process_time(), now
                     log.info("simulated %.0f s (real %.0f s): %d job(s) ended, %d running, "
-                             "%d waiting, %d dispatched", sample.t, now - start, sample.ended,
-                             pilots.stats.busy, sum(sample.waiting.values()),
-                             pilots.stats.dispatched)
-                if all(s.done() for s in submits) and \
-                        len(self.data.task_ids) + len(self.data.submit_errors) == len(w.tasks) \
-                        and await loop.run_in_executor(None, self.live_jobs) == 0:
+                             "%d waiting, %d dispatched, %d empty polls; simulator CPU %.0f %%",
+                             sample.t, now - start, sample.ended, pilots.stats.busy,
+                             sum(sample.waiting.values()), pilots.stats.dispatched,
+                             pilots.stats.empty_polls, 100 * cpu)
+                if submitted and sample.live == 0:
                     self.data.completed = True
                     break
                 if now >= deadline:

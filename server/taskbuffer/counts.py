@@ -33,6 +33,11 @@ _READ = ("SELECT site, share, status, sum(n), sum(cores) FROM ("
          "SELECT site, share, status, n, cores FROM job_counts{w} UNION ALL "
          "SELECT site, share, status, n, cores FROM job_count_deltas{w}) both_tables "
          "GROUP BY site, share, status")
+#: the same over every site, summed by the database: one row per (share, status)
+_READ_BY_SHARE = text(
+    "SELECT share, status, sum(n), sum(cores) FROM ("
+    "SELECT share, status, n, cores FROM job_counts UNION ALL "
+    "SELECT share, status, n, cores FROM job_count_deltas) both_tables GROUP BY share, status")
 
 _PG_FOLD = text(
     "WITH gone AS (DELETE FROM job_count_deltas WHERE row_id IN ("
@@ -94,6 +99,13 @@ class JobCounts:
                 if n:
                     out[(s, share, status)] = (int(n), int(cores or 0))
         return out
+
+    def by_share(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(share, status) -> (jobs, cores) over every site, exact as committed now: a few
+        rows whatever the number of sites (``read`` returns one per site)."""
+        with db.read(self.store.engine) as conn:
+            return {(share, status): (int(n), int(cores or 0))
+                    for share, status, n, cores in conn.execute(_READ_BY_SHARE) if n}
 
     def site_load(self, include_unsited: bool = False) -> dict[str, dict[str, int]]:
         """site -> {status: jobs}; jobs without a site under '' if ``include_unsited``."""

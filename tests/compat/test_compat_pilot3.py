@@ -346,6 +346,47 @@ def test_timefloor_from_the_site_config_reaches_pilot3(tmp_path, compat_venv):
         "timefloor"] == 0
 
 
+def test_sandbox_becomes_pilot3s_container_type(tmp_path, compat_venv):
+    """The site config's ``sandbox`` is the queue description's ``container_type`` and
+    ``container_options`` as pilot 3's own QueueData reads them: our apptainer runtime is
+    ``apptainer`` for the user ``pilot`` (pilot 3 runs the payload in it), with the same
+    isolation in apptainer's options; bwrap and none are no container pilot 3 knows."""
+    import yaml
+
+    from server.queuedata import queuedata
+    from site_configs import parse_site_config
+
+    data = yaml.safe_load((EXAMPLE_SITES / f"{SITE}.yaml").read_text())
+    probe = ("import json, sys\nfrom pilot.info.queuedata import QueueData\n"
+             "q = QueueData(json.load(sys.stdin))\n"
+             "print(json.dumps([q.container_type, q.container_options]))\n")
+
+    def seen_by_pilot3(sandbox: dict | None) -> list:
+        if sandbox is None:
+            data.pop("sandbox", None)
+        else:
+            data["sandbox"] = sandbox
+        config = parse_site_config(data, env={"PANDA_SE_ROOT": str(tmp_path)}).to_dict()
+        proc = subprocess.run([str(compat_venv / "bin" / "python"), "-c", probe],
+                              input=json.dumps(queuedata(config)), capture_output=True,
+                              text=True, cwd=compat_venv / "pilot3-src", timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "PILOT_USER": "generic",
+                                   "PILOT_HOME": str(tmp_path)})
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert seen_by_pilot3({"runtime": "apptainer", "network": False,
+                           "bind": ["/cvmfs", "/etc/grid-security/certificates"]}) == [
+        {"pilot": "apptainer"},
+        "-B /cvmfs:/cvmfs:ro,/etc/grid-security/certificates:/etc/grid-security/certificates:ro,"
+        "${workdir} --contain --ipc --pid --net --network none"]
+    assert seen_by_pilot3({"runtime": "apptainer"}) == [
+        {"pilot": "apptainer"}, "-B ${workdir} --contain --ipc --pid"]
+    for sandbox in ({"runtime": "bwrap", "network": False, "bind": ["/cvmfs"]},
+                    {"runtime": "none"}, None):
+        assert seen_by_pilot3(sandbox) == [{}, ""], sandbox
+
+
 @pytest.mark.slow
 def test_pilot3_runs_three_jobs_in_one_pilot_within_timefloor(tmp_path, launch_dir, pilot_user,
                                                               compat_venv, monkeypatch):

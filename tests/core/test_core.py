@@ -6,12 +6,14 @@ import http.server
 import json
 import threading
 import time
+from email.utils import formatdate
 
 import pytest
 
 from panda_core.canonical import SIGNATURE_KEY, signed_bytes
 from panda_core.client import (MAX_REPLY_BYTES, ApiClient, ClientError, PilotClient,
-                               ProtocolError, Refused, ServerUnreachable, try_again)
+                               ProtocolError, Refused, ServerUnreachable, retry_after_s,
+                               try_again)
 from panda_core.errorcodes import CodedError, ErrorCode
 from panda_core.replicas import replica_url
 from panda_core.retry import RetryPolicy
@@ -136,16 +138,21 @@ def test_site_config_names_the_key_of_a_bad_value(data, where):
 
 
 class _Peer(http.server.BaseHTTPRequestHandler):
-    """Answers whatever the test put in ``replies`` (status, body bytes), records requests."""
-    replies: list[tuple[int, bytes]] = []
+    """Answers whatever the test put in ``replies`` (status, body bytes[, extra headers]),
+    records requests and when they came (``times``, monotonic)."""
+    replies: list[tuple] = []
     seen: list[tuple[str, str, bytes, dict]] = []
+    times: list[float] = []
 
     def _answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).times.append(time.monotonic())
         type(self).seen.append((self.command, self.path, body, dict(self.headers)))
-        status, data = type(self).replies.pop(0) if type(self).replies else (200, b"{}")
+        status, data, *extra = type(self).replies.pop(0) if type(self).replies else (200, b"{}")
         self.send_response(status)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (extra[0] if extra else {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -157,7 +164,7 @@ class _Peer(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def peer():
-    _Peer.replies, _Peer.seen = [], []
+    _Peer.replies, _Peer.seen, _Peer.times = [], [], []
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Peer)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", _Peer
@@ -232,6 +239,58 @@ def test_the_pilot_client_asks_again_while_the_server_says_try_again(peer):
     with pytest.raises(ServerUnreachable, match="try again"):
         client.get_job({"siteName": "S"})
     assert try_again(10) and try_again("10") and not try_again(30) and not try_again(None)
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date_and_never_raises():
+    now = 1_800_000_000.0
+    assert retry_after_s("5") == 5.0 and retry_after_s(" 120 ") == 120.0
+    assert retry_after_s(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30)
+    assert retry_after_s(formatdate(now - 30, usegmt=True), now=now) == 0.0   # in the past
+    assert retry_after_s(formatdate(now + 7, localtime=False), now=now) == pytest.approx(7)
+    assert retry_after_s("9" * 5000) >= 1e9          # more digits than int() takes: "very long"
+    for junk in (None, "", "-5", "1.5", "inf", "nan", "soon", "\u0665", "Fri, 99 Foo 2026",
+                 "Fri, 31 Dec 99999 23:59:59 GMT", "x" * 10_000):
+        assert retry_after_s(junk) is None, junk
+
+
+def test_a_retry_waits_as_long_as_the_server_asks_within_the_policys_cap():
+    policy = RetryPolicy(backoff_s=1, max_backoff_s=10, jitter=0.5)
+    assert policy.wait_after(1.0, None) == 1.0 and policy.wait_after(1.0, 0.5) == 1.0
+    assert policy.wait_after(1.0, 4, rand=lambda: 0.0) == 4.0
+    assert policy.wait_after(1.0, 4, rand=lambda: 1.0) == 6.0     # spread upward like the rest
+    assert policy.wait_after(1.0, 1e12, rand=lambda: 0.0) == 10.0   # capped
+    for hostile in (-5.0, 0.0, float("nan"), float("inf"), float("-inf")):
+        assert policy.wait_after(1.0, hostile) == 1.0
+
+
+def test_the_client_honours_the_servers_retry_after(peer):
+    url, p = peer
+    p.replies = [(503, b'{"success": false}', {"Retry-After": "1"}),
+                 (200, b'{"success": true, "message": "", "data": {"alive": true}}')]
+    client = ApiClient(url, retry=RetryPolicy(attempts=2, backoff_s=0.01, jitter=0))
+    assert client.is_alive()
+    assert 1.0 <= p.times[1] - p.times[0] < 2.5, "the retry came before the server's Retry-After"
+
+
+def test_a_hostile_retry_after_cannot_stall_or_crash_the_client(peer):
+    url, p = peer
+    far = formatdate(time.time() + 10 ** 7, usegmt=True)
+    hostile = ["-5", "soon", "1e999", "Fri, 31 Dec 99999 23:59:59 GMT", "9" * 5000, far]
+    p.replies = [(503, b"busy", {"Retry-After": v}) for v in hostile]
+    p.replies.append((200, b'{"StatusCode": 20}'))
+    client = PilotClient(url, retry=RetryPolicy(attempts=7, backoff_s=0.01, max_backoff_s=0.2,
+                                                jitter=0))
+    t0 = time.monotonic()
+    assert client.get_job({"siteName": "S"}) is None
+    assert time.monotonic() - t0 < 3
+    gaps = [b - a for a, b in zip(p.times, p.times[1:])]
+    assert len(gaps) == 6
+    assert all(g < 0.15 for g in gaps[:4]), "nonsense is ignored: the policy's own wait"
+    assert all(g >= 0.2 for g in gaps[4:]), "a long Retry-After is honoured up to the cap"
+    p.replies = [(429, b"slow down", {"Retry-After": "3600"})] * 2
+    with pytest.raises(ServerUnreachable, match="2 attempts: HTTP 429, Retry-After 3600 s"):
+        PilotClient(url, retry=RetryPolicy(attempts=2, backoff_s=0.01, max_backoff_s=0.05)
+                    ).update_job({"jobId": 1})
 
 
 # ------------------------------------------------------------------------- trust

@@ -68,7 +68,30 @@ def test_malleated_and_malformed_signatures_and_keys():
         ed25519.raw_public_key(b"\x30" * 44)
 
 
-def test_stdlib_and_cryptography_spec_verifiers_agree():
+def test_check_key_says_what_verify_says_of_a_key():
+    ed25519.check_key(_raw(Ed25519PrivateKey.generate()))
+    for bad in (b"\x01" * 31, b"\xff" * 31 + b"\x7f"):
+        with pytest.raises(ed25519.BadKey):
+            ed25519.check_key(bad)
+        with pytest.raises(ed25519.BadKey):
+            ed25519.verify(bad, bytes(64), b"")
+    # a y whose x is not a square: a 32-byte word that is no point of the curve
+    off = next(w for w in (bytes([i]) + bytes(31) for i in range(2, 256)) if not _is_point(w))
+    with pytest.raises(ed25519.BadKey, match="not a point"):
+        ed25519.check_key(off)
+
+
+def _is_point(raw: bytes) -> bool:
+    try:
+        ed25519.verify(raw, bytes(64), b"")
+    except ed25519.BadKey:
+        return False
+    return True
+
+
+def test_spec_verifier_checks_what_cryptography_signs():
+    """The pilot's verifier (panda_core.ed25519 only) on specs signed by ``cryptography``, as
+    the server signs them."""
     from pilot.errors import BadSignature
     from pilot.signature import SpecVerifier
     from panda_core.canonical import signed_bytes
@@ -79,13 +102,15 @@ def test_stdlib_and_cryptography_spec_verifiers_agree():
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
     job = {"PandaID": 7, "jobPars": "x"}
     job["specSignature"] = base64.b64encode(key.sign(signed_bytes(job))).decode()
-    for stdlib in (True, False):
-        verifier = SpecVerifier(pem, stdlib=stdlib)
-        assert verifier.backend == ("stdlib" if stdlib else "cryptography")
-        verifier.verify(job)
-        with pytest.raises(BadSignature, match="does not verify"):
-            verifier.verify({**job, "jobPars": "rm -rf"})
-        with pytest.raises(BadSignature, match="not signed"):
-            verifier.verify({"PandaID": 7})
+    verifier = SpecVerifier(pem)
+    verifier.verify(job)
+    with pytest.raises(BadSignature, match="does not verify"):
+        verifier.verify({**job, "jobPars": "rm -rf"})
+    with pytest.raises(BadSignature, match="not signed"):
+        verifier.verify({"PandaID": 7})
+    with pytest.raises(BadSignature, match="does not verify"):
+        other = Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        SpecVerifier(other).verify(job)
     with pytest.raises(BadSignature, match="unreadable"):
-        SpecVerifier(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", stdlib=True)
+        SpecVerifier(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")

@@ -13,7 +13,8 @@ from pathlib import Path
 from panda_core.replicas import replica_path
 from panda_core.siteconfig import SiteConfig
 from panda_core.wire import decode_job, range_output_lfn
-from pilot.eventservice.session import EventServiceSession, EventServiceSettings, SessionContext
+from pilot.eventservice import EventServiceSettings
+from pilot.eventservice.session import EventServiceSession, SessionContext
 from pilot.stage import StageSettings
 from pilotkit import put_input, site_config
 

@@ -163,6 +163,26 @@ def test_final_report_kept_while_the_server_says_try_again():
     assert send_final(Server(0), {"jobId": 1}, quick) is True
 
 
+def test_state_file_reaches_the_disk_only_for_what_exists_nowhere_else(tmp_path, monkeypatch):
+    """The payload's result and a final update the server has not taken are fsynced; the
+    phases before the payload are not (they cost the start path an fsync each)."""
+    from pilot import statefile as sf
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    phases = [sf.RECEIVED, sf.STAGEIN, sf.RUNNING, sf.STAGEOUT, sf.FINAL_PENDING, sf.DONE]
+    durable = []
+    for phase in phases:
+        before = len(synced)
+        sf.write_state(tmp_path, {"phase": phase, "job": {"PandaID": 1}})
+        assert sf.read_state(tmp_path)["phase"] == phase
+        if len(synced) > before:
+            durable.append(phase)
+    assert durable == [sf.STAGEOUT, sf.FINAL_PENDING]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 # --- environment and argv -------------------------------------------------------------------
 def test_scrub_env_drops_credentials():
     env = {"PATH": "/bin", "PANDA_AUTH_TOKEN": "t", "BEARER_TOKEN_FILE": "/f", "X509_USER_PROXY": "/p",

@@ -22,6 +22,7 @@ from panda_core.client import ApiClient
 from schedulers.base import SchedulerError
 from schedulers.bootstrap import batch_command, node_program, raw_key
 from schedulers.factory import Factory
+from server.pilotfile import platform_tag
 from site_configs import parse_site_config
 from test_factory import SITE, activate_jobs, site_dict
 
@@ -147,7 +148,8 @@ def test_bare_python_runs_a_job_through_the_batch_script(srv, tmp_path, python):
         assert job_states(srv, task_id) == {"finished": 1}, (attempt, res.stderr[-6000:].replace("\n", " | "))
         assert f"on Python {python_version(python)} ({python})" in res.stderr
     [unpacked] = [p for p in cache.iterdir() if not p.name.startswith(".")]
-    assert (unpacked / "PANDA_PILOT.json").exists() and "panda-wms-pilot" in res.stderr
+    assert (unpacked / platform_tag() / "PANDA_PILOT.json").exists()
+    assert "panda-wms-pilot" in res.stderr
 
 
 def python_version(python: str) -> str:
@@ -172,24 +174,18 @@ def test_factory_local_backend_runs_onefile_pilots(srv, tmp_path, monkeypatch):
     f.cancel_all()
 
 
-@pytest.fixture
-def tampered(srv):
-    """The server's pilot file with one byte changed (its signature left as it was)."""
-    version = requests.get(srv.url + "/pilot/", timeout=30).json()["default"]
-    path = srv.key_dir / "pilot" / version / "panda-pilot.pyz"
-    good = path.read_bytes()
-    bad = bytearray(good)
-    bad[len(bad) // 2] ^= 0x01
-    path.write_bytes(bytes(bad))
-    yield version
-    path.write_bytes(good)
+def test_tampered_file_is_refused_with_a_clear_error(srv, tmp_path):
+    """A man in the middle changes one byte of the file on its way to the node (the server
+    itself refuses to serve a stored file whose bytes changed: tests/server/test_pilotfile.py)."""
+    from peers import TamperingProxy
 
-
-def test_tampered_file_is_refused_with_a_clear_error(srv, tmp_path, tampered):
     task_id = activate_jobs(srv, 1, name="oftampered")
     cache = tmp_path / "cache"
-    res = run_node(pilot_argv(srv, tmp_path),
-                   node_env(cache, "/usr/bin/python3", PANDA_AUTH_TOKEN=srv.pilot_token))
+    with TamperingProxy(srv.url) as proxy:
+        argv = [proxy.url if a == srv.url else a for a in pilot_argv(srv, tmp_path)]
+        res = run_node(argv, node_env(cache, "/usr/bin/python3",
+                                      PANDA_AUTH_TOKEN=srv.pilot_token))
+    assert proxy.tampered == 1
     assert res.returncode == 4, res.stderr
     assert "panda-pilot bootstrap: REFUSED" in res.stderr
     assert "signature does not verify with the pinned server key sha256:" in res.stderr
@@ -290,6 +286,20 @@ def test_node_program_is_the_verifier_and_bootstrap_in_clear():
     compile(text, "node", "exec")
 
 
+def test_node_names_its_platform_as_the_server_does_and_refuses_a_newer_python(monkeypatch):
+    """The node program's platform word (os.uname(): no ``platform`` import on the way to the
+    pilot) is server.pilotfile's (platform.machine()), or a file would be refused on its own
+    platform."""
+    monkeypatch.delenv("PANDA_PILOT_TEST_PLATFORM", raising=False)
+    ns: dict = {}
+    exec(compile(node_program().rsplit("sys.exit(", 1)[0], "node", "exec"), ns)
+    assert ns["node_platform"]() == platform_tag()
+    ns["check_node"]({"platform": platform_tag(), "python_requires": "3.10"}, "v1")   # runs
+    with pytest.raises(ns["BootstrapError"], match="needs Python 99.0 or newer") as exc:
+        ns["check_node"]({"platform": platform_tag(), "python_requires": "99.0"}, "v1")
+    assert exc.value.code == 6
+
+
 def test_worker_node_information_reaches_columns_and_the_monitor(srv, tmp_path):
     """Issue 16 item 6: the first update and the heartbeats carry the node's description; the
     server keeps it in columns; the job page, the job list's facets and the pilots page show it."""
@@ -358,4 +368,86 @@ def test_pilots_unpacking_the_same_version_at_once_all_run(srv, tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     assert all(rc == 0 and "usage: panda pilot" in out for rc, out, _ in results), results
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [version]   # no leftovers
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [version]
+    assert [p.name for p in (tmp_path / "cache" / version).iterdir()] == [platform_tag()]
+
+
+@pytest.fixture
+def two_platforms(srv):
+    """A version of the pilot file for this platform and aarch64 (psutil's real aarch64
+    wheel), built into the server's pilot dir with ``panda pilotfile build --pilot-wheel``,
+    as an operator does; removed afterwards, so the other tests see one version."""
+    import sys
+
+    from testkit import psutil_wheel
+
+    wheel = psutil_wheel()
+    res = subprocess.run([sys.executable, "-m", "panda_wms.cli", "pilotfile", "build",
+                          "--key-dir", str(srv.key_dir), "--pilot-wheel", str(wheel)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    version = res.stdout.split()[0]
+    yield version, wheel
+    shutil.rmtree(srv.key_dir / "pilot" / version)
+    (srv.key_dir / "pilot-built" / f"{version}.json").unlink()
+
+
+def test_an_aarch64_node_gets_the_aarch64_extension_and_an_unknown_platform_is_refused(
+        srv, tmp_path, two_platforms):
+    import zipfile
+
+    from testkit import elf_machine
+
+    version, wheel = two_platforms
+    [listed] = [v for v in requests.get(srv.url + "/pilot/", timeout=30).json()["versions"]
+                if v["version"] == version]
+    assert listed["platforms"] == sorted([platform_tag(), "linux-aarch64"])
+    key = raw_key(srv.public_key_file().read_text(), srv.key_fingerprint())
+    argv = batch_command(srv.url, version, key, ["--help"])
+    cache = tmp_path / "cache"
+    # a fake aarch64 node (the bootstrap's platform detection overridden): it unpacks the
+    # aarch64 build of psutil's extension, byte for byte the wheel's, and nothing of x86-64
+    res = run_node(argv, node_env(cache, "/usr/bin/python3",
+                                  PANDA_PILOT_TEST_PLATFORM="linux-aarch64"))
+    assert res.returncode == 0 and "usage: panda pilot" in res.stdout, res.stderr
+    arm = cache / version / "linux-aarch64"
+    [so] = list(arm.rglob("*.so"))
+    assert so.relative_to(arm).as_posix() == "psutil/_psutil_linux.abi3.so"
+    assert elf_machine(so) == 183                                    # EM_AARCH64
+    with zipfile.ZipFile(wheel) as zf:
+        assert so.read_bytes() == zf.read("psutil/_psutil_linux.abi3.so")
+    assert not (arm / "_platforms").exists()
+    # this node, from the same file: its own extension, and a real job with psutil watching
+    task_id = activate_jobs(srv, 1, name="oftwoplat")
+    f = factory(srv, tmp_path)
+    f.pilot_args = ["--workdir", str(tmp_path / "wd"), "--max-jobs", "1",
+                    "--monitor-interval", "0.2"]
+    pinned = parse_site_config({**site_dict(), "pilots": {**site_dict()["pilots"],
+                                                          "version": version}})
+    res = run_node(f.pilot_command(pinned), node_env(cache, "/usr/bin/python3",
+                                                     PANDA_AUTH_TOKEN=srv.pilot_token))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert job_states(srv, task_id) == {"finished": 1}, res.stderr[-3000:]
+    [own] = list((cache / version / platform_tag()).rglob("*.so"))
+    assert elf_machine(own) == 62                                    # EM_X86_64
+    # a platform the file does not serve: refused by name, nothing unpacked
+    res = run_node(argv, node_env(cache, "/usr/bin/python3",
+                                  PANDA_PILOT_TEST_PLATFORM="linux-ppc64le"))
+    assert res.returncode == 6, res.stderr
+    assert (f"the pilot file {version} is built for {', '.join(listed['platforms'])}; this "
+            "node is linux-ppc64le") in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in (cache / version).iterdir()) == sorted(listed["platforms"])
+    res = run_node(argv, node_env(cache, "/usr/bin/python3", PANDA_PILOT_TEST_PLATFORM="../x"))
+    assert res.returncode == 2 and "'../x' is not a platform" in res.stderr, res.stderr
+
+
+def test_server_refuses_a_bad_pilot_wheel_at_start(tmp_path):
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "panda_wms.cli", "server", "--db",
+                          f"sqlite:///{tmp_path / 'db'}", "--key-dir", str(tmp_path / "k"),
+                          "--port", "0", "--pilot-wheel", str(tmp_path / "psutil.whl")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "panda server: --pilot-wheel:" in res.stderr and "no such wheel file" in res.stderr
+    assert "Traceback" not in res.stderr

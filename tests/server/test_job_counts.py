@@ -21,6 +21,14 @@ def pending_deltas(tb: TaskBuffer) -> int:
         return conn.execute(select(func.count()).select_from(db.job_count_deltas)).scalar_one()
 
 
+def summed_by_share(counts: dict) -> dict:
+    out: dict = {}
+    for (_site, share, status), (n, cores) in counts.items():
+        had = out.get((share, status), (0, 0))
+        out[(share, status)] = (had[0] + n, had[1] + cores)
+    return {k: v for k, v in out.items() if v[0]}
+
+
 def test_every_write_moves_the_counters(taskbuffer, clock):
     tb = taskbuffer
     add_site(tb, "SITE_A")
@@ -44,6 +52,8 @@ def test_every_write_moves_the_counters(taskbuffer, clock):
     assert pending_deltas(tb) == before, "a change of no counted column appends nothing"
     assert tb.counts.read() == counts_by_group_by(tb)
     assert tb.counts.read()[("", "analysis", "activated")] == (1, 4)
+    assert tb.counts.by_share() == summed_by_share(counts_by_group_by(tb))   # deltas pending
+    assert tb.counts.by_share()[("production", "activated")] == (3 + 3, 3 * 2 + 3)
 
     assert tb.counts.fold() > 0
     assert pending_deltas(tb) == 0
@@ -54,6 +64,7 @@ def test_every_write_moves_the_counters(taskbuffer, clock):
     assert archive_jobs(tb, older_than_s=1) == 1                         # the cancelled one
     tb.counts.fold()
     assert tb.counts.read() == counts_by_group_by(tb)
+    assert tb.counts.by_share() == summed_by_share(counts_by_group_by(tb))   # all folded
     with tb.engine.connect() as conn:           # counters of nothing are dropped, not kept at 0
         assert conn.execute(select(func.count()).select_from(db.job_counts)
                             .where(db.job_counts.c.n == 0)).scalar_one() == 0

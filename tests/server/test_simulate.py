@@ -78,3 +78,56 @@ def test_a_database_with_jobs_is_refused(taskbuffer, tmp_path):
     w = parse_workload({"sites": [{"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1}]})
     with pytest.raises(SimulationError, match="already holds 1 job"):
         prepare_database(taskbuffer, w, tmp_path)
+
+
+def test_a_relative_out_folder_gives_absolute_storage_urls(tmp_path, monkeypatch):
+    """``--out`` defaults to ``./simulation``: the sites' storage URLs must still be file URLs
+    (a relative path has none, and the command stopped with a traceback)."""
+    from server.simulate.run import site_config
+    from server.simulate.workload import SimSite
+    monkeypatch.chdir(tmp_path)
+    config = site_config(SimSite("A"), Path("simulation") / "storage")
+    assert config["storage"]["input"]["url"] == (tmp_path / "simulation" / "storage" /
+                                                 "A").as_uri()
+    assert config["storage"]["output"]["url"] == config["storage"]["input"]["url"]
+
+
+def test_the_pilots_connection_pool_keeps_connections_and_reports_errors():
+    """The simulated pilots' keep-alive pool: many requests over few connections, a chunked
+    reply read whole, any status but 200 an HTTPError (the pilots retry it)."""
+    import asyncio
+
+    import tornado.web
+
+    from server.simulate.httppool import ConnectionPool, HTTPError
+
+    class Echo(tornado.web.RequestHandler):
+        def post(self, how):
+            if how == "busy":
+                self.set_status(503)
+                self.finish("try later")
+            elif how == "chunked":
+                self.write("x" * 70000)
+                self.flush()
+                self.finish("y")
+            else:
+                self.finish({"got": self.get_body_argument("a")})
+
+    async def main():
+        app = tornado.web.Application([(r"/(\w+)", Echo)])
+        server = app.listen(0, "127.0.0.1")
+        port = next(iter(server._sockets.values())).getsockname()[1]
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", size=2)
+        try:
+            replies = await asyncio.gather(*(pool.post("/plain", {"a": str(i)}, {})
+                                             for i in range(20)))
+            assert [json.loads(r)["got"] for r in replies] == [str(i) for i in range(20)]
+            assert pool.opened == 2
+            assert await pool.post("/chunked", {"a": "1"}, {}) == b"x" * 70000 + b"y"
+            with pytest.raises(HTTPError, match="503"):
+                await pool.post("/busy", {"a": "1"}, {})
+        finally:
+            pool.close()
+            server.stop()
+
+    asyncio.run(main())
