@@ -97,9 +97,11 @@ setup(
         # selenium drives Debian's chromium for the monitor's browser tests; aiosmtpd is a
         # real SMTP server for the alarm e-mails
         # schemathesis (with hypothesis): the API fuzzed from its OpenAPI document
+        # pytest-xdist: scripts/test-all.sh runs the suite in 4 worker processes (most tests
+        # wait on servers, pilots and batch systems, not on the CPU: ~21 min serial)
         "test": ALL + ["pytest>=7.4", "pytest-timeout>=2.2", "responses>=0.24",
                        "selenium>=4.10", "aiosmtpd>=1.4", "schemathesis>=4.0",
-                       "hypothesis>=6.100"],
+                       "hypothesis>=6.100", "pytest-xdist>=3.5"],
     },
     entry_points={
         "console_scripts": ["panda = panda_wms.cli:main"],

@@ -29,6 +29,12 @@ _PRINTED = re.compile(r"adler32:\s*([0-9a-fA-F]{1,8})\s+\S+\s+(\d+)")
 _MISSING = ("[3011]", "no such file", "not found")
 
 
+def says_exists(stderr: str) -> bool:
+    """Whether xrdcp's error output says the destination file exists (without ``--force``
+    xrdcp refuses to replace one; a server answers [3018] to a racing create)."""
+    return bool(_EXISTS.search(stderr))
+
+
 def split_root_url(surl: str) -> tuple[str, str]:
     """'root://host:port//a/b' -> ('host:port', '/a/b')."""
     parts = urlsplit(surl)
@@ -174,7 +180,7 @@ class XrdcpTool(CopyTool):
                 proc.kill()
             proc.stderr.close()
         err = b"".join(errbuf).decode(errors="replace")
-        if rc != 0 and _EXISTS.search(err):
+        if rc != 0 and says_exists(err):
             return self._existing(t, timeout, want_md5)
         if rc != 0:
             raise self._failed(t, "out", rc, err)
@@ -220,6 +226,16 @@ class XrdcpTool(CopyTool):
         if r.returncode == 0 and len(parts) >= 2 and parts[0].lower() == "adler32":
             return parts[1].lower().rjust(8, "0")
         return None
+
+    def remote_size(self, surl: str, timeout: float = 60) -> int | None:
+        """The size of ``surl`` on the server (``xrdfs stat``), None if it is not there or the
+        server did not say."""
+        try:
+            r = self._xrdfs(surl, "stat", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        m = re.search(r"^Size:\s*(\d+)\s*$", r.stdout, re.MULTILINE)
+        return int(m.group(1)) if r.returncode == 0 and m else None
 
     def remove_remote(self, surl: str) -> None:
         try:

@@ -21,9 +21,9 @@ def make_manager(extra: Iterable[Any] = (), entry_points: bool = True):
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if entry_points:
-        from importlib.metadata import entry_points as eps
+        from panda_core.drivers import entry_points as eps   # one scan, shared with drivers
 
-        for ep in eps(group=hookspecs.PROJECT):
+        for ep in eps(hookspecs.PROJECT):
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
                 continue
             try:

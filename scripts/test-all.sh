@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh machine, then run the whole test suite.
 # Python extras come from setup.py's [test]; Debian packages from tests/debian-packages.txt
-# (installed with apt-get when run as root and not yet present). Extra pytest arguments pass through.
+# (installed with apt-get when run as root and not yet present). Extra pytest arguments pass through
+# and win over the defaults below: `-n 0` runs the suite in this one process.
+#
+# 4 pytest-xdist workers (PANDA_TEST_WORKERS overrides): most tests wait on servers, pilots and
+# batch systems rather than on the CPU, so 4 overlap well even on 2 cores. --dist loadscope keeps
+# each module on one worker, so a module-scoped server, Slurm or XRootD starts once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +27,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 set +e
-python3 -m pytest "$@"
+python3 -m pytest -n "${PANDA_TEST_WORKERS:-4}" --dist loadscope "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

@@ -141,7 +141,12 @@ def ensure_months(engine: Engine, upto: dt.datetime, ahead: int = 1) -> int:
                 wanted = [add_months(first, i) for i in range(ahead + 1)]
             else:
                 if have and first < have[0]:     # a clock behind the oldest partition
-                    made += _mariadb_split_lowest(conn, table, first, have[0])
+                    try:
+                        made += _mariadb_split_lowest(conn, table, first, have[0])
+                    except Exception:  # noqa: BLE001 - a racing server split it: fine if so
+                        if _months_now(conn, table)[0] > first:
+                            raise
+                    have = _months_now(conn, table)
                 wanted, month = [], add_months(have[-1], 1) if have else first
                 while month <= last:
                     wanted.append(month)

@@ -489,12 +489,17 @@ class SEHandler(tornado.web.RequestHandler):
             return self._fail(403, why)
         if os.path.isdir(path):
             return self._fail(409, "a collection exists at this path")
-        if os.path.exists(path) and self.request.headers.get("Overwrite", "T").strip() == "F":
-            return self._fail(412, "file exists (Overwrite: F)")
+        overwrite = self.request.headers.get("Overwrite", "F").strip().upper()
+        if overwrite not in ("T", "F"):
+            return self._fail(400, f"Overwrite must be T or F, not {overwrite[:20]!r}")
+        if os.path.lexists(path) and overwrite != "T":
+            return self._fail(412, "file exists: COPY does not replace a replica unless the "
+                                   "request says 'Overwrite: T'")
         self.set_status(202)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.flush()          # the 202 goes out now; the outcome ends the body (tpc.py)
         self._pull = Pull(self.tpc, source, path, source_headers(self.request.headers),
-                          self._marker)
+                          self._marker, overwrite=overwrite == "T")
         why = await self._pull.run(UPLOAD_PREFIX, XATTR)
         if why:
             log.warning("third-party copy %s -> %s failed: %s", source, self.request.path, why)

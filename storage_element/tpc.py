@@ -12,6 +12,11 @@ Only sources on an allow list (``panda se --tpc-allow HOST:PORT``, ``*`` for any
 without it any writer could make this host fetch any URL its network reaches. A client that goes
 away cancels the fetch and the partial file is removed. Push mode (``Destination:``) is not
 offered (501).
+
+A file already at the path is not replaced unless the request says ``Overwrite: T`` (WebDAV's
+header; unlike WebDAV, absent means F here, as a replica is never overwritten): it is refused
+with 412 before the fetch, and a file that appears during the fetch makes it fail (the fetched
+copy gets the name only if it is still free).
 """
 from __future__ import annotations
 
@@ -67,10 +72,11 @@ class Pull:
     """One fetch of ``source`` into ``target`` (a path below the root, checked by the caller)."""
 
     def __init__(self, cfg: TpcConfig, source: str, target: str, source_headers: dict[str, str],
-                 progress) -> None:
+                 progress, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.source = source
         self.target = target
+        self.overwrite = overwrite          # replace a file at ``target`` (Overwrite: T)
         self.headers = source_headers
         self.progress = progress            # called with bytes so far, at most every few seconds
         self.cancelled = False
@@ -118,8 +124,15 @@ class Pull:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            os.replace(self._tmp, self.target)
-            self._tmp = None
+            if self.overwrite:
+                os.replace(self._tmp, self.target)
+                self._tmp = None
+            else:
+                try:        # create-if-absent; the temporary name goes in ``finally``
+                    os.link(self._tmp, self.target)
+                except FileExistsError:
+                    return ("a file appeared at the destination during the copy: it is not "
+                            "replaced (Overwrite: T replaces it)")
             st = os.stat(self.target)
             try:
                 os.setxattr(self.target, xattr,

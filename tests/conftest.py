@@ -1,12 +1,21 @@
 """Fixtures shared by every test. Helpers live in testkit.py (import them from there)."""
 from __future__ import annotations
 
+import signal
 import subprocess
 
 import pytest
 
 from peers import start_se
 from testkit import start_server, stop_server
+
+
+def pytest_configure(config):
+    """Children that tests stop with SIGINT (Ctrl-C) must not inherit it ignored: a shell
+    starts background jobs (``cmd &`` without job control) with SIGINT ignored, Python then
+    keeps it ignored, and so would every process a test starts (and they would never stop)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

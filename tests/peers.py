@@ -6,6 +6,7 @@ benchmarks put it there themselves). Test code: no library module imports it.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
@@ -21,10 +22,69 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
-def free_port() -> int:
+#: where ``free_port`` counts the ports it handed out; shared by every test process here
+PORT_COUNTER = Path(tempfile.gettempdir()) / "panda-wms-test-ports"
+PORT_FLOOR = 20000
+
+
+def _kernel_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def _port_range() -> tuple[int, int] | None:
+    """Ports below the kernel's ephemeral range (where client sockets take their local ports)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (PORT_FLOOR, low) if low - PORT_FLOOR >= 1000 else None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on, for a peer a test is about to start.
+
+    Binding port 0 and closing (the kernel's choice) lets two processes that ask at once (xdist
+    workers, two test sessions) be given the same port before either peer binds it, and that
+    port lies in the ephemeral range, where any client connection may take it meanwhile. So
+    ports come from below that range, round-robin through a counter file that every test
+    process on the machine shares under an flock: a port comes round again only after
+    thousands of others. Without /proc or a writable counter, the kernel chooses.
+    """
+    span = _port_range()
+    if span is None:
+        return _kernel_port()
+    lo, hi = span
+    try:
+        fd = os.open(PORT_COUNTER, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return _kernel_port()
+    with os.fdopen(fd, "r+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)      # released when the file closes
+        text = fh.read().strip()
+        port = int(text) if text.isdigit() else lo
+        for _ in range(hi - lo):
+            if not lo <= port < hi:
+                port = lo
+            if _bindable(port):
+                break
+            port += 1
+        else:
+            return _kernel_port()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(port + 1))
+    return port
 
 
 def _wait_tcp(port: int, timeout: float, proc: subprocess.Popen | None, log: Path | None) -> None:

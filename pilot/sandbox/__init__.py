@@ -31,15 +31,17 @@ def available() -> list[str]:
 def load(config: SandboxConfig) -> Sandbox:
     """The runtime the site config names, constructed with its ``sandbox`` section.
 
-    ``none``, the default, is not looked up: a pilot without a sandbox does not pay for
-    importing stevedore on its way to the payload, and still starts where the installed
-    metadata predates this group (an editable install not reinstalled)."""
+    ``none``, the default, is not looked up: it starts where the installed metadata predates
+    this group (an editable install not reinstalled). The others come from the entry-point
+    scan the pilot's monitors were found in (``panda_core.drivers.entry_points``), not from a
+    second scan by stevedore: the lookup was ~3 ms of what the sandbox added before the
+    payload (docs/pilot.md, "Performance")."""
     if config.runtime == "none":
         from .none import NoSandbox
 
         return NoSandbox(config)
     return load_driver(GROUP, config.runtime, invoke_kwds={"config": config},
-                       error=UnknownSandbox, kind="sandbox runtime")
+                       error=UnknownSandbox, kind="sandbox runtime", use_stevedore=False)
 
 
 def ready(config: SandboxConfig, cache_dir: Path | None = None) -> Sandbox:

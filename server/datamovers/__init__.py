@@ -5,8 +5,8 @@ One driver per protocol family in the stevedore group ``panda.datamovers`` (``lo
 ``xrdcp --tpc``); the data service picks, per copy, the first configured mover that handles both
 ends (:meth:`DataMover.can_copy`). The contract and its failures are in :mod:`.base`.
 """
-from .base import (DataMover, Deadline, FileRef, SourceError, TransferFailed, load_mover,
-                   load_movers, mismatch)
+from .base import (DataMover, Deadline, DestinationExists, FileRef, SourceError, TransferFailed,
+                   load_mover, load_movers, mismatch)
 
-__all__ = ["DataMover", "Deadline", "FileRef", "SourceError", "TransferFailed", "load_mover",
-           "load_movers", "mismatch"]
+__all__ = ["DataMover", "Deadline", "DestinationExists", "FileRef", "SourceError",
+           "TransferFailed", "load_mover", "load_movers", "mismatch"]

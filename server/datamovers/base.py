@@ -7,6 +7,10 @@ corrupt: another source may be tried, retrying this one will not help) or
 or unreachable, a timeout): the data service retries it with backoff. A mover never leaves a
 partial file under the final name.
 
+A file already at the destination is never replaced: when its size and checksum agree with the
+catalogue the copy is done (a retried copy, or another server's), otherwise the copy fails with
+:class:`DestinationExists`, which says what differs; an operator removes that file if it must go.
+
 The deadline is real: a transfer blocked in a socket read or in a child ``xrdcp`` is stopped when
 its time is up (:class:`Deadline` shuts the sockets down from a timer thread; child processes are
 killed with their process group), not only checked between chunks.
@@ -32,6 +36,16 @@ class SourceError(Exception):
 
 class TransferFailed(Exception):
     """The copy failed for a reason that may pass (destination full, unwritable, too slow)."""
+
+
+class DestinationExists(TransferFailed):
+    """The destination already holds other bytes under the replica's name (or bytes that could
+    not be checked): it is not replaced. Retried like any TransferFailed, since the file may be
+    removed meanwhile; the message says what differs."""
+
+    def __init__(self, dst_url: str, why: str) -> None:
+        super().__init__(f"{dst_url} already exists and does not match the catalogue ({why}); "
+                         "a replica is never replaced: remove it there if it must go")
 
 
 @dataclass

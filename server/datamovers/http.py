@@ -6,7 +6,9 @@ Third-party copy follows the grid's HTTP-TPC convention in pull mode: ``COPY`` o
 with a ``Source:`` header; the destination fetches the file itself (``TransferHeaderAuthorization``
 is the credential it presents to the source) and answers ``202`` with a body of progress markers
 that ends in a ``success: ...`` or ``failure: ...`` line. A destination that answers 405/501, or
-refuses the source (403), is remembered as not offering it and gets streamed copies.
+refuses the source (403), is remembered as not offering it and gets streamed copies. COPY carries
+``Overwrite: F`` (WebDAV's default is T) and the streamed PUT meets ``panda se``'s own refusal:
+a file already at the destination is never replaced (``base.DestinationExists``).
 
 Either way the destination's own checksum (``Want-Digest: adler32``) must agree with the
 catalogue before the copy counts. Every socket is under the transfer's :class:`Deadline`.
@@ -20,7 +22,8 @@ from urllib.parse import urlsplit
 
 from copytools.checksum import StreamChecksum
 
-from .base import DataMover, Deadline, FileRef, SourceError, TransferFailed, mismatch
+from .base import (DataMover, Deadline, DestinationExists, FileRef, SourceError, TransferFailed,
+                   mismatch)
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +134,19 @@ class HttpMover(DataMover):
                                      f"{timeout_s:g} s deadline")
 
     def _copy(self, src_url: str, dst_url: str, expected: FileRef, deadline: Deadline) -> None:
-        have = self._digest(dst_url, deadline)
-        if have is not None and mismatch(expected, have[0], have[1]) is None:
+        if self._check_existing(dst_url, expected, deadline):
             return                                   # already there and good: nothing to do
-        if have is not None:       # a bad copy: storage elements never overwrite a replica
-            self._delete(dst_url, deadline)
         dst_host = urlsplit(dst_url).netloc
         done = False
         if self.third_party and dst_host not in self._no_tpc:
             done = self._third_party(src_url, dst_url, deadline)
+            if done is None:     # the destination holds a file now: someone else's copy
+                return self._appeared(dst_url, expected, deadline)
             if not done:
                 self._no_tpc.add(dst_host)
                 log.info("%s offers no third-party copy from this source: streaming", dst_host)
-        if not done:
-            self._stream(src_url, dst_url, expected, deadline)
+        if not done and not self._stream(src_url, dst_url, expected, deadline):
+            return self._appeared(dst_url, expected, deadline)   # there now: someone else's
         have = self._digest(dst_url, deadline)
         bad = "it is not there after the copy" if have is None else \
             mismatch(expected, have[0], have[1])
@@ -158,11 +160,30 @@ class HttpMover(DataMover):
                 raise SourceError(f"{src_url}: {src_bad}")
             raise TransferFailed(f"copy at {dst_url} does not match the catalogue: {bad}")
 
-    def _third_party(self, src_url: str, dst_url: str, deadline: Deadline) -> bool:
-        """Ask the destination to pull; True if it did, False if it does not offer COPY."""
+    def _check_existing(self, dst_url: str, expected: FileRef, deadline: Deadline) -> bool:
+        """True if the destination holds the catalogue's file, False if it holds none;
+        DestinationExists if it holds another (it is never replaced, docs/watcher.md)."""
+        have = self._digest(dst_url, deadline)
+        if have is None:
+            return False
+        bad = mismatch(expected, have[0], have[1])
+        if bad:
+            raise DestinationExists(dst_url, bad)
+        return True
+
+    def _appeared(self, dst_url: str, expected: FileRef, deadline: Deadline) -> None:
+        """The destination refused to write because a file is there: done if it is the
+        catalogue's, DestinationExists if not."""
+        if not self._check_existing(dst_url, expected, deadline):
+            raise TransferFailed(f"{dst_url}: the destination said a file is there, then "
+                                 "showed none")
+
+    def _third_party(self, src_url: str, dst_url: str, deadline: Deadline) -> bool | None:
+        """Ask the destination to pull; True if it did, False if it does not offer COPY, None
+        if it refused because a file is there (``Overwrite: F``: a replica is never replaced)."""
         conn, path = self._connect(dst_url, deadline)
         source = urlsplit(src_url)._replace(scheme=_HTTP_SCHEMES[urlsplit(src_url).scheme])
-        headers = self._headers(Source=source.geturl(), Overwrite="T")
+        headers = self._headers(Source=source.geturl(), Overwrite="F")
         if self.token:
             headers["TransferHeaderAuthorization"] = f"Bearer {self.token}"
         try:
@@ -173,6 +194,9 @@ class HttpMover(DataMover):
                 return False
             if resp.status == 401:
                 raise TransferFailed(f"COPY {dst_url}: the destination refused the credentials")
+            if resp.status == 412:
+                resp.read(2000)
+                return None
             if resp.status >= 300:
                 raise TransferFailed(f"COPY {dst_url}: HTTP {resp.status} "
                                      f"{resp.read(2000).decode(errors='replace').strip()}")
@@ -190,7 +214,9 @@ class HttpMover(DataMover):
             raise SourceError(f"{src_url}: {reason}")
         raise TransferFailed(f"third-party copy {src_url} -> {dst_url}: {reason}")
 
-    def _stream(self, src_url: str, dst_url: str, expected: FileRef, deadline: Deadline) -> None:
+    def _stream(self, src_url: str, dst_url: str, expected: FileRef, deadline: Deadline) -> bool:
+        """GET from the source, PUT to the destination; True if the PUT created the file,
+        False if one was there already (412 other bytes, 204 the same: never replaced)."""
         src, src_path = self._connect(src_url, deadline)
         try:
             src.request("GET", src_path, headers=self._headers())
@@ -224,12 +250,16 @@ class HttpMover(DataMover):
                 dst.close()
         finally:
             src.close()
+        if put.status == 412:
+            return False
         bad = mismatch(expected, cs.size, cs.adler32)
         if bad:
-            self._delete(dst_url, deadline)
+            if put.status in (200, 201):             # our copy of bad bytes: remove it
+                self._delete(dst_url, deadline)
             raise SourceError(f"{src_url}: {bad}")
         if put.status == 507:
             raise TransferFailed(f"PUT {dst_url}: destination full")
         if put.status not in (200, 201, 204):
             raise TransferFailed(f"PUT {dst_url}: HTTP {put.status} "
                                  f"{body.decode(errors='replace').strip()}")
+        return put.status != 204

@@ -15,7 +15,7 @@ import uuid
 import zlib
 from pathlib import Path
 
-from .base import DataMover, FileRef, SourceError, TransferFailed, mismatch
+from .base import DataMover, DestinationExists, FileRef, SourceError, TransferFailed, mismatch
 
 CHUNK = 1 << 20
 
@@ -38,8 +38,11 @@ class LocalMover(DataMover):
 
     def copy(self, src_url: str, dst_url: str, expected: FileRef, timeout_s: float) -> None:
         src, dst = file_path(src_url), file_path(dst_url)
-        if dst.is_file() and self._verify(dst, expected) is None:
-            return                                   # already there and good: nothing to do
+        if os.path.lexists(dst):
+            bad = self._verify(dst, expected)
+            if bad is None:
+                return                               # already there and good: nothing to do
+            raise DestinationExists(dst_url, bad)
         try:
             st = os.stat(src)
         except FileNotFoundError:
@@ -70,7 +73,12 @@ class LocalMover(DataMover):
             bad = mismatch(expected, size, f"{adler:08x}", md5.hexdigest())
             if bad:
                 raise SourceError(f"{src_url}: {bad}")
-            os.replace(tmp, dst)
+            try:
+                os.link(tmp, dst)                    # create-if-absent: never replaces a file
+            except FileExistsError:                  # it appeared during the copy
+                bad = self._verify(dst, expected)
+                if bad is not None:
+                    raise DestinationExists(dst_url, bad) from None
         except OSError as exc:
             what = "destination full" if exc.errno == errno.ENOSPC else exc.strerror
             raise TransferFailed(f"copy {src_url} -> {dst_url}: {what}") from None
@@ -83,6 +91,8 @@ class LocalMover(DataMover):
     @staticmethod
     def _verify(path: Path, expected: FileRef) -> str | None:
         adler, md5, size = 1, hashlib.md5(), 0
+        if not path.is_file():
+            return "not a regular file"
         try:
             with open(path, "rb") as f:
                 while chunk := f.read(CHUNK):

@@ -91,3 +91,28 @@ def test_importing_it_costs_no_stevedore():
     code = "import sys, panda_core.drivers; print('stevedore' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_one_scan_per_sys_path_serves_every_stdlib_lookup(group, monkeypatch, tmp_path):
+    """``use_stevedore=False`` (the pilot's way) loads from the shared scan, also where
+    stevedore is installed; the distributions are scanned again only when sys.path changes."""
+    import importlib.metadata
+
+    import panda_core.drivers as drivers
+
+    scans = []
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: (scans.append(kw), real(**kw))[1])
+    monkeypatch.setattr(drivers, "_scan", None)
+    greeter = load_driver(GROUP, "greeter", invoke_kwds={"greeting": "hej"}, use_stevedore=False)
+    assert greeter.greeting == "hej"
+    assert installed_names(GROUP) == ["broken", "greeter", "refusing"]
+    with pytest.raises(DriverRefused, match=r"no test driver 'nosuch' .*\(installed: broken, "
+                                            "greeter, refusing\\)"):
+        load_driver(GROUP, "nosuch", error=DriverRefused, kind="test driver",
+                    use_stevedore=False)
+    assert scans == [{}]                     # one scan of everything for all three
+    monkeypatch.syspath_prepend(str(tmp_path / "elsewhere"))
+    assert installed_names(GROUP) == ["broken", "greeter", "refusing"]
+    assert scans == [{}, {}]                 # a new sys.path is scanned again

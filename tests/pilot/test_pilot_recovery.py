@@ -173,8 +173,12 @@ def test_lost_heartbeats_kill_the_payload_and_report_later(fake, se, tmp_path):
 
 
 def test_live_pilot_job_is_not_recovered_by_a_neighbour(fake, tmp_path):
-    """Two pilots share a work-dir base: the second must leave the first's running job alone."""
-    fake.add_job(make_job(706, "sleep 1.5; echo ok > out.dat", outputs=["out.dat"]))
+    """Two pilots share a work-dir base: the second must leave the first's running job alone.
+    The job runs until the test says so (a marker file; at most 60 s), not for a fixed time: a
+    neighbour slowed by a loaded machine must still meet the first pilot's job alive."""
+    go = tmp_path / "go"
+    fake.add_job(make_job(706, f"i=0; while [ ! -e {go} ] && [ $i -lt 1200 ]; do sleep 0.05; "
+                               "i=$((i+1)); done; echo ok > out.dat", outputs=["out.dat"]))
     proc = start_pilot(fake, tmp_path / "wd")
     try:
         fake.wait_for(lambda: any(u["state"] == "running" for u in fake.updates(706)))
@@ -182,6 +186,7 @@ def test_live_pilot_job_is_not_recovered_by_a_neighbour(fake, tmp_path):
         assert res.returncode == 0, res.stderr
         assert fake.final(706) is None                 # it did not report the live job
         assert "recovery:" not in res.stderr
+        go.write_text("go")                            # now the first pilot's job may end
         out, _ = finish(proc)
     finally:
         if proc.poll() is None:

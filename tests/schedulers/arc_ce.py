@@ -34,7 +34,8 @@ PACKAGES = ["nordugrid-arc-arex", "nordugrid-arc-client", "nordugrid-arc-plugins
 ARC_SHARE = Path("/usr/share/arc")
 PID_FILES = {"arex": Path("/run/arched-arex.pid"), "ws": Path("/run/arched-arex-ws.pid")}
 CONTROL_DIR = Path("/var/spool/arc/jobstatus")
-LOCK = Path("/run/panda-wms-arc-ce.lock")
+LOCK = Path("/run/panda-wms-arc-ce.lock")     # shared by every session using the CE
+START_LOCK = Path("/run/panda-wms-arc-ce.start.lock")   # held briefly to start, join or stop
 MARKER = Path("/run/panda-wms-arc-ce.started")    # {daemon: pid} of what test sessions started
 USER_DIR = Path("/var/lib/panda-wms-tests/arc-user")   # the test user's certificate and proxy
 
@@ -130,13 +131,18 @@ class ArcCE:
         """Leave the CE; the last test session using a CE that tests started stops it."""
         if self.lock is None:
             return
-        fcntl.flock(self.lock, fcntl.LOCK_UN)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()              # another pytest session still uses it
-            self.lock = None
-            return
+        with open(START_LOCK, "a+") as start:
+            fcntl.flock(start, fcntl.LOCK_EX)     # no session joins while we look
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.lock.close()              # another pytest session still uses it
+                self.lock = None
+                return
+            self._stop_daemons()
+
+    def _stop_daemons(self) -> None:
         try:
             pids = json.loads(MARKER.read_text()) if MARKER.exists() else {}
             procs = []
@@ -250,19 +256,25 @@ def start_ce() -> ArcCE:
     if addr != "127.0.0.1":
         raise ArcUnavailable(f"host name {host} resolves to {addr}, not 127.0.0.1: the CE's "
                              "certificate names it, and tests stay on loopback")
-    # pytest sessions running at once share the one system-wide CE: starting is serialised by
-    # an exclusive flock, use is a shared one, and the last session out stops what tests started
+    # pytest sessions running at once (xdist workers, other checkouts) share the one
+    # system-wide CE: each holds a shared flock on LOCK while it uses it, and the last one out
+    # stops what tests started. Starting, joining and leaving take START_LOCK, only for that
+    # moment: an exclusive lock on LOCK itself would wait for every session using the CE to
+    # end, i.e. a worker would wait for its siblings to finish all their tests.
     lock = open(LOCK, "a+")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-        proxy, ca_dir = _make_user()
-        with tempfile.TemporaryDirectory(prefix="panda-arc-ce-") as workdir:
-            started = _start_daemons(Path(workdir))
-        if started:
-            known = json.loads(MARKER.read_text()) if MARKER.exists() else {}
-            MARKER.write_text(json.dumps({**known, **started}))
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_SH)    # downgrade: others may join now
+    with open(START_LOCK, "a+") as start:
+        fcntl.flock(start, fcntl.LOCK_EX)
+        try:
+            proxy, ca_dir = _make_user()
+            with tempfile.TemporaryDirectory(prefix="panda-arc-ce-") as workdir:
+                started = _start_daemons(Path(workdir))
+            if started:
+                known = json.loads(MARKER.read_text()) if MARKER.exists() else {}
+                MARKER.write_text(json.dumps({**known, **started}))
+        except BaseException:
+            lock.close()
+            raise
+        fcntl.flock(lock, fcntl.LOCK_SH)        # a session leaving after this sees us
     ce = ArcCE(host=host, url=f"https://{host}/arex", proxy=proxy, ca_dir=ca_dir, lock=lock)
     deadline = time.monotonic() + 60
     last = ""

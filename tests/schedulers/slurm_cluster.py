@@ -17,13 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peers import free_port  # ports no other test process is handed at the same time
+
 PACKAGES = ["slurm-wlm", "munge"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmUnavailable(RuntimeError):

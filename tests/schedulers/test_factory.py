@@ -238,9 +238,11 @@ def test_probe_success_resumes_submission(server, tmp_path, factories):
     f.command = ["true"]                          # the site is repaired
     clock.now += 301
     assert f.run_once().sites[SITE].submitted == 1
-    wait_cycles(f, lambda r: f.health[SITE].disabled_since is None)
+    # the cycle that sees the probe succeed feeds the site in full again (max_queued, not one
+    # more probe); a later cycle would find those pilots still queued on a slow machine
+    resumed = wait_cycles(f, lambda r: f.health[SITE].disabled_since is None)
     assert f.health[SITE].consecutive_failures == 0
-    assert f.run_once().sites[SITE].submitted >= 1
+    assert resumed.sites[SITE].finished == 1 and resumed.sites[SITE].submitted == 2
 
 
 def test_dead_server_no_pilots_clear_error(tmp_path, factories):

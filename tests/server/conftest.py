@@ -6,8 +6,9 @@ Fixtures (use them from any test under tests/server/):
   test. Parametrized over ``sqlite`` (a file in a temporary folder), ``postgresql``
   (``postgresql+psycopg://postgres@127.0.0.1:5432/<fresh db>``, marker ``postgres``) and
   ``mysql`` (``mysql+pymysql://root@127.0.0.1:3306/<fresh db>``, marker ``mysql``). Each backend's
-  database is created once per test session under a fresh name (``panda_test_<pid>_<random>``)
-  and dropped at the end; ones left by killed sessions (pid gone) are dropped at the next start.
+  database is created once per test session (each xdist worker is one) under a fresh name
+  (``panda_test_<pid>_<random>``) and dropped at the end; ones left by killed sessions (pid
+  gone) are dropped at the next start: a live sibling worker's pid is never gone.
 - ``db_backend``: "sqlite", "postgresql" or "mysql" (the parameter of the current test).
 - ``fresh_db_url``: a brand-new *empty* database (no tables) on the same backend, dropped after
   the test: for migration tests.
@@ -158,17 +159,38 @@ def db_backend(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def _session_db(db_backend, tmp_path_factory) -> Iterator[str]:
-    if db_backend != "sqlite" and db_backend in SELECTED:
-        drop_stale_databases(db_backend)
-    url = create_database(db_backend, tmp_path_factory.mktemp(f"db-{db_backend}"))
-    engine = db.make_engine(url, pool_size=1)
-    try:
-        db.upgrade_schema(engine)
-    finally:
-        engine.dispose()
-    yield url
-    drop_database(url)
+def _session_dbs() -> Iterator[dict[str, str]]:
+    """backend -> URL of this session's migrated database on it, made on first use, dropped
+    when the session ends.
+
+    Not ``_session_db`` itself: pytest holds one parameter of a parametrized session fixture at
+    a time and tears the fixture down when a test asks for another. A serial run groups the
+    tests by backend, so that is rare; an xdist worker runs whole modules whose tests alternate
+    backends, and would create and migrate a database per module and backend (seconds each on
+    MariaDB)."""
+    made: dict[str, str] = {}
+    yield made
+    for url in made.values():
+        drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def _session_db(db_backend, _session_dbs, tmp_path_factory) -> str:
+    url = _session_dbs.get(db_backend)
+    if url is None:
+        if db_backend != "sqlite" and db_backend in SELECTED:
+            drop_stale_databases(db_backend)
+        url = create_database(db_backend, tmp_path_factory.mktemp(f"db-{db_backend}"))
+        engine = db.make_engine(url, pool_size=1)
+        try:
+            db.upgrade_schema(engine)
+        except BaseException:
+            drop_database(url)
+            raise
+        finally:
+            engine.dispose()
+        _session_dbs[db_backend] = url
+    return url
 
 
 @pytest.fixture
