@@ -26,16 +26,32 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from dispatch import create_db, drop_db  # noqa: E402 - after the path insert above
+from dispatch import PG_ADMIN, admin_connection  # noqa: E402 - after the path insert above
 
 CI = REPO / "tests" / "server" / "data" / "simulate-ci.yaml"
 LARGE = REPO / "benchmarks" / "simulate-large.yaml"
+
+
+def create_db() -> str:
+    """A fresh PostgreSQL database of this run (only this run's are ever dropped)."""
+    from sqlalchemy import text
+    name = f"panda_simlarge_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with admin_connection() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    return f"{PG_ADMIN}/{name}"
+
+
+def drop_db(url: str) -> None:
+    from sqlalchemy import text
+    with admin_connection() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
 
 
 def run_scenario(workload: Path, out: Path, processes: int) -> dict:
