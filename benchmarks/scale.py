@@ -11,9 +11,8 @@ Jobs are in two shares (mc, analysis: the share ranking is on the getJob path) a
 files (the dispatch statement is index-bound either way; files would only slow the seeding).
 Phases: getJob only, and full cycles (getJob, running, finished), against the baseline, the big
 site, and the 100 sites (each pilot bound to one; against the 10k one-site baseline as the issue
-asks, and against the small 100-site baseline: pilots of different sites cannot share a
-dispatch statement as the pilots of one site do, whatever the table's size). Then, on the big
-database:
+asks, and against the small 100-site baseline, which tells a cost of the table's size from a
+cost of the number of sites). Then, on the big database:
   - brokerage of one task of 100,000 jobs over 1,000 sites (``Brokerage.plan``, in process;
     half the jobs with an input held at one of the sites), against the per-job ``choose`` of
     before, measured on 200 jobs;
@@ -116,8 +115,7 @@ def seed(url: str, *, base_jobs: int = 0, big: int = 0) -> None:
         if base_jobs:
             insert(conn, task(conn, "base", BASE_SITE), base_jobs, "'activated'",
                    f"'{BASE_SITE}'", now)
-            # the 100 sites' baseline: few jobs per site (pilots bound to different sites do not
-            # share a dispatch statement as those of one site do: that costs at any size)
+            # the 100 sites' baseline: few jobs per site (what 100 sites cost at a small table)
             insert(conn, task(conn, "base-spread", None), BASE_SPREAD, "'activated'",
                    f"'S' || lpad((g % {N_SITES})::text, 3, '0')", now)
             # the archiver's and the monitor's baseline: ended jobs with few live rows ahead

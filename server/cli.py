@@ -172,26 +172,19 @@ def _server_parser() -> argparse.ArgumentParser:
 
 def _ops_config(args):
     """The monitor's operations settings from the command line (ValueError: a bad one)."""
+    from .mail import SmtpServer
     from .monitor.notify import NotifyConfig
     from .monitor.operations import DurationLimits, OpsConfig
 
-    host, port = None, 25
-    if args.alarm_smtp:
-        host, _, port_text = args.alarm_smtp.partition(":")
-        try:
-            port = int(port_text) if port_text else 25
-        except ValueError:
-            raise ValueError(f"--alarm-smtp {args.alarm_smtp!r}: the port must be a number") \
-                from None
-    if args.notify_smtp and not (args.notify_smtp.partition(":")[2] or "25").isdigit():
-        raise ValueError(f"--notify-smtp {args.notify_smtp!r}: the port must be a number")
+    smtp = SmtpServer.parse(args.alarm_smtp, "--alarm-smtp") if args.alarm_smtp else None
+    if args.notify_smtp:
+        SmtpServer.parse(args.notify_smtp, "--notify-smtp")     # refused at start, not per mail
     if args.snapshot_interval <= 0:
         raise ValueError("--snapshot-interval must be > 0")
     limits = DurationLimits.parse(args.duration_limit)
     return OpsConfig(interval_s=args.ops_interval, snapshot_interval_s=args.snapshot_interval,
                      limits=limits,
-                     notify=NotifyConfig(smtp_host=host, smtp_port=port,
-                                         mail_from=args.alarm_mail_from,
+                     notify=NotifyConfig(smtp=smtp, mail_from=args.alarm_mail_from,
                                          mail_to=tuple(args.alarm_mail_to),
                                          webhook_url=args.alarm_webhook,
                                          monitor_url=args.monitor_url))
@@ -199,11 +192,13 @@ def _ops_config(args):
 
 def _notify_config(args):
     """Users' task notifications from the command line (the SMTP host checked by _ops_config)."""
+    from .mail import SmtpServer
     from .notifications import NotificationConfig
 
-    host, _, port = (args.notify_smtp or args.alarm_smtp or "").partition(":")
-    return NotificationConfig(smtp_host=host or None, smtp_port=int(port) if port.isdigit()
-                              else 25, mail_from=args.notify_mail_from,
+    option, value = ("--notify-smtp", args.notify_smtp) if args.notify_smtp else \
+        ("--alarm-smtp", args.alarm_smtp)
+    return NotificationConfig(smtp=SmtpServer.parse(value, option) if value else None,
+                              mail_from=args.notify_mail_from,
                               webhook_allow=tuple(args.notify_webhook_allow),
                               monitor_url=args.monitor_url)
 

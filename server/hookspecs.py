@@ -56,6 +56,17 @@ def panda_job_priority(job: dict[str, Any], now: datetime, user_running: int) ->
     """
 
 
+@hookspec
+def panda_job_priorities(jobs: list[dict[str, Any]], now: datetime,
+                         user_running: dict[str, int]) -> list[int | None] | None:
+    """``panda_job_priority`` for many waiting jobs at once: one answer per job, in order
+    (None abstains for that job), or None to abstain for all. A priority pass asks it once
+    per batch (50,000 jobs) where the one-job form costs a hook call per job; both forms are
+    asked and, per job, the lowest answer of either wins. ``user_running``: owner -> jobs
+    running (absent: none). An answer of another length than ``jobs`` is ignored (logged).
+    """
+
+
 def plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
     """A plugin manager with the built-in policies and, optionally, the installed plugins."""
     from . import policies

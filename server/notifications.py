@@ -1,4 +1,4 @@
-"""Telling users what their tasks did: an email (SMTP, the standard library's smtplib) and/or a
+"""Telling users what their tasks did: an email (``server.mail.send_mail``) and/or a
 webhook (a JSON POST) when a task ends and, if asked for, when one of its jobs fails.
 
 A task asks in its description (docs/contracts.md)::
@@ -22,10 +22,8 @@ import datetime as dt
 import json
 import logging
 import re
-import smtplib
 import urllib.request
 from dataclasses import dataclass
-from email.message import EmailMessage
 from urllib.parse import urlsplit
 
 from sqlalchemy import insert, select, update
@@ -34,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from panda_core.states import TaskState
 
 from . import db
+from .mail import MailError, SmtpServer, send_mail
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,13 @@ def notify_spec(value) -> dict | None:
 
 @dataclass
 class NotificationConfig:
-    smtp_host: str | None = None
-    smtp_port: int = 25
+    smtp: SmtpServer | None = None
     mail_from: str = "panda@localhost"
     webhook_allow: tuple[str, ...] = ()      # "host:port" entries (default ports implied)
     monitor_url: str | None = None
     window_s: float = 3600.0
     max_attempts: int = 5
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0                  # the webhook's (the SMTP server has its own)
 
     def webhook_allowed(self, url: str) -> str | None:
         """None if ``url`` may be called, else why not."""
@@ -223,23 +221,19 @@ class Notifications:
         body = json.loads(row.body)
         try:
             if row.channel == "email":
-                if not self.config.smtp_host:
+                if not self.config.smtp:
                     return "no SMTP server configured (panda server --notify-smtp)"
-                msg = EmailMessage()
-                msg["Subject"] = row.subject
-                msg["From"] = self.config.mail_from
-                msg["To"] = row.target
-                msg.set_content(_text(body))
-                with smtplib.SMTP(self.config.smtp_host, self.config.smtp_port,
-                                  timeout=self.config.timeout_s) as smtp:
-                    smtp.send_message(msg)
+                send_mail(self.config.smtp, sender=self.config.mail_from, to=[row.target],
+                          subject=row.subject, text=_text(body))
             else:
                 req = urllib.request.Request(row.target, data=row.body.encode(), method="POST",
                                              headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:  # noqa: S310
                     if resp.status >= 300:
                         return f"webhook answered HTTP {resp.status}"
-        except (OSError, smtplib.SMTPException, ValueError) as exc:
+        except MailError as exc:
+            return str(exc)
+        except (OSError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
 

@@ -44,6 +44,7 @@ from .auth import Identity
 from .brokerage import OutputSE, output_se
 from .dispatcher import REPORT_COLUMNS
 from .dispatchpath import DispatchPath, GeneralPath, JobRequest, UpdateRequest
+from .taskbuffer import NotFound
 from .taskbuffer.data import stored_checksum
 from .taskbuffer.states import job_with_files, legal_predecessors
 from .taskbuffer.tasks import TASK_SETTLED
@@ -297,9 +298,17 @@ class HotPath(DispatchPath):
         at the site the pilot names; anything else, or anything the statements do not apply,
         goes to the general path, which gives the canonical answer."""
         site = req.site
-        site_row = self.tb.sites.cached(site) if site else None
-        if site_row is None or (identity is not None and not identity.may_act_for_site(site)):
+        if not site or (identity is not None and not identity.may_act_for_site(site)):
             return await self.general.update(req, identity)
+        site_row = self.tb.sites.cached(site)
+        if site_row is None:      # this process's copy of the sites is stale: read them all
+            try:
+                site_row = await self.general.run(self.tb.sites.get_cached, site)
+            except NotFound:
+                return await self.general.update(req, identity)
+            except Exception as exc:  # noqa: BLE001 - the general path answers; the log says why
+                _log_fallback(f"updateJob {req.panda_id}", exc)
+                return await self.general.update(req, identity)
         actor = identity.subject if identity else None
         # the holder rules of server/jobholder.py, as the statements' guard: an update that is
         # not the holder's matches no row and the general path refuses it with the reason
@@ -344,26 +353,45 @@ class HotPath(DispatchPath):
     # ------------------------------------------------------------------ getJob
     def _dispatch_statement(self, shape: tuple[str, ...]):
         """(SQL, constant parameters) of the batched dispatch for one shape of pilot request
-        (see ``Jobs.dispatch_params``)."""
+        (see ``Jobs.dispatch_params``): one statement for pilots of any number of sites.
+
+        Each group of pilots that ask with the same parameters (a site, a share step, the
+        pilots' limits) is one row of ``q``; the general path's pick (``Jobs.pick_query``)
+        runs once per row (``LATERAL``), its parameters taken from the row and its LIMIT the
+        number of pilots in the group. The share's array of known names (``p_known``, the
+        same for every site) stays a parameter of the statement."""
         hit = self._dispatch_sql.get(shape)
         if hit is None:
-            pick, base = psycopg_sql(
-                self.tb.jobs.pick_query(shape, limit=bindparam("p_n", type_=Integer)),
-                self.tb.engine.dialect)
+            dialect = self.tb.engine.dialect
+            compiled = self.tb.jobs.pick_query(
+                shape, limit=bindparam("p_n", type_=Integer)).compile(dialect=dialect)
+            base = {k: v for k, v in compiled.construct_params(_check=False).items()
+                    if v is not None}
+            cols = [name for name in shape if name != "p_known"] + ["p_n"]
+            pick = compiled.string
+            for name in cols:
+                pick = pick.replace(f"%({name})s", f"q.{name}")
+            arrays = ", ".join(
+                f"%(q_{name})s::{compiled.binds[name].type.compile(dialect=dialect)}[]"
+                for name in cols)
             file_cols = ", ".join(f"f.{c.name} AS f_{c.name}" for c in db.files.c)
             sent, activated = str(JobState.SENT), str(JobState.ACTIVATED)
             sql = (
-                f"WITH pick AS ({pick}), "
-                "ranked AS (SELECT panda_id, row_number() OVER "
-                "(ORDER BY current_priority DESC, panda_id) AS i FROM pick), "
-                "who AS (SELECT * FROM unnest(%(w_node)s::varchar[], %(w_pilot)s::varchar[], "
-                "%(w_batch)s::varchar[], %(w_actor)s::varchar[], %(w_nonce)s::varchar[]) "
-                "WITH ORDINALITY AS w(node, pilot_id, batch_id, actor, nonce, i)), "
+                f"WITH q AS (SELECT * FROM unnest({arrays}) WITH ORDINALITY "
+                f"AS q({', '.join(cols)}, k)), "
+                f"pick AS (SELECT q.k, p.panda_id, p.current_priority FROM q "
+                f"CROSS JOIN LATERAL ({pick}) p), "
+                "ranked AS (SELECT panda_id, k, row_number() OVER (PARTITION BY k "
+                "ORDER BY current_priority DESC, panda_id) AS j FROM pick), "
+                "who AS (SELECT * FROM unnest(%(w_k)s::int[], %(w_j)s::int[], "
+                "%(w_node)s::varchar[], %(w_pilot)s::varchar[], %(w_batch)s::varchar[], "
+                "%(w_actor)s::varchar[], %(w_nonce)s::varchar[]) "
+                "WITH ORDINALITY AS w(k, j, node, pilot_id, batch_id, actor, nonce, i)), "
                 f"upd AS (UPDATE jobs SET status = '{sent}', modification_time = %(now)s, "
                 "state_changed = %(now)s, heartbeat_time = %(now)s, node = who.node, "
                 "pilot_id = who.pilot_id, batch_id = who.batch_id, pilot_owner = who.actor, "
                 "pilot_nonce = who.nonce "
-                "FROM ranked JOIN who ON who.i = ranked.i "
+                "FROM ranked JOIN who ON who.k = ranked.k AND who.j = ranked.j "
                 f"WHERE jobs.panda_id = ranked.panda_id AND jobs.status = '{activated}' "
                 "RETURNING jobs.*, who.i AS w_i, who.actor AS w_actor), "
                 "hist AS (INSERT INTO job_history (panda_id, old_status, new_status, time, "
@@ -371,7 +399,7 @@ class HotPath(DispatchPath):
                 f"SELECT upd.*, {file_cols} FROM upd LEFT JOIN files f "
                 "ON f.panda_id = upd.panda_id ORDER BY upd.w_i, f.row_id")
             hit = self._dispatch_sql[shape] = (sql.replace("%(now)s", "%(now)s::timestamp"),
-                                               base)
+                                               base, cols)
         return hit
 
     async def dispatch(self, params: dict, *, node: str | None, actor: str | None,
@@ -380,51 +408,71 @@ class HotPath(DispatchPath):
         """The best fitting activated job (as ``Jobs.dispatch`` picks it), now sent to this
         pilot, with its files; None when no job fits. ``params``: ``Jobs.dispatch_params``.
 
-        Pilots asking with the same parameters while a dispatch of theirs is in flight are
-        served together by the next statement, which picks as many jobs as there are pilots
-        (group dispatch: one statement, one commit, for many getJobs under load; no waiting
-        when the server is idle)."""
-        return await self._dispatches.submit(tuple(sorted(params.items())),
-                                             (node, pilot_id, batch_id, actor, nonce))
+        Pilots asking with parameters of the same shape while a dispatch of that shape is in
+        flight are served together by the next statement, whatever their sites (group
+        dispatch: one statement, one commit, for many getJobs under load; no waiting when the
+        server is idle): a grid of many sites costs as few statements per getJob as one."""
+        shape = tuple(sorted(params))
+        return await self._dispatches.submit((shape, params.get("p_known")),
+                                             (params, (node, pilot_id, batch_id, actor, nonce)))
 
-    async def _dispatch_batch(self, key, who: list[tuple]) -> list:
-        params = dict(key)
-        try:
-            return await self._dispatch_many(params, who)
-        except psycopg.Error:
-            if len(who) == 1:
-                raise
-        # the database refused the batch (say, one pilot's node name is too long for its
-        # column): one by one, so that only the bad request goes to the general path
-        results: list = []
-        for one in who:
+    async def _dispatch_batch(self, key, items: list[tuple[dict, tuple]]) -> list:
+        shape = key[0]
+        results: list = [None] * len(items)
+        for picks in _dispatch_rounds(items):
             try:
-                results += await self._dispatch_many(params, [one]) or [None]
+                got = await self._dispatch_many(shape, items, picks)
             except psycopg.Error as exc:
-                results.append(exc)
+                alone = [i for group in picks for i in group]
+                if len(items) == 1:
+                    raise
+                if len(alone) == 1:
+                    results[alone[0]] = exc
+                    continue
+                # the database refused the statement (say, one pilot's node name is too long
+                # for its column): one by one, so that only the bad request goes to the
+                # general path
+                for i in alone:
+                    try:
+                        results[i] = (await self._dispatch_many(shape, items, [[i]])).get(i)
+                    except psycopg.Error as one_exc:
+                        results[i] = one_exc
+                continue
+            for i, job in got.items():
+                results[i] = job
         return results
 
-    async def _dispatch_many(self, params: dict, who: list[tuple]) -> list[dict]:
-        sql, base = self._dispatch_statement(tuple(sorted(params)))
-        args = {**base, **params, "p_n": len(who), "now": self.tb.clock(),
-                "w_node": [w[0] for w in who], "w_pilot": [w[1] for w in who],
-                "w_batch": [w[2] for w in who], "w_actor": [w[3] for w in who],
-                "w_nonce": [w[4] for w in who]}
-        if "p_known" in args:
-            args["p_known"] = list(args["p_known"])
+    async def _dispatch_many(self, shape: tuple[str, ...], items: list[tuple[dict, tuple]],
+                             picks: list[list[int]]) -> dict[int, dict]:
+        """One statement for ``picks`` (groups of indexes of ``items`` that ask with the same
+        parameters); {index of an item: the job it got}."""
+        sql, base, cols = self._dispatch_statement(shape)
+        args: dict[str, Any] = {**base, "now": self.tb.clock()}
+        first = items[picks[0][0]][0]
+        if "p_known" in first:
+            args["p_known"] = list(first["p_known"])
+        for name in cols:
+            args[f"q_{name}"] = [len(g) if name == "p_n" else items[g[0]][0][name]
+                                 for g in picks]
+        order = [i for group in picks for i in group]         # who's ordinality - 1
+        args["w_k"] = [k for k, group in enumerate(picks, 1) for _ in group]
+        args["w_j"] = [j for group in picks for j in range(1, len(group) + 1)]
+        for n, name in enumerate(("w_node", "w_pilot", "w_batch", "w_actor", "w_nonce")):
+            args[name] = [items[i][1][n] for i in order]
         async with self._pool().connection() as conn:
             cur = await conn.execute(sql, args)
             rows = await cur.fetchall()
             names = self._names.get(sql)
             if names is None:
                 names = self._names[sql] = [c.name for c in cur.description]
-        jobs, start = [], 0
+        jobs: dict[int, dict] = {}
+        start = 0
         pid = names.index("panda_id")
         for i in range(1, len(rows) + 1):
             if i == len(rows) or rows[i][pid] != rows[start][pid]:
                 job = job_with_files(names, rows[start:i])
-                del job["w_i"], job["w_actor"]
-                jobs.append(job)
+                jobs[order[job.pop("w_i") - 1]] = job
+                del job["w_actor"]
                 start = i
         return jobs
 
@@ -586,6 +634,33 @@ _PROGRESS_SQL = _progress_sql()
 
 
 _NOT_APPLIED = object()     # a batched statement returned no row for this item
+
+
+def _dispatch_rounds(items: list[tuple[dict, tuple]]) -> list[list[list[int]]]:
+    """The dispatch statements for a batch of getJobs (``(params, who)`` each): per statement,
+    its picks (indexes of the items asking with the same parameters). Two picks of one
+    statement never ask at the same site and share: a statement does not skip the rows it
+    locked itself, so two such picks would pick the same jobs (and one group of pilots would
+    be left without); pilots with other limits at the same site go to the next statement.
+    Usually one statement."""
+    picks: dict[tuple, list[int]] = {}
+    for i, (params, _) in enumerate(items):
+        picks.setdefault(tuple(sorted(params.items())), []).append(i)
+    rounds: list[list[list[int]]] = []
+    taken: list[set] = []
+    for group in picks.values():
+        params = items[group[0]][0]
+        where = (params["p_site"], params.get("p_share"))
+        for picks_of, seen in zip(rounds, taken):
+            if where not in seen:
+                break
+        else:
+            rounds.append([])
+            taken.append(set())
+            picks_of, seen = rounds[-1], taken[-1]
+        picks_of.append(group)
+        seen.add(where)
+    return rounds
 
 
 def _unique_pid_groups(items: list[dict]) -> list[list[int]]:

@@ -45,7 +45,12 @@ def panda_broker_weight(needs, candidate, load, locality):
 
 
 @hookimpl
-def panda_job_priority(job, now, user_running):
-    waited_h = max(0.0, (now - job["creation_time"]).total_seconds() / 3600.0)
-    return int(job["priority"] + AGING_PER_HOUR * waited_h
-               - USER_PENALTY_PER_RUNNING * user_running)
+def panda_job_priorities(jobs, now, user_running):
+    """``priority + AGING_PER_HOUR per hour waited - USER_PENALTY_PER_RUNNING per job the
+    owner has running``, for a batch of jobs (one hook call per pass, not per job)."""
+    out = []
+    for job in jobs:
+        waited_h = max(0.0, (now - job["creation_time"]).total_seconds() / 3600.0)
+        out.append(int(job["priority"] + AGING_PER_HOUR * waited_h
+                       - USER_PENALTY_PER_RUNNING * user_running.get(job["owner"], 0)))
+    return out

@@ -5,7 +5,7 @@ submitted per day.
   working group) past the jobs-per-day quota is refused with the numbers ("alice: 180 jobs
   submitted in the last 24 h + 40 in this task > 200 per day"); so is a submission while the
   owner already has ``max_running`` jobs running or more.
-- **At dispatch** (:class:`QuotaPolicy`, a ``panda_job_priority`` plugin): the waiting jobs of a
+- **At dispatch** (:class:`QuotaPolicy`, a ``panda_job_priorities`` plugin): the waiting jobs of a
   user or group at or over its running quota get a priority far below everyone else's, so they
   are dispatched only when nobody else's job fits: the user yields to others, nothing is lost.
 
@@ -145,7 +145,7 @@ class Quotas:
 
 class QuotaPolicy:
     """The dispatch side: over-quota users' and groups' waiting jobs yield to everyone else's
-    (registered on the server's plugin manager; the lowest ``panda_job_priority`` wins)."""
+    (registered on the server's plugin manager; the lowest priority answer wins)."""
 
     def __init__(self, tb, refresh_s: float = 30.0):
         self.tb = tb
@@ -184,7 +184,11 @@ class QuotaPolicy:
             (group is not None and group in self._groups_over)
 
     @hookimpl
-    def panda_job_priority(self, job, now, user_running):
-        if self.over_quota(job["owner"], job.get("working_group"), user_running):
-            return int(job["priority"]) - YIELD_PRIORITY
-        return None
+    def panda_job_priorities(self, jobs, now, user_running):
+        self._refresh()
+        if not (self._users or self._default is not None or self._groups_over):
+            return None                               # no quota: abstain for every job
+        return [int(job["priority"]) - YIELD_PRIORITY
+                if self.over_quota(job["owner"], job.get("working_group"),
+                                   user_running.get(job["owner"], 0)) else None
+                for job in jobs]

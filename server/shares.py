@@ -9,7 +9,7 @@ Dispatch is share-aware through the dispatcher's ``job_chooser``: at each level 
 share furthest below its target at that site (running jobs per share against the target
 fraction) comes first, then by current priority. Jobs whose share is not in the tree come last,
 so they still run when nothing else waits. ``recompute_priorities`` (a periodic job) sets each
-waiting job's ``current_priority`` from the ``panda_job_priority`` hooks: priorities age with
+waiting job's ``current_priority`` from the priority hooks: priorities age with
 waiting time and drop as the owner's running count grows.
 """
 from __future__ import annotations
@@ -375,7 +375,7 @@ class PriorityCursor:
 
 def recompute_priorities(tb: TaskBuffer, hook, limit: int = 50000,
                          cursor: PriorityCursor | None = None) -> int:
-    """Set ``current_priority`` of waiting jobs from the ``panda_job_priority`` hooks (the
+    """Set ``current_priority`` of waiting jobs from the priority hooks (the
     lowest answer wins); returns how many changed. Idempotent, so every server process may run
     it. Without ``cursor``: the first ``limit`` waiting jobs of each state (a one-off call);
     with one: the next ``limit`` after the cursor (the periodic task), read through the
@@ -390,24 +390,22 @@ def recompute_priorities(tb: TaskBuffer, hook, limit: int = 50000,
             select(j.owner, func.count()).where(j.status.in_(RUNNING_STATES)).group_by(j.owner))}
         for state in WAITING_STATES:
             after = cursor.after.get(state, 0) if cursor is not None else 0
-            batch = [dict(r._mapping) for r in conn.execute(
+            result = conn.execute(
                 select(*cols).where(j.status == literal_column(f"'{state}'"), db.WAITING_ONLY,
                                     j.panda_id > after)
-                .order_by(j.panda_id).limit(per_state))]
+                .order_by(j.panda_id).limit(per_state))
+            # plain tuples zipped with the names once: a row's mapping built its keys anew
+            # for every row (two thirds of a pass of 50,000 jobs)
+            names = list(result.keys())
+            batch = [dict(zip(names, r)) for r in result.all()]
             rows += batch
             if cursor is not None:
                 cursor.after[state] = batch[-1]["panda_id"] if len(batch) == per_state else 0
     if cursor is not None and not any(cursor.after.values()):
         cursor.laps += 1
     changes = []
-    for job in rows:
-        answers = [a for a in hook.panda_job_priority(job=job, now=now,
-                                                      user_running=user_running.get(job["owner"], 0))
-                   if a is not None]
-        if not answers:
-            continue
-        new = int(min(answers))
-        if new != job["current_priority"]:
+    for job, new in zip(rows, _lowest_answers(hook, rows, now, user_running)):
+        if new is not None and new != job["current_priority"]:
             changes.append({"pid": job["panda_id"], "old_status": job["status"], "prio": new})
     if changes:
         with tb.engine.begin() as conn:
@@ -423,6 +421,35 @@ def recompute_priorities(tb: TaskBuffer, hook, limit: int = 50000,
                              .values(current_priority=bindparam("prio")), changes)
         log.debug("recomputed priorities of %d job(s)", len(changes))
     return len(changes)
+
+
+def _lowest_answers(hook, jobs: list[dict], now, user_running: dict[str, int]
+                    ) -> list[int | None]:
+    """Per job, the lowest answer of the priority hooks (None: every one abstained): the
+    batch form ``panda_job_priorities`` once for all jobs, the one-job form
+    ``panda_job_priority`` per job only when a plugin implements it."""
+    best: list[int | None] = [None] * len(jobs)
+
+    def take(i: int, answer) -> None:
+        if answer is not None and (best[i] is None or answer < best[i]):
+            best[i] = int(answer)
+    many = getattr(hook, "panda_job_priorities", None)
+    if many is not None and jobs:
+        for answers in many(jobs=jobs, now=now, user_running=user_running):
+            if answers is None:
+                continue
+            if len(answers) != len(jobs):
+                log.warning("a panda_job_priorities plugin gave %d answers for %d jobs: "
+                            "ignored", len(answers), len(jobs))
+                continue
+            for i, answer in enumerate(answers):
+                take(i, answer)
+    one = getattr(hook, "panda_job_priority", None)
+    if one is not None and (not hasattr(one, "get_hookimpls") or one.get_hookimpls()):
+        for i, job in enumerate(jobs):
+            for answer in one(job=job, now=now, user_running=user_running.get(job["owner"], 0)):
+                take(i, answer)
+    return best
 
 
 _PG_SET_PRIORITIES = text(

@@ -1,4 +1,4 @@
-"""Telling people about alarms: an email through SMTP (Python's smtplib) and a webhook (a JSON
+"""Telling people about alarms: an email (``server.mail.send_mail``) and a webhook (a JSON
 POST), once per alarm. Alarms are claimed before they are sent (``Alarms.claim_unnotified``),
 so several server processes never send the same one twice; a failed send is retried on the
 next pass."""
@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import smtplib
 import urllib.request
-from dataclasses import dataclass, field
-from email.message import EmailMessage
+from dataclasses import dataclass
 
 from ..handlers import dumps
+from ..mail import MailError, SmtpServer, send_mail
 from .alarms import Alarms
 
 log = logging.getLogger(__name__)
@@ -19,20 +18,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class NotifyConfig:
-    smtp_host: str | None = None
-    smtp_port: int = 25
+    smtp: SmtpServer | None = None
     mail_from: str = "panda-monitor@localhost"
     mail_to: tuple[str, ...] = ()
     webhook_url: str | None = None
     monitor_url: str | None = None       # the monitor's base URL, for links in the messages
-    timeout_s: float = 10.0
-    smtp_starttls: bool = False
-    smtp_user: str | None = None
-    smtp_password: str | None = field(default=None, repr=False)
+    timeout_s: float = 10.0              # the webhook's (the SMTP server has its own)
 
     @property
     def enabled(self) -> bool:
-        return bool((self.smtp_host and self.mail_to) or self.webhook_url)
+        return bool((self.smtp and self.mail_to) or self.webhook_url)
 
 
 class Notifier:
@@ -45,23 +40,14 @@ class Notifier:
 
     def email(self, alarm: dict) -> None:
         cfg = self.config
-        msg = EmailMessage()
-        msg["Subject"] = f"[panda {alarm['severity']}] {alarm['title']}"
-        msg["From"] = cfg.mail_from
-        msg["To"] = ", ".join(cfg.mail_to)
         lines = [alarm["title"], "", alarm.get("message") or "",
                  "", f"key: {alarm['key']}", f"site: {alarm.get('site') or '-'}",
                  f"raised: {alarm['first_raised']:%Y-%m-%d %H:%M:%S} UTC by "
                  f"{alarm.get('raised_by') or alarm['source']}"]
         if self.link(alarm):
             lines += ["", f"acknowledge: {self.link(alarm)}"]
-        msg.set_content("\n".join(lines))
-        with smtplib.SMTP(cfg.smtp_host, cfg.smtp_port, timeout=cfg.timeout_s) as smtp:
-            if cfg.smtp_starttls:
-                smtp.starttls()
-            if cfg.smtp_user:
-                smtp.login(cfg.smtp_user, cfg.smtp_password or "")
-            smtp.send_message(msg)
+        send_mail(cfg.smtp, sender=cfg.mail_from, to=cfg.mail_to,
+                  subject=f"[panda {alarm['severity']}] {alarm['title']}", text="\n".join(lines))
 
     def webhook(self, alarm: dict) -> None:
         body = dumps({"alarm": {k: alarm[k] for k in (
@@ -76,10 +62,10 @@ class Notifier:
     def send(self, alarm: dict) -> list[str]:
         """Send ``alarm`` every configured way; the failures' texts."""
         errors = []
-        if self.config.smtp_host and self.config.mail_to:
+        if self.config.smtp and self.config.mail_to:
             try:
                 self.email(alarm)
-            except (OSError, smtplib.SMTPException) as exc:
+            except MailError as exc:
                 errors.append(f"email: {exc}")
         if self.config.webhook_url:
             try:

@@ -1143,6 +1143,64 @@ def test_pilots_asking_together_get_the_best_jobs_each_marked_as_theirs(env, clo
     assert env.fallbacks() == [] and env.records.hot_failures() == []
 
 
+def test_pilots_of_many_sites_asking_together_share_one_statement(env, monkeypatch, clock):
+    """getJobs of pilots at different sites that arrive together are served by one dispatch
+    statement (a grid of many sites costs as few statements per getJob as one site): each
+    pilot gets the best jobs of its own site, marked as its own. Pilots at the same site with
+    other limits of the same shape are served by the next statement (a statement does not
+    skip the rows it locked itself: two picks at one site in one statement would take the
+    same jobs)."""
+    sites = ["SITE_A", "SITE_B", "SITE_C", "SITE_D", "SITE_E"]
+    for site in sites[2:] + ["SITE_F"]:
+        add_site(env.tb, site)
+    best = {}
+    for site in sites:
+        _, ids = seed_jobs(env.tb, site, 4, priorities=[10, 40, 20, 30], memory_mb=1000)
+        best[site] = ids
+    seed_jobs(env.tb, "SITE_F", 1)
+    env.disp = env.dispatcher(env.hot, ShareChooser(env.tb))
+    asks = [(Identity(f"pilot-{site}-{i}", "pilot", site),
+             {"siteName": site, "node": f"wn-{site}-{i}", "mem": "4000"})
+            for site in sites for i in range(2)]
+    asks.append((Identity("pilot-big", "pilot", "SITE_A"),
+                 {"siteName": "SITE_A", "node": "wn-big", "mem": "8000"}))
+    statements: list[list[int]] = []          # per dispatch statement: pilots per pick
+    many = env.hot._dispatch_many
+
+    async def counted(shape, items, picks):
+        statements.append([len(group) for group in picks])
+        if len(statements) == 1:       # SITE_F's pilot's: held until all the others wait
+            for _ in range(500):
+                if sum(map(len, env.hot._dispatches._waiting.values())) == len(asks):
+                    break
+                await asyncio.sleep(0.01)
+        return await many(shape, items, picks)
+    monkeypatch.setattr(env.hot, "_dispatch_many", counted)
+
+    async def together():
+        first = asyncio.ensure_future(env.disp.get_job(
+            {"siteName": "SITE_F", "node": "wn-f", "mem": "4000"},
+            Identity("pilot-f", "pilot", "SITE_F")))
+        while not statements:
+            await asyncio.sleep(0.01)
+        rest = await asyncio.gather(*(env.disp.get_job(form, who) for who, form in asks))
+        return [await first, *rest]
+    replies = env.sync(together())
+    assert [r["StatusCode"] for r in replies] == [0] * (len(asks) + 1), replies
+    assert statements == [[1], [2] * len(sites), [1]], statements
+    for (who, form), reply in zip(asks, replies[1:]):
+        row = job(env.tb, reply["PandaID"])
+        assert row["site"] == form["siteName"]
+        assert (row["node"], row["pilot_owner"]) == (form["node"], who.subject)
+        assert env.tb.jobs.history(reply["PandaID"])[-1]["actor"] == who.subject
+    for site in sites:
+        got = {r["PandaID"] for (_, f), r in zip(asks, replies[1:])
+               if f["siteName"] == site and f["node"] != "wn-big"}
+        assert got == {best[site][1], best[site][3]}          # priorities 40 and 30
+    assert replies[-1]["PandaID"] == best["SITE_A"][2]        # then 20, for the big pilot
+    assert env.fallbacks() == [] and env.records.hot_failures() == []
+
+
 def test_racing_heartbeats_and_finish_of_one_job(env, clock):
     """Heartbeats racing the final update: the job ends finished exactly once, nothing is
     written after it ended, and late heartbeats are told to stop."""

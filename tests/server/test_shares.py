@@ -172,13 +172,13 @@ def test_priority_passes_walk_the_whole_queue_a_batch_at_a_time(tb, clock):
     hook = plugin_manager(load_entry_points=False).hook
     cursor = PriorityCursor()
     seen = []
-    real = hook.panda_job_priority
+    real = hook.panda_job_priorities
 
     class Spy:
-        def panda_job_priority(self, job, now, user_running):
-            seen.append(job["panda_id"])
-            assert "job_pars" not in job and "owner" in job        # the narrow row
-            return real(job=job, now=now, user_running=user_running)
+        def panda_job_priorities(self, jobs, now, user_running):
+            seen.extend(job["panda_id"] for job in jobs)
+            assert all("job_pars" not in job and "owner" in job for job in jobs)  # narrow rows
+            return real(jobs=jobs, now=now, user_running=user_running)
     changed = [recompute_priorities(tb, Spy(), limit=4, cursor=cursor) for _ in range(3)]
     # 2 per waiting state and pass (activated here): [0, 1], [2, 3], [4], then the front
     assert seen == ids and changed == [2, 2, 1] and cursor.laps == 1
@@ -202,6 +202,36 @@ def test_a_priority_plugin_can_lower_the_answer(tb, clock):
     pm.register(CapPriority(), name="cap")
     recompute_priorities(tb, pm.hook)
     assert tb.jobs.get(pid)["current_priority"] == 1000      # the lowest answer wins
+
+
+class FloorForBob:
+    """A third-party policy in the batch form: bob's jobs at 1 (others abstain)."""
+
+    @hookimpl
+    def panda_job_priorities(self, jobs, now, user_running):
+        return [1 if job["owner"] == "bob" else None for job in jobs]
+
+
+class Miscounting:
+    """A broken batch policy: one answer too few (ignored, with a warning)."""
+
+    @hookimpl
+    def panda_job_priorities(self, jobs, now, user_running):
+        return [-5] * (len(jobs) - 1)
+
+
+def test_batch_and_one_job_priority_plugins_together(tb, clock, caplog):
+    [bobs] = add_jobs(tb, "mc", 1, owner="bob", name="b")
+    [alices] = add_jobs(tb, "mc", 1, owner="alice", name="a")
+    clock.advance(hours=20)
+    pm = plugin_manager(load_entry_points=False)
+    for name, plugin in (("cap", CapPriority()), ("floor", FloorForBob()),
+                         ("broken", Miscounting())):
+        pm.register(plugin, name=name)
+    assert recompute_priorities(tb, pm.hook) == 1              # bob's: alice's stays
+    assert tb.jobs.get(bobs)["current_priority"] == 1          # the batch plugin's answer
+    assert tb.jobs.get(alices)["current_priority"] == 1000     # the one-job cap's (1200 aged)
+    assert "gave 1 answers for 2 jobs" in caplog.text
 
 
 def dispatcher(tb, tmp_path, ttl_s=0):
