@@ -131,3 +131,24 @@ def test_the_pilots_connection_pool_keeps_connections_and_reports_errors():
             server.stop()
 
     asyncio.run(main())
+
+
+def test_a_submission_without_a_reply_body_is_a_submit_error():
+    """A request Tornado gave up on (599: timed out in its queue, no body) is reported as a
+    submit error, not an exception that left the run waiting for a task that never came."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.simulate.run import RunData, Simulation
+    w = parse_workload({"sites": [{"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1}]})
+
+    class GaveUp:
+        async def fetch(self, *args, **kw):
+            return SimpleNamespace(code=599, body=None, error="Timeout in request queue")
+
+    sim = Simulation.__new__(Simulation)
+    sim.w, sim.url, sim.admin, sim.data = w, "http://127.0.0.1:1", "token", RunData(w)
+    sim.durations, sim.submit_client = {}, GaveUp()
+    asyncio.run(sim.submit(w.tasks[0], start=0.0))
+    assert sim.data.submit_errors == ["t: HTTP 599: Timeout in request queue"]
+    assert sim.data.task_ids == {}
