@@ -1,6 +1,6 @@
 """Copytools: move one file between a worker node and a storage element, verified.
 
-Each tool is a stevedore driver in the ``panda.copytools`` group (see docs/copytools.md).
+Each tool is a driver (an entry point) in the ``panda.copytools`` group (see docs/copytools.md).
 The pilot uses ``load(name, **options)`` and ``run_transfer(tool, transfer, direction, ...)``.
 """
 from __future__ import annotations

@@ -78,7 +78,8 @@ def whoami(ctx: Context, params: dict) -> dict | None:
 # ---------------------------------------------------------------------- tasks
 @api("task", "submit", ("POST",), WRITERS, params=(
     Param("task_parameters", "object", True, "the task description (docs/contracts.md)"),
-    Param("parent_tid", "integer", description="ignored (PanDA's client sends it)")))
+    Param("parent_tid", "integer", description="ignored (PanDA's client sends it)")),
+    bulk=True)
 def task_submit(ctx: Context, params: dict) -> int:
     """Our task description, or JEDI's task parameters as prun and pathena send them
     (``server.jeditask``). A refusal's ``data`` is PanDA's code: 2 a live task of the caller
@@ -113,7 +114,7 @@ def task_submit(ctx: Context, params: dict) -> int:
     return result.task_id
 
 
-@api("task", "extend", ("POST",), WRITERS, params=(TASK_ID,))
+@api("task", "extend", ("POST",), WRITERS, params=(TASK_ID,), bulk=True)
 def task_extend(ctx: Context, params: dict) -> dict:
     task_id = int_param(params, "task_id")
     task = ctx.tb.tasks.get(task_id)

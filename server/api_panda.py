@@ -244,7 +244,7 @@ def job_to_task(job: dict, files: list[dict], index: int) -> dict:
 
 @api("job", "submit", ("POST",), WRITERS, params=(
     Param("jobs", "any", True, "PanDA JobSpecs: a JSON list of positional JobSpec lists, or "
-          "that list as JSON text"),))
+          "that list as JSON text"),), bulk=True)
 def job_submit(ctx: Context, params: dict) -> list[list]:
     """PanDA's submitJobs: the jobs of one call become one task owned by the caller (each job
     with its own transformation, parameters, site and outputs), so they share a jobsetID."""

@@ -165,6 +165,7 @@ class Method:
     roles: tuple[str, ...] | None   # None: open to anyone
     params: tuple[Param, ...] = ()
     summary: str = ""
+    bulk: bool = False              # long work (many rows): runs on the server's bulk threads
 
     def checked(self, params: dict) -> dict:
         """``params`` with every declared one checked and converted (:meth:`Param.check`);
@@ -194,11 +195,12 @@ class ApiMethods:
         self.methods: dict[tuple[str, str], Method] = {}
 
     def __call__(self, module: str, name: str, http: tuple[str, ...] = ("GET",),
-                 roles: tuple[str, ...] | None = None, params: tuple[Param, ...] = ()):
+                 roles: tuple[str, ...] | None = None, params: tuple[Param, ...] = (),
+                 bulk: bool = False):
         def declare(func):
             doc = (func.__doc__ or "").strip().split("\n\n")[0]
             self.methods[(module, name)] = Method(func, http, roles, tuple(params),
-                                                  " ".join(doc.split()))
+                                                  " ".join(doc.split()), bulk)
             return func
         return declare
 

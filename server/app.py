@@ -36,6 +36,9 @@ from .taskbuffer import TaskBuffer, utcnow
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: the modules whose API methods ``/api/v1`` serves
 API_MODULES = (api, api_panda, api_extra, api_auth, api_console, monitor_api)
+#: threads per process for the bulk API methods (``ServerState.bulk_run``); their database
+#: connections come from the engine's overflow, beyond the ``threads`` of the pilots' requests
+BULK_THREADS = 2
 
 
 def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: int = 8,
@@ -64,6 +67,7 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     pm.register(QuotaPolicy(tb), name="quotas")
     executor = ThreadPoolExecutor(threads, thread_name_prefix="db")
     run = in_pool(executor)
+    bulk = ThreadPoolExecutor(BULK_THREADS, thread_name_prefix="bulk")
     path: DispatchPath = GeneralPath(tb, run)
     if hot_path and tb.dialect == "postgresql":
         from .pghot import HotPath     # psycopg (the 'postgres' extra): only on PostgreSQL
@@ -71,7 +75,7 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     return ServerState(tb=tb, keys=keys,
                        dispatcher=Dispatcher(tb, keys, ShareChooser(tb), path, run),
                        submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
-                       executor=executor, run=run,
+                       executor=executor, run=run, bulk_run=in_pool(bulk),
                        require_auth=require_auth, site_loader=site_loader,
                        admin_dns=DNMatcher(admin_dns), pilot_dns=DNMatcher(pilot_dns),
                        hook=pm.hook,

@@ -13,11 +13,14 @@ weight), boosting the sites whose input storage holds a job's inputs (``LOCALITY
 job costs O(its inputs' replicas + log sites), a task O(sites + jobs): 100,000 jobs over 1,000
 sites in seconds, where asking every hook for every (job, site) took ten minutes.
 :meth:`Brokerage.choose` is the same decision for one job, every hook asked with its inputs.
+A job may exclude sites (``site_for(..., exclude=)``): the re-brokerage of retries plans once
+per shape for a whole batch of retries, each avoiding the sites its earlier attempts failed at.
 """
 from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 log = logging.getLogger(__name__)
@@ -173,16 +176,27 @@ class TaskPlan:
     def _cost(self, i: int, factor: float = 1.0) -> float:
         return (self.given[i] + 1) / (self.candidates[i].weight * factor)
 
-    def site_for(self, input_lfns: list[str], locality: dict[str, set[str]]) -> str:
-        """The site of the next job (reading ``input_lfns``); counts it as given there."""
-        if not self.candidates:
-            raise LookupError("no candidate site")
+    def site_for(self, input_lfns: list[str], locality: dict[str, set[str]],
+                 exclude: Collection[str] = ()) -> str:
+        """The site of the next job (reading ``input_lfns``); counts it as given there.
+
+        ``exclude``: site names this job must not go to (a retry avoids the sites an earlier
+        attempt failed at for their own reasons); their heap entries are set aside and put
+        back, O(len(exclude) log sites). Raises LookupError when no candidate is left."""
         heap = self._heap
-        while True:                               # entries go stale when a site is given a job
+        aside: list[tuple[float, str, int]] = []
+        while heap:                               # entries go stale when a site is given a job
             cost, name, i = heap[0]
-            if cost == self._cost(i):
+            if cost != self._cost(i):
+                heapq.heapreplace(heap, (self._cost(i), name, i))
+            elif name in exclude:
+                aside.append(heapq.heappop(heap))
+            else:
                 break
-            heapq.heapreplace(heap, (self._cost(i), name, i))
+        if not heap:                  # every candidate left is excluded (or there is none)
+            for entry in aside:
+                heapq.heappush(heap, entry)
+            raise LookupError("no candidate site")
         best_cost, best_name, best = heap[0]
         if input_lfns:
             held: dict[int, int] = {}
@@ -191,12 +205,16 @@ class TaskPlan:
                     for j in self.by_endpoint.get(se, ()):
                         held[j] = held.get(j, 0) + 1
             for j, n in held.items():
-                cost = self._cost(j, locality_factor(n, len(input_lfns)))
                 name = self.candidates[j].name
+                if name in exclude:
+                    continue
+                cost = self._cost(j, locality_factor(n, len(input_lfns)))
                 if (cost, name) < (best_cost, best_name):
                     best_cost, best_name, best = cost, name, j
         self.given[best] += 1
         if best == heap[0][2]:
             heapq.heapreplace(heap, (self._cost(best), best_name, best))
         # else: the site's one entry is stale (too cheap) and is mended when it comes up
+        for entry in aside:           # still fresh: their sites were given nothing
+            heapq.heappush(heap, entry)
         return best_name

@@ -31,7 +31,7 @@ from panda_core.errorcodes import DispatcherCode, ErrorCode
 from panda_core.states import JobState
 
 from . import db
-from .brokerage import Brokerage, JobNeeds, input_endpoint
+from .brokerage import Brokerage, JobNeeds, TaskPlan, input_endpoint
 
 if TYPE_CHECKING:                      # the task buffer imports this module's classification
     from .taskbuffer import TaskBuffer
@@ -81,67 +81,108 @@ def excluded_after(job: dict) -> list[str]:
 
 
 class Rebrokerage:
-    """Brokers the retries that were created without a site (see the module's docstring)."""
+    """Brokers the retries that were created without a site (see the module's docstring).
 
-    def __init__(self, tb: TaskBuffer, brokerage: Brokerage, batch: int = 200):
+    A pass reads the waiting retries ``batch`` at a time (highest priority first, at most
+    ``per_pass``), and places them the way a task's submission places its jobs: the sites are
+    filtered and weighed once per job shape (``Brokerage.plan``; the hooks see the shape, as
+    for a task) and each retry goes to the plan's next site outside its own excluded sites
+    (``TaskPlan.site_for(exclude=)``). A batch costs O(sites per shape + retries) and a few
+    statements for its inputs and replicas, where asking every hook for every (retry, site)
+    made a pass over 1,000 sites cost seconds per hundred retries. Each batch commits in one
+    transaction.
+    """
+
+    def __init__(self, tb: TaskBuffer, brokerage: Brokerage, batch: int = 500,
+                 per_pass: int = 5000):
+        if batch < 1 or per_pass < 1:
+            raise ValueError("batch and per_pass must be at least 1")
         self.tb = tb
         self.brokerage = brokerage
         self.batch = batch
+        self.per_pass = per_pass
 
     def process(self) -> dict[int, str | None]:
         """One pass; PandaID -> the site chosen (None: failed, no site left)."""
-        j = db.jobs.c
-        with db.read(self.tb.engine) as conn:
-            jobs = [dict(r._mapping) for r in conn.execute(
-                select(db.jobs).where(j.status == str(JobState.DEFINED), j.site.is_(None),
-                                      j.parent_id.is_not(None))
-                .order_by(j.current_priority.desc(), j.panda_id).limit(self.batch))]
-        if not jobs:
-            return {}
-        sites = self.tb.sites.all()
-        load = self.tb.jobs.site_load()
         out: dict[int, str | None] = {}
-        for job in jobs:
-            out[job["panda_id"]] = self._one(job, sites, load)
+        seen: set[int] = set()
+        sites: list[dict] | None = None
+        load: dict = {}
+        plans: dict[tuple, TaskPlan] = {}
+        j = db.jobs.c
+        while len(seen) < self.per_pass:
+            with db.read(self.tb.engine) as conn:
+                jobs = [dict(r._mapping) for r in conn.execute(
+                    select(db.jobs).where(j.status == str(JobState.DEFINED), j.site.is_(None),
+                                          j.parent_id.is_not(None))
+                    .order_by(j.current_priority.desc(), j.panda_id)
+                    .limit(min(self.batch, self.per_pass - len(seen))))]
+            # a retry another process changed under us may still be listed: never twice
+            jobs = [job for job in jobs if job["panda_id"] not in seen]
+            if not jobs:
+                break
+            seen.update(job["panda_id"] for job in jobs)
+            if sites is None:
+                sites = self.tb.sites.all()
+                load = self.tb.jobs.site_load()
+            out.update(self._batch(jobs, sites, load, plans))
         return out
 
-    def _one(self, job: dict, sites: list[dict], load: dict) -> str | None:
-        pid = job["panda_id"]
+    def _batch(self, jobs: list[dict], sites: list[dict], load: dict,
+               plans: dict[tuple, TaskPlan]) -> dict[int, str | None]:
+        inputs: dict[int, list[tuple[str, str]]] = {job["panda_id"]: [] for job in jobs}
         with db.read(self.tb.engine) as conn:
-            inputs = [dict(r._mapping) for r in conn.execute(select(db.files).where(
-                db.files.c.panda_id == pid, db.files.c.type == "input"))]
-        excluded = set(json.loads(job.get("excluded_sites") or "[]"))
-        candidates = [s for s in sites if s["name"] not in excluded]
-        locality: dict[str, set[str]] = {}
-        for f in inputs:
-            locality.update(self.tb.data.replica_endpoints(f["scope"], [f["lfn"]]))
-        needs = JobNeeds(cores=job["cores"], memory_mb=job["memory_mb"],
-                         walltime_s=job["walltime_s"], disk_mb=job["disk_mb"],
-                         prod_source_label=job["prod_source_label"],
-                         input_lfns=[f["lfn"] for f in inputs])
-        site, reasons = self.brokerage.choose(needs, candidates, load, locality)
+            f = db.files.c
+            for r in conn.execute(select(f.panda_id, f.scope, f.lfn).where(
+                    f.panda_id.in_(list(inputs)), f.type == "input").order_by(f.row_id)):
+                inputs[r.panda_id].append((r.scope, r.lfn))
+        by_scope: dict[str, set[str]] = {}
+        for files in inputs.values():
+            for scope, lfn in files:
+                by_scope.setdefault(scope, set()).add(lfn)
+        replicas = {(scope, lfn): ses for scope, lfns in by_scope.items()
+                    for lfn, ses in self.tb.data.replica_endpoints(scope, sorted(lfns)).items()}
+        configs = {s["name"]: s["config"] for s in sites}
+        out: dict[int, str | None] = {}
         with self.tb.engine.begin() as conn:
-            if site is None:
-                why = (f"no site left for the retry: excluded after site failures: "
-                       f"{', '.join(sorted(excluded)) or 'none'}; "
-                       + ("; ".join(reasons[:5]) or "no other site known"))
-                self.tb.jobs.fail(conn, pid, [str(JobState.DEFINED)], actor=ACTOR, retry=False,
-                                  task_buffer_error_code=NO_SITE_LEFT,
-                                  task_buffer_error_diag=why[:4000])
-                log.warning("job %s: %s", pid, why, extra={"panda_id": pid})
-                return None
-            cfg = next(s["config"] for s in sites if s["name"] == site)
-            se = input_endpoint(cfg)
-            here = all(se in locality.get(f["lfn"], ()) for f in inputs)
-            conn.execute(update(db.jobs).where(db.jobs.c.panda_id == pid,
-                                               db.jobs.c.site.is_(None)).values(site=site))
-            self.tb.states.change(conn, pid, str(JobState.ACTIVATED if here else
-                                                 JobState.ASSIGNED),
-                                  actor=ACTOR, expected=[str(JobState.DEFINED)])
-        load.setdefault(site, {})["activated"] = load.get(site, {}).get("activated", 0) + 1
-        log.info("job %s (retry of %s) brokered to %s%s", pid, job["parent_id"], site,
-                 f", avoiding {', '.join(sorted(excluded))}" if excluded else "")
-        return site
+            for job in jobs:
+                pid = job["panda_id"]
+                needs = JobNeeds(cores=job["cores"], memory_mb=job["memory_mb"],
+                                 walltime_s=job["walltime_s"], disk_mb=job["disk_mb"],
+                                 prod_source_label=job["prod_source_label"])
+                key = (needs.cores, needs.memory_mb, needs.walltime_s, needs.disk_mb,
+                       needs.prod_source_label)
+                plan = plans.get(key)
+                if plan is None:
+                    plan = plans[key] = self.brokerage.plan(needs, sites, load)
+                excluded = set(excluded_after(job))      # its site is None: the list as stored
+                locality = {lfn: replicas.get((scope, lfn), set())
+                            for scope, lfn in inputs[pid]}
+                lfns = [lfn for _, lfn in inputs[pid]]
+                try:
+                    site = plan.site_for(lfns, locality, exclude=excluded)
+                except LookupError:
+                    why = (f"no site left for the retry: excluded after site failures: "
+                           f"{', '.join(sorted(excluded)) or 'none'}; "
+                           + ("; ".join(plan.rejected[:5]) or "no other site known"))
+                    if self.tb.jobs.fail(conn, pid, [str(JobState.DEFINED)], actor=ACTOR,
+                                         retry=False, task_buffer_error_code=NO_SITE_LEFT,
+                                         task_buffer_error_diag=why[:4000]):
+                        out[pid] = None
+                        log.warning("job %s: %s", pid, why, extra={"panda_id": pid})
+                    continue
+                se = input_endpoint(configs[site])
+                here = all(se in locality.get(lfn, ()) for lfn in lfns)
+                # the status guard (still defined) makes the site and the state change one
+                if self.tb.states.change(conn, pid, str(JobState.ACTIVATED if here else
+                                                         JobState.ASSIGNED),
+                                         actor=ACTOR, expected=[str(JobState.DEFINED)],
+                                         site=site):
+                    out[pid] = site
+                    log.info("job %s (retry of %s) brokered to %s%s", pid, job["parent_id"],
+                             site, f", avoiding {', '.join(sorted(excluded))}"
+                             if excluded else "")
+        return out
 
 
 @dataclass

@@ -56,6 +56,10 @@ class ServerState:
     started: dt.datetime = field(default_factory=utcnow)
     hook: Any = None                 # the panda.server plugin manager's hook relay
     pilot_files: PilotFiles | None = None   # the one-file pilot's versions (server/pilotfile.py)
+    # bulk API methods (task submission: thousands of rows, minutes under load) run here, on
+    # a few threads of their own: on ``run`` twenty 5,000-job tasks took every thread and
+    # the pilots' updateJobs waited behind them (panda simulate, docs/simulate.md)
+    bulk_run: Run | None = None
 
 
 def _json_default(obj: Any) -> Any:
@@ -297,7 +301,8 @@ class ApiHandler(BaseHandler):
         st = self.state
         ctx = Context(tb=st.tb, keys=st.keys, submitter=st.submitter, identity=identity,
                       clock=st.tb.clock, site_loader=st.site_loader)
-        data = await self.run(method.func, ctx, params)
+        run = st.bulk_run if method.bulk and st.bulk_run is not None else self.run
+        data = await run(method.func, ctx, params)
         self.reply(True, ctx.message, data)
 
 

@@ -79,6 +79,60 @@ def test_a_payload_failure_excludes_no_site(tb):
     assert Rebrokerage(tb, brokerage()).process()[retry["panda_id"]] in ("SITE_A", "SITE_B")
 
 
+def test_a_batch_of_retries_each_avoids_its_own_excluded_sites(taskbuffer):
+    """Retries of one shape are planned together, each skipping its own excluded sites; test
+    and offline sites are never used; one with every usable site excluded fails with 301;
+    a pass is bounded (``per_pass``) and read in batches."""
+    from server import db
+    from sqlalchemy import update
+    tb = taskbuffer
+    tb.sites.sync([site("SITE_A"), site("SITE_B", "SE_B"), site("SITE_C", "SE_C"),
+                   site("SITE_T", "SE_T", status="test"),
+                   site("SITE_O", "SE_O", status="offline")])
+    res = submitter(tb).submit(task(n_jobs=8, max_attempts=5), owner="alice")
+    for pid in res.job_ids:
+        run_and_fail(tb, tb.jobs.get(pid)["site"], pilot_error_code=1099)
+    retries = [retry_of(tb, pid) for pid in res.job_ids]
+    exclusions = {r["panda_id"]: json.loads(r["excluded_sites"]) for r in retries}
+    assert all(len(ex) == 1 for ex in exclusions.values())
+    # some have failed at more sites before: two of the three online ones, or all three
+    two, every = retries[0]["panda_id"], retries[1]["panda_id"]
+    exclusions[two], exclusions[every] = ["SITE_A", "SITE_B"], ["SITE_A", "SITE_B", "SITE_C"]
+    with tb.engine.begin() as conn:
+        for pid in (two, every):
+            conn.execute(update(db.jobs).where(db.jobs.c.panda_id == pid)
+                         .values(excluded_sites=json.dumps(exclusions[pid])))
+    first = Rebrokerage(tb, brokerage(), batch=2, per_pass=3).process()
+    assert len(first) == 3                                      # bounded
+    placed = {**first, **Rebrokerage(tb, brokerage(), batch=2).process()}
+    assert sorted(placed) == sorted(exclusions)
+    assert placed[every] is None and placed[two] == "SITE_C"
+    for pid, chosen in placed.items():
+        job = tb.jobs.get(pid)
+        if chosen is None:
+            assert job["status"] == "failed" and job["task_buffer_error_code"] == NO_SITE_LEFT
+            assert "SITE_A, SITE_B, SITE_C" in job["task_buffer_error_diag"]
+            assert "SITE_T: status test" in job["task_buffer_error_diag"]
+            continue
+        assert chosen in ("SITE_A", "SITE_B", "SITE_C") and chosen not in exclusions[pid]
+        assert (job["site"], job["status"]) == (chosen, "activated")
+    assert Rebrokerage(tb, brokerage()).process() == {}         # nothing waits any more
+
+
+def test_a_plan_skips_excluded_sites_and_says_when_none_is_left():
+    from server.brokerage import Candidate, TaskPlan
+    plan = TaskPlan([Candidate("A", {}, 1.0), Candidate("B", {}, 1.0),
+                     Candidate("C", {"storage": {"input": {"name": "SE_C"}}}, 1.0)], [])
+    got = [plan.site_for([], {}, exclude={"A"}) for _ in range(4)]
+    assert sorted(got) == ["B", "B", "C", "C"]                  # spread over the others
+    assert plan.site_for([], {}) == "A"                         # A was set aside, not lost
+    # locality never brings a job to a site it excludes
+    assert plan.site_for(["f"], {"f": {"SE_C"}}, exclude={"C"}) in ("A", "B")
+    with pytest.raises(LookupError):
+        plan.site_for([], {}, exclude={"A", "B", "C"})
+    assert plan.site_for([], {}) in ("A", "B", "C")             # the heap is whole again
+
+
 def test_a_task_pinned_to_a_site_retries_there(tb):
     res = submitter(tb).submit(task(n_jobs=1, site="SITE_A"), owner="alice")
     pid = run_and_fail(tb, "SITE_A", pilot_error_code=1099)
