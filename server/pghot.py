@@ -419,28 +419,34 @@ class HotPath(DispatchPath):
     async def _dispatch_batch(self, key, items: list[tuple[dict, tuple]]) -> list:
         shape = key[0]
         results: list = [None] * len(items)
-        for picks in _dispatch_rounds(items):
-            try:
-                got = await self._dispatch_many(shape, items, picks)
-            except psycopg.Error as exc:
-                alone = [i for group in picks for i in group]
-                if len(items) == 1:
-                    raise
-                if len(alone) == 1:
-                    results[alone[0]] = exc
-                    continue
-                # the database refused the statement (say, one pilot's node name is too long
-                # for its column): one by one, so that only the bad request goes to the
-                # general path
-                for i in alone:
-                    try:
-                        results[i] = (await self._dispatch_many(shape, items, [[i]])).get(i)
-                    except psycopg.Error as one_exc:
-                        results[i] = one_exc
-                continue
-            for i, job in got.items():
-                results[i] = job
+        # the statements of one batch (usually one) run side by side, each its own
+        # transaction: they skip each other's locked rows as any two dispatches do
+        await asyncio.gather(*(self._dispatch_round(shape, items, picks, results)
+                               for picks in _dispatch_rounds(items)))
         return results
+
+    async def _dispatch_round(self, shape: tuple[str, ...], items: list[tuple[dict, tuple]],
+                              picks: list[list[int]], results: list) -> None:
+        """One statement of a batch; its items' jobs (or errors) into ``results``."""
+        try:
+            got = await self._dispatch_many(shape, items, picks)
+        except psycopg.Error as exc:
+            alone = [i for group in picks for i in group]
+            if len(items) == 1:
+                raise
+            if len(alone) == 1:
+                results[alone[0]] = exc
+                return
+            # the database refused the statement (say, one pilot's node name is too long for
+            # its column): one by one, so that only the bad request goes to the general path
+            for i in alone:
+                try:
+                    results[i] = (await self._dispatch_many(shape, items, [[i]])).get(i)
+                except psycopg.Error as one_exc:
+                    results[i] = one_exc
+            return
+        for i, job in got.items():
+            results[i] = job
 
     async def _dispatch_many(self, shape: tuple[str, ...], items: list[tuple[dict, tuple]],
                              picks: list[list[int]]) -> dict[int, dict]:
@@ -641,8 +647,9 @@ def _dispatch_rounds(items: list[tuple[dict, tuple]]) -> list[list[list[int]]]:
     its picks (indexes of the items asking with the same parameters). Two picks of one
     statement never ask at the same site and share: a statement does not skip the rows it
     locked itself, so two such picks would pick the same jobs (and one group of pilots would
-    be left without); pilots with other limits at the same site go to the next statement.
-    Usually one statement."""
+    be left without); pilots with other limits at the same site (say, another remaining
+    walltime) go to another statement, run beside the first in its own transaction. Usually
+    one statement."""
     picks: dict[tuple, list[int]] = {}
     for i, (params, _) in enumerate(items):
         picks.setdefault(tuple(sorted(params.items())), []).append(i)

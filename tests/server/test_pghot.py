@@ -1147,9 +1147,9 @@ def test_pilots_of_many_sites_asking_together_share_one_statement(env, monkeypat
     """getJobs of pilots at different sites that arrive together are served by one dispatch
     statement (a grid of many sites costs as few statements per getJob as one site): each
     pilot gets the best jobs of its own site, marked as its own. Pilots at the same site with
-    other limits of the same shape are served by the next statement (a statement does not
-    skip the rows it locked itself: two picks at one site in one statement would take the
-    same jobs)."""
+    other limits of the same shape are served by another statement beside it (a statement
+    does not skip the rows it locked itself: two picks at one site in one statement would
+    take the same jobs)."""
     sites = ["SITE_A", "SITE_B", "SITE_C", "SITE_D", "SITE_E"]
     for site in sites[2:] + ["SITE_F"]:
         add_site(env.tb, site)
@@ -1198,6 +1198,26 @@ def test_pilots_of_many_sites_asking_together_share_one_statement(env, monkeypat
                if f["siteName"] == site and f["node"] != "wn-big"}
         assert got == {best[site][1], best[site][3]}          # priorities 40 and 30
     assert replies[-1]["PandaID"] == best["SITE_A"][2]        # then 20, for the big pilot
+    assert env.fallbacks() == [] and env.records.hot_failures() == []
+
+
+def test_pilots_of_one_site_with_other_limits_together_take_each_job_once(env, clock):
+    """Twelve pilots of one site arriving together, each with another remaining walltime
+    (pilots report what is left of theirs): twelve statements side by side, each job sent
+    once, every pilot served."""
+    _, ids = seed_jobs(env.tb, "SITE_A", 12, walltime_s=600)
+    env.disp = env.dispatcher(env.hot, ShareChooser(env.tb))
+    env.get_job({"siteName": "SITE_B"}, PILOT_B)              # warms the caches: no job there
+
+    async def together():
+        return await asyncio.gather(*(env.disp.get_job(
+            {"siteName": "SITE_A", "node": f"wn{i}", "remainingWalltime": str(3000 + i)},
+            PILOT) for i in range(12)))
+    replies = env.sync(together())
+    assert [r["StatusCode"] for r in replies] == [0] * 12, replies
+    assert sorted(r["PandaID"] for r in replies) == ids
+    assert {job(env.tb, r["PandaID"])["node"] for r in replies} == {f"wn{i}" for i in range(12)}
+    assert [len(history(env.tb, pid)) for pid in ids] == [2] * 12     # seeded, then sent
     assert env.fallbacks() == [] and env.records.hot_failures() == []
 
 
