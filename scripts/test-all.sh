@@ -6,7 +6,8 @@
 #
 # 4 pytest-xdist workers (PANDA_TEST_WORKERS overrides): most tests wait on servers, pilots and
 # batch systems rather than on the CPU, so 4 overlap well even on 2 cores. --dist loadscope keeps
-# each module on one worker, so a module-scoped server, Slurm or XRootD starts once.
+# each module on one worker, so a module-scoped server, Slurm or XRootD starts once; modules are
+# handed out in the order of tests/conftest.py (those with slow tests first), not by test count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 set +e
-python3 -m pytest -n "${PANDA_TEST_WORKERS:-4}" --dist loadscope "$@"
+python3 -m pytest -n "${PANDA_TEST_WORKERS:-4}" --dist loadscope --no-loadscope-reorder "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

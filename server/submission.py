@@ -180,14 +180,22 @@ class TaskSubmitter:
                 batch_activated = 0
                 with self.tb.engine.begin() as conn:
                     batch_lfns: dict[str, None] = {}
+                    placed = []
                     for n in range(start, min(start + JOB_BATCH, len(groups))):
                         group = groups[n]
                         lfns = [f["lfn"] for f in group]
                         batch_lfns.update(dict.fromkeys(lfns))
-                        site = plan.site_for(lfns, locality)
-                        batch_activated += self._create_job(
-                            conn, spec, task_id, owner, first_serial + n, group, site,
-                            sites[site], locality, windows[n] if windows else None, batch_ids)
+                        placed.append((n, group, plan.site_for(lfns, locality)))
+                    if spec.event_service is None and not windows:
+                        batch_activated += self._create_jobs(conn, spec, task_id, owner,
+                                                             first_serial, placed, sites,
+                                                             locality, batch_ids)
+                    else:
+                        for n, group, site in placed:
+                            batch_activated += self._create_job(
+                                conn, spec, task_id, owner, first_serial + n, group, site,
+                                sites[site], locality, windows[n] if windows else None,
+                                batch_ids)
                     if batch_lfns and consume:
                         conn.execute(update(db.dataset_files).where(
                             db.dataset_files.c.dataset == spec.input_dataset,
@@ -218,6 +226,27 @@ class TaskSubmitter:
         log.info("task %s (%s): %d jobs, %d activated, %d waiting for data", task_id, spec.name,
                  len(ids), activated, len(ids) - activated)
         return SubmitResult(task_id, ids, activated, len(ids) - activated)
+
+    def _create_jobs(self, conn, spec: TaskSpec, task_id: int, owner: str, first_serial: int,
+                     placed: list[tuple[int, list[dict], str]], sites: dict[str, dict],
+                     locality: dict[str, set[str]], ids: list[int]) -> int:
+        """:meth:`_create_job` for a batch of plain jobs (no events, no event service) in a few
+        statements: one insert per table, one state change per target state. Per job it was
+        four round trips, and 100,000 jobs took longer to create than to run (docs/simulate.md).
+        Returns how many were activated."""
+        made = [make_job(spec, task_id, owner, first_serial + n, group, site=site)
+                for n, group, site in placed]
+        new_ids = self.tb.jobs.insert_many(conn, made, owner)
+        by_target: dict[JobState, list[int]] = {JobState.ACTIVATED: [], JobState.ASSIGNED: []}
+        for panda_id, (_n, group, site) in zip(new_ids, placed):
+            se = input_endpoint(sites[site]["config"])
+            local = all(se in locality.get(f["lfn"], ()) for f in group)
+            by_target[JobState.ACTIVATED if local else JobState.ASSIGNED].append(panda_id)
+        for target, chosen in by_target.items():
+            self.tb.states.change_many(conn, chosen, str(JobState.DEFINED), str(target),
+                                       actor="brokerage")
+        ids += new_ids
+        return len(by_target[JobState.ACTIVATED])
 
     def _create_job(self, conn, spec: TaskSpec, task_id: int, owner: str, serial: int,
                     group: list[dict], site: str, site_row: dict,

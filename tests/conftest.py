@@ -10,6 +10,20 @@ from peers import start_se
 from testkit import start_server, stop_server
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Modules with more tests marked ``slow`` first, each module's tests in their order.
+    scripts/test-all.sh hands whole modules to the xdist workers in this order
+    (``--dist loadscope --no-loadscope-reorder``), so the long ones start at once rather than
+    last, alone on one worker while the others idle."""
+    slow: dict[str, int] = {}          # module -> its slow tests, in the order first seen
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
+    rank = {m: i for i, m in enumerate(sorted(slow, key=lambda m: -slow[m]))}
+    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])
+
+
 def pytest_configure(config):
     """Children that tests stop with SIGINT (Ctrl-C) must not inherit it ignored: a shell
     starts background jobs (``cmd &`` without job control) with SIGINT ignored, Python then

@@ -350,6 +350,7 @@ def test_server_stops_within_its_grace_time_despite_a_stuck_client(tmp_path):
         stop_server(server)
 
 
+@pytest.mark.slow
 def test_server_stop_does_not_wait_for_a_stuck_database_call(tmp_path):
     """A request stuck in the database (here: SQLite locked by another program for longer than
     the server's grace time) must not keep a stopping server alive."""

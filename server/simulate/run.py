@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
 PROGRESS_EVERY_S = 5.0
+#: real seconds a task's submission may take (queued behind others, its jobs made in batches)
+SUBMIT_TIMEOUT_S = 3600.0
 
 
 class SimulationError(RuntimeError):
@@ -187,22 +189,21 @@ class Simulation:
                        for s in w.sites}
         self.data = RunData(w)
         self.durations: dict[int, float] = {}
+        self.submit_client = None            # made in ``run``, on its event loop
 
     async def submit(self, t: SimTask, start: float) -> None:
-        from tornado.httpclient import AsyncHTTPClient
-
         await asyncio.sleep(max(0.0, start + t.submit_at_s / self.w.speed - time.monotonic()))
-        client = AsyncHTTPClient()
-        reply = await client.fetch(
-            f"{self.url}/api/v1/task/submit", method="POST", raise_error=False,
-            body=json.dumps({"task_parameters": task_parameters(t)}),
-            headers={"Authorization": f"Bearer {self.admin}",
-                     "Content-Type": "application/json", "Accept": "application/json"},
-            request_timeout=3600)
         try:
-            body = json.loads(reply.body)
-        except ValueError:
-            body = {"success": False, "message": f"HTTP {reply.code}"}
+            reply = await self.submit_client.fetch(
+                f"{self.url}/api/v1/task/submit", method="POST", raise_error=False,
+                body=json.dumps({"task_parameters": task_parameters(t)}),
+                headers={"Authorization": f"Bearer {self.admin}",
+                         "Content-Type": "application/json", "Accept": "application/json"},
+                request_timeout=SUBMIT_TIMEOUT_S, connect_timeout=SUBMIT_TIMEOUT_S)
+            body = json.loads(reply.body) if reply.body else \
+                {"success": False, "message": f"HTTP {reply.code}: {reply.error}"}
+        except (ValueError, OSError) as exc:
+            body = {"success": False, "message": f"{type(exc).__name__}: {exc}"}
         if not body.get("success"):
             self.data.submit_errors.append(f"{t.name}: {body.get('message')}")
             log.error("task %s was not accepted: %s", t.name, body.get("message"))
@@ -228,7 +229,14 @@ class Simulation:
         return Sample((time.monotonic() - start) * self.w.speed, running, waiting, ended, live)
 
     async def run(self) -> RunData:
+        from tornado.httpclient import AsyncHTTPClient
+
         w = self.w
+        # a connection for each task that may be in flight at once: Tornado queues the rest
+        # and fails a queued request after its connect timeout (20 s by default), while the
+        # server may take minutes over a big task's jobs as later tasks arrive
+        self.submit_client = AsyncHTTPClient(force_instance=True,
+                                             max_clients=min(len(w.tasks), 64))
         start = time.monotonic()
         pilots = SimPilots(self.url, self.tokens, w.sites, w.speed, self.durations, seed=w.seed)
         pilot_task = asyncio.create_task(pilots.run())
@@ -268,6 +276,8 @@ class Simulation:
             await pilot_task
             for s in submits:
                 s.cancel()
+            await asyncio.gather(*submits, return_exceptions=True)
+            self.submit_client.close()
         self.data.wall_s = time.monotonic() - start
         self.data.pilot_errors = pilots.stats.errors
         self.data.dispatched = pilots.stats.dispatched

@@ -91,6 +91,25 @@ class JobStates:
         steps = path_steps(old, [*via, new])
         return self.apply(conn, int(panda_id), old, steps, actor, fields) is not None
 
+    def change_many(self, conn: Connection, panda_ids: list[int], old: str, new: str, *,
+                    actor: str | None) -> None:
+        """``change`` of many jobs, all in ``old``, to ``new``: one UPDATE and one history
+        insert. For jobs this transaction made (the new jobs of a task): no one else can have
+        moved them, so a row that did not match is an error, not a lost race."""
+        if not panda_ids:
+            return
+        steps = path_steps(old, [new])
+        now = self.store.clock()
+        j = db.jobs.c
+        res = conn.execute(update(db.jobs).where(j.panda_id.in_(panda_ids), j.status == old)
+                           .values(status=new, modification_time=now, state_changed=now))
+        if res.rowcount != len(panda_ids):
+            raise RuntimeError(f"{len(panda_ids) - res.rowcount} of {len(panda_ids)} jobs were "
+                               f"not in {old} any more")
+        conn.execute(INSERT_HISTORY, [{"panda_id": pid, "old_status": o, "new_status": n,
+                                       "time": now, "actor": actor}
+                                      for pid in panda_ids for o, n in steps])
+
     def apply(self, conn: Connection, target: int | None, old: str,
               steps: list[tuple[str, str]], actor: str | None, fields: dict,
               returning: bool = False, pick: tuple | None = None, with_files: bool = False):

@@ -6,6 +6,7 @@ import json
 import urllib.parse
 from pathlib import Path
 
+import pytest
 import requests
 
 from compatkit import SITE
@@ -176,6 +177,7 @@ API_HOSTILE = [None, True, -1, 2**70, 1e308, 0.5, "x" * 1000, "../..", [1, "a"],
                {"a": {"b": [None]}}, "1e309", "", "NULL", [[]]]
 
 
+@pytest.mark.slow
 def test_every_api_method_survives_hostile_parameters(site_server):
     """Every /api/v1 method, as admin, with hostile values in every parameter: a reason, not a
     500 (found: 64-bit overflows, whole-number floats, repeated query keys)."""

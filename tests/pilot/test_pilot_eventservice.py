@@ -83,6 +83,7 @@ def merged_lines(server, name) -> list[list[str]]:
     return [line.split() for line in merged.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_200_events_3_pilots_one_killed_every_event_exactly_once(real):
     user = ApiClient(real.url, real.token("user", "alice"))
     user.add_files("p.ev", "p", [put_input(real.se, "p", "ev.root", b"e" * 2000)], "LOCAL_SE")
@@ -171,6 +172,7 @@ def test_the_protocol_in_posix_sh_as_documented(real):
     assert sorted(int(f[1]) for f in merged_lines(real, "essh")) == list(range(60))
 
 
+@pytest.mark.slow
 def test_a_consumer_asks_for_more_only_while_its_wall_time_lasts(real):
     """Ranges of 0.5 s, jobs of 4 s: each consumer stops asking in time and ends well, the
     next one (the same pilot's next job) goes on; when both consumers the task asked for have

@@ -211,6 +211,52 @@ def test_a_task_above_the_bound_is_refused_before_anything_is_made(taskbuffer, m
     assert taskbuffer.tasks.find() == []
 
 
+def test_a_batch_of_jobs_is_made_as_one_job_at_a_time_makes_it(taskbuffer, monkeypatch):
+    """The batch path (a few statements per batch) leaves the rows, files, history and
+    counters the per-job path leaves: same columns but PandaIDs and times."""
+    import server.submission as submission
+    from dbkit import counts_by_group_by
+    tb = taskbuffer
+    tb.sites.sync([site("A", "SE_A"), site("B", "SE_B")])
+    for name in ("d", "d2"):                 # half the inputs at B, half where no site is
+        tb.data.add_dataset_files(name, "s", [{"lfn": f"{name}.f{i}", "fsize": 1}
+                                              for i in range(3)], "SE_B")
+        tb.data.add_dataset_files(name, "s", [{"lfn": f"{name}.f{i}", "fsize": 1}
+                                              for i in range(3, 6)], "SE_X")
+    batched = submitter(tb).submit(task(name="b", n_jobs=None, input_dataset="d"), owner="u")
+    before = counts_by_group_by(tb)
+    real = submission.TaskSubmitter._create_jobs
+
+    def one_at_a_time(self, conn, spec, task_id, owner, first_serial, placed, sites,
+                      locality, ids):
+        return sum(self._create_job(conn, spec, task_id, owner, first_serial + n, group, site,
+                                    sites[site], locality, None, ids)
+                   for n, group, site in placed)
+    monkeypatch.setattr(submission.TaskSubmitter, "_create_jobs", one_at_a_time)
+    single = submitter(tb).submit(task(name="b", n_jobs=None, input_dataset="d2"), owner="u")
+    monkeypatch.setattr(submission.TaskSubmitter, "_create_jobs", real)
+    assert (batched.activated, batched.assigned) == (single.activated, single.assigned)
+    assert batched.activated and batched.assigned            # both targets were taken
+
+    def shape(panda_id):
+        job = tb.jobs.get(panda_id)
+        skip = {"panda_id", "task_id", "creation_time", "modification_time", "state_changed",
+                "files", "job_pars", "archived"}
+        files = sorted((f["type"], f["lfn"].replace("d2.", "d.") if f["type"] == "input"
+                        else None, f["status"], f["fsize"]) for f in job["files"])
+        history = [(h["old_status"], h["new_status"], h["actor"])
+                   for h in tb.jobs.history(panda_id)]
+        return {k: v for k, v in job.items() if k not in skip}, files, history
+    for b, o in zip(batched.job_ids, single.job_ids):
+        (bj, bf, bh), (oj, of, oh) = shape(b), shape(o)
+        assert {k: (v, oj[k]) for k, v in bj.items() if oj[k] != v} == {}
+        assert (bf, bh) == (of, oh)
+    after = counts_by_group_by(tb)                  # the second task counted as the first
+    assert {k: (n - before.get(k, (0, 0))[0]) for k, (n, _) in after.items()} == \
+        {k: n for k, (n, _) in before.items()}
+    assert tb.counts.read() == after
+
+
 def test_big_tasks_are_created_in_batches(taskbuffer, monkeypatch):
     """Each batch commits on its own: a failure part way keeps the jobs made so far, the task
     is ready with them and says where creation stopped."""
@@ -221,15 +267,15 @@ def test_big_tasks_are_created_in_batches(taskbuffer, monkeypatch):
     assert len(res.job_ids) == 10 and taskbuffer.tasks.get(res.task_id)["status"] == "ready"
     assert {taskbuffer.jobs.get(i)["site"] for i in res.job_ids} == {"A", "B"}
 
-    real = taskbuffer.jobs.insert
+    real = taskbuffer.jobs.insert_many
     made = []
 
-    def failing_insert(conn, job, files, actor):
-        if len(made) == 7:
+    def failing_insert(conn, jobs, actor):              # the third batch fails
+        if len(made) == 6:
             raise RuntimeError("database went away")
-        made.append(job["serial"])
-        return real(conn, job, files, actor)
-    monkeypatch.setattr(taskbuffer.jobs, "insert", failing_insert)
+        made.extend(job["serial"] for job, _ in jobs)
+        return real(conn, jobs, actor)
+    monkeypatch.setattr(taskbuffer.jobs, "insert_many", failing_insert)
     with pytest.raises(RuntimeError):
         submitter(taskbuffer).submit(task(name="t2", n_jobs=10), owner="u")
     [t2] = [t for t in taskbuffer.tasks.find() if t["name"] == "t2"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from dbkit import start_server, stop_server
 from logic_kit import site
@@ -19,6 +20,7 @@ from testkit import wait_for
 SITE = "W_SITE"
 
 
+@pytest.mark.slow
 def test_killed_pilot_job_is_failed_by_the_watcher_and_its_retry_runs(tmp_path):
     se = tmp_path / "se"
     se.mkdir()
