@@ -152,3 +152,28 @@ def test_a_submission_without_a_reply_body_is_a_submit_error():
     asyncio.run(sim.submit(w.tasks[0], start=0.0))
     assert sim.data.submit_errors == ["t: HTTP 599: Timeout in request queue"]
     assert sim.data.task_ids == {}
+
+
+def test_the_share_plot_draws_a_bounded_number_of_points(tmp_path):
+    """A long run's samples are thinned for share_usage.svg (the large scenario's 840 samples
+    of six lines made a 518 KB file)."""
+    import re
+
+    from server.simulate.report import MAX_PLOT_POINTS, write_report
+    from server.simulate.run import RunData, Sample
+    w = parse_workload({"sites": [{"name": "A"}], "tasks": [{"name": "t", "n_jobs": 1}]})
+    run = RunData(w, samples=[Sample(i * 60.0, {"mc": 1 + i % 3}, {"mc": 1}, i)
+                              for i in range(3 * MAX_PLOT_POINTS + 1)])
+    report = {"shares": {"mc": {"target": 1.0, "usage": 1.0, "deviation": 0.0}},
+              "brokerage": {}, "brokerage_spread": {"min": 0, "mean": 0, "max": 0, "cv": 0},
+              "failures_by_site": {}, "_series": {"queue_s": [1.0], "ends": [1.0]},
+              "workload": "w", "completed": True, "every_job_ended": True, "sites": 1,
+              "slots": 1, "jobs": 1, "finished": 1, "failed": 0, "attempts": 1, "retries": 0,
+              "throughput_per_hour": 1.0, "wall_s": 1.0, "speed": 1.0, "n_pilot_errors": 0,
+              "submit_errors": [], "contended_samples": 1,
+              "queue_time_s": {"mean": 1.0, "p50": 1.0, "p95": 1.0}}
+    write_report(report, run, tmp_path)
+    svg = (tmp_path / "share_usage.svg").read_text()
+    lines = re.findall(r'points="([^"]*)"', svg)
+    assert len(lines) == 2                                   # the share and its target
+    assert all(0 < len(pts.split()) <= MAX_PLOT_POINTS for pts in lines)
