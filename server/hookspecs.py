@@ -30,6 +30,7 @@ def panda_broker_filter(needs: JobNeeds, candidates: list[Candidate]) -> dict[st
     in the running. Return ``{site name: reason}`` for the sites this policy rejects (None or an
     empty dict: none); every policy's rejections count. A task's submission asks once for the
     whole task (``Brokerage.plan``): ``needs`` is then the jobs' shape, ``input_lfns`` empty.
+    The re-brokerage of retries asks the same way, once per job shape for a pass of retries.
     """
 
 
