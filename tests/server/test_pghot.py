@@ -1194,10 +1194,11 @@ def test_pilots_of_many_sites_asking_together_share_one_statement(env, monkeypat
         assert (row["node"], row["pilot_owner"]) == (form["node"], who.subject)
         assert env.tb.jobs.history(reply["PandaID"])[-1]["actor"] == who.subject
     for site in sites:
-        got = {r["PandaID"] for (_, f), r in zip(asks, replies[1:])
-               if f["siteName"] == site and f["node"] != "wn-big"}
-        assert got == {best[site][1], best[site][3]}          # priorities 40 and 30
-    assert replies[-1]["PandaID"] == best["SITE_A"][2]        # then 20, for the big pilot
+        got = {r["PandaID"] for (_, f), r in zip(asks, replies[1:]) if f["siteName"] == site}
+        # priorities 40 and 30; at SITE_A also 20 (which of its pilots gets which depends on
+        # which of the two statements beside each other locks first)
+        assert got == {best[site][1], best[site][3]} | (
+            {best[site][2]} if site == "SITE_A" else set())
     assert env.fallbacks() == [] and env.records.hot_failures() == []
 
 
