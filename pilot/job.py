@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,24 @@ log = logging.getLogger(__name__)
 
 __version__ = "panda-wms-pilot 0.1"
 PILOT_LOG = "pilot.log"     # in the job dir; the log tarball carries it
+
+
+class JobLogHandler(logging.FileHandler):
+    """The job's ``pilot.log``. A payload that fills the disk fills it for this file too: a
+    line that cannot be written is dropped (the pilot's stderr still has every line, and the
+    job fails with the disk error), not answered with logging's traceback on stderr per line;
+    closing drops what the disk refused instead of raising out of the job's ``finally``."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()        # the file is closed even when its last flush fails
+        except OSError:
+            pass
 
 
 def pilot_version() -> str:
@@ -222,7 +241,7 @@ class JobRun:
         dir, out of a sandboxed payload's sight), and so into the job's log tarball, as PanDA's
         pilot log does."""
         try:
-            handler = logging.FileHandler(self.jobdir / PILOT_LOG)
+            handler = JobLogHandler(self.jobdir / PILOT_LOG)
         except OSError:
             return None
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))

@@ -3,6 +3,7 @@ payload runner, the log tarball, Slurm times, the HTTP client's retries, plugin 
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from panda_core.canonical import signed_bytes
 from panda_core.siteconfig import SiteConfig
 from panda_core.wire import decode_job
 from pilot.hookspecs import hookimpl
-from pilot.job import JobRun, PilotConfig
+from pilot.job import JobLogHandler, JobRun, PilotConfig
 from pilot.logtar import make_log_tarball
 from pilot.monitoring import JobLimits, MonitorContext, Verdict
 from pilot.payload import Payload, Sample, build_argv, scrub_env
@@ -481,3 +482,19 @@ def test_queuedata_never_raises_anything_but_pilot_errors():
     for qd in (None, [], "x", {"panda_wms": None}, {"panda_wms": []}):
         with pytest.raises(PilotError):
             site_from_queuedata(qd, "PILOT_TEST")
+
+
+def test_job_log_on_a_full_disk_drops_lines_without_a_traceback(capsys):
+    """/dev/full refuses every write with ENOSPC, as a disk the payload filled does."""
+    handler = JobLogHandler("/dev/full")
+    logger = logging.getLogger("test.joblog.full")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        logger.warning("a line the disk has no room for")
+        logger.warning("and another")
+    finally:
+        logger.removeHandler(handler)
+    handler.close()                       # no OSError out of the pilot's finally
+    assert handler.stream is None
+    assert capsys.readouterr().err == ""
