@@ -52,12 +52,16 @@ def shares_set(ctx: Context, params: dict) -> dict:
 @api("shares", "usage", params=(
     Param("site", required=True, max_length=128, description="a site's name"),))
 def shares_usage(ctx: Context, params: dict) -> dict:
-    """At one site: cores in use and activated jobs per share, and the order the next pilot
+    """At one site: cores in use and activated jobs per share there, the cores in use per
+    share over the whole grid (what the order is computed from), and the order the next pilot
     gets."""
     site = str(params.get("site", ""))
     ctx.tb.sites.get(site)          # an unknown site: its message
-    order, running, waiting = ShareChooser(ctx.tb, ttl_s=0).ranking(site)
-    return {"site": site, "order": order, "running": running, "activated": waiting}
+    chooser = ShareChooser(ctx.tb, ttl_s=0)
+    grid = chooser.grid_running()
+    order, running, waiting = chooser.ranking(site, grid=grid)
+    return {"site": site, "order": order, "running": running, "activated": waiting,
+            "grid_running": grid}
 
 
 # ---------------------------------------------------------------------- event ranges

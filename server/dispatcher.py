@@ -147,7 +147,9 @@ class Dispatcher:
         jobs = await self.path.get_jobs(req, steps)
         if not jobs:
             return {"StatusCode": SC_NO_JOBS, "errorDialog": await self._no_job_reason(req)}
-        note = getattr(self.job_chooser, "note_dispatched", None) if steps else None
+        # noted even without steps (one share waiting here): the usage is grid-wide, so a
+        # site with one share moves the order at the others
+        note = getattr(self.job_chooser, "note_dispatched", None)
         if note is not None:
             note(req.site, jobs)
         return self._job_reply(req, jobs)

@@ -6,8 +6,9 @@ parent (e.g. production 80 {mc 60, reprocessing 40}, analysis 20). The tree live
 (``panda server --shares FILE``), the API (admin), or ``DEFAULT_SHARES``.
 
 Dispatch is share-aware through the dispatcher's ``job_chooser``: at each level of the tree the
-share furthest below its target at that site (running jobs per share against the target
-fraction) comes first, then by current priority. Jobs whose share is not in the tree come last,
+share furthest below its target over the whole grid (running cores per share summed over every
+site, against the target fraction, as PanDA's global shares) comes first among the shares with
+activated jobs at the pilot's site, then by current priority. Jobs whose share is not in the tree come last,
 so they still run when nothing else waits. ``recompute_priorities`` (a periodic job) sets each
 waiting job's ``current_priority`` from the priority hooks: priorities age with
 waiting time and drop as the owner's running count grows.
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_DEPTH = 6
-#: job states whose cores count as a share's usage at a site
+#: job states whose cores count as a share's usage
 RUNNING_STATES = ("sent", "starting", "running")
 #: job states whose current priority the periodic recompute maintains
 WAITING_STATES = ("assigned", "activated")
@@ -169,10 +170,10 @@ def rank_shares(tree: list[Share], running: dict[str, int]) -> list[str]:
     return rec(tree)
 
 
-def ranking_from_counts(tree: list[Share], counts: dict[tuple[str, str], tuple[int, int]]
-                        ) -> tuple[list[str], dict[str, int], dict[str, int]]:
-    """(share names best first, cores in use per share, activated jobs per share) from one
-    site's job counters {(share, status): (jobs, cores)}."""
+def usage_from_counts(counts: dict[tuple[str, str], tuple[int, int]]
+                      ) -> tuple[dict[str, int], dict[str, int]]:
+    """(cores in use per share, activated jobs per share) from job counters
+    {(share, status): (jobs, cores)} (one site's, or summed over every site)."""
     running: dict[str, int] = {}
     waiting: dict[str, int] = {}
     for (share, status), (n, cores) in counts.items():
@@ -180,7 +181,17 @@ def ranking_from_counts(tree: list[Share], counts: dict[tuple[str, str], tuple[i
             waiting[share] = waiting.get(share, 0) + n
         elif status in RUNNING_STATES:
             running[share] = running.get(share, 0) + int(cores or n)
-    return rank_shares(tree, running), running, waiting
+    return running, waiting
+
+
+def grid_running(by_site: dict[str, dict[tuple[str, str], tuple[int, int]]]) -> dict[str, int]:
+    """Cores in use per share summed over every site of a counter snapshot: the usage the
+    shares are ranked by (PanDA's global shares are grid-wide, not per site)."""
+    total: dict[str, int] = {}
+    for counts in by_site.values():
+        for share, cores in usage_from_counts(counts)[0].items():
+            total[share] = total.get(share, 0) + cores
+    return total
 
 
 # ---------------------------------------------------------------------- storage
@@ -240,14 +251,14 @@ class ShareStore:
 
 # ---------------------------------------------------------------------- dispatch order
 @dataclass
-class _SiteRanking:
-    """One site's ranking as of a counter snapshot, plus what this process dispatched since."""
+class _GridRanking:
+    """The grid-wide ranking as of a counter snapshot, plus what this process dispatched
+    since (at any site: every site's pilots see the same usage)."""
     taken: float
     tree: list[Share]
     known: set[str]
     names: list[str]
     running: dict[str, int]
-    waiting: dict[str, int]
 
 
 class ShareChooser:
@@ -256,55 +267,78 @@ class ShareChooser:
     ``share_plan(site)``: the shares to ask, best first; the dispatcher asks share by share,
     so each ask is an index range read (``ix_jobs_share_dispatch``) rather than a sort of every
     activated job of the site. ``__call__(site)`` is the same order as ORDER BY clauses (a
-    ``CASE`` on the share) for ``Jobs.dispatch(order_by=...)``. Usage comes from the job
-    counters (``taskbuffer.counts``), never from counting the jobs table: with ``ttl_s`` > 0
-    from the process's counter snapshot, refreshed by one thread at most every ``ttl_s``
-    seconds for every site at once (a getJob storm at a thousand sites reads it once); with
-    ``ttl_s`` 0 exactly as committed now. With one share waiting at the site both return None
-    and the plain priority order is used.
+    ``CASE`` on the share) for ``Jobs.dispatch(order_by=...)``. The order is by grid-wide
+    usage (cores in use per share summed over every site, as PanDA's global shares: a share
+    whose jobs can run at only some sites still reaches its target of the whole grid); which
+    shares are asked at a site is the shares with activated jobs there. Usage comes from the
+    job counters (``taskbuffer.counts``), never from counting the jobs table: with ``ttl_s``
+    > 0 from the process's counter snapshot, refreshed by one thread at most every ``ttl_s``
+    seconds for every site at once (a getJob storm at a thousand sites reads it once, and the
+    grid-wide sum is made once per snapshot); with ``ttl_s`` 0 exactly as committed now. With
+    one share waiting at the site both return None and the plain priority order is used.
     """
 
     def __init__(self, tb: TaskBuffer, store: ShareStore | None = None, ttl_s: float = 2.0):
         self.tb = tb
         self.store = store or ShareStore(tb)
         self.ttl_s = ttl_s
-        # per site: the ranking from the counter snapshot taken at ``taken``
-        self._cache: dict[str, _SiteRanking] = {}
+        # per site: (snapshot's ``taken``, activated jobs per share there)
+        self._waiting: dict[str, tuple[float, dict[str, int]]] = {}
+        self._grid: _GridRanking | None = None
         self._tree: tuple[float, list[Share], set[str]] | None = None
         self._lock = threading.Lock()
 
     def _ranked(self, site: str) -> tuple[list[str], set[str], dict[str, int]]:
-        """(tree's share names best first, all tree names, activated per share)."""
+        """(tree's share names best first by grid-wide usage, all tree names, activated jobs
+        per share at ``site``)."""
         if self.ttl_s <= 0:
             tree = self.store.load()
             names, _, waiting = self.ranking(site, tree)
             return names, {s.name for s, _, _ in walk(tree)}, waiting
         snap = self.tb.counts.snapshot(self.ttl_s)
-        hit = self._cache.get(site)
-        if hit is not None and hit.taken == snap.taken:
-            return hit.names, hit.known, hit.waiting
+        grid = self._grid_for(snap)
+        hit = self._waiting.get(site)
+        if hit is None or hit[0] != snap.taken:
+            hit = (snap.taken, usage_from_counts(snap.site(site))[1])
+            with self._lock:
+                self._waiting[site] = hit
+        return grid.names, grid.known, hit[1]
+
+    def _grid_for(self, snap) -> _GridRanking:
+        """The grid-wide ranking of this snapshot: summed over the sites once per snapshot."""
+        grid = self._grid
+        if grid is not None and grid.taken == snap.taken:
+            return grid
         tree, known = self._tree_for(snap.taken)
-        names, running, waiting = ranking_from_counts(tree, snap.site(site))
+        running = grid_running(snap.by_site)
         with self._lock:
-            self._cache[site] = _SiteRanking(snap.taken, tree, known, names, running, waiting)
-        return names, known, waiting
+            grid = self._grid
+            if grid is None or grid.taken != snap.taken:
+                grid = self._grid = _GridRanking(snap.taken, tree, known,
+                                                 rank_shares(tree, running), running)
+        return grid
 
     def note_dispatched(self, site: str, jobs: list[dict]) -> None:
-        """Count jobs this process just dispatched at ``site`` into its cached ranking, so
-        that the requests until the next snapshot follow the targets too (not all to the
-        share that was first when the snapshot was read)."""
+        """Count jobs this process just dispatched at ``site`` into its cached grid-wide
+        usage (and the site's activated jobs), so that the requests at every site until the
+        next snapshot follow the targets too (not all to the share that was first when the
+        snapshot was read)."""
         with self._lock:
-            hit = self._cache.get(site)
-            if hit is None:
+            grid = self._grid
+            if grid is None:
                 return
+            hit = self._waiting.get(site)
+            waiting = dict(hit[1]) if hit is not None and hit[0] == grid.taken else None
             for job in jobs:
                 share = job.get("share")
                 if share is None:
                     continue
-                hit.running[share] = hit.running.get(share, 0) + int(job.get("cores") or 1)
-                if hit.waiting.get(share):
-                    hit.waiting = {**hit.waiting, share: hit.waiting[share] - 1}
-            hit.names = rank_shares(hit.tree, hit.running)
+                grid.running[share] = grid.running.get(share, 0) + int(job.get("cores") or 1)
+                if waiting is not None and waiting.get(share):
+                    waiting[share] -= 1
+            grid.names = rank_shares(grid.tree, grid.running)
+            if waiting is not None:
+                self._waiting[site] = (grid.taken, waiting)
 
     def _tree_for(self, taken: float) -> tuple[list[Share], set[str]]:
         """The share tree, read once per counter snapshot."""
@@ -316,13 +350,23 @@ class ShareChooser:
         self._tree = (taken, tree, known)
         return tree, known
 
-    def ranking(self, site: str, tree: list[Share] | None = None
+    def grid_running(self) -> dict[str, int]:
+        """Cores in use per share over every site, exact as committed now (a few rows)."""
+        return usage_from_counts(self.tb.counts.by_share())[0]
+
+    def ranking(self, site: str, tree: list[Share] | None = None,
+                grid: dict[str, int] | None = None
                 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
-        """(share names best first, cores in use per share, activated jobs per share) at
-        ``site``, exact as committed now. Usage counts cores, as PanDA's shares count
-        computing power, not jobs: one 8-core job uses eight times what a 1-core job does."""
+        """(share names best first by grid-wide usage, cores in use per share at ``site``,
+        activated jobs per share at ``site``), exact as committed now; ``grid``: the
+        grid-wide usage if the caller read it already (``grid_running``). Usage counts cores,
+        as PanDA's shares count computing power, not jobs: one 8-core job uses eight times
+        what a 1-core job does."""
         counts = {(share, status): v for (_, share, status), v in self.tb.counts.read(site).items()}
-        return ranking_from_counts(tree if tree is not None else self.store.load(), counts)
+        running, waiting = usage_from_counts(counts)
+        tree = tree if tree is not None else self.store.load()
+        names = rank_shares(tree, grid if grid is not None else self.grid_running())
+        return names, running, waiting
 
     def is_fresh(self, site: str) -> bool:
         """Would ``share_plan(site)`` answer without reading the database? (The counter

@@ -52,6 +52,7 @@ class Context:
                 self.pilots.setdefault(s, {})[state] = n
             self.factories = conn.execute(select(db.factories)).all()
         self._shares: dict[str, tuple] = {}
+        self._grid: tuple[dict[str, int], list] | None = None
 
     def factory_reasons(self, site: str) -> list[str]:
         out = []
@@ -62,9 +63,15 @@ class Context:
         return out
 
     def share_state(self, site: str):
+        """(order, grid-wide cores per share, activated jobs per share at ``site``, targets):
+        the order is by grid-wide usage, so that is the usage an explanation quotes."""
         if site not in self._shares:
-            order, running, waiting = ShareChooser(self.tb, ttl_s=0).ranking(site)
-            self._shares[site] = (order, running, waiting, targets(ShareStore(self.tb).load()))
+            chooser = ShareChooser(self.tb, ttl_s=0)
+            if self._grid is None:
+                self._grid = (chooser.grid_running(), ShareStore(self.tb).load())
+            grid, tree = self._grid
+            order, _, waiting = chooser.ranking(site, tree, grid)
+            self._shares[site] = (order, grid, waiting, targets(tree))
         return self._shares[site]
 
 
@@ -137,7 +144,7 @@ def explain(ctx: Context, g: dict) -> list[str]:
     if total and order and share in order and order.index(share) > 0 and share in tgt:
         used = 100.0 * running.get(share, 0) / total
         if used >= 100.0 * tgt[share]:
-            reasons.append(f"share {share} is at {used:.0f}% of the running cores at {site}, "
+            reasons.append(f"share {share} is at {used:.0f}% of the running cores of the grid, "
                            f"its target is {100 * tgt[share]:.0f}%: shares below target go first")
     return reasons or [f"waiting for a pilot ({sum(pilots.values())} reported at {site} in "
                        f"the last {PILOT_WINDOW_H} h)"]

@@ -295,3 +295,33 @@ def test_usage_counts_cores_not_jobs(tb):
     assert running == {"mc": 5, "analysis": 1} and waiting == {"mc": 1, "analysis": 1}
     # by jobs analysis would have 1 of 3 (33 %, above its 20 %); by cores it has 1 of 6 (17 %)
     assert names[0] == "analysis"
+
+
+@pytest.mark.parametrize("ttl_s", [0, 3600])
+def test_usage_is_grid_wide_so_a_share_at_some_sites_reaches_its_target(taskbuffer, tmp_path,
+                                                                         ttl_s):
+    """Share x's jobs wait only at site 1, y's at both; pilots come to both in turn. Ranked by
+    the grid's usage, site 1 serves x first until x has its half of the grid's cores; ranked
+    per site, x would get half of site 1's slots only (a quarter of the grid). With a cached
+    snapshot (ttl 3600) the dispatches at either site move the order through note_dispatched."""
+    s1, s2 = "G_SITE1", "G_SITE2"
+    taskbuffer.sites.sync([site(s1, max_running=1000), site(s2, max_running=1000)])
+    ShareStore(taskbuffer).save(parse_shares([{"name": "y", "value": 50},
+                                              {"name": "x", "value": 50}]))
+    for where, share in ((s1, "x"), (s1, "y"), (s2, "y")):
+        submitter(taskbuffer).submit(task(f"t-{where}-{share}", n_jobs=20, site=where,
+                                          share=share), owner="alice")
+    disp = dispatcher(taskbuffer, tmp_path, ttl_s=ttl_s)
+    got: dict[str, list[str]] = {s1: [], s2: []}
+    for _ in range(10):
+        for where in (s1, s2):
+            reply = disp.get_job({"siteName": where}, None)
+            got[where].append(taskbuffer.jobs.get(reply["PandaID"])["share"])
+    assert got[s2] == ["y"] * 10
+    # y first on the tie (configured first), then x as long as it is below the grid's half
+    assert got[s1] == ["y"] + ["x"] * 9
+    grid = ShareChooser(taskbuffer, ttl_s=0).grid_running()
+    assert grid == {"x": 9, "y": 11}
+    names, running, waiting = ShareChooser(taskbuffer, ttl_s=0).ranking(s1)
+    assert running == {"x": 9, "y": 1} and names[0] == "x"      # the site's own usage
+    assert waiting == {"x": 11, "y": 19}
