@@ -8,8 +8,8 @@ parent (e.g. production 80 {mc 60, reprocessing 40}, analysis 20). The tree live
 Dispatch is share-aware through the dispatcher's ``job_chooser``: at each level of the tree the
 share furthest below its target over the whole grid (running cores per share summed over every
 site, against the target fraction, as PanDA's global shares) comes first among the shares with
-activated jobs at the pilot's site, then by current priority. Jobs whose share is not in the tree come last,
-so they still run when nothing else waits. ``recompute_priorities`` (a periodic job) sets each
+activated jobs at the pilot's site, then by current priority. Jobs whose share is not in the
+tree come last, so they still run when nothing else waits. ``recompute_priorities`` (a periodic job) sets each
 waiting job's ``current_priority`` from the priority hooks: priorities age with
 waiting time and drop as the owner's running count grows.
 """
