@@ -46,7 +46,8 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                 hot_path: bool = True, token_issuer: str | None = None,
                 trusted_issuers: tuple[TrustedIssuer, ...] = (), pilot_dir: str | None = None,
                 pilot_version: str | None = None,
-                pilot_wheels: tuple[str, ...] = ()) -> ServerState:
+                pilot_wheels: tuple[str, ...] = (),
+                share_counts_s: float = 2.0) -> ServerState:
     """``hot_path``: on PostgreSQL, take getJob and common updateJobs on the event loop
     (``server.pghot``); ``threads`` is then also its number of connections per process.
     ``token_issuer``: the ``iss`` of this server's tokens (kept in the key dir);
@@ -55,7 +56,8 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     ``pilot_dir``: where the one-file pilot's versions are kept (default ``<key_dir>/pilot``,
     beside the key that signs them; their build records are kept in ``<key_dir>/pilot-built``);
     ``pilot_version`` the one factories run by default; ``pilot_wheels``: psutil's wheels for
-    the other platforms the file serves (server/pilotfile.py)."""
+    the other platforms the file serves (server/pilotfile.py); ``share_counts_s``: how old the
+    counter snapshot the share ranking orders by may be (``ShareChooser``'s ``ttl_s``)."""
     engine = make_engine(db_url, pool_size=threads)
     tb = TaskBuffer(engine, clock=clock)
     revoked = RevocationList(tb.revoked_tokens.active)
@@ -73,7 +75,8 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
         from .pghot import HotPath     # psycopg (the 'postgres' extra): only on PostgreSQL
         path = HotPath(path, size=threads)
     return ServerState(tb=tb, keys=keys,
-                       dispatcher=Dispatcher(tb, keys, ShareChooser(tb), path, run),
+                       dispatcher=Dispatcher(tb, keys, ShareChooser(tb, ttl_s=share_counts_s),
+                                             path, run),
                        submitter=TaskSubmitter(tb, Brokerage(pm.hook)),
                        executor=executor, run=run, bulk_run=in_pool(bulk),
                        require_auth=require_auth, site_loader=site_loader,

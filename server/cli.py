@@ -30,6 +30,14 @@ def _shown(db_url: str) -> str:
     return f"{scheme}://{rest.split('@')[-1]}" if sep else db_url.split("@")[-1]
 
 
+def _share_counts_s(text: str) -> float:
+    """argparse type: the share ranking's counter snapshot lifetime, 0.05 .. 60 seconds."""
+    value = float(text)
+    if not 0.05 <= value <= 60:          # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be from 0.05 to 60 seconds, not {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """argparse type: a whole number >= 1 (argparse turns the ValueError into exit code 2)."""
     value = int(text)
@@ -67,6 +75,10 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="client connections per process (default and upper bound: the "
                    "open-file limit, raised to the hard limit at start, less a reserve)")
+    p.add_argument("--share-counts-s", type=_share_counts_s, default=2.0, metavar="S",
+                   help="how old the job counters the share ranking orders by may be, in "
+                   "seconds (default %(default)s: one read per process every S s for every site; "
+                   "docs/shares.md)")
     p.add_argument("--no-hot-path", dest="hot_path", action="store_false",
                    help="PostgreSQL: run getJob and updateJob through the thread pool like "
                    "everything else (docs/server.md, 'A hot path for the pilots on PostgreSQL')")
@@ -389,6 +401,7 @@ def main(argv: list[str]) -> int:
     state = build_state(args.db, args.key_dir, require_auth=not args.no_auth,
                         threads=args.threads, site_loader=validate_site_dicts,
                         hot_path=args.hot_path, pilot_dir=args.pilot_dir,
+                        share_counts_s=args.share_counts_s,
                         pilot_version=args.pilot_version,
                         pilot_wheels=tuple(args.pilot_wheel),
                         admin_dns=args.admin_dn, pilot_dns=args.pilot_dn,

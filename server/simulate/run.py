@@ -137,7 +137,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db_url: str, work: Path, processes: int) -> tuple[subprocess.Popen, str, Path]:
+#: simulated seconds the share ranking's counter snapshot may be old (``--share-counts-s``): a
+#: real server's 2 s are nothing beside jobs of hours, but at ``speed`` 600 they would be 1,200
+#: simulated seconds, four lifetimes of a 300 s job, and the shares would be steered by a
+#: picture older than the jobs it counts. The simulation keeps the real grid's proportion.
+SHARE_COUNTS_SIM_S = 120.0
+
+
+def share_counts_s(speed: float) -> float:
+    """The server's ``--share-counts-s`` for a run at ``speed``: 120 simulated seconds, within
+    the option's 0.05 .. 2 s (never longer than a real server's)."""
+    return min(2.0, max(0.05, SHARE_COUNTS_SIM_S / speed))
+
+
+def start_server(db_url: str, work: Path, processes: int, speed: float = 1.0
+                 ) -> tuple[subprocess.Popen, str, Path]:
     """``panda server`` on a free loopback port; returns (process, URL, key folder)."""
     port = _free_port()
     keys = work / "keys"
@@ -146,6 +160,7 @@ def start_server(db_url: str, work: Path, processes: int) -> tuple[subprocess.Po
            "sys.exit(main(sys.argv[1:]))", "--db", db_url, "--host", "127.0.0.1",
            "--port", str(port), "--key-dir", str(keys), "--processes", str(processes),
            "--watcher-interval", "1", "--ops-interval", "0", "--archive-interval", "0",
+           "--share-counts-s", f"{share_counts_s(speed):g}",
            "--log-level", os.environ.get("PANDA_SIMULATE_SERVER_LOG", "INFO")]
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -294,7 +309,7 @@ def simulate(w: Workload, db_url: str, work: Path, processes: int = 1) -> RunDat
         log.info("simulating %s: %d site(s), %d slot(s), %d task(s), %d job(s), speed %gx",
                  w.name, len(w.sites), sum(s.slots for s in w.sites), len(w.tasks), w.n_jobs,
                  w.speed)
-        proc, url, keys = start_server(db_url, work, processes)
+        proc, url, keys = start_server(db_url, work, processes, w.speed)
         try:
             return asyncio.run(Simulation(tb, w, url, keys).run())
         finally:

@@ -177,3 +177,18 @@ def test_the_share_plot_draws_a_bounded_number_of_points(tmp_path):
     lines = re.findall(r'points="([^"]*)"', svg)
     assert len(lines) == 2                                   # the share and its target
     assert all(0 < len(pts.split()) <= MAX_PLOT_POINTS for pts in lines)
+
+
+def test_the_share_snapshot_keeps_the_real_grids_proportion_to_the_jobs():
+    """At speed 600 a real server's 2 s snapshot would be 1,200 simulated seconds, older than
+    the jobs it counts: the simulation asks for 120 simulated seconds, within 0.05 .. 2 s."""
+    from server.cli import _server_parser
+    from server.simulate.run import share_counts_s
+    assert share_counts_s(600) == pytest.approx(0.2)
+    assert share_counts_s(1) == 2.0 and share_counts_s(60) == 2.0
+    assert share_counts_s(1e6) == 0.05
+    assert _server_parser().parse_args(["--share-counts-s", "0.2"]).share_counts_s == 0.2
+    assert _server_parser().parse_args([]).share_counts_s == 2.0
+    for bad in ("0", "-1", "nan", "61", "soon"):
+        with pytest.raises(SystemExit):
+            _server_parser().parse_args(["--share-counts-s", bad])
