@@ -653,39 +653,34 @@ def _dispatch_rounds(items: list[tuple[dict, tuple]]) -> list[list[list[int]]]:
     picks: dict[tuple, list[int]] = {}
     for i, (params, _) in enumerate(items):
         picks.setdefault(tuple(sorted(params.items())), []).append(i)
-    rounds: list[list[list[int]]] = []
-    taken: list[set] = []
-    for group in picks.values():
-        params = items[group[0]][0]
-        where = (params["p_site"], params.get("p_share"))
-        for picks_of, seen in zip(rounds, taken):
-            if where not in seen:
+    return _first_fit(list(picks.values()),
+                      lambda group: (items[group[0]][0]["p_site"],
+                                     items[group[0]][0].get("p_share")))
+
+
+def _first_fit(entries: list, key) -> list[list]:
+    """``entries`` in groups, in order, each entry in the first group that holds no entry of
+    the same ``key(entry)``; usually one group."""
+    groups: list[list] = []
+    keys: list[set] = []
+    for entry in entries:
+        k = key(entry)
+        for group, seen in zip(groups, keys):
+            if k not in seen:
                 break
         else:
-            rounds.append([])
-            taken.append(set())
-            picks_of, seen = rounds[-1], taken[-1]
-        picks_of.append(group)
-        seen.add(where)
-    return rounds
+            groups.append([])
+            keys.append(set())
+            group, seen = groups[-1], keys[-1]
+        group.append(entry)
+        seen.add(k)
+    return groups
 
 
 def _unique_pid_groups(items: list[dict]) -> list[list[int]]:
     """Indexes of ``items`` in groups without a PandaID twice (a job twice in one statement
     would be updated once); usually one group."""
-    groups: list[list[int]] = []
-    seen: list[set] = []
-    for i, item in enumerate(items):
-        for group, pids in zip(groups, seen):
-            if item["pid"] not in pids:
-                break
-        else:
-            groups.append([])
-            seen.append(set())
-            group, pids = groups[-1], seen[-1]
-        group.append(i)
-        pids.add(item["pid"])
-    return groups
+    return _first_fit(list(range(len(items))), lambda i: items[i]["pid"])
 
 
 def _finish_sql() -> str:
