@@ -36,11 +36,18 @@ PAUSE_S = 0.05                  # accepting stops this long after EMFILE and the
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
+#: the most a server raises its open-file limit to. Container runtimes and EL9 set hard limits
+#: of ~10^9; the processes a server starts inherit its limit, and some size tables by it
+#: (xrootd's poller: about 10 GB at 10^9, xrootd/xrootd#1962; under less memory it dies with
+#: SIGSEGV at start) or close every descriptor up to it. 2^20 connections is beyond any server.
+MAX_FD_LIMIT = 1 << 20
+
+
 def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (``ulimit -n`` is often 1024 while the
-    hard limit is far higher); returns the soft limit now in force."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit, at most :data:`MAX_FD_LIMIT` (``ulimit
+    -n`` is often 1024 while the hard limit is far higher); returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    target = MAX_FD_LIMIT if hard == resource.RLIM_INFINITY else min(hard, MAX_FD_LIMIT)
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

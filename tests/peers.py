@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import resource
 import shutil
 import socket
 import subprocess
@@ -386,6 +387,16 @@ class RunningXrootd:
         self.stop()
 
 
+#: the open-file limit xrootd starts with (a site's xrootd.service sets 65536 as well)
+XROOTD_FD_LIMIT = 65536
+
+
+def _xrootd_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = XROOTD_FD_LIMIT if hard == resource.RLIM_INFINITY else min(hard, XROOTD_FD_LIMIT)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, cap), cap))
+
+
 def start_xrootd(workdir: str | Path | None = None, timeout: float = 20.0) -> RunningXrootd:
     """Start Debian's xrootd on 127.0.0.1 (adler32 checksums on); ``stop()`` removes its files.
 
@@ -393,6 +404,9 @@ def start_xrootd(workdir: str | Path | None = None, timeout: float = 20.0) -> Ru
     (no -b) so the caller owns its process. Its folder is a fresh one directly below ``workdir``
     (default: the system temp dir), not below pytest's temp root: pytest resets that root to
     mode 0700 whenever a session starts, which would lock the xrootd user out mid-test.
+    xrootd sizes its poller by its open-file limit (xrootd/xrootd#1962): under a limit of ~10^9,
+    which CI's containers allow, it died with SIGSEGV before listening, so it starts with at
+    most :data:`XROOTD_FD_LIMIT` whatever its caller's limit is.
     """
     why = xrootd_available()
     if why:
@@ -421,7 +435,8 @@ def start_xrootd(workdir: str | Path | None = None, timeout: float = 20.0) -> Ru
     with open(out_path, "w") as out:
         proc = subprocess.Popen(["xrootd", "-R", XROOTD_USER, "-c", str(cfg), "-l",
                                  str(log_path), "-n", f"panda{port}"], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=str(base))
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=str(base),
+                                preexec_fn=_xrootd_fd_limit)
     server = RunningXrootd(url=f"root://{LOOPBACK}:{port}/", data=data, port=port, proc=proc,
                            log_path=base / f"panda{port}" / "xrootd.log", workdir=base,
                            admin=admin)

@@ -5,6 +5,7 @@ import hashlib
 import os
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -147,6 +148,15 @@ def test_xrdcp_roundtrip_and_server_checksum(xrootd, tmp_path, payload):
 
 
 @pytest.mark.xrootd
+def test_xrootd_starts_with_a_bounded_fd_limit(xrootd):
+    """xrootd sizes its poller by this limit; CI's ~10^9 made it die with SIGSEGV at start."""
+    from peers import XROOTD_FD_LIMIT
+    limits = Path(f"/proc/{xrootd.proc.pid}/limits").read_text()
+    line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+    soft, hard = (int(v) for v in line.split()[3:5])
+    assert soft <= hard <= XROOTD_FD_LIMIT
+
+
 def test_xrdcp_missing_and_mismatch(xrootd, tmp_path, payload):
     tool = load("xrdcp")
     t = Transfer("none", "user", f"{xrootd.url}/user/none", str(tmp_path / "none"))

@@ -132,8 +132,25 @@ def test_cap_is_below_the_fd_limit():
     assert connection_cap(1024) == 896
     assert connection_cap(100) == 36 and connection_cap(10) == 16
     assert connection_cap(1024, 100) == 100 and connection_cap(1024, 5000) == 896
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert raise_fd_limit() >= soft
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        assert raise_fd_limit() >= soft
+    finally:  # this worker's later tests start peers, which inherit its limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_fd_limit_is_raised_at_most_to_its_cap(monkeypatch):
+    """A hard limit of ~10^9 (containers, EL9) is not passed on to what a server starts."""
+    import panda_core.netguard as netguard
+    set_to = []
+    for hard, expected in ((1 << 30, netguard.MAX_FD_LIMIT), (resource.RLIM_INFINITY,
+                                                                netguard.MAX_FD_LIMIT),
+                           (4096, 4096)):
+        set_to.clear()
+        monkeypatch.setattr(netguard.resource, "getrlimit", lambda _r, h=hard: (1024, h))
+        monkeypatch.setattr(netguard.resource, "setrlimit", lambda _r, v: set_to.append(v))
+        assert raise_fd_limit() == expected
+        assert set_to == [(expected, hard)]
 
 
 def test_rate_limited_log_says_what_it_dropped(caplog):
