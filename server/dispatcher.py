@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import time
 from typing import Any
 
 from panda_core import workernode
@@ -282,12 +283,16 @@ class Dispatcher:
 
     async def update_job(self, form: dict, identity: Identity | None) -> dict:
         req = self._update_request(form)
+        began = time.monotonic()
         try:
             command = await self.path.update(req, identity)
         except PermissionError as exc:
             raise ProtocolError(SC_DENIED, str(exc)) from None
         except Conflict as exc:
             raise ProtocolError(SC_FAILED, str(exc)) from None
+        note = getattr(self.job_chooser, "note_released", None)
+        if note is not None and req.released is not None:
+            note(*req.released, began=began)
         reply = {"StatusCode": SC_OK, "command": command}
         if command == "debug":      # the view asked for (rare: one more read, debug jobs only)
             reply["debugView"] = await self.run(self.tb.jobs.debug_request, req.panda_id) \

@@ -20,6 +20,7 @@ from panda_core.states import PILOT_OWNED_STATES
 from .auth import Identity
 from .brokerage import OutputSE, output_se
 from .jobholder import Claim, refusal
+from .shares import RUNNING_STATES
 from .taskbuffer import NotFound, TaskBuffer
 from .transient import retrying
 
@@ -59,6 +60,17 @@ class UpdateRequest:
     attempt_nr: int | None
     site: str
     claim: Claim = field(default_factory=Claim)   # the pilot it says it is (jobholder)
+    #: set by the path that applied the update when it took the job out of the states whose
+    #: cores count as its share's usage (``shares.RUNNING_STATES``): (share, cores)
+    released: tuple[str | None, int | None] | None = None
+
+    def note_release(self, old_status: str, attempt_nr: int | None, share: str | None,
+                     cores: int | None) -> None:
+        """Record (share, cores) in ``released`` if this update, applied to a job that was
+        ``old_status`` at attempt ``attempt_nr``, ends its use of the cores."""
+        if (old_status in RUNNING_STATES and self.state not in RUNNING_STATES
+                and (self.attempt_nr is None or self.attempt_nr == attempt_nr)):
+            self.released = (share, cores)
 
 
 class DispatchPath(ABC):
@@ -130,6 +142,8 @@ class GeneralPath(DispatchPath):
                 why = refusal(job, identity, req.claim)
                 if why:
                     raise PermissionError(why)
+            # applied from here on unless it raises (a stale attempt changes nothing)
+            req.note_release(job["status"], job["attempt_nr"], job["share"], job["cores"])
             if not job["site"]:
                 return output_se({})
             row = said_row if said_row and said_row["name"] == job["site"] else \

@@ -318,14 +318,14 @@ class HotPath(DispatchPath):
             if req.state not in _FINAL:
                 command = await self.progress(req.panda_id, req.state, req.fields, actor=actor,
                                               attempt_nr=req.attempt_nr, site=site,
-                                              holder=holder)
+                                              holder=holder, req=req)
                 if command is not None:
                     return command
             elif req.state == _FINISHED:
                 task_id = await self.finish(req.panda_id, req.fields, actor=actor,
                                             attempt_nr=req.attempt_nr, site=site,
                                             endpoint=output_se(site_row["config"]),
-                                            stored=req.stored, holder=holder)
+                                            stored=req.stored, holder=holder, req=req)
                 if task_id is not None:
                     await self._after_finish(task_id)
                     return "NULL"
@@ -485,26 +485,29 @@ class HotPath(DispatchPath):
     # ------------------------------------------------------------------ updateJob, not final
     async def progress(self, panda_id: int, state: str, fields: dict, *, actor: str | None,
                        attempt_nr: int | None, site: str | None,
-                       holder: dict | None = None) -> str | None:
+                       holder: dict | None = None, req: UpdateRequest | None = None
+                       ) -> str | None:
         """A heartbeat or a progress report (starting, running, holding, transferring).
         Returns the command for the pilot, or None when the general path must decide.
-        Reports that arrive together are applied by one statement (see Coalescer)."""
+        Reports that arrive together are applied by one statement (see Coalescer). ``req``:
+        the request whose ``released`` to note (``UpdateRequest.note_release``)."""
         allowed = self._from_state.get(state)
         if not allowed or not fields.keys() <= _PROGRESS_COLS.keys():
             return None
         item = {"pid": panda_id, "state": state, "allowed": ",".join(allowed),
                 "attempt": attempt_nr, "site": site, "actor": actor, **(holder or {}), **fields}
-        return await self._progresses.submit(None, item)
+        return _applied(await self._progresses.submit(None, item), req)
 
-    async def _progress_batch(self, _key, items: list[dict]) -> list[str | None]:
+    async def _progress_batch(self, _key, items: list[dict]) -> list[tuple | None]:
         results = await self._apply_batch(_PROGRESS_SQL, items, {})
-        return [None if r is _NOT_APPLIED else (r or "NULL") for r in results]
+        return [None if r is _NOT_APPLIED else (r[0] or "NULL", *r[1:]) for r in results]
 
     async def _apply_batch(self, sql: str, items: list[dict], extra: dict) -> list:
-        """Run a batched statement (rows ``(i, value)`` back) over ``items``; None for an item
-        the statement did not apply (``_NOT_APPLIED``). When the database refuses a batch (say,
-        a number out of a column's range in one report), its items are tried one by one, so one
-        bad report sends only itself to the general path."""
+        """Run a batched statement (rows ``(i, values...)`` back) over ``items``; per item the
+        list of its row's values, or ``_NOT_APPLIED`` when the statement did not apply to it.
+        When the database refuses a batch (say, a number out of a column's range in one
+        report), its items are tried one by one, so one bad report sends only itself to the
+        general path."""
         results: list = [_NOT_APPLIED] * len(items)
         async with self._pool().connection() as conn:
             pending = _unique_pid_groups(items)
@@ -523,18 +526,20 @@ class HotPath(DispatchPath):
                         log.info("job %s: the database refused the hot path's statement (%s); "
                                  "the general path answers", items[group[0]]["pid"], exc)
                     continue
-                for i, value in await cur.fetchall():
-                    results[i] = value
+                for i, *values in await cur.fetchall():
+                    results[i] = values
         return results
 
     # ------------------------------------------------------------------ updateJob finished
     async def finish(self, panda_id: int, fields: dict, *, actor: str | None,
                      attempt_nr: int | None, site: str, endpoint: OutputSE | str | None,
-                     stored: dict[str, dict], holder: dict | None = None) -> int | None:
+                     stored: dict[str, dict], holder: dict | None = None,
+                     req: UpdateRequest | None = None) -> int | None:
         """A job finished with every expected output stored: register the outputs (file rows,
         replicas at ``endpoint``, dataset entries) and end the job via ``holding``, both steps
         in its history. Returns its task's id, or None when the general path must decide.
-        Jobs that finish together are ended by one statement (see Coalescer)."""
+        Jobs that finish together are ended by one statement (see Coalescer). ``req``: as
+        for :meth:`progress`."""
         if not fields.keys() <= _PROGRESS_COLS.keys():
             return None
         if not isinstance(endpoint, OutputSE):            # a storage element's name alone
@@ -545,11 +550,11 @@ class HotPath(DispatchPath):
         item = {"pid": panda_id, "site": site, "attempt": attempt_nr, "actor": actor,
                 "endpoint": endpoint.name, "se_url": endpoint.url, "stored": files,
                 **(holder or {}), **fields}
-        return await self._finishes.submit(None, item)
+        return _applied(await self._finishes.submit(None, item), req)
 
-    async def _finish_batch(self, _key, items: list[dict]) -> list[int | None]:
+    async def _finish_batch(self, _key, items: list[dict]) -> list[tuple | None]:
         results = await self._apply_batch(_FINISH_SQL, items, {"from": self._finish_from})
-        return [None if r is _NOT_APPLIED else r for r in results]
+        return [None if r is _NOT_APPLIED else tuple(r) for r in results]
 
     async def task_settled(self, task_id: int) -> bool:
         """After a job ended: is its task running with live jobs left (nothing to update)?
@@ -624,7 +629,7 @@ def _progress_sql() -> str:
         f"ELSE jobs.start_time END, {sets} "
         "FROM cur JOIN r ON r.i = cur.i WHERE jobs.panda_id = cur.panda_id "
         "RETURNING jobs.panda_id, cur.status AS old_status, r.state, r.actor, r.i, "
-        "jobs.command, jobs.task_id), "
+        "jobs.command, jobs.task_id, jobs.share, jobs.cores), "
         "hist AS (INSERT INTO job_history (panda_id, old_status, new_status, time, actor) "
         f"SELECT panda_id, old_status, state, {now}, actor FROM upd "
         "WHERE old_status <> state), "
@@ -633,13 +638,25 @@ def _progress_sql() -> str:
         f"WHERE task_id IN (SELECT task_id FROM upd WHERE state = '{running}' "
         f"AND old_status <> '{running}') AND status NOT IN ('{TaskState.RUNNING}', "
         f"'{TaskState.ABORTED}')) "
-        "SELECT i, command FROM upd")
+        "SELECT i, command, old_status, share, cores FROM upd")
 
 
 _PROGRESS_SQL = _progress_sql()
 
 
 _NOT_APPLIED = object()     # a batched statement returned no row for this item
+
+
+def _applied(result: tuple | None, req: UpdateRequest | None) -> Any:
+    """A hot update's answer (the command, or the task's id) from its statement's row
+    ``(answer, old status, share, cores)``, noting the job's release of its cores in ``req``
+    (the statement matched the request's attempt, or it would have returned no row)."""
+    if result is None:
+        return None
+    answer, old_status, share, cores = result
+    if req is not None:
+        req.note_release(old_status, req.attempt_nr, share, cores)
+    return answer
 
 
 def _dispatch_rounds(items: list[tuple[dict, tuple]]) -> list[list[list[int]]]:
@@ -734,12 +751,13 @@ def _finish_sql() -> str:
         f"state_changed = {now}, heartbeat_time = {now}, end_time = {now}, command = NULL"
         + sets
         + " FROM ok JOIN r ON r.i = ok.i WHERE jobs.panda_id = ok.panda_id "
-        "RETURNING jobs.panda_id, ok.status AS old_status, jobs.task_id, r.i, r.actor), "
+        "RETURNING jobs.panda_id, ok.status AS old_status, jobs.task_id, r.i, r.actor, "
+        "jobs.share, jobs.cores), "
         "hist AS (INSERT INTO job_history (panda_id, old_status, new_status, time, actor) "
         f"SELECT panda_id, old_status, '{_HOLDING}', {now}, actor FROM upd "
         f"WHERE old_status <> '{_HOLDING}' UNION ALL "
         f"SELECT panda_id, '{_HOLDING}', '{_FINISHED}', {now}, actor FROM upd) "
-        "SELECT i, task_id FROM upd")
+        "SELECT i, task_id, old_status, share, cores FROM upd")
 
 
 _FINISH_SQL = _finish_sql()

@@ -259,6 +259,17 @@ class _GridRanking:
     known: set[str]
     names: list[str]
     running: dict[str, int]
+    stale: bool = False               # ``running`` changed since ``names`` was ranked
+
+    def ranked(self, lock: threading.Lock) -> list[str]:
+        """``names``, ranked again first if the usage changed: once per getJob that needs
+        it, not once per job dispatched or ended (a ranking costs ~20 us)."""
+        if self.stale:
+            with lock:
+                if self.stale:
+                    self.names = rank_shares(self.tree, self.running)
+                    self.stale = False
+        return self.names
 
 
 class ShareChooser:
@@ -302,7 +313,7 @@ class ShareChooser:
             hit = (snap.taken, usage_from_counts(snap.site(site))[1])
             with self._lock:
                 self._waiting[site] = hit
-        return grid.names, grid.known, hit[1]
+        return grid.ranked(self._lock), grid.known, hit[1]
 
     def _grid_for(self, snap) -> _GridRanking:
         """The grid-wide ranking of this snapshot: summed over the sites once per snapshot."""
@@ -336,9 +347,25 @@ class ShareChooser:
                 grid.running[share] = grid.running.get(share, 0) + int(job.get("cores") or 1)
                 if waiting is not None and waiting.get(share):
                     waiting[share] -= 1
-            grid.names = rank_shares(grid.tree, grid.running)
+            grid.stale = True
             if waiting is not None:
                 self._waiting[site] = (grid.taken, waiting)
+
+    def note_released(self, share: str | None, cores: int | None, *, began: float) -> None:
+        """Take a job's cores off its share in the cached grid-wide usage: an update this
+        process applied (begun at ``began``, ``time.monotonic()``) ended the job's use of them
+        (it left sent/starting/running). Without it the usage between two snapshots only grew
+        by what was dispatched, and the ranking evened out jobs handed out rather than cores
+        in use. Skipped when the snapshot was read after the update began: the read may
+        already count the job as ended."""
+        if share is None:
+            return
+        with self._lock:
+            grid = self._grid
+            if grid is None or grid.taken > began:
+                return
+            grid.running[share] = max(0, grid.running.get(share, 0) - int(cores or 1))
+            grid.stale = True
 
     def _tree_for(self, taken: float) -> tuple[list[Share], set[str]]:
         """The share tree, read once per counter snapshot."""

@@ -32,8 +32,8 @@ _SELECT_OUTPUTS = select(db.files.c.row_id, db.files.c.type, db.files.c.scope, d
 # the job a pilot updates, with its task's status (to skip the task update when it runs)
 _SELECT_PILOT_ROW = select(
     db.jobs.c.panda_id, db.jobs.c.status, db.jobs.c.attempt_nr, db.jobs.c.command,
-    db.jobs.c.task_id, db.jobs.c.site, db.jobs.c.destination_se,
-    db.tasks.c.status.label("task_status"),
+    db.jobs.c.task_id, db.jobs.c.site, db.jobs.c.destination_se, db.jobs.c.share,
+    db.jobs.c.cores, db.tasks.c.status.label("task_status"),
     db.jobs.c.pilot_owner, db.jobs.c.pilot_id, db.jobs.c.node, db.jobs.c.pilot_nonce
 ).select_from(db.jobs.outerjoin(db.tasks, db.tasks.c.task_id == db.jobs.c.task_id)).where(
     db.jobs.c.panda_id == bindparam("pid"))

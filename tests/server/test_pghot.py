@@ -1582,3 +1582,38 @@ def test_full_cycle_over_http_with_the_hot_path(taskbuffer, tmp_path):
                                 ("running", "holding"), ("holding", "finished")]
     assert all(f["status"] == "ready" for f in tb.jobs.get(pid)["files"])
     assert tb.tasks.get(task_id)["status"] == "done"
+
+
+def test_hot_updates_take_ended_jobs_off_the_cached_share_usage(env):
+    """The hot statements report the share and cores of a job they take out of the running
+    states (progress to holding, finished), as the general path does: the chooser's cached
+    grid-wide usage follows the cores in use between two snapshots."""
+    ShareStore(env.tb).save(parse_shares([{"name": "y", "value": 50},
+                                          {"name": "x", "value": 50}]))
+    _, ids = seed_jobs(env.tb, "SITE_A", 20)
+    set_jobs(env.tb.engine, ids[:10], share="x")
+    set_jobs(env.tb.engine, ids[10:], share="y")
+    env.disp = env.dispatcher(env.hot, ShareChooser(env.tb, ttl_s=3600))
+    specs = {}
+    for _ in range(10):
+        spec = env.get_job({"siteName": "SITE_A"})
+        specs[spec["PandaID"]] = spec
+    mine = {s: [p for p in specs if p in (ids[:10] if s == "x" else ids[10:])] for s in "xy"}
+    assert [len(mine["x"]), len(mine["y"])] == [5, 5]
+    chooser = env.disp.job_chooser
+    assert chooser.share_plan("SITE_A")[0] == "y"            # a tie: the configured order
+    env.calls.clear()
+
+    def report(pid, state):
+        form = {"jobId": pid, "state": state, "siteName": "SITE_A", "attemptNr": 1}
+        if state == "finished":
+            form["xml"] = xml(specs[pid]["outFiles"].split(","))
+        assert env.update_job(form) == {"StatusCode": 0, "command": "NULL"}
+    for pid in mine["x"][:2]:
+        report(pid, "running")
+    assert chooser.share_plan("SITE_A")[0] == "y"
+    report(mine["x"][0], "holding")
+    report(mine["x"][1], "finished")
+    assert env.fallbacks() == []                              # every update was hot
+    assert chooser.share_plan("SITE_A")[0] == "x"            # x 3 cores, y 5
+    assert ShareChooser(env.tb, ttl_s=0).grid_running() == {"x": 3, "y": 5}

@@ -325,3 +325,45 @@ def test_usage_is_grid_wide_so_a_share_at_some_sites_reaches_its_target(taskbuff
     names, running, waiting = ShareChooser(taskbuffer, ttl_s=0).ranking(s1)
     assert running == {"x": 9, "y": 1} and names[0] == "x"      # the site's own usage
     assert waiting == {"x": 11, "y": 19}
+
+
+def test_ended_jobs_come_off_the_cached_usage(taskbuffer, tmp_path):
+    """Between two snapshots the chooser adds what it dispatches and takes off what its
+    updates end (holding, failed, finished: no longer running), so the order follows the
+    cores in use, not the jobs handed out. A stale attempt's report ends nothing, and a job
+    ended before the snapshot was read is not taken off twice."""
+    import time
+    where = "E_SITE"
+    taskbuffer.sites.sync([site(where, max_running=1000)])
+    ShareStore(taskbuffer).save(parse_shares([{"name": "y", "value": 50},
+                                              {"name": "x", "value": 50}]))
+    for share in ("x", "y"):
+        submitter(taskbuffer).submit(task(f"t-{share}", n_jobs=20, site=where, share=share),
+                                     owner="alice")
+    disp = dispatcher(taskbuffer, tmp_path, ttl_s=3600)
+    mine = {"x": [], "y": []}
+    for _ in range(10):
+        job = taskbuffer.jobs.get(disp.get_job({"siteName": where}, None)["PandaID"])
+        mine[job["share"]].append(job["panda_id"])
+    assert {s: len(ids) for s, ids in mine.items()} == {"x": 5, "y": 5}
+    chooser = disp.job_chooser
+    assert chooser.share_plan(where)[0] == "y"            # a tie: the configured order
+
+    def report(pid, state, attempt=1):
+        return disp.update_job({"jobId": pid, "state": state, "attemptNr": attempt}, None)
+    assert report(mine["x"][0], "holding", attempt=7)["command"] == "tobekilled"    # stale
+    assert chooser.share_plan(where)[0] == "y"
+    report(mine["x"][0], "running")                       # still running: nothing ends
+    report(mine["x"][0], "holding")
+    report(mine["x"][1], "failed")
+    assert chooser.share_plan(where)[0] == "x"            # x 3 cores, y 5
+    for pid in mine["y"][:2]:
+        report(pid, "failed")
+    assert chooser.share_plan(where)[0] == "y"            # 3 and 3: the tie again
+    assert ShareChooser(taskbuffer, ttl_s=0).grid_running() == {"x": 3, "y": 3}
+    # an end the snapshot may already count (it was read after the update began) stays
+    chooser.note_released("x", 1, began=time.monotonic() - 3600)
+    assert chooser.share_plan(where)[0] == "y"            # still 3 and 3
+    chooser.note_released(None, 1, began=time.monotonic())   # a job without a share: nothing
+    chooser.note_released("x", 1, began=time.monotonic())
+    assert chooser.share_plan(where)[0] == "x"            # x 2, y 3
