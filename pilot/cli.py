@@ -34,6 +34,16 @@ def _minutes(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text!r}")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="panda pilot", description="Run PanDA jobs on this node.")
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:25080")
@@ -79,6 +89,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default 30)")
     p.add_argument("--reserve", type=float, default=float(PILOT_RESERVE_S),
                    help="seconds kept before the wall-time end for stage-out and report")
+    p.add_argument("--exit-time", type=_seconds, default=10.0, metavar="S",
+                   help="seconds of the reserve kept after the last call to the server, to exit "
+                   "before the wall time's end: no update or final report is retried past "
+                   "wall time minus S (default 10; the report is kept for a later pilot)")
     p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
     p.add_argument("--server-backoff", type=float, default=2.0,
                    help="first wait between attempts, doubled each time")
@@ -217,7 +231,8 @@ def main(argv: list[str]) -> int:
     deadline = started + walltime if walltime else batch_deadline(dict(os.environ), started)
     retry = RetryPolicy(attempts=max(1, args.server_retries), backoff_s=args.server_backoff)
     cfg = PilotConfig(server=args.server, site=args.site, workdir_base=Path(args.workdir).resolve(),
-                      deadline=deadline, reserve_s=args.reserve, heartbeat_s=args.heartbeat,
+                      deadline=deadline, reserve_s=args.reserve, exit_s=args.exit_time,
+                      heartbeat_s=args.heartbeat,
                       monitor_interval_s=args.monitor_interval, max_jobs=args.max_jobs,
                       lost_heartbeat_s=args.lost_heartbeat,
                       server_retry=retry, final_retry=retry,
@@ -379,7 +394,7 @@ def recover(cfg, client, pm, site, trust) -> None:
         log.error("recovery skipped, the job dirs stay for a later pilot: %s", exc)
         return
     recovered = recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs, cfg.final_retry,
-                            site, cfg.allowed_programs)
+                            site, cfg.allowed_programs, cfg.report_deadline())
     if recovered:
         log.info("recovered jobs: %s", ", ".join(recovered))
 
@@ -398,7 +413,7 @@ def refuse(client, cfg, site, raw: dict, code: int, diag: str,
     for key in ("pilotID", "pilotNonce"):
         if (getjob or {}).get(key):
             form[key] = getjob[key]
-    send_final(client, form, cfg.final_retry)
+    send_final(client, form, cfg.final_retry, cfg.report_deadline())
 
 
 if __name__ == "__main__":

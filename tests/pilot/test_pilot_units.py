@@ -154,7 +154,8 @@ def test_final_report_kept_while_the_server_says_try_again():
         def __init__(self, *codes):
             self.codes = list(codes)
 
-        def update_job(self, form, policy):
+        def update_job(self, form, policy, deadline=None):
+            self.deadlines = getattr(self, "deadlines", []) + [deadline]
             return {"StatusCode": self.codes.pop(0), "errorDialog": "x"}
 
     quick = RetryPolicy(attempts=2, backoff_s=0.01)
@@ -162,6 +163,13 @@ def test_final_report_kept_while_the_server_says_try_again():
     assert send_final(Server(10, 10), {"jobId": 1}, quick) is False     # kept for later
     assert send_final(Server(30), {"jobId": 1}, quick) is True          # a refusal is final
     assert send_final(Server(0), {"jobId": 1}, quick) is True
+    # "try again" for ever: the pilot's deadline ends the retries, not the policy's 50 attempts
+    patient, at = RetryPolicy(attempts=50, backoff_s=0.2, jitter=0, timeout_s=0.1), time.time() + 1
+    server = Server(*[10] * 50)
+    t0 = time.monotonic()
+    assert send_final(server, {"jobId": 1}, patient, deadline=at) is False
+    assert time.monotonic() - t0 < 1.2 and 3 <= len(server.deadlines) <= 6
+    assert set(server.deadlines) == {at}, "each updateJob is bound by the same deadline"
 
 
 def test_state_file_reaches_the_disk_only_for_what_exists_nowhere_else(tmp_path, monkeypatch):
