@@ -71,7 +71,8 @@ class PilotConfig:
     workdir_base: Path
     deadline: float | None = None          # epoch seconds when the batch slot ends
     reserve_s: float = 60.0                # kept free before the deadline for stage-out and report
-    exit_s: float = 10.0                   # of the reserve, kept after the last report to exit
+    exit_s: float = 10.0                   # of the reserve (at most half), kept after the
+                                           # last call to the server to exit
     heartbeat_s: float | None = None       # None: the site's limits.heartbeat_s
     monitor_interval_s: float = 10.0
     lost_heartbeat_s: float = 0.0          # kill the payload (1317) when no update got through
@@ -98,8 +99,11 @@ class PilotConfig:
     def report_deadline(self) -> float | None:
         """When the pilot's calls to the server must be over (epoch seconds; None: no wall
         time): the batch slot's end less ``exit_s``, so that a server that keeps answering 503
-        cannot hold a report until the batch system kills the pilot mid-report."""
-        return None if self.deadline is None else self.deadline - self.exit_s
+        cannot hold a report until the batch system kills the pilot mid-report. At most half
+        the reserve is kept for the exit: the rest is the stage-out's and the report's."""
+        if self.deadline is None:
+            return None
+        return self.deadline - min(self.exit_s, self.reserve_s / 2)
 
 
 class KillRequest:

@@ -506,3 +506,15 @@ def test_job_log_on_a_full_disk_drops_lines_without_a_traceback(capsys):
     handler.close()                       # no OSError out of the pilot's finally
     assert handler.stream is None
     assert capsys.readouterr().err == ""
+
+
+def test_the_report_deadline_keeps_the_exit_time_within_half_the_reserve(tmp_path):
+    from pilot.job import PilotConfig
+
+    def cfg(**kw):
+        return PilotConfig(server="http://127.0.0.1:1", site="S", workdir_base=tmp_path, **kw)
+    assert cfg().report_deadline() is None                       # no wall time: no deadline
+    assert cfg(deadline=1000.0, reserve_s=60).report_deadline() == 990.0
+    assert cfg(deadline=1000.0, reserve_s=60, exit_s=0).report_deadline() == 1000.0
+    # a small --reserve: half of it stays the stage-out's and the report's
+    assert cfg(deadline=1000.0, reserve_s=1).report_deadline() == 999.5
