@@ -23,7 +23,8 @@ Prints one line per run, then one JSON object: start_to_payload_s, payload_end_t
 python_start_s, pilot_rss_mb (medians), ratios against python_start_s, and onefile_cold_s,
 onefile_warm_s, onefile_warm_fingerprint_s (a warm start with the key pinned as the factory
 pins it, ``--public-key-fingerprint``, instead of by a PEM file), onefile_rss_mb, onefile_bytes,
-sandbox_extra_s.
+sandbox_extra_s, onefile_node_compile_s (the batch script's decode and compile of its node
+program, alone: the most a cache of its compiled code could save a start).
 """
 from __future__ import annotations
 
@@ -210,6 +211,7 @@ def main() -> int:
                     print(f"one-file run {i}: cold {c_s:.3f} s  warm {w_s:.3f} s  "
                           f"warm by fingerprint {f_s:.3f} s  rss {max(c_rss, w_rss, f_rss):.1f} MB")
                 sandbox_extra = sandbox_extra_s(fake, onefile, base, args)
+                node_compile = node_compile_s()
             finally:
                 onefile.stop()
         finally:
@@ -226,11 +228,32 @@ def main() -> int:
                onefile_warm_s=round(statistics.median(warm), 4),
                onefile_warm_fingerprint_s=round(statistics.median(warm_fp), 4),
                onefile_rss_mb=round(max(of_rss), 1), onefile_bytes=onefile.bytes,
-               sandbox_extra_s=sandbox_extra, onefile_python=NODE_PYTHON)
+               sandbox_extra_s=sandbox_extra, onefile_python=NODE_PYTHON,
+               onefile_node_compile_s=node_compile)
     out["onefile_warm_vs_python"] = round(out["onefile_warm_s"] / out["python_start_s"], 2)
     out["onefile_cold_vs_python"] = round(out["onefile_cold_s"] / out["python_start_s"], 2)
     print(json.dumps(out))
     return 0
+
+
+def node_compile_s(rounds: int = 200) -> float:
+    """The median time the node's Python takes for what every start of the batch script does
+    before the node program runs: decode, decompress and compile it (what a cache of its
+    compiled code on the node could save at most). Measured in a process of its own, the
+    node's Python, rounds one after the other."""
+    from schedulers.bootstrap import node_program
+
+    code = (f"import base64,statistics,sys,time,zlib\n"
+            f"blob=base64.b64encode(zlib.compress({node_program().encode()!r},9))\n"
+            "t=[]\n"
+            f"for _ in range({rounds}):\n"
+            " t0=time.perf_counter()\n"
+            " compile(zlib.decompress(base64.b64decode(blob)),'panda-pilot-bootstrap','exec')\n"
+            " t.append(time.perf_counter()-t0)\n"
+            "print(statistics.median(t))\n")
+    out = subprocess.run([NODE_PYTHON, "-E", "-s", "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    return round(float(out), 5)
 
 
 def sandbox_extra_s(fake, onefile, base, args) -> float | None:

@@ -65,7 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "deployment (the factory passes it; `panda token public-key` prints it)")
     p.add_argument("--public-key-fingerprint", metavar="sha256:HEX",
                    help="the server's job-signing key by its fingerprint: the key the server "
-                   "serves must have it (`panda token public-key --fingerprint`). One of the two "
+                   "serves (or the one-file batch script carries) must have it (`panda token "
+                   "public-key --fingerprint`). One of the two "
                    "is required: the pilot never trusts a key only because the server sent it")
     p.add_argument("--ca-bundle", help="CA bundle (file) that the server's https certificate is "
                    "verified against (default: the system's CAs)")
@@ -375,7 +376,40 @@ def pinned_key(args: argparse.Namespace) -> dict:
         pinned["pem"] = Path(args.public_key).read_bytes()
     if args.public_key_fingerprint:
         pinned["fingerprint"] = normalise_fingerprint(args.public_key_fingerprint)
+    if "pem" not in pinned:
+        carried = bootstrap_key(pinned["fingerprint"])
+        if carried is not None:
+            pinned["pem"] = carried
     return pinned
+
+
+#: the server key's 32 bytes in hex, set by the one-file pilot's batch script
+#: (schedulers/bootstrap_node.py), which verified the pilot file with them
+BOOTSTRAP_KEY_ENV = "PANDA_PILOT_SERVER_KEY"
+
+
+def bootstrap_key(fingerprint: str) -> bytes | None:
+    """The PEM of the key the batch script verified this pilot's file with, if it has the
+    pinned ``fingerprint``: a key that has it is the pinned key wherever it came from, so it
+    need not be fetched from the server (one round trip before the first job, and a request
+    per pilot at the server). None when there is none or it is not the pinned key (the pilot
+    then fetches the server's, as before)."""
+    from panda_core.trust import key_fingerprint, raw_key_pem
+
+    text = os.environ.get(BOOTSTRAP_KEY_ENV, "")
+    if not text:
+        return None
+    try:
+        pem = raw_key_pem(bytes.fromhex(text))
+    except ValueError:
+        log.warning("$%s is not a key (64 hex digits): the server's key is fetched instead",
+                    BOOTSTRAP_KEY_ENV)
+        return None
+    if key_fingerprint(pem) != fingerprint:
+        log.warning("the key the batch script carries (%s) is not the pinned %s: the server's "
+                    "key is fetched instead", key_fingerprint(pem), fingerprint)
+        return None
+    return pem.encode()
 
 
 def recover(cfg, client, pm, site, trust) -> None:

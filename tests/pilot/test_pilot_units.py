@@ -518,3 +518,29 @@ def test_the_report_deadline_keeps_the_exit_time_within_half_the_reserve(tmp_pat
     assert cfg(deadline=1000.0, reserve_s=60, exit_s=0).report_deadline() == 1000.0
     # a small --reserve: half of it stays the stage-out's and the report's
     assert cfg(deadline=1000.0, reserve_s=1).report_deadline() == 999.5
+
+
+def test_the_key_the_batch_script_carries_is_taken_only_with_the_pinned_fingerprint(
+        monkeypatch, caplog):
+    from panda_core.trust import key_fingerprint, raw_key_pem
+    from pilot.cli import BOOTSTRAP_KEY_ENV, bootstrap_key
+
+    def raw(key) -> bytes:
+        return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                             serialization.PublicFormat.Raw)
+    ours, theirs = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    pem = ours.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert raw_key_pem(raw(ours)).encode() == pem          # the PEM cryptography writes
+    pinned = key_fingerprint(pem)
+    monkeypatch.delenv(BOOTSTRAP_KEY_ENV, raising=False)
+    assert bootstrap_key(pinned) is None                    # not a one-file pilot: fetched
+    monkeypatch.setenv(BOOTSTRAP_KEY_ENV, raw(ours).hex())
+    assert bootstrap_key(pinned) == pem
+    monkeypatch.setenv(BOOTSTRAP_KEY_ENV, raw(theirs).hex())
+    assert bootstrap_key(pinned) is None and "is not the pinned" in caplog.text
+    for junk in ("zz" * 32, "ab" * 31, "ab" * 33, "ab" * 32 + "\n", "é"):
+        monkeypatch.setenv(BOOTSTRAP_KEY_ENV, junk)
+        assert bootstrap_key(pinned) is None, junk
+    with pytest.raises(ValueError):
+        raw_key_pem(b"short")
