@@ -7,12 +7,12 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func, insert, literal_column, select, update
 from sqlalchemy.engine import Connection
 
-from panda_core.states import FINAL_JOB_STATES, FINAL_TASK_STATES, JobState, TaskState
+from panda_core.states import FINAL_TASK_STATES, LIVE_JOB_STATES, TaskState
 
 from .. import db
 from .base import NotFound, Store
 
-LIVE_STATES = [str(s) for s in JobState if s not in FINAL_JOB_STATES]
+LIVE_STATES = list(LIVE_JOB_STATES)
 #: (the task's status, whether it has live jobs) of task ``tid``: after a job ended, a task
 #: that runs and still has live jobs needs no update (the states are literals: the statement
 #: has one parameter, whichever driver runs it)
