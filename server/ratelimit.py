@@ -30,12 +30,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Hashable
 
 from tornado import httputil
 
 from panda_core.netguard import RateLimitedLog
 
+from .auth import Identity
 from .metrics import RATE_LIMITED, RATE_LIMIT_CLIENTS
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,10 @@ class RateLimiter:
                        if limit.rate}
         self._log = RateLimitedLog(log)
 
-    def check(self, path: str, identity: Any, address: str | None) -> Refusal | None:
-        """None when the request of ``identity`` (an ``auth.Identity`` or None: anonymous, or
-        a credential that will be refused) from ``address`` to ``path`` may go on, else why
-        not."""
+    def check(self, path: str, identity: Identity | None, address: str | None
+              ) -> Refusal | None:
+        """None when the request of ``identity`` (None: anonymous, or a credential that its
+        handler will refuse) from ``address`` to ``path`` may go on, else why not."""
         if identity is not None:
             if identity.subject in self.limits.exempt or (
                     identity.role == "admin" and not self.limits.limit_admins):
