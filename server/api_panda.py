@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -368,32 +369,115 @@ def task_detailed_info_since(ctx: Context, params: dict) -> list[dict]:
     return out
 
 
+#: PanDA's return codes of the task commands (``data`` of a refusal; 0 in ``data`` on success)
+CODE_NO_TASK, CODE_NOT_YOURS, CODE_STATUS = 2, 3, 4
+TASK_PARAM = Param("task_id", "integer", True, "a jediTaskID", minimum=1)
+
+
+def _own_task(ctx: Context, task_id: int) -> dict:
+    """The task, if the caller may command it (its owner or an admin); PanDA's codes else."""
+    from .taskbuffer import NotFound
+    try:
+        task = ctx.tb.tasks.get(task_id)
+    except NotFound:
+        raise ApiError(f"no task {task_id}", data=CODE_NO_TASK) from None
+    if ctx.identity.role != "admin" and task["owner"] != ctx.identity.subject:
+        raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}",
+                       data=CODE_NOT_YOURS)
+    return task
+
+
+def _command(ctx: Context, task_id: int, run: Callable[[int, str], Any]) -> Any:
+    """Run a task command of ``tb.commands`` for the caller; a refusal is PanDA's code."""
+    from .taskbuffer import Conflict, NotFound
+    _own_task(ctx, task_id)
+    try:
+        return run(task_id, ctx.identity.subject)
+    except NotFound:
+        raise ApiError(f"no task {task_id}", data=CODE_NO_TASK) from None
+    except Conflict as exc:
+        raise ApiError(str(exc), data=CODE_STATUS) from None
+
+
 @api("task", "retry", ("POST",), WRITERS, params=(
-    Param("task_id", "integer", True, "a jediTaskID", minimum=1),
-    Param("new_parameters", "any", description="not supported (refused)")))
+    TASK_PARAM, Param("new_parameters", "any", description="not supported (refused)")))
 def task_retry(ctx: Context, params: dict) -> int:
     """PanDA's retryTask: the failed and cancelled jobs of an ended task run again. ``data``
     is PanDA's code: 0 registered, 2 no such task, 3 permission denied, 4 the task's status
     does not allow it (or nothing to retry); ``new_parameters`` are not supported (refused)."""
-    from .taskbuffer import Conflict, NotFound
-
     task_id = int_param(params, "task_id")
     if _null(params.get("new_parameters")):
-        raise ApiError("retry with new parameters is not supported here", data=4)
-    try:
-        task = ctx.tb.tasks.get(task_id)
-    except NotFound:
-        raise ApiError(f"no task {task_id}", data=2) from None
-    if ctx.identity.role != "admin" and task["owner"] != ctx.identity.subject:
-        raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}", data=3)
-    try:
-        new_ids = ctx.tb.jobs.retry_task(task_id, ctx.identity.subject)
-    except Conflict as exc:
-        raise ApiError(str(exc), data=4) from None
+        raise ApiError("retry with new parameters is not supported here", data=CODE_STATUS)
+    new_ids = _command(ctx, task_id, ctx.tb.jobs.retry_task)
     if not new_ids:
-        raise ApiError(f"task {task_id} has no failed or cancelled job to retry", data=4)
+        raise ApiError(f"task {task_id} has no failed or cancelled job to retry",
+                       data=CODE_STATUS)
     ctx.message = f"jediTaskID={task_id} retried: {len(new_ids)} job(s) again"
     return 0
+
+
+@api("task", "finish", ("POST",), WRITERS, params=(
+    TASK_PARAM, Param("soft", "boolean", description="let the running jobs end (else they "
+                      "are killed too)"),
+    Param("broadcast", "boolean", description="ignored (PanDA's message to pilots)")))
+def task_finish(ctx: Context, params: dict) -> int:
+    """PanDA's finishTask: the task ends without more jobs. Jobs whose payload has not started
+    are cancelled; ``soft`` lets the running ones end, else they are killed too; the task then
+    ends done, finished or failed by what ran. ``data``: 0, or 2 no such task, 3 permission
+    denied, 4 the task has ended."""
+    task_id = int_param(params, "task_id")
+    soft = bool(params.get("soft", False))
+    result = _command(ctx, task_id,
+                      lambda tid, actor: ctx.tb.commands.finish(tid, actor, soft=soft))
+    ctx.message = (f"jediTaskID={task_id} {'soft ' if soft else ''}finish: {result.jobs} "
+                   f"job(s) cancelled; the task is {result.status}")
+    return 0
+
+
+@api("task", "pause", ("POST",), WRITERS, params=(TASK_PARAM,))
+def task_pause(ctx: Context, params: dict) -> int:
+    """PanDA's pauseTask: the task's queued jobs are held back from dispatch (``throttled``),
+    its running ones go on. ``data``: 0, or 2 no such task, 3 permission denied, 4 the task
+    is paused, finishing or has ended."""
+    task_id = int_param(params, "task_id")
+    result = _command(ctx, task_id, ctx.tb.commands.pause)
+    ctx.message = f"jediTaskID={task_id} paused: {result.jobs} queued job(s) held"
+    return 0
+
+
+@api("task", "resume", ("POST",), WRITERS, params=(TASK_PARAM,))
+def task_resume(ctx: Context, params: dict) -> int:
+    """PanDA's resumeTask: a paused task's held jobs are dispatched again. ``data``: 0, or 2
+    no such task, 3 permission denied, 4 the task is not paused."""
+    task_id = int_param(params, "task_id")
+    result = _command(ctx, task_id, ctx.tb.commands.resume)
+    ctx.message = (f"jediTaskID={task_id} resumed: {result.jobs} job(s) queued again; the "
+                   f"task is {result.status}")
+    return 0
+
+
+#: PanDA task commands this server answers with a reason (which PanDA's client prints) instead
+#: of "unknown method"
+NOT_SUPPORTED = {
+    "reactivate": "reactivateTask is not supported here (PanDA's production managers rerun a "
+                  "done task's input with it); retryTask reruns an ended task's failed and "
+                  "cancelled jobs",
+    "increase_attempts": "increase_attempts is not supported here; retryTask gives an ended "
+                         "task's failed jobs a new attempt beyond their maximum",
+    "reload_input": "reload_input is not supported here: a task's input is fixed when it is "
+                    "submitted (task/extend adds jobs for files added to its dataset since)",
+}
+
+
+def _refusal(why: str):
+    def refuse(ctx: Context, params: dict) -> None:
+        raise ApiError(why)
+    refuse.__doc__ = f"Refused: {why}."
+    return refuse
+
+
+for _name, _why in NOT_SUPPORTED.items():
+    api("task", _name, ("POST",), WRITERS, params=(TASK_PARAM,))(_refusal(_why))
 
 
 @api("task", "get_datasets_and_files", params=(
