@@ -29,6 +29,8 @@ class JobState(str, Enum):
 
 FINAL_JOB_STATES = frozenset({JobState.FINISHED, JobState.FAILED, JobState.CANCELLED,
                               JobState.CLOSED})
+#: the states of a job not yet ended (the names)
+LIVE_JOB_STATES = tuple(str(s) for s in JobState if s not in FINAL_JOB_STATES)
 #: states in which a pilot owns the job and must send heartbeats
 PILOT_OWNED_STATES = frozenset({JobState.SENT, JobState.STARTING, JobState.RUNNING,
                                 JobState.HOLDING, JobState.TRANSFERRING})

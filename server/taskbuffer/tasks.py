@@ -7,13 +7,14 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func, insert, literal_column, select, update
 from sqlalchemy.engine import Connection
 
-from panda_core.states import (FINAL_JOB_STATES, FINAL_TASK_STATES, TASK_STATES_KEPT_WHILE_LIVE,
-                               TASK_STATES_NOT_MADE_RUNNING, JobState, TaskState)
+from panda_core.states import (FINAL_TASK_STATES, LIVE_JOB_STATES,
+                               TASK_STATES_KEPT_WHILE_LIVE, TASK_STATES_NOT_MADE_RUNNING,
+                               TaskState)
 
 from .. import db
 from .base import NotFound, Store
 
-LIVE_STATES = [str(s) for s in JobState if s not in FINAL_JOB_STATES]
+LIVE_STATES = list(LIVE_JOB_STATES)
 #: (the task's status, whether it has live jobs) of task ``tid``: after a job ended, a task
 #: that runs (or is paused or finishing: ``KEPT_WHILE_LIVE``) and still has live jobs needs no
 #: update (the states are literals: the statement
