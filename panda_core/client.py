@@ -201,6 +201,8 @@ class Transport:
                 last = f"HTTP {status}"
                 if asked is not None:
                     last += f", Retry-After {asked:.0f} s"
+                if status == 429:
+                    last += " (too many requests: the server limits this client's rate)"
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", None) or exc
                 last = str(reason) or type(reason).__name__
