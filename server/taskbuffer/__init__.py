@@ -4,7 +4,7 @@ One part per responsibility, each a module of this package: ``states`` (the job 
 the one function that changes a job's status), ``counts`` (jobs per site, share and state, kept
 by triggers), ``sites``, ``data`` (datasets, replicas, stored
 outputs), ``tasks``, ``jobs`` (rows, dispatch, failures, retries, kills), ``taskcommands``
-(pause, resume, finish a task), ``pilots`` (what pilots and factories report) and ``tokens``
+(pause, resume, finish a task, more attempts), ``pilots`` (what pilots and factories report) and ``tokens``
 (revoked bearer tokens). :class:`TaskBuffer` holds
 them over one engine and clock, so that callers pass one object around:
 ``tb.jobs.dispatch(...)``, ``tb.sites.get_cached(...)``.
@@ -39,7 +39,7 @@ class TaskBuffer(Store):
         self.data = Data(self)
         self.tasks = Tasks(self)
         self.jobs = Jobs(self, self.states, self.tasks, self.counts)
-        self.commands = TaskCommands(self, self.states, self.tasks)
+        self.commands = TaskCommands(self, self.states, self.tasks, self.jobs)
         self.pilots = Pilots(self, self.states, self.tasks, self.data, self.jobs)
         self.revoked_tokens = RevokedTokens(self)
         self.owners = Ownership(self)          # who may write scopes and datasets

@@ -1,5 +1,6 @@
 """What a task's owner (or an admin) may tell a running task besides kill and retry: pause,
-resume and finish (PanDA's pauseTask, resumeTask, finishTask; docs/states.md).
+resume, finish and more attempts (PanDA's pauseTask, resumeTask, finishTask,
+increase_attempts; docs/states.md).
 
 Each command is one transaction that locks the task's row first, checks its status, moves the
 task's jobs with set-based statements (``JobStates.change_task_jobs``: three statements
@@ -13,13 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from panda_core.states import FINAL_TASK_STATES, PILOT_OWNED_STATES, JobState, TaskState
+from panda_core.states import (FINAL_TASK_STATES, LIVE_JOB_STATES, PILOT_OWNED_STATES, JobState,
+                               TaskState)
 
 from .. import db
 from .base import Conflict, NotFound, Store
-from .jobs import kill_values
+from .jobs import Jobs, kill_values
 from .states import JobStates
 from .tasks import Tasks
 
@@ -36,6 +38,9 @@ _PILOT_OWNED = tuple(sorted(str(s) for s in PILOT_OWNED_STATES))
 #: the task states a pause is accepted in (PanDA refuses ended and paused tasks; a finishing
 #: task has nothing queued left to hold)
 _PAUSABLE = (str(TaskState.REGISTERED), str(TaskState.READY), str(TaskState.RUNNING))
+#: the task states more attempts are given in (PanDA: running, scouting, ready, or paused from
+#: one of them)
+_MORE_ATTEMPTS = (str(TaskState.READY), str(TaskState.RUNNING), str(TaskState.PAUSED))
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,11 @@ class CommandResult:
 
 
 class TaskCommands:
-    def __init__(self, store: Store, states: JobStates, tasks: Tasks):
+    def __init__(self, store: Store, states: JobStates, tasks: Tasks, jobs: Jobs):
         self.store = store
         self.states = states
         self.tasks = tasks
+        self.jobs = jobs
 
     def _lock(self, conn, task_id: int) -> str:
         """The task's status, its row locked until the command's transaction ends."""
@@ -124,3 +130,35 @@ class TaskCommands:
         log.info("task %s: %s by %s: %d job(s) cancelled, task %s", task_id, how, actor, killed,
                  status)
         return CommandResult(task_id, status, killed)
+
+    def increase_attempts(self, task_id: int, actor: str, increase: int) -> CommandResult:
+        """PanDA's increase_attempts: the task's live jobs (and its future ones) may fail
+        ``increase`` more times, and each job whose last attempt failed with its attempts used
+        up gets a new attempt now, with ``increase`` attempts from there (``jobs``: how many).
+        Conflict unless the task is ready, running or paused (its new attempts then held)."""
+        j = db.jobs.c
+        with self.store.engine.begin() as conn:
+            status = self._lock(conn, task_id)
+            if status not in _MORE_ATTEMPTS:
+                raise Conflict(f"task {task_id} is {status}: only a ready, running or paused "
+                               "task gets more attempts")
+            conn.execute(update(db.tasks).where(db.tasks.c.task_id == task_id).values(
+                max_attempts=db.tasks.c.max_attempts + increase, modified=self.store.clock()))
+            conn.execute(update(db.jobs).where(j.task_id == task_id,
+                                               j.status.in_(LIVE_JOB_STATES))
+                         .values(max_attempts=j.max_attempts + increase))
+            latest = {}
+            for row in conn.execute(select(j.panda_id, j.serial, j.status, j.attempt_nr,
+                                           j.max_attempts).where(j.task_id == task_id)
+                                    .order_by(j.serial, j.attempt_nr)):
+                latest[row.serial] = row
+            used_up = [r.panda_id for r in latest.values()
+                       if r.status == str(JobState.FAILED) and r.attempt_nr >= r.max_attempts]
+            again = 0
+            if used_up and increase:
+                conn.execute(update(db.jobs).where(j.panda_id.in_(used_up))
+                             .values(max_attempts=j.attempt_nr + increase))
+                again = sum(self.jobs.retry(conn, pid, actor) is not None for pid in used_up)
+        log.info("task %s: %d more attempt(s) by %s, %d failed job(s) again", task_id, increase,
+                 actor, again)
+        return CommandResult(task_id, status, again)

@@ -265,7 +265,7 @@ def client_calls(venv: Path, server, user: str, task_id: int, *calls: str) -> li
 
 def test_pbook_finishes_and_debugs_and_the_client_pauses_and_resumes(server, compat_venv):
     """pbook's ``finish(N)``, ``finish(N, soft=True)``, ``debug(PandaID, True)`` and the
-    client's ``pauseTask``/``resumeTask``/``reactivateTask``, unmodified: another user's task
+    client's ``pauseTask``/``resumeTask``/``increase_attempt_nr``/``reactivateTask``, unmodified: another user's task
     is refused and nothing changes; a paused task's jobs go to no pilot until it is resumed."""
     alice = ApiClient(server.url, server.token("user", "alice"))
     task_id = alice.submit_task({"name": "pbook-finish", "transformation": "/bin/true",
@@ -304,6 +304,14 @@ def test_pbook_finishes_and_debugs_and_the_client_pauses_and_resumes(server, com
     assert pilot_call("updateJob", jobId=job["PandaID"], state="running")["command"] == "debug"
     debug = pbook(compat_venv, server, "alice", f"debug({job['PandaID']}, False)")
     assert pilot_call("updateJob", jobId=job["PandaID"], state="running")["command"] == "NULL"
+    # more attempts for the task's jobs (increase_attempt_nr's own codes: 3 not yours)
+    [(status, (ok, data))] = client_calls(compat_venv, server, "alice", task_id,
+                                          "increase_attempt_nr")
+    assert (status, ok, data) == (0, True, 0)
+    assert {j["max_attempts"] for j in alice.jobs(task_id)} == {6}       # 3 + 3
+    [(status, (ok, message))] = client_calls(compat_venv, server, "bob", task_id,
+                                             "increase_attempt_nr")
+    assert (status, ok) == (0, False) and "belongs to alice" in message
     # a soft finish: the queued jobs are cancelled, the running one goes on
     done = pbook(compat_venv, server, "alice", f"finish({task_id}, soft=True)")
     assert done.returncode == 0 and "will be finished soon" in done.stdout, done.stdout

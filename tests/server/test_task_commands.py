@@ -227,3 +227,38 @@ def test_the_watcher_ends_a_paused_task_whose_jobs_all_ended(taskbuffer, clock):
                      .values(status="finished"))
     Watcher(taskbuffer).repair_tasks()
     assert taskbuffer.tasks.get(task_id)["status"] == "done"
+
+
+def test_more_attempts_run_used_up_jobs_again_and_raise_the_live_ones(taskbuffer, clock):
+    add_site(taskbuffer)
+    task_id, (used_up, running) = seed_jobs(taskbuffer, "SITE_A", 2, max_attempts=1)
+    for pid in (used_up, running):
+        taskbuffer.jobs.dispatch("SITE_A", node="wn1", actor="p")
+        _run(taskbuffer, pid)
+    _end(taskbuffer, clock, used_up, "failed")          # its only attempt: no retry
+    assert len(_statuses(taskbuffer, task_id)) == 2
+    assert taskbuffer.commands.increase_attempts(task_id, "alice", 0).jobs == 0
+    result = taskbuffer.commands.increase_attempts(task_id, "alice", 2)
+    assert (result.status, result.jobs) == ("running", 1)
+    jobs = {j["panda_id"]: j for j in taskbuffer.jobs.find(task_id=task_id)}
+    (again,) = set(jobs) - {used_up, running}
+    assert (jobs[again]["status"], jobs[again]["attempt_nr"], jobs[again]["parent_id"],
+            jobs[again]["max_attempts"]) == ("activated", 2, used_up, 3)
+    assert jobs[running]["max_attempts"] == 3
+    assert taskbuffer.tasks.get(task_id)["max_attempts"] == 3
+    # the running one fails now: it gets its retry from its raised attempts
+    _end(taskbuffer, clock, running, "failed")
+    assert len(_statuses(taskbuffer, task_id)) == 4
+    # a paused task's new attempts are held; an ended task gets none
+    other, (pid,) = seed_jobs(taskbuffer, "SITE_A", 1, max_attempts=1)
+    seed_jobs(taskbuffer, "SITE_A", 1, task_id=other, max_attempts=1)
+    with taskbuffer.engine.begin() as conn:            # say, its inputs could not be placed
+        taskbuffer.jobs.fail(conn, pid, ["activated"], actor="dataservice")
+    taskbuffer.commands.pause(other, "alice")
+    assert taskbuffer.commands.increase_attempts(other, "alice", 1).jobs == 1
+    assert sorted(_statuses(taskbuffer, other).values()) == ["failed", "throttled", "throttled"]
+    done, (d,) = seed_jobs(taskbuffer, "SITE_A", 1, status="finished")
+    with taskbuffer.engine.begin() as conn:
+        taskbuffer.tasks.refresh_status(conn, done)
+    with pytest.raises(Conflict, match=f"task {done} is done: only a ready, running or paused"):
+        taskbuffer.commands.increase_attempts(done, "alice", 1)

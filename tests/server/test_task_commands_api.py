@@ -132,11 +132,28 @@ def test_hostile_task_ids_and_options_are_refused_with_a_reason(srv):
     assert details(srv, task_id)["jobs"] == {"activated": 1}
 
 
+def test_more_attempts_with_the_codes_of_increase_attempt_nr(srv):
+    task_id = submit(srv, 2)
+    body = call(srv, "bob", "increase_attempts", task_id=task_id, increase=3)
+    assert (body["success"], body["data"]) == (False, 3) and "belongs to alice" in \
+        body["message"]
+    for bad in (-1, 101, "x", 2**70, [1], 1.5):
+        body = call(srv, "alice", "increase_attempts", task_id=task_id, increase=bad)
+        assert (body["http"], body["success"], body["data"]) == (200, False, 4), (bad, body)
+        assert "increase must be a whole number from 0 to 100" in body["message"]
+    body = call(srv, "alice", "increase_attempts", task_id=987654321, increase=1)
+    assert (body["success"], body["data"]) == (False, 1)
+    body = call(srv, "alice", "increase_attempts", task_id=task_id)    # absent: 3, as the client
+    assert (body["success"], body["data"]) == (True, 0), body
+    assert "3 more attempt(s) for its jobs, 0 failed job(s) run again" in body["message"]
+    call(srv, "alice", "finish", task_id=task_id)
+    body = call(srv, "alice", "increase_attempts", task_id=task_id, increase=1)
+    assert (body["success"], body["data"]) == (False, 2) and "is failed" in body["message"]
+
+
 def test_unsupported_task_commands_say_why(srv):
     task_id = submit(srv, 1)
-    for method, words in (("reactivate", "retryTask reruns"),
-                          ("increase_attempts", "beyond their maximum"),
-                          ("reload_input", "task/extend")):
+    for method, words in (("reactivate", "retryTask reruns"), ("reload_input", "task/extend")):
         body = call(srv, "alice", method, task_id=task_id, increase=3)
         assert body["http"] == 200 and not body["success"] and words in body["message"], body
     assert details(srv, task_id)["jobs"] == {"activated": 1}
