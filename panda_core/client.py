@@ -403,6 +403,12 @@ class ApiClient(Transport):
         self.call("task", "kill", "POST", task_id=task_id)
         return self.last_message
 
+    def task_command(self, command: str, task_id: int, **options: Any) -> str:
+        """``task/finish`` (option ``soft``), ``task/pause``, ``task/resume``: PanDA's
+        finishTask, pauseTask, resumeTask; the server's message (what it did)."""
+        self.call("task", command, "POST", task_id=task_id, **options)
+        return self.last_message
+
     def retry_jobs(self, job_ids: list[int]) -> dict[str, Any]:
         """Per job id: its new attempt's PandaID, or why it was not retried."""
         return self.call("job", "retry", "POST", job_ids=job_ids)
