@@ -209,6 +209,8 @@ class Transport:
                 last = f"HTTP {status}"
                 if asked is not None:
                     last += f", Retry-After {asked:.0f} s"
+                if status == 429:
+                    last += " (too many requests: the server limits this client's rate)"
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", None) or exc
                 last = str(reason) or type(reason).__name__
@@ -415,6 +417,12 @@ class ApiClient(Transport):
     def kill_task(self, task_id: int) -> str:
         """Kill a task's jobs and abort it; the server's message (how many were killed)."""
         self.call("task", "kill", "POST", task_id=task_id)
+        return self.last_message
+
+    def task_command(self, command: str, task_id: int, **options: Any) -> str:
+        """``task/finish`` (option ``soft``), ``task/pause``, ``task/resume``: PanDA's
+        finishTask, pauseTask, resumeTask; the server's message (what it did)."""
+        self.call("task", command, "POST", task_id=task_id, **options)
         return self.last_message
 
     def retry_jobs(self, job_ids: list[int]) -> dict[str, Any]:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 BROKERABLE = {"online"}
 #: a site holding all of a job's inputs weighs 1 + LOCALITY_BOOST times more (half: half that)
 LOCALITY_BOOST = 9.0
+#: the job slots of a site whose config says none (``pilots.max_running`` absent or unusable:
+#: a config stored without the site-config checks, say by a plugin or an older server)
+DEFAULT_SLOTS = 10
 
 
 def locality_factor(held: int, n_inputs: int) -> float:
@@ -75,6 +78,17 @@ def status_accepts(status: str, prod_source_label: str) -> bool:
 
 def input_endpoint(config: dict) -> str | None:
     return (config.get("storage") or {}).get("input", {}).get("name")
+
+
+def site_slots(config: dict) -> int:
+    """How many jobs the site runs at once: its ``pilots.max_running`` (a pilot runs one job
+    at a time, whatever its cores), else :data:`DEFAULT_SLOTS`. The site-config checks refuse
+    a value below 1 or of another type; a stored config that escaped them weighs as the
+    default rather than failing the brokerage of every task."""
+    slots = (config.get("pilots") or {}).get("max_running")
+    if isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1:
+        return slots
+    return DEFAULT_SLOTS
 
 
 def output_endpoint(config: dict) -> str | None:

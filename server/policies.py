@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pluggy
 
-from .brokerage import input_endpoint, locality_factor, site_fits, status_accepts
+from panda_core.states import LIVE_JOB_STATES
+
+from .brokerage import input_endpoint, locality_factor, site_fits, site_slots, status_accepts
 
 # hookspecs.hookimpl, made here as a third-party plugin makes it (pluggy matches the project
 # name): hookspecs.plugin_manager imports this module, so it must not import hookspecs
@@ -31,17 +33,29 @@ def panda_broker_filter(needs, candidates):
 
 @hookimpl
 def panda_broker_weight(needs, candidate, load, locality):
-    """Prefer data locality strongly, then free capacity."""
+    """Prefer data locality strongly, then free capacity (:func:`capacity_weight`)."""
     weight = 1.0
     se = input_endpoint(candidate.config)
     if needs.input_lfns and se:
         held = sum(1 for lfn in needs.input_lfns if se in locality.get(lfn, ()))
         weight *= locality_factor(held, len(needs.input_lfns))
     counts = load.get(candidate.name, {})
-    busy = sum(counts.get(s, 0) for s in ("activated", "sent", "starting", "running"))
-    capacity = max(1, (candidate.config.get("pilots") or {}).get("max_running", 10))
-    weight *= 1.0 / (1.0 + busy / capacity)
-    return weight
+    live = sum(counts.get(s, 0) for s in LIVE_JOB_STATES)    # in a slot or waiting for one
+    return weight * capacity_weight(site_slots(candidate.config), live)
+
+
+def capacity_weight(slots: int, live: int) -> float:
+    """``slots x (slots + idle) / (slots + waiting)``: ``idle`` the slots still free once the
+    site's ``live`` jobs all run, ``waiting`` the live jobs beyond its slots.
+
+    ``slots`` is how many jobs the site ends per job duration, so a site's share of a task
+    follows its size: two empty sites of 2,000 and 10 slots get jobs 200 to 1, and their
+    queues stay equally short. The rest says how soon a new job starts there: up to 2 for an
+    empty site (it starts at once, and the slots free again within a job's duration), 1 for
+    a site exactly full, ``1 / (1 + waiting / slots)`` beyond, the job durations its queue
+    takes to drain. It is ``2 x slots - live`` up to full and ``slots**2 / live`` past it."""
+    idle, waiting = max(0, slots - live), max(0, live - slots)
+    return slots * (slots + idle) / (slots + waiting)
 
 
 @hookimpl

@@ -23,8 +23,9 @@ def _obj(properties: dict, required: list[str]) -> dict:
             "additionalProperties": False}
 
 
-def _int(minimum: int = 0) -> dict:
-    return {"type": "integer", "minimum": minimum}
+def _int(minimum: int = 0, why: str = "") -> dict:
+    """An integer of at least ``minimum``; ``why``, if given, ends the error of a smaller one."""
+    return {"type": "integer", "minimum": minimum, **({"description": why} if why else {})}
 
 
 _ENDPOINT = _obj({"name": {"type": "string", "pattern": NAME_PATTERN},
@@ -69,7 +70,11 @@ SCHEMA: dict[str, Any] = _obj({
                        "max_disk_mb": _int(1)}, ["cores", "memory_mb", "max_walltime_s"]),
     "scheduler": _obj({"backend": {"type": "string", "minLength": 1},
                        "options": {"type": "object"}}, ["backend"]),
-    "pilots": _obj({"max_queued": _int(0), "max_running": _int(0), "rate_per_minute": _int(0),
+    # the site's job slots, which the brokerage weighs it by (docs/server.md, "Brokerage")
+    "pilots": _obj({"max_queued": _int(0),
+                    "max_running": _int(1, "the jobs the site runs at once (a site that must "
+                                        "take no work: status offline or brokeroff)"),
+                    "rate_per_minute": _int(0),
                     "walltime_s": _int(60), "timefloor": _int(0),
                     "version": {"type": "string",
                                 "pattern": f"^({PILOT_VERSION_PATTERN})?$"}},
@@ -120,8 +125,9 @@ def _errors_of(err: jsonschema.ValidationError, file: str) -> list[ConfigError]:
         why = err.schema.get("description") or "only letters, digits and _.- are allowed"
         return [ConfigError(file, _path(path), f"bad value {err.instance!r}: {why}")]
     if err.validator == "minimum":
+        why = err.schema.get("description")
         return [ConfigError(file, _path(path), f"value {err.instance!r} is below the minimum "
-                            f"{err.validator_value}")]
+                            f"{err.validator_value}" + (f": {why}" if why else ""))]
     return [ConfigError(file, _path(path), err.message)]
 
 

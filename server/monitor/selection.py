@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from sqlalchemy import and_, case, false, or_, select, union_all
 from sqlalchemy.sql import Select
 
-from panda_core.states import FINAL_JOB_STATES, JobState
+from panda_core.states import FINAL_JOB_STATES, LIVE_JOB_STATES, JobState
 
 from .. import db
 from .params import Args, ParamError, Terms, Window, read_window, split_terms, value_condition
 
-ACTIVE_STATES = tuple(str(s) for s in JobState if s not in FINAL_JOB_STATES)
+ACTIVE_STATES = LIVE_JOB_STATES
 FINAL_STATES = tuple(str(s) for s in JobState if s in FINAL_JOB_STATES)
 ALL_STATES = tuple(str(s) for s in JobState)
 JOB_TABLES = (db.jobs, db.jobs_archive)

@@ -74,6 +74,69 @@ def test_load_against_capacity(broker):
     assert broker.choose(needs(), rows(a, big), load, {})[0] == "C"
 
 
+def spread(broker, sites, load, n_jobs):
+    plan = broker.plan(needs(), rows(*sites), load)
+    chosen = [plan.site_for([], {}) for _ in range(n_jobs)]
+    return {s["name"]: chosen.count(s["name"]) for s in sites}
+
+
+def test_empty_sites_get_jobs_in_proportion_to_their_slots(broker):
+    """Slots, not sites, share a task: the queues of a big and a small site stay equally long
+    (in job durations) instead of the small one's growing 200 times longer."""
+    big, mid, small = site("BIG", max_running=2000), site("MID", max_running=100), \
+        site("SMALL", max_running=10)
+    got = spread(broker, [big, mid, small], {}, 2110 * 3)
+    assert got == {"BIG": pytest.approx(6000, abs=2), "MID": pytest.approx(300, abs=2),
+                   "SMALL": pytest.approx(30, abs=2)}
+    # the one-job decision agrees
+    assert broker.choose(needs(), rows(small, big), {}, {})[0] == "BIG"
+
+
+def test_a_full_site_gets_few(broker):
+    """A site whose slots are all taken and as many jobs queued again gets a quarter of what an
+    empty site of its size gets, and less the longer its queue; a half-full site in between."""
+    full, empty, half = site("FULL", max_running=100), site("EMPTY", max_running=100), \
+        site("HALF", max_running=100)
+    load = {"FULL": {"running": 80, "starting": 10, "sent": 10, "activated": 100},
+            "HALF": {"running": 50}}
+    got = spread(broker, [full, empty, half], load, 1000)
+    assert got["FULL"] == pytest.approx(got["EMPTY"] / 4, abs=2)
+    assert got["FULL"] < got["HALF"] < got["EMPTY"]
+    longer = spread(broker, [full, empty], {"FULL": {"running": 100, "activated": 900}}, 1000)
+    assert longer["FULL"] < 50 < 950 < longer["EMPTY"]
+    # jobs waiting for inputs (assigned) and in stage-out (transferring) hold the site too
+    assert broker.choose(needs(), rows(full, empty),
+                         {"EMPTY": {"assigned": 150, "transferring": 60}}, {})[0] == "FULL"
+
+
+def test_locality_still_dominates_among_sites_alike(broker):
+    """A site holding a job's inputs wins against an emptier site of its size, in the plan and
+    in the one-job decision; only a site with ten times its free capacity outweighs it."""
+    a, b = site("A", "SE_A", max_running=50), site("B", "SE_B", max_running=50)
+    load = {"A": {"running": 50, "activated": 20}}            # A full, B empty
+    locality = {"f1": {"SE_A"}, "f2": {"SE_A"}}
+    plan = broker.plan(needs(), rows(a, b), load)
+    plain = [plan.site_for([], {}) for _ in range(40)]    # B gets most jobs without inputs
+    assert plain.count("B") > 2 * plain.count("A")
+    assert plan.site_for(["f1", "f2"], locality) == "A"      # and A the ones with theirs
+    assert broker.choose(needs(input_lfns=["f1", "f2"]), rows(a, b), load, locality)[0] == "A"
+    huge = site("HUGE", "SE_H", max_running=5000)
+    assert broker.choose(needs(input_lfns=["f1", "f2"]), rows(a, huge), load,
+                         locality)[0] == "HUGE"
+
+
+@pytest.mark.parametrize("stored", [None, 0, -5, "lots", True, 2.5])
+def test_a_site_with_no_usable_slots_weighs_as_the_default(broker, stored):
+    """A config stored without the site-config checks (no ``pilots`` at all, or a value they
+    refuse) weighs as ``DEFAULT_SLOTS`` (10) rather than failing the task's brokerage."""
+    from server.brokerage import DEFAULT_SLOTS
+    bare = {"name": "BARE"} if stored is None else {"name": "BARE", "pilots": {"max_running":
+                                                                                stored}}
+    ten = site("TEN", max_running=DEFAULT_SLOTS)
+    got = spread(broker, [bare, ten], {"BARE": {"running": 3}, "TEN": {"running": 3}}, 400)
+    assert got == {"BARE": 200, "TEN": 200}
+
+
 def test_submission_records_the_choice_and_explains_refusals(taskbuffer):
     taskbuffer.sites.sync([site("A", cores=2), site("B", cores=16), site("Z", status="offline")])
     res = submitter(taskbuffer).submit(task(n_jobs=2, resources={"cores": 8}), owner="u")
@@ -178,7 +241,7 @@ def test_a_plan_asks_the_hooks_once_per_site_not_per_job():
 def test_a_plan_spreads_jobs_by_weight_and_prefers_data():
     a, b, c = site("A", "SE_A", max_running=10), site("B", "SE_B", max_running=10), \
         site("C", "SE_C", max_running=10, cores=1)
-    # A is full (weight 1/2), B and C idle (weight 1)
+    # A is full (weight 10 x 10 / 10), B and C idle (10 x 20 / 10)
     plan = Brokerage(plugin_manager(load_entry_points=False).hook).plan(
         needs(), rows(a, b, c), {"A": {"running": 10}})
     got = [plan.site_for([], {}) for _ in range(500)]

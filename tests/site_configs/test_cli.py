@@ -101,3 +101,23 @@ def test_sync_needs_a_server_and_a_readable_token(tmp_path):
     res = panda("sites", "sync", str(tmp_path / "sites"), "--server", "http://127.0.0.1:1",
                 "--token-file", str(tmp_path / "missing.token"))
     assert res.returncode == 2 and "missing.token" in res.stderr
+
+
+def test_sync_refuses_a_site_without_job_slots(panda_server):
+    """A posted config whose ``pilots.max_running`` brokerage could not weigh (zero, negative,
+    a string) is refused with its key and reason, and no site of the call is stored."""
+    data = yaml.safe_load((EXAMPLES_DIR / "LOCAL_DEMO.yaml").read_text())
+    data["storage"]["input"]["url"] = data["storage"]["output"]["url"] = "file:///tmp/se"
+    auth = {"Authorization": f"Bearer {panda_server.token('admin')}"}
+    good = {**data, "name": "GOOD"}
+    for bad in (0, -3, "lots"):
+        broken = {**data, "name": "BROKEN", "pilots": {**data["pilots"], "max_running": bad}}
+        reply = requests.post(panda_server.url + "/api/v1/site/sync", headers=auth, timeout=10,
+                              json={"sites": [good, broken]})
+        assert reply.status_code < 500
+        body = reply.json()
+        assert body["success"] is False
+        assert "posted site 'BROKEN'" in body["message"] and "pilots.max_running" in body["message"]
+        assert ("below the minimum 1" if bad != "lots" else "expected integer") in body["message"]
+    listed = requests.get(panda_server.url + "/api/v1/site/list", timeout=10).json()["data"]
+    assert listed == []

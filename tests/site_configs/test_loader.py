@@ -112,7 +112,15 @@ BROKEN = [
     ("colour", "blue", "colour", "unknown key"),
     ("limits.looping", 5, "limits.looping", "unknown key"),
     ("name", "../etc/passwd", "name", "only letters, digits"),
-    ("pilots.max_running", -1, "pilots.max_running", "below the minimum 0"),
+    # the site's job slots, which brokerage weighs it by: zero, negative, a string, a number
+    ("pilots.max_running", -1, "pilots.max_running", "below the minimum 1"),
+    ("pilots.max_running", 0, "pilots.max_running", "below the minimum 1: the jobs the site "
+     "runs at once (a site that must take no work: status offline or brokeroff)"),
+    ("pilots.max_running", "lots", "pilots.max_running", "expected integer, got string 'lots'"),
+    ("pilots.max_running", "${UNSET_MAXR_XYZ:-0}", "pilots.max_running", "below the minimum 1"),
+    ("pilots.max_running", 2.5, "pilots.max_running", "expected integer, got number 2.5"),
+    ("pilots.max_running", True, "pilots.max_running", "expected integer, got boolean"),
+    ("pilots.max_running", _DELETE, "pilots.max_running", "missing required key"),
     ("pilots.timefloor", -5, "pilots.timefloor", "below the minimum 0"),
     ("pilots.timefloor", "10m", "pilots.timefloor", "expected integer, got string"),
     # the demo's pilots have 3600 s: a pilot taking jobs for 60 minutes would be killed in one
