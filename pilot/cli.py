@@ -90,11 +90,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default 30)")
     p.add_argument("--reserve", type=float, default=float(PILOT_RESERVE_S),
                    help="seconds kept before the wall-time end for stage-out and report")
-    p.add_argument("--exit-time", type=_seconds, default=10.0, metavar="S",
+    p.add_argument("--exit-time", type=_seconds, default=None, metavar="S",
                    help="seconds of the reserve (at most half of it) kept after the last call "
                    "to the server, to exit before the wall time's end: no update or final "
-                   "report is retried past wall time minus S (default 10; the report is kept "
-                   "for a later pilot)")
+                   "report is retried past wall time minus S (default: a sixth of --reserve, "
+                   "10 s of the default 60; the report is kept for a later pilot)")
     p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
     p.add_argument("--server-backoff", type=float, default=2.0,
                    help="first wait between attempts, doubled each time")

@@ -71,8 +71,8 @@ class PilotConfig:
     workdir_base: Path
     deadline: float | None = None          # epoch seconds when the batch slot ends
     reserve_s: float = 60.0                # kept free before the deadline for stage-out and report
-    exit_s: float = 10.0                   # of the reserve (at most half), kept after the
-                                           # last call to the server to exit
+    exit_s: float | None = None            # of the reserve (at most half), kept after the
+                                           # last call to the server to exit; None: a sixth
     heartbeat_s: float | None = None       # None: the site's limits.heartbeat_s
     monitor_interval_s: float = 10.0
     lost_heartbeat_s: float = 0.0          # kill the payload (1317) when no update got through
@@ -99,11 +99,13 @@ class PilotConfig:
     def report_deadline(self) -> float | None:
         """When the pilot's calls to the server must be over (epoch seconds; None: no wall
         time): the batch slot's end less ``exit_s``, so that a server that keeps answering 503
-        cannot hold a report until the batch system kills the pilot mid-report. At most half
-        the reserve is kept for the exit: the rest is the stage-out's and the report's."""
+        cannot hold a report until the batch system kills the pilot mid-report. The exit
+        gets a sixth of the reserve unless told (10 s of the default 60 s), at most half of
+        it: the rest is the stage-out's and the report's."""
         if self.deadline is None:
             return None
-        return self.deadline - min(self.exit_s, self.reserve_s / 2)
+        exit_s = self.reserve_s / 6 if self.exit_s is None else self.exit_s
+        return self.deadline - min(exit_s, self.reserve_s / 2)
 
 
 class KillRequest:

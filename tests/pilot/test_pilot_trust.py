@@ -397,7 +397,7 @@ def test_a_busy_server_cannot_hold_the_final_report_past_the_wall_time(real, mit
     wd = tmp_path / "wd"
     t0 = time.time()
     res = run(real, pem_pilot(real, mitm.url, wd, "--max-jobs", "1", "--walltime", "20",
-                              "--reserve", "5", "--exit-time", "4", "--server-retries", "10"))
+                              "--reserve", "8", "--exit-time", "4", "--server-retries", "10"))
     took = time.time() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     assert finals, res.stderr[-3000:]

@@ -514,10 +514,12 @@ def test_the_report_deadline_keeps_the_exit_time_within_half_the_reserve(tmp_pat
     def cfg(**kw):
         return PilotConfig(server="http://127.0.0.1:1", site="S", workdir_base=tmp_path, **kw)
     assert cfg().report_deadline() is None                       # no wall time: no deadline
-    assert cfg(deadline=1000.0, reserve_s=60).report_deadline() == 990.0
+    assert cfg(deadline=1000.0, reserve_s=60).report_deadline() == 990.0     # a sixth
+    assert cfg(deadline=1000.0, reserve_s=6).report_deadline() == 999.0
     assert cfg(deadline=1000.0, reserve_s=60, exit_s=0).report_deadline() == 1000.0
-    # a small --reserve: half of it stays the stage-out's and the report's
-    assert cfg(deadline=1000.0, reserve_s=1).report_deadline() == 999.5
+    assert cfg(deadline=1000.0, reserve_s=60, exit_s=20).report_deadline() == 980.0
+    # more than half the reserve: half of it stays the stage-out's and the report's
+    assert cfg(deadline=1000.0, reserve_s=1, exit_s=10).report_deadline() == 999.5
 
 
 def test_the_key_the_batch_script_carries_is_taken_only_with_the_pinned_fingerprint(
