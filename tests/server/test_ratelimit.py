@@ -6,8 +6,10 @@ served, the bucket refills at its rate, admins and exempt subjects pass, IPv6 ca
 counted by their /64, and a flood of identities keeps the table (and the memory) within its
 bound. Against a running ``panda server`` on each database: 429 with Retry-After and a reason
 both kinds of callers read, another client served meanwhile, /metrics counting the refusals,
-a bounded log, a normal pilot under the default limits never refused, bad option values refused
-with a message, and our client waiting as the server asks before it tries again.
+a bounded log, forged tokens and forged X-Real-Ip headers buying no new bucket (and forwarded
+addresses honoured behind a proxy), a normal pilot under the default limits never refused, bad
+option values refused with a message, and our client waiting as the server asks before it tries
+again.
 """
 from __future__ import annotations
 
@@ -306,6 +308,33 @@ def test_bad_credentials_and_anonymous_callers_are_limited_by_address(limited):
         assert s.get(url, timeout=10).status_code == 429, "the same address, no token"
         assert s.get(url, headers=_bearer(limited.token("user", "dave")),
                      timeout=10).status_code == 200, "an identity is its own client"
+
+
+def test_a_forged_client_address_buys_no_new_bucket(limited):
+    """Without --behind-proxy, X-Real-Ip and X-Forwarded-For are anyone's to write: ignored."""
+    url = limited.url + "/api/v1/system/is_alive"
+    with requests.Session() as s:
+        codes = [s.get(url, timeout=10, headers={"X-Real-Ip": f"198.51.100.{i}",
+                                                 "X-Forwarded-For": f"203.0.113.{i}"}
+                       ).status_code for i in range(12)]
+    assert codes.count(429) >= 12 - API_BURST - 2, codes
+
+
+def test_behind_a_proxy_each_forwarded_address_is_a_client(db_url, tmp_path):
+    srv = start_server(tmp_path / "server", db_url=db_url, extra=[
+        "--watcher-interval", "0", "--archive-interval", "0", "--behind-proxy",
+        "--rate-limit-api", "1", "--rate-limit-api-burst", "2"])
+    try:
+        url = srv.url + "/api/v1/system/is_alive"
+        with requests.Session() as s:
+            def get(address):
+                return s.get(url, headers={"X-Real-Ip": address}, timeout=10).status_code
+            assert [get("198.51.100.1") for _ in range(3)] == [200, 200, 429]
+            assert get("198.51.100.2") == 200, "another client behind the same proxy"
+            assert [get("2001:db8:5::1"), get("2001:db8:5::2"), get("2001:db8:5::3")] == \
+                [200, 200, 429], "one IPv6 /64"
+    finally:
+        stop_server(srv)
 
 
 def test_our_pilot_client_waits_as_the_server_asks(limited):
