@@ -422,7 +422,8 @@ def task_retry(ctx: Context, params: dict) -> int:
     does not allow it (or nothing to retry); ``new_parameters`` are not supported (refused)."""
     task_id = int_param(params, "task_id")
     if _null(params.get("new_parameters")):
-        raise ApiError("retry with new parameters is not supported here", data=COMMAND_CODES.status)
+        raise ApiError("retry with new parameters is not supported here",
+                       data=COMMAND_CODES.status)
     new_ids = _command(ctx, task_id, ctx.tb.jobs.retry_task)
     if not new_ids:
         raise ApiError(f"task {task_id} has no failed or cancelled job to retry",

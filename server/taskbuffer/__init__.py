@@ -4,8 +4,8 @@ One part per responsibility, each a module of this package: ``states`` (the job 
 the one function that changes a job's status), ``counts`` (jobs per site, share and state, kept
 by triggers), ``sites``, ``data`` (datasets, replicas, stored
 outputs), ``tasks``, ``jobs`` (rows, dispatch, failures, retries, kills), ``taskcommands``
-(pause, resume, finish a task, more attempts), ``pilots`` (what pilots and factories report) and ``tokens``
-(revoked bearer tokens). :class:`TaskBuffer` holds
+(pause, resume, finish a task, more attempts), ``pilots`` (what pilots and factories report)
+and ``tokens`` (revoked bearer tokens). :class:`TaskBuffer` holds
 them over one engine and clock, so that callers pass one object around:
 ``tb.jobs.dispatch(...)``, ``tb.sites.get_cached(...)``.
 """

@@ -434,6 +434,16 @@ class Jobs:
                                  func.greatest(j.max_attempts, row.attempt_nr + 1)))
             return self.retry(conn, panda_id, actor)
 
+    @staticmethod
+    def latest_attempts(conn: Connection, task_id: int) -> list[dict]:
+        """The latest attempt of each job of a task (its serial's highest attempt), live table
+        only: archived jobs are not retried."""
+        latest: dict[int, dict] = {}
+        for row in conn.execute(select(db.jobs).where(db.jobs.c.task_id == task_id)
+                                .order_by(db.jobs.c.serial, db.jobs.c.attempt_nr)):
+            latest[row.serial] = dict(row._mapping)
+        return list(latest.values())
+
     def retry_task(self, task_id: int, actor: str) -> list[int]:
         """Run again the work of an ended task that did not succeed (PanDA's task retry): a new
         attempt of every job whose latest attempt failed or was cancelled, beyond the task's
@@ -446,11 +456,7 @@ class Jobs:
                 raise NotFound(f"no task {task_id}")
             if task.status not in {str(s) for s in FINAL_TASK_STATES}:
                 raise Conflict(f"task {task_id} is {task.status}: only an ended task is retried")
-            latest: dict[int, dict] = {}
-            for row in conn.execute(select(db.jobs).where(db.jobs.c.task_id == task_id)
-                                    .order_by(db.jobs.c.serial, db.jobs.c.attempt_nr)):
-                latest[row.serial] = dict(row._mapping)
-            targets = [j for j in latest.values()
+            targets = [j for j in self.latest_attempts(conn, task_id)
                        if j["status"] in (str(JobState.FAILED), str(JobState.CANCELLED))]
             if not targets:
                 return []

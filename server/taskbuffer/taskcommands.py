@@ -147,13 +147,9 @@ class TaskCommands:
             conn.execute(update(db.jobs).where(j.task_id == task_id,
                                                j.status.in_(LIVE_JOB_STATES))
                          .values(max_attempts=j.max_attempts + increase))
-            latest = {}
-            for row in conn.execute(select(j.panda_id, j.serial, j.status, j.attempt_nr,
-                                           j.max_attempts).where(j.task_id == task_id)
-                                    .order_by(j.serial, j.attempt_nr)):
-                latest[row.serial] = row
-            used_up = [r.panda_id for r in latest.values()
-                       if r.status == str(JobState.FAILED) and r.attempt_nr >= r.max_attempts]
+            used_up = [r["panda_id"] for r in self.jobs.latest_attempts(conn, task_id)
+                       if r["status"] == str(JobState.FAILED)
+                       and r["attempt_nr"] >= r["max_attempts"]]
             again = 0
             if used_up and increase:
                 conn.execute(update(db.jobs).where(j.panda_id.in_(used_up))
