@@ -259,14 +259,23 @@ class PilotClient(Transport):
             raise ProtocolError(f"{method} reply is not a JSON object")
         return reply
 
-    def get_job(self, form: dict[str, Any]) -> dict[str, Any] | None:
+    def get_job(self, form: dict[str, Any],
+                deadline: float | None = None) -> dict[str, Any] | None:
         """A job dict, or None when the server has no job (StatusCode 20). A "try again"
-        (StatusCode 10) is asked again under the retry policy, then is ServerUnreachable."""
+        (StatusCode 10) is asked again under the retry policy, then is ServerUnreachable;
+        ``deadline`` bounds all of it, as for ``Transport.request``."""
         waits = self.retry.waits()
-        while try_again(code := status_code(reply := self.post("getJob", form))):
+        bound = Deadline(deadline)
+        while try_again(code := status_code(reply := self.post("getJob", form,
+                                                                deadline=deadline))):
             wait = next(waits, None)
             if wait is None:
                 raise ServerUnreachable(f"getJob at {self.url}: the server says try again: "
+                                        f"{reply.get('errorDialog', '')}")
+            wait = bound.wait(wait, self.retry.timeout_s)
+            if wait is None:
+                raise ServerUnreachable(f"getJob at {self.url}: the server says try again and "
+                                        f"{bound.describe()} is reached: "
                                         f"{reply.get('errorDialog', '')}")
             log.warning("getJob: the server says try again (%s); retrying in %.1f s",
                         reply.get("errorDialog", ""), wait)

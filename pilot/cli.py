@@ -312,7 +312,7 @@ def main(argv: list[str]) -> int:
             break
         form = job_request(cfg, site, node_info(cfg.workdir_base), remaining)
         try:
-            raw = client.get_job(form)
+            raw = client.get_job(form, cfg.report_deadline())
         except (PilotError, ProtocolError) as exc:
             log.error("getJob failed: %s", exc)
             rc = EXIT_ERROR

@@ -352,6 +352,21 @@ def test_a_hung_server_times_out_at_the_deadline_not_after_the_policys_timeout()
         listener.close()
 
 
+def test_get_job_and_its_try_again_loop_stop_at_the_deadline(peer):
+    url, p = peer
+    client = PilotClient(url, retry=RetryPolicy(attempts=50, backoff_s=0.2, jitter=0,
+                                                timeout_s=0.2))
+    p.replies = [(200, b'{"StatusCode": 10, "errorDialog": "database busy"}')] * 50
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachable, match=r"try again and the deadline .* is reached: "
+                       "database busy"):
+        client.get_job({"siteName": "S"}, deadline=time.time() + 1.0)
+    assert time.monotonic() - t0 < 1.3 and 3 <= len(p.times) <= 6
+    p.replies = [(503, b"busy", {"Retry-After": "3600"})] * 5
+    with pytest.raises(ServerUnreachable, match="was reached after 2 attempts"):
+        client.get_job({"siteName": "S"}, deadline=time.time() + 0.5)
+
+
 def test_a_call_past_its_deadline_is_not_tried(peer):
     url, p = peer
     with pytest.raises(ServerUnreachable, match="was reached: no time left to try"):
