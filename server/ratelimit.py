@@ -37,6 +37,7 @@ from tornado import httputil
 from panda_core.netguard import RateLimitedLog
 
 from .auth import Identity
+from .dispatcher import SC_TIMEOUT          # "try again later": pilots wait, keep what they sent
 from .metrics import RATE_LIMITED, RATE_LIMIT_CLIENTS
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,6 @@ log = logging.getLogger(__name__)
 #: the Rucio API pilot 3 looks replicas up through): an anonymous caller there has the pilots'
 #: limit, since the many pilots of a site may come from one NAT address
 PILOT_READS = ("/cache/", "/pilot", "/rucio/")
-#: the pilot protocol's "try again later" (``dispatcher.SC_TIMEOUT``): pilot 3 and ours wait and
-#: ask again, keeping what they sent
-TRY_AGAIN = 10
 #: the longest Retry-After asked: the limits' refill times are far below it
 MAX_RETRY_AFTER_S = 3600
 
@@ -210,7 +208,7 @@ class Throttled(httputil.HTTPMessageDelegate):
     def finish(self) -> None:
         reason = self.refusal.reason()
         body = json.dumps({"success": False, "message": reason, "data": None,
-                           "StatusCode": TRY_AGAIN, "errorDialog": reason}).encode()
+                           "StatusCode": SC_TIMEOUT, "errorDialog": reason}).encode()
         headers = httputil.HTTPHeaders()
         headers["Content-Type"] = "application/json"
         headers["Content-Length"] = str(len(body))
