@@ -21,7 +21,10 @@ differences (null where that runtime is not there).
 
 Prints one line per run, then one JSON object: start_to_payload_s, payload_end_to_exit_s,
 python_start_s, pilot_rss_mb (medians), ratios against python_start_s, and onefile_cold_s,
-onefile_warm_s, onefile_rss_mb, onefile_bytes, sandbox_extra_s.
+onefile_warm_s, onefile_warm_fingerprint_s (a warm start with the key pinned as the factory
+pins it, ``--public-key-fingerprint``, instead of by a PEM file), onefile_rss_mb, onefile_bytes,
+sandbox_extra_s, onefile_node_compile_s (the batch script's decode and compile of its node
+program, alone: the most a cache of its compiled code could save a start).
 """
 from __future__ import annotations
 
@@ -138,17 +141,22 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def onefile_run(fake: FakePanda, onefile: OneFile, base: Path, i: int, cold: bool,
-                with_log: bool) -> tuple[float, float]:
-    """(start to payload, max RSS MB) of one batch-command start of the pilot file."""
+                with_log: bool, by_fingerprint: bool = False) -> tuple[float, float]:
+    """(start to payload, max RSS MB) of one batch-command start of the pilot file; with
+    ``by_fingerprint`` the server key is pinned as the factory pins it
+    (``--public-key-fingerprint``), else by its PEM file."""
     import shutil
+
+    from panda_core.trust import key_fingerprint
 
     if cold:
         shutil.rmtree(onefile.cache, ignore_errors=True)
     # the payload's start goes to its stdout, in its work dir (kept): a sandboxed payload can
     # write nowhere else
     fake.add_job(make_job(5000 + i, "date +%s.%N", log=with_log))
+    pin = ["--public-key-fingerprint", key_fingerprint(fake.pem)] if by_fingerprint else []
     args = pilot_cmd(fake, base / "wd", "--max-jobs", "1", "--no-recovery",
-                     "--keep-workdirs")[4:]
+                     "--keep-workdirs", *pin)[4:]
     t0 = time.time()
     proc = subprocess.Popen(onefile.command(args), env=onefile.env(), cwd="/",
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -189,17 +197,21 @@ def main() -> int:
             onefile = OneFile(base)
             try:
                 onefile_run(fake, onefile, base, 0, True, not args.no_log)   # page cache
-                cold, warm, of_rss = [], [], []
+                cold, warm, warm_fp, of_rss = [], [], [], []
                 for i in range(1, args.runs + 1):
-                    c_s, c_rss = onefile_run(fake, onefile, base, 2 * i, True, not args.no_log)
-                    w_s, w_rss = onefile_run(fake, onefile, base, 2 * i + 1, False,
+                    c_s, c_rss = onefile_run(fake, onefile, base, 3 * i, True, not args.no_log)
+                    w_s, w_rss = onefile_run(fake, onefile, base, 3 * i + 1, False,
                                              not args.no_log)
+                    f_s, f_rss = onefile_run(fake, onefile, base, 3 * i + 2, False,
+                                             not args.no_log, by_fingerprint=True)
                     cold.append(c_s)
                     warm.append(w_s)
-                    of_rss += [c_rss, w_rss]
+                    warm_fp.append(f_s)
+                    of_rss += [c_rss, w_rss, f_rss]
                     print(f"one-file run {i}: cold {c_s:.3f} s  warm {w_s:.3f} s  "
-                          f"rss {max(c_rss, w_rss):.1f} MB")
+                          f"warm by fingerprint {f_s:.3f} s  rss {max(c_rss, w_rss, f_rss):.1f} MB")
                 sandbox_extra = sandbox_extra_s(fake, onefile, base, args)
+                node_compile = node_compile_s()
             finally:
                 onefile.stop()
         finally:
@@ -214,12 +226,34 @@ def main() -> int:
     out["end_to_exit_vs_python"] = round(out["payload_end_to_exit_s"] / out["python_start_s"], 2)
     out.update(onefile_cold_s=round(statistics.median(cold), 4),
                onefile_warm_s=round(statistics.median(warm), 4),
+               onefile_warm_fingerprint_s=round(statistics.median(warm_fp), 4),
                onefile_rss_mb=round(max(of_rss), 1), onefile_bytes=onefile.bytes,
-               sandbox_extra_s=sandbox_extra, onefile_python=NODE_PYTHON)
+               sandbox_extra_s=sandbox_extra, onefile_python=NODE_PYTHON,
+               onefile_node_compile_s=node_compile)
     out["onefile_warm_vs_python"] = round(out["onefile_warm_s"] / out["python_start_s"], 2)
     out["onefile_cold_vs_python"] = round(out["onefile_cold_s"] / out["python_start_s"], 2)
     print(json.dumps(out))
     return 0
+
+
+def node_compile_s(rounds: int = 200) -> float:
+    """The median time the node's Python takes for what every start of the batch script does
+    before the node program runs: decode, decompress and compile it (what a cache of its
+    compiled code on the node could save at most). Measured in a process of its own, the
+    node's Python, rounds one after the other."""
+    from schedulers.bootstrap import node_program
+
+    code = (f"import base64,statistics,sys,time,zlib\n"
+            f"blob=base64.b64encode(zlib.compress({node_program().encode()!r},9))\n"
+            "t=[]\n"
+            f"for _ in range({rounds}):\n"
+            " t0=time.perf_counter()\n"
+            " compile(zlib.decompress(base64.b64decode(blob)),'panda-pilot-bootstrap','exec')\n"
+            " t.append(time.perf_counter()-t0)\n"
+            "print(statistics.median(t))\n")
+    out = subprocess.run([NODE_PYTHON, "-E", "-s", "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    return round(float(out), 5)
 
 
 def sandbox_extra_s(fake, onefile, base, args) -> float | None:

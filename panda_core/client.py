@@ -10,7 +10,8 @@ Failures: ``ServerUnreachable`` when no try reached the server (connection refus
 timeout, HTTP 5xx/408/429 on every try of the policy), ``Refused`` when the server said no, and
 ``ProtocolError`` when it answered something the protocol does not allow. Every message names the
 URL tried; a token is never shown. A retryable answer's ``Retry-After`` (seconds or an HTTP-date)
-lengthens the next wait up to the policy's cap (``RetryPolicy.wait_after``).
+lengthens the next wait up to the policy's cap (``RetryPolicy.wait_after``); a caller's
+``deadline`` bounds every try and wait of a call (``panda_core.retry.Deadline``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errorcodes import CodedError, ErrorCode
-from .retry import RetryPolicy
+from .retry import Deadline, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -180,37 +181,53 @@ class Transport:
         return status, data, _retry_after(headers)
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str | None = None,
-                policy: RetryPolicy | None = None) -> tuple[int, bytes]:
+                content_type: str | None = None, policy: RetryPolicy | None = None,
+                deadline: float | None = None) -> tuple[int, bytes]:
         """(HTTP status, body) of the first try that reached the server and did not get a
         retryable status; ServerUnreachable when every try failed. A retryable reply's
-        Retry-After lengthens the wait before the next try (``RetryPolicy.wait_after``)."""
+        Retry-After lengthens the wait before the next try (``RetryPolicy.wait_after``).
+        ``deadline`` (epoch seconds) bounds the whole call, tries and waits (``Deadline``):
+        past it ServerUnreachable says the deadline was reached."""
         policy = policy or self.retry
+        bound = Deadline(deadline)
         url = self.url + path
         headers = self.headers()
         if content_type:
             headers["Content-Type"] = content_type
         waits = policy.waits()
+        tries = 0
         while True:
+            if bound.reached():
+                raise ServerUnreachable(self._gave_up(url, tries, bound, "no time left to try"))
             req = urllib.request.Request(url, data=body, headers=headers, method=method)
             asked = None
+            tries += 1
             try:
-                status, data, asked = self._once(req, policy.timeout_s)
+                status, data, asked = self._once(req, bound.timeout(policy.timeout_s))
                 if not _retryable_http(status):
                     return status, data
                 last = f"HTTP {status}"
                 if asked is not None:
                     last += f", Retry-After {asked:.0f} s"
+                if status == 429:
+                    last += " (too many requests: the server limits this client's rate)"
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", None) or exc
                 last = str(reason) or type(reason).__name__
             wait = next(waits, None)
             if wait is None:
-                tries = f" after {policy.attempts} attempts" if policy.attempts > 1 else ""
-                raise ServerUnreachable(f"cannot reach the server at {url}{tries}: {last}")
-            wait = policy.wait_after(wait, asked)
+                suffix = f" after {policy.attempts} attempts" if policy.attempts > 1 else ""
+                raise ServerUnreachable(f"cannot reach the server at {url}{suffix}: {last}")
+            wait = bound.wait(policy.wait_after(wait, asked), policy.timeout_s)
+            if wait is None:
+                raise ServerUnreachable(self._gave_up(url, tries, bound, last))
             log.warning("%s %s failed (%s); retrying in %.1f s", method, url, last, wait)
             time.sleep(wait)
+
+    @staticmethod
+    def _gave_up(url: str, tries: int, bound: Deadline, last: str) -> str:
+        attempts = f" after {tries} attempt{'s' if tries != 1 else ''}" if tries else ""
+        return f"cannot reach the server at {url}: {bound.describe()} was reached{attempts}: {last}"
 
 
 def _json(url: str, status: int, data: bytes) -> Any:
@@ -227,13 +244,14 @@ class PilotClient(Transport):
     #: why the last getJob got no job, as the server said (its errorDialog)
     no_job_reason: str = ""
 
-    def post(self, method: str, form: dict[str, Any],
-             policy: RetryPolicy | None = None) -> dict[str, Any]:
-        """The reply object of ``/server/panda/<method>``; HTTP 4xx is a ProtocolError."""
+    def post(self, method: str, form: dict[str, Any], policy: RetryPolicy | None = None,
+             deadline: float | None = None) -> dict[str, Any]:
+        """The reply object of ``/server/panda/<method>``; HTTP 4xx is a ProtocolError.
+        ``deadline``: as for ``Transport.request``."""
         path = f"/server/panda/{method}"
         body = urllib.parse.urlencode({k: "" if v is None else v for k, v in form.items()})
         status, data = self.request("POST", path, body.encode(),
-                                    "application/x-www-form-urlencoded", policy)
+                                    "application/x-www-form-urlencoded", policy, deadline)
         if status != 200:
             raise ProtocolError(f"POST {path}: HTTP {status}: {data[:300]!r}")
         reply = _json(self.url + path, status, data)
@@ -241,14 +259,23 @@ class PilotClient(Transport):
             raise ProtocolError(f"{method} reply is not a JSON object")
         return reply
 
-    def get_job(self, form: dict[str, Any]) -> dict[str, Any] | None:
+    def get_job(self, form: dict[str, Any],
+                deadline: float | None = None) -> dict[str, Any] | None:
         """A job dict, or None when the server has no job (StatusCode 20). A "try again"
-        (StatusCode 10) is asked again under the retry policy, then is ServerUnreachable."""
+        (StatusCode 10) is asked again under the retry policy, then is ServerUnreachable;
+        ``deadline`` bounds all of it, as for ``Transport.request``."""
         waits = self.retry.waits()
-        while try_again(code := status_code(reply := self.post("getJob", form))):
+        bound = Deadline(deadline)
+        while try_again(code := status_code(reply := self.post("getJob", form,
+                                                                deadline=deadline))):
             wait = next(waits, None)
             if wait is None:
                 raise ServerUnreachable(f"getJob at {self.url}: the server says try again: "
+                                        f"{reply.get('errorDialog', '')}")
+            wait = bound.wait(wait, self.retry.timeout_s)
+            if wait is None:
+                raise ServerUnreachable(f"getJob at {self.url}: the server says try again and "
+                                        f"{bound.describe()} is reached: "
                                         f"{reply.get('errorDialog', '')}")
             log.warning("getJob: the server says try again (%s); retrying in %.1f s",
                         reply.get("errorDialog", ""), wait)
@@ -262,9 +289,9 @@ class PilotClient(Transport):
             return reply["jobs"][0] if reply["jobs"] else None
         return {k: v for k, v in reply.items() if k not in ("StatusCode", "errorDialog")}
 
-    def update_job(self, form: dict[str, Any],
-                   policy: RetryPolicy | None = None) -> dict[str, Any]:
-        return self.post("updateJob", form, policy)
+    def update_job(self, form: dict[str, Any], policy: RetryPolicy | None = None,
+                   deadline: float | None = None) -> dict[str, Any]:
+        return self.post("updateJob", form, policy, deadline)
 
     def queuedata(self, site: str) -> dict[str, Any]:
         path = f"/cache/schedconfig/{urllib.parse.quote(site)}.all.json"
@@ -399,6 +426,12 @@ class ApiClient(Transport):
     def kill_task(self, task_id: int) -> str:
         """Kill a task's jobs and abort it; the server's message (how many were killed)."""
         self.call("task", "kill", "POST", task_id=task_id)
+        return self.last_message
+
+    def task_command(self, command: str, task_id: int, **options: Any) -> str:
+        """``task/finish`` (option ``soft``), ``task/pause``, ``task/resume``: PanDA's
+        finishTask, pauseTask, resumeTask; the server's message (what it did)."""
+        self.call("task", command, "POST", task_id=task_id, **options)
         return self.last_message
 
     def retry_jobs(self, job_ids: list[int]) -> dict[str, Any]:

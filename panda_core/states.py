@@ -12,6 +12,7 @@ class JobState(str, Enum):
     DEFINED = "defined"
     ASSIGNED = "assigned"
     ACTIVATED = "activated"
+    THROTTLED = "throttled"  # held back from dispatch: its task is paused (PanDA's name)
     SENT = "sent"
     STARTING = "starting"
     RUNNING = "running"
@@ -41,7 +42,8 @@ _J = JobState
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _J.DEFINED: frozenset({_J.ASSIGNED, _J.ACTIVATED, _J.FAILED, _J.CANCELLED}),
     _J.ASSIGNED: frozenset({_J.ACTIVATED, _J.FAILED, _J.CANCELLED}),
-    _J.ACTIVATED: frozenset({_J.SENT, _J.ASSIGNED, _J.FAILED, _J.CANCELLED}),
+    _J.ACTIVATED: frozenset({_J.SENT, _J.ASSIGNED, _J.THROTTLED, _J.FAILED, _J.CANCELLED}),
+    _J.THROTTLED: frozenset({_J.ACTIVATED, _J.CANCELLED}),
     _J.SENT: frozenset({_J.STARTING, _J.RUNNING, _J.HOLDING, _J.TRANSFERRING, _J.FINISHED,
                         _J.FAILED, _J.CANCELLED}),
     _J.STARTING: frozenset({_J.RUNNING, _J.HOLDING, _J.TRANSFERRING, _J.FINISHED, _J.FAILED,
@@ -74,6 +76,8 @@ class TaskState(str, Enum):
     REGISTERED = "registered"
     READY = "ready"          # jobs created
     RUNNING = "running"      # at least one job has started
+    PAUSED = "paused"        # its owner paused it: its queued jobs are throttled
+    FINISHING = "finishing"  # its owner finished it: no new job starts, it ends with the last
     DONE = "done"            # every job finished
     FINISHED = "finished"    # ended, some jobs failed
     FAILED = "failed"        # ended, no job finished
@@ -85,3 +89,9 @@ class TaskState(str, Enum):
 
 FINAL_TASK_STATES = frozenset({TaskState.DONE, TaskState.FINISHED, TaskState.FAILED,
                                TaskState.ABORTED})
+#: task states a job's progress leaves as they are while the task has live jobs: running, and
+#: those its owner's command set (paused, finishing), which only the last job's end changes
+TASK_STATES_KEPT_WHILE_LIVE = frozenset({TaskState.RUNNING, TaskState.PAUSED,
+                                         TaskState.FINISHING})
+#: task states a job that starts to run does not make ``running``
+TASK_STATES_NOT_MADE_RUNNING = TASK_STATES_KEPT_WHILE_LIVE | {TaskState.ABORTED}

@@ -3,7 +3,8 @@
 A fingerprint is ``sha256:`` and the hex SHA-256 of the key's DER SubjectPublicKeyInfo (the
 bytes inside the PEM armour), so it is computed from the PEM with the standard library alone:
 the factory hands it to every pilot on the command line, and a pilot that was given only the
-fingerprint fetches the key from the server and refuses it unless the fingerprint matches.
+fingerprint takes the key its one-file batch script verified the pilot file with, or fetches it
+from the server, and refuses either unless the fingerprint matches.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import base64
 import binascii
 import hashlib
 import re
+
+from .ed25519 import SPKI_PREFIX
 
 _PEM = re.compile(r"-----BEGIN PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END PUBLIC KEY-----")
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
@@ -43,3 +46,12 @@ def normalise_fingerprint(text: str) -> str:
     if not _FINGERPRINT.fullmatch(value):
         raise ValueError(f"not a key fingerprint: {text[:80]!r} (expected sha256:<64 hex digits>)")
     return value
+
+
+def raw_key_pem(raw: bytes) -> str:
+    """The PEM of an Ed25519 public key given as its 32 raw bytes (as the one-file pilot's
+    batch script carries it); ValueError for any other length."""
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 public key is 32 bytes, not {len(raw)}")
+    body = base64.b64encode(SPKI_PREFIX + bytes(raw)).decode()
+    return f"-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----\n"

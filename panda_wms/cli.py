@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("panda_wms.client_cli:status_main", "show a task's status (--wait: until it ends)"),
     "ping": ("panda_wms.client_cli:ping_main", "is the server up, who am I (--wait S)"),
     "kill": ("panda_wms.client_cli:kill_main", "kill jobs, or a task (--task N)"),
+    "finish": ("panda_wms.client_cli:finish_main", "end a task without more jobs (--soft: "
+                                                   "let the running ones end)"),
+    "pause": ("panda_wms.client_cli:pause_main", "hold a task's queued jobs back from pilots"),
+    "resume": ("panda_wms.client_cli:resume_main", "let a paused task's jobs go to pilots"),
     "jobs": ("panda_wms.jobs_cli:jobs_main", "list jobs (filters, --json, --watch)"),
     "tasks": ("panda_wms.jobs_cli:tasks_main", "list tasks with their jobs per state"),
     "job": ("panda_wms.jobs_cli:job_main", "one job: details, files, state history"),

@@ -1,4 +1,5 @@
-"""``panda submit``, ``panda status``, ``panda kill``, ``panda debug``: the user's commands."""
+"""``panda submit``, ``panda status``, ``panda kill``, ``panda finish``, ``panda pause``,
+``panda resume``, ``panda debug``: the user's commands."""
 from __future__ import annotations
 
 import argparse
@@ -216,6 +217,48 @@ def kill_main(argv: list[str]) -> int:
         for job_id, ok in zip(args.job_ids, results):
             sys.stdout.write(f"job {job_id}: {'killed' if ok else 'not killed (unknown, not yours, or already ended)'}\n")
     return 0 if all(results) else 1
+
+
+#: the task commands: what each does, for its --help
+TASK_COMMANDS = {
+    "finish": "End a task without more jobs: its jobs that have not started are cancelled, "
+              "the running ones are killed (--soft: they may end); the task then ends done, "
+              "finished or failed by what ran (PanDA's finishTask).",
+    "pause": "Pause a task: its queued jobs are held back from pilots, the running ones go "
+             "on (PanDA's pauseTask).",
+    "resume": "Resume a paused task: its held jobs go to pilots again (PanDA's resumeTask).",
+}
+
+
+def _task_command(command: str, argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"panda {command}", description=TASK_COMMANDS[command])
+    p.add_argument("task_id", type=int, help="the task (jediTaskID)")
+    if command == "finish":
+        p.add_argument("--soft", action="store_true", help="let the running jobs end")
+    _common(p)
+    args = p.parse_args(argv)
+    options = {"soft": True} if getattr(args, "soft", False) else {}
+    try:
+        message = _client(args).task_command(command, args.task_id, **options)
+    except ClientError as exc:
+        return _fail(exc)
+    if args.json:
+        sys.stdout.write(json.dumps({"task_id": args.task_id, "message": message}) + "\n")
+    else:
+        sys.stdout.write(f"task {args.task_id}: {message}\n")
+    return 0
+
+
+def finish_main(argv: list[str]) -> int:
+    return _task_command("finish", argv)
+
+
+def pause_main(argv: list[str]) -> int:
+    return _task_command("pause", argv)
+
+
+def resume_main(argv: list[str]) -> int:
+    return _task_command("resume", argv)
 
 
 def debug_main(argv: list[str]) -> int:

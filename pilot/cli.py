@@ -34,6 +34,16 @@ def _minutes(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text!r}")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="panda pilot", description="Run PanDA jobs on this node.")
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:25080")
@@ -55,7 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "deployment (the factory passes it; `panda token public-key` prints it)")
     p.add_argument("--public-key-fingerprint", metavar="sha256:HEX",
                    help="the server's job-signing key by its fingerprint: the key the server "
-                   "serves must have it (`panda token public-key --fingerprint`). One of the two "
+                   "serves (or the one-file batch script carries) must have it (`panda token "
+                   "public-key --fingerprint`). One of the two "
                    "is required: the pilot never trusts a key only because the server sent it")
     p.add_argument("--ca-bundle", help="CA bundle (file) that the server's https certificate is "
                    "verified against (default: the system's CAs)")
@@ -79,6 +90,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default 30)")
     p.add_argument("--reserve", type=float, default=float(PILOT_RESERVE_S),
                    help="seconds kept before the wall-time end for stage-out and report")
+    p.add_argument("--exit-time", type=_seconds, default=None, metavar="S",
+                   help="seconds of the reserve (at most half of it) kept after the last call "
+                   "to the server, to exit before the wall time's end: no update or final "
+                   "report is retried past wall time minus S (default: a sixth of --reserve, "
+                   "10 s of the default 60; the report is kept for a later pilot)")
     p.add_argument("--server-retries", type=int, default=5, help="attempts per server call")
     p.add_argument("--server-backoff", type=float, default=2.0,
                    help="first wait between attempts, doubled each time")
@@ -217,7 +233,8 @@ def main(argv: list[str]) -> int:
     deadline = started + walltime if walltime else batch_deadline(dict(os.environ), started)
     retry = RetryPolicy(attempts=max(1, args.server_retries), backoff_s=args.server_backoff)
     cfg = PilotConfig(server=args.server, site=args.site, workdir_base=Path(args.workdir).resolve(),
-                      deadline=deadline, reserve_s=args.reserve, heartbeat_s=args.heartbeat,
+                      deadline=deadline, reserve_s=args.reserve, exit_s=args.exit_time,
+                      heartbeat_s=args.heartbeat,
                       monitor_interval_s=args.monitor_interval, max_jobs=args.max_jobs,
                       lost_heartbeat_s=args.lost_heartbeat,
                       server_retry=retry, final_retry=retry,
@@ -295,7 +312,7 @@ def main(argv: list[str]) -> int:
             break
         form = job_request(cfg, site, node_info(cfg.workdir_base), remaining)
         try:
-            raw = client.get_job(form)
+            raw = client.get_job(form, cfg.report_deadline())
         except (PilotError, ProtocolError) as exc:
             log.error("getJob failed: %s", exc)
             rc = EXIT_ERROR
@@ -359,7 +376,40 @@ def pinned_key(args: argparse.Namespace) -> dict:
         pinned["pem"] = Path(args.public_key).read_bytes()
     if args.public_key_fingerprint:
         pinned["fingerprint"] = normalise_fingerprint(args.public_key_fingerprint)
+    if "pem" not in pinned:
+        carried = bootstrap_key(pinned["fingerprint"])
+        if carried is not None:
+            pinned["pem"] = carried
     return pinned
+
+
+#: the server key's 32 bytes in hex, set by the one-file pilot's batch script
+#: (schedulers/bootstrap_node.py), which verified the pilot file with them
+BOOTSTRAP_KEY_ENV = "PANDA_PILOT_SERVER_KEY"
+
+
+def bootstrap_key(fingerprint: str) -> bytes | None:
+    """The PEM of the key the batch script verified this pilot's file with, if it has the
+    pinned ``fingerprint``: a key that has it is the pinned key wherever it came from, so it
+    need not be fetched from the server (one round trip before the first job, and a request
+    per pilot at the server). None when there is none or it is not the pinned key (the pilot
+    then fetches the server's, as before)."""
+    from panda_core.trust import key_fingerprint, raw_key_pem
+
+    text = os.environ.get(BOOTSTRAP_KEY_ENV, "")
+    if not text:
+        return None
+    try:
+        pem = raw_key_pem(bytes.fromhex(text))
+    except ValueError:
+        log.warning("$%s is not a key (64 hex digits): the server's key is fetched instead",
+                    BOOTSTRAP_KEY_ENV)
+        return None
+    if key_fingerprint(pem) != fingerprint:
+        log.warning("the key the batch script carries (%s) is not the pinned %s: the server's "
+                    "key is fetched instead", key_fingerprint(pem), fingerprint)
+        return None
+    return pem.encode()
 
 
 def recover(cfg, client, pm, site, trust) -> None:
@@ -379,7 +429,7 @@ def recover(cfg, client, pm, site, trust) -> None:
         log.error("recovery skipped, the job dirs stay for a later pilot: %s", exc)
         return
     recovered = recover_all(cfg.workdir_base, client, pm, cfg.keep_workdirs, cfg.final_retry,
-                            site, cfg.allowed_programs)
+                            site, cfg.allowed_programs, cfg.report_deadline())
     if recovered:
         log.info("recovered jobs: %s", ", ".join(recovered))
 
@@ -398,7 +448,7 @@ def refuse(client, cfg, site, raw: dict, code: int, diag: str,
     for key in ("pilotID", "pilotNonce"):
         if (getjob or {}).get(key):
             form[key] = getjob[key]
-    send_final(client, form, cfg.final_retry)
+    send_final(client, form, cfg.final_retry, cfg.report_deadline())
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ class PilotConfig:
     workdir_base: Path
     deadline: float | None = None          # epoch seconds when the batch slot ends
     reserve_s: float = 60.0                # kept free before the deadline for stage-out and report
+    exit_s: float | None = None            # of the reserve (at most half), kept after the
+                                           # last call to the server to exit; None: a sixth
     heartbeat_s: float | None = None       # None: the site's limits.heartbeat_s
     monitor_interval_s: float = 10.0
     lost_heartbeat_s: float = 0.0          # kill the payload (1317) when no update got through
@@ -93,6 +95,17 @@ class PilotConfig:
 
     def remaining_s(self, now: float | None = None) -> float | None:
         return None if self.deadline is None else self.deadline - (now or time.time())
+
+    def report_deadline(self) -> float | None:
+        """When the pilot's calls to the server must be over (epoch seconds; None: no wall
+        time): the batch slot's end less ``exit_s``, so that a server that keeps answering 503
+        cannot hold a report until the batch system kills the pilot mid-report. The exit
+        gets a sixth of the reserve unless told (10 s of the default 60 s), at most half of
+        it: the rest is the stage-out's and the report's."""
+        if self.deadline is None:
+            return None
+        exit_s = self.reserve_s / 6 if self.exit_s is None else self.exit_s
+        return self.deadline - min(exit_s, self.reserve_s / 2)
 
 
 class KillRequest:
@@ -388,7 +401,7 @@ class JobRun:
                 self.pilot_stop is not None and self.pilot_stop.requested),
             on_command=lambda commands: self._obey({"command": ",".join(sorted(commands))},
                                                    updates=False),
-            on_contact=self._contact)
+            on_contact=self._contact, report_deadline=self.cfg.report_deadline)
         self.es = EventServiceSession(ctx, self.cfg.event_service)
         return self.es
 
@@ -541,7 +554,7 @@ class JobRun:
 
     def _update_form(self, form: dict[str, Any], policy: RetryPolicy) -> None:
         try:
-            reply = self.client.update_job(form, policy)
+            reply = self.client.update_job(form, policy, self.cfg.report_deadline())
         except ServerUnreachable as exc:
             log.warning("job %s: %s update not delivered: %s", self.panda_id, form["state"], exc)
             return
@@ -634,7 +647,7 @@ class JobRun:
         notify(self.pm, "pilot_job_done", job=job, state=state,
                error_code=error.code if error else 0, error_diag=error.diag if error else "")
         self._save(sf.FINAL_PENDING, final=form)
-        if send_final(self.client, form, self.cfg.final_retry):
+        if send_final(self.client, form, self.cfg.final_retry, self.cfg.report_deadline()):
             self._save(sf.DONE)
             if not self.cfg.keep_workdirs and self.jobdir is not None:
                 shutil.rmtree(self.jobdir, ignore_errors=True)

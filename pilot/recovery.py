@@ -51,11 +51,13 @@ def _exit_code(workdir: Path) -> int | None:
 
 def recover_all(base: Path, client: PilotClient, pm=None, keep: bool = False,
                 policy: RetryPolicy | None = None, site: SiteConfig | None = None,
-                allowed_programs: frozenset[str] = frozenset()) -> list[str]:
+                allowed_programs: frozenset[str] = frozenset(),
+                deadline: float | None = None) -> list[str]:
     """Recover every dead pilot's job dir below ``base``; return the PandaIDs whose final state
     reached the server. ``site``: this pilot's own queue description, used (with its copytool
     secrets, which state files never hold) for jobs of the same site; ``allowed_programs``: the
-    programs copytool options may name (``--allow-program``)."""
+    programs copytool options may name (``--allow-program``); ``deadline``: the recovering
+    pilot's ``report_deadline()``, which no final update it sends for them reaches past."""
     done = []
     for tmp in base.glob(f".{sf.JOB_DIR_PREFIX}*.creating"):   # a pilot died making a job dir
         lock = sf.JobLock(tmp)
@@ -75,7 +77,7 @@ def recover_all(base: Path, client: PilotClient, pm=None, keep: bool = False,
             log.warning("recovery: cannot lock %s: %s", wd, exc)
             continue
         try:
-            pid = recover_one(wd, client, pm, keep, policy, site, allowed_programs)
+            pid = recover_one(wd, client, pm, keep, policy, site, allowed_programs, deadline)
             if pid:
                 done.append(pid)
         except Exception:
@@ -87,7 +89,8 @@ def recover_all(base: Path, client: PilotClient, pm=None, keep: bool = False,
 
 def recover_one(wd: Path, client: PilotClient, pm=None, keep: bool = False,
                 policy: RetryPolicy | None = None, own_site: SiteConfig | None = None,
-                allowed_programs: frozenset[str] = frozenset()) -> str | None:
+                allowed_programs: frozenset[str] = frozenset(),
+                deadline: float | None = None) -> str | None:
     from .job import JobRun, PilotConfig
     from .report import send_final
 
@@ -111,7 +114,7 @@ def recover_one(wd: Path, client: PilotClient, pm=None, keep: bool = False,
     if phase == sf.DONE:      # reported; kept on purpose (--keep-workdirs): not ours to remove
         return None
     if phase == sf.FINAL_PENDING and state.get("final"):
-        if not send_final(client, state["final"], policy):
+        if not send_final(client, state["final"], policy, deadline):
             return None
         sf.write_state(wd, {**state, "phase": sf.DONE})
         if not keep:
@@ -126,8 +129,10 @@ def recover_one(wd: Path, client: PilotClient, pm=None, keep: bool = False,
     else:
         site = site_from_queuedata({"panda_wms": state.get("site") or {}},
                                    state.get("site_name", ""))
+    # the recovering pilot's report deadline is this run's (exit_s 0: it is already net)
     cfg = PilotConfig(server=client.url, site=site.name, workdir_base=wd.parent,
-                      keep_workdirs=keep, final_retry=policy, allowed_programs=allowed_programs)
+                      deadline=deadline, exit_s=0.0, keep_workdirs=keep, final_retry=policy,
+                      allowed_programs=allowed_programs)
     run = JobRun(cfg, client, site, pm, raw)
     run.jobdir = wd
     run.workdir = wd / sf.WORK_DIR

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from panda_core.client import PilotClient, ProtocolError, status_code, try_again
-from panda_core.retry import RetryPolicy
+from panda_core.retry import Deadline, RetryPolicy
 
 from .errors import PilotError, ServerUnreachable, diag_limit, error_text
 from .payload import Payload, PayloadResult
@@ -91,15 +91,19 @@ def final_form(form: dict[str, Any], error: PilotError | None, res: PayloadResul
     return form
 
 
-def send_final(client: PilotClient, form: dict[str, Any], policy: RetryPolicy) -> bool:
+def send_final(client: PilotClient, form: dict[str, Any], policy: RetryPolicy,
+               deadline: float | None = None) -> bool:
     """Deliver a final update; True once the server answered for good: it took the update, or
     refused it (asking again would get the same answer). False when the server stayed away or
-    kept answering "try again" (StatusCode 10) through ``policy``: the caller keeps the update
-    and the job's work dir on disk for a later attempt (its own, or a later pilot's recovery)."""
+    kept answering "try again" (StatusCode 10) through ``policy``, or ``deadline`` (epoch
+    seconds: the pilot's batch slot, less what it needs to exit) came first: the caller keeps
+    the update and the job's work dir on disk for a later attempt (its own, or a later pilot's
+    recovery)."""
     waits = policy.waits()
+    bound = Deadline(deadline)
     while True:
         try:
-            reply = client.update_job(form, policy)
+            reply = client.update_job(form, policy, deadline)
         except ServerUnreachable as exc:
             log.warning("final update of job %s not delivered: %s", form.get("jobId"), exc)
             return False
@@ -117,6 +121,12 @@ def send_final(client: PilotClient, form: dict[str, Any], policy: RetryPolicy) -
         if wait is None:
             log.warning("final update of job %s: the server says try again (%s); kept for "
                         "later", form.get("jobId"), reply.get("errorDialog", ""))
+            return False
+        wait = bound.wait(wait, policy.timeout_s)
+        if wait is None:
+            log.warning("final update of job %s: the server says try again (%s) and %s is "
+                        "reached: kept for later", form.get("jobId"),
+                        reply.get("errorDialog", ""), bound.describe())
             return False
         log.warning("final update of job %s: the server says try again (%s); retrying in "
                     "%.1f s", form.get("jobId"), reply.get("errorDialog", ""), wait)

@@ -14,7 +14,9 @@ bundle/dir, else the system's), the signature checked with the pinned key, the f
 must name the version asked for (a validly signed old file served as another version is
 refused) and list this platform; it is unpacked, with this platform's compiled code in place
 of the file's own (``_platforms/<platform>/``), into a fresh folder renamed into place (a
-neighbour pilot unpacking the same version at the same time loses nothing), and run. Every
+neighbour pilot unpacking the same version at the same time loses nothing), and run, with
+``PANDA_PILOT_VERSION`` and ``PANDA_PILOT_SERVER_KEY`` (the pinned key's hex, so a pilot pinned
+by the key's fingerprint need not fetch the key) in its environment. Every
 refusal is one line on stderr starting with ``panda-pilot bootstrap:`` and its own exit code
 (EXIT_*).
 """
@@ -256,6 +258,9 @@ def main(argv):
         sys.stderr.write("panda-pilot bootstrap: %s\n" % exc)
         return exc.code
     os.environ["PANDA_PILOT_VERSION"] = version
+    # the key the file was verified with: a pilot pinned by fingerprint need not fetch it
+    # (pilot/cli.py checks it has the fingerprint)
+    os.environ["PANDA_PILOT_SERVER_KEY"] = key_hex
     sys.argv = [os.path.join(folder, "__main__.py")] + argv[6:]
     sys.path.insert(0, folder)
     import runpy

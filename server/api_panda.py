@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -368,32 +370,151 @@ def task_detailed_info_since(ctx: Context, params: dict) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class Codes:
+    """PanDA's return codes of a task command's refusals (``data``; 0 on success)."""
+    no_task: int = 2
+    not_yours: int = 3
+    status: int = 4            # the task's status does not allow it
+
+
+COMMAND_CODES = Codes()
+#: increase_attempt_nr's own: 1 unknown task, 2 invalid status, 3 permission denied, 4 wrong
+#: parameter
+INCREASE_CODES = Codes(no_task=1, not_yours=3, status=2)
+CODE_BAD_VALUE = 4
+TASK_PARAM = Param("task_id", "integer", True, "a jediTaskID", minimum=1)
+#: at most this many attempts added at once (a task's max_attempts is at most 100 on submit)
+MAX_INCREASE = 100
+
+
+def _own_task(ctx: Context, task_id: int, codes: Codes = COMMAND_CODES) -> dict:
+    """The task, if the caller may command it (its owner or an admin); PanDA's codes else."""
+    from .taskbuffer import NotFound
+    try:
+        task = ctx.tb.tasks.get(task_id)
+    except NotFound:
+        raise ApiError(f"no task {task_id}", data=codes.no_task) from None
+    if ctx.identity.role != "admin" and task["owner"] != ctx.identity.subject:
+        raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}",
+                       data=codes.not_yours)
+    return task
+
+
+def _command(ctx: Context, task_id: int, run: Callable[[int, str], Any],
+             codes: Codes = COMMAND_CODES) -> Any:
+    """Run a task command of the task buffer for the caller; a refusal is PanDA's code."""
+    from .taskbuffer import Conflict, NotFound
+    _own_task(ctx, task_id, codes)
+    try:
+        return run(task_id, ctx.identity.subject)
+    except NotFound:
+        raise ApiError(f"no task {task_id}", data=codes.no_task) from None
+    except Conflict as exc:
+        raise ApiError(str(exc), data=codes.status) from None
+
+
 @api("task", "retry", ("POST",), WRITERS, params=(
-    Param("task_id", "integer", True, "a jediTaskID", minimum=1),
-    Param("new_parameters", "any", description="not supported (refused)")))
+    TASK_PARAM, Param("new_parameters", "any", description="not supported (refused)")))
 def task_retry(ctx: Context, params: dict) -> int:
     """PanDA's retryTask: the failed and cancelled jobs of an ended task run again. ``data``
     is PanDA's code: 0 registered, 2 no such task, 3 permission denied, 4 the task's status
     does not allow it (or nothing to retry); ``new_parameters`` are not supported (refused)."""
-    from .taskbuffer import Conflict, NotFound
-
     task_id = int_param(params, "task_id")
     if _null(params.get("new_parameters")):
-        raise ApiError("retry with new parameters is not supported here", data=4)
-    try:
-        task = ctx.tb.tasks.get(task_id)
-    except NotFound:
-        raise ApiError(f"no task {task_id}", data=2) from None
-    if ctx.identity.role != "admin" and task["owner"] != ctx.identity.subject:
-        raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}", data=3)
-    try:
-        new_ids = ctx.tb.jobs.retry_task(task_id, ctx.identity.subject)
-    except Conflict as exc:
-        raise ApiError(str(exc), data=4) from None
+        raise ApiError("retry with new parameters is not supported here",
+                       data=COMMAND_CODES.status)
+    new_ids = _command(ctx, task_id, ctx.tb.jobs.retry_task)
     if not new_ids:
-        raise ApiError(f"task {task_id} has no failed or cancelled job to retry", data=4)
+        raise ApiError(f"task {task_id} has no failed or cancelled job to retry",
+                       data=COMMAND_CODES.status)
     ctx.message = f"jediTaskID={task_id} retried: {len(new_ids)} job(s) again"
     return 0
+
+
+@api("task", "finish", ("POST",), WRITERS, params=(
+    TASK_PARAM, Param("soft", "boolean", description="let the running jobs end (else they "
+                      "are killed too)"),
+    Param("broadcast", "boolean", description="ignored (PanDA's message to pilots)")))
+def task_finish(ctx: Context, params: dict) -> int:
+    """PanDA's finishTask: the task ends without more jobs. Jobs whose payload has not started
+    are cancelled; ``soft`` lets the running ones end, else they are killed too; the task then
+    ends done, finished or failed by what ran. ``data``: 0, or 2 no such task, 3 permission
+    denied, 4 the task has ended."""
+    task_id = int_param(params, "task_id")
+    soft = bool(params.get("soft", False))
+    result = _command(ctx, task_id,
+                      lambda tid, actor: ctx.tb.commands.finish(tid, actor, soft=soft))
+    ctx.message = (f"jediTaskID={task_id} {'soft ' if soft else ''}finish: {result.jobs} "
+                   f"job(s) cancelled; the task is {result.status}")
+    return 0
+
+
+@api("task", "pause", ("POST",), WRITERS, params=(TASK_PARAM,))
+def task_pause(ctx: Context, params: dict) -> int:
+    """PanDA's pauseTask: the task's queued jobs are held back from dispatch (``throttled``),
+    its running ones go on. ``data``: 0, or 2 no such task, 3 permission denied, 4 the task
+    is paused, finishing or has ended."""
+    task_id = int_param(params, "task_id")
+    result = _command(ctx, task_id, ctx.tb.commands.pause)
+    ctx.message = f"jediTaskID={task_id} paused: {result.jobs} queued job(s) held"
+    return 0
+
+
+@api("task", "resume", ("POST",), WRITERS, params=(TASK_PARAM,))
+def task_resume(ctx: Context, params: dict) -> int:
+    """PanDA's resumeTask: a paused task's held jobs are dispatched again. ``data``: 0, or 2
+    no such task, 3 permission denied, 4 the task is not paused."""
+    task_id = int_param(params, "task_id")
+    result = _command(ctx, task_id, ctx.tb.commands.resume)
+    ctx.message = (f"jediTaskID={task_id} resumed: {result.jobs} job(s) queued again; the "
+                   f"task is {result.status}")
+    return 0
+
+
+@api("task", "increase_attempts", ("POST",), WRITERS, params=(
+    TASK_PARAM, Param("increase", "any", description=f"attempts to add, 0..{MAX_INCREASE} "
+                      "(the client sends 3)")))
+def task_increase_attempts(ctx: Context, params: dict) -> int:
+    """PanDA's increase_attempt_nr: the task's jobs may fail ``increase`` more times; those
+    whose attempts were used up run again now. ``data``: 0, or 1 no such task, 2 the task is
+    not ready, running or paused, 3 permission denied, 4 a wrong ``increase``."""
+    task_id = int_param(params, "task_id")
+    raw = params.get("increase", 3)           # panda-client's default
+    try:
+        increase = as_int(raw)
+        if not 0 <= increase <= MAX_INCREASE:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(f"increase must be a whole number from 0 to {MAX_INCREASE}, got "
+                       f"{str(raw)[:40]!r}", data=CODE_BAD_VALUE) from None
+    result = _command(ctx, task_id, lambda tid, actor: ctx.tb.commands.increase_attempts(
+        tid, actor, increase), INCREASE_CODES)
+    ctx.message = (f"jediTaskID={task_id}: {increase} more attempt(s) for its jobs, "
+                   f"{result.jobs} failed job(s) run again")
+    return 0
+
+
+#: PanDA task commands this server answers with a reason (which PanDA's client prints) instead
+#: of "unknown method"
+NOT_SUPPORTED = {
+    "reactivate": "reactivateTask is not supported here (PanDA's production managers rerun a "
+                  "done task's input with it); retryTask reruns an ended task's failed and "
+                  "cancelled jobs",
+    "reload_input": "reload_input is not supported here: a task's input is fixed when it is "
+                    "submitted (task/extend adds jobs for files added to its dataset since)",
+}
+
+
+def _refusal(why: str):
+    def refuse(ctx: Context, params: dict) -> None:
+        raise ApiError(why)
+    refuse.__doc__ = f"Refused: {why}."
+    return refuse
+
+
+for _name, _why in NOT_SUPPORTED.items():
+    api("task", _name, ("POST",), WRITERS, params=(TASK_PARAM,))(_refusal(_why))
 
 
 @api("task", "get_datasets_and_files", params=(

@@ -29,6 +29,7 @@ from .hookspecs import plugin_manager
 from .metrics import observe_request
 from .pilot_http import ServerApplication
 from .pilotstore import RECORDS_DIR, PilotFiles, Signer
+from .ratelimit import RateLimiter, RateLimits
 from .shares import ShareChooser
 from .submission import TaskSubmitter
 from .taskbuffer import TaskBuffer, utcnow
@@ -47,7 +48,8 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                 trusted_issuers: tuple[TrustedIssuer, ...] = (), pilot_dir: str | None = None,
                 pilot_version: str | None = None,
                 pilot_wheels: tuple[str, ...] = (),
-                share_counts_s: float = 2.0) -> ServerState:
+                share_counts_s: float = 2.0,
+                rate_limits: RateLimits | None = None) -> ServerState:
     """``hot_path``: on PostgreSQL, take getJob and common updateJobs on the event loop
     (``server.pghot``); ``threads`` is then also its number of connections per process.
     ``token_issuer``: the ``iss`` of this server's tokens (kept in the key dir);
@@ -57,7 +59,8 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
     beside the key that signs them; their build records are kept in ``<key_dir>/pilot-built``);
     ``pilot_version`` the one factories run by default; ``pilot_wheels``: psutil's wheels for
     the other platforms the file serves (server/pilotfile.py); ``share_counts_s``: how old the
-    counter snapshot the share ranking orders by may be (``ShareChooser``'s ``ttl_s``)."""
+    counter snapshot the share ranking orders by may be (``ShareChooser``'s ``ttl_s``);
+    ``rate_limits``: the per-client request rate limits of this process (None: none)."""
     engine = make_engine(db_url, pool_size=threads)
     tb = TaskBuffer(engine, clock=clock)
     revoked = RevocationList(tb.revoked_tokens.active)
@@ -82,6 +85,7 @@ def build_state(db_url: str, key_dir: str, require_auth: bool = True, threads: i
                        require_auth=require_auth, site_loader=site_loader,
                        admin_dns=DNMatcher(admin_dns), pilot_dns=DNMatcher(pilot_dns),
                        hook=pm.hook,
+                       limiter=RateLimiter(rate_limits) if rate_limits is not None else None,
                        pilot_files=PilotFiles(pilot_dir or Path(key_dir) / "pilot",
                                               Signer(keys.signing_key), pilot_version,
                                               records=Path(key_dir) / RECORDS_DIR,

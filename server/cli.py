@@ -5,6 +5,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -36,6 +37,38 @@ def _share_counts_s(text: str) -> float:
     if not 0.05 <= value <= 60:          # also refuses nan
         raise argparse.ArgumentTypeError(f"must be from 0.05 to 60 seconds, not {text}")
     return value
+
+
+#: the bounds of the rate limit options (server/ratelimit.py)
+MAX_RATE = 1e6
+MAX_BURST = 10_000_000
+CLIENTS_RANGE = (100, 10_000_000)
+
+
+def _rate(text: str) -> float:
+    """argparse type: requests per second, 0 (no limit) or 0.01 .. MAX_RATE."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value == 0 or 0.01 <= value <= MAX_RATE):      # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be requests per second from 0.01 to "
+                                         f"{MAX_RATE:.0f}, or 0 for no limit, not {text[:40]!r}")
+    return value
+
+
+def _int_in(low: int, high: int, what: str):
+    """argparse type: a whole number from ``low`` to ``high`` (``what`` it counts)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number of {what} from {low} to "
+                                             f"{high}, not {text[:40]!r}")
+        return value
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -79,6 +112,29 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="how old the job counters the share ranking orders by may be, in "
                    "seconds (default %(default)s: one read per process every S s for every site; "
                    "docs/shares.md)")
+    burst = _int_in(1, MAX_BURST, "requests")
+    p.add_argument("--rate-limit-pilot", type=_rate, default=5000.0, metavar="R",
+                   help="requests/s each pilot identity (token subject and site, or DN) may "
+                   "send to one server process on average; also each address reading what "
+                   "pilots read without a token, /cache/, /pilot, /rucio/ (default %(default)g: "
+                   "above what a process dispatches; 0: no limit; docs/server.md)")
+    p.add_argument("--rate-limit-pilot-burst", type=burst, default=10000, metavar="N",
+                   help="requests a pilot identity may send at once (default %(default)s)")
+    p.add_argument("--rate-limit-api", type=_rate, default=20.0, metavar="R",
+                   help="requests/s each user identity, or each address without one (IPv6: "
+                   "its /64), may send to one server process: the API, the monitor, the "
+                   "rest (default %(default)g; 0: no limit)")
+    p.add_argument("--rate-limit-api-burst", type=burst, default=200, metavar="N",
+                   help="requests a user or an address may send at once (default %(default)s)")
+    p.add_argument("--rate-limit-exempt", action="append", default=[], metavar="SUBJECT",
+                   help="a token subject or certificate DN (as the server writes it, "
+                   "/O=org/CN=name) never rate limited (repeatable)")
+    p.add_argument("--rate-limit-admins", action="store_true",
+                   help="hold admins to the API's limit too (default: admins are not limited)")
+    p.add_argument("--rate-limit-clients", type=_int_in(*CLIENTS_RANGE, "clients"),
+                   default=20000, metavar="N",
+                   help="clients each kind of limit remembers per process (default %(default)s, "
+                   "about 6 MB; past it the least recently seen is forgotten)")
     p.add_argument("--no-hot-path", dest="hot_path", action="store_false",
                    help="PostgreSQL: run getJob and updateJob through the thread pool like "
                    "everything else (docs/server.md, 'A hot path for the pilots on PostgreSQL')")
@@ -180,6 +236,20 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="global shares tree (YAML/JSON) to install at start")
     p.add_argument("--log-level", default=None)
     return p
+
+
+def _rate_limits(args):
+    """The per-client rate limits of each process from the command line (the values were
+    checked by argparse)."""
+    from .ratelimit import Limit, RateLimits
+    limits = RateLimits(pilot=Limit(args.rate_limit_pilot, args.rate_limit_pilot_burst),
+                        api=Limit(args.rate_limit_api, args.rate_limit_api_burst),
+                        exempt=frozenset(args.rate_limit_exempt),
+                        limit_admins=args.rate_limit_admins,
+                        max_clients=args.rate_limit_clients)
+    log.info("rate limits per client and process: pilots %s, API %s",
+             limits.pilot.describe(), limits.api.describe())
+    return limits
 
 
 def _ops_config(args):
@@ -405,7 +475,8 @@ def main(argv: list[str]) -> int:
                         pilot_version=args.pilot_version,
                         pilot_wheels=tuple(args.pilot_wheel),
                         admin_dns=args.admin_dn, pilot_dns=args.pilot_dn,
-                        token_issuer=args.token_issuer, trusted_issuers=trusted)
+                        token_issuer=args.token_issuer, trusted_issuers=trusted,
+                        rate_limits=_rate_limits(args))
     from .watcher import start_periodic
     # every process: other processes' revocations reach this one within REVOCATION_REFRESH_S
     token_tasks = [("revoked tokens", state.keys.tokens.revoked.refresh)]

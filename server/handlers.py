@@ -32,6 +32,7 @@ from .metrics import REQUESTS
 from .pilotfile import FILE_NAME, PilotFileError
 from .pilotstore import PilotFiles, PilotFileUnvouched
 from .queuedata import signed_queuedata
+from .ratelimit import RateLimiter
 from .submission import TaskSubmitter
 from .taskbuffer import NotFound, TaskBuffer, utcnow
 from .transient import (BAD_VALUE_MESSAGE, MESSAGE as TRANSIENT_MESSAGE, RETRY_AFTER_S,
@@ -60,6 +61,7 @@ class ServerState:
     # a few threads of their own: on ``run`` twenty 5,000-job tasks took every thread and
     # the pilots' updateJobs waited behind them (panda simulate, docs/simulate.md)
     bulk_run: Run | None = None
+    limiter: RateLimiter | None = None   # the per-client rate limit (server/ratelimit.py)
 
 
 def _json_default(obj: Any) -> Any:
@@ -78,7 +80,25 @@ def dumps(obj: Any) -> str:
 
 def request_identity(request, state: ServerState) -> Identity | None:
     """The caller of ``request``: a bearer token's subject, or a verified client
-    certificate's DN; None when it sent neither (anonymous admin with auth off)."""
+    certificate's DN; None when it sent neither (anonymous admin with auth off). Found once
+    per request (the rate limit asks before the handler does); AuthError for a bad credential,
+    every time it is asked."""
+    found = getattr(request, "_panda_identity", _UNKNOWN)
+    if found is _UNKNOWN:
+        try:
+            found = _identity(request, state)
+        except AuthError as exc:
+            found = exc
+        request._panda_identity = found
+    if isinstance(found, AuthError):
+        raise AuthError(str(found), found.status_code)
+    return found
+
+
+_UNKNOWN = object()
+
+
+def _identity(request, state: ServerState) -> Identity | None:
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, token = header.partition(" ")

@@ -6,14 +6,15 @@ site and state as the factories reported them, open alarms, and failed jobs of t
 error code. Per-process metrics are added where things happen: request counters
 (``REQUESTS``, labelled with the pilot-protocol or API method), request latency histograms per
 endpoint (``observe_request``, the application's log function), the dispatch latency of
-getJob, HTTP errors by status code, and the watcher's and data service's actions.
+getJob, HTTP errors by status code, requests refused by the rate limit, and the watcher's and
+data service's actions.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 REGISTRY = CollectorRegistry()
@@ -33,6 +34,10 @@ WATCHER_ACTIONS = Counter("panda_watcher_actions", "jobs the watcher failed, by 
 DATASERVICE_ACTIONS = Counter("panda_dataservice_actions",
                               "what the data service did with the jobs it handled",
                               ["action"], registry=REGISTRY)
+RATE_LIMITED = Counter("panda_rate_limited", "requests refused with 429 by the per-client rate "
+                       "limit (server/ratelimit.py), by kind of call", ["kind"], registry=REGISTRY)
+RATE_LIMIT_CLIENTS = Gauge("panda_rate_limit_clients", "clients the rate limit holds a bucket "
+                           "for in this process, by kind of call", ["kind"], registry=REGISTRY)
 #: how far back the failed-jobs-by-code gauge looks
 RECENT_ERRORS_S = 3600
 _access = logging.getLogger("tornado.access")

@@ -68,6 +68,10 @@ def _operation(module: str, name: str, method: Method, verb: str) -> dict[str, A
                     "content": {"application/json": {"schema": _ENVELOPE}}},
             "403": {"description": "a bad credential, or a role that may not call this"},
             "405": {"description": "another HTTP verb is needed"},
+            "429": {"description": "this client is over its request rate limit: try again "
+                    "after Retry-After seconds (docs/server.md, 'Rate limits per client')",
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                    "content": {"application/json": {"schema": _ENVELOPE}}},
             "503": {"description": "the database is temporarily unavailable: try again after "
                     "Retry-After seconds", "headers": {"Retry-After": {
                         "schema": {"type": "integer"}}}},

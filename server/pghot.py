@@ -47,7 +47,7 @@ from .dispatchpath import DispatchPath, GeneralPath, JobRequest, UpdateRequest
 from .taskbuffer import NotFound
 from .taskbuffer.data import stored_checksum
 from .taskbuffer.states import job_with_files, legal_predecessors
-from .taskbuffer.tasks import TASK_SETTLED
+from .taskbuffer.tasks import KEPT_WHILE_LIVE, NOT_MADE_RUNNING, TASK_SETTLED
 from .transient import describe, is_transient
 
 log = logging.getLogger(__name__)
@@ -570,7 +570,7 @@ class HotPath(DispatchPath):
         async with self._pool().connection() as conn:
             cur = await conn.execute(sql, {**base, "tid": task_id})
             row = await cur.fetchone()
-        settled = row is not None and row[0] == str(TaskState.RUNNING) and bool(row[1])
+        settled = row is not None and row[0] in KEPT_WHILE_LIVE and bool(row[1])
         return [settled] * len(items)
 
 
@@ -612,6 +612,7 @@ def _progress_sql() -> str:
     cols = ", ".join(f"{c} {t}" for c, t in _PROGRESS_COLS.items())
     sets = ", ".join(f"{c} = COALESCE(r.{c}, jobs.{c})" for c in _PROGRESS_COLS)
     running, now = str(JobState.RUNNING), "%(now)s::timestamp"
+    kept = ", ".join(f"'{s}'" for s in NOT_MADE_RUNNING)
     return (
         "WITH r AS (SELECT * FROM json_to_recordset(%(items)s::json) AS r(i int, pid bigint, "
         f"state varchar, allowed text, attempt int, site varchar, actor varchar, {_HOLDER_COLS}"
@@ -636,8 +637,7 @@ def _progress_sql() -> str:
         # the first job that runs marks its task running (usually matches nothing)
         f"task AS (UPDATE tasks SET status = '{TaskState.RUNNING}', modified = {now} "
         f"WHERE task_id IN (SELECT task_id FROM upd WHERE state = '{running}' "
-        f"AND old_status <> '{running}') AND status NOT IN ('{TaskState.RUNNING}', "
-        f"'{TaskState.ABORTED}')) "
+        f"AND old_status <> '{running}') AND status NOT IN ({kept})) "
         "SELECT i, command, old_status, share, cores FROM upd")
 
 

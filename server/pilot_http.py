@@ -25,6 +25,7 @@ from .auth import AuthError
 from .dispatcher import SC_FAILED, SC_TIMEOUT, ProtocolError
 from .handlers import ServerState, bad_text, dumps, request_identity, request_params
 from .metrics import DISPATCH_SECONDS, REQUEST_SECONDS, REQUESTS
+from .ratelimit import Throttled
 from .transient import (BAD_VALUE_MESSAGE, MESSAGE as TRANSIENT_MESSAGE, describe,
                         is_bad_value, is_transient)
 
@@ -120,13 +121,23 @@ def encode_pilot_reply(data: dict, accept: str) -> tuple[str, str]:
 
 
 class ServerApplication(tornado.web.Application):
-    """The server's Tornado application: the pilot protocol's paths go to :class:`PilotCall`."""
+    """The server's Tornado application: a request over its client's rate limit is answered
+    429 (``ratelimit.Throttled``), the pilot protocol's paths go to :class:`PilotCall`."""
 
     def __init__(self, state, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pilot_state = state
 
     def find_handler(self, request: httputil.HTTPServerRequest, **kwargs):
+        limiter = self.pilot_state.limiter
+        if limiter is not None:          # every request, before its body and its handler
+            try:
+                identity = request_identity(request, self.pilot_state)
+            except AuthError:            # its handler refuses it; its address is the client
+                identity = None
+            refusal = limiter.check(request.path, identity, request.remote_ip)
+            if refusal is not None:
+                return Throttled(request, refusal)
         if request.path.startswith(PREFIX):
             return PilotCall(self.pilot_state, request)
         return super().find_handler(request, **kwargs)

@@ -47,7 +47,8 @@ RECOVERED_LOST = 1504
 
 ACTOR = "watcher"
 #: task states a task leaves once its jobs have all ended
-_UNSETTLED = (str(TaskState.REGISTERED), str(TaskState.READY), str(TaskState.RUNNING))
+_UNSETTLED = (str(TaskState.REGISTERED), str(TaskState.READY), str(TaskState.RUNNING),
+              str(TaskState.PAUSED), str(TaskState.FINISHING))
 
 
 @dataclass

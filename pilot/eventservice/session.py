@@ -57,6 +57,7 @@ class SessionContext:
     stop_requested: Callable[[], bool]             # a kill or a signal: hand out no more
     on_command: Callable[[set[str]], None]         # the server's commands for this job
     on_contact: Callable[[], None] = lambda: None  # a call reached the server
+    report_deadline: Callable[[], float | None] = lambda: None   # no report reaches past it
 
 
 @dataclass
@@ -416,7 +417,8 @@ class EventServiceSession:
         form = {"eventRanges": json.dumps(batch), "version": "1",
                 "pandaID": self.ctx.job.job_id}
         try:
-            reply = self.ctx.client.post("updateEventRanges", form, policy)
+            reply = self.ctx.client.post("updateEventRanges", form, policy,
+                                         self.ctx.report_deadline())
         except ClientError as exc:
             log.warning("job %s: event range report not delivered (kept): %s",
                         self.ctx.job.job_id, exc)

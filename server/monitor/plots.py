@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 
 STATE_COLOURS = {"defined": "#9e9e9e", "assigned": "#8d6e63", "activated": "#42a5f5",
+                 "throttled": "#b39ddb",
                  "sent": "#26c6da", "starting": "#26a69a", "running": "#47d147",
                  "holding": "#ffb300", "transferring": "#ff7043", "finished": "#165616",
                  "failed": "#e00000", "cancelled": "#616161", "closed": "#bdbdbd"}

@@ -3,8 +3,9 @@
 One part per responsibility, each a module of this package: ``states`` (the job state machine:
 the one function that changes a job's status), ``counts`` (jobs per site, share and state, kept
 by triggers), ``sites``, ``data`` (datasets, replicas, stored
-outputs), ``tasks``, ``jobs`` (rows, dispatch, failures, retries, kills) and ``pilots`` (what
-pilots and factories report), ``tokens`` (revoked bearer tokens). :class:`TaskBuffer` holds
+outputs), ``tasks``, ``jobs`` (rows, dispatch, failures, retries, kills), ``taskcommands``
+(pause, resume, finish a task, more attempts), ``pilots`` (what pilots and factories report)
+and ``tokens`` (revoked bearer tokens). :class:`TaskBuffer` holds
 them over one engine and clock, so that callers pass one object around:
 ``tb.jobs.dispatch(...)``, ``tb.sites.get_cached(...)``.
 """
@@ -19,6 +20,7 @@ from .jobs import Jobs
 from .pilots import Pilots
 from .sites import Sites
 from .states import JobStates
+from .taskcommands import TaskCommands
 from .tasks import Tasks
 from .owners import Ownership
 from .tokens import RevokedTokens
@@ -37,6 +39,7 @@ class TaskBuffer(Store):
         self.data = Data(self)
         self.tasks = Tasks(self)
         self.jobs = Jobs(self, self.states, self.tasks, self.counts)
+        self.commands = TaskCommands(self, self.states, self.tasks, self.jobs)
         self.pilots = Pilots(self, self.states, self.tasks, self.data, self.jobs)
         self.revoked_tokens = RevokedTokens(self)
         self.owners = Ownership(self)          # who may write scopes and datasets

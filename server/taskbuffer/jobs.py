@@ -36,6 +36,19 @@ SELECT_ARCHIVED_FILES = (select(*[db.files_archive.c[c.name] for c in db.files.c
 _FINAL = frozenset(str(s) for s in FINAL_JOB_STATES)
 _PILOT_OWNED = frozenset(str(s) for s in PILOT_OWNED_STATES)
 _FINAL_TASK = frozenset(str(s) for s in FINAL_TASK_STATES)
+#: a failed job of a task in these states gets no new attempt (killed, or finished by its owner)
+_NO_RETRY_TASK = frozenset((str(TaskState.ABORTED), str(TaskState.FINISHING)))
+
+
+def kill_values(now: Any, actor: str, with_pilot: bool, why: str | None = None) -> dict:
+    """The columns a killed job gets: its end, the task buffer's kill code (300) and who
+    killed it (and why); ``tobekilled`` for the pilot that holds it (``with_pilot``)."""
+    values: dict[str, Any] = {"end_time": now, "task_buffer_error_code": 300,
+                              "task_buffer_error_diag": f"killed by {actor}"
+                                                        + (f": {why}" if why else "")}
+    if with_pilot:
+        values["command"] = "tobekilled"
+    return values
 
 
 class Jobs:
@@ -333,9 +346,12 @@ class Jobs:
             log.info("job %s failed: an event-service consumer, and its task's pool has no "
                      "range left: no retry", panda_id)
             return None
-        task = conn.execute(select(db.tasks.c.status).where(db.tasks.c.task_id == job["task_id"])
-                            ).first()
-        if task is None or task.status == str(TaskState.ABORTED):
+        # locked (as the task's update after the failure locks it anyway): a finish or pause of
+        # the task and this retry happen one after the other, so no retry of a finishing task
+        # slips in
+        q = select(db.tasks.c.status).where(db.tasks.c.task_id == job["task_id"])
+        task = conn.execute(q.with_for_update() if self.store.skip_locked else q).first()
+        if task is None or task.status in _NO_RETRY_TASK:
             return None
         files = [dict(r._mapping) for r in conn.execute(SELECT_FILES, {"pid": panda_id})]
         values, new_files = retry_job_values(job, files)
@@ -418,6 +434,16 @@ class Jobs:
                                  func.greatest(j.max_attempts, row.attempt_nr + 1)))
             return self.retry(conn, panda_id, actor)
 
+    @staticmethod
+    def latest_attempts(conn: Connection, task_id: int) -> list[dict]:
+        """The latest attempt of each job of a task (its serial's highest attempt), live table
+        only: archived jobs are not retried."""
+        latest: dict[int, dict] = {}
+        for row in conn.execute(select(db.jobs).where(db.jobs.c.task_id == task_id)
+                                .order_by(db.jobs.c.serial, db.jobs.c.attempt_nr)):
+            latest[row.serial] = dict(row._mapping)
+        return list(latest.values())
+
     def retry_task(self, task_id: int, actor: str) -> list[int]:
         """Run again the work of an ended task that did not succeed (PanDA's task retry): a new
         attempt of every job whose latest attempt failed or was cancelled, beyond the task's
@@ -430,11 +456,7 @@ class Jobs:
                 raise NotFound(f"no task {task_id}")
             if task.status not in {str(s) for s in FINAL_TASK_STATES}:
                 raise Conflict(f"task {task_id} is {task.status}: only an ended task is retried")
-            latest: dict[int, dict] = {}
-            for row in conn.execute(select(db.jobs).where(db.jobs.c.task_id == task_id)
-                                    .order_by(db.jobs.c.serial, db.jobs.c.attempt_nr)):
-                latest[row.serial] = dict(row._mapping)
-            targets = [j for j in latest.values()
+            targets = [j for j in self.latest_attempts(conn, task_id)
                        if j["status"] in (str(JobState.FAILED), str(JobState.CANCELLED))]
             if not targets:
                 return []
@@ -466,10 +488,7 @@ class Jobs:
                 raise PermissionError(f"job {panda_id} belongs to {row.owner}, not {owner_check}")
             if row.status in _FINAL:
                 return False
-            fields = {"end_time": self.store.clock(), "task_buffer_error_code": 300,
-                      "task_buffer_error_diag": f"killed by {actor}"}
-            if row.status in _PILOT_OWNED:
-                fields["command"] = "tobekilled"
+            fields = kill_values(self.store.clock(), actor, row.status in _PILOT_OWNED)
             ok = self.states.change(conn, panda_id, str(JobState.CANCELLED), actor=actor,
                                     expected=[row.status], **fields)
             if ok:

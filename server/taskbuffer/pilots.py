@@ -11,8 +11,7 @@ from sqlalchemy import and_, bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState, \
-    TaskState
+from panda_core.states import FINAL_JOB_STATES, PILOT_OWNED_STATES, IllegalTransition, JobState
 
 from .. import db
 from ..transient import retrying
@@ -20,7 +19,7 @@ from .base import Conflict, Store, is_retryable
 from .data import Data
 from .jobs import Jobs
 from .states import JobStates
-from .tasks import Tasks
+from .tasks import NOT_MADE_RUNNING, Tasks
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class Pilots:
                 if row.status not in _PILOT_OWNED:
                     return "tobekilled" if row.status in _FINAL else "NULL"
                 if not (state == str(JobState.RUNNING) and state != row.status
-                        and row.task_status != str(TaskState.RUNNING)):
+                        and row.task_status not in NOT_MADE_RUNNING):
                     now = store.clock()
                     return self._progress(conn, panda_id, row, state,
                                           {**fields, "heartbeat_time": now}, actor, now)
@@ -163,7 +162,7 @@ class Pilots:
                                    **fields)
             except IllegalTransition:
                 raise Conflict(f"job {panda_id} is {row.status}; cannot go to {state}") from None
-            if state == str(JobState.RUNNING) and row.task_status != str(TaskState.RUNNING):
+            if state == str(JobState.RUNNING) and row.task_status not in NOT_MADE_RUNNING:
                 self.tasks.mark_running(conn, row.task_id)
         return row.command or "NULL"
 

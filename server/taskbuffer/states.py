@@ -3,17 +3,22 @@
 :meth:`JobStates.change` is the only way a job's status changes: it checks the transition
 against the life cycle (``panda_core.states``), updates the row only if it is still in the state
 the caller saw (``WHERE status = :old``), and writes a ``job_history`` row with the time and the
-actor for each step.
+actor for each step. A job of a paused task that would be activated is throttled instead (it
+passes through ``activated``): the dispatch, which picks activated jobs only, never sees it.
+:meth:`JobStates.change_task_jobs` moves a task's jobs of some states in a few set-based
+statements (pause, resume, finish: ``taskbuffer.taskcommands``).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import BigInteger, String, bindparam, insert, select, union_all, update
+from sqlalchemy import (BigInteger, String, and_, bindparam, insert, literal, select, union_all,
+                        update)
 from sqlalchemy.engine import Connection
 
-from panda_core.states import PILOT_OWNED_STATES, IllegalTransition, check_job_transition
+from panda_core.states import (PILOT_OWNED_STATES, IllegalTransition, JobState, TaskState,
+                               check_job_transition)
 
 from .. import db
 from .base import NotFound, Store
@@ -22,6 +27,14 @@ INSERT_HISTORY = insert(db.job_history)
 #: the file columns a dispatch statement returns, ``f_``-prefixed (see :func:`job_with_files`)
 FILE_COLUMNS = tuple(c.name for c in db.files.c)
 _PILOT_OWNED = sorted(str(s) for s in PILOT_OWNED_STATES)
+_ACTIVATED, _THROTTLED = str(JobState.ACTIVATED), str(JobState.THROTTLED)
+#: the status of a job's task, its row locked: a pause (which locks it too) and an activation of
+#: one of its jobs happen one after the other, so none is activated unseen. Not a share lock:
+#: the transaction may lock the row again to update the task (``Tasks.refresh_status``), and
+#: two that share it would each wait for the other to let go
+_TASK_OF_JOB = (select(db.tasks.c.status)
+                .where(db.tasks.c.task_id == select(db.jobs.c.task_id).where(
+                    db.jobs.c.panda_id == bindparam("pid")).scalar_subquery()))
 
 
 def path_steps(old: str, path: Iterable[str]) -> list[tuple[str, str]]:
@@ -88,17 +101,28 @@ class JobStates:
                 return False
             expected = [current]
         old = expected[0]
+        if new == _ACTIVATED and self._paused(conn, panda_id):
+            new, via = _THROTTLED, [*via, _ACTIVATED]
         steps = path_steps(old, [*via, new])
         return self.apply(conn, int(panda_id), old, steps, actor, fields) is not None
+
+    def _paused(self, conn: Connection, panda_id: int) -> bool:
+        """Is the job's task paused? (Read with the task's row locked.)"""
+        stmt = self.store.statement(("task-of-job", self.store.skip_locked), lambda: (
+            _TASK_OF_JOB.with_for_update() if self.store.skip_locked else _TASK_OF_JOB))
+        return conn.execute(stmt, {"pid": panda_id}).scalar() == str(TaskState.PAUSED)
 
     def change_many(self, conn: Connection, panda_ids: list[int], old: str, new: str, *,
                     actor: str | None) -> None:
         """``change`` of many jobs, all in ``old``, to ``new``: one UPDATE and one history
-        insert. For jobs this transaction made (the new jobs of a task): no one else can have
+        insert. For jobs this transaction made (the new jobs of one task): no one else can have
         moved them, so a row that did not match is an error, not a lost race."""
         if not panda_ids:
             return
         steps = path_steps(old, [new])
+        if new == _ACTIVATED and self._paused(conn, panda_ids[0]):
+            new = _THROTTLED
+            steps = path_steps(old, [_ACTIVATED, new])
         now = self.store.clock()
         j = db.jobs.c
         res = conn.execute(update(db.jobs).where(j.panda_id.in_(panda_ids), j.status == old)
@@ -109,6 +133,33 @@ class JobStates:
         conn.execute(INSERT_HISTORY, [{"panda_id": pid, "old_status": o, "new_status": n,
                                        "time": now, "actor": actor}
                                       for pid in panda_ids for o, n in steps])
+
+    def change_task_jobs(self, conn: Connection, task_id: int, old: Iterable[str], new: str, *,
+                         actor: str | None, **fields: Any) -> int:
+        """Move every job of a task that is in one of the ``old`` states to ``new`` (one step
+        each, checked), in three statements whatever their number: lock them (the dispatch
+        skips locked rows), write their history rows from a SELECT, update them. The caller
+        holds the task's row locked, so no job of it enters an ``old`` state meanwhile.
+        Returns how many moved."""
+        old = sorted(set(old))
+        for state in old:
+            check_job_transition(state, new)
+        j = db.jobs.c
+        which = and_(j.task_id == task_id, j.status.in_(old))
+        lock = select(j.panda_id).where(which)
+        if self.store.skip_locked:
+            lock = lock.order_by(j.panda_id).with_for_update()
+        moved = len(conn.execute(lock).all())
+        if not moved:
+            return 0
+        now = self.store.clock()
+        conn.execute(insert(db.job_history).from_select(
+            ["panda_id", "old_status", "new_status", "time", "actor"],
+            select(j.panda_id, j.status, literal(new, String), literal(now, db.Timestamp),
+                   literal(actor, String)).where(which)))
+        conn.execute(update(db.jobs).where(which).values(
+            status=new, modification_time=now, state_changed=now, **fields))
+        return moved
 
     def apply(self, conn: Connection, target: int | None, old: str,
               steps: list[tuple[str, str]], actor: str | None, fields: dict,

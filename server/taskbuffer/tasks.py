@@ -7,14 +7,17 @@ from typing import Any
 from sqlalchemy import bindparam, exists, func, insert, literal_column, select, update
 from sqlalchemy.engine import Connection
 
-from panda_core.states import FINAL_TASK_STATES, LIVE_JOB_STATES, TaskState
+from panda_core.states import (FINAL_TASK_STATES, LIVE_JOB_STATES,
+                               TASK_STATES_KEPT_WHILE_LIVE, TASK_STATES_NOT_MADE_RUNNING,
+                               TaskState)
 
 from .. import db
 from .base import NotFound, Store
 
 LIVE_STATES = list(LIVE_JOB_STATES)
 #: (the task's status, whether it has live jobs) of task ``tid``: after a job ended, a task
-#: that runs and still has live jobs needs no update (the states are literals: the statement
+#: that runs (or is paused or finishing: ``KEPT_WHILE_LIVE``) and still has live jobs needs no
+#: update (the states are literals: the statement
 #: has one parameter, whichever driver runs it)
 TASK_SETTLED = select(db.tasks.c.status, exists().where(
     db.jobs.c.task_id == bindparam("tid"),
@@ -22,6 +25,10 @@ TASK_SETTLED = select(db.tasks.c.status, exists().where(
 ).where(db.tasks.c.task_id == bindparam("tid"))
 #: job states that show a task has started
 _STARTED = ("finished", "starting", "running", "holding", "transferring")
+#: the task states a job's progress does not change while the task has live jobs, and those a
+#: job that starts does not make running (shared with ``server/pghot.py``'s statements)
+KEPT_WHILE_LIVE = frozenset(str(s) for s in TASK_STATES_KEPT_WHILE_LIVE)
+NOT_MADE_RUNNING = tuple(sorted(str(s) for s in TASK_STATES_NOT_MADE_RUNNING))
 
 
 class Tasks:
@@ -99,17 +106,17 @@ class Tasks:
         reader = store.autocommit if store.dialect == "postgresql" else store.engine
         with reader.connect() as conn:
             row = conn.execute(TASK_SETTLED, {"tid": task_id}).first()
-        if row is not None and row.status == str(TaskState.RUNNING) and row.pending:
+        if row is not None and row.status in KEPT_WHILE_LIVE and row.pending:
             return
         with store.engine.begin() as conn:
             self.refresh_status(conn, task_id)
 
     def mark_running(self, conn: Connection, task_id: int) -> None:
         """A job of the task started: the task runs (one UPDATE that usually matches nothing,
-        instead of counting the task's jobs on every heartbeat)."""
+        instead of counting the task's jobs on every heartbeat). A paused, finishing or
+        aborted task stays so."""
         conn.execute(update(db.tasks).where(
-            db.tasks.c.task_id == task_id,
-            db.tasks.c.status.not_in((str(TaskState.RUNNING), str(TaskState.ABORTED))))
+            db.tasks.c.task_id == task_id, db.tasks.c.status.not_in(NOT_MADE_RUNNING))
             .values(status=str(TaskState.RUNNING), modified=self.store.clock()))
 
     def refresh_status(self, conn: Connection, task_id: int) -> None:
@@ -118,6 +125,8 @@ class Tasks:
         Cheap while the task still has live jobs (two indexed lookups); the jobs are counted
         only once none is left to run. The task row is locked first: two jobs ending at once
         in READ COMMITTED would each see the other still running, and neither end the task.
+        A paused or finishing task keeps its status while it has live jobs; it ends with the
+        last one as any other (a finishing one without a new event-service consumer).
         """
         q = select(db.tasks.c.status).where(db.tasks.c.task_id == task_id)
         if self.store.skip_locked:
@@ -131,7 +140,7 @@ class Tasks:
         pending = conn.execute(select(j.status).where(j.task_id == task_id,
                                                       j.status.in_(LIVE_STATES)).limit(1)).first()
         if pending is not None:
-            if task.status == str(TaskState.RUNNING):
+            if task.status in KEPT_WHILE_LIVE:
                 return
             if conn.execute(select(j.panda_id).where(j.task_id == task_id,
                                                      j.status.in_(_STARTED)).limit(1)).first() \
@@ -144,7 +153,8 @@ class Tasks:
             # an event-service pool with ranges left gets a new consumer instead (lazy import:
             # eventranges builds on the task buffer; ``store`` is the TaskBuffer)
             from ..eventranges import continue_pool, pool_left
-            if continue_pool(self.store, conn, task_id) is not None:   # type: ignore[arg-type]
+            if task.status != str(TaskState.FINISHING) and continue_pool(
+                    self.store, conn, task_id) is not None:   # type: ignore[arg-type]
                 return
             unprocessed = pool_left(conn, task_id)
             # every job is final: count only the latest attempt of each serial, since a failed

@@ -245,6 +245,94 @@ def test_pbook_shows_kills_and_retries_a_task(server, compat_venv):
     assert "Traceback" not in server.log()
 
 
+CLIENT_PROBE = """
+import json, sys
+from pandaclient import Client
+print("RESULT:" + json.dumps([getattr(Client, call)(int(sys.argv[1])) for call in sys.argv[2:]]))
+"""
+
+
+def client_calls(venv: Path, server, user: str, task_id: int, *calls: str) -> list:
+    """``Client.<call>(task_id)`` for each call, in the compat venv as ``user``: the replies
+    as the client returns them (status, (ok, data or message))."""
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", CLIENT_PROBE, str(task_id),
+                           *calls], env=_env(server, server.token("user", user)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT:")][-1]
+    return json.loads(line[len("RESULT:"):])
+
+
+def test_pbook_finishes_and_debugs_and_the_client_pauses_and_resumes(server, compat_venv):
+    """pbook's ``finish(N)``, ``finish(N, soft=True)``, ``debug(PandaID, True)`` and the
+    client's ``pauseTask``/``resumeTask``/``increase_attempt_nr``/``reactivateTask``, unmodified: another user's task
+    is refused and nothing changes; a paused task's jobs go to no pilot until it is resumed."""
+    alice = ApiClient(server.url, server.token("user", "alice"))
+    task_id = alice.submit_task({"name": "pbook-finish", "transformation": "/bin/true",
+                                 "n_jobs": 3, "site": SITE})
+    # bob's client may not pause alice's task; his pbook may not finish it (PanDA's code 3)
+    [(status, (ok, message))] = client_calls(compat_venv, server, "bob", task_id, "pauseTask")
+    assert (status, ok) == (0, False) and "belongs to alice" in message
+    refused = pbook(compat_venv, server, "bob", f"finish({task_id})")
+    assert "ermission denied" in refused.stdout + refused.stderr, refused.stdout
+    assert alice.task_details(task_id)["jobs"] == {"activated": 3}
+    # alice pauses it: no pilot gets its jobs; pausing again is refused with the reason
+    paused, again = client_calls(compat_venv, server, "alice", task_id, "pauseTask",
+                                 "pauseTask")
+    assert paused == [0, [True, 0]] and again[1][0] is False and "is paused" in again[1][1]
+    details = alice.task_details(task_id)
+    assert details["status"] == "paused" and details["jobs"] == {"throttled": 3}
+    pilot = {"Authorization": f"Bearer {server.token('pilot', 'p', site=SITE)}",
+             "Accept": "application/json"}
+
+    def pilot_call(method: str, **form) -> dict:
+        return requests.post(f"{server.url}/server/panda/{method}", data=form, headers=pilot,
+                             timeout=30).json()
+
+    given = []              # the module's other tasks may have jobs queued there too
+    while (reply := pilot_call("getJob", siteName=SITE))["StatusCode"] == 0:
+        given.append(reply["jediTaskID"])
+    assert reply["StatusCode"] == 20 and task_id not in given
+    [(status, (ok, data))] = client_calls(compat_venv, server, "alice", task_id, "resumeTask")
+    assert (status, ok, data) == (0, True, 0)
+    job = pilot_call("getJob", siteName=SITE)
+    assert job["StatusCode"] == 0 and job["jediTaskID"] == task_id
+    pilot_call("updateJob", jobId=job["PandaID"], state="running")
+    # pbook's debug: the job's pilot is asked for the tail of its payload's stdout
+    debug = pbook(compat_venv, server, "alice", f"debug({job['PandaID']}, True)")
+    assert debug.returncode == 0 and "'debug': 'tail'" in debug.stdout, debug.stdout
+    assert pilot_call("updateJob", jobId=job["PandaID"], state="running")["command"] == "debug"
+    debug = pbook(compat_venv, server, "alice", f"debug({job['PandaID']}, False)")
+    assert pilot_call("updateJob", jobId=job["PandaID"], state="running")["command"] == "NULL"
+    # more attempts for the task's jobs (increase_attempt_nr's own codes: 3 not yours)
+    [(status, (ok, data))] = client_calls(compat_venv, server, "alice", task_id,
+                                          "increase_attempt_nr")
+    assert (status, ok, data) == (0, True, 0)
+    assert {j["max_attempts"] for j in alice.jobs(task_id)} == {6}       # 3 + 3
+    [(status, (ok, message))] = client_calls(compat_venv, server, "bob", task_id,
+                                             "increase_attempt_nr")
+    assert (status, ok) == (0, False) and "belongs to alice" in message
+    # a soft finish: the queued jobs are cancelled, the running one goes on
+    done = pbook(compat_venv, server, "alice", f"finish({task_id}, soft=True)")
+    assert done.returncode == 0 and "will be finished soon" in done.stdout, done.stdout
+    details = alice.task_details(task_id)
+    assert details["status"] == "finishing"
+    assert details["jobs"] == {"running": 1, "cancelled": 2}
+    # finished hard: the running job is killed, its pilot told; nothing finished: failed
+    done = pbook(compat_venv, server, "alice", f"finish({task_id})")
+    assert done.returncode == 0 and "will be finished soon" in done.stdout, done.stdout
+    assert pilot_call("updateJob", jobId=job["PandaID"], state="running")["command"] == \
+        "tobekilled"
+    details = alice.task_details(task_id)
+    assert details["status"] == "failed" and details["jobs"] == {"cancelled": 3}
+    # an ended task is not resumed; reactivateTask is refused with its reason
+    resumed, reactivated = client_calls(compat_venv, server, "alice", task_id, "resumeTask",
+                                        "reactivateTask")
+    assert resumed[1][0] is False and "only a paused task" in resumed[1][1]
+    assert reactivated[1][0] is False and "retryTask" in reactivated[1][1]
+    assert "Traceback" not in server.log()
+
+
 # ---------------------------------------------------------------------- prun, unmodified, to done
 def test_prun_submits_a_task_that_runs_to_done_on_our_pilots(server, compat_venv, tmp_path):
     """``prun --exec ... --inDS ... --outDS user.alice.<x> --noBuild`` as a user types it: its

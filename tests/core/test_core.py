@@ -16,7 +16,7 @@ from panda_core.client import (MAX_REPLY_BYTES, ApiClient, ClientError, PilotCli
                                try_again)
 from panda_core.errorcodes import CodedError, ErrorCode
 from panda_core.replicas import replica_url
-from panda_core.retry import RetryPolicy
+from panda_core.retry import Deadline, RetryPolicy
 from panda_core.siteconfig import SiteConfig, SiteConfigError
 from panda_core.trust import key_fingerprint, normalise_fingerprint
 from panda_core.wire import DISPATCH_KEY, NULL, Dispatch, WireError, decode_job, encode_job
@@ -291,6 +291,87 @@ def test_a_hostile_retry_after_cannot_stall_or_crash_the_client(peer):
     with pytest.raises(ServerUnreachable, match="2 attempts: HTTP 429, Retry-After 3600 s"):
         PilotClient(url, retry=RetryPolicy(attempts=2, backoff_s=0.01, max_backoff_s=0.05)
                     ).update_job({"jobId": 1})
+
+
+def test_a_deadline_cuts_the_wait_so_the_last_try_ends_by_it():
+    no_deadline = Deadline(None)
+    assert no_deadline.wait(50.0, 30.0) == 50.0 and no_deadline.timeout(30.0) == 30.0
+    bound = Deadline(time.time() + 10)
+    assert bound.timeout(30.0) <= 10.0 and bound.timeout(2.0) == 2.0
+    assert bound.wait(1.0, 2.0) == 1.0 and not bound.last_try      # room for both: untouched
+    cut = bound.wait(600.0, 2.0)                                     # a Retry-After of 600 s
+    assert 7.5 < cut <= 8.0 and bound.last_try, "cut to leave a whole try before the deadline"
+    assert bound.wait(0.01, 0.01) is None, "no try after the one a cut wait led to"
+    assert Deadline(time.time() + 3).wait(1.0, 30.0) == 0.0, "a try longer than what is left"
+    past = Deadline(time.time() - 1)
+    assert past.reached() and past.wait(1.0, 1.0) is None and past.timeout(30.0) == 0.0
+
+
+def test_a_retry_after_longer_than_the_deadline_is_cut_to_one_last_try_before_it(peer):
+    url, p = peer
+    p.replies = [(503, b"busy", {"Retry-After": "3600"})] * 5
+    client = PilotClient(url, retry=RetryPolicy(attempts=5, backoff_s=0.01, max_backoff_s=7200,
+                                                timeout_s=0.5, jitter=0))
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachable, match=r"the deadline \d\d:\d\d:\d\d UTC was reached "
+                       r"after 2 attempts: HTTP 503, Retry-After 3600 s"):
+        client.update_job({"jobId": 1}, deadline=time.time() + 2.0)
+    took = time.monotonic() - t0
+    assert len(p.times) == 2 and took < 2.3, "the call ended by its deadline"
+    assert 1.3 < p.times[1] - p.times[0] < 1.8, \
+        "the last try came as late as still leaves it its whole timeout before the deadline"
+
+
+def test_many_503s_stop_at_the_deadline_not_at_the_policys_last_attempt(peer):
+    url, p = peer
+    p.replies = [(503, b"busy")] * 1000
+    client = ApiClient(url, retry=RetryPolicy(attempts=1000, backoff_s=0.05, max_backoff_s=0.1,
+                                              timeout_s=0.3, jitter=0))
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachable, match="was reached after .* attempts: HTTP 503"):
+        client.request("GET", "/x", deadline=time.time() + 1.0)
+    assert time.monotonic() - t0 < 1.3
+    assert 5 <= len(p.times) <= 25, "retries kept their waits up to the deadline, no busy loop"
+    assert all(b - a >= 0.04 for a, b in zip(p.times, p.times[1:-1])), p.times
+
+
+def test_a_hung_server_times_out_at_the_deadline_not_after_the_policys_timeout():
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)            # connections are accepted by the kernel, never answered
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        client = PilotClient(url, retry=RetryPolicy(attempts=5, backoff_s=0.1, timeout_s=20))
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnreachable, match="was reached after 1 attempt: timed out"):
+            client.update_job({"jobId": 1}, deadline=time.time() + 0.8)
+        assert 0.7 < time.monotonic() - t0 < 1.5
+    finally:
+        listener.close()
+
+
+def test_get_job_and_its_try_again_loop_stop_at_the_deadline(peer):
+    url, p = peer
+    client = PilotClient(url, retry=RetryPolicy(attempts=50, backoff_s=0.2, jitter=0,
+                                                timeout_s=0.2))
+    p.replies = [(200, b'{"StatusCode": 10, "errorDialog": "database busy"}')] * 50
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnreachable, match=r"try again and the deadline .* is reached: "
+                       "database busy"):
+        client.get_job({"siteName": "S"}, deadline=time.time() + 1.0)
+    assert time.monotonic() - t0 < 1.3 and 3 <= len(p.times) <= 6
+    p.replies = [(503, b"busy", {"Retry-After": "3600"})] * 5
+    with pytest.raises(ServerUnreachable, match="was reached after 2 attempts"):
+        client.get_job({"siteName": "S"}, deadline=time.time() + 0.5)
+
+
+def test_a_call_past_its_deadline_is_not_tried(peer):
+    url, p = peer
+    with pytest.raises(ServerUnreachable, match="was reached: no time left to try"):
+        PilotClient(url).update_job({"jobId": 1}, deadline=time.time() - 5)
+    assert p.seen == []
 
 
 # ------------------------------------------------------------------------- trust

@@ -29,7 +29,7 @@ class StubServer:
         self.replies = list(replies)
         self.reports: list[dict] = []
 
-    def post(self, method, form, policy=None):
+    def post(self, method, form, policy=None, deadline=None):
         if method == "getEventRanges":
             return self.replies.pop(0) if self.replies else {"StatusCode": 0, "eventRanges": [],
                                                             "eventRangesPending": 0}

@@ -43,7 +43,8 @@ class Mitm:
     """A man in the middle on 127.0.0.1: forwards to ``upstream``; the hooks may rewrite.
 
     ``on_getjob(reply) -> reply``, ``on_queuedata(doc) -> doc``: rewrite a reply;
-    ``on_update(form) -> reply | None``: answer an updateJob itself (None: forward it);
+    ``on_update(form) -> reply | (status, reply, headers) | "drop" | None``: answer an
+    updateJob itself (None: forward it);
     ``own_key``: re-sign getJob replies and queue descriptions with it and serve its public key
     as the server's."""
 
@@ -106,6 +107,8 @@ class Mitm:
                 req.close_connection = True
                 req.connection.shutdown(2)
                 return
+            if isinstance(answer, tuple):
+                return self._reply(req, *answer)
             if answer is not None:
                 return self._reply(req, 200, answer)
         status, data = self._forward(method, req.path, body, req.headers)
@@ -130,9 +133,11 @@ class Mitm:
         self._reply(req, status, data)
 
     @staticmethod
-    def _reply(req: BaseHTTPRequestHandler, status: int, obj) -> None:
+    def _reply(req: BaseHTTPRequestHandler, status: int, obj, headers: dict | None = None) -> None:
         data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         req.send_response(status)
+        for name, value in (headers or {}).items():
+            req.send_header(name, value)
         req.send_header("Content-Type", "application/json")
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()
@@ -169,11 +174,11 @@ def mitm(real):
     proxy.stop()
 
 
-def submit(server, name: str, script: str, n_jobs: int = 1) -> int:
+def submit(server, name: str, script: str, n_jobs: int = 1, walltime_s: int = 300) -> int:
     return server.user.submit_task({
         "name": name, "scope": "p", "transformation": "/bin/sh", "job_parameters": script,
         "output_dataset": f"p.{name}.out", "outputs": [f"{name}.${{SN}}.out"], "n_jobs": n_jobs,
-        "site": SITE, "max_attempts": 1, "resources": {"memory_mb": 500, "walltime_s": 300}})
+        "site": SITE, "max_attempts": 1, "resources": {"memory_mb": 500, "walltime_s": walltime_s}})
 
 
 def factory_pilot(server, url: str, workdir: Path, *args: str) -> list[str]:
@@ -371,6 +376,39 @@ def test_undelivered_final_report_is_kept_and_recovered(real, mitm, tmp_path, fa
     assert job_of(real, task_id)["jobStatus"] == "finished"
     assert real.user.task_details(task_id)["status"] == "done"
     assert not list(wd.glob("panda_job_*"))
+
+
+def test_a_busy_server_cannot_hold_the_final_report_past_the_wall_time(real, mitm, tmp_path):
+    """Every final updateJob gets 503 with ``Retry-After: 3600``, and the pilot's policy would
+    try ten times (each wait capped at 60-90 s: ~10 minutes). Its wall time ends 20 s after its
+    start: the report's retries end at that less ``--exit-time``, the report is kept on disk
+    (not lost mid-report to the batch system's kill), and a later pilot delivers it."""
+    import time
+
+    task_id = submit(real, "busy", "-c 'echo result > ${OUT}'", walltime_s=5)
+    finals = []
+
+    def busy(form):
+        if form.get("state") in ("finished", "failed"):
+            finals.append(time.time())
+            return 503, {"success": False, "message": "busy"}, {"Retry-After": "3600"}
+        return None
+    mitm.on_update = busy
+    wd = tmp_path / "wd"
+    t0 = time.time()
+    res = run(real, pem_pilot(real, mitm.url, wd, "--max-jobs", "1", "--walltime", "20",
+                              "--reserve", "8", "--exit-time", "4", "--server-retries", "10"))
+    took = time.time() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert finals, res.stderr[-3000:]
+    assert took < 20 and finals[-1] < t0 + 16.5, "the retries ended by wall time less --exit-time"
+    assert "was reached after" in res.stderr and "Retry-After 3600 s" in res.stderr
+    [kept] = wd.glob("panda_job_*")
+    assert json.loads((kept / "pilot_state.json").read_text())["phase"] == "final_pending"
+    mitm.on_update = None
+    res = run(real, pem_pilot(real, mitm.url, wd, "--max-jobs", "1"))
+    assert "recovered jobs" in res.stderr, res.stderr[-3000:]
+    assert job_of(real, task_id)["jobStatus"] == "finished"
 
 
 # ------------------------------------------------------------------ 8. the payload's environment

@@ -154,7 +154,8 @@ def test_final_report_kept_while_the_server_says_try_again():
         def __init__(self, *codes):
             self.codes = list(codes)
 
-        def update_job(self, form, policy):
+        def update_job(self, form, policy, deadline=None):
+            self.deadlines = getattr(self, "deadlines", []) + [deadline]
             return {"StatusCode": self.codes.pop(0), "errorDialog": "x"}
 
     quick = RetryPolicy(attempts=2, backoff_s=0.01)
@@ -162,6 +163,13 @@ def test_final_report_kept_while_the_server_says_try_again():
     assert send_final(Server(10, 10), {"jobId": 1}, quick) is False     # kept for later
     assert send_final(Server(30), {"jobId": 1}, quick) is True          # a refusal is final
     assert send_final(Server(0), {"jobId": 1}, quick) is True
+    # "try again" for ever: the pilot's deadline ends the retries, not the policy's 50 attempts
+    patient, at = RetryPolicy(attempts=50, backoff_s=0.2, jitter=0, timeout_s=0.1), time.time() + 1
+    server = Server(*[10] * 50)
+    t0 = time.monotonic()
+    assert send_final(server, {"jobId": 1}, patient, deadline=at) is False
+    assert time.monotonic() - t0 < 1.2 and 3 <= len(server.deadlines) <= 6
+    assert set(server.deadlines) == {at}, "each updateJob is bound by the same deadline"
 
 
 def test_state_file_reaches_the_disk_only_for_what_exists_nowhere_else(tmp_path, monkeypatch):
@@ -498,3 +506,43 @@ def test_job_log_on_a_full_disk_drops_lines_without_a_traceback(capsys):
     handler.close()                       # no OSError out of the pilot's finally
     assert handler.stream is None
     assert capsys.readouterr().err == ""
+
+
+def test_the_report_deadline_keeps_the_exit_time_within_half_the_reserve(tmp_path):
+    from pilot.job import PilotConfig
+
+    def cfg(**kw):
+        return PilotConfig(server="http://127.0.0.1:1", site="S", workdir_base=tmp_path, **kw)
+    assert cfg().report_deadline() is None                       # no wall time: no deadline
+    assert cfg(deadline=1000.0, reserve_s=60).report_deadline() == 990.0     # a sixth
+    assert cfg(deadline=1000.0, reserve_s=6).report_deadline() == 999.0
+    assert cfg(deadline=1000.0, reserve_s=60, exit_s=0).report_deadline() == 1000.0
+    assert cfg(deadline=1000.0, reserve_s=60, exit_s=20).report_deadline() == 980.0
+    # more than half the reserve: half of it stays the stage-out's and the report's
+    assert cfg(deadline=1000.0, reserve_s=1, exit_s=10).report_deadline() == 999.5
+
+
+def test_the_key_the_batch_script_carries_is_taken_only_with_the_pinned_fingerprint(
+        monkeypatch, caplog):
+    from panda_core.trust import key_fingerprint, raw_key_pem
+    from pilot.cli import BOOTSTRAP_KEY_ENV, bootstrap_key
+
+    def raw(key) -> bytes:
+        return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                             serialization.PublicFormat.Raw)
+    ours, theirs = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    pem = ours.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert raw_key_pem(raw(ours)).encode() == pem          # the PEM cryptography writes
+    pinned = key_fingerprint(pem)
+    monkeypatch.delenv(BOOTSTRAP_KEY_ENV, raising=False)
+    assert bootstrap_key(pinned) is None                    # not a one-file pilot: fetched
+    monkeypatch.setenv(BOOTSTRAP_KEY_ENV, raw(ours).hex())
+    assert bootstrap_key(pinned) == pem
+    monkeypatch.setenv(BOOTSTRAP_KEY_ENV, raw(theirs).hex())
+    assert bootstrap_key(pinned) is None and "is not the pinned" in caplog.text
+    for junk in ("zz" * 32, "ab" * 31, "ab" * 33, "ab" * 32 + "\n", "é"):
+        monkeypatch.setenv(BOOTSTRAP_KEY_ENV, junk)
+        assert bootstrap_key(pinned) is None, junk
+    with pytest.raises(ValueError):
+        raw_key_pem(b"short")

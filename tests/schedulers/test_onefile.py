@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from testkit import start_server, stop_server
+from testkit import start_server, stop_server, wait_for
 from panda_core.client import ApiClient
 from schedulers.base import SchedulerError
 from schedulers.bootstrap import batch_command, node_program, raw_key
@@ -27,6 +27,7 @@ from site_configs import parse_site_config
 from test_factory import SITE, activate_jobs, site_dict
 
 MAX_BYTES = 5_000_000
+KEY_PATH = "/api/v1/system/get_public_key"
 
 
 def has_pilot(python: str) -> bool:
@@ -136,15 +137,27 @@ def python_params() -> list:
 @pytest.mark.parametrize("python", python_params())
 def test_bare_python_runs_a_job_through_the_batch_script(srv, tmp_path, python):
     """Cold (fetch, verify, unpack) and then warm (from the cache) on a Python without
-    panda-wms; each run takes one job of the server to finished."""
+    panda-wms; each run takes one job of the server to finished. The pilot, pinned by the
+    key's fingerprint as the factory pins it, checks the job with the key its batch script
+    verified the file with: it never asks the server for the key."""
     assert_bare(python)
     cache = tmp_path / "cache"
     env = node_env(cache, python, PANDA_AUTH_TOKEN=srv.pilot_token)
     # every Python once from cold; the warm start (the cache) once, with Debian's
     for attempt in ("cold", "warm")[:2 if python == "/usr/bin/python3" else 1]:
         task_id = activate_jobs(srv, 1, name=f"of{attempt}{Path(python).parent.parent.name}")
-        res = run_node(pilot_argv(srv, tmp_path), env)
+        srv.public_key_file()              # the test's own request for the key, made once
+        key_asked = srv.log().count(KEY_PATH)
+        argv = pilot_argv(srv, tmp_path)
+        assert "--public-key-fingerprint" in argv and "--public-key" not in argv
+        # the factory asked for the key once (to put it into the batch script): once that is in
+        # the server's log (written after the reply), whatever comes after is the pilot's
+        key_asked = wait_for(lambda: srv.log().count(KEY_PATH) == key_asked + 1 and key_asked + 1,
+                             "the factory's key request logged")
+        res = run_node(argv, env)
         assert res.returncode == 0, (attempt, res.stderr[-3000:])
+        assert srv.log().count(KEY_PATH) == key_asked, \
+            "the pilot fetched the key its batch script carries"
         assert job_states(srv, task_id) == {"finished": 1}, (attempt, res.stderr[-6000:].replace("\n", " | "))
         assert f"on Python {python_version(python)} ({python})" in res.stderr
     [unpacked] = [p for p in cache.iterdir() if not p.name.startswith(".")]
