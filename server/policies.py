@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pluggy
 
-from panda_core.states import LIVE_JOB_STATES
+from panda_core.states import LIVE_JOB_STATES, JobState
 
 from .brokerage import input_endpoint, locality_factor, site_fits, site_slots, status_accepts
 
@@ -15,6 +15,9 @@ hookimpl = pluggy.HookimplMarker("panda.server")
 AGING_PER_HOUR = 10
 #: priority points lost per job the owner already has running
 USER_PENALTY_PER_RUNNING = 1
+#: the jobs that hold one of a site's slots or wait for one: every live state but
+#: ``throttled`` (a paused task's, waiting for its owner, as PanDA's brokerage leaves them out)
+SLOT_STATES = tuple(s for s in LIVE_JOB_STATES if s != JobState.THROTTLED)
 
 
 @hookimpl
@@ -40,7 +43,7 @@ def panda_broker_weight(needs, candidate, load, locality):
         held = sum(1 for lfn in needs.input_lfns if se in locality.get(lfn, ()))
         weight *= locality_factor(held, len(needs.input_lfns))
     counts = load.get(candidate.name, {})
-    live = sum(counts.get(s, 0) for s in LIVE_JOB_STATES)    # in a slot or waiting for one
+    live = sum(counts.get(s, 0) for s in SLOT_STATES)
     return weight * capacity_weight(site_slots(candidate.config), live)
 
 

@@ -104,9 +104,13 @@ def test_a_full_site_gets_few(broker):
     assert got["FULL"] < got["HALF"] < got["EMPTY"]
     longer = spread(broker, [full, empty], {"FULL": {"running": 100, "activated": 900}}, 1000)
     assert longer["FULL"] < 50 < 950 < longer["EMPTY"]
-    # jobs waiting for inputs (assigned) and in stage-out (transferring) hold the site too
+    # jobs waiting for inputs (assigned) and in stage-out (transferring) hold the site too;
+    # a paused task's (throttled) wait for their owner, not for a slot
     assert broker.choose(needs(), rows(full, empty),
                          {"EMPTY": {"assigned": 150, "transferring": 60}}, {})[0] == "FULL"
+    assert broker.choose(needs(), rows(full, empty),
+                         {"FULL": {"running": 1}, "EMPTY": {"throttled": 5000}}, {})[0] == \
+        "EMPTY"
 
 
 def test_locality_still_dominates_among_sites_alike(broker):
