@@ -178,22 +178,14 @@ def task_list(ctx: Context, params: dict) -> list[dict]:
 
 @api("task", "kill", ("POST",), WRITERS, params=(TASK_ID,))
 def task_kill(ctx: Context, params: dict) -> int:
-    from panda_core.states import TaskState
+    """PanDA's killTask: the task's live jobs cancelled (their pilots told ``tobekilled``),
+    the task ``aborted``; the owner or an admin only. The work: ``TaskCommands.kill``."""
     task_id = int_param(params, "task_id")
     task = ctx.tb.tasks.get(task_id)
     if not _owns(ctx, task["owner"]):
         raise ApiError(f"permission denied: task {task_id} belongs to {task['owner']}")
-    killed = 0
-    for job in ctx.tb.jobs.find(task_id=task_id, limit=1_000_000):
-        if not job.get("archived", False):
-            try:
-                killed += ctx.tb.jobs.kill(job["panda_id"], ctx.identity.subject)
-            except NotFound:
-                pass
-    with ctx.tb.engine.begin() as conn:
-        ctx.tb.tasks.set_status(conn, task_id, str(TaskState.ABORTED),
-                               error_dialog=f"killed by {ctx.identity.subject}")
-    ctx.message = f"killed {killed} jobs"
+    result = ctx.tb.commands.kill(task_id, ctx.identity.subject)
+    ctx.message = f"killed {result.jobs} jobs"
     return 0
 
 

@@ -6,7 +6,7 @@ the caller saw (``WHERE status = :old``), and writes a ``job_history`` row with 
 actor for each step. A job of a paused task that would be activated is throttled instead (it
 passes through ``activated``): the dispatch, which picks activated jobs only, never sees it.
 :meth:`JobStates.change_task_jobs` moves a task's jobs of some states in a few set-based
-statements (pause, resume, finish: ``taskbuffer.taskcommands``).
+statements (pause, resume, finish, kill: ``taskbuffer.taskcommands``).
 """
 from __future__ import annotations
 
@@ -135,23 +135,33 @@ class JobStates:
                                       for pid in panda_ids for o, n in steps])
 
     def change_task_jobs(self, conn: Connection, task_id: int, old: Iterable[str], new: str, *,
-                         actor: str | None, **fields: Any) -> int:
+                         actor: str | None, limit: int | None = None, **fields: Any) -> int:
         """Move every job of a task that is in one of the ``old`` states to ``new`` (one step
         each, checked), in three statements whatever their number: lock them (the dispatch
         skips locked rows), write their history rows from a SELECT, update them. The caller
         holds the task's row locked, so no job of it enters an ``old`` state meanwhile.
-        Returns how many moved."""
+        ``limit``: at most that many (the lowest PandaIDs), so that a caller can move a big
+        task in bounded transactions; the history and the update then touch only the rows
+        locked here (a job that entered an ``old`` state since, unlocked, is left for the next
+        batch rather than updated without its history row). Returns how many moved."""
         old = sorted(set(old))
         for state in old:
             check_job_transition(state, new)
         j = db.jobs.c
         which = and_(j.task_id == task_id, j.status.in_(old))
         lock = select(j.panda_id).where(which)
+        if limit is not None or self.store.skip_locked:
+            lock = lock.order_by(j.panda_id)
+        if limit is not None:
+            lock = lock.limit(limit)
         if self.store.skip_locked:
-            lock = lock.order_by(j.panda_id).with_for_update()
-        moved = len(conn.execute(lock).all())
+            lock = lock.with_for_update()
+        locked = conn.execute(lock).scalars().all()
+        moved = len(locked)
         if not moved:
             return 0
+        if limit is not None:
+            which = and_(which, j.panda_id.in_(locked))
         now = self.store.clock()
         conn.execute(insert(db.job_history).from_select(
             ["panda_id", "old_status", "new_status", "time", "actor"],

@@ -1,5 +1,5 @@
-"""What a task's owner (or an admin) may tell a running task besides kill and retry: pause,
-resume, finish and more attempts (PanDA's pauseTask, resumeTask, finishTask,
+"""What a task's owner (or an admin) may tell a running task besides retry: pause, resume,
+finish, kill and more attempts (PanDA's pauseTask, resumeTask, finishTask, killTask,
 increase_attempts; docs/states.md).
 
 Each command is one transaction that locks the task's row first, checks its status, moves the
@@ -7,7 +7,9 @@ task's jobs with set-based statements (``JobStates.change_task_jobs``: three sta
 whatever their number) and sets the task's status. A paused task's queued jobs are
 ``throttled``: the dispatch reads activated jobs only, so it never sees them and pays nothing
 per getJob; a job of the task that would be activated later (a retry, a brokered or staged
-one) is throttled instead by the state machine. Resume activates them again.
+one) is throttled instead by the state machine. Resume activates them again. A kill moves
+the jobs in bounded batches, one transaction each, so a task of 100,000 jobs neither takes
+100,000 transactions nor holds 100,000 row locks while its pilots report.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from panda_core.states import (FINAL_TASK_STATES, LIVE_JOB_STATES, PILOT_OWNED_S
                                TaskState)
 
 from .. import db
+from ..transient import retrying
 from .base import Conflict, NotFound, Store
 from .jobs import Jobs, kill_values
 from .states import JobStates
@@ -35,6 +38,10 @@ _QUEUED = (str(JobState.DEFINED), str(JobState.ASSIGNED), str(JobState.ACTIVATED
 #: finish kills them too, the running ones (running, holding, transferring) it lets end
 _NOT_RUNNING_YET = (str(JobState.SENT), str(JobState.STARTING))
 _PILOT_OWNED = tuple(sorted(str(s) for s in PILOT_OWNED_STATES))
+#: the live jobs no pilot holds: a kill cancels them without a word to a pilot
+_NO_PILOT = tuple(s for s in LIVE_JOB_STATES if s not in _PILOT_OWNED)
+#: jobs of each state group a kill moves per transaction (each group one set-based statement)
+KILL_BATCH = 1000
 #: the task states a pause is accepted in (PanDA refuses ended and paused tasks; a finishing
 #: task has nothing queued left to hold)
 _PAUSABLE = (str(TaskState.REGISTERED), str(TaskState.READY), str(TaskState.RUNNING))
@@ -130,6 +137,48 @@ class TaskCommands:
         log.info("task %s: %s by %s: %d job(s) cancelled, task %s", task_id, how, actor, killed,
                  status)
         return CommandResult(task_id, status, killed)
+
+    def kill(self, task_id: int, actor: str, batch: int = KILL_BATCH) -> CommandResult:
+        """Kill a task, as PanDA's killTask: every live job cancelled (those a pilot holds get
+        ``tobekilled`` in their pilot's next heartbeat reply), the task ``aborted``; accepted in
+        any status (a second kill cancels what is left, usually nothing). ``jobs``: how many
+        this call cancelled.
+
+        Batches of at most ``batch`` jobs per state group, each transaction with the task's
+        row locked and the task set ``aborted`` first: from the first batch on a job that
+        fails gets no retry, a job that starts does not make the task run again. The last
+        transaction finds nothing live and leaves the task aborted. A pilot's update racing a
+        batch either lands first (its job is then not in a live state any more, or still is,
+        and is killed from there) or waits for the batch and finds its job cancelled: the
+        status guards count each job once."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        killed = batches = 0
+        while True:
+            moved = retrying(self._kill_batch, task_id, actor, batch)
+            killed += moved
+            batches += 1
+            if not moved:
+                break
+        log.info("task %s killed by %s: %d job(s) cancelled in %d transaction(s)", task_id,
+                 actor, killed, batches)
+        return CommandResult(task_id, str(TaskState.ABORTED), killed)
+
+    def _kill_batch(self, task_id: int, actor: str, batch: int) -> int:
+        """One transaction of a kill; how many jobs it cancelled. It locks the task's row, then
+        jobs' rows, where a pilot's first ``running`` locks its job's row, then the task's: a
+        deadlock victim, rolled back whole, is run again by the caller (``retrying``)."""
+        with self.store.engine.begin() as conn:
+            self._lock(conn, task_id)
+            self.tasks.set_status(conn, task_id, str(TaskState.ABORTED),
+                                  error_dialog=f"killed by {actor}")
+            now = self.store.clock()
+            moved = self.states.change_task_jobs(
+                conn, task_id, _NO_PILOT, str(JobState.CANCELLED), actor=actor, limit=batch,
+                **kill_values(now, actor, False))
+            return moved + self.states.change_task_jobs(
+                conn, task_id, _PILOT_OWNED, str(JobState.CANCELLED), actor=actor, limit=batch,
+                **kill_values(now, actor, True))
 
     def increase_attempts(self, task_id: int, actor: str, increase: int) -> CommandResult:
         """PanDA's increase_attempts: the task's live jobs (and its future ones) may fail
